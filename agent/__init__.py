@@ -1,0 +1,1 @@
+"""The host agent: reconciles this host's Docker containers toward the desired state."""

@@ -1,0 +1,95 @@
+"""`python -m agent --config agent.toml`: run the host agent until SIGTERM.
+
+SIGTERM drains: loops stop, the broker hears we are offline, and every add-on container
+keeps running (they belong to the host, not to this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent import config as config_mod
+from agent.controller_client import ControllerClient
+from agent.docker import Docker
+from agent.runtime import Agent
+from agent.sdnotify import notify
+
+log = logging.getLogger("orkestr.agent")
+
+
+async def _metrics_app(listen: str) -> web.AppRunner:
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    return runner
+
+
+async def main(config: config_mod.AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        docker = await stack.enter_async_context(Docker(config.agent.host, config.docker.url))
+        controller = await stack.enter_async_context(
+            ControllerClient(config.controller.url, config.controller.token(), config.agent.host)
+        )
+        agent = Agent(config, docker, controller)
+        stack.push_async_callback(agent.applier.close)
+        runner = await _metrics_app(config.metrics.listen)
+        stack.push_async_callback(runner.cleanup)
+        log.info("agent.started host=%s state_dir=%s", config.agent.host, config.agent.state_dir)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(agent.broker.run(), name="mqtt"),
+                    tg.create_task(agent.reconcile_loop(), name="reconcile"),
+                    tg.create_task(agent.events_loop(), name="docker-events"),
+                    tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
+                ]
+                await stop.wait()
+                notify("STOPPING=1")
+                log.info("agent.stopping")
+                await agent.broker.say_offline()
+                for task in tasks:
+                    task.cancel()
+        except* asyncio.CancelledError:
+            pass
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser(prog="orkestr-agent")
+    parser.add_argument(
+        "--config", default=os.environ.get("ORKESTR_AGENT_CONFIG", "/etc/orkestr/agent.toml")
+    )
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=os.environ.get("ORKESTR_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        config = config_mod.load(Path(args.config))
+    except config_mod.ConfigError as exc:
+        print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(main(config))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,190 @@
+"""The thin I/O layer that executes a plan's actions against Docker, the disk and the controller.
+
+Each action is idempotent (create-409 and delete-404 count as success). A failed action
+skips the rest of its key's chain in this pass; the next pass plans again from what it
+then observes, so nothing here needs to remember partial progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from agent import plan as p
+from agent import specs
+from agent.controller_client import ControllerClient
+from agent.docker import Docker
+from agent.errors import AgentError, NotFound, PermanentError
+from agent.metrics import ACTIONS
+from agent.secrets import SecretStore
+from agent.state import StateDir
+from schemas.messages import SCHEMA_VERSION, JobResult
+
+log = logging.getLogger("orkestr.agent.apply")
+
+
+class Outcome:
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}  # key -> error message
+        self.permanent: dict[str, str] = {}
+        self.done: list[p.Action] = []
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value or value.startswith("0001-"):
+        return None
+    # Docker gives nanoseconds; Python parses microseconds.
+    head, _, frac = value.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
+
+
+class Applier:
+    def __init__(
+        self,
+        host: str,
+        docker: Docker,
+        secrets: SecretStore,
+        controller: ControllerClient,
+        state: StateDir,
+        settings: p.Settings,
+        job_output_bytes: int,
+        on_job_exit: Callable[[], None],
+        on_addon_started: Callable[[str], None],
+    ) -> None:
+        self.host = host
+        self.docker = docker
+        self.secrets = secrets
+        self.controller = controller
+        self.state = state
+        self.settings = settings
+        self.job_output_bytes = job_output_bytes
+        self._on_job_exit = on_job_exit
+        self._on_addon_started = on_addon_started
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._timed_out: set[str] = set()
+
+    async def apply(self, actions: Sequence[p.Action]) -> Outcome:
+        outcome = Outcome()
+        for action in actions:
+            if action.key in outcome.failed:
+                continue
+            kind = type(action).__name__
+            try:
+                await self._one(action)
+            except PermanentError as exc:
+                outcome.failed[action.key] = outcome.permanent[action.key] = str(exc)
+                ACTIONS.labels(kind, "permanent_error").inc()
+                log.error("action.failed action=%s key=%s error=%s", kind, action.key, exc)
+            except AgentError as exc:
+                outcome.failed[action.key] = str(exc)
+                ACTIONS.labels(kind, "error").inc()
+                log.warning("action.failed action=%s key=%s error=%s", kind, action.key, exc)
+            else:
+                outcome.done.append(action)
+                ACTIONS.labels(kind, "ok").inc()
+                log.info("action.done action=%s key=%s", kind, action.key)
+        return outcome
+
+    async def _one(self, action: p.Action) -> None:
+        match action:
+            case p.EnsureNetwork(key, name):
+                await self.docker.create_network(name, key)
+            case p.EnsureVolume(key, name, project_id):
+                await self.docker.create_volume(name, key, project_id)
+            case p.FetchSecret(key, _project, kind, version):
+                secret = await self.controller.secret(key)
+                if secret.secret_version < version:
+                    raise AgentError(
+                        f"controller has secret v{secret.secret_version}, want v{version}"
+                    )
+                self.secrets.write(key, kind, secret.password, secret.secret_version)
+            case p.RunContainer(key, spec):
+                if spec.role == "db":
+                    # The container mounts the secret directory: it must be complete first.
+                    if key not in self.secrets.versions():
+                        raise AgentError("secret not fetched yet")
+                    self._on_addon_started(key)
+                await self.docker.run(spec)
+            case p.StartContainer(key, name):
+                self._on_addon_started(key)
+                await self.docker.start(name)
+            case p.UnpauseContainer(key, name):
+                self._on_addon_started(key)
+                await self.docker.unpause(name)
+            case p.RemoveContainer(_key, name, reason):
+                log.info("container.remove name=%s reason=%s", name, reason)
+                await self.docker.remove(name)
+            case p.RemoveVolume(_key, name):
+                await self.docker.remove_volume(name)
+            case p.RemoveSecret(key):
+                self.secrets.remove(key)
+            case p.StartJob(key, project_id, job):
+                env = await self.controller.env(project_id)
+                spec = specs.job_spec(project_id, job, self.settings.job_memory_mb)
+                await self.docker.run(spec, env=env)
+                self._watch(key, spec.name, job.timeout_s)
+            case p.WatchJob(key, _project, job, name):
+                self._watch(key, name, job.timeout_s)
+            case p.CollectJob(key, project_id, name):
+                await self._collect(key, project_id, name)
+
+    def _watch(self, job_id: str, name: str, timeout_s: float) -> None:
+        task = self._watchers.get(job_id)
+        if task is not None and not task.done():
+            return
+        self._watchers[job_id] = asyncio.create_task(
+            self._wait_job(job_id, name, timeout_s), name=f"job-{job_id}"
+        )
+
+    async def _wait_job(self, job_id: str, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            info = await self.docker.inspect(name)
+            started = _parse_time(info["State"].get("StartedAt"))
+            if started is not None:  # adopted after a restart: the clock started earlier
+                deadline -= (datetime.now(UTC) - started).total_seconds()
+            remaining = max(deadline - time.monotonic(), 0.0)
+            try:
+                await asyncio.wait_for(self.docker.wait(name, remaining + 5), remaining)
+            except TimeoutError:
+                self._timed_out.add(job_id)
+                await self.docker.kill(name)
+        except NotFound:
+            pass
+        except AgentError as exc:
+            log.warning("job.wait_failed job=%s error=%s", job_id, exc)
+        finally:
+            self._on_job_exit()
+
+    async def _collect(self, job_id: str, project_id: str, name: str) -> None:
+        info = await self.docker.inspect(name)
+        state = info["State"]
+        output = await self.docker.logs(name, self.job_output_bytes)
+        timed_out = job_id in self._timed_out
+        error = state.get("Error") or None
+        if timed_out:
+            error = "job exceeded its timeout and was killed"
+        result = JobResult(
+            version=SCHEMA_VERSION,
+            host=self.host,
+            job_id=job_id,
+            project_id=project_id,
+            exit_code=int(state.get("ExitCode", -1)),
+            output=output,
+            started_at=_parse_time(state.get("StartedAt")),
+            finished_at=_parse_time(state.get("FinishedAt")) or datetime.now(UTC),
+            error=error,
+        )
+        # Recorded before the container goes, so a crash in between loses nothing.
+        self.state.save_job_result(result)
+        await self.docker.remove(name)
+        self._timed_out.discard(job_id)
+        self._watchers.pop(job_id, None)
+
+    async def close(self) -> None:
+        for task in self._watchers.values():
+            task.cancel()
+        await asyncio.gather(*self._watchers.values(), return_exceptions=True)

@@ -1,0 +1,81 @@
+"""The agent's configuration: a TOML file validated into frozen structs.
+
+A wrong key or type stops the agent at start with a message naming the key, rather than
+a surprise hours later.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+from agent.specs import Images
+from schemas.messages import HostName
+
+
+class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
+    host: HostName
+    state_dir: str = "/var/lib/orkestr-agent"
+    resync_interval_s: Annotated[float, Meta(gt=0)] = 15.0
+    heartbeat_s: Annotated[float, Meta(gt=0)] = 10.0
+    probe_timeout_s: Annotated[float, Meta(gt=0)] = 3.0
+    job_memory_mb: Annotated[int, Meta(ge=32)] = 512
+    job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
+
+
+class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
+    url: str
+    agent_token: str = ""
+    agent_token_file: str = ""
+
+    def token(self) -> str:
+        if self.agent_token_file:
+            return Path(self.agent_token_file).read_text().strip()
+        return self.agent_token
+
+
+class MqttSection(Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: Annotated[int, Meta(ge=5)] = 30
+
+
+class DockerSection(Struct, frozen=True, forbid_unknown_fields=True):
+    url: str | None = None
+
+
+class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:9464"
+
+
+class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    agent: AgentSection
+    controller: ControllerSection
+    mqtt: MqttSection = MqttSection()
+    docker: DockerSection = DockerSection()
+    images: Images = Images()
+    metrics: MetricsSection = MetricsSection()
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load(path: Path) -> AgentConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        config = msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not (config.controller.agent_token or config.controller.agent_token_file):
+        raise ConfigError(f"{path}: controller.agent_token or agent_token_file is required")
+    return config

@@ -1,0 +1,203 @@
+"""The Docker Engine adapter: the only module that imports aiodocker.
+
+Every call translates aiodocker's and aiohttp's exceptions into `agent.errors`, so the
+rest of the agent reasons about NotFound / Conflict / TransientError only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiodocker
+import aiohttp
+
+from agent import model, observe, specs
+from agent.errors import Conflict, NotFound, PermanentError, TransientError
+from agent.model import Observed
+
+T = TypeVar("T")
+
+
+async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise NotFound(f"{what}: {exc.message}") from None
+        if exc.status == 409 or (exc.status == 500 and "already exists" in str(exc.message)):
+            raise Conflict(f"{what}: {exc.message}") from None
+        if exc.status in (400, 403):
+            raise PermanentError(f"{what}: {exc.message}") from None
+        raise TransientError(f"{what}: [{exc.status}] {exc.message}") from None
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise TransientError(f"{what}: docker unreachable: {exc!r}") from None
+
+
+class Docker:
+    def __init__(self, host: str, url: str | None = None) -> None:
+        self.host = host
+        self._url = url
+        self._client: aiodocker.Docker | None = None
+
+    async def __aenter__(self) -> Docker:
+        self._client = aiodocker.Docker(url=self._url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> aiodocker.Docker:
+        assert self._client is not None, "use Docker as an async context manager"
+        return self._client
+
+    def _filters(self) -> dict[str, list[str]]:
+        return {"label": [f"{model.LABEL_MANAGED}=1", f"{model.LABEL_HOST}={self.host}"]}
+
+    async def ping(self) -> None:
+        await _call("ping", lambda: self.client.version())
+
+    async def snapshot(self) -> Observed:
+        filters = self._filters()
+
+        async def containers() -> list[dict[str, Any]]:
+            return await self.client._query_json(  # type: ignore[no-any-return]
+                "containers/json", params={"all": "1", "filters": json.dumps(filters)}
+            )
+
+        raw_containers = await _call("list containers", containers)
+        raw_networks = await _call(
+            "list networks", lambda: self.client.networks.list(filters=filters)
+        )
+        raw_volumes = await _call(
+            "list volumes",
+            lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
+        )
+        return observe.observed(raw_containers, raw_networks, raw_volumes.get("Volumes") or [])
+
+    async def create_network(self, name: str, project_id: str) -> None:
+        config = {
+            "Name": name,
+            "CheckDuplicate": True,
+            "Driver": "bridge",
+            "Labels": {
+                model.LABEL_MANAGED: "1",
+                model.LABEL_HOST: self.host,
+                model.LABEL_PROJECT: project_id,
+            },
+        }
+        try:
+            await _call(f"create network {name}", lambda: self.client.networks.create(config))
+        except Conflict:
+            pass
+
+    async def create_volume(self, name: str, addon_id: str, project_id: str) -> None:
+        config = {
+            "Name": name,
+            "Labels": {
+                model.LABEL_MANAGED: "1",
+                model.LABEL_HOST: self.host,
+                model.LABEL_PROJECT: project_id,
+                model.LABEL_ADDON: addon_id,
+            },
+        }
+        await _call(
+            f"create volume {name}",
+            lambda: self.client.volumes.create(config),  # type: ignore[no-untyped-call]
+        )
+
+    async def run(
+        self, spec: specs.ContainerSpec, env: dict[str, str] | None = None, start: bool = True
+    ) -> None:
+        body = specs.create_body(spec, self.host, env)
+        try:
+            await _call(
+                f"create container {spec.name}",
+                lambda: self.client.containers.create(body, name=spec.name),  # type: ignore[arg-type]
+            )
+        except Conflict:
+            pass  # created by an earlier, interrupted pass: start it
+        if start:
+            await self.start(spec.name)
+
+    async def start(self, name: str) -> None:
+        await _call(f"start {name}", lambda: self.client.containers.container(name).start())
+
+    async def pause(self, name: str) -> None:
+        await _call(f"pause {name}", lambda: self.client.containers.container(name).pause())
+
+    async def unpause(self, name: str) -> None:
+        await _call(f"unpause {name}", lambda: self.client.containers.container(name).unpause())
+
+    async def stop(self, name: str, grace_s: int = 10) -> None:
+        await _call(f"stop {name}", lambda: self.client.containers.container(name).stop(t=grace_s))
+
+    async def kill(self, name: str) -> None:
+        await _call(f"kill {name}", lambda: self.client.containers.container(name).kill())
+
+    async def remove(self, name: str) -> None:
+        try:
+            await _call(
+                f"remove {name}", lambda: self.client.containers.container(name).delete(force=True)
+            )
+        except NotFound:
+            pass
+
+    async def remove_volume(self, name: str) -> None:
+        try:
+            await _call(
+                f"remove volume {name}",
+                lambda: aiodocker.volumes.DockerVolume(self.client, name).delete(),  # type: ignore[no-untyped-call]
+            )
+        except NotFound:
+            pass
+
+    async def inspect(self, name: str) -> dict[str, Any]:
+        async def show() -> dict[str, Any]:
+            return await self.client.containers.container(name).show()
+
+        return await _call(f"inspect {name}", show)
+
+    async def wait(self, name: str, timeout_s: float) -> int:
+        async def wait() -> int:
+            result = await self.client.containers.container(name).wait(timeout=timeout_s)
+            return int(result.get("StatusCode", -1))
+
+        return await _call(f"wait {name}", wait)
+
+    async def logs(self, name: str, tail_bytes: int) -> str:
+        async def logs() -> str:
+            lines = await self.client.containers.container(name).log(stdout=True, stderr=True)
+            return "".join(lines)
+
+        text = await _call(f"logs {name}", logs)
+        return text[-tail_bytes:]
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:
+        """Container events for this host's managed objects; None marks the stream's end."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        params = {"filters": json.dumps({**self._filters(), "type": ["container"]})}
+
+        async def pump() -> None:
+            try:
+                async with self.client._query("events", params=params, timeout=None) as response:
+                    async for line in response.content:
+                        if line.strip():
+                            await queue.put(json.loads(line))
+            except (aiohttp.ClientError, OSError, aiodocker.DockerError, ValueError):
+                pass
+            finally:
+                await queue.put(None)
+
+        task = asyncio.create_task(pump(), name="docker-events")
+        try:
+            yield queue
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

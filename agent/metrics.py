@@ -1,0 +1,34 @@
+"""Prometheus metrics of the agent, named after controller-runtime's."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILE_TOTAL = Counter("orkestr_agent_reconcile_total", "Reconcile passes by result", ["result"])
+RECONCILE_DURATION = Histogram(
+    "orkestr_agent_reconcile_duration_seconds",
+    "Duration of one full reconcile pass",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ACTIONS = Counter("orkestr_agent_actions_total", "Executed plan actions", ["action", "result"])
+DESIRED_REJECTED = Counter(
+    "orkestr_agent_desired_rejected_total", "Desired-state messages rejected", ["reason"]
+)
+APPLIED_GENERATION = Gauge(
+    "orkestr_agent_applied_generation", "Generation of the desired state being applied"
+)
+MQTT_CONNECTED = Gauge("orkestr_agent_mqtt_connected", "1 while connected to the broker")
+ADDONS = Gauge("orkestr_agent_addons", "Add-ons on this host by phase", ["kind", "phase"])
+ADDON_READY = Gauge(
+    "orkestr_agent_addon_ready",
+    "1 when the add-on answered a real client",
+    ["addon", "project", "kind"],
+)
+SLEEPS = Counter("orkestr_agent_addon_sleeps_total", "Add-ons put to sleep", ["stage"])
+WAKES = Counter("orkestr_agent_addon_wakes_total", "Add-ons woken by a client", ["stage"])
+WAKE_DURATION = Histogram(
+    "orkestr_agent_wake_duration_seconds",
+    "From the first client connection to the add-on answering",
+    ["kind", "stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

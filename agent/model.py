@@ -1,0 +1,83 @@
+"""What the agent observes on the host, as frozen values the planner can compare.
+
+`observe.py` turns Docker's raw dictionaries into these; `plan.py` reads only these.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+Role = Literal["holder", "db", "job"]
+# Docker's container states, as reported by the list endpoint.
+ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
+
+LABEL_MANAGED = "orkestr.managed"
+LABEL_HOST = "orkestr.host"
+LABEL_PROJECT = "orkestr.project"
+LABEL_ADDON = "orkestr.addon"
+LABEL_JOB = "orkestr.job"
+LABEL_ROLE = "orkestr.role"
+LABEL_SPEC_HASH = "orkestr.spec-hash"
+
+
+class ObservedContainer(Struct, frozen=True):
+    id: str
+    name: str
+    role: Role
+    project_id: str
+    state: ContainerState
+    spec_hash: str = ""
+    addon_id: str | None = None
+    job_id: str | None = None
+    # "container:<id>" for a database container that joined its holder's namespace.
+    network_mode: str = ""
+    # The address on the project network (holders and jobs).
+    ip: str | None = None
+
+
+class ObservedNetwork(Struct, frozen=True):
+    id: str
+    name: str
+    project_id: str
+
+
+class ObservedVolume(Struct, frozen=True):
+    name: str
+    addon_id: str
+
+
+class Observed(Struct, frozen=True):
+    containers: tuple[ObservedContainer, ...] = ()
+    networks: tuple[ObservedNetwork, ...] = ()
+    volumes: tuple[ObservedVolume, ...] = ()
+
+    def container(self, name: str) -> ObservedContainer | None:
+        return next((c for c in self.containers if c.name == name), None)
+
+    def network(self, name: str) -> ObservedNetwork | None:
+        return next((n for n in self.networks if n.name == name), None)
+
+    def volume(self, name: str) -> ObservedVolume | None:
+        return next((v for v in self.volumes if v.name == name), None)
+
+
+def network_name(project_id: str) -> str:
+    return f"orkestr-{project_id}"
+
+
+def holder_name(addon_id: str) -> str:
+    return f"orkestr-{addon_id}-net"
+
+
+def db_name(addon_id: str) -> str:
+    return f"orkestr-{addon_id}-db"
+
+
+def volume_name(addon_id: str) -> str:
+    return f"orkestr-{addon_id}-data"
+
+
+def job_container_name(job_id: str) -> str:
+    return f"orkestr-job-{job_id}"

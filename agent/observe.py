@@ -1,0 +1,63 @@
+"""Turn the Docker Engine's raw list payloads into `model.Observed` (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from agent import model
+from agent.model import (
+    ContainerState,
+    Observed,
+    ObservedContainer,
+    ObservedNetwork,
+    ObservedVolume,
+    Role,
+)
+
+_ROLES: frozenset[str] = frozenset({"holder", "db", "job"})
+_STATES: frozenset[str] = frozenset(
+    {"created", "running", "paused", "restarting", "removing", "exited", "dead"}
+)
+
+
+def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
+    labels = raw.get("Labels") or {}
+    role = labels.get(model.LABEL_ROLE)
+    project = labels.get(model.LABEL_PROJECT)
+    if role not in _ROLES or not project:
+        return None  # not ours, or labelled by hand: never touched
+    state = raw.get("State", "dead")
+    networks = (raw.get("NetworkSettings") or {}).get("Networks") or {}
+    ip = networks.get(model.network_name(project), {}).get("IPAddress") or None
+    return ObservedContainer(
+        id=raw["Id"],
+        name=(raw.get("Names") or ["/?"])[0].lstrip("/"),
+        role=cast(Role, role),
+        project_id=project,
+        state=cast(ContainerState, state if state in _STATES else "dead"),
+        spec_hash=labels.get(model.LABEL_SPEC_HASH, ""),
+        addon_id=labels.get(model.LABEL_ADDON),
+        job_id=labels.get(model.LABEL_JOB),
+        network_mode=(raw.get("HostConfig") or {}).get("NetworkMode", ""),
+        ip=ip,
+    )
+
+
+def observed(
+    containers: Iterable[Mapping[str, Any]],
+    networks: Iterable[Mapping[str, Any]],
+    volumes: Iterable[Mapping[str, Any]],
+) -> Observed:
+    cs = tuple(c for c in (container(raw) for raw in containers) if c is not None)
+    ns = tuple(
+        ObservedNetwork(id=n["Id"], name=n["Name"], project_id=n["Labels"][model.LABEL_PROJECT])
+        for n in networks
+        if (n.get("Labels") or {}).get(model.LABEL_PROJECT)
+    )
+    vs = tuple(
+        ObservedVolume(name=v["Name"], addon_id=v["Labels"][model.LABEL_ADDON])
+        for v in volumes
+        if (v.get("Labels") or {}).get(model.LABEL_ADDON)
+    )
+    return Observed(containers=cs, networks=ns, volumes=vs)

@@ -1,0 +1,234 @@
+"""The planner: `plan(desired, observed, local, settings) -> actions`, pure and deterministic.
+
+No I/O and no clock: everything it needs is in its arguments, so a table of
+(desired, observed) -> expected actions tests it completely. `apply.py` executes the
+actions in order; a failed action skips the rest of its key's chain (the add-on, job or
+project it belongs to) and the next pass plans again from what is then observed.
+
+Data is only ever deleted for a tombstone (`AddonSpec.deleted`). Something that is
+missing from the desired state, or a desired state that never arrived, deletes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from msgspec import Struct
+
+from agent import model, specs
+from agent.model import Observed, ObservedContainer
+from schemas.messages import AddonSpec, DesiredState, JobSpec, SleepState
+
+
+class EnsureNetwork(Struct, frozen=True, tag=True):
+    key: str  # project id
+    name: str
+
+
+class EnsureVolume(Struct, frozen=True, tag=True):
+    key: str  # add-on id
+    name: str
+    project_id: str
+
+
+class FetchSecret(Struct, frozen=True, tag=True):
+    key: str  # add-on id
+    project_id: str
+    kind: str
+    secret_version: int
+
+
+class RunContainer(Struct, frozen=True, tag=True):
+    key: str
+    spec: specs.ContainerSpec
+
+
+class StartContainer(Struct, frozen=True, tag=True):
+    key: str
+    name: str
+
+
+class UnpauseContainer(Struct, frozen=True, tag=True):
+    key: str
+    name: str
+
+
+class RemoveContainer(Struct, frozen=True, tag=True):
+    key: str
+    name: str
+    reason: str
+
+
+class RemoveVolume(Struct, frozen=True, tag=True):
+    key: str
+    name: str
+
+
+class RemoveSecret(Struct, frozen=True, tag=True):
+    key: str
+
+
+class StartJob(Struct, frozen=True, tag=True):
+    key: str  # job id
+    project_id: str
+    job: JobSpec
+
+
+class WatchJob(Struct, frozen=True, tag=True):
+    """Make sure a running job is awaited (and killed at its timeout), e.g. after a restart."""
+
+    key: str  # job id
+    project_id: str
+    job: JobSpec
+    name: str
+
+
+class CollectJob(Struct, frozen=True, tag=True):
+    key: str  # job id
+    project_id: str
+    name: str
+
+
+Action = (
+    EnsureNetwork
+    | EnsureVolume
+    | FetchSecret
+    | RunContainer
+    | StartContainer
+    | UnpauseContainer
+    | RemoveContainer
+    | RemoveVolume
+    | RemoveSecret
+    | StartJob
+    | WatchJob
+    | CollectJob
+)
+
+
+class Local(Struct, frozen=True):
+    """The agent's own facts that Docker does not hold."""
+
+    # add-on id -> secret_version of the secret files on disk
+    secrets: Mapping[str, int] = {}
+    # job ids whose result is recorded locally (the job must not run again)
+    finished_jobs: frozenset[str] = frozenset()
+    # add-on id -> sleep state decided by the sleep manager
+    sleep: Mapping[str, SleepState] = {}
+
+
+class Settings(Struct, frozen=True):
+    images: specs.Images
+    secrets_root: str
+    job_memory_mb: int = 512
+
+    def secret_dir(self, addon_id: str) -> str:
+        return f"{self.secrets_root}/{addon_id}"
+
+
+def plan(
+    desired: DesiredState | None, observed: Observed, local: Local, settings: Settings
+) -> tuple[Action, ...]:
+    if desired is None:
+        return ()
+    actions: list[Action] = []
+    wanted_jobs: set[str] = set()
+    for project in desired.projects:
+        net = model.network_name(project.id)
+        live = [a for a in project.addons if not a.deleted]
+        if (live or project.jobs) and observed.network(net) is None:
+            actions.append(EnsureNetwork(project.id, net))
+        for addon in project.addons:
+            if addon.deleted:
+                actions += _remove_addon(addon, observed, local)
+            else:
+                actions += _converge_addon(project.id, addon, observed, local, settings)
+        for job in project.jobs:
+            wanted_jobs.add(job.id)
+            actions += _converge_job(project.id, job, observed, local)
+    # Job containers are ephemeral: one whose job left the desired state is garbage.
+    for c in observed.containers:
+        if c.role == "job" and c.job_id not in wanted_jobs:
+            actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+    return tuple(actions)
+
+
+def _remove_addon(addon: AddonSpec, observed: Observed, local: Local) -> list[Action]:
+    actions: list[Action] = []
+    for name in (model.db_name(addon.id), model.holder_name(addon.id)):
+        if observed.container(name) is not None:
+            actions.append(RemoveContainer(addon.id, name, "AddonDeleted"))
+    if observed.volume(model.volume_name(addon.id)) is not None:
+        actions.append(RemoveVolume(addon.id, model.volume_name(addon.id)))
+    if addon.id in local.secrets:
+        actions.append(RemoveSecret(addon.id))
+    return actions
+
+
+def _converge_addon(
+    project_id: str, addon: AddonSpec, observed: Observed, local: Local, settings: Settings
+) -> list[Action]:
+    actions: list[Action] = []
+    if observed.volume(model.volume_name(addon.id)) is None:
+        actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id))
+    if local.secrets.get(addon.id) != addon.secret_version:
+        actions.append(FetchSecret(addon.id, project_id, addon.kind, addon.secret_version))
+
+    want_holder = specs.holder_spec(project_id, addon, settings.images)
+    want_db = specs.db_spec(project_id, addon, settings.images, settings.secret_dir(addon.id))
+    holder = observed.container(want_holder.name)
+    db = observed.container(want_db.name)
+
+    holder_ok = (
+        holder is not None
+        and holder.spec_hash == want_holder.spec_hash
+        and holder.state == "running"
+    )
+    if not holder_ok:
+        # A new holder is a new network namespace: the database must join the new one.
+        if db is not None:
+            actions.append(RemoveContainer(addon.id, db.name, "HolderReplaced"))
+        if holder is not None:
+            actions.append(RemoveContainer(addon.id, holder.name, _why(holder, want_holder)))
+        actions.append(RunContainer(addon.id, want_holder))
+        actions.append(RunContainer(addon.id, want_db))
+        return actions
+
+    assert holder is not None
+    if db is None:
+        actions.append(RunContainer(addon.id, want_db))
+    elif db.spec_hash != want_db.spec_hash or db.network_mode != f"container:{holder.id}":
+        reason = "SpecChanged" if db.spec_hash != want_db.spec_hash else "HolderReplaced"
+        actions.append(RemoveContainer(addon.id, db.name, reason))
+        actions.append(RunContainer(addon.id, want_db))
+    else:
+        actions += _db_run_state(addon.id, db, local.sleep.get(addon.id, "awake"))
+    return actions
+
+
+def _db_run_state(addon_id: str, db: ObservedContainer, sleep: SleepState) -> list[Action]:
+    # Sleeping add-ons are paused or stopped on purpose; the sleep manager owns that.
+    if sleep != "awake":
+        return []
+    if db.state in ("exited", "created", "dead"):
+        return [StartContainer(addon_id, db.name)]
+    if db.state == "paused":
+        return [UnpauseContainer(addon_id, db.name)]
+    return []
+
+
+def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
+    return "SpecChanged" if have.spec_hash != want.spec_hash else "NotRunning"
+
+
+def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Local) -> list[Action]:
+    container = observed.container(model.job_container_name(job.id))
+    if container is None:
+        return [] if job.id in local.finished_jobs else [StartJob(job.id, project_id, job)]
+    if container.state in ("exited", "dead"):
+        return [CollectJob(job.id, project_id, container.name)]
+    if container.state == "created":  # the agent stopped between create and start
+        return [
+            StartContainer(job.id, container.name),
+            WatchJob(job.id, project_id, job, container.name),
+        ]
+    return [WatchJob(job.id, project_id, job, container.name)]

@@ -1,0 +1,380 @@
+"""The agent's main loops: one level-triggered reconcile worker fed by triggers.
+
+A desired-state message, a Docker event, a finished job, a wake and the periodic resync
+all do the same thing: set the trigger. The worker then runs a full pass,
+observe -> plan -> apply -> probe -> report, so no event is ever interpreted on its own
+and a burst of events coalesces into one more pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent import desired as desired_mod
+from agent import model, probe
+from agent import plan as p
+from agent.apply import Applier, Outcome
+from agent.conditions import ConditionBook
+from agent.config import AgentConfig
+from agent.controller_client import ControllerClient
+from agent.docker import Docker
+from agent.errors import AgentError
+from agent.metrics import (
+    ADDON_READY,
+    APPLIED_GENERATION,
+    DESIRED_REJECTED,
+    MQTT_CONNECTED,
+    RECONCILE_DURATION,
+    RECONCILE_TOTAL,
+)
+from agent.mqtt import Broker
+from agent.sdnotify import notify
+from agent.secrets import SecretStore
+from agent.state import StateDir
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import (
+    SCHEMA_VERSION,
+    AddonSpec,
+    AddonStatus,
+    Capacity,
+    DesiredState,
+    HostStatus,
+)
+
+log = logging.getLogger("orkestr.agent")
+
+HOST = "_host"  # owner key of host-level conditions
+
+
+def _capacity() -> Capacity:
+    memory_kb = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return Capacity(cpus=float(os.cpu_count() or 1), memory_mb=memory_kb // 1024)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, docker: Docker, controller: ControllerClient) -> None:
+        self.config = config
+        self.host = config.agent.host
+        self.docker = docker
+        root = Path(config.agent.state_dir)
+        self.state = StateDir(root)
+        self.secrets = SecretStore(root / "secrets")
+        self.secrets.ensure_root()
+        self.settings = p.Settings(
+            images=config.images,
+            secrets_root=str(self.secrets.root),
+            job_memory_mb=config.agent.job_memory_mb,
+        )
+        self.broker = Broker(
+            self.host,
+            config.mqtt.host,
+            config.mqtt.port,
+            on_desired=self.on_desired,
+            on_connect=self.on_connect,
+            username=config.mqtt.username,
+            password=config.mqtt.password,
+            keepalive_s=config.mqtt.keepalive_s,
+        )
+        self.applier = Applier(
+            self.host,
+            docker,
+            self.secrets,
+            controller,
+            self.state,
+            self.settings,
+            config.agent.job_output_bytes,
+            on_job_exit=self.trigger,
+            on_addon_started=lambda _addon_id: None,
+        )
+        self.desired: DesiredState | None = self.state.load_desired()
+        self.book = ConditionBook()
+        self.addon_status: dict[str, AddonStatus] = {}
+        self.removed: tuple[str, ...] = ()
+        self._trigger = asyncio.Event()
+        self._ready_notified = False
+        self.last_pass_ok: float = 0.0
+        now = datetime.now(UTC)
+        if self.desired is not None:
+            self.book.set(
+                HOST,
+                "DesiredStateAccepted",
+                "True",
+                "Restored",
+                f"generation {self.desired.generation} restored from disk",
+                now,
+            )
+            APPLIED_GENERATION.set(self.desired.generation)
+        else:
+            self.book.set(
+                HOST,
+                "DesiredStateAccepted",
+                "Unknown",
+                "Waiting",
+                "no desired state received yet",
+                now,
+            )
+
+    # --- inputs -------------------------------------------------------------------------
+    def trigger(self) -> None:
+        self._trigger.set()
+
+    async def on_connect(self) -> None:
+        MQTT_CONNECTED.set(1)
+        self.trigger()
+
+    async def on_desired(self, raw: bytes) -> None:
+        state, rejection = desired_mod.accept(self.desired, raw, self.host)
+        now = datetime.now(UTC)
+        if rejection is not None:
+            DESIRED_REJECTED.labels(rejection.reason).inc()
+            log.warning(
+                "desired.rejected reason=%s message=%s", rejection.reason, rejection.message
+            )
+            self.book.set(
+                HOST, "DesiredStateAccepted", "False", rejection.reason, rejection.message, now
+            )
+            await self.publish_status()
+            return
+        if state is None:
+            return  # the same generation again (a retained copy after a reconnect)
+        self.state.save_desired(raw)
+        self.desired = state
+        APPLIED_GENERATION.set(state.generation)
+        self.book.set(
+            HOST,
+            "DesiredStateAccepted",
+            "True",
+            "Applied",
+            f"generation {state.generation} accepted",
+            now,
+        )
+        log.info(
+            "desired.accepted generation=%s projects=%s", state.generation, len(state.projects)
+        )
+        self.trigger()
+
+    # --- loops --------------------------------------------------------------------------
+    async def reconcile_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._trigger.wait(), self.config.agent.resync_interval_s)
+            except TimeoutError:
+                pass
+            self._trigger.clear()
+            started = time.monotonic()
+            try:
+                outcome = await self.reconcile_once()
+            except AgentError as exc:
+                RECONCILE_TOTAL.labels("error").inc()
+                log.warning("reconcile.failed error=%s retry_in=%.1fs", exc, backoff)
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, 30.0)
+                self.trigger()
+                continue
+            finally:
+                RECONCILE_DURATION.observe(time.monotonic() - started)
+            if outcome.failed:
+                RECONCILE_TOTAL.labels("requeue").inc()
+                asyncio.get_running_loop().call_later(
+                    backoff * random.uniform(0.8, 1.2), self.trigger
+                )
+                backoff = min(backoff * 2, 30.0)
+            else:
+                RECONCILE_TOTAL.labels("success").inc()
+                backoff = 0.5
+            self.last_pass_ok = time.monotonic()
+            if not self._ready_notified:
+                notify("READY=1")
+                self._ready_notified = True
+
+    async def events_loop(self) -> None:
+        while True:
+            try:
+                async with self.docker.events() as queue:
+                    while (event := await queue.get()) is not None:
+                        if event.get("status") in (
+                            "die",
+                            "destroy",
+                            "stop",
+                            "pause",
+                            "unpause",
+                            "oom",
+                            "start",
+                        ):
+                            self.trigger()
+            except AgentError as exc:
+                log.warning("docker.events_failed error=%s", exc)
+            await asyncio.sleep(1.0)
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.agent.heartbeat_s)
+            MQTT_CONNECTED.set(1 if self.broker.connected else 0)
+            await self.publish_status()
+            await self.publish_job_results()
+
+    # --- one pass -----------------------------------------------------------------------
+    async def reconcile_once(self) -> Outcome:
+        observed = await self.docker.snapshot()
+        local = p.Local(
+            secrets=self.secrets.versions(),
+            finished_jobs=frozenset(self.state.job_results()),
+        )
+        actions = p.plan(self.desired, observed, local, self.settings)
+        outcome = await self.applier.apply(actions)
+        if actions:
+            observed = await self.docker.snapshot()
+        await self._refresh_status(observed, outcome)
+        await self.publish_status()
+        await self.publish_job_results()
+        return outcome
+
+    async def _refresh_status(self, observed: model.Observed, outcome: Outcome) -> None:
+        now = datetime.now(UTC)
+        desired = self.desired
+        if desired is None:
+            return
+        statuses: dict[str, AddonStatus] = {}
+        removed: list[str] = []
+        probes: list[tuple[str, AddonSpec, str, asyncio.Task[tuple[bool, str, str]]]] = []
+        for project in desired.projects:
+            for addon in project.addons:
+                holder = observed.container(model.holder_name(addon.id))
+                db = observed.container(model.db_name(addon.id))
+                if addon.deleted:
+                    gone = (
+                        holder is None
+                        and db is None
+                        and observed.volume(model.volume_name(addon.id)) is None
+                    )
+                    if gone and addon.id not in outcome.failed:
+                        removed.append(addon.id)
+                        self.book.forget(addon.id)
+                    continue
+                self._provisioned(addon, holder, db, outcome, now)
+                if holder is not None and holder.ip and db is not None and db.state == "running":
+                    probes.append(
+                        (
+                            project.id,
+                            addon,
+                            holder.ip,
+                            asyncio.create_task(self._probe(addon, holder.ip)),
+                        )
+                    )
+                else:
+                    state = db.state if db is not None else "missing"
+                    self.book.set(
+                        addon.id,
+                        "Ready",
+                        "False",
+                        "NotRunning",
+                        f"database container is {state}",
+                        now,
+                    )
+                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
+        for project_id, addon, _ip, task in probes:
+            ok, reason, message = await task
+            self.book.set(
+                addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
+            )
+            ADDON_READY.labels(addon.id, project_id, addon.kind).set(1 if ok else 0)
+        for project in desired.projects:
+            for addon in project.addons:
+                if addon.deleted:
+                    continue
+                statuses[addon.id] = AddonStatus(
+                    id=addon.id,
+                    project_id=project.id,
+                    observed_generation=desired.generation,
+                    conditions=self.book.of(addon.id),
+                )
+        self.addon_status = statuses
+        self.removed = tuple(removed)
+
+    def _provisioned(
+        self,
+        addon: AddonSpec,
+        holder: model.ObservedContainer | None,
+        db: model.ObservedContainer | None,
+        outcome: Outcome,
+        now: datetime,
+    ) -> None:
+        if addon.id in outcome.permanent:
+            self.book.set(
+                addon.id,
+                "Provisioned",
+                "False",
+                "ProvisionFailed",
+                outcome.permanent[addon.id],
+                now,
+            )
+        elif addon.id in outcome.failed:
+            self.book.set(
+                addon.id, "Provisioned", "False", "Retrying", outcome.failed[addon.id], now
+            )
+        elif holder is not None and db is not None and holder.state == "running":
+            self.book.set(
+                addon.id,
+                "Provisioned",
+                "True",
+                "ContainersCreated",
+                f"holder {holder.name} and database {db.name} exist",
+                now,
+            )
+        else:
+            self.book.set(
+                addon.id, "Provisioned", "False", "Creating", "containers are being created", now
+            )
+
+    async def _probe(self, addon: AddonSpec, ip: str) -> tuple[bool, str, str]:
+        try:
+            password = self.secrets.password(addon.id)
+        except OSError:
+            return False, "NoSecret", "the add-on's secret is not on this host yet"
+        timeout = self.config.agent.probe_timeout_s
+        if addon.kind == "postgres":
+            return await probe.postgres(ip, addon.user, addon.database, password, timeout)
+        return await probe.redis(ip, password, timeout)
+
+    # --- outputs ------------------------------------------------------------------------
+    async def publish_status(self) -> None:
+        status = HostStatus(
+            version=SCHEMA_VERSION,
+            host=self.host,
+            sent_at=datetime.now(UTC),
+            applied_generation=self.desired.generation if self.desired else 0,
+            capacity=_capacity(),
+            conditions=self.book.of(HOST),
+            addons=tuple(self.addon_status.values()),
+            removed=self.removed,
+        )
+        await self.broker.publish(topics.status(self.host), encode(status), retain=True)
+
+    async def publish_job_results(self) -> None:
+        wanted = {
+            job.id
+            for project in (self.desired.projects if self.desired else ())
+            for job in project.jobs
+        }
+        for job_id, result in self.state.job_results().items():
+            if self.desired is not None and job_id not in wanted:
+                self.state.forget_job(
+                    job_id
+                )  # the controller has it: the job left the desired state
+                continue
+            await self.broker.publish(topics.job_result(self.host, job_id), encode(result))

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs and starts what orkestr add-ons needs on this machine: Docker Engine, Mosquitto,
+# PostgreSQL (the controller's state), debootstrap (local add-on images) and the Python
+# virtual environment. Idempotent: a second run only checks that everything is up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[services] %s\n' "$*"; }
+
+packages=(docker.io mosquitto mosquitto-clients postgresql postgresql-client redis-tools
+          debootstrap iptables iproute2 util-linux python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Debian's mosquitto package starts a broker on :1883 where systemd runs; we start our own
+# brokers with explicit configs, so the packaged one is only stopped if it is in the way.
+
+# Docker Engine: use systemd where it runs, otherwise start dockerd ourselves.
+if ! docker info >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ]; then
+    systemctl start docker
+  else
+    log "starting dockerd"
+    mkdir -p /var/log/orkestr
+    nohup dockerd >/var/log/orkestr/dockerd.log 2>&1 &
+  fi
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { log "dockerd did not start; see /var/log/orkestr/dockerd.log"; exit 1; }
+fi
+log "docker $(docker version --format '{{.Server.Version}}')"
+
+# PostgreSQL for the controller's state.
+pgver=$(pg_lsclusters -h | awk 'NR==1{print $1}')
+pgname=$(pg_lsclusters -h | awk 'NR==1{print $2}')
+if [ -z "$pgver" ]; then
+  pgver=$(ls /usr/lib/postgresql | sort -n | tail -1); pgname=main
+  pg_createcluster "$pgver" "$pgname" >/dev/null
+fi
+pg_lsclusters -h | awk -v v="$pgver" -v n="$pgname" '$1==v && $2==n {print $4}' | grep -q online \
+  || pg_ctlcluster "$pgver" "$pgname" start
+for _ in $(seq 60); do pg_isready -q -h 127.0.0.1 && break; sleep 0.5; done
+# One role for the controller and the tests; CREATEDB so each test run gets its own database.
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'orkestr') THEN
+    CREATE ROLE orkestr LOGIN CREATEDB PASSWORD 'orkestr';
+  END IF;
+END $$;
+SQL
+runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname='orkestr'" | grep -q 1 \
+  || runuser -u postgres -- createdb -O orkestr orkestr
+log "postgresql $pgver/$pgname on 127.0.0.1:5432"
+
+# The Python environment with the project and its test tools.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.orkestr-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing the project into .venv"
+  .venv/bin/pip install -q -U pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+# Add-on images built from Debian packages (skipped when up to date).
+bash deploy/images/build.sh
+log "ready"

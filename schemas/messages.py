@@ -1,0 +1,150 @@
+"""Messages exchanged over MQTT.
+
+Every top-level message carries `version` (the schema version) and is decoded with
+`forbid_unknown_fields`, so a sender from another schema version is rejected loudly
+instead of being half-understood. Secrets never appear here: retained messages are
+written to the broker's disk, so passwords travel over the controller's authenticated
+HTTP API instead (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+# A desired state for a busy host is a few hundred KiB at most; anything larger is a bug
+# or an attack, and is refused before decoding.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+AddonKind = Literal["postgres", "redis"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+SleepState = Literal["awake", "light", "deep"]
+
+Id = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$", description="uuid4 hex")]
+HostName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+# A DNS label: the add-on is reachable under this name on its project network.
+DnsName = Annotated[str, Meta(pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")]
+PgIdent = Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+Generation = Annotated[int, Meta(ge=0)]
+
+
+class Resources(Struct, frozen=True, forbid_unknown_fields=True):
+    cpus: Annotated[float, Meta(gt=0, le=256)]
+    memory_mb: Annotated[int, Meta(ge=32, le=1024 * 1024)]
+
+
+class SleepPolicy(Struct, frozen=True, forbid_unknown_fields=True):
+    """When an idle add-on is paused (light) and stopped (deep). Disabled: never sleeps."""
+
+    enabled: bool = False
+    light_after_s: Annotated[float, Meta(gt=0)] = 300.0
+    deep_after_s: Annotated[float, Meta(gt=0)] = 1800.0
+
+
+class AddonSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    id: Id
+    name: DnsName
+    kind: AddonKind
+    resources: Resources
+    # Postgres database and role; unused for Redis.
+    database: PgIdent = "app"
+    user: PgIdent = "app"
+    sleep: SleepPolicy = SleepPolicy()
+    # Bumped when the controller rotates the password: the agent refetches it.
+    secret_version: Annotated[int, Meta(ge=1)] = 1
+    # A tombstone: only this, never a missing entry, makes the agent delete data.
+    deleted: bool = False
+
+
+class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    id: Id
+    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    command: tuple[str, ...]
+    timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+
+
+class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    id: Id
+    name: Annotated[str, Meta(min_length=1, max_length=63)]
+    addons: tuple[AddonSpec, ...] = ()
+    jobs: tuple[JobSpec, ...] = ()
+
+
+class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
+    """A full snapshot of what one host should run. Newer generations replace older ones."""
+
+    version: int
+    host: HostName
+    generation: Generation
+    projects: tuple[ProjectSpec, ...] = ()
+
+
+class Condition(Struct, frozen=True, forbid_unknown_fields=True):
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
+    last_transition_time: datetime
+
+
+class ClientConnection(Struct, frozen=True, forbid_unknown_fields=True):
+    source: str  # "ip:port" of the client, as seen by the add-on
+    via: Literal["direct", "activator"] = "direct"
+
+
+class AddonStatus(Struct, frozen=True, forbid_unknown_fields=True):
+    id: Id
+    project_id: Id
+    observed_generation: Generation
+    conditions: tuple[Condition, ...] = ()
+    sleep_state: SleepState = "awake"
+    last_activity: datetime | None = None
+    clients: tuple[ClientConnection, ...] = ()
+    sleeps: int = 0
+    wakes: int = 0
+    last_wake_ms: tuple[float, ...] = ()
+
+
+class Capacity(Struct, frozen=True, forbid_unknown_fields=True):
+    cpus: float
+    memory_mb: int
+
+
+class HostStatus(Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    host: HostName
+    sent_at: datetime
+    applied_generation: Generation
+    capacity: Capacity
+    conditions: tuple[Condition, ...] = ()
+    addons: tuple[AddonStatus, ...] = ()
+    # Add-ons whose tombstone was applied: container and volume are gone.
+    removed: tuple[Id, ...] = ()
+
+
+class Presence(Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    host: HostName
+    online: bool
+    at: datetime
+
+
+class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    host: HostName
+    job_id: Id
+    project_id: Id
+    exit_code: int | None
+    output: str
+    started_at: datetime | None
+    finished_at: datetime
+    error: str | None = None
+
+
+Message = DesiredState | HostStatus | Presence | JobResult
+
+encoder = msgspec.json.Encoder()
