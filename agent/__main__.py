@@ -52,6 +52,7 @@ async def main(config: config_mod.AgentConfig) -> None:
         )
         agent = Agent(config, docker, controller)
         stack.push_async_callback(agent.applier.close)
+        stack.push_async_callback(agent.close_sleepers)
         runner = await _metrics_app(config.metrics.listen)
         stack.push_async_callback(runner.cleanup)
         log.info("agent.started host=%s state_dir=%s", config.agent.host, config.agent.state_dir)
@@ -62,6 +63,7 @@ async def main(config: config_mod.AgentConfig) -> None:
                     tg.create_task(agent.reconcile_loop(), name="reconcile"),
                     tg.create_task(agent.events_loop(), name="docker-events"),
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
+                    tg.create_task(agent.sleep_loop(), name="sleep"),
                 ]
                 await stop.wait()
                 notify("STOPPING=1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from agent import plan as p
@@ -52,7 +52,7 @@ class Applier:
         settings: p.Settings,
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
-        on_addon_started: Callable[[str], None],
+        on_addon_started: Callable[[str], Awaitable[None]],
     ) -> None:
         self.host = host
         self.docker = docker
@@ -106,13 +106,13 @@ class Applier:
                     # The container mounts the secret directory: it must be complete first.
                     if key not in self.secrets.versions():
                         raise AgentError("secret not fetched yet")
-                    self._on_addon_started(key)
+                    await self._on_addon_started(key)
                 await self.docker.run(spec)
             case p.StartContainer(key, name):
-                self._on_addon_started(key)
+                await self._on_addon_started(key)
                 await self.docker.start(name)
             case p.UnpauseContainer(key, name):
-                self._on_addon_started(key)
+                await self._on_addon_started(key)
                 await self.docker.unpause(name)
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)

@@ -41,6 +41,7 @@ class ObservedNetwork(Struct, frozen=True):
     id: str
     name: str
     project_id: str
+    gateway: str = ""  # the host's address on it: the source of the agent's own traffic
 
 
 class ObservedVolume(Struct, frozen=True):

@@ -44,6 +44,13 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
     )
 
 
+def _gateway(network: Mapping[str, Any]) -> str:
+    for config in (network.get("IPAM") or {}).get("Config") or []:
+        if config.get("Gateway"):
+            return str(config["Gateway"])
+    return ""
+
+
 def observed(
     containers: Iterable[Mapping[str, Any]],
     networks: Iterable[Mapping[str, Any]],
@@ -51,7 +58,12 @@ def observed(
 ) -> Observed:
     cs = tuple(c for c in (container(raw) for raw in containers) if c is not None)
     ns = tuple(
-        ObservedNetwork(id=n["Id"], name=n["Name"], project_id=n["Labels"][model.LABEL_PROJECT])
+        ObservedNetwork(
+            id=n["Id"],
+            name=n["Name"],
+            project_id=n["Labels"][model.LABEL_PROJECT],
+            gateway=_gateway(n),
+        )
         for n in networks
         if (n.get("Labels") or {}).get(model.LABEL_PROJECT)
     )

@@ -9,6 +9,7 @@ and a burst of events coalesces into one more pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 from agent import desired as desired_mod
 from agent import model, probe
 from agent import plan as p
+from agent.activator import Persisted, Sleeper, SleepStore, utc
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
@@ -98,8 +100,12 @@ class Agent:
             self.settings,
             config.agent.job_output_bytes,
             on_job_exit=self.trigger,
-            on_addon_started=lambda _addon_id: None,
+            on_addon_started=self._addon_started,
         )
+        self.sleep_store = SleepStore(root / "sleep.json")
+        self.sleep_saved: dict[str, Persisted] = self.sleep_store.load()
+        self.sleepers: dict[str, Sleeper] = {}
+        self.observed = model.Observed()
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -234,11 +240,14 @@ class Agent:
         local = p.Local(
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
+            sleep={aid: saved.state for aid, saved in self.sleep_saved.items()},
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         outcome = await self.applier.apply(actions)
         if actions:
             observed = await self.docker.snapshot()
+        self.observed = observed
+        await self._sync_sleepers(observed)
         await self._refresh_status(observed, outcome)
         await self.publish_status()
         await self.publish_job_results()
@@ -267,7 +276,18 @@ class Agent:
                         self.book.forget(addon.id)
                     continue
                 self._provisioned(addon, holder, db, outcome, now)
-                if holder is not None and holder.ip and db is not None and db.state == "running":
+                sleeping = self.sleep_saved.get(addon.id, Persisted()).state != "awake"
+                if sleeping:
+                    stage = self.sleep_saved[addon.id].state
+                    self.book.set(
+                        addon.id,
+                        "Ready",
+                        "False",
+                        "Sleeping",
+                        f"in {stage} sleep; wakes when a client connects",
+                        now,
+                    )
+                elif holder is not None and holder.ip and db is not None and db.state == "running":
                     probes.append(
                         (
                             project.id,
@@ -297,12 +317,7 @@ class Agent:
             for addon in project.addons:
                 if addon.deleted:
                     continue
-                statuses[addon.id] = AddonStatus(
-                    id=addon.id,
-                    project_id=project.id,
-                    observed_generation=desired.generation,
-                    conditions=self.book.of(addon.id),
-                )
+                statuses[addon.id] = self._addon_status(project.id, addon, desired.generation, now)
         self.addon_status = statuses
         self.removed = tuple(removed)
 
@@ -341,15 +356,141 @@ class Agent:
                 addon.id, "Provisioned", "False", "Creating", "containers are being created", now
             )
 
-    async def _probe(self, addon: AddonSpec, ip: str) -> tuple[bool, str, str]:
+    def _addon_status(
+        self, project_id: str, addon: AddonSpec, generation: int, now: datetime
+    ) -> AddonStatus:
+        saved = self.sleep_saved.get(addon.id)
+        sleeper = self.sleepers.get(addon.id)
+        if not addon.sleep.enabled:
+            self.book.set(addon.id, "Sleeping", "False", "Disabled", "the plan keeps it awake", now)
+        elif saved is not None and saved.state != "awake":
+            self.book.set(
+                addon.id,
+                "Sleeping",
+                "True",
+                saved.state.capitalize(),
+                f"{saved.state} sleep after {addon.sleep.light_after_s:g}s idle",
+                now,
+            )
+        else:
+            self.book.set(addon.id, "Sleeping", "False", "Awake", "serving clients directly", now)
+        return AddonStatus(
+            id=addon.id,
+            project_id=project_id,
+            observed_generation=generation,
+            conditions=self.book.of(addon.id),
+            sleep_state=saved.state if saved else "awake",
+            last_activity=utc(saved.last_activity) if saved and saved.last_activity else None,
+            clients=sleeper.clients if sleeper else (),
+            sleeps=saved.sleeps if saved else 0,
+            wakes=saved.wakes if saved else 0,
+            last_wake_ms=tuple(saved.last_wake_ms) if saved else (),
+        )
+
+    async def _probe(
+        self, addon: AddonSpec, ip: str, timeout_s: float | None = None
+    ) -> tuple[bool, str, str]:
         try:
             password = self.secrets.password(addon.id)
         except OSError:
             return False, "NoSecret", "the add-on's secret is not on this host yet"
-        timeout = self.config.agent.probe_timeout_s
+        timeout = timeout_s or self.config.agent.probe_timeout_s
+        sleeper = self.sleepers.get(addon.id)
+        guard = sleeper.platform_connection() if sleeper else contextlib.nullcontext()
+        async with guard:
+            if addon.kind == "postgres":
+                return await probe.postgres(ip, addon.user, addon.database, password, timeout)
+            return await probe.redis(ip, password, timeout)
+
+    async def _wake_probe(
+        self, addon: AddonSpec, ip: str, timeout_s: float
+    ) -> tuple[bool, str, str]:
+        password = self.secrets.password(addon.id)
         if addon.kind == "postgres":
-            return await probe.postgres(ip, addon.user, addon.database, password, timeout)
-        return await probe.redis(ip, password, timeout)
+            return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
+        return await probe.redis(ip, password, timeout_s)
+
+    # --- sleep --------------------------------------------------------------------------
+    async def _addon_started(self, addon_id: str) -> None:
+        sleeper = self.sleepers.get(addon_id)
+        if sleeper is not None:
+            await sleeper.mark_awake()
+        elif addon_id in self.sleep_saved:
+            self.sleep_saved[addon_id].state = "awake"
+        self.sleep_store.save(self.sleep_saved)
+
+    async def _sync_sleepers(self, observed: model.Observed) -> None:
+        """Keep one Sleeper per sleep-enabled add-on whose holder runs (level-triggered)."""
+        wanted: dict[str, tuple[str, AddonSpec]] = {}
+        for project in self.desired.projects if self.desired else ():
+            for addon in project.addons:
+                if addon.sleep.enabled and not addon.deleted:
+                    wanted[addon.id] = (project.id, addon)
+        for aid, sleeper in list(self.sleepers.items()):
+            holder = observed.container(model.holder_name(aid))
+            if aid in wanted and holder is not None and holder.id == sleeper.holder_id:
+                sleeper.addon = wanted[aid][1]
+                continue
+            del self.sleepers[aid]
+            await sleeper.close()
+            if aid not in wanted and sleeper.state != "awake":
+                with contextlib.suppress(AgentError):
+                    await sleeper.wake("sleep disabled by the plan")
+        for aid, (project_id, addon) in wanted.items():
+            if aid in self.sleepers:
+                continue
+            holder = observed.container(model.holder_name(aid))
+            network = observed.network(model.network_name(project_id))
+            db = observed.container(model.db_name(aid))
+            if (
+                holder is None
+                or holder.state != "running"
+                or not holder.ip
+                or network is None
+                or db is None
+            ):
+                continue
+            try:
+                pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
+                sleeper = Sleeper(
+                    addon,
+                    db.name,
+                    holder.id,
+                    pid,
+                    holder.ip,
+                    network.gateway,
+                    self.sleep_saved.setdefault(aid, Persisted()),
+                    self.docker,
+                    self._wake_probe,
+                    self._sleep_changed,
+                )
+                await sleeper.start()
+            except (AgentError, OSError) as exc:
+                log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
+                continue
+            self.sleepers[aid] = sleeper
+        for aid in [a for a in self.sleep_saved if a not in wanted]:
+            del self.sleep_saved[aid]
+        self.sleep_store.save(self.sleep_saved)
+
+    def _sleep_changed(self) -> None:
+        self.sleep_store.save(self.sleep_saved)
+        self.trigger()
+
+    async def sleep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.agent.sleep_tick_s)
+            now = time.time()
+            for sleeper in list(self.sleepers.values()):
+                try:
+                    await sleeper.maybe_sleep(now)
+                except (AgentError, OSError) as exc:
+                    log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
+
+    async def close_sleepers(self) -> None:
+        for sleeper in self.sleepers.values():
+            await sleeper.close()
+        self.sleep_store.save(self.sleep_saved)
 
     # --- outputs ------------------------------------------------------------------------
     async def publish_status(self) -> None:

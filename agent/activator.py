@@ -1,0 +1,320 @@
+"""Idle sleep and wake-on-connect, at the add-on's unchanged address.
+
+Each sleep-enabled add-on has a wake listener inside its holder's network namespace (on
+the add-on's port + 10000). While the add-on is awake nothing points at it: clients reach
+the database directly, with no proxy in the data path. To sleep, an iptables REDIRECT in
+the holder's namespace sends *new* connections to the listener, then the database is
+paused (light) or stopped (deep). A client connecting while it sleeps is accepted by the
+listener, which wakes the database, waits until a real client gets an answer, removes the
+redirect and relays just that connection. Connections made after the wake go straight to
+the database again. The host's own traffic (the gateway address) is exempt from the
+redirect, so probes and relays always reach the database itself.
+
+This all runs in the agent, from its last good desired state: the controller and the
+broker may be down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from agent import netns
+from agent.docker import Docker
+from agent.errors import AgentError, NotFound
+from agent.metrics import SLEEPS, WAKE_DURATION, WAKES
+from agent.sleep import target
+from agent.specs import PORTS
+from agent.state import atomic_write
+from schemas.messages import AddonSpec, ClientConnection, SleepState
+
+log = logging.getLogger("orkestr.agent.sleep")
+
+WAKE_PORT_OFFSET = 10000
+LOOPBACK = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
+
+Probe = Callable[[AddonSpec, str, float], Awaitable[tuple[bool, str, str]]]
+
+
+class Persisted(msgspec.Struct):
+    state: SleepState = "awake"
+    last_activity: float = 0.0  # epoch seconds
+    sleeps: int = 0
+    wakes: int = 0
+    last_wake_ms: list[float] = []
+
+
+class Sleeper:
+    """One add-on's sleep state, wake listener and activity accounting."""
+
+    def __init__(
+        self,
+        addon: AddonSpec,
+        db_name: str,
+        holder_id: str,
+        pid: int,
+        ip: str,
+        gateway: str,
+        saved: Persisted,
+        docker: Docker,
+        probe: Probe,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.addon = addon
+        self.db_name = db_name
+        self.holder_id = holder_id
+        self.pid = pid
+        self.ip = ip
+        self.gateway = gateway
+        self.port = PORTS[addon.kind]
+        self.wake_port = self.port + WAKE_PORT_OFFSET
+        self.saved = saved
+        self.docker = docker
+        self.probe = probe
+        self.on_change = on_change
+        self.transition = asyncio.Lock()  # one sleep or wake at a time
+        self.measure = asyncio.Lock()  # probes and activity reads don't interleave
+        self.relayed: dict[str, float] = {}
+        self.listener: socket.socket | None = None
+        self.accept_task: asyncio.Task[None] | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.redirect_on: bool | None = None
+        self.last_opens = netns.passive_opens(pid)
+        self.clients: tuple[ClientConnection, ...] = ()
+        if self.saved.last_activity <= 0:
+            self.saved.last_activity = time.time()
+
+    @property
+    def state(self) -> SleepState:
+        return self.saved.state
+
+    # --- life cycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self.listener = await netns.listen_in(self.pid, self.wake_port)
+        self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
+        await self._set_redirect(self.state != "awake")
+
+    async def close(self) -> None:
+        if self.accept_task is not None:
+            self.accept_task.cancel()
+        for task in list(self.handlers):
+            task.cancel()
+        await asyncio.gather(
+            *(t for t in (self.accept_task, *self.handlers) if t is not None),
+            return_exceptions=True,
+        )
+        if self.listener is not None:
+            self.listener.close()
+
+    async def _set_redirect(self, on: bool) -> None:
+        if self.redirect_on == on:
+            return
+        rule = netns.redirect_rule(self.port, self.wake_port, self.gateway)
+        present = (await netns.iptables(self.pid, "-t", "nat", "-C", *rule))[0] == 0
+        if on and not present:
+            code, out = await netns.iptables(self.pid, "-t", "nat", "-I", *rule)
+        elif not on and present:
+            code, out = await netns.iptables(self.pid, "-t", "nat", "-D", *rule)
+        else:
+            code, out = 0, ""
+        if code != 0:
+            raise AgentError(f"iptables in the namespace of {self.addon.id}: {out}")
+        self.redirect_on = on
+
+    # --- activity -----------------------------------------------------------------------
+    async def measure_activity(self, now: float) -> bool:
+        """Record client activity since the last call; True if any was seen."""
+        async with self.measure:
+            opens = netns.passive_opens(self.pid)
+            new_connections = opens > self.last_opens
+            self.last_opens = opens
+            direct = [
+                s
+                for s in netns.tcp_table(self.pid)
+                if s.state == netns.ESTABLISHED
+                and s.local_port == self.port
+                and s.remote_ip not in LOOPBACK
+                and s.remote_ip != self.gateway
+            ]
+        self.clients = tuple(
+            ClientConnection(f"{s.remote_ip}:{s.remote_port}") for s in direct
+        ) + tuple(ClientConnection(src, via="activator") for src in self.relayed)
+        if new_connections or self.clients:
+            self.saved.last_activity = now
+            return True
+        return False
+
+    @contextlib.asynccontextmanager
+    async def platform_connection(self) -> AsyncIterator[None]:
+        """Wrap a probe: the one connection it accepts is not a client's."""
+        async with self.measure:
+            before = netns.passive_opens(self.pid)
+            try:
+                yield
+            finally:
+                after = netns.passive_opens(self.pid)
+                self.last_opens += min(1, after - before)
+
+    # --- sleeping -----------------------------------------------------------------------
+    async def maybe_sleep(self, now: float) -> None:
+        active = await self.measure_activity(now)
+        goal = target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
+        if goal == self.state:
+            return
+        async with self.transition:
+            if self.state == "awake":
+                await self._set_redirect(True)
+                # A client may have connected between the measurement and the redirect.
+                if await self.measure_activity(time.time()):
+                    await self._set_redirect(False)
+                    return
+            previous = self.state
+            self.saved.state = goal  # intent first: the reconciler leaves a sleeping db alone
+            try:
+                if goal == "light":
+                    await self.docker.pause(self.db_name)
+                else:
+                    if previous == "light":
+                        # A frozen process cannot receive SIGINT: thaw, then fast shutdown.
+                        await self.docker.unpause(self.db_name)
+                    await self.docker.stop(self.db_name, grace_s=30)
+            except AgentError:
+                self.saved.state = previous
+                await self._set_redirect(previous != "awake")
+                raise
+            log.info(
+                "addon.sleep addon=%s stage=%s idle_s=%.1f",
+                self.addon.id,
+                goal,
+                now - self.saved.last_activity,
+            )
+            self.saved.sleeps += 1
+            SLEEPS.labels(goal).inc()
+        self.on_change()
+
+    # --- waking -------------------------------------------------------------------------
+    async def mark_awake(self) -> None:
+        """The reconciler (re)started the database: it is awake whatever we thought."""
+        async with self.transition:
+            if self.state != "awake":
+                self.saved.state = "awake"
+                self.saved.last_activity = time.time()
+            await self._set_redirect(False)
+
+    async def wake(self, reason: str) -> None:
+        async with self.transition:
+            stage = self.state
+            if stage == "awake":
+                return
+            started = time.monotonic()
+            try:
+                if stage == "light":
+                    await self.docker.unpause(self.db_name)
+                else:
+                    await self.docker.start(self.db_name)
+                    await self._until_ready()
+            except NotFound:
+                pass  # recreated by the reconciler, which wakes it anyway
+            await self._set_redirect(False)
+            elapsed_ms = (time.monotonic() - started) * 1000
+            self.saved.state = "awake"
+            self.saved.last_activity = time.time()
+            self.saved.wakes += 1
+            self.saved.last_wake_ms = [*self.saved.last_wake_ms[-9:], round(elapsed_ms, 2)]
+            WAKES.labels(stage).inc()
+            WAKE_DURATION.labels(self.addon.kind, stage).observe(elapsed_ms / 1000)
+            log.info(
+                "addon.wake addon=%s stage=%s reason=%s ms=%.1f",
+                self.addon.id,
+                stage,
+                reason,
+                elapsed_ms,
+            )
+        self.on_change()
+
+    async def _until_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ok, _reason, message = await self.probe(self.addon, self.ip, 2.0)
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise AgentError(f"add-on did not become ready after waking: {message}")
+            await asyncio.sleep(0.01)
+
+    async def _accept(self) -> None:
+        assert self.listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            client, address = await loop.sock_accept(self.listener)
+            task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
+
+    async def _serve(self, client: socket.socket, source: str) -> None:
+        self.relayed[source] = time.time()
+        writer_up: asyncio.StreamWriter | None = None
+        writer_down: asyncio.StreamWriter | None = None
+        try:
+            try:
+                await self.wake(f"connection from {source}")
+            except AgentError as exc:
+                log.error("addon.wake_failed addon=%s error=%s", self.addon.id, exc)
+                client.close()
+                return
+            reader_down, writer_down = await asyncio.open_connection(sock=client)
+            reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
+            await asyncio.gather(_pipe(reader_down, writer_up), _pipe(reader_up, writer_down))
+        except OSError as exc:
+            log.warning(
+                "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
+            )
+        finally:
+            self.relayed.pop(source, None)
+            self.saved.last_activity = time.time()
+            for w in (writer_up, writer_down):
+                if w is not None:
+                    w.close()
+            if writer_down is None:
+                client.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+class SleepStore:
+    """Sleep states on disk, so a restarted agent knows which add-ons sleep on purpose."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Persisted]:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=dict[str, Persisted])
+        except (OSError, msgspec.DecodeError):
+            return {}
+
+    def save(self, states: dict[str, Persisted]) -> None:
+        atomic_write(self.path, msgspec.json.encode(states))
+
+
+def utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)

@@ -1,0 +1,138 @@
+"""Working inside a holder container's network namespace from the host agent.
+
+- `listen_in(pid, port)`: a listening socket that lives in the holder's namespace, so it
+  is reachable only from the project network. A dedicated thread enters the namespace
+  with setns(2) (namespaces are per thread), creates the socket, and leaves: the socket
+  stays bound to the namespace it was created in.
+- `iptables(pid, ...)`: the redirect that sends a sleeping add-on's port to the listener.
+- `tcp_table(pid)` / `passive_opens(pid)`: the namespace's TCP sockets and counters, read
+  from /proc/<pid>/net, which show that namespace's view: no exec, no entering needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from msgspec import Struct
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
+_lock = threading.Lock()
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _listen_sync(pid: int, port: int, backlog: int) -> socket.socket:
+    with _lock:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0", port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                return sock
+            finally:
+                _setns(home)
+        finally:
+            os.close(target)
+            os.close(home)
+
+
+async def listen_in(pid: int, port: int, backlog: int = 512) -> socket.socket:
+    return await asyncio.get_running_loop().run_in_executor(
+        _executor, _listen_sync, pid, port, backlog
+    )
+
+
+async def iptables(pid: int, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter",
+        f"--net=/proc/{pid}/ns/net",
+        "iptables",
+        "-w",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def redirect_rule(port: int, to_port: int, gateway: str) -> tuple[str, ...]:
+    # The gateway is the host: the agent's probes and relays come from there and must reach
+    # the database itself, never the wake listener.
+    return (
+        "PREROUTING", "-p", "tcp", "--dport", str(port), "!", "-s", gateway,
+        "-j", "REDIRECT", "--to-ports", str(to_port),
+        "-m", "comment", "--comment", "orkestr-wake",
+    )  # fmt: skip
+
+
+class TcpSocket(Struct, frozen=True):
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    state: int  # 1 = ESTABLISHED, 10 = LISTEN (see include/net/tcp_states.h)
+
+
+ESTABLISHED = 1
+
+
+def _ip4(hexaddr: str) -> str:
+    return socket.inet_ntop(socket.AF_INET, int(hexaddr, 16).to_bytes(4, "little"))
+
+
+def _ip6(hexaddr: str) -> str:
+    raw = bytes.fromhex(hexaddr)
+    # /proc prints the address as four host-order 32-bit words.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def parse_tcp_table(text: str, ipv6: bool) -> list[TcpSocket]:
+    out: list[TcpSocket] = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        local, remote, state = fields[1], fields[2], int(fields[3], 16)
+        lport = int(local.rsplit(":", 1)[1], 16)
+        raddr, rport = remote.rsplit(":", 1)
+        ip = _ip6(raddr) if ipv6 else _ip4(raddr)
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        out.append(TcpSocket(lport, ip, int(rport, 16), state))
+    return out
+
+
+def tcp_table(pid: int) -> list[TcpSocket]:
+    out: list[TcpSocket] = []
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                out += parse_tcp_table(f.read(), v6)
+        except OSError:
+            continue
+    return out
+
+
+def passive_opens(pid: int) -> int:
+    """Connections accepted in the namespace since it was created (TCP PassiveOpens)."""
+    with open(f"/proc/{pid}/net/snmp") as f:
+        lines = [line.split() for line in f if line.startswith("Tcp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("PassiveOpens")])

@@ -1,0 +1,27 @@
+"""When an idle add-on should sleep (pure).
+
+Two stages: *light* pauses the container (cgroup freezer: CPU freed, memory kept, wakes in
+milliseconds); *deep* stops it (memory freed, wakes in a database start-up). Idle means
+no client connection for the whole period; the platform's own connections (probes,
+relays' upstream legs) are never counted as activity by the caller.
+"""
+
+from __future__ import annotations
+
+from schemas.messages import SleepPolicy, SleepState
+
+
+def target(
+    policy: SleepPolicy, current: SleepState, idle_s: float, has_clients: bool
+) -> SleepState:
+    """The sleep state an add-on should be in after `idle_s` seconds without clients.
+
+    Only deepens: waking is the activator's job, on a client's connection.
+    """
+    if not policy.enabled or has_clients:
+        return current
+    if idle_s >= policy.deep_after_s:
+        return "deep"
+    if idle_s >= policy.light_after_s and current == "awake":
+        return "light"
+    return current

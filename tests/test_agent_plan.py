@@ -1,0 +1,303 @@
+"""The planner, without I/O: tables for the cases that matter and Hypothesis for convergence."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from msgspec.structs import replace
+
+from agent import model, specs
+from agent import plan as p
+from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
+from schemas.messages import AddonSpec, DesiredState, JobSpec, ProjectSpec, Resources
+
+PID = "a" * 32
+AID = "b" * 32
+JID = "c" * 32
+SETTINGS = p.Settings(images=specs.Images(), secrets_root="/secrets")
+RES = Resources(cpus=0.5, memory_mb=256)
+
+
+def addon(
+    aid: str = AID, deleted: bool = False, kind: str = "postgres", memory: int = 256
+) -> AddonSpec:
+    return AddonSpec(
+        id=aid,
+        name=f"db-{aid[:4]}",
+        kind=kind,  # type: ignore[arg-type]
+        resources=Resources(cpus=0.5, memory_mb=memory),
+        deleted=deleted,
+    )
+
+
+def desired(
+    *addons: AddonSpec, jobs: tuple[JobSpec, ...] = (), generation: int = 1
+) -> DesiredState:
+    return DesiredState(
+        version=1,
+        host="h1",
+        generation=generation,
+        projects=(ProjectSpec(id=PID, name="p", addons=addons, jobs=jobs),),
+    )
+
+
+def running(
+    spec: specs.ContainerSpec, cid: str, state: str = "running", mode: str = ""
+) -> ObservedContainer:
+    return ObservedContainer(
+        id=cid,
+        name=spec.name,
+        role=spec.role,
+        project_id=spec.project_id,
+        state=state,  # type: ignore[arg-type]
+        spec_hash=spec.spec_hash,
+        addon_id=spec.addon_id,
+        job_id=spec.job_id,
+        network_mode=mode or (f"container:holder-{spec.addon_id}" if spec.role == "db" else "net"),
+        ip="172.30.0.2" if spec.role == "holder" else None,
+    )
+
+
+def converged_world(a: AddonSpec) -> Observed:
+    holder = specs.holder_spec(PID, a, SETTINGS.images)
+    db = specs.db_spec(PID, a, SETTINGS.images, SETTINGS.secret_dir(a.id))
+    return Observed(
+        containers=(running(holder, f"holder-{a.id}"), running(db, f"db-{a.id}")),
+        networks=(ObservedNetwork("n1", model.network_name(PID), PID),),
+        volumes=(ObservedVolume(model.volume_name(a.id), a.id),),
+    )
+
+
+LOCAL = p.Local(secrets={AID: 1})
+
+
+def kinds(actions: tuple[p.Action, ...]) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def test_no_desired_state_plans_nothing_even_with_managed_containers() -> None:
+    assert p.plan(None, converged_world(addon()), LOCAL, SETTINGS) == ()
+
+
+def test_empty_host_gets_network_volume_secret_holder_and_db_in_order() -> None:
+    a = addon()
+    actions = p.plan(desired(a), Observed(), p.Local(), SETTINGS)
+    assert kinds(actions) == [
+        "EnsureNetwork",
+        "EnsureVolume",
+        "FetchSecret",
+        "RunContainer",
+        "RunContainer",
+    ]
+    holder, db = actions[3], actions[4]
+    assert isinstance(holder, p.RunContainer) and holder.spec.role == "holder"
+    assert isinstance(db, p.RunContainer) and db.spec.netns_of == model.holder_name(AID)
+
+
+def test_converged_world_plans_nothing() -> None:
+    assert p.plan(desired(addon()), converged_world(addon()), LOCAL, SETTINGS) == ()
+
+
+def test_addon_missing_from_desired_state_is_left_alone() -> None:
+    other = addon("d" * 32)
+    assert p.plan(
+        desired(other), converged_world(addon()), p.Local(secrets={other.id: 1}), SETTINGS
+    ) == (
+        p.EnsureVolume(other.id, model.volume_name(other.id), PID),
+        p.RunContainer(other.id, specs.holder_spec(PID, other, SETTINGS.images)),
+        p.RunContainer(
+            other.id, specs.db_spec(PID, other, SETTINGS.images, SETTINGS.secret_dir(other.id))
+        ),
+    )
+
+
+def test_tombstone_removes_containers_then_volume_then_secret() -> None:
+    a = addon(deleted=True)
+    actions = p.plan(desired(a), converged_world(addon()), LOCAL, SETTINGS)
+    assert kinds(actions) == ["RemoveContainer", "RemoveContainer", "RemoveVolume", "RemoveSecret"]
+    assert actions[0] == p.RemoveContainer(AID, model.db_name(AID), "AddonDeleted")
+
+
+def test_db_removed_by_hand_is_recreated_on_the_same_volume() -> None:
+    world = converged_world(addon())
+    world = Observed(
+        containers=tuple(c for c in world.containers if c.role != "db"),
+        networks=world.networks,
+        volumes=world.volumes,
+    )
+    actions = p.plan(desired(addon()), world, LOCAL, SETTINGS)
+    assert kinds(actions) == ["RunContainer"]
+    assert actions[0].spec.mounts[0].source == model.volume_name(AID)  # type: ignore[union-attr]
+
+
+def test_changed_plan_resources_recreate_only_the_db() -> None:
+    actions = p.plan(desired(addon(memory=512)), converged_world(addon()), LOCAL, SETTINGS)
+    assert actions == (
+        p.RemoveContainer(AID, model.db_name(AID), "SpecChanged"),
+        p.RunContainer(
+            AID, specs.db_spec(PID, addon(memory=512), SETTINGS.images, "/secrets/" + AID)
+        ),
+    )
+
+
+def test_dead_holder_takes_the_db_with_it() -> None:
+    world = converged_world(addon())
+    holder = next(c for c in world.containers if c.role == "holder")
+    db = next(c for c in world.containers if c.role == "db")
+    world = Observed(
+        containers=(replace(holder, state="exited"), db),
+        networks=world.networks,
+        volumes=world.volumes,
+    )
+    assert kinds(p.plan(desired(addon()), world, LOCAL, SETTINGS)) == [
+        "RemoveContainer",
+        "RemoveContainer",
+        "RunContainer",
+        "RunContainer",
+    ]
+
+
+def test_stopped_db_is_started_unless_it_sleeps() -> None:
+    world = converged_world(addon())
+    stopped = tuple(replace(c, state="exited") if c.role == "db" else c for c in world.containers)
+    world = Observed(containers=stopped, networks=world.networks, volumes=world.volumes)
+    assert kinds(p.plan(desired(addon()), world, LOCAL, SETTINGS)) == ["StartContainer"]
+    asleep = p.Local(secrets={AID: 1}, sleep={AID: "deep"})
+    assert p.plan(desired(addon()), world, asleep, SETTINGS) == ()
+
+
+def test_new_secret_version_is_fetched() -> None:
+    actions = p.plan(
+        desired(addon()), converged_world(addon()), p.Local(secrets={AID: 0}), SETTINGS
+    )
+    assert kinds(actions)[0] == "FetchSecret"
+
+
+def test_jobs_run_once_and_are_collected() -> None:
+    job = JobSpec(id=JID, image="toolbox", command=("true",))
+    d = desired(jobs=(job,))
+    net = (ObservedNetwork("n1", model.network_name(PID), PID),)
+    assert p.plan(d, Observed(networks=net), p.Local(), SETTINGS) == (p.StartJob(JID, PID, job),)
+    spec = specs.job_spec(PID, job, 512)
+    exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
+    assert p.plan(d, exited, p.Local(), SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
+    assert (
+        p.plan(d, Observed(networks=net), p.Local(finished_jobs=frozenset({JID})), SETTINGS) == ()
+    )
+    # The controller acknowledged the result: the job left the desired state.
+    assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
+
+
+# --- convergence under a simulated host ----------------------------------------------------
+
+
+def simulate(
+    world: Observed, actions: tuple[p.Action, ...], local: p.Local, fail: set[int]
+) -> tuple[Observed, p.Local]:
+    """Apply actions to a model of the host; indexes in `fail` fail (and skip their key's chain)."""
+    containers = {c.name: c for c in world.containers}
+    networks = {n.name: n for n in world.networks}
+    volumes = {v.name: v for v in world.volumes}
+    secrets = dict(local.secrets)
+    failed: set[str] = set()
+    for i, a in enumerate(actions):
+        if a.key in failed:
+            continue
+        if i in fail:
+            failed.add(a.key)
+            continue
+        match a:
+            case p.EnsureNetwork(key, name):
+                networks[name] = ObservedNetwork(f"id-{name}", name, key)
+            case p.EnsureVolume(key, name, _):
+                volumes[name] = ObservedVolume(name, key)
+            case p.FetchSecret(key, _, _, version):
+                secrets[key] = version
+            case p.RunContainer(_, spec):
+                mode = f"container:id-{spec.netns_of}" if spec.netns_of else "net"
+                containers[spec.name] = running(spec, f"id-{spec.name}", mode=mode)
+            case p.StartContainer(_, name) | p.UnpauseContainer(_, name):
+                containers[name] = replace(containers[name], state="running")
+            case p.RemoveContainer(_, name, _):
+                containers.pop(name, None)
+            case p.RemoveVolume(_, name):
+                volumes.pop(name, None)
+            case p.RemoveSecret(key):
+                secrets.pop(key, None)
+            case _:
+                pass
+    new_world = Observed(
+        tuple(containers.values()), tuple(networks.values()), tuple(volumes.values())
+    )
+    return new_world, p.Local(secrets=secrets, finished_jobs=local.finished_jobs, sleep=local.sleep)
+
+
+ids = st.sampled_from(["1" * 32, "2" * 32, "3" * 32, "4" * 32])
+addons = st.builds(
+    lambda aid, kind, mem, deleted: AddonSpec(
+        id=aid,
+        name=f"a{aid[:3]}",
+        kind=kind,
+        resources=Resources(cpus=0.5, memory_mb=mem),
+        deleted=deleted,
+    ),
+    ids,
+    st.sampled_from(["postgres", "redis"]),
+    st.sampled_from([128, 256]),
+    st.booleans(),
+)
+addon_sets = st.lists(addons, max_size=4, unique_by=lambda a: a.id).map(tuple)
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=addon_sets, after=addon_sets, faults=st.sets(st.integers(0, 12), max_size=4))
+def test_any_world_converges_and_only_tombstones_lose_data(
+    before: tuple[AddonSpec, ...], after: tuple[AddonSpec, ...], faults: set[int]
+) -> None:
+    world, local = Observed(), p.Local()
+    # Converge to `before`, then change the desired state to `after`, with faults injected.
+    for target, fail in ((before, set()), (after, faults)):
+        for _ in range(20):
+            actions = p.plan(desired(*target), world, local, SETTINGS)
+            if not actions:
+                break
+            removed_volumes = {a.name for a in actions if isinstance(a, p.RemoveVolume)}
+            tomb = {model.volume_name(a.id) for a in target if a.deleted}
+            assert removed_volumes <= tomb, "a volume was removed without a tombstone"
+            world, local = simulate(world, actions, local, fail)
+            fail = set()  # faults are transient: the next pass succeeds
+        assert p.plan(desired(*target), world, local, SETTINGS) == (), "did not converge"
+    live = {a.id for a in after if not a.deleted}
+    for aid in live:
+        assert world.container(model.db_name(aid)) is not None
+        assert world.volume(model.volume_name(aid)) is not None
+    for a in after:
+        if a.deleted:
+            assert world.volume(model.volume_name(a.id)) is None
+
+
+# --- sleep decisions ------------------------------------------------------------------------
+
+from schemas.messages import SleepPolicy  # noqa: E402
+from agent.sleep import target  # noqa: E402
+
+POLICY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)
+
+
+def test_sleep_stages_follow_idle_time() -> None:
+    assert target(POLICY, "awake", 9.9, False) == "awake"
+    assert target(POLICY, "awake", 10, False) == "light"
+    assert target(POLICY, "light", 59, False) == "light"
+    assert target(POLICY, "light", 60, False) == "deep"
+    assert target(POLICY, "awake", 61, False) == "deep"
+
+
+def test_open_clients_or_disabled_policy_never_sleep() -> None:
+    assert target(POLICY, "awake", 1e9, True) == "awake"
+    assert target(SleepPolicy(enabled=False), "awake", 1e9, False) == "awake"
+
+
+@given(idle=st.floats(0, 1e6), state=st.sampled_from(["awake", "light", "deep"]))
+def test_sleep_only_deepens(idle: float, state: str) -> None:
+    order = ["awake", "light", "deep"]
+    assert order.index(target(POLICY, state, idle, False)) >= order.index(state)  # type: ignore[arg-type]
