@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Installs and starts everything on this machine: Docker Engine, Mosquitto, PostgreSQL,
+# the add-on images, the project's virtual environment, the controller and one agent;
+# then creates an example project with a Postgres add-on and prints how to reach the API.
+# Idempotent: a second run checks, reuses the same tokens and the same example project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+log() { printf '[up] %s\n' "$*"; }
+
+bash deploy/services.sh
+
+etc=${ORKESTR_ETC:-/etc/orkestr}
+run=${ORKESTR_RUN:-/var/lib/orkestr}
+mkdir -p "$etc" "$run"
+chmod 700 "$etc"
+host=${ORKESTR_HOST:-$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-60)}
+api_port=${ORKESTR_API_PORT:-8080}
+mqtt_port=${ORKESTR_MQTT_PORT:-1883}
+
+for t in api_token agent_token; do
+  [ -s "$etc/$t" ] || (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' >"$etc/$t")
+done
+
+if [ ! -f "$etc/controller.toml" ]; then
+  cat >"$etc/controller.toml" <<TOML
+[http]
+listen = "127.0.0.1:$api_port"
+api_token_file = "$etc/api_token"
+agent_token_file = "$etc/agent_token"
+
+[database]
+url = "postgresql://orkestr:orkestr@127.0.0.1:5432/orkestr"
+
+[mqtt]
+host = "127.0.0.1"
+port = $mqtt_port
+client_id = "orkestr-controller"
+TOML
+fi
+if [ ! -f "$etc/agent.toml" ]; then
+  cat >"$etc/agent.toml" <<TOML
+[agent]
+host = "$host"
+state_dir = "/var/lib/orkestr-agent"
+
+[controller]
+url = "http://127.0.0.1:$api_port"
+agent_token_file = "$etc/agent_token"
+
+[mqtt]
+host = "127.0.0.1"
+port = $mqtt_port
+
+# This machine has no registry: the locally built images stand in for the official ones.
+[images]
+postgres = "orkestr-local/postgres:15"
+redis = "orkestr-local/redis:7"
+
+[metrics]
+listen = "127.0.0.1:9464"
+TOML
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A process we started ourselves, unless systemd runs the machine.
+start_bg() {  # name, command...
+  local name=$1; shift
+  local pidf="$run/$name.pid"
+  if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then return; fi
+  log "starting $name (log: $run/$name.log)"
+  nohup "$@" >>"$run/$name.log" 2>&1 &
+  echo $! >"$pidf"
+}
+
+if ! port_open "$mqtt_port"; then
+  sed "s/^listener 1883 /listener $mqtt_port /" deploy/mosquitto.conf >"$etc/mosquitto.conf"
+  echo "persistence_location $run/" >>"$etc/mosquitto.conf"
+  start_bg mosquitto /usr/sbin/mosquitto -c "$etc/mosquitto.conf"
+fi
+
+if [ -d /run/systemd/system ]; then
+  for unit in orkestr-controller orkestr-agent; do
+    sed "s#/opt/orkestr#$repo#g; s#/etc/orkestr#$etc#g" "systemd/$unit.service" >"/etc/systemd/system/$unit.service"
+  done
+  systemctl daemon-reload
+  systemctl enable --now orkestr-controller orkestr-agent
+else
+  start_bg controller .venv/bin/python -m controller --config "$etc/controller.toml"
+  start_bg agent .venv/bin/python -m agent --config "$etc/agent.toml"
+fi
+
+api="http://127.0.0.1:$api_port"
+token=$(cat "$etc/api_token")
+call() { curl -fsS -H "Authorization: Bearer $token" -H 'Content-Type: application/json' "$@"; }
+
+for _ in $(seq 120); do call "$api/v1/hosts" >/dev/null 2>&1 && break; sleep 0.5; done
+call "$api/v1/hosts" >/dev/null || { log "controller not answering; see $run/controller.log"; exit 1; }
+for _ in $(seq 120); do
+  call "$api/v1/hosts" | grep -q '"online":true' && break; sleep 0.5
+done
+
+project=$(call "$api/v1/projects" | .venv/bin/python -c '
+import json, sys
+body = json.load(sys.stdin)
+items = body["projects"] if isinstance(body, dict) else body
+print(next((p["id"] for p in items if p["name"] == "example"), ""))')
+if [ -z "$project" ]; then
+  project=$(call -X POST "$api/v1/projects" -d '{"name": "example", "plan": "pro"}' |
+            .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+  call -X POST "$api/v1/projects/$project/addons" -d '{"name": "example-db", "kind": "postgres"}' >/dev/null
+fi
+log "waiting for the example add-on to be ready"
+for _ in $(seq 240); do
+  call "$api/v1/projects/$project/addons" | grep -q '"phase":"ready"' && break; sleep 0.5
+done
+
+cat <<TXT
+
+orkestr add-ons is running.
+  API:        $api   (token: $etc/api_token)
+  Project:    example ($project), plan pro, add-on example-db (postgres)
+
+  export ORKESTR_TOKEN=\$(cat $etc/api_token)
+  curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons
+  curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/env
+  curl -H "Authorization: Bearer \$ORKESTR_TOKEN" -X POST $api/v1/projects/$project/jobs \\
+       -d '{"image": "orkestr-local/toolbox:bookworm", "command": ["psql", "\$DATABASE_URL", "-c", "select now()"]}'
+TXT
