@@ -1,0 +1,295 @@
+"""Fixtures that run real host agents (`python -m agent`) against the real dockerd.
+
+Every agent gets a unique host name; everything it creates carries that name in the
+`orkestr.host` label, and the fixture removes all of it afterwards, so leftovers never
+confuse the next run. Images come from deploy/images/build.sh (run by deploy/services.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
+
+IMAGES = {
+    "postgres": os.environ.get("ORKESTR_TEST_POSTGRES_IMAGE", "orkestr-local/postgres:15"),
+    "redis": os.environ.get("ORKESTR_TEST_REDIS_IMAGE", "orkestr-local/redis:7"),
+}
+TOOLBOX = os.environ.get("ORKESTR_TEST_TOOLBOX_IMAGE", "orkestr-local/toolbox:bookworm")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def docker(*args: str, check: bool = True) -> str:
+    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def remove_host_objects(host: str) -> None:
+    label = f"label=orkestr.host={host}"
+    ids = docker("ps", "-aq", "--filter", label, check=False).split()
+    if ids:
+        docker("rm", "-f", "-v", *ids, check=False)
+    vols = docker("volume", "ls", "-q", "--filter", label, check=False).split()
+    if vols:
+        docker("volume", "rm", "-f", *vols, check=False)
+    nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
+    if nets:
+        docker("network", "rm", *nets, check=False)
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        host: str,
+        mqtt_port: int,
+        controller_url: str,
+        agent_token: str,
+        sleep_tick_s: float = 0.5,
+    ) -> None:
+        self.host = host
+        self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
+        self.state_dir = self.dir / "state"
+        self.metrics_port = free_port()
+        self.log_path = self.dir / "agent.log"
+        self.config_path = self.dir / "agent.toml"
+        self.config_path.write_text(
+            f"""
+[agent]
+host = "{host}"
+state_dir = "{self.state_dir}"
+resync_interval_s = 2
+heartbeat_s = 1
+sleep_tick_s = {sleep_tick_s}
+
+[controller]
+url = "{controller_url}"
+agent_token = "{agent_token}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+keepalive_s = 5
+
+[images]
+postgres = "{IMAGES["postgres"]}"
+redis = "{IMAGES["redis"]}"
+
+[metrics]
+listen = "127.0.0.1:{self.metrics_port}"
+"""
+        )
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent",
+            "--config",
+            str(self.config_path),
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 15)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# Short sleep timeouts so the sleep tests run in seconds; Team never sleeps, so the other
+# end-to-end tests use it and their add-ons stay awake however long a step takes.
+TEST_PLANS = """
+[starter]
+max_addons = 1
+cpus = 0.5
+memory_mb = 256
+sleep = { enabled = true, light_after_s = 3, deep_after_s = 8 }
+
+[pro]
+max_addons = 2
+cpus = 1.0
+memory_mb = 512
+sleep = { enabled = true, light_after_s = 3, deep_after_s = 8 }
+
+[team]
+max_addons = 5
+cpus = 1.0
+memory_mb = 512
+sleep = { enabled = false }
+"""
+
+
+class Stack:
+    """A broker, a controller database and a controller of its own, for one test module."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="orkestr-stack-"))
+        self.mosquitto = Mosquitto()
+        self.controller: ControllerProcess | None = None
+        self.dsn = ""
+
+    async def start(self) -> None:
+        plans = self.dir / "plans.toml"
+        plans.write_text(TEST_PLANS)
+        await self.mosquitto.start()
+        self.dsn = await create_database("orkestr_e2e")
+        self.controller = ControllerProcess(
+            database_url=self.dsn,
+            mqtt_port=self.mosquitto.port,
+            plans_file=plans,
+            offline_after_s=10,
+        )
+        await self.controller.start()
+
+    async def close(self) -> None:
+        if self.controller is not None:
+            await self.controller.close()
+        await self.mosquitto.close()
+        if self.dsn:
+            await drop_database(self.dsn)
+
+
+@pytest.fixture(scope="module")
+async def stack() -> AsyncIterator[Stack]:
+    s = Stack()
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """A fresh host agent registered with the module's controller; removed with all it made."""
+    assert stack.controller is not None
+    host = f"t{uuid.uuid4().hex[:10]}"
+    proc = AgentProcess(
+        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
+    )
+    await proc.start()
+    await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+        remove_host_objects(host)
+        if os.environ.get("ORKESTR_TEST_VERBOSE"):
+            print(proc.log_tail(200))
+
+
+async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def host_online(controller: ControllerProcess, host: str) -> bool:
+    status, body = await controller.api("GET", "/v1/hosts")
+    assert status == 200, body
+    return any(h["name"] == host and h["online"] for h in body["hosts"])
+
+
+def container_state(name: str) -> dict[str, Any]:
+    found = json.loads(docker("inspect", name, check=False) or "[]")
+    return found[0]["State"] if found else {}  # type: ignore[no-any-return]
+
+
+# --- API helpers for end-to-end tests ------------------------------------------------------
+
+
+async def create_project(c: ControllerProcess, plan: str, name: str = "") -> dict[str, Any]:
+    status, body = await c.api(
+        "POST", "/v1/projects", {"name": name or f"p-{uuid.uuid4().hex[:6]}", "plan": plan}
+    )
+    assert status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def create_addon(
+    c: ControllerProcess, project_id: str, name: str, kind: str
+) -> dict[str, Any]:
+    status, body = await c.api(
+        "POST", f"/v1/projects/{project_id}/addons", {"name": name, "kind": kind}
+    )
+    assert status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def addon(c: ControllerProcess, project_id: str, addon_id: str) -> dict[str, Any]:
+    status, body = await c.api("GET", f"/v1/projects/{project_id}/addons/{addon_id}")
+    assert status == 200, body
+    return body  # type: ignore[no-any-return]
+
+
+async def wait_phase(
+    c: ControllerProcess, project_id: str, addon_id: str, phase: str, timeout: float = 90
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        view = await addon(c, project_id, addon_id)
+        return view if view["phase"] == phase else None
+
+    return await wait_for(check, timeout, f"add-on {addon_id} {phase}")  # type: ignore[no-any-return]
+
+
+async def run_job(
+    c: ControllerProcess, project_id: str, script: str, timeout: float = 120, image: str = TOOLBOX
+) -> dict[str, Any]:
+    """Run `sh -c script` as a one-off job on the project network; return the finished job."""
+    status, body = await c.api(
+        "POST",
+        f"/v1/projects/{project_id}/jobs",
+        {"image": image, "command": ["sh", "-c", script], "timeout_s": timeout},
+    )
+    assert status == 201, body
+    job_id = body["id"]
+
+    async def finished() -> dict[str, Any] | None:
+        s, job = await c.api("GET", f"/v1/projects/{project_id}/jobs/{job_id}")
+        assert s == 200, job
+        return job if job["state"] in ("succeeded", "failed") else None
+
+    return await wait_for(finished, timeout + 30, f"job {job_id}")  # type: ignore[no-any-return]

@@ -1,0 +1,238 @@
+"""The user story end to end: a real controller, a real agent, real dockerd and mosquitto.
+
+Controller and agent run as separate processes, the way a user runs them. These tests use
+the Team plan (its add-ons never sleep); tests/test_sleep.py covers sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiomqtt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import topics
+from tests.agent_fixtures import (
+    AgentProcess,
+    Stack,
+    addon,
+    container_state,
+    create_addon,
+    create_project,
+    docker,
+    run_job,
+    wait_for,
+    wait_phase,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+
+def inspect(name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(docker("inspect", name))[0]  # type: ignore[no-any-return]
+
+
+def db(addon_id: str) -> str:
+    return f"orkestr-{addon_id}-db"
+
+
+def holder(addon_id: str) -> str:
+    return f"orkestr-{addon_id}-net"
+
+
+async def test_user_story_postgres_and_redis(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    assert project["host"] == agent.host
+    pg = await create_addon(c, project["id"], "orders-db", "postgres")
+    rd = await create_addon(c, project["id"], "cache", "redis")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    ready = await wait_phase(c, project["id"], rd["id"], "ready")
+    assert any(
+        x["type"] == "Ready" and x["reason"] == "ClientConnected" for x in ready["conditions"]
+    )
+
+    status, env = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200
+    assert set(env["env"]) == {"DATABASE_URL", "ORDERS_DB_URL", "REDIS_URL", "CACHE_URL"}
+    assert "@orders-db:5432/" in env["env"]["DATABASE_URL"]
+
+    job = await run_job(
+        c,
+        project["id"],
+        'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "create table t(x int); insert into t values (42)" '
+        '&& psql "$ORDERS_DB_URL" -tAc "select x from t" '
+        '&& redis-cli -u "$REDIS_URL" set greeting hello && redis-cli -u "$CACHE_URL" get greeting',
+    )
+    assert job["state"] == "succeeded", job
+    assert job["exit_code"] == 0
+    assert "42" in job["output"] and "hello" in job["output"]
+    # The job container is gone once its result is recorded.
+    assert docker("ps", "-aq", "--filter", f"label=orkestr.job={job['id']}") == ""
+
+    # Plan sizing, labels, no published port, no password in the environment or arguments.
+    info = inspect(db(pg["id"]))
+    assert info["HostConfig"]["Memory"] == 512 * 1024 * 1024
+    assert info["HostConfig"]["NanoCpus"] == 1_000_000_000
+    assert info["HostConfig"]["NetworkMode"].startswith("container:")
+    assert info["Config"]["Labels"]["orkestr.spec-hash"]
+    password = env["env"]["DATABASE_URL"].split(":")[2].split("@")[0]
+    assert password not in json.dumps(info["Config"]["Env"]) + json.dumps(info["Args"])
+    for name in (db(pg["id"]), holder(pg["id"]), db(rd["id"]), holder(rd["id"])):
+        ports = inspect(name)["NetworkSettings"]["Ports"] or {}
+        assert all(not bindings for bindings in ports.values()), f"{name} publishes {ports}"
+        assert not inspect(name)["HostConfig"]["PortBindings"], f"{name} binds a host port"
+    rinfo = inspect(db(rd["id"]))
+    assert password not in json.dumps(rinfo["Args"]) and password not in json.dumps(rinfo["Config"])
+
+    # Nor in the retained desired state, which the broker writes to disk.
+    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
+        await client.subscribe(topics.desired(agent.host), qos=1)
+        message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
+        assert password.encode() not in bytes(message.payload)  # type: ignore[arg-type]
+
+    # Deleting removes the containers and, because the add-on was deleted, its volume.
+    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{rd['id']}")
+    assert status == 202
+
+    async def gone() -> bool:
+        s, _ = await c.api("GET", f"/v1/projects/{project['id']}/addons/{rd['id']}")
+        return s == 404
+
+    await wait_for(gone, 60, "deleted add-on purged")
+    assert container_state(db(rd["id"])) == {}
+    assert docker("volume", "ls", "-q", "--filter", f"name=orkestr-{rd['id']}-data") == ""
+    assert container_state(db(pg["id"]))["Running"]
+
+
+async def test_other_project_cannot_reach_addon_by_name_or_ip(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    a = await create_project(c, "team")
+    b = await create_project(c, "team")
+    pg = await create_addon(c, a["id"], "shared-db", "postgres")
+    await wait_phase(c, a["id"], pg["id"], "ready")
+    ip = inspect(holder(pg["id"]))["NetworkSettings"]["Networks"][f"orkestr-{a['id']}"]["IPAddress"]
+    probe = (
+        f"for target in shared-db {ip}; do "
+        'if timeout 3 bash -c "echo > /dev/tcp/$target/5432" 2>/dev/null; '
+        "then echo REACHED-$target; else echo BLOCKED-$target; fi; done"
+    )
+    same = await run_job(c, a["id"], probe)
+    other = await run_job(c, b["id"], probe)
+    assert "REACHED-shared-db" in same["output"] and f"REACHED-{ip}" in same["output"], same
+    assert "BLOCKED-shared-db" in other["output"], other
+    assert f"BLOCKED-{ip}" in other["output"], other
+
+
+async def test_agent_kill9_adopts_and_hand_removed_container_is_recreated(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "keep-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    job = await run_job(
+        c,
+        project["id"],
+        'psql "$DATABASE_URL" -qc "create table k(v text); insert into k values (\'kept\')"',
+    )
+    assert job["exit_code"] == 0, job
+    before = {n: inspect(n)["Id"] for n in (db(pg["id"]), holder(pg["id"]))}
+
+    await agent.kill9()
+    await agent.start()
+    await asyncio.sleep(6)  # a few resync passes of the restarted agent
+    after = {n: inspect(n)["Id"] for n in (db(pg["id"]), holder(pg["id"]))}
+    assert after == before, "a restarted agent recreated containers"
+    await wait_phase(c, project["id"], pg["id"], "ready")
+
+    docker("rm", "-f", db(pg["id"]))
+    await wait_for(lambda: container_state(db(pg["id"])).get("Running"), 60, "database recreated")
+    assert inspect(db(pg["id"]))["Id"] != before[db(pg["id"])]
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    job = await run_job(c, project["id"], 'psql "$DATABASE_URL" -tAc "select v from k"')
+    assert "kept" in job["output"], job
+
+
+async def test_broker_outage_keeps_addons_running_and_converges(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    first = await create_addon(c, project["id"], "first-db", "postgres")
+    await wait_phase(c, project["id"], first["id"], "ready")
+    started = inspect(db(first["id"]))["State"]["StartedAt"]
+
+    await stack.mosquitto.stop()
+    # The API keeps working; the change waits for the broker.
+    second = await create_addon(c, project["id"], "second", "redis")
+    await asyncio.sleep(4)
+    assert inspect(db(first["id"]))["State"]["StartedAt"] == started
+    assert container_state(db(first["id"]))["Running"]
+    assert container_state(db(second["id"])) == {}
+
+    await stack.mosquitto.start()
+    await wait_phase(c, project["id"], second["id"], "ready", timeout=120)
+    assert inspect(db(first["id"]))["State"]["StartedAt"] == started
+
+
+junk = st.one_of(
+    st.binary(max_size=300),
+    st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4).map(
+        lambda d: json.dumps(d).encode()
+    ),
+    st.integers(2, 99).map(
+        lambda v: json.dumps({"version": v, "host": "x", "generation": 1}).encode()
+    ),
+    st.just(b"{" * 10 + b" " * (1024 * 1024 + 1)),
+)
+
+
+async def test_bad_desired_state_is_rejected_and_changes_nothing(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "steady", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    container_id = inspect(db(pg["id"]))["Id"]
+    payloads: list[bytes] = []
+
+    @settings(max_examples=15, suppress_health_check=list(HealthCheck), deadline=None)
+    @given(junk)
+    def collect(payload: bytes) -> None:
+        payloads.append(payload)
+
+    collect()
+    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
+        for payload in payloads:
+            await client.publish(topics.desired(agent.host), payload, qos=1)
+    # An older generation is refused too.
+    stale = json.dumps({"version": 1, "host": agent.host, "generation": 1, "projects": []}).encode()
+    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
+        await client.publish(topics.desired(agent.host), stale, qos=1)
+        await client.subscribe(topics.status(agent.host), qos=1)
+
+        async def rejected() -> dict | None:  # type: ignore[type-arg]
+            message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
+            status = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            cond = next(x for x in status["conditions"] if x["type"] == "DesiredStateAccepted")
+            return cond if cond["reason"] == "StaleGeneration" else None
+
+        cond = await wait_for(rejected, 30, "StaleGeneration condition")
+        assert "older" in cond["message"]
+    assert agent.proc is not None and agent.proc.returncode is None, "agent crashed"
+    assert inspect(db(pg["id"]))["Id"] == container_id
+    assert container_state(db(pg["id"]))["Running"]
+    view = await addon(c, project["id"], pg["id"])
+    assert view["phase"] == "ready"
+    assert "desired.rejected" in agent.log_tail(400)
