@@ -89,6 +89,9 @@ class Sleeper:
         self.redirect_on: bool | None = None
         self.last_opens = netns.passive_opens(pid)
         self.clients: tuple[ClientConnection, ...] = ()
+        # Only a database that answered a client may fall asleep: pausing or stopping one
+        # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
+        self.ready = False
         if self.saved.last_activity <= 0:
             self.saved.last_activity = time.time()
 
@@ -148,6 +151,12 @@ class Sleeper:
             ClientConnection(f"{s.remote_ip}:{s.remote_port}") for s in direct
         ) + tuple(ClientConnection(src, via="activator") for src in self.relayed)
         if new_connections or self.clients:
+            log.debug(
+                "addon.activity addon=%s new=%s clients=%s",
+                self.addon.id,
+                new_connections,
+                [c.source for c in self.clients],
+            )
             self.saved.last_activity = now
             return True
         return False
@@ -166,6 +175,8 @@ class Sleeper:
     # --- sleeping -----------------------------------------------------------------------
     async def maybe_sleep(self, now: float) -> None:
         active = await self.measure_activity(now)
+        if self.state == "awake" and not self.ready:
+            return
         goal = target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
         if goal == self.state:
             return
@@ -204,9 +215,10 @@ class Sleeper:
     async def mark_awake(self) -> None:
         """The reconciler (re)started the database: it is awake whatever we thought."""
         async with self.transition:
+            self.ready = False
             if self.state != "awake":
                 self.saved.state = "awake"
-                self.saved.last_activity = time.time()
+            self.saved.last_activity = time.time()
             await self._set_redirect(False)
 
     async def wake(self, reason: str) -> None:
@@ -223,6 +235,7 @@ class Sleeper:
                     await self._until_ready()
             except NotFound:
                 pass  # recreated by the reconciler, which wakes it anyway
+            self.ready = True
             await self._set_redirect(False)
             elapsed_ms = (time.monotonic() - started) * 1000
             self.saved.state = "awake"

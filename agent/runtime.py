@@ -450,6 +450,10 @@ class Agent:
                 or db is None
             ):
                 continue
+            ready = self.book.get(aid, "Ready")
+            asleep = self.sleep_saved.get(aid, Persisted()).state != "awake"
+            if not asleep and (ready is None or ready.status != "True"):
+                continue  # not before it has answered a client once
             try:
                 pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
                 sleeper = Sleeper(
@@ -464,6 +468,7 @@ class Agent:
                     self._wake_probe,
                     self._sleep_changed,
                 )
+                sleeper.ready = not asleep
                 await sleeper.start()
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)

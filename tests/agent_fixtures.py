@@ -103,6 +103,10 @@ listen = "127.0.0.1:{self.metrics_port}"
             "--config",
             str(self.config_path),
             cwd=ROOT,
+            env={
+                **os.environ,
+                "ORKESTR_LOG_LEVEL": os.environ.get("ORKESTR_TEST_AGENT_LOG", "INFO"),
+            },
             stdout=log,
             stderr=log,
         )
@@ -156,7 +160,8 @@ sleep = { enabled = false }
 class Stack:
     """A broker, a controller database and a controller of its own, for one test module."""
 
-    def __init__(self) -> None:
+    def __init__(self, plans: str = TEST_PLANS) -> None:
+        self.plans = plans
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-stack-"))
         self.mosquitto = Mosquitto()
         self.controller: ControllerProcess | None = None
@@ -164,7 +169,7 @@ class Stack:
 
     async def start(self) -> None:
         plans = self.dir / "plans.toml"
-        plans.write_text(TEST_PLANS)
+        plans.write_text(self.plans)
         await self.mosquitto.start()
         self.dsn = await create_database("orkestr_e2e")
         self.controller = ControllerProcess(
@@ -184,8 +189,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-async def stack() -> AsyncIterator[Stack]:
-    s = Stack()
+def plans_text() -> str:
+    """Override in a test module to give its controller other plans."""
+    return TEST_PLANS
+
+
+@pytest.fixture(scope="module")
+async def stack(plans_text: str) -> AsyncIterator[Stack]:
+    s = Stack(plans_text)
     await s.start()
     try:
         yield s

@@ -1,0 +1,245 @@
+"""Idle add-ons sleep (light: paused, deep: stopped) and wake when a client connects.
+
+Real containers, a real agent and controller. Clients run in a container on the project
+network, as an app or a job would; the host's own connections are exempt from the wake
+path by design, so they would not exercise it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.agent_fixtures import (
+    TOOLBOX,
+    AgentProcess,
+    Stack,
+    addon,
+    container_state,
+    create_addon,
+    create_project,
+    docker,
+    run_job,
+    wait_for,
+    wait_phase,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+LIGHT_S, DEEP_S = 2.0, 5.0
+
+
+@pytest.fixture(scope="module")
+def plans_text() -> str:
+    return f"""
+[starter]
+max_addons = 1
+cpus = 0.5
+memory_mb = 256
+sleep = {{ enabled = true, light_after_s = {LIGHT_S}, deep_after_s = {DEEP_S} }}
+
+[pro]
+max_addons = 2
+cpus = 0.5
+memory_mb = 256
+sleep = {{ enabled = true, light_after_s = {LIGHT_S}, deep_after_s = {DEEP_S} }}
+
+[team]
+max_addons = 5
+cpus = 0.5
+memory_mb = 256
+sleep = {{ enabled = false }}
+"""
+
+
+class Client:
+    """A long-running toolbox container on a project network, with the project's env."""
+
+    def __init__(self, host: str, project_id: str, env: dict[str, str]) -> None:
+        self.name = f"orkestr-test-client-{uuid.uuid4().hex[:10]}"
+        self.env = env
+        docker(
+            "run", "-d", "--name", self.name, "--network", f"orkestr-{project_id}",
+            "--label", f"orkestr.host={host}", TOOLBOX, "sleep", "infinity",
+        )  # fmt: skip
+        self.ip = json.loads(docker("inspect", self.name))[0]["NetworkSettings"]["Networks"][
+            f"orkestr-{project_id}"
+        ]["IPAddress"]
+
+    async def sh(self, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env_args = [arg for k, v in self.env.items() for arg in ("-e", f"{k}={v}")]
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "exec", *env_args, self.name, "sh", "-c", script,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        return subprocess.CompletedProcess(script, proc.returncode or 0, out.decode(), err.decode())
+
+    def remove(self) -> None:
+        docker("rm", "-f", self.name, check=False)
+
+
+async def setup_addon(
+    stack: Stack, kind: str, plan: str = "starter"
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, plan)
+    a = await create_addon(c, project["id"], f"{kind[:2]}-{uuid.uuid4().hex[:4]}", kind)
+    await wait_phase(c, project["id"], a["id"], "ready")
+    status, env = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200
+    return project, a, env["env"]
+
+
+def db_state(addon_id: str) -> str:
+    return str(container_state(f"orkestr-{addon_id}-db").get("Status", "missing"))
+
+
+async def wait_db(addon_id: str, status: str, timeout: float = 30) -> None:
+    await wait_for(lambda: db_state(addon_id) == status, timeout, f"db {status}", interval=0.1)
+
+
+@pytest.fixture
+async def pg(
+    stack: Stack, agent: AgentProcess
+) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any], Client]]:
+    project, a, env = await setup_addon(stack, "postgres")
+    client = Client(agent.host, project["id"], env)
+    try:
+        yield project, a, client
+    finally:
+        client.remove()
+
+
+async def test_sleeps_when_idle_but_not_while_a_client_is_connected(stack: Stack, pg: Any) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    # A client holds a connection open well past both timeouts: the add-on stays awake.
+    held = asyncio.create_task(client.sh('psql "$DATABASE_URL" -c "select pg_sleep(8)"'))
+    await asyncio.sleep(DEEP_S + 1.5)
+    assert db_state(a["id"]) == "running"
+    view = await addon(c, project["id"], a["id"])
+    assert view["sleep_state"] == "awake"
+    assert any(x["source"].startswith(client.ip + ":") for x in view["clients"]), view["clients"]
+    assert (await held).returncode == 0
+
+    # Idle now. Readiness probes keep running every resync, and must not keep it awake.
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 6)
+    view = await wait_phase(c, project["id"], a["id"], "sleeping")
+    assert view["sleep_state"] == "deep"
+    assert view["sleeps"] >= 2
+    assert any(x["type"] == "Sleeping" and x["status"] == "True" for x in view["conditions"])
+
+
+async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycles(pg: Any) -> None:
+    _project, a, client = pg
+    r = await client.sh('psql "$DATABASE_URL" -qc "create table cycles(n int)"')
+    assert r.returncode == 0, r.stderr
+    for n in range(20):
+        stage = "paused" if n % 2 == 0 else "exited"
+        await wait_db(a["id"], stage, timeout=DEEP_S + 8)
+        # The client's own first command succeeds: no retry, no error.
+        r = await client.sh(
+            f'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qtAc "insert into cycles values ({n}); select count(*) from cycles"'
+        )
+        assert r.returncode == 0, (n, stage, r.stderr)
+        assert r.stdout.strip() == str(n + 1), (n, stage, r.stdout)
+        assert db_state(a["id"]) == "running"
+
+
+async def test_twenty_clients_connecting_during_one_wake_all_succeed(pg: Any) -> None:
+    _project, a, client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    script = (
+        'for i in $(seq 20); do (psql "$DATABASE_URL" -tAc "select 40 + 2" > /tmp/out.$i 2>&1; '
+        "echo $? >> /tmp/codes) & done; wait; sort /tmp/codes | uniq -c; cat /tmp/out.*"
+    )
+    r = await client.sh(script)
+    assert "20 0" in r.stdout, r.stdout
+    assert r.stdout.count("42") == 20, r.stdout
+
+
+async def test_redis_cli_wakes_redis_from_both_stages(stack: Stack, agent: AgentProcess) -> None:
+    project, a, env = await setup_addon(stack, "redis")
+    client = Client(agent.host, project["id"], env)
+    try:
+        r = await client.sh('redis-cli --no-auth-warning -u "$REDIS_URL" set k v1')
+        assert r.stdout.strip() == "OK", r
+        await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+        r = await client.sh('redis-cli --no-auth-warning -u "$REDIS_URL" get k')
+        assert r.stdout.strip() == "v1", r
+        await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+        r = await client.sh('redis-cli --no-auth-warning -u "$REDIS_URL" get k')
+        assert r.stdout.strip() == "v1", r
+    finally:
+        client.remove()
+
+
+async def test_team_addon_never_sleeps(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, _env = await setup_addon(stack, "postgres", plan="team")
+    await asyncio.sleep(DEEP_S + 3)
+    assert db_state(a["id"]) == "running"
+    view = await addon(c, project["id"], a["id"])
+    assert view["sleep_state"] == "awake" and view["sleeps"] == 0
+    assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
+
+
+async def test_waking_works_with_broker_and_controller_down(stack: Stack, pg: Any) -> None:
+    c = stack.controller
+    assert c is not None
+    _project, a, client = pg
+    await stack.mosquitto.stop()
+    await c.stop()
+    try:
+        await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+        r = await client.sh('psql "$DATABASE_URL" -tAc "select 7 * 6"')
+        assert r.returncode == 0 and r.stdout.strip() == "42", r
+    finally:
+        await stack.mosquitto.start()
+        await c.start()
+
+
+async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    other_project, _b, other_env = await setup_addon(stack, "redis")
+    outsider = Client(agent.host, other_project["id"], other_env)
+    ip = json.loads(docker("inspect", f"orkestr-{a['id']}-net"))[0]["NetworkSettings"]["Networks"][
+        f"orkestr-{project['id']}"
+    ]["IPAddress"]
+    name = a["name"]
+    probe = (
+        f"for target in {name}:5432 {ip}:5432 {ip}:15432; do "
+        'if timeout 2 bash -c "echo > /dev/tcp/${target%:*}/${target#*:}" 2>/dev/null; '
+        "then echo REACHED-$target; else echo BLOCKED-$target; fi; done"
+    )
+    try:
+        for state in ("running", "paused", "exited"):
+            await wait_db(a["id"], state, timeout=DEEP_S + 8)
+            r = await outsider.sh(probe)
+            assert "REACHED" not in r.stdout, (state, r.stdout)
+            assert r.stdout.count("BLOCKED") == 3, (state, r.stdout)
+            if state != "running":
+                # The outsider's attempts must not have woken it (it may sleep deeper).
+                assert db_state(a["id"]) != "running"
+                assert (await addon(c, project["id"], a["id"]))["wakes"] == 0
+        # From its own project the wake listener answers (and wakes it).
+        r = await client.sh('psql "$DATABASE_URL" -tAc "select 1"')
+        assert r.returncode == 0, r
+        assert db_state(a["id"]) == "running"
+    finally:
+        outsider.remove()
