@@ -278,26 +278,26 @@ def test_any_world_converges_and_only_tombstones_lose_data(
 
 # --- sleep decisions ------------------------------------------------------------------------
 
+from agent.sleep import target as sleep_target  # noqa: E402
 from schemas.messages import SleepPolicy  # noqa: E402
-from agent.sleep import target  # noqa: E402
 
 POLICY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)
 
 
 def test_sleep_stages_follow_idle_time() -> None:
-    assert target(POLICY, "awake", 9.9, False) == "awake"
-    assert target(POLICY, "awake", 10, False) == "light"
-    assert target(POLICY, "light", 59, False) == "light"
-    assert target(POLICY, "light", 60, False) == "deep"
-    assert target(POLICY, "awake", 61, False) == "deep"
+    assert sleep_target(POLICY, "awake", 9.9, False) == "awake"
+    assert sleep_target(POLICY, "awake", 10, False) == "light"
+    assert sleep_target(POLICY, "light", 59, False) == "light"
+    assert sleep_target(POLICY, "light", 60, False) == "deep"
+    assert sleep_target(POLICY, "awake", 61, False) == "deep"
 
 
 def test_open_clients_or_disabled_policy_never_sleep() -> None:
-    assert target(POLICY, "awake", 1e9, True) == "awake"
-    assert target(SleepPolicy(enabled=False), "awake", 1e9, False) == "awake"
+    assert sleep_target(POLICY, "awake", 1e9, True) == "awake"
+    assert sleep_target(SleepPolicy(enabled=False), "awake", 1e9, False) == "awake"
 
 
 @given(idle=st.floats(0, 1e6), state=st.sampled_from(["awake", "light", "deep"]))
 def test_sleep_only_deepens(idle: float, state: str) -> None:
     order = ["awake", "light", "deep"]
-    assert order.index(target(POLICY, state, idle, False)) >= order.index(state)  # type: ignore[arg-type]
+    assert order.index(sleep_target(POLICY, state, idle, False)) >= order.index(state)  # type: ignore[arg-type]

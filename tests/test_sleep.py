@@ -25,7 +25,6 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
-    run_job,
     wait_for,
     wait_phase,
 )
@@ -243,3 +242,15 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
         assert db_state(a["id"]) == "running"
     finally:
         outsider.remove()
+
+
+async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(agent: AgentProcess, pg: Any) -> None:
+    _project, a, client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    await agent.kill9()
+    await agent.start()
+    await asyncio.sleep(4)  # the new agent's first passes must not start the sleeping db
+    assert db_state(a["id"]) == "exited"
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
+    assert r.returncode == 0 and r.stdout.strip() == "42", r
+    assert db_state(a["id"]) == "running"
