@@ -25,6 +25,7 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    run_job,
     wait_for,
     wait_phase,
 )
@@ -153,6 +154,17 @@ async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycl
         assert r.returncode == 0, (n, stage, r.stderr)
         assert r.stdout.strip() == str(n + 1), (n, stage, r.stdout)
         assert db_state(a["id"]) == "running"
+
+
+async def test_a_job_wakes_the_addon_and_its_first_command_succeeds(stack: Stack, pg: Any) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, _client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    job = await run_job(c, project["id"], 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc "select 40 + 2"')
+    assert job["exit_code"] == 0 and job["output"].strip() == "42", job
+    view = await addon(c, project["id"], a["id"])
+    assert view["wakes"] >= 1 and view["last_wake_ms"], view
 
 
 async def test_twenty_clients_connecting_during_one_wake_all_succeed(pg: Any) -> None:
