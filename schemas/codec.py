@@ -41,7 +41,8 @@ def decode(data: bytes | bytearray | memoryview, kind: type[M]) -> M:
         )
     try:
         envelope = _envelope.decode(raw)
-    except msgspec.DecodeError as exc:
+    # msgspec raises RecursionError (not DecodeError) for deeply nested input.
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise MessageRejected("Malformed", f"{kind.__name__}: {exc}") from None
     if envelope.version != SCHEMA_VERSION:
         raise MessageRejected(
@@ -51,5 +52,6 @@ def decode(data: bytes | bytearray | memoryview, kind: type[M]) -> M:
         )
     try:
         return msgspec.json.decode(raw, type=kind)
-    except msgspec.DecodeError as exc:
+    # msgspec raises RecursionError (not DecodeError) for deeply nested input.
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise MessageRejected("Malformed", f"{kind.__name__}: {exc}") from None

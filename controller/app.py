@@ -1,0 +1,66 @@
+"""Wiring: open the clients, start the loops, stop gracefully.
+
+One AsyncExitStack holds the database pool and the HTTP server; the MQTT link and the
+publisher are named tasks in one TaskGroup. SIGTERM or SIGINT cancels the loops, then the
+stack closes the HTTP server and the pool. If a loop dies the whole process exits
+non-zero and its supervisor restarts it; state lives in PostgreSQL and the desired
+states are republished on the next connect, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+from controller import db, store
+from controller.api import Api, serve
+from controller.config import Config
+from controller.errors import ConfigError
+from controller.ingest import Ingest
+from controller.logs import log
+from controller.metrics import Metrics
+from controller.mqtt import MqttLink
+from controller.plans import Plans
+from controller.publisher import Publisher
+
+logger = logging.getLogger(__name__)
+
+
+async def run(config: Config, plans: Plans) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    async with AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(
+            db.open_pool(
+                config.database.url,
+                config.database.min_connections,
+                config.database.max_connections,
+            )
+        )
+        await db.migrate(pool)
+        missing = await store.plans_in_use(pool) - set(plans)
+        if missing:
+            raise ConfigError(
+                f"projects use plans the plans file does not define: {sorted(missing)}"
+            )
+        link = MqttLink(config.mqtt, metrics)
+        publisher = Publisher(pool, link, plans, metrics)
+        ingest = Ingest(pool, publisher, metrics)
+        api = Api(config, pool, plans, publisher, metrics)
+        await stack.enter_async_context(serve(api.app(), config.http.host, config.http.port))
+        log(logger, "controller_ready", plans=",".join(plans))
+        async with asyncio.TaskGroup() as tasks:
+            loops = [
+                tasks.create_task(link.run(ingest.handle, publisher.mark_all), name="mqtt"),
+                tasks.create_task(publisher.run(), name="publisher"),
+            ]
+            await stop.wait()
+            log(logger, "controller_stopping")
+            for task in loops:
+                task.cancel()
+    log(logger, "controller_stopped")

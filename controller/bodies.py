@@ -1,0 +1,69 @@
+"""Request bodies of the user API, validated by msgspec (unknown fields are errors).
+
+Checks msgspec cannot express (plan names from the plans file, variable clashes, the
+size of a job's command) live next to the structs as plain functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+from controller.env import clashes_with_default, variable_name
+from controller.errors import InvalidBody
+from controller.plans import Plan
+from schemas.messages import AddonKind, DnsName
+
+ProjectName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description="lower-case letters, digits and '-', 1-63 characters",
+    ),
+]
+ImageRef = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", min_length=1, max_length=512)
+]
+Argument = Annotated[str, Meta(max_length=4096)]
+# Pending jobs travel in the host's desired state, which must stay far below 1 MiB.
+MAX_COMMAND_BYTES = 16 * 1024
+MAX_PENDING_JOBS = 8
+
+
+class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
+    name: ProjectName
+    plan: Annotated[str, Meta(min_length=1, max_length=32)]
+
+
+class AddonCreate(Struct, frozen=True, forbid_unknown_fields=True):
+    name: DnsName
+    kind: AddonKind
+
+
+class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
+    image: ImageRef
+    command: Annotated[tuple[Argument, ...], Meta(max_length=128)] = ()
+    timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+
+
+def check_project(body: ProjectCreate, plans: Mapping[str, Plan]) -> None:
+    if body.plan not in plans:
+        raise InvalidBody(f"plan: unknown plan {body.plan!r}; expected one of {', '.join(plans)}")
+
+
+def check_addon(body: AddonCreate) -> None:
+    if clashes_with_default(body.name):
+        raise InvalidBody(
+            f"name: {body.name!r} is reserved: its variable {variable_name(body.name)} "
+            "is the default connection variable; choose another name"
+        )
+
+
+def check_job(body: JobCreate) -> None:
+    if any("\x00" in arg for arg in body.command):
+        raise InvalidBody("command: arguments must not contain NUL characters")
+    size = sum(len(arg.encode()) for arg in body.command)
+    if size > MAX_COMMAND_BYTES:
+        raise InvalidBody(f"command: {size} bytes in total; at most {MAX_COMMAND_BYTES}")

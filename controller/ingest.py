@@ -1,0 +1,168 @@
+"""Handling what agents report over MQTT: host status, presence and job results.
+
+Each message is decoded strictly (`schemas.codec.decode`); a rejected message is logged
+with its topic and reason and changes nothing. A host may only speak for itself (the
+topic's host must match the payload's) and only about projects placed on it (enforced
+in the SQL of store.py). While the database is down a message is retried with backoff,
+holding back its acknowledgement, so nothing an agent sent is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+from controller import reports
+from controller.backoff import Backoff
+from controller.db import Pool
+from controller.errors import DatabaseUnavailable
+from controller.logs import log
+from controller.metrics import Metrics
+from controller.mqtt import Incoming
+from controller.seams import DirtyHosts
+from schemas import topics
+from schemas.codec import MessageRejected, decode
+from schemas.messages import HostStatus, JobResult, Presence
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["status", "presence", "job_result"]
+# Column ranges: a value the schema accepts but PostgreSQL cannot store is refused here.
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def classify(topic: str) -> tuple[Kind, str, str | None] | None:
+    """(kind, host, job id) for one of the agents' topics, else None."""
+    host = topics.host_of(topic)
+    if host is None:
+        return None
+    if topic == topics.status(host):
+        return "status", host, None
+    if topic == topics.presence(host):
+        return "presence", host, None
+    parts = topic.split("/")
+    if len(parts) == 7 and parts[4] == "jobs" and topic == topics.job_result(host, parts[5]):
+        return "job_result", host, parts[5]
+    return None
+
+
+class Ingest:
+    def __init__(self, pool: Pool, dirty: DirtyHosts, metrics: Metrics) -> None:
+        self._pool = pool
+        self._dirty = dirty
+        self._metrics = metrics
+
+    async def handle(self, message: Incoming) -> None:
+        """Apply one message; never raises except on cancellation."""
+        found = classify(message.topic)
+        if found is None:
+            self._reject(message, "UnknownTopic", "not an agent topic", "unknown")
+            return
+        kind, host, job_id = found
+        if not message.payload:
+            # A zero-length publish clears a retained message; there is nothing to apply.
+            log(logger, "mqtt_retained_cleared", logging.DEBUG, topic=message.topic)
+            return
+        backoff = Backoff(first=0.5, cap=10.0)
+        while True:
+            try:
+                result = await self._apply(kind, host, job_id, message)
+            except MessageRejected as exc:
+                self._reject(message, exc.reason, exc.message, kind)
+                return
+            except DatabaseUnavailable as exc:
+                delay = backoff.next()
+                log(
+                    logger,
+                    "mqtt_message_retry",
+                    logging.WARNING,
+                    topic=message.topic,
+                    reason=exc,
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                continue
+            except Exception:
+                # A bug must not turn one message into a crash loop (it would be redelivered).
+                logger.exception("mqtt_message_failed topic=%s", message.topic)
+                self._metrics.mqtt_messages.labels(kind, "error").inc()
+                return
+            self._metrics.mqtt_messages.labels(kind, result).inc()
+            return
+
+    def _reject(self, message: Incoming, reason: str, text: str, kind: str) -> None:
+        self._metrics.mqtt_messages.labels(kind, "rejected").inc()
+        log(
+            logger,
+            "mqtt_message_rejected",
+            logging.WARNING,
+            topic=message.topic,
+            reason=reason,
+            message=text[:500],
+            bytes=len(message.payload),
+        )
+
+    async def _apply(self, kind: Kind, host: str, job_id: str | None, message: Incoming) -> str:
+        if kind == "status":
+            status = decode(message.payload, HostStatus)
+            _same_host(status.host, host)
+            _in_range("applied_generation", status.applied_generation, INT64)
+            _in_range("capacity.memory_mb", status.capacity.memory_mb, INT32)
+            for addon in status.addons:
+                _in_range("observed_generation", addon.observed_generation, INT64)
+            outcome = await reports.record_host_status(self._pool, status)
+            if outcome is None:
+                return "stale"
+            if outcome.purged:
+                log(logger, "addons_purged", host=host, addons=",".join(outcome.purged))
+            if outcome.purged or outcome.inserted or outcome.generation_behind:
+                # New host, fewer tombstones, or an agent ahead of our sequence (restored
+                # database): the host needs a fresh snapshot.
+                self._dirty.mark(host)
+            return "accepted"
+        if kind == "presence":
+            presence = decode(message.payload, Presence)
+            _same_host(presence.host, host)
+            if await reports.record_presence(self._pool, presence):
+                self._dirty.mark(host)  # a new host gets its (empty) desired state at once
+            log(
+                logger,
+                "host_presence",
+                host=host,
+                online=presence.online,
+                retained=message.retained,
+            )
+            return "accepted"
+        result = decode(message.payload, JobResult)
+        _same_host(result.host, host)
+        _in_range("exit_code", result.exit_code or 0, INT32)
+        if result.job_id != job_id:
+            raise MessageRejected(
+                "JobMismatch", f"topic names job {job_id}, payload {result.job_id}"
+            )
+        if await reports.record_job_result(self._pool, result):
+            log(
+                logger,
+                "job_finished",
+                host=host,
+                job=result.job_id,
+                exit_code=result.exit_code,
+                error=result.error or "",
+            )
+            self._dirty.mark(host)
+            return "accepted"
+        return "stale"  # unknown, foreign or already finished (a redelivery)
+
+
+def _in_range(field: str, value: int, bounds: tuple[int, int]) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise MessageRejected("OutOfRange", f"{field} {value} is out of range")
+
+
+def _same_host(payload_host: str, topic_host: str) -> None:
+    if payload_host != topic_host:
+        raise MessageRejected(
+            "HostMismatch", f"published on host {topic_host}'s topic but names host {payload_host}"
+        )

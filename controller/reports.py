@@ -1,0 +1,125 @@
+"""Recording what agents report: host status, presence and job results.
+
+Each function is one transaction and idempotent, because MQTT QoS 1 may deliver a message
+twice. A host only ever changes rows of projects placed on it (checked in the SQL).
+"""
+
+from __future__ import annotations
+
+from controller.db import Pool, transaction
+from controller.rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
+from schemas.messages import HostStatus, JobResult, Presence
+
+
+async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | None:
+    """Store a HostStatus; None for a report older than the one stored.
+
+    The host counts as seen at the report's `sent_at` (capped at now), not at delivery:
+    a retained report, or one queued at the broker while the controller was away, may be
+    old and must not make a dead host look online. Clocks are assumed synchronised to well
+    within `hosts.offline_after_s`.
+    """
+    async with transaction(pool) as conn:
+        host = status.host
+        inserted = await conn.fetchval(
+            """
+            INSERT INTO hosts AS h (name, online, capacity_cpus, capacity_memory_mb, last_seen,
+                                    applied_generation, status, status_sent_at)
+            VALUES ($1, true, $2, $3, least($4, now()), $5, $6::jsonb, least($4, now()))
+            ON CONFLICT (name) DO UPDATE SET
+                online = true,
+                capacity_cpus = excluded.capacity_cpus,
+                capacity_memory_mb = excluded.capacity_memory_mb,
+                last_seen = greatest(h.last_seen, excluded.last_seen),
+                applied_generation = excluded.applied_generation,
+                status = excluded.status,
+                status_sent_at = excluded.status_sent_at
+            WHERE h.status_sent_at IS NULL OR h.status_sent_at <= excluded.status_sent_at
+            RETURNING (xmax = 0) AS inserted
+            """,
+            host,
+            status.capacity.cpus,
+            status.capacity.memory_mb,
+            status.sent_at,
+            status.applied_generation,
+            json_text({"sent_at": status.sent_at, "conditions": status.conditions}),
+        )
+        if inserted is None:
+            return None  # older than what we have: out-of-order delivery
+        # Generations must keep rising for the agent even if our database was restored.
+        behind = await conn.fetchval(
+            """SELECT setval('desired_generation', $1) FROM desired_generation
+            WHERE $1 >= CASE WHEN is_called THEN last_value + 1 ELSE last_value END""",
+            status.applied_generation,
+        )
+        if status.addons:
+            await conn.execute(
+                """
+                UPDATE addons a SET status = s.status::jsonb, observed_generation = s.generation
+                FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::bigint[])
+                        AS s(id, project_id, status, generation),
+                     projects p
+                WHERE a.id = s.id AND a.project_id = s.project_id
+                  AND p.id = a.project_id AND p.host = $1
+                """,
+                host,
+                [uuid_of(a.id) for a in status.addons],
+                [uuid_of(a.project_id) for a in status.addons],
+                [json_text(a) for a in status.addons],
+                [a.observed_generation for a in status.addons],
+            )
+        purged: list[str] = []
+        if status.removed:
+            rows = await conn.fetch(
+                """DELETE FROM addons a USING projects p
+                WHERE a.id = ANY($2::uuid[]) AND a.deleted_at IS NOT NULL
+                  AND p.id = a.project_id AND p.host = $1
+                RETURNING a.id""",
+                host,
+                [uuid_of(i) for i in status.removed],
+            )
+            purged = [hex_of(r["id"]) for r in rows]
+    return StatusOutcome(inserted=inserted, generation_behind=behind is not None, purged=purged)
+
+
+async def record_presence(pool: Pool, presence: Presence) -> bool:
+    """Store the agent's online flag; True if this is the first we hear of the host.
+
+    Only a HostStatus sets last_seen: a host counts as online (and can get projects) once
+    it has reported its capacity, not merely connected.
+    """
+    async with transaction(pool) as conn:
+        inserted: bool = await conn.fetchval(
+            """
+            INSERT INTO hosts AS h (name, online) VALUES ($1, $2)
+            ON CONFLICT (name) DO UPDATE SET online = excluded.online
+            RETURNING (xmax = 0) AS inserted
+            """,
+            presence.host,
+            presence.online,
+        )
+    return inserted
+
+
+async def record_job_result(pool: Pool, result: JobResult) -> bool:
+    """Finish a pending job of a project on the reporting host; False if nothing changed."""
+    failed = result.exit_code != 0 or result.error is not None
+    async with transaction(pool) as conn:
+        updated = await conn.fetchval(
+            """UPDATE jobs j SET state = $3, exit_code = $4, output = $5, error = $6,
+                started_at = $7, finished_at = $8
+            FROM projects p
+            WHERE j.id = $1 AND j.project_id = $2 AND j.state = 'pending'
+              AND p.id = j.project_id AND p.host = $9
+            RETURNING true""",
+            uuid_of(result.job_id),
+            uuid_of(result.project_id),
+            "failed" if failed else "succeeded",
+            result.exit_code,
+            scrub(result.output),
+            scrub(result.error),
+            result.started_at,
+            result.finished_at,
+            result.host,
+        )
+    return bool(updated)

@@ -1,0 +1,112 @@
+"""Rows: what the store returns, as frozen structs with ids in wire form (32-char hex).
+
+Also the small conversions every query module shares: ids between hex and uuid, and the
+NUL scrubbing PostgreSQL needs for text that came from an agent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+from schemas.messages import AddonKind, AddonStatus
+
+JobState = Literal["pending", "succeeded", "failed"]
+
+
+class HostRow(Struct, frozen=True):
+    name: str
+    online: bool  # effective: the agent says so and was seen within offline_after_s
+    capacity_cpus: float
+    capacity_memory_mb: int
+    applied_generation: int
+    last_seen: datetime | None
+    projects: int
+
+
+class ProjectRow(Struct, frozen=True):
+    id: str
+    name: str
+    plan: str
+    host: str
+    created_at: datetime
+
+
+class AddonRow(Struct, frozen=True):
+    id: str
+    project_id: str
+    plan: str
+    host: str
+    name: str
+    kind: AddonKind
+    secret_version: int
+    created_at: datetime
+    deleted_at: datetime | None
+    status: AddonStatus | None
+    observed_generation: int | None
+
+
+class JobRow(Struct, frozen=True):
+    id: str
+    project_id: str
+    image: str
+    command: tuple[str, ...]
+    timeout_s: float
+    state: JobState
+    exit_code: int | None
+    output: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class StatusOutcome(Struct, frozen=True):
+    inserted: bool  # the first report of a new host
+    generation_behind: bool  # the host applied a generation our sequence had not reached
+    purged: list[str]
+
+
+class Secret(Struct, frozen=True):
+    password: str
+    secret_version: int
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def uuid_of(hex_id: str) -> uuid.UUID:
+    return uuid.UUID(hex=hex_id)
+
+
+def hex_of(value: uuid.UUID) -> str:
+    return value.hex
+
+
+def scrub(value: Any) -> Any:
+    """Postgres text and jsonb cannot hold NUL; agents' free text might."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    return value
+
+
+def json_text(value: Any) -> str:
+    return msgspec.json.encode(scrub(msgspec.to_builtins(value))).decode()
+
+
+def addon_status(text: str | None) -> AddonStatus | None:
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=AddonStatus)
+    except msgspec.DecodeError:
+        return None  # written by an older schema; the next report replaces it

@@ -1,0 +1,84 @@
+"""The desired state of one host, built from the database as a full snapshot.
+
+Read in one REPEATABLE READ transaction so the snapshot is consistent, with a generation
+from the `desired_generation` sequence taken in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from controller.db import Pool, transaction
+from controller.plans import Plan
+from controller.rows import hex_of
+from schemas.messages import SCHEMA_VERSION, AddonSpec, DesiredState, JobSpec, ProjectSpec
+
+
+async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> DesiredState:
+    """A consistent snapshot of everything placed on `host`, with a fresh generation."""
+    async with transaction(pool, isolation="repeatable_read") as conn:
+        projects = await conn.fetch(
+            "SELECT id, name, plan FROM projects WHERE host = $1 ORDER BY created_at, id", host
+        )
+        addons = await conn.fetch(
+            """SELECT a.id, a.project_id, a.name, a.kind, a.database, a."user",
+                a.secret_version, a.deleted_at IS NOT NULL AS deleted
+            FROM addons a JOIN projects p ON p.id = a.project_id
+            WHERE p.host = $1 ORDER BY a.created_at, a.id""",
+            host,
+        )
+        jobs = await conn.fetch(
+            """SELECT j.id, j.project_id, j.image, j.command, j.timeout_s
+            FROM jobs j JOIN projects p ON p.id = j.project_id
+            WHERE p.host = $1 AND j.state = 'pending' ORDER BY j.created_at, j.id""",
+            host,
+        )
+        generation = await conn.fetchval("SELECT nextval('desired_generation')")
+    plan_of = {r["id"]: plans[r["plan"]] for r in projects}
+    addons_of = _by_project(addons)
+    jobs_of = _by_project(jobs)
+    return DesiredState(
+        version=SCHEMA_VERSION,
+        host=host,
+        generation=generation,
+        projects=tuple(
+            ProjectSpec(
+                id=hex_of(p["id"]),
+                name=p["name"],
+                addons=tuple(_addon_spec(a, plan_of[p["id"]]) for a in addons_of.get(p["id"], ())),
+                jobs=tuple(
+                    JobSpec(
+                        id=hex_of(j["id"]),
+                        image=j["image"],
+                        command=tuple(j["command"]),
+                        timeout_s=j["timeout_s"],
+                    )
+                    for j in jobs_of.get(p["id"], ())
+                ),
+            )
+            for p in projects
+        ),
+    )
+
+
+def _by_project(rows: Iterable[Mapping[str, Any]]) -> dict[uuid.UUID, list[Mapping[str, Any]]]:
+    grouped: dict[uuid.UUID, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault(r["project_id"], []).append(r)
+    return grouped
+
+
+def _addon_spec(r: Mapping[str, Any], plan: Plan) -> AddonSpec:
+    return AddonSpec(
+        id=hex_of(r["id"]),
+        name=r["name"],
+        kind=r["kind"],
+        resources=plan.resources,
+        database=r["database"],
+        user=r["user"],
+        sleep=plan.sleep,
+        secret_version=r["secret_version"],
+        deleted=r["deleted"],
+    )

@@ -1,0 +1,374 @@
+"""SQL queries behind the HTTP API: projects, add-ons, jobs, hosts.
+
+Functions take the pool, run in `db.transaction` and return row structs (rows.py). Rules
+that must hold under concurrency live here, in SQL: the plan limit (project row locked
+`FOR UPDATE`), serialised placement, and "an agent only reads what is placed on it".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from controller.db import Connection, Pool, transaction
+from controller.env import Credentials
+from controller.errors import (
+    Conflict,
+    NoHostAvailable,
+    NotFound,
+    PlanLimitReached,
+    TooManyPendingJobs,
+)
+from controller.plans import Plan
+from controller.rows import (
+    AddonRow,
+    HostRow,
+    JobRow,
+    ProjectRow,
+    Secret,
+    addon_status,
+    hex_of,
+    new_id,
+    uuid_of,
+)
+from schemas.messages import AddonKind
+
+# Postgres role and database created inside every Postgres add-on.
+ADDON_DATABASE = "app"
+ADDON_USER = "app"
+
+
+# --- projects -------------------------------------------------------------------------
+
+_PROJECT_COLUMNS = "p.id, p.name, p.plan, p.host, p.created_at"
+
+
+def _project(r: Mapping[str, Any]) -> ProjectRow:
+    return ProjectRow(
+        id=hex_of(r["id"]),
+        name=r["name"],
+        plan=r["plan"],
+        host=r["host"],
+        created_at=r["created_at"],
+    )
+
+
+async def create_project(pool: Pool, name: str, plan: str, offline_after_s: float) -> ProjectRow:
+    """Place a new project on the online host with fewest projects, then most memory."""
+    try:
+        async with transaction(pool) as conn:
+            # Serialise placements so "fewest projects" counts the ones being placed now.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orkestr.placement'))")
+            row = await conn.fetchrow(
+                f"""
+                WITH chosen AS (
+                    SELECT h.name FROM hosts h
+                    WHERE h.online AND h.last_seen > now() - make_interval(secs => $4)
+                    ORDER BY (SELECT count(*) FROM projects q WHERE q.host = h.name),
+                             h.capacity_memory_mb DESC, h.name
+                    LIMIT 1
+                )
+                INSERT INTO projects AS p (id, name, plan, host)
+                SELECT $1, $2, $3, chosen.name FROM chosen
+                RETURNING {_PROJECT_COLUMNS}
+                """,
+                uuid_of(new_id()),
+                name,
+                plan,
+                offline_after_s,
+            )
+    except Conflict:
+        raise Conflict(f"a project named {name!r} already exists") from None
+    if row is None:
+        raise NoHostAvailable("no host is online to place the project on; try again later")
+    return _project(row)
+
+
+async def get_project(pool: Pool, project_id: str) -> ProjectRow:
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow(
+            f"SELECT {_PROJECT_COLUMNS} FROM projects p WHERE p.id = $1", uuid_of(project_id)
+        )
+    if row is None:
+        raise NotFound(f"project {project_id} does not exist")
+    return _project(row)
+
+
+async def list_projects(pool: Pool) -> list[ProjectRow]:
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            f"SELECT {_PROJECT_COLUMNS} FROM projects p ORDER BY created_at, id"
+        )
+    return [_project(r) for r in rows]
+
+
+async def plans_in_use(pool: Pool) -> set[str]:
+    async with transaction(pool) as conn:
+        return {r["plan"] for r in await conn.fetch("SELECT DISTINCT plan FROM projects")}
+
+
+# --- add-ons --------------------------------------------------------------------------
+
+_ADDON_COLUMNS = """
+    a.id, a.project_id, p.plan, p.host, a.name, a.kind, a.secret_version, a.created_at,
+    a.deleted_at, a.status::text AS status, a.observed_generation
+"""
+
+
+def _addon(r: Mapping[str, Any]) -> AddonRow:
+    return AddonRow(
+        id=hex_of(r["id"]),
+        project_id=hex_of(r["project_id"]),
+        plan=r["plan"],
+        host=r["host"],
+        name=r["name"],
+        kind=r["kind"],
+        secret_version=r["secret_version"],
+        created_at=r["created_at"],
+        deleted_at=r["deleted_at"],
+        status=addon_status(r["status"]),
+        observed_generation=r["observed_generation"],
+    )
+
+
+async def _lock_project(conn: Connection, project_id: str) -> Mapping[str, Any]:
+    row = await conn.fetchrow(
+        "SELECT id, plan, host FROM projects WHERE id = $1 FOR UPDATE", uuid_of(project_id)
+    )
+    if row is None:
+        raise NotFound(f"project {project_id} does not exist")
+    result: Mapping[str, Any] = row
+    return result
+
+
+async def create_addon(
+    pool: Pool,
+    project_id: str,
+    name: str,
+    kind: AddonKind,
+    plans: Mapping[str, Plan],
+    password: str,
+) -> AddonRow:
+    """Insert an add-on unless the project's plan limit is reached.
+
+    The project row is locked for the rest of the transaction, so concurrent creates for
+    one project count one after another. Tombstoned add-ons count until their host
+    confirms removal: their container and volume still use the host's resources.
+    """
+    try:
+        async with transaction(pool) as conn:
+            project = await _lock_project(conn, project_id)
+            plan = plans[project["plan"]]
+            used = await conn.fetchval(
+                "SELECT count(*) FROM addons WHERE project_id = $1", project["id"]
+            )
+            if used >= plan.max_addons:
+                deleting = await conn.fetchval(
+                    "SELECT count(*) FROM addons WHERE project_id = $1 AND deleted_at IS NOT NULL",
+                    project["id"],
+                )
+                note = f" ({deleting} still being deleted)" if deleting else ""
+                raise PlanLimitReached(
+                    f"plan {project['plan']!r} allows {plan.max_addons} add-on(s) per project; "
+                    f"this project has {used}{note}"
+                )
+            row = await conn.fetchrow(
+                f"""
+                WITH a AS (
+                    INSERT INTO addons (id, project_id, name, kind, database, "user", password)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    RETURNING *
+                )
+                SELECT {_ADDON_COLUMNS} FROM a JOIN projects p ON p.id = a.project_id
+                """,
+                uuid_of(new_id()),
+                project["id"],
+                name,
+                kind,
+                ADDON_DATABASE,
+                ADDON_USER,
+                password,
+            )
+    except Conflict:
+        raise Conflict(f"an add-on named {name!r} already exists in this project") from None
+    return _addon(row)
+
+
+async def list_addons(pool: Pool, project_id: str) -> list[AddonRow]:
+    async with transaction(pool) as conn:
+        if not await conn.fetchval("SELECT true FROM projects WHERE id = $1", uuid_of(project_id)):
+            raise NotFound(f"project {project_id} does not exist")
+        rows = await conn.fetch(
+            f"""SELECT {_ADDON_COLUMNS} FROM addons a JOIN projects p ON p.id = a.project_id
+            WHERE a.project_id = $1 ORDER BY a.created_at, a.id""",
+            uuid_of(project_id),
+        )
+    return [_addon(r) for r in rows]
+
+
+async def get_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow(
+            f"""SELECT {_ADDON_COLUMNS} FROM addons a JOIN projects p ON p.id = a.project_id
+            WHERE a.id = $1 AND a.project_id = $2""",
+            uuid_of(addon_id),
+            uuid_of(project_id),
+        )
+    if row is None:
+        raise NotFound(f"add-on {addon_id} does not exist in project {project_id}")
+    return _addon(row)
+
+
+async def tombstone_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
+    """Mark an add-on deleted (idempotent); the row goes when its host confirms removal."""
+    async with transaction(pool) as conn:
+        await conn.execute(
+            "UPDATE addons SET deleted_at = now() "
+            "WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL",
+            uuid_of(addon_id),
+            uuid_of(project_id),
+        )
+    return await get_addon(pool, project_id, addon_id)
+
+
+async def credentials(pool: Pool, project_id: str, host: str | None = None) -> list[Credentials]:
+    """The live add-ons' connection details; with `host`, only if placed on that host."""
+    async with transaction(pool) as conn:
+        placed = await conn.fetchval("SELECT host FROM projects WHERE id = $1", uuid_of(project_id))
+        if placed is None or (host is not None and placed != host):
+            raise NotFound(
+                f"project {project_id} does not exist" + (f" on host {host}" if host else "")
+            )
+        rows = await conn.fetch(
+            """SELECT id, name, kind, database, "user", password, created_at FROM addons
+            WHERE project_id = $1 AND deleted_at IS NULL""",
+            uuid_of(project_id),
+        )
+    return [
+        Credentials(
+            id=hex_of(r["id"]),
+            name=r["name"],
+            kind=r["kind"],
+            database=r["database"],
+            user=r["user"],
+            password=r["password"],
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]
+
+
+async def addon_secret(pool: Pool, host: str, addon_id: str) -> Secret:
+    """An add-on's password, only for the host its project is placed on.
+
+    Tombstoned add-ons still answer until purged: an agent may be mid-provision.
+    """
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow(
+            """SELECT a.password, a.secret_version FROM addons a
+            JOIN projects p ON p.id = a.project_id WHERE a.id = $1 AND p.host = $2""",
+            uuid_of(addon_id),
+            host,
+        )
+    if row is None:
+        raise NotFound(f"add-on {addon_id} is not placed on host {host}")
+    return Secret(password=row["password"], secret_version=row["secret_version"])
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+_JOB_COLUMNS = """id, project_id, image, command, timeout_s, state, exit_code, output, error,
+    created_at, started_at, finished_at"""
+
+
+def _job(r: Mapping[str, Any]) -> JobRow:
+    return JobRow(
+        id=hex_of(r["id"]),
+        project_id=hex_of(r["project_id"]),
+        image=r["image"],
+        command=tuple(r["command"]),
+        timeout_s=r["timeout_s"],
+        state=r["state"],
+        exit_code=r["exit_code"],
+        output=r["output"],
+        error=r["error"],
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+    )
+
+
+async def create_job(
+    pool: Pool,
+    project_id: str,
+    image: str,
+    command: Sequence[str],
+    timeout_s: float,
+    max_pending: int,
+) -> tuple[JobRow, str]:
+    """A pending job and the host to run it; bounded so desired states stay small."""
+    async with transaction(pool) as conn:
+        project = await _lock_project(conn, project_id)
+        pending = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE project_id = $1 AND state = 'pending'", project["id"]
+        )
+        if pending >= max_pending:
+            raise TooManyPendingJobs(
+                f"this project already has {pending} pending jobs (at most {max_pending}); "
+                "wait for one to finish"
+            )
+        row = await conn.fetchrow(
+            f"""INSERT INTO jobs (id, project_id, image, command, timeout_s)
+            VALUES ($1, $2, $3, $4, $5) RETURNING {_JOB_COLUMNS}""",
+            uuid_of(new_id()),
+            project["id"],
+            image,
+            list(command),
+            timeout_s,
+        )
+    return _job(row), project["host"]
+
+
+async def get_job(pool: Pool, project_id: str, job_id: str) -> JobRow:
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND project_id = $2",
+            uuid_of(job_id),
+            uuid_of(project_id),
+        )
+    if row is None:
+        raise NotFound(f"job {job_id} does not exist in project {project_id}")
+    return _job(row)
+
+
+# --- hosts -------------------------------------------------------------------------
+
+
+async def list_hosts(pool: Pool, offline_after_s: float) -> list[HostRow]:
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            """SELECT h.name, h.capacity_cpus, h.capacity_memory_mb, h.applied_generation,
+                h.last_seen,
+                h.online AND coalesce(h.last_seen > now() - make_interval(secs => $1), false)
+                    AS online,
+                (SELECT count(*) FROM projects p WHERE p.host = h.name) AS projects
+            FROM hosts h ORDER BY h.name""",
+            offline_after_s,
+        )
+    return [
+        HostRow(
+            name=r["name"],
+            online=r["online"],
+            capacity_cpus=r["capacity_cpus"],
+            capacity_memory_mb=r["capacity_memory_mb"],
+            applied_generation=r["applied_generation"],
+            last_seen=r["last_seen"],
+            projects=r["projects"],
+        )
+        for r in rows
+    ]
+
+
+async def host_names(pool: Pool) -> list[str]:
+    async with transaction(pool) as conn:
+        return [r["name"] for r in await conn.fetch("SELECT name FROM hosts ORDER BY name")]

@@ -1,0 +1,187 @@
+"""What the HTTP API returns: response structs built from store rows (pure).
+
+`phase` is derived for display from the agent's conditions, never stored: the source of
+truth is the conditions list and observed_generation, shown alongside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Literal
+
+from msgspec import Struct
+
+from controller.env import PORTS, variable_name
+from controller.plans import Plan
+from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
+from schemas.messages import (
+    AddonKind,
+    AddonStatus,
+    Capacity,
+    ClientConnection,
+    Condition,
+    Resources,
+    SleepState,
+)
+
+Phase = Literal["deleting", "sleeping", "ready", "failed", "provisioning"]
+FAILURE_SUFFIXES = ("Failed", "Error")
+
+
+def phase(deleted: bool, status: AddonStatus | None) -> Phase:
+    """deleting > sleeping > ready > failed > provisioning.
+
+    Sleeping is checked before Ready so it shows whether or not the agent keeps Ready
+    True while an add-on sleeps. Failed: Ready is not True and some condition is False
+    with a reason ending in Failed or Error (e.g. PullFailed, StartError).
+    """
+    if deleted:
+        return "deleting"
+    if status is None:
+        return "provisioning"
+    if status.sleep_state != "awake":
+        return "sleeping"
+    ready = next((c for c in status.conditions if c.type == "Ready"), None)
+    if ready is not None and ready.status == "True":
+        return "ready"
+    if any(c.status == "False" and c.reason.endswith(FAILURE_SUFFIXES) for c in status.conditions):
+        return "failed"
+    return "provisioning"
+
+
+class ErrorView(Struct, frozen=True):
+    error: str
+    message: str
+
+
+class ProjectView(Struct, frozen=True):
+    id: str
+    name: str
+    plan: str
+    host: str
+    created_at: datetime
+
+
+class AddonView(Struct, frozen=True):
+    id: str
+    project_id: str
+    name: str
+    kind: AddonKind
+    resources: Resources
+    created_at: datetime
+    deleted_at: datetime | None
+    hostname: str
+    port: int
+    env_var: str
+    phase: Phase
+    conditions: tuple[Condition, ...]
+    observed_generation: int | None
+    sleep_state: SleepState | None
+    last_activity: datetime | None
+    clients: tuple[ClientConnection, ...]
+    sleeps: int
+    wakes: int
+    last_wake_ms: tuple[float, ...]
+
+
+class JobView(Struct, frozen=True):
+    id: str
+    project_id: str
+    image: str
+    command: tuple[str, ...]
+    timeout_s: float
+    state: JobState
+    exit_code: int | None
+    output: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class HostView(Struct, frozen=True):
+    name: str
+    online: bool
+    capacity: Capacity
+    applied_generation: int
+    last_seen: datetime | None
+    projects: int
+
+
+class ProjectList(Struct, frozen=True):
+    projects: tuple[ProjectView, ...]
+
+
+class AddonList(Struct, frozen=True):
+    addons: tuple[AddonView, ...]
+
+
+class HostList(Struct, frozen=True):
+    hosts: tuple[HostView, ...]
+
+
+class EnvView(Struct, frozen=True):
+    env: dict[str, str]
+
+
+class SecretView(Struct, frozen=True):
+    password: str
+    secret_version: int
+
+
+def project_view(p: ProjectRow) -> ProjectView:
+    return ProjectView(id=p.id, name=p.name, plan=p.plan, host=p.host, created_at=p.created_at)
+
+
+def addon_view(a: AddonRow, plans: Mapping[str, Plan]) -> AddonView:
+    s = a.status
+    return AddonView(
+        id=a.id,
+        project_id=a.project_id,
+        name=a.name,
+        kind=a.kind,
+        resources=plans[a.plan].resources,
+        created_at=a.created_at,
+        deleted_at=a.deleted_at,
+        hostname=a.name,
+        port=PORTS[a.kind],
+        env_var=variable_name(a.name),
+        phase=phase(a.deleted_at is not None, s),
+        conditions=s.conditions if s else (),
+        observed_generation=a.observed_generation,
+        sleep_state=s.sleep_state if s else None,
+        last_activity=s.last_activity if s else None,
+        clients=s.clients if s else (),
+        sleeps=s.sleeps if s else 0,
+        wakes=s.wakes if s else 0,
+        last_wake_ms=s.last_wake_ms if s else (),
+    )
+
+
+def job_view(j: JobRow) -> JobView:
+    return JobView(
+        id=j.id,
+        project_id=j.project_id,
+        image=j.image,
+        command=j.command,
+        timeout_s=j.timeout_s,
+        state=j.state,
+        exit_code=j.exit_code,
+        output=j.output,
+        error=j.error,
+        created_at=j.created_at,
+        started_at=j.started_at,
+        finished_at=j.finished_at,
+    )
+
+
+def host_view(h: HostRow) -> HostView:
+    return HostView(
+        name=h.name,
+        online=h.online,
+        capacity=Capacity(cpus=h.capacity_cpus, memory_mb=h.capacity_memory_mb),
+        applied_generation=h.applied_generation,
+        last_seen=h.last_seen,
+        projects=h.projects,
+    )

@@ -1,0 +1,125 @@
+"""Session fixtures shared by all tests: one broker, one controller database, one
+controller process, and a guard that fails any test leaving asyncio tasks behind.
+
+Fixtures that run real host agents live in their own module, listed in `pytest_plugins`
+below; add further fixture modules there rather than growing this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+
+import pytest
+
+from tests.services import ControllerProcess, FakeAgent, Mosquitto, create_database, drop_database
+
+pytest_plugins = [
+    "tests.agent_fixtures",  # real host agents against dockerd (the agent's tests)
+]
+
+# Plans for tests: the packaged limits with sleep timeouts short enough to observe.
+TEST_PLANS = """
+[starter]
+max_addons = 1
+cpus = 0.5
+memory_mb = 256
+sleep = { enabled = true, light_after_s = 2, deep_after_s = 5 }
+
+[pro]
+max_addons = 2
+cpus = 1.0
+memory_mb = 1024
+sleep = { enabled = true, light_after_s = 3, deep_after_s = 8 }
+
+[team]
+max_addons = 5
+cpus = 2.0
+memory_mb = 2048
+sleep = { enabled = false }
+"""
+
+
+@pytest.fixture(scope="session")
+async def mosquitto() -> AsyncIterator[Mosquitto]:
+    broker = Mosquitto()
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@pytest.fixture(scope="session")
+async def controller_db() -> AsyncIterator[str]:
+    dsn = await create_database("orkestr_test")
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)
+
+
+@pytest.fixture(scope="session")
+def plans_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("plans") / "plans.toml"
+    path.write_text(TEST_PLANS)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def controller(
+    mosquitto: Mosquitto, controller_db: str, plans_file: Path
+) -> AsyncIterator[ControllerProcess]:
+    process = ControllerProcess(
+        database_url=controller_db,
+        mqtt_port=mosquitto.port,
+        plans_file=plans_file,
+        offline_after_s=5.0,
+    )
+    await process.start()
+    try:
+        yield process
+    finally:
+        await process.close()
+
+
+@pytest.fixture
+async def fake_agent(
+    mosquitto: Mosquitto, controller: ControllerProcess
+) -> AsyncIterator[FakeAgent]:
+    """A fresh online host (via the real protocol) so projects can be placed."""
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", mosquitto.port) as agent:
+        await controller.wait_host_online(agent.host)
+        yield agent
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running (a missing cancel or await)."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    deadline = asyncio.get_running_loop().time() + 2.0
+    while True:
+        leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+        if not leaked or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)  # cancelled tasks need a loop turn or two to finish
+    assert not leaked, "test leaked asyncio tasks:\n" + "\n".join(
+        f"{t.get_name()}: {t.get_coro()!r}" for t in leaked
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the controller's log tail to a failed test's report."""
+    report = yield
+    process = getattr(item, "funcargs", {}).get("controller")
+    if report.failed and isinstance(process, ControllerProcess):
+        tail = "\n".join(process.log_text().splitlines()[-80:])
+        report.sections.append(("controller log (last 80 lines)", tail))
+    return report

@@ -1,0 +1,877 @@
+"""The controller as a user and an agent see it: a real controller process, PostgreSQL
+and mosquitto; hosts are FakeAgents speaking the real MQTT protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import aiomqtt
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import topics
+from schemas.codec import MessageRejected, decode, encode
+from schemas.messages import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    AddonStatus,
+    Capacity,
+    ClientConnection,
+    DesiredState,
+    HostStatus,
+    JobResult,
+    Presence,
+)
+from tests.services import (
+    ControllerProcess,
+    DesiredWatcher,
+    FakeAgent,
+    Mosquitto,
+    condition,
+    now,
+)
+
+HYPOTHESIS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def unique(prefix: str = "p") -> str:
+    return f"{prefix}-{secrets.token_hex(5)}"
+
+
+def assert_error(status: int, body: Any, expected_status: int, code: str) -> None:
+    assert status == expected_status, body
+    assert isinstance(body, dict) and set(body) == {"error", "message"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"], body
+
+
+def assert_error_shape(status: int, body: Any) -> None:
+    assert 400 <= status < 500, (status, body)
+    assert isinstance(body, dict) and set(body) == {"error", "message"}, body
+    assert re.fullmatch(r"[a-z]+(_[a-z]+)*", body["error"]), body
+    assert isinstance(body["message"], str) and body["message"], body
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, wait_s: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def new_project(controller: ControllerProcess, plan: str = "team") -> dict[str, Any]:
+    status, body = await controller.api("POST", "/v1/projects", {"name": unique(), "plan": plan})
+    assert status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def new_addon(
+    controller: ControllerProcess, project: dict[str, Any], name: str, kind: str = "postgres"
+) -> dict[str, Any]:
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons", {"name": name, "kind": kind}
+    )
+    assert status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def online_hosts(controller: ControllerProcess) -> set[str]:
+    status, body = await controller.api("GET", "/v1/hosts")
+    assert status == 200, body
+    return {h["name"] for h in body["hosts"] if h["online"]}
+
+
+def addon_status(addon: dict[str, Any], generation: int = 1, **fields: Any) -> AddonStatus:
+    return AddonStatus(
+        id=addon["id"], project_id=addon["project_id"], observed_generation=generation, **fields
+    )
+
+
+# --- projects -------------------------------------------------------------------------
+
+
+async def test_projects_on_every_plan(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
+    for plan in ("starter", "pro", "team"):
+        name = unique()
+        status, project = await controller.api("POST", "/v1/projects", {"name": name, "plan": plan})
+        assert status == 201, project
+        assert set(project) == {"id", "name", "plan", "host", "created_at"}
+        assert re.fullmatch(r"[0-9a-f]{32}", project["id"])
+        assert (project["name"], project["plan"]) == (name, plan)
+        status, shown = await controller.api("GET", f"/v1/projects/{project['id']}")
+        assert (status, shown) == (200, project)
+        status, listed = await controller.api("GET", "/v1/projects")
+        assert status == 200 and project in listed["projects"]
+
+    status, body = await controller.api("POST", "/v1/projects", {"name": name, "plan": "team"})
+    assert_error(status, body, 409, "conflict")
+    status, body = await controller.api("POST", "/v1/projects", {"name": unique(), "plan": "gold"})
+    assert_error(status, body, 422, "invalid_body")
+    assert "plan" in body["message"] and "gold" in body["message"]
+    for path in ("/v1/projects/" + "0" * 32, "/v1/projects/not-an-id"):
+        status, body = await controller.api("GET", path)
+        assert_error(status, body, 404, "not_found")
+
+
+async def test_placement_prefers_fewest_projects_then_most_memory(
+    controller: ControllerProcess, mosquitto: Mosquitto
+) -> None:
+    small = FakeAgent(unique("small"), mosquitto.port, memory_mb=4096)
+    big = FakeAgent(unique("big"), mosquitto.port, memory_mb=65536)
+    async with small, big:
+        await eventually(
+            lambda: _only_online(controller, {small.host, big.host}), "only our hosts online"
+        )
+        first, second, third = [await new_project(controller) for _ in range(3)]
+        assert first["host"] == big.host  # tie on projects: most memory
+        assert second["host"] == small.host  # fewest projects
+        assert third["host"] == big.host
+        status, body = await controller.api("GET", "/v1/hosts")
+        hosts = {h["name"]: h for h in body["hosts"]}
+        assert hosts[big.host]["projects"] == 2 and hosts[big.host]["online"]
+        assert hosts[big.host]["capacity"] == {"cpus": 8.0, "memory_mb": 65536}
+        assert set(hosts[big.host]) == {
+            "name",
+            "online",
+            "capacity",
+            "applied_generation",
+            "last_seen",
+            "projects",
+        }
+    # Both agents said goodbye: no host is left to place a project on.
+    await eventually(lambda: _only_online(controller, set()), "hosts offline")
+    status, body = await controller.api("POST", "/v1/projects", {"name": unique(), "plan": "pro"})
+    assert_error(status, body, 503, "no_host_available")
+
+
+async def _only_online(controller: ControllerProcess, hosts: set[str]) -> bool:
+    return await online_hosts(controller) == hosts
+
+
+# --- add-ons --------------------------------------------------------------------------
+
+
+async def test_addon_lifecycle(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
+    project = await new_project(controller, "team")
+    pid = project["id"]
+    orders = await new_addon(controller, project, "orders-db", "postgres")
+    cache = await new_addon(controller, project, "cache", "redis")
+    assert orders["hostname"] == "orders-db" and orders["port"] == 5432
+    assert orders["env_var"] == "ORDERS_DB_URL" and cache["env_var"] == "CACHE_URL"
+    assert cache["port"] == 6379 and cache["kind"] == "redis"
+    assert orders["resources"] == {"cpus": 2.0, "memory_mb": 2048}
+    assert orders["phase"] == "provisioning" and orders["conditions"] == []
+    assert orders["project_id"] == pid and orders["deleted_at"] is None
+    assert "password" not in json.dumps([orders, cache])
+
+    status, listed = await controller.api("GET", f"/v1/projects/{pid}/addons")
+    assert status == 200 and [a["id"] for a in listed["addons"]] == [orders["id"], cache["id"]]
+    status, shown = await controller.api("GET", f"/v1/projects/{pid}/addons/{orders['id']}")
+    assert (status, shown) == (200, orders)
+
+    status, body = await controller.api("GET", f"/v1/projects/{pid}/env")
+    env = body["env"]
+    assert status == 200 and set(env) == {"DATABASE_URL", "ORDERS_DB_URL", "REDIS_URL", "CACHE_URL"}
+    assert env["DATABASE_URL"] == env["ORDERS_DB_URL"]
+    assert re.fullmatch(r"postgresql://app:[\w%-]+@orders-db:5432/app", env["DATABASE_URL"])
+    assert re.fullmatch(r"redis://\w*:[\w%-]+@cache:6379/0", env["REDIS_URL"])
+
+    for name, kind, code in [
+        ("orders-db", "postgres", 409),
+        ("database", "postgres", 422),
+        ("redis", "redis", 422),
+        ("Bad_Name", "redis", 422),
+        ("ok", "mysql", 422),
+    ]:
+        status, body = await controller.api(
+            "POST", f"/v1/projects/{pid}/addons", {"name": name, "kind": kind}
+        )
+        assert_error(status, body, code, "conflict" if code == 409 else "invalid_body")
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{'0' * 32}/addons", {"name": "x", "kind": "redis"}
+    )
+    assert_error(status, body, 404, "not_found")
+
+    status, deleted = await controller.api("DELETE", f"/v1/projects/{pid}/addons/{orders['id']}")
+    assert status == 202 and deleted["phase"] == "deleting" and deleted["deleted_at"]
+    status, again = await controller.api("DELETE", f"/v1/projects/{pid}/addons/{orders['id']}")
+    assert status == 202 and again["deleted_at"] == deleted["deleted_at"]
+    status, body = await controller.api("GET", f"/v1/projects/{pid}/env")
+    assert set(body["env"]) == {"REDIS_URL", "CACHE_URL"}
+    # The name is free again at once; the tombstone stays listed until the host confirms.
+    await new_addon(controller, project, "orders-db", "postgres")
+    status, listed = await controller.api("GET", f"/v1/projects/{pid}/addons")
+    assert [a["phase"] for a in listed["addons"]] == ["deleting", "provisioning", "provisioning"]
+
+    fake_agent.removed = [orders["id"], cache["id"]]  # cache is live: must not be purged
+    await fake_agent.report()
+
+    async def purged() -> bool:
+        status, _ = await controller.api("GET", f"/v1/projects/{pid}/addons/{orders['id']}")
+        return status == 404
+
+    await eventually(purged, "tombstone purged")
+    status, _ = await controller.api("GET", f"/v1/projects/{pid}/addons/{cache['id']}")
+    assert status == 200
+    for path in (f"/v1/projects/{pid}/addons/{'0' * 32}", f"/v1/projects/{pid}/addons/nope"):
+        status, body = await controller.api("DELETE", path)
+        assert_error(status, body, 404, "not_found")
+
+
+async def test_agent_reports_drive_the_addon_view(
+    controller: ControllerProcess, fake_agent: FakeAgent, mosquitto: Mosquitto
+) -> None:
+    project = await new_project(controller, "pro")
+    addon = await new_addon(controller, project, "db")
+    path = f"/v1/projects/{project['id']}/addons/{addon['id']}"
+    async with FakeAgent(project["host"], mosquitto.port) as agent:
+        await _drive_the_view(controller, mosquitto, addon, path, agent)
+
+
+async def _drive_the_view(
+    controller: ControllerProcess,
+    mosquitto: Mosquitto,
+    addon: dict[str, Any],
+    path: str,
+    agent: FakeAgent,
+) -> None:
+
+    async def shown(expected: str) -> dict[str, Any] | None:
+        status, body = await controller.api("GET", path)
+        assert status == 200
+        return body if body["phase"] == expected else None
+
+    agent.addons = [
+        addon_status(
+            addon,
+            7,
+            conditions=(condition("True", "Running"),),
+            last_activity=now(),
+            clients=(ClientConnection(source="10.0.0.5:4242"),),
+            sleeps=2,
+            wakes=2,
+            last_wake_ms=(120.5, 98.0),
+        )
+    ]
+    await agent.report()
+    view = await eventually(lambda: shown("ready"), "phase ready")
+    assert view["observed_generation"] == 7 and view["sleep_state"] == "awake"
+    assert view["conditions"][0]["type"] == "Ready" and view["conditions"][0]["status"] == "True"
+    assert view["clients"] == [{"source": "10.0.0.5:4242", "via": "direct"}]
+    assert (view["sleeps"], view["wakes"], view["last_wake_ms"]) == (2, 2, [120.5, 98.0])
+
+    agent.addons = [addon_status(addon, 8, conditions=(condition("True"),), sleep_state="light")]
+    await agent.report()
+    await eventually(lambda: shown("sleeping"), "phase sleeping")
+    agent.addons = [addon_status(addon, 9, conditions=(condition("False", "PullFailed"),))]
+    await agent.report()
+    await eventually(lambda: shown("failed"), "phase failed")
+
+    # Another host cannot speak for this add-on.
+    async with FakeAgent(unique("intruder"), mosquitto.port) as intruder:
+        intruder.addons = [addon_status(addon, 99, conditions=(condition("True"),))]
+        intruder.removed = [addon["id"]]
+        await intruder.report()
+        await eventually(lambda: _host_listed(controller, intruder.host), "intruder report stored")
+    _, body = await controller.api("GET", path)
+    assert body["phase"] == "failed" and body["observed_generation"] == 9
+
+
+async def _host_listed(controller: ControllerProcess, host: str) -> Any:
+    status, body = await controller.api("GET", "/v1/hosts")
+    return (status, body) if any(h["name"] == host for h in body["hosts"]) else None
+
+
+async def test_starter_tombstone_counts_until_the_host_removes_it(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "starter")
+    first = await new_addon(controller, project, "db")
+    url = f"/v1/projects/{project['id']}/addons"
+    status, body = await controller.api("POST", url, {"name": "other", "kind": "redis"})
+    assert_error(status, body, 409, "plan_limit_reached")
+    status, _ = await controller.api("DELETE", f"{url}/{first['id']}")
+    assert status == 202
+    status, body = await controller.api("POST", url, {"name": "other", "kind": "redis"})
+    assert_error(status, body, 409, "plan_limit_reached")
+    assert "being deleted" in body["message"]
+
+    agent = FakeAgent(project["host"], fake_agent.broker_port)
+    agent.removed = [first["id"]]
+    async with agent:
+        await agent.report()
+
+        async def created() -> bool:
+            status, _ = await controller.api("POST", url, {"name": "other", "kind": "redis"})
+            return status == 201
+
+        await eventually(created, "a new add-on once the tombstone is purged")
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+async def test_jobs(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
+    project = await new_project(controller, "team")
+    pid = project["id"]
+    status, job = await controller.api(
+        "POST",
+        f"/v1/projects/{pid}/jobs",
+        {"image": "debian:12", "command": ["sh", "-c", "echo hi"], "timeout_s": 30},
+    )
+    assert status == 201, job
+    assert job["state"] == "pending" and job["command"] == ["sh", "-c", "echo hi"]
+    assert job["timeout_s"] == 30 and job["exit_code"] is None and job["finished_at"] is None
+    status, shown = await controller.api("GET", f"/v1/projects/{pid}/jobs/{job['id']}")
+    assert (status, shown) == (200, job)
+    status, failing = await controller.api(
+        "POST", f"/v1/projects/{pid}/jobs", {"image": "debian:12", "command": ["false"]}
+    )
+    assert status == 201 and failing["timeout_s"] == 600
+
+    agent = FakeAgent(project["host"], fake_agent.broker_port)
+    async with agent:
+        await agent.job_result(job["id"], pid, 0, "hi\n")
+        await agent.job_result(failing["id"], pid, 1, "bad\x00byte", error=None)
+
+        async def state(job_id: str, expected: str) -> dict[str, Any] | None:
+            _, body = await controller.api("GET", f"/v1/projects/{pid}/jobs/{job_id}")
+            return body if body["state"] == expected else None
+
+        done = await eventually(lambda: state(job["id"], "succeeded"), "job succeeded")
+        assert done["exit_code"] == 0 and done["output"] == "hi\n" and done["finished_at"]
+        failed = await eventually(lambda: state(failing["id"], "failed"), "job failed")
+        assert failed["exit_code"] == 1 and failed["output"] == "bad\ufffdbyte"
+        # A late duplicate (QoS 1 redelivery) changes nothing.
+        await agent.job_result(job["id"], pid, 5, "again")
+        await asyncio.sleep(0.3)
+        assert (await state(job["id"], "succeeded")) == done
+
+    status, body = await controller.api("GET", f"/v1/projects/{pid}/jobs/{'0' * 32}")
+    assert_error(status, body, 404, "not_found")
+    for bad in (
+        {"image": "", "command": []},
+        {"image": "debian:12", "command": "ls"},
+        {"image": "debian:12", "command": ["a\x00b"]},
+        {"image": "debian:12", "command": ["x" * 4000] * 5},
+        {"image": "debian:12", "timeout_s": 0},
+        {"image": "debian:12", "timeout_s": 86401},
+        {"image": "bad image"},
+    ):
+        status, body = await controller.api("POST", f"/v1/projects/{pid}/jobs", bad)
+        assert_error(status, body, 422, "invalid_body")
+
+
+async def test_pending_jobs_are_bounded(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "pro")
+    url = f"/v1/projects/{project['id']}/jobs"
+    statuses = [
+        (await controller.api("POST", url, {"image": "debian:12", "command": ["true"]}))[0]
+        for _ in range(9)
+    ]
+    assert statuses == [201] * 8 + [409]
+    status, body = await controller.api("POST", url, {"image": "debian:12"})
+    assert_error(status, body, 409, "too_many_pending_jobs")
+
+
+# --- auth -----------------------------------------------------------------------------
+
+P, A, J = "f" * 32, "e" * 32, "d" * 32
+USER_ROUTES = [
+    ("POST", "/v1/projects"),
+    ("GET", "/v1/projects"),
+    ("GET", f"/v1/projects/{P}"),
+    ("POST", f"/v1/projects/{P}/addons"),
+    ("GET", f"/v1/projects/{P}/addons"),
+    ("GET", f"/v1/projects/{P}/addons/{A}"),
+    ("DELETE", f"/v1/projects/{P}/addons/{A}"),
+    ("GET", f"/v1/projects/{P}/env"),
+    ("POST", f"/v1/projects/{P}/jobs"),
+    ("GET", f"/v1/projects/{P}/jobs/{J}"),
+    ("GET", "/v1/hosts"),
+    ("GET", "/metrics"),
+]
+AGENT_ROUTES = [
+    ("GET", f"/v1/agent/hosts/h1/addons/{A}/secret"),
+    ("GET", f"/v1/agent/hosts/h1/projects/{P}/env"),
+]
+
+
+async def test_every_route_needs_its_own_token(controller: ControllerProcess) -> None:
+    body = {"name": "x", "plan": "team"}
+    for routes, other in (
+        (USER_ROUTES, controller.agent_token),
+        (AGENT_ROUTES, controller.api_token),
+    ):
+        for method, path in routes:
+            for token in ("", "wrong-token-0123456789", other, controller.api_token + "x"):
+                status, answer = await controller.api(method, path, body, token=token)
+                assert_error(status, answer, 401, "unauthorized")
+            status, answer = await controller.api(
+                method, path, body, token="", headers={"Authorization": f"Basic {other}"}
+            )
+            assert_error(status, answer, 401, "unauthorized")
+    # The right token gets past authentication (to a 404 for the made-up ids).
+    status, answer = await controller.api("GET", AGENT_ROUTES[0][1], token=controller.agent_token)
+    assert_error(status, answer, 404, "not_found")
+    status, answer = await controller.api("GET", "/metrics")
+    assert status == 200 and "orkestr_controller_http_requests_total" in answer
+
+
+async def test_agent_routes(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
+    project = await new_project(controller, "pro")
+    addon = await new_addon(controller, project, "main-db")
+    host, pid = project["host"], project["id"]
+    token = controller.agent_token
+    status, secret = await controller.api(
+        "GET", f"/v1/agent/hosts/{host}/addons/{addon['id']}/secret", token=token
+    )
+    assert status == 200 and set(secret) == {"password", "secret_version"}
+    assert secret["secret_version"] == 1 and len(secret["password"]) >= 32
+    status, user_env = await controller.api("GET", f"/v1/projects/{pid}/env")
+    assert f":{secret['password']}@main-db:" in user_env["env"]["MAIN_DB_URL"]
+    status, agent_env = await controller.api(
+        "GET", f"/v1/agent/hosts/{host}/projects/{pid}/env", token=token
+    )
+    assert (status, agent_env) == (200, user_env)
+    for path in (
+        f"/v1/agent/hosts/elsewhere/addons/{addon['id']}/secret",
+        f"/v1/agent/hosts/elsewhere/projects/{pid}/env",
+        f"/v1/agent/hosts/{host}/addons/{'0' * 32}/secret",
+        f"/v1/agent/hosts/{host}/projects/{'0' * 32}/env",
+        f"/v1/agent/hosts/Bad_Host/projects/{pid}/env",
+    ):
+        status, body = await controller.api("GET", path, token=token)
+        assert_error(status, body, 404, "not_found")
+    assert secret["password"] not in controller.log_text()
+
+
+async def test_unknown_routes_and_methods(controller: ControllerProcess) -> None:
+    status, body = await controller.api("GET", "/v1/nothing")
+    assert_error(status, body, 404, "not_found")
+    status, body = await controller.api("PUT", "/v1/projects")
+    assert_error(status, body, 405, "method_not_allowed")
+
+
+# --- the plan limit under concurrency -------------------------------------------------
+
+
+@pytest.mark.parametrize(("plan", "limit"), [("starter", 1), ("pro", 2)])
+async def test_plan_limit_holds_under_concurrent_creates(
+    controller: ControllerProcess, fake_agent: FakeAgent, plan: str, limit: int
+) -> None:
+    project = await new_project(controller, plan)
+    url = f"/v1/projects/{project['id']}/addons"
+    results = await asyncio.gather(
+        *(
+            controller.api("POST", url, {"name": f"db-{i}", "kind": ("postgres", "redis")[i % 2]})
+            for i in range(20)
+        )
+    )
+    created = [body for status, body in results if status == 201]
+    refused = [(status, body) for status, body in results if status != 201]
+    assert len(created) == limit
+    for status, body in refused:
+        assert_error(status, body, 409, "plan_limit_reached")
+    status, listed = await controller.api("GET", url)
+    assert sorted(a["id"] for a in listed["addons"]) == sorted(a["id"] for a in created)
+
+
+async def test_concurrent_creates_with_one_name_make_one_addon(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    url = f"/v1/projects/{project['id']}/addons"
+    results = await asyncio.gather(
+        *(controller.api("POST", url, {"name": "same", "kind": "redis"}) for _ in range(20))
+    )
+    assert sorted(status for status, _ in results) == [201] + [409] * 19
+    for status, body in results:
+        if status == 409:
+            assert_error(status, body, 409, "conflict")
+
+
+# --- bad request bodies (Hypothesis) --------------------------------------------------
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+not_strings = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.lists(st.text(), max_size=2)
+)
+
+
+not_string_lists = (
+    st.none() | st.booleans() | st.integers() | st.text() | st.lists(st.integers(), min_size=1)
+)
+
+
+def bad_bodies(valid: dict[str, Any], required: set[str]) -> st.SearchStrategy[Any]:
+    """Bodies that must be refused: any JSON, wrong types, unknown or missing fields."""
+    keys = sorted(valid)
+    wrong_type = st.sampled_from(keys).flatmap(
+        lambda key: (not_string_lists if isinstance(valid[key], list) else not_strings).map(
+            lambda value: {**valid, key: value}
+        )
+    )
+    unknown_field = st.builds(
+        lambda key, value: {**valid, key: value},
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in valid),
+        json_values,
+    )
+    missing = st.builds(
+        lambda drop: {k: v for k, v in valid.items() if k != drop},
+        st.sampled_from(sorted(required)),
+    )
+    any_json = json_values.filter(lambda v: not isinstance(v, dict) or not required <= set(v))
+    return st.one_of(any_json, wrong_type, unknown_field, missing)
+
+
+@pytest.fixture(scope="module")
+async def hypothesis_project(
+    controller: ControllerProcess, mosquitto: Mosquitto
+) -> AsyncIterator[dict[str, Any]]:
+    async with FakeAgent(unique("hyp"), mosquitto.port) as agent:
+        await controller.wait_host_online(agent.host)
+        project = await new_project(controller, "starter")
+    # The host may go: these tests only need the project row.
+    yield project
+
+
+async def _counts(controller: ControllerProcess, project: dict[str, Any]) -> tuple[int, int]:
+    _, projects = await controller.api("GET", "/v1/projects")
+    _, addons = await controller.api("GET", f"/v1/projects/{project['id']}/addons")
+    return len(projects["projects"]), len(addons["addons"])
+
+
+@HYPOTHESIS
+@given(data=st.data())
+async def test_bad_bodies_are_refused_with_the_error_shape(
+    controller: ControllerProcess, hypothesis_project: dict[str, Any], data: st.DataObject
+) -> None:
+    pid = hypothesis_project["id"]
+    cases: list[tuple[str, dict[str, Any], set[str]]] = [
+        ("/v1/projects", {"name": "hyp-valid", "plan": "team"}, {"name", "plan"}),
+        (
+            f"/v1/projects/{pid}/addons",
+            {"name": "valid", "kind": "redis"},
+            {"name", "kind"},
+        ),
+        (
+            f"/v1/projects/{pid}/jobs",
+            {"image": "debian:12", "command": ["true"]},
+            {"image"},
+        ),
+    ]
+    route, valid, required = data.draw(st.sampled_from(cases))
+    body = data.draw(bad_bodies(valid, required))
+    before = await _counts(controller, hypothesis_project)
+    status, answer = await controller.api("POST", route, body)
+    assert_error_shape(status, answer)
+    assert answer["error"] in {"invalid_json", "invalid_body"}, answer
+    assert await _counts(controller, hypothesis_project) == before
+
+
+@HYPOTHESIS
+@given(raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+async def test_non_json_bodies_are_refused(
+    controller: ControllerProcess, hypothesis_project: dict[str, Any], raw: bytes
+) -> None:
+    pid = hypothesis_project["id"]
+    for route in ("/v1/projects", f"/v1/projects/{pid}/addons", f"/v1/projects/{pid}/jobs"):
+        status, answer = await controller.api(
+            "POST", route, data=raw, headers={"Content-Type": "application/json"}
+        )
+        assert_error_shape(status, answer)
+        assert answer["error"] in {"invalid_json", "invalid_body"}
+
+
+async def test_huge_and_deep_bodies(
+    controller: ControllerProcess, hypothesis_project: dict[str, Any]
+) -> None:
+    before = await _counts(controller, hypothesis_project)
+    huge = json.dumps({"name": "x" * (1024 * 1024), "plan": "team"}).encode()
+    status, answer = await controller.api("POST", "/v1/projects", data=huge)
+    assert_error(status, answer, 413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * (64 * 1024)  # no Content-Length: the limit applies while reading
+
+    status, answer = await controller.api("POST", "/v1/projects", data=chunks())  # type: ignore[arg-type]
+    assert_error(status, answer, 413, "payload_too_large")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, answer = await controller.api("POST", "/v1/projects", data=deep)
+    assert_error_shape(status, answer)
+    long_name = {"name": "a" * 200, "kind": "redis"}
+    status, answer = await controller.api(
+        "POST", f"/v1/projects/{hypothesis_project['id']}/addons", long_name
+    )
+    assert_error(status, answer, 422, "invalid_body")
+    assert "name" in answer["message"]
+    assert await _counts(controller, hypothesis_project) == before
+
+
+# --- publishing the desired state -----------------------------------------------------
+
+
+def project_in(state: DesiredState, pid: str) -> Any:
+    return next((p for p in state.projects if p.id == pid), None)
+
+
+def addons_in(state: DesiredState, pid: str) -> tuple[Any, ...]:
+    project = project_in(state, pid)
+    return project.addons if project is not None else ()
+
+
+def jobs_in(state: DesiredState, pid: str) -> tuple[Any, ...]:
+    project = project_in(state, pid)
+    return project.jobs if project is not None else ()
+
+
+async def test_desired_state_follows_every_change(
+    controller: ControllerProcess, mosquitto: Mosquitto, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "pro")
+    pid, host = project["id"], project["host"]
+    async with DesiredWatcher(host, mosquitto.port) as watcher:
+        first = await watcher.wait_for(lambda s: project_in(s, pid) is not None)
+        assert first.version == SCHEMA_VERSION and first.host == host
+        assert project_in(first, pid).name == project["name"]
+
+        mark = watcher.mark()
+        addon = await new_addon(controller, project, "db")
+        added = await watcher.wait_for(lambda s: bool(addons_in(s, pid)), since=mark)
+        assert added.generation > first.generation
+        spec = addons_in(added, pid)[0]
+        assert (spec.id, spec.name, spec.kind) == (addon["id"], "db", "postgres")
+        assert (spec.database, spec.user, spec.secret_version, spec.deleted) == (
+            "app",
+            "app",
+            1,
+            False,
+        )
+        assert (spec.resources.cpus, spec.resources.memory_mb) == (1.0, 1024)
+        assert spec.sleep.enabled and spec.sleep.light_after_s == 3
+
+        mark = watcher.mark()
+        await controller.api("DELETE", f"/v1/projects/{pid}/addons/{addon['id']}")
+        tomb = await watcher.wait_for(
+            lambda s: any(a.deleted for a in addons_in(s, pid)), since=mark
+        )
+        assert tomb.generation > added.generation
+
+        mark = watcher.mark()
+        _, job = await controller.api(
+            "POST", f"/v1/projects/{pid}/jobs", {"image": "debian:12", "command": ["true"]}
+        )
+        with_job = await watcher.wait_for(lambda s: bool(jobs_in(s, pid)), since=mark)
+        assert with_job.generation > tomb.generation
+        assert project_in(with_job, pid).jobs[0].id == job["id"]
+
+        agent = FakeAgent(host, mosquitto.port)
+        agent.removed = [addon["id"]]
+        async with agent:
+            mark = watcher.mark()
+            await agent.job_result(job["id"], pid, 0, "done")
+            await agent.report()
+            final = await watcher.wait_for(
+                lambda s: (
+                    project_in(s, pid) is not None and not jobs_in(s, pid) and not addons_in(s, pid)
+                ),
+                since=mark,
+            )
+        assert final.generation > with_job.generation
+
+
+async def test_desired_state_is_republished_after_a_controller_restart(
+    controller: ControllerProcess, mosquitto: Mosquitto, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    await new_addon(controller, project, "kept")
+    async with DesiredWatcher(project["host"], mosquitto.port) as watcher:
+        before = await watcher.wait_for(lambda s: bool(addons_in(s, project["id"])))
+        mark = watcher.mark()
+        assert await controller.stop() == 0  # SIGTERM: graceful, exit code 0
+        # An hour-old report arrives while the controller is away (queued for its session
+        # and retained): it must not make that host look online.
+        dead = unique("dead")
+        old = HostStatus(
+            version=SCHEMA_VERSION,
+            host=dead,
+            sent_at=now() - timedelta(hours=1),
+            applied_generation=0,
+            capacity=Capacity(cpus=64, memory_mb=999_999),
+        )
+        await fake_agent.publish(topics.status(dead), encode(old), retain=True)
+        await controller.start()
+        after = await watcher.wait_for(lambda s: s.generation > before.generation, since=mark)
+        assert addons_in(after, project["id"]) == addons_in(before, project["id"])
+    await eventually(lambda: _host_listed(controller, dead), "the dead host's report is processed")
+    assert dead not in await online_hosts(controller)
+    await fake_agent.publish(topics.status(dead), b"", retain=True)  # clear the retained report
+
+
+async def test_broker_outage_keeps_the_api_working_and_heals(
+    controller: ControllerProcess, mosquitto: Mosquitto, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    pid = project["id"]
+    async with DesiredWatcher(project["host"], mosquitto.port) as watcher:
+        before = await watcher.wait_for(lambda s: project_in(s, pid) is not None)
+        await mosquitto.stop()
+        try:
+            addon = await new_addon(controller, project, "made-offline")
+            status, _ = await controller.api("GET", f"/v1/projects/{pid}/addons/{addon['id']}")
+            assert status == 200
+        finally:
+            await mosquitto.start()
+        healed = await watcher.wait_for(
+            lambda s: any(a.id == addon["id"] for a in addons_in(s, pid)), wait_s=20
+        )
+        assert healed.generation > before.generation
+    # The controller is connected again and reports from agents flow in.
+    fake_agent.capacity = Capacity(cpus=3.0, memory_mb=3333)
+    await fake_agent.report()
+
+    async def capacity_seen() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        return any(h["capacity"]["memory_mb"] == 3333 for h in body["hosts"])
+
+    await eventually(capacity_seen, "a report after the outage", wait_s=15)
+
+
+# --- bad MQTT messages ----------------------------------------------------------------
+
+
+def bad_payloads(host: str) -> st.SearchStrategy[bytes]:
+    valid_status = HostStatus(
+        version=SCHEMA_VERSION,
+        host=host,
+        sent_at=now(),
+        applied_generation=1,
+        capacity=Capacity(cpus=1, memory_mb=1),
+    )
+    as_dict = json.loads(encode(valid_status))
+    mutated = st.builds(
+        lambda key, value: json.dumps({**as_dict, key: value}).encode(),
+        st.sampled_from([*as_dict, "extra"]),
+        json_values,
+    )
+    return st.one_of(
+        st.binary(min_size=1, max_size=500),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        mutated,
+        st.integers(2, 99).map(lambda v: json.dumps({**as_dict, "version": v}).encode()),
+    ).filter(lambda payload: not _decodes(payload))
+
+
+def _decodes(payload: bytes) -> bool:
+    """A mutation may still be a valid message (say, an empty list for a default)."""
+    for kind in (HostStatus, Presence, JobResult):
+        try:
+            decode(payload, kind)
+        except MessageRejected:
+            continue
+        return True
+    return False
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+async def test_bad_mqtt_messages_are_logged_and_ignored(
+    controller: ControllerProcess, fake_agent: FakeAgent, data: st.DataObject
+) -> None:
+    ghost = "ghost-" + secrets.token_hex(3)
+    payloads = data.draw(st.lists(bad_payloads(ghost), min_size=5, max_size=15))
+    for i, payload in enumerate(payloads):
+        topic = [
+            topics.status(ghost),
+            topics.presence(ghost),
+            topics.job_result(ghost, "a" * 32),
+        ][i % 3]
+        await fake_agent.publish(topic, payload)
+    # Wrong host in the payload, an oversized message, and a valid message for the ghost
+    # on the agent's topic: all refused.
+    await fake_agent.publish(
+        topics.presence(fake_agent.host),
+        encode(Presence(version=SCHEMA_VERSION, host=ghost, online=True, at=now())),
+    )
+    await fake_agent.publish(topics.status(ghost), b" " * (MAX_MESSAGE_BYTES + 1))
+    huge_generation = msgspec.structs.replace(fake_agent.status(), applied_generation=2**64 - 1)
+    await fake_agent.publish(topics.status(fake_agent.host), encode(huge_generation))
+    deep = b'{"version": 1, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    await fake_agent.publish(topics.status(ghost), deep)
+    # A sentinel: once it is applied, everything published before it was handled.
+    memory = data.draw(st.integers(10_000, 20_000))
+    fake_agent.capacity = Capacity(cpus=1.0, memory_mb=memory)
+    await fake_agent.report()
+
+    async def sentinel_seen() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        return any(h["capacity"]["memory_mb"] == memory for h in body["hosts"])
+
+    await eventually(sentinel_seen, "the sentinel status")
+    status, body = await controller.api("GET", "/v1/hosts")
+    assert status == 200 and ghost not in {h["name"] for h in body["hosts"]}
+    assert controller.running
+    log = controller.log_text()
+    assert "mqtt_message_rejected topic=orkestr/v1/hosts/" + ghost in log
+    for reason in ("HostMismatch", "TooLarge", "Malformed", "OutOfRange"):
+        assert f"reason={reason}" in log
+    _, metrics = await controller.api("GET", "/metrics")
+    assert 'orkestr_controller_mqtt_messages_total{kind="status",result="rejected"}' in metrics
+
+
+# --- the test services themselves -----------------------------------------------------
+
+
+async def test_mosquitto_keeps_retained_messages_and_sessions_across_restarts() -> None:
+    async with Mosquitto() as broker:
+        port = broker.port
+        async with aiomqtt.Client("127.0.0.1", port, identifier="keeper", clean_session=False) as c:
+            await c.subscribe("t/queued", qos=1)
+        async with aiomqtt.Client("127.0.0.1", port) as c:
+            await c.publish("t/retained", b"kept", qos=1, retain=True)
+            await c.publish("t/queued", b"waiting", qos=1)
+        await broker.stop()
+        await broker.start()
+        assert broker.port == port
+        got: dict[str, bytes] = {}
+        async with aiomqtt.Client("127.0.0.1", port, identifier="keeper", clean_session=False) as c:
+            await c.subscribe("t/retained", qos=1)
+            async with asyncio.timeout(5):
+                async for message in c.messages:
+                    assert isinstance(message.payload, bytes)
+                    got[message.topic.value] = message.payload
+                    if len(got) == 2:
+                        break
+        assert got == {"t/retained": b"kept", "t/queued": b"waiting"}

@@ -1,0 +1,88 @@
+"""The migrations runner against a real PostgreSQL: ordered, recorded, race-free."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from controller import db
+from controller.errors import DatabaseUnavailable
+from tests.services import create_database, drop_database
+
+
+@pytest.fixture
+async def empty_db() -> AsyncIterator[str]:
+    dsn = await create_database("orkestr_test_mig")
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)
+
+
+async def test_two_controllers_migrating_at_once_apply_each_migration_once(empty_db: str) -> None:
+    async with (
+        db.open_pool(empty_db, 1, 2) as first,
+        db.open_pool(empty_db, 1, 2) as second,
+    ):
+        applied = await asyncio.gather(db.migrate(first), db.migrate(second))
+        versions = [m.version for m in db.discover()]
+        # One runner applied everything, the other found nothing left to do.
+        assert sorted(applied, key=len) == [[], versions]
+        assert await db.migrate(first) == []
+        async with first.acquire() as conn:
+            rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+            tables = {
+                r["tablename"]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            }
+    assert [r["version"] for r in rows] == versions
+    assert {"hosts", "projects", "addons", "jobs", "schema_migrations"} <= tables
+
+
+async def test_a_newer_schema_is_refused(empty_db: str) -> None:
+    async with db.open_pool(empty_db, 1, 2) as pool:
+        await db.migrate(pool)
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (999, 'future')"
+            )
+        with pytest.raises(RuntimeError, match="999"):
+            await db.migrate(pool)
+
+
+async def test_migrations_are_numbered_and_ordered() -> None:
+    versions = [m.version for m in db.discover()]
+    assert versions == sorted(versions) and versions[0] == 1
+    assert len(set(versions)) == len(versions)
+
+
+async def test_unreachable_database_is_a_transient_error() -> None:
+    with pytest.raises(DatabaseUnavailable):
+        async with db.open_pool("postgresql://nobody:x@127.0.0.1:1/none", 1, 1):
+            pass
+
+
+async def test_live_addon_names_are_unique_per_project(empty_db: str) -> None:
+    async with db.open_pool(empty_db, 1, 2) as pool:
+        await db.migrate(pool)
+        async with pool.acquire() as conn:
+            await conn.execute("INSERT INTO hosts (name) VALUES ('h')")
+            pid = await conn.fetchval(
+                "INSERT INTO projects (id, name, plan, host) "
+                "VALUES (gen_random_uuid(), 'p', 'team', 'h') RETURNING id"
+            )
+            insert = (
+                'INSERT INTO addons (id, project_id, name, kind, database, "user", password, '
+                "deleted_at) VALUES (gen_random_uuid(), $1, 'db', 'redis', 'app', 'app', 'x', $2)"
+            )
+            await conn.execute(insert, pid, None)
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.execute(insert, pid, None)
+            # A tombstone does not hold the name.
+            await conn.execute("UPDATE addons SET deleted_at = now()")
+            await conn.execute(insert, pid, None)

@@ -1,0 +1,330 @@
+"""Pure parts of the controller: env composition, plans and config validation, phase
+derivation, topic classification, backoff. No services needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.api import Api
+from controller.backoff import Backoff
+from controller.config import load_config, parse_config
+from controller.env import Credentials, clashes_with_default, compose_env, variable_name
+from controller.errors import ConfigError
+from controller.ingest import classify
+from controller.metrics import Metrics
+from controller.plans import load_plans
+from controller.views import phase
+from schemas import topics
+from schemas.messages import AddonStatus, Condition, ConditionStatus, SleepState
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+ID = "a" * 32
+
+# --- env ------------------------------------------------------------------------------
+
+dns_names = st.from_regex(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$", fullmatch=True)
+
+
+def creds(
+    name: str, kind: str = "postgres", at: int = 0, password: str = "pw", i: int = 0
+) -> Credentials:
+    return Credentials(
+        id=f"{i:032x}",
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        database="app",
+        user="app",
+        password=password,
+        created_at=T0 + timedelta(seconds=at),
+    )
+
+
+def test_env_for_one_postgres_and_one_redis() -> None:
+    env = compose_env([creds("orders-db", "postgres", 0, "p1"), creds("cache", "redis", 1, "r1")])
+    assert env == {
+        "DATABASE_URL": "postgresql://app:p1@orders-db:5432/app",
+        "ORDERS_DB_URL": "postgresql://app:p1@orders-db:5432/app",
+        "REDIS_URL": "redis://default:r1@cache:6379/0",
+        "CACHE_URL": "redis://default:r1@cache:6379/0",
+    }
+
+
+def test_env_defaults_come_from_the_oldest_addon_of_each_kind() -> None:
+    env = compose_env(
+        [creds("second", "postgres", 5, "b", 2), creds("first", "postgres", 1, "a", 1)]
+    )
+    assert env["DATABASE_URL"] == env["FIRST_URL"]
+    assert "REDIS_URL" not in env
+
+
+def test_env_is_empty_without_addons() -> None:
+    assert compose_env([]) == {}
+
+
+def test_env_percent_encodes_passwords() -> None:
+    env = compose_env([creds("db", password="a/b@c:d%"), creds("kv", "redis", 1, "x y#", 1)])
+    assert env["DB_URL"] == "postgresql://app:a%2Fb%40c%3Ad%25@db:5432/app"
+    assert env["KV_URL"] == "redis://default:x%20y%23@kv:6379/0"
+
+
+def test_reserved_names() -> None:
+    assert clashes_with_default("database") and clashes_with_default("redis")
+    assert not clashes_with_default("db") and not clashes_with_default("redis-cache")
+
+
+@given(
+    addons=st.lists(
+        st.tuples(dns_names, st.sampled_from(["postgres", "redis"]), st.text(min_size=1)),
+        max_size=6,
+        unique_by=lambda a: a[0],
+    )
+)
+def test_env_properties(addons: list[tuple[str, str, str]]) -> None:
+    live = [
+        creds(name, kind, at, password, i)
+        for i, (name, kind, password) in enumerate(addons)
+        for at in [i]
+        if not clashes_with_default(name)
+    ]
+    env = compose_env(live)
+    for c in live:
+        value = env[variable_name(c.name)]
+        url = urlsplit(value)
+        assert url.hostname == c.name
+        assert unquote(url.password or "") == c.password
+        assert url.port == (5432 if c.kind == "postgres" else 6379)
+        assert variable_name(c.name).replace("_", "").isalnum()
+    for kind, var in [("postgres", "DATABASE_URL"), ("redis", "REDIS_URL")]:
+        first = next((c for c in live if c.kind == kind), None)
+        if first is None:
+            assert var not in env
+        else:
+            assert env[var] == env[variable_name(first.name)]
+    assert len(env) == len(live) + len({c.kind for c in live})
+
+
+# --- plans ----------------------------------------------------------------------------
+
+
+def test_packaged_plans_match_the_product_page() -> None:
+    plans = load_plans(None)
+    assert {n: p.max_addons for n, p in plans.items()} == {"starter": 1, "pro": 2, "team": 5}
+    assert plans["starter"].sleep.enabled and not plans["team"].sleep.enabled
+    assert plans["pro"].resources.memory_mb == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "defines no plan"),
+        ("[Bad]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64", "plan name 'Bad'"),
+        ("[x]\ncpus = 1\nmemory_mb = 64", "x: Object missing required field `max_addons`"),
+        ("[x]\nmax_addons = -1\ncpus = 1\nmemory_mb = 64", "x.max_addons"),
+        ("[x]\nmax_addons = 1\ncpus = 0\nmemory_mb = 64", "x.cpus"),
+        ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 8", "x.memory_mb"),
+        ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\ncolour = 1", "unknown field `colour`"),
+        (
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\nsleep = { enabled = true, light = 1 }",
+            "x.sleep: Object contains unknown field `light`",
+        ),
+        (
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\n"
+            "sleep = { enabled = true, light_after_s = 10, deep_after_s = 5 }",
+            "x.sleep.deep_after_s must be greater than light_after_s",
+        ),
+        ("[x]\nmax_addons = 'two'\ncpus = 1\nmemory_mb = 64", "x.max_addons: Expected `int`"),
+        ("[x\n", "not valid TOML"),
+    ],
+)
+def test_plans_validation_names_the_problem(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "plans.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_plans(path)
+    assert error in str(caught.value)
+
+
+def test_missing_plans_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read plans file"):
+        load_plans(tmp_path / "nope.toml")
+
+
+# --- config ---------------------------------------------------------------------------
+
+GOOD = """
+[http]
+listen = "127.0.0.1:8080"
+api_token = "user-token-0123456789"
+agent_token = "agent-token-0123456789"
+[database]
+url = "postgresql://u:p@127.0.0.1:5432/orkestr"
+"""
+
+
+def test_config_defaults(tmp_path: Path) -> None:
+    config = parse_config(GOOD, tmp_path)
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
+    assert config.mqtt.port == 1883 and config.mqtt.client_id == "orkestr-controller"
+    assert config.hosts.offline_after_s == 30 and config.plans_file is None
+
+
+def test_config_token_files_resolve_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "api.token").write_text("file-token-0123456789\n")
+    path = tmp_path / "controller.toml"
+    path.write_text(
+        GOOD.replace('api_token = "user-token-0123456789"', 'api_token_file = "api.token"')
+    )
+    config = load_config(path)
+    assert config.http.api_token == "file-token-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (("[http]", "[http]\nport = 1"), "http: Object contains unknown field `port`"),
+        (("127.0.0.1:8080", "127.0.0.1"), "http.listen must be HOST:PORT"),
+        (("127.0.0.1:8080", "127.0.0.1:99999"), "http.listen must be HOST:PORT"),
+        (
+            ('api_token = "user-token-0123456789"', ""),
+            "exactly one of api_token and api_token_file",
+        ),
+        (
+            ('api_token = "user-token-0123456789"', 'api_token = "short"'),
+            "http.api_token must be at least",
+        ),
+        (("agent-token-0123456789", "user-token-0123456789"), "agent_token must differ"),
+        (("postgresql://", "mysql://"), "database.url must be a postgresql:// URL"),
+        (("[database]", "[mqtt]\nport = 'x'\n[database]"), "mqtt.port: Expected `int`"),
+        (("[database]", "[hosts]\noffline_after_s = 0\n[database]"), "hosts.offline_after_s"),
+        (("[database]", "[mqtt]\nusername = 'u'\n[database]"), "username and mqtt.password"),
+        (("[database]", "[nope]\n[database]"), "unknown field `nope`"),
+        (('url = "postgresql://u:p@127.0.0.1:5432/orkestr"', ""), "missing required field `url`"),
+        (("[http]", "[http\n"), "not valid TOML"),
+    ],
+)
+def test_config_validation_names_the_bad_key(
+    tmp_path: Path, change: tuple[str, str], error: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GOOD.replace(*change), tmp_path)
+    assert error in str(caught.value)
+
+
+def test_cli_exits_2_with_one_line_on_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(GOOD.replace("[http]", "[http]\nlisten_port = 1"))
+    done = subprocess.run(
+        [sys.executable, "-m", "controller", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "listen_port" in lines[0], done.stderr
+
+
+def test_cli_exits_2_without_a_config() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "controller"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        env={"PATH": ""},
+    )
+    assert done.returncode == 2 and "ORKESTR_CONTROLLER_CONFIG" in done.stderr
+
+
+# --- phase ----------------------------------------------------------------------------
+
+
+def cond(type_: str, status: ConditionStatus, reason: str) -> Condition:
+    return Condition(type=type_, status=status, reason=reason, message="", last_transition_time=T0)
+
+
+def status(*conditions: Condition, sleep: SleepState = "awake") -> AddonStatus:
+    return AddonStatus(
+        id=ID, project_id=ID, observed_generation=1, conditions=conditions, sleep_state=sleep
+    )
+
+
+@pytest.mark.parametrize(
+    ("deleted", "observed", "expected"),
+    [
+        (False, None, "provisioning"),
+        (True, None, "deleting"),
+        (True, status(cond("Ready", "True", "Running")), "deleting"),
+        (False, status(cond("Ready", "True", "Running")), "ready"),
+        (False, status(cond("Ready", "True", "Running"), sleep="light"), "sleeping"),
+        (False, status(cond("Ready", "False", "Sleeping"), sleep="deep"), "sleeping"),
+        (False, status(cond("Ready", "False", "PullFailed")), "failed"),
+        (False, status(cond("Ready", "False", "StartError")), "failed"),
+        (False, status(cond("Ready", "False", "Starting")), "provisioning"),
+        (False, status(cond("Ready", "Unknown", "Failed")), "provisioning"),
+        (
+            False,
+            status(cond("Ready", "False", "Waiting"), cond("Volume", "False", "MountFailed")),
+            "failed",
+        ),
+        (False, status(), "provisioning"),
+    ],
+)
+def test_phase(deleted: bool, observed: AddonStatus | None, expected: str) -> None:
+    assert phase(deleted, observed) == expected
+
+
+# --- topics and backoff ---------------------------------------------------------------
+
+
+def test_classify_topics() -> None:
+    assert classify(topics.status("h1")) == ("status", "h1", None)
+    assert classify(topics.presence("h1")) == ("presence", "h1", None)
+    assert classify(topics.job_result("h1", ID)) == ("job_result", "h1", ID)
+    assert classify(topics.desired("h1")) is None
+    assert classify("orkestr/v1/hosts/h1/status/extra") is None
+    assert classify("other/topic") is None
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40))
+def test_backoff_is_capped_and_jittered(draws: list[float]) -> None:
+    values = iter(draws)
+    backoff = Backoff(first=0.5, cap=10.0, rng=lambda: next(values))
+    delays = [backoff.next() for _ in draws]
+    assert all(0.25 <= d <= 10.0 for d in delays)
+    assert delays[0] <= 0.5
+    backoff.reset()
+    assert Backoff(first=0.5, cap=10.0, rng=lambda: 1.0).next() == 0.5
+
+
+# --- docs -----------------------------------------------------------------------------
+
+
+class _NoHosts:
+    def mark(self, *hosts: str) -> None:
+        pass
+
+
+def test_openapi_documents_every_route() -> None:
+    text = (ROOT / "docs" / "openapi.yaml").read_text()
+    api = Api(parse_config(GOOD, ROOT), None, load_plans(None), _NoHosts(), Metrics())
+    routes = [
+        (r.method.lower(), r.resource.canonical)
+        for r in api.app().router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    ]
+    assert len(routes) == 14
+    for method, path in routes:
+        start = text.index(f"\n  {path}:\n")
+        end = text.find("\n  /", start + 1)
+        assert f"\n    {method}:\n" in text[start:end], (method, path)
