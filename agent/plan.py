@@ -137,11 +137,20 @@ def plan(
         live = [a for a in project.addons if not a.deleted]
         if (live or project.jobs) and observed.network(net) is None:
             actions.append(EnsureNetwork(project.id, net))
+        # Tombstones first: a deleted add-on's name may already belong to a new one, and
+        # the old holder must leave the network before the new one takes the DNS alias.
+        taken: set[str] = set()
         for addon in project.addons:
             if addon.deleted:
                 actions += _remove_addon(addon, observed, local)
-            else:
-                actions += _converge_addon(project.id, addon, observed, local, settings)
+                if observed.container(model.holder_name(addon.id)) is not None:
+                    taken.add(addon.name)
+        for addon in project.addons:
+            if addon.deleted:
+                continue
+            if addon.name in taken and observed.container(model.holder_name(addon.id)) is None:
+                continue  # next pass, once the old holder is gone
+            actions += _converge_addon(project.id, addon, observed, local, settings)
         for job in project.jobs:
             wanted_jobs.add(job.id)
             actions += _converge_job(project.id, job, observed, local)

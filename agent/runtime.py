@@ -106,6 +106,7 @@ class Agent:
         self.sleep_saved: dict[str, Persisted] = self.sleep_store.load()
         self.sleepers: dict[str, Sleeper] = {}
         self.observed = model.Observed()
+        self._readiness: dict[str, asyncio.Task[None]] = {}
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -307,8 +308,12 @@ class Agent:
                         now,
                     )
                     ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
-        for project_id, addon, _ip, task in probes:
+        for project_id, addon, ip, task in probes:
             ok, reason, message = await task
+            if (sleeper := self.sleepers.get(addon.id)) is not None:
+                sleeper.ready = ok
+            if not ok:
+                self._await_readiness(addon, ip)
             self.book.set(
                 addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
             )
@@ -356,6 +361,24 @@ class Agent:
                 addon.id, "Provisioned", "False", "Creating", "containers are being created", now
             )
 
+    def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
+        """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
+        task = self._readiness.get(addon.id)
+        if task is not None and not task.done():
+            return
+
+        async def poll() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                if self.sleep_saved.get(addon.id, Persisted()).state != "awake":
+                    return
+                if (await self._probe(addon, ip, 1.0))[0]:
+                    self.trigger()
+                    return
+
+        self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
+
     def _addon_status(
         self, project_id: str, addon: AddonSpec, generation: int, now: datetime
     ) -> AddonStatus:
@@ -390,21 +413,22 @@ class Agent:
     async def _probe(
         self, addon: AddonSpec, ip: str, timeout_s: float | None = None
     ) -> tuple[bool, str, str]:
-        try:
-            password = self.secrets.password(addon.id)
-        except OSError:
+        if addon.id not in self.secrets.versions():
             return False, "NoSecret", "the add-on's secret is not on this host yet"
-        timeout = timeout_s or self.config.agent.probe_timeout_s
         sleeper = self.sleepers.get(addon.id)
-        guard = sleeper.platform_connection() if sleeper else contextlib.nullcontext()
-        async with guard:
-            if addon.kind == "postgres":
-                return await probe.postgres(ip, addon.user, addon.database, password, timeout)
-            return await probe.redis(ip, password, timeout)
+        if sleeper is None:
+            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
+        async with sleeper.platform_connection():
+            # Checked under the lock that a falling-asleep add-on also takes: never probe a
+            # paused database (the probe would hang) or count a probe as a client.
+            if sleeper.state != "awake":
+                return False, "Sleeping", f"in {sleeper.state} sleep"
+            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
 
     async def _wake_probe(
         self, addon: AddonSpec, ip: str, timeout_s: float
     ) -> tuple[bool, str, str]:
+        """A real client's connection and first query, straight to the database."""
         password = self.secrets.password(addon.id)
         if addon.kind == "postgres":
             return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
@@ -493,6 +517,9 @@ class Agent:
                     log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
 
     async def close_sleepers(self) -> None:
+        for task in self._readiness.values():
+            task.cancel()
+        await asyncio.gather(*self._readiness.values(), return_exceptions=True)
         for sleeper in self.sleepers.values():
             await sleeper.close()
         self.sleep_store.save(self.sleep_saved)

@@ -66,7 +66,7 @@ stamp=.venv/.orkestr-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing the project into .venv"
   .venv/bin/pip install -q -U pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test]' >.venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
   touch "$stamp"
 fi
 

@@ -126,5 +126,6 @@ orkestr add-ons is running.
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/env
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" -X POST $api/v1/projects/$project/jobs \\
-       -d '{"image": "orkestr-local/toolbox:bookworm", "command": ["psql", "\$DATABASE_URL", "-c", "select now()"]}'
+       -d '{"image": "orkestr-local/toolbox:bookworm", "command": ["sh", "-c", "psql \\"\$DATABASE_URL\\" -c \\"select now()\\""]}'
+  # then GET .../jobs/<id> for its exit code and output
 TXT

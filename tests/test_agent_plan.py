@@ -301,3 +301,15 @@ def test_open_clients_or_disabled_policy_never_sleep() -> None:
 def test_sleep_only_deepens(idle: float, state: str) -> None:
     order = ["awake", "light", "deep"]
     assert order.index(sleep_target(POLICY, state, idle, False)) >= order.index(state)  # type: ignore[arg-type]
+
+
+def test_reused_name_waits_until_the_tombstoned_holder_is_gone() -> None:
+    old = addon(AID, deleted=True)
+    new = AddonSpec(id="e" * 32, name=old.name, kind="postgres", resources=RES)
+    world = converged_world(addon())
+    actions = p.plan(desired(new, old), world, LOCAL, SETTINGS)
+    # The tombstone is removed first and nothing is created under its name in this pass.
+    assert kinds(actions) == ["RemoveContainer", "RemoveContainer", "RemoveVolume", "RemoveSecret"]
+    net = Observed(networks=world.networks)
+    later = p.plan(desired(new, old), net, p.Local(), SETTINGS)
+    assert "RunContainer" in kinds(later)
