@@ -18,12 +18,17 @@ APPLIED_GENERATION = Gauge(
     "orkestr_agent_applied_generation", "Generation of the desired state being applied"
 )
 MQTT_CONNECTED = Gauge("orkestr_agent_mqtt_connected", "1 while connected to the broker")
-ADDONS = Gauge("orkestr_agent_addons", "Add-ons on this host by phase", ["kind", "phase"])
 ADDON_READY = Gauge(
     "orkestr_agent_addon_ready",
     "1 when the add-on answered a real client",
     ["addon", "project", "kind"],
 )
+ADDON_SLEEP_STATE = Gauge(
+    "orkestr_agent_addon_sleep_state",
+    "0 awake, 1 light sleep (paused), 2 deep sleep (stopped)",
+    ["addon", "project", "kind"],
+)
+SLEEP_LEVEL = {"awake": 0, "light": 1, "deep": 2}
 SLEEPS = Counter("orkestr_agent_addon_sleeps_total", "Add-ons put to sleep", ["stage"])
 WAKES = Counter("orkestr_agent_addon_wakes_total", "Add-ons woken by a client", ["stage"])
 WAKE_DURATION = Histogram(

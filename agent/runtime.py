@@ -29,11 +29,13 @@ from agent.docker import Docker
 from agent.errors import AgentError
 from agent.metrics import (
     ADDON_READY,
+    ADDON_SLEEP_STATE,
     APPLIED_GENERATION,
     DESIRED_REJECTED,
     MQTT_CONNECTED,
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
+    SLEEP_LEVEL,
 )
 from agent.mqtt import Broker
 from agent.sdnotify import notify
@@ -107,6 +109,7 @@ class Agent:
         self.sleepers: dict[str, Sleeper] = {}
         self.observed = model.Observed()
         self._readiness: dict[str, asyncio.Task[None]] = {}
+        self._metric_labels: set[tuple[str, str, str]] = set()
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -288,6 +291,7 @@ class Agent:
                         f"in {stage} sleep; wakes when a client connects",
                         now,
                     )
+                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
                 elif holder is not None and holder.ip and db is not None and db.state == "running":
                     probes.append(
                         (
@@ -318,11 +322,19 @@ class Agent:
                 addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
             )
             ADDON_READY.labels(addon.id, project_id, addon.kind).set(1 if ok else 0)
+        labels: set[tuple[str, str, str]] = set()
         for project in desired.projects:
             for addon in project.addons:
                 if addon.deleted:
                     continue
                 statuses[addon.id] = self._addon_status(project.id, addon, desired.generation, now)
+                labels.add((addon.id, project.id, addon.kind))
+        # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
+        for stale in self._metric_labels - labels:
+            for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*stale)
+        self._metric_labels = labels
         self.addon_status = statuses
         self.removed = tuple(removed)
 
@@ -384,6 +396,9 @@ class Agent:
     ) -> AddonStatus:
         saved = self.sleep_saved.get(addon.id)
         sleeper = self.sleepers.get(addon.id)
+        ADDON_SLEEP_STATE.labels(addon.id, project_id, addon.kind).set(
+            SLEEP_LEVEL[saved.state if saved else "awake"]
+        )
         if not addon.sleep.enabled:
             self.book.set(addon.id, "Sleeping", "False", "Disabled", "the plan keeps it awake", now)
         elif saved is not None and saved.state != "awake":

@@ -18,6 +18,11 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Prometheus for the operators, and its promtool for the tests of our config and alerts.
+if ! command -v promtool >/dev/null; then
+  log "installing prometheus (promtool)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 # Debian's mosquitto package starts a broker on :1883 where systemd runs; we start our own
 # brokers with explicit configs, so the packaged one is only stopped if it is in the way.
