@@ -21,6 +21,7 @@ fi
 # Prometheus for the operators, and its promtool for the tests of our config and alerts.
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool)"
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
