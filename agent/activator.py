@@ -100,8 +100,14 @@ class Sleeper:
         return self.saved.state
 
     # --- life cycle ---------------------------------------------------------------------
-    async def start(self) -> None:
-        self.listener = await netns.listen_in(self.pid, self.wake_port)
+    @property
+    def wake_name(self) -> str:
+        """The listener's name in the keeper: a new holder is a new namespace, a new name."""
+        return f"wake-{self.addon.id}-{self.holder_id[:12]}"
+
+    async def start(self, listener: socket.socket | None = None) -> None:
+        """Listen for wakes, on a socket handed back by the keeper if there is one."""
+        self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
         self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
         await self._set_redirect(self.state != "awake")
 

@@ -27,6 +27,9 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
+    # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
+    # connections while the agent restarts.
+    keeper_socket: str = ""
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):

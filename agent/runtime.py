@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.errors import AgentError
+from agent.keeper_client import KeeperClient
 from agent.metrics import (
     ADDON_READY,
     ADDON_SLEEP_STATE,
@@ -110,6 +112,8 @@ class Agent:
         self.observed = model.Observed()
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
+        self.keeper = KeeperClient(config.agent.keeper_socket)
+        self._adopted: dict[str, socket.socket] | None = None
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -460,6 +464,9 @@ class Agent:
 
     async def _sync_sleepers(self, observed: model.Observed) -> None:
         """Keep one Sleeper per sleep-enabled add-on whose holder runs (level-triggered)."""
+        if self._adopted is None:
+            # Listeners that outlived the previous agent process, with clients queued.
+            self._adopted = await self.keeper.take_all()
         wanted: dict[str, tuple[str, AddonSpec]] = {}
         for project in self.desired.projects if self.desired else ():
             for addon in project.addons:
@@ -472,6 +479,7 @@ class Agent:
                 continue
             del self.sleepers[aid]
             await sleeper.close()
+            await self.keeper.delete(sleeper.wake_name)
             if aid not in wanted and sleeper.state != "awake":
                 with contextlib.suppress(AgentError):
                     await sleeper.wake("sleep disabled by the plan")
@@ -508,11 +516,22 @@ class Agent:
                     self._sleep_changed,
                 )
                 sleeper.ready = not asleep
-                await sleeper.start()
+                adopted = self._adopted.pop(sleeper.wake_name, None)
+                await sleeper.start(adopted)
+                if adopted is None and sleeper.listener is not None:
+                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
                 continue
             self.sleepers[aid] = sleeper
+        # Adopted listeners of add-ons that are gone or have a new holder are of no use.
+        for name, sock in list(self._adopted.items()):
+            aid = name.split("-")[1]
+            holder = observed.container(model.holder_name(aid))
+            if aid not in wanted or holder is None or not name.endswith(holder.id[:12]):
+                sock.close()
+                del self._adopted[name]
+                await self.keeper.delete(name)
         for aid in [a for a in self.sleep_saved if a not in wanted]:
             del self.sleep_saved[aid]
         self.sleep_store.save(self.sleep_saved)

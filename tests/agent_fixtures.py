@@ -74,6 +74,7 @@ state_dir = "{self.state_dir}"
 resync_interval_s = 2
 heartbeat_s = 1
 sleep_tick_s = {sleep_tick_s}
+keeper_socket = "{self.dir / "keeper.sock"}"
 
 [controller]
 url = "{controller_url}"
@@ -93,8 +94,19 @@ listen = "127.0.0.1:{self.metrics_port}"
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
+        self.keeper: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        if self.keeper is None:
+            # The wake-socket keeper outlives agent restarts, as its systemd unit does.
+            self.keeper = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.keeper",
+                "--socket",
+                str(self.dir / "keeper.sock"),
+                cwd=ROOT,
+            )
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -121,6 +133,12 @@ listen = "127.0.0.1:{self.metrics_port}"
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.keeper is not None and self.keeper.returncode is None:
+            self.keeper.terminate()
+            await self.keeper.wait()
 
     async def kill9(self) -> None:
         assert self.proc is not None
@@ -217,7 +235,7 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     try:
         yield proc
     finally:
-        await proc.stop()
+        await proc.close()
         remove_host_objects(host)
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))

@@ -161,7 +161,9 @@ async def test_a_job_wakes_the_addon_and_its_first_command_succeeds(stack: Stack
     assert c is not None
     project, a, _client = pg
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
-    job = await run_job(c, project["id"], 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc "select 40 + 2"')
+    job = await run_job(
+        c, project["id"], 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc "select 40 + 2"'
+    )
     assert job["exit_code"] == 0 and job["output"].strip() == "42", job
     view = await addon(c, project["id"], a["id"])
     assert view["wakes"] >= 1 and view["last_wake_ms"], view
@@ -256,7 +258,25 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
         outsider.remove()
 
 
-async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(agent: AgentProcess, pg: Any) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_returns(
+    agent: AgentProcess, pg: Any, how: str
+) -> None:
+    _project, a, client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    await (agent.stop() if how == "sigterm" else agent.kill9())
+    # The keeper still holds the wake listener: the client's connection is queued, not refused.
+    waiting = asyncio.create_task(client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"'))
+    await asyncio.sleep(3)
+    assert not waiting.done(), await waiting
+    await agent.start()
+    r = await asyncio.wait_for(waiting, 60)
+    assert r.returncode == 0 and r.stdout.strip() == "42", r
+
+
+async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(
+    agent: AgentProcess, pg: Any
+) -> None:
     _project, a, client = pg
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
     await agent.kill9()
