@@ -88,6 +88,7 @@ class Sleeper:
         self.handlers: set[asyncio.Task[None]] = set()
         self.redirect_on: bool | None = None
         self.last_opens = netns.passive_opens(pid)
+        self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
         # Only a database that answered a client may fall asleep: pausing or stopping one
         # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
@@ -107,9 +108,21 @@ class Sleeper:
 
     async def start(self, listener: socket.socket | None = None) -> None:
         """Listen for wakes, on a socket handed back by the keeper if there is one."""
-        self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
-        self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
-        await self._set_redirect(self.state != "awake")
+        try:
+            self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
+            self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
+            await self._set_redirect(self.state != "awake")
+        except BaseException:
+            await self.close()
+            raise
+
+    def alive(self) -> bool:
+        """False once the holder restarted (new namespace) or the accept loop ended."""
+        try:
+            same_ns = netns.netns_inode(self.pid) == self.netns
+        except OSError:
+            return False
+        return same_ns and self.accept_task is not None and not self.accept_task.done()
 
     async def close(self) -> None:
         if self.accept_task is not None:
@@ -171,22 +184,29 @@ class Sleeper:
     async def platform_connection(self) -> AsyncIterator[None]:
         """Wrap a probe: the one connection it accepts is not a client's."""
         async with self.measure:
-            before = netns.passive_opens(self.pid)
+            before = _opens_or_none(self.pid)
             try:
                 yield
             finally:
-                after = netns.passive_opens(self.pid)
-                self.last_opens += min(1, after - before)
+                after = _opens_or_none(self.pid)
+                if before is not None and after is not None:
+                    self.last_opens += min(1, after - before)
 
     # --- sleeping -----------------------------------------------------------------------
+    def _goal(self, now: float, active: bool) -> SleepState:
+        if self.state == "awake" and not self.ready:
+            return "awake"  # never pause or stop a database that has not answered yet
+        return target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
+
     async def maybe_sleep(self, now: float) -> None:
         active = await self.measure_activity(now)
-        if self.state == "awake" and not self.ready:
-            return
-        goal = target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
-        if goal == self.state:
+        if self._goal(now, active) == self.state:
             return
         async with self.transition:
+            # Decided again under the lock: a wake or a restart may have come in between.
+            goal = self._goal(time.time(), False)
+            if goal == self.state:
+                return
             if self.state == "awake":
                 await self._set_redirect(True)
                 # A client may have connected between the measurement and the redirect.
@@ -234,10 +254,14 @@ class Sleeper:
                 return
             started = time.monotonic()
             try:
-                if stage == "light":
-                    await self.docker.unpause(self.db_name)
-                else:
-                    await self.docker.start(self.db_name)
+                # The fast path trusts the recorded stage; anything else (a crash between
+                # two steps, a dockerd restart) is resolved from the container's real state.
+                if stage != "light" or not await self.docker.unpause(self.db_name):
+                    state = await self.docker.state(self.db_name)
+                    if state == "paused":
+                        await self.docker.unpause(self.db_name)
+                    elif state != "running":
+                        await self.docker.start(self.db_name)
                     await self._until_ready()
             except NotFound:
                 pass  # recreated by the reconciler, which wakes it anyway
@@ -273,7 +297,13 @@ class Sleeper:
         assert self.listener is not None
         loop = asyncio.get_running_loop()
         while True:
-            client, address = await loop.sock_accept(self.listener)
+            try:
+                client, address = await loop.sock_accept(self.listener)
+            except OSError as exc:  # EMFILE, ECONNABORTED: the listener itself is fine
+                log.warning("addon.accept_failed addon=%s error=%s", self.addon.id, exc)
+                await asyncio.sleep(0.1)
+                continue
+            _keepalive(client)
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
             task.add_done_callback(self.handlers.discard)
@@ -291,6 +321,7 @@ class Sleeper:
                 return
             reader_down, writer_down = await asyncio.open_connection(sock=client)
             reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
+            _keepalive(writer_up.get_extra_info("socket"))
             await asyncio.gather(_pipe(reader_down, writer_up), _pipe(reader_up, writer_down))
         except OSError as exc:
             log.warning(
@@ -304,6 +335,24 @@ class Sleeper:
                     w.close()
             if writer_down is None:
                 client.close()
+
+
+def _opens_or_none(pid: int) -> int | None:
+    try:
+        return netns.passive_opens(pid)
+    except OSError:
+        return None  # the holder is gone; the next pass replaces this sleeper
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """A relayed client that vanishes without a FIN must not keep the add-on awake forever."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -331,8 +380,13 @@ class SleepStore:
         except (OSError, msgspec.DecodeError):
             return {}
 
+    _last: bytes = b""
+
     def save(self, states: dict[str, Persisted]) -> None:
-        atomic_write(self.path, msgspec.json.encode(states))
+        data = msgspec.json.encode(states)
+        if data != self._last:  # an fsync per pass would stall the loop for nothing
+            atomic_write(self.path, data)
+            self._last = data
 
 
 def utc(epoch: float) -> datetime:

@@ -8,6 +8,7 @@ then observes, so nothing here needs to remember partial progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ from agent import plan as p
 from agent import specs
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
-from agent.errors import AgentError, NotFound, PermanentError
+from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
@@ -116,6 +117,11 @@ class Applier:
                 await self.docker.unpause(name)
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
+                if name.endswith("-db"):
+                    # A clean shutdown first: no crash recovery, no lost Redis writes.
+                    with contextlib.suppress(NotFound, Conflict):
+                        await self.docker.unpause(name)
+                        await self.docker.stop(name, grace_s=30)
                 await self.docker.remove(name)
             case p.RemoveVolume(_key, name):
                 await self.docker.remove_volume(name)
@@ -124,12 +130,33 @@ class Applier:
             case p.StartJob(key, project_id, job):
                 env = await self.controller.env(project_id)
                 spec = specs.job_spec(project_id, job, self.settings.job_memory_mb)
-                await self.docker.run(spec, env=env)
+                try:
+                    await self.docker.run(spec, env=env)
+                except (NotFound, PermanentError) as exc:
+                    # No such image, or a spec Docker refuses: retrying will not help.
+                    self._fail_job(key, project_id, str(exc))
+                    return
                 self._watch(key, spec.name, job.timeout_s)
             case p.WatchJob(key, _project, job, name):
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+
+    def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
+        now = datetime.now(UTC)
+        self.state.save_job_result(
+            JobResult(
+                version=SCHEMA_VERSION,
+                host=self.host,
+                job_id=job_id,
+                project_id=project_id,
+                exit_code=None,
+                output="",
+                started_at=None,
+                finished_at=now,
+                error=f"could not start: {error}",
+            )
+        )
 
     def _watch(self, job_id: str, name: str, timeout_s: float) -> None:
         task = self._watchers.get(job_id)

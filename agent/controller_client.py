@@ -5,12 +5,14 @@ The only module of the agent that makes HTTP requests.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
 
 from agent.errors import NotFound, PermanentError, TransientError
+
+T = TypeVar("T")
 
 
 class Secret(msgspec.Struct, frozen=True):
@@ -56,7 +58,15 @@ class ControllerClient:
             raise TransientError(f"controller unreachable: {exc!r}") from None
 
     async def secret(self, addon_id: str) -> Secret:
-        return msgspec.json.decode(await self._get(f"/addons/{addon_id}/secret"), type=Secret)
+        return _decode(await self._get(f"/addons/{addon_id}/secret"), Secret)
 
     async def env(self, project_id: str) -> dict[str, str]:
-        return msgspec.json.decode(await self._get(f"/projects/{project_id}/env"), type=Env).env
+        return _decode(await self._get(f"/projects/{project_id}/env"), Env).env
+
+
+def _decode(body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        # A proxy's error page, or a controller of another version.
+        raise TransientError(f"controller answered an unexpected body: {exc}") from None

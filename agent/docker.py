@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ from agent.errors import Conflict, NotFound, PermanentError, TransientError
 from agent.model import Observed
 
 T = TypeVar("T")
+# Docker 20.10 answers these state conflicts with 500 rather than 409.
+_STATE_CONFLICT = re.compile(r"already exists|is not paused|is already paused|is not running")
 
 
 async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -28,7 +31,7 @@ async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
     except aiodocker.DockerError as exc:
         if exc.status == 404:
             raise NotFound(f"{what}: {exc.message}") from None
-        if exc.status == 409 or (exc.status == 500 and "already exists" in str(exc.message)):
+        if exc.status == 409 or (exc.status == 500 and _STATE_CONFLICT.search(str(exc.message))):
             raise Conflict(f"{what}: {exc.message}") from None
         if exc.status in (400, 403):
             raise PermanentError(f"{what}: {exc.message}") from None
@@ -44,7 +47,10 @@ class Docker:
         self._client: aiodocker.Docker | None = None
 
     async def __aenter__(self) -> Docker:
-        self._client = aiodocker.Docker(url=self._url)
+        # aiodocker waits forever by default; a hung daemon must not hang the agent.
+        self._client = aiodocker.Docker(
+            url=self._url, timeout=aiohttp.ClientTimeout(total=60, sock_connect=5)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -85,6 +91,8 @@ class Docker:
             "Name": name,
             "CheckDuplicate": True,
             "Driver": "bridge",
+            # The wake redirect and listener are IPv4: a v6 path would bypass them.
+            "EnableIPv6": False,
             "Labels": {
                 model.LABEL_MANAGED: "1",
                 model.LABEL_HOST: self.host,
@@ -129,13 +137,28 @@ class Docker:
         await _call(f"start {name}", lambda: self.client.containers.container(name).start())
 
     async def pause(self, name: str) -> None:
-        await _call(f"pause {name}", lambda: self.client.containers.container(name).pause())
+        try:
+            await _call(f"pause {name}", lambda: self.client.containers.container(name).pause())
+        except Conflict:
+            pass  # already paused
 
-    async def unpause(self, name: str) -> None:
-        await _call(f"unpause {name}", lambda: self.client.containers.container(name).unpause())
+    async def unpause(self, name: str) -> bool:
+        """True if it was paused; False if it was not (running, or not running at all)."""
+        try:
+            await _call(f"unpause {name}", lambda: self.client.containers.container(name).unpause())
+        except Conflict:
+            return False
+        return True
 
     async def stop(self, name: str, grace_s: int = 10) -> None:
-        await _call(f"stop {name}", lambda: self.client.containers.container(name).stop(t=grace_s))
+        async with asyncio.timeout(grace_s + 30):
+            await _call(
+                f"stop {name}", lambda: self.client.containers.container(name).stop(t=grace_s)
+            )
+
+    async def state(self, name: str) -> str:
+        """Docker's state of one container: running, paused, exited, created, ..."""
+        return str((await self.inspect(name))["State"]["Status"])
 
     async def kill(self, name: str) -> None:
         await _call(f"kill {name}", lambda: self.client.containers.container(name).kill())
@@ -172,7 +195,10 @@ class Docker:
 
     async def logs(self, name: str, tail_bytes: int) -> str:
         async def logs() -> str:
-            lines = await self.client.containers.container(name).log(stdout=True, stderr=True)
+            # Bounded at the daemon: a chatty job must not fill the agent's memory.
+            lines = await self.client.containers.container(name).log(
+                stdout=True, stderr=True, tail=max(tail_bytes // 40, 100)
+            )
             return "".join(lines)
 
         text = await _call(f"logs {name}", logs)

@@ -64,12 +64,24 @@ async def iptables(pid: int, *args: str) -> tuple[int, str]:
         f"--net=/proc/{pid}/ns/net",
         "iptables",
         "-w",
+        "5",  # the xtables lock is host-wide and dockerd takes it too: never wait forever
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await proc.communicate()
+    try:
+        async with asyncio.timeout(15):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 1, "iptables timed out"
     return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def netns_inode(pid: int) -> int:
+    """Identifies a network namespace: a holder restarted in place gets a new one."""
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
 def redirect_rule(port: int, to_port: int, gateway: str) -> tuple[str, ...]:

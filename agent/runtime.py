@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import desired as desired_mod
-from agent import model, probe
+from agent import model, netns, probe
 from agent import plan as p
 from agent.activator import Persisted, Sleeper, SleepStore, utc
 from agent.apply import Applier, Outcome
@@ -119,6 +119,7 @@ class Agent:
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
+        self._trigger.set()  # the first pass runs at once, broker or not
         self._ready_notified = False
         self.last_pass_ok: float = 0.0
         now = datetime.now(UTC)
@@ -165,7 +166,10 @@ class Agent:
             return
         if state is None:
             return  # the same generation again (a retained copy after a reconnect)
-        self.state.save_desired(raw)
+        try:
+            self.state.save_desired(raw)
+        except OSError as exc:  # a full disk: apply it anyway, the broker keeps a copy
+            log.error("desired.not_saved error=%s", exc)
         self.desired = state
         APPLIED_GENERATION.set(state.generation)
         self.book.set(
@@ -193,9 +197,14 @@ class Agent:
             started = time.monotonic()
             try:
                 outcome = await self.reconcile_once()
-            except AgentError as exc:
+            except Exception as exc:
+                # Expected failures are AgentErrors; anything else is a bug, and a bug in one
+                # pass must not take the agent (and every sleeping add-on's waker) down.
                 RECONCILE_TOTAL.labels("error").inc()
-                log.warning("reconcile.failed error=%s retry_in=%.1fs", exc, backoff)
+                if isinstance(exc, AgentError):
+                    log.warning("reconcile.failed error=%s retry_in=%.1fs", exc, backoff)
+                else:
+                    log.exception("reconcile.crashed retry_in=%.1fs", backoff)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, 30.0)
                 self.trigger()
@@ -231,8 +240,8 @@ class Agent:
                             "start",
                         ):
                             self.trigger()
-            except AgentError as exc:
-                log.warning("docker.events_failed error=%s", exc)
+            except Exception as exc:
+                log.warning("docker.events_failed error=%r", exc)
             await asyncio.sleep(1.0)
 
     async def heartbeat_loop(self) -> None:
@@ -321,6 +330,8 @@ class Agent:
             if (sleeper := self.sleepers.get(addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
+                if reason == "Unreachable":
+                    await self._repair_split_namespace(addon)
                 self._await_readiness(addon, ip)
             self.book.set(
                 addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
@@ -377,6 +388,27 @@ class Agent:
                 addon.id, "Provisioned", "False", "Creating", "containers are being created", now
             )
 
+    async def _repair_split_namespace(self, addon: AddonSpec) -> None:
+        """A holder restarted in place has a new namespace the database is not in.
+
+        Docker keeps the holder's id, so the plan cannot see it; the database then has no
+        network at all. Found by comparing namespaces; the fix is a new database container
+        (same volume), which the next pass creates.
+        """
+        try:
+            holder = await self.docker.inspect(model.holder_name(addon.id))
+            db = await self.docker.inspect(model.db_name(addon.id))
+            h_pid, d_pid = holder["State"]["Pid"], db["State"]["Pid"]
+            if not (h_pid and d_pid) or netns.netns_inode(h_pid) == netns.netns_inode(d_pid):
+                return
+        except (AgentError, OSError, KeyError):
+            return
+        log.warning("addon.split_namespace addon=%s action=recreate_db", addon.id)
+        await self.applier.apply(
+            [p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace")]
+        )
+        self.trigger()
+
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
         task = self._readiness.get(addon.id)
@@ -432,7 +464,7 @@ class Agent:
     async def _probe(
         self, addon: AddonSpec, ip: str, timeout_s: float | None = None
     ) -> tuple[bool, str, str]:
-        if addon.id not in self.secrets.versions():
+        if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleepers.get(addon.id)
         if sleeper is None:
@@ -467,22 +499,34 @@ class Agent:
         if self._adopted is None:
             # Listeners that outlived the previous agent process, with clients queued.
             self._adopted = await self.keeper.take_all()
+        if self.desired is None:
+            return  # without a desired state nothing is known to be unwanted: keep all
         wanted: dict[str, tuple[str, AddonSpec]] = {}
-        for project in self.desired.projects if self.desired else ():
+        for project in self.desired.projects:
             for addon in project.addons:
                 if addon.sleep.enabled and not addon.deleted:
                     wanted[addon.id] = (project.id, addon)
         for aid, sleeper in list(self.sleepers.items()):
             holder = observed.container(model.holder_name(aid))
-            if aid in wanted and holder is not None and holder.id == sleeper.holder_id:
+            if (
+                aid in wanted
+                and holder is not None
+                and holder.id == sleeper.holder_id
+                and sleeper.alive()
+            ):
                 sleeper.addon = wanted[aid][1]
                 continue
+            if aid not in wanted and holder is not None and sleeper.state != "awake":
+                # Sleep disabled (e.g. the plan became Team): wake it while the listener
+                # still answers; if that fails, keep the sleeper and try again next pass.
+                try:
+                    await sleeper.wake("sleep disabled by the plan")
+                except (AgentError, OSError) as exc:
+                    log.warning("sleep.disable_failed addon=%s error=%s", aid, exc)
+                    continue
             del self.sleepers[aid]
             await sleeper.close()
             await self.keeper.delete(sleeper.wake_name)
-            if aid not in wanted and sleeper.state != "awake":
-                with contextlib.suppress(AgentError):
-                    await sleeper.wake("sleep disabled by the plan")
         for aid, (project_id, addon) in wanted.items():
             if aid in self.sleepers:
                 continue
@@ -549,6 +593,8 @@ class Agent:
                     await sleeper.maybe_sleep(now)
                 except (AgentError, OSError) as exc:
                     log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
+                except Exception:
+                    log.exception("sleep.crashed addon=%s", sleeper.addon.id)
 
     async def close_sleepers(self) -> None:
         for task in self._readiness.values():

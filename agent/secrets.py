@@ -46,6 +46,9 @@ class SecretStore:
                 continue  # half-written: fetched again
         return out
 
+    def has(self, addon_id: str) -> bool:
+        return (self.dir(addon_id) / "version").is_file()
+
     def password(self, addon_id: str) -> str:
         return (self.dir(addon_id) / "password").read_text()
 
