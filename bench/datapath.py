@@ -1,0 +1,197 @@
+"""Data path once awake: pgbench and redis-benchmark throughput, add-on vs plain container.
+
+Both targets sit on the same project network and are driven from the same toolbox
+container on it (`docker exec`), by address:
+
+  orkestr   a Team add-on (the Team plan never sleeps, so nothing can put it to sleep
+            mid-run): the client talks to the holder's address, the database lives in
+            the holder's network namespace; no proxy while awake.
+  baseline  a plain database container straight on the network: the agent's own container
+            spec (same image, env, secret files, volume, CPU and memory limits).
+
+Runs alternate orkestr / baseline (ABBA order across rounds) to spread drift over both.
+  pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
+                   select-only (-S) and TPC-B-like (default script); TPS without the
+                   initial connection time.
+  redis-benchmark  -n 100000 (--quick: 20000) -c 20 -t get,set; requests per second.
+Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), target >= 0.95.
+
+Prints a table and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import re
+from typing import Any
+
+from _harness import (
+    Bench,
+    Client,
+    activity,
+    credentials,
+    log,
+    machine_facts,
+    percentile,
+    plans_toml,
+    rnd,
+    table,
+)
+
+from agent import model
+from schemas.messages import Resources
+
+CPUS, MEMORY_MB = 1.0, 512
+TARGET_RATIO = 0.95
+TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
+
+
+async def pgbench(client: Client, t: dict[str, Any], args: list[str]) -> str:
+    return await client.sh(
+        "pgbench", "-h", t["host"], "-p", str(t["port"]), "-U", t["user"], *args, t["database"],
+        env={"PGPASSWORD": t["password"]},
+    )  # fmt: skip
+
+
+async def pg_run(client: Client, t: dict[str, Any], mode: str, seconds: int) -> float:
+    args = ["-c", "4", "-j", "2", "-T", str(seconds)] + (["-S"] if mode == "select" else [])
+    out = await pgbench(client, t, args)
+    m = TPS.search(out)
+    if m is None:
+        raise RuntimeError(f"no TPS in pgbench output:\n{out}")
+    return float(m.group(1))
+
+
+async def redis_run(client: Client, t: dict[str, Any], requests: int) -> dict[str, float]:
+    out = await client.sh(
+        "redis-benchmark", "-h", t["host"], "-p", str(t["port"]), "-a", t["password"],
+        "-n", str(requests), "-c", "20", "-t", "get,set", "--csv",
+    )  # fmt: skip
+    rps: dict[str, float] = {}
+    for row in csv.DictReader(io.StringIO(out)):
+        rps[row["test"].lower()] = float(row["rps"])
+    if set(rps) != {"get", "set"}:
+        raise RuntimeError(f"unexpected redis-benchmark output:\n{out}")
+    return rps
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    rounds = 1 if quick else 5
+    seconds = 3 if quick else 10
+    requests = 20000 if quick else 100000
+    results: dict[str, Any] = {
+        "bench": "datapath", "quick": quick, "rounds": rounds,
+        "pgbench": {"scale": 5, "clients": 4, "threads": 2, "seconds": seconds},
+        "redis_benchmark": {"requests": requests, "clients": 20},
+    }  # fmt: skip
+    results["machine"] = machine_facts()
+    async with Bench(plans_toml(cpus=CPUS, memory_mb=MEMORY_MB)) as b:
+        results["code"] = b.code
+        project = await b.project("team")
+        pid = project["id"]
+        network = model.network_name(pid)
+        pg = await b.ready_addon(pid, "pg-data", "postgres")
+        rd = await b.ready_addon(pid, "rd-data", "redis")
+        client = await b.client(pid)
+        env = await b.env(pid)
+        res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
+        targets: dict[str, dict[str, dict[str, Any]]] = {"postgres": {}, "redis": {}}
+        for kind, addon in (("postgres", pg), ("redis", rd)):
+            ip = await b.ip_on(model.holder_name(addon["id"]), network)
+            targets[kind]["orkestr"] = {**credentials(env, addon["name"]), "host": ip}
+            plain = b.plain(kind, network, res, shared_netns=False)
+            await plain.run_api()
+            plain_ip = await plain.ip()
+            await client.poll_start(plain.target(plain_ip), interval_ms=20, deadline_s=120)
+            if not (await client.poll_result(150))["ok"]:
+                raise RuntimeError(f"plain {kind} never became ready")
+            targets[kind]["baseline"] = plain.target(plain_ip)
+        log("pgbench -i -s 5 on both")
+        for who in ("orkestr", "baseline"):
+            await pgbench(client, targets["postgres"][who], ["-i", "-s", "5", "-q"])
+        results["activity_before"] = activity(b.host)
+
+        samples: dict[str, dict[str, list[float]]] = {
+            test: {"orkestr": [], "baseline": []}
+            for test in ("pgbench_select", "pgbench_tpcb", "redis_get", "redis_set")
+        }
+        for r in range(rounds):
+            order = ["orkestr", "baseline"] if r % 2 == 0 else ["baseline", "orkestr"]
+            for mode in ("select", "tpcb"):
+                for who in order:
+                    tps = await pg_run(client, targets["postgres"][who], mode, seconds)
+                    samples[f"pgbench_{mode}"][who].append(tps)
+                    log(f"round {r + 1}/{rounds} pgbench {mode} {who}: {tps:.0f} tps")
+                order.reverse()  # ABBA within a round too
+            for who in order:
+                rps = await redis_run(client, targets["redis"][who], requests)
+                samples["redis_get"][who].append(rps["get"])
+                samples["redis_set"][who].append(rps["set"])
+                log(
+                    f"round {r + 1}/{rounds} redis {who}: get {rps['get']:.0f}, set {rps['set']:.0f} rps"
+                )
+
+        # The add-ons must have stayed awake the whole time.
+        for addon in (pg, rd):
+            view = await b.addon(pid, addon["id"])
+            state = await b.state_of(model.db_name(addon["id"]))
+            if view["sleeps"] != 0 or view["sleep_state"] != "awake" or state != "running":
+                raise RuntimeError(f"{addon['name']} slept during the run: {view}, {state}")
+        results["addons_stayed_awake"] = True
+        results["activity_after"] = activity(b.host)
+
+    for test, by in samples.items():
+        ours, base = by["orkestr"], by["baseline"]
+        o50, b50 = percentile(ours, 50), percentile(base, 50)
+        results[test] = {
+            "unit": "tps" if test.startswith("pgbench") else "requests/s",
+            "orkestr": [rnd(x, 1) for x in ours],
+            "baseline": [rnd(x, 1) for x in base],
+            "orkestr_median": rnd(o50, 1),
+            "baseline_median": rnd(b50, 1),
+            "ratio": rnd(o50 / b50),
+            "ratio_per_round": [rnd(o / bb) for o, bb in zip(ours, base, strict=True)],
+            "target_ratio": TARGET_RATIO,
+            "pass": o50 / b50 >= TARGET_RATIO,
+        }
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    rows = []
+    for test in ("pgbench_select", "pgbench_tpcb", "redis_get", "redis_set"):
+        r = results[test]
+        rows.append([
+            test, r["unit"], r["orkestr_median"], r["baseline_median"], r["ratio"],
+            " ".join(f"{x:.3f}" for x in r["ratio_per_round"]), f">= {TARGET_RATIO}",
+            "PASS" if r["pass"] else "FAIL",
+        ])  # fmt: skip
+    print()
+    print(table(
+        ["test", "unit", "orkestr (median)", "baseline (median)", "ratio", "per round",
+         "target", ""],
+        rows, "Data path: throughput from a client on the project network",
+    ))  # fmt: skip
+    print()
+    m = results["machine"]
+    print(
+        f"machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, docker {m['docker_server']}"
+    )
+    print(f"other activity: before {results['activity_before']}, after {results['activity_after']}")
+    c = results["code"]
+    print(
+        f"code: {c['source']} at {c['head']}, modified {c['modified'] or 'none'}, sources {c['sources_sha256']}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s pgbench runs")
+    args = parser.parse_args()
+    res = asyncio.run(main(args.quick))
+    report(res)
+    print(json.dumps(res, separators=(",", ":")))
