@@ -29,7 +29,7 @@ import msgspec
 
 from agent import netns
 from agent.docker import Docker
-from agent.errors import AgentError, NotFound
+from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import target
 from agent.specs import PORTS
@@ -87,6 +87,11 @@ class Sleeper:
         self.accept_task: asyncio.Task[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()
         self.redirect_on: bool | None = None
+        # Set while the database serves: clients accepted by the listener may be relayed.
+        self.resumed = asyncio.Event()
+        if saved.state == "awake":
+            self.resumed.set()
+        self.wake_task: asyncio.Task[None] | None = None
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
@@ -127,10 +132,12 @@ class Sleeper:
     async def close(self) -> None:
         if self.accept_task is not None:
             self.accept_task.cancel()
+        if self.wake_task is not None:
+            self.wake_task.cancel()
         for task in list(self.handlers):
             task.cancel()
         await asyncio.gather(
-            *(t for t in (self.accept_task, *self.handlers) if t is not None),
+            *(t for t in (self.accept_task, self.wake_task, *self.handlers) if t is not None),
             return_exceptions=True,
         )
         if self.listener is not None:
@@ -140,7 +147,11 @@ class Sleeper:
         if self.redirect_on == on:
             return
         rule = netns.redirect_rule(self.port, self.wake_port, self.gateway)
-        present = (await netns.iptables(self.pid, "-t", "nat", "-C", *rule))[0] == 0
+        # Each iptables run costs milliseconds on a wake's path: ask only when unknown.
+        if self.redirect_on is None:
+            present = (await netns.iptables(self.pid, "-t", "nat", "-C", *rule))[0] == 0
+        else:
+            present = self.redirect_on
         if on and not present:
             code, out = await netns.iptables(self.pid, "-t", "nat", "-I", *rule)
         elif not on and present:
@@ -215,6 +226,7 @@ class Sleeper:
                     return
             previous = self.state
             self.saved.state = goal  # intent first: the reconciler leaves a sleeping db alone
+            self.resumed.clear()
             try:
                 if goal == "light":
                     await self.docker.pause(self.db_name)
@@ -225,6 +237,8 @@ class Sleeper:
                     await self.docker.stop(self.db_name, grace_s=30)
             except AgentError:
                 self.saved.state = previous
+                if previous == "awake":
+                    self.resumed.set()
                 await self._set_redirect(previous != "awake")
                 raise
             log.info(
@@ -244,6 +258,7 @@ class Sleeper:
             self.ready = False
             if self.state != "awake":
                 self.saved.state = "awake"
+            self.resumed.set()
             self.saved.last_activity = time.time()
             await self._set_redirect(False)
 
@@ -254,21 +269,16 @@ class Sleeper:
                 return
             started = time.monotonic()
             try:
-                # The fast path trusts the recorded stage; anything else (a crash between
-                # two steps, a dockerd restart) is resolved from the container's real state.
-                if stage != "light" or not await self.docker.unpause(self.db_name):
-                    state = await self.docker.state(self.db_name)
-                    if state == "paused":
-                        await self.docker.unpause(self.db_name)
-                    elif state != "running":
-                        await self.docker.start(self.db_name)
-                    await self._until_ready()
+                await self._resume(stage)
             except NotFound:
                 pass  # recreated by the reconciler, which wakes it anyway
             self.ready = True
-            await self._set_redirect(False)
             elapsed_ms = (time.monotonic() - started) * 1000
+            # Waiting clients are relayed now; the redirect goes while they talk, still under
+            # the lock, so no sleep can start before new connections reach the db directly.
             self.saved.state = "awake"
+            self.resumed.set()
+            await self._set_redirect(False)
             self.saved.last_activity = time.time()
             self.saved.wakes += 1
             self.saved.last_wake_ms = [*self.saved.last_wake_ms[-9:], round(elapsed_ms, 2)]
@@ -282,6 +292,25 @@ class Sleeper:
                 elapsed_ms,
             )
         self.on_change()
+
+    async def _resume(self, stage: SleepState) -> None:
+        # The fast path trusts the recorded stage; anything else (a crash between two
+        # steps, a dockerd restart) is resolved from the container's real state.
+        if stage == "light" and await self.docker.unpause(self.db_name):
+            return
+        if stage == "deep":
+            try:
+                await self.docker.start(self.db_name)
+                await self._until_ready()
+                return
+            except Conflict:
+                pass  # paused, not stopped
+        state = await self.docker.state(self.db_name)
+        if state == "paused":
+            await self.docker.unpause(self.db_name)
+        elif state != "running":
+            await self.docker.start(self.db_name)
+        await self._until_ready()
 
     async def _until_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -313,12 +342,19 @@ class Sleeper:
         writer_up: asyncio.StreamWriter | None = None
         writer_down: asyncio.StreamWriter | None = None
         try:
-            try:
-                await self.wake(f"connection from {source}")
-            except AgentError as exc:
-                log.error("addon.wake_failed addon=%s error=%s", self.addon.id, exc)
-                client.close()
-                return
+            if not self.resumed.is_set():
+                # One wake at a time; every client waiting meanwhile goes on once it is up.
+                if self.wake_task is None or self.wake_task.done():
+                    self.wake_task = asyncio.create_task(self.wake(f"connection from {source}"))
+                up = asyncio.ensure_future(self.resumed.wait())
+                await asyncio.wait({self.wake_task, up}, return_when=asyncio.FIRST_COMPLETED)
+                up.cancel()
+                if not self.resumed.is_set():
+                    task = self.wake_task
+                    exc = task.exception() if task.done() and not task.cancelled() else None
+                    log.error("addon.wake_failed addon=%s error=%s", self.addon.id, exc)
+                    client.close()
+                    return
             reader_down, writer_down = await asyncio.open_connection(sock=client)
             reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
             _keepalive(writer_up.get_extra_info("socket"))

@@ -22,7 +22,9 @@ from agent.model import Observed
 
 T = TypeVar("T")
 # Docker 20.10 answers these state conflicts with 500 rather than 409.
-_STATE_CONFLICT = re.compile(r"already exists|is not paused|is already paused|is not running")
+_STATE_CONFLICT = re.compile(
+    r"already exists|is not paused|is already paused|is not running|paused container"
+)
 
 
 async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,15 +231,16 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     proc = AgentProcess(
         host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
     )
-    await proc.start()
-    await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
     try:
+        await proc.start()
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
         yield proc
     finally:
         await proc.close()
         remove_host_objects(host)
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))
+        shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords
 
 
 async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25) -> Any:

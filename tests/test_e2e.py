@@ -238,19 +238,29 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
     assert "desired.rejected" in agent.log_tail(400)
 
 
-async def test_holder_restarted_in_place_gets_its_database_back(stack: Stack, agent: AgentProcess) -> None:
+async def test_holder_restarted_in_place_gets_its_database_back(
+    stack: Stack, agent: AgentProcess
+) -> None:
     """`docker restart` of a holder keeps its id but not its namespace: the db is cut off."""
     c = stack.controller
     assert c is not None
     project = await create_project(c, "team")
     pg = await create_addon(c, project["id"], "split-db", "postgres")
     await wait_phase(c, project["id"], pg["id"], "ready")
-    job = await run_job(c, project["id"], 'psql "$DATABASE_URL" -qc "create table s(v int); insert into s values (7)"')
+    job = await run_job(
+        c,
+        project["id"],
+        'psql "$DATABASE_URL" -qc "create table s(v int); insert into s values (7)"',
+    )
     assert job["exit_code"] == 0, job
     docker("restart", "-t", "0", holder(pg["id"]))
 
     async def answers() -> bool:
-        j = await run_job(c, project["id"], 'psql "$DATABASE_URL" -tAc "select v from s"', timeout=20)
+        j = await run_job(
+            c, project["id"], 'psql "$DATABASE_URL" -tAc "select v from s"', timeout=20
+        )
         return j["exit_code"] == 0 and j["output"].strip() == "7"
 
-    await wait_for(answers, 120, "the add-on answering again after its holder restarted", interval=1)
+    await wait_for(
+        answers, 120, "the add-on answering again after its holder restarted", interval=1
+    )

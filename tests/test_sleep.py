@@ -134,9 +134,13 @@ async def test_sleeps_when_idle_but_not_while_a_client_is_connected(stack: Stack
     # Idle now. Readiness probes keep running every resync, and must not keep it awake.
     await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
     await wait_db(a["id"], "exited", timeout=DEEP_S + 6)
-    view = await wait_phase(c, project["id"], a["id"], "sleeping")
-    assert view["sleep_state"] == "deep"
-    assert view["sleeps"] >= 2
+    await wait_phase(c, project["id"], a["id"], "sleeping")
+
+    async def deep_after_two_sleeps() -> dict[str, Any] | None:
+        view = await addon(c, project["id"], a["id"])
+        return view if view["sleep_state"] == "deep" and view["sleeps"] >= 2 else None
+
+    view = await wait_for(deep_after_two_sleeps, 10, "status: deep sleep, two sleeps counted")
     assert any(x["type"] == "Sleeping" and x["status"] == "True" for x in view["conditions"])
 
 
