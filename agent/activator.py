@@ -342,16 +342,22 @@ class Sleeper:
         writer_up: asyncio.StreamWriter | None = None
         writer_down: asyncio.StreamWriter | None = None
         try:
-            if not self.resumed.is_set():
+            waking = self.wake_task
+            if not self.resumed.is_set() and (waking is None or waking.done()):
                 # One wake at a time; every client waiting meanwhile goes on once it is up.
-                if self.wake_task is None or self.wake_task.done():
-                    self.wake_task = asyncio.create_task(self.wake(f"connection from {source}"))
+                waking = self.wake_task = asyncio.create_task(
+                    self.wake(f"connection from {source}")
+                )
+            if waking is not None and not self.resumed.is_set() and self.state != "light":
+                # A stopped database has no socket yet; a paused one does: the kernel
+                # completes the handshake and queues the client's bytes until it thaws,
+                # so a light-sleep relay starts at once and the thaw overlaps with it.
                 up = asyncio.ensure_future(self.resumed.wait())
-                await asyncio.wait({self.wake_task, up}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([waking, up], return_when=asyncio.FIRST_COMPLETED)
                 up.cancel()
                 if not self.resumed.is_set():
-                    task = self.wake_task
-                    exc = task.exception() if task.done() and not task.cancelled() else None
+                    done = waking.done() and not waking.cancelled()
+                    exc = waking.exception() if done else None
                     log.error("addon.wake_failed addon=%s error=%s", self.addon.id, exc)
                     client.close()
                     return
