@@ -320,7 +320,7 @@ class Sleeper:
                 return
             if time.monotonic() > deadline:
                 raise AgentError(f"add-on did not become ready after waking: {message}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)  # a refused connect is cheap; every ms counts here
 
     async def _accept(self) -> None:
         assert self.listener is not None
