@@ -43,6 +43,7 @@ if [ ! -f "$etc/agent.toml" ]; then
 [agent]
 host = "$host"
 state_dir = "/var/lib/orkestr-agent"
+keeper_socket = "/run/orkestr-keeper/keeper.sock"
 
 [controller]
 url = "http://127.0.0.1:$api_port"
@@ -81,12 +82,14 @@ if ! port_open "$mqtt_port"; then
 fi
 
 if [ -d /run/systemd/system ]; then
-  for unit in orkestr-controller orkestr-agent; do
+  for unit in orkestr-controller orkestr-wake-keeper orkestr-agent; do
     sed "s#/opt/orkestr#$repo#g; s#/etc/orkestr#$etc#g" "systemd/$unit.service" >"/etc/systemd/system/$unit.service"
   done
   systemctl daemon-reload
-  systemctl enable --now orkestr-controller orkestr-agent
+  systemctl enable --now orkestr-controller orkestr-wake-keeper orkestr-agent
 else
+  mkdir -p -m 0700 /run/orkestr-keeper
+  start_bg keeper .venv/bin/python -m agent.keeper --socket /run/orkestr-keeper/keeper.sock
   start_bg controller .venv/bin/python -m controller --config "$etc/controller.toml"
   start_bg agent .venv/bin/python -m agent --config "$etc/agent.toml"
 fi
