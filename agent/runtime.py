@@ -515,6 +515,9 @@ class Agent:
                 and sleeper.alive()
             ):
                 sleeper.addon = wanted[aid][1]
+                if sleeper.listener is not None:
+                    # Idempotent, and it refills a keeper that was restarted meanwhile.
+                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
                 continue
             if aid not in wanted and holder is not None and sleeper.state != "awake":
                 # Sleep disabled (e.g. the plan became Team): wake it while the listener

@@ -135,6 +135,22 @@ listen = "127.0.0.1:{self.metrics_port}"
             self.proc.kill()
             await self.proc.wait()
 
+    async def restart_keeper(self) -> None:
+        assert self.keeper is not None
+        self.keeper.terminate()
+        await self.keeper.wait()
+        self.keeper = None
+        if self.proc is not None and self.proc.returncode is None:
+            # Start only the keeper: the agent keeps running.
+            self.keeper = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.keeper",
+                "--socket",
+                str(self.dir / "keeper.sock"),
+                cwd=ROOT,
+            )
+
     async def close(self) -> None:
         await self.stop()
         if self.keeper is not None and self.keeper.returncode is None:

@@ -262,12 +262,15 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
         outsider.remove()
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+@pytest.mark.parametrize("how", ["sigterm", "kill9", "keeper_restarted_first"])
 async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_returns(
     agent: AgentProcess, pg: Any, how: str
 ) -> None:
     _project, a, client = pg
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    if how == "keeper_restarted_first":
+        await agent.restart_keeper()  # empty now: the running agent must refill it
+        await asyncio.sleep(4)
     await (agent.stop() if how == "sigterm" else agent.kill9())
     # The keeper still holds the wake listener: the client's connection is queued, not refused.
     waiting = asyncio.create_task(client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"'))
