@@ -63,7 +63,7 @@ async def main(config: config_mod.AgentConfig) -> None:
                     tg.create_task(agent.reconcile_loop(), name="reconcile"),
                     tg.create_task(agent.events_loop(), name="docker-events"),
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
-                    tg.create_task(agent.sleep_loop(), name="sleep"),
+                    tg.create_task(agent.sleep.loop(), name="sleep"),
                 ]
                 await stop.wait()
                 notify("STOPPING=1")

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from agent import desired as desired_mod
 from agent import model, netns, probe
 from agent import plan as p
-from agent.activator import Persisted, Sleeper, SleepStore, utc
+from agent.activator import utc
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
@@ -42,6 +41,7 @@ from agent.metrics import (
 from agent.mqtt import Broker
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
+from agent.sleepers import SleepManager
 from agent.state import StateDir
 from schemas import topics
 from schemas.codec import encode
@@ -106,14 +106,17 @@ class Agent:
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
         )
-        self.sleep_store = SleepStore(root / "sleep.json")
-        self.sleep_saved: dict[str, Persisted] = self.sleep_store.load()
-        self.sleepers: dict[str, Sleeper] = {}
         self.observed = model.Observed()
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
-        self.keeper = KeeperClient(config.agent.keeper_socket)
-        self._adopted: dict[str, socket.socket] | None = None
+        self.sleep = SleepManager(
+            root,
+            docker,
+            KeeperClient(config.agent.keeper_socket),
+            self._wake_probe,
+            self._sleep_changed,
+            config.agent.sleep_tick_s,
+        )
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -257,14 +260,14 @@ class Agent:
         local = p.Local(
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
-            sleep={aid: saved.state for aid, saved in self.sleep_saved.items()},
+            sleep=self.sleep.states(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         outcome = await self.applier.apply(actions)
         if actions:
             observed = await self.docker.snapshot()
         self.observed = observed
-        await self._sync_sleepers(observed)
+        await self.sleep.sync(self.desired, observed, self._is_ready)
         await self._refresh_status(observed, outcome)
         await self.publish_status()
         await self.publish_job_results()
@@ -293,9 +296,9 @@ class Agent:
                         self.book.forget(addon.id)
                     continue
                 self._provisioned(addon, holder, db, outcome, now)
-                sleeping = self.sleep_saved.get(addon.id, Persisted()).state != "awake"
+                sleeping = self.sleep.state(addon.id) != "awake"
                 if sleeping:
-                    stage = self.sleep_saved[addon.id].state
+                    stage = self.sleep.state(addon.id)
                     self.book.set(
                         addon.id,
                         "Ready",
@@ -327,7 +330,7 @@ class Agent:
                     ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
         for project_id, addon, ip, task in probes:
             ok, reason, message = await task
-            if (sleeper := self.sleepers.get(addon.id)) is not None:
+            if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
                 if reason == "Unreachable":
@@ -419,7 +422,7 @@ class Agent:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                if self.sleep_saved.get(addon.id, Persisted()).state != "awake":
+                if self.sleep.state(addon.id) != "awake":
                     return
                 if (await self._probe(addon, ip, 1.0))[0]:
                     self.trigger()
@@ -430,8 +433,8 @@ class Agent:
     def _addon_status(
         self, project_id: str, addon: AddonSpec, generation: int, now: datetime
     ) -> AddonStatus:
-        saved = self.sleep_saved.get(addon.id)
-        sleeper = self.sleepers.get(addon.id)
+        saved = self.sleep.saved.get(addon.id)
+        sleeper = self.sleep.sleepers.get(addon.id)
         ADDON_SLEEP_STATE.labels(addon.id, project_id, addon.kind).set(
             SLEEP_LEVEL[saved.state if saved else "awake"]
         )
@@ -466,7 +469,7 @@ class Agent:
     ) -> tuple[bool, str, str]:
         if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
-        sleeper = self.sleepers.get(addon.id)
+        sleeper = self.sleep.sleepers.get(addon.id)
         if sleeper is None:
             return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
         async with sleeper.platform_connection():
@@ -485,127 +488,21 @@ class Agent:
             return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
         return await probe.redis(ip, password, timeout_s)
 
-    # --- sleep --------------------------------------------------------------------------
     async def _addon_started(self, addon_id: str) -> None:
-        sleeper = self.sleepers.get(addon_id)
-        if sleeper is not None:
-            await sleeper.mark_awake()
-        elif addon_id in self.sleep_saved:
-            self.sleep_saved[addon_id].state = "awake"
-        self.sleep_store.save(self.sleep_saved)
-
-    async def _sync_sleepers(self, observed: model.Observed) -> None:
-        """Keep one Sleeper per sleep-enabled add-on whose holder runs (level-triggered)."""
-        if self._adopted is None:
-            # Listeners that outlived the previous agent process, with clients queued.
-            self._adopted = await self.keeper.take_all()
-        if self.desired is None:
-            return  # without a desired state nothing is known to be unwanted: keep all
-        wanted: dict[str, tuple[str, AddonSpec]] = {}
-        for project in self.desired.projects:
-            for addon in project.addons:
-                if addon.sleep.enabled and not addon.deleted:
-                    wanted[addon.id] = (project.id, addon)
-        for aid, sleeper in list(self.sleepers.items()):
-            holder = observed.container(model.holder_name(aid))
-            if (
-                aid in wanted
-                and holder is not None
-                and holder.id == sleeper.holder_id
-                and sleeper.alive()
-            ):
-                sleeper.addon = wanted[aid][1]
-                if sleeper.listener is not None:
-                    # Idempotent, and it refills a keeper that was restarted meanwhile.
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
-                continue
-            if aid not in wanted and holder is not None and sleeper.state != "awake":
-                # Sleep disabled (e.g. the plan became Team): wake it while the listener
-                # still answers; if that fails, keep the sleeper and try again next pass.
-                try:
-                    await sleeper.wake("sleep disabled by the plan")
-                except (AgentError, OSError) as exc:
-                    log.warning("sleep.disable_failed addon=%s error=%s", aid, exc)
-                    continue
-            del self.sleepers[aid]
-            await sleeper.close()
-            await self.keeper.delete(sleeper.wake_name)
-        for aid, (project_id, addon) in wanted.items():
-            if aid in self.sleepers:
-                continue
-            holder = observed.container(model.holder_name(aid))
-            network = observed.network(model.network_name(project_id))
-            db = observed.container(model.db_name(aid))
-            if (
-                holder is None
-                or holder.state != "running"
-                or not holder.ip
-                or network is None
-                or db is None
-            ):
-                continue
-            ready = self.book.get(aid, "Ready")
-            asleep = self.sleep_saved.get(aid, Persisted()).state != "awake"
-            if not asleep and (ready is None or ready.status != "True"):
-                continue  # not before it has answered a client once
-            try:
-                pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
-                sleeper = Sleeper(
-                    addon,
-                    db.name,
-                    holder.id,
-                    pid,
-                    holder.ip,
-                    network.gateway,
-                    self.sleep_saved.setdefault(aid, Persisted()),
-                    self.docker,
-                    self._wake_probe,
-                    self._sleep_changed,
-                )
-                sleeper.ready = not asleep
-                adopted = self._adopted.pop(sleeper.wake_name, None)
-                await sleeper.start(adopted)
-                if adopted is None and sleeper.listener is not None:
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
-            except (AgentError, OSError) as exc:
-                log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
-                continue
-            self.sleepers[aid] = sleeper
-        # Adopted listeners of add-ons that are gone or have a new holder are of no use.
-        for name, sock in list(self._adopted.items()):
-            aid = name.split("-")[1]
-            holder = observed.container(model.holder_name(aid))
-            if aid not in wanted or holder is None or not name.endswith(holder.id[:12]):
-                sock.close()
-                del self._adopted[name]
-                await self.keeper.delete(name)
-        for aid in [a for a in self.sleep_saved if a not in wanted]:
-            del self.sleep_saved[aid]
-        self.sleep_store.save(self.sleep_saved)
+        await self.sleep.addon_started(addon_id)
 
     def _sleep_changed(self) -> None:
-        self.sleep_store.save(self.sleep_saved)
         self.trigger()
 
-    async def sleep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.agent.sleep_tick_s)
-            now = time.time()
-            for sleeper in list(self.sleepers.values()):
-                try:
-                    await sleeper.maybe_sleep(now)
-                except (AgentError, OSError) as exc:
-                    log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
-                except Exception:
-                    log.exception("sleep.crashed addon=%s", sleeper.addon.id)
+    def _is_ready(self, addon_id: str) -> bool:
+        ready = self.book.get(addon_id, "Ready")
+        return ready is not None and ready.status == "True"
 
     async def close_sleepers(self) -> None:
         for task in self._readiness.values():
             task.cancel()
         await asyncio.gather(*self._readiness.values(), return_exceptions=True)
-        for sleeper in self.sleepers.values():
-            await sleeper.close()
-        self.sleep_store.save(self.sleep_saved)
+        await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
     async def publish_status(self) -> None:

@@ -1,0 +1,177 @@
+"""The sleep manager: one `Sleeper` per sleep-enabled add-on, kept level-triggered.
+
+Each reconcile pass calls `sync` with the desired and observed state; it creates sleepers
+for add-ons that may sleep (once they have answered a client), replaces them when their
+holder changed, wakes and drops them when sleep is disabled, and hands every wake listener
+to the keeper so it outlives the agent. `loop` puts idle add-ons to sleep. Sleep states are
+persisted, so a restarted agent keeps sleeping add-ons asleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent import model
+from agent.activator import Persisted, Probe, Sleeper, SleepStore
+from agent.docker import Docker
+from agent.errors import AgentError
+from agent.keeper_client import KeeperClient
+from schemas.messages import AddonSpec, DesiredState, SleepState
+
+log = logging.getLogger("orkestr.agent.sleep")
+
+
+class SleepManager:
+    def __init__(
+        self,
+        state_dir: Path,
+        docker: Docker,
+        keeper: KeeperClient,
+        probe: Probe,
+        on_change: Callable[[], None],
+        tick_s: float,
+    ) -> None:
+        self.store = SleepStore(state_dir / "sleep.json")
+        self.saved: dict[str, Persisted] = self.store.load()
+        self.sleepers: dict[str, Sleeper] = {}
+        self.docker = docker
+        self.keeper = keeper
+        self._probe = probe
+        self._on_change = on_change
+        self._tick_s = tick_s
+        self._adopted: dict[str, socket.socket] | None = None
+
+    def state(self, addon_id: str) -> SleepState:
+        saved = self.saved.get(addon_id)
+        return saved.state if saved is not None else "awake"
+
+    def states(self) -> dict[str, SleepState]:
+        return {aid: saved.state for aid, saved in self.saved.items()}
+
+    async def addon_started(self, addon_id: str) -> None:
+        sleeper = self.sleepers.get(addon_id)
+        if sleeper is not None:
+            await sleeper.mark_awake()
+        elif addon_id in self.saved:
+            self.saved[addon_id].state = "awake"
+        self.store.save(self.saved)
+
+    async def sync(
+        self,
+        desired: DesiredState | None,
+        observed: model.Observed,
+        is_ready: Callable[[str], bool],
+    ) -> None:
+        """Keep one Sleeper per sleep-enabled add-on whose holder runs (level-triggered)."""
+        if self._adopted is None:
+            # Listeners that outlived the previous agent process, with clients queued.
+            self._adopted = await self.keeper.take_all()
+        if desired is None:
+            return  # without a desired state nothing is known to be unwanted: keep all
+        wanted: dict[str, tuple[str, AddonSpec]] = {}
+        for project in desired.projects:
+            for addon in project.addons:
+                if addon.sleep.enabled and not addon.deleted:
+                    wanted[addon.id] = (project.id, addon)
+        for aid, sleeper in list(self.sleepers.items()):
+            holder = observed.container(model.holder_name(aid))
+            if (
+                aid in wanted
+                and holder is not None
+                and holder.id == sleeper.holder_id
+                and sleeper.alive()
+            ):
+                sleeper.addon = wanted[aid][1]
+                if sleeper.listener is not None:
+                    # Idempotent, and it refills a keeper that was restarted meanwhile.
+                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                continue
+            if aid not in wanted and holder is not None and sleeper.state != "awake":
+                # Sleep disabled (e.g. the plan became Team): wake it while the listener
+                # still answers; if that fails, keep the sleeper and try again next pass.
+                try:
+                    await sleeper.wake("sleep disabled by the plan")
+                except (AgentError, OSError) as exc:
+                    log.warning("sleep.disable_failed addon=%s error=%s", aid, exc)
+                    continue
+            del self.sleepers[aid]
+            await sleeper.close()
+            await self.keeper.delete(sleeper.wake_name)
+        for aid, (project_id, addon) in wanted.items():
+            if aid in self.sleepers:
+                continue
+            holder = observed.container(model.holder_name(aid))
+            network = observed.network(model.network_name(project_id))
+            db = observed.container(model.db_name(aid))
+            if (
+                holder is None
+                or holder.state != "running"
+                or not holder.ip
+                or network is None
+                or db is None
+            ):
+                continue
+            asleep = self.saved.get(aid, Persisted()).state != "awake"
+            if not asleep and not is_ready(aid):
+                continue  # not before it has answered a client once
+            try:
+                pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
+                sleeper = Sleeper(
+                    addon,
+                    db.name,
+                    holder.id,
+                    pid,
+                    holder.ip,
+                    network.gateway,
+                    self.saved.setdefault(aid, Persisted()),
+                    self.docker,
+                    self._probe,
+                    self._changed,
+                )
+                sleeper.ready = not asleep
+                adopted = self._adopted.pop(sleeper.wake_name, None)
+                await sleeper.start(adopted)
+                if adopted is None and sleeper.listener is not None:
+                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+            except (AgentError, OSError) as exc:
+                log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
+                continue
+            self.sleepers[aid] = sleeper
+        # Adopted listeners of add-ons that are gone or have a new holder are of no use.
+        for name, sock in list(self._adopted.items()):
+            aid = name.split("-")[1]
+            holder = observed.container(model.holder_name(aid))
+            if aid not in wanted or holder is None or not name.endswith(holder.id[:12]):
+                sock.close()
+                del self._adopted[name]
+                await self.keeper.delete(name)
+        for aid in [a for a in self.saved if a not in wanted]:
+            del self.saved[aid]
+        self.store.save(self.saved)
+
+    def _changed(self) -> None:
+        self.store.save(self.saved)
+        self._on_change()
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            now = time.time()
+            for sleeper in list(self.sleepers.values()):
+                try:
+                    await sleeper.maybe_sleep(now)
+                except (AgentError, OSError) as exc:
+                    log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
+                except Exception:
+                    log.exception("sleep.crashed addon=%s", sleeper.addon.id)
+
+    async def close(self) -> None:
+        """On shutdown: listeners stay with the keeper, sleeping add-ons stay asleep."""
+        for sleeper in self.sleepers.values():
+            await sleeper.close()
+        self.store.save(self.saved)
