@@ -734,3 +734,16 @@ class Plain:
         await adocker_cli("rm", "-f", "-v", *names, check=False)
         await adocker_cli("volume", "rm", "-f", self.volume, check=False)
         self.bench.secrets.remove(self.id)
+
+
+def print_context(results: dict[str, Any]) -> None:
+    """The machine, the other load on it and the code measured: what makes figures comparable."""
+    m = results["machine"]
+    print(
+        f"machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, docker {m['docker_server']}"
+    )
+    print(f"other activity: before {results['activity_before']}, after {results['activity_after']}")
+    c = results["code"]
+    print(
+        f"code: {c['source']} at {c['head']}, modified {c['modified'] or 'none'}, sources {c['sources_sha256']}"
+    )

@@ -38,6 +38,7 @@ from _harness import (
     machine_facts,
     percentile,
     plans_toml,
+    print_context,
     rnd,
     table,
 )
@@ -177,15 +178,7 @@ def report(results: dict[str, Any]) -> None:
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
     print()
-    m = results["machine"]
-    print(
-        f"machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, docker {m['docker_server']}"
-    )
-    print(f"other activity: before {results['activity_before']}, after {results['activity_after']}")
-    c = results["code"]
-    print(
-        f"code: {c['source']} at {c['head']}, modified {c['modified'] or 'none'}, sources {c['sources_sha256']}"
-    )
+    print_context(results)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from _harness import (
     machine_facts,
     percentile,
     plans_toml,
+    print_context,
     rnd,
     table,
 )
@@ -195,15 +196,7 @@ def report(results: dict[str, Any]) -> None:
          "first query", "docker run: created", "started", "first query"],
         rows, "Where the time goes (orkestr, p50 ms after the create call; from Docker events)"))  # fmt: skip
     print()
-    m = results["machine"]
-    print(
-        f"machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, docker {m['docker_server']}"
-    )
-    print(f"other activity: before {results['activity_before']}, after {results['activity_after']}")
-    c = results["code"]
-    print(
-        f"code: {c['source']} at {c['head']}, modified {c['modified'] or 'none'}, sources {c['sources_sha256']}"
-    )
+    print_context(results)
 
 
 if __name__ == "__main__":
