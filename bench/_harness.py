@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -30,7 +31,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -747,3 +748,17 @@ def print_context(results: dict[str, Any]) -> None:
     print(
         f"code: {c['source']} at {c['head']}, modified {c['modified'] or 'none'}, sources {c['sources_sha256']}"
     )
+
+
+def run_cli(
+    doc: str | None,
+    main: Callable[[bool], Awaitable[dict[str, Any]]],
+    report: Callable[[dict[str, Any]], None],
+    quick_help: str,
+) -> None:
+    """Parse --quick, run the benchmark, print its table, then its one line of JSON."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    results = asyncio.run(main(parser.parse_args().quick))
+    report(results)
+    print(json.dumps(results, separators=(",", ":")))

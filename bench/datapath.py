@@ -21,11 +21,8 @@ Prints a table and ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import csv
 import io
-import json
 import re
 from typing import Any
 
@@ -40,6 +37,7 @@ from _harness import (
     plans_toml,
     print_context,
     rnd,
+    run_cli,
     table,
 )
 
@@ -182,9 +180,4 @@ def report(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, 3 s pgbench runs")
-    args = parser.parse_args()
-    res = asyncio.run(main(args.quick))
-    report(res)
-    print(json.dumps(res, separators=(",", ":")))
+    run_cli(__doc__, main, report, quick_help="1 round, 3 s pgbench runs")

@@ -24,9 +24,7 @@ target <= 1.3.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -42,6 +40,7 @@ from _harness import (
     plans_toml,
     print_context,
     rnd,
+    run_cli,
     table,
 )
 
@@ -200,9 +199,4 @@ def report(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 runs instead of 5")
-    args = parser.parse_args()
-    res = asyncio.run(main(args.quick))
-    report(res)
-    print(json.dumps(res, separators=(",", ":")))
+    run_cli(__doc__, main, report, quick_help="2 runs instead of 5")

@@ -32,9 +32,7 @@ Prints a table and ends with one JSON line. Targets: ratio p50 <= 1.10, ratio p9
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import re
 import time
 from typing import Any
@@ -51,6 +49,7 @@ from _harness import (
     plans_toml,
     print_context,
     rnd,
+    run_cli,
     table,
 )
 
@@ -264,9 +263,4 @@ def report(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 wakes per case instead of 20")
-    args = parser.parse_args()
-    res = asyncio.run(main(args.quick))
-    report(res)
-    print(json.dumps(res, separators=(",", ":")))
+    run_cli(__doc__, main, report, quick_help="5 wakes per case instead of 20")
