@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.runtime import Agent
 from agent.sdnotify import notify
+from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
 
@@ -40,7 +42,9 @@ async def _metrics_app(listen: str) -> web.AppRunner:
     return runner
 
 
-async def main(config: config_mod.AgentConfig) -> None:
+async def main(
+    config: config_mod.AgentConfig, verifier: Verifier, tls: ssl.SSLContext | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,7 +54,7 @@ async def main(config: config_mod.AgentConfig) -> None:
         controller = await stack.enter_async_context(
             ControllerClient(config.controller.url, config.controller.token(), config.agent.host)
         )
-        agent = Agent(config, docker, controller)
+        agent = Agent(config, docker, controller, verifier, tls)
         stack.push_async_callback(agent.applier.close)
         stack.push_async_callback(agent.close_sleepers)
         runner = await _metrics_app(config.metrics.listen)
@@ -87,10 +91,16 @@ def run() -> None:
     )
     try:
         config = config_mod.load(Path(args.config))
+        verifier = config_mod.verifier(config)
+        tls = config_mod.tls_context(config)
+        config.mqtt.password()
+    except OSError as exc:
+        print(f"orkestr-agent: bad configuration: mqtt.password_file: {exc}", file=sys.stderr)
+        sys.exit(2)
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(main(config))
+    asyncio.run(main(config, verifier, tls))
 
 
 if __name__ == "__main__":
