@@ -38,6 +38,21 @@ class _Listener:
     port: int
     bind: str  # "" = every interface
     security: _Security = field(default_factory=_Security)
+    username_as_clientid: bool = False
+
+
+# Options of one listener; given before any `listener` line they open the default
+# listener (port 1883, every interface), as mosquitto 2.0 does.
+_LISTENER_OPTIONS = {
+    "use_username_as_clientid",
+    "cafile",
+    "capath",
+    "certfile",
+    "keyfile",
+    "require_certificate",
+    "protocol",
+    "socket_domain",
+}
 
 
 def _lines(path: Path, seen: set[Path]) -> list[tuple[str, list[str]]]:
@@ -97,10 +112,12 @@ def check(path: Path) -> list[str]:
     )
     global_security = _Security()
     listeners: list[_Listener] = []
-    username_as_clientid = False
     default_port: tuple[str, int] | None = None
     for where, words in directives:
         key, args = words[0], words[1:]
+        if key in _LISTENER_OPTIONS and not listeners:
+            port = default_port[1] if default_port else 1883
+            listeners.append(_Listener(f"{where} (implicit default listener)", port, ""))
         if key == "listener" and args:
             bind = args[1] if len(args) > 1 else ""
             listeners.append(_Listener(where, _port(where, args[0]), bind))
@@ -113,7 +130,7 @@ def check(path: Path) -> list[str]:
             else:
                 setattr(target, key, " ".join(args))
         elif key == "use_username_as_clientid":
-            username_as_clientid = args[:1] == ["true"]
+            listeners[-1].username_as_clientid = args[:1] == ["true"]
     if not listeners:
         where, port = default_port or (str(path), 1883)
         listeners.append(_Listener(where, port, ""))
@@ -132,11 +149,11 @@ def check(path: Path) -> list[str]:
                 f"{name}: the ACL file {security.acl_file} is empty "
                 "(generate it with `python -m schemas.broker_acl`)"
             )
-    if not username_as_clientid:
-        problems.append(
-            "use_username_as_clientid true is required: otherwise a client can take over "
-            "another host's client id"
-        )
+        if not listener.username_as_clientid:
+            problems.append(
+                f"{name} needs use_username_as_clientid true (after its listener line): "
+                "otherwise a client can take over another host's client id"
+            )
     return problems
 
 

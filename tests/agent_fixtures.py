@@ -56,17 +56,24 @@ class AgentProcess:
     def __init__(
         self,
         host: str,
-        mqtt_port: int,
+        broker: Mosquitto,
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        *,
+        public_key_file: Path,
+        tls: bool = False,
     ) -> None:
         self.host = host
+        self.broker = broker
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
         self.state_dir = self.dir / "state"
         self.metrics_port = free_port()
         self.log_path = self.dir / "agent.log"
         self.config_path = self.dir / "agent.toml"
+        self.mqtt_password_file = self.dir / "mqtt.password"
+        mqtt_port = broker.tls_port if tls else broker.port
+        ca_line = f'ca_file = "{broker.ca_file}"' if tls else ""
         self.config_path.write_text(
             f"""
 [agent]
@@ -81,9 +88,14 @@ keeper_socket = "{self.dir / "keeper.sock"}"
 url = "{controller_url}"
 agent_token = "{agent_token}"
 
+[signing]
+public_key_file = "{public_key_file}"
+
 [mqtt]
 host = "127.0.0.1"
 port = {mqtt_port}
+password_file = "{self.mqtt_password_file}"
+{ca_line}
 keepalive_s = 5
 
 [images]
@@ -98,6 +110,8 @@ listen = "127.0.0.1:{self.metrics_port}"
         self.keeper: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        identity = await self.broker.identity(self.host)
+        self.mqtt_password_file.write_text(identity.password + "\n")
         if self.keeper is None:
             # The wake-socket keeper outlives agent restarts, as its systemd unit does.
             self.keeper = await asyncio.create_subprocess_exec(
@@ -195,10 +209,11 @@ sleep = { enabled = false }
 class Stack:
     """A broker, a controller database and a controller of its own, for one test module."""
 
-    def __init__(self, plans: str = TEST_PLANS) -> None:
+    def __init__(self, plans: str = TEST_PLANS, *, tls: bool = False) -> None:
         self.plans = plans
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-stack-"))
-        self.mosquitto = Mosquitto()
+        self.mosquitto = Mosquitto(tls=tls)
         self.controller: ControllerProcess | None = None
         self.dsn = ""
 
@@ -209,7 +224,8 @@ class Stack:
         self.dsn = await create_database("orkestr_e2e")
         self.controller = ControllerProcess(
             database_url=self.dsn,
-            mqtt_port=self.mosquitto.port,
+            broker=self.mosquitto,
+            tls=self.tls,
             plans_file=plans,
             offline_after_s=10,
         )
@@ -245,7 +261,12 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     assert stack.controller is not None
     host = f"t{uuid.uuid4().hex[:10]}"
     proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
+        host,
+        stack.mosquitto,
+        stack.controller.url,
+        stack.controller.agent_token,
+        public_key_file=stack.controller.public_key_file,
+        tls=stack.tls,
     )
     try:
         await proc.start()
