@@ -226,8 +226,11 @@ class Mosquitto:
         conf.write_text(self.config_text())
         return conf
 
-    async def identity(self, username: str, role: str = "host") -> MqttIdentity:
-        """The user `username`, created (and the broker reloaded) on first use."""
+    async def identity(
+        self, username: str, role: str = "host", *, probe: bool = True
+    ) -> MqttIdentity:
+        """The user `username`, created (and the broker reloaded) on first use; the reload
+        is awaited by connecting as it (`probe=False`: not, for a user that cannot)."""
         found = self._identities.get(username)
         if found is not None:
             return found
@@ -250,8 +253,11 @@ class Mosquitto:
         self._identities[username] = identity
         self._roles[username] = role
         self._write_security()
-        if self.running:
+        if self.running and probe:
             await self._reload_until_accepted(identity)
+        elif self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGHUP)
         return identity
 
     async def _reload_until_accepted(self, identity: MqttIdentity, wait_s: float = 10.0) -> None:
