@@ -8,6 +8,7 @@ confuse the next run. Images come from deploy/images/build.sh (run by deploy/ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -255,9 +256,9 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
         await s.close()
 
 
-@pytest.fixture
-async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
-    """A fresh host agent registered with the module's controller; removed with all it made."""
+@contextlib.asynccontextmanager
+async def running_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
     host = f"t{uuid.uuid4().hex[:10]}"
     proc = AgentProcess(
@@ -278,6 +279,13 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))
         shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords
+
+
+@pytest.fixture
+async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """A fresh host agent registered with the module's controller; removed with all it made."""
+    async with running_agent(stack) as proc:
+        yield proc
 
 
 async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25) -> Any:
