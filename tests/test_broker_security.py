@@ -13,14 +13,24 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controller import db
+from controller.config import MqttConfig
+from controller.metrics import Metrics
+from controller.mqtt import Incoming, MqttLink
+from controller.plans import load_plans
+from controller.publisher import Publisher
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import SCHEMA_VERSION, Capacity, DesiredState, HostStatus, Presence
+from schemas.signed import Signer
 from tests.services import (
     ControllerProcess,
     DesiredWatcher,
@@ -204,3 +214,75 @@ async def test_no_host_can_take_over_another_hosts_session(mosquitto: Mosquitto)
         message = await asyncio.wait_for(anext(aiter(victim.messages)), 10)
         assert message.payload == b"still-here"
     assert f"Client {victim_id.username} already connected" not in mosquitto.log_text()
+
+
+async def test_one_hosts_publish_failure_does_not_stop_the_others(
+    controller: ControllerProcess,
+    mosquitto: Mosquitto,
+    controller_db: str,
+    plans_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The controller's own publisher, in this process, on the real database and broker,
+    with plans lacking "team": the host with a Team project cannot get a snapshot."""
+    x = FakeAgent(unique("x"), mosquitto, memory_mb=900_000)
+    y = FakeAgent(unique("y"), mosquitto, memory_mb=1_000)
+    async with x, y:
+        await controller.wait_host_online(x.host)
+        await controller.wait_host_online(y.host)
+        _, on_x = await controller.api(
+            "POST", "/v1/projects", {"name": unique("p"), "plan": "team"}
+        )
+        _, on_y = await controller.api("POST", "/v1/projects", {"name": unique("p"), "plan": "pro"})
+        assert (on_x["host"], on_y["host"]) == (x.host, y.host)
+
+    key = Ed25519PrivateKey.generate()
+    public = tmp_path / "publisher.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    plans = {k: v for k, v in load_plans(plans_file).items() if k != "team"}
+    identity = await mosquitto.identity(f"publisher.{secrets.token_hex(3)}", "controller")
+    config = MqttConfig(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        client_id=identity.username,
+        username=identity.username,
+        password=identity.password,
+        tls=None,
+        keepalive_s=30,
+    )
+    metrics = Metrics()
+    link = MqttLink(config, metrics)
+
+    async def ignore(_: Incoming) -> None:
+        return None
+
+    async with (
+        db.open_pool(controller_db, 1, 2) as pool,
+        DesiredWatcher(x.host, mosquitto, public) as watch_x,
+        DesiredWatcher(y.host, mosquitto, public) as watch_y,
+    ):
+        publisher = Publisher(pool, link, plans, metrics, Signer(key))
+        tasks = [
+            asyncio.create_task(link.run(ignore, publisher.mark_all), name="link"),
+            asyncio.create_task(publisher.run(), name="publisher"),
+        ]
+        try:
+            # mark_all on connect: y is published although x fails; then x keeps failing
+            # on its own backoff while y gets new states.
+            first = await watch_y.wait_for(lambda s: any(p.id == on_y["id"] for p in s.projects))
+            publisher.mark(x.host, y.host)
+            await watch_y.wait_for(lambda s: s.generation > first.generation)
+            assert not any(t.done() for t in tasks)
+            assert watch_x.states == []  # nothing from this publisher for x
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    failed = metrics.desired_published.labels("failed")._value.get()
+    assert failed >= 1
+    assert f"desired_publish_failed host={x.host} reason=\"KeyError" in caplog.text
