@@ -285,4 +285,4 @@ async def test_one_hosts_publish_failure_does_not_stop_the_others(
             await asyncio.gather(*tasks, return_exceptions=True)
     failed = metrics.desired_published.labels("failed")._value.get()
     assert failed >= 1
-    assert f"desired_publish_failed host={x.host} reason=\"KeyError" in caplog.text
+    assert f'desired_publish_failed host={x.host} reason="KeyError' in caplog.text
