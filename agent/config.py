@@ -49,7 +49,7 @@ class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
 class MqttSection(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    # This host's broker identity: the username is the host name unless given.
+    # This host's broker identity: the username is the host name (the ACL relies on it).
     username: str | None = None
     password_file: str = ""
     # TLS: verify the broker against this CA; optionally present a client certificate.
@@ -100,6 +100,9 @@ def load(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: {exc}") from None
     if not (config.controller.agent_token or config.controller.agent_token_file):
         raise ConfigError(f"{path}: controller.agent_token or agent_token_file is required")
+    if config.mqtt.username not in (None, config.agent.host):
+        # The broker's ACL grants each user the topics named after it.
+        raise ConfigError(f"{path}: mqtt.username must be the host name ({config.agent.host})")
     if bool(config.mqtt.cert_file) != bool(config.mqtt.key_file):
         raise ConfigError(f"{path}: mqtt.cert_file and mqtt.key_file go together")
     if config.mqtt.cert_file and not config.mqtt.ca_file:

@@ -43,9 +43,14 @@ install -m 0644 "$broker_etc/certs/ca.crt" "$etc/mqtt-ca.crt"
 
 passwd=$broker_etc/passwd
 [ -f "$passwd" ] || install -m 0640 -o root -g "$owner" /dev/null "$passwd"
-# Adds or updates these two users; users added by hand (other hosts) stay.
-mosquitto_passwd -b "$passwd" orkestr.controller "$(cat "$etc/mqtt-controller.password")"
-mosquitto_passwd -b "$passwd" "$host" "$(cat "$etc/mqtt-agent.password")"
+# Adds or updates these two users; users added by hand (other hosts) stay. The password
+# goes through stdin (twice: entered and confirmed), never through argv.
+add_user() {  # user, password file
+  local pw; pw=$(cat "$2")
+  printf '%s\n%s\n' "$pw" "$pw" | mosquitto_passwd "$passwd" "$1" >/dev/null
+}
+add_user orkestr.controller "$etc/mqtt-controller.password"
+add_user "$host" "$etc/mqtt-agent.password"
 "$python" -m schemas.broker_acl >"$broker_etc/acl.new"
 mv "$broker_etc/acl.new" "$broker_etc/acl"
 chown root:"$owner" "$passwd" "$broker_etc/acl"

@@ -18,6 +18,7 @@ host=${ORKESTR_HOST:-$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-60)}
 api_port=${ORKESTR_API_PORT:-8080}
 mqtt_port=${ORKESTR_MQTT_PORT:-1883}
 mqtt_tls_port=${ORKESTR_MQTT_TLS_PORT:-8883}
+mqtt_tls_bind=${ORKESTR_MQTT_TLS_BIND:-127.0.0.1}
 broker_etc=${ORKESTR_BROKER_ETC:-/etc/orkestr-broker}
 
 for t in api_token agent_token; do
@@ -26,7 +27,8 @@ done
 
 # Signing key, MQTT passwords, CA and certificates, ACL and the checked broker config.
 ORKESTR_ETC=$etc ORKESTR_BROKER_ETC=$broker_etc ORKESTR_MQTT_PORT=$mqtt_port \
-  ORKESTR_MQTT_TLS_PORT=$mqtt_tls_port bash deploy/broker-setup.sh "$host"
+  ORKESTR_MQTT_TLS_PORT=$mqtt_tls_port ORKESTR_MQTT_TLS_BIND=$mqtt_tls_bind \
+  bash deploy/broker-setup.sh "$host"
 
 # Configs written by an older up.sh (no signing key, anonymous MQTT) are replaced; the old
 # file is kept beside the new one.
@@ -73,7 +75,7 @@ agent_token_file = "$etc/agent_token"
 # Over TLS, as an agent on another host would connect (the name must be in the
 # broker's certificate: ORKESTR_MQTT_TLS_NAMES for deploy/mqtt-certs.sh).
 [mqtt]
-host = "127.0.0.1"
+host = "$mqtt_tls_bind"
 port = $mqtt_tls_port
 username = "$host"
 password_file = "$etc/mqtt-agent.password"

@@ -237,16 +237,16 @@ class Mosquitto:
         password = secrets.token_urlsafe(18)
         password_file = self.dir / f"password-{len(self._identities)}"
         password_file.write_text(password + "\n")
+        # As deploy/broker-setup.sh does: the password on stdin (entered, confirmed).
         done = await asyncio.create_subprocess_exec(
             "mosquitto_passwd",
-            "-b",
             str(self.passwd_path),
             username,
-            password,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        out, _ = await done.communicate()
+        out, _ = await done.communicate(f"{password}\n{password}\n".encode())
         if done.returncode != 0:
             raise RuntimeError(f"mosquitto_passwd {username!r}: {out.decode(errors='replace')}")
         identity = MqttIdentity(username, password, password_file)
