@@ -129,7 +129,7 @@ class Applier:
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
                 env = await self.controller.env(project_id)
-                spec = specs.job_spec(project_id, job, self.settings.job_memory_mb)
+                spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
                     await self.docker.run(spec, env=env)
                 except (NotFound, PermanentError) as exc:

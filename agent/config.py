@@ -24,6 +24,8 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_s: Annotated[float, Meta(gt=0)] = 10.0
     probe_timeout_s: Annotated[float, Meta(gt=0)] = 3.0
     job_memory_mb: Annotated[int, Meta(ge=32)] = 512
+    job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
+    job_pids: Annotated[int, Meta(ge=16)] = 256
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import desired as desired_mod
-from agent import model, netns, probe
+from agent import model, netns, probe, specs
 from agent import plan as p
 from agent.activator import utc
 from agent.apply import Applier, Outcome
@@ -83,7 +83,11 @@ class Agent:
         self.settings = p.Settings(
             images=config.images,
             secrets_root=str(self.secrets.root),
-            job_memory_mb=config.agent.job_memory_mb,
+            jobs=specs.JobLimits(
+                memory_mb=config.agent.job_memory_mb,
+                cpus=config.agent.job_cpus,
+                pids=config.agent.job_pids,
+            ),
         )
         self.broker = Broker(
             self.host,
@@ -483,10 +487,11 @@ class Agent:
         self, addon: AddonSpec, ip: str, timeout_s: float
     ) -> tuple[bool, str, str]:
         """A real client's connection and first query, straight to the database."""
-        password = self.secrets.password(addon.id)
+        admin = self.secrets.admin_password(addon.id)
         if addon.kind == "postgres":
-            return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
-        return await probe.redis(ip, password, timeout_s)
+            tenant = (addon.user, self.secrets.password(addon.id))
+            return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
+        return await probe.redis(ip, admin, timeout_s)
 
     async def _addon_started(self, addon_id: str) -> None:
         await self.sleep.addon_started(addon_id)
