@@ -22,6 +22,7 @@ from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
+from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult
 
 log = logging.getLogger("orkestr.agent.apply")
@@ -128,11 +129,12 @@ class Applier:
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
-                env = await self.controller.env(project_id)
                 spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
+                    await self._check_job_image(job.image)
+                    env = await self.controller.env(project_id)
                     await self.docker.run(spec, env=env)
-                except (NotFound, PermanentError) as exc:
+                except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
                     self._fail_job(key, project_id, str(exc))
                     return
@@ -141,6 +143,13 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+
+    async def _check_job_image(self, ref: str) -> None:
+        check_reference(ref, self.settings.images.jobs)
+        # Docker falls back to an image-id prefix for a name it does not know: accept only
+        # an image that carries exactly this name.
+        if tagged(ref) not in await self.docker.image_names(ref):
+            raise ImageRefused(f"image: no local image is named {ref!r}")
 
     def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
         now = datetime.now(UTC)

@@ -135,6 +135,14 @@ class Docker:
         if start:
             await self.start(spec.name)
 
+    async def image_names(self, ref: str) -> set[str]:
+        """The tags and digests of the image that `ref` resolves to; NotFound if none."""
+        info: dict[str, Any] = await _call(
+            f"inspect image {ref}",
+            lambda: self.client.images.inspect(ref),
+        )
+        return {*(info.get("RepoTags") or ()), *(info.get("RepoDigests") or ())}
+
     async def start(self, name: str) -> None:
         await _call(f"start {name}", lambda: self.client.containers.container(name).start())
 

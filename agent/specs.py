@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Struct
 
 from agent import model
+from schemas.images import DEFAULT_JOB_IMAGES
 from schemas.messages import AddonSpec, JobSpec
 
 SECRET_MOUNT = "/run/orkestr"
@@ -106,6 +107,9 @@ class Images(Struct, frozen=True, forbid_unknown_fields=True):
     redis: str = "redis:7"
     # The holder only sleeps; any image with `sleep` will do, the add-on's own by default.
     holder_command: tuple[str, ...] = ("sleep", "infinity")
+    # Shell-style patterns of the images a job may run, checked again here (the controller
+    # checks first), so a forged desired state cannot run any image on the host.
+    jobs: tuple[str, ...] = DEFAULT_JOB_IMAGES
 
     def for_kind(self, kind: str) -> str:
         return self.postgres if kind == "postgres" else self.redis

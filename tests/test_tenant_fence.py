@@ -213,3 +213,25 @@ async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
         await conn.close()
     await c.api("DELETE", f"/v1/projects/{project['id']}/jobs/{body['id']}")
     docker("rm", "-f", name, check=False)
+
+
+async def test_job_images_come_from_the_allowlist_by_name(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    url = f"/v1/projects/{project['id']}/jobs"
+    toolbox_id = docker("image", "inspect", "-f", "{{.Id}}", "orkestr-local/toolbox:bookworm")
+    short = toolbox_id.removeprefix("sha256:")[:12]
+    for image, why in (
+        ("0", "looks like an image id"),
+        (short, "looks like an image id"),
+        (toolbox_id, "looks like an image id"),
+        ("Orkestr-Local/Toolbox:bookworm", "not a valid image reference"),
+        ("orkestr-local/base:bookworm", "not allowed on this platform"),
+        ("busybox", "not allowed on this platform"),
+    ):
+        status, body = await c.api("POST", url, {"image": image, "command": ["true"]})
+        assert status == 422, (image, body)
+        assert why in body["message"], (image, body)
+    ok = await run_job(c, project["id"], "echo allowed")
+    assert ok["state"] == "succeeded" and "allowed" in ok["output"], ok
