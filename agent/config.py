@@ -32,6 +32,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
     # connections while the agent restarts.
     keeper_socket: str = ""
+    # Caps on connections relayed by wake listeners (two descriptors each), per add-on and
+    # for the host; keep the host's below the unit's LimitNOFILE / 2 with room to spare.
+    wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
+    wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):

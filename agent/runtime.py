@@ -20,7 +20,7 @@ from pathlib import Path
 from agent import desired as desired_mod
 from agent import model, netns, probe, specs
 from agent import plan as p
-from agent.activator import utc
+from agent.activator import RelayBudget, utc
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
@@ -120,6 +120,7 @@ class Agent:
             self._wake_probe,
             self._sleep_changed,
             config.agent.sleep_tick_s,
+            RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
