@@ -52,6 +52,18 @@ def remove_host_objects(host: str) -> None:
         docker("network", "rm", *nets, check=False)
 
 
+def agent_capabilities() -> list[str]:
+    """Run the agent with only the capabilities its systemd unit leaves it, as in production."""
+    unit = (ROOT / "systemd" / "orkestr-agent.service").read_text()
+    caps = next(
+        line.split("=", 1)[1].split()
+        for line in unit.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+    )
+    keep = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
+
+
 class AgentProcess:
     def __init__(
         self,
@@ -110,6 +122,7 @@ listen = "127.0.0.1:{self.metrics_port}"
             )
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
+            *agent_capabilities(),
             sys.executable,
             "-m",
             "agent",
