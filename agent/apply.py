@@ -18,6 +18,7 @@ from agent import plan as p
 from agent import specs
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
@@ -48,6 +49,7 @@ class Applier:
         self,
         host: str,
         docker: Docker,
+        firewall: Firewall,
         secrets: SecretStore,
         controller: ControllerClient,
         state: StateDir,
@@ -58,6 +60,7 @@ class Applier:
     ) -> None:
         self.host = host
         self.docker = docker
+        self.firewall = firewall
         self.secrets = secrets
         self.controller = controller
         self.state = state
@@ -94,6 +97,7 @@ class Applier:
         match action:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
+                await self.firewall.sync_networks()
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):
@@ -110,6 +114,10 @@ class Applier:
                         raise AgentError("secret not fetched yet")
                     await self._on_addon_started(key)
                 await self.docker.run(spec)
+                if spec.role == "holder" and spec.network is not None:
+                    # Before its database joins the namespace: no egress beyond the network.
+                    subnet = (await self.docker.inspect_network(spec.network))["subnet"]
+                    await self.firewall.fence_holder(spec.name, subnet)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 await self.docker.start(name)

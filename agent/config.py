@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from agent.firewall import Policy
 from agent.specs import Images
 from schemas.messages import HostName
 
@@ -72,6 +73,7 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     docker: DockerSection = DockerSection()
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
+    network: Policy = Policy()
 
 
 class ConfigError(Exception):

@@ -106,6 +106,14 @@ class Docker:
         except Conflict:
             pass
 
+    async def inspect_network(self, name: str) -> dict[str, str]:
+        async def show() -> dict[str, Any]:
+            network = await self.client.networks.get(name)
+            return await network.show()
+
+        raw = await _call(f"inspect network {name}", show)
+        return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
+
     async def create_volume(self, name: str, addon_id: str, project_id: str) -> None:
         config = {
             "Name": name,

@@ -26,6 +26,7 @@ from agent.conditions import ConditionBook
 from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
 from agent.metrics import (
@@ -99,9 +100,11 @@ class Agent:
             password=config.mqtt.password,
             keepalive_s=config.mqtt.keepalive_s,
         )
+        self.firewall = Firewall(self.host, config.network, docker)
         self.applier = Applier(
             self.host,
             docker,
+            self.firewall,
             self.secrets,
             controller,
             self.state,
@@ -236,8 +239,14 @@ class Agent:
     async def events_loop(self) -> None:
         while True:
             try:
+                # Events missed while the stream was down may hide restarted holders.
+                self.firewall.forget()
                 async with self.docker.events() as queue:
                     while (event := await queue.get()) is not None:
+                        if event.get("status") == "start":
+                            actor = event.get("Actor") or {}
+                            if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
+                                self.firewall.forget(actor.get("ID"))
                         if event.get("status") in (
                             "die",
                             "destroy",
@@ -268,6 +277,8 @@ class Agent:
             sleep=self.sleep.states(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
+        # Fences first: nothing may start on a bridge or in a namespace left open.
+        await self.firewall.sync(observed)
         outcome = await self.applier.apply(actions)
         if actions:
             observed = await self.docker.snapshot()

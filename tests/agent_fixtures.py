@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agent import firewall
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -50,6 +51,13 @@ def remove_host_objects(host: str) -> None:
     nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
     if nets:
         docker("network", "rm", *nets, check=False)
+    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    for jump in firewall.host_jumps(host):
+        while subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode == 0:
+            pass
+    for chain in firewall.chains(host):
+        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
 
 
 def agent_capabilities() -> list[str]:
@@ -72,6 +80,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        extra_config: str = "",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -104,6 +113,7 @@ redis = "{IMAGES["redis"]}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
+{extra_config}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
