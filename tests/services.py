@@ -478,6 +478,9 @@ class ControllerProcess:
             f"offline_after_s = {self.offline_after_s}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
+            "[jobs]\n"
+            # The API tests name debian:12, which no agent there runs.
+            'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'
         )
 
     async def start(self, wait_s: float = 30.0) -> None:
