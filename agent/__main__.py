@@ -48,7 +48,9 @@ async def main(config: config_mod.AgentConfig) -> None:
     async with contextlib.AsyncExitStack() as stack:
         docker = await stack.enter_async_context(Docker(config.agent.host, config.docker.url))
         controller = await stack.enter_async_context(
-            ControllerClient(config.controller.url, config.controller.token(), config.agent.host)
+            ControllerClient(
+                config.controller.url, config.controller.token(), config.controller.ca_file
+            )
         )
         agent = Agent(config, docker, controller)
         stack.push_async_callback(agent.applier.close)

@@ -244,9 +244,8 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the module's controller; removed with all it made."""
     assert stack.controller is not None
     host = f"t{uuid.uuid4().hex[:10]}"
-    proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
-    )
+    token = await stack.controller.new_agent_token(host)
+    proc = AgentProcess(host, stack.mosquitto.port, stack.controller.url, token)
     try:
         await proc.start()
         await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
