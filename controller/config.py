@@ -72,8 +72,8 @@ class SecretsSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
     # Finished jobs (and their output) are deleted this long after they finish.
-    retention_s: Annotated[float, Meta(ge=60, le=365 * 86400)] = 7 * 86400.0
-    prune_interval_s: Annotated[float, Meta(ge=1, le=86400)] = 300.0
+    retention_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 7 * 86400.0
+    prune_interval_s: Annotated[float, Meta(ge=0.1, le=86400)] = 300.0
 
 
 class _File(Struct, frozen=True, forbid_unknown_fields=True):

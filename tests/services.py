@@ -256,6 +256,8 @@ class ControllerProcess:
         client_id: str | None = None,
         log_level: str = "INFO",
         tls: tuple[Path, Path, Path] | None = None,
+        token_files: bool = False,
+        extra_config: str = "",
     ) -> None:
         self.database_url = database_url
         self.mqtt_port = mqtt_port
@@ -267,12 +269,23 @@ class ControllerProcess:
         self.operator_token = secrets.token_urlsafe(32)
         self.metrics_token = secrets.token_urlsafe(32)
         self.tls = tls
+        self.token_files = token_files
+        self.extra_config = extra_config
         self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-controller-"))
         self.key_file = self.dir / "secrets.key"
         self.key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
         self.key_file.chmod(0o600)
         self.config_path = self.dir / "controller.toml"
+        # With token_files: the operator and metrics tokens in files, and an (empty)
+        # bootstrap list of agent tokens, all re-read by the controller when they change.
+        self.operator_token_file = self.dir / "operator_token"
+        self.metrics_token_file = self.dir / "metrics_token"
+        self.agent_tokens_file = self.dir / "agent_tokens"
+        if token_files:
+            self.operator_token_file.write_text(self.operator_token + "\n")
+            self.metrics_token_file.write_text(self.metrics_token + "\n")
+            self.agent_tokens_file.write_text("# host sha256-of-token\n")
         self.log_path = self.dir / "controller.log"
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -296,8 +309,7 @@ class ControllerProcess:
         return (
             "[http]\n"
             f'listen = "{LOOPBACK}:{self.port}"\n'
-            f"operator_token = {toml_string(self.operator_token)}\n"
-            f"metrics_token = {toml_string(self.metrics_token)}\n"
+            f"{self._token_lines()}"
             f"{tls}"
             "[secrets]\n"
             f"key_file = {toml_string(str(self.key_file))}\n"
@@ -313,6 +325,19 @@ class ControllerProcess:
             f"offline_after_s = {self.offline_after_s}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
+            f"{self.extra_config}"
+        )
+
+    def _token_lines(self) -> str:
+        if not self.token_files:
+            return (
+                f"operator_token = {toml_string(self.operator_token)}\n"
+                f"metrics_token = {toml_string(self.metrics_token)}\n"
+            )
+        return (
+            f"operator_token_file = {toml_string(str(self.operator_token_file))}\n"
+            f"metrics_token_file = {toml_string(str(self.metrics_token_file))}\n"
+            f"agent_tokens_file = {toml_string(str(self.agent_tokens_file))}\n"
         )
 
     async def start(self, wait_s: float = 30.0) -> None:
