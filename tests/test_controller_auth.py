@@ -360,6 +360,30 @@ async def test_agents_reach_the_controller_over_tls(
         await drop_database(dsn)
 
 
+async def test_every_route_refuses_a_missing_or_foreign_token(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    agent_token = await controller.new_agent_token(big_host.host)
+    values = {"project_id": "f" * 32, "addon_id": "e" * 32, "job_id": "d" * 32}
+    values |= {"token_id": "c" * 32, "host": big_host.host}
+    for method, path in app_routes():
+        if path == "/healthz":
+            continue
+        agent_route = path.startswith("/v1/agent/")
+        foreign = [controller.operator_token] if agent_route else [agent_token]
+        if path != "/metrics":
+            foreign.append(controller.metrics_token)
+        url, body = fill(path, values), BODIES.get(path, {})
+        for token in ("", "wrong-token-0123456789", controller.operator_token + "x", *foreign):
+            status, answer = await controller.api(method, url, body, token=token)
+            assert_error(status, answer, 401, "unauthorized")
+        status, answer = await controller.api(
+            method, url, body, token="", headers={"Authorization": f"Basic {foreign[0]}"}
+        )
+        assert_error(status, answer, 401, "unauthorized")
+        assert answer["message"].startswith(("this route needs", "the metrics token"))
+
+
 async def test_unknown_project_token_prefix_is_refused(controller: ControllerProcess) -> None:
     status, body = await controller.api("GET", "/v1/projects", token="okp_" + "a" * 43)
     assert_error(status, body, 401, "unauthorized")
