@@ -60,6 +60,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        ca_file: str = "",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -80,6 +81,7 @@ keeper_socket = "{self.dir / "keeper.sock"}"
 [controller]
 url = "{controller_url}"
 agent_token = "{agent_token}"
+ca_file = "{ca_file}"
 
 [mqtt]
 host = "127.0.0.1"

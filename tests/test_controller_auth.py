@@ -4,13 +4,17 @@ process, PostgreSQL and mosquitto; hosts are FakeAgents speaking the real protoc
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
 import secrets
+import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,17 @@ from controller.api import Api
 from controller.config import parse_config
 from controller.metrics import Metrics
 from controller.plans import load_plans
+from tests.agent_fixtures import (
+    TEST_PLANS,
+    AgentProcess,
+    create_addon,
+    create_project,
+    host_online,
+    remove_host_objects,
+    run_job,
+    wait_for,
+    wait_phase,
+)
 from tests.services import (
     ControllerProcess,
     FakeAgent,
@@ -391,3 +406,83 @@ async def test_unknown_project_token_prefix_is_refused(controller: ControllerPro
     assert_error(status, body, 401, "unauthorized")
     status, body = await controller.api("GET", f"/v1/projects/{unique()}", token="")
     assert_error(status, body, 401, "unauthorized")
+
+
+def controller_cli(process: ControllerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller", "--config", str(process.config_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+async def test_agent_tokens_from_the_command_line(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    project = await new_project(controller)
+    addon = await new_addon(controller, project, "db")
+    made = await asyncio.to_thread(controller_cli, controller, "hosts", "add-token", big_host.host)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("oka_") and "shown once" in made.stderr
+    url = f"/v1/agent/addons/{addon['id']}/secret"
+    status, _ = await controller.api("GET", url, token=token)
+    assert status == 200
+    listed = await asyncio.to_thread(
+        controller_cli, controller, "hosts", "list-tokens", big_host.host
+    )
+    assert listed.returncode == 0 and token not in listed.stdout
+    token_id = listed.stdout.split()[0]
+    revoked = await asyncio.to_thread(
+        controller_cli, controller, "hosts", "revoke-token", big_host.host, token_id
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    status, _ = await controller.api("GET", url, token=token)
+    assert status == 401
+    again = await asyncio.to_thread(
+        controller_cli, controller, "hosts", "revoke-token", big_host.host, token_id
+    )
+    assert again.returncode == 1 and "does not exist" in again.stderr
+    bad = await asyncio.to_thread(controller_cli, controller, "hosts", "add-token", "Bad_Host")
+    assert bad.returncode == 2 and "not a host name" in bad.stderr
+
+
+async def test_two_real_agents_with_their_own_tokens_converge_over_tls(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Two `python -m agent` processes, each with its own token and the test CA, against a
+    controller serving HTTPS: each provisions the add-on placed on it (the password comes
+    over TLS) and a job on each project reaches its database."""
+    cert, key = self_signed(tmp_path)
+    plans = tmp_path / "plans.toml"
+    plans.write_text(TEST_PLANS)
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(
+        database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans, tls=(cert, key, cert)
+    )
+    agents: list[AgentProcess] = []
+    try:
+        await process.start()
+        for _ in range(2):
+            host = f"t{uuid.uuid4().hex[:10]}"
+            token = await process.new_agent_token(host)
+            agent = AgentProcess(host, mosquitto.port, process.url, token, ca_file=str(cert))
+            agents.append(agent)
+            await agent.start()
+            await wait_for(lambda h=host: host_online(process, h), 30, f"{host} online")  # type: ignore[misc]
+            project = await create_project(process, "team")
+            assert project["host"] == host
+            made = await create_addon(process, project["id"], "db", "postgres")
+            await wait_phase(process, project["id"], made["id"], "ready", 120)
+            job = await run_job(process, project["id"], 'psql "$DATABASE_URL" -tAc "select 41+1"')
+            assert job["exit_code"] == 0 and job["output"].strip() == "42", job
+        assert "secret_served" in process.log_text()
+    finally:
+        for agent in agents:
+            await agent.close()
+            remove_host_objects(agent.host)
+            shutil.rmtree(agent.dir, ignore_errors=True)
+        await process.close()
+        await drop_database(dsn)
