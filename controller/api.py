@@ -79,6 +79,7 @@ AGENT_PREFIX = "/v1/agent/"
 ID = re.compile(r"^[0-9a-f]{32}$")
 HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PUBLIC_ROUTES = frozenset({"/healthz"})
+UNMATCHED = "unmatched"
 # Routes without a {project_id} that a project token may use.
 PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
 JOBS_LISTED = 100
@@ -140,7 +141,8 @@ def require_operator(request: web.Request) -> None:
 
 def admit(principal: Principal | None, request: web.Request, route: str) -> None:
     """The default-deny rules of the module docstring."""
-    agent_route = request.path.startswith(AGENT_PREFIX)
+    # The matched route decides (it picks the handler); the raw path only when none did.
+    agent_route = (request.path if route == UNMATCHED else route).startswith(AGENT_PREFIX)
     if agent_route and (principal is None or principal.kind != "agent"):
         raise Unauthorized("this route needs 'Authorization: Bearer <agent token>'")
     if principal is None or (principal.kind == "agent" and not agent_route):
@@ -229,7 +231,7 @@ class Api:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        route = resource.canonical if resource is not None else UNMATCHED
         try:
             await self._authorize(request, route)
             response = await handler(request)
