@@ -449,13 +449,14 @@ async def test_agent_tokens_from_the_command_line(
     assert bad.returncode == 2 and "not a host name" in bad.stderr
 
 
-async def test_two_real_agents_with_their_own_tokens_converge_over_tls(
-    mosquitto: Mosquitto, tmp_path: Path
-) -> None:
+async def test_two_real_agents_with_their_own_tokens_converge_over_tls(tmp_path: Path) -> None:
     """Two `python -m agent` processes, each with its own token and the test CA, against a
     controller serving HTTPS: each provisions the add-on placed on it (the password comes
-    over TLS) and a job on each project reaches its database."""
+    over TLS) and a job on each project reaches its database. A broker of its own: the
+    session's controller would publish its own desired states for these hosts."""
     cert, key = self_signed(tmp_path)
+    mosquitto = Mosquitto()
+    await mosquitto.start()
     plans = tmp_path / "plans.toml"
     plans.write_text(TEST_PLANS)
     dsn = await create_database("orkestr_test")
@@ -486,3 +487,4 @@ async def test_two_real_agents_with_their_own_tokens_converge_over_tls(
             shutil.rmtree(agent.dir, ignore_errors=True)
         await process.close()
         await drop_database(dsn)
+        await mosquitto.close()
