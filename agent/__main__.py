@@ -49,7 +49,7 @@ async def main(config: config_mod.AgentConfig) -> None:
         docker = await stack.enter_async_context(Docker(config.agent.host, config.docker.url))
         controller = await stack.enter_async_context(
             ControllerClient(
-                config.controller.url, config.controller.token(), config.controller.ca_file
+                config.controller.url, config.controller.token, config.controller.ca_file
             )
         )
         agent = Agent(config, docker, controller)

@@ -8,6 +8,7 @@ HTTPS certificate is checked against that CA (instead of the system's).
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -28,16 +29,18 @@ class Env(msgspec.Struct, frozen=True):
 
 
 class ControllerClient:
-    def __init__(self, base_url: str, token: str, ca_file: str = "") -> None:
+    def __init__(self, base_url: str, token: str | Callable[[], str], ca_file: str = "") -> None:
+        """`token` may be a function (read the token file): asked on every request, so a
+        rotated token file is used without a restart."""
         self._base = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._token = token if callable(token) else (lambda: token)
         self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ControllerClient:
         connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
         self._session = aiohttp.ClientSession(
-            headers=self._headers, timeout=aiohttp.ClientTimeout(total=10), connector=connector
+            timeout=aiohttp.ClientTimeout(total=10), connector=connector
         )
         return self
 
@@ -49,7 +52,11 @@ class ControllerClient:
         assert self._session is not None
         url = f"{self._base}/v1/agent{path}"
         try:
-            async with self._session.get(url) as response:
+            headers = {"Authorization": f"Bearer {self._token()}"}
+        except OSError as exc:
+            raise TransientError(f"cannot read the agent token: {exc}") from None
+        try:
+            async with self._session.get(url, headers=headers) as response:
                 body = await response.read()
                 if response.status == 200:
                     return body

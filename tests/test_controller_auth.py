@@ -354,9 +354,15 @@ async def test_agents_reach_the_controller_over_tls(
                 assert f":{secret.password}@db:" in env["DB_URL"]
                 with pytest.raises(AgentNotFound):
                     await client.secret("0" * 32)
-            async with ControllerClient(process.url, "oka_" + "x" * 43, str(cert)) as client:
+            # A token file is read on every request: a rotated token is used at once.
+            token_file = tmp_path / "agent_token"
+            token_file.write_text("oka_" + "x" * 43 + "\n")
+            reader = lambda: token_file.read_text().strip()  # noqa: E731
+            async with ControllerClient(process.url, reader, str(cert)) as client:
                 with pytest.raises(PermanentError):
                     await client.secret(addon["id"])
+                token_file.write_text(token + "\n")
+                assert (await client.secret(addon["id"])).password == secret.password
             # Without the CA the certificate is refused; plain HTTP gets no answer.
             async with ControllerClient(process.url, token) as client:
                 with pytest.raises(TransientError, match="certificate"):
