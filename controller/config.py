@@ -172,7 +172,9 @@ def resolve(file: _File, base: Path) -> Config:
         )
     if http.api_token is not None or http.api_token_file is not None:
         if http.operator_token is not None or http.operator_token_file is not None:
-            raise ConfigError("http: give operator_token[_file] or its older name api_token[_file]")
+            raise ConfigError(
+                "http: give operator_token[_file] or its older name api_token[_file], not both"
+            )
         http = msgspec.structs.replace(
             http, operator_token=http.api_token, operator_token_file=http.api_token_file
         )
