@@ -6,7 +6,7 @@ size of a job's command) live next to the structs as plain functions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated
 
 import msgspec
@@ -15,7 +15,8 @@ from msgspec import Meta, Struct
 from controller.env import clashes_with_default, variable_name
 from controller.errors import InvalidBody, PayloadTooLarge
 from controller.plans import Plan
-from schemas.messages import MAX_MESSAGE_BYTES, AddonKind, DnsName, JobSpec
+from schemas.images import ImageRefused, check_reference
+from schemas.messages import MAX_MESSAGE_BYTES, AddonKind, DnsName, JobSpec, Resources
 
 ProjectName = Annotated[
     str,
@@ -35,6 +36,8 @@ MAX_COMMAND_BYTES = 16 * 1024
 MAX_PENDING_JOBS = 8
 MAX_PROJECT_JOB_BYTES = 64 * 1024
 MAX_HOST_JOB_BYTES = MAX_MESSAGE_BYTES // 4
+# The snapshot adds the plan's sizing to each job: count it at its longest encoding.
+LONGEST_RESOURCES = Resources(cpus=0.1234567890123456, memory_mb=1024 * 1024)
 TokenName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$")]
 
 
@@ -71,14 +74,24 @@ def check_addon(body: AddonCreate) -> None:
         )
 
 
-def check_job(body: JobCreate) -> int:
+def check_job(body: JobCreate, allowed_images: Iterable[str]) -> int:
     """Validate a job; returns the bytes its JobSpec takes in the desired state."""
+    try:
+        check_reference(body.image, allowed_images)
+    except ImageRefused as exc:
+        raise InvalidBody(str(exc)) from None
     if any("\x00" in arg for arg in body.command):
         raise InvalidBody("command: arguments must not contain NUL characters")
     size = sum(len(arg.encode()) for arg in body.command)
     if size > MAX_COMMAND_BYTES:
         raise InvalidBody(f"command: {size} bytes in total; at most {MAX_COMMAND_BYTES}")
-    spec = JobSpec(id="0" * 32, image=body.image, command=body.command, timeout_s=body.timeout_s)
+    spec = JobSpec(
+        id="0" * 32,
+        image=body.image,
+        command=body.command,
+        timeout_s=body.timeout_s,
+        resources=LONGEST_RESOURCES,
+    )
     encoded = len(msgspec.json.encode(spec))
     if encoded > MAX_PROJECT_JOB_BYTES:
         raise PayloadTooLarge(

@@ -18,6 +18,7 @@ from msgspec import Meta, Struct
 from controller.errors import ConfigError
 from controller.sealing import Sealer
 from controller.tokens import AgentTokensFile, FileToken
+from schemas.images import DEFAULT_JOB_IMAGES
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 
@@ -71,6 +72,8 @@ class SecretsSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # Shell-style patterns of the images a job may run (schemas/images.py).
+    allowed_images: tuple[str, ...] = DEFAULT_JOB_IMAGES
     # Finished jobs (and their output) are deleted this long after they finish.
     retention_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 7 * 86400.0
     prune_interval_s: Annotated[float, Meta(ge=0.1, le=86400)] = 300.0
@@ -83,8 +86,8 @@ class _File(Struct, frozen=True, forbid_unknown_fields=True):
     mqtt: MqttSection = MqttSection()
     plans: PlansSection = PlansSection()
     hosts: HostsSection = HostsSection()
-    log: LogSection = LogSection()
     jobs: JobsSection = JobsSection()
+    log: LogSection = LogSection()
 
 
 class HttpConfig:
@@ -116,7 +119,7 @@ class Config(Struct, frozen=True):
     hosts: HostsSection
     log: LogSection
     sealer: Sealer
-    jobs: JobsSection
+    jobs: JobsSection = JobsSection()
 
 
 def describe(exc: msgspec.ValidationError, within: str = "") -> str:

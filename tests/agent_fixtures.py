@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agent import firewall
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -50,6 +51,25 @@ def remove_host_objects(host: str) -> None:
     nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
     if nets:
         docker("network", "rm", *nets, check=False)
+    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    for jump in firewall.host_jumps(host):
+        while subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode == 0:
+            pass
+    for chain in firewall.chains(host):
+        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
+
+
+def agent_capabilities() -> list[str]:
+    """Run the agent with only the capabilities its systemd unit leaves it, as in production."""
+    unit = (ROOT / "systemd" / "orkestr-agent.service").read_text()
+    caps = next(
+        line.split("=", 1)[1].split()
+        for line in unit.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+    )
+    keep = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
 
 
 class AgentProcess:
@@ -60,6 +80,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        extra_config: str = "",
         ca_file: str = "",
     ) -> None:
         self.host = host
@@ -94,6 +115,7 @@ redis = "{IMAGES["redis"]}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
+{extra_config}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
@@ -112,6 +134,7 @@ listen = "127.0.0.1:{self.metrics_port}"
             )
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
+            *agent_capabilities(),
             sys.executable,
             "-m",
             "agent",

@@ -258,6 +258,7 @@ class ControllerProcess:
         tls: tuple[Path, Path, Path] | None = None,
         token_files: bool = False,
         extra_config: str = "",
+        jobs_config: str = "",
     ) -> None:
         self.database_url = database_url
         self.mqtt_port = mqtt_port
@@ -271,6 +272,7 @@ class ControllerProcess:
         self.tls = tls
         self.token_files = token_files
         self.extra_config = extra_config
+        self.jobs_config = jobs_config  # lines for the [jobs] table
         self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-controller-"))
         self.key_file = self.dir / "secrets.key"
@@ -325,6 +327,10 @@ class ControllerProcess:
             f"offline_after_s = {self.offline_after_s}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
+            "[jobs]\n"
+            # The API tests name debian:12, which no agent there runs.
+            'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'
+            f"{self.jobs_config}"
             f"{self.extra_config}"
         )
 

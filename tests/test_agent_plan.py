@@ -178,7 +178,7 @@ def test_jobs_run_once_and_are_collected() -> None:
     d = desired(jobs=(job,))
     net = (ObservedNetwork("n1", model.network_name(PID), PID),)
     assert p.plan(d, Observed(networks=net), p.Local(), SETTINGS) == (p.StartJob(JID, PID, job),)
-    spec = specs.job_spec(PID, job, 512)
+    spec = specs.job_spec(PID, job, specs.JobLimits())
     exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
     assert p.plan(d, exited, p.Local(), SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
     assert (

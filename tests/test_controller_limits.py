@@ -202,7 +202,7 @@ async def test_finished_jobs_are_pruned_after_the_retention(
         database_url=dsn,
         mqtt_port=mosquitto.port,
         plans_file=plans_file,
-        extra_config="[jobs]\nretention_s = 1\nprune_interval_s = 0.2\n",
+        jobs_config="retention_s = 1\nprune_interval_s = 0.2\n",
     )
     try:
         await process.start()
