@@ -93,6 +93,8 @@ class Applier:
         match action:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
+            case p.RemoveNetwork(_key, name):
+                await self.docker.remove_network(name)
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):

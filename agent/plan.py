@@ -25,6 +25,11 @@ class EnsureNetwork(Struct, frozen=True, tag=True):
     name: str
 
 
+class RemoveNetwork(Struct, frozen=True, tag=True):
+    key: str  # project id
+    name: str
+
+
 class EnsureVolume(Struct, frozen=True, tag=True):
     key: str  # add-on id
     name: str
@@ -98,6 +103,7 @@ Action = (
     | UnpauseContainer
     | RemoveContainer
     | RemoveVolume
+    | RemoveNetwork
     | RemoveSecret
     | StartJob
     | WatchJob
@@ -132,11 +138,14 @@ def plan(
         return ()
     actions: list[Action] = []
     wanted_jobs: set[str] = set()
+    wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
-        if (live or project.jobs) and observed.network(net) is None:
-            actions.append(EnsureNetwork(project.id, net))
+        if live or project.jobs:
+            wanted_networks.add(net)
+            if observed.network(net) is None:
+                actions.append(EnsureNetwork(project.id, net))
         # Tombstones first: a deleted add-on's name may already belong to a new one, and
         # the old holder must leave the network before the new one takes the DNS alias.
         taken: set[str] = set()
@@ -158,7 +167,23 @@ def plan(
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
             actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+    actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
+
+
+def _remove_networks(observed: Observed, wanted: set[str]) -> list[Action]:
+    """A project network with no live add-on or job left, once no container of it exists.
+
+    Any container of the project, a tombstone's holder included, may still be attached:
+    the network goes in a later pass, after the last of them is gone. A network holds no
+    data, so one of a project that left the desired state goes too.
+    """
+    in_use = {c.project_id for c in observed.containers}
+    return [
+        RemoveNetwork(n.project_id, n.name)
+        for n in observed.networks
+        if n.name not in wanted and n.project_id not in in_use
+    ]
 
 
 def _remove_addon(addon: AddonSpec, observed: Observed, local: Local) -> list[Action]:

@@ -264,3 +264,41 @@ async def test_holder_restarted_in_place_gets_its_database_back(
     await wait_for(
         answers, 120, "the add-on answering again after its holder restarted", interval=1
     )
+
+
+async def test_last_addon_deleted_removes_network_and_anonymous_volumes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    rd = await create_addon(c, project["id"], "only-cache", "redis")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    job = await run_job(c, project["id"], 'redis-cli -u "$REDIS_URL" ping')
+    assert "PONG" in job["output"], job
+    network = f"orkestr-{project['id']}"
+    assert inspect_network(network)
+    # The holder runs the database image, whose VOLUME gives it an anonymous volume.
+    anonymous = [
+        m["Name"]
+        for name in (holder(rd["id"]), db(rd["id"]))
+        for m in inspect(name)["Mounts"]
+        if m["Type"] == "volume" and m["Name"] != f"orkestr-{rd['id']}-data"
+    ]
+    assert anonymous, "expected the holder's anonymous volume"
+
+    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{rd['id']}")
+    assert status == 202
+    await wait_for(lambda: not inspect_network(network), 60, "project network removed")
+    assert container_state(holder(rd["id"])) == {}
+    left = docker("volume", "ls", "-q").split()
+    assert not set(anonymous) & set(left), "anonymous volumes outlived their containers"
+
+    # A new add-on in the same project gets a network again.
+    again = await create_addon(c, project["id"], "second-cache", "redis")
+    await wait_phase(c, project["id"], again["id"], "ready")
+    assert inspect_network(network)
+
+
+def inspect_network(name: str) -> list[dict]:  # type: ignore[type-arg]
+    return json.loads(docker("network", "inspect", name, check=False) or "[]")  # type: ignore[no-any-return]
