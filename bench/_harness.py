@@ -597,7 +597,7 @@ class Client:
             if self.proc.returncode is None:
                 self.proc.kill()
                 await self.proc.wait()
-        await adocker_cli("rm", "-f", self.name, check=False)
+        await adocker_cli("rm", "-f", "-v", self.name, check=False)
 
 
 # --- plain containers for baselines ----------------------------------------------------

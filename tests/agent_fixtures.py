@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.docker_leaks import host_name
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -243,7 +244,7 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the module's controller; removed with all it made."""
     assert stack.controller is not None
-    host = f"t{uuid.uuid4().hex[:10]}"
+    host = host_name("t")
     proc = AgentProcess(
         host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
     )

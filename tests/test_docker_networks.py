@@ -15,6 +15,7 @@ from agent import model
 from agent.docker import Docker
 from agent.errors import TransientError
 from tests.agent_fixtures import docker
+from tests.docker_leaks import host_name
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ COUNT = 250
 
 
 async def test_host_holds_250_project_networks() -> None:
-    host = f"n{uuid.uuid4().hex[:10]}"
+    host = host_name("n")
     projects = [uuid.uuid4().hex for _ in range(COUNT)]
     gate = asyncio.Semaphore(8)  # other tests share this dockerd
 
@@ -51,7 +52,7 @@ async def test_host_holds_250_project_networks() -> None:
 
 
 async def test_remove_network_refuses_while_a_container_is_attached() -> None:
-    host = f"n{uuid.uuid4().hex[:10]}"
+    host = host_name("n")
     project = uuid.uuid4().hex
     name = model.network_name(project)
     box = f"orkestr-test-{uuid.uuid4().hex[:10]}"

@@ -82,7 +82,7 @@ class Client:
         return subprocess.CompletedProcess(script, proc.returncode or 0, out.decode(), err.decode())
 
     def remove(self) -> None:
-        docker("rm", "-f", self.name, check=False)
+        docker("rm", "-f", "-v", self.name, check=False)
 
 
 async def setup_addon(
