@@ -23,6 +23,7 @@ from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.runtime import Agent
 from agent.sdnotify import notify
+from agent.watchdog import interval_from_env
 
 log = logging.getLogger("orkestr.agent")
 
@@ -65,6 +66,8 @@ async def main(config: config_mod.AgentConfig) -> None:
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
                     tg.create_task(agent.sleep.loop(), name="sleep"),
                 ]
+                if (timeout_s := interval_from_env()) is not None:
+                    tasks.append(tg.create_task(agent.watchdog.run(timeout_s), name="watchdog"))
                 await stop.wait()
                 notify("STOPPING=1")
                 log.info("agent.stopping")

@@ -66,6 +66,7 @@ class Applier:
         self._on_addon_started = on_addon_started
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
+        self.on_progress: Callable[[], None] = lambda: None  # after each action
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -87,6 +88,7 @@ class Applier:
                 outcome.done.append(action)
                 ACTIONS.labels(kind, "ok").inc()
                 log.info("action.done action=%s key=%s", kind, action.key)
+            self.on_progress()
         return outcome
 
     async def _one(self, action: p.Action) -> None:

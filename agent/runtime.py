@@ -43,6 +43,7 @@ from agent.sdnotify import notify
 from agent.secrets import SecretStore
 from agent.sleepers import SleepManager
 from agent.state import StateDir
+from agent.watchdog import Watchdog, interval_from_env
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -106,6 +107,9 @@ class Agent:
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
         )
+        # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
+        self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
+        self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
@@ -117,6 +121,7 @@ class Agent:
             self._sleep_changed,
             config.agent.sleep_tick_s,
         )
+        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -214,6 +219,7 @@ class Agent:
                 continue
             finally:
                 RECONCILE_DURATION.observe(time.monotonic() - started)
+                self.watchdog.beat("reconcile")
             if outcome.failed:
                 RECONCILE_TOTAL.labels("requeue").inc()
                 asyncio.get_running_loop().call_later(

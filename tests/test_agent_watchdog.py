@@ -1,0 +1,106 @@
+"""systemd's watchdog protocol, without systemd: a datagram socket stands in for it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.watchdog import Watchdog, interval_from_env
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    out: list[bytes] = []
+    while True:
+        try:
+            out.append(sock.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+def test_stalled_names_the_loop_that_stopped() -> None:
+    clock = Clock()
+    dog = Watchdog(("reconcile", "sleep"), stall_s=10, clock=clock)
+    assert dog.stalled() == []
+    clock.now += 9
+    dog.beat("sleep")
+    clock.now += 2  # reconcile: 11 s since its last beat
+    assert dog.stalled() == ["reconcile"]
+    dog.beat("reconcile")
+    assert dog.stalled() == []
+    clock.now += 10.5
+    assert dog.stalled() == ["reconcile", "sleep"]
+
+
+async def test_watchdog_is_petted_only_while_every_loop_progresses(
+    notify_socket: socket.socket,
+) -> None:
+    clock = Clock()
+    dog = Watchdog(("reconcile", "sleep"), stall_s=5, clock=clock)
+    task = asyncio.create_task(dog.run(timeout_s=0.04))
+    try:
+        await asyncio.sleep(0.1)
+        pets = received(notify_socket)
+        assert pets and set(pets) == {b"WATCHDOG=1"}
+        # The reconcile loop hangs: the sleep loop still ticks, and the pets stop.
+        clock.now += 6
+        dog.beat("sleep")
+        await asyncio.sleep(0.03)
+        received(notify_socket)  # one pet may have been in flight
+        await asyncio.sleep(0.1)
+        assert received(notify_socket) == []
+        # It finishes a pass: pets resume.
+        dog.beat("reconcile")
+        await asyncio.sleep(0.1)
+        assert b"WATCHDOG=1" in received(notify_socket)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_interval_comes_from_systemd_and_only_for_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert interval_from_env() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "180000000")
+    assert interval_from_env() == 180.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert interval_from_env() == 180.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert interval_from_env() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    assert interval_from_env() is None
+
+
+def test_unit_sets_a_watchdog() -> None:
+    unit = (Path(__file__).parents[1] / "systemd" / "orkestr-agent.service").read_text()
+    assert "Type=notify" in unit
+    assert "WatchdogSec=180" in unit
