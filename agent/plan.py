@@ -12,6 +12,7 @@ missing from the desired state, or a desired state that never arrived, deletes n
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 from msgspec import Struct
 
@@ -109,6 +110,8 @@ Action = (
     | WatchJob
     | CollectJob
 )
+
+ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
 
 
 class Local(Struct, frozen=True):

@@ -37,6 +37,7 @@ from agent.metrics import (
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
     SLEEP_LEVEL,
+    start_at_zero,
 )
 from agent.mqtt import Broker
 from agent.sdnotify import notify
@@ -111,6 +112,7 @@ class Agent:
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
         self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
+        start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(

@@ -275,6 +275,23 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
+async def agent_metric(agent: AgentProcess, series: str) -> float | None:
+    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        text = (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
 async def host_online(controller: ControllerProcess, host: str) -> bool:
     status, body = await controller.api("GET", "/v1/hosts")
     assert status == 200, body

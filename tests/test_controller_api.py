@@ -435,6 +435,13 @@ async def test_every_route_needs_its_own_token(controller: ControllerProcess) ->
     assert_error(status, answer, 404, "not_found")
     status, answer = await controller.api("GET", "/metrics")
     assert status == 200 and "orkestr_controller_http_requests_total" in answer
+    # Process metrics of the controller itself, and the 5xx series an alert divides by.
+    assert re.search(r"^process_resident_memory_bytes [1-9]", answer, re.M), answer
+    assert re.search(r"^process_cpu_seconds_total ", answer, re.M)
+    assert (
+        'orkestr_controller_http_requests_total{method="POST",route="/v1/projects",status="500"}'
+        in answer
+    )
 
 
 async def test_agent_routes(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
@@ -848,7 +855,13 @@ async def test_bad_mqtt_messages_are_logged_and_ignored(
     for reason in ("HostMismatch", "TooLarge", "Malformed", "OutOfRange"):
         assert f"reason={reason}" in log
     _, metrics = await controller.api("GET", "/metrics")
-    assert 'orkestr_controller_mqtt_messages_total{kind="status",result="rejected"}' in metrics
+    # Present from the start at 0 (for increase()), so its value is what counts here.
+    rejected = re.search(
+        r'^orkestr_controller_mqtt_messages_total\{kind="status",result="rejected"\} (\S+)$',
+        metrics,
+        re.M,
+    )
+    assert rejected is not None and float(rejected[1]) >= 4, metrics
 
 
 # --- the test services themselves -----------------------------------------------------

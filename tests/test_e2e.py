@@ -18,6 +18,7 @@ from tests.agent_fixtures import (
     AgentProcess,
     Stack,
     addon,
+    agent_metric,
     container_state,
     create_addon,
     create_project,
@@ -205,6 +206,11 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
     pg = await create_addon(c, project["id"], "steady", "postgres")
     await wait_phase(c, project["id"], pg["id"], "ready")
     container_id = inspect(db(pg["id"]))["Id"]
+    # The counter an alert watches exists at zero before the first rejection.
+    assert (
+        await agent_metric(agent, 'orkestr_agent_desired_rejected_total{reason="StaleGeneration"}')
+        == 0
+    )
     payloads: list[bytes] = []
 
     @settings(max_examples=15, suppress_health_check=list(HealthCheck), deadline=None)
@@ -236,6 +242,10 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
     view = await addon(c, project["id"], pg["id"])
     assert view["phase"] == "ready"
     assert "desired.rejected" in agent.log_tail(400)
+    assert (
+        await agent_metric(agent, 'orkestr_agent_desired_rejected_total{reason="StaleGeneration"}')
+        >= 1
+    )
 
 
 async def test_holder_restarted_in_place_gets_its_database_back(
