@@ -26,6 +26,7 @@ from controller.db import Pool
 from controller.env import compose_env
 from controller.errors import (
     ApiError,
+    BadRequest,
     DatabaseUnavailable,
     InvalidBody,
     InvalidJson,
@@ -36,6 +37,7 @@ from controller.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from controller.httpserver import JsonErrorsRunner
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
@@ -150,7 +152,11 @@ class Api:
     def _authorize(self, request: web.Request) -> None:
         agent = request.path.startswith(AGENT_PREFIX)
         expected = self._agent_token if agent else self._api_token
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get("Authorization", "")
+        if not header.isascii():
+            # Tokens are ASCII; anything else cannot match (and cannot be encoded to compare).
+            raise BadRequest("the Authorization header must be ASCII")
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
             kind = "agent" if agent else "api"
             raise Unauthorized(f"this route needs 'Authorization: Bearer <{kind} token>'")
@@ -311,7 +317,7 @@ class Api:
 @asynccontextmanager
 async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
     """Listen until the context exits; in-flight requests get a few seconds to finish."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = JsonErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

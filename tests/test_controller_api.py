@@ -444,6 +444,56 @@ async def test_every_route_needs_its_own_token(controller: ControllerProcess) ->
     )
 
 
+MALFORMED = [
+    ("bad content-length", b"POST /v1/projects HTTP/1.1\r\nContent-Length: abc\r\n"),
+    ("negative content-length", b"POST /v1/projects HTTP/1.1\r\nContent-Length: -5\r\n"),
+    (
+        "two content-lengths",
+        b"POST /v1/projects HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n",
+    ),
+    (
+        "non-latin1 authorization",
+        b"GET /v1/projects HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n",
+    ),
+    ("non-ascii authorization", b"GET /v1/projects HTTP/1.1\r\nAuthorization: Bearer \xc3\xa9\r\n"),
+    ("control byte in a header", b"GET /v1/projects HTTP/1.1\r\nAuthorization: \x00x\r\n"),
+    ("bad byte in the path", b"GET /v1/pro\xffjects HTTP/1.1\r\n"),
+    ("not http", b"HELLO\r\n"),
+]
+
+
+async def raw_request(controller: ControllerProcess, head: bytes) -> tuple[int, bytes, bytes]:
+    """Send bytes as they are (no client library would); return (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", controller.port)
+    try:
+        writer.write(head + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    headers, _, body = answer.partition(b"\r\n\r\n")
+    return int(headers.split(b" ", 2)[1]), headers, body
+
+
+@pytest.mark.parametrize(("what", "head"), MALFORMED, ids=[m[0] for m in MALFORMED])
+async def test_malformed_request_is_a_json_400_without_traceback(
+    controller: ControllerProcess, what: str, head: bytes
+) -> None:
+    logged = len(controller.log_text())
+    status, headers, body = await raw_request(controller, head)
+    assert status == 400, (what, headers, body)
+    assert b"content-type: application/json" in headers.lower()
+    answer = json.loads(body)
+    assert answer["error"] == "bad_request" and answer["message"], answer
+    # The controller still serves, and logged one line, not an error with a traceback.
+    status, _ = await controller.api("GET", "/v1/hosts")
+    assert status == 200
+    log = controller.log_text()[logged:]
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert "http_bad_request" in log or "status=400" in log, log
+
+
 async def test_agent_routes(controller: ControllerProcess, fake_agent: FakeAgent) -> None:
     project = await new_project(controller, "pro")
     addon = await new_addon(controller, project, "main-db")
