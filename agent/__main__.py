@@ -24,6 +24,7 @@ from agent.docker import Docker
 from agent.runtime import Agent
 from agent.sdnotify import notify
 from agent.watchdog import interval_from_env
+from schemas import logs
 
 log = logging.getLogger("orkestr.agent")
 
@@ -84,15 +85,13 @@ def run() -> None:
         "--config", default=os.environ.get("ORKESTR_AGENT_CONFIG", "/etc/orkestr/agent.toml")
     )
     args = parser.parse_args()
-    logging.basicConfig(
-        level=os.environ.get("ORKESTR_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
         config = config_mod.load(Path(args.config))
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
+    # ORKESTR_LOG_LEVEL overrides log.level (a one-off DEBUG run without editing the file).
+    logs.configure(os.environ.get("ORKESTR_LOG_LEVEL", config.log.level), config.log.format)
     asyncio.run(main(config))
 
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orkestr-controller: {exc}", file=sys.stderr)
         return 2
-    configure(config.log.level)
+    configure(config.log.level, config.log.format)
     try:
         asyncio.run(run(config, plans))
     except ConfigError as exc:

@@ -61,6 +61,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        log_format: str = "text",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -93,6 +94,9 @@ redis = "{IMAGES["redis"]}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
+
+[log]
+format = "{log_format}"
 """
         )
         self.proc: asyncio.subprocess.Process | None = None

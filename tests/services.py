@@ -251,7 +251,9 @@ class ControllerProcess:
         offline_after_s: float = 30.0,
         client_id: str | None = None,
         log_level: str = "INFO",
+        log_format: str = "text",
     ) -> None:
+        self.log_format = log_format
         self.database_url = database_url
         self.mqtt_port = mqtt_port
         self.plans_file = plans_file
@@ -295,6 +297,7 @@ class ControllerProcess:
             f"offline_after_s = {self.offline_after_s}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
+            f'format = "{self.log_format}"\n'
         )
 
     async def start(self, wait_s: float = 30.0) -> None:
