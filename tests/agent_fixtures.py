@@ -254,7 +254,7 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     )
     try:
         await proc.start()
-        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
         yield proc
     finally:
         await proc.close()
@@ -304,7 +304,7 @@ async def host_online(controller: ControllerProcess, host: str) -> bool:
 
 def container_state(name: str) -> dict[str, Any]:
     found = json.loads(docker("inspect", name, check=False) or "[]")
-    return found[0]["State"] if found else {}  # type: ignore[no-any-return]
+    return found[0]["State"] if found else {}
 
 
 # --- API helpers for end-to-end tests ------------------------------------------------------

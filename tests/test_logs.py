@@ -23,7 +23,7 @@ TEXT_LINE = re.compile(
 )
 
 keys = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
-values = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+values = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
 
 
 @given(
