@@ -46,9 +46,15 @@ class Watchdog:
         now = self._clock()
         return sorted(n for n, t in self._last.items() if now - t > self.stall_s)
 
+    def tick(self) -> bool:
+        """Pet the watchdog if nothing stalled; True if it was petted."""
+        if self.stalled():
+            return False
+        notify("WATCHDOG=1")
+        return True
+
     async def run(self, timeout_s: float) -> None:
-        """Pet at half the timeout (as sd_watchdog_enabled advises) while nothing stalls."""
+        """Tick at half the timeout, as sd_watchdog_enabled(3) advises."""
         while True:
-            if not self.stalled():
-                notify("WATCHDOG=1")
+            self.tick()
             await asyncio.sleep(timeout_s / 2)

@@ -76,6 +76,17 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str, wait_s: flo
         await asyncio.sleep(0.05)
 
 
+async def metric(controller: ControllerProcess, series: str) -> float:
+    """One sample of the controller's /metrics, e.g. 'name{label="v"}' (0 if absent)."""
+    status, text = await controller.api("GET", "/metrics")
+    assert status == 200, text
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0
+
+
 async def new_project(controller: ControllerProcess, plan: str = "team") -> dict[str, Any]:
     status, body = await controller.api("POST", "/v1/projects", {"name": unique(), "plan": plan})
     assert status == 201, body
@@ -359,9 +370,16 @@ async def test_jobs(controller: ControllerProcess, fake_agent: FakeAgent) -> Non
         assert done["exit_code"] == 0 and done["output"] == "hi\n" and done["finished_at"]
         failed = await eventually(lambda: state(failing["id"], "failed"), "job failed")
         assert failed["exit_code"] == 1 and failed["output"] == "bad\ufffdbyte"
-        # A late duplicate (QoS 1 redelivery) changes nothing.
+        # A late duplicate (QoS 1 redelivery) changes nothing: once the controller has
+        # handled it (counted as stale), the job is as it was.
+        stale = 'orkestr_controller_mqtt_messages_total{kind="job_result",result="stale"}'
+        before = await metric(controller, stale)
         await agent.job_result(job["id"], pid, 5, "again")
-        await asyncio.sleep(0.3)
+
+        async def handled() -> bool:
+            return await metric(controller, stale) > before
+
+        await eventually(handled, "the duplicate result handled")
         assert (await state(job["id"], "succeeded")) == done
 
     status, body = await controller.api("GET", f"/v1/projects/{pid}/jobs/{'0' * 32}")
