@@ -17,6 +17,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,10 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
 
 async def agent_metric(agent: AgentProcess, series: str) -> float | None:
     """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    except OSError:
+        return None  # not listening (yet): a starting or stopped agent
     try:
         writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
@@ -294,6 +298,36 @@ async def agent_metric(agent: AgentProcess, series: str) -> float | None:
         if name == series:
             return float(value)
     return None
+
+
+PASSES = 'orkestr_agent_reconcile_total{result="success"}'
+
+
+async def wait_passes(agent: AgentProcess, at_least: float, timeout: float = 30) -> None:
+    """Until the agent process has finished `at_least` clean reconcile passes in all."""
+
+    async def done() -> bool:
+        return (await agent_metric(agent, PASSES) or 0) >= at_least
+
+    await wait_for(done, timeout, f"{at_least:g} reconcile passes", interval=0.1)
+
+
+async def more_passes(agent: AgentProcess, count: int, timeout: float = 30) -> None:
+    """Until the agent finished `count` more clean passes than it has now."""
+    await wait_passes(agent, (await agent_metric(agent, PASSES) or 0) + count, timeout)
+
+
+async def wait_status_after(
+    controller: ControllerProcess, host: str, when: datetime, timeout: float = 30
+) -> None:
+    """Until the controller has stored a status the agent sent after `when`."""
+
+    async def newer() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        seen = next((h["last_seen"] for h in body["hosts"] if h["name"] == host), None)
+        return seen is not None and datetime.fromisoformat(seen) > when
+
+    await wait_for(newer, timeout, f"a status from {host} sent after {when}")
 
 
 async def host_online(controller: ControllerProcess, host: str) -> bool:

@@ -23,8 +23,10 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     wait_for,
+    wait_passes,
     wait_phase,
 )
 
@@ -149,7 +151,7 @@ async def test_agent_kill9_adopts_and_hand_removed_container_is_recreated(
 
     await agent.kill9()
     await agent.start()
-    await asyncio.sleep(6)  # a few resync passes of the restarted agent
+    await wait_passes(agent, 3)  # a few full passes of the restarted agent
     after = {n: inspect(n)["Id"] for n in (db(pg["id"]), holder(pg["id"]))}
     assert after == before, "a restarted agent recreated containers"
     await wait_phase(c, project["id"], pg["id"], "ready")
@@ -175,7 +177,7 @@ async def test_broker_outage_keeps_addons_running_and_converges(
     await stack.mosquitto.stop()
     # The API keeps working; the change waits for the broker.
     second = await create_addon(c, project["id"], "second", "redis")
-    await asyncio.sleep(4)
+    await more_passes(agent, 2)  # the agent keeps reconciling, with what it has
     assert inspect(db(first["id"]))["State"]["StartedAt"] == started
     assert container_state(db(first["id"]))["Running"]
     assert container_state(db(second["id"])) == {}
