@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent.watchdog import Watchdog, interval_from_env
+from tests.agent_fixtures import AgentProcess, remove_host_objects
+from tests.docker_leaks import host_name
+from tests.services import ControllerProcess, Mosquitto
 
 
 class Clock:
@@ -108,3 +112,25 @@ def test_unit_sets_a_watchdog() -> None:
     unit = (Path(__file__).parents[1] / "systemd" / "orkestr-agent.service").read_text()
     assert "Type=notify" in unit
     assert "WatchdogSec=180" in unit
+
+
+async def test_real_agent_signals_ready_then_pets_the_watchdog(
+    notify_socket: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+    mosquitto: Mosquitto,
+    controller: ControllerProcess,
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # 1 s: a pet every 0.5 s
+    host = host_name("w")
+    agent = AgentProcess(host, mosquitto.port, controller.url, controller.agent_token)
+    loop = asyncio.get_running_loop()
+    try:
+        await agent.start()
+        seen: list[bytes] = []
+        while seen.count(b"WATCHDOG=1") < 3:
+            seen.append(await asyncio.wait_for(loop.sock_recv(notify_socket, 64), 15))
+        assert b"READY=1" in seen, seen
+    finally:
+        await agent.close()
+        remove_host_objects(host)
+        shutil.rmtree(agent.dir, ignore_errors=True)
