@@ -18,10 +18,12 @@ from agent import plan as p
 from agent import specs
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
+from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult
 
 log = logging.getLogger("orkestr.agent.apply")
@@ -47,6 +49,7 @@ class Applier:
         self,
         host: str,
         docker: Docker,
+        firewall: Firewall,
         secrets: SecretStore,
         controller: ControllerClient,
         state: StateDir,
@@ -57,6 +60,7 @@ class Applier:
     ) -> None:
         self.host = host
         self.docker = docker
+        self.firewall = firewall
         self.secrets = secrets
         self.controller = controller
         self.state = state
@@ -95,6 +99,7 @@ class Applier:
         match action:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
+                await self.firewall.sync_networks()
             case p.RemoveNetwork(_key, name):
                 await self.docker.remove_network(name)
             case p.EnsureVolume(key, name, project_id):
@@ -113,6 +118,10 @@ class Applier:
                         raise AgentError("secret not fetched yet")
                     await self._on_addon_started(key)
                 await self.docker.run(spec)
+                if spec.role == "holder" and spec.network is not None:
+                    # Before its database joins the namespace: no egress beyond the network.
+                    subnet = (await self.docker.inspect_network(spec.network))["subnet"]
+                    await self.firewall.fence_holder(spec.name, subnet)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 await self.docker.start(name)
@@ -132,11 +141,12 @@ class Applier:
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
-                env = await self.controller.env(project_id)
-                spec = specs.job_spec(project_id, job, self.settings.job_memory_mb)
+                spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
+                    await self._check_job_image(job.image)
+                    env = await self.controller.env(project_id)
                     await self.docker.run(spec, env=env)
-                except (NotFound, PermanentError) as exc:
+                except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
                     self._fail_job(key, project_id, str(exc))
                     return
@@ -145,6 +155,13 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+
+    async def _check_job_image(self, ref: str) -> None:
+        check_reference(ref, self.settings.images.jobs)
+        # Docker falls back to an image-id prefix for a name it does not know: accept only
+        # an image that carries exactly this name.
+        if tagged(ref) not in await self.docker.image_names(ref):
+            raise ImageRefused(f"image: no local image is named {ref!r}")
 
     def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
         now = datetime.now(UTC)

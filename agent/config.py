@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from agent.firewall import Policy
 from agent.specs import Images
 from schemas.messages import HostName
 
@@ -24,12 +25,18 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_s: Annotated[float, Meta(gt=0)] = 10.0
     probe_timeout_s: Annotated[float, Meta(gt=0)] = 3.0
     job_memory_mb: Annotated[int, Meta(ge=32)] = 512
+    job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
+    job_pids: Annotated[int, Meta(ge=16)] = 256
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
     # connections while the agent restarts.
     keeper_socket: str = ""
+    # Caps on connections relayed by wake listeners (two descriptors each), per add-on and
+    # for the host; keep the host's below the unit's LimitNOFILE / 2 with room to spare.
+    wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
+    wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,6 +79,7 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     docker: DockerSection = DockerSection()
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
+    network: Policy = Policy()
     log: LogSection = LogSection()
 
 

@@ -39,6 +39,16 @@ WAKE_DURATION = Histogram(
     ["kind", "stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RELAYS_ACTIVE = Gauge(
+    "orkestr_agent_wake_relays", "Client connections relayed by wake listeners right now"
+)
+RELAYS_REFUSED = Counter(
+    "orkestr_agent_wake_relays_refused_total",
+    "Connections a wake listener closed at once: over the add-on's or the host's relay cap",
+    ["reason"],
+)
+for _reason in ("addon_cap", "host_cap"):
+    RELAYS_REFUSED.labels(_reason)
 
 
 def start_at_zero(actions: Iterable[str], rejection_reasons: Iterable[str]) -> None:

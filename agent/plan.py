@@ -128,7 +128,7 @@ class Local(Struct, frozen=True):
 class Settings(Struct, frozen=True):
     images: specs.Images
     secrets_root: str
-    job_memory_mb: int = 512
+    jobs: specs.JobLimits = specs.JobLimits()
 
     def secret_dir(self, addon_id: str) -> str:
         return f"{self.secrets_root}/{addon_id}"

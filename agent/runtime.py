@@ -18,14 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import desired as desired_mod
-from agent import model, netns, probe
+from agent import model, netns, probe, specs
 from agent import plan as p
-from agent.activator import utc
+from agent.activator import RelayBudget, utc
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
 from agent.metrics import (
@@ -85,7 +86,11 @@ class Agent:
         self.settings = p.Settings(
             images=config.images,
             secrets_root=str(self.secrets.root),
-            job_memory_mb=config.agent.job_memory_mb,
+            jobs=specs.JobLimits(
+                memory_mb=config.agent.job_memory_mb,
+                cpus=config.agent.job_cpus,
+                pids=config.agent.job_pids,
+            ),
         )
         self.broker = Broker(
             self.host,
@@ -97,9 +102,11 @@ class Agent:
             password=config.mqtt.password,
             keepalive_s=config.mqtt.keepalive_s,
         )
+        self.firewall = Firewall(self.host, config.network, docker)
         self.applier = Applier(
             self.host,
             docker,
+            self.firewall,
             self.secrets,
             controller,
             self.state,
@@ -122,6 +129,7 @@ class Agent:
             self._wake_probe,
             self._sleep_changed,
             config.agent.sleep_tick_s,
+            RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
@@ -239,8 +247,14 @@ class Agent:
     async def events_loop(self) -> None:
         while True:
             try:
+                # Events missed while the stream was down may hide restarted holders.
+                self.firewall.forget()
                 async with self.docker.events() as queue:
                     while (event := await queue.get()) is not None:
+                        if event.get("status") == "start":
+                            actor = event.get("Actor") or {}
+                            if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
+                                self.firewall.forget(actor.get("ID"))
                         if event.get("status") in (
                             "die",
                             "destroy",
@@ -271,6 +285,8 @@ class Agent:
             sleep=self.sleep.states(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
+        # Fences first: nothing may start on a bridge or in a namespace left open.
+        await self.firewall.sync(observed)
         outcome = await self.applier.apply(actions)
         if actions:
             observed = await self.docker.snapshot()
@@ -491,10 +507,11 @@ class Agent:
         self, addon: AddonSpec, ip: str, timeout_s: float
     ) -> tuple[bool, str, str]:
         """A real client's connection and first query, straight to the database."""
-        password = self.secrets.password(addon.id)
+        admin = self.secrets.admin_password(addon.id)
         if addon.kind == "postgres":
-            return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
-        return await probe.redis(ip, password, timeout_s)
+            tenant = (addon.user, self.secrets.password(addon.id))
+            return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
+        return await probe.redis(ip, admin, timeout_s)
 
     async def _addon_started(self, addon_id: str) -> None:
         await self.sleep.addon_started(addon_id)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import model
-from agent.activator import Persisted, Probe, Sleeper, SleepStore
+from agent.activator import Persisted, Probe, RelayBudget, Sleeper, SleepStore
 from agent.docker import Docker
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
@@ -35,7 +35,9 @@ class SleepManager:
         probe: Probe,
         on_change: Callable[[], None],
         tick_s: float,
+        budget: RelayBudget,
     ) -> None:
+        self.budget = budget
         self.store = SleepStore(state_dir / "sleep.json")
         self.saved: dict[str, Persisted] = self.store.load()
         self.sleepers: dict[str, Sleeper] = {}
@@ -133,6 +135,7 @@ class SleepManager:
                     self.docker,
                     self._probe,
                     self._changed,
+                    self.budget,
                 )
                 sleeper.ready = not asleep
                 adopted = self._adopted.pop(sleeper.wake_name, None)

@@ -260,7 +260,7 @@ class Api:
     async def create_job(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.JobCreate)
-        bodies.check_job(body)
+        bodies.check_job(body, self._config.jobs.allowed_images)
         job, host = await store.create_job(
             self._pool,
             project_id,

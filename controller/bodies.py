@@ -6,7 +6,7 @@ size of a job's command) live next to the structs as plain functions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated
 
 from msgspec import Meta, Struct
@@ -14,6 +14,7 @@ from msgspec import Meta, Struct
 from controller.env import clashes_with_default, variable_name
 from controller.errors import InvalidBody
 from controller.plans import Plan
+from schemas.images import ImageRefused, check_reference
 from schemas.messages import AddonKind, DnsName
 
 ProjectName = Annotated[
@@ -61,7 +62,11 @@ def check_addon(body: AddonCreate) -> None:
         )
 
 
-def check_job(body: JobCreate) -> None:
+def check_job(body: JobCreate, allowed_images: Iterable[str]) -> None:
+    try:
+        check_reference(body.image, allowed_images)
+    except ImageRefused as exc:
+        raise InvalidBody(str(exc)) from None
     if any("\x00" in arg for arg in body.command):
         raise InvalidBody("command: arguments must not contain NUL characters")
     size = sum(len(arg.encode()) for arg in body.command)

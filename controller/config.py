@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from controller.errors import ConfigError
+from schemas.images import DEFAULT_JOB_IMAGES
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 MIN_TOKEN_CHARS = 16
@@ -52,6 +53,11 @@ class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
     offline_after_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
 
 
+class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # Shell-style patterns of the images a job may run (schemas/images.py).
+    allowed_images: tuple[str, ...] = DEFAULT_JOB_IMAGES
+
+
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.
@@ -64,6 +70,7 @@ class _File(Struct, frozen=True, forbid_unknown_fields=True):
     mqtt: MqttSection = MqttSection()
     plans: PlansSection = PlansSection()
     hosts: HostsSection = HostsSection()
+    jobs: JobsSection = JobsSection()
     log: LogSection = LogSection()
 
 
@@ -81,6 +88,7 @@ class Config(Struct, frozen=True):
     plans_file: Path | None  # None: the plans.toml packaged with the controller
     hosts: HostsSection
     log: LogSection
+    jobs: JobsSection = JobsSection()
 
 
 def describe(exc: msgspec.ValidationError, within: str = "") -> str:
@@ -147,6 +155,7 @@ def resolve(file: _File, base: Path) -> Config:
         plans_file=plans,
         hosts=file.hosts,
         log=file.log,
+        jobs=file.jobs,
     )
 
 

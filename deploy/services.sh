@@ -25,6 +25,15 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# Debian's Prometheus unit listens on every address by default: loopback only, unless the
+# operator already chose an address in /etc/default/prometheus.
+if [ -f /etc/default/prometheus ] && ! grep -q -- '--web.listen-address' /etc/default/prometheus; then
+  sed -i 's|^ARGS="\(.*\)"|ARGS="\1 --web.listen-address=127.0.0.1:9090"|' /etc/default/prometheus
+  if [ -d /run/systemd/system ] && systemctl is-active -q prometheus; then
+    systemctl restart prometheus
+  fi
+fi
+
 # Debian's mosquitto package starts a broker on :1883 where systemd runs; we start our own
 # brokers with explicit configs, so the packaged one is only stopped if it is in the way.
 

@@ -65,6 +65,8 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
     image: Annotated[str, Meta(min_length=1, max_length=512)]
     command: tuple[str, ...]
     timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+    # The project's plan sizing; None: the agent's configured defaults.
+    resources: Resources | None = None
 
 
 class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from agent import firewall
 from tests.docker_leaks import host_name
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
@@ -52,6 +53,25 @@ def remove_host_objects(host: str) -> None:
     nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
     if nets:
         docker("network", "rm", *nets, check=False)
+    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    for jump in firewall.host_jumps(host):
+        while subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode == 0:
+            pass
+    for chain in firewall.chains(host):
+        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
+
+
+def agent_capabilities() -> list[str]:
+    """Run the agent with only the capabilities its systemd unit leaves it, as in production."""
+    unit = (ROOT / "systemd" / "orkestr-agent.service").read_text()
+    caps = next(
+        line.split("=", 1)[1].split()
+        for line in unit.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+    )
+    keep = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
 
 
 class AgentProcess:
@@ -63,6 +83,7 @@ class AgentProcess:
         agent_token: str,
         sleep_tick_s: float = 0.5,
         log_format: str = "text",
+        extra_config: str = "",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -93,11 +114,12 @@ keepalive_s = 5
 postgres = "{IMAGES["postgres"]}"
 redis = "{IMAGES["redis"]}"
 
-[metrics]
-listen = "127.0.0.1:{self.metrics_port}"
-
 [log]
 format = "{log_format}"
+
+[metrics]
+listen = "127.0.0.1:{self.metrics_port}"
+{extra_config}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
@@ -116,6 +138,7 @@ format = "{log_format}"
             )
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
+            *agent_capabilities(),
             sys.executable,
             "-m",
             "agent",

@@ -298,6 +298,9 @@ class ControllerProcess:
             "[log]\n"
             f'level = "{self.log_level}"\n'
             f'format = "{self.log_format}"\n'
+            "[jobs]\n"
+            # The API tests name debian:12, which no agent there runs.
+            'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'
         )
 
     async def start(self, wait_s: float = 30.0) -> None:

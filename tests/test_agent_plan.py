@@ -178,7 +178,7 @@ def test_jobs_run_once_and_are_collected() -> None:
     d = desired(jobs=(job,))
     net = (ObservedNetwork("n1", model.network_name(PID), PID),)
     assert p.plan(d, Observed(networks=net), p.Local(), SETTINGS) == (p.StartJob(JID, PID, job),)
-    spec = specs.job_spec(PID, job, 512)
+    spec = specs.job_spec(PID, job, specs.JobLimits())
     exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
     assert p.plan(d, exited, p.Local(), SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
     assert (
@@ -219,7 +219,7 @@ def test_network_stays_while_any_container_of_the_project_exists() -> None:
     assert p.plan(gone, world, LOCAL, SETTINGS) == ()
     # A job container (running, or exited and not yet collected) keeps it as well.
     job = JobSpec(id=JID, image="toolbox", command=("true",))
-    spec = specs.job_spec(PID, job, 512)
+    spec = specs.job_spec(PID, job, specs.JobLimits())
     exited = Observed(containers=(running(spec, "j", state="exited"),), networks=(NET,))
     assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
 
