@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -69,6 +69,12 @@ class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
 
+class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per line (schemas/logs.py), for a log shipper.
+    format: Literal["text", "json"] = "text"
+
+
 class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection
     controller: ControllerSection
@@ -77,6 +83,7 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
     network: Policy = Policy()
+    log: LogSection = LogSection()
 
 
 class ConfigError(Exception):

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orkestr-controller: {exc}", file=sys.stderr)
         return 2
-    configure(config.log.level)
+    configure(config.log.level, config.log.format)
     if args.command == "hosts":
         return _hosts_command(config, args)
     try:

@@ -37,6 +37,7 @@ from controller.db import Pool
 from controller.env import compose_env
 from controller.errors import (
     ApiError,
+    BadRequest,
     ConfigError,
     Conflict,
     DatabaseUnavailable,
@@ -49,6 +50,7 @@ from controller.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from controller.httpserver import JsonErrorsRunner
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
@@ -220,7 +222,11 @@ class Api:
     async def _authorize(self, request: web.Request, route: str) -> None:
         if route in PUBLIC_ROUTES:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get("Authorization", "")
+        if not header.isascii():
+            # Tokens are ASCII; anything else cannot match (and cannot be encoded to hash).
+            raise BadRequest("the Authorization header must be ASCII")
+        scheme, _, token = header.partition(" ")
         principal = None
         if scheme.lower() == "bearer":
             principal = await principals.resolve(self._pool, self._config.http, token.strip())
@@ -455,7 +461,7 @@ async def serve(
     app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[None]:
     """Listen until the context exits; in-flight requests get a few seconds to finish."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = JsonErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=tls).start()

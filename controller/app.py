@@ -56,8 +56,18 @@ async def run(config: Config, plans: Plans) -> None:
         publisher = Publisher(pool, link, plans, metrics)
         ingest = Ingest(pool, publisher, metrics)
         api = Api(config, pool, plans, publisher, metrics)
+        app = api.app()
+        # The 5xx an alert divides by: present from the start, so its first one counts.
+        metrics.start_routes(
+            {
+                (r.method, r.resource.canonical)
+                for r in app.router.routes()
+                if r.resource and r.method != "HEAD"
+            },
+            ("500", "503"),
+        )
         tls = tls_context(*map(str, config.http.tls)) if config.http.tls else None
-        await stack.enter_async_context(serve(api.app(), config.http.host, config.http.port, tls))
+        await stack.enter_async_context(serve(app, config.http.host, config.http.port, tls))
         log(logger, "controller_ready", plans=",".join(plans))
         async with asyncio.TaskGroup() as tasks:
             loops = [

@@ -65,6 +65,8 @@ class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per line (schemas/logs.py), for a log shipper.
+    format: Literal["text", "json"] = "text"
 
 
 class SecretsSection(Struct, frozen=True, forbid_unknown_fields=True):

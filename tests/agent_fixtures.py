@@ -17,12 +17,14 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import firewall
+from tests.docker_leaks import host_name
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -80,6 +82,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        log_format: str = "text",
         extra_config: str = "",
         ca_file: str = "",
     ) -> None:
@@ -112,6 +115,9 @@ keepalive_s = 5
 [images]
 postgres = "{IMAGES["postgres"]}"
 redis = "{IMAGES["redis"]}"
+
+[log]
+format = "{log_format}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
@@ -268,12 +274,12 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the module's controller; removed with all it made."""
     assert stack.controller is not None
-    host = f"t{uuid.uuid4().hex[:10]}"
+    host = host_name("t")
     token = await stack.controller.new_agent_token(host)
     proc = AgentProcess(host, stack.mosquitto.port, stack.controller.url, token)
     try:
         await proc.start()
-        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
         yield proc
     finally:
         await proc.close()
@@ -298,6 +304,56 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
+async def agent_metric(agent: AgentProcess, series: str) -> float | None:
+    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    except OSError:
+        return None  # not listening (yet): a starting or stopped agent
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        text = (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
+PASSES = 'orkestr_agent_reconcile_total{result="success"}'
+
+
+async def wait_passes(agent: AgentProcess, at_least: float, timeout: float = 30) -> None:
+    """Until the agent process has finished `at_least` clean reconcile passes in all."""
+
+    async def done() -> bool:
+        return (await agent_metric(agent, PASSES) or 0) >= at_least
+
+    await wait_for(done, timeout, f"{at_least:g} reconcile passes", interval=0.1)
+
+
+async def more_passes(agent: AgentProcess, count: int, timeout: float = 30) -> None:
+    """Until the agent finished `count` more clean passes than it has now."""
+    await wait_passes(agent, (await agent_metric(agent, PASSES) or 0) + count, timeout)
+
+
+async def wait_status_after(
+    controller: ControllerProcess, host: str, when: datetime, timeout: float = 30
+) -> None:
+    """Until the controller has stored a status the agent sent after `when`."""
+
+    async def newer() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        seen = next((h["last_seen"] for h in body["hosts"] if h["name"] == host), None)
+        return seen is not None and datetime.fromisoformat(seen) > when
+
+    await wait_for(newer, timeout, f"a status from {host} sent after {when}")
+
+
 async def host_online(controller: ControllerProcess, host: str) -> bool:
     status, body = await controller.api("GET", "/v1/hosts")
     assert status == 200, body
@@ -306,7 +362,7 @@ async def host_online(controller: ControllerProcess, host: str) -> bool:
 
 def container_state(name: str) -> dict[str, Any]:
     found = json.loads(docker("inspect", name, check=False) or "[]")
-    return found[0]["State"] if found else {}  # type: ignore[no-any-return]
+    return found[0]["State"] if found else {}
 
 
 # --- API helpers for end-to-end tests ------------------------------------------------------

@@ -255,11 +255,13 @@ class ControllerProcess:
         offline_after_s: float = 30.0,
         client_id: str | None = None,
         log_level: str = "INFO",
+        log_format: str = "text",
         tls: tuple[Path, Path, Path] | None = None,
         token_files: bool = False,
         extra_config: str = "",
         jobs_config: str = "",
     ) -> None:
+        self.log_format = log_format
         self.database_url = database_url
         self.mqtt_port = mqtt_port
         self.plans_file = plans_file
@@ -327,6 +329,7 @@ class ControllerProcess:
             f"offline_after_s = {self.offline_after_s}\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
+            f'format = "{self.log_format}"\n'
             "[jobs]\n"
             # The API tests name debian:12, which no agent there runs.
             'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'

@@ -478,7 +478,7 @@ async def test_two_real_agents_with_their_own_tokens_converge_over_tls(tmp_path:
             agent = AgentProcess(host, mosquitto.port, process.url, token, ca_file=str(cert))
             agents.append(agent)
             await agent.start()
-            await wait_for(lambda h=host: host_online(process, h), 30, f"{host} online")  # type: ignore[misc]
+            await wait_for(lambda h=host: host_online(process, h), 30, f"{host} online")
             project = await create_project(process, "team")
             assert project["host"] == host
             made = await create_addon(process, project["id"], "db", "postgres")

@@ -66,8 +66,8 @@ async def test_a_status_with_huge_numbers_leaves_the_controller_up(
             # Within the schema, but no restored database is that far behind.
             msgspec.structs.replace(good, applied_generation=MAX_GENERATION),
         ]
-        for status in hostile:
-            await big_host.publish(topics.status(big_host.host), encode(status), retain=True)
+        for report in hostile:
+            await big_host.publish(topics.status(big_host.host), encode(report), retain=True)
         project = await project_on(controller, big_host.host)
         ids = [f"{i:032x}" for i in range(3)]
         counters = addon_status({"id": ids[0], "project_id": project["id"]}, sleeps=2**64 - 1)

@@ -366,15 +366,25 @@ def test_classify_topics() -> None:
     assert classify("other/topic") is None
 
 
+def test_backoff_doubles_to_the_cap_and_resets() -> None:
+    # rng 1.0 draws the top of each interval: the un-jittered schedule itself.
+    top = Backoff(first=0.5, cap=10.0, rng=lambda: 1.0)
+    assert [top.next() for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    top.reset()
+    assert top.next() == 0.5
+    # rng 0.0 draws the bottom: half of each step.
+    bottom = Backoff(first=0.5, cap=10.0, rng=lambda: 0.0)
+    assert [bottom.next() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0]
+
+
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=40))
-def test_backoff_is_capped_and_jittered(draws: list[float]) -> None:
+def test_backoff_is_jittered_within_each_step(draws: list[float]) -> None:
     values = iter(draws)
     backoff = Backoff(first=0.5, cap=10.0, rng=lambda: next(values))
-    delays = [backoff.next() for _ in draws]
-    assert all(0.25 <= d <= 10.0 for d in delays)
-    assert delays[0] <= 0.5
-    backoff.reset()
-    assert Backoff(first=0.5, cap=10.0, rng=lambda: 1.0).next() == 0.5
+    for attempt, draw in enumerate(draws):
+        step = min(10.0, 0.5 * 2**attempt)
+        # Exactly the draw's point in [step/2, step]: the jitter is the rng's, not constant.
+        assert backoff.next() == step / 2 + draw * step / 2
 
 
 # --- docs -----------------------------------------------------------------------------

@@ -198,7 +198,7 @@ async def sealed_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     )  # fmt: skip
     try:
         await proc.start()
-        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
         yield proc
     finally:
         await proc.close()
