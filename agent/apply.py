@@ -70,6 +70,7 @@ class Applier:
         self._on_addon_started = on_addon_started
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
+        self.on_progress: Callable[[], None] = lambda: None  # after each action
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -91,6 +92,7 @@ class Applier:
                 outcome.done.append(action)
                 ACTIONS.labels(kind, "ok").inc()
                 log.info("action.done action=%s key=%s", kind, action.key)
+            self.on_progress()
         return outcome
 
     async def _one(self, action: p.Action) -> None:
@@ -98,6 +100,8 @@ class Applier:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
                 await self.firewall.sync_networks()
+            case p.RemoveNetwork(_key, name):
+                await self.docker.remove_network(name)
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):

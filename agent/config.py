@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -44,8 +44,11 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
     url: str
+    # This host's own token (it names the host to the controller).
     agent_token: str = ""
     agent_token_file: str = ""
+    # The CA that signed the controller's HTTPS certificate; empty: the system's CAs.
+    ca_file: str = ""
 
     def token(self) -> str:
         if self.agent_token_file:
@@ -82,6 +85,12 @@ class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
 
+class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per line (schemas/logs.py), for a log shipper.
+    format: Literal["text", "json"] = "text"
+
+
 class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection
     controller: ControllerSection
@@ -91,6 +100,7 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
     network: Policy = Policy()
+    log: LogSection = LogSection()
 
 
 class ConfigError(Exception):

@@ -15,6 +15,17 @@ from schemas.codec import MessageRejected, decode
 from schemas.messages import DesiredState
 from schemas.signed import Verifier
 
+# Every `Rejection.reason`: the codec's and this module's (metrics start each at zero).
+REJECTION_REASONS = (
+    "TooLarge",
+    "Malformed",
+    "UnsupportedVersion",
+    "WrongHost",
+    "StaleGeneration",
+    "ConflictingGeneration",
+    "Invalid",
+)
+
 
 class Rejection(Struct, frozen=True):
     reason: str

@@ -106,6 +106,18 @@ class Docker:
         except Conflict:
             pass
 
+    async def remove_network(self, name: str) -> None:
+        try:
+            await _call(
+                f"remove network {name}",
+                lambda: aiodocker.networks.DockerNetwork(self.client, name).delete(),  # type: ignore[no-untyped-call]
+            )
+        except NotFound:
+            pass
+        except (Conflict, PermanentError) as exc:
+            # Docker refuses (403) while anything is attached: retried on the next pass.
+            raise TransientError(str(exc)) from None
+
     async def inspect_network(self, name: str) -> dict[str, str]:
         async def show() -> dict[str, Any]:
             network = await self.client.networks.get(name)
@@ -182,9 +194,11 @@ class Docker:
         await _call(f"kill {name}", lambda: self.client.containers.container(name).kill())
 
     async def remove(self, name: str) -> None:
+        # v=True: the anonymous volumes of the image's VOLUME go with the container.
         try:
             await _call(
-                f"remove {name}", lambda: self.client.containers.container(name).delete(force=True)
+                f"remove {name}",
+                lambda: self.client.containers.container(name).delete(force=True, v=True),
             )
         except NotFound:
             pass

@@ -39,12 +39,14 @@ from agent.metrics import (
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
     SLEEP_LEVEL,
+    start_at_zero,
 )
 from agent.mqtt import Broker
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
 from agent.sleepers import SleepManager
 from agent.state import StateDir
+from agent.watchdog import Watchdog, interval_from_env
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -124,7 +126,11 @@ class Agent:
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
         )
+        # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
+        self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
+        self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
+        start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
@@ -136,6 +142,7 @@ class Agent:
             config.agent.sleep_tick_s,
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
+        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -233,6 +240,7 @@ class Agent:
                 continue
             finally:
                 RECONCILE_DURATION.observe(time.monotonic() - started)
+                self.watchdog.beat("reconcile")
             if outcome.failed:
                 RECONCILE_TOTAL.labels("requeue").inc()
                 asyncio.get_running_loop().call_later(

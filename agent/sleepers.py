@@ -47,6 +47,7 @@ class SleepManager:
         self._on_change = on_change
         self._tick_s = tick_s
         self._adopted: dict[str, socket.socket] | None = None
+        self.on_tick: Callable[[], None] = lambda: None  # after each tick: the watchdog
 
     def state(self, addon_id: str) -> SleepState:
         saved = self.saved.get(addon_id)
@@ -172,6 +173,7 @@ class SleepManager:
                     log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
                 except Exception:
                     log.exception("sleep.crashed addon=%s", sleeper.addon.id)
+            self.on_tick()
 
     async def close(self) -> None:
         """On shutdown: listeners stay with the keeper, sleeping add-ons stay asleep."""

@@ -18,12 +18,14 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import firewall
+from tests.docker_leaks import host_name
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -54,7 +56,10 @@ def remove_host_objects(host: str) -> None:
         docker("network", "rm", *nets, check=False)
     # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
     for jump in firewall.host_jumps(host):
-        while subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode == 0:
+        while (
+            subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode
+            == 0
+        ):
             pass
     for chain in firewall.chains(host):
         subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
@@ -81,7 +86,9 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        log_format: str = "text",
         extra_config: str = "",
+        ca_file: str = "",
         *,
         public_key_file: Path,
         tls: bool = False,
@@ -109,6 +116,7 @@ keeper_socket = "{self.dir / "keeper.sock"}"
 [controller]
 url = "{controller_url}"
 agent_token = "{agent_token}"
+ca_file = "{ca_file}"
 
 [signing]
 public_key_file = "{public_key_file}"
@@ -123,6 +131,9 @@ keepalive_s = 5
 [images]
 postgres = "{IMAGES["postgres"]}"
 redis = "{IMAGES["redis"]}"
+
+[log]
+format = "{log_format}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
@@ -249,7 +260,7 @@ class Stack:
         self.controller = ControllerProcess(
             database_url=self.dsn,
             broker=self.mosquitto,
-            tls=self.tls,
+            mqtt_tls=self.tls,
             plans_file=plans,
             offline_after_s=10,
         )
@@ -283,18 +294,19 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 async def running_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
-    host = f"t{uuid.uuid4().hex[:10]}"
+    host = host_name("t")
+    token = await stack.controller.new_agent_token(host)
     proc = AgentProcess(
         host,
         stack.mosquitto,
         stack.controller.url,
-        stack.controller.agent_token,
+        token,
         public_key_file=stack.controller.public_key_file,
         tls=stack.tls,
     )
     try:
         await proc.start()
-        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
         yield proc
     finally:
         await proc.close()
@@ -326,6 +338,56 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
+async def agent_metric(agent: AgentProcess, series: str) -> float | None:
+    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    except OSError:
+        return None  # not listening (yet): a starting or stopped agent
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        text = (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
+PASSES = 'orkestr_agent_reconcile_total{result="success"}'
+
+
+async def wait_passes(agent: AgentProcess, at_least: float, timeout: float = 30) -> None:
+    """Until the agent process has finished `at_least` clean reconcile passes in all."""
+
+    async def done() -> bool:
+        return (await agent_metric(agent, PASSES) or 0) >= at_least
+
+    await wait_for(done, timeout, f"{at_least:g} reconcile passes", interval=0.1)
+
+
+async def more_passes(agent: AgentProcess, count: int, timeout: float = 30) -> None:
+    """Until the agent finished `count` more clean passes than it has now."""
+    await wait_passes(agent, (await agent_metric(agent, PASSES) or 0) + count, timeout)
+
+
+async def wait_status_after(
+    controller: ControllerProcess, host: str, when: datetime, timeout: float = 30
+) -> None:
+    """Until the controller has stored a status the agent sent after `when`."""
+
+    async def newer() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        seen = next((h["last_seen"] for h in body["hosts"] if h["name"] == host), None)
+        return seen is not None and datetime.fromisoformat(seen) > when
+
+    await wait_for(newer, timeout, f"a status from {host} sent after {when}")
+
+
 async def host_online(controller: ControllerProcess, host: str) -> bool:
     status, body = await controller.api("GET", "/v1/hosts")
     assert status == 200, body
@@ -334,7 +396,7 @@ async def host_online(controller: ControllerProcess, host: str) -> bool:
 
 def container_state(name: str) -> dict[str, Any]:
     found = json.loads(docker("inspect", name, check=False) or "[]")
-    return found[0]["State"] if found else {}  # type: ignore[no-any-return]
+    return found[0]["State"] if found else {}
 
 
 # --- API helpers for end-to-end tests ------------------------------------------------------

@@ -62,7 +62,7 @@ class Recorder:
             self._ready.set()
             async for message in client.messages:
                 async with self._changed:
-                    self.seen.append((message.topic.value, bytes(message.payload)))  # type: ignore[arg-type]
+                    self.seen.append((message.topic.value, bytes(message.payload)))
                     self._changed.notify_all()
 
     async def wait_for(self, payload: bytes, wait_s: float = 10.0) -> None:

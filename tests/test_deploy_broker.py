@@ -254,7 +254,7 @@ async def test_the_controller_refuses_to_start_on_an_unsafe_broker(
         "",
     )
     process = ControllerProcess(database_url=controller_db, broker=mosquitto)
-    process.extra_config = f'broker_config = "{path}"\n'
+    process.mqtt_extra = f'broker_config = "{path}"\n'
     try:
         with pytest.raises(RuntimeError, match="exited during start") as caught:
             await process.start()

@@ -60,7 +60,7 @@ async def retained_desired(stack: Stack, host: str) -> bytes:
     async with stack.mosquitto.client(peer, tls=True) as client:
         await client.subscribe(topics.desired(host), qos=1)
         message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
-        return bytes(message.payload)  # type: ignore[arg-type]
+        return bytes(message.payload)
 
 
 async def test_unsigned_and_forged_states_are_refused_and_the_next_good_one_applied(
@@ -223,7 +223,7 @@ async def test_broker_killed_while_1000_generations_are_published(
             assert applied.generation == latest.generation
             assert {p.id for p in applied.projects} == placed[host]
         log = c.log_text()
-        figures = {
+        figures: dict[str, Any] = {
             "changes": changes,
             "refused_while_hosts_offline": refused,
             "published": log.count("desired_published host="),
