@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.controller_client import ControllerClient
 from agent.errors import NotFound as AgentNotFound
@@ -66,11 +68,20 @@ def app_routes() -> list[tuple[str, str]]:
 operator_token = "operator-token-0123456789"
 [secrets]
 key_file = "key"
+[signing]
+key_file = "signing.key"
 [database]
 url = "postgresql://u:p@127.0.0.1:5432/orkestr"
 """
     with tempfile.TemporaryDirectory() as base:
         (Path(base) / "key").write_text(key)
+        (Path(base) / "signing.key").write_bytes(
+            Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         config = parse_config(text, Path(base))
     api = Api(config, None, load_plans(None), _NoHosts(), Metrics())
     return [
