@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from agent import plan as p
 from agent import specs
+from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound, PermanentError
@@ -54,6 +55,7 @@ class Applier:
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
+        backups: BackupRunner,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -64,6 +66,7 @@ class Applier:
         self.job_output_bytes = job_output_bytes
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
+        self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
 
@@ -141,6 +144,8 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+            case p.StartBackupOp(_key, project_id, spec, addon):
+                self.backups.start(project_id, addon, spec)
 
     def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
         now = datetime.now(UTC)

@@ -37,3 +37,29 @@ WAKE_DURATION = Histogram(
     ["kind", "stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+BACKUP_OPERATIONS = Counter(
+    "orkestr_agent_backup_operations_total",
+    "Backup-store operations (backup, verify, restore, delete) by outcome",
+    ["op", "kind", "result"],
+)
+BACKUP_VERIFICATIONS = Counter(
+    "orkestr_agent_backup_verifications_total",
+    "Test restores of backups: verified or failed",
+    ["kind", "result"],
+)
+BACKUP_DURATION = Histogram(
+    "orkestr_agent_backup_duration_seconds",
+    "Duration of one backup-store operation, verification included",
+    ["op", "kind"],
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+BACKUP_LAST_SIZE = Gauge(
+    "orkestr_agent_backup_last_size_bytes",
+    "Size of the add-on's latest backup",
+    ["addon", "project", "kind"],
+)
+BACKUP_LAST_VERIFIED = Gauge(
+    "orkestr_agent_backup_last_verified_timestamp_seconds",
+    "When the add-on's latest verified backup finished (since this agent started)",
+    ["addon", "project", "kind"],
+)

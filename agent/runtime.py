@@ -22,6 +22,8 @@ from agent import model, netns, probe
 from agent import plan as p
 from agent.activator import utc
 from agent.apply import Applier, Outcome
+from agent.backup_store import BackupStore
+from agent.backups import BackupRunner
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
@@ -95,6 +97,23 @@ class Agent:
             password=config.mqtt.password,
             keepalive_s=config.mqtt.keepalive_s,
         )
+        self.backup_store = BackupStore(config.backups.root(config.agent.state_dir))
+        self.backup_store.ensure_root()
+        for leftover in self.backup_store.clean_all():  # no operation runs yet
+            log.warning("backup.leftover_removed path=%s", leftover)
+        self.backups = BackupRunner(
+            self.host,
+            docker,
+            self.backup_store,
+            root,
+            self.secrets.root,
+            config.backups.image,
+            config.backups.memory_mb,
+            config.backups.timeout_s,
+            hold=self._hold_awake,
+            ready=self._ready_after_restore,
+            on_done=self.trigger,
+        )
         self.applier = Applier(
             self.host,
             docker,
@@ -105,6 +124,7 @@ class Agent:
             config.agent.job_output_bytes,
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
+            backups=self.backups,
         )
         self.observed = model.Observed()
         self._readiness: dict[str, asyncio.Task[None]] = {}
@@ -261,6 +281,8 @@ class Agent:
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
             sleep=self.sleep.states(),
+            backups_done=frozenset(self.backups.results()),
+            backups_running=self.backups.running_ops(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         outcome = await self.applier.apply(actions)
@@ -488,6 +510,21 @@ class Agent:
             return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
         return await probe.redis(ip, password, timeout_s)
 
+    def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.sleep.hold(addon_id)
+
+    async def _ready_after_restore(self, addon: AddonSpec) -> bool:
+        """Whether a restarted database answers a real client within a minute."""
+        holder = self.observed.container(model.holder_name(addon.id))
+        if holder is None or not holder.ip:
+            return False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
     async def _addon_started(self, addon_id: str) -> None:
         await self.sleep.addon_started(addon_id)
 
@@ -531,3 +568,13 @@ class Agent:
                 )  # the controller has it: the job left the desired state
                 continue
             await self.broker.publish(topics.job_result(self.host, job_id), encode(result))
+        ops = {
+            p.op_key(spec)
+            for project in (self.desired.projects if self.desired else ())
+            for spec in project.backups
+        }
+        for key, outcome in self.backups.results().items():
+            if self.desired is not None and key not in ops:
+                self.backups.forget(key)  # the controller has it
+                continue
+            await self.broker.publish(topics.backup_result(self.host, key), encode(outcome))
