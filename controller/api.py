@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from controller import bodies, store
+from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
 from controller.env import compose_env
@@ -139,6 +140,9 @@ class Api:
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
+        BackupsApi(
+            self._pool, self._plans, self._dirty, self._metrics, _path_id, read_body
+        ).register(r)
         r.add_get("/v1/hosts", self.list_hosts)
         r.add_get("/metrics", self.metrics)
         r.add_get("/v1/agent/hosts/{host}/addons/{addon_id}/secret", self.agent_secret)

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 
 from controller import db, store
 from controller.api import Api, serve
+from controller.backup_scheduler import BackupScheduler
 from controller.config import Config
 from controller.errors import ConfigError
 from controller.ingest import Ingest
@@ -53,6 +54,9 @@ async def run(config: Config, plans: Plans) -> None:
         ingest = Ingest(pool, publisher, metrics)
         api = Api(config, pool, plans, publisher, metrics)
         await stack.enter_async_context(serve(api.app(), config.http.host, config.http.port))
+        scheduler = BackupScheduler(pool, plans, publisher, metrics, config.backups.schedule_tick_s)
+        scheduler.start()
+        stack.callback(scheduler.stop)
         log(logger, "controller_ready", plans=",".join(plans))
         async with asyncio.TaskGroup() as tasks:
             loops = [

@@ -52,6 +52,11 @@ class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
     offline_after_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
 
 
+class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # How often the scheduler checks for owed automatic backups and applies retention.
+    schedule_tick_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+
+
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -63,6 +68,7 @@ class _File(Struct, frozen=True, forbid_unknown_fields=True):
     plans: PlansSection = PlansSection()
     hosts: HostsSection = HostsSection()
     log: LogSection = LogSection()
+    backups: BackupsSection = BackupsSection()
 
 
 class HttpConfig(Struct, frozen=True):
@@ -79,6 +85,7 @@ class Config(Struct, frozen=True):
     plans_file: Path | None  # None: the plans.toml packaged with the controller
     hosts: HostsSection
     log: LogSection
+    backups: BackupsSection = BackupsSection()
 
 
 def describe(exc: msgspec.ValidationError, within: str = "") -> str:
@@ -145,6 +152,7 @@ def resolve(file: _File, base: Path) -> Config:
         plans_file=plans,
         hosts=file.hosts,
         log=file.log,
+        backups=file.backups,
     )
 
 
