@@ -202,8 +202,8 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     job = await run_job(
         c,
         p,
-        'for i in $(seq 1 200); do echo "SET key:$i value-$i"; done | redis-cli -u "$REDIS_URL" '
-        '>/dev/null && redis-cli -u "$REDIS_URL" dbsize',
+        'for i in $(seq 1 200); do echo "SET key:$i value-$i"; done | redis-cli --no-auth-warning -u "$REDIS_URL" '
+        '>/dev/null && redis-cli --no-auth-warning -u "$REDIS_URL" dbsize',
     )
     assert job["state"] == "succeeded" and job["output"].strip() == "200", job
 
@@ -213,7 +213,9 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     assert dump_path(agent, p, a, backup["id"]).read_bytes()[:5] == b"REDIS"
 
     job = await run_job(
-        c, p, 'redis-cli -u "$REDIS_URL" flushall >/dev/null && redis-cli -u "$REDIS_URL" set new 1'
+        c,
+        p,
+        'redis-cli --no-auth-warning -u "$REDIS_URL" flushall >/dev/null && redis-cli --no-auth-warning -u "$REDIS_URL" set new 1',
     )
     assert job["state"] == "succeeded", job
     done = await restore(c, p, a, backup["id"])
@@ -222,8 +224,8 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     job = await run_job(
         c,
         p,
-        'redis-cli -u "$REDIS_URL" dbsize; redis-cli -u "$REDIS_URL" get key:7; '
-        'redis-cli -u "$REDIS_URL" exists new',
+        'redis-cli --no-auth-warning -u "$REDIS_URL" dbsize; redis-cli --no-auth-warning -u "$REDIS_URL" get key:7; '
+        'redis-cli --no-auth-warning -u "$REDIS_URL" exists new',
     )
     assert job["output"].split() == ["200", "value-7", "0"], job
 
@@ -293,7 +295,7 @@ async def test_agent_killed_mid_backup(stack: Stack, agent: AgentProcess) -> Non
     tmp = dump_path(agent, p, a, pending["id"]).with_suffix(".dump.tmp")
     await wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, 60, "a partial dump")
     await agent.kill9()
-    status, body = await c.api("GET", f"{base(p, a)}/backups/{pending['id']}")
+    _, body = await c.api("GET", f"{base(p, a)}/backups/{pending['id']}")
     assert body["state"] == "pending" and body["verified"] is None  # nothing marked good
     assert not dump_path(agent, p, a, pending["id"]).exists()
 
