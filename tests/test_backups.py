@@ -306,6 +306,25 @@ async def test_agent_killed_mid_backup(stack: Stack, agent: AgentProcess) -> Non
     assert no_temp_files(agent)
     assert docker("ps", "-aq", "--filter", label) == ""
 
+    # A restore whose server dies halfway: it fails, and the current data stays.
+    await sql(c, p, "create table marker(x int); insert into marker values (7)")
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{done['id']}/restore")
+    assert status == 202, body
+    label = f"label=orkestr.backup-op=restore-{body['id']}"
+    await wait_for(lambda: docker("ps", "-q", "--filter", label), 60, "the restore container")
+    await asyncio.sleep(1.0)  # pg_restore is loading the 1.5M rows beside the live database
+    docker("kill", f"orkestr-{a}-db")
+
+    async def restore_done() -> dict[str, Any] | None:
+        _, r = await c.api("GET", f"{base(p, a)}/restores/{body['id']}")
+        return r if r["state"] != "pending" else None
+
+    failed = await wait_for(restore_done, 120, "the interrupted restore")
+    assert failed["state"] == "failed", failed
+    await wait_phase(c, p, a, "ready")
+    assert await sql(c, p, "select x from marker") == "7"
+    assert await sql(c, p, "select count(*) from big") == "1500000"
+
 
 async def test_controller_restart_around_scheduled_time(stack: Stack, agent: AgentProcess) -> None:
     c = _c(stack)
