@@ -52,7 +52,7 @@ sleep = { enabled = false }
 PG_FILL = (
     'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "create table bench(id bigint primary key, '
     "a text, b text, n double precision); insert into bench select g, md5(g::text), "
-    "md5((g * 7)::text) || md5((g * 13)::text), random() from generate_series(1, {rows}) g"
+    "md5((g * 7)::text) || md5((g * 13)::text), random() from generate_series(1, {rows}) g\""
     ' -c "vacuum analyze bench"'
 )
 # 64 random 1 KiB blobs (LZF does not shrink them), SET key:i to one of them.
