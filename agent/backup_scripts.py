@@ -113,7 +113,7 @@ for attempt in 1 2 3 4 5; do
   if sql <<SQL
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 WHERE datname = '$ADDON_DB' AND pid <> pg_backend_pid();
-SELECT pg_sleep(0.2);
+SELECT pg_sleep(0.05);
 BEGIN;
 ALTER DATABASE "$ADDON_DB" RENAME TO "$old";
 ALTER DATABASE "$new" RENAME TO "$ADDON_DB";
@@ -180,32 +180,26 @@ redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 )
 
 # Step one of a Redis restore, with the add-on's volume at /data while Redis still runs:
-# the RDB is loaded into a private server and rewritten as an AOF (the add-on runs with
-# appendonly), all inside /data/.orkestr-restore. Nothing the live server uses is touched.
+# the RDB is checked and staged in /data/.orkestr-restore as the base of a one-file AOF
+# (the add-on runs with appendonly, and Redis loads an RDB-format base file), so nothing
+# has to be rewritten. Nothing the live server uses is touched; it is only told not to
+# write an RDB snapshot when it is stopped for the swap (its AOF keeps the data).
 REDIS_RESTORE_PREPARE = (
     _PRELUDE
-    + _REDIS_LOAD
+    + _REDIS_CONNECT
     + r"""
 stage=/data/.orkestr-restore
 rm -rf "$stage"
-mkdir "$stage"
+mkdir -p "$stage/appendonlydir"
 redis-check-rdb "/backup/$IN" >/dev/null || { echo "the backup is not a valid RDB" >&2; exit 5; }
-cp "/backup/$IN" "$stage/dump.rdb"
-load "$stage" dump.rdb
-redis-cli -s "$stage/s" CONFIG SET appendonly yes >/dev/null
-for _ in $(seq 12000); do
-  info=$(redis-cli -s "$stage/s" INFO persistence)
-  if grep -q '^aof_rewrite_in_progress:0' <<<"$info" \
-     && grep -q '^aof_rewrite_scheduled:0' <<<"$info" \
-     && grep -q '^aof_enabled:1' <<<"$info"; then break; fi
-  sleep 0.05
-done
-printf 'keys|%s\n' "$(lkeys "$stage")" >"/backup/$COUNTS"
-redis-cli -s "$stage/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
-for _ in $(seq 200); do [[ -S "$stage/s" ]] || break; sleep 0.05; done
-rm -f "$stage/s" "$stage/redis.log"
-[[ -d "$stage/appendonlydir" ]] || { echo "no AOF was written" >&2; exit 6; }
+cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
+: >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
+manifest="$stage/appendonlydir/appendonly.aof.manifest"
+{ echo "file appendonly.aof.1.base.rdb seq 1 type b"
+  echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
+sync "$stage/appendonlydir"/*
 touch "$stage/.complete"
+rcli CONFIG SET save "" >/dev/null
 """
 )
 
@@ -218,7 +212,7 @@ cd /data
 rm -rf .orkestr-previous
 mkdir .orkestr-previous
 for f in appendonlydir dump.rdb; do [[ -e $f ]] && mv "$f" .orkestr-previous/; done
-mv .orkestr-restore/appendonlydir .orkestr-restore/dump.rdb .
+mv .orkestr-restore/appendonlydir .
 rm -rf .orkestr-restore
 """
 

@@ -345,7 +345,17 @@ class BackupRunner:
         async def step(name: str, script: str) -> None:
             await self._step(spec, name, project_id, addon, script, env, "none", volume=True)
 
-        await step("prepare", backup_scripts.REDIS_RESTORE_PREPARE)
+        await self._step(
+            spec,
+            "prepare",
+            project_id,
+            addon,
+            backup_scripts.REDIS_RESTORE_PREPARE,
+            env,
+            model.network_name(project_id),
+            secrets=True,
+            volume=True,
+        )
         await self.docker.stop(db, grace_s=30)
         try:
             await step("swap", backup_scripts.REDIS_RESTORE_SWAP)

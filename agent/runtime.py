@@ -522,7 +522,7 @@ class Agent:
         while time.monotonic() < deadline:
             if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
                 return True
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
         return False
 
     async def _addon_started(self, addon_id: str) -> None:
