@@ -180,10 +180,11 @@ redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 )
 
 # Step one of a Redis restore, with the add-on's volume at /data while Redis still runs:
-# the RDB is checked and staged in /data/.orkestr-restore as the base of a one-file AOF
-# (the add-on runs with appendonly, and Redis loads an RDB-format base file), so nothing
-# has to be rewritten. Nothing the live server uses is touched; it is only told not to
-# write an RDB snapshot when it is stopped for the swap (its AOF keeps the data).
+# the RDB (a verified backup whose sha256 the agent has just checked again) is staged in
+# /data/.orkestr-restore as the base file of a one-file AOF (the add-on runs with
+# appendonly, and Redis loads an RDB-format base), so nothing has to be rewritten. Nothing
+# the live server uses is touched; it is only told not to write an RDB snapshot when it is
+# stopped for the swap (its AOF holds its data).
 REDIS_RESTORE_PREPARE = (
     _PRELUDE
     + _REDIS_CONNECT
@@ -191,7 +192,6 @@ REDIS_RESTORE_PREPARE = (
 stage=/data/.orkestr-restore
 rm -rf "$stage"
 mkdir -p "$stage/appendonlydir"
-redis-check-rdb "/backup/$IN" >/dev/null || { echo "the backup is not a valid RDB" >&2; exit 5; }
 cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
 : >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
 manifest="$stage/appendonlydir/appendonly.aof.manifest"
