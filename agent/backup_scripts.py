@@ -122,7 +122,18 @@ SQL
   then swapped=1; break; fi
 done
 [[ $swapped == 1 ]] || { echo "could not swap the databases" >&2; exit 6; }
-sql -c "DROP DATABASE IF EXISTS \"$old\"" || echo "previous database kept as $old" >&2
+"""
+)
+
+# After the swap, housekeeping: the previous database goes (DROP DATABASE checkpoints, so
+# it runs once the restored database is already live). A failure only leaves it behind,
+# and the next restore drops it first.
+PG_RESTORE_CLEANUP = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE=postgres
+psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_previous\""
 """
 )
 

@@ -153,7 +153,8 @@ class BackupRunner:
         except Exception as exc:  # a bug: report it rather than retry forever
             log.exception("backup.crashed op=%s", op_key(spec))
             result = msgspec.structs.replace(result, error=f"internal error: {exc!r}")
-        finished = datetime.now(UTC)
+        # A restore reports when its data went live; housekeeping after that is not counted.
+        finished = result.finished_at if result.finished_at > started else datetime.now(UTC)
         result = msgspec.structs.replace(result, finished_at=finished)
         outcome = "ok" if result.ok else "failed"
         BACKUP_OPERATIONS.labels(spec.op, kind, outcome).inc()
@@ -331,10 +332,50 @@ class BackupRunner:
                     network=model.network_name(project_id),
                     secrets=True,
                 )
+                live = datetime.now(UTC)
+                await self._housekeeping(spec, "cleanup", project_id, addon, env, True)
             else:
                 await self._restore_redis(project_id, addon, spec, env)
+                live = datetime.now(UTC)
+                await self._housekeeping(spec, "cleanup", project_id, addon, env, False)
         (final.parent / env["COUNTS"]).unlink(missing_ok=True)
-        return msgspec.structs.replace(result, ok=True, sha256=spec.sha256)
+        return msgspec.structs.replace(result, ok=True, sha256=spec.sha256, finished_at=live)
+
+    async def _housekeeping(
+        self,
+        spec: BackupSpec,
+        step: str,
+        project_id: str,
+        addon: AddonSpec,
+        env: dict[str, str],
+        postgres: bool,
+    ) -> None:
+        """Remove what the restore replaced; a failure is logged, the restore stands."""
+        try:
+            if postgres:
+                await self._step(
+                    spec,
+                    step,
+                    project_id,
+                    addon,
+                    backup_scripts.PG_RESTORE_CLEANUP,
+                    env,
+                    network=model.network_name(project_id),
+                    secrets=True,
+                )
+            else:
+                await self._step(
+                    spec,
+                    step,
+                    project_id,
+                    addon,
+                    backup_scripts.REDIS_RESTORE_CLEANUP,
+                    env,
+                    "none",
+                    volume=True,
+                )
+        except AgentError as exc:
+            log.warning("backup.cleanup_failed op=%s error=%s", op_key(spec), exc)
 
     async def _restore_redis(
         self, project_id: str, addon: AddonSpec, spec: BackupSpec, env: dict[str, str]
@@ -364,7 +405,6 @@ class BackupRunner:
             raise
         await self.docker.start(db)
         if await self._ready(addon):
-            await step("cleanup", backup_scripts.REDIS_RESTORE_CLEANUP)
             return
         log.warning("backup.restore_rollback addon=%s", addon.id)
         with contextlib.suppress(NotFound):
