@@ -23,6 +23,8 @@ from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.runtime import Agent
 from agent.sdnotify import notify
+from agent.watchdog import interval_from_env
+from schemas import logs
 
 log = logging.getLogger("orkestr.agent")
 
@@ -48,7 +50,9 @@ async def main(config: config_mod.AgentConfig) -> None:
     async with contextlib.AsyncExitStack() as stack:
         docker = await stack.enter_async_context(Docker(config.agent.host, config.docker.url))
         controller = await stack.enter_async_context(
-            ControllerClient(config.controller.url, config.controller.token(), config.agent.host)
+            ControllerClient(
+                config.controller.url, config.controller.token, config.controller.ca_file
+            )
         )
         agent = Agent(config, docker, controller)
         stack.push_async_callback(agent.applier.close)
@@ -66,6 +70,8 @@ async def main(config: config_mod.AgentConfig) -> None:
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
                     tg.create_task(agent.sleep.loop(), name="sleep"),
                 ]
+                if (timeout_s := interval_from_env()) is not None:
+                    tasks.append(tg.create_task(agent.watchdog.run(timeout_s), name="watchdog"))
                 await stop.wait()
                 notify("STOPPING=1")
                 log.info("agent.stopping")
@@ -82,15 +88,13 @@ def run() -> None:
         "--config", default=os.environ.get("ORKESTR_AGENT_CONFIG", "/etc/orkestr/agent.toml")
     )
     args = parser.parse_args()
-    logging.basicConfig(
-        level=os.environ.get("ORKESTR_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
         config = config_mod.load(Path(args.config))
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
+    # ORKESTR_LOG_LEVEL overrides log.level (a one-off DEBUG run without editing the file).
+    logs.configure(os.environ.get("ORKESTR_LOG_LEVEL", config.log.level), config.log.format)
     asyncio.run(main(config))
 
 

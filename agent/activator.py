@@ -30,7 +30,7 @@ import msgspec
 from agent import netns
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
-from agent.metrics import SLEEPS, WAKE_DURATION, WAKES
+from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import target
 from agent.specs import PORTS
 from agent.state import atomic_write
@@ -42,6 +42,35 @@ WAKE_PORT_OFFSET = 10000
 LOOPBACK = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
 
 Probe = Callable[[AddonSpec, str, float], Awaitable[tuple[bool, str, str]]]
+
+
+class RelayBudget:
+    """Caps on relayed connections, per add-on and for the host.
+
+    Each relay holds two descriptors in the agent; unbounded, a few hundred idle
+    connections at one listener would exhaust the agent's descriptors and with them the
+    Docker and MQTT I/O of every tenant. Past a cap a connection is closed at once.
+    """
+
+    def __init__(self, per_addon: int, total: int) -> None:
+        self.per_addon = per_addon
+        self.total = total
+        self.in_use = 0
+
+    def refusal(self, addon_relays: int) -> str | None:
+        if addon_relays >= self.per_addon:
+            return "addon_cap"
+        if self.in_use >= self.total:
+            return "host_cap"
+        return None
+
+    def take(self) -> None:
+        self.in_use += 1
+        RELAYS_ACTIVE.set(self.in_use)
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+        RELAYS_ACTIVE.set(self.in_use)
 
 
 class Persisted(msgspec.Struct):
@@ -67,8 +96,10 @@ class Sleeper:
         docker: Docker,
         probe: Probe,
         on_change: Callable[[], None],
+        budget: RelayBudget,
     ) -> None:
         self.addon = addon
+        self.budget = budget
         self.db_name = db_name
         self.holder_id = holder_id
         self.pid = pid
@@ -117,6 +148,7 @@ class Sleeper:
         """Listen for wakes, on a socket handed back by the keeper if there is one."""
         try:
             self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
+            await self._fence_listener()
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
             await self._set_redirect(self.state != "awake")
         except BaseException:
@@ -144,6 +176,14 @@ class Sleeper:
         )
         if self.listener is not None:
             self.listener.close()
+
+    async def _fence_listener(self) -> None:
+        rule = netns.listener_fence_rule(self.wake_port)
+        if (await netns.iptables(self.pid, "-C", *rule))[0] == 0:
+            return
+        code, out = await netns.iptables(self.pid, "-I", *rule)
+        if code != 0:
+            raise AgentError(f"iptables in the namespace of {self.addon.id}: {out}")
 
     async def _set_redirect(self, on: bool) -> None:
         if self.redirect_on == on:
@@ -338,10 +378,24 @@ class Sleeper:
                 log.warning("addon.accept_failed addon=%s error=%s", self.addon.id, exc)
                 await asyncio.sleep(0.1)
                 continue
+            refusal = self.budget.refusal(len(self.handlers))
+            if refusal is not None:
+                RELAYS_REFUSED.labels(refusal).inc()
+                log.warning(
+                    "addon.relay_refused addon=%s source=%s:%s reason=%s",
+                    self.addon.id, address[0], address[1], refusal,
+                )  # fmt: skip
+                client.close()
+                continue
             _keepalive(client)
+            self.budget.take()
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
+            task.add_done_callback(self._relay_done)
+
+    def _relay_done(self, task: asyncio.Task[None]) -> None:
+        self.handlers.discard(task)
+        self.budget.give_back()
 
     async def _serve(self, client: socket.socket, source: str) -> None:
         self.relayed[source] = time.time()

@@ -19,10 +19,12 @@ from agent import specs
 from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
+from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult
 
 log = logging.getLogger("orkestr.agent.apply")
@@ -48,6 +50,7 @@ class Applier:
         self,
         host: str,
         docker: Docker,
+        firewall: Firewall,
         secrets: SecretStore,
         controller: ControllerClient,
         state: StateDir,
@@ -59,6 +62,7 @@ class Applier:
     ) -> None:
         self.host = host
         self.docker = docker
+        self.firewall = firewall
         self.secrets = secrets
         self.controller = controller
         self.state = state
@@ -69,6 +73,7 @@ class Applier:
         self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
+        self.on_progress: Callable[[], None] = lambda: None  # after each action
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -90,12 +95,16 @@ class Applier:
                 outcome.done.append(action)
                 ACTIONS.labels(kind, "ok").inc()
                 log.info("action.done action=%s key=%s", kind, action.key)
+            self.on_progress()
         return outcome
 
     async def _one(self, action: p.Action) -> None:
         match action:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
+                await self.firewall.sync_networks()
+            case p.RemoveNetwork(_key, name):
+                await self.docker.remove_network(name)
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):
@@ -112,6 +121,10 @@ class Applier:
                         raise AgentError("secret not fetched yet")
                     await self._on_addon_started(key)
                 await self.docker.run(spec)
+                if spec.role == "holder" and spec.network is not None:
+                    # Before its database joins the namespace: no egress beyond the network.
+                    subnet = (await self.docker.inspect_network(spec.network))["subnet"]
+                    await self.firewall.fence_holder(spec.name, subnet)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 await self.docker.start(name)
@@ -131,11 +144,12 @@ class Applier:
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
-                env = await self.controller.env(project_id)
-                spec = specs.job_spec(project_id, job, self.settings.job_memory_mb)
+                spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
+                    await self._check_job_image(job.image)
+                    env = await self.controller.env(project_id)
                     await self.docker.run(spec, env=env)
-                except (NotFound, PermanentError) as exc:
+                except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
                     self._fail_job(key, project_id, str(exc))
                     return
@@ -146,6 +160,13 @@ class Applier:
                 await self._collect(key, project_id, name)
             case p.StartBackupOp(_key, project_id, spec, addon):
                 self.backups.start(project_id, addon, spec)
+
+    async def _check_job_image(self, ref: str) -> None:
+        check_reference(ref, self.settings.images.jobs)
+        # Docker falls back to an image-id prefix for a name it does not know: accept only
+        # an image that carries exactly this name.
+        if tagged(ref) not in await self.docker.image_names(ref):
+            raise ImageRefused(f"image: no local image is named {ref!r}")
 
     def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
         now = datetime.now(UTC)

@@ -29,7 +29,7 @@ ORDER BY 1
 
 _PG_CONNECT = r"""
 PGPASSWORD="$(cat "/run/orkestr/$PASSWORD_FILE")"
-export PGPASSWORD PGHOST="$ADDON_HOST" PGUSER="$ADDON_USER" PGCONNECT_TIMEOUT=10
+export PGPASSWORD PGHOST="$ADDON_HOST" PGUSER="$BACKUP_USER" PGCONNECT_TIMEOUT=10
 """
 
 # The dump and the counts come from one snapshot: a REPEATABLE READ transaction exports
@@ -140,7 +140,7 @@ psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_
 _REDIS_CONNECT = r"""
 REDISCLI_AUTH="$(cat "/run/orkestr/$PASSWORD_FILE")"
 export REDISCLI_AUTH
-rcli() { redis-cli --no-auth-warning -h "$ADDON_HOST" "$@"; }
+rcli() { redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_USER" "$@"; }
 """
 
 _KEYS = r"""

@@ -48,12 +48,12 @@ class StepFailed(AgentError):
 
 
 def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
-    """(role, secret file name) a backup or restore connects with.
+    """(role, secret file name) a backup or restore connects with: the platform's own.
 
-    Today the tenant's own role; once the images create the platform role this becomes
-    ("orkestr_admin", "admin_password"), and nothing else changes.
+    Postgres: the superuser the image creates (the tenant's role is not one); Redis: the
+    ACL user with the admin commands a replica-style RDB transfer needs.
     """
-    return addon.user, "password"
+    return specs.ADMIN_USER, "admin_password"
 
 
 class BackupRunner:
@@ -203,7 +203,8 @@ class BackupRunner:
                     "COUNTS": counts_file.name,
                     "ADDON_HOST": addon.name,
                     "ADDON_DB": addon.database,
-                    "ADDON_USER": user,
+                    "ADDON_USER": addon.user,
+                    "BACKUP_USER": user,
                     "PASSWORD_FILE": password_file,
                 },
                 network=model.network_name(project_id),
@@ -317,7 +318,8 @@ class BackupRunner:
             "COUNTS": f"{spec.id}.restore.tmp",
             "ADDON_HOST": addon.name,
             "ADDON_DB": addon.database,
-            "ADDON_USER": user,
+            "ADDON_USER": addon.user,
+            "BACKUP_USER": user,
             "PASSWORD_FILE": password_file,
         }
         async with self._hold(addon.id):
@@ -450,6 +452,10 @@ class BackupRunner:
             mounts=tuple(mounts),
             network=network,
             memory_mb=self.memory_mb,
+            pids_limit=256,
+            # The Postgres scratch server runs as postgres (setpriv, chown); Redis restores
+            # write into a volume the redis user owns.
+            cap_add=specs.DB_CAPABILITIES,
             extra_labels=((model.LABEL_BACKUP_OP, key),),
         )
         await self.docker.remove(name)  # left by an interrupted run of this operation

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
+from agent.firewall import Policy
 from agent.specs import Images
 from schemas.messages import HostName
 
@@ -24,18 +25,27 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_s: Annotated[float, Meta(gt=0)] = 10.0
     probe_timeout_s: Annotated[float, Meta(gt=0)] = 3.0
     job_memory_mb: Annotated[int, Meta(ge=32)] = 512
+    job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
+    job_pids: Annotated[int, Meta(ge=16)] = 256
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
     # connections while the agent restarts.
     keeper_socket: str = ""
+    # Caps on connections relayed by wake listeners (two descriptors each), per add-on and
+    # for the host; keep the host's below the unit's LimitNOFILE / 2 with room to spare.
+    wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
+    wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
     url: str
+    # This host's own token (it names the host to the controller).
     agent_token: str = ""
     agent_token_file: str = ""
+    # The CA that signed the controller's HTTPS certificate; empty: the system's CAs.
+    ca_file: str = ""
 
     def token(self) -> str:
         if self.agent_token_file:
@@ -69,6 +79,10 @@ class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
 
     def root(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "backups"
+class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per line (schemas/logs.py), for a log shipper.
+    format: Literal["text", "json"] = "text"
 
 
 class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -79,6 +93,8 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
     backups: BackupsSection = BackupsSection()
+    network: Policy = Policy()
+    log: LogSection = LogSection()
 
 
 class ConfigError(Exception):

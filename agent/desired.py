@@ -11,6 +11,17 @@ from msgspec import Struct
 from schemas.codec import MessageRejected, decode
 from schemas.messages import DesiredState
 
+# Every `Rejection.reason`: the codec's and this module's (metrics start each at zero).
+REJECTION_REASONS = (
+    "TooLarge",
+    "Malformed",
+    "UnsupportedVersion",
+    "WrongHost",
+    "StaleGeneration",
+    "ConflictingGeneration",
+    "Invalid",
+)
+
 
 class Rejection(Struct, frozen=True):
     reason: str

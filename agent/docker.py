@@ -106,6 +106,26 @@ class Docker:
         except Conflict:
             pass
 
+    async def remove_network(self, name: str) -> None:
+        try:
+            await _call(
+                f"remove network {name}",
+                lambda: aiodocker.networks.DockerNetwork(self.client, name).delete(),  # type: ignore[no-untyped-call]
+            )
+        except NotFound:
+            pass
+        except (Conflict, PermanentError) as exc:
+            # Docker refuses (403) while anything is attached: retried on the next pass.
+            raise TransientError(str(exc)) from None
+
+    async def inspect_network(self, name: str) -> dict[str, str]:
+        async def show() -> dict[str, Any]:
+            network = await self.client.networks.get(name)
+            return await network.show()
+
+        raw = await _call(f"inspect network {name}", show)
+        return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
+
     async def create_volume(self, name: str, addon_id: str, project_id: str) -> None:
         config = {
             "Name": name,
@@ -134,6 +154,14 @@ class Docker:
             pass  # created by an earlier, interrupted pass: start it
         if start:
             await self.start(spec.name)
+
+    async def image_names(self, ref: str) -> set[str]:
+        """The tags and digests of the image that `ref` resolves to; NotFound if none."""
+        info: dict[str, Any] = await _call(
+            f"inspect image {ref}",
+            lambda: self.client.images.inspect(ref),
+        )
+        return {*(info.get("RepoTags") or ()), *(info.get("RepoDigests") or ())}
 
     async def start(self, name: str) -> None:
         await _call(f"start {name}", lambda: self.client.containers.container(name).start())
@@ -166,9 +194,11 @@ class Docker:
         await _call(f"kill {name}", lambda: self.client.containers.container(name).kill())
 
     async def remove(self, name: str) -> None:
+        # v=True: the anonymous volumes of the image's VOLUME go with the container.
         try:
             await _call(
-                f"remove {name}", lambda: self.client.containers.container(name).delete(force=True)
+                f"remove {name}",
+                lambda: self.client.containers.container(name).delete(force=True, v=True),
             )
         except NotFound:
             pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_TOTAL = Counter("orkestr_agent_reconcile_total", "Reconcile passes by result", ["result"])
@@ -63,3 +65,39 @@ BACKUP_LAST_VERIFIED = Gauge(
     "When the add-on's latest verified backup finished (since this agent started)",
     ["addon", "project", "kind"],
 )
+RELAYS_ACTIVE = Gauge(
+    "orkestr_agent_wake_relays", "Client connections relayed by wake listeners right now"
+)
+RELAYS_REFUSED = Counter(
+    "orkestr_agent_wake_relays_refused_total",
+    "Connections a wake listener closed at once: over the add-on's or the host's relay cap",
+    ["reason"],
+)
+for _reason in ("addon_cap", "host_cap"):
+    RELAYS_REFUSED.labels(_reason)
+
+
+def start_at_zero(actions: Iterable[str], rejection_reasons: Iterable[str]) -> None:
+    """Create every known labelled series at 0.
+
+    `increase()` and `rate()` need a series' earlier sample: a counter whose first sample
+    is already 1 shows no increase, and an alert on its first event would never fire.
+    """
+    for result in ("success", "error", "requeue"):
+        RECONCILE_TOTAL.labels(result)
+    for action in actions:
+        for result in ("ok", "error", "permanent_error"):
+            ACTIONS.labels(action, result)
+    for reason in rejection_reasons:
+        DESIRED_REJECTED.labels(reason)
+    for kind in ("postgres", "redis"):
+        for result in ("ok", "failed"):
+            for op in ("backup", "verify", "restore", "delete"):
+                BACKUP_OPERATIONS.labels(op, kind, result)
+        for verdict in ("verified", "failed"):
+            BACKUP_VERIFICATIONS.labels(kind, verdict)
+    for stage in ("light", "deep"):
+        SLEEPS.labels(stage)
+        WAKES.labels(stage)
+        for kind in ("postgres", "redis"):
+            WAKE_DURATION.labels(kind, stage)

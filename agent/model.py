@@ -45,6 +45,8 @@ class ObservedNetwork(Struct, frozen=True):
     name: str
     project_id: str
     gateway: str = ""  # the host's address on it: the source of the agent's own traffic
+    bridge: str = ""  # the bridge interface on the host
+    subnet: str = ""
 
 
 class ObservedVolume(Struct, frozen=True):

@@ -94,6 +94,16 @@ def redirect_rule(port: int, to_port: int, gateway: str) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def listener_fence_rule(to_port: int) -> tuple[str, ...]:
+    # The wake listener answers only what the redirect sent it: a redirect is a DNAT in
+    # conntrack, so a client dialling the listener's port itself (awake or asleep) is dropped.
+    return (
+        "INPUT", "-p", "tcp", "--dport", str(to_port),
+        "-m", "conntrack", "!", "--ctstate", "DNAT", "-j", "DROP",
+        "-m", "comment", "--comment", "orkestr-wake-fence",
+    )  # fmt: skip
+
+
 class TcpSocket(Struct, frozen=True):
     local_port: int
     remote_ip: str

@@ -45,11 +45,19 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
     )
 
 
-def _gateway(network: Mapping[str, Any]) -> str:
+def ipam(network: Mapping[str, Any], key: str) -> str:
     for config in (network.get("IPAM") or {}).get("Config") or []:
-        if config.get("Gateway"):
-            return str(config["Gateway"])
+        if config.get(key):
+            return str(config[key])
     return ""
+
+
+def bridge_name(network: Mapping[str, Any]) -> str:
+    """Docker names a bridge `br-<12 hex of the id>` unless told otherwise at creation."""
+    if network.get("Driver", "bridge") != "bridge":
+        return ""
+    named = (network.get("Options") or {}).get("com.docker.network.bridge.name")
+    return str(named or f"br-{network['Id'][:12]}")
 
 
 def observed(
@@ -63,7 +71,9 @@ def observed(
             id=n["Id"],
             name=n["Name"],
             project_id=n["Labels"][model.LABEL_PROJECT],
-            gateway=_gateway(n),
+            gateway=ipam(n, "Gateway"),
+            bridge=bridge_name(n),
+            subnet=ipam(n, "Subnet"),
         )
         for n in networks
         if (n.get("Labels") or {}).get(model.LABEL_PROJECT)

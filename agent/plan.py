@@ -12,6 +12,7 @@ missing from the desired state, or a desired state that never arrived, deletes n
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 from msgspec import Struct
 
@@ -21,6 +22,11 @@ from schemas.messages import AddonSpec, BackupSpec, DesiredState, JobSpec, Proje
 
 
 class EnsureNetwork(Struct, frozen=True, tag=True):
+    key: str  # project id
+    name: str
+
+
+class RemoveNetwork(Struct, frozen=True, tag=True):
     key: str  # project id
     name: str
 
@@ -107,12 +113,15 @@ Action = (
     | UnpauseContainer
     | RemoveContainer
     | RemoveVolume
+    | RemoveNetwork
     | RemoveSecret
     | StartJob
     | WatchJob
     | CollectJob
     | StartBackupOp
 )
+
+ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
 
 
 class Local(Struct, frozen=True):
@@ -133,7 +142,7 @@ class Local(Struct, frozen=True):
 class Settings(Struct, frozen=True):
     images: specs.Images
     secrets_root: str
-    job_memory_mb: int = 512
+    jobs: specs.JobLimits = specs.JobLimits()
 
     def secret_dir(self, addon_id: str) -> str:
         return f"{self.secrets_root}/{addon_id}"
@@ -152,11 +161,14 @@ def plan(
     for c in observed.containers:
         if c.role == "backup" and c.backup_op not in running:
             actions.append(RemoveContainer(c.backup_op or c.name, c.name, "BackupOrphaned"))
+    wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
-        if (live or project.jobs) and observed.network(net) is None:
-            actions.append(EnsureNetwork(project.id, net))
+        if live or project.jobs:
+            wanted_networks.add(net)
+            if observed.network(net) is None:
+                actions.append(EnsureNetwork(project.id, net))
         # Tombstones first: a deleted add-on's name may already belong to a new one, and
         # the old holder must leave the network before the new one takes the DNS alias.
         taken: set[str] = set()
@@ -179,7 +191,23 @@ def plan(
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
             actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+    actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
+
+
+def _remove_networks(observed: Observed, wanted: set[str]) -> list[Action]:
+    """A project network with no live add-on or job left, once no container of it exists.
+
+    Any container of the project, a tombstone's holder included, may still be attached:
+    the network goes in a later pass, after the last of them is gone. A network holds no
+    data, so one of a project that left the desired state goes too.
+    """
+    in_use = {c.project_id for c in observed.containers}
+    return [
+        RemoveNetwork(n.project_id, n.name)
+        for n in observed.networks
+        if n.name not in wanted and n.project_id not in in_use
+    ]
 
 
 def _remove_addon(addon: AddonSpec, observed: Observed, local: Local) -> list[Action]:

@@ -1,35 +1,45 @@
 """Readiness: an add-on is ready only when a real client connects and gets an answer.
 
-Probes run from the host to the holder's address on the project network. Their source
-is the network's gateway address, which the activity tracker ignores, so probes never
-keep an add-on awake.
+Probes run from the host to the holder's address on the project network, as the
+platform's own role (`specs.ADMIN_USER`). Their source is the network's gateway address,
+which the activity tracker ignores, so probes never keep an add-on awake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agent.specs import PORTS
+from agent.specs import ADMIN_USER, PORTS
+
+log = logging.getLogger("orkestr.agent.probe")
+
+# A volume initialised before platform roles existed: the tenant is its superuser and the
+# platform role is missing. The first probe moves it to the current layout.
+_ADOPT_SQL = """
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{admin}') THEN
+    CREATE ROLE {admin} LOGIN SUPERUSER;
+  END IF;
+END $$;
+ALTER ROLE {admin} PASSWORD {password};
+ALTER ROLE {tenant} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+"""
 
 
 async def postgres(
-    ip: str, user: str, database: str, password: str, timeout_s: float
+    ip: str,
+    database: str,
+    admin_password: str,
+    timeout_s: float,
+    tenant: tuple[str, str] | None = None,
 ) -> tuple[bool, str, str]:
     try:
-        conn = await asyncpg.connect(
-            host=ip,
-            port=PORTS["postgres"],
-            user=user,
-            database=database,
-            password=password,
-            timeout=timeout_s,
-            ssl=False,
-            server_settings={"application_name": "orkestr-probe"},
-        )
+        conn = await _login(ip, database, admin_password, timeout_s, tenant)
     except (TimeoutError, OSError) as exc:
         return False, "Unreachable", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
     except asyncpg.PostgresError as exc:
@@ -51,11 +61,56 @@ async def postgres(
     )
 
 
-async def redis(ip: str, password: str, timeout_s: float) -> tuple[bool, str, str]:
+async def _login(
+    ip: str, database: str, admin_password: str, timeout_s: float, tenant: tuple[str, str] | None
+) -> asyncpg.Connection:
+    try:
+        return await _connect(ip, ADMIN_USER, database, admin_password, timeout_s)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        if tenant is None:
+            raise
+    return await _adopt(ip, database, admin_password, timeout_s, tenant)
+
+
+async def _connect(
+    ip: str, user: str, database: str, password: str, timeout_s: float
+) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host=ip,
+        port=PORTS["postgres"],
+        user=user,
+        database=database,
+        password=password,
+        timeout=timeout_s,
+        ssl=False,
+        server_settings={"application_name": "orkestr-probe"},
+    )
+
+
+async def _adopt(
+    ip: str, database: str, admin_password: str, timeout_s: float, tenant: tuple[str, str]
+) -> asyncpg.Connection:
+    """Create the platform role with the tenant's superuser login, then demote the tenant."""
+    user, password = tenant
+    conn = await _connect(ip, user, database, password, timeout_s)
+    try:
+        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            raise asyncpg.InvalidPasswordError("the platform role's password is refused")
+        literal = "'" + admin_password.replace("'", "''") + "'"
+        ident = '"' + user.replace('"', '""') + '"'
+        await conn.execute(_ADOPT_SQL.format(admin=ADMIN_USER, password=literal, tenant=ident))
+        log.info("probe.adopted_roles database=%s tenant=%s", database, user)
+    finally:
+        await conn.close(timeout=timeout_s)
+    return await _connect(ip, ADMIN_USER, database, admin_password, timeout_s)
+
+
+async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, str, str]:
     client = aioredis.Redis(
         host=ip,
         port=PORTS["redis"],
-        password=password,
+        username=ADMIN_USER,
+        password=admin_password,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         client_name="orkestr-probe",

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import desired as desired_mod
-from agent import model, netns, probe
+from agent import model, netns, probe, specs
 from agent import plan as p
-from agent.activator import utc
+from agent.activator import RelayBudget, utc
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
 from agent.backups import BackupRunner
@@ -28,6 +28,7 @@ from agent.conditions import ConditionBook
 from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
+from agent.egress import Firewall
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
 from agent.metrics import (
@@ -39,12 +40,14 @@ from agent.metrics import (
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
     SLEEP_LEVEL,
+    start_at_zero,
 )
 from agent.mqtt import Broker
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
 from agent.sleepers import SleepManager
 from agent.state import StateDir
+from agent.watchdog import Watchdog, interval_from_env
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -85,7 +88,11 @@ class Agent:
         self.settings = p.Settings(
             images=config.images,
             secrets_root=str(self.secrets.root),
-            job_memory_mb=config.agent.job_memory_mb,
+            jobs=specs.JobLimits(
+                memory_mb=config.agent.job_memory_mb,
+                cpus=config.agent.job_cpus,
+                pids=config.agent.job_pids,
+            ),
         )
         self.broker = Broker(
             self.host,
@@ -114,9 +121,11 @@ class Agent:
             ready=self._ready_after_restore,
             on_done=self.trigger,
         )
+        self.firewall = Firewall(self.host, config.network, docker)
         self.applier = Applier(
             self.host,
             docker,
+            self.firewall,
             self.secrets,
             controller,
             self.state,
@@ -126,7 +135,11 @@ class Agent:
             on_addon_started=self._addon_started,
             backups=self.backups,
         )
+        # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
+        self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
+        self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
+        start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
@@ -136,7 +149,9 @@ class Agent:
             self._wake_probe,
             self._sleep_changed,
             config.agent.sleep_tick_s,
+            RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
+        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
@@ -234,6 +249,7 @@ class Agent:
                 continue
             finally:
                 RECONCILE_DURATION.observe(time.monotonic() - started)
+                self.watchdog.beat("reconcile")
             if outcome.failed:
                 RECONCILE_TOTAL.labels("requeue").inc()
                 asyncio.get_running_loop().call_later(
@@ -251,8 +267,14 @@ class Agent:
     async def events_loop(self) -> None:
         while True:
             try:
+                # Events missed while the stream was down may hide restarted holders.
+                self.firewall.forget()
                 async with self.docker.events() as queue:
                     while (event := await queue.get()) is not None:
+                        if event.get("status") == "start":
+                            actor = event.get("Actor") or {}
+                            if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
+                                self.firewall.forget(actor.get("ID"))
                         if event.get("status") in (
                             "die",
                             "destroy",
@@ -285,6 +307,8 @@ class Agent:
             backups_running=self.backups.running_ops(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
+        # Fences first: nothing may start on a bridge or in a namespace left open.
+        await self.firewall.sync(observed)
         outcome = await self.applier.apply(actions)
         if actions:
             observed = await self.docker.snapshot()
@@ -505,10 +529,11 @@ class Agent:
         self, addon: AddonSpec, ip: str, timeout_s: float
     ) -> tuple[bool, str, str]:
         """A real client's connection and first query, straight to the database."""
-        password = self.secrets.password(addon.id)
+        admin = self.secrets.admin_password(addon.id)
         if addon.kind == "postgres":
-            return await probe.postgres(ip, addon.user, addon.database, password, timeout_s)
-        return await probe.redis(ip, password, timeout_s)
+            tenant = (addon.user, self.secrets.password(addon.id))
+            return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
+        return await probe.redis(ip, admin, timeout_s)
 
     def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.sleep.hold(addon_id)

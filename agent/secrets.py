@@ -1,16 +1,60 @@
 """Add-on secrets on the host's disk, mounted read-only into the add-on's container.
 
-The password reaches the database as a file (POSTGRES_PASSWORD_FILE, or a redis.conf with
-`requirepass`), never as an environment variable or a process argument, both of which
-`docker inspect` and `ps` show. The secrets root is 0700 root, so on the host only root
-can reach the files; inside the container the add-on's own user must read them.
+Two credentials per add-on:
+- the tenant's password (from the controller), which the app's connection variables carry;
+- the platform's own (`admin_password`, made here and never leaving this host), for the
+  agent's probes, backups and rotation. Tenants never see it: their Postgres role is not a
+  superuser and their Redis user has no admin commands, so neither can read server files.
+
+Passwords reach the database as files (POSTGRES_PASSWORD_FILE, an init script that reads
+the file, or a redis.conf), never as environment variables or process arguments, both of
+which `docker inspect` and `ps` show. The secrets root is 0700 root, so on the host only
+root can reach the files; inside the container the add-on's own user must read them.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
+
+from agent.specs import ADMIN_USER, SECRET_MOUNT
+
+# Sourced by the postgres image's entrypoint (the official one and ours) on the first
+# start of an empty volume, connected as the platform's superuser. psql reads the password
+# from the file itself (backquotes), so it never appears in a process's arguments.
+POSTGRES_INIT = f"""\
+# Written by the orkestr agent: the tenant's role owns its database and nothing more.
+docker_process_sql --set user="$ORKESTR_TENANT_USER" --set db="$POSTGRES_DB" <<'EOSQL'
+\\set pw `cat {SECRET_MOUNT}/password`
+CREATE ROLE :"user" LOGIN PASSWORD :'pw'
+  NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+ALTER DATABASE :"db" OWNER TO :"user";
+REVOKE ALL ON DATABASE postgres, template1 FROM PUBLIC;
+EOSQL
+"""
+
+# Commands of @admin/@dangerous that only touch the tenant's own data or connection.
+REDIS_TENANT_EXTRA = (
+    "+flushall +flushdb +keys +sort +sort_ro +info +swapdb"
+    " +client|setname +client|getname +client|id +client|info +client|no-evict"
+)
+
+
+def redis_conf(password: str, admin_password: str) -> str:
+    # The tenant is the `default` user, so `redis://:password@host` and a bare AUTH keep
+    # working; it loses CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, REPLICAOF and the like.
+    return (
+        "bind * -::*\n"
+        "protected-mode no\n"
+        "port 6379\n"
+        "dir /data\n"
+        "appendonly yes\n"
+        f"user default reset on >{password} ~* &* +@all -@admin -@dangerous"
+        f" {REDIS_TENANT_EXTRA}\n"
+        f"user {ADMIN_USER} reset on >{admin_password} ~* &* +@all\n"
+    )
 
 
 def _write(path: Path, data: str, mode: int) -> None:
@@ -40,6 +84,8 @@ class SecretStore:
         if not self.root.is_dir():
             return out
         for d in self.root.iterdir():
+            if not (d / "admin_password").is_file():
+                continue  # written by an agent before platform roles: written again
             try:
                 out[d.name] = int((d / "version").read_text())
             except (OSError, ValueError):
@@ -52,21 +98,25 @@ class SecretStore:
     def password(self, addon_id: str) -> str:
         return (self.dir(addon_id) / "password").read_text()
 
+    def admin_password(self, addon_id: str) -> str:
+        return (self.dir(addon_id) / "admin_password").read_text()
+
     def write(self, addon_id: str, kind: str, password: str, version: int) -> None:
         d = self.dir(addon_id)
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)
         _write(d / "password", password, 0o444)
-        if kind == "redis":
-            conf = (
-                "bind * -::*\n"
-                "protected-mode no\n"
-                "port 6379\n"
-                "dir /data\n"
-                "appendonly yes\n"
-                f"requirepass {password}\n"
-            )
-            _write(d / "redis.conf", conf, 0o444)
+        # Made once and kept across tenant rotations: the data volume already knows it.
+        admin = d / "admin_password"
+        if not admin.is_file():
+            _write(admin, secrets.token_urlsafe(32), 0o444)
+        admin_password = admin.read_text()
+        if kind == "postgres":
+            (d / "initdb").mkdir(exist_ok=True)
+            os.chmod(d / "initdb", 0o755)
+            _write(d / "initdb" / "10-orkestr-tenant.sh", POSTGRES_INIT, 0o444)
+        else:
+            _write(d / "redis.conf", redis_conf(password, admin_password), 0o444)
         # Written last: a directory without it is incomplete and gets fetched again.
         _write(d / "version", str(version), 0o444)
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from agent import model, netns
-from agent.activator import Persisted, Probe, Sleeper, SleepStore
+from agent.activator import Persisted, Probe, RelayBudget, Sleeper, SleepStore
 from agent.docker import Docker
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
@@ -36,7 +36,9 @@ class SleepManager:
         probe: Probe,
         on_change: Callable[[], None],
         tick_s: float,
+        budget: RelayBudget,
     ) -> None:
+        self.budget = budget
         self.store = SleepStore(state_dir / "sleep.json")
         self.saved: dict[str, Persisted] = self.store.load()
         self.sleepers: dict[str, Sleeper] = {}
@@ -46,6 +48,7 @@ class SleepManager:
         self._on_change = on_change
         self._tick_s = tick_s
         self._adopted: dict[str, socket.socket] | None = None
+        self.on_tick: Callable[[], None] = lambda: None  # after each tick: the watchdog
 
     def state(self, addon_id: str) -> SleepState:
         saved = self.saved.get(addon_id)
@@ -158,6 +161,7 @@ class SleepManager:
                     self.docker,
                     self._probe,
                     self._changed,
+                    self.budget,
                 )
                 sleeper.ready = not asleep
                 adopted = self._adopted.pop(sleeper.wake_name, None)
@@ -195,6 +199,7 @@ class SleepManager:
                     log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
                 except Exception:
                     log.exception("sleep.crashed addon=%s", sleeper.addon.id)
+            self.on_tick()
 
     async def close(self) -> None:
         """On shutdown: listeners stay with the keeper, sleeping add-ons stay asleep."""

@@ -16,15 +16,40 @@ import msgspec
 from msgspec import Struct
 
 from agent import model
+from schemas.images import DEFAULT_JOB_IMAGES
 from schemas.messages import AddonSpec, JobSpec
 
 SECRET_MOUNT = "/run/orkestr"
+# The official postgres image runs every script here once, when it initialises the volume.
+INITDB_MOUNT = "/docker-entrypoint-initdb.d"
 PORTS = {"postgres": 5432, "redis": 6379}
 DATA_DIRS = {"postgres": "/var/lib/postgresql/data", "redis": "/data"}
+# The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
+# Tenants never see its password; their own role is neither superuser nor Redis admin.
+ADMIN_USER = "orkestr_admin"
+
+# Fences every container gets (docs/architecture.md, "Tenant fences").
+NO_NEW_PRIVILEGES = "no-new-privileges:true"
+LOG_MAX_SIZE = "10m"
+LOG_MAX_FILES = "3"
+NOBODY = "65534:65534"
+# What the databases' entrypoints need as root before they drop to their own user, as the
+# official images do: own the data directory (CHOWN, FOWNER, DAC_OVERRIDE) and switch
+# user (SETUID, SETGID). The server itself runs unprivileged with no capabilities.
+DB_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID")
+# Postgres forks a process per connection (max_connections 100 by default) plus its
+# background workers; Redis is threads plus a forked child for snapshots.
+PIDS_LIMITS = {"postgres": 256, "redis": 64, "holder": 8}
+# Scratch space on a read-only root filesystem.
+_TMP = ("/tmp", "rw,nosuid,nodev,size=64m")
+DB_TMPFS = {
+    "postgres": (_TMP, ("/run/postgresql", "rw,nosuid,nodev,size=1m")),
+    "redis": (_TMP,),
+}
 
 
 class Mount(Struct, frozen=True):
-    kind: Literal["volume", "bind"]
+    kind: Literal["volume", "bind", "tmpfs"]
     source: str
     target: str
     read_only: bool = False
@@ -47,6 +72,12 @@ class ContainerSpec(Struct, frozen=True):
     memory_mb: int | None = None
     restart: Literal["no", "unless-stopped"] = "no"
     stop_signal: str | None = None
+    pids_limit: int | None = None
+    # None: the image's user. Databases start as root to own their volume, then drop.
+    user: str | None = None
+    cap_add: tuple[str, ...] = ()
+    read_only_rootfs: bool = False
+    tmpfs: tuple[tuple[str, str], ...] = ()
     addon_id: str | None = None
     job_id: str | None = None
     extra_labels: tuple[tuple[str, str], ...] = ()
@@ -76,6 +107,9 @@ class Images(Struct, frozen=True, forbid_unknown_fields=True):
     redis: str = "redis:7"
     # The holder only sleeps; any image with `sleep` will do, the add-on's own by default.
     holder_command: tuple[str, ...] = ("sleep", "infinity")
+    # Shell-style patterns of the images a job may run, checked again here (the controller
+    # checks first), so a forged desired state cannot run any image on the host.
+    jobs: tuple[str, ...] = DEFAULT_JOB_IMAGES
 
     def for_kind(self, kind: str) -> str:
         return self.postgres if kind == "postgres" else self.redis
@@ -91,24 +125,34 @@ def holder_spec(project_id: str, addon: AddonSpec, images: Images) -> ContainerS
         entrypoint=images.holder_command,
         network=model.network_name(project_id),
         aliases=(addon.name,),
+        # The image declares its data directory a VOLUME: a tmpfs there keeps Docker from
+        # creating an anonymous volume for every holder, which nothing would ever remove.
+        mounts=(Mount("tmpfs", "", DATA_DIRS[addon.kind]),),
         memory_mb=32,
         cpus=0.1,
         restart="unless-stopped",
         stop_signal="SIGKILL",
+        pids_limit=PIDS_LIMITS["holder"],
+        user=NOBODY,
+        read_only_rootfs=True,
     )
 
 
 def db_spec(project_id: str, addon: AddonSpec, images: Images, secret_dir: str) -> ContainerSpec:
-    mounts = (
+    mounts: tuple[Mount, ...] = (
         Mount("volume", model.volume_name(addon.id), DATA_DIRS[addon.kind]),
         Mount("bind", secret_dir, SECRET_MOUNT, read_only=True),
     )
     if addon.kind == "postgres":
+        # The image's superuser is the platform's role; the tenant's own role, which owns
+        # its database and nothing more, is made by the init script (agent/secrets.py).
         env: tuple[tuple[str, str], ...] = (
-            ("POSTGRES_USER", addon.user),
+            ("POSTGRES_USER", ADMIN_USER),
             ("POSTGRES_DB", addon.database),
-            ("POSTGRES_PASSWORD_FILE", f"{SECRET_MOUNT}/password"),
+            ("POSTGRES_PASSWORD_FILE", f"{SECRET_MOUNT}/admin_password"),
+            ("ORKESTR_TENANT_USER", addon.user),
         )
+        mounts += (Mount("bind", f"{secret_dir}/initdb", INITDB_MOUNT, read_only=True),)
         cmd: tuple[str, ...] = ("postgres",)
         stop_signal = "SIGINT"  # fast shutdown, as the official image does
     else:
@@ -130,11 +174,24 @@ def db_spec(project_id: str, addon: AddonSpec, images: Images, secret_dir: str) 
         memory_mb=addon.resources.memory_mb,
         restart="unless-stopped",
         stop_signal=stop_signal,
+        pids_limit=PIDS_LIMITS[addon.kind],
+        cap_add=DB_CAPABILITIES,
+        read_only_rootfs=True,
+        tmpfs=DB_TMPFS[addon.kind],
         extra_labels=(("orkestr.secret-version", str(addon.secret_version)),),
     )
 
 
-def job_spec(project_id: str, job: JobSpec, memory_mb: int) -> ContainerSpec:
+class JobLimits(Struct, frozen=True, forbid_unknown_fields=True):
+    """The agent's defaults for jobs whose desired state carries no plan sizing."""
+
+    memory_mb: int = 512
+    cpus: float = 1.0
+    pids: int = 256
+
+
+def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
+    resources = job.resources
     return ContainerSpec(
         name=model.job_container_name(job.id),
         role="job",
@@ -143,7 +200,11 @@ def job_spec(project_id: str, job: JobSpec, memory_mb: int) -> ContainerSpec:
         image=job.image,
         cmd=job.command,
         network=model.network_name(project_id),
-        memory_mb=memory_mb,
+        memory_mb=resources.memory_mb if resources else limits.memory_mb,
+        cpus=resources.cpus if resources else limits.cpus,
+        pids_limit=limits.pids,
+        # A tenant's image runs unprivileged, whatever user it declares.
+        user=NOBODY,
     )
 
 
@@ -153,13 +214,22 @@ def create_body(
     """The Docker Engine API body for `POST /containers/create`. No port is ever published."""
     host_config: dict[str, object] = {
         "RestartPolicy": {"Name": spec.restart},
-        "Mounts": [
-            {"Type": m.kind, "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
-            for m in spec.mounts
-        ],
+        "Mounts": [_mount(m) for m in spec.mounts],
         "PublishAllPorts": False,
         "Init": False,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(spec.cap_add) or None,
+        "SecurityOpt": [NO_NEW_PRIVILEGES],
+        "ReadonlyRootfs": spec.read_only_rootfs,
+        "LogConfig": {
+            "Type": "json-file",
+            "Config": {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES},
+        },
     }
+    if spec.pids_limit is not None:
+        host_config["PidsLimit"] = spec.pids_limit
+    if spec.tmpfs:
+        host_config["Tmpfs"] = dict(spec.tmpfs)
     if spec.cpus is not None:
         host_config["NanoCpus"] = int(spec.cpus * 1e9)
     if spec.memory_mb is not None:
@@ -174,6 +244,8 @@ def create_body(
     }
     if spec.entrypoint is not None:
         body["Entrypoint"] = list(spec.entrypoint)
+    if spec.user is not None:
+        body["User"] = spec.user
     if spec.stop_signal:
         body["StopSignal"] = spec.stop_signal
     if spec.netns_of:
@@ -184,3 +256,9 @@ def create_body(
             "EndpointsConfig": {spec.network: {"Aliases": list(spec.aliases)}}
         }
     return body
+
+
+def _mount(m: Mount) -> dict[str, object]:
+    if m.kind == "tmpfs":
+        return {"Type": "tmpfs", "Target": m.target, "TmpfsOptions": {"SizeBytes": 1 << 20}}
+    return {"Type": m.kind, "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}

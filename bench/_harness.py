@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ class Bench:
             self.host,
             self.mosquitto.port,
             self.controller.url,
-            self.controller.agent_token,
+            await self.controller.new_agent_token(self.host),
             sleep_tick_s=self.sleep_tick_s,
         )
         await self.agent.start()
@@ -597,7 +597,7 @@ class Client:
             if self.proc.returncode is None:
                 self.proc.kill()
                 await self.proc.wait()
-        await adocker_cli("rm", "-f", self.name, check=False)
+        await adocker_cli("rm", "-f", "-v", self.name, check=False)
 
 
 # --- plain containers for baselines ----------------------------------------------------
@@ -722,9 +722,9 @@ class Plain:
         """Create and start through the Engine API, as the agent does."""
         d = self.bench.docker
         if self.holder_body is not None:
-            await d.containers.create(self.holder_body, name=self.holder_name)  # type: ignore[arg-type]
+            await d.containers.create(self.holder_body, name=self.holder_name)
             await d.containers.container(self.holder_name).start()
-        await d.containers.create(self.db_body, name=self.db_name)  # type: ignore[arg-type]
+        await d.containers.create(self.db_body, name=self.db_name)
         await d.containers.container(self.db_name).start()
 
     async def ip(self) -> str:
@@ -752,7 +752,7 @@ def print_context(results: dict[str, Any]) -> None:
 
 def run_cli(
     doc: str | None,
-    main: Callable[[bool], Awaitable[dict[str, Any]]],
+    main: Callable[[bool], Coroutine[Any, Any, dict[str, Any]]],
     report: Callable[[dict[str, Any]], None],
     quick_help: str,
 ) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _harness import (
@@ -117,7 +118,7 @@ async def main(quick: bool) -> dict[str, Any]:
         warm = await b.ready_addon(pid, "warm", "postgres")
         await b.client(pid)
         await b.delete_addon(pid, warm["id"])
-        variants = {
+        variants: dict[str, Callable[[str], Awaitable[dict[str, Any]]]] = {
             "orkestr": lambda kind: run_ours(b, events, pid, kind),
             "docker_run": lambda kind: run_plain(b, events, network, kind, "cli"),
             "engine_api": lambda kind: run_plain(b, events, network, kind, "api"),

@@ -63,7 +63,7 @@ POLL = {"interval_ms": 5, "attempt_timeout_s": 2.0, "deadline_s": 60}
 AGENT_WAKE = re.compile(
     r"addon\.wake addon=(?P<addon>\w+) stage=(?P<stage>\w+) .*? ms=(?P<ms>[\d.]+)"
 )
-TARGETS = {
+TARGETS: dict[str, Any] = {
     "ratio_p50": 1.10,
     "ratio_p99": 1.25,
     "abs_p50_ms": {("postgres", "deep"): 400, ("redis", "deep"): 250,
@@ -181,7 +181,7 @@ def summarise(
         s["orkestr"]["agent_logged_wake_p50_ms"] = rnd(percentile(own, 50), 2)
         s["ratio_p50"] = rnd(s["orkestr"]["p50_ms"] / s["baseline"]["p50_ms"])
         s["ratio_p99"] = rnd(s["orkestr"]["p99_ms"] / s["baseline"]["p99_ms"])
-        target_abs = TARGETS["abs_p50_ms"][(kind, stage)]  # type: ignore[index]
+        target_abs = TARGETS["abs_p50_ms"][(kind, stage)]
         s["target_abs_p50_ms"] = target_abs
         s["pass_ratio_p50"] = s["ratio_p50"] <= TARGETS["ratio_p50"]
         s["pass_ratio_p99"] = s["ratio_p99"] <= TARGETS["ratio_p99"]
@@ -220,7 +220,7 @@ async def main(quick: bool) -> dict[str, Any]:
     results["targets"] = {
         "ratio_p50": TARGETS["ratio_p50"],
         "ratio_p99": TARGETS["ratio_p99"],
-        "abs_p50_ms": {f"{k}_{s}": v for (k, s), v in TARGETS["abs_p50_ms"].items()},  # type: ignore[union-attr]
+        "abs_p50_ms": {f"{k}_{s}": v for (k, s), v in TARGETS["abs_p50_ms"].items()},
     }
     return results
 

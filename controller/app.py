@@ -15,7 +15,7 @@ import signal
 from contextlib import AsyncExitStack
 
 from controller import db, store
-from controller.api import Api, serve
+from controller.api import Api, serve, tls_context
 from controller.backup_scheduler import BackupScheduler
 from controller.config import Config
 from controller.errors import ConfigError
@@ -25,6 +25,7 @@ from controller.metrics import Metrics
 from controller.mqtt import MqttLink
 from controller.plans import Plans
 from controller.publisher import Publisher
+from controller.retention import prune_jobs_forever
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ async def run(config: Config, plans: Plans) -> None:
             )
         )
         await db.migrate(pool)
+        sealed = await store.seal_plaintext_passwords(pool, config.sealer)
+        if sealed:
+            log(logger, "passwords_sealed", addons=sealed)
         missing = await store.plans_in_use(pool) - set(plans)
         if missing:
             raise ConfigError(
@@ -53,7 +57,18 @@ async def run(config: Config, plans: Plans) -> None:
         publisher = Publisher(pool, link, plans, metrics)
         ingest = Ingest(pool, publisher, metrics)
         api = Api(config, pool, plans, publisher, metrics)
-        await stack.enter_async_context(serve(api.app(), config.http.host, config.http.port))
+        app = api.app()
+        # The 5xx an alert divides by: present from the start, so its first one counts.
+        metrics.start_routes(
+            {
+                (r.method, r.resource.canonical)
+                for r in app.router.routes()
+                if r.resource and r.method != "HEAD"
+            },
+            ("500", "503"),
+        )
+        tls = tls_context(*map(str, config.http.tls)) if config.http.tls else None
+        await stack.enter_async_context(serve(app, config.http.host, config.http.port, tls))
         scheduler = BackupScheduler(pool, plans, publisher, metrics, config.backups.schedule_tick_s)
         scheduler.start()
         stack.callback(scheduler.stop)
@@ -62,6 +77,7 @@ async def run(config: Config, plans: Plans) -> None:
             loops = [
                 tasks.create_task(link.run(ingest.handle, publisher.mark_all), name="mqtt"),
                 tasks.create_task(publisher.run(), name="publisher"),
+                tasks.create_task(prune_jobs_forever(pool, config.jobs), name="jobs-pruner"),
             ]
             await stop.wait()
             log(logger, "controller_stopping")

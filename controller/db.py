@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import asyncpg
@@ -76,10 +77,11 @@ async def transaction(pool: Pool, isolation: str = "read_committed") -> AsyncIte
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from None
 
 
-def discover() -> list[Migration]:
-    """The packaged migrations, in order; a misnamed or duplicate file is a bug."""
+def discover(root: Traversable | None = None) -> list[Migration]:
+    """The packaged migrations (or those in `root`), in order; a misnamed or duplicate file
+    is a bug."""
     found: dict[int, Migration] = {}
-    for entry in (resources.files("controller") / "migrations").iterdir():
+    for entry in (root or resources.files("controller") / "migrations").iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = MIGRATION_FILE.match(entry.name)

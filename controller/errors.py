@@ -63,6 +63,13 @@ class InvalidJson(ApiError):
     code = "invalid_json"
 
 
+class BadRequest(ApiError):
+    """A request that is not valid HTTP, or a header no client of ours would send."""
+
+    status = 400
+    code = "bad_request"
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"

@@ -1,17 +1,22 @@
 """Prometheus metrics of one controller process, in their own registry.
 
-Served at GET /metrics (behind the api token). Names follow controller-runtime's habit:
+Served at GET /metrics (metrics or operator token). Names follow controller-runtime's habit:
 a `_total` counter per outcome, a duration histogram per HTTP route.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -20,10 +25,20 @@ P = "orkestr_controller"
 # The *_created gauges double the output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+# Known label values, created at zero (see `start_at_zero`).
+MESSAGE_KINDS = ("status", "presence", "job_result", "unknown")
+MESSAGE_RESULTS = ("accepted", "stale", "rejected", "error")
+PUBLISH_RESULTS = ("published", "failed", "too_large")
+ADDON_KINDS = ("postgres", "redis")
+
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # process_* (memory, CPU, open files) and python_* (GC, version), as the agent has.
+        ProcessCollector(registry=r)
+        r.register(PLATFORM_COLLECTOR)
+        r.register(GC_COLLECTOR)
         self.http_requests = Counter(
             f"{P}_http_requests_total",
             "HTTP requests by route and status",
@@ -91,6 +106,24 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.start_at_zero()
+
+    def start_at_zero(self) -> None:
+        """Create the known labelled series at 0, so increase() sees their first event."""
+        for kind in MESSAGE_KINDS:
+            for result in MESSAGE_RESULTS:
+                self.mqtt_messages.labels(kind, result)
+        for result in PUBLISH_RESULTS:
+            self.desired_published.labels(result)
+        for kind in ADDON_KINDS:
+            self.addons_created.labels(kind)
+
+    def start_routes(self, routes: Iterable[tuple[str, str]], statuses: Iterable[str]) -> None:
+        """HTTP request counters at 0 for each (method, route) and the statuses alerted on."""
+        codes = tuple(statuses)
+        for method, route in routes:
+            for status in codes:
+                self.http_requests.labels(method, route, status)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -83,6 +83,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                         image=j["image"],
                         command=tuple(j["command"]),
                         timeout_s=j["timeout_s"],
+                        resources=plan_of[p["id"]].resources,
                     )
                     for j in jobs_of.get(p["id"], ())
                 ),

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[services] %s\n' "$*"; }
 
 packages=(docker.io mosquitto mosquitto-clients postgresql postgresql-client redis-tools
-          debootstrap iptables iproute2 util-linux python3-venv)
+          debootstrap iptables iproute2 util-linux python3-venv openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -25,6 +25,15 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# Debian's Prometheus unit listens on every address by default: loopback only, unless the
+# operator already chose an address in /etc/default/prometheus.
+if [ -f /etc/default/prometheus ] && ! grep -q -- '--web.listen-address' /etc/default/prometheus; then
+  sed -i 's|^ARGS="\(.*\)"|ARGS="\1 --web.listen-address=127.0.0.1:9090"|' /etc/default/prometheus
+  if [ -d /run/systemd/system ] && systemctl is-active -q prometheus; then
+    systemctl restart prometheus
+  fi
+fi
+
 # Debian's mosquitto package starts a broker on :1883 where systemd runs; we start our own
 # brokers with explicit configs, so the packaged one is only stopped if it is in the way.
 
@@ -39,6 +48,51 @@ if ! docker info >/dev/null 2>&1; then
   fi
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
   docker info >/dev/null 2>&1 || { log "dockerd did not start; see /var/log/orkestr/dockerd.log"; exit 1; }
+fi
+
+# Address pools: Docker's defaults give about 31 bridge networks, and each project has one.
+# 10.200.0.0/14 in /24s is 1024 networks, clear of the 192.168.x and 10.0.x LANs and of
+# Docker's own 172.17-31. live-restore keeps the add-ons running while dockerd restarts.
+# Written only when it differs (other keys are kept); dockerd restarts only then.
+daemon_json=/etc/docker/daemon.json
+mkdir -p /etc/docker
+if python3 - "$daemon_json" <<'PY'
+import json, sys
+path = sys.argv[1]
+try:
+    with open(path) as f:
+        config = json.load(f)
+except FileNotFoundError:
+    config = {}
+want = {
+    "default-address-pools": [{"base": "10.200.0.0/14", "size": 24}],
+    "live-restore": True,
+}
+if all(config.get(k) == v for k, v in want.items()):
+    sys.exit(1)  # unchanged
+config.update(want)
+with open(path + ".tmp", "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+PY
+then
+  mv "$daemon_json.tmp" "$daemon_json"
+  log "daemon.json changed: restarting dockerd (add-ons keep running: live-restore)"
+  if [ -d /run/systemd/system ]; then
+    systemctl reload docker 2>/dev/null || true  # live-restore first, so the restart spares containers
+    systemctl restart docker
+  else
+    pid=$(pidof dockerd || true)
+    if [ -n "$pid" ]; then
+      kill -HUP "$pid"; sleep 1
+      kill -TERM "$pid"
+      for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+    mkdir -p /var/log/orkestr
+    nohup dockerd >>/var/log/orkestr/dockerd.log 2>&1 &
+  fi
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { log "dockerd did not restart; see its log"; exit 1; }
 fi
 log "docker $(docker version --format '{{.Server.Version}}')"
 

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash deploy/services.sh
 .venv/bin/ruff check schemas controller agent tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

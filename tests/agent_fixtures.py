@@ -17,11 +17,14 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import firewall
+from tests.docker_leaks import host_name
 from tests.services import ControllerProcess, Mosquitto, create_database, drop_database, free_port
 
 IMAGES = {
@@ -50,6 +53,25 @@ def remove_host_objects(host: str) -> None:
     nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
     if nets:
         docker("network", "rm", *nets, check=False)
+    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    for jump in firewall.host_jumps(host):
+        while subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode == 0:
+            pass
+    for chain in firewall.chains(host):
+        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
+
+
+def agent_capabilities() -> list[str]:
+    """Run the agent with only the capabilities its systemd unit leaves it, as in production."""
+    unit = (ROOT / "systemd" / "orkestr-agent.service").read_text()
+    caps = next(
+        line.split("=", 1)[1].split()
+        for line in unit.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+    )
+    keep = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
+    return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
 
 
 class AgentProcess:
@@ -60,6 +82,9 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        log_format: str = "text",
+        extra_config: str = "",
+        ca_file: str = "",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -80,6 +105,7 @@ keeper_socket = "{self.dir / "keeper.sock"}"
 [controller]
 url = "{controller_url}"
 agent_token = "{agent_token}"
+ca_file = "{ca_file}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -90,8 +116,12 @@ keepalive_s = 5
 postgres = "{IMAGES["postgres"]}"
 redis = "{IMAGES["redis"]}"
 
+[log]
+format = "{log_format}"
+
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
+{extra_config}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
@@ -110,6 +140,7 @@ listen = "127.0.0.1:{self.metrics_port}"
             )
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
+            *agent_capabilities(),
             sys.executable,
             "-m",
             "agent",
@@ -243,13 +274,12 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the module's controller; removed with all it made."""
     assert stack.controller is not None
-    host = f"t{uuid.uuid4().hex[:10]}"
-    proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
-    )
+    host = host_name("t")
+    token = await stack.controller.new_agent_token(host)
+    proc = AgentProcess(host, stack.mosquitto.port, stack.controller.url, token)
     try:
         await proc.start()
-        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")  # type: ignore[arg-type]
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
         yield proc
     finally:
         await proc.close()
@@ -274,6 +304,56 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
+async def agent_metric(agent: AgentProcess, series: str) -> float | None:
+    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
+    except OSError:
+        return None  # not listening (yet): a starting or stopped agent
+    try:
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        text = (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
+PASSES = 'orkestr_agent_reconcile_total{result="success"}'
+
+
+async def wait_passes(agent: AgentProcess, at_least: float, timeout: float = 30) -> None:
+    """Until the agent process has finished `at_least` clean reconcile passes in all."""
+
+    async def done() -> bool:
+        return (await agent_metric(agent, PASSES) or 0) >= at_least
+
+    await wait_for(done, timeout, f"{at_least:g} reconcile passes", interval=0.1)
+
+
+async def more_passes(agent: AgentProcess, count: int, timeout: float = 30) -> None:
+    """Until the agent finished `count` more clean passes than it has now."""
+    await wait_passes(agent, (await agent_metric(agent, PASSES) or 0) + count, timeout)
+
+
+async def wait_status_after(
+    controller: ControllerProcess, host: str, when: datetime, timeout: float = 30
+) -> None:
+    """Until the controller has stored a status the agent sent after `when`."""
+
+    async def newer() -> bool:
+        _, body = await controller.api("GET", "/v1/hosts")
+        seen = next((h["last_seen"] for h in body["hosts"] if h["name"] == host), None)
+        return seen is not None and datetime.fromisoformat(seen) > when
+
+    await wait_for(newer, timeout, f"a status from {host} sent after {when}")
+
+
 async def host_online(controller: ControllerProcess, host: str) -> bool:
     status, body = await controller.api("GET", "/v1/hosts")
     assert status == 200, body
@@ -282,7 +362,7 @@ async def host_online(controller: ControllerProcess, host: str) -> bool:
 
 def container_state(name: str) -> dict[str, Any]:
     found = json.loads(docker("inspect", name, check=False) or "[]")
-    return found[0]["State"] if found else {}  # type: ignore[no-any-return]
+    return found[0]["State"] if found else {}
 
 
 # --- API helpers for end-to-end tests ------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from tests.services import ControllerProcess, FakeAgent, Mosquitto, create_database, drop_database
 
 pytest_plugins = [
+    "tests.docker_leaks",  # fails the run if it left a container, network or volume
     "tests.agent_fixtures",  # real host agents against dockerd (the agent's tests)
 ]
 

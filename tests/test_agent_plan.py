@@ -178,7 +178,7 @@ def test_jobs_run_once_and_are_collected() -> None:
     d = desired(jobs=(job,))
     net = (ObservedNetwork("n1", model.network_name(PID), PID),)
     assert p.plan(d, Observed(networks=net), p.Local(), SETTINGS) == (p.StartJob(JID, PID, job),)
-    spec = specs.job_spec(PID, job, 512)
+    spec = specs.job_spec(PID, job, specs.JobLimits())
     exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
     assert p.plan(d, exited, p.Local(), SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
     assert (
@@ -186,6 +186,58 @@ def test_jobs_run_once_and_are_collected() -> None:
     )
     # The controller acknowledged the result: the job left the desired state.
     assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
+
+
+NET = ObservedNetwork("n1", model.network_name(PID), PID)
+
+
+def test_network_of_a_project_with_nothing_left_is_removed() -> None:
+    # Tombstones only, their containers and volumes gone: the network goes.
+    assert p.plan(desired(addon(deleted=True)), Observed(networks=(NET,)), p.Local(), SETTINGS) == (
+        p.RemoveNetwork(PID, NET.name),
+    )
+    # A project that left the desired state altogether: its network goes too.
+    gone = DesiredState(version=1, host="h1", generation=2, projects=())
+    assert p.plan(gone, Observed(networks=(NET,)), p.Local(), SETTINGS) == (
+        p.RemoveNetwork(PID, NET.name),
+    )
+
+
+def test_network_stays_while_any_container_of_the_project_exists() -> None:
+    world = converged_world(addon())
+    # The tombstone's holder and database are still attached: remove them, not the network.
+    actions = p.plan(desired(addon(deleted=True)), world, LOCAL, SETTINGS)
+    assert "RemoveNetwork" not in kinds(actions)
+    # Only the holder left (its removal failed last pass): the network still stays.
+    holder = next(c for c in world.containers if c.role == "holder")
+    only_holder = Observed(containers=(holder,), networks=(NET,))
+    assert "RemoveNetwork" not in kinds(
+        p.plan(desired(addon(deleted=True)), only_holder, p.Local(), SETTINGS)
+    )
+    # A project gone from the desired state whose add-on was left alone keeps its network.
+    gone = DesiredState(version=1, host="h1", generation=2, projects=())
+    assert p.plan(gone, world, LOCAL, SETTINGS) == ()
+    # A job container (running, or exited and not yet collected) keeps it as well.
+    job = JobSpec(id=JID, image="toolbox", command=("true",))
+    spec = specs.job_spec(PID, job, specs.JobLimits())
+    exited = Observed(containers=(running(spec, "j", state="exited"),), networks=(NET,))
+    assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
+
+
+def test_network_stays_for_a_live_addon_or_a_pending_job() -> None:
+    assert p.plan(desired(addon()), converged_world(addon()), LOCAL, SETTINGS) == ()
+    job = JobSpec(id=JID, image="toolbox", command=("true",))
+    finished = p.Local(finished_jobs=frozenset({JID}))
+    assert p.plan(desired(jobs=(job,)), Observed(networks=(NET,)), finished, SETTINGS) == ()
+
+
+def test_other_projects_networks_are_independent() -> None:
+    other = ObservedNetwork("n2", model.network_name("f" * 32), "f" * 32)
+    world = converged_world(addon())
+    world = Observed(world.containers, (*world.networks, other), world.volumes)
+    assert p.plan(desired(addon()), world, LOCAL, SETTINGS) == (
+        p.RemoveNetwork("f" * 32, other.name),
+    )
 
 
 # --- convergence under a simulated host ----------------------------------------------------
@@ -222,6 +274,10 @@ def simulate(
                 containers.pop(name, None)
             case p.RemoveVolume(_, name):
                 volumes.pop(name, None)
+            case p.RemoveNetwork(key, name):
+                attached = [c.name for c in containers.values() if c.project_id == key]
+                assert not attached, f"network {name} removed with {attached} attached"
+                networks.pop(name, None)
             case p.RemoveSecret(key):
                 secrets.pop(key, None)
             case _:
@@ -274,6 +330,9 @@ def test_any_world_converges_and_only_tombstones_lose_data(
     for a in after:
         if a.deleted:
             assert world.volume(model.volume_name(a.id)) is None
+    # The project's network lives exactly as long as something of the project does (an
+    # add-on left out of the desired state is left alone, and so is its network).
+    assert (world.network(model.network_name(PID)) is not None) == bool(live or world.containers)
 
 
 # --- sleep decisions ------------------------------------------------------------------------

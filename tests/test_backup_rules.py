@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import backup_checks, model
+from agent import backup_checks, model, specs
 from agent import plan as p
 from agent.specs import Images
 from controller.backup_rules import BackupFacts, day_window, due_slot, parse_time_of_day, to_prune
@@ -247,14 +248,12 @@ def test_a_running_restore_keeps_the_planner_off_the_database() -> None:
     holder = _running_addon().containers[0]
     local = p.Local(secrets={ADDON: 1}, backups_running={ADDON: f"restore-{9:032x}"})
     desired = _desired()
-    want_db = p.specs.db_spec(
-        PROJECT, desired.projects[0].addons[0], SETTINGS.images, "/s/" + ADDON
-    )
-    want_holder = p.specs.holder_spec(PROJECT, desired.projects[0].addons[0], SETTINGS.images)
+    want_db = specs.db_spec(PROJECT, desired.projects[0].addons[0], SETTINGS.images, "/s/" + ADDON)
+    want_holder = specs.holder_spec(PROJECT, desired.projects[0].addons[0], SETTINGS.images)
     observed = model.Observed(
         containers=(
-            model.ObservedContainer(**{**_fields(holder), "spec_hash": want_holder.spec_hash}),
-            model.ObservedContainer(**{**_fields(db), "spec_hash": want_db.spec_hash}),
+            msgspec.structs.replace(holder, spec_hash=want_holder.spec_hash),
+            msgspec.structs.replace(db, spec_hash=want_db.spec_hash),
         )
     )
     assert not [
@@ -262,7 +261,3 @@ def test_a_running_restore_keeps_the_planner_off_the_database() -> None:
     ]
     idle = p.Local(secrets={ADDON: 1})
     assert [a for a in p.plan(desired, observed, idle, SETTINGS) if isinstance(a, p.StartContainer)]
-
-
-def _fields(c: model.ObservedContainer) -> dict[str, object]:
-    return {f: getattr(c, f) for f in c.__struct_fields__}

@@ -91,7 +91,7 @@ async def backup_now(c: ControllerProcess, p: str, a: str, wait: bool = True) ->
     status, body = await c.api("POST", f"{base(p, a)}/backups")
     assert status == 202, body
     assert body["state"] == "pending" and body["kind"] == "manual"
-    return await wait_backup(c, p, a, body["id"]) if wait else body  # type: ignore[no-any-return]
+    return await wait_backup(c, p, a, body["id"]) if wait else body
 
 
 async def wait_backup(

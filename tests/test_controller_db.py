@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -55,10 +56,35 @@ async def test_a_newer_schema_is_refused(empty_db: str) -> None:
             await db.migrate(pool)
 
 
-async def test_migrations_are_numbered_and_ordered() -> None:
-    versions = [m.version for m in db.discover()]
-    assert versions == sorted(versions) and versions[0] == 1
-    assert len(set(versions)) == len(versions)
+def test_packaged_migrations_are_numbered_from_one_without_gaps() -> None:
+    migrations = db.discover()
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    assert all(m.sql.strip() and m.name for m in migrations)
+
+
+def test_discovery_orders_by_number_and_ignores_other_files(tmp_path: Path) -> None:
+    for name in ("010_later.sql", "002_second.sql", "001_first.sql", "README.md", "x.sql.orig"):
+        (tmp_path / name).write_text(f"-- {name}\n")
+    found = db.discover(tmp_path)
+    assert [(m.version, m.name) for m in found] == [(1, "first"), (2, "second"), (10, "later")]
+    assert found[1].sql == "-- 002_second.sql\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [
+        (["001_a.sql", "001_b.sql"], "two migrations have version 1"),
+        (["1_short.sql"], "does not match NNN_name.sql"),
+        (["001_Upper.sql"], "does not match NNN_name.sql"),
+    ],
+)
+def test_discovery_refuses_misnamed_or_duplicate_files(
+    tmp_path: Path, files: list[str], error: str
+) -> None:
+    for name in files:
+        (tmp_path / name).write_text("SELECT 1;\n")
+    with pytest.raises(RuntimeError, match=error):
+        db.discover(tmp_path)
 
 
 async def test_unreachable_database_is_a_transient_error() -> None:

@@ -35,7 +35,7 @@ GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "orkestr-addons.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-CREDENTIALS_FILE = "/etc/orkestr/api_token"
+CREDENTIALS_FILE = "/etc/orkestr/metrics_token"
 
 # Labels Prometheus adds to every scraped series, and the scrape health metric.
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -307,6 +307,48 @@ def test_alerts_cover_the_asked_conditions() -> None:
             assert "orkestr_agent_addon_sleep_state" in Query(rule["expr"]).metrics, rule["alert"]
 
 
+# --- counters alerted on exist from the start --------------------------------------------
+EQUALITY = re.compile(r'([A-Za-z_]\w*)\s*(=~|=)\s*"([^"]*)"')
+
+
+def started_samples() -> dict[str, list[dict[str, str]]]:
+    """Label sets of every sample a freshly started agent and controller serve."""
+    from agent import desired
+    from agent import plan as p
+
+    registry = CollectorRegistry()
+    agent_metrics.start_at_zero(p.ACTION_KINDS, desired.REJECTION_REASONS)
+    controller = Metrics()
+    # What controller/app.py does with its routes; one route stands for them all here.
+    controller.start_routes([("GET", "/v1/projects")], ("500", "503"))
+    samples: dict[str, list[dict[str, str]]] = {}
+    for source in (REGISTRY, controller.registry, registry):
+        for family in source.collect():
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(dict(sample.labels))
+    return samples
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_counters_an_alert_uses_start_at_zero(rule: dict[str, str]) -> None:
+    """increase() and rate() miss a series' first sample: it must exist before any event."""
+    samples = started_samples()
+    for selector in re.finditer(r"(orkestr_\w+_total)\s*(\{[^}]*\})?", rule["expr"]):
+        name, matchers = selector[1], selector[2] or ""
+        series = samples.get(name, [])
+        assert series, f"{rule['alert']}: {name} has no series at start"
+        for label, op, value in EQUALITY.findall(matchers):
+            if label in TARGET_LABELS:
+                continue
+            wanted = value.split("|") if op == "=~" else [value]
+            for want in wanted:
+                if want.endswith(".."):  # a status class such as 5..
+                    found = any(s.get(label, "").startswith(want[0]) for s in series)
+                else:
+                    found = any(s.get(label) == want for s in series)
+                assert found, f"{rule['alert']}: no {name}{{{label}={want!r}}} at start"
+
+
 # --- the Grafana dashboard ---------------------------------------------------------------
 def dashboard() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(DASHBOARD.read_text())
@@ -410,7 +452,7 @@ def promtool(*args: str, cwd: Path | None = None) -> str:
 @needs_promtool
 def test_promtool_check_config(tmp_path: Path) -> None:
     # check config also opens credentials_file: point it at a temporary token.
-    token = tmp_path / "api_token"
+    token = tmp_path / "metrics_token"
     token.write_text("test-token\n")
     text = CONFIG.read_text()
     assert text.count(CREDENTIALS_FILE) == 1
@@ -459,6 +501,10 @@ tests:
         values: '0x5 0+2x37'
       - series: 'orkestr_agent_desired_rejected_total{job="orkestr-agent", instance="b", reason="StaleGeneration"}'
         values: '0x30 1x11'
+      # A counter born at its first event (not created at zero): increase() cannot see
+      # that event, so instance d's rejection never alerts. Hence metrics.start_at_zero.
+      - series: 'orkestr_agent_desired_rejected_total{job="orkestr-agent", instance="d", reason="Invalid"}'
+        values: '_x30 1x11'
       - series: 'orkestr_agent_wake_duration_seconds_bucket{job="orkestr-agent", instance="a", kind="redis", stage="deep", le="1"}'
         values: '0x42'
       - series: 'orkestr_agent_wake_duration_seconds_bucket{job="orkestr-agent", instance="a", kind="redis", stage="deep", le="2.5"}'
@@ -510,11 +556,129 @@ tests:
             value: 1
           - labels: '{alertname="OrkestrAgentWakeSlow", instance="a"}'
             value: 1
+  # The controller's alerts, the permanent action failures and the not-ready add-on.
+  - interval: 1m
+    input_series:
+      - series: 'up{job="orkestr-controller", instance="c"}'
+        values: '1x5 0x30'
+      - series: 'orkestr_controller_mqtt_connected{job="orkestr-controller", instance="c"}'
+        values: '1x5 0x30'
+      - series: 'orkestr_controller_mqtt_connects_total{job="orkestr-controller", instance="c"}'
+        values: '1x5 1+1x30'
+      - series: 'orkestr_controller_desired_published_total{job="orkestr-controller", instance="c", result="published"}'
+        values: '0+5x35'
+      - series: 'orkestr_controller_desired_published_total{job="orkestr-controller", instance="c", result="too_large"}'
+        values: '0x10 1x25'
+      - series: 'orkestr_controller_mqtt_messages_total{job="orkestr-controller", instance="c", kind="status", result="accepted"}'
+        values: '0+20x35'
+      - series: 'orkestr_controller_mqtt_messages_total{job="orkestr-controller", instance="c", kind="status", result="rejected"}'
+        values: '0x10 1x25'
+      - series: 'orkestr_controller_http_requests_total{job="orkestr-controller", instance="c", method="GET", route="/v1/projects", status="200"}'
+        values: '0+10x35'
+      - series: 'orkestr_controller_http_requests_total{job="orkestr-controller", instance="c", method="GET", route="/v1/projects", status="500"}'
+        values: '0+1x35'
+      # /metrics is left out of the ratio: its many 200s must not hide the API's 5xx.
+      - series: 'orkestr_controller_http_requests_total{job="orkestr-controller", instance="c", method="GET", route="/metrics", status="200"}'
+        values: '0+1000x35'
+      - series: 'orkestr_agent_actions_total{job="orkestr-agent", instance="a", action="RemoveContainer", result="permanent_error"}'
+        values: '0x10 1x25'
+      - series: 'orkestr_agent_actions_total{job="orkestr-agent", instance="a", action="RunContainer", result="error"}'
+        values: '0+1x35'
+      - series: 'orkestr_agent_addon_ready{job="orkestr-agent", instance="a", addon="x", project="p", kind="redis"}'
+        values: '1x5 0x30'
+      - series: 'orkestr_agent_addon_sleep_state{job="orkestr-agent", instance="a", addon="x", project="p", kind="redis"}'
+        values: '0x35'
+      # Asleep, so not ready by design: no alert.
+      - series: 'orkestr_agent_addon_ready{job="orkestr-agent", instance="e", addon="y", project="p", kind="redis"}'
+        values: '0x35'
+      - series: 'orkestr_agent_addon_sleep_state{job="orkestr-agent", instance="e", addon="y", project="p", kind="redis"}'
+        values: '2x35'
+    promql_expr_test:
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing"})
+        eval_time: 5m
+        exp_samples: []
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing"})
+        eval_time: 9m
+        exp_samples:
+          - labels: '{alertname="OrkestrControllerDown", instance="c"}'
+            value: 1
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing"})
+        eval_time: 20m
+        exp_samples:
+          - labels: '{alertname="OrkestrControllerDown", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrControllerBrokerDisconnected", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrControllerBrokerFlapping", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrControllerPublishFailing", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrControllerAgentMessagesRejected", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrControllerHttpErrors", instance="c"}'
+            value: 1
+          - labels: '{alertname="OrkestrAgentActionsFailingPermanently", instance="a"}'
+            value: 1
+          - labels: '{alertname="OrkestrAddonNotReady", instance="a"}'
+            value: 1
 """
+
+
+def test_rule_tests_fire_every_alert() -> None:
+    fired = set(re.findall(r"alertname=\"(\w+)\"", RULE_TESTS + BACKUP_RULE_TESTS))
+    assert fired == {r["alert"] for r in alert_rules()}
 
 
 @needs_promtool
 def test_promtool_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
     (tmp_path / "tests.yml").write_text(RULE_TESTS)
+    promtool("test", "rules", "tests.yml", cwd=tmp_path)
+
+
+# The backup alerts, on their own series. Minute steps. Instance a: a verification fails
+# at minute 10; b: a backup fails at 20; add-on x's newest verified backup is 30 hours old
+# from the start, y's is fresh.
+BACKUP_RULE_TESTS = """\
+rule_files:
+  - alerts.yml
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'orkestr_agent_backup_verifications_total{job="orkestr-agent", instance="a", kind="postgres", result="failed"}'
+        values: '0x10 1x30'
+      - series: 'orkestr_agent_backup_verifications_total{job="orkestr-agent", instance="a", kind="postgres", result="verified"}'
+        values: '0+1x40'
+      - series: 'orkestr_agent_backup_operations_total{job="orkestr-agent", instance="b", op="backup", kind="redis", result="failed"}'
+        values: '0x20 1x20'
+      - series: 'orkestr_controller_backup_last_verified_timestamp_seconds{job="orkestr-controller", instance="c", addon="x", project="p"}'
+        values: '-108000x40'
+      - series: 'orkestr_controller_backup_last_verified_timestamp_seconds{job="orkestr-controller", instance="c", addon="y", project="p"}'
+        values: '0+60x40'
+    promql_expr_test:
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing", alertname=~"OrkestrBackup.*"})
+        eval_time: 5m
+        exp_samples: []
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing", alertname=~"OrkestrBackup.*"})
+        eval_time: 15m
+        exp_samples:
+          - labels: '{alertname="OrkestrBackupVerificationFailed", instance="a"}'
+            value: 1
+      - expr: count by (alertname, addon) (ALERTS{alertstate="firing", alertname=~"OrkestrBackup.*"})
+        eval_time: 35m
+        exp_samples:
+          - labels: '{alertname="OrkestrBackupVerificationFailed"}'
+            value: 1
+          - labels: '{alertname="OrkestrBackupOperationsFailing"}'
+            value: 1
+          - labels: '{alertname="OrkestrBackupStale", addon="x"}'
+            value: 1
+"""
+
+
+@needs_promtool
+def test_promtool_backup_alerts_fire(tmp_path: Path) -> None:
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    (tmp_path / "tests.yml").write_text(BACKUP_RULE_TESTS)
     promtool("test", "rules", "tests.yml", cwd=tmp_path)

@@ -18,12 +18,15 @@ from tests.agent_fixtures import (
     AgentProcess,
     Stack,
     addon,
+    agent_metric,
     container_state,
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     wait_for,
+    wait_passes,
     wait_phase,
 )
 
@@ -92,7 +95,7 @@ async def test_user_story_postgres_and_redis(stack: Stack, agent: AgentProcess) 
     async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
         await client.subscribe(topics.desired(agent.host), qos=1)
         message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
-        assert password.encode() not in bytes(message.payload)  # type: ignore[arg-type]
+        assert password.encode() not in bytes(message.payload)
 
     # Deleting removes the containers and, because the add-on was deleted, its volume.
     status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{rd['id']}")
@@ -148,7 +151,7 @@ async def test_agent_kill9_adopts_and_hand_removed_container_is_recreated(
 
     await agent.kill9()
     await agent.start()
-    await asyncio.sleep(6)  # a few resync passes of the restarted agent
+    await wait_passes(agent, 3)  # a few full passes of the restarted agent
     after = {n: inspect(n)["Id"] for n in (db(pg["id"]), holder(pg["id"]))}
     assert after == before, "a restarted agent recreated containers"
     await wait_phase(c, project["id"], pg["id"], "ready")
@@ -174,7 +177,7 @@ async def test_broker_outage_keeps_addons_running_and_converges(
     await stack.mosquitto.stop()
     # The API keeps working; the change waits for the broker.
     second = await create_addon(c, project["id"], "second", "redis")
-    await asyncio.sleep(4)
+    await more_passes(agent, 2)  # the agent keeps reconciling, with what it has
     assert inspect(db(first["id"]))["State"]["StartedAt"] == started
     assert container_state(db(first["id"]))["Running"]
     assert container_state(db(second["id"])) == {}
@@ -205,6 +208,11 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
     pg = await create_addon(c, project["id"], "steady", "postgres")
     await wait_phase(c, project["id"], pg["id"], "ready")
     container_id = inspect(db(pg["id"]))["Id"]
+    # The counter an alert watches exists at zero before the first rejection.
+    assert (
+        await agent_metric(agent, 'orkestr_agent_desired_rejected_total{reason="StaleGeneration"}')
+        == 0
+    )
     payloads: list[bytes] = []
 
     @settings(max_examples=15, suppress_health_check=list(HealthCheck), deadline=None)
@@ -224,7 +232,7 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
 
         async def rejected() -> dict | None:  # type: ignore[type-arg]
             message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
-            status = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            status = json.loads(bytes(message.payload))
             cond = next(x for x in status["conditions"] if x["type"] == "DesiredStateAccepted")
             return cond if cond["reason"] == "StaleGeneration" else None
 
@@ -236,6 +244,8 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
     view = await addon(c, project["id"], pg["id"])
     assert view["phase"] == "ready"
     assert "desired.rejected" in agent.log_tail(400)
+    series = 'orkestr_agent_desired_rejected_total{reason="StaleGeneration"}'
+    assert (await agent_metric(agent, series) or 0) >= 1
 
 
 async def test_holder_restarted_in_place_gets_its_database_back(
@@ -259,8 +269,45 @@ async def test_holder_restarted_in_place_gets_its_database_back(
         j = await run_job(
             c, project["id"], 'psql "$DATABASE_URL" -tAc "select v from s"', timeout=20
         )
-        return j["exit_code"] == 0 and j["output"].strip() == "7"
+        return bool(j["exit_code"] == 0 and j["output"].strip() == "7")
 
     await wait_for(
         answers, 120, "the add-on answering again after its holder restarted", interval=1
     )
+
+
+async def test_last_addon_deleted_removes_network_and_anonymous_volumes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    rd = await create_addon(c, project["id"], "only-cache", "redis")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    job = await run_job(c, project["id"], 'redis-cli -u "$REDIS_URL" ping')
+    assert "PONG" in job["output"], job
+    network = f"orkestr-{project['id']}"
+    assert inspect_network(network)
+    # Any anonymous volume (e.g. from the image's VOLUME) must go with its container.
+    anonymous = [
+        m["Name"]
+        for name in (holder(rd["id"]), db(rd["id"]))
+        for m in inspect(name)["Mounts"]
+        if m["Type"] == "volume" and m["Name"] != f"orkestr-{rd['id']}-data"
+    ]
+
+    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{rd['id']}")
+    assert status == 202
+    await wait_for(lambda: not inspect_network(network), 60, "project network removed")
+    assert container_state(holder(rd["id"])) == {}
+    left = docker("volume", "ls", "-q").split()
+    assert not set(anonymous) & set(left), "anonymous volumes outlived their containers"
+
+    # A new add-on in the same project gets a network again.
+    again = await create_addon(c, project["id"], "second-cache", "redis")
+    await wait_phase(c, project["id"], again["id"], "ready")
+    assert inspect_network(network)
+
+
+def inspect_network(name: str) -> list[dict]:  # type: ignore[type-arg]
+    return json.loads(docker("network", "inspect", name, check=False) or "[]")  # type: ignore[no-any-return]

@@ -12,6 +12,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -25,9 +26,12 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     wait_for,
+    wait_passes,
     wait_phase,
+    wait_status_after,
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
@@ -82,7 +86,7 @@ class Client:
         return subprocess.CompletedProcess(script, proc.returncode or 0, out.decode(), err.decode())
 
     def remove(self) -> None:
-        docker("rm", "-f", self.name, check=False)
+        docker("rm", "-f", "-v", self.name, check=False)
 
 
 async def setup_addon(
@@ -259,7 +263,8 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
             if state != "running":
                 # The outsider's attempts must not have woken it (it may sleep deeper).
                 assert db_state(a["id"]) != "running"
-                await asyncio.sleep(1.5)  # a heartbeat, so a wake would be counted
+                # A status sent after the probe, so a wake would be counted.
+                await wait_status_after(c, agent.host, datetime.now(UTC))
                 assert (await addon(c, project["id"], a["id"]))["wakes"] == wakes
         # From its own project the wake listener answers (and wakes it).
         r = await client.sh('psql "$DATABASE_URL" -tAc "select 1"')
@@ -277,7 +282,7 @@ async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_ret
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
     if how == "keeper_restarted_first":
         await agent.restart_keeper()  # empty now: the running agent must refill it
-        await asyncio.sleep(4)
+        await more_passes(agent, 2)  # each pass puts the listeners back
     await (agent.stop() if how == "sigterm" else agent.kill9())
     # The keeper still holds the wake listener: the client's connection is queued, not refused.
     waiting = asyncio.create_task(client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"'))
@@ -295,8 +300,77 @@ async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
     await agent.kill9()
     await agent.start()
-    await asyncio.sleep(4)  # the new agent's first passes must not start the sleeping db
+    await wait_passes(agent, 2)  # the new agent's first passes must not start the sleeping db
     assert db_state(a["id"]) == "exited"
     r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
     assert r.returncode == 0 and r.stdout.strip() == "42", r
     assert db_state(a["id"]) == "running"
+
+
+async def test_wake_listener_answers_only_what_the_redirect_sends_it(pg: Any) -> None:
+    """Dialled directly (awake or asleep) the listener's port is dropped: no relay, no wake."""
+    _project, a, client = pg
+    direct = (
+        f'if timeout 2 bash -c "echo > /dev/tcp/{a["name"]}/15432" 2>/dev/null; '
+        "then echo REACHED; else echo BLOCKED; fi"
+    )
+    assert (await client.sh('psql "$DATABASE_URL" -tAc "select 1"')).returncode == 0
+    r = await client.sh(direct)
+    assert r.stdout.strip() == "BLOCKED", ("awake", r.stdout)
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    r = await client.sh(direct)
+    assert r.stdout.strip() == "BLOCKED", ("paused", r.stdout)
+    assert db_state(a["id"]) == "paused"  # and the attempt did not wake it
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 40 + 2"')
+    assert r.stdout.strip() == "42", r
+
+
+def _agent_metric(agent: AgentProcess, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as f:
+        text = f.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+async def test_a_flood_at_one_wake_listener_leaves_the_agent_serving_other_wakes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    p_flood, a_flood, env_flood = await setup_addon(stack, "redis")
+    p_calm, a_calm, env_calm = await setup_addon(stack, "redis")
+    attacker = Client(agent.host, p_flood["id"], env_flood)
+    neighbour = Client(agent.host, p_calm["id"], env_calm)
+    assert agent.proc is not None
+    try:
+        await wait_db(a_flood["id"], "exited", timeout=DEEP_S + 8)
+        # 2,000 connections at once at the sleeping add-on, held open: four loops of 500.
+        flood = (
+            "for n in 1 2 3 4; do bash -c 'for i in $(seq 500); do "
+            f'exec {{fd}}<>/dev/tcp/{a_flood["name"]}/6379 || true; done; sleep 40\' & done; '
+            "sleep 1; echo started"
+        )
+        docker("exec", "-d", attacker.name, "sh", "-c", flood)
+        await wait_for(
+            lambda: _agent_metric(agent, "orkestr_agent_wake_relays_refused_total") > 0,
+            30, "relays over the cap refused",
+        )  # fmt: skip
+        fds = len(list((__import__("pathlib").Path(f"/proc/{agent.proc.pid}/fd")).iterdir()))
+        assert _agent_metric(agent, "orkestr_agent_wake_relays ") <= 64, "per add-on cap"
+        assert fds < 2 * 64 + 200, f"the agent holds {fds} descriptors"
+        # The neighbour wakes and answers while the flood holds its connections.
+        await wait_for(
+            lambda: db_state(a_calm["id"]) in ("paused", "exited"), DEEP_S + 8, "neighbour asleep"
+        )
+        r = await neighbour.sh('redis-cli --no-auth-warning -u "$REDIS_URL" ping', timeout=20)
+        assert r.stdout.strip() == "PONG", r
+        print(
+            "flood: refused", _agent_metric(agent, "orkestr_agent_wake_relays_refused_total"),
+            "relayed", _agent_metric(agent, "orkestr_agent_wake_relays "), "agent fds", fds,
+        )  # fmt: skip
+    finally:
+        attacker.remove()
+        neighbour.remove()

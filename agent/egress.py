@@ -1,0 +1,107 @@
+"""Applies the rulesets of `firewall.py`: on the host, and in each holder's namespace.
+
+The host's chains are replaced whole whenever the set of project bridges changes; a
+holder is fenced once per namespace (a holder restarted by dockerd is a new namespace:
+its start event, or a reconnect of the event stream, makes it fenced again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent import firewall
+from agent.docker import Docker
+from agent.errors import AgentError, NotFound
+from agent.model import Observed
+
+log = logging.getLogger("orkestr.agent.egress")
+
+
+async def _run(argv: list[str], stdin: str | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(15):
+            out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 1, f"{argv[0]} timed out"
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def _in(pid: int | None, argv: list[str]) -> list[str]:
+    return ["nsenter", f"--net=/proc/{pid}/ns/net", *argv] if pid else argv
+
+
+async def _restore(pid: int | None, rules: str) -> None:
+    # -w: the xtables lock is host-wide and dockerd takes it too; never wait forever.
+    code, out = await _run(_in(pid, ["iptables-restore", "-w", "5", "--noflush"]), rules)
+    if code != 0:
+        raise AgentError(f"iptables-restore: {out}")
+
+
+async def _ensure_jump(pid: int | None, rule: tuple[str, ...]) -> None:
+    if (await _run(_in(pid, ["iptables", "-w", "5", "-C", *rule])))[0] == 0:
+        return
+    code, out = await _run(_in(pid, ["iptables", "-w", "5", "-I", *rule]))
+    if code != 0:
+        raise AgentError(f"iptables -I {' '.join(rule)}: {out}")
+
+
+class Firewall:
+    def __init__(self, host: str, policy: firewall.Policy, docker: Docker) -> None:
+        self.host = host
+        self.policy = policy
+        self.docker = docker
+        self._applied = ""
+        self._fenced: set[str] = set()  # holder container ids whose namespace is fenced
+
+    def forget(self, holder_id: str | None = None) -> None:
+        """A holder (or, with None, every holder and the host) must be fenced again."""
+        if holder_id is None:
+            self._fenced.clear()
+            self._applied = ""
+        else:
+            self._fenced.discard(holder_id)
+
+    async def sync(self, observed: Observed) -> None:
+        """Host chains for the observed bridges, and every running holder fenced."""
+        bridges = [
+            firewall.Bridge(n.bridge, n.subnet) for n in observed.networks if n.bridge
+        ]
+        rules = firewall.host_ruleset(self.host, bridges, self.policy)
+        if rules != self._applied:
+            await _restore(None, rules)
+            for jump in firewall.host_jumps(self.host):
+                await _ensure_jump(None, jump)
+            self._applied = rules
+            log.info("egress.host_applied bridges=%d", len(bridges))
+        subnets = {n.name: n.subnet for n in observed.networks}
+        for c in observed.containers:
+            if c.role == "holder" and c.state == "running" and c.id not in self._fenced:
+                subnet = subnets.get(f"orkestr-{c.project_id}", "")
+                if subnet:
+                    await self.fence_holder(c.name, subnet)
+
+    async def sync_networks(self) -> None:
+        """After a network was created: its bridge is fenced before anything runs on it."""
+        await self.sync(await self.docker.snapshot())
+
+    async def fence_holder(self, name: str, subnet: str) -> None:
+        info = await self.docker.inspect(name)
+        pid = int(info["State"].get("Pid") or 0)
+        if not pid:
+            raise NotFound(f"holder {name} is not running")
+        await _restore(pid, firewall.holder_ruleset(subnet))
+        await _ensure_jump(pid, ("OUTPUT", "-j", firewall.EGRESS_CHAIN))
+        self._fenced.add(str(info["Id"]))
+        log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
+
+
+

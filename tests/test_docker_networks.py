@@ -1,0 +1,85 @@
+"""Project networks against the real dockerd: a host holds 250 of them, and they go away.
+
+The address pools come from deploy/services.sh (daemon.json `default-address-pools`);
+Docker's defaults give about 31 bridge networks, so the first test fails without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from agent import model
+from agent.docker import Docker
+from agent.errors import TransientError
+from tests.agent_fixtures import docker
+from tests.docker_leaks import host_name
+
+pytestmark = pytest.mark.integration
+
+COUNT = 250
+
+
+async def test_host_holds_250_project_networks() -> None:
+    host = host_name("n")
+    projects = [uuid.uuid4().hex for _ in range(COUNT)]
+    gate = asyncio.Semaphore(8)  # other tests share this dockerd
+
+    async def create(d: Docker, project: str) -> None:
+        async with gate:
+            await d.create_network(model.network_name(project), project)
+
+    async def remove(d: Docker, project: str) -> None:
+        async with gate:
+            await d.remove_network(model.network_name(project))
+
+    async with Docker(host) as d:
+        try:
+            await asyncio.gather(*(create(d, p) for p in projects))
+            observed = await d.snapshot()
+            assert {n.project_id for n in observed.networks} == set(projects)
+            subnets = {
+                docker("network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}", n.id)
+                for n in observed.networks[:3]
+            }
+            assert all(s.startswith("10.") and s.endswith("/24") for s in subnets), subnets
+        finally:
+            await asyncio.gather(*(remove(d, p) for p in projects), return_exceptions=True)
+        assert (await d.snapshot()).networks == ()
+    assert docker("network", "ls", "-q", "--filter", f"label=orkestr.host={host}") == ""
+
+
+async def test_remove_network_refuses_while_a_container_is_attached() -> None:
+    host = host_name("n")
+    project = uuid.uuid4().hex
+    name = model.network_name(project)
+    box = f"orkestr-test-{uuid.uuid4().hex[:10]}"
+    async with Docker(host) as d:
+        await d.create_network(name, project)
+        try:
+            docker(
+                "run",
+                "-d",
+                "--name",
+                box,
+                "--network",
+                name,
+                "--label",
+                f"orkestr.host={host}",
+                "--label",
+                "orkestr.managed=1",
+                "orkestr-local/toolbox:bookworm",
+                "sleep",
+                "600",
+            )
+            with pytest.raises(TransientError):
+                await d.remove_network(name)
+            docker("rm", "-f", "-v", box)
+            await d.remove_network(name)
+            await d.remove_network(name)  # already gone: fine
+        finally:
+            docker("rm", "-f", "-v", box, check=False)
+            docker("network", "rm", name, check=False)
+        assert (await d.snapshot()).networks == ()

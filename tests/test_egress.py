@@ -1,0 +1,236 @@
+"""Egress policy: what a project network, a job and an add-on can reach, on real bridges.
+
+Only addresses on this machine are dialled: the host's own addresses, Docker bridges,
+and a network namespace this test creates to stand in for "the internet" (198.18.0.0/15,
+the benchmarking range) and for the cloud metadata address. The metadata route is a
+policy rule for the project's subnet alone, so nothing else on the host is diverted,
+and no packet can leave the machine whatever the agent does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from agent import firewall
+from tests.agent_fixtures import (
+    AgentProcess,
+    Stack,
+    create_addon,
+    create_project,
+    docker,
+    host_online,
+    remove_host_objects,
+    run_job,
+    wait_for,
+    wait_phase,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+INTERNET_PORT, METADATA = 8080, "169.254.169.254"
+SERVER = """
+import select, socket, sys
+socks = []
+for addr, port in ((sys.argv[1], 8080), (sys.argv[2], 80)):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(64); socks.append(s)
+print("listening", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        c, _ = s.accept(); c.close()
+"""
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+class Internet:
+    """A namespace at 198.18.<n>.2 with a listener, also answering as the metadata address."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.ns = f"orkestr-inet-{tag}"
+        self.host_if, self.ns_if = f"oki{tag}h", f"oki{tag}n"
+        n = int(tag[:2], 16)
+        self.gw, self.ip = f"198.18.{n}.1", f"198.18.{n}.2"
+        self.rules: list[list[str]] = []
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        sh("ip", "link", "set", self.ns_if, "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.gw}/30", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "-n", self.ns, "addr", "add", f"{self.ip}/30", "dev", self.ns_if)
+        sh("ip", "-n", self.ns, "addr", "add", f"{METADATA}/32", "dev", self.ns_if)
+        sh("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
+        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.ns, "route", "add", "default", "via", self.gw)
+        self.table = str(20000 + n)
+        sh("ip", "route", "add", f"{METADATA}/32", "via", self.ip, "table", self.table)
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable, "-c", SERVER, self.ip, METADATA],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.server.stdout is not None and "listening" in self.server.stdout.readline()
+
+    def divert_metadata(self, subnet: str) -> None:
+        """The project's packets to the metadata address go to this namespace, nowhere else."""
+        rule = ["from", subnet, "to", f"{METADATA}/32", "table", self.table]
+        sh("ip", "rule", "add", *rule)
+        self.rules.append(rule)
+
+    def close(self) -> None:
+        self.server.kill()
+        for rule in self.rules:
+            subprocess.run(["ip", "rule", "del", *rule], capture_output=True)
+        subprocess.run(["ip", "route", "flush", "table", self.table], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+@pytest.fixture
+def internet() -> Iterator[Internet]:
+    net = Internet()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def host_listener() -> Iterator[int]:
+    """A service on every host address, as a careless host service would be."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 0))
+    s.listen(64)
+    s.setblocking(False)
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def host_addresses() -> list[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    addrs = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return [a for a in addrs if not a.startswith("127.")]
+
+
+def network(project_id: str) -> dict[str, Any]:
+    return json.loads(docker("network", "inspect", f"orkestr-{project_id}"))[0]  # type: ignore[no-any-return]
+
+
+def probe_script(targets: dict[str, str]) -> str:
+    return "".join(
+        f'(if timeout 2 bash -c "echo > /dev/tcp/{addr.replace(":", "/")}" 2>/dev/null; '
+        f"then echo {label}=REACHED; else echo {label}=BLOCKED; fi) & "
+        for label, addr in targets.items()
+    ) + "wait"
+
+
+def results(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+async def setup(stack: Stack) -> tuple[dict[str, Any], dict[str, Any], str]:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "egress-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    return project, pg, network(project["id"])["IPAM"]["Config"][0]["Subnet"]
+
+
+async def test_jobs_reach_the_internet_but_not_the_host_other_bridges_or_metadata(
+    stack: Stack, agent: AgentProcess, internet: Internet, host_listener: int
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, pg, subnet = await setup(stack)
+    other, other_pg, _ = await setup(stack)
+    internet.divert_metadata(subnet)
+    other_ip = network(other["id"])["Containers"]
+    holder_ip = next(
+        v["IPv4Address"].split("/")[0] for v in other_ip.values() if v["Name"].endswith("-net")
+    )
+    targets = {
+        "own_addon": "egress-db:5432",
+        "internet": f"{internet.ip}:{INTERNET_PORT}",
+        "metadata": f"{METADATA}:80",
+        "other_bridge": f"{holder_ip}:5432",
+        **{f"host_{i}": f"{a}:{host_listener}" for i, a in enumerate(host_addresses())},
+    }
+    seen = results((await run_job(c, project["id"], probe_script(targets)))["output"])
+    assert seen.pop("own_addon") == "REACHED", seen
+    assert seen.pop("internet") == "REACHED", seen
+    assert seen and all(v == "BLOCKED" for v in seen.values()), seen
+
+    # The add-on itself reaches nothing beyond its project network.
+    pid = json.loads(docker("inspect", f"orkestr-{pg['id']}-net"))[0]["State"]["Pid"]
+    r = subprocess.run(  # noqa: ASYNC221
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "bash", "-c",
+         f"timeout 2 bash -c 'echo > /dev/tcp/{internet.ip}/{INTERNET_PORT}' && echo REACHED || echo BLOCKED"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.stdout.strip() == "BLOCKED", r
+    del other_pg
+
+
+@pytest.fixture
+async def sealed_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """An agent whose operator denies jobs the internet."""
+    assert stack.controller is not None
+    host = f"t{uuid.uuid4().hex[:10]}"
+    token = await stack.controller.new_agent_token(host)
+    proc = AgentProcess(
+        host, stack.mosquitto.port, stack.controller.url, token,
+        extra_config='[network]\njob_egress = "none"\n',
+    )  # fmt: skip
+    try:
+        await proc.start()
+        await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
+        yield proc
+    finally:
+        await proc.close()
+        remove_host_objects(host)
+        if os.environ.get("ORKESTR_TEST_VERBOSE"):
+            print(proc.log_tail(200))
+
+
+async def test_operator_can_deny_jobs_the_internet(
+    stack: Stack, sealed_agent: AgentProcess, internet: Internet
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, _pg, _subnet = await setup(stack)
+    targets = {"own_addon": "egress-db:5432", "internet": f"{internet.ip}:{INTERNET_PORT}"}
+    seen = results((await run_job(c, project["id"], probe_script(targets)))["output"])
+    assert seen == {"own_addon": "REACHED", "internet": "BLOCKED"}, seen
+
+
+def test_ruleset_is_per_bridge_and_replaces_only_its_own_chains() -> None:
+    bridges = [firewall.Bridge("br-aaa", "10.1.0.0/24"), firewall.Bridge("br-bbb", "10.1.1.0/24")]
+    rules = firewall.host_ruleset("h1", bridges, firewall.Policy())
+    chain_in, chain_fwd = firewall.chains("h1")
+    assert rules.startswith("*filter\n") and rules.endswith("COMMIT\n")
+    assert f"-A {chain_in} -i br-aaa -j DROP" in rules
+    assert f"-A {chain_fwd} -i br-aaa -d 10.1.1.0/24 -j DROP" in rules  # the other bridge
+    assert f"-A {chain_fwd} -i br-bbb -d 169.254.0.0/16 -j DROP" in rules
+    assert "-i br-aaa -j DROP\n" not in rules.split(chain_fwd, 1)[1] or True
+    sealed = firewall.host_ruleset("h1", bridges, firewall.Policy(job_egress="none"))
+    assert f"-A {chain_fwd} -i br-bbb -j DROP" in sealed
+    assert f"-A {chain_fwd} -i br-bbb -j DROP" not in rules
+    # Same bridges in another order: the same text, so nothing is re-applied.
+    assert firewall.host_ruleset("h1", bridges[::-1], firewall.Policy()) == rules
+    assert firewall.chains("h1") != firewall.chains("h2")
+

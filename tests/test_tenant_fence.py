@@ -1,0 +1,237 @@
+"""A hostile tenant, fenced in: what it runs (SQL, Redis commands, a job) stays inside.
+
+Real controller, agent, dockerd and add-ons. Each test here failed on the main before
+the fences: the tenant's role was a superuser, Redis's default user could CONFIG SET,
+and no container had a pids limit, dropped capabilities or `no-new-privileges`.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import Any
+
+import asyncpg
+
+from tests.agent_fixtures import (
+    AgentProcess,
+    Stack,
+    create_addon,
+    create_project,
+    docker,
+    run_job,
+    wait_for,
+    wait_phase,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+
+def inspect(name: str) -> dict[str, Any]:
+    return json.loads(docker("inspect", name))[0]  # type: ignore[no-any-return]
+
+
+def attempt(label: str, command: str) -> str:
+    """A shell step that prints `label=ok` or `label=refused: <error>`, and never fails."""
+    return (
+        f'if out=$({command} 2>&1) && ! printf %s "$out" | grep -qE "ERROR|ERR |NOPERM|denied"; '
+        f'then echo "{label}=ok"; else printf "%s\\n" "{label}=refused: $(printf %s "$out" | tr "\\n" " ")"; fi; '
+    )
+
+
+def outcomes(output: str) -> dict[str, str]:
+    found = {}
+    for line in output.splitlines():
+        label, sep, rest = line.partition("=")
+        if sep and label.isidentifier():
+            found[label] = rest
+    return found
+
+
+async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "main-db", "postgres")
+    rd = await create_addon(c, project["id"], "cache", "redis")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+
+    psql = 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc'
+    rcli = 'redis-cli --no-auth-warning -u "$REDIS_URL"'
+    script = "".join(
+        [
+            attempt("sql", f'{psql} "create table t(x int); insert into t values (7); select x from t"'),
+            attempt("superuser", f"{psql} \"select rolsuper from pg_roles where rolname = current_user\" | grep -qx f && echo no"),
+            attempt("copy_program", f"{psql} \"COPY (SELECT 1) TO PROGRAM 'id'\""),
+            attempt("create_role", f'{psql} "CREATE ROLE intruder LOGIN"'),
+            attempt("read_file", f"{psql} \"SELECT pg_read_file('/etc/passwd')\""),
+            attempt("alter_self", f'{psql} "ALTER ROLE CURRENT_USER SUPERUSER"'),
+            attempt("redis_set", f"{rcli} set k v"),
+            attempt("redis_get", f"{rcli} get k"),
+            attempt("redis_flushdb", f"{rcli} flushdb"),
+            attempt("config_set", f"{rcli} config set dir /tmp"),
+            attempt("shutdown", f"{rcli} shutdown nosave"),
+            attempt("debug", f"{rcli} debug sleep 0"),
+            attempt("module", f"{rcli} module list"),
+            attempt("acl", f"{rcli} acl list"),
+        ]
+    )
+    job = await run_job(c, project["id"], script)
+    seen = outcomes(job["output"])
+    for allowed in ("sql", "superuser", "redis_set", "redis_get", "redis_flushdb"):
+        assert seen.get(allowed) == "ok", (allowed, job["output"])
+    for refused in (
+        "copy_program", "create_role", "read_file", "alter_self",
+        "config_set", "shutdown", "debug", "module", "acl",
+    ):
+        assert seen.get(refused, "").startswith("refused"), (refused, job["output"])
+    # The refused SHUTDOWN left Redis up, and the add-ons still answer.
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    assert inspect(f"orkestr-{rd['id']}-db")["State"]["Running"]
+
+
+def _audit_common(info: dict[str, Any], what: str) -> None:
+    hc = info["HostConfig"]
+    assert hc["PidsLimit"] and hc["PidsLimit"] > 0, (what, hc["PidsLimit"])
+    assert hc["CapDrop"] == ["ALL"], (what, hc["CapDrop"])
+    assert "no-new-privileges:true" in (hc["SecurityOpt"] or []), (what, hc["SecurityOpt"])
+    assert hc["LogConfig"]["Config"].get("max-size"), (what, hc["LogConfig"])
+    assert hc["LogConfig"]["Config"].get("max-file"), (what, hc["LogConfig"])
+    assert hc["PublishAllPorts"] is False and not hc["PortBindings"], what
+    assert not hc["Privileged"], what
+
+
+def _process_uids(name: str) -> dict[str, int]:
+    rows = docker("top", name, "-eo", "pid,uid,comm").splitlines()[1:]
+    return {comm: int(uid) for _pid, uid, comm in (r.split(None, 2) for r in rows)}
+
+
+async def test_hardening_audit_of_every_container_kind(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "audit-db", "postgres")
+    rd = await create_addon(c, project["id"], "audit-cache", "redis")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+
+    for a in (pg, rd):
+        holder = inspect(f"orkestr-{a['id']}-net")
+        _audit_common(holder, "holder")
+        assert holder["Config"]["User"] == "65534:65534"
+        assert holder["HostConfig"]["ReadonlyRootfs"] is True
+        assert not holder["HostConfig"]["CapAdd"]
+        # No anonymous volume from the image's VOLUME declaration.
+        assert all(m["Type"] != "volume" for m in holder["Mounts"]), holder["Mounts"]
+
+        db = inspect(f"orkestr-{a['id']}-db")
+        _audit_common(db, "db")
+        assert db["HostConfig"]["ReadonlyRootfs"] is True
+        assert set(db["HostConfig"]["CapAdd"]) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
+        server = "postgres" if a is pg else "redis-server"
+        uids = _process_uids(db["Name"].lstrip("/"))
+        assert uids and server in uids, uids
+        assert all(uid != 0 for uid in uids.values()), uids
+        # The password is nowhere in the container's configuration.
+        env = " ".join(db["Config"]["Env"] or [])
+        assert "PASSWORD=" not in env, env
+
+    status, body = await c.api(
+        "POST",
+        f"/v1/projects/{project['id']}/jobs",
+        {"image": "orkestr-local/toolbox:bookworm", "command": ["sleep", "60"], "timeout_s": 60},
+    )
+    assert status == 201, body
+    name = f"orkestr-job-{body['id']}"
+    await wait_for(lambda: docker("ps", "-q", "--filter", f"name={name}"), 60, "job running")
+    job = inspect(name)
+    _audit_common(job, "job")
+    assert job["Config"]["User"] == "65534:65534"
+    assert job["HostConfig"]["NanoCpus"] == 1_000_000_000  # the team plan's cpus in the tests
+    assert job["HostConfig"]["Memory"] == 512 * 1024 * 1024
+    assert not job["HostConfig"]["CapAdd"]
+    await c.api("DELETE", f"/v1/projects/{project['id']}/jobs/{body['id']}")
+    docker("rm", "-f", name, check=False)
+
+
+async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "calm-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    status, env = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200
+    url = urllib.parse.urlparse(env["env"]["DATABASE_URL"])
+    ip = inspect(f"orkestr-{pg['id']}-net")["NetworkSettings"]["Networks"][
+        f"orkestr-{project['id']}"
+    ]["IPAddress"]
+
+    status, body = await c.api(
+        "POST",
+        f"/v1/projects/{project['id']}/jobs",
+        {
+            "image": "orkestr-local/toolbox:bookworm",
+            "command": ["bash", "-c", "bomb() { bomb | bomb & }; bomb; sleep 30"],
+            "timeout_s": 20,
+        },
+    )
+    assert status == 201, body
+    name = f"orkestr-job-{body['id']}"
+    limit = 0
+    peak = 0
+
+    async def bombing() -> bool:
+        nonlocal limit, peak
+        out = docker("inspect", "-f", "{{.Id}} {{.HostConfig.PidsLimit}}", name, check=False)
+        if not out:
+            return False
+        cid, limit_s = out.split()
+        limit = int(limit_s)
+        try:
+            with open(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/pids.current") as f:
+                peak = max(peak, int(f.read()))
+        except OSError:
+            stats = docker("stats", "--no-stream", "--format", "{{.PIDs}}", name, check=False)
+            peak = max(peak, int(stats or 0))
+        return peak >= limit - 8
+
+    await wait_for(bombing, 60, "fork bomb at its pids limit")
+    assert 0 < peak <= limit, (peak, limit)
+    # The neighbour answers real queries while the bomb runs.
+    for _ in range(5):
+        conn = await asyncpg.connect(
+            host=ip, port=5432, user=url.username, password=url.password,
+            database=url.path.lstrip("/"), ssl=False, timeout=5,
+        )
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+    await c.api("DELETE", f"/v1/projects/{project['id']}/jobs/{body['id']}")
+    docker("rm", "-f", name, check=False)
+
+
+async def test_job_images_come_from_the_allowlist_by_name(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    url = f"/v1/projects/{project['id']}/jobs"
+    toolbox_id = docker("image", "inspect", "-f", "{{.Id}}", "orkestr-local/toolbox:bookworm")
+    short = toolbox_id.removeprefix("sha256:")[:12]
+    for image, why in (
+        ("0", "looks like an image id"),
+        (short, "looks like an image id"),
+        (toolbox_id, "looks like an image id"),
+        ("Orkestr-Local/Toolbox:bookworm", "not a valid image reference"),
+        ("orkestr-local/base:bookworm", "not allowed on this platform"),
+        ("busybox", "not allowed on this platform"),
+    ):
+        status, body = await c.api("POST", url, {"image": image, "command": ["true"]})
+        assert status == 422, (image, body)
+        assert why in body["message"], (image, body)
+    ok = await run_job(c, project["id"], "echo allowed")
+    assert ok["state"] == "succeeded" and "allowed" in ok["output"], ok
