@@ -60,6 +60,7 @@ async def main(
         )
         agent = Agent(config, docker, controller, verifier, tls)
         stack.push_async_callback(agent.applier.close)
+        stack.push_async_callback(agent.backups.close)
         stack.push_async_callback(agent.close_sleepers)
         runner = await _metrics_app(config.metrics.listen)
         stack.push_async_callback(runner.cleanup)

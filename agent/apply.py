@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from agent import plan as p
 from agent import specs
+from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
@@ -57,6 +58,7 @@ class Applier:
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
+        backups: BackupRunner,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -68,6 +70,7 @@ class Applier:
         self.job_output_bytes = job_output_bytes
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
+        self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
@@ -155,6 +158,8 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+            case p.StartBackupOp(_key, project_id, spec, addon):
+                self.backups.start(project_id, addon, spec)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

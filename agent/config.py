@@ -85,6 +85,16 @@ class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
 
+class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # The backup store; empty: `<state_dir>/backups`. May be a mount of shared storage.
+    dir: str = ""
+    # The one-shot containers' image: bash, pg_dump/pg_restore/postgres, redis-cli/-server.
+    image: str = "orkestr-local/toolbox:bookworm"
+    memory_mb: Annotated[int, Meta(ge=128)] = 1024
+    timeout_s: Annotated[float, Meta(gt=0)] = 6 * 3600.0
+
+    def root(self, state_dir: str) -> Path:
+        return Path(self.dir) if self.dir else Path(state_dir) / "backups"
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.
@@ -99,6 +109,7 @@ class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     docker: DockerSection = DockerSection()
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
+    backups: BackupsSection = BackupsSection()
     network: Policy = Policy()
     log: LogSection = LogSection()
 

@@ -80,6 +80,11 @@ class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
     offline_after_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
 
 
+class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # How often the scheduler checks for owed automatic backups and applies retention.
+    schedule_tick_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+
+
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.
@@ -108,6 +113,7 @@ class _File(Struct, frozen=True, forbid_unknown_fields=True):
     hosts: HostsSection = HostsSection()
     jobs: JobsSection = JobsSection()
     log: LogSection = LogSection()
+    backups: BackupsSection = BackupsSection()
 
 
 class HttpConfig:
@@ -151,6 +157,7 @@ class Config(Struct, frozen=True):
     log: LogSection
     sealer: Sealer
     jobs: JobsSection = JobsSection()
+    backups: BackupsSection = BackupsSection()
 
 
 def describe(exc: msgspec.ValidationError, within: str = "") -> str:
@@ -234,6 +241,7 @@ def resolve(file: _File, base: Path) -> Config:
         plans_file=plans,
         hosts=file.hosts,
         log=file.log,
+        backups=file.backups,
         sealer=Sealer.from_file(base / file.secrets.key_file),
         jobs=file.jobs,
     )

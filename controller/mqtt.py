@@ -29,7 +29,12 @@ from schemas import topics
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIPTIONS = (topics.STATUS_ALL, topics.PRESENCE_ALL, topics.JOB_RESULT_ALL)
+SUBSCRIPTIONS = (
+    topics.STATUS_ALL,
+    topics.PRESENCE_ALL,
+    topics.JOB_RESULT_ALL,
+    topics.BACKUP_RESULT_ALL,
+)
 
 
 class Incoming(Struct, frozen=True):

@@ -129,6 +129,9 @@ async def test_project_token_sees_its_own_project_alone_on_every_route(
         "addon_id": their_addon["id"],
         "job_id": their_job["id"],
         "token_id": listed["tokens"][0]["id"],
+        # Backup routes: ids that exist nowhere; a foreign token must not learn even that.
+        "backup_id": "b" * 32,
+        "restore_id": "a" * 32,
         "host": theirs["host"],
     }
     routes = app_routes()
@@ -398,6 +401,7 @@ async def test_every_route_refuses_a_missing_or_foreign_token(
     agent_token = await controller.new_agent_token(big_host.host)
     values = {"project_id": "f" * 32, "addon_id": "e" * 32, "job_id": "d" * 32}
     values |= {"token_id": "c" * 32, "host": big_host.host}
+    values |= {"backup_id": "b" * 32, "restore_id": "a" * 32}
     for method, path in app_routes():
         if path == "/healthz":
             continue
