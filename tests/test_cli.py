@@ -1,0 +1,206 @@
+"""The `orkestr` CLI as a user runs it: the installed console script, as a subprocess,
+against a real controller and a real agent (dockerd, mosquitto, PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_fixtures import (
+    TOOLBOX,
+    AgentProcess,
+    Stack,
+    create_project,
+    wait_for,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+ORKESTR = str(Path(sys.executable).with_name("orkestr"))
+
+
+class Cli:
+    """Runs `orkestr` with its own config file and HOME, and no ORKESTR_* from outside."""
+
+    def __init__(self, home: Path) -> None:
+        self.config = home / "cfg" / "orkestr.json"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ORKESTR_")}
+        self.env |= {"HOME": str(home), "ORKESTR_CONFIG": str(self.config), "COLUMNS": "250"}
+
+    async def __call__(
+        self, *args: str, stdin: str = "", env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            ORKESTR,
+            *args,
+            env=self.env | (env or {}),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 300)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def ok(self, *args: str, stdin: str = "") -> str:
+        code, out, err = await self(*args, stdin=stdin)
+        assert code == 0, (args, code, out, err)
+        return out
+
+    async def json(self, *args: str) -> Any:
+        return json.loads(await self.ok(*args, "--json"))
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+async def test_login_checks_the_token_and_saves_it_for_its_owner_only(
+    stack: Stack, cli: Cli
+) -> None:
+    c = stack.controller
+    assert c is not None
+    # Nothing configured: say so, and what to run.
+    code, _, err = await cli("projects")
+    assert code == 1 and "no API address configured" in err and "orkestr login" in err
+
+    code, _, err = await cli("login", "--api", c.url, "--token", "wrong")
+    assert code == 1
+    assert "HTTP 401" in err and "run `orkestr login` with a valid one" in err
+    assert not cli.config.exists()
+
+    code, _, err = await cli("login", "--api", "http://127.0.0.1:1", "--token", "x")
+    assert code == 1 and "cannot reach the API at http://127.0.0.1:1" in err
+
+    # The token from stdin (never on the command line of a shared machine).
+    out = await cli.ok("login", "--api", c.url + "/", stdin=c.operator_token + "\n")
+    assert f"Logged in to {c.url}" in out and "0600" in out
+    assert stat.S_IMODE(cli.config.stat().st_mode) == 0o600
+    saved = json.loads(cli.config.read_text())
+    assert saved == {"api": c.url, "token": c.operator_token, "project": ""}
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    code, out, err = await cli("projects", "create", name, "--plan", "team")
+    if code != 0:  # no agent in this test: nowhere to place it
+        assert "no_host_available" in err and "start one" in err
+        return
+    assert name in out
+
+
+async def test_the_user_story_through_the_cli(
+    stack: Stack, agent: AgentProcess, cli: Cli
+) -> None:
+    c = stack.controller
+    assert c is not None
+    await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    # Pro: its add-ons sleep when idle, and report the clients that keep them awake.
+    created = await cli.json("projects", "create", name, "--plan", "pro")
+    assert created["name"] == name and created["host"] == agent.host
+    assert name in await cli.ok("projects")
+    listed = await cli.json("projects")
+    assert name in [p["name"] for p in listed["projects"]]
+
+    # Several projects are visible to the operator: the CLI asks which one.
+    await create_project(c, "team")
+    code, _, err = await cli("addons", "list")
+    assert code == 1 and "several projects" in err and "--project" in err
+    code, _, err = await cli("addons", "list", "-p", "nope")
+    assert code == 1 and "no project 'nope'" in err and "orkestr projects" in err
+
+    # --wait returns once the add-on is ready, not before.
+    code, out, err = await cli("addons", "create", "orders-db", "-p", name, "--wait", "--json")
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["phase"] in ("ready", "sleeping") and made["env_var"] == "ORDERS_DB_URL"
+    assert any(x["type"] == "Ready" and x["status"] == "True" for x in made["conditions"])
+    assert "orders-db: provisioning" in err  # progress, on stderr
+    code, _, err = await cli("addons", "create", "orders-db", "-p", name)
+    assert code == 1 and "HTTP 409 conflict" in err
+
+    out = await cli.ok("addons", "list", "-p", name)
+    assert "orders-db" in out and "postgres" in out and made["id"] in out
+    assert [a["name"] for a in (await cli.json("addons", "list", "-p", name))["addons"]] == [
+        "orders-db"
+    ]
+    out = await cli.ok("addons", "info", "orders-db", "-p", name)
+    assert "orders-db:5432" in out and "ORDERS_DB_URL" in out and "Ready" in out
+    assert (await cli.json("addons", "info", made["id"], "-p", name))["id"] == made["id"]
+
+    variables = (await cli.json("env", "-p", name))["env"]
+    assert set(variables) == {"DATABASE_URL", "ORDERS_DB_URL"}
+    out = await cli.ok("env", "-p", name)
+    assert "DATABASE_URL" in out and variables["DATABASE_URL"] in out
+    shell = await cli.ok("env", "-p", name, "--shell")
+    assert f"export DATABASE_URL='{variables['DATABASE_URL']}'" in shell
+
+    # run: the job's output on stdout, its exit code as ours.
+    code, out, err = await cli(
+        "run", "-p", name, "--", "sh", "-c", 'psql "$DATABASE_URL" -tAc "select 40 + 2"; exit 3'
+    )
+    assert code == 3, err
+    assert out.strip() == "42"
+    job = json.loads(
+        (await cli("run", "-p", name, "--json", "--", "sh", "-c", "echo hi"))[1]
+    )
+    assert job["state"] == "succeeded" and job["exit_code"] == 0 and job["output"] == "hi\n"
+    code, _, err = await cli("run", "-p", name, "--image", "alpine:3", "--", "true")
+    assert code == 1 and "HTTP 422" in err and "alpine:3" in err
+
+    # sleep status: a job holding a connection shows up as a client, by source.
+    status, held = await c.api(
+        "POST",
+        f"/v1/projects/{created['id']}/jobs",
+        {
+            "image": TOOLBOX,
+            "command": ["sh", "-c", 'psql "$DATABASE_URL" -c "select pg_sleep(30)"'],
+        },
+    )
+    assert status == 201, held
+
+    async def held_client() -> Any:
+        view = await cli.json("sleep", "status", "orders-db", "-p", name)
+        return view if view["clients_by_source"] else None
+
+    view = await wait_for(held_client, 60, "a client of orders-db")
+    assert view["sleep_state"] == "awake"
+    source = view["clients_by_source"][0]
+    assert source["connections"] >= 1 and set(source["via"]) <= {"direct", "activator"}
+    assert source["source"].count(".") == 3  # the job's address, without the port
+    out = await cli.ok("sleep", "status", "orders-db", "-p", name)
+    assert "keep it awake" in out and source["source"] in out
+    await c.api("POST", f"/v1/projects/{created['id']}/jobs/{held['id']}/cancel")
+
+    # A project token sees its project alone, so no --project is needed.
+    token = await c.new_project_token(created["id"])
+    await cli.ok("login", "--api", c.url, "--token", token)
+    assert [p["name"] for p in (await cli.json("projects"))["projects"]] == [name]
+    assert "orders-db" in await cli.ok("addons", "list")
+
+    # Delete asks for confirmation; without a terminal, --yes is the way.
+    code, _, err = await cli("addons", "delete", "orders-db")
+    assert code == 1 and "pass --yes" in err
+    gone = await cli.json("addons", "delete", "orders-db", "--yes")
+    assert gone["phase"] == "deleting"
+    assert (await cli.json("addons", "list"))["addons"] == []
+
+
+async def test_completion_scripts(cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        out = await cli.ok("completion", shell)
+        assert "_ORKESTR_COMPLETE" in out
+    # Completion of commands works through click's protocol.
+    code, out, _ = await cli(
+        env={"_ORKESTR_COMPLETE": "bash_complete", "COMP_WORDS": "orkestr add", "COMP_CWORD": "1"}
+    )
+    assert code == 0 and "addons" in out
