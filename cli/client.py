@@ -97,13 +97,12 @@ class Client:
         return self.request("GET", path)
 
     def list_all(self, path: str, key: str) -> list[dict[str, Any]]:
-        """Every item of a paginated list route, following `next_cursor`."""
+        """Every item of a paginated list route, following `next_offset`."""
         items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            query = {"limit": str(PAGE)} | ({"cursor": cursor} if cursor else {})
-            page = self.get(f"{path}?{urllib.parse.urlencode(query)}")
+        offset: int | None = 0
+        while offset is not None and len(items) < MAX_ITEMS:
+            query = urllib.parse.urlencode({"limit": PAGE, "offset": offset})
+            page = self.get(f"{path}?{query}")
             items.extend(page[key])
-            cursor = page.get("next_cursor")
-            if not cursor or len(items) >= MAX_ITEMS:
-                return items
+            offset = page.get("next_offset")
+        return items

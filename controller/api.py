@@ -84,8 +84,14 @@ PUBLIC_ROUTES = frozenset({"/healthz"})
 UNMATCHED = "unmatched"
 # Routes without a {project_id} that a project token may use.
 PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
-JOBS_LISTED = 100
+# Lists are paginated by `limit` (1-500, default 100) and `offset` (0-1,000,000); each
+# answers `next_offset` (null on the last page). Offsets, not cursors: any value the schema
+# admits is meaningful (past the end is an empty page), so a fuzzer finds nothing to refuse.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+MAX_OFFSET = 1_000_000
 B = TypeVar("B", bound=msgspec.Struct)
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -93,6 +99,39 @@ def json_response(value: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=msgspec.json.encode(value), status=status, content_type="application/json"
     )
+
+
+def created(value: Any, location: str) -> web.Response:
+    """201 with the new resource's address in `Location`."""
+    response = json_response(value, 201)
+    response.headers["Location"] = location
+    return response
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    given = request.query.getall(name, [])
+    if not given:
+        return default
+    if len(given) > 1:
+        raise BadRequest(f"{name}: given {len(given)} times; give it once")
+    raw = given[0]
+    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}: expected an integer from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+def page_of(request: web.Request) -> tuple[int, int]:
+    """The (limit, offset) a list route was asked for."""
+    return (
+        _query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        _query_int(request, "offset", 0, 0, MAX_OFFSET),
+    )
+
+
+def paged(items: list[T], limit: int, offset: int) -> tuple[list[T], int | None]:
+    """One page of a complete list, and the offset of the next page (None: no more)."""
+    end = offset + limit
+    return items[offset:end], (end if end < len(items) else None)
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -159,13 +198,16 @@ def admit(principal: Principal | None, request: web.Request, route: str) -> None
             raise NotFound("no such route")
 
 
-async def read_body(request: web.Request, kind: type[B]) -> B:
+async def read_body(request: web.Request, kind: type[B], optional: bool = False) -> B:
+    """The body as `kind`; with `optional`, an empty body means `{}` (all defaults)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes") from None
+    if optional and not raw.strip():
+        raw = b"{}"
     try:
         data = msgspec.json.decode(raw)
     # msgspec raises RecursionError (not DecodeError) for deeply nested input.
@@ -245,6 +287,8 @@ class Api:
             response = error_response(exc)
         except web.HTTPException as exc:
             response = error_response(_from_http_exception(exc))
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except DatabaseUnavailable as exc:
             log(logger, "database_unavailable", logging.WARNING, route=route, reason=exc)
             response = error_response(ServiceUnavailable("the database is unavailable; retry"))
@@ -275,11 +319,15 @@ class Api:
         )
         self._dirty.mark(project.host)
         log(logger, "project_created", project=project.id, plan=project.plan, host=project.host)
-        return json_response(project_view(project), 201)
+        return created(project_view(project), f"/v1/projects/{project.id}")
 
     async def list_projects(self, request: web.Request) -> web.Response:
-        projects = await store.list_projects(self._pool, principal_of(request).project_id)
-        return json_response(ProjectList(projects=tuple(project_view(p) for p in projects)))
+        limit, offset = page_of(request)
+        found = await store.list_projects(self._pool, principal_of(request).project_id)
+        projects, next_offset = paged(found, limit, offset)
+        return json_response(
+            ProjectList(projects=tuple(project_view(p) for p in projects), next_offset=next_offset)
+        )
 
     async def show_project(self, request: web.Request) -> web.Response:
         project = await store.get_project(self._pool, _path_id(request, "project_id"))
@@ -305,11 +353,19 @@ class Api:
         self._dirty.mark(addon.host)
         self._metrics.addons_created.labels(addon.kind).inc()
         log(logger, "addon_created", project=project_id, addon=addon.id, kind=addon.kind)
-        return json_response(addon_view(addon, self._plans), 201)
+        return created(
+            addon_view(addon, self._plans), f"/v1/projects/{project_id}/addons/{addon.id}"
+        )
 
     async def list_addons(self, request: web.Request) -> web.Response:
-        addons = await store.list_addons(self._pool, _path_id(request, "project_id"))
-        return json_response(AddonList(addons=tuple(addon_view(a, self._plans) for a in addons)))
+        limit, offset = page_of(request)
+        found = await store.list_addons(self._pool, _path_id(request, "project_id"))
+        addons, next_offset = paged(found, limit, offset)
+        return json_response(
+            AddonList(
+                addons=tuple(addon_view(a, self._plans) for a in addons), next_offset=next_offset
+            )
+        )
 
     async def show_addon(self, request: web.Request) -> web.Response:
         addon = await store.get_addon(
@@ -339,7 +395,7 @@ class Api:
         )
         self._dirty.mark(host)
         log(logger, "job_created", project=project_id, job=job.id, image=job.image)
-        return json_response(job_view(job), 201)
+        return created(job_view(job), f"/v1/projects/{project_id}/jobs/{job.id}")
 
     async def show_job(self, request: web.Request) -> web.Response:
         job = await store.get_job(
@@ -348,8 +404,15 @@ class Api:
         return json_response(job_view(job))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        jobs = await store.list_jobs(self._pool, _path_id(request, "project_id"), JOBS_LISTED)
-        return json_response(JobList(jobs=tuple(job_view(j) for j in jobs)))
+        limit, offset = page_of(request)
+        # One more than asked: whether there is a next page, without counting them all.
+        jobs = await store.list_jobs(
+            self._pool, _path_id(request, "project_id"), limit + 1, offset
+        )
+        next_offset = offset + limit if len(jobs) > limit else None
+        return json_response(
+            JobList(jobs=tuple(job_view(j) for j in jobs[:limit]), next_offset=next_offset)
+        )
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
@@ -368,15 +431,19 @@ class Api:
     async def create_project_token(self, request: web.Request) -> web.Response:
         require_operator(request)
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.TokenCreate)
+        body = await read_body(request, bodies.TokenCreate, optional=True)
         row, token = await principals.create_project_token(self._pool, project_id, body.name)
         log(logger, "project_token_created", project=project_id, token_id=row.id)
-        return json_response(new_token_view(row, token), 201)
+        return created(new_token_view(row, token), f"/v1/projects/{project_id}/tokens/{row.id}")
 
     async def list_project_tokens(self, request: web.Request) -> web.Response:
         require_operator(request)
-        rows = await principals.list_project_tokens(self._pool, _path_id(request, "project_id"))
-        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+        limit, offset = page_of(request)
+        found = await principals.list_project_tokens(self._pool, _path_id(request, "project_id"))
+        rows, next_offset = paged(found, limit, offset)
+        return json_response(
+            TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
+        )
 
     async def revoke_project_token(self, request: web.Request) -> web.Response:
         require_operator(request)
@@ -388,14 +455,18 @@ class Api:
 
     async def create_agent_token(self, request: web.Request) -> web.Response:
         host = self._path_host(request)
-        body = await read_body(request, bodies.TokenCreate)
+        body = await read_body(request, bodies.TokenCreate, optional=True)
         row, token = await principals.create_agent_token(self._pool, host, body.name)
         log(logger, "agent_token_created", host=host, token_id=row.id)
-        return json_response(new_token_view(row, token), 201)
+        return created(new_token_view(row, token), f"/v1/hosts/{host}/agent-tokens/{row.id}")
 
     async def list_agent_tokens(self, request: web.Request) -> web.Response:
-        rows = await principals.list_agent_tokens(self._pool, self._path_host(request))
-        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+        limit, offset = page_of(request)
+        found = await principals.list_agent_tokens(self._pool, self._path_host(request))
+        rows, next_offset = paged(found, limit, offset)
+        return json_response(
+            TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
+        )
 
     async def revoke_agent_token(self, request: web.Request) -> web.Response:
         host = self._path_host(request)
@@ -407,8 +478,12 @@ class Api:
     # --- operations -------------------------------------------------------------------
 
     async def list_hosts(self, request: web.Request) -> web.Response:
-        hosts = await store.list_hosts(self._pool, self._config.hosts.offline_after_s)
-        return json_response(HostList(hosts=tuple(host_view(h) for h in hosts)))
+        limit, offset = page_of(request)
+        found = await store.list_hosts(self._pool, self._config.hosts.offline_after_s)
+        hosts, next_offset = paged(found, limit, offset)
+        return json_response(
+            HostList(hosts=tuple(host_view(h) for h in hosts), next_offset=next_offset)
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()

@@ -28,11 +28,15 @@ ProjectName = Annotated[
 ImageRef = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", min_length=1, max_length=512)
 ]
-Argument = Annotated[str, Meta(max_length=4096)]
 # Pending jobs travel in the host's desired state, which must stay below 1 MiB whatever
 # the commands hold: a control character grows 6x in JSON, so the budgets count encoded
 # bytes. A project's pending jobs share one budget, a host's projects a larger one.
-MAX_COMMAND_BYTES = 16 * 1024
+# The per-field limits are chosen so that any command they admit fits one project's
+# budget even at 6 bytes a character (16 x 640 x 6 = 60 KiB): docs/openapi.yaml states
+# them, and no request the schema allows is then refused for its size.
+MAX_ARGUMENTS = 16
+MAX_ARGUMENT_CHARS = 640
+Argument = Annotated[str, Meta(max_length=MAX_ARGUMENT_CHARS, pattern="^[^\x00]*$")]
 MAX_PENDING_JOBS = 8
 MAX_PROJECT_JOB_BYTES = 64 * 1024
 MAX_HOST_JOB_BYTES = MAX_MESSAGE_BYTES // 4
@@ -53,7 +57,7 @@ class AddonCreate(Struct, frozen=True, forbid_unknown_fields=True):
 
 class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
     image: ImageRef
-    command: Annotated[tuple[Argument, ...], Meta(max_length=128)] = ()
+    command: Annotated[tuple[Argument, ...], Meta(max_length=MAX_ARGUMENTS)] = ()
     timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
 
 
@@ -80,11 +84,6 @@ def check_job(body: JobCreate, allowed_images: Iterable[str]) -> int:
         check_reference(body.image, allowed_images)
     except ImageRefused as exc:
         raise InvalidBody(str(exc)) from None
-    if any("\x00" in arg for arg in body.command):
-        raise InvalidBody("command: arguments must not contain NUL characters")
-    size = sum(len(arg.encode()) for arg in body.command)
-    if size > MAX_COMMAND_BYTES:
-        raise InvalidBody(f"command: {size} bytes in total; at most {MAX_COMMAND_BYTES}")
     spec = JobSpec(
         id="0" * 32,
         image=body.image,
@@ -93,7 +92,7 @@ def check_job(body: JobCreate, allowed_images: Iterable[str]) -> int:
         resources=LONGEST_RESOURCES,
     )
     encoded = len(msgspec.json.encode(spec))
-    if encoded > MAX_PROJECT_JOB_BYTES:
+    if encoded > MAX_PROJECT_JOB_BYTES:  # unreachable within the field limits; kept as a guard
         raise PayloadTooLarge(
             f"job: {encoded} bytes once encoded for the host (control characters count 6x); "
             f"at most {MAX_PROJECT_JOB_BYTES}"

@@ -382,16 +382,17 @@ def _check_job_budgets(pending: int, project_bytes: int, host_bytes: int, size: 
         )
 
 
-async def list_jobs(pool: Pool, project_id: str, limit: int) -> list[JobRow]:
-    """The project's newest jobs first."""
+async def list_jobs(pool: Pool, project_id: str, limit: int, offset: int = 0) -> list[JobRow]:
+    """The project's newest jobs first, `limit` of them after skipping `offset`."""
     async with transaction(pool) as conn:
         if not await conn.fetchval("SELECT true FROM projects WHERE id = $1", uuid_of(project_id)):
             raise NotFound(f"project {project_id} does not exist")
         rows = await conn.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE project_id = $1
-            ORDER BY created_at DESC, id DESC LIMIT $2""",
+            ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3""",
             uuid_of(project_id),
             limit,
+            offset,
         )
     return [_job(r) for r in rows]
 

@@ -112,14 +112,17 @@ class HostView(Struct, frozen=True):
 
 class ProjectList(Struct, frozen=True):
     projects: tuple[ProjectView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class AddonList(Struct, frozen=True):
     addons: tuple[AddonView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class JobList(Struct, frozen=True):
     jobs: tuple[JobView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class TokenView(Struct, frozen=True):
@@ -137,10 +140,12 @@ class NewTokenView(Struct, frozen=True):
 
 class TokenList(Struct, frozen=True):
     tokens: tuple[TokenView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class HostList(Struct, frozen=True):
     hosts: tuple[HostView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class EnvView(Struct, frozen=True):
