@@ -294,6 +294,27 @@ def addons_create(
     )
 
 
+@addons.command("wait")
+@click.argument("name")
+@project_option
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait at most.")
+@json_option
+def addons_wait(name: str, project: str, timeout: float, as_json: bool) -> None:
+    """Wait until an add-on is healthy: ready, or asleep (it wakes when a client connects)."""
+    c = client()
+    p = resolve_project(c, project)
+    addon = _wait_phase(c, p["id"], resolve_addon(c, p, name), timeout)
+    if as_json:
+        render.emit_json(addon)
+    elif addon["phase"] == "sleeping":
+        render.out.print(
+            f"{addon['name']} sleeps ({addon['sleep_state']}): healthy, it wakes when a "
+            "client connects."
+        )
+    else:
+        render.out.print(f"{addon['name']} is ready.")
+
+
 @addons.command("info")
 @click.argument("name")
 @project_option

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.agent_fixtures import (
     Stack,
     create_project,
     wait_for,
+    wait_phase,
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
@@ -180,6 +182,13 @@ async def test_the_user_story_through_the_cli(
     out = await cli.ok("sleep", "status", "orders-db", "-p", name)
     assert "keep it awake" in out and source["source"] in out
     await c.api("POST", f"/v1/projects/{created['id']}/jobs/{held['id']}/cancel")
+
+    # A sleeping add-on is healthy: `addons wait` (what deploy/up.sh runs) says so at once.
+    await wait_phase(c, created["id"], made["id"], "sleeping", timeout=60)
+    started = time.monotonic()
+    out = await cli.ok("addons", "wait", "orders-db", "-p", name, "--timeout", "120")
+    assert time.monotonic() - started < 10
+    assert "orders-db sleeps" in out and "healthy" in out
 
     # A project token sees its project alone, so no --project is needed.
     token = await c.new_project_token(created["id"])
