@@ -54,9 +54,7 @@ class Client:
                 "run `orkestr login --api http://127.0.0.1:8080` (or set ORKESTR_API)",
             )
         if not token:
-            raise CliError(
-                "no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)"
-            )
+            raise CliError("no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)")
         self.api = api.rstrip("/")
         self._token = token
         self._timeout_s = timeout_s

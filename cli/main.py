@@ -115,9 +115,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--api", default="", help="The controller's API URL, e.g. http://127.0.0.1:8080.")
-@click.option(
-    "--token", default="", help="An operator or project token (asked for when left out)."
-)
+@click.option("--token", default="", help="An operator or project token (asked for when left out).")
 @click.option("--project", default="", help="A default project name for later commands.")
 @json_option
 def login(api: str, token: str, project: str, as_json: bool) -> None:
@@ -223,9 +221,16 @@ def addons_list(project: str, show_all: bool, as_json: bool) -> None:
         render.emit_json({"addons": found})
         return
     render.table(
-        ("NAME", "KIND", "PHASE", "SLEEP", "VARIABLE", "ID"),
+        ("NAME", "KIND", "PHASE", "SLEEP", "VARIABLES", "ID"),
         [
-            (a["name"], a["kind"], a["phase"], a["sleep_state"], a["env_var"], a["id"])
+            (
+                a["name"],
+                a["kind"],
+                a["phase"],
+                a["sleep_state"],
+                ", ".join(a.get("variables") or [a["env_var"]]),
+                a["id"],
+            )
             for a in found
         ],
         f"no add-ons in {p['name']}: `orkestr addons create NAME --kind postgres`",
@@ -333,7 +338,8 @@ def addons_info(name: str, project: str, as_json: bool) -> None:
             ("phase", a["phase"]),
             ("sleep", a["sleep_state"]),
             ("address", f"{a['hostname']}:{a['port']}"),
-            ("variable", a["env_var"]),
+            ("variables", ", ".join(a.get("variables") or [a["env_var"]])),
+            ("primary", "yes" if a.get("primary") else "no"),
             ("resources", f"{a['resources']['cpus']} CPU, {a['resources']['memory_mb']} MB"),
             ("created", a["created_at"]),
             ("deleted", a["deleted_at"]),
@@ -348,6 +354,47 @@ def addons_info(name: str, project: str, as_json: bool) -> None:
         )
 
 
+@addons.command("promote")
+@click.argument("name")
+@project_option
+@json_option
+def addons_promote(name: str, project: str, as_json: bool) -> None:
+    """Make an add-on its kind's primary (DATABASE_URL / REDIS_URL); the old one keeps
+    its <NAME>_URL."""
+    c = client()
+    p = resolve_project(c, project)
+    a = resolve_addon(c, p, name)
+    a = c.request("POST", f"/v1/projects/{p['id']}/addons/{a['id']}/promote")
+    if as_json:
+        render.emit_json(a)
+        return
+    render.out.print(f"{a['name']} is now primary: {', '.join(a['variables'])}.")
+
+
+@addons.command("env-name")
+@click.argument("name")
+@click.argument("variable", required=False)
+@click.option("--clear", is_flag=True, help="Remove the custom name.")
+@project_option
+@json_option
+def addons_env_name(
+    name: str, variable: str | None, clear: bool, project: str, as_json: bool
+) -> None:
+    """Give an add-on an exact variable name besides <NAME>_URL (e.g. PG_URL)."""
+    if bool(variable) == clear:
+        raise CliError("give a VARIABLE name or --clear", "e.g. orkestr addons env-name db PG_URL")
+    c = client()
+    p = resolve_project(c, project)
+    a = resolve_addon(c, p, name)
+    a = c.request(
+        "PATCH", f"/v1/projects/{p['id']}/addons/{a['id']}", {"env_name": variable or None}
+    )
+    if as_json:
+        render.emit_json(a)
+        return
+    render.out.print(f"{a['name']} gives {', '.join(a['variables'])}.")
+
+
 @addons.command("delete")
 @click.argument("name")
 @project_option
@@ -360,9 +407,7 @@ def addons_delete(name: str, project: str, yes: bool, as_json: bool) -> None:
     a = resolve_addon(c, p, name)
     if not yes:
         if not sys.stdin.isatty():
-            raise CliError(
-                f"deleting {a['name']} deletes its data", "pass --yes to confirm"
-            )
+            raise CliError(f"deleting {a['name']} deletes its data", "pass --yes to confirm")
         click.confirm(f"Delete {a['name']} and its data in project {p['name']}?", abort=True)
     gone = c.request("DELETE", f"/v1/projects/{p['id']}/addons/{a['id']}")
     if as_json:
@@ -397,6 +442,53 @@ def env(ctx: click.Context, project: str, shell: bool, as_json: bool) -> None:
             sorted(variables.items()),
             f"no variables in {p['name']}: add an add-on first",
         )
+
+
+def _group_project(ctx: click.Context) -> str:
+    """`orkestr env -p shop set ...`: the group's --project counts too."""
+    parent = ctx.parent.params if ctx.parent is not None else {}
+    return str(parent.get("project") or "")
+
+
+def _print_env(variables: dict[str, str], as_json: bool, changed: str) -> None:
+    if as_json:
+        render.emit_json({"env": variables})
+    else:
+        render.out.print(changed)
+
+
+@env.command("set")
+@click.argument("assignments", nargs=-1, required=True, metavar="NAME=VALUE...")
+@project_option
+@json_option
+@click.pass_context
+def env_set(ctx: click.Context, assignments: tuple[str, ...], project: str, as_json: bool) -> None:
+    """Set the project's own variables (add-on variables cannot be overwritten)."""
+    project = project or _group_project(ctx)
+    pairs: dict[str, str] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"{item!r} is not NAME=VALUE", "e.g. orkestr env set DEBUG=0")
+        pairs[name] = value
+    c = client()
+    p = resolve_project(c, project)
+    result = c.request("PATCH", f"/v1/projects/{p['id']}/env", {"set": pairs})
+    _print_env(result["env"], as_json, f"Set {', '.join(sorted(pairs))} in {p['name']}.")
+
+
+@env.command("unset")
+@click.argument("names", nargs=-1, required=True)
+@project_option
+@json_option
+@click.pass_context
+def env_unset(ctx: click.Context, names: tuple[str, ...], project: str, as_json: bool) -> None:
+    """Unset the project's own variables."""
+    project = project or _group_project(ctx)
+    c = client()
+    p = resolve_project(c, project)
+    result = c.request("PATCH", f"/v1/projects/{p['id']}/env", {"unset": list(names)})
+    _print_env(result["env"], as_json, f"Unset {', '.join(names)} in {p['name']}.")
 
 
 # --- jobs -----------------------------------------------------------------------------

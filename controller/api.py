@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, principals, store
+from controller import bodies, principals, store, variables
 from controller.config import Config, describe
 from controller.db import Pool
-from controller.env import compose_env
+from controller.env import compose_env, names_of, primaries
 from controller.errors import (
     ApiError,
     BadRequest,
@@ -55,10 +55,11 @@ from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
 from controller.principals import Principal
-from controller.rows import new_id
+from controller.rows import AddonRow, new_id
 from controller.seams import DirtyHosts
 from controller.views import (
     AddonList,
+    AddonView,
     EnvView,
     ErrorView,
     HostList,
@@ -240,7 +241,10 @@ class Api:
         r.add_get("/v1/projects/{project_id}/addons", self.list_addons)
         r.add_get("/v1/projects/{project_id}/addons/{addon_id}", self.show_addon)
         r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
+        r.add_patch("/v1/projects/{project_id}/addons/{addon_id}", self.update_addon)
+        r.add_post("/v1/projects/{project_id}/addons/{addon_id}/promote", self.promote_addon)
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
+        r.add_patch("/v1/projects/{project_id}/env", self.update_env)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
@@ -354,16 +358,19 @@ class Api:
         self._metrics.addons_created.labels(addon.kind).inc()
         log(logger, "addon_created", project=project_id, addon=addon.id, kind=addon.kind)
         return created(
-            addon_view(addon, self._plans), f"/v1/projects/{project_id}/addons/{addon.id}"
+            await self._addon_view(addon), f"/v1/projects/{project_id}/addons/{addon.id}"
         )
 
     async def list_addons(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
         found = await store.list_addons(self._pool, _path_id(request, "project_id"))
         addons, next_offset = paged(found, limit, offset)
+        live = [a for a in found if a.deleted_at is None]
+        names, primary = names_of(live), primaries(live)
         return json_response(
             AddonList(
-                addons=tuple(addon_view(a, self._plans) for a in addons), next_offset=next_offset
+                addons=tuple(addon_view(a, self._plans, names, primary) for a in addons),
+                next_offset=next_offset,
             )
         )
 
@@ -371,18 +378,64 @@ class Api:
         addon = await store.get_addon(
             self._pool, _path_id(request, "project_id"), _path_id(request, "addon_id")
         )
-        return json_response(addon_view(addon, self._plans))
+        return json_response(await self._addon_view(addon))
 
     async def delete_addon(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         addon = await store.tombstone_addon(self._pool, project_id, _path_id(request, "addon_id"))
         self._dirty.mark(addon.host)
         log(logger, "addon_deleted", project=project_id, addon=addon.id)
-        return json_response(addon_view(addon, self._plans), 202)
+        return json_response(await self._addon_view(addon), 202)
+
+    async def update_addon(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
+        body = await read_body(request, bodies.AddonUpdate)
+        bodies.check_addon_update(body)
+        await variables.set_env_name(self._pool, project_id, addon_id, body.env_name)
+        log(logger, "addon_env_name_set", project=project_id, addon=addon_id, name=body.env_name)
+        return json_response(
+            await self._addon_view(await store.get_addon(self._pool, project_id, addon_id))
+        )
+
+    async def promote_addon(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
+        await variables.promote(self._pool, project_id, addon_id)
+        log(logger, "addon_promoted", project=project_id, addon=addon_id)
+        return json_response(
+            await self._addon_view(await store.get_addon(self._pool, project_id, addon_id))
+        )
+
+    async def _addon_view(self, addon: AddonRow) -> AddonView:
+        """The view of one add-on, with the names it gives among its project's add-ons."""
+        live = [
+            a for a in await store.list_addons(self._pool, addon.project_id) if a.deleted_at is None
+        ]
+        return addon_view(addon, self._plans, names_of(live), primaries(live))
+
+    async def _env(self, project_id: str, host: str | None = None) -> EnvView:
+        found = await store.credentials(self._pool, self._sealer, project_id, host)
+        own = await variables.user_variables(self._pool, self._sealer, project_id)
+        return EnvView(env=compose_env(found, own))
 
     async def project_env(self, request: web.Request) -> web.Response:
-        found = await store.credentials(self._pool, self._sealer, _path_id(request, "project_id"))
-        return json_response(EnvView(env=compose_env(found)))
+        return json_response(await self._env(_path_id(request, "project_id")))
+
+    async def update_env(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.EnvUpdate)
+        bodies.check_env_update(body)
+        await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
+        # Names only: values are often secrets.
+        log(
+            logger,
+            "variables_changed",
+            project=project_id,
+            set=",".join(sorted(body.set_)) or "-",
+            unset=",".join(body.unset) or "-",
+        )
+        return json_response(await self._env(project_id))
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -516,9 +569,7 @@ class Api:
     async def agent_env(self, request: web.Request) -> web.Response:
         host = principal_of(request).host
         assert host is not None
-        project_id = _path_id(request, "project_id")
-        found = await store.credentials(self._pool, self._sealer, project_id, host)
-        return json_response(EnvView(env=compose_env(found)))
+        return json_response(await self._env(_path_id(request, "project_id"), host))
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from controller.env import clashes_with_default, variable_name
+from controller.env import DEFAULT_VARIABLES, VARIABLE_NAME, clashes_with_default, variable_name
 from controller.errors import InvalidBody, PayloadTooLarge
 from controller.plans import Plan
 from schemas.images import ImageRefused, check_reference
@@ -43,6 +43,11 @@ MAX_HOST_JOB_BYTES = MAX_MESSAGE_BYTES // 4
 # The snapshot adds the plan's sizing to each job: count it at its longest encoding.
 LONGEST_RESOURCES = Resources(cpus=0.1234567890123456, memory_mb=1024 * 1024)
 TokenName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$")]
+VariableName = Annotated[str, Meta(pattern=VARIABLE_NAME.pattern)]
+MAX_VALUE_CHARS = 8192
+VariableValue = Annotated[str, Meta(max_length=MAX_VALUE_CHARS, pattern="^[^\x00]*$")]
+MAX_CHANGES = 100
+Variables = Annotated[dict[VariableName, VariableValue], Meta(max_length=MAX_CHANGES)]
 
 
 class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
@@ -63,6 +68,29 @@ class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
 
 class TokenCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: TokenName = "default"
+
+
+class EnvUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    set_: Variables = msgspec.field(default_factory=dict, name="set")
+    unset: Annotated[tuple[VariableName, ...], Meta(max_length=MAX_CHANGES)] = ()
+
+
+class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    env_name: VariableName | None
+
+
+def check_env_update(body: EnvUpdate) -> None:
+    both = sorted(set(body.set_) & set(body.unset))
+    if both:
+        raise InvalidBody(f"set and unset name the same variable(s): {', '.join(both)}")
+
+
+def check_addon_update(body: AddonUpdate) -> None:
+    if body.env_name in DEFAULT_VARIABLES.values():
+        raise InvalidBody(
+            f"env_name: {body.env_name} goes to the primary add-on of its kind; "
+            "promote the add-on instead (POST .../addons/{id}/promote)"
+        )
 
 
 def check_project(body: ProjectCreate, plans: Mapping[str, Plan]) -> None:

@@ -116,7 +116,7 @@ async def plans_in_use(pool: Pool) -> set[str]:
 
 _ADDON_COLUMNS = """
     a.id, a.project_id, p.plan, p.host, a.name, a.kind, a.secret_version, a.created_at,
-    a.deleted_at, a.status::text AS status, a.observed_generation
+    a.deleted_at, a.status::text AS status, a.observed_generation, a.env_name, a.promoted_at
 """
 
 
@@ -133,6 +133,8 @@ def _addon(r: Mapping[str, Any]) -> AddonRow:
         deleted_at=r["deleted_at"],
         status=addon_status(r["status"]),
         observed_generation=r["observed_generation"],
+        env_name=r["env_name"],
+        promoted_at=r["promoted_at"],
     )
 
 
@@ -249,8 +251,8 @@ async def credentials(
                 f"project {project_id} does not exist" + (f" on host {host}" if host else "")
             )
         rows = await conn.fetch(
-            """SELECT id, name, kind, database, "user", password_sealed, created_at FROM addons
-            WHERE project_id = $1 AND deleted_at IS NULL""",
+            """SELECT id, name, kind, database, "user", password_sealed, created_at, env_name,
+                promoted_at FROM addons WHERE project_id = $1 AND deleted_at IS NULL""",
             uuid_of(project_id),
         )
     return [
@@ -262,6 +264,8 @@ async def credentials(
             user=r["user"],
             password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
             created_at=r["created_at"],
+            env_name=r["env_name"],
+            promoted_at=r["promoted_at"],
         )
         for r in rows
     ]

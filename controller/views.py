@@ -75,6 +75,9 @@ class AddonView(Struct, frozen=True):
     hostname: str
     port: int
     env_var: str
+    env_name: str | None
+    primary: bool
+    variables: tuple[str, ...]
     phase: Phase
     conditions: tuple[Condition, ...]
     observed_generation: int | None
@@ -161,7 +164,14 @@ def project_view(p: ProjectRow) -> ProjectView:
     return ProjectView(id=p.id, name=p.name, plan=p.plan, host=p.host, created_at=p.created_at)
 
 
-def addon_view(a: AddonRow, plans: Mapping[str, Plan]) -> AddonView:
+def addon_view(
+    a: AddonRow,
+    plans: Mapping[str, Plan],
+    names: Mapping[str, tuple[str, ...]] | None = None,
+    primary: frozenset[str] | set[str] = frozenset(),
+) -> AddonView:
+    """`names` and `primary` come from env.names_of / env.primaries over the project's
+    live add-ons (a deleted add-on gives none)."""
     s = a.status
     return AddonView(
         id=a.id,
@@ -174,6 +184,9 @@ def addon_view(a: AddonRow, plans: Mapping[str, Plan]) -> AddonView:
         hostname=a.name,
         port=PORTS[a.kind],
         env_var=variable_name(a.name),
+        env_name=a.env_name,
+        primary=a.id in primary,
+        variables=(names or {}).get(a.id, ()),
         phase=phase(a.deleted_at is not None, s),
         conditions=s.conditions if s else (),
         observed_generation=a.observed_generation,

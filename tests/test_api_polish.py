@@ -22,13 +22,16 @@ async def call(
     c: ControllerProcess, method: str, path: str, json: Any = None, data: bytes | None = None
 ) -> tuple[int, CIMultiDictProxy[str], Any]:
     """The API's answer with its headers (ControllerProcess.api drops them)."""
-    async with aiohttp.ClientSession() as session, session.request(
-        method,
-        c.url + path,
-        json=json,
-        data=data,
-        headers={"Authorization": f"Bearer {c.operator_token}"},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            c.url + path,
+            json=json,
+            data=data,
+            headers={"Authorization": f"Bearer {c.operator_token}"},
+        ) as response,
+    ):
         body = await response.json() if response.content_type == "application/json" else None
         return response.status, response.headers, body
 

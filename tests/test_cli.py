@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import stat
 import sys
 import time
@@ -24,6 +25,7 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
+from tests.services import FakeAgent
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -99,9 +101,7 @@ async def test_login_checks_the_token_and_saves_it_for_its_owner_only(
     assert name in out
 
 
-async def test_the_user_story_through_the_cli(
-    stack: Stack, agent: AgentProcess, cli: Cli
-) -> None:
+async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess, cli: Cli) -> None:
     c = stack.controller
     assert c is not None
     await cli.ok("login", "--api", c.url, "--token", c.operator_token)
@@ -152,9 +152,7 @@ async def test_the_user_story_through_the_cli(
     )
     assert code == 3, err
     assert out.strip() == "42"
-    job = json.loads(
-        (await cli("run", "-p", name, "--json", "--", "sh", "-c", "echo hi"))[1]
-    )
+    job = json.loads((await cli("run", "-p", name, "--json", "--", "sh", "-c", "echo hi"))[1])
     assert job["state"] == "succeeded" and job["exit_code"] == 0 and job["output"] == "hi\n"
     code, _, err = await cli("run", "-p", name, "--image", "alpine:3", "--", "true")
     assert code == 1 and "HTTP 422" in err and "alpine:3" in err
@@ -202,6 +200,40 @@ async def test_the_user_story_through_the_cli(
     gone = await cli.json("addons", "delete", "orders-db", "--yes")
     assert gone["phase"] == "deleting"
     assert (await cli.json("addons", "list"))["addons"] == []
+
+
+async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> None:
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto.port) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        name = f"vars-{uuid.uuid4().hex[:6]}"
+        await cli.ok("projects", "create", name, "--plan", "team")
+        await cli.ok("addons", "create", "old-db", "-p", name)
+        await cli.ok("addons", "create", "new-db", "-p", name)
+
+        out = await cli.ok("env", "-p", name, "set", "DEBUG=0", "GREETING=a=b c")
+        assert "Set DEBUG, GREETING" in out
+        variables = (await cli.json("env", "-p", name))["env"]
+        assert variables["GREETING"] == "a=b c" and variables["DEBUG"] == "0"
+        code, _, err = await cli("env", "set", "-p", name, "DATABASE_URL=x")
+        assert code == 1 and "cannot be overwritten" in err and "HTTP 409" in err
+        code, _, err = await cli("env", "set", "-p", name, "NOEQUALS")
+        assert code == 1 and "is not NAME=VALUE" in err
+        unset = await cli.json("env", "unset", "-p", name, "DEBUG")
+        assert "DEBUG" not in unset["env"] and "GREETING" in unset["env"]
+
+        out = await cli.ok("addons", "promote", "new-db", "-p", name)
+        assert "new-db is now primary: DATABASE_URL, NEW_DB_URL" in out
+        variables = (await cli.json("env", "-p", name))["env"]
+        assert variables["DATABASE_URL"] == variables["NEW_DB_URL"] != variables["OLD_DB_URL"]
+        out = await cli.ok("addons", "env-name", "old-db", "LEGACY_PG", "-p", name)
+        assert "old-db gives LEGACY_PG, OLD_DB_URL" in out
+        listed = await cli.ok("addons", "list", "-p", name)
+        assert "LEGACY_PG, OLD_DB_URL" in listed and "DATABASE_URL, NEW_DB_URL" in listed
+        info = await cli.json("addons", "env-name", "old-db", "--clear", "-p", name)
+        assert info["env_name"] is None and info["variables"] == ["OLD_DB_URL"]
 
 
 async def test_completion_scripts(cli: Cli) -> None:
