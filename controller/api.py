@@ -425,7 +425,6 @@ class Api:
     async def update_env(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.EnvUpdate)
-        bodies.check_env_update(body)
         await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
         # Names only: values are often secrets.
         log(

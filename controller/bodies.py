@@ -79,12 +79,6 @@ class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
     env_name: VariableName | None
 
 
-def check_env_update(body: EnvUpdate) -> None:
-    both = sorted(set(body.set_) & set(body.unset))
-    if both:
-        raise InvalidBody(f"set and unset name the same variable(s): {', '.join(both)}")
-
-
 def check_addon_update(body: AddonUpdate) -> None:
     if body.env_name in DEFAULT_VARIABLES.values():
         raise InvalidBody(

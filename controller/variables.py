@@ -81,7 +81,7 @@ async def user_variables(pool: Pool, sealer: Sealer, project_id: str) -> dict[st
 async def update(
     pool: Pool, sealer: Sealer, project_id: str, set_: Mapping[str, str], unset: Sequence[str]
 ) -> None:
-    """Set and unset a project's own variables at once; add-on variables are refused."""
+    """Unset, then set, a project's own variables at once; add-on variables are refused."""
     async with transaction(pool) as conn:
         await _lock(conn, project_id)
         taken = assign(await _live(conn, project_id))
@@ -93,6 +93,12 @@ async def update(
                     '{"env_name": ...}, or use another name)'
                 )
         pid = uuid_of(project_id)
+        if unset:
+            await conn.execute(
+                "DELETE FROM project_variables WHERE project_id = $1 AND name = ANY($2::text[])",
+                pid,
+                list(unset),
+            )
         for name, value in set_.items():
             await conn.execute(
                 """INSERT INTO project_variables (project_id, name, value_sealed)
@@ -102,12 +108,6 @@ async def update(
                 pid,
                 name,
                 sealer.seal(value, _context(project_id, name)),
-            )
-        if unset:
-            await conn.execute(
-                "DELETE FROM project_variables WHERE project_id = $1 AND name = ANY($2::text[])",
-                pid,
-                list(unset),
             )
         count = await conn.fetchval(
             "SELECT count(*) FROM project_variables WHERE project_id = $1", pid
