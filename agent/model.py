@@ -9,7 +9,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-Role = Literal["holder", "db", "job"]
+Role = Literal["holder", "db", "job", "app"]
 # Docker's container states, as reported by the list endpoint.
 ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 
@@ -18,6 +18,7 @@ LABEL_HOST = "orkestr.host"
 LABEL_PROJECT = "orkestr.project"
 LABEL_ADDON = "orkestr.addon"
 LABEL_JOB = "orkestr.job"
+LABEL_APP = "orkestr.app"
 LABEL_ROLE = "orkestr.role"
 LABEL_SPEC_HASH = "orkestr.spec-hash"
 
@@ -31,6 +32,7 @@ class ObservedContainer(Struct, frozen=True):
     spec_hash: str = ""
     addon_id: str | None = None
     job_id: str | None = None
+    app_id: str | None = None
     # "container:<id>" for a database container that joined its holder's namespace.
     network_mode: str = ""
     # The address on the project network (holders and jobs).
@@ -84,3 +86,7 @@ def volume_name(addon_id: str) -> str:
 
 def job_container_name(job_id: str) -> str:
     return f"orkestr-job-{job_id}"
+
+
+def app_container_name(app_id: str) -> str:
+    return f"orkestr-app-{app_id}"

@@ -18,7 +18,7 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
-from schemas.messages import AddonSpec, DesiredState, JobSpec, SleepState
+from schemas.messages import AddonSpec, AppSpec, DesiredState, JobSpec, SleepState
 
 
 class EnsureNetwork(Struct, frozen=True, tag=True):
@@ -95,6 +95,14 @@ class CollectJob(Struct, frozen=True, tag=True):
     name: str
 
 
+class RunApp(Struct, frozen=True, tag=True):
+    """Create and start an app's container with its release's environment."""
+
+    key: str  # app id
+    project_id: str
+    app: AppSpec
+
+
 Action = (
     EnsureNetwork
     | EnsureVolume
@@ -109,6 +117,7 @@ Action = (
     | StartJob
     | WatchJob
     | CollectJob
+    | RunApp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -141,11 +150,12 @@ def plan(
         return ()
     actions: list[Action] = []
     wanted_jobs: set[str] = set()
+    wanted_apps: set[str] = set()
     wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
-        if live or project.jobs:
+        if live or project.jobs or project.apps:
             wanted_networks.add(net)
             if observed.network(net) is None:
                 actions.append(EnsureNetwork(project.id, net))
@@ -166,10 +176,16 @@ def plan(
         for job in project.jobs:
             wanted_jobs.add(job.id)
             actions += _converge_job(project.id, job, observed, local)
+        for app in project.apps:
+            wanted_apps.add(app.id)
+            actions += _converge_app(project.id, app, observed, settings)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
             actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+        # Apps hold no data: one no longer in its project's current release goes.
+        if c.role == "app" and c.app_id not in wanted_apps:
+            actions.append(RemoveContainer(c.app_id or c.name, c.name, "AppNotDesired"))
     actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
 
@@ -269,3 +285,21 @@ def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Loca
             WatchJob(job.id, project_id, job, container.name),
         ]
     return [WatchJob(job.id, project_id, job, container.name)]
+
+
+def _converge_app(
+    project_id: str, app: AppSpec, observed: Observed, settings: Settings
+) -> list[Action]:
+    want = specs.app_spec(project_id, app, settings.jobs)
+    have = observed.container(want.name)
+    if have is None:
+        return [RunApp(app.id, project_id, app)]
+    if have.spec_hash != want.spec_hash:  # a new release, image or command
+        return [
+            RemoveContainer(app.id, have.name, "ReleaseChanged"),
+            RunApp(app.id, project_id, app),
+        ]
+    if have.state == "created":  # the agent stopped between create and start
+        return [StartContainer(app.id, have.name)]
+    # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
+    return []

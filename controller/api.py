@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, principals, store, variables
+from controller import bodies, principals, releases, store, variables
 from controller.config import Config, describe
 from controller.db import Pool
 from controller.env import compose_env, names_of, primaries
@@ -60,20 +60,25 @@ from controller.seams import DirtyHosts
 from controller.views import (
     AddonList,
     AddonView,
+    AppList,
     EnvView,
     ErrorView,
     HostList,
     JobList,
     ProjectList,
+    ReleaseList,
     SecretView,
     TokenList,
     addon_view,
+    app_views,
     host_view,
     job_view,
     new_token_view,
     project_view,
+    release_view,
     token_view,
 )
+from schemas.images import ImageRefused, check_reference
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,13 @@ def _path_id(request: web.Request, key: str) -> str:
     return value
 
 
+def _path_number(request: web.Request) -> int:
+    value = request.match_info["number"]
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:
+        raise NotFound(f"release {value!r} is not a release number")
+    return int(value)
+
+
 def principal_of(request: web.Request) -> Principal:
     principal: Principal = request["principal"]
     return principal
@@ -245,6 +257,11 @@ class Api:
         r.add_post("/v1/projects/{project_id}/addons/{addon_id}/promote", self.promote_addon)
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
         r.add_patch("/v1/projects/{project_id}/env", self.update_env)
+        r.add_post("/v1/projects/{project_id}/releases", self.create_release)
+        r.add_get("/v1/projects/{project_id}/releases", self.list_releases)
+        r.add_get("/v1/projects/{project_id}/releases/{number}", self.show_release)
+        r.add_post("/v1/projects/{project_id}/releases/{number}/rollback", self.rollback)
+        r.add_get("/v1/projects/{project_id}/apps", self.list_apps)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
@@ -261,6 +278,9 @@ class Api:
         r.add_get("/healthz", self.healthz)
         r.add_get("/v1/agent/addons/{addon_id}/secret", self.agent_secret)
         r.add_get("/v1/agent/projects/{project_id}/env", self.agent_env)
+        r.add_get(
+            "/v1/agent/projects/{project_id}/releases/{number}/env", self.agent_release_env
+        )
         return app
 
     # --- cross-cutting ----------------------------------------------------------------
@@ -436,6 +456,82 @@ class Api:
         )
         return json_response(await self._env(project_id))
 
+    # --- releases and apps ---------------------------------------------------------------
+
+    async def create_release(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, releases.ReleaseCreate)
+        if body.apps is not None:
+            names = [a.name for a in body.apps]
+            if len(set(names)) != len(names):
+                raise InvalidBody("apps: two apps have the same name")
+            for app in body.apps:
+                try:
+                    check_reference(app.image, self._config.jobs.allowed_images)
+                except ImageRefused as exc:
+                    raise InvalidBody(f"apps[{app.name}]: {exc}") from None
+        env = await self._env(project_id)
+        release = await releases.create(
+            self._pool, self._sealer, project_id, env.env, body.apps, body.description
+        )
+        await self._released(project_id, release)
+        return created(
+            release_view(release), f"/v1/projects/{project_id}/releases/{release.number}"
+        )
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        number = _path_number(request)
+        release = await releases.rollback(self._pool, self._sealer, project_id, number)
+        await self._released(project_id, release)
+        return created(
+            release_view(release), f"/v1/projects/{project_id}/releases/{release.number}"
+        )
+
+    async def _released(self, project_id: str, release: releases.ReleaseRow) -> None:
+        project = await store.get_project(self._pool, project_id)
+        self._dirty.mark(project.host)
+        log(
+            logger,
+            "release_created",
+            project=project_id,
+            release=release.number,
+            apps=len(release.apps),
+            description=release.description,
+        )
+
+    async def list_releases(self, request: web.Request) -> web.Response:
+        limit, offset = page_of(request)
+        found = await releases.list_all(
+            self._pool, self._sealer, _path_id(request, "project_id")
+        )
+        page, next_offset = paged(found, limit, offset)
+        return json_response(
+            ReleaseList(releases=tuple(release_view(r) for r in page), next_offset=next_offset)
+        )
+
+    async def show_release(self, request: web.Request) -> web.Response:
+        release = await releases.get(
+            self._pool, self._sealer, _path_id(request, "project_id"), _path_number(request)
+        )
+        return json_response(release_view(release))
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        current = await self._env(project_id)  # 404 for an unknown project
+        newest = await releases.latest(self._pool, self._sealer, project_id)
+        apps = app_views(newest, current.env) if newest else ()
+        return json_response(AppList(apps=apps))
+
+    async def agent_release_env(self, request: web.Request) -> web.Response:
+        host = principal_of(request).host
+        assert host is not None
+        project_id = _path_id(request, "project_id")
+        if not await releases.placed_on(self._pool, project_id, host):
+            raise NotFound(f"project {project_id} does not exist on host {host}")
+        release = await releases.get(self._pool, self._sealer, project_id, _path_number(request))
+        return json_response(EnvView(env=release.env))
+
     # --- jobs -------------------------------------------------------------------------
 
     async def create_job(self, request: web.Request) -> web.Response:
@@ -568,7 +664,11 @@ class Api:
     async def agent_env(self, request: web.Request) -> web.Response:
         host = principal_of(request).host
         assert host is not None
-        return json_response(await self._env(_path_id(request, "project_id"), host))
+        project_id = _path_id(request, "project_id")
+        env = await self._env(project_id, host)  # 404 unless placed on this host
+        # Jobs run with the newest release's variables once the project has one.
+        newest = await releases.latest(self._pool, self._sealer, project_id)
+        return json_response(EnvView(env=newest.env) if newest else env)
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

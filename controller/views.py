@@ -15,6 +15,7 @@ from msgspec import Struct
 from controller.env import PORTS, variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
+from controller.releases import AppDef, ReleaseRow, app_id, pending
 from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
     AddonKind,
@@ -233,3 +234,57 @@ def token_view(t: TokenRow) -> TokenView:
 
 def new_token_view(t: TokenRow, token: str) -> NewTokenView:
     return NewTokenView(id=t.id, name=t.name, created_at=t.created_at, token=token)
+
+
+class ReleaseView(Struct, frozen=True):
+    number: int
+    description: str
+    created_at: datetime
+    apps: tuple[AppDef, ...]
+    variables: tuple[str, ...]  # names only: the values are the variables' own
+
+
+class ReleaseList(Struct, frozen=True):
+    releases: tuple[ReleaseView, ...]
+    next_offset: int | None = None
+
+
+class AppView(Struct, frozen=True):
+    id: str
+    name: str
+    image: str
+    command: tuple[str, ...]
+    release: int
+    pending_variables: tuple[str, ...]
+    message: str | None
+
+
+class AppList(Struct, frozen=True):
+    apps: tuple[AppView, ...]
+
+
+def release_view(r: ReleaseRow) -> ReleaseView:
+    return ReleaseView(
+        number=r.number,
+        description=r.description,
+        created_at=r.created_at,
+        apps=r.apps,
+        variables=tuple(sorted(r.env)),
+    )
+
+
+def app_views(r: ReleaseRow, current_env: Mapping[str, str]) -> tuple[AppView, ...]:
+    waiting = pending(current_env, r.env)
+    message = f"pending variables: redeploy ({', '.join(waiting)})" if waiting else None
+    return tuple(
+        AppView(
+            id=app_id(r.project_id, a.name),
+            name=a.name,
+            image=a.image,
+            command=a.command,
+            release=r.number,
+            pending_variables=waiting,
+            message=message,
+        )
+        for a in r.apps
+    )

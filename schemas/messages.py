@@ -76,11 +76,25 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
     resources: Resources | None = None
 
 
+class AppSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """A long-running container of the project's current release: one replica, restarted
+    on failure, reachable as `name` on the project network. Its environment is the
+    release's snapshot, fetched from the controller (never carried here)."""
+
+    id: Id
+    name: DnsName
+    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    command: tuple[str, ...] = ()
+    release: Annotated[int, Meta(ge=1)] = 1
+    resources: Resources | None = None
+
+
 class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     id: Id
     name: Annotated[str, Meta(min_length=1, max_length=63)]
     addons: tuple[AddonSpec, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
+    apps: tuple[AppSpec, ...] = ()
 
 
 class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
