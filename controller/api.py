@@ -461,18 +461,20 @@ class Api:
     async def create_release(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, releases.ReleaseCreate)
+        apps = None
         if body.apps is not None:
-            names = [a.name for a in body.apps]
-            if len(set(names)) != len(names):
-                raise InvalidBody("apps: two apps have the same name")
-            for app in body.apps:
+            for name, app in body.apps.items():
                 try:
                     check_reference(app.image, self._config.jobs.allowed_images)
                 except ImageRefused as exc:
-                    raise InvalidBody(f"apps[{app.name}]: {exc}") from None
+                    raise InvalidBody(f"apps.{name}: {exc}") from None
+            apps = [
+                releases.AppDef(name=name, image=a.image, command=a.command)
+                for name, a in sorted(body.apps.items())
+            ]
         env = await self._env(project_id)
         release = await releases.create(
-            self._pool, self._sealer, project_id, env.env, body.apps, body.description
+            self._pool, self._sealer, project_id, env.env, apps, body.description
         )
         await self._released(project_id, release)
         return created(

@@ -39,9 +39,15 @@ class AppDef(Struct, frozen=True, forbid_unknown_fields=True):
     command: Annotated[tuple[AppArgument, ...], Meta(max_length=MAX_APP_ARGUMENTS)] = ()
 
 
+class AppBody(Struct, frozen=True, forbid_unknown_fields=True):
+    image: ImageRef
+    command: Annotated[tuple[AppArgument, ...], Meta(max_length=MAX_APP_ARGUMENTS)] = ()
+
+
 class ReleaseCreate(Struct, frozen=True, forbid_unknown_fields=True):
-    # None: the apps of the newest release again (a redeploy with fresh variables).
-    apps: Annotated[tuple[AppDef, ...], Meta(max_length=MAX_APPS)] | None = None
+    # By name (distinct by construction). None: the newest release's apps again (a
+    # redeploy with fresh variables).
+    apps: Annotated[dict[DnsName, AppBody], Meta(max_length=MAX_APPS)] | None = None
     description: Annotated[str, Meta(max_length=200, pattern="^[^\\x00]*$")] = ""
 
 

@@ -25,7 +25,8 @@ from tests.agent_fixtures import (
 
 pytest_plugins = ["tests.agent_fixtures"]
 
-APP = {"name": "web", "image": TOOLBOX, "command": ["sh", "-c", "exec sleep infinity"]}
+APP = {"image": TOOLBOX, "command": ["sh", "-c", "exec sleep infinity"]}
+APPS = {"web": APP}
 
 
 def inspect(name: str) -> dict[str, Any] | None:
@@ -58,9 +59,9 @@ async def test_variables_reach_an_app_on_the_next_deploy(stack: Stack, agent: Ag
     pid = project["id"]
     container = f"orkestr-app-{app_id(pid, 'web')}"
 
-    status, v1 = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": [APP]})
+    status, v1 = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": APPS})
     assert status == 201, v1
-    assert v1["number"] == 1 and v1["apps"] == [APP] and v1["variables"] == []
+    assert v1["number"] == 1 and v1["apps"] == [{"name": "web", **APP}] and v1["variables"] == []
     info = await running_release(container, 1)
     # Hardened like a job: nobody, no capabilities, no new privileges, restarted on failure.
     host_config = info["HostConfig"]
@@ -83,7 +84,7 @@ async def test_variables_reach_an_app_on_the_next_deploy(stack: Stack, agent: Ag
 
     # Redeploy (no body: the same apps, fresh variables): the app has them and reaches it.
     status, v2 = await c.api("POST", f"/v1/projects/{pid}/releases", {})
-    assert status == 201 and v2["number"] == 2 and v2["apps"] == [APP]
+    assert status == 201 and v2["number"] == 2 and v2["apps"] == [{"name": "web", **APP}]
     assert v2["variables"] == ["DATABASE_URL", "ORDERS_DB_URL"]
     info = await running_release(container, 2)
     assert "@orders-db:5432/" in env_of(info)["DATABASE_URL"]
@@ -107,7 +108,7 @@ async def test_variables_reach_an_app_on_the_next_deploy(stack: Stack, agent: Ag
     assert [r["number"] for r in listed["releases"]] == [3, 2, 1]
 
     # A release without apps removes the app's container.
-    status, _ = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": []})
+    status, _ = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": {}})
     assert status == 201
     await wait_for(lambda: inspect(container) is None, 60, "the app container removed")
 
@@ -120,10 +121,11 @@ async def test_releases_refuse_what_the_platform_does_not_run(
     pid = (await create_project(c, "team"))["id"]
     url = f"/v1/projects/{pid}/releases"
     for apps in (
-        [{"name": "web", "image": "alpine:3"}],
-        [APP, APP],
-        [{"name": "Web", "image": TOOLBOX}],
-        [{"name": "web", "image": TOOLBOX, "command": ["x" * 257]}],
+        {"web": {"image": "alpine:3"}},
+        {"Web": {"image": TOOLBOX}},
+        {"web": {"image": TOOLBOX, "command": ["x" * 257]}},
+        {f"a{i}": APP for i in range(5)},
+        [APP],
     ):
         status, body = await c.api("POST", url, {"apps": apps})
         assert status == 422 and body["error"] == "invalid_body", (apps, body)
