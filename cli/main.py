@@ -8,6 +8,7 @@ the one saved by `orkestr login --project`, or is the only one the token can see
 from __future__ import annotations
 
 import collections
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -489,6 +490,132 @@ def env_unset(ctx: click.Context, names: tuple[str, ...], project: str, as_json:
     p = resolve_project(c, project)
     result = c.request("PATCH", f"/v1/projects/{p['id']}/env", {"unset": list(names)})
     _print_env(result["env"], as_json, f"Unset {', '.join(names)} in {p['name']}.")
+
+
+# --- releases and apps ----------------------------------------------------------------
+
+
+def _release_rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            f"v{r['number']}",
+            r["description"],
+            ", ".join(a["name"] for a in r["apps"]) or "-",
+            len(r["variables"]),
+            r["created_at"],
+        )
+        for r in found
+    ]
+
+
+@main.command()
+@project_option
+@click.option(
+    "--app",
+    "apps",
+    multiple=True,
+    metavar="NAME=IMAGE",
+    help="An app to run (repeatable); left out, the newest release's apps again.",
+)
+@click.option(
+    "--command",
+    "commands",
+    multiple=True,
+    metavar="NAME=ARGV",
+    help="An app's command, split like a shell would (e.g. web='sh -c \"exec serve\"').",
+)
+@json_option
+def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_json: bool) -> None:
+    """Deploy: a new release with the project's variables now; its apps run with them."""
+    c = client()
+    p = resolve_project(c, project)
+    body: dict[str, Any] = {}
+    if apps:
+        parsed: dict[str, dict[str, Any]] = {}
+        for item in apps:
+            name, sep, image = item.partition("=")
+            if not sep or not name or not image:
+                raise CliError(f"--app {item!r} is not NAME=IMAGE", "e.g. --app web=IMAGE")
+            parsed[name] = {"image": image}
+        for item in commands:
+            name, sep, argv = item.partition("=")
+            if name not in parsed:
+                raise CliError(f"--command {item!r} names no --app", "give NAME=ARGV of an app")
+            parsed[name]["command"] = shlex.split(argv)
+        body["apps"] = parsed
+    elif commands:
+        raise CliError("--command needs --app", "e.g. --app web=IMAGE --command web='...'")
+    release = c.request("POST", f"/v1/projects/{p['id']}/releases", body)
+    if as_json:
+        render.emit_json(release)
+        return
+    names = ", ".join(a["name"] for a in release["apps"]) or "no apps"
+    render.out.print(
+        f"Released v{release['number']} of {p['name']} ({names}) with "
+        f"{len(release['variables'])} variable(s)."
+    )
+
+
+@main.command("releases")
+@project_option
+@json_option
+def releases_list(project: str, as_json: bool) -> None:
+    """List the project's releases, newest first."""
+    c = client()
+    p = resolve_project(c, project)
+    found = c.list_all(f"/v1/projects/{p['id']}/releases", "releases")
+    if as_json:
+        render.emit_json({"releases": found})
+        return
+    render.table(
+        ("RELEASE", "DESCRIPTION", "APPS", "VARIABLES", "CREATED"),
+        _release_rows(found),
+        f"no releases in {p['name']}: `orkestr deploy --app web=IMAGE`",
+    )
+
+
+@main.command()
+@click.argument("release")
+@project_option
+@json_option
+def rollback(release: str, project: str, as_json: bool) -> None:
+    """Roll back to RELEASE (e.g. v3): a new release with its variables and apps."""
+    number = release.lstrip("v")
+    if not number.isdigit():
+        raise CliError(f"{release!r} is not a release", "e.g. orkestr rollback v3")
+    c = client()
+    p = resolve_project(c, project)
+    made = c.request("POST", f"/v1/projects/{p['id']}/releases/{int(number)}/rollback")
+    if as_json:
+        render.emit_json(made)
+        return
+    render.out.print(f"Released v{made['number']}: {made['description']}.")
+
+
+@main.command("apps")
+@project_option
+@json_option
+def apps_list(project: str, as_json: bool) -> None:
+    """The apps of the newest release, and the variables they still lack."""
+    c = client()
+    p = resolve_project(c, project)
+    found = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
+    if as_json:
+        render.emit_json({"apps": found})
+        return
+    render.table(
+        ("APP", "IMAGE", "RELEASE", "PENDING"),
+        [
+            (
+                a["name"],
+                a["image"],
+                f"v{a['release']}",
+                a["message"] or "-",
+            )
+            for a in found
+        ],
+        f"no apps in {p['name']}: `orkestr deploy --app web=IMAGE`",
+    )
 
 
 # --- jobs -----------------------------------------------------------------------------

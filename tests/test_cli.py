@@ -235,6 +235,34 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         info = await cli.json("addons", "env-name", "old-db", "--clear", "-p", name)
         assert info["env_name"] is None and info["variables"] == ["OLD_DB_URL"]
 
+        # deploy, apps, releases, rollback
+        code, _, err = await cli("deploy", "-p", name, "--app", "web")
+        assert code == 1 and "is not NAME=IMAGE" in err
+        out = await cli.ok(
+            "deploy", "-p", name, "--app", f"web={TOOLBOX}", "--command", "web=sh -c 'exec sleep 9'"
+        )
+        assert "Released v1 of " + name + " (web) with " in out
+        assert "pending" not in await cli.ok("apps", "-p", name)
+        await cli.ok("env", "-p", name, "set", "NEW=1")
+        apps = await cli.json("apps", "-p", name)
+        assert apps["apps"][0]["pending_variables"] == ["NEW"]
+        assert apps["apps"][0]["command"] == ["sh", "-c", "exec sleep 9"]
+        assert "pending variables: redeploy (NEW)" in await cli.ok("apps", "-p", name)
+        v2 = await cli.json("deploy", "-p", name)
+        assert v2["number"] == 2 and "NEW" in v2["variables"]
+        assert [a["name"] for a in v2["apps"]] == ["web"]
+        out = await cli.ok("rollback", "v1", "-p", name)
+        assert "Released v3: rollback to v1." in out
+        listed = await cli.ok("releases", "-p", name)
+        assert "v3" in listed and "rollback to v1" in listed and "deploy v2" in listed
+        assert [r["number"] for r in (await cli.json("releases", "-p", name))["releases"]] == [
+            3,
+            2,
+            1,
+        ]
+        code, _, err = await cli("rollback", "v9", "-p", name)
+        assert code == 1 and "HTTP 404" in err
+
 
 async def test_completion_scripts(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
