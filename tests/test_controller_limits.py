@@ -113,24 +113,13 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
     controller: ControllerProcess, big_host: FakeAgent
 ) -> None:
     async with DesiredWatcher(big_host.host, big_host.broker_port) as watcher:
-        # The field limits keep the largest job within a project's budget: it is accepted
-        # (then cancelled); one character more is refused for the field, naming it.
+        # One job past the per-project bound on its own: 413 with the size and the limit.
         flooder = await project_on(controller, big_host.host)
         url = f"/v1/projects/{flooder['id']}/jobs"
-        largest = flood_job(bodies.MAX_ARGUMENT_CHARS, args=bodies.MAX_ARGUMENTS)
-        status, body = await controller.api("POST", url, largest)
-        assert status == 201, body
-        status, _ = await controller.api("POST", f"{url}/{body['id']}/cancel")
-        assert status == 200
-        status, body = await controller.api(
-            "POST", url, flood_job(bodies.MAX_ARGUMENT_CHARS + 1, args=1)
-        )
-        assert_error(status, body, 422, "invalid_body")
-        assert "command" in body["message"]
-        status, body = await controller.api(
-            "POST", url, flood_job(1, args=bodies.MAX_ARGUMENTS + 1)
-        )
-        assert_error(status, body, 422, "invalid_body")
+        status, body = await controller.api("POST", url, flood_job(4000, args=4))
+        assert_error(status, body, 413, "payload_too_large")
+        assert f"at most {bodies.MAX_PROJECT_JOB_BYTES}" in body["message"]
+        assert "bytes once encoded" in body["message"]
         # Jobs of about 12 KB encoded: five fit in a project's budget, the sixth does not.
         accepted: dict[str, list[str]] = {}
         refused: list[dict[str, Any]] = []
@@ -138,7 +127,7 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
         for project in projects:
             for _ in range(6):
                 status, body = await controller.api(
-                    "POST", f"/v1/projects/{project['id']}/jobs", flood_job(640, args=3)
+                    "POST", f"/v1/projects/{project['id']}/jobs", flood_job(1000)
                 )
                 if status == 201:
                     accepted.setdefault(project["id"], []).append(body["id"])
@@ -185,7 +174,7 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
         states = {j["id"]: j["state"] for j in listed["jobs"]}
         assert states[first] == states[second] == "cancelled"
         assert sum(s == "pending" for s in states.values()) == 3
-        status, body = await controller.api("POST", url, flood_job(640, args=3))
+        status, body = await controller.api("POST", url, flood_job(1000))
         assert status == 201, body
         # A finished job cannot be cancelled.
         done = accepted[flooder["id"]][2]
