@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ from schemas.messages import (
     DesiredState,
     HostStatus,
 )
+from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
 
@@ -75,8 +77,16 @@ def _capacity() -> Capacity:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, docker: Docker, controller: ControllerClient) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        docker: Docker,
+        controller: ControllerClient,
+        verifier: Verifier,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        self.verifier = verifier
         self.host = config.agent.host
         self.docker = docker
         root = Path(config.agent.state_dir)
@@ -98,8 +108,9 @@ class Agent:
             config.mqtt.port,
             on_desired=self.on_desired,
             on_connect=self.on_connect,
-            username=config.mqtt.username,
-            password=config.mqtt.password,
+            username=config.mqtt.username or config.agent.host,
+            password=config.mqtt.password(),
+            tls=tls,
             keepalive_s=config.mqtt.keepalive_s,
         )
         self.firewall = Firewall(self.host, config.network, docker)
@@ -170,7 +181,7 @@ class Agent:
         self.trigger()
 
     async def on_desired(self, raw: bytes) -> None:
-        state, rejection = desired_mod.accept(self.desired, raw, self.host)
+        state, rejection = desired_mod.accept(self.desired, raw, self.host, self.verifier)
         now = datetime.now(UTC)
         if rejection is not None:
             DESIRED_REJECTED.labels(rejection.reason).inc()
@@ -185,7 +196,7 @@ class Agent:
         if state is None:
             return  # the same generation again (a retained copy after a reconnect)
         try:
-            self.state.save_desired(raw)
+            self.state.save_desired(encode(state))  # verified: the disk is ours
         except OSError as exc:  # a full disk: apply it anyway, the broker keeps a copy
             log.error("desired.not_saved error=%s", exc)
         self.desired = state

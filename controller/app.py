@@ -53,7 +53,7 @@ async def run(config: Config, plans: Plans) -> None:
                 f"projects use plans the plans file does not define: {sorted(missing)}"
             )
         link = MqttLink(config.mqtt, metrics)
-        publisher = Publisher(pool, link, plans, metrics)
+        publisher = Publisher(pool, link, plans, metrics, config.signer)
         ingest = Ingest(pool, publisher, metrics)
         api = Api(config, pool, plans, publisher, metrics)
         app = api.app()

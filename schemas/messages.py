@@ -168,6 +168,16 @@ class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
     error: str | None = None
 
 
-Message = DesiredState | HostStatus | Presence | JobResult
+class SignedDesiredState(Struct, frozen=True, forbid_unknown_fields=True):
+    """What travels on the desired topic: an encoded `DesiredState` and the controller's
+    Ed25519 signature over it (see schemas/signed.py). Bytes are base64 in JSON."""
+
+    version: int
+    key_id: Annotated[str, Meta(pattern=r"^[0-9a-f]{16}$")]
+    payload: bytes
+    signature: Annotated[bytes, Meta(min_length=64, max_length=64)]
+
+
+Message = DesiredState | SignedDesiredState | HostStatus | Presence | JobResult
 
 encoder = msgspec.json.Encoder()
