@@ -205,7 +205,7 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
 async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> None:
     c = stack.controller
     assert c is not None
-    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto.port) as host:
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
         await c.wait_host_online(host.host)
         await cli.ok("login", "--api", c.url, "--token", c.operator_token)
         name = f"vars-{uuid.uuid4().hex[:6]}"

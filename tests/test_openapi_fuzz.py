@@ -29,14 +29,14 @@ async def test_schemathesis_finds_nothing(mosquitto: Mosquitto, tmp_path: Path) 
     dsn = await create_database("orkestr_fuzz")
     controller = ControllerProcess(
         database_url=dsn,
-        mqtt_port=mosquitto.port,
+        broker=mosquitto,
         plans_file=PACKAGED_PLANS,
         allowed_images=DEFAULT_JOB_IMAGES,
     )
     try:
         await controller.start()
         # An online host, so projects can be placed (their add-ons stay provisioning).
-        async with FakeAgent(f"h-{secrets.token_hex(5)}", mosquitto.port) as host:
+        async with FakeAgent(f"h-{secrets.token_hex(5)}", mosquitto) as host:
             await controller.wait_host_online(host.host)
             proc = await asyncio.create_subprocess_exec(
                 SCHEMATHESIS,
