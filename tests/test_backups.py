@@ -32,6 +32,7 @@ from tests.agent_fixtures import (
     wait_phase,
 )
 from tests.services import ControllerProcess
+from tests.test_cli import Cli  # the CLI tests' runner: the installed console script
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -479,3 +480,50 @@ async def test_controller_restart_around_scheduled_time(stack: Stack, agent: Age
     assert len(runs) == 1, runs
     assert runs[0]["scheduled_for"].startswith(slot.date().isoformat())
     assert runs[0]["verified"] is True
+
+
+async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_path: Path) -> None:
+    """`orkestr backups list/create/restore/schedule` as a user runs them (API only)."""
+    c = _c(stack)
+    cli = Cli(tmp_path)
+    await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+    project = await create_project(c, "team")
+    p, name = project["id"], project["name"]
+    a = (await create_addon(c, p, "cache", "redis"))["id"]
+    await wait_phase(c, p, a, "ready")
+    assert "no backups of cache yet" in await cli.ok("backups", "list", "cache", "-p", name)
+    await run_job(c, p, redis_cli("set k before"))
+
+    out = await cli.ok("backups", "create", "cache", "-p", name, "--wait")
+    assert "verified" in out, out
+    listed = (await cli.json("backups", "list", "cache", "-p", name))["backups"]
+    assert len(listed) == 1 and listed[0]["verified"] is True, listed
+    backup_id = listed[0]["id"]
+    table = await cli.ok("backups", "list", "cache", "-p", name)
+    assert backup_id in table and "verified" in table and "manual" in table, table
+
+    await run_job(c, p, redis_cli("set k after"))
+    code, _, err = await cli("backups", "restore", "cache", backup_id, "-p", name)
+    assert code == 1 and "pass --yes" in err, err  # no terminal to ask: refused
+    code, _, err = await cli("backups", "restore", "cache", "f" * 32, "-p", name, "--yes")
+    assert code == 1 and "HTTP 404" in err, err
+    out = await cli.ok("backups", "restore", "cache", backup_id, "-p", name, "--yes", "--wait")
+    assert f"now serves backup {backup_id}" in out, out
+    await wait_phase(c, p, a, "ready")
+    job = await run_job(c, p, redis_cli("get k"))
+    assert job["output"].strip() == "before", job
+
+    out = await cli.ok("backups", "schedule", "cache", "-p", name)
+    assert "Automatic backups of cache: off." in out, out
+    out = await cli.ok("backups", "schedule", "cache", "-p", name, "--on", "--at", "03:15")
+    assert "daily at 03:15:00 UTC" in out, out
+    schedule = await cli.json("backups", "schedule", "cache", "-p", name)
+    assert schedule == {"enabled": True, "time_of_day": "03:15:00"}, schedule
+    code, _, err = await cli("backups", "schedule", "cache", "-p", name, "--at", "25:00")
+    assert code == 1 and "'25:00' is not a time of day" in err and "HTTP 422" in err, err
+
+    # Starter: no manual backups; the refusal names the plan and its limit.
+    starter = await create_project(c, "starter")
+    await create_addon(c, starter["id"], "db", "redis")
+    code, _, err = await cli("backups", "create", "db", "-p", starter["name"])
+    assert code == 1 and "'starter'" in err and "manual_backups_per_day = 0" in err, err
