@@ -441,7 +441,8 @@ class BackupRunner:
         async def step(name: str, script: str) -> None:
             await self._step(spec, name, project_id, addon, script, env, "none", volume=True)
 
-        if not self._resuming(addon.id, spec):
+        resumed = self._resuming(addon.id, spec)
+        if not resumed:
             await self._step(
                 spec,
                 "prepare",
@@ -454,8 +455,13 @@ class BackupRunner:
                 volume=True,
             )
             atomic_write(marker, msgspec.json.encode(Interrupted(project_id, addon, spec)))
-        with contextlib.suppress(NotFound):
-            await self.docker.stop(db, grace_s=30)
+        try:
+            with contextlib.suppress(NotFound):
+                await self.docker.stop(db, grace_s=30)
+        except AgentError:
+            if not resumed:  # nothing swapped yet: this restore fails, and is not resumed
+                marker.unlink(missing_ok=True)
+            raise
         try:
             await step("swap", backup_scripts.REDIS_RESTORE_SWAP)
             outcome = state_file.read_text().strip()
