@@ -75,8 +75,14 @@ def host_ruleset(host: str, bridges: Iterable[Bridge], policy: Policy) -> str:
     return "\n".join(lines) + "\n"
 
 
+def count_rule(listing: str, chain: str, spec: tuple[str, ...]) -> int:
+    """How many times `-A <chain> <spec>` appears in `iptables -S <chain>` output."""
+    want = ["-A", chain, *spec]
+    return sum(1 for line in listing.splitlines() if line.split() == want)
+
+
 def host_jumps(host: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The rules that send traffic into this agent's chains (checked with -C, then -I)."""
+    """The rules that send traffic into this agent's chains (kept at exactly one copy each)."""
     chain_in, chain_fwd = chains(host)
     # DOCKER-USER comes first in FORWARD, before Docker's own accept rules.
     return ("INPUT", "-j", chain_in), ("DOCKER-USER", "-j", chain_fwd)

@@ -727,3 +727,8 @@ def sleep_status(name: str, project: str, as_json: bool) -> None:
         ("SOURCE", "CONNECTIONS", "VIA"),
         [(s["source"], s["connections"], ", ".join(s["via"])) for s in sources],
     )
+
+
+# The backup commands live in their own module, which uses the helpers above and adds
+# its group to `main` when imported.
+import cli.backups  # noqa: E402,F401
