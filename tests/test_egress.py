@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import firewall
 from agent.docker import Docker
@@ -229,18 +231,30 @@ async def test_operator_can_deny_jobs_the_internet(
 def test_ruleset_is_per_bridge_and_replaces_only_its_own_chains() -> None:
     bridges = [firewall.Bridge("br-aaa", "10.1.0.0/24"), firewall.Bridge("br-bbb", "10.1.1.0/24")]
     rules = firewall.host_ruleset("h1", bridges, firewall.Policy())
-    chain_in, chain_fwd = firewall.chains("h1")
+    chain_in, chain_fwd, chain_pol = firewall.chains("h1")
     assert rules.startswith("*filter\n") and rules.endswith("COMMIT\n")
     assert f"-A {chain_in} -i br-aaa -j DROP" in rules
-    assert f"-A {chain_fwd} -i br-aaa -d 10.1.1.0/24 -j DROP" in rules  # the other bridge
-    assert f"-A {chain_fwd} -i br-bbb -d 169.254.0.0/16 -j DROP" in rules
-    assert "-i br-aaa -j DROP\n" not in rules.split(chain_fwd, 1)[1] or True
+    assert f"-A {chain_fwd} -i br-aaa -o br-aaa -j RETURN" in rules
+    assert f"-A {chain_fwd} -i br-bbb -j {chain_pol}" in rules
+    assert f"-A {chain_pol} -d 10.1.1.0/24 -j DROP" in rules  # another project's subnet
+    assert f"-A {chain_pol} -d 169.254.0.0/16 -j DROP" in rules
+    assert f"-A {chain_pol} -j DROP" not in rules
     sealed = firewall.host_ruleset("h1", bridges, firewall.Policy(job_egress="none"))
-    assert f"-A {chain_fwd} -i br-bbb -j DROP" in sealed
-    assert f"-A {chain_fwd} -i br-bbb -j DROP" not in rules
+    assert sealed.endswith(f"-A {chain_pol} -j DROP\nCOMMIT\n")
+    allowed = firewall.host_ruleset("h1", bridges, firewall.Policy(allow=("10.9.9.9/32",)))
+    pol = [line for line in allowed.splitlines() if line.startswith(f"-A {chain_pol}")]
+    assert pol[0] == f"-A {chain_pol} -d 10.9.9.9/32 -j RETURN", "exceptions come first"
     # Same bridges in another order: the same text, so nothing is re-applied.
     assert firewall.host_ruleset("h1", bridges[::-1], firewall.Policy()) == rules
     assert firewall.chains("h1") != firewall.chains("h2")
+
+
+@given(st.integers(min_value=0, max_value=300))
+def test_ruleset_grows_with_the_bridges_not_their_square(n: int) -> None:
+    bridges = [firewall.Bridge(f"br-{k:04x}", f"10.{200 + k // 256}.{k % 256}.0/24") for k in range(n)]
+    policy = firewall.Policy()
+    lines = firewall.host_ruleset("h1", bridges, policy).count("\n")
+    assert lines == 5 + 5 * n + len(policy.deny) + n
 
 
 def jump_copies(host: str) -> list[int]:
