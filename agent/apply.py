@@ -1,8 +1,9 @@
 """The thin I/O layer that executes a plan's actions against Docker, the disk and the controller.
 
-Each action is idempotent (create-409 and delete-404 count as success). A failed action
-skips the rest of its key's chain in this pass; the next pass plans again from what it
-then observes, so nothing here needs to remember partial progress.
+Each action is idempotent (create-409 and delete-404 count as success). Each key's chain
+runs on that key's worker (agent/workqueue.py); a failed action skips the rest of the
+chain, and the next pass plans again from what it then observes, so nothing here needs to
+remember partial progress.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from agent.errors import AgentError, Conflict, NotFound, PermanentError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
+from agent.workqueue import ChainResult
 from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult
 
@@ -94,6 +96,13 @@ class Applier:
                 log.info("action.done action=%s key=%s", kind, action.key)
             self.on_progress()
         return outcome
+
+    async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
+        """One key worker's chain: its actions in order, stopping at the first failure."""
+        outcome = await self.apply(chain)
+        if key in outcome.failed:
+            return ChainResult(outcome.failed[key], permanent=key in outcome.permanent)
+        return ChainResult()
 
     async def _one(self, action: p.Action) -> None:
         match action:

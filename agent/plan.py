@@ -269,3 +269,37 @@ def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Loca
             WatchJob(job.id, project_id, job, container.name),
         ]
     return [WatchJob(job.id, project_id, job, container.name)]
+
+
+# Actions that need the project's network to exist before they can succeed.
+_NEEDS_NETWORK = (RunContainer, StartContainer, StartJob)
+
+
+def chains(
+    desired: DesiredState | None, actions: tuple[Action, ...]
+) -> dict[str, tuple[Action, ...]]:
+    """Group a plan by key, in plan order: each chain is one key worker's work.
+
+    Keys run in parallel, so the one ordering between keys that matters is kept here: a
+    chain that creates or starts a container of a project whose network this plan still
+    creates waits for a later pass (the network's completion asks for one).
+    """
+    owner: dict[str, str] = {}
+    for project in desired.projects if desired is not None else ():
+        for addon in project.addons:
+            owner[addon.id] = project.id
+        for job in project.jobs:
+            owner[job.id] = project.id
+    creating = {a.key for a in actions if isinstance(a, EnsureNetwork)}
+    grouped: dict[str, list[Action]] = {}
+    for action in actions:
+        grouped.setdefault(action.key, []).append(action)
+    return {
+        key: tuple(chain)
+        for key, chain in grouped.items()
+        if not (
+            owner.get(key) in creating
+            and key not in creating
+            and any(isinstance(a, _NEEDS_NETWORK) for a in chain)
+        )
+    }

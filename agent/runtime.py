@@ -1,9 +1,10 @@
-"""The agent's main loops: one level-triggered reconcile worker fed by triggers.
+"""The agent's main loops: a level-triggered planning pass feeding one worker per key.
 
-A desired-state message, a Docker event, a finished job, a wake and the periodic resync
-all do the same thing: set the trigger. The worker then runs a full pass,
-observe -> plan -> apply -> probe -> report, so no event is ever interpreted on its own
-and a burst of events coalesces into one more pass.
+A desired-state message, a Docker event, a finished job or chain, a wake and the periodic
+resync all do the same thing: set the trigger. The loop then runs a full pass,
+observe -> plan -> hand each key's chain to its worker -> probe -> report, so no event is
+ever interpreted on its own and a burst of events coalesces into one more pass. Keys (an
+add-on, a job, a project network) run in parallel, each serially (agent/workqueue.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import random
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import msgspec
 
 from agent import desired as desired_mod
 from agent import model, netns, probe, specs
@@ -46,6 +49,7 @@ from agent.secrets import SecretStore
 from agent.sleepers import SleepManager
 from agent.state import StateDir
 from agent.watchdog import Watchdog, interval_from_env
+from agent.workqueue import KeyedWorkers
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -119,6 +123,7 @@ class Agent:
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
         self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
+        self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
         self._metric_labels: set[tuple[str, str, str]] = set()
@@ -133,6 +138,7 @@ class Agent:
         )
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
+        self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
@@ -189,6 +195,7 @@ class Agent:
         except OSError as exc:  # a full disk: apply it anyway, the broker keeps a copy
             log.error("desired.not_saved error=%s", exc)
         self.desired = state
+        self._fingerprints = self._key_fingerprints(state)
         APPLIED_GENERATION.set(state.generation)
         self.book.set(
             HOST,
@@ -214,7 +221,7 @@ class Agent:
             self._trigger.clear()
             started = time.monotonic()
             try:
-                outcome = await self.reconcile_once()
+                await self.reconcile_once()
             except Exception as exc:
                 # Expected failures are AgentErrors; anything else is a bug, and a bug in one
                 # pass must not take the agent (and every sleeping add-on's waker) down.
@@ -230,15 +237,13 @@ class Agent:
             finally:
                 RECONCILE_DURATION.observe(time.monotonic() - started)
                 self.watchdog.beat("reconcile")
-            if outcome.failed:
+            backoff = 0.5
+            # A clean pass: nothing left to do, nothing in flight, no key retrying.
+            # Keys retry on their own schedule (agent/workqueue.py), not the pass's.
+            if len(self.workers.failed()) > len(self.workers.permanent()):
                 RECONCILE_TOTAL.labels("requeue").inc()
-                asyncio.get_running_loop().call_later(
-                    backoff * random.uniform(0.8, 1.2), self.trigger
-                )
-                backoff = min(backoff * 2, 30.0)
-            else:
+            elif self.workers.in_flight() == 0:
                 RECONCILE_TOTAL.labels("success").inc()
-                backoff = 0.5
             self.last_pass_ok = time.monotonic()
             if not self._ready_notified:
                 notify("READY=1")
@@ -277,7 +282,13 @@ class Agent:
             await self.publish_job_results()
 
     # --- one pass -----------------------------------------------------------------------
-    async def reconcile_once(self) -> Outcome:
+    async def reconcile_once(self) -> None:
+        """Observe, plan the whole host, hand each key's chain to its worker, report.
+
+        The pass itself never waits on a chain: a slow key (a database that takes its full
+        stop timeout) holds up only its own worker.
+        """
+        seen = self.workers.epoch
         observed = await self.docker.snapshot()
         local = p.Local(
             secrets=self.secrets.versions(),
@@ -287,15 +298,28 @@ class Agent:
         actions = p.plan(self.desired, observed, local, self.settings)
         # Fences first: nothing may start on a bridge or in a namespace left open.
         await self.firewall.sync(observed)
-        outcome = await self.applier.apply(actions)
-        if actions:
-            observed = await self.docker.snapshot()
+        planned = p.chains(self.desired, actions)
+        for key, chain in planned.items():
+            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
+        self.workers.settle({a.key for a in actions}, seen)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
+        outcome = Outcome()
+        outcome.failed = self.workers.failed()
+        outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
         await self.publish_status()
         await self.publish_job_results()
-        return outcome
+
+    def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
+        """A key's spec, as text: a permanently failed key is retried once it changes."""
+        prints: dict[str, str] = {}
+        for project in desired.projects if desired is not None else ():
+            for addon in project.addons:
+                prints[addon.id] = msgspec.json.encode(addon).decode()
+            for job in project.jobs:
+                prints[job.id] = msgspec.json.encode(job).decode()
+        return prints
 
     async def _refresh_status(self, observed: model.Observed, outcome: Outcome) -> None:
         now = datetime.now(UTC)
@@ -431,10 +455,12 @@ class Agent:
         except (AgentError, OSError, KeyError):
             return
         log.warning("addon.split_namespace addon=%s action=recreate_db", addon.id)
-        await self.applier.apply(
-            [p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace")]
+        # Through the add-on's worker: never beside another chain on the same add-on.
+        self.workers.submit(
+            addon.id,
+            (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
+            self._fingerprints.get(addon.id, ""),
         )
-        self.trigger()
 
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
