@@ -52,7 +52,9 @@ async def main(config: config_mod.AgentConfig) -> None:
             Docker(config.agent.host, config.docker.url, config.docker.max_in_flight)
         )
         controller = await stack.enter_async_context(
-            ControllerClient(config.controller.url, config.controller.token(), config.agent.host)
+            ControllerClient(
+                config.controller.url, config.controller.token, config.controller.ca_file
+            )
         )
         agent = Agent(config, docker, controller)
         stack.push_async_callback(agent.applier.close)

@@ -41,8 +41,11 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
     url: str
+    # This host's own token (it names the host to the controller).
     agent_token: str = ""
     agent_token_file: str = ""
+    # The CA that signed the controller's HTTPS certificate; empty: the system's CAs.
+    ca_file: str = ""
 
     def token(self) -> str:
         if self.agent_token_file:

@@ -1,10 +1,14 @@
 """The agent's authenticated calls to the controller: add-on secrets and job environments.
 
-The only module of the agent that makes HTTP requests.
+The only module of the agent that makes HTTP requests. The agent token names the host:
+the controller answers only for what is placed on it. With `ca_file` the controller's
+HTTPS certificate is checked against that CA (instead of the system's).
 """
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,15 +29,18 @@ class Env(msgspec.Struct, frozen=True):
 
 
 class ControllerClient:
-    def __init__(self, base_url: str, token: str, host: str) -> None:
+    def __init__(self, base_url: str, token: str | Callable[[], str], ca_file: str = "") -> None:
+        """`token` may be a function (read the token file): asked on every request, so a
+        rotated token file is used without a restart."""
         self._base = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
-        self._host = host
+        self._token = token if callable(token) else (lambda: token)
+        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ControllerClient:
+        connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
         self._session = aiohttp.ClientSession(
-            headers=self._headers, timeout=aiohttp.ClientTimeout(total=10)
+            timeout=aiohttp.ClientTimeout(total=10), connector=connector
         )
         return self
 
@@ -43,9 +50,13 @@ class ControllerClient:
 
     async def _get(self, path: str) -> Any:
         assert self._session is not None
-        url = f"{self._base}/v1/agent/hosts/{self._host}{path}"
+        url = f"{self._base}/v1/agent{path}"
         try:
-            async with self._session.get(url) as response:
+            headers = {"Authorization": f"Bearer {self._token()}"}
+        except OSError as exc:
+            raise TransientError(f"cannot read the agent token: {exc}") from None
+        try:
+            async with self._session.get(url, headers=headers) as response:
                 body = await response.read()
                 if response.status == 200:
                     return body
@@ -54,6 +65,9 @@ class ControllerClient:
                 if response.status in (401, 403):
                     raise PermanentError(f"controller refused the agent token ({response.status})")
                 raise TransientError(f"controller answered {response.status} for {path}")
+        except aiohttp.ClientSSLError as exc:
+            # A wrong CA or host name will not fix itself, but the operator may fix it.
+            raise TransientError(f"controller's TLS certificate refused: {exc!r}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransientError(f"controller unreachable: {exc!r}") from None
 

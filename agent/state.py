@@ -18,7 +18,9 @@ from schemas.messages import DesiredState, JobResult
 
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # 0600: job results may hold whatever a job printed, connection URLs included.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -29,6 +31,9 @@ class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "jobs").mkdir(parents=True, exist_ok=True)
+        # Private to the agent (root): secrets, job output and state live below.
+        os.chmod(root, 0o700)
+        os.chmod(root / "jobs", 0o700)
 
     def load_desired(self) -> DesiredState | None:
         try:

@@ -336,7 +336,7 @@ class Bench:
             self.host,
             self.mosquitto.port,
             self.controller.url,
-            self.controller.agent_token,
+            await self.controller.new_agent_token(self.host),
             sleep_tick_s=self.sleep_tick_s,
         )
         await self.agent.start()

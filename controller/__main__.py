@@ -1,5 +1,11 @@
 """`python -m controller --config controller.toml` (or env ORKESTR_CONTROLLER_CONFIG).
 
+Also the operator's token commands, against the same database:
+
+    python -m controller --config ... hosts add-token HOST [--name NAME]  # prints it once
+    python -m controller --config ... hosts list-tokens HOST
+    python -m controller --config ... hosts revoke-token HOST TOKEN_ID
+
 Exit codes: 0 after a graceful stop, 2 for a bad configuration (one line on stderr),
 1 when the controller cannot run (database unreachable, a loop died).
 """
@@ -10,16 +16,19 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+from controller import db, principals
 from controller.app import run
-from controller.config import load_config
-from controller.errors import ConfigError, DatabaseUnavailable
+from controller.config import Config, load_config
+from controller.errors import ConfigError, DatabaseUnavailable, NotFound
 from controller.logs import configure, log
 from controller.plans import load_plans
 
 logger = logging.getLogger("controller")
+HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("ORKESTR_CONTROLLER_CONFIG"),
         help="path to controller.toml (default: $ORKESTR_CONTROLLER_CONFIG)",
     )
+    sub = parser.add_subparsers(dest="command")
+    hosts = sub.add_parser("hosts", help="agent tokens of a host")
+    host_sub = hosts.add_subparsers(dest="action", required=True)
+    add = host_sub.add_parser("add-token", help="make a token for HOST's agent; printed once")
+    add.add_argument("host")
+    add.add_argument("--name", default="cli")
+    listing = host_sub.add_parser("list-tokens", help="HOST's agent tokens (ids, no secrets)")
+    listing.add_argument("host")
+    revoke = host_sub.add_parser("revoke-token", help="revoke one of HOST's agent tokens")
+    revoke.add_argument("host")
+    revoke.add_argument("token_id")
     args = parser.parse_args(argv)
     if not args.config:
         print(
@@ -43,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orkestr-controller: {exc}", file=sys.stderr)
         return 2
     configure(config.log.level, config.log.format)
+    if args.command == "hosts":
+        return _hosts_command(config, args)
     try:
         asyncio.run(run(config, plans))
     except ConfigError as exc:
@@ -53,6 +75,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseExceptionGroup as group:
         logger.error("controller_failed reason=a loop died", exc_info=group)
+        return 1
+    return 0
+
+
+def _hosts_command(config: Config, args: argparse.Namespace) -> int:
+    if not HOST_NAME.match(args.host):
+        print(f"orkestr-controller: {args.host!r} is not a host name", file=sys.stderr)
+        return 2
+
+    async def act() -> None:
+        db_ = config.database
+        async with db.open_pool(db_.url, 1, 1) as pool:
+            await db.migrate(pool)
+            if args.action == "add-token":
+                row, token = await principals.create_agent_token(pool, args.host, args.name)
+                print(f"# agent token {row.id} for host {args.host}; shown once", file=sys.stderr)
+                print(token)
+            elif args.action == "list-tokens":
+                for row in await principals.list_agent_tokens(pool, args.host):
+                    print(f"{row.id}\t{row.name}\t{row.created_at.isoformat()}")
+            else:
+                await principals.revoke_agent_token(pool, args.host, args.token_id)
+
+    try:
+        asyncio.run(act())
+    except (DatabaseUnavailable, NotFound, ValueError) as exc:
+        print(f"orkestr-controller: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,17 +1,28 @@
 """The HTTP API (aiohttp): user routes under /v1, agent routes under /v1/agent.
 
-Every route needs `Authorization: Bearer <token>`: the agent token for /v1/agent/...,
-the api token for everything else; neither works on the other's routes. Every error is
-JSON `{"error": code, "message": text}` (see errors.py for the codes). Handlers that
-change what a host should run mark that host dirty; the publisher does the rest.
+Every route but /healthz needs `Authorization: Bearer <token>`. The middleware resolves
+the token to a principal (principals.py) and admits it by default-deny rules, so a new
+route is safe before anyone thinks about it:
+
+- agent routes take an agent token only, and the host comes from the token, never the URL;
+- /metrics takes the metrics or the operator token;
+- a project token passes only on routes whose `{project_id}` is its own project (and
+  GET /v1/projects, which then lists that project alone); anything else answers 404,
+  as if nothing else existed. Handlers call `require_operator` for project routes that
+  only the operator may use (tokens), and `require_project` for a project id that does
+  not come from the path.
+
+Every error is JSON `{"error": code, "message": text}` (see errors.py for the codes).
+Handlers that change what a host should run mark that host dirty; the publisher does
+the rest.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,13 +31,15 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, store
+from controller import bodies, principals, store
 from controller.config import Config, describe
 from controller.db import Pool
 from controller.env import compose_env
 from controller.errors import (
     ApiError,
     BadRequest,
+    ConfigError,
+    Conflict,
     DatabaseUnavailable,
     InvalidBody,
     InvalidJson,
@@ -41,18 +54,24 @@ from controller.httpserver import JsonErrorsRunner
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
+from controller.principals import Principal
+from controller.rows import new_id
 from controller.seams import DirtyHosts
 from controller.views import (
     AddonList,
     EnvView,
     ErrorView,
     HostList,
+    JobList,
     ProjectList,
     SecretView,
+    TokenList,
     addon_view,
     host_view,
     job_view,
+    new_token_view,
     project_view,
+    token_view,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,6 +80,11 @@ MAX_BODY_BYTES = 1024 * 1024
 AGENT_PREFIX = "/v1/agent/"
 ID = re.compile(r"^[0-9a-f]{32}$")
 HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+PUBLIC_ROUTES = frozenset({"/healthz"})
+UNMATCHED = "unmatched"
+# Routes without a {project_id} that a project token may use.
+PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
+JOBS_LISTED = 100
 B = TypeVar("B", bound=msgspec.Struct)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,6 +122,43 @@ def _path_id(request: web.Request, key: str) -> str:
     return value
 
 
+def principal_of(request: web.Request) -> Principal:
+    principal: Principal = request["principal"]
+    return principal
+
+
+def require_project(request: web.Request, project_id: str) -> None:
+    """Refuse (404) a project token asking about another project; the operator passes."""
+    principal = principal_of(request)
+    if principal.kind == "project" and principal.project_id != project_id:
+        raise NotFound(f"project {project_id} does not exist")
+    if principal.kind not in ("operator", "project"):
+        raise NotFound("no such route")
+
+
+def require_operator(request: web.Request) -> None:
+    if principal_of(request).kind != "operator":
+        raise NotFound("no such route")
+
+
+def admit(principal: Principal | None, request: web.Request, route: str) -> None:
+    """The default-deny rules of the module docstring."""
+    # The matched route decides (it picks the handler); the raw path only when none did.
+    agent_route = (request.path if route == UNMATCHED else route).startswith(AGENT_PREFIX)
+    if agent_route and (principal is None or principal.kind != "agent"):
+        raise Unauthorized("this route needs 'Authorization: Bearer <agent token>'")
+    if principal is None or (principal.kind == "agent" and not agent_route):
+        raise Unauthorized("this route needs 'Authorization: Bearer <operator or project token>'")
+    if principal.kind == "metrics" and route != "/metrics":
+        raise Unauthorized("the metrics token only reads GET /metrics")
+    if principal.kind == "project":
+        project_id = request.match_info.get("project_id")
+        if project_id is not None:
+            require_project(request, project_id)
+        elif (request.method, route) not in PROJECT_TOKEN_ROUTES:
+            raise NotFound("no such route")
+
+
 async def read_body(request: web.Request, kind: type[B]) -> B:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
@@ -125,8 +186,7 @@ class Api:
         self._plans = plans
         self._dirty = dirty
         self._metrics = metrics
-        self._api_token = config.http.api_token.encode()
-        self._agent_token = config.http.agent_token.encode()
+        self._sealer = config.sealer
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
@@ -140,34 +200,46 @@ class Api:
         r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
+        r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
+        r.add_delete("/v1/projects/{project_id}/jobs/{job_id}", self.cancel_job)
+        r.add_post("/v1/projects/{project_id}/jobs/{job_id}/cancel", self.cancel_job)
+        r.add_post("/v1/projects/{project_id}/tokens", self.create_project_token)
+        r.add_get("/v1/projects/{project_id}/tokens", self.list_project_tokens)
+        r.add_delete("/v1/projects/{project_id}/tokens/{token_id}", self.revoke_project_token)
         r.add_get("/v1/hosts", self.list_hosts)
+        r.add_post("/v1/hosts/{host}/agent-tokens", self.create_agent_token)
+        r.add_get("/v1/hosts/{host}/agent-tokens", self.list_agent_tokens)
+        r.add_delete("/v1/hosts/{host}/agent-tokens/{token_id}", self.revoke_agent_token)
         r.add_get("/metrics", self.metrics)
-        r.add_get("/v1/agent/hosts/{host}/addons/{addon_id}/secret", self.agent_secret)
-        r.add_get("/v1/agent/hosts/{host}/projects/{project_id}/env", self.agent_env)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/v1/agent/addons/{addon_id}/secret", self.agent_secret)
+        r.add_get("/v1/agent/projects/{project_id}/env", self.agent_env)
         return app
 
     # --- cross-cutting ----------------------------------------------------------------
 
-    def _authorize(self, request: web.Request) -> None:
-        agent = request.path.startswith(AGENT_PREFIX)
-        expected = self._agent_token if agent else self._api_token
+    async def _authorize(self, request: web.Request, route: str) -> None:
+        if route in PUBLIC_ROUTES:
+            return
         header = request.headers.get("Authorization", "")
         if not header.isascii():
-            # Tokens are ASCII; anything else cannot match (and cannot be encoded to compare).
+            # Tokens are ASCII; anything else cannot match (and cannot be encoded to hash).
             raise BadRequest("the Authorization header must be ASCII")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            kind = "agent" if agent else "api"
-            raise Unauthorized(f"this route needs 'Authorization: Bearer <{kind} token>'")
+        principal = None
+        if scheme.lower() == "bearer":
+            principal = await principals.resolve(self._pool, self._config.http, token.strip())
+        request["principal"] = principal
+        admit(principal, request, route)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
+        route = resource.canonical if resource is not None else UNMATCHED
         try:
-            self._authorize(request)
+            await self._authorize(request, route)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc)
@@ -206,7 +278,7 @@ class Api:
         return json_response(project_view(project), 201)
 
     async def list_projects(self, request: web.Request) -> web.Response:
-        projects = await store.list_projects(self._pool)
+        projects = await store.list_projects(self._pool, principal_of(request).project_id)
         return json_response(ProjectList(projects=tuple(project_view(p) for p in projects)))
 
     async def show_project(self, request: web.Request) -> web.Response:
@@ -219,10 +291,11 @@ class Api:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.AddonCreate)
         bodies.check_addon(body)
-        password = secrets.token_urlsafe(24)
+        addon_id = new_id()
+        sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
         try:
             addon = await store.create_addon(
-                self._pool, project_id, body.name, body.kind, self._plans, password
+                self._pool, project_id, addon_id, body.name, body.kind, self._plans, sealed
             )
         except PlanLimitReached:
             self._metrics.plan_limit_rejections.labels(
@@ -252,7 +325,7 @@ class Api:
         return json_response(addon_view(addon, self._plans), 202)
 
     async def project_env(self, request: web.Request) -> web.Response:
-        found = await store.credentials(self._pool, _path_id(request, "project_id"))
+        found = await store.credentials(self._pool, self._sealer, _path_id(request, "project_id"))
         return json_response(EnvView(env=compose_env(found)))
 
     # --- jobs -------------------------------------------------------------------------
@@ -260,14 +333,9 @@ class Api:
     async def create_job(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.JobCreate)
-        bodies.check_job(body, self._config.jobs.allowed_images)
+        spec_bytes = bodies.check_job(body, self._config.jobs.allowed_images)
         job, host = await store.create_job(
-            self._pool,
-            project_id,
-            body.image,
-            body.command,
-            body.timeout_s,
-            bodies.MAX_PENDING_JOBS,
+            self._pool, project_id, body.image, body.command, body.timeout_s, spec_bytes
         )
         self._dirty.mark(host)
         log(logger, "job_created", project=project_id, job=job.id, image=job.image)
@@ -278,6 +346,63 @@ class Api:
             self._pool, _path_id(request, "project_id"), _path_id(request, "job_id")
         )
         return json_response(job_view(job))
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        jobs = await store.list_jobs(self._pool, _path_id(request, "project_id"), JOBS_LISTED)
+        return json_response(JobList(jobs=tuple(job_view(j) for j in jobs)))
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        job, host, changed = await store.cancel_job(
+            self._pool, project_id, _path_id(request, "job_id")
+        )
+        if job.state not in ("pending", "cancelled"):
+            raise Conflict(f"job {job.id} already finished ({job.state}); nothing to cancel")
+        if changed:
+            self._dirty.mark(host)  # the job leaves the desired state; the agent stops it
+            log(logger, "job_cancelled", project=project_id, job=job.id)
+        return json_response(job_view(job))
+
+    # --- tokens -----------------------------------------------------------------------
+
+    async def create_project_token(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.TokenCreate)
+        row, token = await principals.create_project_token(self._pool, project_id, body.name)
+        log(logger, "project_token_created", project=project_id, token_id=row.id)
+        return json_response(new_token_view(row, token), 201)
+
+    async def list_project_tokens(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        rows = await principals.list_project_tokens(self._pool, _path_id(request, "project_id"))
+        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+
+    async def revoke_project_token(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        project_id = _path_id(request, "project_id")
+        token_id = _path_id(request, "token_id")
+        await principals.revoke_project_token(self._pool, project_id, token_id)
+        log(logger, "project_token_revoked", project=project_id, token_id=token_id)
+        return web.Response(status=204)
+
+    async def create_agent_token(self, request: web.Request) -> web.Response:
+        host = self._path_host(request)
+        body = await read_body(request, bodies.TokenCreate)
+        row, token = await principals.create_agent_token(self._pool, host, body.name)
+        log(logger, "agent_token_created", host=host, token_id=row.id)
+        return json_response(new_token_view(row, token), 201)
+
+    async def list_agent_tokens(self, request: web.Request) -> web.Response:
+        rows = await principals.list_agent_tokens(self._pool, self._path_host(request))
+        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+
+    async def revoke_agent_token(self, request: web.Request) -> web.Response:
+        host = self._path_host(request)
+        token_id = _path_id(request, "token_id")
+        await principals.revoke_agent_token(self._pool, host, token_id)
+        log(logger, "agent_token_revoked", host=host, token_id=token_id)
+        return web.Response(status=204)
 
     # --- operations -------------------------------------------------------------------
 
@@ -291,7 +416,8 @@ class Api:
         response.headers["Content-Type"] = content_type
         return response
 
-    # --- agent routes -----------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"ok": True})
 
     def _path_host(self, request: web.Request) -> str:
         host = request.match_info["host"]
@@ -299,9 +425,13 @@ class Api:
             raise NotFound(f"host {host!r} is not a host name")
         return host
 
+    # --- agent routes: the host is the one the agent token belongs to -----------------
+
     async def agent_secret(self, request: web.Request) -> web.Response:
-        host = self._path_host(request)
-        secret = await store.addon_secret(self._pool, host, _path_id(request, "addon_id"))
+        host = principal_of(request).host
+        assert host is not None
+        addon_id = _path_id(request, "addon_id")
+        secret = await store.addon_secret(self._pool, self._sealer, host, addon_id)
         # Deliberately no password in the log line.
         log(logger, "secret_served", host=host, addon=request.match_info["addon_id"])
         return json_response(
@@ -309,19 +439,33 @@ class Api:
         )
 
     async def agent_env(self, request: web.Request) -> web.Response:
-        host = self._path_host(request)
-        found = await store.credentials(self._pool, _path_id(request, "project_id"), host)
+        host = principal_of(request).host
+        assert host is not None
+        project_id = _path_id(request, "project_id")
+        found = await store.credentials(self._pool, self._sealer, project_id, host)
         return json_response(EnvView(env=compose_env(found)))
 
 
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"http.tls_cert_file/tls_key_file: cannot load: {exc}") from None
+    return context
+
+
 @asynccontextmanager
-async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+async def serve(
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[None]:
     """Listen until the context exits; in-flight requests get a few seconds to finish."""
     runner = JsonErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        log(logger, "http_listening", host=host, port=port)
+        await web.TCPSite(runner, host, port, ssl_context=tls).start()
+        log(logger, "http_listening", host=host, port=port, tls=tls is not None)
         yield
     finally:
         await runner.cleanup()

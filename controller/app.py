@@ -15,7 +15,7 @@ import signal
 from contextlib import AsyncExitStack
 
 from controller import db, store
-from controller.api import Api, serve
+from controller.api import Api, serve, tls_context
 from controller.config import Config
 from controller.errors import ConfigError
 from controller.ingest import Ingest
@@ -24,6 +24,7 @@ from controller.metrics import Metrics
 from controller.mqtt import MqttLink
 from controller.plans import Plans
 from controller.publisher import Publisher
+from controller.retention import prune_jobs_forever
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ async def run(config: Config, plans: Plans) -> None:
             )
         )
         await db.migrate(pool)
+        sealed = await store.seal_plaintext_passwords(pool, config.sealer)
+        if sealed:
+            log(logger, "passwords_sealed", addons=sealed)
         missing = await store.plans_in_use(pool) - set(plans)
         if missing:
             raise ConfigError(
@@ -62,12 +66,14 @@ async def run(config: Config, plans: Plans) -> None:
             },
             ("500", "503"),
         )
-        await stack.enter_async_context(serve(app, config.http.host, config.http.port))
+        tls = tls_context(*map(str, config.http.tls)) if config.http.tls else None
+        await stack.enter_async_context(serve(app, config.http.host, config.http.port, tls))
         log(logger, "controller_ready", plans=",".join(plans))
         async with asyncio.TaskGroup() as tasks:
             loops = [
                 tasks.create_task(link.run(ingest.handle, publisher.mark_all), name="mqtt"),
                 tasks.create_task(publisher.run(), name="publisher"),
+                tasks.create_task(prune_jobs_forever(pool, config.jobs), name="jobs-pruner"),
             ]
             await stop.wait()
             log(logger, "controller_stopping")

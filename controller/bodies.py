@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta, Struct
 
 from controller.env import clashes_with_default, variable_name
-from controller.errors import InvalidBody
+from controller.errors import InvalidBody, PayloadTooLarge
 from controller.plans import Plan
 from schemas.images import ImageRefused, check_reference
-from schemas.messages import AddonKind, DnsName
+from schemas.messages import MAX_MESSAGE_BYTES, AddonKind, DnsName, JobSpec, Resources
 
 ProjectName = Annotated[
     str,
@@ -28,9 +29,16 @@ ImageRef = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", min_length=1, max_length=512)
 ]
 Argument = Annotated[str, Meta(max_length=4096)]
-# Pending jobs travel in the host's desired state, which must stay far below 1 MiB.
+# Pending jobs travel in the host's desired state, which must stay below 1 MiB whatever
+# the commands hold: a control character grows 6x in JSON, so the budgets count encoded
+# bytes. A project's pending jobs share one budget, a host's projects a larger one.
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_PENDING_JOBS = 8
+MAX_PROJECT_JOB_BYTES = 64 * 1024
+MAX_HOST_JOB_BYTES = MAX_MESSAGE_BYTES // 4
+# The snapshot adds the plan's sizing to each job: count it at its longest encoding.
+LONGEST_RESOURCES = Resources(cpus=0.1234567890123456, memory_mb=1024 * 1024)
+TokenName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$")]
 
 
 class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,6 +57,10 @@ class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
     timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
 
 
+class TokenCreate(Struct, frozen=True, forbid_unknown_fields=True):
+    name: TokenName = "default"
+
+
 def check_project(body: ProjectCreate, plans: Mapping[str, Plan]) -> None:
     if body.plan not in plans:
         raise InvalidBody(f"plan: unknown plan {body.plan!r}; expected one of {', '.join(plans)}")
@@ -62,7 +74,8 @@ def check_addon(body: AddonCreate) -> None:
         )
 
 
-def check_job(body: JobCreate, allowed_images: Iterable[str]) -> None:
+def check_job(body: JobCreate, allowed_images: Iterable[str]) -> int:
+    """Validate a job; returns the bytes its JobSpec takes in the desired state."""
     try:
         check_reference(body.image, allowed_images)
     except ImageRefused as exc:
@@ -72,3 +85,17 @@ def check_job(body: JobCreate, allowed_images: Iterable[str]) -> None:
     size = sum(len(arg.encode()) for arg in body.command)
     if size > MAX_COMMAND_BYTES:
         raise InvalidBody(f"command: {size} bytes in total; at most {MAX_COMMAND_BYTES}")
+    spec = JobSpec(
+        id="0" * 32,
+        image=body.image,
+        command=body.command,
+        timeout_s=body.timeout_s,
+        resources=LONGEST_RESOURCES,
+    )
+    encoded = len(msgspec.json.encode(spec))
+    if encoded > MAX_PROJECT_JOB_BYTES:
+        raise PayloadTooLarge(
+            f"job: {encoded} bytes once encoded for the host (control characters count 6x); "
+            f"at most {MAX_PROJECT_JOB_BYTES}"
+        )
+    return encoded

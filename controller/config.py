@@ -1,8 +1,8 @@
 """The controller's configuration: controller.toml validated into frozen structs.
 
 `load_config` reads the TOML file, checks every key (unknown keys are errors, so typos
-are caught), reads token files relative to the config file and returns a `Config`.
-Every problem becomes a `ConfigError` whose message names the offending key.
+are caught), checks the token and key files (relative to the config file) and returns a
+`Config`. Every problem becomes a `ConfigError` whose message names the offending key.
 """
 
 from __future__ import annotations
@@ -16,18 +16,28 @@ import msgspec
 from msgspec import Meta, Struct
 
 from controller.errors import ConfigError
+from controller.sealing import Sealer
+from controller.tokens import AgentTokensFile, FileToken
 from schemas.images import DEFAULT_JOB_IMAGES
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
-MIN_TOKEN_CHARS = 16
 
 
 class HttpSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:8080"
+    operator_token: str | None = None
+    operator_token_file: str | None = None
+    # The older names of operator_token[_file].
     api_token: str | None = None
     api_token_file: str | None = None
+    metrics_token: str | None = None
+    metrics_token_file: str | None = None
+    agent_tokens_file: str | None = None
+    # Replaced by per-host agent tokens; kept only to say so.
     agent_token: str | None = None
     agent_token_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 class DatabaseSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,19 +63,27 @@ class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
     offline_after_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
 
 
-class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
-    # Shell-style patterns of the images a job may run (schemas/images.py).
-    allowed_images: tuple[str, ...] = DEFAULT_JOB_IMAGES
-
-
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.
     format: Literal["text", "json"] = "text"
 
 
+class SecretsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    key_file: Annotated[str, Meta(min_length=1)]
+
+
+class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # Shell-style patterns of the images a job may run (schemas/images.py).
+    allowed_images: tuple[str, ...] = DEFAULT_JOB_IMAGES
+    # Finished jobs (and their output) are deleted this long after they finish.
+    retention_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 7 * 86400.0
+    prune_interval_s: Annotated[float, Meta(ge=0.1, le=86400)] = 300.0
+
+
 class _File(Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseSection
+    secrets: SecretsSection
     http: HttpSection = HttpSection()
     mqtt: MqttSection = MqttSection()
     plans: PlansSection = PlansSection()
@@ -74,11 +92,25 @@ class _File(Struct, frozen=True, forbid_unknown_fields=True):
     log: LogSection = LogSection()
 
 
-class HttpConfig(Struct, frozen=True):
-    host: str
-    port: int
-    api_token: str
-    agent_token: str
+class HttpConfig:
+    """Resolved [http]: the listen address, the credentials and TLS (not a struct: the
+    token holders re-read their files)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        operator: FileToken,
+        metrics: FileToken | None,
+        agent_tokens: AgentTokensFile | None,
+        tls: tuple[Path, Path] | None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.operator = operator
+        self.metrics = metrics
+        self.agent_tokens = agent_tokens
+        self.tls = tls  # (certificate chain file, private key file)
 
 
 class Config(Struct, frozen=True):
@@ -88,6 +120,7 @@ class Config(Struct, frozen=True):
     plans_file: Path | None  # None: the plans.toml packaged with the controller
     hosts: HostsSection
     log: LogSection
+    sealer: Sealer
     jobs: JobsSection = JobsSection()
 
 
@@ -135,12 +168,30 @@ def parse_config(text: str, base: Path) -> Config:
 
 
 def resolve(file: _File, base: Path) -> Config:
-    host, port = parse_listen(file.http.listen)
-    api_token = _token(file.http.api_token, file.http.api_token_file, "api_token", base)
-    agent_token = _token(file.http.agent_token, file.http.agent_token_file, "agent_token", base)
-    if api_token == agent_token:
-        # Otherwise a user could call the agent routes and read every add-on password.
-        raise ConfigError("http.agent_token must differ from http.api_token")
+    http = file.http
+    host, port = parse_listen(http.listen)
+    if http.agent_token is not None or http.agent_token_file is not None:
+        raise ConfigError(
+            "http.agent_token[_file]: the shared agent token is gone; give each host its own "
+            "(http.agent_tokens_file or POST /v1/hosts/{host}/agent-tokens)"
+        )
+    if http.api_token is not None or http.api_token_file is not None:
+        if http.operator_token is not None or http.operator_token_file is not None:
+            raise ConfigError(
+                "http: give operator_token[_file] or its older name api_token[_file], not both"
+            )
+        http = msgspec.structs.replace(
+            http, operator_token=http.api_token, operator_token_file=http.api_token_file
+        )
+    operator = _token(http.operator_token, http.operator_token_file, "operator_token", base)
+    assert operator is not None
+    metrics = _token(http.metrics_token, http.metrics_token_file, "metrics_token", base, True)
+    agents = AgentTokensFile(base / http.agent_tokens_file) if http.agent_tokens_file else None
+    if (http.tls_cert_file is None) != (http.tls_key_file is None):
+        raise ConfigError("http.tls_cert_file and http.tls_key_file must be given together")
+    tls = None
+    if http.tls_cert_file is not None and http.tls_key_file is not None:
+        tls = (base / http.tls_cert_file, base / http.tls_key_file)
     if not re.match(r"^postgres(ql)?://", file.database.url):
         raise ConfigError("database.url must be a postgresql:// URL")
     if file.database.min_connections > file.database.max_connections:
@@ -149,12 +200,13 @@ def resolve(file: _File, base: Path) -> Config:
         raise ConfigError("mqtt.username and mqtt.password must be given together")
     plans = base / file.plans.file if file.plans.file else None
     return Config(
-        http=HttpConfig(host=host, port=port, api_token=api_token, agent_token=agent_token),
+        http=HttpConfig(host, port, operator, metrics, agents, tls),
         database=file.database,
         mqtt=file.mqtt,
         plans_file=plans,
         hosts=file.hosts,
         log=file.log,
+        sealer=Sealer.from_file(base / file.secrets.key_file),
         jobs=file.jobs,
     )
 
@@ -167,17 +219,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _token(value: str | None, file: str | None, key: str, base: Path) -> str:
-    if (value is None) == (file is None):
+def _token(
+    value: str | None, file: str | None, key: str, base: Path, optional: bool = False
+) -> FileToken | None:
+    if value is not None and file is not None:
+        raise ConfigError(f"http: give only one of {key} and {key}_file")
+    if value is None and file is None:
+        if optional:
+            return None
         raise ConfigError(f"http: exactly one of {key} and {key}_file is required")
-    if file is not None:
-        try:
-            value = (base / file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"http.{key}_file: cannot read {file}: {exc}") from None
-    assert value is not None
-    if len(value) < MIN_TOKEN_CHARS or any(c.isspace() for c in value):
-        raise ConfigError(
-            f"http.{key} must be at least {MIN_TOKEN_CHARS} characters without whitespace"
-        )
-    return value
+    return FileToken(f"http.{key}", value, base / file if file is not None else None)

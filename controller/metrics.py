@@ -1,6 +1,6 @@
 """Prometheus metrics of one controller process, in their own registry.
 
-Served at GET /metrics (behind the api token). Names follow controller-runtime's habit:
+Served at GET /metrics (metrics or operator token). Names follow controller-runtime's habit:
 a `_total` counter per outcome, a duration histogram per HTTP route.
 """
 

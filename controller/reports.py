@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from controller.db import Pool, transaction
 from controller.rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
-from schemas.messages import HostStatus, JobResult, Presence
+from schemas.messages import MAX_GENERATION, HostStatus, JobResult, Presence
+
+# A restored database is behind its agents by the generations published since the backup:
+# thousands, not billions. A larger jump is a forged or corrupt report.
+MAX_GENERATION_STEP = 2**32
 
 
 async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | None:
@@ -46,11 +50,16 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
         )
         if inserted is None:
             return None  # older than what we have: out-of-order delivery
-        # Generations must keep rising for the agent even if our database was restored.
+        # Generations must keep rising for the agent even if our database was restored,
+        # but only by a plausible step: a forged huge generation must not exhaust the
+        # sequence (every later snapshot would fail) nor push it past what agents accept.
         behind = await conn.fetchval(
             """SELECT setval('desired_generation', $1) FROM desired_generation
-            WHERE $1 >= CASE WHEN is_called THEN last_value + 1 ELSE last_value END""",
+            WHERE $1 >= CASE WHEN is_called THEN last_value + 1 ELSE last_value END
+              AND $1 <= last_value + $2 AND $1 <= $3""",
             status.applied_generation,
+            MAX_GENERATION_STEP,
+            MAX_GENERATION // 2,
         )
         if status.addons:
             await conn.execute(

@@ -15,7 +15,7 @@ from msgspec import Struct
 
 from schemas.messages import AddonKind, AddonStatus
 
-JobState = Literal["pending", "succeeded", "failed"]
+JobState = Literal["pending", "succeeded", "failed", "cancelled"]
 
 
 class HostRow(Struct, frozen=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from controller import bodies
 from controller.db import Connection, Pool, transaction
 from controller.env import Credentials
 from controller.errors import (
@@ -31,6 +32,7 @@ from controller.rows import (
     new_id,
     uuid_of,
 )
+from controller.sealing import Sealer
 from schemas.messages import AddonKind
 
 # Postgres role and database created inside every Postgres add-on.
@@ -94,10 +96,13 @@ async def get_project(pool: Pool, project_id: str) -> ProjectRow:
     return _project(row)
 
 
-async def list_projects(pool: Pool) -> list[ProjectRow]:
+async def list_projects(pool: Pool, only: str | None = None) -> list[ProjectRow]:
+    """Every project, or with `only` that project alone (what a project token sees)."""
     async with transaction(pool) as conn:
         rows = await conn.fetch(
-            f"SELECT {_PROJECT_COLUMNS} FROM projects p ORDER BY created_at, id"
+            f"""SELECT {_PROJECT_COLUMNS} FROM projects p
+            WHERE $1::uuid IS NULL OR p.id = $1 ORDER BY created_at, id""",
+            uuid_of(only) if only is not None else None,
         )
     return [_project(r) for r in rows]
 
@@ -144,10 +149,11 @@ async def _lock_project(conn: Connection, project_id: str) -> Mapping[str, Any]:
 async def create_addon(
     pool: Pool,
     project_id: str,
+    addon_id: str,
     name: str,
     kind: AddonKind,
     plans: Mapping[str, Plan],
-    password: str,
+    password_sealed: bytes,
 ) -> AddonRow:
     """Insert an add-on unless the project's plan limit is reached.
 
@@ -175,19 +181,20 @@ async def create_addon(
             row = await conn.fetchrow(
                 f"""
                 WITH a AS (
-                    INSERT INTO addons (id, project_id, name, kind, database, "user", password)
+                    INSERT INTO addons
+                        (id, project_id, name, kind, database, "user", password_sealed)
                     VALUES ($1, $2, $3, $4, $5, $6, $7)
                     RETURNING *
                 )
                 SELECT {_ADDON_COLUMNS} FROM a JOIN projects p ON p.id = a.project_id
                 """,
-                uuid_of(new_id()),
+                uuid_of(addon_id),
                 project["id"],
                 name,
                 kind,
                 ADDON_DATABASE,
                 ADDON_USER,
-                password,
+                password_sealed,
             )
     except Conflict:
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None
@@ -231,7 +238,9 @@ async def tombstone_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRo
     return await get_addon(pool, project_id, addon_id)
 
 
-async def credentials(pool: Pool, project_id: str, host: str | None = None) -> list[Credentials]:
+async def credentials(
+    pool: Pool, sealer: Sealer, project_id: str, host: str | None = None
+) -> list[Credentials]:
     """The live add-ons' connection details; with `host`, only if placed on that host."""
     async with transaction(pool) as conn:
         placed = await conn.fetchval("SELECT host FROM projects WHERE id = $1", uuid_of(project_id))
@@ -240,7 +249,7 @@ async def credentials(pool: Pool, project_id: str, host: str | None = None) -> l
                 f"project {project_id} does not exist" + (f" on host {host}" if host else "")
             )
         rows = await conn.fetch(
-            """SELECT id, name, kind, database, "user", password, created_at FROM addons
+            """SELECT id, name, kind, database, "user", password_sealed, created_at FROM addons
             WHERE project_id = $1 AND deleted_at IS NULL""",
             uuid_of(project_id),
         )
@@ -251,28 +260,44 @@ async def credentials(pool: Pool, project_id: str, host: str | None = None) -> l
             kind=r["kind"],
             database=r["database"],
             user=r["user"],
-            password=r["password"],
+            password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
             created_at=r["created_at"],
         )
         for r in rows
     ]
 
 
-async def addon_secret(pool: Pool, host: str, addon_id: str) -> Secret:
+async def addon_secret(pool: Pool, sealer: Sealer, host: str, addon_id: str) -> Secret:
     """An add-on's password, only for the host its project is placed on.
 
     Tombstoned add-ons still answer until purged: an agent may be mid-provision.
     """
     async with transaction(pool) as conn:
         row = await conn.fetchrow(
-            """SELECT a.password, a.secret_version FROM addons a
+            """SELECT a.password_sealed, a.secret_version FROM addons a
             JOIN projects p ON p.id = a.project_id WHERE a.id = $1 AND p.host = $2""",
             uuid_of(addon_id),
             host,
         )
     if row is None:
         raise NotFound(f"add-on {addon_id} is not placed on host {host}")
-    return Secret(password=row["password"], secret_version=row["secret_version"])
+    password = sealer.open(row["password_sealed"], addon_id.encode())
+    return Secret(password=password, secret_version=row["secret_version"])
+
+
+async def seal_plaintext_passwords(pool: Pool, sealer: Sealer) -> int:
+    """Seal the passwords an older controller stored in plaintext; returns how many."""
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT id, password FROM addons WHERE password IS NOT NULL FOR UPDATE"
+        )
+        for r in rows:
+            await conn.execute(
+                "UPDATE addons SET password_sealed = $2, password = NULL WHERE id = $1",
+                r["id"],
+                sealer.seal(r["password"], hex_of(r["id"]).encode()),
+            )
+    return len(rows)
 
 
 # --- jobs -----------------------------------------------------------------------------
@@ -304,29 +329,97 @@ async def create_job(
     image: str,
     command: Sequence[str],
     timeout_s: float,
-    max_pending: int,
+    spec_bytes: int,
 ) -> tuple[JobRow, str]:
-    """A pending job and the host to run it; bounded so desired states stay small."""
+    """A pending job and the host to run it, within the pending-job budgets (bodies.py)
+    of its project and of its host, so no tenant can grow a host's desired state past
+    what the agent accepts."""
     async with transaction(pool) as conn:
         project = await _lock_project(conn, project_id)
-        pending = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE project_id = $1 AND state = 'pending'", project["id"]
+        # Serialise job creation per host, so the host's budget is counted exactly.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('orkestr.jobs.' || $1))", project["host"]
         )
-        if pending >= max_pending:
-            raise TooManyPendingJobs(
-                f"this project already has {pending} pending jobs (at most {max_pending}); "
-                "wait for one to finish"
-            )
+        used = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE j.project_id = $1) AS pending,
+                coalesce(sum(j.spec_bytes) FILTER (WHERE j.project_id = $1), 0) AS project_bytes,
+                coalesce(sum(j.spec_bytes), 0) AS host_bytes
+            FROM jobs j JOIN projects p ON p.id = j.project_id
+            WHERE p.host = $2 AND j.state = 'pending'""",
+            project["id"],
+            project["host"],
+        )
+        _check_job_budgets(used["pending"], used["project_bytes"], used["host_bytes"], spec_bytes)
         row = await conn.fetchrow(
-            f"""INSERT INTO jobs (id, project_id, image, command, timeout_s)
-            VALUES ($1, $2, $3, $4, $5) RETURNING {_JOB_COLUMNS}""",
+            f"""INSERT INTO jobs (id, project_id, image, command, timeout_s, spec_bytes)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_JOB_COLUMNS}""",
             uuid_of(new_id()),
             project["id"],
             image,
             list(command),
             timeout_s,
+            spec_bytes,
         )
     return _job(row), project["host"]
+
+
+def _check_job_budgets(pending: int, project_bytes: int, host_bytes: int, size: int) -> None:
+    if pending >= bodies.MAX_PENDING_JOBS:
+        raise TooManyPendingJobs(
+            f"this project already has {pending} pending jobs (at most "
+            f"{bodies.MAX_PENDING_JOBS}); wait for one to finish or cancel one"
+        )
+    if project_bytes + size > bodies.MAX_PROJECT_JOB_BYTES:
+        raise TooManyPendingJobs(
+            f"this job needs {size} bytes and the project's pending jobs hold {project_bytes}; "
+            f"at most {bodies.MAX_PROJECT_JOB_BYTES} bytes of pending jobs per project: "
+            "wait for one to finish or cancel one"
+        )
+    if host_bytes + size > bodies.MAX_HOST_JOB_BYTES:
+        raise TooManyPendingJobs(
+            f"this job needs {size} bytes and the pending jobs on this project's host hold "
+            f"{host_bytes}; at most {bodies.MAX_HOST_JOB_BYTES} bytes per host: retry later"
+        )
+
+
+async def list_jobs(pool: Pool, project_id: str, limit: int) -> list[JobRow]:
+    """The project's newest jobs first."""
+    async with transaction(pool) as conn:
+        if not await conn.fetchval("SELECT true FROM projects WHERE id = $1", uuid_of(project_id)):
+            raise NotFound(f"project {project_id} does not exist")
+        rows = await conn.fetch(
+            f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE project_id = $1
+            ORDER BY created_at DESC, id DESC LIMIT $2""",
+            uuid_of(project_id),
+            limit,
+        )
+    return [_job(r) for r in rows]
+
+
+async def cancel_job(pool: Pool, project_id: str, job_id: str) -> tuple[JobRow, str, bool]:
+    """Cancel a pending job: (the job, its host, whether this call cancelled it)."""
+    async with transaction(pool) as conn:
+        changed = await conn.fetchval(
+            """UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp(),
+                error = 'cancelled by the API'
+            WHERE id = $1 AND project_id = $2 AND state = 'pending' RETURNING true""",
+            uuid_of(job_id),
+            uuid_of(project_id),
+        )
+        host = await conn.fetchval("SELECT host FROM projects WHERE id = $1", uuid_of(project_id))
+    job = await get_job(pool, project_id, job_id)
+    return job, host, bool(changed)
+
+
+async def prune_jobs(pool: Pool, retention_s: float) -> int:
+    """Delete finished jobs (with their output) older than the retention; returns how many."""
+    async with transaction(pool) as conn:
+        deleted = await conn.fetch(
+            """DELETE FROM jobs WHERE state <> 'pending'
+              AND finished_at < now() - make_interval(secs => $1) RETURNING id""",
+            retention_s,
+        )
+    return len(deleted)
 
 
 async def get_job(pool: Pool, project_id: str, job_id: str) -> JobRow:

@@ -14,6 +14,7 @@ from msgspec import Struct
 
 from controller.env import PORTS, variable_name
 from controller.plans import Plan
+from controller.principals import TokenRow
 from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
     AddonKind,
@@ -117,6 +118,27 @@ class AddonList(Struct, frozen=True):
     addons: tuple[AddonView, ...]
 
 
+class JobList(Struct, frozen=True):
+    jobs: tuple[JobView, ...]
+
+
+class TokenView(Struct, frozen=True):
+    id: str
+    name: str
+    created_at: datetime
+
+
+class NewTokenView(Struct, frozen=True):
+    id: str
+    name: str
+    created_at: datetime
+    token: str  # shown this once; the controller keeps only its digest
+
+
+class TokenList(Struct, frozen=True):
+    tokens: tuple[TokenView, ...]
+
+
 class HostList(Struct, frozen=True):
     hosts: tuple[HostView, ...]
 
@@ -185,3 +207,11 @@ def host_view(h: HostRow) -> HostView:
         last_seen=h.last_seen,
         projects=h.projects,
     )
+
+
+def token_view(t: TokenRow) -> TokenView:
+    return TokenView(id=t.id, name=t.name, created_at=t.created_at)
+
+
+def new_token_view(t: TokenRow, token: str) -> NewTokenView:
+    return NewTokenView(id=t.id, name=t.name, created_at=t.created_at, token=token)

@@ -2,7 +2,8 @@
 # Installs and starts everything on this machine: Docker Engine, Mosquitto, PostgreSQL,
 # the add-on images, the project's virtual environment, the controller and one agent;
 # then creates an example project with a Postgres add-on and prints how to reach the API.
-# Idempotent: a second run checks, reuses the same tokens and the same example project.
+# Idempotent: a second run checks, reuses the same tokens and the same example project,
+# and moves a configuration written by an older up.sh to the per-service credentials.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -17,27 +18,87 @@ chmod 700 "$etc"
 host=${ORKESTR_HOST:-$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-60)}
 api_port=${ORKESTR_API_PORT:-8080}
 mqtt_port=${ORKESTR_MQTT_PORT:-1883}
+database=${ORKESTR_DATABASE:-orkestr}
 
-for t in api_token agent_token; do
-  [ -s "$etc/$t" ] || (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' >"$etc/$t")
+# Credentials, each in its own root-only file (docs/operations.md: which goes where):
+# the operator's API token (an older up.sh called it api_token), the Prometheus scrape
+# token, this host's agent token, the key that seals add-on passwords in the database,
+# and the password of the controller's own database role.
+[ -s "$etc/operator_token" ] || [ ! -s "$etc/api_token" ] || mv "$etc/api_token" "$etc/operator_token"
+new_secret() { .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))'; }
+for t in operator_token metrics_token agent_token; do
+  [ -s "$etc/$t" ] || (umask 077; new_secret >"$etc/$t")
 done
+[ -s "$etc/secrets.key" ] || (umask 077; head -c 32 /dev/urandom | base64 >"$etc/secrets.key")
+[ -s "$etc/database_password" ] || (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_hex(24))' >"$etc/database_password")
+# The controller's bootstrap list of agent tokens: "<host> <sha256 of the token>".
+agent_digest=$(tr -d '\n' <"$etc/agent_token" | sha256sum | cut -d' ' -f1)
+grep -qs "^$host $agent_digest\$" "$etc/agent_tokens" ||
+  (umask 077; echo "$host $agent_digest" >>"$etc/agent_tokens")
+chmod 600 "$etc"/operator_token "$etc"/metrics_token "$etc"/agent_token "$etc"/agent_tokens \
+  "$etc"/secrets.key "$etc"/database_password
+
+# The controller's own database role, with that random password; the test role that
+# deploy/services.sh creates gets no access to the controller's database.
+db_password=$(cat "$etc/database_password")
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 <<SQL
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'orkestr_controller') THEN
+    CREATE ROLE orkestr_controller LOGIN;
+  END IF;
+END \$\$;
+ALTER ROLE orkestr_controller PASSWORD '$db_password';
+SQL
+runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname='$database'" | grep -q 1 \
+  || runuser -u postgres -- createdb -O orkestr_controller "$database"
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 <<SQL
+ALTER DATABASE "$database" OWNER TO orkestr_controller;
+REVOKE CONNECT, TEMPORARY ON DATABASE "$database" FROM PUBLIC;
+SQL
+# Tables an older up.sh's controller created as the shared role move to the new owner.
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d "$database" <<'SQL'
+DO $$ DECLARE r record; BEGIN
+  FOR r IN SELECT c.oid::regclass AS name, c.relkind FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S')
+             AND pg_get_userbyid(c.relowner) <> 'orkestr_controller' LOOP
+    EXECUTE format('ALTER %s %s OWNER TO orkestr_controller',
+                   CASE r.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, r.name);
+  END LOOP;
+END $$;
+SQL
+database_url="postgresql://orkestr_controller:$db_password@127.0.0.1:5432/$database"
 
 if [ ! -f "$etc/controller.toml" ]; then
-  cat >"$etc/controller.toml" <<TOML
+  (umask 077; cat >"$etc/controller.toml" <<TOML
 [http]
 listen = "127.0.0.1:$api_port"
-api_token_file = "$etc/api_token"
-agent_token_file = "$etc/agent_token"
+operator_token_file = "$etc/operator_token"
+metrics_token_file = "$etc/metrics_token"
+agent_tokens_file = "$etc/agent_tokens"
+
+[secrets]
+key_file = "$etc/secrets.key"
 
 [database]
-url = "postgresql://orkestr:orkestr@127.0.0.1:5432/orkestr"
+url = "$database_url"
 
 [mqtt]
 host = "127.0.0.1"
 port = $mqtt_port
 client_id = "orkestr-controller"
 TOML
+  )
+else
+  # An older up.sh's file: the shared agent token, the fixed database password, no key.
+  sed -i -e "s#^api_token_file = .*#operator_token_file = \"$etc/operator_token\"#" \
+    -e "s#^agent_token_file = .*#agent_tokens_file = \"$etc/agent_tokens\"\nmetrics_token_file = \"$etc/metrics_token\"#" \
+    -e "s#^url = \"postgresql://orkestr:orkestr@127.0.0.1:5432/orkestr\"#url = \"$database_url\"#" \
+    "$etc/controller.toml"
+  grep -q '^\[secrets\]' "$etc/controller.toml" ||
+    printf '\n[secrets]\nkey_file = "%s"\n' "$etc/secrets.key" >>"$etc/controller.toml"
 fi
+chmod 600 "$etc/controller.toml"
 if [ ! -f "$etc/agent.toml" ]; then
   cat >"$etc/agent.toml" <<TOML
 [agent]
@@ -71,6 +132,7 @@ start_bg() {  # name, command...
   local pidf="$run/$name.pid"
   if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then return; fi
   log "starting $name (log: $run/$name.log)"
+  (umask 077; touch "$run/$name.log"); chmod 600 "$run/$name.log"
   nohup "$@" >>"$run/$name.log" 2>&1 &
   echo $! >"$pidf"
 }
@@ -95,7 +157,7 @@ else
 fi
 
 api="http://127.0.0.1:$api_port"
-token=$(cat "$etc/api_token")
+token=$(cat "$etc/operator_token")
 call() { curl -fsS -H "Authorization: Bearer $token" -H 'Content-Type: application/json' "$@"; }
 
 for _ in $(seq 120); do call "$api/v1/hosts" >/dev/null 2>&1 && break; sleep 0.5; done
@@ -122,10 +184,10 @@ done
 cat <<TXT
 
 orkestr add-ons is running.
-  API:        $api   (token: $etc/api_token)
+  API:        $api   (operator token: $etc/operator_token)
   Project:    example ($project), plan pro, add-on example-db (postgres)
 
-  export ORKESTR_TOKEN=\$(cat $etc/api_token)
+  export ORKESTR_TOKEN=\$(cat $etc/operator_token)
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/env
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" -X POST $api/v1/projects/$project/jobs \\

@@ -19,6 +19,11 @@ SCHEMA_VERSION = 1
 # A desired state for a busy host is a few hundred KiB at most; anything larger is a bug
 # or an attack, and is refused before decoding.
 MAX_MESSAGE_BYTES = 1024 * 1024
+# Every number a peer reports is bounded (the message size bounds the rest), so no value
+# can overflow a column or a sequence of the controller; generations stay integers that
+# JSON and float64 carry exactly.
+MAX_GENERATION = 2**53 - 1
+MAX_COUNT = 2**53 - 1
 
 AddonKind = Literal["postgres", "redis"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -29,7 +34,9 @@ HostName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 # A DNS label: the add-on is reachable under this name on its project network.
 DnsName = Annotated[str, Meta(pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")]
 PgIdent = Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
-Generation = Annotated[int, Meta(ge=0)]
+Generation = Annotated[int, Meta(ge=0, le=MAX_GENERATION)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Int32 = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 
 
 class Resources(Struct, frozen=True, forbid_unknown_fields=True):
@@ -106,14 +113,14 @@ class AddonStatus(Struct, frozen=True, forbid_unknown_fields=True):
     sleep_state: SleepState = "awake"
     last_activity: datetime | None = None
     clients: tuple[ClientConnection, ...] = ()
-    sleeps: int = 0
-    wakes: int = 0
+    sleeps: Count = 0
+    wakes: Count = 0
     last_wake_ms: tuple[float, ...] = ()
 
 
 class Capacity(Struct, frozen=True, forbid_unknown_fields=True):
-    cpus: float
-    memory_mb: int
+    cpus: Annotated[float, Meta(ge=0, le=65536)]
+    memory_mb: Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class HostStatus(Struct, frozen=True, forbid_unknown_fields=True):
@@ -140,7 +147,7 @@ class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
     host: HostName
     job_id: Id
     project_id: Id
-    exit_code: int | None
+    exit_code: Int32 | None
     output: str
     started_at: datetime | None
     finished_at: datetime

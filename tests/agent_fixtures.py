@@ -84,6 +84,7 @@ class AgentProcess:
         sleep_tick_s: float = 0.5,
         log_format: str = "text",
         extra_config: str = "",
+        ca_file: str = "",
     ) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
@@ -104,6 +105,7 @@ keeper_socket = "{self.dir / "keeper.sock"}"
 [controller]
 url = "{controller_url}"
 agent_token = "{agent_token}"
+ca_file = "{ca_file}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -273,9 +275,8 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the module's controller; removed with all it made."""
     assert stack.controller is not None
     host = host_name("t")
-    proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token
-    )
+    token = await stack.controller.new_agent_token(host)
+    proc = AgentProcess(host, stack.mosquitto.port, stack.controller.url, token)
     try:
         await proc.start()
         await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")

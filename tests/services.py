@@ -22,6 +22,7 @@ binary (default: `mosquitto` on PATH or in the sbin directories).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -29,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import urllib.parse
@@ -236,9 +238,11 @@ class ControllerProcess:
     """`python -m controller` as a subprocess with a generated config in a temp dir.
 
     Output goes to `log_path` (`log_text()`; printed by `start()` on failure).
-    `api()` calls the HTTP API with the api token (or `token=`), returning
-    (status, parsed JSON or text). Restartable: `stop()` then `start()` keeps the port,
-    tokens and database.
+    `api()` calls the HTTP API with the operator token (or `token=`), returning
+    (status, parsed JSON or text). `new_agent_token(host)` and `new_project_token(id)`
+    make credentials through the API. With `tls=(cert, key, ca)` it serves HTTPS and the
+    client trusts `ca`. Restartable: `stop()` then `start()` keeps the port, tokens, key
+    and database.
     """
 
     def __init__(
@@ -252,6 +256,10 @@ class ControllerProcess:
         client_id: str | None = None,
         log_level: str = "INFO",
         log_format: str = "text",
+        tls: tuple[Path, Path, Path] | None = None,
+        token_files: bool = False,
+        extra_config: str = "",
+        jobs_config: str = "",
     ) -> None:
         self.log_format = log_format
         self.database_url = database_url
@@ -261,11 +269,27 @@ class ControllerProcess:
         self.offline_after_s = offline_after_s
         self.client_id = client_id or f"orkestr-controller-{secrets.token_hex(4)}"
         self.log_level = log_level
-        self.api_token = secrets.token_urlsafe(24)
-        self.agent_token = secrets.token_urlsafe(24)
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.operator_token = secrets.token_urlsafe(32)
+        self.metrics_token = secrets.token_urlsafe(32)
+        self.tls = tls
+        self.token_files = token_files
+        self.extra_config = extra_config
+        self.jobs_config = jobs_config  # lines for the [jobs] table
+        self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-controller-"))
+        self.key_file = self.dir / "secrets.key"
+        self.key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+        self.key_file.chmod(0o600)
         self.config_path = self.dir / "controller.toml"
+        # With token_files: the operator and metrics tokens in files, and an (empty)
+        # bootstrap list of agent tokens, all re-read by the controller when they change.
+        self.operator_token_file = self.dir / "operator_token"
+        self.metrics_token_file = self.dir / "metrics_token"
+        self.agent_tokens_file = self.dir / "agent_tokens"
+        if token_files:
+            self.operator_token_file.write_text(self.operator_token + "\n")
+            self.metrics_token_file.write_text(self.metrics_token + "\n")
+            self.agent_tokens_file.write_text("# host sha256-of-token\n")
         self.log_path = self.dir / "controller.log"
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -280,11 +304,19 @@ class ControllerProcess:
 
     def config_text(self) -> str:
         plans = toml_string(str(self.plans_file)) if self.plans_file else '""'
+        tls = ""
+        if self.tls is not None:
+            tls = (
+                f"tls_cert_file = {toml_string(str(self.tls[0]))}\n"
+                f"tls_key_file = {toml_string(str(self.tls[1]))}\n"
+            )
         return (
             "[http]\n"
             f'listen = "{LOOPBACK}:{self.port}"\n'
-            f"api_token = {toml_string(self.api_token)}\n"
-            f"agent_token = {toml_string(self.agent_token)}\n"
+            f"{self._token_lines()}"
+            f"{tls}"
+            "[secrets]\n"
+            f"key_file = {toml_string(str(self.key_file))}\n"
             "[database]\n"
             f"url = {toml_string(self.database_url)}\n"
             "[mqtt]\n"
@@ -301,6 +333,20 @@ class ControllerProcess:
             "[jobs]\n"
             # The API tests name debian:12, which no agent there runs.
             'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'
+            f"{self.jobs_config}"
+            f"{self.extra_config}"
+        )
+
+    def _token_lines(self) -> str:
+        if not self.token_files:
+            return (
+                f"operator_token = {toml_string(self.operator_token)}\n"
+                f"metrics_token = {toml_string(self.metrics_token)}\n"
+            )
+        return (
+            f"operator_token_file = {toml_string(str(self.operator_token_file))}\n"
+            f"metrics_token_file = {toml_string(str(self.metrics_token_file))}\n"
+            f"agent_tokens_file = {toml_string(str(self.agent_tokens_file))}\n"
         )
 
     async def start(self, wait_s: float = 30.0) -> None:
@@ -366,10 +412,15 @@ class ControllerProcess:
         headers: dict[str, str] | None = None,
         timeout_s: float = 30.0,
     ) -> tuple[int, Any]:
-        """Call the HTTP API; `token` defaults to the api token ("" sends none)."""
+        """Call the HTTP API; `token` defaults to the operator token ("" sends none)."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        token = self.api_token if token is None else token
+            ssl_context = None
+            if self.tls is not None:
+                ssl_context = ssl.create_default_context(cafile=str(self.tls[2]))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None
+            )
+        token = self.operator_token if token is None else token
         sent = dict(headers or {})
         if token:
             sent["Authorization"] = f"Bearer {token}"
@@ -384,6 +435,18 @@ class ControllerProcess:
             if response.content_type == "application/json":
                 return response.status, await response.json()
             return response.status, await response.text()
+
+    async def new_agent_token(self, host: str) -> str:
+        status, body = await self.api("POST", f"/v1/hosts/{host}/agent-tokens", {"name": "test"})
+        assert status == 201, body
+        token: str = body["token"]
+        return token
+
+    async def new_project_token(self, project_id: str) -> str:
+        status, body = await self.api("POST", f"/v1/projects/{project_id}/tokens", {})
+        assert status == 201, body
+        token: str = body["token"]
+        return token
 
     async def wait_host_online(self, host: str, wait_s: float = 10.0) -> None:
         """Wait until GET /v1/hosts lists `host` as online."""

@@ -122,7 +122,8 @@ async def test_real_agent_signals_ready_then_pets_the_watchdog(
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # 1 s: a pet every 0.5 s
     host = host_name("w")
-    agent = AgentProcess(host, mosquitto.port, controller.url, controller.agent_token)
+    token = await controller.new_agent_token(host)
+    agent = AgentProcess(host, mosquitto.port, controller.url, token)
     loop = asyncio.get_running_loop()
     try:
         await agent.start()

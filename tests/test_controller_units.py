@@ -3,6 +3,7 @@ derivation, topic classification, backoff. No services needed."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,8 @@ from controller.errors import ConfigError
 from controller.ingest import classify
 from controller.metrics import Metrics
 from controller.plans import load_plans
+from controller.sealing import Sealer, SealError
+from controller.tokens import digest, parse_agent_tokens
 from controller.views import phase
 from schemas import topics
 from schemas.messages import AddonStatus, Condition, ConditionStatus, SleepState
@@ -163,28 +166,62 @@ def test_missing_plans_file(tmp_path: Path) -> None:
 GOOD = """
 [http]
 listen = "127.0.0.1:8080"
-api_token = "user-token-0123456789"
-agent_token = "agent-token-0123456789"
+operator_token = "user-token-0123456789"
+metrics_token = "metrics-token-0123456789"
+[secrets]
+key_file = "secrets.key"
 [database]
 url = "postgresql://u:p@127.0.0.1:5432/orkestr"
 """
 
 
+def key_dir(path: Path) -> Path:
+    """`path` with the key file GOOD names."""
+    (path / "secrets.key").write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    return path
+
+
 def test_config_defaults(tmp_path: Path) -> None:
-    config = parse_config(GOOD, tmp_path)
+    config = parse_config(GOOD, key_dir(tmp_path))
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
     assert config.mqtt.port == 1883 and config.mqtt.client_id == "orkestr-controller"
     assert config.hosts.offline_after_s == 30 and config.plans_file is None
+    assert config.http.tls is None and config.http.agent_tokens is None
+    assert config.jobs.retention_s == 7 * 86400
+    assert config.http.operator.matches(digest("user-token-0123456789"))
+    assert config.http.metrics is not None
+    assert config.http.metrics.matches(digest("metrics-token-0123456789"))
 
 
 def test_config_token_files_resolve_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "api.token").write_text("file-token-0123456789\n")
-    path = tmp_path / "controller.toml"
+    (tmp_path / "agents").write_text(f"host-a {'ab' * 32}  # up.sh\n\n")
+    path = key_dir(tmp_path) / "controller.toml"
+    # api_token_file: the operator token's older name still works.
     path.write_text(
-        GOOD.replace('api_token = "user-token-0123456789"', 'api_token_file = "api.token"')
+        GOOD.replace(
+            'operator_token = "user-token-0123456789"',
+            'api_token_file = "api.token"\nagent_tokens_file = "agents"',
+        )
     )
     config = load_config(path)
-    assert config.http.api_token == "file-token-0123456789"
+    assert config.http.operator.matches(digest("file-token-0123456789"))
+    assert config.http.agent_tokens is not None
+    assert config.http.agent_tokens.host_of(bytes.fromhex("ab" * 32)) == "host-a"
+    assert config.http.agent_tokens.host_of(bytes.fromhex("cd" * 32)) is None
+
+
+def test_sealed_passwords_open_with_their_key_and_row_only(tmp_path: Path) -> None:
+    sealer = parse_config(GOOD, key_dir(tmp_path)).sealer
+    sealed = sealer.seal("s3cret-password", b"row-1")
+    assert b"s3cret" not in sealed and sealed != sealer.seal("s3cret-password", b"row-1")
+    assert sealer.open(sealed, b"row-1") == "s3cret-password"
+    with pytest.raises(SealError):
+        sealer.open(sealed, b"row-2")  # copied onto another add-on's row
+    with pytest.raises(SealError):
+        Sealer(bytes(32)).open(sealed, b"row-1")  # another key
+    with pytest.raises(SealError):
+        sealer.open(sealed[:-1] + bytes([sealed[-1] ^ 1]), b"row-1")
 
 
 @pytest.mark.parametrize(
@@ -194,14 +231,29 @@ def test_config_token_files_resolve_relative_to_the_config(tmp_path: Path) -> No
         (("127.0.0.1:8080", "127.0.0.1"), "http.listen must be HOST:PORT"),
         (("127.0.0.1:8080", "127.0.0.1:99999"), "http.listen must be HOST:PORT"),
         (
-            ('api_token = "user-token-0123456789"', ""),
-            "exactly one of api_token and api_token_file",
+            ('operator_token = "user-token-0123456789"', ""),
+            "exactly one of operator_token and operator_token_file",
         ),
         (
-            ('api_token = "user-token-0123456789"', 'api_token = "short"'),
-            "http.api_token must be at least",
+            ('operator_token = "user-token-0123456789"', 'operator_token = "short"'),
+            "http.operator_token must be at least",
         ),
-        (("agent-token-0123456789", "user-token-0123456789"), "agent_token must differ"),
+        (
+            (
+                'operator_token = "user-token-0123456789"',
+                'api_token = "user-token-0123456789"\noperator_token = "user-token-0123456789"',
+            ),
+            "operator_token[_file] or its older name",
+        ),
+        (
+            ("[http]", '[http]\nagent_token = "agent-token-0123456789"'),
+            "shared agent token is gone",
+        ),
+        (("[http]", '[http]\nagent_tokens_file = "nope"'), "http.agent_tokens_file"),
+        (("[http]", '[http]\ntls_cert_file = "c.pem"'), "tls_key_file must be given together"),
+        (('key_file = "secrets.key"', 'key_file = "nope.key"'), "secrets.key_file: cannot use"),
+        (('[secrets]\nkey_file = "secrets.key"', ""), "missing required field `secrets`"),
+        (("[database]", "[jobs]\nretention_s = 0\n[database]"), "jobs.retention_s"),
         (("postgresql://", "mysql://"), "database.url must be a postgresql:// URL"),
         (("[database]", "[mqtt]\nport = 'x'\n[database]"), "mqtt.port: Expected `int`"),
         (("[database]", "[hosts]\noffline_after_s = 0\n[database]"), "hosts.offline_after_s"),
@@ -215,8 +267,26 @@ def test_config_validation_names_the_bad_key(
     tmp_path: Path, change: tuple[str, str], error: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_config(GOOD.replace(*change), tmp_path)
+        parse_config(GOOD.replace(*change), key_dir(tmp_path))
     assert error in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["host-a", "host-a abc", f"Host_A {'ab' * 32}", f"host-a {'ab' * 32} extra"],
+)
+def test_agent_tokens_file_lines_are_checked(text: str) -> None:
+    with pytest.raises(ConfigError, match="line 1: expected"):
+        parse_agent_tokens(text)
+
+
+def test_a_broken_key_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "secrets.key").write_text("not base64!")
+    with pytest.raises(ConfigError, match=r"secrets\.key_file"):
+        parse_config(GOOD, tmp_path)
+    (tmp_path / "secrets.key").write_text(base64.b64encode(bytes(16)).decode())
+    with pytest.raises(ConfigError, match="32 bytes"):
+        parse_config(GOOD, tmp_path)
 
 
 def test_cli_exits_2_with_one_line_on_a_bad_config(tmp_path: Path) -> None:
@@ -325,15 +395,16 @@ class _NoHosts:
         pass
 
 
-def test_openapi_documents_every_route() -> None:
+def test_openapi_documents_every_route(tmp_path: Path) -> None:
     text = (ROOT / "docs" / "openapi.yaml").read_text()
-    api = Api(parse_config(GOOD, ROOT), None, load_plans(None), _NoHosts(), Metrics())
+    config = parse_config(GOOD, key_dir(tmp_path))
+    api = Api(config, None, load_plans(None), _NoHosts(), Metrics())
     routes = [
         (r.method.lower(), r.resource.canonical)
         for r in api.app().router.routes()
         if r.method != "HEAD" and r.resource is not None
     ]
-    assert len(routes) == 14
+    assert len(routes) == 24
     for method, path in routes:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)

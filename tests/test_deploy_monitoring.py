@@ -35,7 +35,7 @@ GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "orkestr-addons.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-CREDENTIALS_FILE = "/etc/orkestr/api_token"
+CREDENTIALS_FILE = "/etc/orkestr/metrics_token"
 
 # Labels Prometheus adds to every scraped series, and the scrape health metric.
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -452,7 +452,7 @@ def promtool(*args: str, cwd: Path | None = None) -> str:
 @needs_promtool
 def test_promtool_check_config(tmp_path: Path) -> None:
     # check config also opens credentials_file: point it at a temporary token.
-    token = tmp_path / "api_token"
+    token = tmp_path / "metrics_token"
     token.write_text("test-token\n")
     text = CONFIG.read_text()
     assert text.count(CREDENTIALS_FILE) == 1

@@ -191,8 +191,9 @@ async def sealed_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     """An agent whose operator denies jobs the internet."""
     assert stack.controller is not None
     host = f"t{uuid.uuid4().hex[:10]}"
+    token = await stack.controller.new_agent_token(host)
     proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, stack.controller.agent_token,
+        host, stack.mosquitto.port, stack.controller.url, token,
         extra_config='[network]\njob_egress = "none"\n',
     )  # fmt: skip
     try:

@@ -112,9 +112,8 @@ async def run_both(
     )
     await controller.start()
     host = host_name("l")
-    agent = AgentProcess(
-        host, mosquitto.port, controller.url, controller.agent_token, log_format=fmt
-    )
+    token = await controller.new_agent_token(host)
+    agent = AgentProcess(host, mosquitto.port, controller.url, token, log_format=fmt)
     try:
         await agent.start()
 

@@ -1,0 +1,321 @@
+"""What no tenant or forged report can do to the controller: crash it with a huge number,
+freeze a host with a job flood, or find a password or token in its database. A real
+controller process, PostgreSQL, pg_dump and mosquitto; hosts are FakeAgents."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from controller import bodies
+from controller.db import discover
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import MAX_GENERATION, MAX_MESSAGE_BYTES, Capacity
+from tests.services import (
+    ControllerProcess,
+    DesiredWatcher,
+    FakeAgent,
+    Mosquitto,
+    create_database,
+    drop_database,
+)
+from tests.test_controller_api import addon_status, assert_error, eventually, new_addon, new_project
+
+TOOLBOX = "orkestr-local/toolbox:bookworm"
+
+
+@pytest.fixture
+async def big_host(mosquitto: Mosquitto, controller: ControllerProcess) -> AsyncIterator[FakeAgent]:
+    """An online host with more memory than any other test's, so new projects land on it."""
+    async with FakeAgent(f"big-{secrets.token_hex(4)}", mosquitto.port, memory_mb=2**30) as a:
+        await controller.wait_host_online(a.host)
+        yield a
+
+
+async def project_on(controller: ControllerProcess, host: str) -> dict[str, Any]:
+    project = await new_project(controller)
+    assert project["host"] == host, "another host took the project; is a test leaking hosts?"
+    return project
+
+
+# --- hostile reports ------------------------------------------------------------------
+
+
+async def test_a_status_with_huge_numbers_leaves_the_controller_up(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    async with DesiredWatcher(big_host.host, big_host.broker_port) as watcher:
+        good = big_host.status()
+        hostile = [
+            # Near 2^63: once stored in the sequence, every later snapshot failed.
+            msgspec.structs.replace(good, applied_generation=2**63 - 2),
+            msgspec.structs.replace(good, applied_generation=2**64 - 1),
+            msgspec.structs.replace(good, applied_generation=MAX_GENERATION + 1),
+            msgspec.structs.replace(good, capacity=Capacity(cpus=1e300, memory_mb=2**40)),
+            msgspec.structs.replace(good, capacity=Capacity(cpus=-1.0, memory_mb=-5)),
+            # Within the schema, but no restored database is that far behind.
+            msgspec.structs.replace(good, applied_generation=MAX_GENERATION),
+        ]
+        for report in hostile:
+            await big_host.publish(topics.status(big_host.host), encode(report), retain=True)
+        project = await project_on(controller, big_host.host)
+        ids = [f"{i:032x}" for i in range(3)]
+        counters = addon_status({"id": ids[0], "project_id": project["id"]}, sleeps=2**64 - 1)
+        generations = addon_status({"id": ids[1], "project_id": project["id"]}, generation=2**63)
+        for addon in (counters, generations):
+            crafted = msgspec.structs.replace(good, addons=(addon,))
+            await big_host.publish(topics.status(big_host.host), encode(crafted))
+        # A sentinel: once it is applied, everything published before it was handled.
+        big_host.capacity = Capacity(cpus=2.0, memory_mb=12345)
+        await big_host.report()
+
+        async def sentinel() -> bool:
+            _, body = await controller.api("GET", "/v1/hosts")
+            return any(h["capacity"]["memory_mb"] == 12345 for h in body["hosts"])
+
+        await eventually(sentinel, "the sentinel status")
+        # Several snapshots later the controller still publishes sane generations.
+        mark = watcher.mark()
+        for name in ("one", "two"):
+            await new_addon(controller, project, name)
+
+        def both_addons(state: Any) -> bool:
+            return any(p.id == project["id"] and len(p.addons) == 2 for p in state.projects)
+
+        state = await watcher.wait_for(both_addons, since=mark)
+        assert state.generation < 2**40
+        assert controller.running
+        status, _ = await controller.api("GET", "/v1/hosts")
+        assert status == 200
+        log = controller.log_text()
+        assert log.count(f"mqtt_message_rejected topic=orkestr/v1/hosts/{big_host.host}") >= 7
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+def flood_job(chars: int, args: int = 2) -> dict[str, Any]:
+    # Control characters: 1 byte each in the request, 6 (\u0001) in the desired state.
+    return {"image": TOOLBOX, "command": ["\x01" * chars] * args, "timeout_s": 60}
+
+
+async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    async with DesiredWatcher(big_host.host, big_host.broker_port) as watcher:
+        # One job past the per-project bound on its own: 413 with the size and the limit.
+        flooder = await project_on(controller, big_host.host)
+        url = f"/v1/projects/{flooder['id']}/jobs"
+        status, body = await controller.api("POST", url, flood_job(4000, args=4))
+        assert_error(status, body, 413, "payload_too_large")
+        assert f"at most {bodies.MAX_PROJECT_JOB_BYTES}" in body["message"]
+        assert "bytes once encoded" in body["message"]
+        # Jobs of about 12 KB encoded: five fit in a project's budget, the sixth does not.
+        accepted: dict[str, list[str]] = {}
+        refused: list[dict[str, Any]] = []
+        projects = [flooder] + [await project_on(controller, big_host.host) for _ in range(5)]
+        for project in projects:
+            for _ in range(6):
+                status, body = await controller.api(
+                    "POST", f"/v1/projects/{project['id']}/jobs", flood_job(1000)
+                )
+                if status == 201:
+                    accepted.setdefault(project["id"], []).append(body["id"])
+                else:
+                    assert_error(status, body, 409, "too_many_pending_jobs")
+                    refused.append(body)
+        assert len(accepted[flooder["id"]]) == 5
+        project_refusals = [r for r in refused if "per project" in r["message"]]
+        host_refusals = [r for r in refused if "per host" in r["message"]]
+        assert project_refusals and host_refusals, refused
+        assert f"at most {bodies.MAX_PROJECT_JOB_BYTES} bytes" in project_refusals[0]["message"]
+        assert f"at most {bodies.MAX_HOST_JOB_BYTES} bytes" in host_refusals[0]["message"]
+        # Another tenant on the same host still converges: its add-on is published.
+        mark = watcher.mark()
+        tenant = await project_on(controller, big_host.host)
+        addon = await new_addon(controller, tenant, "tenant-db")
+
+        def has_tenant_addon(state: Any) -> bool:
+            return any(a.id == addon["id"] for p in state.projects for a in p.addons)
+
+        state = await watcher.wait_for(has_tenant_addon, since=mark)
+        assert len(encode(state)) < MAX_MESSAGE_BYTES
+        pending = sum(len(p.jobs) for p in state.projects)
+        assert pending == sum(len(v) for v in accepted.values())
+        assert "desired_state_too_large" not in controller.log_text()
+
+        # Cancelled jobs leave the desired state and free the budget.
+        first, second, *_ = accepted[flooder["id"]]
+        mark = watcher.mark()
+        status, cancelled = await controller.api("DELETE", f"{url}/{first}")
+        assert status == 200 and cancelled["state"] == "cancelled", cancelled
+        status, cancelled = await controller.api("POST", f"{url}/{second}/cancel")
+        assert status == 200 and cancelled["state"] == "cancelled", cancelled
+        status, again = await controller.api("POST", f"{url}/{second}/cancel")
+        assert (status, again) == (200, cancelled)
+
+        def without_cancelled(state: Any) -> bool:
+            ids = {j.id for p in state.projects for j in p.jobs}
+            return first not in ids and second not in ids
+
+        await watcher.wait_for(without_cancelled, since=mark)
+        status, listed = await controller.api("GET", url)
+        assert status == 200
+        states = {j["id"]: j["state"] for j in listed["jobs"]}
+        assert states[first] == states[second] == "cancelled"
+        assert sum(s == "pending" for s in states.values()) == 3
+        status, body = await controller.api("POST", url, flood_job(1000))
+        assert status == 201, body
+        # A finished job cannot be cancelled.
+        done = accepted[flooder["id"]][2]
+        await big_host.job_result(done, flooder["id"], 0, "ok")
+
+        async def finished() -> bool:
+            _, job = await controller.api("GET", f"{url}/{done}")
+            return bool(job["state"] == "succeeded")
+
+        await eventually(finished, "the job finished")
+        status, body = await controller.api("DELETE", f"{url}/{done}")
+        assert_error(status, body, 409, "conflict")
+        status, body = await controller.api("DELETE", f"{url}/{'0' * 32}")
+        assert_error(status, body, 404, "not_found")
+        for project_id, ids in accepted.items():  # leave nothing pending behind
+            for job_id in ids:
+                await controller.api("DELETE", f"/v1/projects/{project_id}/jobs/{job_id}")
+
+
+async def test_finished_jobs_are_pruned_after_the_retention(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(
+        database_url=dsn,
+        mqtt_port=mosquitto.port,
+        plans_file=plans_file,
+        jobs_config="retention_s = 1\nprune_interval_s = 0.2\n",
+    )
+    try:
+        await process.start()
+        async with FakeAgent(f"prune-{secrets.token_hex(4)}", mosquitto.port) as host:
+            await process.wait_host_online(host.host)
+            project = await new_project(process)
+            url = f"/v1/projects/{project['id']}/jobs"
+            made = [(await process.api("POST", url, {"image": TOOLBOX}))[1] for _ in range(3)]
+            done, cancelled, pending = (j["id"] for j in made)
+            await host.job_result(done, project["id"], 0, "output to prune")
+            await process.api("POST", f"{url}/{cancelled}/cancel")
+
+            async def gone() -> bool:
+                a = (await process.api("GET", f"{url}/{done}"))[0]
+                b = (await process.api("GET", f"{url}/{cancelled}"))[0]
+                return a == b == 404
+
+            await eventually(gone, "finished jobs pruned", wait_s=15)
+            status, job = await process.api("GET", f"{url}/{pending}")
+            assert status == 200 and job["state"] == "pending"
+            assert "jobs_pruned" in process.log_text()
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
+# --- secrets at rest ------------------------------------------------------------------
+
+
+def pg_dump(dsn: str) -> str:
+    done = subprocess.run(
+        ["pg_dump", "--no-owner", f"--dbname={dsn}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+def clear_forms(secret: str) -> set[str]:
+    return {secret, urllib.parse.quote(secret, safe=""), secret.encode().hex()}
+
+
+async def test_no_password_or_token_in_a_dump_of_the_database(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    project = await project_on(controller, big_host.host)
+    await new_addon(controller, project, "main-db", "postgres")
+    await new_addon(controller, project, "cache", "redis")
+    status, env = await controller.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200
+    passwords = {
+        urllib.parse.unquote(urllib.parse.urlsplit(v).password or "") for v in env["env"].values()
+    }
+    assert len(passwords) == 2 and all(len(p) >= 32 for p in passwords)
+    project_token = await controller.new_project_token(project["id"])
+    agent_token = await controller.new_agent_token(big_host.host)
+    status, _ = await controller.api("GET", "/v1/projects", token=project_token)
+    assert status == 200
+    dump = pg_dump(controller.database_url)
+    assert "main-db" in dump and "password_sealed" in dump  # the dump is the real one
+    secrets_ = passwords | {project_token, agent_token, controller.operator_token}
+    hits = [s for s in secrets_ for form in clear_forms(s) if form in dump]
+    assert hits == []
+    log = controller.log_text()
+    assert [s for s in secrets_ if s in log] == []
+
+
+async def test_plaintext_passwords_of_an_older_controller_are_sealed(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    dsn = await create_database("orkestr_test")
+    password = "legacy-" + secrets.token_urlsafe(24)
+    project_id, addon_id = uuid.uuid4(), uuid.uuid4()
+    conn = await asyncpg.connect(dsn)
+    try:
+        first = discover()[0]
+        await conn.execute(first.sql)
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now());"
+            "INSERT INTO schema_migrations (version, name) VALUES (1, 'initial');"
+            "INSERT INTO hosts (name) VALUES ('legacy-host')"
+        )
+        await conn.execute(
+            "INSERT INTO projects (id, name, plan, host) VALUES ($1, 'legacy', 'team', "
+            "'legacy-host')",
+            project_id,
+        )
+        await conn.execute(
+            """INSERT INTO addons (id, project_id, name, kind, database, "user", password)
+            VALUES ($1, $2, 'old-db', 'postgres', 'app', 'app', $3)""",
+            addon_id,
+            project_id,
+            password,
+        )
+    finally:
+        await conn.close()
+    assert password in pg_dump(dsn)
+    process = ControllerProcess(database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans_file)
+    try:
+        await process.start()
+        status, env = await process.api("GET", f"/v1/projects/{project_id.hex}/env")
+        assert status == 200 and f":{password}@old-db:" in env["env"]["DATABASE_URL"]
+        assert "passwords_sealed addons=1" in process.log_text()
+        await process.stop()
+        assert password not in pg_dump(dsn)
+        # Restarted, nothing is left to seal and the password still opens.
+        await process.start()
+        status, env = await process.api("GET", f"/v1/projects/{project_id.hex}/env")
+        assert status == 200 and f":{password}@old-db:" in env["env"]["DATABASE_URL"]
+        assert process.log_text().count("passwords_sealed") == 1
+    finally:
+        await process.close()
+        await drop_database(dsn)
