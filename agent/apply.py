@@ -20,7 +20,7 @@ from agent import specs
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
-from agent.errors import AgentError, Conflict, NotFound, PermanentError
+from agent.errors import AgentError, Conflict, NotFound, PermanentError, TransientError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
@@ -114,7 +114,12 @@ class Applier:
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):
-                secret = await self.controller.secret(key)
+                try:
+                    secret = await self.controller.secret(key)
+                except PermanentError as exc:
+                    # A refused token is the host's, not the add-on's spec: an operator's
+                    # token rotation fixes it, so the key keeps retrying (with backoff).
+                    raise TransientError(str(exc)) from None
                 if secret.secret_version < version:
                     raise AgentError(
                         f"controller has secret v{secret.secret_version}, want v{version}"

@@ -62,11 +62,14 @@ sleep = { enabled = false }
 
 
 def host_objects(host: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The host's containers and volumes; ones removed while we look are skipped."""
     label = f"label=orkestr.host={host}"
-    ids = docker("ps", "-aq", "--filter", label).split()
-    containers = json.loads(docker("inspect", *ids)) if ids else []
-    names = docker("volume", "ls", "-q", "--filter", label).split()
-    volumes = json.loads(docker("volume", "inspect", *names)) if names else []
+    containers: list[dict[str, Any]] = []
+    for cid in docker("ps", "-aq", "--filter", label).split():
+        containers += json.loads(docker("inspect", cid, check=False) or "[]")
+    volumes: list[dict[str, Any]] = []
+    for name in docker("volume", "ls", "-q", "--filter", label).split():
+        volumes += json.loads(docker("volume", "inspect", name, check=False) or "[]")
     return containers, volumes
 
 
