@@ -32,9 +32,8 @@ from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import target
-from agent.specs import PORTS
 from agent.state import atomic_write
-from schemas.messages import AddonSpec, ClientConnection, SleepState
+from schemas.messages import PORTS, AddonSpec, ClientConnection, SleepState
 
 log = logging.getLogger("orkestr.agent.sleep")
 

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 from agent import model, specs  # noqa: E402
 from agent.secrets import SecretStore  # noqa: E402
 from controller.env import variable_name  # noqa: E402
-from schemas.messages import AddonSpec, Resources  # noqa: E402
+from schemas.messages import PORTS, AddonSpec, Resources  # noqa: E402
 from tests.agent_fixtures import (  # noqa: E402
     IMAGES,
     TOOLBOX,
@@ -668,7 +668,7 @@ class Plain:
         return self.holder_name if self.shared_netns else self.db_name
 
     def target(self, host: str | None = None) -> dict[str, Any]:
-        port = specs.PORTS[self.kind]
+        port = PORTS["postgres"] if self.kind == "postgres" else PORTS["redis"]
         if self.kind == "postgres":
             return {
                 "kind": "postgres", "host": host or self.name, "port": port,

@@ -14,9 +14,8 @@ from urllib.parse import quote
 
 from msgspec import Struct
 
-from schemas.messages import AddonKind
+from schemas.messages import PORTS, AddonKind
 
-PORTS: dict[AddonKind, int] = {"postgres": 5432, "redis": 6379}
 DEFAULT_VARIABLES: dict[AddonKind, str] = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 
 

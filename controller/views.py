@@ -12,11 +12,12 @@ from typing import Literal
 
 from msgspec import Struct
 
-from controller.env import PORTS, variable_name
+from controller.env import variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
 from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
+    PORTS,
     AddonKind,
     AddonStatus,
     Capacity,

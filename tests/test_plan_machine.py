@@ -237,7 +237,8 @@ class PlannerMachine(RuleBasedStateMachine):
     @rule()
     def jobs_finish(self) -> None:
         for name, c in list(self.host.containers.items()):
-            if c.role == "job" and c.state == "running":
+            # Running or not, a job ends by its timeout at the latest (the watcher kills it).
+            if c.role == "job" and c.state not in ("exited", "dead"):
                 self.host.containers[name] = replace(c, state="exited")
 
     @precondition(lambda self: self.in_flight)
