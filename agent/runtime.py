@@ -21,9 +21,9 @@ from pathlib import Path
 import msgspec
 
 from agent import desired as desired_mod
-from agent import model, netns, probe, specs
+from agent import model, netns, probe, specs, status
 from agent import plan as p
-from agent.activator import RelayBudget, utc
+from agent.activator import RelayBudget
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
@@ -321,80 +321,57 @@ class Agent:
                 prints[job.id] = msgspec.json.encode(job).decode()
         return prints
 
+    def _sleep_views(self) -> dict[str, status.SleepView]:
+        views: dict[str, status.SleepView] = {}
+        for aid, saved in self.sleep.saved.items():
+            sleeper = self.sleep.sleepers.get(aid)
+            views[aid] = status.SleepView(
+                state=saved.state,
+                last_activity=saved.last_activity,
+                clients=sleeper.clients if sleeper is not None else (),
+                sleeps=saved.sleeps,
+                wakes=saved.wakes,
+                last_wake_ms=tuple(saved.last_wake_ms),
+            )
+        return views
+
     async def _refresh_status(self, observed: model.Observed, outcome: Outcome) -> None:
-        now = datetime.now(UTC)
+        """Probe what is awake and running, derive the status (agent/status.py), record it."""
         desired = self.desired
         if desired is None:
             return
-        statuses: dict[str, AddonStatus] = {}
-        removed: list[str] = []
-        probes: list[tuple[str, AddonSpec, str, asyncio.Task[tuple[bool, str, str]]]] = []
-        for project in desired.projects:
-            for addon in project.addons:
-                holder = observed.container(model.holder_name(addon.id))
-                db = observed.container(model.db_name(addon.id))
-                if addon.deleted:
-                    gone = (
-                        holder is None
-                        and db is None
-                        and observed.volume(model.volume_name(addon.id)) is None
-                    )
-                    if gone and addon.id not in outcome.failed:
-                        removed.append(addon.id)
-                        self.book.forget(addon.id)
-                    continue
-                self._provisioned(addon, holder, db, outcome, now)
-                sleeping = self.sleep.state(addon.id) != "awake"
-                if sleeping:
-                    stage = self.sleep.state(addon.id)
-                    self.book.set(
-                        addon.id,
-                        "Ready",
-                        "False",
-                        "Sleeping",
-                        f"in {stage} sleep; wakes when a client connects",
-                        now,
-                    )
-                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
-                elif holder is not None and holder.ip and db is not None and db.state == "running":
-                    probes.append(
-                        (
-                            project.id,
-                            addon,
-                            holder.ip,
-                            asyncio.create_task(self._probe(addon, holder.ip)),
-                        )
-                    )
-                else:
-                    state = db.state if db is not None else "missing"
-                    self.book.set(
-                        addon.id,
-                        "Ready",
-                        "False",
-                        "NotRunning",
-                        f"database container is {state}",
-                        now,
-                    )
-                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
-        for project_id, addon, ip, task in probes:
-            ok, reason, message = await task
-            if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
+        views = self._sleep_views()
+        targets = status.probe_targets(desired, observed, views)
+        results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in targets))
+        probes: dict[str, status.Probe] = {}
+        for target, (ok, reason, message) in zip(targets, results, strict=True):
+            probes[target.addon.id] = status.Probe(ok, reason, message)
+            if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
                 if reason == "Unreachable":
-                    await self._repair_split_namespace(addon)
-                self._await_readiness(addon, ip)
-            self.book.set(
-                addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
-            )
-            ADDON_READY.labels(addon.id, project_id, addon.kind).set(1 if ok else 0)
+                    await self._repair_split_namespace(target.addon)
+                self._await_readiness(target.addon, target.ip)
+        derived = status.derive(desired, observed, outcome.failed, outcome.permanent, probes, views)
+        now = datetime.now(UTC)
+        for u in derived.updates:
+            self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
+        for aid in derived.removed:
+            self.book.forget(aid)
+        statuses: dict[str, AddonStatus] = {}
         labels: set[tuple[str, str, str]] = set()
         for project in desired.projects:
             for addon in project.addons:
                 if addon.deleted:
                     continue
-                statuses[addon.id] = self._addon_status(project.id, addon, desired.generation, now)
-                labels.add((addon.id, project.id, addon.kind))
+                view = views.get(addon.id, status.SleepView())
+                statuses[addon.id] = status.addon_status(
+                    project.id, addon, desired.generation, self.book.of(addon.id), view
+                )
+                label = (addon.id, project.id, addon.kind)
+                ADDON_READY.labels(*label).set(1 if derived.ready.get(addon.id) else 0)
+                ADDON_SLEEP_STATE.labels(*label).set(SLEEP_LEVEL[view.state])
+                labels.add(label)
         # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
         for stale in self._metric_labels - labels:
             for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
@@ -402,42 +379,7 @@ class Agent:
                     gauge.remove(*stale)
         self._metric_labels = labels
         self.addon_status = statuses
-        self.removed = tuple(removed)
-
-    def _provisioned(
-        self,
-        addon: AddonSpec,
-        holder: model.ObservedContainer | None,
-        db: model.ObservedContainer | None,
-        outcome: Outcome,
-        now: datetime,
-    ) -> None:
-        if addon.id in outcome.permanent:
-            self.book.set(
-                addon.id,
-                "Provisioned",
-                "False",
-                "ProvisionFailed",
-                outcome.permanent[addon.id],
-                now,
-            )
-        elif addon.id in outcome.failed:
-            self.book.set(
-                addon.id, "Provisioned", "False", "Retrying", outcome.failed[addon.id], now
-            )
-        elif holder is not None and db is not None and holder.state == "running":
-            self.book.set(
-                addon.id,
-                "Provisioned",
-                "True",
-                "ContainersCreated",
-                f"holder {holder.name} and database {db.name} exist",
-                now,
-            )
-        else:
-            self.book.set(
-                addon.id, "Provisioned", "False", "Creating", "containers are being created", now
-            )
+        self.removed = derived.removed
 
     async def _repair_split_namespace(self, addon: AddonSpec) -> None:
         """A holder restarted in place has a new namespace the database is not in.
@@ -479,40 +421,6 @@ class Agent:
                     return
 
         self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
-
-    def _addon_status(
-        self, project_id: str, addon: AddonSpec, generation: int, now: datetime
-    ) -> AddonStatus:
-        saved = self.sleep.saved.get(addon.id)
-        sleeper = self.sleep.sleepers.get(addon.id)
-        ADDON_SLEEP_STATE.labels(addon.id, project_id, addon.kind).set(
-            SLEEP_LEVEL[saved.state if saved else "awake"]
-        )
-        if not addon.sleep.enabled:
-            self.book.set(addon.id, "Sleeping", "False", "Disabled", "the plan keeps it awake", now)
-        elif saved is not None and saved.state != "awake":
-            self.book.set(
-                addon.id,
-                "Sleeping",
-                "True",
-                saved.state.capitalize(),
-                f"{saved.state} sleep after {addon.sleep.light_after_s:g}s idle",
-                now,
-            )
-        else:
-            self.book.set(addon.id, "Sleeping", "False", "Awake", "serving clients directly", now)
-        return AddonStatus(
-            id=addon.id,
-            project_id=project_id,
-            observed_generation=generation,
-            conditions=self.book.of(addon.id),
-            sleep_state=saved.state if saved else "awake",
-            last_activity=utc(saved.last_activity) if saved and saved.last_activity else None,
-            clients=sleeper.clients if sleeper else (),
-            sleeps=saved.sleeps if saved else 0,
-            wakes=saved.wakes if saved else 0,
-            last_wake_ms=tuple(saved.last_wake_ms) if saved else (),
-        )
 
     async def _probe(
         self, addon: AddonSpec, ip: str, timeout_s: float | None = None

@@ -100,7 +100,7 @@ class World:
         self.deleted: set[str] = set()
         self.jobs: dict[str, str] = {}  # job id -> project id
         self.token_jobs: set[str] = set()  # the jobs that insert a token each
-        self.volume_created: dict[str, str] = {}  # add-on id -> CreatedAt
+        self.volume_inode: dict[str, int] = {}  # add-on id -> its data directory's inode
         self.db_started: dict[str, tuple[str, str]] = {}  # never-sleeping: (Id, StartedAt)
         self.serial = 0
 
@@ -123,7 +123,7 @@ class World:
             assert status == 202
             del self.live[aid]
             self.db_started.pop(aid, None)
-            self.volume_created.pop(aid, None)
+            self.volume_inode.pop(aid, None)
             self.deleted.add(aid)
         elif what == "job":
             token = uuid.uuid4().hex
@@ -175,8 +175,13 @@ class World:
         assert set(by_addon) == set(self.live), f"volumes {set(by_addon)} for {set(self.live)}"
         for aid, vols in by_addon.items():
             assert len(vols) == 1, f"{aid}: {len(vols)} volumes"
-            created = self.volume_created.setdefault(aid, vols[0]["CreatedAt"])
-            assert vols[0]["CreatedAt"] == created, f"volume of {aid} recreated"
+            # Docker's CreatedAt is the data directory's mtime: the inode is the identity.
+            inode = os.stat(vols[0]["Mountpoint"]).st_ino
+            assert self.volume_inode.setdefault(aid, inode) == inode, f"volume of {aid} recreated"
+        log = self.agent.log_path.read_text(errors="replace")
+        for aid in self.live:
+            made = log.count(f"action.done action=EnsureVolume key={aid}")
+            assert made <= 1, f"volume of {aid} created {made} times"
         for c in containers:
             labels = c["Config"]["Labels"]
             aid = labels.get("orkestr.addon", "")
@@ -198,7 +203,7 @@ async def test_kill9_at_random_points_loses_nothing(stack: Stack, agent: AgentPr
     w.steady, w.sleepy = steady["id"], sleepy["id"]
     w.live = {w.steady: w.team, w.sleepy: w.pro}
     await wait_phase(c, w.team, w.steady, "ready")
-    await wait_phase(c, w.pro, w.sleepy, "ready")
+    await wait_for(w.converged, 90, "both add-ons ready (the sleepy one may be asleep already)")
     job = await run_job(c, w.team, 'psql "$DATABASE_URL" -qc "create table runs(token text)"')
     assert job["exit_code"] == 0, job
     w.jobs[job["id"]] = w.team
