@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent import model, netns, observe
+from agent import model, netns, observe, specs
 from agent.desired import accept
 from agent.model import ObservedContainer, ObservedNetwork, ObservedVolume
 from schemas.codec import encode
@@ -17,6 +17,7 @@ from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
     DesiredState,
+    JobSpec,
     ProjectSpec,
     Resources,
     SleepPolicy,
@@ -140,7 +141,7 @@ def state(generation: int = 5, host: str = "h1", *projects: ProjectSpec) -> Desi
 
 
 def addon(aid: str = AID, name: str = "db", **over: Any) -> AddonSpec:
-    return AddonSpec(id=aid, name=name, kind="postgres", resources=RES, **over)
+    return AddonSpec(**{"id": aid, "name": name, "kind": "postgres", "resources": RES, **over})
 
 
 def project(*addons: AddonSpec, pid: str = PID) -> ProjectSpec:
@@ -241,3 +242,121 @@ def test_parse_tcp_table_reads_this_kernels_format() -> None:
             client_port = client.getsockname()[1]
     assert netns.TcpSocket(port, "127.0.0.1", client_port, netns.ESTABLISHED) in table
     assert any(s.local_port == port and s.state == 10 for s in table)  # the listener
+
+
+# --- container specs ---------------------------------------------------------------------
+
+IMAGES = specs.Images(postgres="pg:15", redis="rd:7")
+JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            specs.holder_spec(PID, addon(), IMAGES),
+            {
+                "Image": "pg:15",
+                "Entrypoint": ["sleep", "infinity"],
+                "User": specs.NOBODY,
+                "StopSignal": "SIGKILL",
+                "NetworkMode": f"orkestr-{PID}",
+                "Aliases": ["db"],
+                "Memory": 32 << 20,
+                "Mounts": [("tmpfs", "/var/lib/postgresql/data")],
+                "ReadonlyRootfs": True,
+                "CapAdd": None,
+            },
+        ),
+        (
+            specs.db_spec(PID, addon(), IMAGES, "/s/a"),
+            {
+                "Image": "pg:15",
+                "Cmd": ["postgres"],
+                "StopSignal": "SIGINT",
+                "NetworkMode": f"container:orkestr-{AID}-net",
+                "Aliases": None,
+                "Memory": 256 << 20,
+                "Mounts": [
+                    ("volume", "/var/lib/postgresql/data"),
+                    ("bind", specs.SECRET_MOUNT),
+                    ("bind", specs.INITDB_MOUNT),
+                ],
+                "ReadonlyRootfs": True,
+                "CapAdd": list(specs.DB_CAPABILITIES),
+            },
+        ),
+        (
+            specs.db_spec(
+                PID,
+                AddonSpec(id=AID, name="c", kind="redis", resources=Resources(1.0, 128)),
+                IMAGES,
+                "/s/a",
+            ),
+            {
+                "Image": "rd:7",
+                "Cmd": ["redis-server", f"{specs.SECRET_MOUNT}/redis.conf"],
+                "StopSignal": "SIGTERM",
+                "NetworkMode": f"container:orkestr-{AID}-net",
+                "Aliases": None,
+                "Memory": 128 << 20,
+                "Mounts": [("volume", "/data"), ("bind", specs.SECRET_MOUNT)],
+                "ReadonlyRootfs": True,
+                "CapAdd": list(specs.DB_CAPABILITIES),
+            },
+        ),
+        (
+            specs.job_spec(PID, JOB, specs.JobLimits(memory_mb=64)),
+            {
+                "Image": "toolbox:1",
+                "Cmd": ["sh", "-c", "true"],
+                "User": specs.NOBODY,
+                "NetworkMode": f"orkestr-{PID}",
+                "Aliases": [],
+                "Memory": 64 << 20,
+                "Mounts": [],
+                "ReadonlyRootfs": False,
+                "CapAdd": None,
+            },
+        ),
+    ],
+)
+def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> None:
+    body = specs.create_body(spec, "h1", {"EXTRA": "1"})
+    hc: dict[str, Any] = body["HostConfig"]  # type: ignore[assignment]
+    networking: dict[str, Any] = body.get("NetworkingConfig") or {}  # type: ignore[assignment]
+    endpoints: dict[str, Any] = networking.get("EndpointsConfig", {})
+    got = {
+        "Image": body["Image"],
+        "Cmd": body.get("Cmd"),
+        "Entrypoint": body.get("Entrypoint"),
+        "User": body.get("User"),
+        "StopSignal": body.get("StopSignal"),
+        "NetworkMode": hc["NetworkMode"],
+        "Aliases": [e["Aliases"] for e in endpoints.values()][0] if endpoints else None,
+        "Memory": hc["Memory"],
+        "Mounts": [(m["Type"], m["Target"]) for m in hc["Mounts"]],
+        "ReadonlyRootfs": hc["ReadonlyRootfs"],
+        "CapAdd": hc["CapAdd"],
+    }
+    assert {k: v for k, v in got.items() if k in expected} == expected
+    # Every container: no published port, all capabilities dropped, no new privileges,
+    # capped logs, labelled for this host with its spec hash, the extra env appended.
+    assert hc["PublishAllPorts"] is False and "PortBindings" not in hc
+    assert hc["CapDrop"] == ["ALL"] and hc["SecurityOpt"] == [specs.NO_NEW_PRIVILEGES]
+    assert hc["LogConfig"]["Config"]["max-size"] == specs.LOG_MAX_SIZE
+    assert hc["MemorySwap"] == hc["Memory"] and hc["PidsLimit"] == spec.pids_limit
+    labels = body["Labels"]
+    assert labels[model.LABEL_HOST] == "h1" and labels[model.LABEL_SPEC_HASH] == spec.spec_hash  # type: ignore[index]
+    assert body["Env"][-1] == "EXTRA=1"  # type: ignore[index]
+
+
+def test_spec_hash_moves_with_the_spec_and_only_then() -> None:
+    a = specs.db_spec(PID, addon(), IMAGES, "/s/a")
+    assert a.spec_hash == specs.db_spec(PID, addon(), IMAGES, "/s/a").spec_hash
+    bigger = addon(resources=Resources(cpus=0.5, memory_mb=512))
+    assert a.spec_hash != specs.db_spec(PID, bigger, IMAGES, "/s/a").spec_hash
+    rotated = addon(secret_version=2)
+    assert a.spec_hash != specs.db_spec(PID, rotated, IMAGES, "/s/a").spec_hash
+    # The holder does not depend on the plan's sizing: a resize keeps the namespace.
+    assert specs.holder_spec(PID, addon(), IMAGES) == specs.holder_spec(PID, bigger, IMAGES)
