@@ -64,7 +64,6 @@ from controller.views import (
     HostList,
     JobList,
     ProjectList,
-    SecretView,
     TokenList,
     addon_view,
     host_view,
@@ -73,6 +72,7 @@ from controller.views import (
     project_view,
     token_view,
 )
+from schemas import agent_api
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,8 @@ class Api:
         r.add_delete("/v1/hosts/{host}/agent-tokens/{token_id}", self.revoke_agent_token)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
-        r.add_get("/v1/agent/addons/{addon_id}/secret", self.agent_secret)
-        r.add_get("/v1/agent/projects/{project_id}/env", self.agent_env)
+        r.add_get(agent_api.SECRET_PATH, self.agent_secret)
+        r.add_get(agent_api.ENV_PATH, self.agent_env)
         return app
 
     # --- cross-cutting ----------------------------------------------------------------
@@ -435,7 +435,7 @@ class Api:
         # Deliberately no password in the log line.
         log(logger, "secret_served", host=host, addon=request.match_info["addon_id"])
         return json_response(
-            SecretView(password=secret.password, secret_version=secret.secret_version)
+            agent_api.AddonSecret(password=secret.password, secret_version=secret.secret_version)
         )
 
     async def agent_env(self, request: web.Request) -> web.Response:
@@ -443,7 +443,7 @@ class Api:
         assert host is not None
         project_id = _path_id(request, "project_id")
         found = await store.credentials(self._pool, self._sealer, project_id, host)
-        return json_response(EnvView(env=compose_env(found)))
+        return json_response(agent_api.ProjectEnv(env=compose_env(found)))
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

@@ -148,11 +148,6 @@ class EnvView(Struct, frozen=True):
     env: dict[str, str]
 
 
-class SecretView(Struct, frozen=True):
-    password: str
-    secret_version: int
-
-
 def project_view(p: ProjectRow) -> ProjectView:
     return ProjectView(id=p.id, name=p.name, plan=p.plan, host=p.host, created_at=p.created_at)
 
