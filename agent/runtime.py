@@ -23,7 +23,6 @@ import msgspec
 from agent import desired as desired_mod
 from agent import model, netns, probe, specs, status
 from agent import plan as p
-from agent.activator import RelayBudget
 from agent.apply import Applier, Outcome
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
@@ -46,7 +45,8 @@ from agent.metrics import (
 from agent.mqtt import Broker
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
-from agent.sleepers import SleepManager
+from agent.sleep.listener import RelayBudget
+from agent.sleep.manager import SleepManager
 from agent.state import StateDir
 from agent.watchdog import Watchdog, interval_from_env
 from agent.workqueue import KeyedWorkers

@@ -176,10 +176,10 @@ def code_state(root: Path = ROOT, ref: str = "") -> dict[str, Any]:
 
 
 def export_code(ref: str, into: Path) -> Path:
-    """`git archive <ref>` of the services' packages into a private directory."""
+    """`git archive <ref>` of the services' packages (and the agent unit the launcher reads)."""
     into.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "archive", ref, "agent", "controller", "schemas"],
+        ["git", "archive", ref, "agent", "controller", "schemas", "systemd"],
         cwd=ROOT, capture_output=True, check=True,
     )  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)

@@ -337,7 +337,7 @@ def test_any_world_converges_and_only_tombstones_lose_data(
 
 # --- sleep decisions ------------------------------------------------------------------------
 
-from agent.sleep import target as sleep_target  # noqa: E402
+from agent.sleep.policy import target as sleep_target  # noqa: E402
 from schemas.messages import SleepPolicy  # noqa: E402
 
 POLICY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)

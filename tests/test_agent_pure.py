@@ -333,7 +333,7 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
         "User": body.get("User"),
         "StopSignal": body.get("StopSignal"),
         "NetworkMode": hc["NetworkMode"],
-        "Aliases": [e["Aliases"] for e in endpoints.values()][0] if endpoints else None,
+        "Aliases": next(e["Aliases"] for e in endpoints.values()) if endpoints else None,
         "Memory": hc["Memory"],
         "Mounts": [(m["Type"], m["Target"]) for m in hc["Mounts"]],
         "ReadonlyRootfs": hc["ReadonlyRootfs"],

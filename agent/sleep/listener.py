@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
-from pathlib import Path
-
-import msgspec
 
 from agent import netns
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
-from agent.sleep import target
-from agent.state import atomic_write
+from agent.sleep import log
+from agent.sleep.policy import target
+from agent.sleep.store import Persisted
 from schemas.messages import PORTS, AddonSpec, ClientConnection, SleepState
-
-log = logging.getLogger("orkestr.agent.sleep")
 
 WAKE_PORT_OFFSET = 10000
 LOOPBACK = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
@@ -70,14 +64,6 @@ class RelayBudget:
     def give_back(self) -> None:
         self.in_use -= 1
         RELAYS_ACTIVE.set(self.in_use)
-
-
-class Persisted(msgspec.Struct):
-    state: SleepState = "awake"
-    last_activity: float = 0.0  # epoch seconds
-    sleeps: int = 0
-    wakes: int = 0
-    last_wake_ms: list[float] = []
 
 
 class Sleeper:
@@ -461,28 +447,3 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         with contextlib.suppress(OSError):
             if writer.can_write_eof():
                 writer.write_eof()
-
-
-class SleepStore:
-    """Sleep states on disk, so a restarted agent knows which add-ons sleep on purpose."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> dict[str, Persisted]:
-        try:
-            return msgspec.json.decode(self.path.read_bytes(), type=dict[str, Persisted])
-        except (OSError, msgspec.DecodeError):
-            return {}
-
-    _last: bytes = b""
-
-    def save(self, states: dict[str, Persisted]) -> None:
-        data = msgspec.json.encode(states)
-        if data != self._last:  # an fsync per pass would stall the loop for nothing
-            atomic_write(self.path, data)
-            self._last = data
-
-
-def utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)

@@ -10,20 +10,19 @@ persisted, so a restarted agent keeps sleeping add-ons asleep.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agent import model
-from agent.activator import Persisted, Probe, RelayBudget, Sleeper, SleepStore
 from agent.docker import Docker
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
+from agent.sleep import log
+from agent.sleep.listener import Probe, RelayBudget, Sleeper
+from agent.sleep.store import Persisted, SleepStore
 from schemas.messages import AddonSpec, DesiredState, SleepState
-
-log = logging.getLogger("orkestr.agent.sleep")
 
 
 class SleepManager:
