@@ -48,7 +48,8 @@ class Docker:
         self._url = url
         self._client: aiodocker.Docker | None = None
         # Keys work in parallel; the daemon gets at most this many calls at once. Waits
-        # on jobs and the event stream hold no slot: they last as long as a job does.
+        # on jobs, stops and the event stream hold no slot: they last as long as a job or
+        # a database's shutdown does.
         self._slots = asyncio.Semaphore(max_in_flight)
 
     async def __aenter__(self) -> Docker:
@@ -192,8 +193,10 @@ class Docker:
         return True
 
     async def stop(self, name: str, grace_s: int = 10) -> None:
+        # No slot: the daemon only waits for the container's own shutdown (up to grace_s),
+        # and a database that takes its time must not hold up other keys' calls.
         async with asyncio.timeout(grace_s + 30):
-            await self._call(
+            await _call(
                 f"stop {name}", lambda: self.client.containers.container(name).stop(t=grace_s)
             )
 

@@ -126,6 +126,9 @@ class Agent:
         self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
+        # add-on id -> (database container id, when, result) of its last successful probe
+        self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
+        self._reprobe_s = config.agent.resync_interval_s
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
             root,
@@ -342,10 +345,25 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
-        results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in targets))
+        # A ready add-on is probed again once per resync interval, not on every pass: a
+        # pass per finished chain would otherwise probe every database many times a second.
+        now_m = time.monotonic()
         probes: dict[str, status.Probe] = {}
-        for target, (ok, reason, message) in zip(targets, results, strict=True):
+        due: list[status.Target] = []
+        for t in targets:
+            last = self._last_probe.get(t.addon.id)
+            if last is not None and last[0] == t.db_id and now_m - last[1] < self._reprobe_s:
+                probes[t.addon.id] = last[2]
+            else:
+                due.append(t)
+        self._last_probe = {
+            t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
+        }
+        results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in due))
+        for target, (ok, reason, message) in zip(due, results, strict=True):
             probes[target.addon.id] = status.Probe(ok, reason, message)
+            if ok:
+                self._last_probe[target.addon.id] = (target.db_id, now_m, probes[target.addon.id])
             if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:

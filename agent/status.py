@@ -48,6 +48,7 @@ class Target(Struct, frozen=True):
     project_id: str
     addon: AddonSpec
     ip: str
+    db_id: str  # a new database container is probed afresh
 
 
 class Update(Struct, frozen=True):
@@ -75,7 +76,7 @@ def probe_targets(
             holder = observed.container(model.holder_name(addon.id))
             db = observed.container(model.db_name(addon.id))
             if holder is not None and holder.ip and db is not None and db.state == "running":
-                targets.append(Target(project.id, addon, holder.ip))
+                targets.append(Target(project.id, addon, holder.ip, db.id))
     return tuple(targets)
 
 

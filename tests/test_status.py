@@ -168,7 +168,7 @@ def test_tombstone_is_removed_once_everything_is_gone(
 def test_probe_targets_only_awake_addons_with_running_holder_and_database() -> None:
     d = desired(addon(sleep=SLEEPY))
     assert s.probe_targets(d, RUNNING, {}) == (
-        s.Target(PID, d.projects[0].addons[0], "10.200.0.2"),
+        s.Target(PID, d.projects[0].addons[0], "10.200.0.2", DB.id),
     )
     assert s.probe_targets(d, RUNNING, {AID: s.SleepView(state="deep")}) == ()
     assert s.probe_targets(d, Observed(containers=(HOLDER, container("db", "paused"))), {}) == ()
