@@ -266,12 +266,16 @@ def stop_leftovers(private_dir: Path) -> None:
 class Bench:
     """Broker + controller + agent processes for one benchmark run, and their clean-up."""
 
-    def __init__(self, plans: str, sleep_tick_s: float = 0.5) -> None:
+    def __init__(
+        self, plans: str, sleep_tick_s: float = 0.5, intervals: tuple[float, float] | None = None
+    ) -> None:
         """ORKESTR_BENCH_CODE=<git ref> runs the controller, agent and keeper from a
         `git archive` of that ref instead of the working tree (e.g. while the working
         tree is mid-edit); the results record which code ran."""
         self.plans = plans
         self.sleep_tick_s = sleep_tick_s
+        # (resync_interval_s, heartbeat_s) for the agent; None: the tests' brisk 2 s and 1 s.
+        self.intervals = intervals
         self.host = f"bench-{uuid.uuid4().hex[:10]}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-bench-"))
         self.mosquitto = Mosquitto()
@@ -339,6 +343,12 @@ class Bench:
             await self.controller.new_agent_token(self.host),
             sleep_tick_s=self.sleep_tick_s,
         )
+        if self.intervals is not None:
+            resync, heartbeat = self.intervals
+            text = self.agent.config_path.read_text()
+            text = text.replace("resync_interval_s = 2\n", f"resync_interval_s = {resync}\n")
+            text = text.replace("heartbeat_s = 1\n", f"heartbeat_s = {heartbeat}\n")
+            self.agent.config_path.write_text(text)
         await self.agent.start()
         await self.controller.wait_host_online(self.host, 30)
 

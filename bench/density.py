@@ -11,9 +11,9 @@ alone for a window (60 s, --quick 20 s) and the agent process is measured:
                the upper bound of its bucket, and the mean.
 
 Beside each: a bare Python process with the same imports (`import agent.__main__`),
-measured over the same window. The test agent's configuration resyncs every 2 s and
-publishes its status every 1 s (a production agent: 15 s and 10 s), so these figures are
-for a busier agent than a deployed one. Prints a table and ends with one JSON line.
+measured over the same window. The agent runs with a deployed agent's intervals (resync
+15 s, status every 10 s, sleep tick 1 s: agent/config.py's defaults). Prints a table and
+ends with one JSON line.
 Targets: RSS <= 80 MiB, p99 <= 200 ms, idle CPU <= 1 % of a core.
 """
 
@@ -105,7 +105,8 @@ async def main(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {"bench": "density", "quick": quick, "window_s": window,
                                "machine": machine_facts()}  # fmt: skip
     plans = plans_toml(cpus=0.1, memory_mb=64, light_after_s=3, deep_after_s=8, max_addons=1)
-    async with Bench(plans) as b:
+    # A deployed agent's intervals (agent/config.py defaults) and sleep tick.
+    async with Bench(plans, sleep_tick_s=1.0, intervals=(15.0, 10.0)) as b:
         results["code"] = b.code
         assert b.agent is not None and b.agent.proc is not None
         log("creating 80 never-sleeping and 20 sleeping Redis add-ons, one per project")
