@@ -127,6 +127,10 @@ async def main(quick: bool) -> dict[str, Any]:
             await asyncio.sleep(window)
             h1, c1, bare_c1 = await histogram(b), cpu_s(pid), cpu_s(bare.pid)
             rss, bare_rss = rss_mib(pid), rss_mib(bare.pid)
+            # Logged at once: removing 200 containers and 100 networks takes a while.
+            log(f"agent: RSS {rss:.1f} MiB, CPU {c1 - c0:.2f}s; bare: RSS {bare_rss:.1f} MiB, "
+                f"CPU {bare_c1 - bare_c0:.2f}s; passes {h0['count']:g} -> {h1['count']:g}, "
+                f"sum {h1['sum'] - h0['sum']:.2f}s")  # fmt: skip
         finally:
             bare.kill()
             await bare.wait()
