@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from agent import plan as p
 from agent import specs
+from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
@@ -59,6 +60,7 @@ class Applier:
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
+        backups: BackupRunner,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -70,6 +72,7 @@ class Applier:
         self.job_output_bytes = job_output_bytes
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
+        self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
@@ -99,9 +102,11 @@ class Applier:
 
     async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
         """One key worker's chain: its actions in order, stopping at the first failure."""
-        outcome = await self.apply(chain)
-        if key in outcome.failed:
-            return ChainResult(outcome.failed[key], permanent=key in outcome.permanent)
+        for action in chain:
+            outcome = await self.apply((action,))
+            if action.key in outcome.failed:
+                permanent = action.key in outcome.permanent
+                return ChainResult(outcome.failed[action.key], permanent=permanent)
         return ChainResult()
 
     async def _one(self, action: p.Action) -> None:
@@ -169,6 +174,8 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+            case p.StartBackupOp(_key, project_id, spec, addon):
+                self.backups.start(project_id, addon, spec)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import model, netns, observe, specs
 from agent.desired import accept
@@ -22,8 +23,12 @@ from schemas.messages import (
     Resources,
     SleepPolicy,
 )
+from schemas.signed import Signer, Verifier
 
 PID = "e" * 32
+KEY = Ed25519PrivateKey.generate()
+SIGNER = Signer(KEY)
+VERIFIER = Verifier([KEY.public_key()])
 AID = "a" * 32
 RES = Resources(cpus=0.5, memory_mb=256)
 
@@ -181,7 +186,7 @@ CURRENT = state(5, "h1", project(addon()))
     ],
 )
 def test_rejected(raw: bytes, reason: str) -> None:
-    new, rejection = accept(CURRENT, raw, "h1")
+    new, rejection = accept(CURRENT, SIGNER.seal(raw), "h1", VERIFIER)
     assert new is None and rejection is not None, rejection
     assert rejection.reason == reason, rejection
     assert rejection.message
@@ -189,9 +194,12 @@ def test_rejected(raw: bytes, reason: str) -> None:
 
 def test_accepted_and_duplicates() -> None:
     newer = state(6, "h1", project(addon(deleted=True), addon("b" * 32)))  # a name reused
-    assert accept(CURRENT, encode(newer), "h1") == (newer, None)
-    assert accept(None, encode(newer), "h1") == (newer, None)  # the first one
-    assert accept(CURRENT, encode(CURRENT), "h1") == (None, None)  # a retained copy again
+    assert accept(CURRENT, SIGNER.seal(encode(newer)), "h1", VERIFIER) == (newer, None)
+    assert accept(None, SIGNER.seal(encode(newer)), "h1", VERIFIER) == (newer, None)
+    assert accept(CURRENT, SIGNER.seal(encode(CURRENT)), "h1", VERIFIER) == (None, None)
+    unsigned = accept(CURRENT, encode(newer), "h1", VERIFIER)
+    assert unsigned[0] is None and unsigned[1] is not None
+    assert unsigned[1].reason == "Unsigned"
 
 
 # --- /proc/net/tcp -------------------------------------------------------------------------

@@ -137,6 +137,8 @@ def touches(action: p.Action) -> str:
             return key
         case p.FetchSecret(key, _, _, _) | p.RemoveSecret(key):
             return key
+        case p.StartBackupOp(_, _, spec, _):
+            return spec.addon_id
 
 
 class PlannerMachine(RuleBasedStateMachine):
