@@ -13,6 +13,7 @@ from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
 from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
+    BackupSpec,
     DesiredState,
     JobSpec,
     ProjectSpec,
@@ -256,3 +257,15 @@ def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
     assert chains == {"p1": (actions[0],), "a0": (actions[1],)}
     # Once the network is observed the plan has no EnsureNetwork: they go.
     assert set(p.chains(desired, actions[1:])) == {"a0", "a1", "j1"}
+
+
+def test_a_backup_operation_starts_on_its_addons_worker_after_its_container_changes() -> None:
+    desired = _desired()
+    addon = desired.projects[0].addons[0]
+    spec = BackupSpec(id="d" * 32, op="backup", addon_id=addon.id, backup_id="d" * 32)
+    actions: tuple[p.Action, ...] = (
+        p.StartContainer("a1", "orkestr-a1-db"),
+        p.StartBackupOp(p.op_key(spec), "p1", spec, addon),
+    )
+    assert p.chains(desired, actions) == {"a1": actions}
+    assert [p.worker_key(a) for a in actions] == ["a1", "a1"]
