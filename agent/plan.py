@@ -316,14 +316,6 @@ def _converge_backups(project: ProjectSpec, observed: Observed, local: Local) ->
     return actions
 
 
-def worker_key(action: Action) -> str:
-    """The key whose worker runs an action: a backup operation starts on its add-on's
-    worker, after (never beside) that add-on's container changes."""
-    if isinstance(action, StartBackupOp):
-        return action.spec.addon_id
-    return action.key
-
-
 # Actions that need the project's network to exist before they can succeed.
 _NEEDS_NETWORK = (RunContainer, StartContainer, StartJob)
 
@@ -346,7 +338,7 @@ def chains(
     creating = {a.key for a in actions if isinstance(a, EnsureNetwork)}
     grouped: dict[str, list[Action]] = {}
     for action in actions:
-        grouped.setdefault(worker_key(action), []).append(action)
+        grouped.setdefault(action.key, []).append(action)
     return {
         key: tuple(chain)
         for key, chain in grouped.items()

@@ -337,7 +337,7 @@ class Agent:
         planned = p.chains(self.desired, actions)
         for key, chain in planned.items():
             self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
-        self.workers.settle({p.worker_key(a) for a in actions}, seen)
+        self.workers.settle({a.key for a in actions}, seen)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
         outcome = Outcome()

@@ -259,13 +259,15 @@ def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
     assert set(p.chains(desired, actions[1:])) == {"a0", "a1", "j1"}
 
 
-def test_a_backup_operation_starts_on_its_addons_worker_after_its_container_changes() -> None:
+def test_a_backup_operation_runs_on_its_own_key_after_its_leftover_is_removed() -> None:
+    """A killed agent's backup container goes before the operation starts again: one chain."""
     desired = _desired()
     addon = desired.projects[0].addons[0]
     spec = BackupSpec(id="d" * 32, op="backup", addon_id=addon.id, backup_id="d" * 32)
+    key = p.op_key(spec)
     actions: tuple[p.Action, ...] = (
+        p.RemoveContainer(key, "orkestr-backup-x", "BackupOrphaned"),
         p.StartContainer("a1", "orkestr-a1-db"),
-        p.StartBackupOp(p.op_key(spec), "p1", spec, addon),
+        p.StartBackupOp(key, "p1", spec, addon),
     )
-    assert p.chains(desired, actions) == {"a1": actions}
-    assert [p.worker_key(a) for a in actions] == ["a1", "a1"]
+    assert p.chains(desired, actions) == {key: (actions[0], actions[2]), "a1": (actions[1],)}
