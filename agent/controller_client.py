@@ -15,7 +15,13 @@ import aiohttp
 import msgspec
 
 from agent.errors import NotFound, PermanentError, TransientError
-from schemas.agent_api import ENV_PATH, SECRET_PATH, AddonSecret, ProjectEnv
+from schemas.agent_api import (
+    ENV_PATH,
+    RELEASE_ENV_PATH,
+    SECRET_PATH,
+    AddonSecret,
+    ProjectEnv,
+)
 
 T = TypeVar("T")
 
@@ -68,6 +74,11 @@ class ControllerClient:
 
     async def env(self, project_id: str) -> dict[str, str]:
         return _decode(await self._get(ENV_PATH.format(project_id=project_id)), ProjectEnv).env
+
+    async def release_env(self, project_id: str, release: int) -> dict[str, str]:
+        """The variables an app of `release` runs with (the release's snapshot)."""
+        path = RELEASE_ENV_PATH.format(project_id=project_id, number=release)
+        return _decode(await self._get(path), ProjectEnv).env
 
 
 def _decode(body: bytes, kind: type[T]) -> T:

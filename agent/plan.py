@@ -18,7 +18,15 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
-from schemas.messages import AddonSpec, BackupSpec, DesiredState, JobSpec, ProjectSpec, SleepState
+from schemas.messages import (
+    AddonSpec,
+    AppSpec,
+    BackupSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+    SleepState,
+)
 
 
 class EnsureNetwork(Struct, frozen=True, tag=True):
@@ -104,6 +112,14 @@ class StartBackupOp(Struct, frozen=True, tag=True):
     addon: AddonSpec | None
 
 
+class RunApp(Struct, frozen=True, tag=True):
+    """Create and start an app's container with its release's environment."""
+
+    key: str  # app id
+    project_id: str
+    app: AppSpec
+
+
 Action = (
     EnsureNetwork
     | EnsureVolume
@@ -119,6 +135,7 @@ Action = (
     | WatchJob
     | CollectJob
     | StartBackupOp
+    | RunApp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -161,11 +178,12 @@ def plan(
     for c in observed.containers:
         if c.role == "backup" and c.backup_op not in running:
             actions.append(RemoveContainer(c.backup_op or c.name, c.name, "BackupOrphaned"))
+    wanted_apps: set[str] = set()
     wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
-        if live or project.jobs:
+        if live or project.jobs or project.apps:
             wanted_networks.add(net)
             if observed.network(net) is None:
                 actions.append(EnsureNetwork(project.id, net))
@@ -187,10 +205,16 @@ def plan(
             wanted_jobs.add(job.id)
             actions += _converge_job(project.id, job, observed, local)
         actions += _converge_backups(project, observed, local)
+        for app in project.apps:
+            wanted_apps.add(app.id)
+            actions += _converge_app(project.id, app, observed, settings)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
             actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+        # Apps hold no data: one no longer in its project's current release goes.
+        if c.role == "app" and c.app_id not in wanted_apps:
+            actions.append(RemoveContainer(c.app_id or c.name, c.name, "AppNotDesired"))
     actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
 
@@ -316,8 +340,26 @@ def _converge_backups(project: ProjectSpec, observed: Observed, local: Local) ->
     return actions
 
 
+def _converge_app(
+    project_id: str, app: AppSpec, observed: Observed, settings: Settings
+) -> list[Action]:
+    want = specs.app_spec(project_id, app, settings.jobs)
+    have = observed.container(want.name)
+    if have is None:
+        return [RunApp(app.id, project_id, app)]
+    if have.spec_hash != want.spec_hash:  # a new release, image or command
+        return [
+            RemoveContainer(app.id, have.name, "ReleaseChanged"),
+            RunApp(app.id, project_id, app),
+        ]
+    if have.state == "created":  # the agent stopped between create and start
+        return [StartContainer(app.id, have.name)]
+    # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
+    return []
+
+
 # Actions that need the project's network to exist before they can succeed.
-_NEEDS_NETWORK = (RunContainer, StartContainer, StartJob)
+_NEEDS_NETWORK = (RunContainer, StartContainer, StartJob, RunApp)
 
 
 def chains(
@@ -335,6 +377,8 @@ def chains(
             owner[addon.id] = project.id
         for job in project.jobs:
             owner[job.id] = project.id
+        for app in project.apps:
+            owner[app.id] = project.id
     creating = {a.key for a in actions if isinstance(a, EnsureNetwork)}
     grouped: dict[str, list[Action]] = {}
     for action in actions:

@@ -116,7 +116,7 @@ async def plans_in_use(pool: Pool) -> set[str]:
 
 _ADDON_COLUMNS = """
     a.id, a.project_id, p.plan, p.host, a.name, a.kind, a.secret_version, a.created_at,
-    a.deleted_at, a.status::text AS status, a.observed_generation
+    a.deleted_at, a.status::text AS status, a.observed_generation, a.env_name, a.promoted_at
 """
 
 
@@ -133,6 +133,8 @@ def _addon(r: Mapping[str, Any]) -> AddonRow:
         deleted_at=r["deleted_at"],
         status=addon_status(r["status"]),
         observed_generation=r["observed_generation"],
+        env_name=r["env_name"],
+        promoted_at=r["promoted_at"],
     )
 
 
@@ -249,8 +251,8 @@ async def credentials(
                 f"project {project_id} does not exist" + (f" on host {host}" if host else "")
             )
         rows = await conn.fetch(
-            """SELECT id, name, kind, database, "user", password_sealed, created_at FROM addons
-            WHERE project_id = $1 AND deleted_at IS NULL""",
+            """SELECT id, name, kind, database, "user", password_sealed, created_at, env_name,
+                promoted_at FROM addons WHERE project_id = $1 AND deleted_at IS NULL""",
             uuid_of(project_id),
         )
     return [
@@ -262,6 +264,8 @@ async def credentials(
             user=r["user"],
             password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
             created_at=r["created_at"],
+            env_name=r["env_name"],
+            promoted_at=r["promoted_at"],
         )
         for r in rows
     ]
@@ -382,16 +386,17 @@ def _check_job_budgets(pending: int, project_bytes: int, host_bytes: int, size: 
         )
 
 
-async def list_jobs(pool: Pool, project_id: str, limit: int) -> list[JobRow]:
-    """The project's newest jobs first."""
+async def list_jobs(pool: Pool, project_id: str, limit: int, offset: int = 0) -> list[JobRow]:
+    """The project's newest jobs first, `limit` of them after skipping `offset`."""
     async with transaction(pool) as conn:
         if not await conn.fetchval("SELECT true FROM projects WHERE id = $1", uuid_of(project_id)):
             raise NotFound(f"project {project_id} does not exist")
         rows = await conn.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE project_id = $1
-            ORDER BY created_at DESC, id DESC LIMIT $2""",
+            ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3""",
             uuid_of(project_id),
             limit,
+            offset,
         )
     return [_job(r) for r in rows]
 

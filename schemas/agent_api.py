@@ -12,6 +12,7 @@ from msgspec import Struct
 # aiohttp route patterns; the agent fills them with `.format(...)`.
 SECRET_PATH = "/v1/agent/addons/{addon_id}/secret"
 ENV_PATH = "/v1/agent/projects/{project_id}/env"
+RELEASE_ENV_PATH = "/v1/agent/projects/{project_id}/releases/{number}/env"
 
 
 class AddonSecret(Struct, frozen=True):
@@ -22,6 +23,7 @@ class AddonSecret(Struct, frozen=True):
 
 
 class ProjectEnv(Struct, frozen=True):
-    """The connection variables a project's jobs get (controller/env.py composes them)."""
+    """The variables a project's jobs (the newest release's, once there is one) or a
+    release's apps run with. The user API's env answer (`EnvView`) has the same shape."""
 
     env: dict[str, str]

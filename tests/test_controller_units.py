@@ -431,7 +431,7 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         for r in api.app().router.routes()
         if r.method != "HEAD" and r.resource is not None
     ]
-    assert len(routes) == 33  # 24, plus 9 backup routes (controller/backups_api.py)
+    assert len(routes) == 42  # 24, 9 backup routes (controller/backups_api.py), 9 for releases, apps and variables
     for method, path in routes:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)

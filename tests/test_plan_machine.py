@@ -139,6 +139,8 @@ def touches(action: p.Action) -> str:
             return key
         case p.StartBackupOp(_, _, spec, _):
             return spec.addon_id
+        case p.RunApp(key, _, _):
+            return key
 
 
 class PlannerMachine(RuleBasedStateMachine):
