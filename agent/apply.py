@@ -210,6 +210,10 @@ class Applier:
             )
         )
 
+    def watched_jobs(self) -> frozenset[str]:
+        """The jobs whose exit a task of this process awaits."""
+        return frozenset(j for j, t in self._watchers.items() if not t.done())
+
     def _watch(self, job_id: str, name: str, timeout_s: float) -> None:
         task = self._watchers.get(job_id)
         if task is not None and not task.done():

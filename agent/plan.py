@@ -154,6 +154,9 @@ class Local(Struct, frozen=True):
     backups_done: frozenset[str] = frozenset()
     # add-on id -> key of the backup-store operation running for it in this process
     backups_running: Mapping[str, str] = {}
+    # job ids this process already awaits: watching one again would finish at once and
+    # ask for another pass, a pass loop for as long as the job runs
+    watched_jobs: frozenset[str] = frozenset()
 
 
 class Settings(Struct, frozen=True):
@@ -314,6 +317,8 @@ def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Loca
             StartContainer(job.id, container.name),
             WatchJob(job.id, project_id, job, container.name),
         ]
+    if job.id in local.watched_jobs:
+        return []
     return [WatchJob(job.id, project_id, job, container.name)]
 
 

@@ -330,6 +330,7 @@ class Agent:
             sleep=self.sleep.states(),
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
+            watched_jobs=self.applier.watched_jobs(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         # Fences first: nothing may start on a bridge or in a namespace left open.

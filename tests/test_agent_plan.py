@@ -188,6 +188,22 @@ def test_jobs_run_once_and_are_collected() -> None:
     assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
 
 
+def test_a_running_job_is_watched_once() -> None:
+    # A watch that finishes at once asks for a pass; planned again on every pass, that
+    # would be a pass loop for as long as the job runs.
+    job = JobSpec(id=JID, image="toolbox", command=("true",))
+    spec = specs.job_spec(PID, job, specs.JobLimits())
+    net = (ObservedNetwork("n1", model.network_name(PID), PID),)
+    busy = Observed(containers=(running(spec, "j"),), networks=net)
+    d = desired(jobs=(job,))
+    assert p.plan(d, busy, p.Local(), SETTINGS) == (p.WatchJob(JID, PID, job, spec.name),)
+    assert p.plan(d, busy, p.Local(watched_jobs=frozenset({JID})), SETTINGS) == ()
+    # Its exit is collected whether or not the watcher has noticed yet.
+    exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
+    watched = p.Local(watched_jobs=frozenset({JID}))
+    assert p.plan(d, exited, watched, SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
+
+
 NET = ObservedNetwork("n1", model.network_name(PID), PID)
 
 
