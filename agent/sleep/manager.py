@@ -144,8 +144,18 @@ class SleepManager:
                 or db is None
             ):
                 continue
-            asleep = self.saved.get(aid, Persisted()).state != "awake"
-            if not asleep and not is_ready(aid):
+            saved = self.saved.get(aid)
+            repaired = saved is not None and saved.state != "awake" and db.state == "running"
+            if saved is not None and repaired:
+                # Recorded asleep, yet the database runs: a wake (or a sleep) was cut short
+                # by a crash. Left so, it would be reported asleep and never slept again,
+                # every client detoured through a wake. Awake is the safe reading: the
+                # redirect goes and the idle timer decides afresh.
+                log.warning("sleep.state_repaired addon=%s recorded=%s", aid, saved.state)
+                saved.state = "awake"
+                saved.last_activity = time.time()
+            asleep = saved is not None and saved.state != "awake"
+            if not asleep and not repaired and not is_ready(aid):
                 continue  # not before it has answered a client once
             try:
                 pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
