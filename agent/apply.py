@@ -27,9 +27,17 @@ from agent.secrets import SecretStore
 from agent.state import StateDir
 from agent.workqueue import ChainResult
 from schemas.images import ImageRefused, check_reference, tagged
-from schemas.messages import SCHEMA_VERSION, JobResult
+from schemas.messages import SCHEMA_VERSION, JobResult, SleepState
 
 log = logging.getLogger("orkestr.agent.apply")
+
+
+async def _no_sleep(addon_id: str, stage: SleepState) -> None:
+    raise AgentError(f"no sleeper for {addon_id}")
+
+
+async def _no_wake(addon_id: str) -> None:
+    raise AgentError(f"no sleeper for {addon_id}")
 
 
 class Outcome:
@@ -76,6 +84,10 @@ class Applier:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
+        # The sleep manager's hands: a planned sleep or wake acts through the add-on's
+        # sleeper (redirect, activity re-check, pause or stop), on the add-on's worker.
+        self.sleep_addon: Callable[[str, SleepState], Awaitable[None]] = _no_sleep
+        self.wake_addon: Callable[[str], Awaitable[None]] = _no_wake
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -147,6 +159,10 @@ class Applier:
             case p.UnpauseContainer(key, name):
                 await self._on_addon_started(key)
                 await self.docker.unpause(name)
+            case p.SleepAddon(key, _name, stage):
+                await self.sleep_addon(key, stage)
+            case p.WakeAddon(key, _name):
+                await self.wake_addon(key)
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
                 if name.endswith("-db"):

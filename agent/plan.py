@@ -18,6 +18,7 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
+from agent.sleep import policy
 from schemas.messages import (
     AddonSpec,
     AppSpec,
@@ -64,6 +65,25 @@ class StartContainer(Struct, frozen=True, tag=True):
 
 class UnpauseContainer(Struct, frozen=True, tag=True):
     key: str
+    name: str
+
+
+class SleepAddon(Struct, frozen=True, tag=True):
+    """Put an idle add-on to sleep: light pauses its database, deep stops it.
+
+    The executor sets the wake redirect first and measures once more: a client that
+    connected since the plan's measurement keeps it awake.
+    """
+
+    key: str  # add-on id
+    name: str  # its database container
+    stage: SleepState
+
+
+class WakeAddon(Struct, frozen=True, tag=True):
+    """Wake a sleeping add-on (a client waits at its wake listener, or a backup holds it)."""
+
+    key: str  # add-on id
     name: str
 
 
@@ -127,6 +147,8 @@ Action = (
     | RunContainer
     | StartContainer
     | UnpauseContainer
+    | SleepAddon
+    | WakeAddon
     | RemoveContainer
     | RemoveVolume
     | RemoveNetwork
@@ -141,6 +163,18 @@ Action = (
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
 
 
+class SleepFacts(Struct, frozen=True):
+    """One add-on's sleep state and measured activity, as the sleep manager holds them."""
+
+    state: SleepState = "awake"
+    last_activity: float = 0.0  # epoch seconds of the last client activity
+    clients: int = 0  # client connections open now, direct and relayed
+    ready: bool = False  # has answered a client since it last started
+    held: bool = False  # a platform operation (a backup) holds it awake
+    wake_requested: bool = False  # a client waits at the wake listener
+    listening: bool = False  # its wake listener runs: a sleep or wake can be carried out
+
+
 class Local(Struct, frozen=True):
     """The agent's own facts that Docker does not hold."""
 
@@ -148,12 +182,14 @@ class Local(Struct, frozen=True):
     secrets: Mapping[str, int] = {}
     # job ids whose result is recorded locally (the job must not run again)
     finished_jobs: frozenset[str] = frozenset()
-    # add-on id -> sleep state decided by the sleep manager
-    sleep: Mapping[str, SleepState] = {}
+    # add-on id -> its sleep state and activity (absent: awake, never measured)
+    sleep: Mapping[str, SleepFacts] = {}
     # backup-store operation keys (`<op>-<id>`) whose result is recorded locally
     backups_done: frozenset[str] = frozenset()
     # add-on id -> key of the backup-store operation running for it in this process
     backups_running: Mapping[str, str] = {}
+    # epoch seconds: the clock the idle times are measured against
+    now: float = 0.0
     # job ids this process already awaits: watching one again would finish at once and
     # ask for another pass, a pass loop for as long as the job runs
     watched_jobs: frozenset[str] = frozenset()
@@ -287,18 +323,38 @@ def _converge_addon(
         actions.append(RunContainer(addon.id, want_db))
     elif not local.backups_running.get(addon.id, "").startswith("restore-"):
         # A restore stops and starts the database itself (Redis swaps its files).
-        actions += _db_run_state(addon.id, db, local.sleep.get(addon.id, "awake"))
+        actions += _db_run_state(addon, db, local.sleep.get(addon.id, _AWAKE), local.now)
     return actions
 
 
-def _db_run_state(addon_id: str, db: ObservedContainer, sleep: SleepState) -> list[Action]:
-    # Sleeping add-ons are paused or stopped on purpose; the sleep manager owns that.
-    if sleep != "awake":
-        return []
+_AWAKE = SleepFacts()
+
+
+def _db_run_state(
+    addon: AddonSpec, db: ObservedContainer, facts: SleepFacts, now: float
+) -> list[Action]:
+    goal = policy.goal(
+        addon.sleep,
+        facts.state,
+        now - facts.last_activity,
+        has_clients=facts.clients > 0,
+        ready=facts.ready,
+        held=facts.held,
+        wake_requested=facts.wake_requested,
+    )
+    if facts.state != "awake":
+        # Paused or stopped on purpose: it wakes through its wake listener's path.
+        if not facts.listening:
+            return []  # not yet after a restart: the next pass has its listener
+        if goal == "awake":
+            return [WakeAddon(addon.id, db.name)]
+        return [SleepAddon(addon.id, db.name, goal)] if goal != facts.state else []
     if db.state in ("exited", "created", "dead"):
-        return [StartContainer(addon_id, db.name)]
+        return [StartContainer(addon.id, db.name)]
     if db.state == "paused":
-        return [UnpauseContainer(addon_id, db.name)]
+        return [UnpauseContainer(addon.id, db.name)]
+    if goal != "awake" and db.state == "running" and facts.listening:
+        return [SleepAddon(addon.id, db.name, goal)]
     return []
 
 

@@ -171,6 +171,9 @@ class Agent:
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
+        self.sleep.on_wake_request = self._wake_requested
+        self.applier.sleep_addon = self.sleep.sleep
+        self.applier.wake_addon = self.sleep.wake
         self.desired: DesiredState | None = self.state.load_desired()
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
@@ -327,7 +330,8 @@ class Agent:
         local = p.Local(
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
-            sleep=self.sleep.states(),
+            sleep=self.sleep.facts(),
+            now=time.time(),
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
@@ -518,6 +522,15 @@ class Agent:
         await self.sleep.addon_started(addon_id)
 
     def _sleep_changed(self) -> None:
+        self.trigger()
+
+    def _wake_requested(self, addon_id: str) -> None:
+        """A client waits at the wake listener: the wake goes ahead of the key's queue.
+
+        The add-on's worker runs it (never beside another of its chains); the pass that
+        follows plans the same wake from the request if this one fails.
+        """
+        self.workers.urgent(addon_id, (p.WakeAddon(addon_id, model.db_name(addon_id)),))
         self.trigger()
 
     def _is_ready(self, addon_id: str) -> bool:

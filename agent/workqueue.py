@@ -78,6 +78,8 @@ class KeyedWorkers(Generic[A]):
         # snapshot (the snapshot is stale for that key) from one that finished before.
         self.epoch = 0
         self._done_epoch: dict[str, int] = {}
+        # Work that goes ahead of anything queued for its key (a wake a client waits for).
+        self._urgent: dict[str, Sequence[A]] = {}
 
     def busy(self, key: str) -> bool:
         task = self._tasks.get(key)
@@ -111,18 +113,42 @@ class KeyedWorkers(Generic[A]):
         )
         return True
 
+    def urgent(self, key: str, chain: Sequence[A]) -> None:
+        """Run `chain` on `key`'s worker ahead of any work queued for the key.
+
+        At once if the worker is idle (a key backing off waits no longer for this), else
+        right after the chain it runs: never beside it. Its success leaves the key's
+        failure record alone (the failed work is still to do); its failure is recorded,
+        so the next passes retry it with the key's backoff.
+        """
+        if not chain:
+            return
+        if self.busy(key):
+            self._urgent[key] = chain
+            return
+        self._tasks[key] = asyncio.create_task(self._work(key, (), ""), name=f"key-{key}")
+        self._urgent[key] = chain
+
     async def _work(self, key: str, chain: Sequence[A], fingerprint: str) -> None:
+        if chain:
+            self._record(key, await self._guarded(key, chain), fingerprint)
+        while (urgent := self._urgent.pop(key, None)) is not None:
+            result = await self._guarded(key, urgent)
+            if result.error is not None:
+                previous = self._failures.get(key)
+                self._record(key, result, previous.fingerprint if previous is not None else "")
+        self.epoch += 1
+        self._done_epoch[key] = self.epoch
+        self._on_done()
+
+    async def _guarded(self, key: str, chain: Sequence[A]) -> ChainResult:
         try:
-            result = await self._run(key, chain)
+            return await self._run(key, chain)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in one chain must not stop the other keys
             log.exception("key.crashed key=%s", key)
-            result = ChainResult(f"internal error: {exc!r}")
-        self._record(key, result, fingerprint)
-        self.epoch += 1
-        self._done_epoch[key] = self.epoch
-        self._on_done()
+            return ChainResult(f"internal error: {exc!r}")
 
     def _record(self, key: str, result: ChainResult, fingerprint: str) -> None:
         if result.error is None:

@@ -29,6 +29,7 @@ def sleeper() -> Sleeper:
     s.saved = Persisted(last_activity=0.0)
     s.held = 0
     s.ready = True
+    s.wake_requested = False
     return s
 
 

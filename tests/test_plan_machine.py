@@ -4,8 +4,12 @@ The host is a model: actions apply to frozen `Observed` values, one action at a 
 chains of different keys interleave the way the agent's workers do (agent/workqueue.py),
 each key serially. Rules change the desired state (create, delete, reuse a name, change a
 plan, add jobs), damage the host (kill, remove, pause, stop containers), fail actions and
-let jobs finish. Invariants: no volume is removed without a tombstone, no object is touched
-by two keys' chains, a key never has two chains at once, and the host converges once quiet.
+let jobs finish; clients connect (to a sleeping add-on: they wait at its wake listener) and
+leave, and time passes. Sleep is the planner's: the model's executor re-checks activity
+before a sleep, as the real one does after setting the redirect. Invariants: no volume is
+removed without a tombstone, no object is touched by two keys' chains, a key never has two
+chains at once, never asleep while a client holds a connection (and never planned to sleep
+then), and the host converges once quiet, every waiting client served.
 """
 
 from __future__ import annotations
@@ -21,11 +25,21 @@ from msgspec.structs import replace
 from agent import model, specs
 from agent import plan as p
 from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
-from schemas.messages import AddonSpec, DesiredState, JobSpec, ProjectSpec, Resources
+from schemas.messages import (
+    AddonSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+    Resources,
+    SleepPolicy,
+    SleepState,
+)
 
 SETTINGS = p.Settings(images=specs.Images(), secrets_root="/secrets")
 PROJECTS = ("p" * 32, "q" * 32)
 NAMES = ("orders", "cache", "jobs")
+SLEEPY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)
+NOW = 1_000_000.0
 
 
 class Failed(Exception):
@@ -39,7 +53,10 @@ class Host:
     volumes: dict[str, ObservedVolume] = field(default_factory=dict)
     secrets: dict[str, int] = field(default_factory=dict)
     finished_jobs: set[str] = field(default_factory=set)
-    sleep: dict[str, str] = field(default_factory=dict)
+    sleep: dict[str, SleepState] = field(default_factory=dict)
+    clients: dict[str, int] = field(default_factory=dict)  # connections held, per add-on
+    waiting: set[str] = field(default_factory=set)  # a client waits at the wake listener
+    idle: dict[str, float] = field(default_factory=dict)  # seconds without clients
     ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def observed(self) -> Observed:
@@ -50,11 +67,32 @@ class Host:
         )
 
     def local(self) -> p.Local:
+        facts = {}
+        for aid in set(self.sleep) | set(self.clients) | self.waiting | set(self.idle):
+            db = self.containers.get(model.db_name(aid))
+            facts[aid] = p.SleepFacts(
+                state=self.sleep.get(aid, "awake"),
+                last_activity=NOW - self.idle.get(aid, 0.0),
+                clients=self.clients.get(aid, 0),
+                # The probe: a running, awake database answers.
+                ready=db is not None and db.state == "running",
+                wake_requested=aid in self.waiting,
+                listening=True,
+            )
         return p.Local(
             secrets=dict(self.secrets),
             finished_jobs=frozenset(self.finished_jobs),
-            sleep=dict(self.sleep),  # type: ignore[arg-type]
+            sleep=facts,
+            now=NOW,
         )
+
+    def started(self, addon_id: str) -> None:
+        """A database (re)started by the worker is awake; waiting clients are relayed."""
+        self.sleep[addon_id] = "awake"
+        if addon_id in self.waiting:
+            self.waiting.discard(addon_id)
+            self.clients[addon_id] = self.clients.get(addon_id, 0) + 1
+            self.idle[addon_id] = 0.0
 
     def create(self, spec: specs.ContainerSpec) -> None:
         if spec.name in self.containers:
@@ -95,14 +133,35 @@ class Host:
                 self.volumes.setdefault(name, ObservedVolume(name, key))
             case p.FetchSecret(key, _, _, version):
                 self.secrets[key] = version
-            case p.RunContainer(_, spec):
+            case p.RunContainer(key, spec):
                 self.create(spec)
+                if spec.role == "db":
+                    self.started(key)
             case p.StartJob(_, project_id, job):
                 self.create(specs.job_spec(project_id, job, SETTINGS.jobs))
-            case p.StartContainer(_, name) | p.UnpauseContainer(_, name):
+            case p.StartContainer(key, name) | p.UnpauseContainer(key, name):
                 if name not in self.containers:
                     raise Failed(f"no such container {name}")
                 self.containers[name] = replace(self.containers[name], state="running")
+                if name == model.db_name(key):
+                    self.started(key)
+            case p.SleepAddon(key, name, stage):
+                db = self.containers.get(name)
+                if db is None or (db.state == "exited" and stage == "light"):
+                    raise Failed(f"cannot put {name} to {stage} sleep")
+                # The executor's re-check after the redirect: a client came meanwhile.
+                if self.clients.get(key, 0) or key in self.waiting:
+                    return
+                self.sleep[key] = stage
+                self.containers[name] = replace(
+                    db, state="paused" if stage == "light" else "exited"
+                )
+            case p.WakeAddon(key, name):
+                db = self.containers.get(name)
+                if db is None:
+                    raise Failed(f"no such container {name}")
+                self.containers[name] = replace(db, state="running")
+                self.started(key)
             case p.RemoveContainer(_, name, _):
                 self.containers.pop(name, None)
             case p.RemoveVolume(_, name):
@@ -128,6 +187,8 @@ def touches(action: p.Action) -> str:
         case (
             p.StartContainer(_, name)
             | p.UnpauseContainer(_, name)
+            | p.SleepAddon(_, name, _)
+            | p.WakeAddon(_, name)
             | p.RemoveContainer(_, name, _)
             | p.CollectJob(_, _, name)
             | p.WatchJob(_, _, _, name)
@@ -173,8 +234,9 @@ class PlannerMachine(RuleBasedStateMachine):
         project=st.sampled_from(PROJECTS),
         name=st.sampled_from(NAMES),
         kind=st.sampled_from(["postgres", "redis"]),
+        sleepy=st.booleans(),
     )
-    def create_addon(self, project: str, name: str, kind: str) -> None:
+    def create_addon(self, project: str, name: str, kind: str, sleepy: bool) -> None:
         taken = {a.name for proj, a in self.addons.values() if proj == project and not a.deleted}
         if name in taken:
             return  # the controller refuses a duplicate name
@@ -184,6 +246,7 @@ class PlannerMachine(RuleBasedStateMachine):
             name=name,  # may reuse the name of a tombstone
             kind=kind,  # type: ignore[arg-type]
             resources=Resources(cpus=0.5, memory_mb=256),
+            sleep=SLEEPY if sleepy else SleepPolicy(),
         )
         self.addons[aid] = (project, spec)
         self.generation += 1
@@ -225,17 +288,28 @@ class PlannerMachine(RuleBasedStateMachine):
             self.host.containers[name] = replace(c, state=state)
 
     @precondition(lambda self: self.live())
-    @rule(data=st.data(), stage=st.sampled_from(["light", "deep", "awake"]))
-    def sleep_or_wake(self, data: st.DataObject, stage: str) -> None:
-        """What the sleep manager does: record the stage, then pause or stop the db."""
+    @rule(data=st.data())
+    def client_connects(self, data: st.DataObject) -> None:
+        """Awake: straight to the database. Asleep: accepted by the wake listener, waits."""
         aid = data.draw(st.sampled_from(self.live()))
         db = self.host.containers.get(model.db_name(aid))
-        if stage != "awake" and (db is None or db.state != "running"):
-            return
-        self.host.sleep[aid] = stage
-        if db is not None and stage != "awake":
-            state = "paused" if stage == "light" else "exited"
-            self.host.containers[db.name] = replace(db, state=state)
+        if self.host.sleep.get(aid, "awake") != "awake":
+            self.host.waiting.add(aid)
+        elif db is not None and db.state == "running":
+            self.host.clients[aid] = self.host.clients.get(aid, 0) + 1
+            self.host.idle[aid] = 0.0
+
+    @precondition(lambda self: any(self.host.clients.values()))
+    @rule(data=st.data())
+    def client_leaves(self, data: st.DataObject) -> None:
+        aid = data.draw(st.sampled_from(sorted(a for a, n in self.host.clients.items() if n)))
+        self.host.clients[aid] -= 1
+
+    @rule(seconds=st.sampled_from([5.0, 15.0, 90.0]))
+    def time_passes(self, seconds: float) -> None:
+        """Idle is measured from the last new connection: a client may hold one all along."""
+        for aid in self.live():
+            self.host.idle[aid] = self.host.idle.get(aid, 0.0) + seconds
 
     @precondition(lambda self: any(c.role == "job" for c in self.host.containers.values()))
     @rule()
@@ -260,10 +334,23 @@ class PlannerMachine(RuleBasedStateMachine):
         for a in actions:
             if isinstance(a, p.RemoveVolume):
                 assert a.name in tombs, f"{a.name} planned for removal without a tombstone"
+            if isinstance(a, p.SleepAddon):
+                busy = self.host.clients.get(a.key, 0) or a.key in self.host.waiting
+                assert not busy, f"{a.key} planned to sleep while a client is connected"
         for key, chain in p.chains(desired, actions).items():
             assert all(a.key == key for a in chain)
             if key not in self.in_flight:  # a busy key's new work waits for its next pass
                 self.in_flight[key] = list(chain)
+
+    @rule()
+    def quiet_for_a_while(self) -> None:
+        """Passes and steps until nothing is left to do: reaches the states sleep needs."""
+        for _ in range(10):
+            while self.in_flight:
+                self.run_one(sorted(self.in_flight)[0])
+            self.plan_pass()
+            if not self.in_flight:
+                return
 
     @precondition(lambda self: self.in_flight)
     @rule(data=st.data())
@@ -300,6 +387,12 @@ class PlannerMachine(RuleBasedStateMachine):
             if not a.deleted and self.host.containers.get(model.db_name(aid)) is not None:
                 assert model.volume_name(aid) in self.host.volumes
 
+    @invariant()
+    def never_asleep_while_a_client_is_connected(self) -> None:
+        for aid, n in self.host.clients.items():
+            if n:
+                assert self.host.sleep.get(aid, "awake") == "awake", (aid, n)
+
     def teardown(self) -> None:
         """Once quiet (no new changes, no faults), the host converges."""
         self.fail_next.clear()
@@ -322,7 +415,9 @@ class PlannerMachine(RuleBasedStateMachine):
                 assert asleep or db.state == "running", db
         for jid in self.jobs:
             assert jid in self.host.finished_jobs
+        live_waiting = {a for a in self.host.waiting if a in self.live()}
+        assert not live_waiting, f"clients of {live_waiting} still wait for a wake"
 
 
-PlannerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+PlannerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_planner_machine = PlannerMachine.TestCase

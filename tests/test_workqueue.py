@@ -229,6 +229,38 @@ def _desired() -> DesiredState:
     )
 
 
+async def test_an_urgent_chain_goes_ahead_of_queued_work_never_beside_the_running_one() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(
+        runs.run, runs.finished, first_s=1.0, rng=lambda: 0.5, clock=Clock()
+    )
+    # Busy: the wake runs right after the running chain, on the same worker.
+    assert q.submit("a", ["create"])
+    await settle()
+    q.urgent("a", ["wake"])
+    assert not q.submit("a", ["later"]), "the key is busy"
+    runs.gates["a"].set()
+    await settle()
+    runs.gates["a"].set()
+    await q.idle()
+    assert runs.calls == [("a", ("create",)), ("a", ("wake",))] and runs.overlap == []
+    # Backing off: the wake does not wait for the backoff, and its success leaves the
+    # key's failure record (the failed work is still to do, on the key's schedule).
+    runs.results["a"] = ChainResult("daemon said 500")
+    assert q.submit("a", ["create"])
+    runs.gates["a"].set()
+    await q.idle()
+    assert not q.submit("a", ["create"])
+    runs.results["a"] = ChainResult()
+    q.urgent("a", ["wake"])
+    await settle()
+    runs.gates["a"].set()
+    await q.idle()
+    assert runs.calls[-1] == ("a", ("wake",))
+    assert q.failed() == {"a": "daemon said 500"}
+    assert runs.done == 3
+
+
 def test_chains_group_by_key_in_plan_order() -> None:
     actions: tuple[p.Action, ...] = (
         p.RemoveContainer("a0", "orkestr-a0-db", "AddonDeleted"),
