@@ -52,7 +52,9 @@ async def main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        docker = await stack.enter_async_context(Docker(config.agent.host, config.docker.url))
+        docker = await stack.enter_async_context(
+            Docker(config.agent.host, config.docker.url, config.docker.max_in_flight)
+        )
         controller = await stack.enter_async_context(
             ControllerClient(
                 config.controller.url, config.controller.token, config.controller.ca_file
@@ -62,6 +64,7 @@ async def main(
         stack.push_async_callback(agent.applier.close)
         stack.push_async_callback(agent.backups.close)
         stack.push_async_callback(agent.close_sleepers)
+        stack.push_async_callback(agent.workers.close)
         runner = await _metrics_app(config.metrics.listen)
         stack.push_async_callback(runner.cleanup)
         log.info("agent.started host=%s state_dir=%s", config.agent.host, config.agent.state_dir)

@@ -1,8 +1,9 @@
 """The thin I/O layer that executes a plan's actions against Docker, the disk and the controller.
 
-Each action is idempotent (create-409 and delete-404 count as success). A failed action
-skips the rest of its key's chain in this pass; the next pass plans again from what it
-then observes, so nothing here needs to remember partial progress.
+Each action is idempotent (create-409 and delete-404 count as success). Each key's chain
+runs on that key's worker (agent/workqueue.py); a failed action skips the rest of the
+chain, and the next pass plans again from what it then observes, so nothing here needs to
+remember partial progress.
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
-from agent.errors import AgentError, Conflict, NotFound, PermanentError
+from agent.errors import AgentError, Conflict, NotFound, PermanentError, TransientError
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
+from agent.workqueue import ChainResult
 from schemas.images import ImageRefused, check_reference, tagged
-from schemas.messages import SCHEMA_VERSION, JobResult
+from schemas.messages import SCHEMA_VERSION, JobResult, SleepState
 
 log = logging.getLogger("orkestr.agent.apply")
+
+
+async def _no_sleep(addon_id: str, stage: SleepState) -> None:
+    raise AgentError(f"no sleeper for {addon_id}")
+
+
+async def _no_wake(addon_id: str) -> None:
+    raise AgentError(f"no sleeper for {addon_id}")
 
 
 class Outcome:
@@ -74,6 +84,10 @@ class Applier:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
+        # The sleep manager's hands: a planned sleep or wake acts through the add-on's
+        # sleeper (redirect, activity re-check, pause or stop), on the add-on's worker.
+        self.sleep_addon: Callable[[str, SleepState], Awaitable[None]] = _no_sleep
+        self.wake_addon: Callable[[str], Awaitable[None]] = _no_wake
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -98,6 +112,15 @@ class Applier:
             self.on_progress()
         return outcome
 
+    async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
+        """One key worker's chain: its actions in order, stopping at the first failure."""
+        for action in chain:
+            outcome = await self.apply((action,))
+            if action.key in outcome.failed:
+                permanent = action.key in outcome.permanent
+                return ChainResult(outcome.failed[action.key], permanent=permanent)
+        return ChainResult()
+
     async def _one(self, action: p.Action) -> None:
         match action:
             case p.EnsureNetwork(key, name):
@@ -108,7 +131,12 @@ class Applier:
             case p.EnsureVolume(key, name, project_id):
                 await self.docker.create_volume(name, key, project_id)
             case p.FetchSecret(key, _project, kind, version):
-                secret = await self.controller.secret(key)
+                try:
+                    secret = await self.controller.secret(key)
+                except PermanentError as exc:
+                    # A refused token is the host's, not the add-on's spec: an operator's
+                    # token rotation fixes it, so the key keeps retrying (with backoff).
+                    raise TransientError(str(exc)) from None
                 if secret.secret_version < version:
                     raise AgentError(
                         f"controller has secret v{secret.secret_version}, want v{version}"
@@ -131,6 +159,10 @@ class Applier:
             case p.UnpauseContainer(key, name):
                 await self._on_addon_started(key)
                 await self.docker.unpause(name)
+            case p.SleepAddon(key, _name, stage):
+                await self.sleep_addon(key, stage)
+            case p.WakeAddon(key, _name):
+                await self.wake_addon(key)
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
                 if name.endswith("-db"):
@@ -193,6 +225,10 @@ class Applier:
                 error=f"could not start: {error}",
             )
         )
+
+    def watched_jobs(self) -> frozenset[str]:
+        """The jobs whose exit a task of this process awaits."""
+        return frozenset(j for j, t in self._watchers.items() if not t.done())
 
     def _watch(self, job_id: str, name: str, timeout_s: float) -> None:
         task = self._watchers.get(job_id)

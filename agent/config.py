@@ -79,6 +79,8 @@ class SigningSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class DockerSection(Struct, frozen=True, forbid_unknown_fields=True):
     url: str | None = None
+    # Docker API calls in flight at once, across all add-on, job and network workers.
+    max_in_flight: Annotated[int, Meta(ge=1, le=256)] = 16
 
 
 class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):

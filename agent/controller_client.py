@@ -15,17 +15,15 @@ import aiohttp
 import msgspec
 
 from agent.errors import NotFound, PermanentError, TransientError
+from schemas.agent_api import (
+    ENV_PATH,
+    RELEASE_ENV_PATH,
+    SECRET_PATH,
+    AddonSecret,
+    ProjectEnv,
+)
 
 T = TypeVar("T")
-
-
-class Secret(msgspec.Struct, frozen=True):
-    password: str
-    secret_version: int
-
-
-class Env(msgspec.Struct, frozen=True):
-    env: dict[str, str]
 
 
 class ControllerClient:
@@ -50,7 +48,7 @@ class ControllerClient:
 
     async def _get(self, path: str) -> Any:
         assert self._session is not None
-        url = f"{self._base}/v1/agent{path}"
+        url = f"{self._base}{path}"
         try:
             headers = {"Authorization": f"Bearer {self._token()}"}
         except OSError as exc:
@@ -71,15 +69,16 @@ class ControllerClient:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransientError(f"controller unreachable: {exc!r}") from None
 
-    async def secret(self, addon_id: str) -> Secret:
-        return _decode(await self._get(f"/addons/{addon_id}/secret"), Secret)
+    async def secret(self, addon_id: str) -> AddonSecret:
+        return _decode(await self._get(SECRET_PATH.format(addon_id=addon_id)), AddonSecret)
 
     async def env(self, project_id: str) -> dict[str, str]:
-        return _decode(await self._get(f"/projects/{project_id}/env"), Env).env
+        return _decode(await self._get(ENV_PATH.format(project_id=project_id)), ProjectEnv).env
 
     async def release_env(self, project_id: str, release: int) -> dict[str, str]:
         """The variables an app of `release` runs with (the release's snapshot)."""
-        return _decode(await self._get(f"/projects/{project_id}/releases/{release}/env"), Env).env
+        path = RELEASE_ENV_PATH.format(project_id=project_id, number=release)
+        return _decode(await self._get(path), ProjectEnv).env
 
 
 def _decode(body: bytes, kind: type[T]) -> T:

@@ -43,10 +43,14 @@ async def _call(what: str, fn: Callable[[], Awaitable[T]]) -> T:
 
 
 class Docker:
-    def __init__(self, host: str, url: str | None = None) -> None:
+    def __init__(self, host: str, url: str | None = None, max_in_flight: int = 16) -> None:
         self.host = host
         self._url = url
         self._client: aiodocker.Docker | None = None
+        # Keys work in parallel; the daemon gets at most this many calls at once. Waits
+        # on jobs, stops and the event stream hold no slot: they last as long as a job or
+        # a database's shutdown does.
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     async def __aenter__(self) -> Docker:
         # aiodocker waits forever by default; a hung daemon must not hang the agent.
@@ -59,6 +63,10 @@ class Docker:
         if self._client is not None:
             await self._client.close()
 
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        async with self._slots:
+            return await _call(what, fn)
+
     @property
     def client(self) -> aiodocker.Docker:
         assert self._client is not None, "use Docker as an async context manager"
@@ -68,7 +76,7 @@ class Docker:
         return {"label": [f"{model.LABEL_MANAGED}=1", f"{model.LABEL_HOST}={self.host}"]}
 
     async def ping(self) -> None:
-        await _call("ping", lambda: self.client.version())
+        await self._call("ping", lambda: self.client.version())
 
     async def snapshot(self) -> Observed:
         filters = self._filters()
@@ -78,11 +86,11 @@ class Docker:
                 "containers/json", params={"all": "1", "filters": json.dumps(filters)}
             )
 
-        raw_containers = await _call("list containers", containers)
-        raw_networks = await _call(
+        raw_containers = await self._call("list containers", containers)
+        raw_networks = await self._call(
             "list networks", lambda: self.client.networks.list(filters=filters)
         )
-        raw_volumes = await _call(
+        raw_volumes = await self._call(
             "list volumes",
             lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
         )
@@ -102,13 +110,13 @@ class Docker:
             },
         }
         try:
-            await _call(f"create network {name}", lambda: self.client.networks.create(config))
+            await self._call(f"create network {name}", lambda: self.client.networks.create(config))
         except Conflict:
             pass
 
     async def remove_network(self, name: str) -> None:
         try:
-            await _call(
+            await self._call(
                 f"remove network {name}",
                 lambda: aiodocker.networks.DockerNetwork(self.client, name).delete(),  # type: ignore[no-untyped-call]
             )
@@ -123,7 +131,7 @@ class Docker:
             network = await self.client.networks.get(name)
             return await network.show()
 
-        raw = await _call(f"inspect network {name}", show)
+        raw = await self._call(f"inspect network {name}", show)
         return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
 
     async def create_volume(self, name: str, addon_id: str, project_id: str) -> None:
@@ -136,7 +144,7 @@ class Docker:
                 model.LABEL_ADDON: addon_id,
             },
         }
-        await _call(
+        await self._call(
             f"create volume {name}",
             lambda: self.client.volumes.create(config),  # type: ignore[no-untyped-call]
         )
@@ -146,7 +154,7 @@ class Docker:
     ) -> None:
         body = specs.create_body(spec, self.host, env)
         try:
-            await _call(
+            await self._call(
                 f"create container {spec.name}",
                 lambda: self.client.containers.create(body, name=spec.name),  # type: ignore[arg-type]
             )
@@ -157,30 +165,36 @@ class Docker:
 
     async def image_names(self, ref: str) -> set[str]:
         """The tags and digests of the image that `ref` resolves to; NotFound if none."""
-        info: dict[str, Any] = await _call(
+        info: dict[str, Any] = await self._call(
             f"inspect image {ref}",
             lambda: self.client.images.inspect(ref),
         )
         return {*(info.get("RepoTags") or ()), *(info.get("RepoDigests") or ())}
 
     async def start(self, name: str) -> None:
-        await _call(f"start {name}", lambda: self.client.containers.container(name).start())
+        await self._call(f"start {name}", lambda: self.client.containers.container(name).start())
 
     async def pause(self, name: str) -> None:
         try:
-            await _call(f"pause {name}", lambda: self.client.containers.container(name).pause())
+            await self._call(
+                f"pause {name}", lambda: self.client.containers.container(name).pause()
+            )
         except Conflict:
             pass  # already paused
 
     async def unpause(self, name: str) -> bool:
         """True if it was paused; False if it was not (running, or not running at all)."""
         try:
-            await _call(f"unpause {name}", lambda: self.client.containers.container(name).unpause())
+            await self._call(
+                f"unpause {name}", lambda: self.client.containers.container(name).unpause()
+            )
         except Conflict:
             return False
         return True
 
     async def stop(self, name: str, grace_s: int = 10) -> None:
+        # No slot: the daemon only waits for the container's own shutdown (up to grace_s),
+        # and a database that takes its time must not hold up other keys' calls.
         async with asyncio.timeout(grace_s + 30):
             await _call(
                 f"stop {name}", lambda: self.client.containers.container(name).stop(t=grace_s)
@@ -191,12 +205,12 @@ class Docker:
         return str((await self.inspect(name))["State"]["Status"])
 
     async def kill(self, name: str) -> None:
-        await _call(f"kill {name}", lambda: self.client.containers.container(name).kill())
+        await self._call(f"kill {name}", lambda: self.client.containers.container(name).kill())
 
     async def remove(self, name: str) -> None:
         # v=True: the anonymous volumes of the image's VOLUME go with the container.
         try:
-            await _call(
+            await self._call(
                 f"remove {name}",
                 lambda: self.client.containers.container(name).delete(force=True, v=True),
             )
@@ -205,7 +219,7 @@ class Docker:
 
     async def remove_volume(self, name: str) -> None:
         try:
-            await _call(
+            await self._call(
                 f"remove volume {name}",
                 lambda: aiodocker.volumes.DockerVolume(self.client, name).delete(),  # type: ignore[no-untyped-call]
             )
@@ -216,7 +230,7 @@ class Docker:
         async def show() -> dict[str, Any]:
             return await self.client.containers.container(name).show()
 
-        return await _call(f"inspect {name}", show)
+        return await self._call(f"inspect {name}", show)
 
     async def wait(self, name: str, timeout_s: float) -> int:
         async def wait() -> int:
@@ -233,7 +247,7 @@ class Docker:
             )
             return "".join(lines)
 
-        text = await _call(f"logs {name}", logs)
+        text = await self._call(f"logs {name}", logs)
         return text[-tail_bytes:]
 
     @asynccontextmanager

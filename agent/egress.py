@@ -100,11 +100,22 @@ class Firewall:
                 self._applied = rules
                 log.info("egress.host_applied bridges=%d", len(bridges))
         subnets = {n.name: n.subnet for n in observed.networks}
-        for c in observed.containers:
-            if c.role == "holder" and c.state == "running" and c.id not in self._fenced:
-                subnet = subnets.get(f"orkestr-{c.project_id}", "")
-                if subnet:
-                    await self.fence_holder(c.name, subnet)
+        due = [
+            (c.name, subnets[f"orkestr-{c.project_id}"])
+            for c in observed.containers
+            if c.role == "holder"
+            and c.state == "running"
+            and c.id not in self._fenced
+            and subnets.get(f"orkestr-{c.project_id}")
+        ]
+        # Namespaces are independent: fenced together, a restarted agent's first pass (which
+        # fences every holder again) waits for the slowest, not for the sum.
+        results = await asyncio.gather(
+            *(self.fence_holder(name, subnet) for name, subnet in due), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def sync_networks(self) -> None:
         """After a network was created: its bridge is fenced before anything runs on it."""

@@ -18,6 +18,7 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
+from agent.sleep import policy
 from schemas.messages import (
     AddonSpec,
     AppSpec,
@@ -64,6 +65,25 @@ class StartContainer(Struct, frozen=True, tag=True):
 
 class UnpauseContainer(Struct, frozen=True, tag=True):
     key: str
+    name: str
+
+
+class SleepAddon(Struct, frozen=True, tag=True):
+    """Put an idle add-on to sleep: light pauses its database, deep stops it.
+
+    The executor sets the wake redirect first and measures once more: a client that
+    connected since the plan's measurement keeps it awake.
+    """
+
+    key: str  # add-on id
+    name: str  # its database container
+    stage: SleepState
+
+
+class WakeAddon(Struct, frozen=True, tag=True):
+    """Wake a sleeping add-on (a client waits at its wake listener, or a backup holds it)."""
+
+    key: str  # add-on id
     name: str
 
 
@@ -119,6 +139,7 @@ class RunApp(Struct, frozen=True, tag=True):
     project_id: str
     app: AppSpec
 
+
 Action = (
     EnsureNetwork
     | EnsureVolume
@@ -126,6 +147,8 @@ Action = (
     | RunContainer
     | StartContainer
     | UnpauseContainer
+    | SleepAddon
+    | WakeAddon
     | RemoveContainer
     | RemoveVolume
     | RemoveNetwork
@@ -140,6 +163,18 @@ Action = (
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
 
 
+class SleepFacts(Struct, frozen=True):
+    """One add-on's sleep state and measured activity, as the sleep manager holds them."""
+
+    state: SleepState = "awake"
+    last_activity: float = 0.0  # epoch seconds of the last client activity
+    clients: int = 0  # client connections open now, direct and relayed
+    ready: bool = False  # has answered a client since it last started
+    held: bool = False  # a platform operation (a backup) holds it awake
+    wake_requested: bool = False  # a client waits at the wake listener
+    listening: bool = False  # its wake listener runs: a sleep or wake can be carried out
+
+
 class Local(Struct, frozen=True):
     """The agent's own facts that Docker does not hold."""
 
@@ -147,12 +182,17 @@ class Local(Struct, frozen=True):
     secrets: Mapping[str, int] = {}
     # job ids whose result is recorded locally (the job must not run again)
     finished_jobs: frozenset[str] = frozenset()
-    # add-on id -> sleep state decided by the sleep manager
-    sleep: Mapping[str, SleepState] = {}
+    # add-on id -> its sleep state and activity (absent: awake, never measured)
+    sleep: Mapping[str, SleepFacts] = {}
     # backup-store operation keys (`<op>-<id>`) whose result is recorded locally
     backups_done: frozenset[str] = frozenset()
     # add-on id -> key of the backup-store operation running for it in this process
     backups_running: Mapping[str, str] = {}
+    # epoch seconds: the clock the idle times are measured against
+    now: float = 0.0
+    # job ids this process already awaits: watching one again would finish at once and
+    # ask for another pass, a pass loop for as long as the job runs
+    watched_jobs: frozenset[str] = frozenset()
 
 
 class Settings(Struct, frozen=True):
@@ -283,18 +323,38 @@ def _converge_addon(
         actions.append(RunContainer(addon.id, want_db))
     elif not local.backups_running.get(addon.id, "").startswith("restore-"):
         # A restore stops and starts the database itself (Redis swaps its files).
-        actions += _db_run_state(addon.id, db, local.sleep.get(addon.id, "awake"))
+        actions += _db_run_state(addon, db, local.sleep.get(addon.id, _AWAKE), local.now)
     return actions
 
 
-def _db_run_state(addon_id: str, db: ObservedContainer, sleep: SleepState) -> list[Action]:
-    # Sleeping add-ons are paused or stopped on purpose; the sleep manager owns that.
-    if sleep != "awake":
-        return []
+_AWAKE = SleepFacts()
+
+
+def _db_run_state(
+    addon: AddonSpec, db: ObservedContainer, facts: SleepFacts, now: float
+) -> list[Action]:
+    goal = policy.goal(
+        addon.sleep,
+        facts.state,
+        now - facts.last_activity,
+        has_clients=facts.clients > 0,
+        ready=facts.ready,
+        held=facts.held,
+        wake_requested=facts.wake_requested,
+    )
+    if facts.state != "awake":
+        # Paused or stopped on purpose: it wakes through its wake listener's path.
+        if not facts.listening:
+            return []  # not yet after a restart: the next pass has its listener
+        if goal == "awake":
+            return [WakeAddon(addon.id, db.name)]
+        return [SleepAddon(addon.id, db.name, goal)] if goal != facts.state else []
     if db.state in ("exited", "created", "dead"):
-        return [StartContainer(addon_id, db.name)]
+        return [StartContainer(addon.id, db.name)]
     if db.state == "paused":
-        return [UnpauseContainer(addon_id, db.name)]
+        return [UnpauseContainer(addon.id, db.name)]
+    if goal != "awake" and db.state == "running" and facts.listening:
+        return [SleepAddon(addon.id, db.name, goal)]
     return []
 
 
@@ -313,6 +373,8 @@ def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Loca
             StartContainer(job.id, container.name),
             WatchJob(job.id, project_id, job, container.name),
         ]
+    if job.id in local.watched_jobs:
+        return []
     return [WatchJob(job.id, project_id, job, container.name)]
 
 
@@ -355,3 +417,39 @@ def _converge_app(
         return [StartContainer(app.id, have.name)]
     # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
     return []
+
+
+# Actions that need the project's network to exist before they can succeed.
+_NEEDS_NETWORK = (RunContainer, StartContainer, StartJob, RunApp)
+
+
+def chains(
+    desired: DesiredState | None, actions: tuple[Action, ...]
+) -> dict[str, tuple[Action, ...]]:
+    """Group a plan by key, in plan order: each chain is one key worker's work.
+
+    Keys run in parallel, so the one ordering between keys that matters is kept here: a
+    chain that creates or starts a container of a project whose network this plan still
+    creates waits for a later pass (the network's completion asks for one).
+    """
+    owner: dict[str, str] = {}
+    for project in desired.projects if desired is not None else ():
+        for addon in project.addons:
+            owner[addon.id] = project.id
+        for job in project.jobs:
+            owner[job.id] = project.id
+        for app in project.apps:
+            owner[app.id] = project.id
+    creating = {a.key for a in actions if isinstance(a, EnsureNetwork)}
+    grouped: dict[str, list[Action]] = {}
+    for action in actions:
+        grouped.setdefault(action.key, []).append(action)
+    return {
+        key: tuple(chain)
+        for key, chain in grouped.items()
+        if not (
+            owner.get(key) in creating
+            and key not in creating
+            and any(isinstance(a, _NEEDS_NETWORK) for a in chain)
+        )
+    }

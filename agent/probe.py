@@ -14,7 +14,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agent.specs import ADMIN_USER, PORTS
+from agent.specs import ADMIN_USER
+from schemas.messages import PORTS
 
 log = logging.getLogger("orkestr.agent.probe")
 

@@ -1,9 +1,10 @@
-"""The agent's main loops: one level-triggered reconcile worker fed by triggers.
+"""The agent's main loops: a level-triggered planning pass feeding one worker per key.
 
-A desired-state message, a Docker event, a finished job, a wake and the periodic resync
-all do the same thing: set the trigger. The worker then runs a full pass,
-observe -> plan -> apply -> probe -> report, so no event is ever interpreted on its own
-and a burst of events coalesces into one more pass.
+A desired-state message, a Docker event, a finished job or chain, a wake and the periodic
+resync all do the same thing: set the trigger. The loop then runs a full pass,
+observe -> plan -> hand each key's chain to its worker -> probe -> report, so no event is
+ever interpreted on its own and a burst of events coalesces into one more pass. Keys (an
+add-on, a job, a project network) run in parallel, each serially (agent/workqueue.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
 from agent import desired as desired_mod
-from agent import model, netns, probe, specs
+from agent import model, netns, probe, specs, status
 from agent import plan as p
-from agent.activator import RelayBudget, utc
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
 from agent.backups import BackupRunner
@@ -46,9 +48,11 @@ from agent.metrics import (
 from agent.mqtt import Broker
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
-from agent.sleepers import SleepManager
+from agent.sleep.listener import RelayBudget
+from agent.sleep.manager import SleepManager
 from agent.state import StateDir
 from agent.watchdog import Watchdog, interval_from_env
+from agent.workqueue import KeyedWorkers
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import (
@@ -150,8 +154,12 @@ class Agent:
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
         self.applier.on_progress = lambda: self.watchdog.beat("reconcile")
         self.observed = model.Observed()
+        self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
+        # add-on id -> (database container id, when, result) of its last successful probe
+        self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
+        self._reprobe_s = config.agent.resync_interval_s
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
             root,
@@ -163,7 +171,11 @@ class Agent:
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
+        self.sleep.on_wake_request = self._wake_requested
+        self.applier.sleep_addon = self.sleep.sleep
+        self.applier.wake_addon = self.sleep.wake
         self.desired: DesiredState | None = self.state.load_desired()
+        self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
@@ -220,6 +232,7 @@ class Agent:
         except OSError as exc:  # a full disk: apply it anyway, the broker keeps a copy
             log.error("desired.not_saved error=%s", exc)
         self.desired = state
+        self._fingerprints = self._key_fingerprints(state)
         APPLIED_GENERATION.set(state.generation)
         self.book.set(
             HOST,
@@ -245,7 +258,7 @@ class Agent:
             self._trigger.clear()
             started = time.monotonic()
             try:
-                outcome = await self.reconcile_once()
+                await self.reconcile_once()
             except Exception as exc:
                 # Expected failures are AgentErrors; anything else is a bug, and a bug in one
                 # pass must not take the agent (and every sleeping add-on's waker) down.
@@ -261,15 +274,13 @@ class Agent:
             finally:
                 RECONCILE_DURATION.observe(time.monotonic() - started)
                 self.watchdog.beat("reconcile")
-            if outcome.failed:
+            backoff = 0.5
+            # A clean pass: nothing left to do, nothing in flight, no key retrying.
+            # Keys retry on their own schedule (agent/workqueue.py), not the pass's.
+            if len(self.workers.failed()) > len(self.workers.permanent()):
                 RECONCILE_TOTAL.labels("requeue").inc()
-                asyncio.get_running_loop().call_later(
-                    backoff * random.uniform(0.8, 1.2), self.trigger
-                )
-                backoff = min(backoff * 2, 30.0)
-            else:
+            elif self.workers.in_flight() == 0:
                 RECONCILE_TOTAL.labels("success").inc()
-                backoff = 0.5
             self.last_pass_ok = time.monotonic()
             if not self._ready_notified:
                 notify("READY=1")
@@ -308,102 +319,115 @@ class Agent:
             await self.publish_job_results()
 
     # --- one pass -----------------------------------------------------------------------
-    async def reconcile_once(self) -> Outcome:
+    async def reconcile_once(self) -> None:
+        """Observe, plan the whole host, hand each key's chain to its worker, report.
+
+        The pass itself never waits on a chain: a slow key (a database that takes its full
+        stop timeout) holds up only its own worker.
+        """
+        seen = self.workers.epoch
         observed = await self.docker.snapshot()
         local = p.Local(
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
-            sleep=self.sleep.states(),
+            sleep=self.sleep.facts(),
+            now=time.time(),
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
+            watched_jobs=self.applier.watched_jobs(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         # Fences first: nothing may start on a bridge or in a namespace left open.
         await self.firewall.sync(observed)
-        outcome = await self.applier.apply(actions)
-        if actions:
-            observed = await self.docker.snapshot()
+        planned = p.chains(self.desired, actions)
+        for key, chain in planned.items():
+            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
+        self.workers.settle({a.key for a in actions}, seen)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
+        outcome = Outcome()
+        outcome.failed = self.workers.failed()
+        outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
         await self.publish_status()
         await self.publish_job_results()
-        return outcome
+
+    def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
+        """A key's spec, as text: a permanently failed key is retried once it changes."""
+        prints: dict[str, str] = {}
+        for project in desired.projects if desired is not None else ():
+            for addon in project.addons:
+                prints[addon.id] = msgspec.json.encode(addon).decode()
+            for job in project.jobs:
+                prints[job.id] = msgspec.json.encode(job).decode()
+        return prints
+
+    def _sleep_views(self) -> dict[str, status.SleepView]:
+        views: dict[str, status.SleepView] = {}
+        for aid, saved in self.sleep.saved.items():
+            sleeper = self.sleep.sleepers.get(aid)
+            views[aid] = status.SleepView(
+                state=saved.state,
+                last_activity=saved.last_activity,
+                clients=sleeper.clients if sleeper is not None else (),
+                sleeps=saved.sleeps,
+                wakes=saved.wakes,
+                last_wake_ms=tuple(saved.last_wake_ms),
+            )
+        return views
 
     async def _refresh_status(self, observed: model.Observed, outcome: Outcome) -> None:
-        now = datetime.now(UTC)
+        """Probe what is awake and running, derive the status (agent/status.py), record it."""
         desired = self.desired
         if desired is None:
             return
-        statuses: dict[str, AddonStatus] = {}
-        removed: list[str] = []
-        probes: list[tuple[str, AddonSpec, str, asyncio.Task[tuple[bool, str, str]]]] = []
-        for project in desired.projects:
-            for addon in project.addons:
-                holder = observed.container(model.holder_name(addon.id))
-                db = observed.container(model.db_name(addon.id))
-                if addon.deleted:
-                    gone = (
-                        holder is None
-                        and db is None
-                        and observed.volume(model.volume_name(addon.id)) is None
-                    )
-                    if gone and addon.id not in outcome.failed:
-                        removed.append(addon.id)
-                        self.book.forget(addon.id)
-                    continue
-                self._provisioned(addon, holder, db, outcome, now)
-                sleeping = self.sleep.state(addon.id) != "awake"
-                if sleeping:
-                    stage = self.sleep.state(addon.id)
-                    self.book.set(
-                        addon.id,
-                        "Ready",
-                        "False",
-                        "Sleeping",
-                        f"in {stage} sleep; wakes when a client connects",
-                        now,
-                    )
-                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
-                elif holder is not None and holder.ip and db is not None and db.state == "running":
-                    probes.append(
-                        (
-                            project.id,
-                            addon,
-                            holder.ip,
-                            asyncio.create_task(self._probe(addon, holder.ip)),
-                        )
-                    )
-                else:
-                    state = db.state if db is not None else "missing"
-                    self.book.set(
-                        addon.id,
-                        "Ready",
-                        "False",
-                        "NotRunning",
-                        f"database container is {state}",
-                        now,
-                    )
-                    ADDON_READY.labels(addon.id, project.id, addon.kind).set(0)
-        for project_id, addon, ip, task in probes:
-            ok, reason, message = await task
-            if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
+        views = self._sleep_views()
+        targets = status.probe_targets(desired, observed, views)
+        # A ready add-on is probed again once per resync interval, not on every pass: a
+        # pass per finished chain would otherwise probe every database many times a second.
+        now_m = time.monotonic()
+        probes: dict[str, status.Probe] = {}
+        due: list[status.Target] = []
+        for t in targets:
+            last = self._last_probe.get(t.addon.id)
+            if last is not None and last[0] == t.db_id and now_m - last[1] < self._reprobe_s:
+                probes[t.addon.id] = last[2]
+            else:
+                due.append(t)
+        self._last_probe = {
+            t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
+        }
+        results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in due))
+        for target, (ok, reason, message) in zip(due, results, strict=True):
+            probes[target.addon.id] = status.Probe(ok, reason, message)
+            if ok:
+                self._last_probe[target.addon.id] = (target.db_id, now_m, probes[target.addon.id])
+            if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
                 if reason == "Unreachable":
-                    await self._repair_split_namespace(addon)
-                self._await_readiness(addon, ip)
-            self.book.set(
-                addon.id, "Ready", "True" if ok else "False", reason, message, datetime.now(UTC)
-            )
-            ADDON_READY.labels(addon.id, project_id, addon.kind).set(1 if ok else 0)
+                    await self._repair_split_namespace(target.addon)
+                self._await_readiness(target.addon, target.ip)
+        derived = status.derive(desired, observed, outcome.failed, outcome.permanent, probes, views)
+        now = datetime.now(UTC)
+        for u in derived.updates:
+            self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
+        for aid in derived.removed:
+            self.book.forget(aid)
+        statuses: dict[str, AddonStatus] = {}
         labels: set[tuple[str, str, str]] = set()
         for project in desired.projects:
             for addon in project.addons:
                 if addon.deleted:
                     continue
-                statuses[addon.id] = self._addon_status(project.id, addon, desired.generation, now)
-                labels.add((addon.id, project.id, addon.kind))
+                view = views.get(addon.id, status.SleepView())
+                statuses[addon.id] = status.addon_status(
+                    project.id, addon, desired.generation, self.book.of(addon.id), view
+                )
+                label = (addon.id, project.id, addon.kind)
+                ADDON_READY.labels(*label).set(1 if derived.ready.get(addon.id) else 0)
+                ADDON_SLEEP_STATE.labels(*label).set(SLEEP_LEVEL[view.state])
+                labels.add(label)
         # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
         for stale in self._metric_labels - labels:
             for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
@@ -411,42 +435,7 @@ class Agent:
                     gauge.remove(*stale)
         self._metric_labels = labels
         self.addon_status = statuses
-        self.removed = tuple(removed)
-
-    def _provisioned(
-        self,
-        addon: AddonSpec,
-        holder: model.ObservedContainer | None,
-        db: model.ObservedContainer | None,
-        outcome: Outcome,
-        now: datetime,
-    ) -> None:
-        if addon.id in outcome.permanent:
-            self.book.set(
-                addon.id,
-                "Provisioned",
-                "False",
-                "ProvisionFailed",
-                outcome.permanent[addon.id],
-                now,
-            )
-        elif addon.id in outcome.failed:
-            self.book.set(
-                addon.id, "Provisioned", "False", "Retrying", outcome.failed[addon.id], now
-            )
-        elif holder is not None and db is not None and holder.state == "running":
-            self.book.set(
-                addon.id,
-                "Provisioned",
-                "True",
-                "ContainersCreated",
-                f"holder {holder.name} and database {db.name} exist",
-                now,
-            )
-        else:
-            self.book.set(
-                addon.id, "Provisioned", "False", "Creating", "containers are being created", now
-            )
+        self.removed = derived.removed
 
     async def _repair_split_namespace(self, addon: AddonSpec) -> None:
         """A holder restarted in place has a new namespace the database is not in.
@@ -464,10 +453,12 @@ class Agent:
         except (AgentError, OSError, KeyError):
             return
         log.warning("addon.split_namespace addon=%s action=recreate_db", addon.id)
-        await self.applier.apply(
-            [p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace")]
+        # Through the add-on's worker: never beside another chain on the same add-on.
+        self.workers.submit(
+            addon.id,
+            (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
+            self._fingerprints.get(addon.id, ""),
         )
-        self.trigger()
 
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
@@ -486,40 +477,6 @@ class Agent:
                     return
 
         self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
-
-    def _addon_status(
-        self, project_id: str, addon: AddonSpec, generation: int, now: datetime
-    ) -> AddonStatus:
-        saved = self.sleep.saved.get(addon.id)
-        sleeper = self.sleep.sleepers.get(addon.id)
-        ADDON_SLEEP_STATE.labels(addon.id, project_id, addon.kind).set(
-            SLEEP_LEVEL[saved.state if saved else "awake"]
-        )
-        if not addon.sleep.enabled:
-            self.book.set(addon.id, "Sleeping", "False", "Disabled", "the plan keeps it awake", now)
-        elif saved is not None and saved.state != "awake":
-            self.book.set(
-                addon.id,
-                "Sleeping",
-                "True",
-                saved.state.capitalize(),
-                f"{saved.state} sleep after {addon.sleep.light_after_s:g}s idle",
-                now,
-            )
-        else:
-            self.book.set(addon.id, "Sleeping", "False", "Awake", "serving clients directly", now)
-        return AddonStatus(
-            id=addon.id,
-            project_id=project_id,
-            observed_generation=generation,
-            conditions=self.book.of(addon.id),
-            sleep_state=saved.state if saved else "awake",
-            last_activity=utc(saved.last_activity) if saved and saved.last_activity else None,
-            clients=sleeper.clients if sleeper else (),
-            sleeps=saved.sleeps if saved else 0,
-            wakes=saved.wakes if saved else 0,
-            last_wake_ms=tuple(saved.last_wake_ms) if saved else (),
-        )
 
     async def _probe(
         self, addon: AddonSpec, ip: str, timeout_s: float | None = None
@@ -565,6 +522,15 @@ class Agent:
         await self.sleep.addon_started(addon_id)
 
     def _sleep_changed(self) -> None:
+        self.trigger()
+
+    def _wake_requested(self, addon_id: str) -> None:
+        """A client waits at the wake listener: the wake goes ahead of the key's queue.
+
+        The add-on's worker runs it (never beside another of its chains); the pass that
+        follows plans the same wake from the request if this one fails.
+        """
+        self.workers.urgent(addon_id, (p.WakeAddon(addon_id, model.db_name(addon_id)),))
         self.trigger()
 
     def _is_ready(self, addon_id: str) -> bool:

@@ -22,7 +22,6 @@ from schemas.messages import AddonSpec, AppSpec, JobSpec
 SECRET_MOUNT = "/run/orkestr"
 # The official postgres image runs every script here once, when it initialises the volume.
 INITDB_MOUNT = "/docker-entrypoint-initdb.d"
-PORTS = {"postgres": 5432, "redis": 6379}
 DATA_DIRS = {"postgres": "/var/lib/postgresql/data", "redis": "/data"}
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 from agent import model, specs  # noqa: E402
 from agent.secrets import SecretStore  # noqa: E402
 from controller.env import variable_name  # noqa: E402
-from schemas.messages import AddonSpec, Resources  # noqa: E402
+from schemas.messages import PORTS, AddonSpec, Resources  # noqa: E402
 from tests.agent_fixtures import (  # noqa: E402
     IMAGES,
     TOOLBOX,
@@ -176,10 +176,10 @@ def code_state(root: Path = ROOT, ref: str = "") -> dict[str, Any]:
 
 
 def export_code(ref: str, into: Path) -> Path:
-    """`git archive <ref>` of the services' packages into a private directory."""
+    """`git archive <ref>` of the services' packages (and the agent unit the launcher reads)."""
     into.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "archive", ref, "agent", "controller", "schemas"],
+        ["git", "archive", ref, "agent", "controller", "schemas", "systemd"],
         cwd=ROOT, capture_output=True, check=True,
     )  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
@@ -266,12 +266,16 @@ def stop_leftovers(private_dir: Path) -> None:
 class Bench:
     """Broker + controller + agent processes for one benchmark run, and their clean-up."""
 
-    def __init__(self, plans: str, sleep_tick_s: float = 0.5) -> None:
+    def __init__(
+        self, plans: str, sleep_tick_s: float = 0.5, intervals: tuple[float, float] | None = None
+    ) -> None:
         """ORKESTR_BENCH_CODE=<git ref> runs the controller, agent and keeper from a
         `git archive` of that ref instead of the working tree (e.g. while the working
         tree is mid-edit); the results record which code ran."""
         self.plans = plans
         self.sleep_tick_s = sleep_tick_s
+        # (resync_interval_s, heartbeat_s) for the agent; None: the tests' brisk 2 s and 1 s.
+        self.intervals = intervals
         self.host = f"bench-{uuid.uuid4().hex[:10]}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-bench-"))
         self.mosquitto = Mosquitto()
@@ -340,6 +344,12 @@ class Bench:
             sleep_tick_s=self.sleep_tick_s,
             public_key_file=self.controller.public_key_file,
         )
+        if self.intervals is not None:
+            resync, heartbeat = self.intervals
+            text = self.agent.config_path.read_text()
+            text = text.replace("resync_interval_s = 2\n", f"resync_interval_s = {resync}\n")
+            text = text.replace("heartbeat_s = 1\n", f"heartbeat_s = {heartbeat}\n")
+            self.agent.config_path.write_text(text)
         await self.agent.start()
         await self.controller.wait_host_online(self.host, 30)
 
@@ -669,7 +679,7 @@ class Plain:
         return self.holder_name if self.shared_netns else self.db_name
 
     def target(self, host: str | None = None) -> dict[str, Any]:
-        port = specs.PORTS[self.kind]
+        port = PORTS["postgres"] if self.kind == "postgres" else PORTS["redis"]
         if self.kind == "postgres":
             return {
                 "kind": "postgres", "host": host or self.name, "port": port,

@@ -68,7 +68,6 @@ from controller.views import (
     JobList,
     ProjectList,
     ReleaseList,
-    SecretView,
     TokenList,
     addon_view,
     app_views,
@@ -79,6 +78,7 @@ from controller.views import (
     release_view,
     token_view,
 )
+from schemas import agent_api
 from schemas.images import ImageRefused, check_reference
 
 logger = logging.getLogger(__name__)
@@ -280,11 +280,9 @@ class Api:
         r.add_delete("/v1/hosts/{host}/agent-tokens/{token_id}", self.revoke_agent_token)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
-        r.add_get("/v1/agent/addons/{addon_id}/secret", self.agent_secret)
-        r.add_get("/v1/agent/projects/{project_id}/env", self.agent_env)
-        r.add_get(
-            "/v1/agent/projects/{project_id}/releases/{number}/env", self.agent_release_env
-        )
+        r.add_get(agent_api.SECRET_PATH, self.agent_secret)
+        r.add_get(agent_api.ENV_PATH, self.agent_env)
+        r.add_get(agent_api.RELEASE_ENV_PATH, self.agent_release_env)
         return app
 
     # --- cross-cutting ----------------------------------------------------------------
@@ -508,9 +506,7 @@ class Api:
 
     async def list_releases(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
-        found = await releases.list_all(
-            self._pool, self._sealer, _path_id(request, "project_id")
-        )
+        found = await releases.list_all(self._pool, self._sealer, _path_id(request, "project_id"))
         page, next_offset = paged(found, limit, offset)
         return json_response(
             ReleaseList(releases=tuple(release_view(r) for r in page), next_offset=next_offset)
@@ -536,7 +532,7 @@ class Api:
         if not await releases.placed_on(self._pool, project_id, host):
             raise NotFound(f"project {project_id} does not exist on host {host}")
         release = await releases.get(self._pool, self._sealer, project_id, _path_number(request))
-        return json_response(EnvView(env=release.env))
+        return json_response(agent_api.ProjectEnv(env=release.env))
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -560,9 +556,7 @@ class Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
         # One more than asked: whether there is a next page, without counting them all.
-        jobs = await store.list_jobs(
-            self._pool, _path_id(request, "project_id"), limit + 1, offset
-        )
+        jobs = await store.list_jobs(self._pool, _path_id(request, "project_id"), limit + 1, offset)
         next_offset = offset + limit if len(jobs) > limit else None
         return json_response(
             JobList(jobs=tuple(job_view(j) for j in jobs[:limit]), next_offset=next_offset)
@@ -664,7 +658,7 @@ class Api:
         # Deliberately no password in the log line.
         log(logger, "secret_served", host=host, addon=request.match_info["addon_id"])
         return json_response(
-            SecretView(password=secret.password, secret_version=secret.secret_version)
+            agent_api.AddonSecret(password=secret.password, secret_version=secret.secret_version)
         )
 
     async def agent_env(self, request: web.Request) -> web.Response:
@@ -674,7 +668,7 @@ class Api:
         env = await self._env(project_id, host)  # 404 unless placed on this host
         # Jobs run with the newest release's variables once the project has one.
         newest = await releases.latest(self._pool, self._sealer, project_id)
-        return json_response(EnvView(env=newest.env) if newest else env)
+        return json_response(agent_api.ProjectEnv(env=newest.env if newest else env.env))
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

@@ -22,9 +22,8 @@ from urllib.parse import quote
 
 from msgspec import Struct
 
-from schemas.messages import AddonKind
+from schemas.messages import PORTS, AddonKind
 
-PORTS: dict[AddonKind, int] = {"postgres": 5432, "redis": 6379}
 DEFAULT_VARIABLES: dict[AddonKind, str] = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 # The names a user or an add-on's custom name may take (POSIX-ish, upper case).
 VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")

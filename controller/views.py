@@ -12,12 +12,13 @@ from typing import Literal
 
 from msgspec import Struct
 
-from controller.env import PORTS, variable_name
+from controller.env import variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
 from controller.releases import AppDef, ReleaseRow, app_id, pending
 from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
+    PORTS,
     AddonKind,
     AddonStatus,
     Capacity,
@@ -154,11 +155,6 @@ class HostList(Struct, frozen=True):
 
 class EnvView(Struct, frozen=True):
     env: dict[str, str]
-
-
-class SecretView(Struct, frozen=True):
-    password: str
-    secret_version: int
 
 
 def project_view(p: ProjectRow) -> ProjectView:

@@ -26,6 +26,8 @@ MAX_GENERATION = 2**53 - 1
 MAX_COUNT = 2**53 - 1
 
 AddonKind = Literal["postgres", "redis"]
+# The port each kind serves on, inside the project network: for the agent and the controller.
+PORTS: dict[AddonKind, int] = {"postgres": 5432, "redis": 6379}
 ConditionStatus = Literal["True", "False", "Unknown"]
 SleepState = Literal["awake", "light", "deep"]
 

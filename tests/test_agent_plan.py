@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
@@ -9,7 +11,14 @@ from msgspec.structs import replace
 from agent import model, specs
 from agent import plan as p
 from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
-from schemas.messages import AddonSpec, DesiredState, JobSpec, ProjectSpec, Resources
+from schemas.messages import (
+    AddonSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+    Resources,
+    SleepPolicy,
+)
 
 PID = "a" * 32
 AID = "b" * 32
@@ -162,8 +171,52 @@ def test_stopped_db_is_started_unless_it_sleeps() -> None:
     stopped = tuple(replace(c, state="exited") if c.role == "db" else c for c in world.containers)
     world = Observed(containers=stopped, networks=world.networks, volumes=world.volumes)
     assert kinds(p.plan(desired(addon()), world, LOCAL, SETTINGS)) == ["StartContainer"]
-    asleep = p.Local(secrets={AID: 1}, sleep={AID: "deep"})
+    asleep = p.Local(secrets={AID: 1}, sleep={AID: p.SleepFacts(state="deep")})
     assert p.plan(desired(addon()), world, asleep, SETTINGS) == ()
+
+
+SLEEPY = replace(addon(), sleep=SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60))
+NOW = 1_000_000.0
+
+
+def sleep_plan(world: Observed, **facts: Any) -> tuple[p.Action, ...]:
+    idle_s = facts.pop("idle_s", 0.0)
+    f = p.SleepFacts(last_activity=NOW - idle_s, listening=True, **facts)
+    return p.plan(
+        desired(SLEEPY), world, p.Local(secrets={AID: 1}, sleep={AID: f}, now=NOW), SETTINGS
+    )
+
+
+def test_the_planner_puts_an_idle_addon_to_sleep_and_wakes_it_for_a_waiting_client() -> None:
+    awake = converged_world(SLEEPY)
+    db = model.db_name(AID)
+    assert sleep_plan(awake, ready=True, idle_s=5) == ()
+    assert sleep_plan(awake, ready=True, idle_s=10) == (p.SleepAddon(AID, db, "light"),)
+    assert sleep_plan(awake, ready=True, idle_s=60) == (p.SleepAddon(AID, db, "deep"),)
+    # Never while a client holds a connection or waits, a backup holds it, or before it
+    # has answered a client once (initdb).
+    assert sleep_plan(awake, ready=True, idle_s=60, clients=1) == ()
+    assert sleep_plan(awake, ready=True, idle_s=60, wake_requested=True) == ()
+    assert sleep_plan(awake, ready=True, idle_s=60, held=True) == ()
+    assert sleep_plan(awake, ready=False, idle_s=60) == ()
+    paused = Observed(
+        containers=tuple(
+            replace(c, state="paused") if c.role == "db" else c for c in awake.containers
+        ),
+        networks=awake.networks,
+        volumes=awake.volumes,
+    )
+    assert sleep_plan(paused, state="light", idle_s=30) == ()
+    assert sleep_plan(paused, state="light", idle_s=60) == (p.SleepAddon(AID, db, "deep"),)
+    assert sleep_plan(paused, state="light", wake_requested=True) == (p.WakeAddon(AID, db),)
+    assert sleep_plan(paused, state="light", held=True) == (p.WakeAddon(AID, db),)
+    # After a restart, before its wake listener is back: nothing to act through yet.
+    restarted = p.SleepFacts(state="light", last_activity=NOW - 600)
+    local = p.Local(secrets={AID: 1}, sleep={AID: restarted}, now=NOW)
+    assert p.plan(desired(SLEEPY), paused, local, SETTINGS) == ()
+    # A plan without sleep decides nothing here (the sleep manager wakes it on the change).
+    no_sleep = p.Local(secrets={AID: 1}, sleep={AID: p.SleepFacts(ready=True)}, now=NOW)
+    assert p.plan(desired(addon()), awake, no_sleep, SETTINGS) == ()
 
 
 def test_new_secret_version_is_fetched() -> None:
@@ -186,6 +239,22 @@ def test_jobs_run_once_and_are_collected() -> None:
     )
     # The controller acknowledged the result: the job left the desired state.
     assert kinds(p.plan(desired(), exited, p.Local(), SETTINGS)) == ["RemoveContainer"]
+
+
+def test_a_running_job_is_watched_once() -> None:
+    # A watch that finishes at once asks for a pass; planned again on every pass, that
+    # would be a pass loop for as long as the job runs.
+    job = JobSpec(id=JID, image="toolbox", command=("true",))
+    spec = specs.job_spec(PID, job, specs.JobLimits())
+    net = (ObservedNetwork("n1", model.network_name(PID), PID),)
+    busy = Observed(containers=(running(spec, "j"),), networks=net)
+    d = desired(jobs=(job,))
+    assert p.plan(d, busy, p.Local(), SETTINGS) == (p.WatchJob(JID, PID, job, spec.name),)
+    assert p.plan(d, busy, p.Local(watched_jobs=frozenset({JID})), SETTINGS) == ()
+    # Its exit is collected whether or not the watcher has noticed yet.
+    exited = Observed(containers=(running(spec, "j", state="exited"),), networks=net)
+    watched = p.Local(watched_jobs=frozenset({JID}))
+    assert p.plan(d, exited, watched, SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
 
 
 NET = ObservedNetwork("n1", model.network_name(PID), PID)
@@ -337,7 +406,7 @@ def test_any_world_converges_and_only_tombstones_lose_data(
 
 # --- sleep decisions ------------------------------------------------------------------------
 
-from agent.sleep import target as sleep_target  # noqa: E402
+from agent.sleep.policy import target as sleep_target  # noqa: E402
 from schemas.messages import SleepPolicy  # noqa: E402
 
 POLICY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)

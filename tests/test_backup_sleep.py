@@ -10,7 +10,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.activator import Persisted, Sleeper
+from agent.sleep.listener import Sleeper
+from agent.sleep.store import Persisted
 from schemas.messages import AddonSpec, Resources, SleepPolicy
 
 POLICY = SleepPolicy(enabled=True, light_after_s=3, deep_after_s=8)
@@ -28,6 +29,7 @@ def sleeper() -> Sleeper:
     s.saved = Persisted(last_activity=0.0)
     s.held = 0
     s.ready = True
+    s.wake_requested = False
     return s
 
 

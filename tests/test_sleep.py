@@ -308,6 +308,23 @@ async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(
     assert db_state(a["id"]) == "running"
 
 
+async def test_a_wake_cut_short_by_a_crash_is_resolved_by_the_restarted_agent(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    project, a, client = pg
+    assert stack.controller is not None
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    await agent.kill9()
+    # What a wake killed after starting the database leaves: recorded asleep, yet running.
+    docker("start", f"orkestr-{a['id']}-db")
+    await agent.start()
+    # Not reported asleep while it runs: ready, then asleep again on its own idle timer.
+    await wait_phase(stack.controller, project["id"], a["id"], "ready", timeout=30)
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 20)
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
+    assert r.returncode == 0 and r.stdout.strip() == "42", r
+
+
 async def test_wake_listener_answers_only_what_the_redirect_sends_it(pg: Any) -> None:
     """Dialled directly (awake or asleep) the listener's port is dropped: no relay, no wake."""
     _project, a, client = pg

@@ -25,3 +25,26 @@ def target(
     if idle_s >= policy.light_after_s and current == "awake":
         return "light"
     return current
+
+
+def goal(
+    policy: SleepPolicy,
+    current: SleepState,
+    idle_s: float,
+    *,
+    has_clients: bool,
+    ready: bool,
+    held: bool,
+    wake_requested: bool,
+) -> SleepState:
+    """The state the planner drives an add-on to; the one rule for sleeping and waking.
+
+    Never asleep while a client holds a connection or waits at the wake listener, nor
+    while a platform operation (a backup) holds it; a database that has not answered a
+    client yet (initdb) is never paused or stopped.
+    """
+    if wake_requested or held:
+        return "awake"
+    if current == "awake" and not ready:
+        return "awake"
+    return target(policy, current, idle_s, has_clients)

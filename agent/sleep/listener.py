@@ -18,31 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
-from pathlib import Path
-
-import msgspec
 
 from agent import netns
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
-from agent.sleep import target
-from agent.specs import PORTS
-from agent.state import atomic_write
-from schemas.messages import AddonSpec, ClientConnection, SleepState
-
-log = logging.getLogger("orkestr.agent.sleep")
+from agent.sleep import log, policy
+from agent.sleep.store import Persisted
+from schemas.messages import PORTS, AddonSpec, ClientConnection, SleepState
 
 WAKE_PORT_OFFSET = 10000
 LOOPBACK = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
 
 Probe = Callable[[AddonSpec, str, float], Awaitable[tuple[bool, str, str]]]
+# How long a client accepted by the wake listener waits for its add-on to wake: a deep
+# wake is a database start-up (bounded by `_until_ready`), retried by the worker's backoff.
+WAKE_WAIT_S = 120.0
 
 
 class RelayBudget:
@@ -74,14 +69,6 @@ class RelayBudget:
         RELAYS_ACTIVE.set(self.in_use)
 
 
-class Persisted(msgspec.Struct):
-    state: SleepState = "awake"
-    last_activity: float = 0.0  # epoch seconds
-    sleeps: int = 0
-    wakes: int = 0
-    last_wake_ms: list[float] = []
-
-
 class Sleeper:
     """One add-on's sleep state, wake listener and activity accounting."""
 
@@ -98,8 +85,10 @@ class Sleeper:
         probe: Probe,
         on_change: Callable[[], None],
         budget: RelayBudget,
+        on_wake_request: Callable[[str], None] = lambda _aid: None,
     ) -> None:
         self.addon = addon
+        self.on_wake_request = on_wake_request
         self.budget = budget
         self.db_name = db_name
         self.holder_id = holder_id
@@ -125,7 +114,9 @@ class Sleeper:
         self.resumed = asyncio.Event()
         if saved.state == "awake":
             self.resumed.set()
-        self.wake_task: asyncio.Task[None] | None = None
+        # A client waits at the wake listener: the planner wakes the add-on (its worker
+        # takes the wake ahead of other queued work); cleared once it is awake.
+        self.wake_requested = False
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
@@ -169,12 +160,10 @@ class Sleeper:
     async def close(self) -> None:
         if self.accept_task is not None:
             self.accept_task.cancel()
-        if self.wake_task is not None:
-            self.wake_task.cancel()
         for task in list(self.handlers):
             task.cancel()
         await asyncio.gather(
-            *(t for t in (self.accept_task, self.wake_task, *self.handlers) if t is not None),
+            *(t for t in (self.accept_task, *self.handlers) if t is not None),
             return_exceptions=True,
         )
         if self.listener is not None:
@@ -250,27 +239,32 @@ class Sleeper:
 
     # --- sleeping -----------------------------------------------------------------------
     def _goal(self, now: float, active: bool) -> SleepState:
-        if self.held:
-            return "awake"  # never asleep in the middle of a backup
-        if self.state == "awake" and not self.ready:
-            return "awake"  # never pause or stop a database that has not answered yet
-        return target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
+        return policy.goal(
+            self.addon.sleep,
+            self.state,
+            now - self.saved.last_activity,
+            has_clients=active,
+            ready=self.ready,
+            held=self.held > 0,
+            wake_requested=self.wake_requested,
+        )
 
-    async def maybe_sleep(self, now: float) -> None:
-        if self.held:
-            return  # a backup's connections are not a client's: not measured at all
-        active = await self.measure_activity(now)
-        if self._goal(now, active) == self.state:
-            return
+    def due(self, now: float) -> bool:
+        """Whether a pass would plan a sleep or a wake for it now (the tick asks for one)."""
+        return self._goal(now, bool(self.clients)) != self.state
+
+    async def sleep(self, goal: SleepState) -> None:
+        """Carry out a planned sleep: redirect first, then pause (light) or stop (deep)."""
         async with self.transition:
-            # Decided again under the lock: a wake or a restart may have come in between.
-            goal = self._goal(time.time(), False)
-            if goal == self.state:
+            # Decided again under the lock: a client, a wake request or a backup may have
+            # come in since the plan was made.
+            fresh = self._goal(time.time(), bool(self.clients))
+            if fresh == "awake" or fresh == self.state or goal == self.state:
                 return
             if self.state == "awake":
                 await self._set_redirect(True)
                 # A client may have connected between the measurement and the redirect.
-                if await self.measure_activity(time.time()):
+                if await self.measure_activity(time.time()) or self.wake_requested:
                     await self._set_redirect(False)
                     return
             previous = self.state
@@ -294,7 +288,7 @@ class Sleeper:
                 "addon.sleep addon=%s stage=%s idle_s=%.1f",
                 self.addon.id,
                 goal,
-                now - self.saved.last_activity,
+                time.time() - self.saved.last_activity,
             )
             self.saved.sleeps += 1
             SLEEPS.labels(goal).inc()
@@ -315,6 +309,7 @@ class Sleeper:
         async with self.transition:
             stage = self.state
             if stage == "awake":
+                self.wake_requested = False
                 return
             started = time.monotonic()
             try:
@@ -322,6 +317,7 @@ class Sleeper:
             except NotFound:
                 pass  # recreated by the reconciler, which wakes it anyway
             self.ready = True
+            self.wake_requested = False
             elapsed_ms = (time.monotonic() - started) * 1000
             # Waiting clients are relayed now; the redirect goes while they talk, still under
             # the lock, so no sleep can start before new connections reach the db directly.
@@ -418,25 +414,23 @@ class Sleeper:
         writer_up: asyncio.StreamWriter | None = None
         writer_down: asyncio.StreamWriter | None = None
         try:
-            waking = self.wake_task
-            if not self.resumed.is_set() and (waking is None or waking.done()):
-                # One wake at a time; every client waiting meanwhile goes on once it is up.
-                waking = self.wake_task = asyncio.create_task(
-                    self.wake(f"connection from {source}")
-                )
-            if waking is not None and not self.resumed.is_set() and self.state != "light":
-                # A stopped database has no socket yet; a paused one does: the kernel
-                # completes the handshake and queues the client's bytes until it thaws,
-                # so a light-sleep relay starts at once and the thaw overlaps with it.
-                up = asyncio.ensure_future(self.resumed.wait())
-                await asyncio.wait([waking, up], return_when=asyncio.FIRST_COMPLETED)
-                up.cancel()
-                if not self.resumed.is_set():
-                    done = waking.done() and not waking.cancelled()
-                    exc = waking.exception() if done else None
-                    log.error("addon.wake_failed addon=%s error=%s", self.addon.id, exc)
-                    client.close()
-                    return
+            if not self.resumed.is_set():
+                # The add-on's worker wakes it, ahead of any other work queued for it;
+                # every client waiting meanwhile goes on once it is up.
+                if not self.wake_requested:
+                    self.wake_requested = True
+                    log.debug("addon.wake_requested addon=%s source=%s", self.addon.id, source)
+                    self.on_wake_request(self.addon.id)
+                if self.state != "light":
+                    # A stopped database has no socket yet; a paused one does: the kernel
+                    # completes the handshake and queues the client's bytes until it
+                    # thaws, so a light-sleep relay starts at once and the thaw overlaps.
+                    try:
+                        await asyncio.wait_for(self.resumed.wait(), WAKE_WAIT_S)
+                    except TimeoutError:
+                        log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
+                        client.close()
+                        return
             reader_down, writer_down = await asyncio.open_connection(sock=client)
             reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
             _keepalive(writer_up.get_extra_info("socket"))
@@ -491,28 +485,3 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         with contextlib.suppress(OSError):
             if writer.can_write_eof():
                 writer.write_eof()
-
-
-class SleepStore:
-    """Sleep states on disk, so a restarted agent knows which add-ons sleep on purpose."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> dict[str, Persisted]:
-        try:
-            return msgspec.json.decode(self.path.read_bytes(), type=dict[str, Persisted])
-        except (OSError, msgspec.DecodeError):
-            return {}
-
-    _last: bytes = b""
-
-    def save(self, states: dict[str, Persisted]) -> None:
-        data = msgspec.json.encode(states)
-        if data != self._last:  # an fsync per pass would stall the loop for nothing
-            atomic_write(self.path, data)
-            self._last = data
-
-
-def utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from agent import model, netns
-from agent.activator import Persisted, Probe, RelayBudget, Sleeper, SleepStore
 from agent.docker import Docker
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
+from agent.plan import SleepFacts
+from agent.sleep import log
+from agent.sleep.listener import Probe, RelayBudget, Sleeper
+from agent.sleep.store import Persisted, SleepStore
 from schemas.messages import AddonSpec, DesiredState, SleepState
-
-log = logging.getLogger("orkestr.agent.sleep")
 
 
 class SleepManager:
@@ -49,6 +49,8 @@ class SleepManager:
         self._tick_s = tick_s
         self._adopted: dict[str, socket.socket] | None = None
         self.on_tick: Callable[[], None] = lambda: None  # after each tick: the watchdog
+        # A client waits at a wake listener: the runtime hands the add-on's worker a wake.
+        self.on_wake_request: Callable[[str], None] = lambda _aid: None
 
     def state(self, addon_id: str) -> SleepState:
         saved = self.saved.get(addon_id)
@@ -56,6 +58,40 @@ class SleepManager:
 
     def states(self) -> dict[str, SleepState]:
         return {aid: saved.state for aid, saved in self.saved.items()}
+
+    def facts(self) -> dict[str, SleepFacts]:
+        """What the planner decides sleep from: each add-on's state and measured activity."""
+        facts: dict[str, SleepFacts] = {}
+        for aid, saved in self.saved.items():
+            sleeper = self.sleepers.get(aid)
+            if sleeper is None:
+                facts[aid] = SleepFacts(state=saved.state, last_activity=saved.last_activity)
+                continue
+            facts[aid] = SleepFacts(
+                state=saved.state,
+                last_activity=saved.last_activity,
+                clients=len(sleeper.clients),
+                ready=sleeper.ready,
+                held=sleeper.held > 0,
+                wake_requested=sleeper.wake_requested,
+                listening=True,
+            )
+        return facts
+
+    async def sleep(self, addon_id: str, stage: SleepState) -> None:
+        """A planned sleep, on the add-on's worker."""
+        sleeper = self.sleepers.get(addon_id)
+        if sleeper is None:
+            raise AgentError(f"no wake listener for {addon_id} yet")
+        await sleeper.sleep(stage)
+
+    async def wake(self, addon_id: str) -> None:
+        """A planned wake, on the add-on's worker: a client waits, or a backup holds it."""
+        sleeper = self.sleepers.get(addon_id)
+        if sleeper is None:
+            raise AgentError(f"no wake listener for {addon_id} yet")
+        reason = "connection" if sleeper.wake_requested else "held by a platform operation"
+        await sleeper.wake(reason)
 
     async def addon_started(self, addon_id: str) -> None:
         sleeper = self.sleepers.get(addon_id)
@@ -145,8 +181,18 @@ class SleepManager:
                 or db is None
             ):
                 continue
-            asleep = self.saved.get(aid, Persisted()).state != "awake"
-            if not asleep and not is_ready(aid):
+            saved = self.saved.get(aid)
+            repaired = saved is not None and saved.state != "awake" and db.state == "running"
+            if saved is not None and repaired:
+                # Recorded asleep, yet the database runs: a wake (or a sleep) was cut short
+                # by a crash. Left so, it would be reported asleep and never slept again,
+                # every client detoured through a wake. Awake is the safe reading: the
+                # redirect goes and the idle timer decides afresh.
+                log.warning("sleep.state_repaired addon=%s recorded=%s", aid, saved.state)
+                saved.state = "awake"
+                saved.last_activity = time.time()
+            asleep = saved is not None and saved.state != "awake"
+            if not asleep and not repaired and not is_ready(aid):
                 continue  # not before it has answered a client once
             try:
                 pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
@@ -162,6 +208,7 @@ class SleepManager:
                     self._probe,
                     self._changed,
                     self.budget,
+                    self._wake_request,
                 )
                 sleeper.ready = not asleep
                 adopted = self._adopted.pop(sleeper.wake_name, None)
@@ -188,17 +235,29 @@ class SleepManager:
         self.store.save(self.saved)
         self._on_change()
 
+    def _wake_request(self, addon_id: str) -> None:
+        self.on_wake_request(addon_id)
+
     async def loop(self) -> None:
+        """Measure activity each tick; ask for a pass when one would sleep an add-on.
+
+        The decision and the action are the planner's and the add-on's worker's.
+        """
         while True:
             await asyncio.sleep(self._tick_s)
             now = time.time()
+            due = False
             for sleeper in list(self.sleepers.values()):
+                if sleeper.held:
+                    continue  # a backup's connections are not a client's: not measured
                 try:
-                    await sleeper.maybe_sleep(now)
-                except (AgentError, OSError) as exc:
-                    log.warning("sleep.failed addon=%s error=%s", sleeper.addon.id, exc)
-                except Exception:
-                    log.exception("sleep.crashed addon=%s", sleeper.addon.id)
+                    await sleeper.measure_activity(now)
+                except OSError as exc:
+                    log.warning("sleep.measure_failed addon=%s error=%s", sleeper.addon.id, exc)
+                    continue
+                due = due or sleeper.due(now)
+            if due:
+                self._on_change()
             self.on_tick()
 
     async def close(self) -> None:

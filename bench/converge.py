@@ -1,0 +1,174 @@
+"""Convergence at scale: 50 Redis and 10 Postgres add-ons, absent -> ready, then deleted.
+
+Both variants run in the same run, on the same project network, with the same client:
+
+  orkestr   t0 = just before the 60 create calls (sent at once); done when the client
+            (bench/_client.py, in a toolbox container on the project network) has had a
+            successful query from every add-on, by its name through Docker's DNS.
+            Deletion: t0 = just before the 60 delete calls; done when no container or
+            volume of them is left on the host.
+  asyncio   a plain asyncio script creating the same containers through the Docker
+            Engine API (aiodocker), all at once: per add-on a holder on the network and
+            the database in its namespace (`Plain`, the agent's own container specs),
+            volumes included; done by the same client's queries. Deletion as the agent
+            does it: a graceful stop, then the containers with their anonymous volumes,
+            then the named volume.
+
+Team plan (never sleeps), one project. Prints a table and ends with one JSON line.
+Ratios = ours / asyncio script, target <= 1.10. --quick: 10 Redis and 2 Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import aiodocker
+from _harness import (
+    Bench,
+    Plain,
+    activity,
+    adocker_cli,
+    credentials,
+    log,
+    machine_facts,
+    plans_toml,
+    print_context,
+    rnd,
+    run_cli,
+    table,
+)
+
+from agent import model
+from schemas.messages import Resources
+
+CPUS, MEMORY_MB = 0.25, 128
+TARGET_RATIO = 1.10
+POLL = {"interval_ms": 20, "attempt_timeout_s": 1.0, "deadline_s": 300}
+
+
+async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> None:
+    """Until each target has answered one real query (they are polled one after another)."""
+    client = b.clients[0]
+    for target in targets:
+        await client.poll_start(target, **POLL)
+        r = await client.poll_result(timeout=330)
+        if not r["ok"]:
+            raise RuntimeError(f"{target['host']}: no successful query: {r}")
+
+
+async def gone(b: Bench, label: str, values: set[str]) -> None:
+    """Until no container or volume whose `label` is one of `values` is left."""
+    while True:
+        count = 0
+        for kind in ("ps -a", "volume ls"):
+            _, out, _ = await adocker_cli(*kind.split(), "--filter", f"label=orkestr.host={b.host}",
+                                          "--format", f'{{{{.Label "{label}"}}}}')  # fmt: skip
+            count += sum(1 for line in out.splitlines() if line.strip() in values)
+        if count == 0:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def ours(b: Bench, pid: str, kinds: list[str]) -> tuple[float, float]:
+    names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
+    t0 = time.monotonic()
+    created = await asyncio.gather(
+        *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
+    )
+    env = await b.env(pid)
+    await all_answer(b, [credentials(env, n) for n in names])
+    create_s = time.monotonic() - t0
+    log(f"orkestr: {len(kinds)} add-ons answering after {create_s:.1f}s")
+    ids = {a["id"] for a in created}
+    t0 = time.monotonic()
+    await asyncio.gather(
+        *(b.api("DELETE", f"/v1/projects/{pid}/addons/{i}", want=202) for i in ids)
+    )
+    await gone(b, model.LABEL_ADDON, ids)
+    delete_s = time.monotonic() - t0
+    log(f"orkestr: all deleted after {delete_s:.1f}s")
+    return create_s, delete_s
+
+
+async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
+    c = d.containers.container(p.db_name)
+    await c.stop(t=30)
+    await c.delete(force=True, v=True)
+    assert p.holder_body is not None
+    await d.containers.container(p.holder_name).delete(force=True, v=True)
+    await aiodocker.volumes.DockerVolume(d, p.volume).delete()  # type: ignore[no-untyped-call]
+
+
+async def baseline(b: Bench, network: str, kinds: list[str]) -> tuple[float, float]:
+    res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
+    plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
+    try:
+        t0 = time.monotonic()
+        await asyncio.gather(*(p.run_api() for p in plains))
+        await all_answer(b, [p.target() for p in plains])
+        create_s = time.monotonic() - t0
+        log(f"asyncio: {len(kinds)} databases answering after {create_s:.1f}s")
+        t0 = time.monotonic()
+        await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
+        delete_s = time.monotonic() - t0
+        log(f"asyncio: all deleted after {delete_s:.1f}s")
+        return create_s, delete_s
+    finally:
+        for p in plains:  # only what an error left behind
+            with contextlib.suppress(Exception):
+                await p.remove()
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    redis, postgres = (10, 2) if quick else (50, 10)
+    kinds = ["redis"] * redis + ["postgres"] * postgres
+    results: dict[str, Any] = {"bench": "converge", "quick": quick, "redis": redis,
+                               "postgres": postgres, "machine": machine_facts()}  # fmt: skip
+    plans = plans_toml(cpus=CPUS, memory_mb=MEMORY_MB, max_addons=len(kinds) + 1)
+    async with Bench(plans) as b:
+        results["code"] = b.code
+        pid = (await b.project("team"))["id"]
+        # A first add-on makes the agent create the project network, which the client joins.
+        warm = await b.ready_addon(pid, "warm", "redis")
+        await b.client(pid)
+        await b.delete_addon(pid, warm["id"])
+        results["activity_before"] = activity(b.host)
+        # Alternating order, so neither variant always runs on a warmer daemon.
+        base_first = await baseline(b, model.network_name(pid), kinds)
+        ours_c, ours_d = await ours(b, pid, kinds)
+        base_second = await baseline(b, model.network_name(pid), kinds)
+        results["activity_after"] = activity(b.host)
+    base_c = (base_first[0] + base_second[0]) / 2
+    base_d = (base_first[1] + base_second[1]) / 2
+    results["create"] = {"orkestr_s": rnd(ours_c, 2), "asyncio_s": rnd(base_c, 2),
+                         "asyncio_runs_s": [rnd(base_first[0], 2), rnd(base_second[0], 2)],
+                         "ratio": rnd(ours_c / base_c)}  # fmt: skip
+    results["delete"] = {"orkestr_s": rnd(ours_d, 2), "asyncio_s": rnd(base_d, 2),
+                         "asyncio_runs_s": [rnd(base_first[1], 2), rnd(base_second[1], 2)],
+                         "ratio": rnd(ours_d / base_d)}  # fmt: skip
+    for step in ("create", "delete"):
+        results[step]["target_ratio"] = TARGET_RATIO
+        results[step]["pass"] = results[step]["ratio"] <= TARGET_RATIO
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    n = f"{results['redis']} Redis + {results['postgres']} Postgres"
+    rows = [
+        [step, results[step]["orkestr_s"], results[step]["asyncio_s"], results[step]["ratio"],
+         f"<= {TARGET_RATIO}", "PASS" if results[step]["pass"] else "FAIL"]
+        for step in ("create", "delete")
+    ]  # fmt: skip
+    print()
+    print(table(["step", "orkestr s", "asyncio script s", "ratio", "target", ""], rows,
+                f"{n}: absent -> every one answering a query; then all deleted"))  # fmt: skip
+    print()
+    print_context(results)
+
+
+if __name__ == "__main__":
+    run_cli(__doc__, main, report, "10 Redis and 2 Postgres instead of 50 and 10")

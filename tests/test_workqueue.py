@@ -1,0 +1,305 @@
+"""The keyed work queue (agent/workqueue.py) and the planner's grouping into chains."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+
+import pytest
+
+from agent import plan as p
+from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
+from schemas.messages import (
+    SCHEMA_VERSION,
+    AddonSpec,
+    BackupSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+    Resources,
+)
+
+RES = Resources(cpus=0.5, memory_mb=256)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Runs:
+    """A chain runner whose chains finish when the test says so, recording overlaps."""
+
+    def __init__(self) -> None:
+        self.gates: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.results: dict[str, ChainResult] = {}
+        self.running: set[str] = set()
+        self.overlap: list[str] = []
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self.done = 0
+
+    async def run(self, key: str, chain: Sequence[str]) -> ChainResult:
+        if key in self.running:
+            self.overlap.append(key)
+        self.running.add(key)
+        self.calls.append((key, tuple(chain)))
+        try:
+            gate = self.gates[key]
+            await gate.wait()
+            gate.clear()
+            return self.results.get(key, ChainResult())
+        finally:
+            self.running.discard(key)
+
+    def finished(self) -> None:
+        self.done += 1
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "u", "expected"),
+    [
+        (1, 0.0, 0.4),
+        (1, 0.5, 0.5),
+        (2, 0.5, 1.0),
+        (3, 0.5, 2.0),
+        (4, 0.0, 3.2),
+        (7, 0.5, 30.0),  # 32 s capped at 30
+        (60, 0.999999, 30.0 * 1.199999),
+    ],
+)
+def test_backoff_doubles_per_attempt_caps_and_jitters_within_20_percent(
+    attempt: int, u: float, expected: float
+) -> None:
+    assert backoff_delay(attempt, u, first=0.5, cap=30.0) == pytest.approx(expected)
+
+
+async def test_one_key_runs_serially_while_other_keys_run_at_once() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(runs.run, runs.finished)
+    assert q.submit("a", ["x"])
+    assert q.submit("b", ["y"])
+    assert not q.submit("a", ["again"]), "a second chain of a busy key must wait"
+    await settle()
+    assert runs.running == {"a", "b"}
+    assert q.in_flight() == 2
+    runs.gates["b"].set()  # b finishes while a is still busy: nobody waits for a
+    await settle()
+    assert runs.running == {"a"} and runs.done == 1
+    assert q.submit("b", ["z"])
+    runs.gates["a"].set()
+    runs.gates["b"].set()
+    await q.idle()
+    assert runs.overlap == []
+    assert runs.calls == [("a", ("x",)), ("b", ("y",)), ("b", ("z",))]
+    assert runs.done == 3
+
+
+async def test_a_plan_older_than_a_keys_last_completion_is_not_submitted_for_it() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(runs.run, runs.finished)
+    seen = q.epoch  # the pass observes here ...
+    q.submit("a", ["x"])
+    runs.gates["a"].set()
+    await q.idle()  # ... a's chain finishes after that observation
+    assert not q.submit("a", ["x"], seen_epoch=seen), "stale plan for a"
+    assert q.submit("b", ["y"], seen_epoch=seen)
+    assert q.submit("a", ["x"], seen_epoch=q.epoch)  # the next pass saw the result
+    runs.gates["a"].set()
+    runs.gates["b"].set()
+    await q.idle()
+
+
+async def test_transient_failure_backs_off_per_key_and_resets_on_success() -> None:
+    runs = Runs()
+    clock = Clock()
+    q: KeyedWorkers[str] = KeyedWorkers(
+        runs.run, runs.finished, first_s=1.0, cap_s=8.0, rng=lambda: 0.5, clock=clock
+    )
+    runs.results["a"] = ChainResult("daemon said 500")
+    delays = []
+    assert q.submit("a", ["x"])
+    for _ in range(5):
+        runs.gates["a"].set()
+        await q.idle()
+        assert q.failed() == {"a": "daemon said 500"} and q.permanent() == {}
+        start = clock.now
+        assert not q.submit("a", ["x"]), "retried before its backoff elapsed"
+        assert q.submit("other", ["y"]), "another key is not held up by a's backoff"
+        runs.gates["other"].set()
+        await q.idle()
+        # The smallest step that lets the next attempt through is the delay.
+        step = 0.0
+        while not q.submit("a", ["x"]) and step < 100:
+            step += 0.25
+            clock.now = start + step
+        delays.append(step)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]  # doubling, capped
+    runs.results["a"] = ChainResult()
+    runs.gates["a"].set()
+    await q.idle()
+    assert q.failed() == {}
+    runs.results["a"] = ChainResult("again")
+    assert q.submit("a", ["x"])
+    runs.gates["a"].set()
+    await q.idle()
+    clock.now += 1.0  # the first delay again: success reset the schedule
+    assert q.submit("a", ["x"])
+    runs.gates["a"].set()
+    await q.close()
+
+
+async def test_transient_failure_asks_for_a_pass_when_its_backoff_ends() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(runs.run, runs.finished, first_s=0.05, rng=lambda: 0.0)
+    runs.results["a"] = ChainResult("busy")
+    q.submit("a", ["x"])
+    runs.gates["a"].set()
+    await q.idle()
+    assert runs.done == 1  # the completion itself asks for a pass
+    await asyncio.sleep(0.1)  # 0.05 * 0.8 = 0.04 s later the timer asks again
+    assert runs.done == 2
+    await q.close()
+
+
+async def test_permanent_failure_waits_for_a_new_spec() -> None:
+    runs = Runs()
+    clock = Clock()
+    q: KeyedWorkers[str] = KeyedWorkers(runs.run, runs.finished, clock=clock)
+    runs.results["a"] = ChainResult("invalid spec", permanent=True)
+    assert q.submit("a", ["x"], fingerprint="spec-1")
+    runs.gates["a"].set()
+    await q.idle()
+    assert q.permanent() == {"a": "invalid spec"}
+    clock.now += 3600
+    assert not q.submit("a", ["x"], fingerprint="spec-1"), "retried an unchanged spec"
+    runs.results["a"] = ChainResult()
+    assert q.submit("a", ["x"], fingerprint="spec-2")
+    runs.gates["a"].set()
+    await q.idle()
+    assert q.failed() == {} and q.permanent() == {}
+
+
+async def test_a_key_with_nothing_planned_is_settled() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(runs.run, runs.finished)
+    runs.results["a"] = ChainResult("oops")
+    runs.results["b"] = ChainResult("oops")
+    q.submit("a", ["x"])
+    q.submit("b", ["x"])
+    runs.gates["a"].set()
+    runs.gates["b"].set()
+    await q.idle()
+    q.settle({"b"}, q.epoch)
+    assert q.failed() == {"b": "oops"}
+    await q.close()
+
+
+async def test_a_crashing_chain_is_a_failure_of_its_key_only() -> None:
+    async def run(key: str, chain: Sequence[str]) -> ChainResult:
+        if key == "bad":
+            raise RuntimeError("bug")
+        return ChainResult()
+
+    q: KeyedWorkers[str] = KeyedWorkers(run, lambda: None)
+    q.submit("bad", ["x"])
+    q.submit("good", ["x"])
+    await q.idle()
+    assert q.failed() == {"bad": "internal error: RuntimeError('bug')"}
+    await q.close()
+
+
+def _desired() -> DesiredState:
+    addon = AddonSpec(id="a1", name="db", kind="postgres", resources=RES)
+    old = AddonSpec(id="a0", name="old", kind="redis", resources=RES, deleted=True)
+    job = JobSpec(id="j1", image="img:1", command=("true",))
+    return DesiredState(
+        version=SCHEMA_VERSION,
+        host="h",
+        generation=1,
+        projects=(ProjectSpec(id="p1", name="p1", addons=(addon, old), jobs=(job,)),),
+    )
+
+
+async def test_an_urgent_chain_goes_ahead_of_queued_work_never_beside_the_running_one() -> None:
+    runs = Runs()
+    q: KeyedWorkers[str] = KeyedWorkers(
+        runs.run, runs.finished, first_s=1.0, rng=lambda: 0.5, clock=Clock()
+    )
+    # Busy: the wake runs right after the running chain, on the same worker.
+    assert q.submit("a", ["create"])
+    await settle()
+    q.urgent("a", ["wake"])
+    assert not q.submit("a", ["later"]), "the key is busy"
+    runs.gates["a"].set()
+    await settle()
+    runs.gates["a"].set()
+    await q.idle()
+    assert runs.calls == [("a", ("create",)), ("a", ("wake",))] and runs.overlap == []
+    # Backing off: the wake does not wait for the backoff, and its success leaves the
+    # key's failure record (the failed work is still to do, on the key's schedule).
+    runs.results["a"] = ChainResult("daemon said 500")
+    assert q.submit("a", ["create"])
+    runs.gates["a"].set()
+    await q.idle()
+    assert not q.submit("a", ["create"])
+    runs.results["a"] = ChainResult()
+    q.urgent("a", ["wake"])
+    await settle()
+    runs.gates["a"].set()
+    await q.idle()
+    assert runs.calls[-1] == ("a", ("wake",))
+    assert q.failed() == {"a": "daemon said 500"}
+    assert runs.done == 3
+
+
+def test_chains_group_by_key_in_plan_order() -> None:
+    actions: tuple[p.Action, ...] = (
+        p.RemoveContainer("a0", "orkestr-a0-db", "AddonDeleted"),
+        p.EnsureVolume("a1", "orkestr-a1-data", "p1"),
+        p.RemoveVolume("a0", "orkestr-a0-data"),
+        p.FetchSecret("a1", "p1", "postgres", 1),
+    )
+    assert p.chains(_desired(), actions) == {
+        "a0": (actions[0], actions[2]),
+        "a1": (actions[1], actions[3]),
+    }
+
+
+def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
+    desired = _desired()
+    job = desired.projects[0].jobs[0]
+    actions: tuple[p.Action, ...] = (
+        p.EnsureNetwork("p1", "orkestr-p1"),
+        p.RemoveContainer("a0", "orkestr-a0-db", "AddonDeleted"),
+        p.EnsureVolume("a1", "orkestr-a1-data", "p1"),
+        p.StartJob("j1", "p1", job),
+        p.StartContainer("a1", "orkestr-a1-db"),
+    )
+    chains = p.chains(desired, actions)
+    # The network first; removals need no network; a1 and the job wait for a later pass.
+    assert chains == {"p1": (actions[0],), "a0": (actions[1],)}
+    # Once the network is observed the plan has no EnsureNetwork: they go.
+    assert set(p.chains(desired, actions[1:])) == {"a0", "a1", "j1"}
+
+
+def test_a_backup_operation_runs_on_its_own_key_after_its_leftover_is_removed() -> None:
+    """A killed agent's backup container goes before the operation starts again: one chain."""
+    desired = _desired()
+    addon = desired.projects[0].addons[0]
+    spec = BackupSpec(id="d" * 32, op="backup", addon_id=addon.id, backup_id="d" * 32)
+    key = p.op_key(spec)
+    actions: tuple[p.Action, ...] = (
+        p.RemoveContainer(key, "orkestr-backup-x", "BackupOrphaned"),
+        p.StartContainer("a1", "orkestr-a1-db"),
+        p.StartBackupOp(key, "p1", spec, addon),
+    )
+    assert p.chains(desired, actions) == {key: (actions[0], actions[2]), "a1": (actions[1],)}
