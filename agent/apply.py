@@ -110,7 +110,14 @@ class Applier:
                     raise AgentError(
                         f"controller has secret v{secret.secret_version}, want v{version}"
                     )
-                self.secrets.write(key, kind, secret.password, secret.secret_version)
+                valid_until = secret.previous_valid_until
+                self.secrets.write(
+                    key,
+                    kind,
+                    secret.password,
+                    secret.secret_version,
+                    valid_until.timestamp() if valid_until is not None else None,
+                )
             case p.RunContainer(key, spec):
                 if spec.role == "db":
                     # The container mounts the secret directory: it must be complete first.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -22,6 +23,8 @@ T = TypeVar("T")
 class Secret(msgspec.Struct, frozen=True):
     password: str
     secret_version: int
+    # Until then the password before the last rotation keeps working.
+    previous_valid_until: datetime | None = None
 
 
 class Env(msgspec.Struct, frozen=True):

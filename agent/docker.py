@@ -212,6 +212,21 @@ class Docker:
         except NotFound:
             pass
 
+    async def update_limits(self, name: str, cpus: float, memory_mb: int) -> None:
+        """`docker update`: new CPU and memory limits for a running container, no restart."""
+        body = {
+            "NanoCpus": int(cpus * 1e9),
+            "Memory": memory_mb * 1024 * 1024,
+            "MemorySwap": memory_mb * 1024 * 1024,
+        }
+
+        async def update() -> None:
+            await self.client._query_json(
+                f"containers/{name}/update", method="POST", data=json.dumps(body)
+            )
+
+        await _call(f"update {name}", update)
+
     async def inspect(self, name: str) -> dict[str, Any]:
         async def show() -> dict[str, Any]:
             return await self.client.containers.container(name).show()

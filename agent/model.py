@@ -20,6 +20,8 @@ LABEL_ADDON = "orkestr.addon"
 LABEL_JOB = "orkestr.job"
 LABEL_ROLE = "orkestr.role"
 LABEL_SPEC_HASH = "orkestr.spec-hash"
+# The spec without what changes in place (CPU, memory, secret version): see specs.py.
+LABEL_SHAPE_HASH = "orkestr.shape-hash"
 
 
 class ObservedContainer(Struct, frozen=True):
@@ -29,6 +31,7 @@ class ObservedContainer(Struct, frozen=True):
     project_id: str
     state: ContainerState
     spec_hash: str = ""
+    shape_hash: str = ""  # empty on containers made before in-place changes
     addon_id: str | None = None
     job_id: str | None = None
     # "container:<id>" for a database container that joined its holder's namespace.

@@ -217,7 +217,7 @@ def _converge_addon(
 
     holder_ok = (
         holder is not None
-        and holder.spec_hash == want_holder.spec_hash
+        and not want_holder.drifted(holder.spec_hash, holder.shape_hash)
         and holder.state == "running"
     )
     if not holder_ok:
@@ -233,8 +233,11 @@ def _converge_addon(
     assert holder is not None
     if db is None:
         actions.append(RunContainer(addon.id, want_db))
-    elif db.spec_hash != want_db.spec_hash or db.network_mode != f"container:{holder.id}":
-        reason = "SpecChanged" if db.spec_hash != want_db.spec_hash else "HolderReplaced"
+    elif (drifted := want_db.drifted(db.spec_hash, db.shape_hash)) or (
+        db.network_mode != f"container:{holder.id}"
+    ):
+        # CPU, memory and the password change in place (agent/upkeep.py), not here.
+        reason = "SpecChanged" if drifted else "HolderReplaced"
         actions.append(RemoveContainer(addon.id, db.name, reason))
         actions.append(RunContainer(addon.id, want_db))
     else:
@@ -254,7 +257,7 @@ def _db_run_state(addon_id: str, db: ObservedContainer, sleep: SleepState) -> li
 
 
 def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
-    return "SpecChanged" if have.spec_hash != want.spec_hash else "NotRunning"
+    return "SpecChanged" if want.drifted(have.spec_hash, have.shape_hash) else "NotRunning"
 
 
 def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Local) -> list[Action]:

@@ -45,6 +45,7 @@ from agent.sdnotify import notify
 from agent.secrets import SecretStore
 from agent.sleepers import SleepManager
 from agent.state import StateDir
+from agent.upkeep import Upkeep
 from agent.watchdog import Watchdog, interval_from_env
 from schemas import topics
 from schemas.codec import encode
@@ -134,6 +135,7 @@ class Agent:
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
+        self.upkeep = Upkeep(docker, self.secrets, self.book)
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
@@ -318,6 +320,7 @@ class Agent:
                     if gone and addon.id not in outcome.failed:
                         removed.append(addon.id)
                         self.book.forget(addon.id)
+                        self.upkeep.forget(addon.id)
                     continue
                 self._provisioned(addon, holder, db, outcome, now)
                 sleeping = self.sleep.state(addon.id) != "awake"
@@ -486,6 +489,8 @@ class Agent:
             sleeps=saved.sleeps if saved else 0,
             wakes=saved.wakes if saved else 0,
             last_wake_ms=tuple(saved.last_wake_ms) if saved else (),
+            usage_bytes=self.upkeep.usage.get(addon.id),
+            quota_bytes=self.upkeep.quota.get(addon.id),
         )
 
     async def _probe(
@@ -494,14 +499,29 @@ class Agent:
         if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleep.sleepers.get(addon.id)
+        timeout_s = timeout_s or self.config.agent.probe_timeout_s
         if sleeper is None:
-            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
+            result = await self._wake_probe(addon, ip, timeout_s)
+            if result[0]:
+                await self._tend(addon, ip, timeout_s)
+            return result
         async with sleeper.platform_connection():
             # Checked under the lock that a falling-asleep add-on also takes: never probe a
             # paused database (the probe would hang) or count a probe as a client.
             if sleeper.state != "awake":
                 return False, "Sleeping", f"in {sleeper.state} sleep"
-            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
+            result = await self._wake_probe(addon, ip, timeout_s)
+            if result[0]:
+                await self._tend(addon, ip, timeout_s)
+            return result
+
+    async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
+        project_id = next(
+            (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
+            "",
+        )
+        await self.upkeep.tend(project_id, addon, ip, timeout_s)
 
     async def _wake_probe(
         self, addon: AddonSpec, ip: str, timeout_s: float

@@ -194,10 +194,16 @@ class Api:
         r.add_post("/v1/projects", self.create_project)
         r.add_get("/v1/projects", self.list_projects)
         r.add_get("/v1/projects/{project_id}", self.show_project)
+        r.add_patch("/v1/projects/{project_id}", self.update_project)
+        r.add_delete("/v1/projects/{project_id}", self.delete_project)
         r.add_post("/v1/projects/{project_id}/addons", self.create_addon)
         r.add_get("/v1/projects/{project_id}/addons", self.list_addons)
         r.add_get("/v1/projects/{project_id}/addons/{addon_id}", self.show_addon)
+        r.add_patch("/v1/projects/{project_id}/addons/{addon_id}", self.update_addon)
         r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
+        r.add_post(
+            "/v1/projects/{project_id}/addons/{addon_id}/rotate-credentials", self.rotate_addon
+        )
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
@@ -285,6 +291,25 @@ class Api:
         project = await store.get_project(self._pool, _path_id(request, "project_id"))
         return json_response(project_view(project))
 
+    async def update_project(self, request: web.Request) -> web.Response:
+        """A plan change: the host resizes the add-ons in place (see agent/upkeep.py)."""
+        require_operator(request)  # the plan is what the tenant pays for
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.ProjectUpdate)
+        bodies.check_project(body, self._plans)
+        before = await store.get_project(self._pool, project_id)
+        project = await store.change_plan(self._pool, project_id, body.plan, self._plans)
+        self._dirty.mark(project.host)
+        log(logger, "project_plan_changed", project=project.id, old=before.plan, plan=body.plan)
+        return json_response(project_view(project))
+
+    async def delete_project(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        project, gone = await store.delete_project(self._pool, _path_id(request, "project_id"))
+        self._dirty.mark(project.host)
+        log(logger, "project_deleted", project=project.id, rows_gone=gone)
+        return json_response(project_view(project), 202)
+
     # --- add-ons ----------------------------------------------------------------------
 
     async def create_addon(self, request: web.Request) -> web.Response:
@@ -295,7 +320,14 @@ class Api:
         sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
         try:
             addon = await store.create_addon(
-                self._pool, project_id, addon_id, body.name, body.kind, self._plans, sealed
+                self._pool,
+                project_id,
+                addon_id,
+                body.name,
+                body.kind,
+                self._plans,
+                sealed,
+                body.deletion_protection,
             )
         except PlanLimitReached:
             self._metrics.plan_limit_rejections.labels(
@@ -322,6 +354,37 @@ class Api:
         addon = await store.tombstone_addon(self._pool, project_id, _path_id(request, "addon_id"))
         self._dirty.mark(addon.host)
         log(logger, "addon_deleted", project=project_id, addon=addon.id)
+        return json_response(addon_view(addon, self._plans), 202)
+
+    async def update_addon(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.AddonUpdate)
+        addon = await store.set_deletion_protection(
+            self._pool, project_id, _path_id(request, "addon_id"), body.deletion_protection
+        )
+        log(
+            logger,
+            "addon_protection_set",
+            project=project_id,
+            addon=addon.id,
+            protected=body.deletion_protection,
+        )
+        return json_response(addon_view(addon, self._plans))
+
+    async def rotate_addon(self, request: web.Request) -> web.Response:
+        """A new password; the previous one works for `secrets.rotation_grace_s` more."""
+        project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
+        sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
+        addon = await store.rotate_password(self._pool, project_id, addon_id, sealed)
+        self._dirty.mark(addon.host)
+        log(
+            logger,
+            "addon_credentials_rotated",
+            project=project_id,
+            addon=addon.id,
+            secret_version=addon.secret_version,
+        )
         return json_response(addon_view(addon, self._plans), 202)
 
     async def project_env(self, request: web.Request) -> web.Response:
@@ -431,11 +494,17 @@ class Api:
         host = principal_of(request).host
         assert host is not None
         addon_id = _path_id(request, "addon_id")
-        secret = await store.addon_secret(self._pool, self._sealer, host, addon_id)
+        secret = await store.addon_secret(
+            self._pool, self._sealer, host, addon_id, self._config.rotation_grace_s
+        )
         # Deliberately no password in the log line.
         log(logger, "secret_served", host=host, addon=request.match_info["addon_id"])
         return json_response(
-            SecretView(password=secret.password, secret_version=secret.secret_version)
+            SecretView(
+                password=secret.password,
+                secret_version=secret.secret_version,
+                previous_valid_until=secret.previous_valid_until,
+            )
         )
 
     async def agent_env(self, request: web.Request) -> web.Response:

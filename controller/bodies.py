@@ -46,9 +46,18 @@ class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
     plan: Annotated[str, Meta(min_length=1, max_length=32)]
 
 
+class ProjectUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    plan: Annotated[str, Meta(min_length=1, max_length=32)]
+
+
 class AddonCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: DnsName
     kind: AddonKind
+    deletion_protection: bool = False
+
+
+class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    deletion_protection: bool
 
 
 class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,7 +70,7 @@ class TokenCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: TokenName = "default"
 
 
-def check_project(body: ProjectCreate, plans: Mapping[str, Plan]) -> None:
+def check_project(body: ProjectCreate | ProjectUpdate, plans: Mapping[str, Plan]) -> None:
     if body.plan not in plans:
         raise InvalidBody(f"plan: unknown plan {body.plan!r}; expected one of {', '.join(plans)}")
 

@@ -34,6 +34,7 @@ class ProjectRow(Struct, frozen=True):
     plan: str
     host: str
     created_at: datetime
+    deleted_at: datetime | None = None
 
 
 class AddonRow(Struct, frozen=True):
@@ -48,6 +49,8 @@ class AddonRow(Struct, frozen=True):
     deleted_at: datetime | None
     status: AddonStatus | None
     observed_generation: int | None
+    deletion_protection: bool = False
+    rotated_at: datetime | None = None
 
 
 class JobRow(Struct, frozen=True):
@@ -74,6 +77,8 @@ class StatusOutcome(Struct, frozen=True):
 class Secret(Struct, frozen=True):
     password: str
     secret_version: int
+    # Until then the password before the last rotation still works (None: no grace).
+    previous_valid_until: datetime | None = None
 
 
 def new_id() -> str:

@@ -37,6 +37,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
         )
         generation = await conn.fetchval("SELECT nextval('desired_generation')")
     plan_of = {r["id"]: plans[r["plan"]] for r in projects}
+    plan_name = {r["id"]: r["plan"] for r in projects}
     addons_of = _by_project(addons)
     jobs_of = _by_project(jobs)
     return DesiredState(
@@ -47,7 +48,10 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             ProjectSpec(
                 id=hex_of(p["id"]),
                 name=p["name"],
-                addons=tuple(_addon_spec(a, plan_of[p["id"]]) for a in addons_of.get(p["id"], ())),
+                addons=tuple(
+                    _addon_spec(a, plan_name[p["id"]], plan_of[p["id"]])
+                    for a in addons_of.get(p["id"], ())
+                ),
                 jobs=tuple(
                     JobSpec(
                         id=hex_of(j["id"]),
@@ -71,7 +75,7 @@ def _by_project(rows: Iterable[Mapping[str, Any]]) -> dict[uuid.UUID, list[Mappi
     return grouped
 
 
-def _addon_spec(r: Mapping[str, Any], plan: Plan) -> AddonSpec:
+def _addon_spec(r: Mapping[str, Any], plan_name: str, plan: Plan) -> AddonSpec:
     return AddonSpec(
         id=hex_of(r["id"]),
         name=r["name"],
@@ -82,4 +86,6 @@ def _addon_spec(r: Mapping[str, Any], plan: Plan) -> AddonSpec:
         sleep=plan.sleep,
         secret_version=r["secret_version"],
         deleted=r["deleted"],
+        plan=plan_name,
+        storage_mb=plan.storage_mb,
     )
