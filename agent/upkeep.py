@@ -44,6 +44,8 @@ log = logging.getLogger("orkestr.agent.upkeep")
 
 MIB = 1024 * 1024
 WARNING_RATIO = 0.9
+# Redis refuses the write that would cross `maxmemory`, so a full Redis sits just under it.
+REDIS_FULL_RATIO = 0.97
 # Redis holds its data in memory: past this share of the container's memory it refuses
 # writes instead of being OOM-killed, whatever the storage quota says.
 REDIS_MEMORY_SHARE = 0.75
@@ -51,8 +53,8 @@ QUOTA_OBJECT = "orkestr_quota"
 QuotaState = Literal["ok", "warning", "exceeded"]
 
 
-def quota_state(usage: int, quota: int) -> QuotaState:
-    if usage >= quota:
+def quota_state(usage: int, quota: int, full_ratio: float = 1.0) -> QuotaState:
+    if usage >= quota * full_ratio:
         return "exceeded"
     if usage >= quota * WARNING_RATIO:
         return "warning"
@@ -303,7 +305,7 @@ class Upkeep:
             await client.aclose()
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
-        self._quota_condition(addon, quota_state(usage, quota), usage, quota)
+        self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
 
     # --- shared ---------------------------------------------------------------------
     def _secret_version(self, addon_id: str) -> int:
