@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
@@ -51,6 +52,27 @@ REDIS_FULL_RATIO = 0.97
 REDIS_MEMORY_SHARE = 0.75
 QUOTA_OBJECT = "orkestr_quota"
 QuotaState = Literal["ok", "warning", "exceeded"]
+# Where the kernel counts OOM kills of a container's cgroup: v1 (cgroupfs), v2 (cgroupfs,
+# then systemd driver). A database's backend killed at the limit leaves the container up
+# (Postgres restarts its backends), so Docker's State.OOMKilled alone would miss it.
+OOM_FILES = (
+    "/sys/fs/cgroup/memory/docker/{id}/memory.oom_control",
+    "/sys/fs/cgroup/docker/{id}/memory.events",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.events",
+)
+
+
+def oom_kills(container_id: str) -> int | None:
+    for pattern in OOM_FILES:
+        try:
+            text = Path(pattern.format(id=container_id)).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
 
 
 def quota_state(usage: int, quota: int, full_ratio: float = 1.0) -> QuotaState:
@@ -174,6 +196,7 @@ class Upkeep:
     async def _limits(self, addon: AddonSpec) -> None:
         name = model.db_name(addon.id)
         info = await self.docker.inspect(name)
+        self._memory_condition(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon):
             await self.docker.update_limits(name, addon.resources.cpus, addon.resources.memory_mb)
             log.info(
@@ -306,6 +329,31 @@ class Upkeep:
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
+
+    def _memory_condition(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
+        kills = oom_kills(str(info.get("Id", "")))
+        state = info.get("State") or {}
+        limit = f"its {addon.resources.memory_mb} MB limit"
+        if state.get("OOMKilled") or kills:
+            count = f"{kills} process(es)" if kills else "its main process"
+            self.book.set(
+                addon.id,
+                "MemoryLimit",
+                "False",
+                "OOMKilled",
+                f"the kernel killed {count} of this add-on at {limit}; "
+                f"the database restarted them (container restarts: {info.get('RestartCount', 0)})",
+                datetime.now(UTC),
+            )
+        else:
+            self.book.set(
+                addon.id,
+                "MemoryLimit",
+                "True",
+                "WithinLimit",
+                f"no OOM kill at {limit}",
+                datetime.now(UTC),
+            )
 
     # --- shared ---------------------------------------------------------------------
     def _secret_version(self, addon_id: str) -> int:
