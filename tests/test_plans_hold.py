@@ -58,8 +58,10 @@ class GraceController(ControllerProcess):
     """The operator's rotation grace period, short enough to wait for."""
 
     def config_text(self) -> str:
-        return super().config_text().replace(
-            "[secrets]\n", f"[secrets]\nrotation_grace_s = {GRACE_S}\n", 1
+        return (
+            super()
+            .config_text()
+            .replace("[secrets]\n", f"[secrets]\nrotation_grace_s = {GRACE_S}\n", 1)
         )
 
 
@@ -108,7 +110,12 @@ def condition(view: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 async def wait_condition(
-    c: ControllerProcess, project_id: str, addon_id: str, type_: str, reason: str, timeout: float = 90
+    c: ControllerProcess,
+    project_id: str,
+    addon_id: str,
+    type_: str,
+    reason: str,
+    timeout: float = 90,
 ) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         view = await addon(c, project_id, addon_id)
@@ -201,7 +208,7 @@ async def test_postgres_over_quota_refuses_writes_keeps_reads_and_data_then_rein
     pg = await create_addon(c, project["id"], "main-db", "postgres")
     await wait_phase(c, project["id"], pg["id"], "ready")
     fill = (
-        f"{PSQL} \"create table kept(id int primary key, v text); "
+        f'{PSQL} "create table kept(id int primary key, v text); '
         f"insert into kept select g, 'row ' || g from generate_series(1, 1000) g; "
         f"create table filler as select repeat(md5(g::text), 40) as pad "
         f'from generate_series(1, 4000) g" && echo filled'
@@ -225,8 +232,16 @@ async def test_postgres_over_quota_refuses_writes_keeps_reads_and_data_then_rein
     # The database itself is intact: amcheck of every relation, heap and B-tree.
     db = f"orkestr-{pg['id']}-db"
     check = docker(
-        "exec", db, "pg_amcheck", "-U", "orkestr_admin", "-d", "app", "--heapallindexed",
-        "--install-missing", check=False,
+        "exec",
+        db,
+        "pg_amcheck",
+        "-U",
+        "orkestr_admin",
+        "-d",
+        "app",
+        "--heapallindexed",
+        "--install-missing",
+        check=False,
     )
     assert "error" not in check.lower() and "corrupt" not in check.lower(), check
     assert inspect(db)["State"]["Running"] and inspect(db)["RestartCount"] == 0
@@ -254,7 +269,7 @@ async def test_postgres_writes_come_back_when_the_plan_grows(
     job = await run_job(
         c,
         project["id"],
-        f"{PSQL} \"create table filler as select repeat(md5(g::text), 40) as pad "
+        f'{PSQL} "create table filler as select repeat(md5(g::text), 40) as pad '
         f'from generate_series(1, 4000) g" && echo filled',
     )
     assert "filled" in job["output"], job
@@ -279,7 +294,7 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
     rcli = 'redis-cli --no-auth-warning -u "$REDIS_URL"'
     fill = (
         "v=$(head -c 100000 /dev/zero | tr '\\0' a); "
-        f"for i in $(seq 1 200); do printf %s \"$v\" | {rcli} -x set k$i; done; "
+        f'for i in $(seq 1 200); do printf %s "$v" | {rcli} -x set k$i; done; '
         f'echo "size=$({rcli} dbsize)"; echo "len=$({rcli} strlen k1)"'
     )
     job = await run_job(c, project["id"], fill)
@@ -295,7 +310,9 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
     assert f"size={size}" in job["output"], job
 
     job = await run_job(
-        c, project["id"], f"for i in $(seq 1 200); do {rcli} del k$i >/dev/null; done; {rcli} set x y"
+        c,
+        project["id"],
+        f"for i in $(seq 1 200); do {rcli} del k$i >/dev/null; done; {rcli} set x y",
     )
     assert "OK" in job["output"], job
     await wait_condition(c, project["id"], rd["id"], "StorageQuota", "WithinQuota")

@@ -43,7 +43,9 @@ def test_plan_change_problems_name_the_count_and_every_addon_over_the_quota() ->
     ("usage", "state"),
     [(0, "ok"), (89, "ok"), (90, "warning"), (99, "warning"), (100, "exceeded"), (500, "exceeded")],
 )
-def test_quota_state_warns_at_ninety_percent_and_refuses_at_the_quota(usage: int, state: str) -> None:
+def test_quota_state_warns_at_ninety_percent_and_refuses_at_the_quota(
+    usage: int, state: str
+) -> None:
     assert upkeep.quota_state(usage, 100) == state
 
 
