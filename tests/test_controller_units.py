@@ -404,7 +404,7 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         for r in api.app().router.routes()
         if r.method != "HEAD" and r.resource is not None
     ]
-    assert len(routes) == 24
+    assert len(routes) == 28
     for method, path in routes:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)
