@@ -14,12 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+from agent import model, specs
 from agent import plan as p
-from agent import specs
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError
+from agent.loopfs import LoopFs
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
@@ -57,6 +58,7 @@ class Applier:
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
+        loopfs: LoopFs | None = None,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -68,6 +70,7 @@ class Applier:
         self.job_output_bytes = job_output_bytes
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
+        self.loopfs = loopfs
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
@@ -102,8 +105,12 @@ class Applier:
                 await self.firewall.sync_networks()
             case p.RemoveNetwork(_key, name):
                 await self.docker.remove_network(name)
-            case p.EnsureVolume(key, name, project_id):
-                await self.docker.create_volume(name, key, project_id)
+            case p.EnsureVolume(key, name, project_id, size_mb):
+                opts = None
+                if size_mb is not None and self.loopfs is not None:
+                    device = await self.loopfs.create(name, size_mb)
+                    opts = {"type": "ext4", "device": device}
+                await self.docker.create_volume(name, key, project_id, opts)
             case p.FetchSecret(key, _project, kind, version):
                 secret = await self.controller.secret(key)
                 if secret.secret_version < version:
@@ -124,6 +131,7 @@ class Applier:
                     if key not in self.secrets.versions():
                         raise AgentError("secret not fetched yet")
                     await self._on_addon_started(key)
+                    await self._attach(key)
                 await self.docker.run(spec)
                 if spec.role == "holder" and spec.network is not None:
                     # Before its database joins the namespace: no egress beyond the network.
@@ -131,6 +139,8 @@ class Applier:
                     await self.firewall.fence_holder(spec.name, subnet)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
+                if name.endswith("-db"):
+                    await self._attach(key)
                 await self.docker.start(name)
             case p.UnpauseContainer(key, name):
                 await self._on_addon_started(key)
@@ -145,6 +155,8 @@ class Applier:
                 await self.docker.remove(name)
             case p.RemoveVolume(_key, name):
                 await self.docker.remove_volume(name)
+                if self.loopfs is not None:
+                    await self.loopfs.remove(name)
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
@@ -162,6 +174,16 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+
+    async def _attach(self, addon_id: str) -> None:
+        """A volume with its own filesystem needs its loop device before it can mount
+        (after a reboot, say)."""
+        if self.loopfs is None:
+            return
+        volume = model.volume_name(addon_id)
+        device = await self.docker.volume_device(volume)
+        if device is not None and device.startswith("/dev/loop"):
+            await self.loopfs.ensure_attached(volume, device)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

@@ -35,6 +35,8 @@ class EnsureVolume(Struct, frozen=True, tag=True):
     key: str  # add-on id
     name: str
     project_id: str
+    # The volume's own filesystem (specs.fs_size_mb of the plan's quota); None: plain.
+    size_mb: int | None = None
 
 
 class FetchSecret(Struct, frozen=True, tag=True):
@@ -206,7 +208,8 @@ def _converge_addon(
 ) -> list[Action]:
     actions: list[Action] = []
     if observed.volume(model.volume_name(addon.id)) is None:
-        actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id))
+        size = specs.fs_size_mb(addon.storage_mb) if addon.storage_mb else None
+        actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id, size))
     if local.secrets.get(addon.id) != addon.secret_version:
         actions.append(FetchSecret(addon.id, project_id, addon.kind, addon.secret_version))
 

@@ -29,6 +29,7 @@ from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
+from agent.loopfs import LoopFs
 from agent.metrics import (
     ADDON_READY,
     ADDON_SLEEP_STATE,
@@ -84,6 +85,7 @@ class Agent:
         self.state = StateDir(root)
         self.secrets = SecretStore(root / "secrets")
         self.secrets.ensure_root()
+        self.loopfs = LoopFs(root / "volumes") if config.agent.volume_filesystems else None
         self.settings = p.Settings(
             images=config.images,
             secrets_root=str(self.secrets.root),
@@ -115,6 +117,7 @@ class Agent:
             config.agent.job_output_bytes,
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
+            loopfs=self.loopfs,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -135,7 +138,7 @@ class Agent:
         self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
         self.desired: DesiredState | None = self.state.load_desired()
         self.book = ConditionBook()
-        self.upkeep = Upkeep(docker, self.secrets, self.book)
+        self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()

@@ -49,6 +49,21 @@ DB_TMPFS = {
 }
 
 
+# --- storage: the filesystem behind each data volume (agent/loopfs.py) -------------------
+
+
+def max_wal_size_mb(storage_mb: int) -> int:
+    """Postgres's WAL ceiling for a quota: an eighth of it, between 32 MB and 1 GB."""
+    return max(32, min(1024, storage_mb // 8))
+
+
+def fs_size_mb(storage_mb: int) -> int:
+    """The filesystem for a quota: the quota, twice the WAL ceiling (WAL may pass it
+    during a checkpoint) and 64 MB for ext4's own metadata and what is written between
+    two quota checks."""
+    return storage_mb + 2 * max_wal_size_mb(storage_mb) + 64
+
+
 class Mount(Struct, frozen=True):
     kind: Literal["volume", "bind", "tmpfs"]
     source: str

@@ -35,9 +35,10 @@ from agent import model
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
+from agent.loopfs import LoopFs
 from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
 from agent.secrets import SecretStore
-from agent.specs import ADMIN_USER, PORTS
+from agent.specs import ADMIN_USER, DATA_DIRS, PORTS, fs_size_mb, max_wal_size_mb
 from schemas.credentials import login_role
 from schemas.messages import AddonSpec
 
@@ -164,8 +165,15 @@ END $d$;
 
 
 class Upkeep:
-    def __init__(self, docker: Docker, secrets: SecretStore, book: ConditionBook) -> None:
+    def __init__(
+        self,
+        docker: Docker,
+        secrets: SecretStore,
+        book: ConditionBook,
+        loopfs: LoopFs | None = None,
+    ) -> None:
         self.docker = docker
+        self.loopfs = loopfs
         self.secrets = secrets
         self.book = book
         self.usage: dict[str, int] = {}
@@ -197,6 +205,7 @@ class Upkeep:
         name = model.db_name(addon.id)
         info = await self.docker.inspect(name)
         self._memory_condition(addon, info)
+        await self._grow(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon):
             await self.docker.update_limits(name, addon.resources.cpus, addon.resources.memory_mb)
             log.info(
@@ -205,6 +214,40 @@ class Upkeep:
                 addon.resources.cpus,
                 addon.resources.memory_mb,
             )
+
+    async def _grow(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
+        """A larger plan grows the volume's filesystem online (it never shrinks)."""
+        if self.loopfs is None or not addon.storage_mb:
+            return
+        volume = model.volume_name(addon.id)
+        have, want = self.loopfs.size_mb(volume), fs_size_mb(addon.storage_mb)
+        if have is None:
+            return  # a plain volume (made before filesystems, or with them turned off)
+        now = datetime.now(UTC)
+        if have < want:
+            device = await self.docker.volume_device(volume)
+            pid = (info.get("State") or {}).get("Pid")
+            if device is None or not pid:
+                return
+            try:
+                await self.loopfs.grow(
+                    volume, device, want, f"/proc/{pid}/root{DATA_DIRS[addon.kind]}"
+                )
+            except AgentError as exc:
+                # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
+                # tenant can write up to what the filesystem's headroom allows.
+                self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
+                log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
+                return  # the rest of the upkeep (the quota above all) goes on
+            have = want
+        self.book.set(
+            addon.id,
+            "Filesystem",
+            "True",
+            "Sized",
+            f"its own {have} MB filesystem for a {addon.storage_mb} MB quota",
+            now,
+        )
 
     # --- Postgres -------------------------------------------------------------------
     async def _postgres(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
@@ -220,6 +263,7 @@ class Upkeep:
         )
         try:
             await self._pg_credentials(conn, addon)
+            await self._pg_wal(conn, addon)
             await self._pg_quota(conn, addon)
         finally:
             await conn.close(timeout=timeout_s)
@@ -251,6 +295,20 @@ class Upkeep:
             await conn.execute(f"ALTER ROLE {_ident(old_role)} PASSWORD NULL")
             self.secrets.forget_previous(addon.id, addon.kind)
             log.info("upkeep.password_retired addon=%s role=%s", addon.id, old_role)
+
+    async def _pg_wal(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        """Keep WAL within the headroom its filesystem has beyond the quota."""
+        if not addon.storage_mb:
+            return
+        want = max_wal_size_mb(addon.storage_mb)
+        have = await conn.fetchval(
+            "SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size'"
+        )
+        if have != want:
+            await conn.execute(f"ALTER SYSTEM SET max_wal_size = '{want}MB'")
+            await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{max(32, want // 2)}MB'")
+            await conn.execute("SELECT pg_reload_conf()")
+            log.info("upkeep.wal_bounded addon=%s max_wal_size_mb=%s", addon.id, want)
 
     async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))

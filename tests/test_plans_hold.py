@@ -26,6 +26,7 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    has_capability,
     run_job,
     wait_for,
     wait_phase,
@@ -489,3 +490,90 @@ async def test_project_deletion_waits_for_protection_then_removes_everything(
         assert not (agent.state_dir / "secrets" / a["id"]).exists()
     status, body = await c.api("GET", f"/v1/projects/{pid}", token=token)
     assert status in (401, 404), body
+
+
+# --- the hard backstop: a filesystem per volume ------------------------------------------
+
+
+def df_kib(container: str, path: str) -> int:
+    """Size of the filesystem at `path` inside the container, in KiB."""
+    lines = docker("exec", container, "df", "-Pk", path).splitlines()
+    return int(lines[-1].split()[1])
+
+
+async def test_volume_filesystem_holds_a_filler_postgres_survives_and_grows_online(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "small")
+    pg = await create_addon(c, project["id"], "main-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    db = f"orkestr-{pg['id']}-db"
+    data = "/var/lib/postgresql/data"
+    # quota 12 MB + WAL headroom 2 x 32 MB + 64 MB = a 140 MB filesystem.
+    size = df_kib(db, data)
+    assert 100 * 1024 < size <= 140 * 1024, size
+    image = agent.state_dir / "volumes" / f"orkestr-{pg['id']}-data.img"
+    assert image.stat().st_size == 140 * MIB
+
+    async def wal_bounded() -> bool:
+        job = await run_job(c, project["id"], f'{PSQL} "show max_wal_size"')
+        return "32MB" in job["output"]
+
+    await wait_for(wal_bounded, 60, "max_wal_size bounded by the agent")
+    started = inspect(db)["State"]["StartedAt"]
+    # One statement that writes far more than the filesystem holds, faster than any
+    # quota check: the filesystem stops it, not the host's disk.
+    job = await run_job(
+        c,
+        project["id"],
+        f'{PSQL} "create table kept as select g from generate_series(1, 1000) g" && '
+        # md5 text does not compress: about 100 bytes a row on disk, 300 MB in all.
+        f'{PSQL} "create table filler as select md5(g::text) || md5((-g)::text) as pad '
+        f'from generate_series(1, 3000000) g" 2>&1; echo done',
+        timeout=300,
+    )
+    out = job["output"]
+    # Stopped by the full filesystem: an error for the statement, or, when a WAL write
+    # found the disk full first, a restart of Postgres's processes (see below).
+    assert "No space left on device" in out or "crash of another server process" in out, out
+    # The host gave it no more than its image.
+    assert image.stat().st_blocks * 512 <= 140 * MIB
+    # Postgres may have had to restart its processes (a WAL write that found the disk
+    # full: see docs/architecture.md), but it recovers by itself, the container never
+    # restarted, nothing is lost and nothing is corrupt.
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    info = inspect(db)
+    assert info["State"]["Running"] and info["State"]["StartedAt"] == started
+    assert info["RestartCount"] == 0
+    logs = docker("logs", db, check=False)
+    crashed = [line for line in logs.splitlines() if "PANIC" in line or "was terminated" in line]
+    print(f"backstop: postgres restarts of its processes after the disk filled: {crashed}")
+
+    async def kept() -> bool:
+        job = await run_job(c, project["id"], f'{PSQL} "select count(*) from kept"')
+        return bool(job["output"].strip() == "1000")
+
+    await wait_for(kept, 60, "the rows written before the filler")
+    check = docker("exec", db, "pg_amcheck", "-U", "orkestr_admin", "-d", "app",
+                   "--heapallindexed", "--install-missing", check=False)  # fmt: skip
+    assert "error" not in check.lower() and "corrupt" not in check.lower(), check
+
+    # A larger plan grows the filesystem under the running database.
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "big"})
+    assert status == 200, body
+    # quota 64 MB + 2 x 32 MB + 64 MB = 192 MB. Growing a mounted ext4 needs
+    # CAP_SYS_RESOURCE (the unit grants it); a machine without it gets a condition.
+    if has_capability("CAP_SYS_RESOURCE"):
+        await wait_for(lambda: df_kib(db, data) > 150 * 1024, 60, "filesystem grown online")
+        assert inspect(db)["State"]["StartedAt"] == started
+    else:
+        view = await wait_condition(c, project["id"], pg["id"], "Filesystem", "GrowFailed")
+        message = condition(view, "Filesystem")
+        assert message is not None and "Operation not permitted" in message["message"], view
+        assert df_kib(db, data) <= 140 * 1024
+    job = await run_job(
+        c, project["id"], f'{PSQL} "drop table if exists filler; insert into kept values (1)"'
+    )
+    assert job["exit_code"] == 0, job
