@@ -514,9 +514,12 @@ class Agent:
             if sleeper.state != "awake":
                 return False, "Sleeping", f"in {sleeper.state} sleep"
             result = await self._wake_probe(addon, ip, timeout_s)
-            if result[0]:
-                await self._tend(addon, ip, timeout_s)
-            return result
+        if result[0]:
+            # A guard of its own: each admits one platform connection, not a client's.
+            async with sleeper.platform_connection():
+                if sleeper.state == "awake":
+                    await self._tend(addon, ip, timeout_s)
+        return result
 
     async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
         """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
