@@ -295,14 +295,15 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
     rcli = 'redis-cli --no-auth-warning -u "$REDIS_URL"'
     fill = (
         "v=$(head -c 100000 /dev/zero | tr '\\0' a); "
-        f'for i in $(seq 1 200); do printf %s "$v" | {rcli} -x set k$i; done; '
+        f'for i in $(seq 1 150); do printf %s "$v" | {rcli} -x set k$i; done; '
         f'echo "size=$({rcli} dbsize)"; echo "len=$({rcli} strlen k1)"'
     )
-    job = await run_job(c, project["id"], fill)
+    # Redis's AOF sits on the add-on's own (loop) filesystem: slow fsyncs on a busy host.
+    job = await run_job(c, project["id"], fill, timeout=600)
     out = job["output"]
     assert "OOM command not allowed" in out, out
     size = int(out.split("size=")[1].split()[0])
-    assert 50 <= size < 200, out  # some writes landed, the rest were refused
+    assert 50 <= size < 150, out  # some writes landed, the rest were refused
     assert "len=100000" in out, out
     view = await wait_condition(c, project["id"], rd["id"], "StorageQuota", "Exceeded")
     assert view["quota_bytes"] == 12 * MIB
