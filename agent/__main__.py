@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from agent.runtime import Agent
 from agent.sdnotify import notify
 from agent.watchdog import interval_from_env
 from schemas import logs
+from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
 
@@ -42,7 +44,9 @@ async def _metrics_app(listen: str) -> web.AppRunner:
     return runner
 
 
-async def main(config: config_mod.AgentConfig) -> None:
+async def main(
+    config: config_mod.AgentConfig, verifier: Verifier, tls: ssl.SSLContext | None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,8 +58,9 @@ async def main(config: config_mod.AgentConfig) -> None:
                 config.controller.url, config.controller.token, config.controller.ca_file
             )
         )
-        agent = Agent(config, docker, controller)
+        agent = Agent(config, docker, controller, verifier, tls)
         stack.push_async_callback(agent.applier.close)
+        stack.push_async_callback(agent.backups.close)
         stack.push_async_callback(agent.close_sleepers)
         runner = await _metrics_app(config.metrics.listen)
         stack.push_async_callback(runner.cleanup)
@@ -89,12 +94,18 @@ def run() -> None:
     args = parser.parse_args()
     try:
         config = config_mod.load(Path(args.config))
+        verifier = config_mod.verifier(config)
+        tls = config_mod.tls_context(config)
+        config.mqtt.password()
+    except OSError as exc:
+        print(f"orkestr-agent: bad configuration: mqtt.password_file: {exc}", file=sys.stderr)
+        sys.exit(2)
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
     # ORKESTR_LOG_LEVEL overrides log.level (a one-off DEBUG run without editing the file).
     logs.configure(os.environ.get("ORKESTR_LOG_LEVEL", config.log.level), config.log.format)
-    asyncio.run(main(config))
+    asyncio.run(main(config, verifier, tls))
 
 
 if __name__ == "__main__":

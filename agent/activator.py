@@ -129,6 +129,8 @@ class Sleeper:
         # Only a database that answered a client may fall asleep: pausing or stopping one
         # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
         self.ready = False
+        # Platform operations (backups) holding it awake; see SleepManager.hold.
+        self.held = 0
         if self.saved.last_activity <= 0:
             self.saved.last_activity = time.time()
 
@@ -245,11 +247,15 @@ class Sleeper:
 
     # --- sleeping -----------------------------------------------------------------------
     def _goal(self, now: float, active: bool) -> SleepState:
+        if self.held:
+            return "awake"  # never asleep in the middle of a backup
         if self.state == "awake" and not self.ready:
             return "awake"  # never pause or stop a database that has not answered yet
         return target(self.addon.sleep, self.state, now - self.saved.last_activity, active)
 
     async def maybe_sleep(self, now: float) -> None:
+        if self.held:
+            return  # a backup's connections are not a client's: not measured at all
         active = await self.measure_activity(now)
         if self._goal(now, active) == self.state:
             return

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from agent import model, specs
 from agent import plan as p
+from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
@@ -58,6 +59,7 @@ class Applier:
         job_output_bytes: int,
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
+        backups: BackupRunner,
         loopfs: LoopFs | None = None,
     ) -> None:
         self.host = host
@@ -71,6 +73,7 @@ class Applier:
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
         self.loopfs = loopfs
+        self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
@@ -174,6 +177,8 @@ class Applier:
                 self._watch(key, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
+            case p.StartBackupOp(_key, project_id, spec, addon):
+                self.backups.start(project_id, addon, spec)
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount

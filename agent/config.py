@@ -6,6 +6,7 @@ a surprise hours later.
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +17,8 @@ from msgspec import Meta, Struct
 from agent.firewall import Policy
 from agent.specs import Images
 from schemas.messages import HostName
+from schemas.mqtt_tls import client_context
+from schemas.signed import SigningKeyError, Verifier
 
 
 class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,9 +62,22 @@ class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
 class MqttSection(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    # This host's broker identity: the username is the host name (the ACL relies on it).
     username: str | None = None
-    password: str | None = None
+    password_file: str = ""
+    # TLS: verify the broker against this CA; optionally present a client certificate.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
+
+    def password(self) -> str | None:
+        return Path(self.password_file).read_text().strip() if self.password_file else None
+
+
+class SigningSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # The controller's Ed25519 public key(s), PEM; several while a key is rotated.
+    public_key_file: str
 
 
 class DockerSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,6 +88,16 @@ class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
 
+class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # The backup store; empty: `<state_dir>/backups`. May be a mount of shared storage.
+    dir: str = ""
+    # The one-shot containers' image: bash, pg_dump/pg_restore/postgres, redis-cli/-server.
+    image: str = "orkestr-local/toolbox:bookworm"
+    memory_mb: Annotated[int, Meta(ge=128)] = 1024
+    timeout_s: Annotated[float, Meta(gt=0)] = 6 * 3600.0
+
+    def root(self, state_dir: str) -> Path:
+        return Path(self.dir) if self.dir else Path(state_dir) / "backups"
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.
@@ -81,10 +107,12 @@ class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
 class AgentConfig(Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection
     controller: ControllerSection
+    signing: SigningSection
     mqtt: MqttSection = MqttSection()
     docker: DockerSection = DockerSection()
     images: Images = Images()
     metrics: MetricsSection = MetricsSection()
+    backups: BackupsSection = BackupsSection()
     network: Policy = Policy()
     log: LogSection = LogSection()
 
@@ -104,4 +132,32 @@ def load(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: {exc}") from None
     if not (config.controller.agent_token or config.controller.agent_token_file):
         raise ConfigError(f"{path}: controller.agent_token or agent_token_file is required")
+    if config.mqtt.username not in (None, config.agent.host):
+        # The broker's ACL grants each user the topics named after it.
+        raise ConfigError(f"{path}: mqtt.username must be the host name ({config.agent.host})")
+    if bool(config.mqtt.cert_file) != bool(config.mqtt.key_file):
+        raise ConfigError(f"{path}: mqtt.cert_file and mqtt.key_file go together")
+    if config.mqtt.cert_file and not config.mqtt.ca_file:
+        raise ConfigError(f"{path}: mqtt.cert_file needs mqtt.ca_file (TLS)")
     return config
+
+
+def verifier(config: AgentConfig) -> Verifier:
+    """The trusted signing keys; ConfigError when the file is missing or holds none."""
+    path = config.signing.public_key_file
+    try:
+        return Verifier.from_pem(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"signing.public_key_file: cannot read {path}: {exc.strerror}") from None
+    except SigningKeyError as exc:
+        raise ConfigError(f"signing.public_key_file {path}: {exc}") from None
+
+
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    m = config.mqtt
+    if not m.ca_file:
+        return None
+    try:
+        return client_context(m.ca_file, m.cert_file, m.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt TLS files: {exc}") from None

@@ -1,5 +1,8 @@
 """Accepting or rejecting a desired-state message (pure).
 
+A message must carry the controller's valid signature (schemas/signed.py) before its
+content is even looked at: unsigned, forged or signed by an unknown key is refused, so a
+forged generation near 2^63 never becomes the one newer states are compared with.
 A rejected message changes nothing: the agent keeps applying the last good state and
 reports why in the host's `DesiredStateAccepted` condition.
 """
@@ -10,6 +13,7 @@ from msgspec import Struct
 
 from schemas.codec import MessageRejected, decode
 from schemas.messages import DesiredState
+from schemas.signed import Verifier
 
 # Every `Rejection.reason`: the codec's and this module's (metrics start each at zero).
 REJECTION_REASONS = (
@@ -50,11 +54,11 @@ def _semantic_errors(state: DesiredState) -> str | None:
 
 
 def accept(
-    current: DesiredState | None, raw: bytes, host: str
+    current: DesiredState | None, raw: bytes, host: str, verifier: Verifier
 ) -> tuple[DesiredState | None, Rejection | None]:
     """(new state, None) to apply; (None, None) for a harmless duplicate; (None, why) to refuse."""
     try:
-        state = decode(raw, DesiredState)
+        state = decode(verifier.open(raw), DesiredState)
     except MessageRejected as exc:
         return None, Rejection(exc.reason, exc.message)
     if state.host != host:

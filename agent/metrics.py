@@ -49,6 +49,32 @@ WAKE_DURATION = Histogram(
     ["kind", "stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+BACKUP_OPERATIONS = Counter(
+    "orkestr_agent_backup_operations_total",
+    "Backup-store operations (backup, verify, restore, delete) by outcome",
+    ["op", "kind", "result"],
+)
+BACKUP_VERIFICATIONS = Counter(
+    "orkestr_agent_backup_verifications_total",
+    "Test restores of backups: verified or failed",
+    ["kind", "result"],
+)
+BACKUP_DURATION = Histogram(
+    "orkestr_agent_backup_duration_seconds",
+    "Duration of one backup-store operation, verification included",
+    ["op", "kind"],
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+BACKUP_LAST_SIZE = Gauge(
+    "orkestr_agent_backup_last_size_bytes",
+    "Size of the add-on's latest backup",
+    ["addon", "project", "kind"],
+)
+BACKUP_LAST_VERIFIED = Gauge(
+    "orkestr_agent_backup_last_verified_timestamp_seconds",
+    "When the add-on's latest verified backup finished (since this agent started)",
+    ["addon", "project", "kind"],
+)
 RELAYS_ACTIVE = Gauge(
     "orkestr_agent_wake_relays", "Client connections relayed by wake listeners right now"
 )
@@ -74,6 +100,12 @@ def start_at_zero(actions: Iterable[str], rejection_reasons: Iterable[str]) -> N
             ACTIONS.labels(action, result)
     for reason in rejection_reasons:
         DESIRED_REJECTED.labels(reason)
+    for kind in ("postgres", "redis"):
+        for result in ("ok", "failed"):
+            for op in ("backup", "verify", "restore", "delete"):
+                BACKUP_OPERATIONS.labels(op, kind, result)
+        for verdict in ("verified", "failed"):
+            BACKUP_VERIFICATIONS.labels(kind, verdict)
     for stage in ("light", "deep"):
         SLEEPS.labels(stage)
         WAKES.labels(stage)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-Role = Literal["holder", "db", "job"]
+Role = Literal["holder", "db", "job", "backup"]
 # Docker's container states, as reported by the list endpoint.
 ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 
@@ -22,6 +22,7 @@ LABEL_ROLE = "orkestr.role"
 LABEL_SPEC_HASH = "orkestr.spec-hash"
 # The spec without what changes in place (CPU, memory, secret version): see specs.py.
 LABEL_SHAPE_HASH = "orkestr.shape-hash"
+LABEL_BACKUP_OP = "orkestr.backup-op"
 
 
 class ObservedContainer(Struct, frozen=True):
@@ -34,6 +35,8 @@ class ObservedContainer(Struct, frozen=True):
     shape_hash: str = ""  # empty on containers made before in-place changes
     addon_id: str | None = None
     job_id: str | None = None
+    # The backup operation a one-shot backup container works for.
+    backup_op: str | None = None
     # "container:<id>" for a database container that joined its holder's namespace.
     network_mode: str = ""
     # The address on the project network (holders and jobs).
@@ -87,3 +90,7 @@ def volume_name(addon_id: str) -> str:
 
 def job_container_name(job_id: str) -> str:
     return f"orkestr-job-{job_id}"
+
+
+def backup_container_name(op_key: str, step: str) -> str:
+    return f"orkestr-backup-{op_key}-{step}"

@@ -1,6 +1,8 @@
 """The broker adapter: the only module of the agent that imports aiomqtt.
 
-A persistent session (fixed client id, clean_session=False) with QoS 1 means a desired
+The broker knows this host by its username (the host name) and, with
+`use_username_as_clientid`, uses it as client id, so no other identity can take over the
+session. A persistent session (fixed client id, clean_session=False) with QoS 1 means a desired
 state published while the agent was away is delivered when it returns; the desired topic
 is also retained, so a brand-new agent gets the current snapshot at once. The presence
 topic carries a last will, so the controller learns within a keepalive that we are gone.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -33,6 +36,7 @@ class Broker:
         on_connect: Callable[[], Awaitable[None]],
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
         keepalive_s: int = 30,
     ) -> None:
         self._host = host_name
@@ -42,6 +46,7 @@ class Broker:
         self._on_connect = on_connect
         self._username = username
         self._password = password
+        self._tls = tls
         self._keepalive = keepalive_s
         self._client: aiomqtt.Client | None = None
         self.connects = 0
@@ -79,6 +84,7 @@ class Broker:
                     clean_session=False,
                     username=self._username,
                     password=self._password,
+                    tls_context=self._tls,
                     keepalive=self._keepalive,
                     will=aiomqtt.Will(
                         topics.presence(self._host), self._presence(False), qos=1, retain=True

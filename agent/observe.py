@@ -15,7 +15,7 @@ from agent.model import (
     Role,
 )
 
-_ROLES: frozenset[str] = frozenset({"holder", "db", "job"})
+_ROLES: frozenset[str] = frozenset({"holder", "db", "job", "backup"})
 _STATES: frozenset[str] = frozenset(
     {"created", "running", "paused", "restarting", "removing", "exited", "dead"}
 )
@@ -40,6 +40,7 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
         shape_hash=labels.get(model.LABEL_SHAPE_HASH, ""),
         addon_id=labels.get(model.LABEL_ADDON),
         job_id=labels.get(model.LABEL_JOB),
+        backup_op=labels.get(model.LABEL_BACKUP_OP),
         network_mode=(raw.get("HostConfig") or {}).get("NetworkMode", ""),
         ip=ip,
     )

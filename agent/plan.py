@@ -18,7 +18,7 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
-from schemas.messages import AddonSpec, DesiredState, JobSpec, SleepState
+from schemas.messages import AddonSpec, BackupSpec, DesiredState, JobSpec, ProjectSpec, SleepState
 
 
 class EnsureNetwork(Struct, frozen=True, tag=True):
@@ -97,6 +97,15 @@ class CollectJob(Struct, frozen=True, tag=True):
     name: str
 
 
+class StartBackupOp(Struct, frozen=True, tag=True):
+    """Run one backup-store operation (backup, verify, restore, delete) in the background."""
+
+    key: str  # the operation's key, `<op>-<id>`
+    project_id: str
+    spec: BackupSpec
+    addon: AddonSpec | None
+
+
 Action = (
     EnsureNetwork
     | EnsureVolume
@@ -111,6 +120,7 @@ Action = (
     | StartJob
     | WatchJob
     | CollectJob
+    | StartBackupOp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -125,6 +135,10 @@ class Local(Struct, frozen=True):
     finished_jobs: frozenset[str] = frozenset()
     # add-on id -> sleep state decided by the sleep manager
     sleep: Mapping[str, SleepState] = {}
+    # backup-store operation keys (`<op>-<id>`) whose result is recorded locally
+    backups_done: frozenset[str] = frozenset()
+    # add-on id -> key of the backup-store operation running for it in this process
+    backups_running: Mapping[str, str] = {}
 
 
 class Settings(Struct, frozen=True):
@@ -143,6 +157,12 @@ def plan(
         return ()
     actions: list[Action] = []
     wanted_jobs: set[str] = set()
+    # Backup containers belong to an operation of this process; any other is a leftover
+    # of a killed agent and goes before anything new starts.
+    running = set(local.backups_running.values())
+    for c in observed.containers:
+        if c.role == "backup" and c.backup_op not in running:
+            actions.append(RemoveContainer(c.backup_op or c.name, c.name, "BackupOrphaned"))
     wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
@@ -168,6 +188,7 @@ def plan(
         for job in project.jobs:
             wanted_jobs.add(job.id)
             actions += _converge_job(project.id, job, observed, local)
+        actions += _converge_backups(project, observed, local)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
@@ -243,7 +264,8 @@ def _converge_addon(
         reason = "SpecChanged" if drifted else "HolderReplaced"
         actions.append(RemoveContainer(addon.id, db.name, reason))
         actions.append(RunContainer(addon.id, want_db))
-    else:
+    elif not local.backups_running.get(addon.id, "").startswith("restore-"):
+        # A restore stops and starts the database itself (Redis swaps its files).
         actions += _db_run_state(addon.id, db, local.sleep.get(addon.id, "awake"))
     return actions
 
@@ -275,3 +297,26 @@ def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Loca
             WatchJob(job.id, project_id, job, container.name),
         ]
     return [WatchJob(job.id, project_id, job, container.name)]
+
+
+def op_key(spec: BackupSpec) -> str:
+    return f"{spec.op}-{spec.id}"
+
+
+def _converge_backups(project: ProjectSpec, observed: Observed, local: Local) -> list[Action]:
+    """The first pending operation of each add-on, if none runs for it: one at a time."""
+    addons = {a.id: a for a in project.addons}
+    busy = set(local.backups_running)
+    actions: list[Action] = []
+    for spec in project.backups:
+        key = op_key(spec)
+        if key in local.backups_done or spec.addon_id in busy:
+            continue
+        busy.add(spec.addon_id)  # later operations of this add-on wait for this one
+        addon = addons.get(spec.addon_id)
+        if spec.op != "delete" and addon is not None and not addon.deleted:
+            holder = observed.container(model.holder_name(addon.id))
+            if addon.id not in local.secrets or holder is None or holder.state != "running":
+                continue  # not provisioned yet: wait (a deleted add-on fails at once)
+        actions.append(StartBackupOp(key, project.id, spec, addon))
+    return actions

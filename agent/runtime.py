@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,8 @@ from agent import model, netns, probe, specs
 from agent import plan as p
 from agent.activator import RelayBudget, utc
 from agent.apply import Applier, Outcome
+from agent.backup_store import BackupStore
+from agent.backups import BackupRunner
 from agent.conditions import ConditionBook
 from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
@@ -58,6 +61,7 @@ from schemas.messages import (
     DesiredState,
     HostStatus,
 )
+from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
 
@@ -77,8 +81,16 @@ def _capacity() -> Capacity:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, docker: Docker, controller: ControllerClient) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        docker: Docker,
+        controller: ControllerClient,
+        verifier: Verifier,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        self.verifier = verifier
         self.host = config.agent.host
         self.docker = docker
         root = Path(config.agent.state_dir)
@@ -101,9 +113,27 @@ class Agent:
             config.mqtt.port,
             on_desired=self.on_desired,
             on_connect=self.on_connect,
-            username=config.mqtt.username,
-            password=config.mqtt.password,
+            username=config.mqtt.username or config.agent.host,
+            password=config.mqtt.password(),
+            tls=tls,
             keepalive_s=config.mqtt.keepalive_s,
+        )
+        self.backup_store = BackupStore(config.backups.root(config.agent.state_dir))
+        self.backup_store.ensure_root()
+        for leftover in self.backup_store.clean_all():  # no operation runs yet
+            log.warning("backup.leftover_removed path=%s", leftover)
+        self.backups = BackupRunner(
+            self.host,
+            docker,
+            self.backup_store,
+            root,
+            self.secrets.root,
+            config.backups.image,
+            config.backups.memory_mb,
+            config.backups.timeout_s,
+            hold=self._hold_awake,
+            ready=self._ready_after_restore,
+            on_done=self.trigger,
         )
         self.firewall = Firewall(self.host, config.network, docker)
         self.applier = Applier(
@@ -118,6 +148,7 @@ class Agent:
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
             loopfs=self.loopfs,
+            backups=self.backups,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -175,7 +206,7 @@ class Agent:
         self.trigger()
 
     async def on_desired(self, raw: bytes) -> None:
-        state, rejection = desired_mod.accept(self.desired, raw, self.host)
+        state, rejection = desired_mod.accept(self.desired, raw, self.host, self.verifier)
         now = datetime.now(UTC)
         if rejection is not None:
             DESIRED_REJECTED.labels(rejection.reason).inc()
@@ -190,7 +221,7 @@ class Agent:
         if state is None:
             return  # the same generation again (a retained copy after a reconnect)
         try:
-            self.state.save_desired(raw)
+            self.state.save_desired(encode(state))  # verified: the disk is ours
         except OSError as exc:  # a full disk: apply it anyway, the broker keeps a copy
             log.error("desired.not_saved error=%s", exc)
         self.desired = state
@@ -288,6 +319,8 @@ class Agent:
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
             sleep=self.sleep.states(),
+            backups_done=frozenset(self.backups.results()),
+            backups_running=self.backups.running_ops(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         # Fences first: nothing may start on a bridge or in a namespace left open.
@@ -539,6 +572,21 @@ class Agent:
             return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
         return await probe.redis(ip, admin, timeout_s)
 
+    def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.sleep.hold(addon_id)
+
+    async def _ready_after_restore(self, addon: AddonSpec) -> bool:
+        """Whether a restarted database answers a real client within a minute."""
+        holder = self.observed.container(model.holder_name(addon.id))
+        if holder is None or not holder.ip:
+            return False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def _addon_started(self, addon_id: str) -> None:
         await self.sleep.addon_started(addon_id)
 
@@ -582,3 +630,13 @@ class Agent:
                 )  # the controller has it: the job left the desired state
                 continue
             await self.broker.publish(topics.job_result(self.host, job_id), encode(result))
+        ops = {
+            p.op_key(spec)
+            for project in (self.desired.projects if self.desired else ())
+            for spec in project.backups
+        }
+        for key, outcome in self.backups.results().items():
+            if self.desired is not None and key not in ops:
+                self.backups.forget(key)  # the controller has it
+                continue
+            await self.broker.publish(topics.backup_result(self.host, key), encode(outcome))

@@ -10,13 +10,14 @@ persisted, so a restarted agent keeps sleeping add-ons asleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from agent import model
+from agent import model, netns
 from agent.activator import Persisted, Probe, RelayBudget, Sleeper, SleepStore
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -63,6 +64,31 @@ class SleepManager:
         elif addon_id in self.saved:
             self.saved[addon_id].state = "awake"
         self.store.save(self.saved)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, addon_id: str) -> AsyncIterator[None]:
+        """Keep an add-on awake for a platform operation (a backup), woken if asleep.
+
+        The operation is not client activity: the idle clock and the connection counter
+        are put back afterwards, so a sleeping add-on falls asleep again on its own idle
+        timer (at once, if it had been idle long enough) and an awake one is not kept up.
+        """
+        sleeper = self.sleepers.get(addon_id)
+        if sleeper is None:
+            yield
+            return
+        sleeper.held += 1
+        idle_since = sleeper.saved.last_activity
+        try:
+            if sleeper.state != "awake":
+                await sleeper.wake("backup")
+            yield
+        finally:
+            sleeper.held -= 1
+            sleeper.saved.last_activity = idle_since
+            with contextlib.suppress(OSError):
+                sleeper.last_opens = netns.passive_opens(sleeper.pid)
+            self.store.save(self.saved)
 
     async def sync(
         self,

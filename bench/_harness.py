@@ -327,17 +327,18 @@ class Bench:
         self.dsn = await create_database("orkestr_bench")
         self.controller = ControllerProcess(
             database_url=self.dsn,
-            mqtt_port=self.mosquitto.port,
+            broker=self.mosquitto,
             plans_file=plans,
             offline_after_s=15,
         )
         await self.controller.start()
         self.agent = AgentProcess(
             self.host,
-            self.mosquitto.port,
+            self.mosquitto,
             self.controller.url,
             await self.controller.new_agent_token(self.host),
             sleep_tick_s=self.sleep_tick_s,
+            public_key_file=self.controller.public_key_file,
         )
         await self.agent.start()
         await self.controller.wait_host_online(self.host, 30)

@@ -32,6 +32,7 @@ import msgspec
 from aiohttp import web
 
 from controller import bodies, principals, store
+from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
 from controller.env import compose_env
@@ -213,6 +214,9 @@ class Api:
         r.add_post("/v1/projects/{project_id}/tokens", self.create_project_token)
         r.add_get("/v1/projects/{project_id}/tokens", self.list_project_tokens)
         r.add_delete("/v1/projects/{project_id}/tokens/{token_id}", self.revoke_project_token)
+        BackupsApi(
+            self._pool, self._plans, self._dirty, self._metrics, _path_id, read_body
+        ).register(r)
         r.add_get("/v1/hosts", self.list_hosts)
         r.add_post("/v1/hosts/{host}/agent-tokens", self.create_agent_token)
         r.add_get("/v1/hosts/{host}/agent-tokens", self.list_agent_tokens)

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 
 from controller import db, store
 from controller.api import Api, serve, tls_context
+from controller.backup_scheduler import BackupScheduler
 from controller.config import Config
 from controller.errors import ConfigError
 from controller.ingest import Ingest
@@ -53,7 +54,7 @@ async def run(config: Config, plans: Plans) -> None:
                 f"projects use plans the plans file does not define: {sorted(missing)}"
             )
         link = MqttLink(config.mqtt, metrics)
-        publisher = Publisher(pool, link, plans, metrics)
+        publisher = Publisher(pool, link, plans, metrics, config.signer)
         ingest = Ingest(pool, publisher, metrics)
         api = Api(config, pool, plans, publisher, metrics)
         app = api.app()
@@ -68,6 +69,9 @@ async def run(config: Config, plans: Plans) -> None:
         )
         tls = tls_context(*map(str, config.http.tls)) if config.http.tls else None
         await stack.enter_async_context(serve(app, config.http.host, config.http.port, tls))
+        scheduler = BackupScheduler(pool, plans, publisher, metrics, config.backups.schedule_tick_s)
+        scheduler.start()
+        stack.callback(scheduler.stop)
         log(logger, "controller_ready", plans=",".join(plans))
         async with asyncio.TaskGroup() as tasks:
             loops = [

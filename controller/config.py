@@ -8,6 +8,7 @@ are caught), checks the token and key files (relative to the config file) and re
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,10 +16,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from controller.broker_config import BrokerConfigError, require_safe
 from controller.errors import ConfigError
 from controller.sealing import Sealer
 from controller.tokens import AgentTokensFile, FileToken
 from schemas.images import DEFAULT_JOB_IMAGES
+from schemas.mqtt_tls import client_context
+from schemas.signed import Signer, SigningKeyError
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 
@@ -49,10 +53,23 @@ class DatabaseSection(Struct, frozen=True, forbid_unknown_fields=True):
 class MqttSection(Struct, frozen=True, forbid_unknown_fields=True):
     host: Annotated[str, Meta(min_length=1)] = "127.0.0.1"
     port: Port = 1883
+    # With `use_username_as_clientid` (required by the broker check) the broker uses the
+    # username as client id instead.
     client_id: Annotated[str, Meta(min_length=1, max_length=128)] = "orkestr-controller"
     username: str | None = None
-    password: str | None = None
+    password_file: str | None = None
+    # TLS: verify the broker against this CA; optionally present a client certificate.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # The broker's mosquitto.conf when it runs on this machine: checked at start.
+    broker_config: str | None = None
     keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+
+
+class SigningSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # Ed25519 private key (PEM) that signs every desired state; agents hold the public key.
+    key_file: str
 
 
 class PlansSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +78,11 @@ class PlansSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class HostsSection(Struct, frozen=True, forbid_unknown_fields=True):
     offline_after_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
+
+
+class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
+    # How often the scheduler checks for owed automatic backups and applies retention.
+    schedule_tick_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
 
 
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,12 +109,14 @@ class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
 class _File(Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseSection
     secrets: SecretsSection
+    signing: SigningSection
     http: HttpSection = HttpSection()
     mqtt: MqttSection = MqttSection()
     plans: PlansSection = PlansSection()
     hosts: HostsSection = HostsSection()
     jobs: JobsSection = JobsSection()
     log: LogSection = LogSection()
+    backups: BackupsSection = BackupsSection()
 
 
 class HttpConfig:
@@ -116,16 +140,28 @@ class HttpConfig:
         self.tls = tls  # (certificate chain file, private key file)
 
 
+class MqttConfig(Struct, frozen=True):
+    host: str
+    port: int
+    client_id: str
+    username: str | None
+    password: str | None
+    tls: ssl.SSLContext | None
+    keepalive_s: int
+
+
 class Config(Struct, frozen=True):
     http: HttpConfig
     database: DatabaseSection
-    mqtt: MqttSection
+    mqtt: MqttConfig
+    signer: Signer
     plans_file: Path | None  # None: the plans.toml packaged with the controller
     hosts: HostsSection
     log: LogSection
     sealer: Sealer
     jobs: JobsSection = JobsSection()
     rotation_grace_s: float = 3600.0
+    backups: BackupsSection = BackupsSection()
 
 
 def describe(exc: msgspec.ValidationError, within: str = "") -> str:
@@ -200,20 +236,73 @@ def resolve(file: _File, base: Path) -> Config:
         raise ConfigError("database.url must be a postgresql:// URL")
     if file.database.min_connections > file.database.max_connections:
         raise ConfigError("database.min_connections must not exceed database.max_connections")
-    if (file.mqtt.username is None) != (file.mqtt.password is None):
-        raise ConfigError("mqtt.username and mqtt.password must be given together")
     plans = base / file.plans.file if file.plans.file else None
     return Config(
         http=HttpConfig(host, port, operator, metrics, agents, tls),
         database=file.database,
-        mqtt=file.mqtt,
+        mqtt=_mqtt(file.mqtt, base),
+        signer=_signer(file.signing, base),
         plans_file=plans,
         hosts=file.hosts,
         log=file.log,
+        backups=file.backups,
         sealer=Sealer.from_file(base / file.secrets.key_file),
         jobs=file.jobs,
         rotation_grace_s=file.secrets.rotation_grace_s,
     )
+
+
+def _mqtt(section: MqttSection, base: Path) -> MqttConfig:
+    if (section.username is None) != (section.password_file is None):
+        raise ConfigError("mqtt.username and mqtt.password_file must be given together")
+    password = None
+    if section.password_file is not None:
+        password = _read(base / section.password_file, "mqtt.password_file").strip()
+        if not password:
+            raise ConfigError(f"mqtt.password_file: {section.password_file} is empty")
+    if (section.cert_file is None) != (section.key_file is None):
+        raise ConfigError("mqtt.cert_file and mqtt.key_file must be given together")
+    if section.cert_file is not None and section.ca_file is None:
+        raise ConfigError("mqtt.cert_file needs mqtt.ca_file (TLS)")
+    tls = None
+    if section.ca_file is not None:
+        try:
+            tls = client_context(
+                str(base / section.ca_file),
+                str(base / section.cert_file) if section.cert_file else "",
+                str(base / section.key_file) if section.key_file else "",
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"mqtt TLS files: {exc}") from None
+    if section.broker_config is not None:
+        try:
+            require_safe(base / section.broker_config)
+        except BrokerConfigError as exc:
+            raise ConfigError(f"mqtt.broker_config: {exc}") from None
+    return MqttConfig(
+        host=section.host,
+        port=section.port,
+        client_id=section.client_id,
+        username=section.username,
+        password=password,
+        tls=tls,
+        keepalive_s=section.keepalive_s,
+    )
+
+
+def _signer(section: SigningSection, base: Path) -> Signer:
+    pem = _read(base / section.key_file, "signing.key_file")
+    try:
+        return Signer.from_pem(pem.encode())
+    except SigningKeyError as exc:
+        raise ConfigError(f"signing.key_file {section.key_file}: {exc}") from None
+
+
+def _read(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc}") from None
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

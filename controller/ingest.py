@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Literal
 
-from controller import reports
+from controller import backup_queries, reports
 from controller.backoff import Backoff
 from controller.db import Pool
 from controller.errors import DatabaseUnavailable
@@ -23,11 +23,11 @@ from controller.mqtt import Incoming
 from controller.seams import DirtyHosts
 from schemas import topics
 from schemas.codec import MessageRejected, decode
-from schemas.messages import HostStatus, JobResult, Presence
+from schemas.messages import BackupResult, HostStatus, JobResult, Presence
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["status", "presence", "job_result"]
+Kind = Literal["status", "presence", "job_result", "backup_result"]
 
 
 def classify(topic: str) -> tuple[Kind, str, str | None] | None:
@@ -42,6 +42,8 @@ def classify(topic: str) -> tuple[Kind, str, str | None] | None:
     parts = topic.split("/")
     if len(parts) == 7 and parts[4] == "jobs" and topic == topics.job_result(host, parts[5]):
         return "job_result", host, parts[5]
+    if len(parts) == 7 and parts[4] == "backups" and topic == topics.backup_result(host, parts[5]):
+        return "backup_result", host, parts[5]
     return None
 
 
@@ -129,6 +131,8 @@ class Ingest:
                 retained=message.retained,
             )
             return "accepted"
+        if kind == "backup_result":
+            return await self._backup_result(host, job_id, message)
         result = decode(message.payload, JobResult)
         _same_host(result.host, host)
         if result.job_id != job_id:
@@ -147,6 +151,36 @@ class Ingest:
             self._dirty.mark(host)
             return "accepted"
         return "stale"  # unknown, foreign or already finished (a redelivery)
+
+    async def _backup_result(self, host: str, key: str | None, message: Incoming) -> str:
+        outcome = decode(message.payload, BackupResult)
+        _same_host(outcome.host, host)
+        if key != f"{outcome.op}-{outcome.id}":
+            raise MessageRejected(
+                "OperationMismatch", f"topic names {key}, payload {outcome.op}-{outcome.id}"
+            )
+        if outcome.size_bytes is not None and not 0 <= outcome.size_bytes < 2**63:
+            raise MessageRejected("OutOfRange", f"size_bytes {outcome.size_bytes} is out of range")
+        if not await backup_queries.record_result(self._pool, outcome):
+            return "stale"
+        log(
+            logger,
+            "backup_operation_finished",
+            host=host,
+            op=outcome.op,
+            addon=outcome.addon_id,
+            backup=outcome.backup_id,
+            ok=outcome.ok,
+            verified="" if outcome.verified is None else outcome.verified,
+            error=outcome.error or outcome.verify_error or "",
+        )
+        self._metrics.backup_results.labels(
+            outcome.op,
+            "ok" if outcome.ok else "failed",
+            "" if outcome.verified is None else ("verified" if outcome.verified else "failed"),
+        ).inc()
+        self._dirty.mark(host)
+        return "accepted"
 
 
 def _same_host(payload_host: str, topic_host: str) -> None:

@@ -82,6 +82,30 @@ class Metrics:
             registry=r,
         )
 
+        self.backup_results = Counter(
+            f"{P}_backup_results_total",
+            "Backup-store operations reported by agents: op, result, verification",
+            ["op", "result", "verification"],
+            registry=r,
+        )
+        self.backup_requests = Counter(
+            f"{P}_backup_requests_total",
+            "Backup API requests by kind and outcome (accepted, refused)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.backup_last_verified = Gauge(
+            f"{P}_backup_last_verified_timestamp_seconds",
+            "Newest verified backup of each add-on with automatic backups (0: none yet)",
+            ["addon", "project"],
+            registry=r,
+        )
+        self.backup_scheduler_runs = Counter(
+            f"{P}_backup_scheduler_runs_total",
+            "Scheduler ticks by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
         self.start_at_zero()
 
     def start_at_zero(self) -> None:

@@ -21,7 +21,7 @@ import aiomqtt
 from msgspec import Struct
 
 from controller.backoff import Backoff
-from controller.config import MqttSection
+from controller.config import MqttConfig
 from controller.errors import BrokerUnavailable
 from controller.logs import log
 from controller.metrics import Metrics
@@ -29,7 +29,12 @@ from schemas import topics
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIPTIONS = (topics.STATUS_ALL, topics.PRESENCE_ALL, topics.JOB_RESULT_ALL)
+SUBSCRIPTIONS = (
+    topics.STATUS_ALL,
+    topics.PRESENCE_ALL,
+    topics.JOB_RESULT_ALL,
+    topics.BACKUP_RESULT_ALL,
+)
 
 
 class Incoming(Struct, frozen=True):
@@ -43,7 +48,7 @@ Handler = Callable[[Incoming], Awaitable[None]]
 
 
 class MqttLink:
-    def __init__(self, config: MqttSection, metrics: Metrics) -> None:
+    def __init__(self, config: MqttConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
         self._client: aiomqtt.Client | None = None
@@ -78,6 +83,7 @@ class MqttLink:
                 clean_session=False,
                 username=c.username,
                 password=c.password,
+                tls_context=c.tls,
                 keepalive=c.keepalive_s,
                 logger=logging.getLogger("mqtt"),
             )

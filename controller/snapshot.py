@@ -13,7 +13,14 @@ from typing import Any
 from controller.db import Pool, transaction
 from controller.plans import Plan
 from controller.rows import hex_of
-from schemas.messages import SCHEMA_VERSION, AddonSpec, DesiredState, JobSpec, ProjectSpec
+from schemas.messages import (
+    SCHEMA_VERSION,
+    AddonSpec,
+    BackupSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+)
 
 
 async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> DesiredState:
@@ -35,11 +42,33 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             WHERE p.host = $1 AND j.state = 'pending' ORDER BY j.created_at, j.id""",
             host,
         )
+        # Open backup-store operations, oldest first: the agent runs them in this order.
+        backups = await conn.fetch(
+            """SELECT o.id, o.op, o.addon_id, o.backup_id, o.sha256, o.project_id FROM (
+                SELECT b.id, 'backup' AS op, b.addon_id, b.id AS backup_id, NULL AS sha256,
+                       b.project_id, b.created_at
+                FROM backups b WHERE b.state = 'pending'
+                UNION ALL
+                SELECT b.id, 'verify', b.addon_id, b.id, b.sha256, b.project_id, b.created_at
+                FROM backups b WHERE b.verify_requested AND b.state = 'succeeded'
+                UNION ALL
+                SELECT b.id, 'delete', b.addon_id, b.id, NULL, b.project_id, b.created_at
+                FROM backups b WHERE b.state = 'deleting'
+                UNION ALL
+                SELECT r.id, 'restore', r.addon_id, r.backup_id, b.sha256, b.project_id,
+                       r.created_at
+                FROM backup_restores r JOIN backups b ON b.id = r.backup_id
+                WHERE r.state = 'pending'
+            ) o JOIN projects p ON p.id = o.project_id
+            WHERE p.host = $1 ORDER BY o.created_at, o.id""",
+            host,
+        )
         generation = await conn.fetchval("SELECT nextval('desired_generation')")
     plan_of = {r["id"]: plans[r["plan"]] for r in projects}
     plan_name = {r["id"]: r["plan"] for r in projects}
     addons_of = _by_project(addons)
     jobs_of = _by_project(jobs)
+    backups_of = _by_project(backups)
     return DesiredState(
         version=SCHEMA_VERSION,
         host=host,
@@ -61,6 +90,16 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                         resources=plan_of[p["id"]].resources,
                     )
                     for j in jobs_of.get(p["id"], ())
+                ),
+                backups=tuple(
+                    BackupSpec(
+                        id=hex_of(b["id"]),
+                        op=b["op"],
+                        addon_id=hex_of(b["addon_id"]),
+                        backup_id=hex_of(b["backup_id"]),
+                        sha256=b["sha256"],
+                    )
+                    for b in backups_of.get(p["id"], ())
                 ),
             )
             for p in projects

@@ -18,6 +18,9 @@ chmod 700 "$etc"
 host=${ORKESTR_HOST:-$(hostname -s | tr 'A-Z_.' 'a-z--' | cut -c1-60)}
 api_port=${ORKESTR_API_PORT:-8080}
 mqtt_port=${ORKESTR_MQTT_PORT:-1883}
+mqtt_tls_port=${ORKESTR_MQTT_TLS_PORT:-8883}
+mqtt_tls_bind=${ORKESTR_MQTT_TLS_BIND:-127.0.0.1}
+broker_etc=${ORKESTR_BROKER_ETC:-/etc/orkestr-broker}
 database=${ORKESTR_DATABASE:-orkestr}
 
 # Credentials, each in its own root-only file (docs/operations.md: which goes where):
@@ -69,6 +72,20 @@ END $$;
 SQL
 database_url="postgresql://orkestr_controller:$db_password@127.0.0.1:5432/$database"
 
+# Signing key, MQTT passwords, CA and certificates, ACL and the checked broker config.
+ORKESTR_ETC=$etc ORKESTR_BROKER_ETC=$broker_etc ORKESTR_MQTT_PORT=$mqtt_port \
+  ORKESTR_MQTT_TLS_PORT=$mqtt_tls_port ORKESTR_MQTT_TLS_BIND=$mqtt_tls_bind \
+  bash deploy/broker-setup.sh "$host"
+
+# Configs written by an older up.sh (no signing key, anonymous MQTT) are replaced; the old
+# file is kept beside the new one.
+for f in controller agent; do
+  if [ -f "$etc/$f.toml" ] && ! grep -q '^\[signing\]' "$etc/$f.toml"; then
+    log "replacing $etc/$f.toml (kept as $f.toml.old): it predates MQTT credentials and signing"
+    mv "$etc/$f.toml" "$etc/$f.toml.old"
+  fi
+done
+
 if [ ! -f "$etc/controller.toml" ]; then
   (umask 077; cat >"$etc/controller.toml" <<TOML
 [http]
@@ -86,7 +103,13 @@ url = "$database_url"
 [mqtt]
 host = "127.0.0.1"
 port = $mqtt_port
-client_id = "orkestr-controller"
+username = "orkestr.controller"
+password_file = "$etc/mqtt-controller.password"
+# The broker runs here: refuse to start if its config lets anyone in.
+broker_config = "$broker_etc/mosquitto.conf"
+
+[signing]
+key_file = "$etc/signing.key"
 TOML
   )
 else
@@ -110,9 +133,17 @@ keeper_socket = "/run/orkestr-keeper/keeper.sock"
 url = "http://127.0.0.1:$api_port"
 agent_token_file = "$etc/agent_token"
 
+# Over TLS, as an agent on another host would connect (the name must be in the
+# broker's certificate: ORKESTR_MQTT_TLS_NAMES for deploy/mqtt-certs.sh).
 [mqtt]
-host = "127.0.0.1"
-port = $mqtt_port
+host = "$mqtt_tls_bind"
+port = $mqtt_tls_port
+username = "$host"
+password_file = "$etc/mqtt-agent.password"
+ca_file = "$etc/mqtt-ca.crt"
+
+[signing]
+public_key_file = "$etc/signing.pub"
 
 # This machine has no registry: the locally built images stand in for the official ones.
 [images]
@@ -137,10 +168,24 @@ start_bg() {  # name, command...
   echo $! >"$pidf"
 }
 
+# The broker: restarted when its config changed (listeners), else reloaded (users, ACL).
+conf=$broker_etc/mosquitto.conf
+sum=$(sha256sum "$conf" | cut -c1-16)
+pidf=$run/mosquitto.pid
+if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+  if [ "$(cat "$run/mosquitto.conf.sum" 2>/dev/null)" != "$sum" ]; then
+    log "restarting the broker: its config changed"
+    kill "$(cat "$pidf")"
+    for _ in $(seq 40); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.25; done
+  else
+    kill -HUP "$(cat "$pidf")"
+  fi
+fi
 if ! port_open "$mqtt_port"; then
-  sed "s/^listener 1883 /listener $mqtt_port /" deploy/mosquitto.conf >"$etc/mosquitto.conf"
-  echo "persistence_location $run/" >>"$etc/mosquitto.conf"
-  start_bg mosquitto /usr/sbin/mosquitto -c "$etc/mosquitto.conf"
+  start_bg mosquitto /usr/sbin/mosquitto -c "$conf"
+  echo "$sum" >"$run/mosquitto.conf.sum"
+elif ! [ -f "$pidf" ] || ! kill -0 "$(cat "$pidf")" 2>/dev/null; then
+  log "warning: another process listens on port $mqtt_port; it is not our broker ($conf)"
 fi
 
 if [ -d /run/systemd/system ]; then

@@ -79,11 +79,33 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
     resources: Resources | None = None
 
 
+BackupOp = Literal["backup", "verify", "restore", "delete"]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class BackupSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """One backup-store operation the agent should carry out once, for one add-on.
+
+    `backup`: dump the add-on into `<store>/<project>/<addon>/<backup_id>.dump` and verify
+    it. `verify`: check `sha256` and test-restore it again. `restore`: check `sha256`, then
+    restore that file into the add-on. `delete`: remove that file (retention); only this,
+    never a missing entry, deletes a backup.
+    """
+
+    id: Id  # the operation: the backup's id for `backup` and `delete`, the restore's id
+    op: BackupOp
+    addon_id: Id
+    backup_id: Id
+    sha256: Sha256 | None = None  # required for `restore`
+
+
 class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     id: Id
     name: Annotated[str, Meta(min_length=1, max_length=63)]
     addons: tuple[AddonSpec, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
+    # In order: the agent runs one operation per add-on at a time, the first pending first.
+    backups: tuple[BackupSpec, ...] = ()
 
 
 class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
@@ -161,6 +183,42 @@ class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
     error: str | None = None
 
 
-Message = DesiredState | HostStatus | Presence | JobResult
+class SignedDesiredState(Struct, frozen=True, forbid_unknown_fields=True):
+    """What travels on the desired topic: an encoded `DesiredState` and the controller's
+    Ed25519 signature over it (see schemas/signed.py). Bytes are base64 in JSON."""
+
+    version: int
+    key_id: Annotated[str, Meta(pattern=r"^[0-9a-f]{16}$")]
+    payload: bytes
+    signature: Annotated[bytes, Meta(min_length=64, max_length=64)]
+
+
+class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
+    """The outcome of one BackupSpec, sent until the operation leaves the desired state."""
+
+    version: int
+    host: HostName
+    id: Id
+    op: BackupOp
+    project_id: Id
+    addon_id: Id
+    backup_id: Id
+    ok: bool
+    started_at: datetime
+    finished_at: datetime
+    error: str | None = None
+    # backup only: the finished file's size and checksum, and the test restore's verdict.
+    size_bytes: int | None = None
+    sha256: Sha256 | None = None
+    verified: bool | None = None
+    verify_error: str | None = None
+    # Postgres: rows per table at dump time; Redis: {"keys": n}.
+    counts: dict[str, int] = {}
+    verify_seconds: float | None = None
+
+
+Message = (
+    DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | BackupResult
+)
 
 encoder = msgspec.json.Encoder()

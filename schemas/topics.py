@@ -4,6 +4,7 @@ orkestr/v1/hosts/{host}/desired          controller -> agent, retained, QoS 1
 orkestr/v1/hosts/{host}/status           agent -> controller, retained, QoS 1
 orkestr/v1/hosts/{host}/presence         agent -> controller, retained; last will says offline
 orkestr/v1/hosts/{host}/jobs/{job}/result agent -> controller, QoS 1
+orkestr/v1/hosts/{host}/backups/{op}/result agent -> controller, QoS 1
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def job_result(host: str, job_id: str) -> str:
     return f"{PREFIX}/hosts/{host}/jobs/{job_id}/result"
 
 
+def backup_result(host: str, op_id: str) -> str:
+    return f"{PREFIX}/hosts/{host}/backups/{op_id}/result"
+
+
 STATUS_ALL = f"{PREFIX}/hosts/+/status"
 PRESENCE_ALL = f"{PREFIX}/hosts/+/presence"
 JOB_RESULT_ALL = f"{PREFIX}/hosts/+/jobs/+/result"
+BACKUP_RESULT_ALL = f"{PREFIX}/hosts/+/backups/+/result"
 
 
 def host_of(topic: str) -> str | None:

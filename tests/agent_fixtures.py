@@ -8,6 +8,7 @@ confuse the next run. Images come from deploy/images/build.sh (run by deploy/ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -120,20 +121,27 @@ class AgentProcess:
     def __init__(
         self,
         host: str,
-        mqtt_port: int,
+        broker: Mosquitto,
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
         log_format: str = "text",
         extra_config: str = "",
         ca_file: str = "",
+        *,
+        public_key_file: Path,
+        tls: bool = False,
     ) -> None:
         self.host = host
+        self.broker = broker
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
         self.state_dir = self.dir / "state"
         self.metrics_port = free_port()
         self.log_path = self.dir / "agent.log"
         self.config_path = self.dir / "agent.toml"
+        self.mqtt_password_file = self.dir / "mqtt.password"
+        mqtt_port = broker.tls_port if tls else broker.port
+        ca_line = f'ca_file = "{broker.ca_file}"' if tls else ""
         self.config_path.write_text(
             f"""
 [agent]
@@ -149,9 +157,14 @@ url = "{controller_url}"
 agent_token = "{agent_token}"
 ca_file = "{ca_file}"
 
+[signing]
+public_key_file = "{public_key_file}"
+
 [mqtt]
 host = "127.0.0.1"
 port = {mqtt_port}
+password_file = "{self.mqtt_password_file}"
+{ca_line}
 keepalive_s = 5
 
 [images]
@@ -170,6 +183,8 @@ listen = "127.0.0.1:{self.metrics_port}"
         self.keeper: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        identity = await self.broker.identity(self.host)
+        self.mqtt_password_file.write_text(identity.password + "\n")
         if self.keeper is None:
             # The wake-socket keeper outlives agent restarts, as its systemd unit does.
             self.keeper = await asyncio.create_subprocess_exec(
@@ -268,10 +283,11 @@ sleep = { enabled = false }
 class Stack:
     """A broker, a controller database and a controller of its own, for one test module."""
 
-    def __init__(self, plans: str = TEST_PLANS) -> None:
+    def __init__(self, plans: str = TEST_PLANS, *, tls: bool = False) -> None:
         self.plans = plans
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-stack-"))
-        self.mosquitto = Mosquitto()
+        self.mosquitto = Mosquitto(tls=tls)
         self.controller: ControllerProcess | None = None
         self.dsn = ""
 
@@ -282,7 +298,8 @@ class Stack:
         self.dsn = await create_database("orkestr_e2e")
         self.controller = ControllerProcess(
             database_url=self.dsn,
-            mqtt_port=self.mosquitto.port,
+            broker=self.mosquitto,
+            mqtt_tls=self.tls,
             plans_file=plans,
             offline_after_s=10,
         )
@@ -312,13 +329,20 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
         await s.close()
 
 
-@pytest.fixture
-async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
-    """A fresh host agent registered with the module's controller; removed with all it made."""
+@contextlib.asynccontextmanager
+async def running_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
     host = host_name("t")
     token = await stack.controller.new_agent_token(host)
-    proc = AgentProcess(host, stack.mosquitto.port, stack.controller.url, token)
+    proc = AgentProcess(
+        host,
+        stack.mosquitto,
+        stack.controller.url,
+        token,
+        public_key_file=stack.controller.public_key_file,
+        tls=stack.tls,
+    )
     try:
         await proc.start()
         await wait_for(lambda: host_online(stack.controller, host), 30, f"host {host} online")
@@ -330,6 +354,13 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))
         shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords
+
+
+@pytest.fixture
+async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """A fresh host agent registered with the module's controller; removed with all it made."""
+    async with running_agent(stack) as proc:
+        yield proc
 
 
 async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25) -> Any:

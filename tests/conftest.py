@@ -75,7 +75,7 @@ async def controller(
 ) -> AsyncIterator[ControllerProcess]:
     process = ControllerProcess(
         database_url=controller_db,
-        mqtt_port=mosquitto.port,
+        broker=mosquitto,
         plans_file=plans_file,
         offline_after_s=5.0,
     )
@@ -91,7 +91,7 @@ async def fake_agent(
     mosquitto: Mosquitto, controller: ControllerProcess
 ) -> AsyncIterator[FakeAgent]:
     """A fresh online host (via the real protocol) so projects can be placed."""
-    async with FakeAgent(f"h-{secrets.token_hex(5)}", mosquitto.port) as agent:
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", mosquitto) as agent:
         await controller.wait_host_online(agent.host)
         yield agent
 

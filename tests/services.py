@@ -4,12 +4,12 @@ controller subprocess and small MQTT peers that speak the real protocol.
 Everything listens on loopback only. Used by the controller tests and by the end-to-end
 tests, so keep it generic:
 
-    async with Mosquitto() as broker:                    # broker.port
+    async with Mosquitto() as broker:                    # broker.port, await broker.identity()
         dsn = await create_database()                    # orkestr_test_<random>
-        controller = ControllerProcess(database_url=dsn, mqtt_port=broker.port)
+        controller = ControllerProcess(database_url=dsn, broker=broker)
         await controller.start()                         # waits for GET /v1/hosts -> 200
         status, body = await controller.api("GET", "/v1/hosts")
-        async with FakeAgent("host-a", broker.port):     # a host the controller can use
+        async with FakeAgent("host-a", broker):          # a host the controller can use
             ...
         await controller.close()
         await drop_database(dsn)
@@ -25,16 +25,19 @@ import asyncio
 import base64
 import contextlib
 import os
+import pwd
 import re
 import secrets
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -43,8 +46,10 @@ from typing import Any, Self
 import aiohttp
 import aiomqtt
 import asyncpg
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from schemas import topics
+from schemas import broker_acl, topics
 from schemas.codec import MessageRejected, decode, encode
 from schemas.messages import (
     SCHEMA_VERSION,
@@ -56,7 +61,10 @@ from schemas.messages import (
     HostStatus,
     JobResult,
     Presence,
+    SignedDesiredState,
 )
+from schemas.mqtt_tls import client_context
+from schemas.signed import Verifier
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get(
@@ -117,40 +125,174 @@ async def _terminate(proc: asyncio.subprocess.Process, grace_s: float) -> int:
     return proc.returncode
 
 
+@dataclass(frozen=True)
+class MqttIdentity:
+    """A broker user: its password is also in `password_file` (what the services read)."""
+
+    username: str
+    password: str
+    password_file: Path
+
+
 class Mosquitto:
-    """A mosquitto broker subprocess on loopback with its own temp dir and persistence.
+    """A mosquitto broker subprocess on loopback with its own temp dir and persistence,
+    configured as production is: no anonymous access, a password file made with
+    mosquitto_passwd, the ACL from `schemas.broker_acl`, and `use_username_as_clientid`.
+
+    `await identity(name)` adds a host user (username = host name), `role="controller"`
+    a user with the controller's rights, `role="peer"` a test-only user that may read and
+    write every orkestr topic (a stand-in for a broken broker or a stolen credential).
+    New users take effect through a reload (SIGHUP). With `tls=True` a second listener on
+    `tls_port` serves TLS with certificates from deploy/mqtt-certs.sh (`ca_file`).
 
     `start()` waits until the port accepts connections; `stop()` is graceful (retained
-    messages and persistent sessions are saved) and `start()` again reuses the same port
-    and data, like a broker restart. `kill()` simulates a crash.
+    messages and persistent sessions are saved) and `start()` again reuses the same port,
+    users and data, like a broker restart. `kill()` simulates a crash.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, tls: bool = False) -> None:
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-mosquitto-"))
         self.log_path = self.dir / "mosquitto.log"
-        # Started as root, mosquitto drops to its own user: it must reach its data dir.
+        # Started as root, mosquitto drops to its own user: it must reach its data dir
+        # and read its password and ACL files (they are re-read on reload).
         self.data_dir = self.dir / "data"
         self.data_dir.mkdir()
         self.dir.chmod(0o755)
         self.data_dir.chmod(0o777)
+        self.passwd_path = self.dir / "passwd"
+        self.acl_path = self.dir / "acl"
+        self.cert_dir = self.dir / "certs"
+        self.ca_file = self.cert_dir / "ca.crt"
+        self._identities: dict[str, MqttIdentity] = {}
+        self._roles: dict[str, str] = {}
         self._proc: asyncio.subprocess.Process | None = None
+        self._write_security()
+        if tls:
+            subprocess.run(
+                ["bash", str(ROOT / "deploy" / "mqtt-certs.sh"), str(self.cert_dir)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.cert_dir.chmod(0o755)
+            for key in ("server.key", "server.crt"):
+                _give_to_mosquitto(self.cert_dir / key)
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    def _write_config(self) -> Path:
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(
+    def _write_security(self) -> None:
+        controllers = [u for u, r in self._roles.items() if r == "controller"]
+        text = broker_acl.acl_text(controllers)
+        for user, role in self._roles.items():
+            if role == "peer":
+                text += f"\nuser {user}\ntopic readwrite {topics.PREFIX}/#\n"
+        self.acl_path.write_text(text)
+        if not self.passwd_path.exists():
+            self.passwd_path.write_text("")
+        for path in (self.acl_path, self.passwd_path):
+            path.chmod(0o600)
+            _give_to_mosquitto(path)
+
+    def config_text(self) -> str:
+        text = (
+            "per_listener_settings false\n"
+            "allow_anonymous false\n"
+            f"password_file {self.passwd_path}\n"
+            f"acl_file {self.acl_path}\n"
+            # A listener option: given before any listener it would open the default one.
             f"listener {self.port} {LOOPBACK}\n"
-            "allow_anonymous true\n"
+            "use_username_as_clientid true\n"
+        )
+        if self.tls:
+            text += (
+                f"listener {self.tls_port} {LOOPBACK}\n"
+                "use_username_as_clientid true\n"
+                f"cafile {self.ca_file}\n"
+                f"certfile {self.cert_dir / 'server.crt'}\n"
+                f"keyfile {self.cert_dir / 'server.key'}\n"
+            )
+        return text + (
             "persistence true\n"
             f"persistence_location {self.data_dir}/\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
+
+    def _write_config(self) -> Path:
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(self.config_text())
         return conf
+
+    async def identity(
+        self, username: str, role: str = "host", *, probe: bool = True
+    ) -> MqttIdentity:
+        """The user `username`, created (and the broker reloaded) on first use; the reload
+        is awaited by connecting as it (`probe=False`: not, for a user that cannot)."""
+        found = self._identities.get(username)
+        if found is not None:
+            return found
+        password = secrets.token_urlsafe(18)
+        password_file = self.dir / f"password-{len(self._identities)}"
+        password_file.write_text(password + "\n")
+        # As deploy/broker-setup.sh does: the password on stdin (entered, confirmed).
+        done = await asyncio.create_subprocess_exec(
+            "mosquitto_passwd",
+            str(self.passwd_path),
+            username,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await done.communicate(f"{password}\n{password}\n".encode())
+        if done.returncode != 0:
+            raise RuntimeError(f"mosquitto_passwd {username!r}: {out.decode(errors='replace')}")
+        identity = MqttIdentity(username, password, password_file)
+        self._identities[username] = identity
+        self._roles[username] = role
+        self._write_security()
+        if self.running and probe:
+            await self._reload_until_accepted(identity)
+        elif self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGHUP)
+        return identity
+
+    async def _reload_until_accepted(self, identity: MqttIdentity, wait_s: float = 10.0) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                async with self.client(identity):
+                    return
+            except aiomqtt.MqttError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def publish_as(
+        self, username: str, topic: str, payload: bytes, *, retain: bool = False
+    ) -> None:
+        """Publish once (QoS 1) as host user `username`, created if needed."""
+        async with self.client(await self.identity(username)) as client:
+            await client.publish(topic, payload, qos=1, retain=retain)
+
+    def client(
+        self, identity: MqttIdentity | None, *, tls: bool = False, **kw: Any
+    ) -> aiomqtt.Client:
+        """An aiomqtt client for `identity` (None: anonymous), plain or over TLS."""
+        if identity is not None:
+            kw.setdefault("identifier", identity.username)  # the broker uses it anyway
+            kw.setdefault("username", identity.username)
+            kw.setdefault("password", identity.password)
+        if tls:
+            kw["tls_context"] = client_context(str(self.ca_file))
+        return aiomqtt.Client(LOOPBACK, self.tls_port if tls else self.port, **kw)
 
     async def start(self, wait_s: float = 10.0) -> None:
         if self.running:
@@ -161,7 +303,8 @@ class Mosquitto:
                 _mosquitto_binary(), "-c", str(conf), stdout=log, stderr=log
             )
         try:
-            await wait_for_port(self.port, wait_s, lambda: self.running)
+            for port in (self.port, self.tls_port) if self.tls else (self.port,):
+                await wait_for_port(port, wait_s, lambda: self.running)
         except (RuntimeError, TimeoutError) as exc:
             await self.stop()
             raise RuntimeError(f"mosquitto did not start: {exc}\n{self.log_text()}") from None
@@ -192,6 +335,17 @@ class Mosquitto:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _give_to_mosquitto(path: Path) -> None:
+    """As root, hand a file to the user mosquitto drops to (as deploy/up.sh does)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    os.chown(path, user.pw_uid, user.pw_gid)
 
 
 # --- PostgreSQL -----------------------------------------------------------------------
@@ -249,7 +403,8 @@ class ControllerProcess:
         self,
         *,
         database_url: str,
-        mqtt_port: int,
+        broker: Mosquitto,
+        mqtt_tls: bool = False,
         plans_file: Path | None = None,
         port: int | None = None,
         offline_after_s: float = 30.0,
@@ -263,7 +418,11 @@ class ControllerProcess:
     ) -> None:
         self.log_format = log_format
         self.database_url = database_url
-        self.mqtt_port = mqtt_port
+        self.broker = broker
+        self.mqtt_tls = mqtt_tls
+        self.mqtt_port = broker.tls_port if mqtt_tls else broker.port
+        # Its own broker user with the controller's rights (a dot: never a host name).
+        self.mqtt_username = f"controller.{secrets.token_hex(4)}"
         self.plans_file = plans_file
         self.port = port or free_port()
         self.offline_after_s = offline_after_s
@@ -291,6 +450,24 @@ class ControllerProcess:
             self.metrics_token_file.write_text(self.metrics_token + "\n")
             self.agent_tokens_file.write_text("# host sha256-of-token\n")
         self.log_path = self.dir / "controller.log"
+        self.mqtt_password_file = self.dir / "mqtt.password"
+        # The desired-state signing key pair; agents get `public_key_file`.
+        self.signing_key = Ed25519PrivateKey.generate()
+        self.signing_key_file = self.dir / "signing.key"
+        self.signing_key_file.write_bytes(
+            self.signing_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        self.public_key_file = self.dir / "signing.pub"
+        self.public_key_file.write_bytes(
+            self.signing_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        self.mqtt_extra = ""  # appended to the [mqtt] section, e.g. broker_config
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -323,6 +500,12 @@ class ControllerProcess:
             f'host = "{LOOPBACK}"\n'
             f"port = {self.mqtt_port}\n"
             f"client_id = {toml_string(self.client_id)}\n"
+            f"username = {toml_string(self.mqtt_username)}\n"
+            f"password_file = {toml_string(str(self.mqtt_password_file))}\n"
+            + (f"ca_file = {toml_string(str(self.broker.ca_file))}\n" if self.mqtt_tls else "")
+            + self.mqtt_extra
+            + "[signing]\n"
+            f"key_file = {toml_string(str(self.signing_key_file))}\n"
             "[plans]\n"
             f"file = {plans}\n"
             "[hosts]\n"
@@ -352,6 +535,8 @@ class ControllerProcess:
     async def start(self, wait_s: float = 30.0) -> None:
         if self.running:
             return
+        identity = await self.broker.identity(self.mqtt_username, "controller")
+        self.mqtt_password_file.write_text(identity.password + "\n")
         self.config_path.write_text(self.config_text())
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -493,14 +678,14 @@ class FakeAgent:
     def __init__(
         self,
         host: str,
-        broker_port: int,
+        broker: Mosquitto,
         *,
         cpus: float = 8.0,
         memory_mb: int = 16384,
         interval: float = 1.0,
     ) -> None:
         self.host = host
-        self.broker_port = broker_port
+        self.broker = broker
         self.capacity = Capacity(cpus=cpus, memory_mb=memory_mb)
         self.interval = interval
         self.addons: list[AddonStatus] = []
@@ -509,8 +694,7 @@ class FakeAgent:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        # Unique, so two fake agents may speak for one host without kicking each other.
-        self._client_id = f"fake-agent-{host}-{secrets.token_hex(3)}"
+        self._identity: MqttIdentity | None = None
 
     def status(self) -> HostStatus:
         return HostStatus(
@@ -530,9 +714,9 @@ class FakeAgent:
         will = aiomqtt.Will(topics.presence(self.host), self._presence(False), qos=1, retain=True)
         while True:
             try:
-                async with aiomqtt.Client(
-                    LOOPBACK, self.broker_port, identifier=self._client_id, will=will
-                ) as client:
+                # The broker uses the username (the host) as client id: one connection
+                # per host, as with a real agent.
+                async with self.broker.client(self._identity, will=will) as client:
                     await client.publish(
                         topics.presence(self.host), self._presence(True), qos=1, retain=True
                     )
@@ -607,6 +791,7 @@ class FakeAgent:
         await self.publish(topics.job_result(self.host, job_id), encode(result))
 
     async def __aenter__(self) -> Self:
+        self._identity = await self.broker.identity(self.host)
         self._task = asyncio.create_task(self._run(), name=f"fake-agent-{self.host}")
         await self.report()
         return self
@@ -625,6 +810,13 @@ class FakeAgent:
                 await self._task
 
 
+def unsigned(raw: bytes, verifier: Verifier | None = None) -> bytes:
+    """The DesiredState inside a signed envelope (verified when a verifier is given)."""
+    if verifier is not None:
+        return verifier.open(raw)
+    return decode(raw, SignedDesiredState).payload
+
+
 class DesiredWatcher:
     """Collects every DesiredState published for one host (retained ones included).
 
@@ -633,9 +825,11 @@ class DesiredWatcher:
     first collected state at index >= since that matches.
     """
 
-    def __init__(self, host: str, broker_port: int) -> None:
+    def __init__(self, host: str, broker: Mosquitto, verify_with: Path | None = None) -> None:
         self.host = host
-        self.broker_port = broker_port
+        self.broker = broker
+        # The controller's public key: payloads are verified as an agent would.
+        self.verifier = Verifier.from_pem(verify_with.read_bytes()) if verify_with else None
         self.states: list[DesiredState] = []
         self.rejected: list[MessageRejected] = []
         self._changed = asyncio.Condition()
@@ -646,17 +840,16 @@ class DesiredWatcher:
         return len(self.states)
 
     async def _run(self) -> None:
+        identity = await self.broker.identity(f"watcher.{secrets.token_hex(4)}", "peer")
         while True:
             try:
-                async with aiomqtt.Client(
-                    LOOPBACK, self.broker_port, identifier=f"watcher-{secrets.token_hex(4)}"
-                ) as client:
+                async with self.broker.client(identity) as client:
                     await client.subscribe(topics.desired(self.host), qos=1)
                     self._subscribed.set()
                     async for message in client.messages:
                         assert isinstance(message.payload, bytes)
                         try:
-                            state = decode(message.payload, DesiredState)
+                            state = decode(unsigned(message.payload, self.verifier), DesiredState)
                         except MessageRejected as exc:
                             self.rejected.append(exc)
                             continue

@@ -123,7 +123,9 @@ async def test_real_agent_signals_ready_then_pets_the_watchdog(
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # 1 s: a pet every 0.5 s
     host = host_name("w")
     token = await controller.new_agent_token(host)
-    agent = AgentProcess(host, mosquitto.port, controller.url, token)
+    agent = AgentProcess(
+        host, mosquitto, controller.url, token, public_key_file=controller.public_key_file
+    )
     loop = asyncio.get_running_loop()
     try:
         await agent.start()

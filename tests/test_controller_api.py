@@ -4,6 +4,7 @@ and mosquitto; hosts are FakeAgents speaking the real MQTT protocol."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -11,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-import aiomqtt
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -144,8 +144,8 @@ async def test_projects_on_every_plan(controller: ControllerProcess, fake_agent:
 async def test_placement_prefers_fewest_projects_then_most_memory(
     controller: ControllerProcess, mosquitto: Mosquitto
 ) -> None:
-    small = FakeAgent(unique("small"), mosquitto.port, memory_mb=4096)
-    big = FakeAgent(unique("big"), mosquitto.port, memory_mb=65536)
+    small = FakeAgent(unique("small"), mosquitto, memory_mb=4096)
+    big = FakeAgent(unique("big"), mosquitto, memory_mb=65536)
     async with small, big:
         await eventually(
             lambda: _only_online(controller, {small.host, big.host}), "only our hosts online"
@@ -174,6 +174,17 @@ async def test_placement_prefers_fewest_projects_then_most_memory(
 
 async def _only_online(controller: ControllerProcess, hosts: set[str]) -> bool:
     return await online_hosts(controller) == hosts
+
+
+@contextlib.asynccontextmanager
+async def speaking_for(host: str, fake_agent: FakeAgent) -> AsyncIterator[FakeAgent]:
+    """A FakeAgent for `host`: the fixture's own when it is that host (the broker keeps one
+    connection per host identity, as for real agents), otherwise a new one."""
+    if host == fake_agent.host:
+        yield fake_agent
+    else:
+        async with FakeAgent(host, fake_agent.broker) as agent:
+            yield agent
 
 
 # --- add-ons --------------------------------------------------------------------------
@@ -252,7 +263,7 @@ async def test_agent_reports_drive_the_addon_view(
     project = await new_project(controller, "pro")
     addon = await new_addon(controller, project, "db")
     path = f"/v1/projects/{project['id']}/addons/{addon['id']}"
-    async with FakeAgent(project["host"], mosquitto.port) as agent:
+    async with speaking_for(project["host"], fake_agent) as agent:
         await _drive_the_view(controller, mosquitto, addon, path, agent)
 
 
@@ -296,7 +307,7 @@ async def _drive_the_view(
     await eventually(lambda: shown("failed"), "phase failed")
 
     # Another host cannot speak for this add-on.
-    async with FakeAgent(unique("intruder"), mosquitto.port) as intruder:
+    async with FakeAgent(unique("intruder"), mosquitto) as intruder:
         intruder.addons = [addon_status(addon, 99, conditions=(condition("True"),))]
         intruder.removed = [addon["id"]]
         await intruder.report()
@@ -324,9 +335,8 @@ async def test_starter_tombstone_counts_until_the_host_removes_it(
     assert_error(status, body, 409, "plan_limit_reached")
     assert "being deleted" in body["message"]
 
-    agent = FakeAgent(project["host"], fake_agent.broker_port)
-    agent.removed = [first["id"]]
-    async with agent:
+    async with speaking_for(project["host"], fake_agent) as agent:
+        agent.removed = [first["id"]]
         await agent.report()
 
         async def created() -> bool:
@@ -357,8 +367,7 @@ async def test_jobs(controller: ControllerProcess, fake_agent: FakeAgent) -> Non
     )
     assert status == 201 and failing["timeout_s"] == 600
 
-    agent = FakeAgent(project["host"], fake_agent.broker_port)
-    async with agent:
+    async with speaking_for(project["host"], fake_agent) as agent:
         await agent.job_result(job["id"], pid, 0, "hi\n")
         await agent.job_result(failing["id"], pid, 1, "bad\x00byte", error=None)
 
@@ -476,8 +485,6 @@ async def test_malformed_request_is_a_json_400_without_traceback(
     assert "http_bad_request" in log or "status=400" in log, log
 
 
-
-
 async def test_unknown_routes_and_methods(controller: ControllerProcess) -> None:
     status, body = await controller.api("GET", "/v1/nothing")
     assert_error(status, body, 404, "not_found")
@@ -572,7 +579,7 @@ def bad_bodies(valid: dict[str, Any], required: set[str]) -> st.SearchStrategy[A
 async def hypothesis_project(
     controller: ControllerProcess, mosquitto: Mosquitto
 ) -> AsyncIterator[dict[str, Any]]:
-    async with FakeAgent(unique("hyp"), mosquitto.port) as agent:
+    async with FakeAgent(unique("hyp"), mosquitto) as agent:
         await controller.wait_host_online(agent.host)
         project = await new_project(controller, "starter")
     # The host may go: these tests only need the project row.
@@ -675,7 +682,7 @@ async def test_desired_state_follows_every_change(
 ) -> None:
     project = await new_project(controller, "pro")
     pid, host = project["id"], project["host"]
-    async with DesiredWatcher(host, mosquitto.port) as watcher:
+    async with DesiredWatcher(host, mosquitto) as watcher:
         first = await watcher.wait_for(lambda s: project_in(s, pid) is not None)
         assert first.version == SCHEMA_VERSION and first.host == host
         assert project_in(first, pid).name == project["name"]
@@ -710,9 +717,8 @@ async def test_desired_state_follows_every_change(
         assert with_job.generation > tomb.generation
         assert project_in(with_job, pid).jobs[0].id == job["id"]
 
-        agent = FakeAgent(host, mosquitto.port)
-        agent.removed = [addon["id"]]
-        async with agent:
+        async with speaking_for(host, fake_agent) as agent:
+            agent.removed = [addon["id"]]
             mark = watcher.mark()
             await agent.job_result(job["id"], pid, 0, "done")
             await agent.report()
@@ -730,7 +736,7 @@ async def test_desired_state_is_republished_after_a_controller_restart(
 ) -> None:
     project = await new_project(controller, "team")
     await new_addon(controller, project, "kept")
-    async with DesiredWatcher(project["host"], mosquitto.port) as watcher:
+    async with DesiredWatcher(project["host"], mosquitto) as watcher:
         before = await watcher.wait_for(lambda s: bool(addons_in(s, project["id"])))
         mark = watcher.mark()
         assert await controller.stop() == 0  # SIGTERM: graceful, exit code 0
@@ -744,13 +750,13 @@ async def test_desired_state_is_republished_after_a_controller_restart(
             applied_generation=0,
             capacity=Capacity(cpus=64, memory_mb=999_999),
         )
-        await fake_agent.publish(topics.status(dead), encode(old), retain=True)
+        await mosquitto.publish_as(dead, topics.status(dead), encode(old), retain=True)
         await controller.start()
         after = await watcher.wait_for(lambda s: s.generation > before.generation, since=mark)
         assert addons_in(after, project["id"]) == addons_in(before, project["id"])
     await eventually(lambda: _host_listed(controller, dead), "the dead host's report is processed")
     assert dead not in await online_hosts(controller)
-    await fake_agent.publish(topics.status(dead), b"", retain=True)  # clear the retained report
+    await mosquitto.publish_as(dead, topics.status(dead), b"", retain=True)  # clear it
 
 
 async def test_broker_outage_keeps_the_api_working_and_heals(
@@ -758,7 +764,7 @@ async def test_broker_outage_keeps_the_api_working_and_heals(
 ) -> None:
     project = await new_project(controller, "team")
     pid = project["id"]
-    async with DesiredWatcher(project["host"], mosquitto.port) as watcher:
+    async with DesiredWatcher(project["host"], mosquitto) as watcher:
         before = await watcher.wait_for(lambda s: project_in(s, pid) is not None)
         await mosquitto.stop()
         try:
@@ -831,19 +837,19 @@ async def test_bad_mqtt_messages_are_logged_and_ignored(
             topics.presence(ghost),
             topics.job_result(ghost, "a" * 32),
         ][i % 3]
-        await fake_agent.publish(topic, payload)
+        await fake_agent.broker.publish_as(ghost, topic, payload)
     # Wrong host in the payload, an oversized message, and a valid message for the ghost
     # on the agent's topic: all refused.
     await fake_agent.publish(
         topics.presence(fake_agent.host),
         encode(Presence(version=SCHEMA_VERSION, host=ghost, online=True, at=now())),
     )
-    await fake_agent.publish(topics.status(ghost), b" " * (MAX_MESSAGE_BYTES + 1))
+    await fake_agent.broker.publish_as(ghost, topics.status(ghost), b" " * (MAX_MESSAGE_BYTES + 1))
     huge_generation = msgspec.structs.replace(fake_agent.status(), applied_generation=2**64 - 1)
     await fake_agent.publish(topics.status(fake_agent.host), encode(huge_generation))
     # (test_controller_limits.py has more hostile numbers.)
     deep = b'{"version": 1, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
-    await fake_agent.publish(topics.status(ghost), deep)
+    await fake_agent.broker.publish_as(ghost, topics.status(ghost), deep)
     # A sentinel: once it is applied, everything published before it was handled.
     memory = data.draw(st.integers(10_000, 20_000))
     fake_agent.capacity = Capacity(cpus=1.0, memory_mb=memory)
@@ -875,23 +881,29 @@ async def test_bad_mqtt_messages_are_logged_and_ignored(
 
 
 async def test_mosquitto_keeps_retained_messages_and_sessions_across_restarts() -> None:
+    queued, retained = f"{topics.PREFIX}/t/queued", f"{topics.PREFIX}/t/retained"
     async with Mosquitto() as broker:
         port = broker.port
-        async with aiomqtt.Client("127.0.0.1", port, identifier="keeper", clean_session=False) as c:
-            await c.subscribe("t/queued", qos=1)
-        async with aiomqtt.Client("127.0.0.1", port) as c:
-            await c.publish("t/retained", b"kept", qos=1, retain=True)
-            await c.publish("t/queued", b"waiting", qos=1)
+        keeper = await broker.identity("keeper", "peer")
+        writer = await broker.identity("writer", "peer")
+        async with broker.client(keeper, clean_session=False) as c:
+            await c.subscribe(queued, qos=1)
+        async with broker.client(writer) as c:
+            await c.publish(retained, b"kept", qos=1, retain=True)
+            await c.publish(queued, b"waiting", qos=1)
         await broker.stop()
         await broker.start()
         assert broker.port == port
         got: dict[str, bytes] = {}
-        async with aiomqtt.Client("127.0.0.1", port, identifier="keeper", clean_session=False) as c:
-            await c.subscribe("t/retained", qos=1)
+        async with broker.client(keeper, clean_session=False) as c:
+            await c.subscribe(retained, qos=1)
             async with asyncio.timeout(5):
                 async for message in c.messages:
                     assert isinstance(message.payload, bytes)
                     got[message.topic.value] = message.payload
                     if len(got) == 2:
                         break
-        assert got == {"t/retained": b"kept", "t/queued": b"waiting"}
+        assert got == {retained: b"kept", queued: b"waiting"}
+        # The broker wrote its persistence file (as the user it drops to).
+        assert (broker.data_dir / "mosquitto.db").exists()
+        assert "Permission denied" not in broker.log_text()

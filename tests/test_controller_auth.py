@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.controller_client import ControllerClient
 from agent.errors import NotFound as AgentNotFound
@@ -66,11 +68,20 @@ def app_routes() -> list[tuple[str, str]]:
 operator_token = "operator-token-0123456789"
 [secrets]
 key_file = "key"
+[signing]
+key_file = "signing.key"
 [database]
 url = "postgresql://u:p@127.0.0.1:5432/orkestr"
 """
     with tempfile.TemporaryDirectory() as base:
         (Path(base) / "key").write_text(key)
+        (Path(base) / "signing.key").write_bytes(
+            Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         config = parse_config(text, Path(base))
     api = Api(config, None, load_plans(None), _NoHosts(), Metrics())
     return [
@@ -96,7 +107,7 @@ BODIES: dict[str, Any] = {
 @pytest.fixture
 async def big_host(mosquitto: Mosquitto, controller: ControllerProcess) -> AsyncIterator[FakeAgent]:
     """An online host with more memory than any other test's, so new projects land on it."""
-    async with FakeAgent(f"big-{secrets.token_hex(4)}", mosquitto.port, memory_mb=2**30) as a:
+    async with FakeAgent(f"big-{secrets.token_hex(4)}", mosquitto, memory_mb=2**30) as a:
         await controller.wait_host_online(a.host)
         yield a
 
@@ -118,6 +129,9 @@ async def test_project_token_sees_its_own_project_alone_on_every_route(
         "addon_id": their_addon["id"],
         "job_id": their_job["id"],
         "token_id": listed["tokens"][0]["id"],
+        # Backup routes: ids that exist nowhere; a foreign token must not learn even that.
+        "backup_id": "b" * 32,
+        "restore_id": "a" * 32,
         "host": theirs["host"],
     }
     routes = app_routes()
@@ -219,8 +233,8 @@ async def test_agent_token_reads_its_own_host_only(
     controller: ControllerProcess, mosquitto: Mosquitto
 ) -> None:
     async with (
-        FakeAgent(f"ha-{secrets.token_hex(4)}", mosquitto.port, memory_mb=2**30) as a,
-        FakeAgent(f"hb-{secrets.token_hex(4)}", mosquitto.port, memory_mb=2**30 - 1) as b,
+        FakeAgent(f"ha-{secrets.token_hex(4)}", mosquitto, memory_mb=2**30) as a,
+        FakeAgent(f"hb-{secrets.token_hex(4)}", mosquitto, memory_mb=2**30 - 1) as b,
     ):
         await controller.wait_host_online(a.host)
         await controller.wait_host_online(b.host)
@@ -275,7 +289,7 @@ async def test_token_files_are_reread_without_a_restart(
 ) -> None:
     dsn = await create_database("orkestr_test")
     process = ControllerProcess(
-        database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans_file, token_files=True
+        database_url=dsn, broker=mosquitto, plans_file=plans_file, token_files=True
     )
     try:
         await process.start()
@@ -297,7 +311,7 @@ async def test_token_files_are_reread_without_a_restart(
         status, _ = await process.api("GET", "/v1/hosts", token=new_operator)
         assert status == 200
         # The bootstrap list of agent tokens: a line added is a host admitted.
-        async with FakeAgent(f"boot-{secrets.token_hex(4)}", mosquitto.port) as agent:
+        async with FakeAgent(f"boot-{secrets.token_hex(4)}", mosquitto) as agent:
             agent_token = "oka_" + secrets.token_urlsafe(32)
             url = f"/v1/agent/projects/{'0' * 32}/env"
             status, _ = await process.api("GET", url, token=agent_token)
@@ -336,12 +350,12 @@ async def test_agents_reach_the_controller_over_tls(
     cert, key = self_signed(tmp_path)
     dsn = await create_database("orkestr_test")
     process = ControllerProcess(
-        database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans_file, tls=(cert, key, cert)
+        database_url=dsn, broker=mosquitto, plans_file=plans_file, tls=(cert, key, cert)
     )
     try:
         await process.start()
         assert process.url.startswith("https://")
-        async with FakeAgent(f"tls-{secrets.token_hex(4)}", mosquitto.port) as host:
+        async with FakeAgent(f"tls-{secrets.token_hex(4)}", mosquitto) as host:
             await process.wait_host_online(host.host)
             project = await new_project(process)
             addon = await new_addon(process, project, "db")
@@ -387,6 +401,7 @@ async def test_every_route_refuses_a_missing_or_foreign_token(
     agent_token = await controller.new_agent_token(big_host.host)
     values = {"project_id": "f" * 32, "addon_id": "e" * 32, "job_id": "d" * 32}
     values |= {"token_id": "c" * 32, "host": big_host.host}
+    values |= {"backup_id": "b" * 32, "restore_id": "a" * 32}
     for method, path in app_routes():
         if path == "/healthz":
             continue
@@ -467,7 +482,7 @@ async def test_two_real_agents_with_their_own_tokens_converge_over_tls(tmp_path:
     plans.write_text(TEST_PLANS)
     dsn = await create_database("orkestr_test")
     process = ControllerProcess(
-        database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans, tls=(cert, key, cert)
+        database_url=dsn, broker=mosquitto, plans_file=plans, tls=(cert, key, cert)
     )
     agents: list[AgentProcess] = []
     try:
@@ -475,7 +490,14 @@ async def test_two_real_agents_with_their_own_tokens_converge_over_tls(tmp_path:
         for _ in range(2):
             host = f"t{uuid.uuid4().hex[:10]}"
             token = await process.new_agent_token(host)
-            agent = AgentProcess(host, mosquitto.port, process.url, token, ca_file=str(cert))
+            agent = AgentProcess(
+                host,
+                mosquitto,
+                process.url,
+                token,
+                ca_file=str(cert),
+                public_key_file=process.public_key_file,
+            )
             agents.append(agent)
             await agent.start()
             await wait_for(lambda h=host: host_online(process, h), 30, f"{host} online")

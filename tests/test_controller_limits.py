@@ -37,7 +37,7 @@ TOOLBOX = "orkestr-local/toolbox:bookworm"
 @pytest.fixture
 async def big_host(mosquitto: Mosquitto, controller: ControllerProcess) -> AsyncIterator[FakeAgent]:
     """An online host with more memory than any other test's, so new projects land on it."""
-    async with FakeAgent(f"big-{secrets.token_hex(4)}", mosquitto.port, memory_mb=2**30) as a:
+    async with FakeAgent(f"big-{secrets.token_hex(4)}", mosquitto, memory_mb=2**30) as a:
         await controller.wait_host_online(a.host)
         yield a
 
@@ -54,7 +54,7 @@ async def project_on(controller: ControllerProcess, host: str) -> dict[str, Any]
 async def test_a_status_with_huge_numbers_leaves_the_controller_up(
     controller: ControllerProcess, big_host: FakeAgent
 ) -> None:
-    async with DesiredWatcher(big_host.host, big_host.broker_port) as watcher:
+    async with DesiredWatcher(big_host.host, big_host.broker) as watcher:
         good = big_host.status()
         hostile = [
             # Near 2^63: once stored in the sequence, every later snapshot failed.
@@ -112,7 +112,7 @@ def flood_job(chars: int, args: int = 2) -> dict[str, Any]:
 async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
     controller: ControllerProcess, big_host: FakeAgent
 ) -> None:
-    async with DesiredWatcher(big_host.host, big_host.broker_port) as watcher:
+    async with DesiredWatcher(big_host.host, big_host.broker) as watcher:
         # One job past the per-project bound on its own: 413 with the size and the limit.
         flooder = await project_on(controller, big_host.host)
         url = f"/v1/projects/{flooder['id']}/jobs"
@@ -200,13 +200,13 @@ async def test_finished_jobs_are_pruned_after_the_retention(
     dsn = await create_database("orkestr_test")
     process = ControllerProcess(
         database_url=dsn,
-        mqtt_port=mosquitto.port,
+        broker=mosquitto,
         plans_file=plans_file,
         jobs_config="retention_s = 1\nprune_interval_s = 0.2\n",
     )
     try:
         await process.start()
-        async with FakeAgent(f"prune-{secrets.token_hex(4)}", mosquitto.port) as host:
+        async with FakeAgent(f"prune-{secrets.token_hex(4)}", mosquitto) as host:
             await process.wait_host_online(host.host)
             project = await new_project(process)
             url = f"/v1/projects/{project['id']}/jobs"
@@ -303,7 +303,7 @@ async def test_plaintext_passwords_of_an_older_controller_are_sealed(
     finally:
         await conn.close()
     assert password in pg_dump(dsn)
-    process = ControllerProcess(database_url=dsn, mqtt_port=mosquitto.port, plans_file=plans_file)
+    process = ControllerProcess(database_url=dsn, broker=mosquitto, plans_file=plans_file)
     try:
         await process.start()
         status, env = await process.api("GET", f"/v1/projects/{project_id.hex}/env")

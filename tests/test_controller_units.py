@@ -3,14 +3,19 @@ derivation, topic classification, backoff. No services needed."""
 
 from __future__ import annotations
 
+import atexit
 import base64
+import os
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -163,7 +168,22 @@ def test_missing_plans_file(tmp_path: Path) -> None:
 
 # --- config ---------------------------------------------------------------------------
 
-GOOD = """
+
+def _signing_key_file() -> str:
+    """A throwaway Ed25519 key for configs parsed here (removed at exit)."""
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd, name = tempfile.mkstemp(prefix="orkestr-signing-", suffix=".key")
+    os.write(fd, pem)
+    os.close(fd)
+    atexit.register(os.unlink, name)
+    return name
+
+
+GOOD = f"""
+[signing]
+key_file = "{_signing_key_file()}"
 [http]
 listen = "127.0.0.1:8080"
 operator_token = "user-token-0123456789"
@@ -257,7 +277,14 @@ def test_sealed_passwords_open_with_their_key_and_row_only(tmp_path: Path) -> No
         (("postgresql://", "mysql://"), "database.url must be a postgresql:// URL"),
         (("[database]", "[mqtt]\nport = 'x'\n[database]"), "mqtt.port: Expected `int`"),
         (("[database]", "[hosts]\noffline_after_s = 0\n[database]"), "hosts.offline_after_s"),
-        (("[database]", "[mqtt]\nusername = 'u'\n[database]"), "username and mqtt.password"),
+        (("[database]", "[mqtt]\nusername = 'u'\n[database]"), "username and mqtt.password_file"),
+        (
+            ("[database]", "[mqtt]\ncert_file = 'c'\nkey_file = 'k'\n[database]"),
+            "needs mqtt.ca_file",
+        ),
+        (("[database]", "[mqtt]\nca_file = 'nope.crt'\n[database]"), "mqtt TLS files"),
+        (("key_file = ", "key_file = 'missing' #"), "signing.key_file: cannot read"),
+        (("[signing]", "[signing]\nkey_id = 1"), "unknown field `key_id`"),
         (("[database]", "[nope]\n[database]"), "unknown field `nope`"),
         (('url = "postgresql://u:p@127.0.0.1:5432/orkestr"', ""), "missing required field `url`"),
         (("[http]", "[http\n"), "not valid TOML"),
@@ -404,7 +431,9 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         for r in api.app().router.routes()
         if r.method != "HEAD" and r.resource is not None
     ]
-    assert len(routes) == 28
+    # 24, plus 4 for plans (project PATCH and DELETE, add-on PATCH, rotate-credentials)
+    # and 9 backup routes (controller/backups_api.py)
+    assert len(routes) == 37
     for method, path in routes:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)

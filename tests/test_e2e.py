@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiomqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import topics
+from schemas.signed import Signer
 from tests.agent_fixtures import (
     AgentProcess,
     Stack,
@@ -29,6 +29,7 @@ from tests.agent_fixtures import (
     wait_passes,
     wait_phase,
 )
+from tests.services import unsigned
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -92,10 +93,13 @@ async def test_user_story_postgres_and_redis(stack: Stack, agent: AgentProcess) 
     assert password not in json.dumps(rinfo["Args"]) and password not in json.dumps(rinfo["Config"])
 
     # Nor in the retained desired state, which the broker writes to disk.
-    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
+    peer = await stack.mosquitto.identity("peer.e2e", "peer")
+    async with stack.mosquitto.client(peer) as client:
         await client.subscribe(topics.desired(agent.host), qos=1)
         message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
         assert password.encode() not in bytes(message.payload)
+        # The state itself travels base64-encoded inside the signed envelope.
+        assert password.encode() not in unsigned(bytes(message.payload))
 
     # Deleting removes the containers and, because the add-on was deleted, its volume.
     status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{rd['id']}")
@@ -221,13 +225,16 @@ async def test_bad_desired_state_is_rejected_and_changes_nothing(
         payloads.append(payload)
 
     collect()
-    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
+    # A peer that may write every topic: a broken broker or a stolen credential.
+    peer = await stack.mosquitto.identity("peer.junk", "peer")
+    async with stack.mosquitto.client(peer) as client:
         for payload in payloads:
             await client.publish(topics.desired(agent.host), payload, qos=1)
-    # An older generation is refused too.
+    # An older generation is refused too, even signed with the controller's key.
     stale = json.dumps({"version": 1, "host": agent.host, "generation": 1, "projects": []}).encode()
-    async with aiomqtt.Client("127.0.0.1", stack.mosquitto.port) as client:
-        await client.publish(topics.desired(agent.host), stale, qos=1)
+    async with stack.mosquitto.client(peer) as client:
+        sealed = Signer(c.signing_key).seal(stale)
+        await client.publish(topics.desired(agent.host), sealed, qos=1)
         await client.subscribe(topics.status(agent.host), qos=1)
 
         async def rejected() -> dict | None:  # type: ignore[type-arg]

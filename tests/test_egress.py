@@ -131,11 +131,14 @@ def network(project_id: str) -> dict[str, Any]:
 
 
 def probe_script(targets: dict[str, str]) -> str:
-    return "".join(
-        f'(if timeout 2 bash -c "echo > /dev/tcp/{addr.replace(":", "/")}" 2>/dev/null; '
-        f"then echo {label}=REACHED; else echo {label}=BLOCKED; fi) & "
-        for label, addr in targets.items()
-    ) + "wait"
+    return (
+        "".join(
+            f'(if timeout 2 bash -c "echo > /dev/tcp/{addr.replace(":", "/")}" 2>/dev/null; '
+            f"then echo {label}=REACHED; else echo {label}=BLOCKED; fi) & "
+            for label, addr in targets.items()
+        )
+        + "wait"
+    )
 
 
 def results(output: str) -> dict[str, str]:
@@ -193,8 +196,9 @@ async def sealed_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
     host = f"t{uuid.uuid4().hex[:10]}"
     token = await stack.controller.new_agent_token(host)
     proc = AgentProcess(
-        host, stack.mosquitto.port, stack.controller.url, token,
+        host, stack.mosquitto, stack.controller.url, token,
         extra_config='[network]\njob_egress = "none"\n',
+        public_key_file=stack.controller.public_key_file,
     )  # fmt: skip
     try:
         await proc.start()
@@ -233,4 +237,3 @@ def test_ruleset_is_per_bridge_and_replaces_only_its_own_chains() -> None:
     # Same bridges in another order: the same text, so nothing is re-applied.
     assert firewall.host_ruleset("h1", bridges[::-1], firewall.Policy()) == rules
     assert firewall.chains("h1") != firewall.chains("h2")
-

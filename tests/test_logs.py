@@ -108,12 +108,19 @@ async def run_both(
     # A database of its own: this controller publishes for its hosts only.
     database_url = await create_database("orkestr_logs")
     controller = ControllerProcess(
-        database_url=database_url, mqtt_port=mosquitto.port, plans_file=plans_file, log_format=fmt
+        database_url=database_url, broker=mosquitto, plans_file=plans_file, log_format=fmt
     )
     await controller.start()
     host = host_name("l")
     token = await controller.new_agent_token(host)
-    agent = AgentProcess(host, mosquitto.port, controller.url, token, log_format=fmt)
+    agent = AgentProcess(
+        host,
+        mosquitto,
+        controller.url,
+        token,
+        log_format=fmt,
+        public_key_file=controller.public_key_file,
+    )
     try:
         await agent.start()
 

@@ -74,7 +74,8 @@ class GraceStack(Stack):
         self.dsn = await create_database("orkestr_e2e")
         self.controller = GraceController(
             database_url=self.dsn,
-            mqtt_port=self.mosquitto.port,
+            broker=self.mosquitto,
+            mqtt_tls=self.tls,
             plans_file=plans,
             offline_after_s=10,
         )

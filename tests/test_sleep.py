@@ -350,7 +350,7 @@ async def test_a_flood_at_one_wake_listener_leaves_the_agent_serving_other_wakes
         # 2,000 connections at once at the sleeping add-on, held open: four loops of 500.
         flood = (
             "for n in 1 2 3 4; do bash -c 'for i in $(seq 500); do "
-            f'exec {{fd}}<>/dev/tcp/{a_flood["name"]}/6379 || true; done; sleep 40\' & done; '
+            f"exec {{fd}}<>/dev/tcp/{a_flood['name']}/6379 || true; done; sleep 40' & done; "
             "sleep 1; echo started"
         )
         docker("exec", "-d", attacker.name, "sh", "-c", flood)

@@ -63,8 +63,13 @@ async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
     rcli = 'redis-cli --no-auth-warning -u "$REDIS_URL"'
     script = "".join(
         [
-            attempt("sql", f'{psql} "create table t(x int); insert into t values (7); select x from t"'),
-            attempt("superuser", f"{psql} \"select rolsuper from pg_roles where rolname = current_user\" | grep -qx f && echo no"),
+            attempt(
+                "sql", f'{psql} "create table t(x int); insert into t values (7); select x from t"'
+            ),
+            attempt(
+                "superuser",
+                f'{psql} "select rolsuper from pg_roles where rolname = current_user" | grep -qx f && echo no',
+            ),
             attempt("copy_program", f"{psql} \"COPY (SELECT 1) TO PROGRAM 'id'\""),
             attempt("create_role", f'{psql} "CREATE ROLE intruder LOGIN"'),
             attempt("read_file", f"{psql} \"SELECT pg_read_file('/etc/passwd')\""),
@@ -84,8 +89,15 @@ async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
     for allowed in ("sql", "superuser", "redis_set", "redis_get", "redis_flushdb"):
         assert seen.get(allowed) == "ok", (allowed, job["output"])
     for refused in (
-        "copy_program", "create_role", "read_file", "alter_self",
-        "config_set", "shutdown", "debug", "module", "acl",
+        "copy_program",
+        "create_role",
+        "read_file",
+        "alter_self",
+        "config_set",
+        "shutdown",
+        "debug",
+        "module",
+        "acl",
     ):
         assert seen.get(refused, "").startswith("refused"), (refused, job["output"])
     # The refused SHUTDOWN left Redis up, and the add-ons still answer.
@@ -130,7 +142,13 @@ async def test_hardening_audit_of_every_container_kind(stack: Stack, agent: Agen
         db = inspect(f"orkestr-{a['id']}-db")
         _audit_common(db, "db")
         assert db["HostConfig"]["ReadonlyRootfs"] is True
-        assert set(db["HostConfig"]["CapAdd"]) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
+        assert set(db["HostConfig"]["CapAdd"]) <= {
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FOWNER",
+            "SETGID",
+            "SETUID",
+        }
         server = "postgres" if a is pg else "redis-server"
         uids = _process_uids(db["Name"].lstrip("/"))
         assert uids and server in uids, uids
@@ -206,8 +224,13 @@ async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
     # The neighbour answers real queries while the bomb runs.
     for _ in range(5):
         conn = await asyncpg.connect(
-            host=ip, port=5432, user=url.username, password=url.password,
-            database=url.path.lstrip("/"), ssl=False, timeout=5,
+            host=ip,
+            port=5432,
+            user=url.username,
+            password=url.password,
+            database=url.path.lstrip("/"),
+            ssl=False,
+            timeout=5,
         )
         assert await conn.fetchval("select 1") == 1
         await conn.close()
@@ -215,7 +238,9 @@ async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
     docker("rm", "-f", name, check=False)
 
 
-async def test_job_images_come_from_the_allowlist_by_name(stack: Stack, agent: AgentProcess) -> None:
+async def test_job_images_come_from_the_allowlist_by_name(
+    stack: Stack, agent: AgentProcess
+) -> None:
     c = stack.controller
     assert c is not None
     project = await create_project(c, "team")

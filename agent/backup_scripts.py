@@ -1,0 +1,242 @@
+"""The shell scripts the backup containers run (toolbox image: bash, psql, pg_dump,
+pg_restore, a postgres server, redis-cli, redis-server, redis-check-rdb).
+
+Each script reads its parameters from the environment (never a password: that is read
+from the mounted secret directory inside the script, so it is in no container config and
+no process argument), writes its files into the add-on's directory of the backup store
+mounted at /backup, and exits non-zero on any failure. Counts are written as
+`name|number` lines; `agent/backup_checks.py` compares them.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = r"""
+set -euo pipefail
+export PATH="$(echo /usr/lib/postgresql/*/bin | tr ' ' ':'):$PATH"
+"""
+
+# Row counts of every user table, as `schema.table|rows`, for a psql session in which
+# `\gexec` runs one count per table.
+_PG_COUNTS_SQL = r"""
+SELECT format('SELECT %L || ''|'' || count(*) FROM %I.%I',
+              n.nspname || '.' || c.relname, n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
+ORDER BY 1
+\gexec
+"""
+
+_PG_CONNECT = r"""
+PGPASSWORD="$(cat "/run/orkestr/$PASSWORD_FILE")"
+export PGPASSWORD PGHOST="$ADDON_HOST" PGUSER="$BACKUP_USER" PGCONNECT_TIMEOUT=10
+"""
+
+# The dump and the counts come from one snapshot: a REPEATABLE READ transaction exports
+# it, pg_dump --snapshot dumps exactly that, and the counts are taken in the transaction.
+PG_BACKUP = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE="$ADDON_DB"
+coproc PSQL { psql -X -q -At -v ON_ERROR_STOP=1 2>&1; }
+exec 3>&"${PSQL[1]}" 4<&"${PSQL[0]}"
+echo "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_export_snapshot();" >&3
+read -r -t 60 snapshot <&4 || { echo "no snapshot from the server" >&2; exit 3; }
+[[ "$snapshot" =~ ^[0-9A-Fa-f-]+$ ]] || { echo "snapshot: $snapshot" >&2; exit 3; }
+pg_dump -Fc --snapshot="$snapshot" -f "/backup/$OUT"
+cat >&3 <<'SQL'
+"""
+    + _PG_COUNTS_SQL
+    + r"""
+SELECT 'END-OF-COUNTS';
+COMMIT;
+\q
+SQL
+: >"/backup/$COUNTS"
+done=0
+while read -r -t 600 line <&4; do
+  if [[ "$line" == END-OF-COUNTS ]]; then done=1; break; fi
+  echo "$line" >>"/backup/$COUNTS"
+done
+exec 3>&- 4<&-
+if [[ -n ${PSQL_PID:-} ]]; then wait "$PSQL_PID" || true; fi
+[[ $done == 1 ]] || { echo "counting rows failed: $(tail -n 3 "/backup/$COUNTS")" >&2; exit 4; }
+"""
+)
+
+# A throwaway server in the container (no network), the dump restored into it, counted.
+PG_VERIFY = (
+    _PRELUDE
+    + r"""
+scratch=$(mktemp -d)
+chown postgres "$scratch"
+as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+as_pg initdb -D "$scratch/data" -A trust -U postgres --no-sync >/dev/null
+as_pg pg_ctl -D "$scratch/data" -l "$scratch/log" -w \
+  -o "-c listen_addresses='' -k $scratch -c fsync=off -c full_page_writes=off" start >/dev/null
+export PGHOST="$scratch" PGUSER=postgres
+createdb scratch
+pg_restore --exit-on-error --no-owner --no-acl -d scratch "/backup/$IN"
+psql -X -q -At -v ON_ERROR_STOP=1 -d scratch >"/backup/$COUNTS" <<'SQL'
+"""
+    + _PG_COUNTS_SQL
+    + r"""
+SQL
+as_pg pg_ctl -D "$scratch/data" -m immediate stop >/dev/null
+"""
+)
+
+# Restored beside the live database, then swapped in by two renames in one transaction;
+# until the swap the live database is untouched, and a failure leaves it as it was.
+PG_RESTORE = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE=postgres
+new="${ADDON_DB}_orkestr_restore"
+old="${ADDON_DB}_orkestr_previous"
+sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+sql -c "DROP DATABASE IF EXISTS \"$new\"" -c "DROP DATABASE IF EXISTS \"$old\""
+sql -c "CREATE DATABASE \"$new\" OWNER \"$ADDON_USER\""
+if ! pg_restore --exit-on-error --no-owner --no-acl --role="$ADDON_USER" \
+     -d "$new" "/backup/$IN"; then
+  sql -c "DROP DATABASE IF EXISTS \"$new\"" || true
+  echo "pg_restore failed; the live database is unchanged" >&2
+  exit 5
+fi
+reopen() { sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true" || true; }
+trap reopen EXIT
+sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS false"
+swapped=0
+for attempt in 1 2 3 4 5; do
+  if sql <<SQL
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE datname = '$ADDON_DB' AND pid <> pg_backend_pid();
+SELECT pg_sleep(0.05);
+BEGIN;
+ALTER DATABASE "$ADDON_DB" RENAME TO "$old";
+ALTER DATABASE "$new" RENAME TO "$ADDON_DB";
+COMMIT;
+SQL
+  then swapped=1; break; fi
+done
+[[ $swapped == 1 ]] || { echo "could not swap the databases" >&2; exit 6; }
+"""
+)
+
+# After the swap, housekeeping: the previous database goes (DROP DATABASE checkpoints, so
+# it runs once the restored database is already live). A failure only leaves it behind,
+# and the next restore drops it first.
+PG_RESTORE_CLEANUP = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE=postgres
+psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_previous\""
+"""
+)
+
+_REDIS_CONNECT = r"""
+REDISCLI_AUTH="$(cat "/run/orkestr/$PASSWORD_FILE")"
+export REDISCLI_AUTH
+rcli() { redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_USER" "$@"; }
+"""
+
+_KEYS = r"""
+keys() { "$@" INFO keyspace | awk -F'[=:,]' '/^db[0-9]+:/ {n += $3} END {print n + 0}'; }
+"""
+
+# Loads an RDB file into a private redis-server (no network: a unix socket).
+_REDIS_LOAD = _KEYS + r"""
+load() {  # load <dir> <file>
+  redis-server --port 0 --unixsocket "$1/s" --dir "$1" --dbfilename "$2" --appendonly no \
+    --save '' --daemonize yes --logfile "$1/redis.log"
+  for _ in $(seq 6000); do
+    if redis-cli -s "$1/s" INFO persistence 2>/dev/null | grep -q '^loading:0'; then return 0; fi
+    sleep 0.05
+  done
+  echo "redis did not load $2: $(tail -n 3 "$1/redis.log")" >&2
+  return 1
+}
+lkeys() { keys redis-cli -s "$1/s"; }
+"""
+
+REDIS_BACKUP = (
+    _PRELUDE
+    + _KEYS
+    + _REDIS_CONNECT
+    + r"""
+before=$(keys rcli)
+rcli --rdb "/backup/$OUT" >/dev/null
+after=$(keys rcli)
+printf 'keys_before|%s\nkeys_after|%s\n' "$before" "$after" >"/backup/$COUNTS"
+"""
+)
+
+REDIS_VERIFY = (
+    _PRELUDE
+    + _REDIS_LOAD
+    + r"""
+if ! redis-check-rdb "/backup/$IN" >/dev/null; then
+  redis-check-rdb "/backup/$IN" | tail -n 5 >&2
+  exit 5
+fi
+scratch=$(mktemp -d)
+ln -s "/backup/$IN" "$scratch/dump.rdb"
+load "$scratch" dump.rdb
+printf 'keys|%s\n' "$(lkeys "$scratch")" >"/backup/$COUNTS"
+redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+"""
+)
+
+# Step one of a Redis restore, with the add-on's volume at /data while Redis still runs:
+# the RDB (a verified backup whose sha256 the agent has just checked again) is staged in
+# /data/.orkestr-restore as the base file of a one-file AOF (the add-on runs with
+# appendonly, and Redis loads an RDB-format base), so nothing has to be rewritten. Nothing
+# the live server uses is touched; it is only told not to write an RDB snapshot when it is
+# stopped for the swap (its AOF holds its data).
+REDIS_RESTORE_PREPARE = (
+    _PRELUDE
+    + _REDIS_CONNECT
+    + r"""
+stage=/data/.orkestr-restore
+rm -rf "$stage"
+mkdir -p "$stage/appendonlydir"
+cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
+: >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
+manifest="$stage/appendonlydir/appendonly.aof.manifest"
+{ echo "file appendonly.aof.1.base.rdb seq 1 type b"
+  echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
+sync "$stage/appendonlydir"/*
+touch "$stage/.complete"
+rcli CONFIG SET save "" >/dev/null
+"""
+)
+
+# Step two, with the add-on's Redis stopped: the staged files replace the live ones by
+# renames in one filesystem; the previous files move to /data/.orkestr-previous first.
+REDIS_RESTORE_SWAP = r"""
+set -euo pipefail
+cd /data
+[[ -f .orkestr-restore/.complete ]] || { echo "no complete staged restore" >&2; exit 5; }
+rm -rf .orkestr-previous
+mkdir .orkestr-previous
+for f in appendonlydir dump.rdb; do [[ -e $f ]] && mv "$f" .orkestr-previous/; done
+mv .orkestr-restore/appendonlydir .
+rm -rf .orkestr-restore
+"""
+
+# Undo of step two (the restored data did not come up): the previous files come back.
+REDIS_RESTORE_ROLLBACK = r"""
+set -euo pipefail
+cd /data
+[[ -d .orkestr-previous ]] || exit 0
+rm -rf appendonlydir dump.rdb
+for f in .orkestr-previous/*; do [[ -e $f ]] && mv "$f" .; done
+rmdir .orkestr-previous
+"""
+
+REDIS_RESTORE_CLEANUP = r"""
+rm -rf /data/.orkestr-previous /data/.orkestr-restore
+"""

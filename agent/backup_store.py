@@ -1,0 +1,101 @@
+"""The backup store on the host: `<root>/<project>/<addon>/<backup>.dump`.
+
+A dump is written as `<backup>.dump.tmp` and renamed to `<backup>.dump` only once it is
+complete and its sha256 and size are known, with a `<backup>.json` sidecar describing it;
+a `.tmp` file is never listed or restored, and any left by a killed agent are removed at
+start. Paths are built only from validated ids (32 hex digits), so nothing here can reach
+outside an add-on's own directory. The root may be a mount of shared storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import msgspec
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+CHUNK = 1024 * 1024
+
+
+class Sidecar(msgspec.Struct, frozen=True):
+    backup_id: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    counts: dict[str, int]
+    created_at: str
+
+
+def _id(value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"{value!r} is not an id")
+    return value
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """(hex digest, size) of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class BackupStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # dumps hold tenant data
+
+    def addon_dir(self, project_id: str, addon_id: str) -> Path:
+        d = self.root / _id(project_id) / _id(addon_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def dump(self, project_id: str, addon_id: str, backup_id: str) -> Path:
+        return self.addon_dir(project_id, addon_id) / f"{_id(backup_id)}.dump"
+
+    @staticmethod
+    def tmp(path: Path) -> Path:
+        return path.with_name(path.name + ".tmp")
+
+    def clean_addon(self, project_id: str, addon_id: str) -> None:
+        """Remove what an interrupted operation left: temporary dumps and count files."""
+        for p in self.addon_dir(project_id, addon_id).iterdir():
+            if p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+    def clean_all(self) -> list[Path]:
+        """At start no operation runs: every temporary file is a leftover."""
+        removed = []
+        for p in self.root.glob("*/*/*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def finish(self, tmp: Path, final: Path, sidecar: Sidecar) -> None:
+        """Make a complete dump visible: fsync, sidecar, then the rename."""
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        side = final.with_suffix(".json")
+        side_tmp = self.tmp(side)
+        side_tmp.write_bytes(msgspec.json.encode(sidecar))
+        os.replace(side_tmp, side)
+        os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete(self, project_id: str, addon_id: str, backup_id: str) -> None:
+        final = self.dump(project_id, addon_id, backup_id)
+        for p in (final, final.with_suffix(".json"), self.tmp(final)):
+            p.unlink(missing_ok=True)

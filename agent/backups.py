@@ -1,0 +1,480 @@
+"""Running backup, verify, restore and delete operations (the I/O side; plan.py decides).
+
+Every step runs in a one-shot container the agent owns (the toolbox image), labelled
+`orkestr.role=backup` with its operation, so a restarted agent's planner removes any left
+running; the tenant's container is never entered. Dumps go to the backup store mounted at
+/backup (only the add-on's own directory). A result is written to the agent's state dir
+before anything is reported, and resent until the operation leaves the desired state.
+
+Credentials come from `backup_credentials`, the single place that names the role and the
+secret file a backup connects with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from agent import backup_checks, backup_scripts, model, specs
+from agent.backup_store import BackupStore, Sidecar, sha256_of
+from agent.docker import Docker
+from agent.errors import AgentError, NotFound
+from agent.metrics import (
+    BACKUP_DURATION,
+    BACKUP_LAST_SIZE,
+    BACKUP_LAST_VERIFIED,
+    BACKUP_OPERATIONS,
+    BACKUP_VERIFICATIONS,
+)
+from agent.plan import op_key
+from agent.state import atomic_write
+from schemas.messages import SCHEMA_VERSION, AddonSpec, BackupResult, BackupSpec
+
+log = logging.getLogger("orkestr.agent.backups")
+
+Hold = Callable[[str], contextlib.AbstractAsyncContextManager[None]]
+Ready = Callable[[AddonSpec], Awaitable[bool]]
+
+
+class StepFailed(AgentError):
+    pass
+
+
+def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
+    """(role, secret file name) a backup or restore connects with: the platform's own.
+
+    Postgres: the superuser the image creates (the tenant's role is not one); Redis: the
+    ACL user with the admin commands a replica-style RDB transfer needs.
+    """
+    return specs.ADMIN_USER, "admin_password"
+
+
+class BackupRunner:
+    def __init__(
+        self,
+        host: str,
+        docker: Docker,
+        store: BackupStore,
+        state_dir: Path,
+        secrets_root: Path,
+        image: str,
+        memory_mb: int,
+        timeout_s: float,
+        hold: Hold,
+        ready: Ready,
+        on_done: Callable[[], None],
+    ) -> None:
+        self.host = host
+        self.docker = docker
+        self.store = store
+        self.results_dir = state_dir / "backup-results"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.secrets_root = secrets_root
+        self.image = image
+        self.memory_mb = memory_mb
+        self.timeout_s = timeout_s
+        self._hold = hold
+        self._ready = ready
+        self._on_done = on_done
+        # add-on id -> (operation key, task): one operation per add-on at a time.
+        self.running: dict[str, tuple[str, BackupSpec, asyncio.Task[None]]] = {}
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    def results(self) -> dict[str, BackupResult]:
+        out: dict[str, BackupResult] = {}
+        for p in self.results_dir.glob("*.json"):
+            try:
+                out[p.stem] = msgspec.json.decode(p.read_bytes(), type=BackupResult)
+            except (OSError, msgspec.DecodeError):
+                p.unlink(missing_ok=True)
+        return out
+
+    def forget(self, key: str) -> None:
+        (self.results_dir / f"{key}.json").unlink(missing_ok=True)
+
+    def running_ops(self) -> dict[str, str]:
+        """add-on id -> the key of the operation running for it."""
+        return {aid: key for aid, (key, _spec, task) in self.running.items() if not task.done()}
+
+    def start(self, project_id: str, addon: AddonSpec | None, spec: BackupSpec) -> None:
+        current = self.running.get(spec.addon_id)
+        if current is not None and not current[2].done():
+            return
+        key = op_key(spec)
+        task = asyncio.create_task(self._run(project_id, addon, spec), name=f"backup-{key}")
+        self.running[spec.addon_id] = (key, spec, task)
+
+    async def close(self) -> None:
+        tasks = [t for _k, _s, t in self.running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- one operation ---------------------------------------------------------------------
+    async def _run(self, project_id: str, addon: AddonSpec | None, spec: BackupSpec) -> None:
+        started = datetime.now(UTC)
+        t0 = time.monotonic()
+        kind = addon.kind if addon is not None else "unknown"
+        result = BackupResult(
+            version=SCHEMA_VERSION,
+            host=self.host,
+            id=spec.id,
+            op=spec.op,
+            project_id=project_id,
+            addon_id=spec.addon_id,
+            backup_id=spec.backup_id,
+            ok=False,
+            started_at=started,
+            finished_at=started,
+        )
+        try:
+            if spec.op == "delete":
+                self.store.delete(project_id, spec.addon_id, spec.backup_id)
+                result = msgspec.structs.replace(result, ok=True)
+            elif addon is None or addon.deleted:
+                result = msgspec.structs.replace(result, error="the add-on is deleted")
+            elif spec.op == "backup":
+                result = await self._backup(project_id, addon, spec, result)
+            elif spec.op == "verify":
+                result = await self._verify_op(project_id, addon, spec, result)
+            else:
+                result = await self._restore(project_id, addon, spec, result)
+        except asyncio.CancelledError:
+            raise  # agent stopping: no result; the operation runs again after the restart
+        except (AgentError, OSError, ValueError) as exc:
+            result = msgspec.structs.replace(result, error=str(exc)[-2000:])
+        except Exception as exc:  # a bug: report it rather than retry forever
+            log.exception("backup.crashed op=%s", op_key(spec))
+            result = msgspec.structs.replace(result, error=f"internal error: {exc!r}")
+        # A restore reports when its data went live; housekeeping after that is not counted.
+        finished = result.finished_at if result.finished_at > started else datetime.now(UTC)
+        result = msgspec.structs.replace(result, finished_at=finished)
+        outcome = "ok" if result.ok else "failed"
+        BACKUP_OPERATIONS.labels(spec.op, kind, outcome).inc()
+        BACKUP_DURATION.labels(spec.op, kind).observe(time.monotonic() - t0)
+        if result.verified is not None:
+            BACKUP_VERIFICATIONS.labels(kind, "verified" if result.verified else "failed").inc()
+        if result.verified and addon is not None:
+            BACKUP_LAST_VERIFIED.labels(addon.id, project_id, kind).set(finished.timestamp())
+        if spec.op == "backup" and result.size_bytes is not None and addon is not None:
+            BACKUP_LAST_SIZE.labels(addon.id, project_id, kind).set(result.size_bytes)
+        log.info(
+            "backup.done op=%s addon=%s ok=%s verified=%s size=%s seconds=%.2f error=%s",
+            op_key(spec),
+            spec.addon_id,
+            result.ok,
+            result.verified,
+            result.size_bytes,
+            time.monotonic() - t0,
+            result.error,
+        )
+        atomic_write(self.results_dir / f"{op_key(spec)}.json", msgspec.json.encode(result))
+        self._on_done()
+
+    async def _backup(
+        self, project_id: str, addon: AddonSpec, spec: BackupSpec, result: BackupResult
+    ) -> BackupResult:
+        self.store.clean_addon(project_id, addon.id)
+        final = self.store.dump(project_id, addon.id, spec.backup_id)
+        if final.exists():  # already made (the result was lost): verify it again
+            return await self._verify_op(project_id, addon, spec, result)
+        tmp = self.store.tmp(final)
+        counts_file = final.with_name(f"{spec.backup_id}.counts.tmp")
+        user, password_file = backup_credentials(addon)
+        script = (
+            backup_scripts.PG_BACKUP if addon.kind == "postgres" else backup_scripts.REDIS_BACKUP
+        )
+        async with self._hold(addon.id):
+            await self._step(
+                spec,
+                "dump",
+                project_id,
+                addon,
+                script,
+                {
+                    "OUT": tmp.name,
+                    "COUNTS": counts_file.name,
+                    "ADDON_HOST": addon.name,
+                    "ADDON_DB": addon.database,
+                    "ADDON_USER": addon.user,
+                    "BACKUP_USER": user,
+                    "PASSWORD_FILE": password_file,
+                },
+                network=model.network_name(project_id),
+                secrets=True,
+            )
+        counts = backup_checks.parse_counts(counts_file.read_text())
+        counts_file.unlink(missing_ok=True)
+        digest, size = await asyncio.to_thread(sha256_of, tmp)
+        if size == 0:
+            raise StepFailed("the dump is empty")
+        sidecar = Sidecar(
+            backup_id=spec.backup_id,
+            kind=addon.kind,
+            size_bytes=size,
+            sha256=digest,
+            counts=counts,
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        self.store.finish(tmp, final, sidecar)
+        result = msgspec.structs.replace(
+            result,
+            ok=True,
+            size_bytes=size,
+            sha256=digest,
+            counts=backup_checks.dump_counts(addon.kind, counts),
+        )
+        return await self._verify(project_id, addon, spec, final, sidecar, digest, result)
+
+    async def _verify_op(
+        self, project_id: str, addon: AddonSpec, spec: BackupSpec, result: BackupResult
+    ) -> BackupResult:
+        final = self.store.dump(project_id, addon.id, spec.backup_id)
+        side = final.with_suffix(".json")
+        if not final.exists() or not side.exists():
+            raise StepFailed(f"backup {spec.backup_id} is not in the store")
+        sidecar = msgspec.json.decode(side.read_bytes(), type=Sidecar)
+        expected = spec.sha256 or sidecar.sha256
+        result = msgspec.structs.replace(
+            result,
+            ok=True,
+            size_bytes=sidecar.size_bytes,
+            sha256=expected,
+            counts=backup_checks.dump_counts(addon.kind, sidecar.counts),
+        )
+        return await self._verify(project_id, addon, spec, final, sidecar, expected, result)
+
+    async def _verify(
+        self,
+        project_id: str,
+        addon: AddonSpec,
+        spec: BackupSpec,
+        final: Path,
+        sidecar: Sidecar,
+        expected_sha: str,
+        result: BackupResult,
+    ) -> BackupResult:
+        """Checksum, then a test restore into a scratch server, then the counts compared."""
+        t0 = time.monotonic()
+        problem = await self._checksum_problem(final, expected_sha)
+        if problem is None:
+            counts_file = final.with_name(f"{spec.backup_id}.verify.tmp")
+            script = (
+                backup_scripts.PG_VERIFY
+                if addon.kind == "postgres"
+                else backup_scripts.REDIS_VERIFY
+            )
+            try:
+                await self._step(
+                    spec,
+                    "verify",
+                    project_id,
+                    addon,
+                    script,
+                    {"IN": final.name, "COUNTS": counts_file.name},
+                    network="none",
+                )
+                restored = backup_checks.parse_counts(counts_file.read_text())
+                problem = backup_checks.verdict(addon.kind, sidecar.counts, restored)
+            except (StepFailed, ValueError, OSError) as exc:
+                problem = f"test restore failed: {exc}"
+            finally:
+                counts_file.unlink(missing_ok=True)
+        return msgspec.structs.replace(
+            result,
+            verified=problem is None,
+            verify_error=problem,
+            verify_seconds=round(time.monotonic() - t0, 3),
+        )
+
+    async def _checksum_problem(self, path: Path, expected: str) -> str | None:
+        try:
+            digest, _size = await asyncio.to_thread(sha256_of, path)
+        except OSError as exc:
+            return f"cannot read the backup: {exc}"
+        if digest != expected:
+            return f"checksum mismatch: file has sha256 {digest}, recorded {expected}"
+        return None
+
+    async def _restore(
+        self, project_id: str, addon: AddonSpec, spec: BackupSpec, result: BackupResult
+    ) -> BackupResult:
+        final = self.store.dump(project_id, addon.id, spec.backup_id)
+        if spec.sha256 is None:
+            raise StepFailed("a restore needs the backup's sha256")
+        problem = await self._checksum_problem(final, spec.sha256)
+        if problem is not None:
+            raise StepFailed(f"refusing to restore: {problem}")
+        user, password_file = backup_credentials(addon)
+        env = {
+            "IN": final.name,
+            "COUNTS": f"{spec.id}.restore.tmp",
+            "ADDON_HOST": addon.name,
+            "ADDON_DB": addon.database,
+            "ADDON_USER": addon.user,
+            "BACKUP_USER": user,
+            "PASSWORD_FILE": password_file,
+        }
+        async with self._hold(addon.id):
+            if addon.kind == "postgres":
+                await self._step(
+                    spec,
+                    "restore",
+                    project_id,
+                    addon,
+                    backup_scripts.PG_RESTORE,
+                    env,
+                    network=model.network_name(project_id),
+                    secrets=True,
+                )
+                live = datetime.now(UTC)
+                await self._housekeeping(spec, "cleanup", project_id, addon, env, True)
+            else:
+                await self._restore_redis(project_id, addon, spec, env)
+                live = datetime.now(UTC)
+                await self._housekeeping(spec, "cleanup", project_id, addon, env, False)
+        (final.parent / env["COUNTS"]).unlink(missing_ok=True)
+        return msgspec.structs.replace(result, ok=True, sha256=spec.sha256, finished_at=live)
+
+    async def _housekeeping(
+        self,
+        spec: BackupSpec,
+        step: str,
+        project_id: str,
+        addon: AddonSpec,
+        env: dict[str, str],
+        postgres: bool,
+    ) -> None:
+        """Remove what the restore replaced; a failure is logged, the restore stands."""
+        try:
+            if postgres:
+                await self._step(
+                    spec,
+                    step,
+                    project_id,
+                    addon,
+                    backup_scripts.PG_RESTORE_CLEANUP,
+                    env,
+                    network=model.network_name(project_id),
+                    secrets=True,
+                )
+            else:
+                await self._step(
+                    spec,
+                    step,
+                    project_id,
+                    addon,
+                    backup_scripts.REDIS_RESTORE_CLEANUP,
+                    env,
+                    "none",
+                    volume=True,
+                )
+        except AgentError as exc:
+            log.warning("backup.cleanup_failed op=%s error=%s", op_key(spec), exc)
+
+    async def _restore_redis(
+        self, project_id: str, addon: AddonSpec, spec: BackupSpec, env: dict[str, str]
+    ) -> None:
+        """Stage the data in the volume while Redis runs, swap while it is stopped."""
+        db = model.db_name(addon.id)
+
+        async def step(name: str, script: str) -> None:
+            await self._step(spec, name, project_id, addon, script, env, "none", volume=True)
+
+        await self._step(
+            spec,
+            "prepare",
+            project_id,
+            addon,
+            backup_scripts.REDIS_RESTORE_PREPARE,
+            env,
+            model.network_name(project_id),
+            secrets=True,
+            volume=True,
+        )
+        await self.docker.stop(db, grace_s=30)
+        try:
+            await step("swap", backup_scripts.REDIS_RESTORE_SWAP)
+        except AgentError:
+            await self.docker.start(db)  # nothing was moved, or the script failed before it
+            raise
+        await self.docker.start(db)
+        if await self._ready(addon):
+            return
+        log.warning("backup.restore_rollback addon=%s", addon.id)
+        with contextlib.suppress(NotFound):
+            await self.docker.stop(db, grace_s=30)
+        await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
+        await self.docker.start(db)
+        raise StepFailed("the restored data did not come up; the previous data is back")
+
+    async def _step(
+        self,
+        spec: BackupSpec,
+        step: str,
+        project_id: str,
+        addon: AddonSpec,
+        script: str,
+        env: dict[str, str],
+        network: str,
+        secrets: bool = False,
+        volume: bool = False,
+    ) -> None:
+        """Run one script in a one-shot container; raise StepFailed with its output."""
+        key = op_key(spec)
+        name = model.backup_container_name(key, step)
+        addon_dir = self.store.addon_dir(project_id, addon.id)
+        mounts = [specs.Mount("bind", str(addon_dir), "/backup")]
+        if secrets:
+            mounts.append(
+                specs.Mount("bind", str(self.secrets_root / addon.id), specs.SECRET_MOUNT, True)
+            )
+        if volume:
+            mounts.append(
+                specs.Mount("volume", model.volume_name(addon.id), specs.DATA_DIRS[addon.kind])
+            )
+        container = specs.ContainerSpec(
+            name=name,
+            role="backup",
+            project_id=project_id,
+            addon_id=addon.id,
+            image=self.image,
+            entrypoint=("bash", "-c"),
+            cmd=(script,),
+            env=tuple(sorted(env.items())),
+            mounts=tuple(mounts),
+            network=network,
+            memory_mb=self.memory_mb,
+            pids_limit=256,
+            # The Postgres scratch server runs as postgres (setpriv, chown); Redis restores
+            # write into a volume the redis user owns.
+            cap_add=specs.DB_CAPABILITIES,
+            extra_labels=((model.LABEL_BACKUP_OP, key),),
+        )
+        await self.docker.remove(name)  # left by an interrupted run of this operation
+        try:
+            await self.docker.run(container)
+            try:
+                code = await asyncio.wait_for(
+                    self.docker.wait(name, self.timeout_s + 5), self.timeout_s
+                )
+            except TimeoutError:
+                raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
+            if code != 0:
+                output = (await self.docker.logs(name, 4096)).strip()
+                raise StepFailed(f"{step} failed (exit {code}): {output[-1500:]}")
+        finally:
+            with contextlib.suppress(AgentError):
+                await self.docker.remove(name)
+
+
+@contextlib.asynccontextmanager
+async def no_hold(_addon_id: str) -> AsyncIterator[None]:
+    yield

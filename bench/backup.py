@@ -1,0 +1,282 @@
+"""Backup and restore throughput: orkestr against the raw tools on the same data, same run.
+
+One Team project with a Postgres and a Redis add-on, filled by a job (Postgres: a table
+of ~130-byte rows, --pg-mb of table data; Redis: --redis-mb of incompressible 1 KiB
+values). Then, alternating, N runs (default 1) of:
+
+  raw backup    pg_dump -Fc / redis-cli --rdb from a toolbox container on the project
+                network into a directory on the same disk; timed inside the container.
+  orkestr       POST .../backups, until the backup is listed; time = finished_at -
+  backup        created_at (API to result, one-shot container start, dump, sha256, rename)
+                minus the verification, which is reported apart (verify_seconds).
+  raw restore   Postgres: createdb + pg_restore into a new database of the same server;
+                Redis: the RDB loaded by a fresh redis-server; timed inside the container.
+  orkestr       POST .../restore, until it succeeded; finished_at - created_at (checksum,
+  restore       restore beside the live data, swap; Redis also rewrites the AOF and
+                restarts the add-on).
+
+Throughput = database size (pg_database_size / used_memory_dataset) / time; the ratio
+is ours / raw (target >= 0.90). Sizes are modest by default so a run takes a few
+minutes; --pg-mb 1024 --redis-mb 500 is the full-size run (give Redis memory: the plan
+here allows 2 GiB per add-on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from _harness import Bench, activity, docker_cli, log, machine_facts, print_context, rnd, table
+
+from agent import model
+
+TARGET_RATIO = 0.90
+TOOLBOX = "orkestr-local/toolbox:bookworm"
+PLANS = """
+[team]
+max_addons = 5
+cpus = 2.0
+memory_mb = 2048
+manual_backups_per_day = 1000
+backup_retention_days = 30
+sleep = { enabled = false }
+"""
+
+PG_FILL = (
+    'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "create table bench(id bigint primary key, '
+    "a text, b text, n double precision); insert into bench select g, md5(g::text), "
+    "md5((g * 7)::text) || md5((g * 13)::text), random() from generate_series(1, {rows}) g\""
+    ' -c "vacuum analyze bench"'
+)
+# 64 random 1 KiB blobs (LZF does not shrink them), SET key:i to one of them.
+REDIS_FILL = (
+    'redis-cli --no-auth-warning -u "$REDIS_URL" EVAL "local blobs = {{}} '
+    "for b = 1, 64 do local t = {{}} for i = 1, 1024 do t[i] = string.char(math.random(33, 126)) end "
+    "blobs[b] = table.concat(t) end "
+    "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'key:' .. i, blobs[i % 64 + 1]) end "
+    "return redis.call('DBSIZE')\" 0 {keys}"
+)
+
+RAW_PG_BACKUP = """
+set -e
+export PGPASSWORD="$(cat /run/orkestr/password)"
+s=$(date +%s.%N); pg_dump -Fc -h "$H" -U app -d app -f /out/raw.dump; e=$(date +%s.%N)
+echo "$s $e"
+"""
+RAW_PG_RESTORE = """
+set -e
+export PGPASSWORD="$(cat /run/orkestr/password)" PGHOST="$H" PGUSER=app
+dropdb --if-exists rawrestore -d app >/dev/null 2>&1 || true
+s=$(date +%s.%N)
+createdb -O app rawrestore
+pg_restore --exit-on-error --no-owner --no-acl -d rawrestore /out/raw.dump
+e=$(date +%s.%N)
+dropdb rawrestore
+echo "$s $e"
+"""
+RAW_REDIS_BACKUP = """
+set -e
+export REDISCLI_AUTH="$(cat /run/orkestr/password)"
+s=$(date +%s.%N); redis-cli -h "$H" --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
+echo "$s $e"
+"""
+RAW_REDIS_RESTORE = """
+set -e
+d=$(mktemp -d)
+s=$(date +%s.%N)
+cp /out/raw.rdb "$d/dump.rdb"
+redis-server --port 0 --unixsocket "$d/s" --dir "$d" --dbfilename dump.rdb --appendonly no \
+  --save '' --daemonize yes --logfile "$d/log"
+until redis-cli -s "$d/s" INFO persistence 2>/dev/null | grep -q '^loading:0'; do sleep 0.01; done
+e=$(date +%s.%N)
+redis-cli -s "$d/s" DBSIZE >&2
+redis-cli -s "$d/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+echo "$s $e"
+"""
+
+
+def _seconds(created: str, finished: str) -> float:
+    return (datetime.fromisoformat(finished) - datetime.fromisoformat(created)).total_seconds()
+
+
+class Run:
+    def __init__(self, b: Bench, project_id: str, out: Path) -> None:
+        self.b = b
+        self.p = project_id
+        self.out = out
+
+    def base(self, addon_id: str) -> str:
+        return f"/v1/projects/{self.p}/addons/{addon_id}"
+
+    async def job(self, script: str, timeout: float = 3600) -> str:
+        job = await self.b.api(
+            "POST",
+            f"/v1/projects/{self.p}/jobs",
+            {"image": TOOLBOX, "command": ["sh", "-c", script], "timeout_s": timeout},
+            201,
+        )
+        while True:
+            await asyncio.sleep(1)
+            job = await self.b.api("GET", f"/v1/projects/{self.p}/jobs/{job['id']}")
+            if job["state"] != "pending":
+                if job["state"] != "succeeded":
+                    raise RuntimeError(f"job failed: {job}")
+                return str(job["output"])
+
+    def raw(self, addon: dict[str, Any], script: str) -> float:
+        assert self.b.agent is not None
+        secrets = self.b.agent.state_dir / "secrets" / addon["id"]
+        out = docker_cli(
+            "run", "--rm", "--network", model.network_name(self.p),
+            "--label", f"orkestr.host={self.b.host}",
+            "-v", f"{self.out}:/out", "-v", f"{secrets}:/run/orkestr:ro",
+            "-e", f"H={addon['name']}", "--entrypoint", "bash", TOOLBOX, "-c", script,
+            timeout=7200,
+        )  # fmt: skip
+        start, end = (float(x) for x in out.split()[-2:])
+        return end - start
+
+    async def ours_backup(self, addon: dict[str, Any]) -> dict[str, Any]:
+        made = await self.b.api("POST", f"{self.base(addon['id'])}/backups", want=202)
+        while True:
+            await asyncio.sleep(0.5)
+            got = await self.b.api("GET", f"{self.base(addon['id'])}/backups/{made['id']}")
+            if got["state"] != "pending":
+                break
+        if got["state"] != "succeeded" or not got["verified"]:
+            raise RuntimeError(f"backup not verified: {got}")
+        total = _seconds(got["created_at"], got["finished_at"])
+        return {
+            "id": got["id"],
+            "seconds": total - got["verify_seconds"],
+            "verify_seconds": got["verify_seconds"],
+            "size_bytes": got["size_bytes"],
+        }
+
+    async def ours_restore(self, addon: dict[str, Any], backup_id: str) -> float:
+        r = await self.b.api(
+            "POST", f"{self.base(addon['id'])}/backups/{backup_id}/restore", want=202
+        )
+        while True:
+            await asyncio.sleep(0.5)
+            r = await self.b.api("GET", f"{self.base(addon['id'])}/restores/{r['id']}")
+            if r["state"] != "pending":
+                break
+        if r["state"] != "succeeded":
+            raise RuntimeError(f"restore failed: {r}")
+        return _seconds(r["created_at"], r["finished_at"])
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "bench": "backup",
+        "pg_mb": args.pg_mb,
+        "redis_mb": args.redis_mb,
+        "runs": args.runs,
+        "machine": machine_facts(),
+    }
+    out = Path(tempfile.mkdtemp(prefix="orkestr-bench-backup-"))
+    try:
+        async with Bench(PLANS) as b:
+            results["code"] = b.code
+            project = await b.project("team")
+            run = Run(b, project["id"], out)
+            pg = await b.ready_addon(project["id"], "bench-db", "postgres")
+            rd = await b.ready_addon(project["id"], "bench-cache", "redis")
+            t0 = time.monotonic()
+            await run.job(PG_FILL.format(rows=args.pg_mb * 7700))
+            size = await run.job(
+                'psql "$DATABASE_URL" -tAc "select pg_database_size(current_database())"'
+            )
+            results["postgres_bytes"] = int(size.strip().splitlines()[-1])
+            keys = await run.job(REDIS_FILL.format(keys=args.redis_mb * 1024))
+            info = await run.job(
+                'redis-cli --no-auth-warning -u "$REDIS_URL" INFO memory | grep used_memory_dataset:'
+            )
+            results["redis_keys"] = int(keys.strip().splitlines()[-1])
+            results["redis_bytes"] = int(info.strip().split(":")[1])
+            log(f"filled in {time.monotonic() - t0:.0f}s: {results}")
+            results["activity_before"] = activity(b.host)
+            for kind, addon, raw_backup, raw_restore in (
+                ("postgres", pg, RAW_PG_BACKUP, RAW_PG_RESTORE),
+                ("redis", rd, RAW_REDIS_BACKUP, RAW_REDIS_RESTORE),
+            ):
+                samples: dict[str, list[float]] = {k: [] for k in ("raw_b", "ours_b", "raw_r", "ours_r", "verify")}  # fmt: skip
+                size_bytes = 0
+                for i in range(args.runs):
+                    raw_b = run.raw(addon, raw_backup)
+                    ours = await run.ours_backup(addon)
+                    raw_r = run.raw(addon, raw_restore)
+                    ours_r = await run.ours_restore(addon, ours["id"])
+                    for k, v in (("raw_b", raw_b), ("ours_b", ours["seconds"]), ("raw_r", raw_r),
+                                 ("ours_r", ours_r), ("verify", ours["verify_seconds"])):  # fmt: skip
+                        samples[k].append(v)
+                    size_bytes = ours["size_bytes"]
+                    log(
+                        f"{kind} run {i + 1}: backup raw {raw_b:.2f}s ours {ours['seconds']:.2f}s "
+                        f"(verify {ours['verify_seconds']:.2f}s), restore raw {raw_r:.2f}s "
+                        f"ours {ours_r:.2f}s"
+                    )
+                data = results[f"{kind}_bytes"]
+                best = {k: min(v) for k, v in samples.items()}
+                results[kind] = {
+                    "seconds": {k: [rnd(x) for x in v] for k, v in samples.items()},
+                    "dump_bytes": size_bytes,
+                    "backup_mb_s": {
+                        "raw": rnd(data / best["raw_b"] / 1e6, 1),
+                        "ours": rnd(data / best["ours_b"] / 1e6, 1),
+                    },
+                    "restore_mb_s": {
+                        "raw": rnd(data / best["raw_r"] / 1e6, 1),
+                        "ours": rnd(data / best["ours_r"] / 1e6, 1),
+                    },
+                    "backup_ratio": rnd(best["raw_b"] / best["ours_b"]),
+                    "restore_ratio": rnd(best["raw_r"] / best["ours_r"]),
+                    "verify_seconds": rnd(best["verify"]),
+                }
+            results["activity_after"] = activity(b.host)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    rows = []
+    for kind in ("postgres", "redis"):
+        r = results[kind]
+        for what in ("backup", "restore"):
+            ratio = r[f"{what}_ratio"]
+            rows.append([
+                kind, what, rnd(results[f"{kind}_bytes"] / 1e6, 1), r[f"{what}_mb_s"]["raw"],
+                r[f"{what}_mb_s"]["ours"], ratio, "PASS" if ratio >= TARGET_RATIO else "FAIL",
+            ])  # fmt: skip
+    print()
+    print(table(["kind", "op", "data MB", "raw MB/s", "ours MB/s", "ours/raw", f">= {TARGET_RATIO}"],
+                rows, "Backup and restore throughput (best of the runs)"))  # fmt: skip
+    print()
+    print(table(["kind", "dump MB", "verification s"],
+                [[k, rnd(results[k]["dump_bytes"] / 1e6, 1), results[k]["verify_seconds"]]
+                 for k in ("postgres", "redis")], "Verification (test restore), apart"))  # fmt: skip
+    print()
+    print_context(results)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--pg-mb", type=int, default=200, help="Postgres table data, MB")
+    parser.add_argument("--redis-mb", type=int, default=100, help="Redis values, MB")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="50 MB and 25 MB, one run")
+    ns = parser.parse_args()
+    if ns.quick:
+        ns.pg_mb, ns.redis_mb, ns.runs = 50, 25, 1
+    results = asyncio.run(main(ns))
+    report(results)
+    print(json.dumps(results, separators=(",", ":")))

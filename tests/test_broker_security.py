@@ -1,0 +1,288 @@
+"""The broker as an attacker meets it: real mosquitto with the production ACL, the real
+controller, and hosts speaking the real protocol (tests/services.py).
+
+"Never sees it" is checked with a peer that may read every orkestr topic (what the
+controller or any other subscriber could get): a message the broker refused to route
+cannot reach it. A sentinel published after the attempt bounds the wait, since the broker
+routes one connection's messages, and acknowledged ones across connections, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from controller import db
+from controller.config import MqttConfig
+from controller.metrics import Metrics
+from controller.mqtt import Incoming, MqttLink
+from controller.plans import load_plans
+from controller.publisher import Publisher
+from schemas import topics
+from schemas.codec import encode
+from schemas.messages import SCHEMA_VERSION, Capacity, DesiredState, HostStatus, Presence
+from schemas.signed import Signer
+from tests.services import (
+    ControllerProcess,
+    DesiredWatcher,
+    FakeAgent,
+    Mosquitto,
+    MqttIdentity,
+    now,
+)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+class Recorder:
+    """Everything the broker routes on `topic_filter` to a subscriber that may read it all."""
+
+    def __init__(self, broker: Mosquitto, topic_filter: str) -> None:
+        self.broker = broker
+        self.topic_filter = topic_filter
+        self.seen: list[tuple[str, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    async def _run(self, identity: MqttIdentity) -> None:
+        async with self.broker.client(identity) as client:
+            await client.subscribe(self.topic_filter, qos=1)
+            self._ready.set()
+            async for message in client.messages:
+                async with self._changed:
+                    self.seen.append((message.topic.value, bytes(message.payload)))
+                    self._changed.notify_all()
+
+    async def wait_for(self, payload: bytes, wait_s: float = 10.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: any(p == payload for _, p in self.seen)), wait_s
+            )
+
+    async def __aenter__(self) -> Recorder:
+        identity = await self.broker.identity(unique("recorder"), "peer")
+        self._task = asyncio.create_task(self._run(identity), name="recorder")
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    broker: Mosquitto, identity: MqttIdentity, **kw: Any
+) -> AsyncIterator[aiomqtt.Client]:
+    async with broker.client(identity, **kw) as client:
+        yield client
+
+
+def status_of(host: str, memory_mb: int) -> bytes:
+    return encode(
+        HostStatus(
+            version=SCHEMA_VERSION,
+            host=host,
+            sent_at=now(),
+            applied_generation=0,
+            capacity=Capacity(cpus=1, memory_mb=memory_mb),
+        )
+    )
+
+
+async def test_anonymous_and_wrong_passwords_are_refused(mosquitto: Mosquitto) -> None:
+    with pytest.raises(aiomqtt.MqttError, match=r"[Nn]ot authori[sz]ed"):
+        async with mosquitto.client(None, identifier="anonymous"):
+            pass
+    host = await mosquitto.identity(unique("h"))
+    with pytest.raises(
+        aiomqtt.MqttError, match=r"[Nn]ot authori[sz]ed|[Bb]ad user name or password"
+    ):
+        async with mosquitto.client(host, password="wrong-" + host.password):
+            pass
+    async with mosquitto.client(host):  # the right password works
+        pass
+
+
+async def _attempt_everything(client: aiomqtt.Client, victim: str, marker: int) -> None:
+    """Publish as if we were `victim`, and as the controller towards it."""
+    forged_desired = encode(DesiredState(version=SCHEMA_VERSION, host=victim, generation=2**63 - 1))
+    await client.publish(topics.status(victim), status_of(victim, marker), qos=1, retain=True)
+    await client.publish(
+        topics.presence(victim),
+        encode(Presence(version=SCHEMA_VERSION, host=victim, online=False, at=now())),
+        qos=1,
+        retain=True,
+    )
+    await client.publish(topics.job_result(victim, "a" * 32), b"forged", qos=1)
+    await client.publish(topics.desired(victim), forged_desired, qos=1, retain=True)
+
+
+@pytest.mark.parametrize("attacker_name", ["host", "#", "+", "orkestr/v1/hosts/+"])
+async def test_a_host_can_neither_read_nor_publish_another_hosts_topics(
+    controller: ControllerProcess, mosquitto: Mosquitto, attacker_name: str
+) -> None:
+    name = unique("a") if attacker_name == "host" else attacker_name
+    attacker = await mosquitto.identity(name, probe=False)
+    await mosquitto.identity(unique("after"))  # its reload comes after the attacker's
+    if "#" in name:
+        # mosquitto refuses such a client id (the username, here) outright.
+        with pytest.raises(aiomqtt.MqttError, match=r"[Nn]ot authori[sz]ed"):
+            async with mosquitto.client(attacker):
+                pass
+        return
+    async with FakeAgent(unique("b"), mosquitto) as victim:
+        await controller.wait_host_online(victim.host)
+        async with (
+            Recorder(mosquitto, f"{topics.PREFIX}/#") as recorder,
+            connected(mosquitto, attacker) as client,
+            DesiredWatcher(victim.host, mosquitto, controller.public_key_file) as watcher,
+        ):
+            for pattern in (
+                topics.desired(victim.host),
+                topics.STATUS_ALL,
+                f"{topics.PREFIX}/#",
+                "#",
+            ):
+                await client.subscribe(pattern, qos=1)
+            received: list[str] = []
+
+            async def read() -> None:
+                async for message in client.messages:
+                    received.append(message.topic.value)
+
+            reader = asyncio.create_task(read())
+            try:
+                marker = 10_000 + secrets.randbelow(10_000)
+                await _attempt_everything(client, victim.host, marker)
+                # Traffic the attacker would love to read: a desired state for the victim
+                # (a new project placed there) and the victim's own status.
+                status, project = await controller.api(
+                    "POST", "/v1/projects", {"name": unique("p"), "plan": "team"}
+                )
+                assert status == 201, project
+                assert project["host"] == victim.host
+                await watcher.wait_for(lambda s: any(p.id == project["id"] for p in s.projects))
+                sentinel = status_of(victim.host, 5)
+                await victim.publish(topics.status(victim.host), sentinel, retain=True)
+                await recorder.wait_for(sentinel)
+                await asyncio.sleep(0.5)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            assert received == [], f"{attacker.username!r} read {received}"
+            forged = [t for t, p in recorder.seen if b"forged" in p or str(marker).encode() in p]
+            assert forged == [], f"{attacker.username!r} published {forged}"
+            assert not any(
+                t == topics.desired(victim.host) and b"9223372036854775807" in p
+                for t, p in recorder.seen
+            )
+            # The controller still sees the victim as it is, and its desired state is the
+            # controller's (the watcher verified every signature).
+            await controller.wait_host_online(victim.host)
+            assert all(s.generation < 2**62 for s in watcher.states)
+
+
+async def test_no_host_can_take_over_another_hosts_session(mosquitto: Mosquitto) -> None:
+    victim_id = await mosquitto.identity(unique("v"))
+    attacker = await mosquitto.identity(unique("a"))
+    writer = await mosquitto.identity(unique("ctl"), "controller")
+    desired = topics.desired(victim_id.username)
+    async with connected(mosquitto, victim_id, clean_session=False) as victim:
+        await victim.subscribe(desired, qos=1)
+        for client_id in (victim_id.username, f"orkestr-agent-{victim_id.username}"):
+            async with connected(mosquitto, attacker, identifier=client_id):
+                await asyncio.sleep(0.2)
+        async with connected(mosquitto, writer) as w:
+            await w.publish(desired, b"still-here", qos=1)
+        # The victim's connection was never closed: the message arrives on it.
+        message = await asyncio.wait_for(anext(aiter(victim.messages)), 10)
+        assert message.payload == b"still-here"
+    assert f"Client {victim_id.username} already connected" not in mosquitto.log_text()
+
+
+async def test_one_hosts_publish_failure_does_not_stop_the_others(
+    controller: ControllerProcess,
+    mosquitto: Mosquitto,
+    controller_db: str,
+    plans_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The controller's own publisher, in this process, on the real database and broker,
+    with plans lacking "team": the host with a Team project cannot get a snapshot."""
+    x = FakeAgent(unique("x"), mosquitto, memory_mb=900_000)
+    y = FakeAgent(unique("y"), mosquitto, memory_mb=1_000)
+    async with x, y:
+        await controller.wait_host_online(x.host)
+        await controller.wait_host_online(y.host)
+        _, on_x = await controller.api(
+            "POST", "/v1/projects", {"name": unique("p"), "plan": "team"}
+        )
+        _, on_y = await controller.api("POST", "/v1/projects", {"name": unique("p"), "plan": "pro"})
+        assert (on_x["host"], on_y["host"]) == (x.host, y.host)
+
+    key = Ed25519PrivateKey.generate()
+    public = tmp_path / "publisher.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    plans = {k: v for k, v in load_plans(plans_file).items() if k != "team"}
+    identity = await mosquitto.identity(f"publisher.{secrets.token_hex(3)}", "controller")
+    config = MqttConfig(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        client_id=identity.username,
+        username=identity.username,
+        password=identity.password,
+        tls=None,
+        keepalive_s=30,
+    )
+    metrics = Metrics()
+    link = MqttLink(config, metrics)
+
+    async def ignore(_: Incoming) -> None:
+        return None
+
+    async with (
+        db.open_pool(controller_db, 1, 2) as pool,
+        DesiredWatcher(x.host, mosquitto, public) as watch_x,
+        DesiredWatcher(y.host, mosquitto, public) as watch_y,
+    ):
+        publisher = Publisher(pool, link, plans, metrics, Signer(key))
+        tasks = [
+            asyncio.create_task(link.run(ignore, publisher.mark_all), name="link"),
+            asyncio.create_task(publisher.run(), name="publisher"),
+        ]
+        try:
+            # mark_all on connect: y is published although x fails; then x keeps failing
+            # on its own backoff while y gets new states.
+            first = await watch_y.wait_for(lambda s: any(p.id == on_y["id"] for p in s.projects))
+            publisher.mark(x.host, y.host)
+            await watch_y.wait_for(lambda s: s.generation > first.generation)
+            assert not any(t.done() for t in tasks)
+            assert watch_x.states == []  # nothing from this publisher for x
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    failed = metrics.desired_published.labels("failed")._value.get()
+    assert failed >= 1
+    assert f'desired_publish_failed host={x.host} reason="KeyError' in caplog.text
