@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -117,6 +118,8 @@ class Sleeper:
         self.listener: socket.socket | None = None
         self.accept_task: asyncio.Task[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()
+        self.refusal_logged_at = 0.0
+        self.refusals_unlogged = 0
         self.redirect_on: bool | None = None
         # Set while the database serves: clients accepted by the listener may be relayed.
         self.resumed = asyncio.Event()
@@ -378,20 +381,33 @@ class Sleeper:
                 log.warning("addon.accept_failed addon=%s error=%s", self.addon.id, exc)
                 await asyncio.sleep(0.1)
                 continue
+            # sock_accept does not yield while the backlog is full; without this a flood of
+            # connects would hold the event loop, and with it every other add-on's wake.
+            await asyncio.sleep(0)
             refusal = self.budget.refusal(len(self.handlers))
             if refusal is not None:
                 RELAYS_REFUSED.labels(refusal).inc()
-                log.warning(
-                    "addon.relay_refused addon=%s source=%s:%s reason=%s",
-                    self.addon.id, address[0], address[1], refusal,
-                )  # fmt: skip
-                client.close()
+                self._log_refusal(address, refusal)
+                _reset(client)
                 continue
             _keepalive(client)
             self.budget.take()
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
             task.add_done_callback(self._relay_done)
+
+    def _log_refusal(self, address: tuple[str, int], reason: str) -> None:
+        # One line per second at most: a flood must not become a flood of log lines.
+        now = time.monotonic()
+        self.refusals_unlogged += 1
+        if now - self.refusal_logged_at < 1.0:
+            return
+        log.warning(
+            "addon.relay_refused addon=%s source=%s:%s reason=%s count=%d",
+            self.addon.id, address[0], address[1], reason, self.refusals_unlogged,
+        )  # fmt: skip
+        self.refusal_logged_at = now
+        self.refusals_unlogged = 0
 
     def _relay_done(self, task: asyncio.Task[None]) -> None:
         self.handlers.discard(task)
@@ -444,6 +460,13 @@ def _opens_or_none(pid: int) -> int | None:
         return netns.passive_opens(pid)
     except OSError:
         return None  # the holder is gone; the next pass replaces this sleeper
+
+
+def _reset(sock: socket.socket) -> None:
+    """Refuse with a RST: the client learns at once, and no FIN_WAIT state is left behind."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def _keepalive(sock: socket.socket | None) -> None:

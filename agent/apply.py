@@ -179,6 +179,16 @@ class Applier:
                 await self._collect(key, project_id, name)
             case p.StartBackupOp(_key, project_id, spec, addon):
                 self.backups.start(project_id, addon, spec)
+            case p.RunApp(key, project_id, app):
+                # The platform's deployer plugs in here: an app is one container of an
+                # allowed image with its release's variables, nothing more.
+                spec = specs.app_spec(project_id, app, self.settings.jobs)
+                try:
+                    await self._check_job_image(app.image)
+                except ImageRefused as exc:
+                    raise PermanentError(f"app {app.name}: {exc}") from None
+                env = await self.controller.release_env(project_id, app.release)
+                await self.docker.run(spec, env=env)
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount

@@ -80,6 +80,10 @@ class ControllerClient:
     async def env(self, project_id: str) -> dict[str, str]:
         return _decode(await self._get(f"/projects/{project_id}/env"), Env).env
 
+    async def release_env(self, project_id: str, release: int) -> dict[str, str]:
+        """The variables an app of `release` runs with (the release's snapshot)."""
+        return _decode(await self._get(f"/projects/{project_id}/releases/{release}/env"), Env).env
+
 
 def _decode(body: bytes, kind: type[T]) -> T:
     try:

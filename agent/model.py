@@ -9,7 +9,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-Role = Literal["holder", "db", "job", "backup"]
+Role = Literal["holder", "db", "job", "backup", "app"]
 # Docker's container states, as reported by the list endpoint.
 ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 
@@ -18,6 +18,7 @@ LABEL_HOST = "orkestr.host"
 LABEL_PROJECT = "orkestr.project"
 LABEL_ADDON = "orkestr.addon"
 LABEL_JOB = "orkestr.job"
+LABEL_APP = "orkestr.app"
 LABEL_ROLE = "orkestr.role"
 LABEL_SPEC_HASH = "orkestr.spec-hash"
 # The spec without what changes in place (CPU, memory, secret version): see specs.py.
@@ -37,6 +38,7 @@ class ObservedContainer(Struct, frozen=True):
     job_id: str | None = None
     # The backup operation a one-shot backup container works for.
     backup_op: str | None = None
+    app_id: str | None = None
     # "container:<id>" for a database container that joined its holder's namespace.
     network_mode: str = ""
     # The address on the project network (holders and jobs).
@@ -94,3 +96,5 @@ def job_container_name(job_id: str) -> str:
 
 def backup_container_name(op_key: str, step: str) -> str:
     return f"orkestr-backup-{op_key}-{step}"
+def app_container_name(app_id: str) -> str:
+    return f"orkestr-app-{app_id}"

@@ -15,7 +15,7 @@ from agent.model import (
     Role,
 )
 
-_ROLES: frozenset[str] = frozenset({"holder", "db", "job", "backup"})
+_ROLES: frozenset[str] = frozenset({"holder", "db", "job", "backup", "app"})
 _STATES: frozenset[str] = frozenset(
     {"created", "running", "paused", "restarting", "removing", "exited", "dead"}
 )
@@ -41,6 +41,7 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
         addon_id=labels.get(model.LABEL_ADDON),
         job_id=labels.get(model.LABEL_JOB),
         backup_op=labels.get(model.LABEL_BACKUP_OP),
+        app_id=labels.get(model.LABEL_APP),
         network_mode=(raw.get("HostConfig") or {}).get("NetworkMode", ""),
         ip=ip,
     )

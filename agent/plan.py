@@ -18,7 +18,15 @@ from msgspec import Struct
 
 from agent import model, specs
 from agent.model import Observed, ObservedContainer
-from schemas.messages import AddonSpec, BackupSpec, DesiredState, JobSpec, ProjectSpec, SleepState
+from schemas.messages import (
+    AddonSpec,
+    AppSpec,
+    BackupSpec,
+    DesiredState,
+    JobSpec,
+    ProjectSpec,
+    SleepState,
+)
 
 
 class EnsureNetwork(Struct, frozen=True, tag=True):
@@ -106,6 +114,13 @@ class StartBackupOp(Struct, frozen=True, tag=True):
     addon: AddonSpec | None
 
 
+class RunApp(Struct, frozen=True, tag=True):
+    """Create and start an app's container with its release's environment."""
+
+    key: str  # app id
+    project_id: str
+    app: AppSpec
+
 Action = (
     EnsureNetwork
     | EnsureVolume
@@ -121,6 +136,7 @@ Action = (
     | WatchJob
     | CollectJob
     | StartBackupOp
+    | RunApp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -163,11 +179,12 @@ def plan(
     for c in observed.containers:
         if c.role == "backup" and c.backup_op not in running:
             actions.append(RemoveContainer(c.backup_op or c.name, c.name, "BackupOrphaned"))
+    wanted_apps: set[str] = set()
     wanted_networks: set[str] = set()
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
-        if live or project.jobs:
+        if live or project.jobs or project.apps:
             wanted_networks.add(net)
             if observed.network(net) is None:
                 actions.append(EnsureNetwork(project.id, net))
@@ -189,10 +206,16 @@ def plan(
             wanted_jobs.add(job.id)
             actions += _converge_job(project.id, job, observed, local)
         actions += _converge_backups(project, observed, local)
+        for app in project.apps:
+            wanted_apps.add(app.id)
+            actions += _converge_app(project.id, app, observed, settings)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
             actions.append(RemoveContainer(c.job_id or c.name, c.name, "JobNotDesired"))
+        # Apps hold no data: one no longer in its project's current release goes.
+        if c.role == "app" and c.app_id not in wanted_apps:
+            actions.append(RemoveContainer(c.app_id or c.name, c.name, "AppNotDesired"))
     actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
 
@@ -320,3 +343,21 @@ def _converge_backups(project: ProjectSpec, observed: Observed, local: Local) ->
                 continue  # not provisioned yet: wait (a deleted add-on fails at once)
         actions.append(StartBackupOp(key, project.id, spec, addon))
     return actions
+
+
+def _converge_app(
+    project_id: str, app: AppSpec, observed: Observed, settings: Settings
+) -> list[Action]:
+    want = specs.app_spec(project_id, app, settings.jobs)
+    have = observed.container(want.name)
+    if have is None:
+        return [RunApp(app.id, project_id, app)]
+    if have.spec_hash != want.spec_hash:  # a new release, image or command
+        return [
+            RemoveContainer(app.id, have.name, "ReleaseChanged"),
+            RunApp(app.id, project_id, app),
+        ]
+    if have.state == "created":  # the agent stopped between create and start
+        return [StartContainer(app.id, have.name)]
+    # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
+    return []

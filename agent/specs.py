@@ -17,7 +17,7 @@ from msgspec import Struct
 
 from agent import model
 from schemas.images import DEFAULT_JOB_IMAGES
-from schemas.messages import AddonSpec, JobSpec
+from schemas.messages import AddonSpec, AppSpec, JobSpec
 
 SECRET_MOUNT = "/run/orkestr"
 # The official postgres image runs every script here once, when it initialises the volume.
@@ -86,7 +86,7 @@ class ContainerSpec(Struct, frozen=True):
     netns_of: str | None = None
     cpus: float | None = None
     memory_mb: int | None = None
-    restart: Literal["no", "unless-stopped"] = "no"
+    restart: Literal["no", "unless-stopped", "on-failure"] = "no"
     stop_signal: str | None = None
     pids_limit: int | None = None
     # None: the image's user. Databases start as root to own their volume, then drop.
@@ -241,6 +241,28 @@ def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
         pids_limit=limits.pids,
         # A tenant's image runs unprivileged, whatever user it declares.
         user=NOBODY,
+    )
+
+
+def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
+    """An app container: hardened like a job (nobody, caps dropped, no-new-privileges,
+    pids limit, plan CPU/memory), on the project network under its name, restarted by
+    Docker when it fails. The release is part of the spec, so a new release replaces it."""
+    resources = app.resources
+    return ContainerSpec(
+        name=model.app_container_name(app.id),
+        role="app",
+        project_id=project_id,
+        image=app.image,
+        cmd=app.command,
+        network=model.network_name(project_id),
+        aliases=(app.name,),
+        memory_mb=resources.memory_mb if resources else limits.memory_mb,
+        cpus=resources.cpus if resources else limits.cpus,
+        pids_limit=limits.pids,
+        user=NOBODY,
+        restart="on-failure",
+        extra_labels=((model.LABEL_APP, app.id), ("orkestr.release", str(app.release))),
     )
 
 

@@ -31,11 +31,11 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, principals, store
+from controller import bodies, principals, releases, store, variables
 from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
-from controller.env import compose_env
+from controller.env import compose_env, names_of, primaries
 from controller.errors import (
     ApiError,
     BadRequest,
@@ -56,24 +56,30 @@ from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
 from controller.principals import Principal
-from controller.rows import new_id
+from controller.rows import AddonRow, new_id
 from controller.seams import DirtyHosts
 from controller.views import (
     AddonList,
+    AddonView,
+    AppList,
     EnvView,
     ErrorView,
     HostList,
     JobList,
     ProjectList,
+    ReleaseList,
     SecretView,
     TokenList,
     addon_view,
+    app_views,
     host_view,
     job_view,
     new_token_view,
     project_view,
+    release_view,
     token_view,
 )
+from schemas.images import ImageRefused, check_reference
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +91,14 @@ PUBLIC_ROUTES = frozenset({"/healthz"})
 UNMATCHED = "unmatched"
 # Routes without a {project_id} that a project token may use.
 PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
-JOBS_LISTED = 100
+# Lists are paginated by `limit` (1-500, default 100) and `offset` (0-1,000,000); each
+# answers `next_offset` (null on the last page). Offsets, not cursors: any value the schema
+# admits is meaningful (past the end is an empty page), so a fuzzer finds nothing to refuse.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+MAX_OFFSET = 1_000_000
 B = TypeVar("B", bound=msgspec.Struct)
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -94,6 +106,39 @@ def json_response(value: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=msgspec.json.encode(value), status=status, content_type="application/json"
     )
+
+
+def created(value: Any, location: str) -> web.Response:
+    """201 with the new resource's address in `Location`."""
+    response = json_response(value, 201)
+    response.headers["Location"] = location
+    return response
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    given = request.query.getall(name, [])
+    if not given:
+        return default
+    if len(given) > 1:
+        raise BadRequest(f"{name}: given {len(given)} times; give it once")
+    raw = given[0]
+    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}: expected an integer from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+def page_of(request: web.Request) -> tuple[int, int]:
+    """The (limit, offset) a list route was asked for."""
+    return (
+        _query_int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        _query_int(request, "offset", 0, 0, MAX_OFFSET),
+    )
+
+
+def paged(items: list[T], limit: int, offset: int) -> tuple[list[T], int | None]:
+    """One page of a complete list, and the offset of the next page (None: no more)."""
+    end = offset + limit
+    return items[offset:end], (end if end < len(items) else None)
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -121,6 +166,13 @@ def _path_id(request: web.Request, key: str) -> str:
         # A malformed id names nothing that could exist.
         raise NotFound(f"{key} {value!r} is not an id (32 lower-case hex digits)")
     return value
+
+
+def _path_number(request: web.Request) -> int:
+    value = request.match_info["number"]
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:
+        raise NotFound(f"release {value!r} is not a release number")
+    return int(value)
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -160,13 +212,16 @@ def admit(principal: Principal | None, request: web.Request, route: str) -> None
             raise NotFound("no such route")
 
 
-async def read_body(request: web.Request, kind: type[B]) -> B:
+async def read_body(request: web.Request, kind: type[B], optional: bool = False) -> B:
+    """The body as `kind`; with `optional`, an empty body means `{}` (all defaults)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes") from None
+    if optional and not raw.strip():
+        raw = b"{}"
     try:
         data = msgspec.json.decode(raw)
     # msgspec raises RecursionError (not DecodeError) for deeply nested input.
@@ -202,10 +257,17 @@ class Api:
         r.add_get("/v1/projects/{project_id}/addons/{addon_id}", self.show_addon)
         r.add_patch("/v1/projects/{project_id}/addons/{addon_id}", self.update_addon)
         r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
+        r.add_post("/v1/projects/{project_id}/addons/{addon_id}/promote", self.promote_addon)
         r.add_post(
             "/v1/projects/{project_id}/addons/{addon_id}/rotate-credentials", self.rotate_addon
         )
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
+        r.add_patch("/v1/projects/{project_id}/env", self.update_env)
+        r.add_post("/v1/projects/{project_id}/releases", self.create_release)
+        r.add_get("/v1/projects/{project_id}/releases", self.list_releases)
+        r.add_get("/v1/projects/{project_id}/releases/{number}", self.show_release)
+        r.add_post("/v1/projects/{project_id}/releases/{number}/rollback", self.rollback)
+        r.add_get("/v1/projects/{project_id}/apps", self.list_apps)
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
@@ -225,6 +287,9 @@ class Api:
         r.add_get("/healthz", self.healthz)
         r.add_get("/v1/agent/addons/{addon_id}/secret", self.agent_secret)
         r.add_get("/v1/agent/projects/{project_id}/env", self.agent_env)
+        r.add_get(
+            "/v1/agent/projects/{project_id}/releases/{number}/env", self.agent_release_env
+        )
         return app
 
     # --- cross-cutting ----------------------------------------------------------------
@@ -255,6 +320,8 @@ class Api:
             response = error_response(exc)
         except web.HTTPException as exc:
             response = error_response(_from_http_exception(exc))
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except DatabaseUnavailable as exc:
             log(logger, "database_unavailable", logging.WARNING, route=route, reason=exc)
             response = error_response(ServiceUnavailable("the database is unavailable; retry"))
@@ -285,11 +352,15 @@ class Api:
         )
         self._dirty.mark(project.host)
         log(logger, "project_created", project=project.id, plan=project.plan, host=project.host)
-        return json_response(project_view(project), 201)
+        return created(project_view(project), f"/v1/projects/{project.id}")
 
     async def list_projects(self, request: web.Request) -> web.Response:
-        projects = await store.list_projects(self._pool, principal_of(request).project_id)
-        return json_response(ProjectList(projects=tuple(project_view(p) for p in projects)))
+        limit, offset = page_of(request)
+        found = await store.list_projects(self._pool, principal_of(request).project_id)
+        projects, next_offset = paged(found, limit, offset)
+        return json_response(
+            ProjectList(projects=tuple(project_view(p) for p in projects), next_offset=next_offset)
+        )
 
     async def show_project(self, request: web.Request) -> web.Response:
         project = await store.get_project(self._pool, _path_id(request, "project_id"))
@@ -341,39 +412,85 @@ class Api:
         self._dirty.mark(addon.host)
         self._metrics.addons_created.labels(addon.kind).inc()
         log(logger, "addon_created", project=project_id, addon=addon.id, kind=addon.kind)
-        return json_response(addon_view(addon, self._plans), 201)
+        return created(
+            await self._addon_view(addon), f"/v1/projects/{project_id}/addons/{addon.id}"
+        )
 
     async def list_addons(self, request: web.Request) -> web.Response:
-        addons = await store.list_addons(self._pool, _path_id(request, "project_id"))
-        return json_response(AddonList(addons=tuple(addon_view(a, self._plans) for a in addons)))
+        limit, offset = page_of(request)
+        found = await store.list_addons(self._pool, _path_id(request, "project_id"))
+        addons, next_offset = paged(found, limit, offset)
+        live = [a for a in found if a.deleted_at is None]
+        names, primary = names_of(live), primaries(live)
+        return json_response(
+            AddonList(
+                addons=tuple(addon_view(a, self._plans, names, primary) for a in addons),
+                next_offset=next_offset,
+            )
+        )
 
     async def show_addon(self, request: web.Request) -> web.Response:
         addon = await store.get_addon(
             self._pool, _path_id(request, "project_id"), _path_id(request, "addon_id")
         )
-        return json_response(addon_view(addon, self._plans))
+        return json_response(await self._addon_view(addon))
 
     async def delete_addon(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         addon = await store.tombstone_addon(self._pool, project_id, _path_id(request, "addon_id"))
         self._dirty.mark(addon.host)
         log(logger, "addon_deleted", project=project_id, addon=addon.id)
-        return json_response(addon_view(addon, self._plans), 202)
+        return json_response(await self._addon_view(addon), 202)
 
     async def update_addon(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
         body = await read_body(request, bodies.AddonUpdate)
-        addon = await store.set_deletion_protection(
-            self._pool, project_id, _path_id(request, "addon_id"), body.deletion_protection
+        bodies.check_addon_update(body)
+        if not isinstance(body.env_name, msgspec.UnsetType):
+            await variables.set_env_name(self._pool, project_id, addon_id, body.env_name)
+            log(
+                logger,
+                "addon_env_name_set",
+                project=project_id,
+                addon=addon_id,
+                name=body.env_name,
+            )
+        if not isinstance(body.deletion_protection, msgspec.UnsetType):
+            await store.set_deletion_protection(
+                self._pool, project_id, addon_id, body.deletion_protection
+            )
+            log(
+                logger,
+                "addon_protection_set",
+                project=project_id,
+                addon=addon_id,
+                protected=body.deletion_protection,
+            )
+        return json_response(
+            await self._addon_view(await store.get_addon(self._pool, project_id, addon_id))
         )
-        log(
-            logger,
-            "addon_protection_set",
-            project=project_id,
-            addon=addon.id,
-            protected=body.deletion_protection,
+
+    async def promote_addon(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
+        await variables.promote(self._pool, project_id, addon_id)
+        log(logger, "addon_promoted", project=project_id, addon=addon_id)
+        return json_response(
+            await self._addon_view(await store.get_addon(self._pool, project_id, addon_id))
         )
-        return json_response(addon_view(addon, self._plans))
+
+    async def _addon_view(self, addon: AddonRow) -> AddonView:
+        """The view of one add-on, with the names it gives among its project's add-ons."""
+        live = [
+            a for a in await store.list_addons(self._pool, addon.project_id) if a.deleted_at is None
+        ]
+        return addon_view(addon, self._plans, names_of(live), primaries(live))
+
+    async def _env(self, project_id: str, host: str | None = None) -> EnvView:
+        found = await store.credentials(self._pool, self._sealer, project_id, host)
+        own = await variables.user_variables(self._pool, self._sealer, project_id)
+        return EnvView(env=compose_env(found, own))
 
     async def rotate_addon(self, request: web.Request) -> web.Response:
         """A new password; the previous one works for `secrets.rotation_grace_s` more."""
@@ -389,11 +506,102 @@ class Api:
             addon=addon.id,
             secret_version=addon.secret_version,
         )
-        return json_response(addon_view(addon, self._plans), 202)
+        return json_response(await self._addon_view(addon), 202)
 
     async def project_env(self, request: web.Request) -> web.Response:
-        found = await store.credentials(self._pool, self._sealer, _path_id(request, "project_id"))
-        return json_response(EnvView(env=compose_env(found)))
+        return json_response(await self._env(_path_id(request, "project_id")))
+
+    async def update_env(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.EnvUpdate)
+        await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
+        # Names only: values are often secrets.
+        log(
+            logger,
+            "variables_changed",
+            project=project_id,
+            set=",".join(sorted(body.set_)) or "-",
+            unset=",".join(body.unset) or "-",
+        )
+        return json_response(await self._env(project_id))
+
+    # --- releases and apps ---------------------------------------------------------------
+
+    async def create_release(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, releases.ReleaseCreate)
+        apps = None
+        if body.apps is not None:
+            for name, app in body.apps.items():
+                try:
+                    check_reference(app.image, self._config.jobs.allowed_images)
+                except ImageRefused as exc:
+                    raise InvalidBody(f"apps.{name}: {exc}") from None
+            apps = [
+                releases.AppDef(name=name, image=a.image, command=a.command)
+                for name, a in sorted(body.apps.items())
+            ]
+        env = await self._env(project_id)
+        release = await releases.create(
+            self._pool, self._sealer, project_id, env.env, apps, body.description
+        )
+        await self._released(project_id, release)
+        return created(
+            release_view(release), f"/v1/projects/{project_id}/releases/{release.number}"
+        )
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        number = _path_number(request)
+        release = await releases.rollback(self._pool, self._sealer, project_id, number)
+        await self._released(project_id, release)
+        return created(
+            release_view(release), f"/v1/projects/{project_id}/releases/{release.number}"
+        )
+
+    async def _released(self, project_id: str, release: releases.ReleaseRow) -> None:
+        project = await store.get_project(self._pool, project_id)
+        self._dirty.mark(project.host)
+        log(
+            logger,
+            "release_created",
+            project=project_id,
+            release=release.number,
+            apps=len(release.apps),
+            description=release.description,
+        )
+
+    async def list_releases(self, request: web.Request) -> web.Response:
+        limit, offset = page_of(request)
+        found = await releases.list_all(
+            self._pool, self._sealer, _path_id(request, "project_id")
+        )
+        page, next_offset = paged(found, limit, offset)
+        return json_response(
+            ReleaseList(releases=tuple(release_view(r) for r in page), next_offset=next_offset)
+        )
+
+    async def show_release(self, request: web.Request) -> web.Response:
+        release = await releases.get(
+            self._pool, self._sealer, _path_id(request, "project_id"), _path_number(request)
+        )
+        return json_response(release_view(release))
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        project_id = _path_id(request, "project_id")
+        current = await self._env(project_id)  # 404 for an unknown project
+        newest = await releases.latest(self._pool, self._sealer, project_id)
+        apps = app_views(newest, current.env) if newest else ()
+        return json_response(AppList(apps=apps))
+
+    async def agent_release_env(self, request: web.Request) -> web.Response:
+        host = principal_of(request).host
+        assert host is not None
+        project_id = _path_id(request, "project_id")
+        if not await releases.placed_on(self._pool, project_id, host):
+            raise NotFound(f"project {project_id} does not exist on host {host}")
+        release = await releases.get(self._pool, self._sealer, project_id, _path_number(request))
+        return json_response(EnvView(env=release.env))
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -406,7 +614,7 @@ class Api:
         )
         self._dirty.mark(host)
         log(logger, "job_created", project=project_id, job=job.id, image=job.image)
-        return json_response(job_view(job), 201)
+        return created(job_view(job), f"/v1/projects/{project_id}/jobs/{job.id}")
 
     async def show_job(self, request: web.Request) -> web.Response:
         job = await store.get_job(
@@ -415,8 +623,15 @@ class Api:
         return json_response(job_view(job))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        jobs = await store.list_jobs(self._pool, _path_id(request, "project_id"), JOBS_LISTED)
-        return json_response(JobList(jobs=tuple(job_view(j) for j in jobs)))
+        limit, offset = page_of(request)
+        # One more than asked: whether there is a next page, without counting them all.
+        jobs = await store.list_jobs(
+            self._pool, _path_id(request, "project_id"), limit + 1, offset
+        )
+        next_offset = offset + limit if len(jobs) > limit else None
+        return json_response(
+            JobList(jobs=tuple(job_view(j) for j in jobs[:limit]), next_offset=next_offset)
+        )
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
@@ -435,15 +650,19 @@ class Api:
     async def create_project_token(self, request: web.Request) -> web.Response:
         require_operator(request)
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.TokenCreate)
+        body = await read_body(request, bodies.TokenCreate, optional=True)
         row, token = await principals.create_project_token(self._pool, project_id, body.name)
         log(logger, "project_token_created", project=project_id, token_id=row.id)
-        return json_response(new_token_view(row, token), 201)
+        return created(new_token_view(row, token), f"/v1/projects/{project_id}/tokens/{row.id}")
 
     async def list_project_tokens(self, request: web.Request) -> web.Response:
         require_operator(request)
-        rows = await principals.list_project_tokens(self._pool, _path_id(request, "project_id"))
-        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+        limit, offset = page_of(request)
+        found = await principals.list_project_tokens(self._pool, _path_id(request, "project_id"))
+        rows, next_offset = paged(found, limit, offset)
+        return json_response(
+            TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
+        )
 
     async def revoke_project_token(self, request: web.Request) -> web.Response:
         require_operator(request)
@@ -455,14 +674,18 @@ class Api:
 
     async def create_agent_token(self, request: web.Request) -> web.Response:
         host = self._path_host(request)
-        body = await read_body(request, bodies.TokenCreate)
+        body = await read_body(request, bodies.TokenCreate, optional=True)
         row, token = await principals.create_agent_token(self._pool, host, body.name)
         log(logger, "agent_token_created", host=host, token_id=row.id)
-        return json_response(new_token_view(row, token), 201)
+        return created(new_token_view(row, token), f"/v1/hosts/{host}/agent-tokens/{row.id}")
 
     async def list_agent_tokens(self, request: web.Request) -> web.Response:
-        rows = await principals.list_agent_tokens(self._pool, self._path_host(request))
-        return json_response(TokenList(tokens=tuple(token_view(r) for r in rows)))
+        limit, offset = page_of(request)
+        found = await principals.list_agent_tokens(self._pool, self._path_host(request))
+        rows, next_offset = paged(found, limit, offset)
+        return json_response(
+            TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
+        )
 
     async def revoke_agent_token(self, request: web.Request) -> web.Response:
         host = self._path_host(request)
@@ -474,8 +697,12 @@ class Api:
     # --- operations -------------------------------------------------------------------
 
     async def list_hosts(self, request: web.Request) -> web.Response:
-        hosts = await store.list_hosts(self._pool, self._config.hosts.offline_after_s)
-        return json_response(HostList(hosts=tuple(host_view(h) for h in hosts)))
+        limit, offset = page_of(request)
+        found = await store.list_hosts(self._pool, self._config.hosts.offline_after_s)
+        hosts, next_offset = paged(found, limit, offset)
+        return json_response(
+            HostList(hosts=tuple(host_view(h) for h in hosts), next_offset=next_offset)
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()
@@ -515,8 +742,10 @@ class Api:
         host = principal_of(request).host
         assert host is not None
         project_id = _path_id(request, "project_id")
-        found = await store.credentials(self._pool, self._sealer, project_id, host)
-        return json_response(EnvView(env=compose_env(found)))
+        env = await self._env(project_id, host)  # 404 unless placed on this host
+        # Jobs run with the newest release's variables once the project has one.
+        newest = await releases.latest(self._pool, self._sealer, project_id)
+        return json_response(EnvView(env=newest.env) if newest else env)
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
-from controller.env import clashes_with_default, variable_name
+from controller.env import DEFAULT_VARIABLES, VARIABLE_NAME, clashes_with_default, variable_name
 from controller.errors import InvalidBody, PayloadTooLarge
 from controller.plans import Plan
 from schemas.images import ImageRefused, check_reference
@@ -28,17 +28,26 @@ ProjectName = Annotated[
 ImageRef = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", min_length=1, max_length=512)
 ]
-Argument = Annotated[str, Meta(max_length=4096)]
 # Pending jobs travel in the host's desired state, which must stay below 1 MiB whatever
 # the commands hold: a control character grows 6x in JSON, so the budgets count encoded
 # bytes. A project's pending jobs share one budget, a host's projects a larger one.
+# docs/openapi.yaml states the per-field limits; the two sums JSON Schema cannot state
+# (16 KiB of arguments, 64 KiB once encoded) are in its description.
+MAX_ARGUMENTS = 128
+MAX_ARGUMENT_CHARS = 4096
 MAX_COMMAND_BYTES = 16 * 1024
+Argument = Annotated[str, Meta(max_length=MAX_ARGUMENT_CHARS, pattern="^[^\x00]*$")]
 MAX_PENDING_JOBS = 8
 MAX_PROJECT_JOB_BYTES = 64 * 1024
 MAX_HOST_JOB_BYTES = MAX_MESSAGE_BYTES // 4
 # The snapshot adds the plan's sizing to each job: count it at its longest encoding.
 LONGEST_RESOURCES = Resources(cpus=0.1234567890123456, memory_mb=1024 * 1024)
 TokenName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$")]
+VariableName = Annotated[str, Meta(pattern=VARIABLE_NAME.pattern)]
+MAX_VALUE_CHARS = 8192
+VariableValue = Annotated[str, Meta(max_length=MAX_VALUE_CHARS, pattern="^[^\x00]*$")]
+MAX_CHANGES = 100
+Variables = Annotated[dict[VariableName, VariableValue], Meta(max_length=MAX_CHANGES)]
 
 
 class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
@@ -56,18 +65,35 @@ class AddonCreate(Struct, frozen=True, forbid_unknown_fields=True):
     deletion_protection: bool = False
 
 
-class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
-    deletion_protection: bool
-
-
 class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
     image: ImageRef
-    command: Annotated[tuple[Argument, ...], Meta(max_length=128)] = ()
+    command: Annotated[tuple[Argument, ...], Meta(max_length=MAX_ARGUMENTS)] = ()
     timeout_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
 
 
 class TokenCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: TokenName = "default"
+
+
+class EnvUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    set_: Variables = msgspec.field(default_factory=dict, name="set")
+    unset: Annotated[tuple[VariableName, ...], Meta(max_length=MAX_CHANGES)] = ()
+
+
+class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    # Each field is optional; a field left out is left as it is (null clears env_name).
+    env_name: VariableName | UnsetType | None = UNSET
+    deletion_protection: bool | UnsetType = UNSET
+
+
+def check_addon_update(body: AddonUpdate) -> None:
+    if body.env_name is UNSET and body.deletion_protection is UNSET:
+        raise InvalidBody("expected at least one of env_name, deletion_protection")
+    if body.env_name in DEFAULT_VARIABLES.values():
+        raise InvalidBody(
+            f"env_name: {body.env_name} goes to the primary add-on of its kind; "
+            "promote the add-on instead (POST .../addons/{id}/promote)"
+        )
 
 
 def check_project(body: ProjectCreate | ProjectUpdate, plans: Mapping[str, Plan]) -> None:
@@ -89,8 +115,6 @@ def check_job(body: JobCreate, allowed_images: Iterable[str]) -> int:
         check_reference(body.image, allowed_images)
     except ImageRefused as exc:
         raise InvalidBody(str(exc)) from None
-    if any("\x00" in arg for arg in body.command):
-        raise InvalidBody("command: arguments must not contain NUL characters")
     size = sum(len(arg.encode()) for arg in body.command)
     if size > MAX_COMMAND_BYTES:
         raise InvalidBody(f"command: {size} bytes in total; at most {MAX_COMMAND_BYTES}")

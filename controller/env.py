@@ -1,15 +1,23 @@
-"""Connection variables for a project's apps and jobs (pure: no I/O, no clock).
+"""Variables for a project's apps and jobs (pure: no I/O, no clock).
 
-Every live add-on gives `<NAME>_URL` (name upper-cased, '-' -> '_'); the oldest live
-Postgres add-on also gives DATABASE_URL and the oldest Redis gives REDIS_URL, the names
-most frameworks read by default. Hostnames are add-on names: that is the DNS name of
-the add-on container on the project's private network.
+Every live add-on gives `<NAME>_URL` (name upper-cased, '-' -> '_'), and its custom name
+(`env_name`) when it has one. The primary add-on of each kind also gives DATABASE_URL or
+REDIS_URL, the names most frameworks read by default: the one promoted last, else the
+oldest. Promoting another keeps the old primary reachable under its `<NAME>_URL` (the
+alias). When two add-ons claim a name, `<NAME>_URL` beats a custom name, which beats a
+default; the API refuses custom names that would be shadowed.
+
+The user's own variables come first and add-on variables override them: the API refuses
+to set a name an add-on gives, and an add-on made later wins over an older user variable.
+Hostnames are add-on names: the DNS name of the add-on on the project's private network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Protocol
 from urllib.parse import quote
 
 from msgspec import Struct
@@ -18,6 +26,25 @@ from schemas.messages import AddonKind
 
 PORTS: dict[AddonKind, int] = {"postgres": 5432, "redis": 6379}
 DEFAULT_VARIABLES: dict[AddonKind, str] = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
+# The names a user or an add-on's custom name may take (POSIX-ish, upper case).
+VARIABLE_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+
+
+class EnvSource(Protocol):
+    """What naming needs of an add-on (AddonRow and Credentials both have it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> AddonKind: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def env_name(self) -> str | None: ...
+    @property
+    def promoted_at(self) -> datetime | None: ...
 
 
 class Credentials(Struct, frozen=True):
@@ -28,6 +55,8 @@ class Credentials(Struct, frozen=True):
     user: str
     password: str
     created_at: datetime
+    env_name: str | None = None
+    promoted_at: datetime | None = None
 
 
 def variable_name(addon_name: str) -> str:
@@ -48,11 +77,51 @@ def url(addon: Credentials) -> str:
     return f"redis://default:{password}@{addon.name}:{PORTS['redis']}/0"
 
 
-def compose_env(addons: Iterable[Credentials]) -> dict[str, str]:
-    """The variables for a project's live add-ons, in a stable order."""
-    env: dict[str, str] = {}
-    for addon in sorted(addons, key=lambda a: (a.created_at, a.id)):
-        value = url(addon)
-        env.setdefault(DEFAULT_VARIABLES[addon.kind], value)
-        env[variable_name(addon.name)] = value
+def primaries(addons: Iterable[EnvSource]) -> set[str]:
+    """The ids of the primary add-on of each kind: promoted last, else the oldest."""
+    by_kind: dict[AddonKind, list[EnvSource]] = {}
+    for a in addons:
+        by_kind.setdefault(a.kind, []).append(a)
+    chosen: set[str] = set()
+    for xs in by_kind.values():
+        promoted = [a for a in xs if a.promoted_at is not None]
+        if promoted:
+            chosen.add(max(promoted, key=lambda a: (a.promoted_at, a.id)).id)
+        else:
+            chosen.add(min(xs, key=lambda a: (a.created_at, a.id)).id)
+    return chosen
+
+
+def assign(addons: Iterable[EnvSource]) -> dict[str, EnvSource]:
+    """Variable name -> the live add-on that gives it, by the precedence in the docstring."""
+    ordered = sorted(addons, key=lambda a: (a.created_at, a.id))
+    primary = primaries(ordered)
+    names: dict[str, EnvSource] = {}
+    for a in ordered:
+        if a.id in primary:
+            names[DEFAULT_VARIABLES[a.kind]] = a
+    for a in ordered:
+        if a.env_name:
+            names[a.env_name] = a
+    for a in ordered:
+        names[variable_name(a.name)] = a
+    return names
+
+
+def names_of(addons: Sequence[EnvSource]) -> dict[str, tuple[str, ...]]:
+    """Add-on id -> the variable names it gives (sorted)."""
+    given: dict[str, list[str]] = {a.id: [] for a in addons}
+    for name, a in assign(addons).items():
+        given[a.id].append(name)
+    return {k: tuple(sorted(v)) for k, v in given.items()}
+
+
+def compose_env(
+    addons: Iterable[Credentials], user: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The variables for a project: its own, then its live add-ons', in a stable order."""
+    env = dict(sorted((user or {}).items()))
+    for name, addon in sorted(assign(addons).items()):
+        assert isinstance(addon, Credentials)
+        env[name] = url(addon)
     return env

@@ -49,6 +49,8 @@ class AddonRow(Struct, frozen=True):
     deleted_at: datetime | None
     status: AddonStatus | None
     observed_generation: int | None
+    env_name: str | None = None  # an exact custom variable name, besides <NAME>_URL
+    promoted_at: datetime | None = None  # the newest promotion is its kind's primary
     deletion_protection: bool = False
     rotated_at: datetime | None = None
 

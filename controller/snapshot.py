@@ -10,12 +10,16 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import msgspec
+
 from controller.db import Pool, transaction
 from controller.plans import Plan
+from controller.releases import AppDef, app_id
 from controller.rows import hex_of
 from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
+    AppSpec,
     BackupSpec,
     DesiredState,
     JobSpec,
@@ -27,7 +31,9 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
     """A consistent snapshot of everything placed on `host`, with a fresh generation."""
     async with transaction(pool, isolation="repeatable_read") as conn:
         projects = await conn.fetch(
-            "SELECT id, name, plan FROM projects WHERE host = $1 ORDER BY created_at, id", host
+            """SELECT id, name, plan, deleted_at IS NOT NULL AS deleted FROM projects
+            WHERE host = $1 ORDER BY created_at, id""",
+            host,
         )
         addons = await conn.fetch(
             """SELECT a.id, a.project_id, a.name, a.kind, a.database, a."user",
@@ -63,12 +69,23 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             WHERE p.host = $1 ORDER BY o.created_at, o.id""",
             host,
         )
+        # Each project's newest release: its apps are what the host runs.
+        released = await conn.fetch(
+            """SELECT DISTINCT ON (r.project_id) r.project_id, r.number, r.apps::text AS apps
+            FROM releases r JOIN projects p ON p.id = r.project_id
+            WHERE p.host = $1 ORDER BY r.project_id, r.number DESC""",
+            host,
+        )
         generation = await conn.fetchval("SELECT nextval('desired_generation')")
     plan_of = {r["id"]: plans[r["plan"]] for r in projects}
     plan_name = {r["id"]: r["plan"] for r in projects}
     addons_of = _by_project(addons)
     jobs_of = _by_project(jobs)
     backups_of = _by_project(backups)
+    apps_of = {
+        r["project_id"]: (r["number"], msgspec.json.decode(r["apps"], type=tuple[AppDef, ...]))
+        for r in released
+    }
     return DesiredState(
         version=SCHEMA_VERSION,
         host=host,
@@ -100,6 +117,19 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                         sha256=b["sha256"],
                     )
                     for b in backups_of.get(p["id"], ())
+                ),
+                apps=tuple(
+                    AppSpec(
+                        id=app_id(hex_of(p["id"]), a.name),
+                        name=a.name,
+                        image=a.image,
+                        command=a.command,
+                        release=apps_of[p["id"]][0],
+                        resources=plan_of[p["id"]].resources,
+                    )
+                    # A project being deleted runs no apps: they leave before its network.
+                    for a in apps_of.get(p["id"], (0, ()))[1]
+                    if not p["deleted"]
                 ),
             )
             for p in projects

@@ -198,6 +198,24 @@ async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]
                 error = 'project deleted' WHERE project_id = $1 AND state = 'pending'""",
             project["id"],
         )
+        # Backups not started yet never will be; files already made stay in the store
+        # (as for a deleted add-on), their rows go with the add-ons.
+        await conn.execute(
+            """UPDATE backup_restores SET state = 'failed', finished_at = clock_timestamp(),
+                error = 'project deleted' WHERE state = 'pending'
+                AND addon_id IN (SELECT id FROM addons WHERE project_id = $1)""",
+            project["id"],
+        )
+        await conn.execute(
+            """UPDATE backups SET state = 'failed', finished_at = clock_timestamp(),
+                error = 'project deleted', verify_requested = false
+            WHERE project_id = $1 AND state = 'pending'""",
+            project["id"],
+        )
+        await conn.execute(
+            "UPDATE backups SET verify_requested = false WHERE project_id = $1",
+            project["id"],
+        )
         gone = bool(await purge_deleted_projects(conn, project["host"], project["id"]))
     return _project(row), gone
 
@@ -229,8 +247,8 @@ async def plans_in_use(pool: Pool) -> set[str]:
 
 _ADDON_COLUMNS = """
     a.id, a.project_id, p.plan, p.host, a.name, a.kind, a.secret_version, a.created_at,
-    a.deleted_at, a.status::text AS status, a.observed_generation, a.deletion_protection,
-    a.rotated_at
+    a.deleted_at, a.status::text AS status, a.observed_generation, a.env_name, a.promoted_at,
+    a.deletion_protection, a.rotated_at
 """
 
 
@@ -247,6 +265,8 @@ def _addon(r: Mapping[str, Any]) -> AddonRow:
         deleted_at=r["deleted_at"],
         status=addon_status(r["status"]),
         observed_generation=r["observed_generation"],
+        env_name=r["env_name"],
+        promoted_at=r["promoted_at"],
         deletion_protection=r["deletion_protection"],
         rotated_at=r["rotated_at"],
     )
@@ -422,8 +442,8 @@ async def credentials(
             )
         rows = await conn.fetch(
             """SELECT id, name, kind, database, "user", secret_version, password_sealed,
-                created_at FROM addons
-            WHERE project_id = $1 AND deleted_at IS NULL""",
+                created_at, env_name, promoted_at
+            FROM addons WHERE project_id = $1 AND deleted_at IS NULL""",
             uuid_of(project_id),
         )
     return [
@@ -435,6 +455,8 @@ async def credentials(
             user=login_role(r["user"], r["secret_version"]),
             password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
             created_at=r["created_at"],
+            env_name=r["env_name"],
+            promoted_at=r["promoted_at"],
         )
         for r in rows
     ]
@@ -564,16 +586,17 @@ def _check_job_budgets(pending: int, project_bytes: int, host_bytes: int, size: 
         )
 
 
-async def list_jobs(pool: Pool, project_id: str, limit: int) -> list[JobRow]:
-    """The project's newest jobs first."""
+async def list_jobs(pool: Pool, project_id: str, limit: int, offset: int = 0) -> list[JobRow]:
+    """The project's newest jobs first, `limit` of them after skipping `offset`."""
     async with transaction(pool) as conn:
         if not await conn.fetchval("SELECT true FROM projects WHERE id = $1", uuid_of(project_id)):
             raise NotFound(f"project {project_id} does not exist")
         rows = await conn.fetch(
             f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE project_id = $1
-            ORDER BY created_at DESC, id DESC LIMIT $2""",
+            ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3""",
             uuid_of(project_id),
             limit,
+            offset,
         )
     return [_job(r) for r in rows]
 

@@ -15,6 +15,7 @@ from msgspec import Struct
 from controller.env import PORTS, variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
+from controller.releases import AppDef, ReleaseRow, app_id, pending
 from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
     AddonKind,
@@ -76,6 +77,9 @@ class AddonView(Struct, frozen=True):
     hostname: str
     port: int
     env_var: str
+    env_name: str | None
+    primary: bool
+    variables: tuple[str, ...]
     phase: Phase
     conditions: tuple[Condition, ...]
     observed_generation: int | None
@@ -118,14 +122,17 @@ class HostView(Struct, frozen=True):
 
 class ProjectList(Struct, frozen=True):
     projects: tuple[ProjectView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class AddonList(Struct, frozen=True):
     addons: tuple[AddonView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class JobList(Struct, frozen=True):
     jobs: tuple[JobView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class TokenView(Struct, frozen=True):
@@ -143,10 +150,12 @@ class NewTokenView(Struct, frozen=True):
 
 class TokenList(Struct, frozen=True):
     tokens: tuple[TokenView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class HostList(Struct, frozen=True):
     hosts: tuple[HostView, ...]
+    next_offset: int | None = None  # the `offset` of the next page; None on the last
 
 
 class EnvView(Struct, frozen=True):
@@ -170,7 +179,14 @@ def project_view(p: ProjectRow) -> ProjectView:
     )
 
 
-def addon_view(a: AddonRow, plans: Mapping[str, Plan]) -> AddonView:
+def addon_view(
+    a: AddonRow,
+    plans: Mapping[str, Plan],
+    names: Mapping[str, tuple[str, ...]] | None = None,
+    primary: frozenset[str] | set[str] = frozenset(),
+) -> AddonView:
+    """`names` and `primary` come from env.names_of / env.primaries over the project's
+    live add-ons (a deleted add-on gives none)."""
     s = a.status
     return AddonView(
         id=a.id,
@@ -183,6 +199,9 @@ def addon_view(a: AddonRow, plans: Mapping[str, Plan]) -> AddonView:
         hostname=a.name,
         port=PORTS[a.kind],
         env_var=variable_name(a.name),
+        env_name=a.env_name,
+        primary=a.id in primary,
+        variables=(names or {}).get(a.id, ()),
         phase=phase(a.deleted_at is not None, s),
         conditions=s.conditions if s else (),
         observed_generation=a.observed_generation,
@@ -234,3 +253,57 @@ def token_view(t: TokenRow) -> TokenView:
 
 def new_token_view(t: TokenRow, token: str) -> NewTokenView:
     return NewTokenView(id=t.id, name=t.name, created_at=t.created_at, token=token)
+
+
+class ReleaseView(Struct, frozen=True):
+    number: int
+    description: str
+    created_at: datetime
+    apps: tuple[AppDef, ...]
+    variables: tuple[str, ...]  # names only: the values are the variables' own
+
+
+class ReleaseList(Struct, frozen=True):
+    releases: tuple[ReleaseView, ...]
+    next_offset: int | None = None
+
+
+class AppView(Struct, frozen=True):
+    id: str
+    name: str
+    image: str
+    command: tuple[str, ...]
+    release: int
+    pending_variables: tuple[str, ...]
+    message: str | None
+
+
+class AppList(Struct, frozen=True):
+    apps: tuple[AppView, ...]
+
+
+def release_view(r: ReleaseRow) -> ReleaseView:
+    return ReleaseView(
+        number=r.number,
+        description=r.description,
+        created_at=r.created_at,
+        apps=r.apps,
+        variables=tuple(sorted(r.env)),
+    )
+
+
+def app_views(r: ReleaseRow, current_env: Mapping[str, str]) -> tuple[AppView, ...]:
+    waiting = pending(current_env, r.env)
+    message = f"pending variables: redeploy ({', '.join(waiting)})" if waiting else None
+    return tuple(
+        AppView(
+            id=app_id(r.project_id, a.name),
+            name=a.name,
+            image=a.image,
+            command=a.command,
+            release=r.number,
+            pending_variables=waiting,
+            message=message,
+        )
+        for a in r.apps
+    )

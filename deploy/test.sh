@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/services.sh
-.venv/bin/ruff check schemas controller agent tests bench
+.venv/bin/ruff check schemas controller agent cli tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -221,10 +221,11 @@ if [ -z "$project" ]; then
             .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["id"])')
   call -X POST "$api/v1/projects/$project/addons" -d '{"name": "example-db", "kind": "postgres"}' >/dev/null
 fi
-log "waiting for the example add-on to be ready"
-for _ in $(seq 240); do
-  call "$api/v1/projects/$project/addons" | grep -q '"phase":"ready"' && break; sleep 0.5
-done
+# Ready, or asleep (a sleeping add-on is healthy: it wakes when a client connects), at once.
+log "checking the example add-on"
+ORKESTR_API=$api ORKESTR_TOKEN=$token .venv/bin/orkestr addons wait example-db \
+  --project example --timeout 120 | sed 's/^/[up] /' ||
+  log "the example add-on is not healthy yet; see $run/agent.log and \`orkestr addons info example-db\`"
 
 cat <<TXT
 
@@ -232,7 +233,9 @@ orkestr add-ons is running.
   API:        $api   (operator token: $etc/operator_token)
   Project:    example ($project), plan pro, add-on example-db (postgres)
 
-  export ORKESTR_TOKEN=\$(cat $etc/operator_token)
+  export ORKESTR_API=$api ORKESTR_TOKEN=\$(cat $etc/operator_token) PATH=$repo/.venv/bin:\$PATH
+  orkestr addons list --project example
+  orkestr run --project example -- sh -c 'psql "\$DATABASE_URL" -c "select now()"'
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/env
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" -X POST $api/v1/projects/$project/jobs \\

@@ -18,7 +18,8 @@ _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?)"
 _REFERENCE = re.compile(
     rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
-    r"(?:@sha256:[a-f0-9]{64})?$"
+    r"(?:@sha256:[a-f0-9]{64})?$",
+    re.ASCII,  # Docker's \w is ASCII; Python's would admit any letter
 )
 _ID = re.compile(r"^(?:sha256:)?[a-f0-9]{1,64}$")
 MAX_REFERENCE = 255

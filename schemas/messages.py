@@ -97,6 +97,17 @@ class BackupSpec(Struct, frozen=True, forbid_unknown_fields=True):
     addon_id: Id
     backup_id: Id
     sha256: Sha256 | None = None  # required for `restore`
+class AppSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """A long-running container of the project's current release: one replica, restarted
+    on failure, reachable as `name` on the project network. Its environment is the
+    release's snapshot, fetched from the controller (never carried here)."""
+
+    id: Id
+    name: DnsName
+    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    command: tuple[str, ...] = ()
+    release: Annotated[int, Meta(ge=1)] = 1
+    resources: Resources | None = None
 
 
 class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
@@ -106,6 +117,7 @@ class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     jobs: tuple[JobSpec, ...] = ()
     # In order: the agent runs one operation per add-on at a time, the first pending first.
     backups: tuple[BackupSpec, ...] = ()
+    apps: tuple[AppSpec, ...] = ()
 
 
 class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):

@@ -125,6 +125,7 @@ class AgentProcess:
         controller_url: str,
         agent_token: str,
         sleep_tick_s: float = 0.5,
+        agent_extra: str = "",
         log_format: str = "text",
         extra_config: str = "",
         ca_file: str = "",
@@ -150,6 +151,7 @@ state_dir = "{self.state_dir}"
 resync_interval_s = 2
 heartbeat_s = 1
 sleep_tick_s = {sleep_tick_s}
+{agent_extra}
 keeper_socket = "{self.dir / "keeper.sock"}"
 
 [controller]
@@ -330,7 +332,7 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+async def running_agent(stack: Stack, agent_extra: str = "") -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
     host = host_name("t")
@@ -342,6 +344,7 @@ async def running_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
         token,
         public_key_file=stack.controller.public_key_file,
         tls=stack.tls,
+        agent_extra=agent_extra,
     )
     try:
         await proc.start()

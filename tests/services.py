@@ -415,7 +415,10 @@ class ControllerProcess:
         token_files: bool = False,
         extra_config: str = "",
         jobs_config: str = "",
+        # The API tests name debian:12, which no agent there runs.
+        allowed_images: tuple[str, ...] = ("orkestr-local/toolbox:*", "debian:*"),
     ) -> None:
+        self.allowed_images = allowed_images
         self.log_format = log_format
         self.database_url = database_url
         self.broker = broker
@@ -514,8 +517,7 @@ class ControllerProcess:
             f'level = "{self.log_level}"\n'
             f'format = "{self.log_format}"\n'
             "[jobs]\n"
-            # The API tests name debian:12, which no agent there runs.
-            'allowed_images = ["orkestr-local/toolbox:*", "debian:*"]\n'
+            f"allowed_images = [{', '.join(toml_string(i) for i in self.allowed_images)}]\n"
             f"{self.jobs_config}"
             f"{self.extra_config}"
         )

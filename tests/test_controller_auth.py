@@ -133,6 +133,7 @@ async def test_project_token_sees_its_own_project_alone_on_every_route(
         "backup_id": "b" * 32,
         "restore_id": "a" * 32,
         "host": theirs["host"],
+        "number": "1",
     }
     routes = app_routes()
     assert len(routes) >= 23, routes
@@ -400,7 +401,7 @@ async def test_every_route_refuses_a_missing_or_foreign_token(
 ) -> None:
     agent_token = await controller.new_agent_token(big_host.host)
     values = {"project_id": "f" * 32, "addon_id": "e" * 32, "job_id": "d" * 32}
-    values |= {"token_id": "c" * 32, "host": big_host.host}
+    values |= {"token_id": "c" * 32, "host": big_host.host, "number": "1"}
     values |= {"backup_id": "b" * 32, "restore_id": "a" * 32}
     for method, path in app_routes():
         if path == "/healthz":

@@ -104,7 +104,10 @@ async def test_unsigned_and_forged_states_are_refused_and_the_next_good_one_appl
             await client.publish(topics.desired(agent.host), payload, qos=1, retain=True)
 
     def all_refused() -> bool:
-        return all(rejected_count(agent, r) > before[r] for r in attempts)
+        # The tampered envelope is a second BadSignature, and may be read last.
+        return all(rejected_count(agent, r) > before[r] for r in attempts) and (
+            rejected_count(agent, "BadSignature") >= before["BadSignature"] + 2
+        )
 
     await wait_for(all_refused, 30, "every forgery counted as rejected")
     assert rejected_count(agent, "BadSignature") >= before["BadSignature"] + 2  # + tampered
@@ -190,6 +193,11 @@ async def test_broker_killed_while_1000_generations_are_published(
                 await asyncio.sleep(0.1)
                 continue
             assert status == 201, body
+            if body["host"] not in placed:
+                # A host of an earlier test in this module that still looks online for a
+                # moment: its projects are not this test's concern.
+                changes += 1
+                continue
             placed[body["host"]].add(body["id"])
             changes += 1
             if broker.running:

@@ -1,0 +1,106 @@
+"""A small synchronous HTTP client for the controller's API (stdlib only).
+
+Errors become `CliError`s that say what went wrong and what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import click
+
+# Lists are paginated; the CLI follows the pages up to this many items.
+PAGE = 100
+MAX_ITEMS = 10_000
+
+
+class CliError(click.ClickException):
+    """An error for a human: what failed, then what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(f"{message}\n  hint: {hint}" if hint else message)
+
+
+class ApiFailure(CliError):
+    def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
+        self.status = status
+        self.code = code
+        self.api_message = message
+        super().__init__(f"{message} (HTTP {status} {code})", hint or _hint(status, code))
+
+
+def _hint(status: int, code: str) -> str:
+    if status == 401:
+        return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
+    if code == "plan_limit_reached":
+        return "delete an add-on (`orkestr addons delete NAME`) or use a project on a larger plan"
+    if code == "no_host_available":
+        return "no agent is online; start one (see docs/operations.md) and retry"
+    if code == "database_unavailable" or status >= 500:
+        return "the controller has trouble; retry in a moment, or check its log"
+    return ""
+
+
+class Client:
+    def __init__(self, api: str, token: str, timeout_s: float = 30.0) -> None:
+        if not api:
+            raise CliError(
+                "no API address configured",
+                "run `orkestr login --api http://127.0.0.1:8080` (or set ORKESTR_API)",
+            )
+        if not token:
+            raise CliError("no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)")
+        self.api = api.rstrip("/")
+        self._token = token
+        self._timeout_s = timeout_s
+        self._ssl = ssl.create_default_context()
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the API; returns the decoded JSON body (None for 204)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.api + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self._token}")
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(  # the scheme is the user's own API address
+                req,
+                timeout=self._timeout_s,
+                context=self._ssl if self.api.startswith("https:") else None,
+            ) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                err = json.loads(raw)
+                code, message = str(err["error"]), str(err["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "http_error", raw.decode(errors="replace")[:200] or exc.reason
+            raise ApiFailure(exc.code, code, message) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError(
+                f"cannot reach the API at {self.api}: {reason}",
+                "check the address (`orkestr login --api URL`) and that the controller runs",
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def list_all(self, path: str, key: str) -> list[dict[str, Any]]:
+        """Every item of a paginated list route, following `next_offset`."""
+        items: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None and len(items) < MAX_ITEMS:
+            query = urllib.parse.urlencode({"limit": PAGE, "offset": offset})
+            page = self.get(f"{path}?{query}")
+            items.extend(page[key])
+            offset = page.get("next_offset")
+        return items

@@ -1,0 +1,275 @@
+"""The `orkestr` CLI as a user runs it: the installed console script, as a subprocess,
+against a real controller and a real agent (dockerd, mosquitto, PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import stat
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_fixtures import (
+    TOOLBOX,
+    AgentProcess,
+    Stack,
+    create_project,
+    wait_for,
+    wait_phase,
+)
+from tests.services import FakeAgent
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+ORKESTR = str(Path(sys.executable).with_name("orkestr"))
+
+
+class Cli:
+    """Runs `orkestr` with its own config file and HOME, and no ORKESTR_* from outside."""
+
+    def __init__(self, home: Path) -> None:
+        self.config = home / "cfg" / "orkestr.json"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ORKESTR_")}
+        self.env |= {"HOME": str(home), "ORKESTR_CONFIG": str(self.config), "COLUMNS": "250"}
+
+    async def __call__(
+        self, *args: str, stdin: str = "", env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            ORKESTR,
+            *args,
+            env=self.env | (env or {}),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 300)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def ok(self, *args: str, stdin: str = "") -> str:
+        code, out, err = await self(*args, stdin=stdin)
+        assert code == 0, (args, code, out, err)
+        return out
+
+    async def json(self, *args: str) -> Any:
+        return json.loads(await self.ok(*args, "--json"))
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+async def test_login_checks_the_token_and_saves_it_for_its_owner_only(
+    stack: Stack, cli: Cli
+) -> None:
+    c = stack.controller
+    assert c is not None
+    # Nothing configured: say so, and what to run.
+    code, _, err = await cli("projects")
+    assert code == 1 and "no API address configured" in err and "orkestr login" in err
+
+    code, _, err = await cli("login", "--api", c.url, "--token", "wrong")
+    assert code == 1
+    assert "HTTP 401" in err and "run `orkestr login` with a valid one" in err
+    assert not cli.config.exists()
+
+    code, _, err = await cli("login", "--api", "http://127.0.0.1:1", "--token", "x")
+    assert code == 1 and "cannot reach the API at http://127.0.0.1:1" in err
+
+    # The token from stdin (never on the command line of a shared machine).
+    out = await cli.ok("login", "--api", c.url + "/", stdin=c.operator_token + "\n")
+    assert f"Logged in to {c.url}" in out and "0600" in out
+    assert stat.S_IMODE(cli.config.stat().st_mode) == 0o600
+    saved = json.loads(cli.config.read_text())
+    assert saved == {"api": c.url, "token": c.operator_token, "project": ""}
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    code, out, err = await cli("projects", "create", name, "--plan", "team")
+    if code != 0:  # no agent in this test: nowhere to place it
+        assert "no_host_available" in err and "start one" in err
+        return
+    assert name in out
+
+
+async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess, cli: Cli) -> None:
+    c = stack.controller
+    assert c is not None
+    await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    # Pro: its add-ons sleep when idle, and report the clients that keep them awake.
+    created = await cli.json("projects", "create", name, "--plan", "pro")
+    assert created["name"] == name and created["host"] == agent.host
+    assert name in await cli.ok("projects")
+    listed = await cli.json("projects")
+    assert name in [p["name"] for p in listed["projects"]]
+
+    # Several projects are visible to the operator: the CLI asks which one.
+    await create_project(c, "team")
+    code, _, err = await cli("addons", "list")
+    assert code == 1 and "several projects" in err and "--project" in err
+    code, _, err = await cli("addons", "list", "-p", "nope")
+    assert code == 1 and "no project 'nope'" in err and "orkestr projects" in err
+
+    # --wait returns once the add-on is ready, not before.
+    code, out, err = await cli("addons", "create", "orders-db", "-p", name, "--wait", "--json")
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["phase"] in ("ready", "sleeping") and made["env_var"] == "ORDERS_DB_URL"
+    assert any(x["type"] == "Ready" and x["status"] == "True" for x in made["conditions"])
+    assert "orders-db: provisioning" in err  # progress, on stderr
+    code, _, err = await cli("addons", "create", "orders-db", "-p", name)
+    assert code == 1 and "HTTP 409 conflict" in err
+
+    out = await cli.ok("addons", "list", "-p", name)
+    assert "orders-db" in out and "postgres" in out and made["id"] in out
+    assert [a["name"] for a in (await cli.json("addons", "list", "-p", name))["addons"]] == [
+        "orders-db"
+    ]
+    out = await cli.ok("addons", "info", "orders-db", "-p", name)
+    assert "orders-db:5432" in out and "ORDERS_DB_URL" in out and "Ready" in out
+    assert (await cli.json("addons", "info", made["id"], "-p", name))["id"] == made["id"]
+
+    variables = (await cli.json("env", "-p", name))["env"]
+    assert set(variables) == {"DATABASE_URL", "ORDERS_DB_URL"}
+    out = await cli.ok("env", "-p", name)
+    assert "DATABASE_URL" in out and variables["DATABASE_URL"] in out
+    shell = await cli.ok("env", "-p", name, "--shell")
+    assert f"export DATABASE_URL='{variables['DATABASE_URL']}'" in shell
+
+    # run: the job's output on stdout, its exit code as ours.
+    code, out, err = await cli(
+        "run", "-p", name, "--", "sh", "-c", 'psql "$DATABASE_URL" -tAc "select 40 + 2"; exit 3'
+    )
+    assert code == 3, err
+    assert out.strip() == "42"
+    job = json.loads((await cli("run", "-p", name, "--json", "--", "sh", "-c", "echo hi"))[1])
+    assert job["state"] == "succeeded" and job["exit_code"] == 0 and job["output"] == "hi\n"
+    code, _, err = await cli("run", "-p", name, "--image", "alpine:3", "--", "true")
+    assert code == 1 and "HTTP 422" in err and "alpine:3" in err
+
+    # sleep status: a job holding a connection shows up as a client, by source.
+    status, held = await c.api(
+        "POST",
+        f"/v1/projects/{created['id']}/jobs",
+        {
+            "image": TOOLBOX,
+            "command": ["sh", "-c", 'psql "$DATABASE_URL" -c "select pg_sleep(30)"'],
+        },
+    )
+    assert status == 201, held
+
+    async def held_client() -> Any:
+        view = await cli.json("sleep", "status", "orders-db", "-p", name)
+        return view if view["clients_by_source"] else None
+
+    view = await wait_for(held_client, 60, "a client of orders-db")
+    assert view["sleep_state"] == "awake"
+    source = view["clients_by_source"][0]
+    assert source["connections"] >= 1 and set(source["via"]) <= {"direct", "activator"}
+    assert source["source"].count(".") == 3  # the job's address, without the port
+    out = await cli.ok("sleep", "status", "orders-db", "-p", name)
+    assert "keep it awake" in out and source["source"] in out
+    await c.api("POST", f"/v1/projects/{created['id']}/jobs/{held['id']}/cancel")
+
+    # A sleeping add-on is healthy: `addons wait` (what deploy/up.sh runs) says so at once.
+    await wait_phase(c, created["id"], made["id"], "sleeping", timeout=60)
+    started = time.monotonic()
+    out = await cli.ok("addons", "wait", "orders-db", "-p", name, "--timeout", "120")
+    assert time.monotonic() - started < 10
+    assert "orders-db sleeps" in out and "healthy" in out
+
+    # A project token sees its project alone, so no --project is needed.
+    token = await c.new_project_token(created["id"])
+    await cli.ok("login", "--api", c.url, "--token", token)
+    assert [p["name"] for p in (await cli.json("projects"))["projects"]] == [name]
+    assert "orders-db" in await cli.ok("addons", "list")
+
+    # Delete asks for confirmation; without a terminal, --yes is the way.
+    code, _, err = await cli("addons", "delete", "orders-db")
+    assert code == 1 and "pass --yes" in err
+    gone = await cli.json("addons", "delete", "orders-db", "--yes")
+    assert gone["phase"] == "deleting"
+    assert (await cli.json("addons", "list"))["addons"] == []
+
+
+async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> None:
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        name = f"vars-{uuid.uuid4().hex[:6]}"
+        await cli.ok("projects", "create", name, "--plan", "team")
+        await cli.ok("addons", "create", "old-db", "-p", name)
+        await cli.ok("addons", "create", "new-db", "-p", name)
+
+        out = await cli.ok("env", "-p", name, "set", "DEBUG=0", "GREETING=a=b c")
+        assert "Set DEBUG, GREETING" in out
+        variables = (await cli.json("env", "-p", name))["env"]
+        assert variables["GREETING"] == "a=b c" and variables["DEBUG"] == "0"
+        code, _, err = await cli("env", "set", "-p", name, "DATABASE_URL=x")
+        assert code == 1 and "cannot be overwritten" in err and "HTTP 409" in err
+        code, _, err = await cli("env", "set", "-p", name, "NOEQUALS")
+        assert code == 1 and "is not NAME=VALUE" in err
+        unset = await cli.json("env", "unset", "-p", name, "DEBUG")
+        assert "DEBUG" not in unset["env"] and "GREETING" in unset["env"]
+
+        out = await cli.ok("addons", "promote", "new-db", "-p", name)
+        assert "new-db is now primary: DATABASE_URL, NEW_DB_URL" in out
+        variables = (await cli.json("env", "-p", name))["env"]
+        assert variables["DATABASE_URL"] == variables["NEW_DB_URL"] != variables["OLD_DB_URL"]
+        out = await cli.ok("addons", "env-name", "old-db", "LEGACY_PG", "-p", name)
+        assert "old-db gives LEGACY_PG, OLD_DB_URL" in out
+        listed = await cli.ok("addons", "list", "-p", name)
+        assert "LEGACY_PG, OLD_DB_URL" in listed and "DATABASE_URL, NEW_DB_URL" in listed
+        info = await cli.json("addons", "env-name", "old-db", "--clear", "-p", name)
+        assert info["env_name"] is None and info["variables"] == ["OLD_DB_URL"]
+
+        # deploy, apps, releases, rollback
+        code, _, err = await cli("deploy", "-p", name, "--app", "web")
+        assert code == 1 and "is not NAME=IMAGE" in err
+        out = await cli.ok(
+            "deploy", "-p", name, "--app", f"web={TOOLBOX}", "--command", "web=sh -c 'exec sleep 9'"
+        )
+        assert "Released v1 of " + name + " (web) with " in out
+        assert "pending" not in await cli.ok("apps", "-p", name)
+        await cli.ok("env", "-p", name, "set", "NEW=1")
+        apps = await cli.json("apps", "-p", name)
+        assert apps["apps"][0]["pending_variables"] == ["NEW"]
+        assert apps["apps"][0]["command"] == ["sh", "-c", "exec sleep 9"]
+        assert "pending variables: redeploy (NEW)" in await cli.ok("apps", "-p", name)
+        v2 = await cli.json("deploy", "-p", name)
+        assert v2["number"] == 2 and "NEW" in v2["variables"]
+        assert [a["name"] for a in v2["apps"]] == ["web"]
+        out = await cli.ok("rollback", "v1", "-p", name)
+        assert "Released v3: rollback to v1." in out
+        listed = await cli.ok("releases", "-p", name)
+        assert "v3" in listed and "rollback to v1" in listed and "deploy v2" in listed
+        assert [r["number"] for r in (await cli.json("releases", "-p", name))["releases"]] == [
+            3,
+            2,
+            1,
+        ]
+        code, _, err = await cli("rollback", "v9", "-p", name)
+        assert code == 1 and "HTTP 404" in err
+
+
+async def test_completion_scripts(cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        out = await cli.ok("completion", shell)
+        assert "_ORKESTR_COMPLETE" in out
+    # Completion of commands works through click's protocol.
+    code, out, _ = await cli(
+        env={"_ORKESTR_COMPLETE": "bash_complete", "COMP_WORDS": "orkestr add", "COMP_CWORD": "1"}
+    )
+    assert code == 0 and "addons" in out
