@@ -15,13 +15,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+from agent import model, specs
 from agent import plan as p
-from agent import specs
 from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError, TransientError
+from agent.loopfs import LoopFs
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
 from agent.state import StateDir
@@ -69,6 +70,7 @@ class Applier:
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
         backups: BackupRunner,
+        loopfs: LoopFs | None = None,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -80,6 +82,7 @@ class Applier:
         self.job_output_bytes = job_output_bytes
         self._on_job_exit = on_job_exit
         self._on_addon_started = on_addon_started
+        self.loopfs = loopfs
         self.backups = backups
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._timed_out: set[str] = set()
@@ -128,8 +131,12 @@ class Applier:
                 await self.firewall.sync_networks()
             case p.RemoveNetwork(_key, name):
                 await self.docker.remove_network(name)
-            case p.EnsureVolume(key, name, project_id):
-                await self.docker.create_volume(name, key, project_id)
+            case p.EnsureVolume(key, name, project_id, size_mb):
+                opts = None
+                if size_mb is not None and self.loopfs is not None:
+                    device = await self.loopfs.create(name, size_mb)
+                    opts = {"type": "ext4", "device": device}
+                await self.docker.create_volume(name, key, project_id, opts)
             case p.FetchSecret(key, _project, kind, version):
                 try:
                     secret = await self.controller.secret(key)
@@ -141,13 +148,21 @@ class Applier:
                     raise AgentError(
                         f"controller has secret v{secret.secret_version}, want v{version}"
                     )
-                self.secrets.write(key, kind, secret.password, secret.secret_version)
+                valid_until = secret.previous_valid_until
+                self.secrets.write(
+                    key,
+                    kind,
+                    secret.password,
+                    secret.secret_version,
+                    valid_until.timestamp() if valid_until is not None else None,
+                )
             case p.RunContainer(key, spec):
                 if spec.role == "db":
                     # The container mounts the secret directory: it must be complete first.
                     if key not in self.secrets.versions():
                         raise AgentError("secret not fetched yet")
                     await self._on_addon_started(key)
+                    await self._attach(key)
                 await self.docker.run(spec)
                 if spec.role == "holder" and spec.network is not None:
                     # Before its database joins the namespace: no egress beyond the network.
@@ -155,6 +170,8 @@ class Applier:
                     await self.firewall.fence_holder(spec.name, subnet)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
+                if name.endswith("-db"):
+                    await self._attach(key)
                 await self.docker.start(name)
             case p.UnpauseContainer(key, name):
                 await self._on_addon_started(key)
@@ -173,6 +190,8 @@ class Applier:
                 await self.docker.remove(name)
             case p.RemoveVolume(_key, name):
                 await self.docker.remove_volume(name)
+                if self.loopfs is not None:
+                    await self.loopfs.remove(name)
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
             case p.StartJob(key, project_id, job):
@@ -202,6 +221,16 @@ class Applier:
                     raise PermanentError(f"app {app.name}: {exc}") from None
                 env = await self.controller.release_env(project_id, app.release)
                 await self.docker.run(spec, env=env)
+
+    async def _attach(self, addon_id: str) -> None:
+        """A volume with its own filesystem needs its loop device before it can mount
+        (after a reboot, say)."""
+        if self.loopfs is None:
+            return
+        volume = model.volume_name(addon_id)
+        device = await self.docker.volume_device(volume)
+        if device is not None and device.startswith("/dev/loop"):
+            await self.loopfs.ensure_attached(volume, device)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

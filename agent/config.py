@@ -40,6 +40,9 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # for the host; keep the host's below the unit's LimitNOFILE / 2 with room to spare.
     wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
     wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
+    # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):
+    # the hard backstop behind storage quotas. False: plain Docker volumes.
+    volume_filesystems: bool = True
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):

@@ -134,9 +134,16 @@ class Docker:
         raw = await self._call(f"inspect network {name}", show)
         return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
 
-    async def create_volume(self, name: str, addon_id: str, project_id: str) -> None:
-        config = {
+    async def create_volume(
+        self,
+        name: str,
+        addon_id: str,
+        project_id: str,
+        driver_opts: dict[str, str] | None = None,
+    ) -> None:
+        config: dict[str, Any] = {
             "Name": name,
+            "DriverOpts": driver_opts or {},
             "Labels": {
                 model.LABEL_MANAGED: "1",
                 model.LABEL_HOST: self.host,
@@ -225,6 +232,31 @@ class Docker:
             )
         except NotFound:
             pass
+
+    async def volume_device(self, name: str) -> str | None:
+        """The block device a `local` volume mounts (its own filesystem), if any."""
+
+        async def show() -> dict[str, Any]:
+            return await aiodocker.volumes.DockerVolume(self.client, name).show()  # type: ignore[no-untyped-call,no-any-return]
+
+        options = (await _call(f"inspect volume {name}", show)).get("Options") or {}
+        device = options.get("device")
+        return str(device) if device else None
+
+    async def update_limits(self, name: str, cpus: float, memory_mb: int) -> None:
+        """`docker update`: new CPU and memory limits for a running container, no restart."""
+        body = {
+            "NanoCpus": int(cpus * 1e9),
+            "Memory": memory_mb * 1024 * 1024,
+            "MemorySwap": memory_mb * 1024 * 1024,
+        }
+
+        async def update() -> None:
+            await self.client._query_json(
+                f"containers/{name}/update", method="POST", data=json.dumps(body)
+            )
+
+        await _call(f"update {name}", update)
 
     async def inspect(self, name: str) -> dict[str, Any]:
         async def show() -> dict[str, Any]:

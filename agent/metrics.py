@@ -30,6 +30,16 @@ ADDON_SLEEP_STATE = Gauge(
     "0 awake, 1 light sleep (paused), 2 deep sleep (stopped)",
     ["addon", "project", "kind"],
 )
+ADDON_USAGE_BYTES = Gauge(
+    "orkestr_agent_addon_usage_bytes",
+    "Bytes of data the add-on holds, as the database counts them",
+    ["addon", "project", "kind"],
+)
+ADDON_QUOTA_BYTES = Gauge(
+    "orkestr_agent_addon_quota_bytes",
+    "The add-on's storage quota: past it, writes are refused",
+    ["addon", "project", "kind"],
+)
 SLEEP_LEVEL = {"awake": 0, "light": 1, "deep": 2}
 SLEEPS = Counter("orkestr_agent_addon_sleeps_total", "Add-ons put to sleep", ["stage"])
 WAKES = Counter("orkestr_agent_addon_wakes_total", "Add-ons woken by a client", ["stage"])

@@ -21,6 +21,8 @@ LABEL_JOB = "orkestr.job"
 LABEL_APP = "orkestr.app"
 LABEL_ROLE = "orkestr.role"
 LABEL_SPEC_HASH = "orkestr.spec-hash"
+# The spec without what changes in place (CPU, memory, secret version): see specs.py.
+LABEL_SHAPE_HASH = "orkestr.shape-hash"
 LABEL_BACKUP_OP = "orkestr.backup-op"
 
 
@@ -31,6 +33,7 @@ class ObservedContainer(Struct, frozen=True):
     project_id: str
     state: ContainerState
     spec_hash: str = ""
+    shape_hash: str = ""  # empty on containers made before in-place changes
     addon_id: str | None = None
     job_id: str | None = None
     # The backup operation a one-shot backup container works for.

@@ -37,6 +37,7 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
         project_id=project,
         state=cast(ContainerState, state if state in _STATES else "dead"),
         spec_hash=labels.get(model.LABEL_SPEC_HASH, ""),
+        shape_hash=labels.get(model.LABEL_SHAPE_HASH, ""),
         addon_id=labels.get(model.LABEL_ADDON),
         job_id=labels.get(model.LABEL_JOB),
         backup_op=labels.get(model.LABEL_BACKUP_OP),

@@ -44,6 +44,8 @@ class EnsureVolume(Struct, frozen=True, tag=True):
     key: str  # add-on id
     name: str
     project_id: str
+    # The volume's own filesystem (specs.fs_size_mb of the plan's quota); None: plain.
+    size_mb: int | None = None
 
 
 class FetchSecret(Struct, frozen=True, tag=True):
@@ -290,7 +292,8 @@ def _converge_addon(
 ) -> list[Action]:
     actions: list[Action] = []
     if observed.volume(model.volume_name(addon.id)) is None:
-        actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id))
+        size = specs.fs_size_mb(addon.storage_mb) if addon.storage_mb else None
+        actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id, size))
     if local.secrets.get(addon.id) != addon.secret_version:
         actions.append(FetchSecret(addon.id, project_id, addon.kind, addon.secret_version))
 
@@ -301,7 +304,7 @@ def _converge_addon(
 
     holder_ok = (
         holder is not None
-        and holder.spec_hash == want_holder.spec_hash
+        and not want_holder.drifted(holder.spec_hash, holder.shape_hash)
         and holder.state == "running"
     )
     if not holder_ok:
@@ -317,8 +320,11 @@ def _converge_addon(
     assert holder is not None
     if db is None:
         actions.append(RunContainer(addon.id, want_db))
-    elif db.spec_hash != want_db.spec_hash or db.network_mode != f"container:{holder.id}":
-        reason = "SpecChanged" if db.spec_hash != want_db.spec_hash else "HolderReplaced"
+    elif (drifted := want_db.drifted(db.spec_hash, db.shape_hash)) or (
+        db.network_mode != f"container:{holder.id}"
+    ):
+        # CPU, memory and the password change in place (agent/upkeep.py), not here.
+        reason = "SpecChanged" if drifted else "HolderReplaced"
         actions.append(RemoveContainer(addon.id, db.name, reason))
         actions.append(RunContainer(addon.id, want_db))
     elif not local.backups_running.get(addon.id, "").startswith("restore-"):
@@ -359,7 +365,7 @@ def _db_run_state(
 
 
 def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
-    return "SpecChanged" if have.spec_hash != want.spec_hash else "NotRunning"
+    return "SpecChanged" if want.drifted(have.spec_hash, have.shape_hash) else "NotRunning"
 
 
 def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Local) -> list[Action]:

@@ -34,6 +34,7 @@ from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
+from agent.loopfs import LoopFs
 from agent.metrics import (
     ADDON_READY,
     ADDON_SLEEP_STATE,
@@ -51,6 +52,7 @@ from agent.secrets import SecretStore
 from agent.sleep.listener import RelayBudget
 from agent.sleep.manager import SleepManager
 from agent.state import StateDir
+from agent.upkeep import Upkeep
 from agent.watchdog import Watchdog, interval_from_env
 from agent.workqueue import KeyedWorkers
 from schemas import topics
@@ -99,6 +101,7 @@ class Agent:
         self.state = StateDir(root)
         self.secrets = SecretStore(root / "secrets")
         self.secrets.ensure_root()
+        self.loopfs = LoopFs(root / "volumes") if config.agent.volume_filesystems else None
         self.settings = p.Settings(
             images=config.images,
             secrets_root=str(self.secrets.root),
@@ -148,6 +151,7 @@ class Agent:
             config.agent.job_output_bytes,
             on_job_exit=self.trigger,
             on_addon_started=self._addon_started,
+            loopfs=self.loopfs,
             backups=self.backups,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
@@ -177,6 +181,7 @@ class Agent:
         self.desired: DesiredState | None = self.state.load_desired()
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
+        self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
         self.addon_status: dict[str, AddonStatus] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
@@ -414,6 +419,7 @@ class Agent:
             self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
         for aid in derived.removed:
             self.book.forget(aid)
+            self.upkeep.forget(aid)
         statuses: dict[str, AddonStatus] = {}
         labels: set[tuple[str, str, str]] = set()
         for project in desired.projects:
@@ -422,7 +428,13 @@ class Agent:
                     continue
                 view = views.get(addon.id, status.SleepView())
                 statuses[addon.id] = status.addon_status(
-                    project.id, addon, desired.generation, self.book.of(addon.id), view
+                    project.id,
+                    addon,
+                    desired.generation,
+                    self.book.of(addon.id),
+                    view,
+                    usage_bytes=self.upkeep.usage.get(addon.id),
+                    quota_bytes=self.upkeep.quota.get(addon.id),
                 )
                 label = (addon.id, project.id, addon.kind)
                 ADDON_READY.labels(*label).set(1 if derived.ready.get(addon.id) else 0)
@@ -484,14 +496,32 @@ class Agent:
         if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleep.sleepers.get(addon.id)
+        timeout_s = timeout_s or self.config.agent.probe_timeout_s
         if sleeper is None:
-            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
+            result = await self._wake_probe(addon, ip, timeout_s)
+            if result[0]:
+                await self._tend(addon, ip, timeout_s)
+            return result
         async with sleeper.platform_connection():
             # Checked under the lock that a falling-asleep add-on also takes: never probe a
             # paused database (the probe would hang) or count a probe as a client.
             if sleeper.state != "awake":
                 return False, "Sleeping", f"in {sleeper.state} sleep"
-            return await self._wake_probe(addon, ip, timeout_s or self.config.agent.probe_timeout_s)
+            result = await self._wake_probe(addon, ip, timeout_s)
+        if result[0]:
+            # A guard of its own: each admits one platform connection, not a client's.
+            async with sleeper.platform_connection():
+                if sleeper.state == "awake":
+                    await self._tend(addon, ip, timeout_s)
+        return result
+
+    async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
+        project_id = next(
+            (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
+            "",
+        )
+        await self.upkeep.tend(project_id, addon, ip, timeout_s)
 
     async def _wake_probe(
         self, addon: AddonSpec, ip: str, timeout_s: float

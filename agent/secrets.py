@@ -42,9 +42,12 @@ REDIS_TENANT_EXTRA = (
 )
 
 
-def redis_conf(password: str, admin_password: str) -> str:
+def redis_conf(password: str, admin_password: str, previous: str | None = None) -> str:
     # The tenant is the `default` user, so `redis://:password@host` and a bare AUTH keep
     # working; it loses CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, REPLICAOF and the like.
+    # During a rotation's grace period the previous password is accepted too.
+    if previous is not None and previous != password:
+        password = f"{password} >{previous}"
     return (
         "bind * -::*\n"
         "protected-mode no\n"
@@ -101,10 +104,54 @@ class SecretStore:
     def admin_password(self, addon_id: str) -> str:
         return (self.dir(addon_id) / "admin_password").read_text()
 
-    def write(self, addon_id: str, kind: str, password: str, version: int) -> None:
+    def previous(self, addon_id: str) -> tuple[str, float] | None:
+        """The password before the last rotation and when it stops working (epoch s)."""
+        d = self.dir(addon_id)
+        try:
+            return (d / "previous_password").read_text(), float((d / "retire_at").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def applied(self, addon_id: str) -> int:
+        """The secret version the database itself was last changed to (0: never)."""
+        try:
+            return int((self.dir(addon_id) / "applied").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def mark_applied(self, addon_id: str, version: int) -> None:
+        _write(self.dir(addon_id) / "applied", str(version), 0o444)
+
+    def forget_previous(self, addon_id: str, kind: str) -> None:
+        """The grace period is over: only the current password remains."""
+        d = self.dir(addon_id)
+        if kind == "redis":
+            _write(
+                d / "redis.conf",
+                redis_conf(self.password(addon_id), self.admin_password(addon_id)),
+                0o444,
+            )
+        for name in ("previous_password", "retire_at"):
+            (d / name).unlink(missing_ok=True)
+
+    def write(
+        self,
+        addon_id: str,
+        kind: str,
+        password: str,
+        version: int,
+        previous_valid_until: float | None = None,
+    ) -> None:
         d = self.dir(addon_id)
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)
+        old = d / "password"
+        if old.is_file() and previous_valid_until is not None:
+            # A rotation: the password in use so far keeps working until the grace ends.
+            before = old.read_text()
+            if before != password:
+                _write(d / "previous_password", before, 0o400)
+                _write(d / "retire_at", repr(previous_valid_until), 0o400)
         _write(d / "password", password, 0o444)
         # Made once and kept across tenant rotations: the data volume already knows it.
         admin = d / "admin_password"
@@ -116,7 +163,9 @@ class SecretStore:
             os.chmod(d / "initdb", 0o755)
             _write(d / "initdb" / "10-orkestr-tenant.sh", POSTGRES_INIT, 0o444)
         else:
-            _write(d / "redis.conf", redis_conf(password, admin_password), 0o444)
+            prev = self.previous(addon_id)
+            conf = redis_conf(password, admin_password, prev[0] if prev else None)
+            _write(d / "redis.conf", conf, 0o444)
         # Written last: a directory without it is incomplete and gets fetched again.
         _write(d / "version", str(version), 0o444)
 

@@ -26,6 +26,7 @@ DATA_DIRS = {"postgres": "/var/lib/postgresql/data", "redis": "/data"}
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
+SECRET_VERSION_LABEL = "orkestr.secret-version"
 
 # Fences every container gets (docs/architecture.md, "Tenant fences").
 NO_NEW_PRIVILEGES = "no-new-privileges:true"
@@ -45,6 +46,21 @@ DB_TMPFS = {
     "postgres": (_TMP, ("/run/postgresql", "rw,nosuid,nodev,size=1m")),
     "redis": (_TMP,),
 }
+
+
+# --- storage: the filesystem behind each data volume (agent/loopfs.py) -------------------
+
+
+def max_wal_size_mb(storage_mb: int) -> int:
+    """Postgres's WAL ceiling for a quota: an eighth of it, between 32 MB and 1 GB."""
+    return max(32, min(1024, storage_mb // 8))
+
+
+def fs_size_mb(storage_mb: int) -> int:
+    """The filesystem for a quota: the quota, twice the WAL ceiling (WAL may pass it
+    during a checkpoint) and 64 MB for ext4's own metadata and what is written between
+    two quota checks."""
+    return storage_mb + 2 * max_wal_size_mb(storage_mb) + 64
 
 
 class Mount(Struct, frozen=True):
@@ -85,6 +101,25 @@ class ContainerSpec(Struct, frozen=True):
     def spec_hash(self) -> str:
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
 
+    @property
+    def shape_hash(self) -> str:
+        """The hash without what changes in place: CPU and memory (`docker update`) and the
+        secret version (rotated inside the database). A container whose shape matches is
+        kept; the agent adjusts the rest (agent/upkeep.py). `spec_hash` stays as it was,
+        so containers made by an older agent are compared with it and not recreated."""
+        shape = msgspec.structs.replace(
+            self,
+            cpus=None,
+            memory_mb=None,
+            extra_labels=tuple(kv for kv in self.extra_labels if kv[0] != SECRET_VERSION_LABEL),
+        )
+        return hashlib.sha256(msgspec.json.encode(shape)).hexdigest()[:16]
+
+    def drifted(self, have_spec_hash: str, have_shape_hash: str) -> bool:
+        if have_shape_hash:
+            return have_shape_hash != self.shape_hash
+        return have_spec_hash != self.spec_hash
+
     def labels(self, host: str) -> dict[str, str]:
         labels = {
             model.LABEL_MANAGED: "1",
@@ -92,6 +127,7 @@ class ContainerSpec(Struct, frozen=True):
             model.LABEL_PROJECT: self.project_id,
             model.LABEL_ROLE: self.role,
             model.LABEL_SPEC_HASH: self.spec_hash,
+            model.LABEL_SHAPE_HASH: self.shape_hash,
         }
         if self.addon_id:
             labels[model.LABEL_ADDON] = self.addon_id
@@ -177,7 +213,7 @@ def db_spec(project_id: str, addon: AddonSpec, images: Images, secret_dir: str) 
         cap_add=DB_CAPABILITIES,
         read_only_rootfs=True,
         tmpfs=DB_TMPFS[addon.kind],
-        extra_labels=(("orkestr.secret-version", str(addon.secret_version)),),
+        extra_labels=((SECRET_VERSION_LABEL, str(addon.secret_version)),),
     )
 
 

@@ -154,6 +154,8 @@ def addon_status(
     generation: int,
     conditions: tuple[Condition, ...],
     view: SleepView,
+    usage_bytes: int | None = None,
+    quota_bytes: int | None = None,
 ) -> AddonStatus:
     return AddonStatus(
         id=addon.id,
@@ -168,4 +170,6 @@ def addon_status(
         sleeps=view.sleeps,
         wakes=view.wakes,
         last_wake_ms=view.last_wake_ms,
+        usage_bytes=usage_bytes,
+        quota_bytes=quota_bytes,
     )

@@ -250,12 +250,17 @@ class Api:
         r.add_post("/v1/projects", self.create_project)
         r.add_get("/v1/projects", self.list_projects)
         r.add_get("/v1/projects/{project_id}", self.show_project)
+        r.add_patch("/v1/projects/{project_id}", self.update_project)
+        r.add_delete("/v1/projects/{project_id}", self.delete_project)
         r.add_post("/v1/projects/{project_id}/addons", self.create_addon)
         r.add_get("/v1/projects/{project_id}/addons", self.list_addons)
         r.add_get("/v1/projects/{project_id}/addons/{addon_id}", self.show_addon)
-        r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
         r.add_patch("/v1/projects/{project_id}/addons/{addon_id}", self.update_addon)
+        r.add_delete("/v1/projects/{project_id}/addons/{addon_id}", self.delete_addon)
         r.add_post("/v1/projects/{project_id}/addons/{addon_id}/promote", self.promote_addon)
+        r.add_post(
+            "/v1/projects/{project_id}/addons/{addon_id}/rotate-credentials", self.rotate_addon
+        )
         r.add_get("/v1/projects/{project_id}/env", self.project_env)
         r.add_patch("/v1/projects/{project_id}/env", self.update_env)
         r.add_post("/v1/projects/{project_id}/releases", self.create_release)
@@ -359,6 +364,25 @@ class Api:
         project = await store.get_project(self._pool, _path_id(request, "project_id"))
         return json_response(project_view(project))
 
+    async def update_project(self, request: web.Request) -> web.Response:
+        """A plan change: the host resizes the add-ons in place (see agent/upkeep.py)."""
+        require_operator(request)  # the plan is what the tenant pays for
+        project_id = _path_id(request, "project_id")
+        body = await read_body(request, bodies.ProjectUpdate)
+        bodies.check_project(body, self._plans)
+        before = await store.get_project(self._pool, project_id)
+        project = await store.change_plan(self._pool, project_id, body.plan, self._plans)
+        self._dirty.mark(project.host)
+        log(logger, "project_plan_changed", project=project.id, old=before.plan, plan=body.plan)
+        return json_response(project_view(project))
+
+    async def delete_project(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        project, gone = await store.delete_project(self._pool, _path_id(request, "project_id"))
+        self._dirty.mark(project.host)
+        log(logger, "project_deleted", project=project.id, rows_gone=gone)
+        return json_response(project_view(project), 202)
+
     # --- add-ons ----------------------------------------------------------------------
 
     async def create_addon(self, request: web.Request) -> web.Response:
@@ -369,7 +393,14 @@ class Api:
         sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
         try:
             addon = await store.create_addon(
-                self._pool, project_id, addon_id, body.name, body.kind, self._plans, sealed
+                self._pool,
+                project_id,
+                addon_id,
+                body.name,
+                body.kind,
+                self._plans,
+                sealed,
+                body.deletion_protection,
             )
         except PlanLimitReached:
             self._metrics.plan_limit_rejections.labels(
@@ -414,8 +445,26 @@ class Api:
         addon_id = _path_id(request, "addon_id")
         body = await read_body(request, bodies.AddonUpdate)
         bodies.check_addon_update(body)
-        await variables.set_env_name(self._pool, project_id, addon_id, body.env_name)
-        log(logger, "addon_env_name_set", project=project_id, addon=addon_id, name=body.env_name)
+        if not isinstance(body.env_name, msgspec.UnsetType):
+            await variables.set_env_name(self._pool, project_id, addon_id, body.env_name)
+            log(
+                logger,
+                "addon_env_name_set",
+                project=project_id,
+                addon=addon_id,
+                name=body.env_name,
+            )
+        if not isinstance(body.deletion_protection, msgspec.UnsetType):
+            await store.set_deletion_protection(
+                self._pool, project_id, addon_id, body.deletion_protection
+            )
+            log(
+                logger,
+                "addon_protection_set",
+                project=project_id,
+                addon=addon_id,
+                protected=body.deletion_protection,
+            )
         return json_response(
             await self._addon_view(await store.get_addon(self._pool, project_id, addon_id))
         )
@@ -440,6 +489,22 @@ class Api:
         found = await store.credentials(self._pool, self._sealer, project_id, host)
         own = await variables.user_variables(self._pool, self._sealer, project_id)
         return EnvView(env=compose_env(found, own))
+
+    async def rotate_addon(self, request: web.Request) -> web.Response:
+        """A new password; the previous one works for `secrets.rotation_grace_s` more."""
+        project_id = _path_id(request, "project_id")
+        addon_id = _path_id(request, "addon_id")
+        sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
+        addon = await store.rotate_password(self._pool, project_id, addon_id, sealed)
+        self._dirty.mark(addon.host)
+        log(
+            logger,
+            "addon_credentials_rotated",
+            project=project_id,
+            addon=addon.id,
+            secret_version=addon.secret_version,
+        )
+        return json_response(await self._addon_view(addon), 202)
 
     async def project_env(self, request: web.Request) -> web.Response:
         return json_response(await self._env(_path_id(request, "project_id")))
@@ -654,11 +719,17 @@ class Api:
         host = principal_of(request).host
         assert host is not None
         addon_id = _path_id(request, "addon_id")
-        secret = await store.addon_secret(self._pool, self._sealer, host, addon_id)
+        secret = await store.addon_secret(
+            self._pool, self._sealer, host, addon_id, self._config.rotation_grace_s
+        )
         # Deliberately no password in the log line.
         log(logger, "secret_served", host=host, addon=request.match_info["addon_id"])
         return json_response(
-            agent_api.AddonSecret(password=secret.password, secret_version=secret.secret_version)
+            agent_api.AddonSecret(
+                password=secret.password,
+                secret_version=secret.secret_version,
+                previous_valid_until=secret.previous_valid_until,
+            )
         )
 
     async def agent_env(self, request: web.Request) -> web.Response:

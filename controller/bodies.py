@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from controller.env import DEFAULT_VARIABLES, VARIABLE_NAME, clashes_with_default, variable_name
 from controller.errors import InvalidBody, PayloadTooLarge
@@ -55,9 +55,14 @@ class ProjectCreate(Struct, frozen=True, forbid_unknown_fields=True):
     plan: Annotated[str, Meta(min_length=1, max_length=32)]
 
 
+class ProjectUpdate(Struct, frozen=True, forbid_unknown_fields=True):
+    plan: Annotated[str, Meta(min_length=1, max_length=32)]
+
+
 class AddonCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: DnsName
     kind: AddonKind
+    deletion_protection: bool = False
 
 
 class JobCreate(Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,10 +81,14 @@ class EnvUpdate(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
-    env_name: VariableName | None
+    # Each field is optional; a field left out is left as it is (null clears env_name).
+    env_name: VariableName | UnsetType | None = UNSET
+    deletion_protection: bool | UnsetType = UNSET
 
 
 def check_addon_update(body: AddonUpdate) -> None:
+    if body.env_name is UNSET and body.deletion_protection is UNSET:
+        raise InvalidBody("expected at least one of env_name, deletion_protection")
     if body.env_name in DEFAULT_VARIABLES.values():
         raise InvalidBody(
             f"env_name: {body.env_name} goes to the primary add-on of its kind; "
@@ -87,7 +96,7 @@ def check_addon_update(body: AddonUpdate) -> None:
         )
 
 
-def check_project(body: ProjectCreate, plans: Mapping[str, Plan]) -> None:
+def check_project(body: ProjectCreate | ProjectUpdate, plans: Mapping[str, Plan]) -> None:
     if body.plan not in plans:
         raise InvalidBody(f"plan: unknown plan {body.plan!r}; expected one of {', '.join(plans)}")
 

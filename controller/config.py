@@ -93,6 +93,9 @@ class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class SecretsSection(Struct, frozen=True, forbid_unknown_fields=True):
     key_file: Annotated[str, Meta(min_length=1)]
+    # After a rotation the previous password keeps working this long, so apps can be
+    # redeployed with the new variables before the old ones stop.
+    rotation_grace_s: Annotated[float, Meta(ge=0, le=30 * 86400)] = 3600.0
 
 
 class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -157,6 +160,7 @@ class Config(Struct, frozen=True):
     log: LogSection
     sealer: Sealer
     jobs: JobsSection = JobsSection()
+    rotation_grace_s: float = 3600.0
     backups: BackupsSection = BackupsSection()
 
 
@@ -244,6 +248,7 @@ def resolve(file: _File, base: Path) -> Config:
         backups=file.backups,
         sealer=Sealer.from_file(base / file.secrets.key_file),
         jobs=file.jobs,
+        rotation_grace_s=file.secrets.rotation_grace_s,
     )
 
 

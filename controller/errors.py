@@ -12,6 +12,8 @@
         ├── MethodNotAllowed     405 method_not_allowed
         ├── Conflict             409 conflict
         ├── PlanLimitReached     409 plan_limit_reached
+        ├── PlanChangeRefused    409 plan_change_refused
+        ├── DeletionProtected    409 deletion_protected
         ├── TooManyPendingJobs   409 too_many_pending_jobs
         ├── PayloadTooLarge      413 payload_too_large
         ├── InvalidBody          422 invalid_body
@@ -93,6 +95,18 @@ class Conflict(ApiError):
 class PlanLimitReached(ApiError):
     status = 409
     code = "plan_limit_reached"
+
+
+class PlanChangeRefused(ApiError):
+    """A downgrade the project's add-on count or storage usage would not fit."""
+
+    status = 409
+    code = "plan_change_refused"
+
+
+class DeletionProtected(ApiError):
+    status = 409
+    code = "deletion_protected"
 
 
 class TooManyPendingJobs(ApiError):

@@ -27,7 +27,7 @@ class Plan(Struct, frozen=True, forbid_unknown_fields=True):
     cpus: Annotated[float, Meta(gt=0, le=256)]
     memory_mb: Annotated[int, Meta(ge=32, le=1024 * 1024)]
     sleep: SleepPolicy = SleepPolicy()
-    # Storage quotas: carried, not yet enforced.
+    # Each add-on's storage quota (None: none), enforced by agent/upkeep.py.
     storage_mb: Annotated[int, Meta(ge=1)] | None = None
     manual_backups_per_day: Annotated[int, Meta(ge=0)] = 0
     backup_retention_days: Annotated[int, Meta(ge=0)] = 0

@@ -20,7 +20,7 @@ from msgspec import Meta, Struct
 
 from controller.bodies import ImageRef
 from controller.db import Pool, transaction
-from controller.errors import NotFound
+from controller.errors import Conflict, NotFound
 from controller.rows import uuid_of
 from controller.sealing import Sealer
 from schemas.messages import DnsName
@@ -95,10 +95,14 @@ async def _insert(
     apps: Sequence[AppDef],
     description: str,
 ) -> ReleaseRow:
-    if not await conn.fetchval(
-        "SELECT true FROM projects WHERE id = $1 FOR UPDATE", uuid_of(project_id)
-    ):
+    deleting = await conn.fetchval(
+        "SELECT deleted_at IS NOT NULL FROM projects WHERE id = $1 FOR UPDATE",
+        uuid_of(project_id),
+    )
+    if deleting is None:
         raise NotFound(f"project {project_id} does not exist")
+    if deleting:
+        raise Conflict(f"project {project_id} is being deleted")
     number = 1 + await conn.fetchval(
         "SELECT coalesce(max(number), 0) FROM releases WHERE project_id = $1", uuid_of(project_id)
     )

@@ -6,6 +6,7 @@ twice. A host only ever changes rows of projects placed on it (checked in the SQ
 
 from __future__ import annotations
 
+from controller import store
 from controller.db import Pool, transaction
 from controller.rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
 from schemas.messages import MAX_GENERATION, HostStatus, JobResult, Presence
@@ -88,6 +89,8 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
                 [uuid_of(i) for i in status.removed],
             )
             purged = [hex_of(r["id"]) for r in rows]
+            # A deleted project's rows go with its last add-on.
+            await store.purge_deleted_projects(conn, host)
     return StatusOutcome(inserted=inserted, generation_behind=behind is not None, purged=purged)
 
 

@@ -34,6 +34,7 @@ class ProjectRow(Struct, frozen=True):
     plan: str
     host: str
     created_at: datetime
+    deleted_at: datetime | None = None
 
 
 class AddonRow(Struct, frozen=True):
@@ -50,6 +51,8 @@ class AddonRow(Struct, frozen=True):
     observed_generation: int | None
     env_name: str | None = None  # an exact custom variable name, besides <NAME>_URL
     promoted_at: datetime | None = None  # the newest promotion is its kind's primary
+    deletion_protection: bool = False
+    rotated_at: datetime | None = None
 
 
 class JobRow(Struct, frozen=True):
@@ -76,6 +79,8 @@ class StatusOutcome(Struct, frozen=True):
 class Secret(Struct, frozen=True):
     password: str
     secret_version: int
+    # Until then the password before the last rotation still works (None: no grace).
+    previous_valid_until: datetime | None = None
 
 
 def new_id() -> str:

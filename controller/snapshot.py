@@ -31,7 +31,9 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
     """A consistent snapshot of everything placed on `host`, with a fresh generation."""
     async with transaction(pool, isolation="repeatable_read") as conn:
         projects = await conn.fetch(
-            "SELECT id, name, plan FROM projects WHERE host = $1 ORDER BY created_at, id", host
+            """SELECT id, name, plan, deleted_at IS NOT NULL AS deleted FROM projects
+            WHERE host = $1 ORDER BY created_at, id""",
+            host,
         )
         addons = await conn.fetch(
             """SELECT a.id, a.project_id, a.name, a.kind, a.database, a."user",
@@ -76,6 +78,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
         )
         generation = await conn.fetchval("SELECT nextval('desired_generation')")
     plan_of = {r["id"]: plans[r["plan"]] for r in projects}
+    plan_name = {r["id"]: r["plan"] for r in projects}
     addons_of = _by_project(addons)
     jobs_of = _by_project(jobs)
     backups_of = _by_project(backups)
@@ -91,7 +94,10 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             ProjectSpec(
                 id=hex_of(p["id"]),
                 name=p["name"],
-                addons=tuple(_addon_spec(a, plan_of[p["id"]]) for a in addons_of.get(p["id"], ())),
+                addons=tuple(
+                    _addon_spec(a, plan_name[p["id"]], plan_of[p["id"]])
+                    for a in addons_of.get(p["id"], ())
+                ),
                 jobs=tuple(
                     JobSpec(
                         id=hex_of(j["id"]),
@@ -121,7 +127,9 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                         release=apps_of[p["id"]][0],
                         resources=plan_of[p["id"]].resources,
                     )
+                    # A project being deleted runs no apps: they leave before its network.
                     for a in apps_of.get(p["id"], (0, ()))[1]
+                    if not p["deleted"]
                 ),
             )
             for p in projects
@@ -136,7 +144,7 @@ def _by_project(rows: Iterable[Mapping[str, Any]]) -> dict[uuid.UUID, list[Mappi
     return grouped
 
 
-def _addon_spec(r: Mapping[str, Any], plan: Plan) -> AddonSpec:
+def _addon_spec(r: Mapping[str, Any], plan_name: str, plan: Plan) -> AddonSpec:
     return AddonSpec(
         id=hex_of(r["id"]),
         name=r["name"],
@@ -147,4 +155,6 @@ def _addon_spec(r: Mapping[str, Any], plan: Plan) -> AddonSpec:
         sleep=plan.sleep,
         secret_version=r["secret_version"],
         deleted=r["deleted"],
+        plan=plan_name,
+        storage_mb=plan.storage_mb,
     )

@@ -15,12 +15,14 @@ from controller.db import Connection, Pool, transaction
 from controller.env import Credentials
 from controller.errors import (
     Conflict,
+    DeletionProtected,
     NoHostAvailable,
     NotFound,
+    PlanChangeRefused,
     PlanLimitReached,
     TooManyPendingJobs,
 )
-from controller.plans import Plan
+from controller.plans import Plan, Plans
 from controller.rows import (
     AddonRow,
     HostRow,
@@ -33,6 +35,7 @@ from controller.rows import (
     uuid_of,
 )
 from controller.sealing import Sealer
+from schemas.credentials import login_role
 from schemas.messages import AddonKind
 
 # Postgres role and database created inside every Postgres add-on.
@@ -42,7 +45,8 @@ ADDON_USER = "app"
 
 # --- projects -------------------------------------------------------------------------
 
-_PROJECT_COLUMNS = "p.id, p.name, p.plan, p.host, p.created_at"
+_PROJECT_COLUMNS = "p.id, p.name, p.plan, p.host, p.created_at, p.deleted_at"
+MIB = 1024 * 1024
 
 
 def _project(r: Mapping[str, Any]) -> ProjectRow:
@@ -52,6 +56,7 @@ def _project(r: Mapping[str, Any]) -> ProjectRow:
         plan=r["plan"],
         host=r["host"],
         created_at=r["created_at"],
+        deleted_at=r["deleted_at"],
     )
 
 
@@ -107,6 +112,132 @@ async def list_projects(pool: Pool, only: str | None = None) -> list[ProjectRow]
     return [_project(r) for r in rows]
 
 
+async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans) -> ProjectRow:
+    """Move a project to another plan, unless its add-ons would not fit the new one.
+
+    The project row is locked, so no add-on is created meanwhile; a refused change
+    leaves everything as it was.
+    """
+    async with transaction(pool) as conn:
+        project = await _lock_project(conn, project_id, for_change=True)
+        plan = plans[plan_name]
+        rows = await conn.fetch(
+            """SELECT name, deleted_at IS NOT NULL AS deleted, status->'usage_bytes' AS usage
+            FROM addons WHERE project_id = $1 ORDER BY created_at, id""",
+            project["id"],
+        )
+        usages = {
+            r["name"]: int(r["usage"]) for r in rows if not r["deleted"] and r["usage"] is not None
+        }
+        problems = plan_change_problems(plan_name, plan, len(rows), usages)
+        if problems:
+            raise PlanChangeRefused(
+                f"cannot move project to plan {plan_name!r}: " + "; ".join(problems)
+            )
+        row = await conn.fetchrow(
+            f"UPDATE projects p SET plan = $2 WHERE id = $1 RETURNING {_PROJECT_COLUMNS}",
+            project["id"],
+            plan_name,
+        )
+    return _project(row)
+
+
+def plan_change_problems(
+    plan_name: str, plan: Plan, addon_count: int, usage_bytes: Mapping[str, int]
+) -> list[str]:
+    """What keeps a project from a plan: too many add-ons, add-ons over its storage quota."""
+    problems: list[str] = []
+    if addon_count > plan.max_addons:
+        problems.append(
+            f"plan {plan_name!r} allows {plan.max_addons} add-on(s) and the project has "
+            f"{addon_count} (delete some first)"
+        )
+    if plan.storage_mb is not None:
+        over = {n: b for n, b in usage_bytes.items() if b > plan.storage_mb * MIB}
+        problems += [
+            f"plan {plan_name!r} allows {plan.storage_mb} MB per add-on and add-on {n!r} "
+            f"uses {b / MIB:.1f} MB (free some space first)"
+            for n, b in sorted(over.items())
+        ]
+    return problems
+
+
+async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]:
+    """Start deleting a project: tombstone its add-ons and cancel its pending jobs.
+
+    Refused while an add-on is protected. The project's rows go once its host confirms
+    that every add-on is gone (`purge_deleted_projects`), at once if it has none; returns
+    the project and whether its rows are already gone.
+    """
+    async with transaction(pool) as conn:
+        project = await _lock_project(conn, project_id)
+        protected = [
+            r["name"]
+            for r in await conn.fetch(
+                """SELECT name FROM addons WHERE project_id = $1 AND deleted_at IS NULL
+                AND deletion_protection ORDER BY name""",
+                project["id"],
+            )
+        ]
+        if protected:
+            raise DeletionProtected(
+                f"add-on(s) {', '.join(map(repr, protected))} are protected against deletion; "
+                "clear deletion_protection first (PATCH the add-on)"
+            )
+        row = await conn.fetchrow(
+            f"""UPDATE projects p SET deleted_at = coalesce(deleted_at, now()) WHERE id = $1
+            RETURNING {_PROJECT_COLUMNS}""",
+            project["id"],
+        )
+        await conn.execute(
+            "UPDATE addons SET deleted_at = now() WHERE project_id = $1 AND deleted_at IS NULL",
+            project["id"],
+        )
+        await conn.execute(
+            """UPDATE jobs SET state = 'cancelled', finished_at = clock_timestamp(),
+                error = 'project deleted' WHERE project_id = $1 AND state = 'pending'""",
+            project["id"],
+        )
+        # Backups not started yet never will be; files already made stay in the store
+        # (as for a deleted add-on), their rows go with the add-ons.
+        await conn.execute(
+            """UPDATE backup_restores SET state = 'failed', finished_at = clock_timestamp(),
+                error = 'project deleted' WHERE state = 'pending'
+                AND addon_id IN (SELECT id FROM addons WHERE project_id = $1)""",
+            project["id"],
+        )
+        await conn.execute(
+            """UPDATE backups SET state = 'failed', finished_at = clock_timestamp(),
+                error = 'project deleted', verify_requested = false
+            WHERE project_id = $1 AND state = 'pending'""",
+            project["id"],
+        )
+        await conn.execute(
+            "UPDATE backups SET verify_requested = false WHERE project_id = $1",
+            project["id"],
+        )
+        gone = bool(await purge_deleted_projects(conn, project["host"], project["id"]))
+    return _project(row), gone
+
+
+async def purge_deleted_projects(conn: Connection, host: str, only: Any | None = None) -> list[str]:
+    """Delete the rows of deleted projects on `host` whose add-ons are all gone."""
+    rows = await conn.fetch(
+        """SELECT p.id FROM projects p WHERE p.host = $1 AND p.deleted_at IS NOT NULL
+          AND ($2::uuid IS NULL OR p.id = $2)
+          AND NOT EXISTS (SELECT 1 FROM addons a WHERE a.project_id = p.id)
+        FOR UPDATE""",
+        host,
+        only,
+    )
+    ids = [r["id"] for r in rows]
+    if ids:
+        for table in ("project_tokens", "jobs"):
+            await conn.execute(f"DELETE FROM {table} WHERE project_id = ANY($1::uuid[])", ids)
+        await conn.execute("DELETE FROM projects WHERE id = ANY($1::uuid[])", ids)
+    return [hex_of(i) for i in ids]
+
+
 async def plans_in_use(pool: Pool) -> set[str]:
     async with transaction(pool) as conn:
         return {r["plan"] for r in await conn.fetch("SELECT DISTINCT plan FROM projects")}
@@ -116,7 +247,8 @@ async def plans_in_use(pool: Pool) -> set[str]:
 
 _ADDON_COLUMNS = """
     a.id, a.project_id, p.plan, p.host, a.name, a.kind, a.secret_version, a.created_at,
-    a.deleted_at, a.status::text AS status, a.observed_generation, a.env_name, a.promoted_at
+    a.deleted_at, a.status::text AS status, a.observed_generation, a.env_name, a.promoted_at,
+    a.deletion_protection, a.rotated_at
 """
 
 
@@ -135,15 +267,23 @@ def _addon(r: Mapping[str, Any]) -> AddonRow:
         observed_generation=r["observed_generation"],
         env_name=r["env_name"],
         promoted_at=r["promoted_at"],
+        deletion_protection=r["deletion_protection"],
+        rotated_at=r["rotated_at"],
     )
 
 
-async def _lock_project(conn: Connection, project_id: str) -> Mapping[str, Any]:
+async def _lock_project(
+    conn: Connection, project_id: str, for_change: bool = False
+) -> Mapping[str, Any]:
+    """Lock a project's row; with `for_change`, refuse one that is being deleted."""
     row = await conn.fetchrow(
-        "SELECT id, plan, host FROM projects WHERE id = $1 FOR UPDATE", uuid_of(project_id)
+        "SELECT id, plan, host, deleted_at FROM projects WHERE id = $1 FOR UPDATE",
+        uuid_of(project_id),
     )
     if row is None:
         raise NotFound(f"project {project_id} does not exist")
+    if for_change and row["deleted_at"] is not None:
+        raise Conflict(f"project {project_id} is being deleted")
     result: Mapping[str, Any] = row
     return result
 
@@ -156,6 +296,7 @@ async def create_addon(
     kind: AddonKind,
     plans: Mapping[str, Plan],
     password_sealed: bytes,
+    deletion_protection: bool = False,
 ) -> AddonRow:
     """Insert an add-on unless the project's plan limit is reached.
 
@@ -165,7 +306,7 @@ async def create_addon(
     """
     try:
         async with transaction(pool) as conn:
-            project = await _lock_project(conn, project_id)
+            project = await _lock_project(conn, project_id, for_change=True)
             plan = plans[project["plan"]]
             used = await conn.fetchval(
                 "SELECT count(*) FROM addons WHERE project_id = $1", project["id"]
@@ -184,8 +325,9 @@ async def create_addon(
                 f"""
                 WITH a AS (
                     INSERT INTO addons
-                        (id, project_id, name, kind, database, "user", password_sealed)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                        (id, project_id, name, kind, database, "user", password_sealed,
+                         deletion_protection)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                     RETURNING *
                 )
                 SELECT {_ADDON_COLUMNS} FROM a JOIN projects p ON p.id = a.project_id
@@ -197,6 +339,7 @@ async def create_addon(
                 ADDON_DATABASE,
                 ADDON_USER,
                 password_sealed,
+                deletion_protection,
             )
     except Conflict:
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None
@@ -231,12 +374,59 @@ async def get_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
 async def tombstone_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
     """Mark an add-on deleted (idempotent); the row goes when its host confirms removal."""
     async with transaction(pool) as conn:
+        if await conn.fetchval(
+            """SELECT deletion_protection FROM addons
+            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL""",
+            uuid_of(addon_id),
+            uuid_of(project_id),
+        ):
+            raise DeletionProtected(
+                f"add-on {addon_id} is protected against deletion; "
+                "clear deletion_protection first (PATCH the add-on)"
+            )
         await conn.execute(
             "UPDATE addons SET deleted_at = now() "
             "WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL",
             uuid_of(addon_id),
             uuid_of(project_id),
         )
+    return await get_addon(pool, project_id, addon_id)
+
+
+async def set_deletion_protection(
+    pool: Pool, project_id: str, addon_id: str, protected: bool
+) -> AddonRow:
+    async with transaction(pool) as conn:
+        changed = await conn.fetchval(
+            """UPDATE addons SET deletion_protection = $3
+            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL RETURNING true""",
+            uuid_of(addon_id),
+            uuid_of(project_id),
+            protected,
+        )
+    if not changed:
+        addon = await get_addon(pool, project_id, addon_id)  # NotFound if missing
+        raise Conflict(f"add-on {addon.id} is being deleted")
+    return await get_addon(pool, project_id, addon_id)
+
+
+async def rotate_password(
+    pool: Pool, project_id: str, addon_id: str, password_sealed: bytes
+) -> AddonRow:
+    """A new password and secret_version; the agent applies it, the previous one keeps
+    working for the controller's grace period."""
+    async with transaction(pool) as conn:
+        changed = await conn.fetchval(
+            """UPDATE addons SET password_sealed = $3, secret_version = secret_version + 1,
+                rotated_at = clock_timestamp()
+            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL RETURNING true""",
+            uuid_of(addon_id),
+            uuid_of(project_id),
+            password_sealed,
+        )
+    if not changed:
+        addon = await get_addon(pool, project_id, addon_id)
+        raise Conflict(f"add-on {addon.id} is being deleted")
     return await get_addon(pool, project_id, addon_id)
 
 
@@ -251,8 +441,9 @@ async def credentials(
                 f"project {project_id} does not exist" + (f" on host {host}" if host else "")
             )
         rows = await conn.fetch(
-            """SELECT id, name, kind, database, "user", password_sealed, created_at, env_name,
-                promoted_at FROM addons WHERE project_id = $1 AND deleted_at IS NULL""",
+            """SELECT id, name, kind, database, "user", secret_version, password_sealed,
+                created_at, env_name, promoted_at
+            FROM addons WHERE project_id = $1 AND deleted_at IS NULL""",
             uuid_of(project_id),
         )
     return [
@@ -261,7 +452,7 @@ async def credentials(
             name=r["name"],
             kind=r["kind"],
             database=r["database"],
-            user=r["user"],
+            user=login_role(r["user"], r["secret_version"]),
             password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
             created_at=r["created_at"],
             env_name=r["env_name"],
@@ -271,22 +462,31 @@ async def credentials(
     ]
 
 
-async def addon_secret(pool: Pool, sealer: Sealer, host: str, addon_id: str) -> Secret:
-    """An add-on's password, only for the host its project is placed on.
+async def addon_secret(
+    pool: Pool, sealer: Sealer, host: str, addon_id: str, grace_s: float = 0.0
+) -> Secret:
+    """An add-on's password, only for the host its project is placed on, and until when
+    the password before the last rotation keeps working.
 
     Tombstoned add-ons still answer until purged: an agent may be mid-provision.
     """
     async with transaction(pool) as conn:
         row = await conn.fetchrow(
-            """SELECT a.password_sealed, a.secret_version FROM addons a
+            """SELECT a.password_sealed, a.secret_version,
+                a.rotated_at + make_interval(secs => $3) AS valid_until FROM addons a
             JOIN projects p ON p.id = a.project_id WHERE a.id = $1 AND p.host = $2""",
             uuid_of(addon_id),
             host,
+            grace_s,
         )
     if row is None:
         raise NotFound(f"add-on {addon_id} is not placed on host {host}")
     password = sealer.open(row["password_sealed"], addon_id.encode())
-    return Secret(password=password, secret_version=row["secret_version"])
+    return Secret(
+        password=password,
+        secret_version=row["secret_version"],
+        previous_valid_until=row["valid_until"],
+    )
 
 
 async def seal_plaintext_passwords(pool: Pool, sealer: Sealer) -> int:
@@ -339,7 +539,7 @@ async def create_job(
     of its project and of its host, so no tenant can grow a host's desired state past
     what the agent accepts."""
     async with transaction(pool) as conn:
-        project = await _lock_project(conn, project_id)
+        project = await _lock_project(conn, project_id, for_change=True)
         # Serialise job creation per host, so the host's budget is counted exactly.
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('orkestr.jobs.' || $1))", project["host"]

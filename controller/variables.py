@@ -40,11 +40,14 @@ def _context(project_id: str, name: str) -> bytes:
 
 
 async def _lock(conn: Connection, project_id: str) -> None:
-    found = await conn.fetchval(
-        "SELECT true FROM projects WHERE id = $1 FOR UPDATE", uuid_of(project_id)
+    deleting = await conn.fetchval(
+        "SELECT deleted_at IS NOT NULL FROM projects WHERE id = $1 FOR UPDATE",
+        uuid_of(project_id),
     )
-    if not found:
+    if deleting is None:
         raise NotFound(f"project {project_id} does not exist")
+    if deleting:
+        raise Conflict(f"project {project_id} is being deleted")
 
 
 async def _live(conn: Connection, project_id: str) -> list[Named]:

@@ -64,6 +64,7 @@ class ProjectView(Struct, frozen=True):
     plan: str
     host: str
     created_at: datetime
+    deleted_at: datetime | None  # being deleted: its add-ons go first, then its rows
 
 
 class AddonView(Struct, frozen=True):
@@ -89,6 +90,11 @@ class AddonView(Struct, frozen=True):
     sleeps: int
     wakes: int
     last_wake_ms: tuple[float, ...]
+    deletion_protection: bool
+    secret_version: int
+    rotated_at: datetime | None
+    usage_bytes: int | None
+    quota_bytes: int | None
 
 
 class JobView(Struct, frozen=True):
@@ -158,7 +164,14 @@ class EnvView(Struct, frozen=True):
 
 
 def project_view(p: ProjectRow) -> ProjectView:
-    return ProjectView(id=p.id, name=p.name, plan=p.plan, host=p.host, created_at=p.created_at)
+    return ProjectView(
+        id=p.id,
+        name=p.name,
+        plan=p.plan,
+        host=p.host,
+        created_at=p.created_at,
+        deleted_at=p.deleted_at,
+    )
 
 
 def addon_view(
@@ -193,6 +206,11 @@ def addon_view(
         sleeps=s.sleeps if s else 0,
         wakes=s.wakes if s else 0,
         last_wake_ms=s.last_wake_ms if s else (),
+        deletion_protection=a.deletion_protection,
+        secret_version=a.secret_version,
+        rotated_at=a.rotated_at,
+        usage_bytes=s.usage_bytes if s else None,
+        quota_bytes=s.quota_bytes if s else None,
     )
 
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[services] %s\n' "$*"; }
 
 packages=(docker.io mosquitto mosquitto-clients postgresql postgresql-client redis-tools
-          debootstrap iptables iproute2 util-linux python3-venv openssl)
+          debootstrap iptables iproute2 util-linux e2fsprogs python3-venv openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

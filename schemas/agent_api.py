@@ -7,6 +7,8 @@ these structs; `controller/api.py` serves them. Every route takes the host's age
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from msgspec import Struct
 
 # aiohttp route patterns; the agent fills them with `.format(...)`.
@@ -20,6 +22,8 @@ class AddonSecret(Struct, frozen=True):
 
     password: str
     secret_version: int
+    # After a rotation the previous password keeps working until then (the grace period).
+    previous_valid_until: datetime | None = None
 
 
 class ProjectEnv(Struct, frozen=True):

@@ -67,6 +67,9 @@ class AddonSpec(Struct, frozen=True, forbid_unknown_fields=True):
     secret_version: Annotated[int, Meta(ge=1)] = 1
     # A tombstone: only this, never a missing entry, makes the agent delete data.
     deleted: bool = False
+    # The project's plan and its storage quota: past it the add-on refuses writes.
+    plan: Annotated[str, Meta(max_length=32)] = ""
+    storage_mb: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
 
 
 class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
@@ -152,6 +155,10 @@ class AddonStatus(Struct, frozen=True, forbid_unknown_fields=True):
     sleeps: Count = 0
     wakes: Count = 0
     last_wake_ms: tuple[float, ...] = ()
+    # Bytes the add-on's data takes, as the database itself counts them (None: not
+    # measured yet), and the quota they are held to.
+    usage_bytes: Count | None = None
+    quota_bytes: Count | None = None
 
 
 class Capacity(Struct, frozen=True, forbid_unknown_fields=True):

@@ -66,6 +66,21 @@ def remove_host_objects(host: str) -> None:
         subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
 
 
+def detach_loops(under: Path) -> None:
+    """Loop devices of the add-on filesystems (agent/loopfs.py) whose images live under
+    `under`, once their volumes are gone."""
+    out = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        if back.strip().startswith(str(under)):
+            subprocess.run(["losetup", "-d", name], check=False)
+
+
 def agent_capabilities() -> list[str]:
     """Run the agent with only the capabilities its systemd unit leaves it, as in production."""
     unit = (ROOT / "systemd" / "orkestr-agent.service").read_text()
@@ -74,8 +89,32 @@ def agent_capabilities() -> list[str]:
         for line in unit.splitlines()
         if line.startswith("CapabilityBoundingSet=")
     )
+    # Only those this machine grants at all (a container may lack CAP_SYS_RESOURCE):
+    # setpriv cannot add a capability its own bounding set does not hold.
+    caps = [c for c in caps if c in _bounding_set()]
     keep = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
     return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
+
+
+# The capability numbers the agent's unit names (linux/capability.h).
+_CAP_NUMBERS = {
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_RESOURCE": 24,
+}
+
+
+def _bounding_set() -> set[str]:
+    status = Path("/proc/self/status").read_text()
+    mask = int(status.split("CapBnd:")[1].split()[0], 16)
+    return {name for name, bit in _CAP_NUMBERS.items() if mask >> bit & 1}
+
+
+def has_capability(name: str) -> bool:
+    return name in _bounding_set()
 
 
 class AgentProcess:
@@ -314,6 +353,7 @@ async def running_agent(stack: Stack, agent_extra: str = "") -> AsyncIterator[Ag
     finally:
         await proc.close()
         remove_host_objects(host)
+        detach_loops(proc.dir)
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))
         shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords

@@ -123,7 +123,7 @@ async def test_projects_on_every_plan(controller: ControllerProcess, fake_agent:
         name = unique()
         status, project = await controller.api("POST", "/v1/projects", {"name": name, "plan": plan})
         assert status == 201, project
-        assert set(project) == {"id", "name", "plan", "host", "created_at"}
+        assert set(project) == {"id", "name", "plan", "host", "created_at", "deleted_at"}
         assert re.fullmatch(r"[0-9a-f]{32}", project["id"])
         assert (project["name"], project["plan"]) == (name, plan)
         status, shown = await controller.api("GET", f"/v1/projects/{project['id']}")

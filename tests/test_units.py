@@ -17,7 +17,8 @@ from agent.config import AgentSection
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("orkestr-controller", "orkestr-wake-keeper", "orkestr-agent")
 # systemd-analyze security's exposure scale, 0 (safe) to 10 (exposed).
-MAX_EXPOSURE = {"orkestr-controller": 4.0, "orkestr-wake-keeper": 4.0, "orkestr-agent": 5.0}
+# The agent's 5.2: loop devices and CAP_SYS_RESOURCE for the add-on filesystems (0.2).
+MAX_EXPOSURE = {"orkestr-controller": 4.0, "orkestr-wake-keeper": 4.0, "orkestr-agent": 5.2}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
@@ -74,8 +75,12 @@ def test_agent_keeps_only_the_capabilities_it_uses() -> None:
     s = _settings("orkestr-agent")
     caps = set(" ".join(s["CapabilityBoundingSet"]).split())
     assert caps == {
-        "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE"
+        "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE",
+        "CAP_SYS_RESOURCE",
     }  # fmt: skip
+    # Devices: the loop devices of the add-on filesystems and nothing else.
+    assert s["DevicePolicy"] == ["closed"]
+    assert sorted(s["DeviceAllow"]) == ["/dev/loop-control rw", "block-loop rw"]
     writable = " ".join(s["ReadWritePaths"]).split()
     assert "/run" not in writable, writable
     # Wake relays (two descriptors each) fit under the descriptor limit with room to spare.

@@ -1,0 +1,437 @@
+"""Upkeep of a running add-on: plan sizing in place, password rotation, storage quota.
+
+Runs after each successful readiness probe, under the same guard (never against a
+sleeping database, never counted as a client's connection), as the platform role. Each
+step reads what Docker or the database says, compares it with the desired state and
+changes only the difference, so it is level-triggered like the reconcile: a step that
+fails is simply done again after the next probe.
+
+- Limits: `docker update` when the container's CPU or memory differ from the plan's.
+- Credentials: a new secret version is applied inside the database (`ALTER ROLE` on the
+  version's login role, schemas/credentials.py; `ACL SETUSER default >new` on Redis, which
+  keeps the old password as a second one); once the grace period has passed the old one is
+  cleared (`PASSWORD NULL` / `ACL SETUSER default <old`). Neither cuts open connections.
+- Quota: usage is measured in bytes; at WARNING_RATIO a condition says so; at the quota
+  Postgres refuses INSERT, UPDATE and DDL with a message naming the plan (statement
+  triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
+  free space), Redis gets `maxmemory` with `noeviction`. Both are lifted by the same check
+  once usage is under the quota again, or the plan grew.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agent import model
+from agent.conditions import ConditionBook
+from agent.docker import Docker
+from agent.errors import AgentError
+from agent.loopfs import LoopFs
+from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
+from agent.secrets import SecretStore
+from agent.specs import ADMIN_USER, DATA_DIRS, fs_size_mb, max_wal_size_mb
+from schemas.credentials import login_role
+from schemas.messages import PORTS, AddonSpec
+
+log = logging.getLogger("orkestr.agent.upkeep")
+
+MIB = 1024 * 1024
+WARNING_RATIO = 0.9
+# Redis refuses the write that would cross `maxmemory`, so a full Redis sits just under it.
+REDIS_FULL_RATIO = 0.97
+# Redis holds its data in memory: past this share of the container's memory it refuses
+# writes instead of being OOM-killed, whatever the storage quota says.
+REDIS_MEMORY_SHARE = 0.75
+QUOTA_OBJECT = "orkestr_quota"
+QuotaState = Literal["ok", "warning", "exceeded"]
+# Where the kernel counts OOM kills of a container's cgroup: v1 (cgroupfs), v2 (cgroupfs,
+# then systemd driver). A database's backend killed at the limit leaves the container up
+# (Postgres restarts its backends), so Docker's State.OOMKilled alone would miss it.
+OOM_FILES = (
+    "/sys/fs/cgroup/memory/docker/{id}/memory.oom_control",
+    "/sys/fs/cgroup/docker/{id}/memory.events",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.events",
+)
+
+
+def oom_kills(container_id: str) -> int | None:
+    for pattern in OOM_FILES:
+        try:
+            text = Path(pattern.format(id=container_id)).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
+
+
+def quota_state(usage: int, quota: int, full_ratio: float = 1.0) -> QuotaState:
+    if usage >= quota * full_ratio:
+        return "exceeded"
+    if usage >= quota * WARNING_RATIO:
+        return "warning"
+    return "ok"
+
+
+def quota_bytes(addon: AddonSpec) -> int | None:
+    if addon.kind == "redis":
+        ceiling = int(addon.resources.memory_mb * MIB * REDIS_MEMORY_SHARE)
+        return min(addon.storage_mb * MIB, ceiling) if addon.storage_mb else ceiling
+    return addon.storage_mb * MIB if addon.storage_mb else None
+
+
+def limits_differ(host_config: Mapping[str, Any], addon: AddonSpec) -> bool:
+    return (
+        int(host_config.get("NanoCpus") or 0) != int(addon.resources.cpus * 1e9)
+        or int(host_config.get("Memory") or 0) != addon.resources.memory_mb * MIB
+    )
+
+
+def refusal(addon: AddonSpec, usage: int, quota: int) -> str:
+    plan = f"plan {addon.plan!r}" if addon.plan else "the plan"
+    return (
+        f"storage quota exceeded: {plan} allows {quota // MIB} MB and this database uses "
+        f"{usage / MIB:.1f} MB; writes are refused until usage is under the quota "
+        "(DELETE then VACUUM, TRUNCATE or DROP TABLE free space) or the plan grows"
+    )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# Statement triggers refuse INSERT/UPDATE/COPY; the event trigger refuses DDL but DROP
+# (and our own statements: the platform role is exempt).
+_RESTRICT_SQL = """
+CREATE SCHEMA IF NOT EXISTS orkestr AUTHORIZATION {admin};
+REVOKE ALL ON SCHEMA orkestr FROM PUBLIC;
+CREATE OR REPLACE FUNCTION orkestr.quota_refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = {message};
+END $f$;
+CREATE OR REPLACE FUNCTION orkestr.quota_refuse_ddl() RETURNS event_trigger
+LANGUAGE plpgsql AS $f$
+BEGIN
+  IF session_user <> {admin_literal} AND tg_tag NOT LIKE 'DROP %' THEN
+    RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = {message};
+  END IF;
+END $f$;
+DO $d$
+DECLARE t record;
+BEGIN
+  FOR t IN SELECT c.oid::regclass AS rel FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+        AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname <> 'orkestr'
+        AND NOT EXISTS (SELECT 1 FROM pg_trigger g
+                        WHERE g.tgrelid = c.oid AND g.tgname = '{name}')
+  LOOP
+    EXECUTE format('CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION orkestr.quota_refuse()', t.rel);
+  END LOOP;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = '{name}') THEN
+    CREATE EVENT TRIGGER {name} ON ddl_command_start
+      EXECUTE FUNCTION orkestr.quota_refuse_ddl();
+  END IF;
+END $d$;
+"""
+
+_REINSTATE_SQL = """
+DROP EVENT TRIGGER IF EXISTS {name};
+DO $d$
+DECLARE t record;
+BEGIN
+  FOR t IN SELECT g.tgrelid::regclass AS rel FROM pg_trigger g WHERE g.tgname = '{name}'
+  LOOP
+    EXECUTE format('DROP TRIGGER IF EXISTS {name} ON %s', t.rel);
+  END LOOP;
+END $d$;
+"""
+
+
+class Upkeep:
+    def __init__(
+        self,
+        docker: Docker,
+        secrets: SecretStore,
+        book: ConditionBook,
+        loopfs: LoopFs | None = None,
+    ) -> None:
+        self.docker = docker
+        self.loopfs = loopfs
+        self.secrets = secrets
+        self.book = book
+        self.usage: dict[str, int] = {}
+        self.quota: dict[str, int] = {}
+
+    async def tend(self, project_id: str, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        """One round for one add-on; errors are logged and retried after the next probe."""
+        try:
+            await self._limits(addon)
+            if addon.kind == "postgres":
+                await self._postgres(addon, ip, timeout_s)
+            else:
+                await self._redis(addon, ip, timeout_s)
+        except (AgentError, OSError, TimeoutError, asyncpg.PostgresError, RedisError) as exc:
+            log.warning("upkeep.failed addon=%s error=%s", addon.id, exc)
+            return
+        usage, quota = self.usage.get(addon.id), self.quota.get(addon.id)
+        if usage is not None:
+            ADDON_USAGE_BYTES.labels(addon.id, project_id, addon.kind).set(usage)
+        if quota is not None:
+            ADDON_QUOTA_BYTES.labels(addon.id, project_id, addon.kind).set(quota)
+
+    def forget(self, addon_id: str) -> None:
+        self.usage.pop(addon_id, None)
+        self.quota.pop(addon_id, None)
+
+    # --- limits ---------------------------------------------------------------------
+    async def _limits(self, addon: AddonSpec) -> None:
+        name = model.db_name(addon.id)
+        info = await self.docker.inspect(name)
+        self._memory_condition(addon, info)
+        await self._grow(addon, info)
+        if limits_differ(info.get("HostConfig") or {}, addon):
+            await self.docker.update_limits(name, addon.resources.cpus, addon.resources.memory_mb)
+            log.info(
+                "upkeep.limits_updated addon=%s cpus=%s memory_mb=%s",
+                addon.id,
+                addon.resources.cpus,
+                addon.resources.memory_mb,
+            )
+
+    async def _grow(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
+        """A larger plan grows the volume's filesystem online (it never shrinks)."""
+        if self.loopfs is None or not addon.storage_mb:
+            return
+        volume = model.volume_name(addon.id)
+        have, want = self.loopfs.size_mb(volume), fs_size_mb(addon.storage_mb)
+        if have is None:
+            return  # a plain volume (made before filesystems, or with them turned off)
+        now = datetime.now(UTC)
+        if have < want:
+            device = await self.docker.volume_device(volume)
+            pid = (info.get("State") or {}).get("Pid")
+            if device is None or not pid:
+                return
+            try:
+                await self.loopfs.grow(
+                    volume, device, want, f"/proc/{pid}/root{DATA_DIRS[addon.kind]}"
+                )
+            except AgentError as exc:
+                # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
+                # tenant can write up to what the filesystem's headroom allows.
+                self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
+                log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
+                return  # the rest of the upkeep (the quota above all) goes on
+            have = want
+        self.book.set(
+            addon.id,
+            "Filesystem",
+            "True",
+            "Sized",
+            f"its own {have} MB filesystem for a {addon.storage_mb} MB quota",
+            now,
+        )
+
+    # --- Postgres -------------------------------------------------------------------
+    async def _postgres(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        conn = await asyncpg.connect(
+            host=ip,
+            port=PORTS["postgres"],
+            user=ADMIN_USER,
+            database=addon.database,
+            password=self.secrets.admin_password(addon.id),
+            timeout=timeout_s,
+            ssl=False,
+            server_settings={"application_name": "orkestr-upkeep"},
+        )
+        try:
+            await self._pg_credentials(conn, addon)
+            await self._pg_wal(conn, addon)
+            await self._pg_quota(conn, addon)
+        finally:
+            await conn.close(timeout=timeout_s)
+
+    async def _pg_credentials(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        version = self._secret_version(addon.id)
+        if version and self.secrets.applied(addon.id) != version:
+            role = login_role(addon.user, version)
+            if role != addon.user:
+                # A login role that acts as the tenant's: member of it, and every session
+                # switches to it, so what it creates is owned by the tenant's role.
+                await conn.execute(
+                    f"""DO $d$ BEGIN
+                      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {_literal(role)}) THEN
+                        CREATE ROLE {_ident(role)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+                          NOREPLICATION NOBYPASSRLS;
+                      END IF; END $d$;
+                    GRANT {_ident(addon.user)} TO {_ident(role)};
+                    ALTER ROLE {_ident(role)} SET role = {_literal(addon.user)};"""
+                )
+            password = self.secrets.password(addon.id)
+            await conn.execute(f"ALTER ROLE {_ident(role)} LOGIN PASSWORD {_literal(password)}")
+            self.secrets.mark_applied(addon.id, version)
+            log.info("upkeep.password_applied addon=%s version=%s role=%s", addon.id, version, role)
+        previous = self.secrets.previous(addon.id)
+        if version and previous is not None and previous[1] <= time.time():
+            old_role = login_role(addon.user, version - 1)
+            # New logins with the old password fail from now on; open sessions go on.
+            await conn.execute(f"ALTER ROLE {_ident(old_role)} PASSWORD NULL")
+            self.secrets.forget_previous(addon.id, addon.kind)
+            log.info("upkeep.password_retired addon=%s role=%s", addon.id, old_role)
+
+    async def _pg_wal(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        """Keep WAL within the headroom its filesystem has beyond the quota."""
+        if not addon.storage_mb:
+            return
+        want = max_wal_size_mb(addon.storage_mb)
+        have = await conn.fetchval(
+            "SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size'"
+        )
+        if have != want:
+            await conn.execute(f"ALTER SYSTEM SET max_wal_size = '{want}MB'")
+            await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{max(32, want // 2)}MB'")
+            await conn.execute("SELECT pg_reload_conf()")
+            log.info("upkeep.wal_bounded addon=%s max_wal_size_mb=%s", addon.id, want)
+
+    async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+        self.usage[addon.id] = usage
+        quota = quota_bytes(addon)
+        restricted = bool(
+            await conn.fetchval(
+                "SELECT true FROM pg_event_trigger WHERE evtname = $1", QUOTA_OBJECT
+            )
+        )
+        if quota is None:
+            self.quota.pop(addon.id, None)
+            if restricted:
+                await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
+            return
+        self.quota[addon.id] = quota
+        state = quota_state(usage, quota)
+        if state == "exceeded":
+            # Run every round while exceeded: a message naming a new plan, any new table.
+            await conn.execute(
+                _RESTRICT_SQL.format(
+                    admin=_ident(ADMIN_USER),
+                    admin_literal=_literal(ADMIN_USER),
+                    message=_literal(refusal(addon, usage, quota)),
+                    name=QUOTA_OBJECT,
+                )
+            )
+            if not restricted:
+                log.warning(
+                    "upkeep.writes_refused addon=%s usage=%s quota=%s", addon.id, usage, quota
+                )
+        elif restricted:
+            await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
+            log.info("upkeep.writes_reinstated addon=%s usage=%s quota=%s", addon.id, usage, quota)
+        self._quota_condition(addon, state, usage, quota)
+
+    # --- Redis ----------------------------------------------------------------------
+    async def _redis(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        client = aioredis.Redis(
+            host=ip,
+            port=PORTS["redis"],
+            username=ADMIN_USER,
+            password=self.secrets.admin_password(addon.id),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            client_name="orkestr-upkeep",
+        )
+        try:
+            version = self._secret_version(addon.id)
+            if version and self.secrets.applied(addon.id) != version:
+                # Adds the new password; the old one stays until the grace ends.
+                await client.execute_command(  # type: ignore[no-untyped-call]
+                    "ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id)
+                )
+                self.secrets.mark_applied(addon.id, version)
+                log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
+            previous = self.secrets.previous(addon.id)
+            if previous is not None and previous[1] <= time.time():
+                if previous[0] != self.secrets.password(addon.id):
+                    await client.execute_command(  # type: ignore[no-untyped-call]
+                        "ACL", "SETUSER", "default", "<" + previous[0]
+                    )
+                self.secrets.forget_previous(addon.id, addon.kind)
+                log.info("upkeep.password_retired addon=%s", addon.id)
+            quota = quota_bytes(addon)
+            assert quota is not None  # Redis always has its memory ceiling
+            config = await client.config_get("maxmemory*")
+            if config.get("maxmemory") != str(quota):
+                await client.config_set("maxmemory", quota)
+            if config.get("maxmemory-policy") != "noeviction":
+                await client.config_set("maxmemory-policy", "noeviction")
+            info = await client.info("memory")
+            usage = int(info["used_memory"])
+        finally:
+            await client.aclose()
+        self.usage[addon.id] = usage
+        self.quota[addon.id] = quota
+        self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
+
+    def _memory_condition(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
+        kills = oom_kills(str(info.get("Id", "")))
+        state = info.get("State") or {}
+        limit = f"its {addon.resources.memory_mb} MB limit"
+        if state.get("OOMKilled") or kills:
+            count = f"{kills} process(es)" if kills else "its main process"
+            self.book.set(
+                addon.id,
+                "MemoryLimit",
+                "False",
+                "OOMKilled",
+                f"the kernel killed {count} of this add-on at {limit}; "
+                f"the database restarted them (container restarts: {info.get('RestartCount', 0)})",
+                datetime.now(UTC),
+            )
+        else:
+            self.book.set(
+                addon.id,
+                "MemoryLimit",
+                "True",
+                "WithinLimit",
+                f"no OOM kill at {limit}",
+                datetime.now(UTC),
+            )
+
+    # --- shared ---------------------------------------------------------------------
+    def _secret_version(self, addon_id: str) -> int:
+        return self.secrets.versions().get(addon_id, 0)
+
+    def _quota_condition(self, addon: AddonSpec, state: QuotaState, usage: int, quota: int) -> None:
+        now = datetime.now(UTC)
+        used = f"{usage / MIB:.1f} MB of {quota // MIB} MB ({100 * usage / quota:.0f} %)"
+        if state == "exceeded":
+            self.book.set(
+                addon.id, "StorageQuota", "False", "Exceeded", f"{used}: writes refused", now
+            )
+        elif state == "warning":
+            self.book.set(
+                addon.id,
+                "StorageQuota",
+                "True",
+                "NearQuota",
+                f"{used}: writes are refused at 100 %",
+                now,
+            )
+        else:
+            self.book.set(addon.id, "StorageQuota", "True", "WithinQuota", used, now)

@@ -1,0 +1,161 @@
+"""Plan changes, deletion, protection and rotation through the API, with a fake agent
+(the protocol is real, the host is not): what the controller decides on its own."""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+
+from controller.db import open_pool
+from controller.plans import load_plans
+from controller.snapshot import desired_state
+from tests.services import ControllerProcess, FakeAgent
+from tests.test_controller_api import assert_error, new_addon, new_project
+
+
+async def test_plan_change_is_operator_only_and_checks_the_plan(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    path = f"/v1/projects/{project['id']}"
+    token = await controller.new_project_token(project["id"])
+    status, body = await controller.api("PATCH", path, {"plan": "starter"}, token=token)
+    assert_error(status, body, 404, "not_found")
+    status, body = await controller.api("PATCH", path, {"plan": "gold"})
+    assert_error(status, body, 422, "invalid_body")
+    status, body = await controller.api("PATCH", path, {"plan": "pro", "extra": 1})
+    assert_error(status, body, 422, "invalid_body")
+    await new_addon(controller, project, "one")
+    await new_addon(controller, project, "two")
+    status, body = await controller.api("PATCH", path, {"plan": "starter"})
+    assert_error(status, body, 409, "plan_change_refused")
+    assert "allows 1 add-on(s) and the project has 2" in body["message"], body
+    status, body = await controller.api("PATCH", path, {"plan": "pro"})
+    assert status == 200 and body["plan"] == "pro", body
+
+
+async def test_rotation_raises_the_version_and_alternates_the_postgres_user(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    pg = await new_addon(controller, project, "main-db")
+    rd = await new_addon(controller, project, "cache", "redis")
+    env_path = f"/v1/projects/{project['id']}/env"
+    users, redis_passwords = [], []
+    for version in (1, 2, 3):
+        status, env = await controller.api("GET", env_path)
+        assert status == 200
+        users.append(urllib.parse.urlsplit(env["env"]["DATABASE_URL"]).username)
+        redis_passwords.append(urllib.parse.urlsplit(env["env"]["REDIS_URL"]).password)
+        for a in (pg, rd):
+            status, body = await controller.api(
+                "POST", f"/v1/projects/{project['id']}/addons/{a['id']}/rotate-credentials"
+            )
+            assert status == 202 and body["secret_version"] == version + 1, body
+            assert body["rotated_at"], body
+    assert users == ["app", "app_rot", "app"]
+    assert len(set(redis_passwords)) == 3
+
+
+async def test_deleting_a_project_without_addons_removes_it_at_once_and_protection_blocks(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    empty = await new_project(controller, "team")
+    status, body = await controller.api("DELETE", f"/v1/projects/{empty['id']}")
+    assert status == 202 and body["deleted_at"], body
+    status, body = await controller.api("GET", f"/v1/projects/{empty['id']}")
+    assert_error(status, body, 404, "not_found")
+
+    project = await new_project(controller, "team")
+    a = await new_addon(controller, project, "kept")
+    addon_path = f"/v1/projects/{project['id']}/addons/{a['id']}"
+    status, body = await controller.api("PATCH", addon_path, {"deletion_protection": "yes"})
+    assert_error(status, body, 422, "invalid_body")
+    status, body = await controller.api("PATCH", addon_path, {"deletion_protection": True})
+    assert status == 200 and body["deletion_protection"] is True, body
+    status, body = await controller.api("DELETE", f"/v1/projects/{project['id']}")
+    assert_error(status, body, 409, "deletion_protected")
+    assert "'kept'" in body["message"]
+    status, body = await controller.api("DELETE", addon_path)
+    assert_error(status, body, 409, "deletion_protected")
+    status, body = await controller.api("GET", addon_path)
+    assert body["deleted_at"] is None and body["phase"] != "deleting", body
+    await controller.api("PATCH", addon_path, {"deletion_protection": False})
+    status, body = await controller.api("DELETE", f"/v1/projects/{project['id']}")
+    assert status == 202, body
+    # Being deleted: nothing new, no plan change, no rotation; the add-on is tombstoned.
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons", {"name": "late", "kind": "redis"}
+    )
+    assert_error(status, body, 409, "conflict")
+    status, body = await controller.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "pro"})
+    assert_error(status, body, 409, "conflict")
+    status, body = await controller.api("POST", addon_path + "/rotate-credentials")
+    assert_error(status, body, 409, "conflict")
+    status, body = await controller.api("GET", addon_path)
+    assert body["phase"] == "deleting", body
+
+
+async def test_deleting_a_project_stops_its_apps_and_fails_its_backups_not_started(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    pid = project["id"]
+    a = await new_addon(controller, project, "main-db")
+    app = {"image": "debian:12", "command": ["sleep", "infinity"]}
+    status, body = await controller.api("POST", f"/v1/projects/{pid}/releases", {"apps": {"web": app}})
+    assert status == 201, body
+    plans = load_plans(controller.plans_file)
+    backup_id = uuid.uuid4()
+    async with open_pool(controller.database_url, 1, 1) as pool:
+        # A backup asked for and not started yet (the test plans allow no manual backups).
+        await pool.execute(
+            "INSERT INTO backups (id, addon_id, project_id, kind) VALUES ($1, $2, $3, 'manual')",
+            backup_id,
+            uuid.UUID(a["id"]),
+            uuid.UUID(pid),
+        )
+        [spec] = [p for p in (await desired_state(pool, fake_agent.host, plans)).projects
+                  if p.id == pid]  # fmt: skip
+        assert [x.name for x in spec.apps] == ["web"] and len(spec.backups) == 1
+
+        status, body = await controller.api("DELETE", f"/v1/projects/{pid}")
+        assert status == 202, body
+        # The host is told to stop the apps and start no backup; the add-on is tombstoned.
+        [spec] = [p for p in (await desired_state(pool, fake_agent.host, plans)).projects
+                  if p.id == pid]  # fmt: skip
+        assert spec.apps == () and spec.backups == (), spec
+        assert [x.deleted for x in spec.addons] == [True]
+    status, body = await controller.api(
+        "GET", f"/v1/projects/{pid}/addons/{a['id']}/backups/{backup_id.hex}"
+    )
+    assert status == 200 and body["state"] == "failed", body
+    assert body["error"] == "project deleted", body
+    # Nothing new starts in it: no release, no variable, no renamed add-on, no backup.
+    for method, path, req in (
+        ("POST", "releases", {}),
+        ("PATCH", "env", {"set": {"A": "1"}}),
+        ("PATCH", f"addons/{a['id']}", {"env_name": "PG_URL"}),
+        ("POST", f"addons/{a['id']}/backups", None),
+    ):
+        status, body = await controller.api(method, f"/v1/projects/{pid}/{path}", req)
+        assert_error(status, body, 409, "conflict")
+
+
+async def test_an_addon_patch_changes_only_the_fields_it_names(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    project = await new_project(controller, "team")
+    a = await new_addon(controller, project, "main-db")
+    path = f"/v1/projects/{project['id']}/addons/{a['id']}"
+    status, body = await controller.api("PATCH", path, {})
+    assert_error(status, body, 422, "invalid_body")
+    status, body = await controller.api(
+        "PATCH", path, {"env_name": "PG_URL", "deletion_protection": True}
+    )
+    assert status == 200, body
+    assert body["env_name"] == "PG_URL" and body["deletion_protection"] is True, body
+    status, body = await controller.api("PATCH", path, {"env_name": None})
+    assert status == 200 and body["env_name"] is None and body["deletion_protection"], body
+    status, body = await controller.api("PATCH", path, {"deletion_protection": False})
+    assert status == 200 and body["deletion_protection"] is False, body
