@@ -318,6 +318,7 @@ class Agent:
             backups_running=self.backups.running_ops(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
+        self.firewall.shared = p.shared_ports(self.desired)
         # Fences first: nothing may start on a bridge or in a namespace left open.
         await self.firewall.sync(observed)
         outcome = await self.applier.apply(actions)
