@@ -226,3 +226,32 @@ async def test_members_must_share_a_host_and_names_must_not_clash(
     assert status == 204
     status, _ = await c.api("DELETE", f"/v1/groups/{body['id']}")
     assert status == 204
+
+
+async def test_a_shared_addon_asleep_wakes_for_another_members_job(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    a = (await create_project(c, "pro"))["id"]  # sleeps after 3 s, deeply after 8 s
+    b = (await create_project(c, "team"))["id"]
+    orders = await create_addon(c, a, "orders", "postgres")
+    await wait_phase(c, a, orders["id"], "ready")
+    group_id = await group_of(c, a, b)
+    share = f"/v1/projects/{a}/groups/{group_id}/shares/{orders['id']}"
+    status, body = await c.api("PUT", share, {"env_name": "ORDERS_URL"})
+    assert status == 200, body
+
+    db = f"orkestr-{orders['id']}-db"
+    await wait_for(lambda: inspect(db).get("State", {}).get("Status") == "exited", 90, "deep sleep")
+    wakes = (await c.api("GET", f"/v1/projects/{a}/addons/{orders['id']}"))[1]["wakes"]
+    out = await job_output(c, b, 'psql "$ORDERS_URL" -v ON_ERROR_STOP=1 -tAc "select 40 + 2"')
+    assert out.strip() == "42", out
+
+    async def woke() -> bool:
+        view = (await c.api("GET", f"/v1/projects/{a}/addons/{orders['id']}"))[1]
+        return bool(view["wakes"] > wakes)
+
+    await wait_for(woke, 30, "the wake counted")
+    status, _ = await c.api("DELETE", f"/v1/groups/{group_id}")
+    assert status == 204
