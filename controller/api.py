@@ -453,6 +453,12 @@ class Api:
     async def update_env(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.EnvUpdate)
+        shared = {n for n, _ in await groups.shared_with(self._pool, self._sealer, project_id)}
+        for name in sorted(set(body.set_) & shared):
+            raise Conflict(
+                f"{name} is an add-on shared with this project in a group; add-on variables "
+                "cannot be overwritten: use another name"
+            )
         await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
         # Names only: values are often secrets.
         log(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,8 +41,8 @@ def share(addon: AddonSpec, project: str) -> SharedAddon:
 def desired(
     members: tuple[str, ...] = (A, B),
     shared: tuple[SharedAddon, ...] = (share(ORDERS, A),),
-    jobs: dict[str, tuple[JobSpec, ...]] | None = None,
-    apps: dict[str, tuple[AppSpec, ...]] | None = None,
+    jobs: Mapping[str, tuple[JobSpec, ...]] | None = None,
+    apps: Mapping[str, tuple[AppSpec, ...]] | None = None,
     deleted: frozenset[str] = frozenset(),
     groups: bool = True,
 ) -> DesiredState:
@@ -67,10 +69,10 @@ def desired(
 
 
 def settled(
-    attached: dict[str, tuple[tuple[str, str], ...]] | None = None,
+    attached: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
     group_net: bool = True,
-    jobs: dict[str, tuple[JobSpec, ...]] | None = None,
-    apps: dict[str, tuple[AppSpec, ...]] | None = None,
+    jobs: Mapping[str, tuple[JobSpec, ...]] | None = None,
+    apps: Mapping[str, tuple[AppSpec, ...]] | None = None,
 ) -> Observed:
     """Every add-on, job and app of A, B and C running as specified; `attached` names each
     container's group networks."""
