@@ -727,3 +727,7 @@ def sleep_status(name: str, project: str, as_json: bool) -> None:
         ("SOURCE", "CONNECTIONS", "VIA"),
         [(s["source"], s["connections"], ", ".join(s["via"])) for s in sources],
     )
+
+
+# Project groups live in their own module; importing it registers its commands here.
+from cli import groups as _groups  # noqa: E402, F401
