@@ -141,13 +141,23 @@ async def test_a_shared_addon_is_reachable_from_the_other_member_and_nothing_els
     assert f"open {addresses(holder)[net]}:5432" in out, out
     assert "closed" in out and out.count("open ") == 1, out
 
-    # The other way round: a's jobs reach nothing of b's on the group network.
+    # b's app, deployed after the share, has the variable and reaches the add-on too.
+    uses_orders = {
+        "image": TOOLBOX,
+        "command": ["sh", "-c", 'psql "$ORDERS_URL" -tAc "select 40 + 2"; ' + LISTENER],
+    }
     status, body = await c.api(
-        "POST", f"/v1/projects/{b}/releases", {"apps": {"api": APP}}, token=b_token["token"]
+        "POST", f"/v1/projects/{b}/releases", {"apps": {"api": uses_orders}}, token=b_token["token"]
     )
     assert status == 201, body
+    assert "ORDERS_URL" in body["variables"]
     b_web = f"orkestr-app-{app_id(b, 'api')}"
     await wait_for(lambda: net in addresses(b_web), 60, "b's app on the group network")
+    await wait_for(
+        lambda: "42" in docker("logs", b_web, check=False).split(), 60, "b's app reaching orders"
+    )
+
+    # The other way round: a's jobs reach nothing of b's on the group network.
     out = await job_output(c, a, reach(addresses(b_web)[net], 8080))
     assert "closed" in out, out
 
