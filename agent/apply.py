@@ -165,11 +165,17 @@ class Applier:
                     await self._check_job_image(job.image)
                     env = await self.controller.env(project_id)
                     await self.docker.run(spec, env=env, start=False)
-                    for network in groups:
-                        await self.docker.connect(network, spec.name, ())
-                    await self.docker.start(spec.name)
                 except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
+                    self._fail_job(key, project_id, str(exc))
+                    return
+                # Its group networks before it starts; a failure leaves it created, and the
+                # next pass joins and starts it.
+                for network in groups:
+                    await self.docker.connect(network, spec.name, ())
+                try:
+                    await self.docker.start(spec.name)
+                except (NotFound, PermanentError) as exc:
                     self._fail_job(key, project_id, str(exc))
                     return
                 self._watch(key, spec.name, job.timeout_s)

@@ -135,6 +135,9 @@ class Docker:
 
         try:
             await _call(f"connect {container} to {network}", connect)
+        except NotFound as exc:
+            # The network (made earlier in the pass) or the container is not there yet.
+            raise TransientError(str(exc)) from None
         except (Conflict, PermanentError) as exc:
             # Already attached (Docker says 403 "already exists" on some versions).
             if "already" not in str(exc):

@@ -326,8 +326,14 @@ def _attach(
     for (name, net), (key, aliases) in sorted(want.items()):
         c = observed.container(name)
         if name in created or (c is not None and name not in removed and not c.on(net)):
-            if c is not None and c.state in ("exited", "dead", "removing") and not aliases:
-                continue  # a finished job waits to be collected; nothing to reach
+            if (
+                c is not None
+                and c.state in ("exited", "dead", "removing", "created")
+                and not aliases
+            ):
+                # A finished job waits to be collected (nothing to reach); a created job or
+                # app joins before it starts, in its own chain.
+                continue
             actions.append(ConnectNetwork(key, net, name, aliases))
     for c in observed.containers:
         for net, _ip in c.groups:
@@ -435,6 +441,8 @@ def _converge_job(
         return [CollectJob(job.id, project_id, container.name)]
     if container.state == "created":  # the agent stopped between create and start
         return [
+            # Its group networks first: a member's job never runs without them.
+            *(ConnectNetwork(job.id, n, container.name) for n in groups if not container.on(n)),
             StartContainer(job.id, container.name),
             WatchJob(job.id, project_id, job, container.name),
         ]
@@ -481,6 +489,9 @@ def _converge_app(
             RunApp(app.id, project_id, app, groups),
         ]
     if have.state == "created":  # the agent stopped between create and start
-        return [StartContainer(app.id, have.name)]
+        return [
+            *(ConnectNetwork(app.id, n, have.name) for n in groups if not have.on(n)),
+            StartContainer(app.id, have.name),
+        ]
     # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
     return []

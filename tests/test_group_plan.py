@@ -356,3 +356,26 @@ def test_a_group_bridge_passes_only_new_connections_to_shared_ports(
     # The project bridge keeps its own rules, and drops traffic to the group's subnet.
     assert f"-A {fwd} -i br-proj -d 10.9.0.0/24 -j DROP" in rules
     assert firewall.host_ruleset("h1", bridges[::-1], firewall.Policy()).splitlines() == rules
+
+
+def test_a_created_member_job_or_app_joins_before_it_starts() -> None:
+    jobs, apps = {B: (JOB,)}, {A: (WEB,)}
+    o = settled({HOLDER: ((NET, "10.9.0.2"),)}, jobs=jobs, apps=apps)
+    o = Observed(
+        containers=tuple(
+            ObservedContainer(
+                **{**{f: getattr(c, f) for f in c.__struct_fields__}, "state": "created"}
+            )
+            if c.role in ("job", "app")
+            else c
+            for c in o.containers
+        ),
+        networks=o.networks,
+        volumes=o.volumes,
+    )
+    assert plan(desired(jobs=jobs, apps=apps), o) == (
+        p.ConnectNetwork(WEB.id, NET, APP_NAME),  # project A's app
+        p.StartContainer(WEB.id, APP_NAME),
+        p.ConnectNetwork(JOB.id, NET, JOB_NAME),  # project B's job
+        p.StartContainer(JOB.id, JOB_NAME),
+    )
