@@ -97,6 +97,9 @@ export PGDATABASE=postgres
 new="${ADDON_DB}_orkestr_restore"
 old="${ADDON_DB}_orkestr_previous"
 sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+# A run cut off between closing the live database and the swap (the agent killed, its
+# container removed) left it closed: open it again before anything else can fail.
+sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
 sql -c "DROP DATABASE IF EXISTS \"$new\"" -c "DROP DATABASE IF EXISTS \"$old\""
 sql -c "CREATE DATABASE \"$new\" OWNER \"$ADDON_USER\""
 if ! pg_restore --exit-on-error --no-owner --no-acl --role="$ADDON_USER" \
@@ -216,27 +219,65 @@ rcli CONFIG SET save "" >/dev/null
 
 # Step two, with the add-on's Redis stopped: the staged files replace the live ones by
 # renames in one filesystem; the previous files move to /data/.orkestr-previous first.
+# Resumable: `.orkestr-swapping` marks a swap under way, so an agent killed anywhere in it
+# (or between it and the restart) runs this again and it finishes the same swap; a
+# rollback cut short (`.orkestr-rollback`) is finished instead. The outcome, `restored` or
+# `previous`, goes to /backup/$STATE. DATA and BACKUP default to the mounts; a test moves them.
 REDIS_RESTORE_SWAP = r"""
 set -euo pipefail
-cd /data
-[[ -f .orkestr-restore/.complete ]] || { echo "no complete staged restore" >&2; exit 5; }
-rm -rf .orkestr-previous
-mkdir .orkestr-previous
-for f in appendonlydir dump.rdb; do [[ -e $f ]] && mv "$f" .orkestr-previous/; done
-mv .orkestr-restore/appendonlydir .
+cd "${DATA:-/data}"
+outcome() { echo "$1" >"${BACKUP:-/backup}/$STATE"; }
+if [[ -f .orkestr-rollback ]]; then
+  for f in appendonlydir dump.rdb; do
+    if [[ -e .orkestr-previous/$f ]]; then rm -rf "$f"; mv ".orkestr-previous/$f" .; fi
+  done
+  rm -rf .orkestr-previous .orkestr-swapping
+  rm -f .orkestr-rollback
+  outcome previous
+  exit 0
+fi
+if [[ ! -f .orkestr-swapping ]]; then
+  if [[ ! -f .orkestr-restore/.complete ]]; then
+    # Swapped already by the agent that was killed before the restart: nothing to move.
+    if [[ -d .orkestr-previous && -d appendonlydir ]]; then outcome restored; exit 0; fi
+    echo "no complete staged restore" >&2
+    exit 5
+  fi
+  rm -rf .orkestr-previous
+  mkdir .orkestr-previous
+  touch .orkestr-swapping
+  sync .
+fi
+if [[ -d .orkestr-restore/appendonlydir ]]; then
+  for f in appendonlydir dump.rdb; do
+    [[ -e $f ]] || continue
+    # Already moved once: this one is not the previous data (nothing may start Redis here).
+    if [[ -e .orkestr-previous/$f ]]; then rm -rf "$f"; else mv "$f" .orkestr-previous/; fi
+  done
+  mv .orkestr-restore/appendonlydir .
+fi
 rm -rf .orkestr-restore
+sync .
+rm -f .orkestr-swapping
+outcome restored
 """
 
-# Undo of step two (the restored data did not come up): the previous files come back.
+# Undo of step two (the restored data did not come up, or the swap failed): the previous
+# files come back. Resumable like the swap: `.orkestr-rollback` marks it under way.
 REDIS_RESTORE_ROLLBACK = r"""
 set -euo pipefail
-cd /data
-[[ -d .orkestr-previous ]] || exit 0
-rm -rf appendonlydir dump.rdb
-for f in .orkestr-previous/*; do [[ -e $f ]] && mv "$f" .; done
-rmdir .orkestr-previous
+cd "${DATA:-/data}"
+[[ -d .orkestr-previous ]] || { rm -f .orkestr-rollback .orkestr-swapping; exit 0; }
+touch .orkestr-rollback
+sync .
+for f in appendonlydir dump.rdb; do
+  if [[ -e .orkestr-previous/$f ]]; then rm -rf "$f"; mv ".orkestr-previous/$f" .; fi
+done
+rm -rf .orkestr-previous .orkestr-swapping
+rm -f .orkestr-rollback
 """
 
 REDIS_RESTORE_CLEANUP = r"""
-rm -rf /data/.orkestr-previous /data/.orkestr-restore
+cd "${DATA:-/data}"
+rm -rf .orkestr-previous .orkestr-restore
 """

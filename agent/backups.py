@@ -47,6 +47,16 @@ class StepFailed(AgentError):
     pass
 
 
+class Interrupted(msgspec.Struct, frozen=True):
+    """A Redis restore past its point of no return (the database stopped for the swap),
+    on disk until the data is settled, so a restarted agent finishes it (or rolls it
+    back) before anything starts that database again."""
+
+    project_id: str
+    addon: AddonSpec
+    spec: BackupSpec
+
+
 def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
     """(role, secret file name) a backup or restore connects with: the platform's own.
 
@@ -76,6 +86,9 @@ class BackupRunner:
         self.store = store
         self.results_dir = state_dir / "backup-results"
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.inflight_dir = state_dir / "backup-inflight"
+        self.inflight_dir.mkdir(parents=True, exist_ok=True)
+        self._resumed = False
         self.secrets_root = secrets_root
         self.image = image
         self.memory_mb = memory_mb
@@ -100,8 +113,29 @@ class BackupRunner:
         (self.results_dir / f"{key}.json").unlink(missing_ok=True)
 
     def running_ops(self) -> dict[str, str]:
-        """add-on id -> the key of the operation running for it."""
+        """add-on id -> the key of the operation running for it.
+
+        The first call (the first pass after a start) resumes the Redis restores a killed
+        agent left past their point of no return: they run before the planner, which
+        never starts the database of an add-on whose restore runs, could start it.
+        """
+        if not self._resumed:
+            self._resumed = True
+            self._resume_interrupted()
         return {aid: key for aid, (key, _spec, task) in self.running.items() if not task.done()}
+
+    def _inflight(self, addon_id: str) -> Path:
+        return self.inflight_dir / f"{addon_id}.json"
+
+    def _resume_interrupted(self) -> None:
+        for path in sorted(self.inflight_dir.glob("*.json")):
+            try:
+                left = msgspec.json.decode(path.read_bytes(), type=Interrupted)
+            except (OSError, msgspec.DecodeError) as exc:
+                log.error("backup.inflight_unreadable path=%s error=%s", path, exc)
+                continue
+            log.warning("backup.restore_resumed op=%s addon=%s", op_key(left.spec), left.addon.id)
+            self.start(left.project_id, left.addon, left.spec)
 
     def start(self, project_id: str, addon: AddonSpec | None, spec: BackupSpec) -> None:
         current = self.running.get(spec.addon_id)
@@ -309,9 +343,12 @@ class BackupRunner:
         final = self.store.dump(project_id, addon.id, spec.backup_id)
         if spec.sha256 is None:
             raise StepFailed("a restore needs the backup's sha256")
-        problem = await self._checksum_problem(final, spec.sha256)
-        if problem is not None:
-            raise StepFailed(f"refusing to restore: {problem}")
+        # A resumed restore staged its copy from the checked file already, and must finish
+        # (or roll back) even if that file has gone since.
+        if not self._resuming(addon.id, spec):
+            problem = await self._checksum_problem(final, spec.sha256)
+            if problem is not None:
+                raise StepFailed(f"refusing to restore: {problem}")
         user, password_file = backup_credentials(addon)
         env = {
             "IN": final.name,
@@ -379,40 +416,73 @@ class BackupRunner:
         except AgentError as exc:
             log.warning("backup.cleanup_failed op=%s error=%s", op_key(spec), exc)
 
+    def _resuming(self, addon_id: str, spec: BackupSpec) -> bool:
+        path = self._inflight(addon_id)
+        try:
+            left = msgspec.json.decode(path.read_bytes(), type=Interrupted)
+        except (OSError, msgspec.DecodeError):
+            return False
+        return op_key(left.spec) == op_key(spec)
+
     async def _restore_redis(
         self, project_id: str, addon: AddonSpec, spec: BackupSpec, env: dict[str, str]
     ) -> None:
-        """Stage the data in the volume while Redis runs, swap while it is stopped."""
+        """Stage the data in the volume while Redis runs, swap while it is stopped.
+
+        From the stop on, an on-disk marker names this restore; an agent killed anywhere
+        after it resumes here (the swap script finishes a half-done swap or rollback), so
+        the add-on serves either its previous data or the restored data, never none.
+        """
         db = model.db_name(addon.id)
+        marker = self._inflight(addon.id)
+        state_file = self.store.addon_dir(project_id, addon.id) / f"{spec.id}.swap.tmp"
+        env = {**env, "STATE": state_file.name}
 
         async def step(name: str, script: str) -> None:
             await self._step(spec, name, project_id, addon, script, env, "none", volume=True)
 
-        await self._step(
-            spec,
-            "prepare",
-            project_id,
-            addon,
-            backup_scripts.REDIS_RESTORE_PREPARE,
-            env,
-            model.network_name(project_id),
-            secrets=True,
-            volume=True,
-        )
-        await self.docker.stop(db, grace_s=30)
+        resumed = self._resuming(addon.id, spec)
+        if not resumed:
+            await self._step(
+                spec,
+                "prepare",
+                project_id,
+                addon,
+                backup_scripts.REDIS_RESTORE_PREPARE,
+                env,
+                model.network_name(project_id),
+                secrets=True,
+                volume=True,
+            )
+            atomic_write(marker, msgspec.json.encode(Interrupted(project_id, addon, spec)))
+        try:
+            with contextlib.suppress(NotFound):
+                await self.docker.stop(db, grace_s=30)
+        except AgentError:
+            if not resumed:  # nothing swapped yet: this restore fails, and is not resumed
+                marker.unlink(missing_ok=True)
+            raise
         try:
             await step("swap", backup_scripts.REDIS_RESTORE_SWAP)
-        except AgentError:
-            await self.docker.start(db)  # nothing was moved, or the script failed before it
+            outcome = state_file.read_text().strip()
+        except (AgentError, OSError):
+            await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
+            await self.docker.start(db)
+            marker.unlink(missing_ok=True)
             raise
+        finally:
+            state_file.unlink(missing_ok=True)
         await self.docker.start(db)
-        if await self._ready(addon):
-            return
-        log.warning("backup.restore_rollback addon=%s", addon.id)
-        with contextlib.suppress(NotFound):
-            await self.docker.stop(db, grace_s=30)
-        await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
-        await self.docker.start(db)
+        if outcome == "restored":
+            if await self._ready(addon):
+                marker.unlink(missing_ok=True)
+                return
+            log.warning("backup.restore_rollback addon=%s", addon.id)
+            with contextlib.suppress(NotFound):
+                await self.docker.stop(db, grace_s=30)
+            await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
+            await self.docker.start(db)
+        marker.unlink(missing_ok=True)
         raise StepFailed("the restored data did not come up; the previous data is back")
 
     async def _step(

@@ -47,11 +47,25 @@ async def _restore(pid: int | None, rules: str) -> None:
 
 
 async def _ensure_jump(pid: int | None, rule: tuple[str, ...]) -> None:
-    if (await _run(_in(pid, ["iptables", "-w", "5", "-C", *rule])))[0] == 0:
-        return
-    code, out = await _run(_in(pid, ["iptables", "-w", "5", "-I", *rule]))
+    """Exactly one copy of `rule` (chain, "-j", target) in its chain.
+
+    Counted from a listing, not checked with -C: a -C that failed for another reason (the
+    xtables lock, a timeout under load) inserted a duplicate on every pass, and each copy
+    makes every forwarded packet walk the target chain once more.
+    """
+    chain, *spec = rule
+    code, out = await _run(_in(pid, ["iptables", "-w", "5", "-S", chain]))
     if code != 0:
-        raise AgentError(f"iptables -I {' '.join(rule)}: {out}")
+        raise AgentError(f"iptables -S {chain}: {out}")
+    copies = firewall.count_rule(out, chain, tuple(spec))
+    if copies == 0:
+        code, out = await _run(_in(pid, ["iptables", "-w", "5", "-I", *rule]))
+        if code != 0:
+            raise AgentError(f"iptables -I {' '.join(rule)}: {out}")
+    for _ in range(copies - 1):
+        code, out = await _run(_in(pid, ["iptables", "-w", "5", "-D", *rule]))
+        if code != 0:
+            raise AgentError(f"iptables -D {' '.join(rule)}: {out}")
 
 
 class Firewall:
@@ -61,6 +75,8 @@ class Firewall:
         self.docker = docker
         self._applied = ""
         self._fenced: set[str] = set()  # holder container ids whose namespace is fenced
+        # One host-chain update at a time: a pass and an EnsureNetwork may both sync.
+        self._host_lock = asyncio.Lock()
         # Group network -> {holder name: port}: the shared add-ons (plan.shared_ports).
         self.shared: dict[str, dict[str, int]] = {}
 
@@ -76,12 +92,13 @@ class Firewall:
         """Host chains for the observed bridges, and every running holder fenced."""
         bridges = [self._bridge(n, observed) for n in observed.networks if n.bridge]
         rules = firewall.host_ruleset(self.host, bridges, self.policy)
-        if rules != self._applied:
-            await _restore(None, rules)
-            for jump in firewall.host_jumps(self.host):
-                await _ensure_jump(None, jump)
-            self._applied = rules
-            log.info("egress.host_applied bridges=%d", len(bridges))
+        async with self._host_lock:
+            if rules != self._applied:
+                await _restore(None, rules)
+                for jump in firewall.host_jumps(self.host):
+                    await _ensure_jump(None, jump)
+                self._applied = rules
+                log.info("egress.host_applied bridges=%d", len(bridges))
         subnets = {n.name: n.subnet for n in observed.networks}
         for c in observed.containers:
             if c.role == "holder" and c.state == "running" and c.id not in self._fenced:

@@ -53,17 +53,22 @@ class Bridge(Struct, frozen=True):
     shared: tuple[tuple[str, int], ...] | None = None
 
 
-def chains(host: str) -> tuple[str, str]:
-    """This agent's host-level chains: two agents on one machine (tests) keep apart."""
+def chains(host: str) -> tuple[str, str, str]:
+    """This agent's host-level chains: two agents on one machine (tests) keep apart.
+
+    In that order: input, forward, and the policy every project bridge's new forwarded
+    traffic goes through (listed once, so the ruleset grows with the bridges, not their
+    square: 100 bridges made 11,100 rules when each bridge carried every other subnet).
+    """
     tag = hashlib.sha256(host.encode()).hexdigest()[:8]
-    return f"ORKESTR-IN-{tag}", f"ORKESTR-FWD-{tag}"
+    return f"ORKESTR-IN-{tag}", f"ORKESTR-FWD-{tag}", f"ORKESTR-POL-{tag}"
 
 
 def host_ruleset(host: str, bridges: Iterable[Bridge], policy: Policy) -> str:
-    """`iptables-restore --noflush` input that replaces this agent's two chains."""
-    chain_in, chain_fwd = chains(host)
+    """`iptables-restore --noflush` input that replaces this agent's three chains."""
+    chain_in, chain_fwd, chain_pol = chains(host)
     bridges = sorted(set(bridges), key=lambda b: b.interface)
-    lines = ["*filter", f":{chain_in} - [0:0]", f":{chain_fwd} - [0:0]"]
+    lines = ["*filter", f":{chain_in} - [0:0]", f":{chain_fwd} - [0:0]", f":{chain_pol} - [0:0]"]
     for b in bridges:
         i = b.interface
         if b.shared is not None:
@@ -74,13 +79,16 @@ def host_ruleset(host: str, bridges: Iterable[Bridge], policy: Policy) -> str:
             f"-A {chain_in} -i {i} -j DROP",
             f"-A {chain_fwd} -i {i} -o {i} -j RETURN",
             f"-A {chain_fwd} -i {i} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+            f"-A {chain_fwd} -i {i} -j {chain_pol}",
         ]
-        lines += [f"-A {chain_fwd} -i {i} -d {dest} -j RETURN" for dest in policy.allow]
-        others = [o.subnet for o in bridges if o.subnet and o.subnet != b.subnet]
-        for dest in (*policy.deny, *others):
-            lines.append(f"-A {chain_fwd} -i {i} -d {dest} -j DROP")
-        if policy.job_egress == "none":
-            lines.append(f"-A {chain_fwd} -i {i} -j DROP")
+    # Reached only by traffic leaving a project bridge for somewhere else: the operator's
+    # exceptions first, then the denied ranges and every project's subnet (its own bridge's
+    # traffic returned above).
+    lines += [f"-A {chain_pol} -d {dest} -j RETURN" for dest in policy.allow]
+    subnets = sorted({b.subnet for b in bridges if b.subnet})
+    lines += [f"-A {chain_pol} -d {dest} -j DROP" for dest in (*policy.deny, *subnets)]
+    if policy.job_egress == "none":
+        lines.append(f"-A {chain_pol} -j DROP")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -101,9 +109,15 @@ def _group_rules(chain_in: str, chain_fwd: str, b: Bridge) -> list[str]:
     ]
 
 
+def count_rule(listing: str, chain: str, spec: tuple[str, ...]) -> int:
+    """How many times `-A <chain> <spec>` appears in `iptables -S <chain>` output."""
+    want = ["-A", chain, *spec]
+    return sum(1 for line in listing.splitlines() if line.split() == want)
+
+
 def host_jumps(host: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The rules that send traffic into this agent's chains (checked with -C, then -I)."""
-    chain_in, chain_fwd = chains(host)
+    """The rules that send traffic into this agent's chains (kept at exactly one copy each)."""
+    chain_in, chain_fwd, _ = chains(host)
     # DOCKER-USER comes first in FORWARD, before Docker's own accept rules.
     return ("INPUT", "-j", chain_in), ("DOCKER-USER", "-j", chain_fwd)
 

@@ -8,4 +8,6 @@ bash deploy/services.sh
 .venv/bin/ruff check schemas controller agent cli tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+# Native tracebacks: formatting a failure never re-parses source (CPython 3.11.7 can fail
+# there after a RecursionError, which aborts the whole run); the slowest tests are listed.
+exec .venv/bin/pytest -q -p no:cacheprovider --tb=native -rfE --durations=25 "$@"
