@@ -131,6 +131,22 @@ class Applier:
                 await self.firewall.sync_networks()
             case p.RemoveNetwork(_key, name):
                 await self.docker.remove_network(name)
+            case p.EnsureGroupNetwork(key, name):
+                await self.docker.create_group_network(name, key)
+                # Fenced (nothing passes but the shared ports) before anything joins it.
+                await self.firewall.sync_networks()
+            case p.ConnectNetwork(_key, network, container, aliases):
+                await self.docker.connect(network, container, aliases)
+                if aliases:  # a shared holder: its new address is what the fence lets through
+                    await self.firewall.sync_networks()
+            case p.DisconnectNetwork(_key, network, container, reason):
+                log.info(
+                    "network.disconnect container=%s network=%s reason=%s",
+                    container,
+                    network,
+                    reason,
+                )
+                await self.docker.disconnect(network, container)
             case p.EnsureVolume(key, name, project_id, size_mb):
                 opts = None
                 if size_mb is not None and self.loopfs is not None:
@@ -194,14 +210,23 @@ class Applier:
                     await self.loopfs.remove(name)
             case p.RemoveSecret(key):
                 self.secrets.remove(key)
-            case p.StartJob(key, project_id, job):
+            case p.StartJob(key, project_id, job, groups):
                 spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
                     await self._check_job_image(job.image)
                     env = await self.controller.env(project_id)
-                    await self.docker.run(spec, env=env)
+                    await self.docker.run(spec, env=env, start=False)
                 except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
+                    self._fail_job(key, project_id, str(exc))
+                    return
+                # Its group networks before it starts; a failure leaves it created, and the
+                # next pass joins and starts it.
+                for network in groups:
+                    await self.docker.connect(network, spec.name, ())
+                try:
+                    await self.docker.start(spec.name)
+                except (NotFound, PermanentError) as exc:
                     self._fail_job(key, project_id, str(exc))
                     return
                 self._watch(key, spec.name, job.timeout_s)
@@ -211,7 +236,7 @@ class Applier:
                 await self._collect(key, project_id, name)
             case p.StartBackupOp(_key, project_id, spec, addon):
                 self.backups.start(project_id, addon, spec)
-            case p.RunApp(key, project_id, app):
+            case p.RunApp(key, project_id, app, groups):
                 # The platform's deployer plugs in here: an app is one container of an
                 # allowed image with its release's variables, nothing more.
                 spec = specs.app_spec(project_id, app, self.settings.jobs)
@@ -220,7 +245,10 @@ class Applier:
                 except ImageRefused as exc:
                     raise PermanentError(f"app {app.name}: {exc}") from None
                 env = await self.controller.release_env(project_id, app.release)
-                await self.docker.run(spec, env=env)
+                await self.docker.run(spec, env=env, start=False)
+                for network in groups:
+                    await self.docker.connect(network, spec.name, ())
+                await self.docker.start(spec.name)
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount

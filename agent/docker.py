@@ -114,6 +114,59 @@ class Docker:
         except Conflict:
             pass
 
+    async def create_group_network(self, name: str, group_id: str) -> None:
+        """An internal bridge (no route out, no NAT) for one project group."""
+        config = {
+            "Name": name,
+            "CheckDuplicate": True,
+            "Driver": "bridge",
+            "Internal": True,
+            "EnableIPv6": False,
+            "Labels": {
+                model.LABEL_MANAGED: "1",
+                model.LABEL_HOST: self.host,
+                model.LABEL_GROUP: group_id,
+            },
+        }
+        try:
+            await _call(f"create network {name}", lambda: self.client.networks.create(config))
+        except Conflict:
+            pass
+
+    async def connect(self, network: str, container: str, aliases: tuple[str, ...]) -> None:
+        body = {"Container": container, "EndpointConfig": {"Aliases": list(aliases)}}
+
+        async def connect() -> None:
+            await self.client._query_json(
+                f"networks/{network}/connect", method="POST", data=json.dumps(body)
+            )
+
+        try:
+            await _call(f"connect {container} to {network}", connect)
+        except NotFound as exc:
+            # The network (made earlier in the pass) or the container is not there yet.
+            raise TransientError(str(exc)) from None
+        except (Conflict, PermanentError) as exc:
+            # Already attached (Docker says 403 "already exists" on some versions).
+            if "already" not in str(exc):
+                raise
+
+    async def disconnect(self, network: str, container: str) -> None:
+        body = {"Container": container, "Force": True}
+
+        async def disconnect() -> None:
+            await self.client._query_json(
+                f"networks/{network}/disconnect", method="POST", data=json.dumps(body)
+            )
+
+        try:
+            await _call(f"disconnect {container} from {network}", disconnect)
+        except NotFound:
+            pass
+        except PermanentError as exc:
+            if "not connected" not in str(exc):
+                raise
+
     async def remove_network(self, name: str) -> None:
         try:
             await self._call(

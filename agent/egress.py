@@ -13,7 +13,7 @@ import logging
 from agent import firewall
 from agent.docker import Docker
 from agent.errors import AgentError, NotFound
-from agent.model import Observed
+from agent.model import Observed, ObservedNetwork
 
 log = logging.getLogger("orkestr.agent.egress")
 
@@ -77,6 +77,8 @@ class Firewall:
         self._fenced: set[str] = set()  # holder container ids whose namespace is fenced
         # One host-chain update at a time: a pass and an EnsureNetwork may both sync.
         self._host_lock = asyncio.Lock()
+        # Group network -> {holder name: port}: the shared add-ons (plan.shared_ports).
+        self.shared: dict[str, dict[str, int]] = {}
 
     def forget(self, holder_id: str | None = None) -> None:
         """A holder (or, with None, every holder and the host) must be fenced again."""
@@ -88,9 +90,7 @@ class Firewall:
 
     async def sync(self, observed: Observed) -> None:
         """Host chains for the observed bridges, and every running holder fenced."""
-        bridges = [
-            firewall.Bridge(n.bridge, n.subnet) for n in observed.networks if n.bridge
-        ]
+        bridges = [self._bridge(n, observed) for n in observed.networks if n.bridge]
         rules = firewall.host_ruleset(self.host, bridges, self.policy)
         async with self._host_lock:
             if rules != self._applied:
@@ -117,6 +117,21 @@ class Firewall:
             if isinstance(result, BaseException):
                 raise result
 
+    def _bridge(self, n: ObservedNetwork, observed: Observed) -> firewall.Bridge:
+        if not n.group_id:
+            return firewall.Bridge(n.bridge, n.subnet)
+        # Addresses as observed: a holder's address on the group network is only known
+        # once it is attached, and a holder that left it is allowed nothing.
+        ports = self.shared.get(n.name, {})
+        shared = tuple(
+            (ip, ports[c.name])
+            for c in observed.containers
+            if c.name in ports
+            for net, ip in c.groups
+            if net == n.name and ip
+        )
+        return firewall.Bridge(n.bridge, n.subnet, shared=shared)
+
     async def sync_networks(self) -> None:
         """After a network was created: its bridge is fenced before anything runs on it."""
         await self.sync(await self.docker.snapshot())
@@ -130,6 +145,3 @@ class Firewall:
         await _ensure_jump(pid, ("OUTPUT", "-j", firewall.EGRESS_CHAIN))
         self._fenced.add(str(info["Id"]))
         log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
-
-
-

@@ -9,6 +9,10 @@ it unchanged does nothing.
   the agent's own probes and relays; forwarded traffic stays on its own bridge, or goes
   to the internet, never to private, link-local (cloud metadata), shared or loopback
   ranges, nor to another project's subnet. The operator may deny jobs the internet too.
+- On a project group's bridge (an `internal` Docker network: no route out), only new
+  connections to the shared add-ons' address and port pass, and their replies: members'
+  apps and jobs reach the shared add-ons, never one another, and a shared add-on opens
+  nothing towards them.
 - Inside each add-on's holder namespace (shared by its database): no egress beyond the
   project network. The tenant cannot lift it: the database has no CAP_NET_ADMIN.
 """
@@ -44,6 +48,9 @@ class Policy(Struct, frozen=True, forbid_unknown_fields=True):
 class Bridge(Struct, frozen=True):
     interface: str  # the bridge's name on the host: br-<id> unless set at creation
     subnet: str
+    # A group bridge: (address, port) of each shared add-on, the only destinations on it.
+    # None: a project bridge.
+    shared: tuple[tuple[str, int], ...] | None = None
 
 
 def chains(host: str) -> tuple[str, str, str]:
@@ -64,6 +71,9 @@ def host_ruleset(host: str, bridges: Iterable[Bridge], policy: Policy) -> str:
     lines = ["*filter", f":{chain_in} - [0:0]", f":{chain_fwd} - [0:0]", f":{chain_pol} - [0:0]"]
     for b in bridges:
         i = b.interface
+        if b.shared is not None:
+            lines += _group_rules(chain_in, chain_fwd, b)
+            continue
         lines += [
             f"-A {chain_in} -i {i} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
             f"-A {chain_in} -i {i} -j DROP",
@@ -81,6 +91,22 @@ def host_ruleset(host: str, bridges: Iterable[Bridge], policy: Policy) -> str:
         lines.append(f"-A {chain_pol} -j DROP")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _group_rules(chain_in: str, chain_fwd: str, b: Bridge) -> list[str]:
+    i = b.interface
+    assert b.shared is not None
+    return [
+        f"-A {chain_in} -i {i} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+        f"-A {chain_in} -i {i} -j DROP",
+        f"-A {chain_fwd} -i {i} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+        *(
+            f"-A {chain_fwd} -i {i} -o {i} -d {ip}/32 -p tcp --dport {port} "
+            "-m conntrack --ctstate NEW -j RETURN"
+            for ip, port in sorted(set(b.shared))
+        ),
+        f"-A {chain_fwd} -i {i} -j DROP",
+    ]
 
 
 def count_rule(listing: str, chain: str, spec: tuple[str, ...]) -> int:

@@ -24,6 +24,7 @@ LABEL_SPEC_HASH = "orkestr.spec-hash"
 # The spec without what changes in place (CPU, memory, secret version): see specs.py.
 LABEL_SHAPE_HASH = "orkestr.shape-hash"
 LABEL_BACKUP_OP = "orkestr.backup-op"
+LABEL_GROUP = "orkestr.group"
 
 
 class ObservedContainer(Struct, frozen=True):
@@ -43,15 +44,21 @@ class ObservedContainer(Struct, frozen=True):
     network_mode: str = ""
     # The address on the project network (holders and jobs).
     ip: str | None = None
+    # (name, address) of each group network it is attached to.
+    groups: tuple[tuple[str, str], ...] = ()
+
+    def on(self, network: str) -> bool:
+        return any(name == network for name, _ in self.groups)
 
 
 class ObservedNetwork(Struct, frozen=True):
     id: str
     name: str
-    project_id: str
+    project_id: str  # "" for a group network
     gateway: str = ""  # the host's address on it: the source of the agent's own traffic
     bridge: str = ""  # the bridge interface on the host
     subnet: str = ""
+    group_id: str = ""  # a project group's network (`orkestr-g-<group>`)
 
 
 class ObservedVolume(Struct, frozen=True):
@@ -78,6 +85,13 @@ def network_name(project_id: str) -> str:
     return f"orkestr-{project_id}"
 
 
+GROUP_PREFIX = "orkestr-g-"
+
+
+def group_network_name(group_id: str) -> str:
+    return f"{GROUP_PREFIX}{group_id}"
+
+
 def holder_name(addon_id: str) -> str:
     return f"orkestr-{addon_id}-net"
 
@@ -96,5 +110,7 @@ def job_container_name(job_id: str) -> str:
 
 def backup_container_name(op_key: str, step: str) -> str:
     return f"orkestr-backup-{op_key}-{step}"
+
+
 def app_container_name(app_id: str) -> str:
     return f"orkestr-app-{app_id}"

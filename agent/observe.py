@@ -30,6 +30,13 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
     state = raw.get("State", "dead")
     networks = (raw.get("NetworkSettings") or {}).get("Networks") or {}
     ip = networks.get(model.network_name(project), {}).get("IPAddress") or None
+    groups = tuple(
+        sorted(
+            (name, str((n or {}).get("IPAddress") or ""))
+            for name, n in networks.items()
+            if name.startswith(model.GROUP_PREFIX)
+        )
+    )
     return ObservedContainer(
         id=raw["Id"],
         name=(raw.get("Names") or ["/?"])[0].lstrip("/"),
@@ -44,6 +51,7 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
         app_id=labels.get(model.LABEL_APP),
         network_mode=(raw.get("HostConfig") or {}).get("NetworkMode", ""),
         ip=ip,
+        groups=groups,
     )
 
 
@@ -72,13 +80,15 @@ def observed(
         ObservedNetwork(
             id=n["Id"],
             name=n["Name"],
-            project_id=n["Labels"][model.LABEL_PROJECT],
+            project_id=n["Labels"].get(model.LABEL_PROJECT, ""),
             gateway=ipam(n, "Gateway"),
             bridge=bridge_name(n),
             subnet=ipam(n, "Subnet"),
+            group_id=n["Labels"].get(model.LABEL_GROUP, ""),
         )
         for n in networks
         if (n.get("Labels") or {}).get(model.LABEL_PROJECT)
+        or (n.get("Labels") or {}).get(model.LABEL_GROUP)
     )
     vs = tuple(
         ObservedVolume(name=v["Name"], addon_id=v["Labels"][model.LABEL_ADDON])

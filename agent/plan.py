@@ -20,10 +20,12 @@ from agent import model, specs
 from agent.model import Observed, ObservedContainer
 from agent.sleep import policy
 from schemas.messages import (
+    PORTS,
     AddonSpec,
     AppSpec,
     BackupSpec,
     DesiredState,
+    GroupSpec,
     JobSpec,
     ProjectSpec,
     SleepState,
@@ -38,6 +40,30 @@ class EnsureNetwork(Struct, frozen=True, tag=True):
 class RemoveNetwork(Struct, frozen=True, tag=True):
     key: str  # project id
     name: str
+
+
+class EnsureGroupNetwork(Struct, frozen=True, tag=True):
+    """A project group's network on this host: an internal bridge, fenced by the firewall
+    so that only the shared add-ons' ports are reachable on it."""
+
+    key: str  # group id
+    name: str
+
+
+class ConnectNetwork(Struct, frozen=True, tag=True):
+    """Attach a container (a shared add-on's holder, a member's app or job) to a group network."""
+
+    key: str  # the container's add-on, job or app id: after its own chain's actions
+    network: str
+    container: str
+    aliases: tuple[str, ...] = ()
+
+
+class DisconnectNetwork(Struct, frozen=True, tag=True):
+    key: str
+    network: str
+    container: str
+    reason: str
 
 
 class EnsureVolume(Struct, frozen=True, tag=True):
@@ -108,6 +134,8 @@ class StartJob(Struct, frozen=True, tag=True):
     key: str  # job id
     project_id: str
     job: JobSpec
+    # Group networks to join before the job starts, so it never runs without them.
+    groups: tuple[str, ...] = ()
 
 
 class WatchJob(Struct, frozen=True, tag=True):
@@ -140,10 +168,15 @@ class RunApp(Struct, frozen=True, tag=True):
     key: str  # app id
     project_id: str
     app: AppSpec
+    groups: tuple[str, ...] = ()
+
 
 
 Action = (
     EnsureNetwork
+    | EnsureGroupNetwork
+    | ConnectNetwork
+    | DisconnectNetwork
     | EnsureVolume
     | FetchSecret
     | RunContainer
@@ -221,6 +254,12 @@ def plan(
             actions.append(RemoveContainer(c.backup_op or c.name, c.name, "BackupOrphaned"))
     wanted_apps: set[str] = set()
     wanted_networks: set[str] = set()
+    groups = group_networks(desired)
+    for net, group in sorted(groups.items()):
+        wanted_networks.add(net)
+        if observed.network(net) is None:
+            actions.append(EnsureGroupNetwork(group.id, net))
+    member_of = _memberships(groups)
     for project in desired.projects:
         net = model.network_name(project.id)
         live = [a for a in project.addons if not a.deleted]
@@ -242,13 +281,14 @@ def plan(
             if addon.name in taken and observed.container(model.holder_name(addon.id)) is None:
                 continue  # next pass, once the old holder is gone
             actions += _converge_addon(project.id, addon, observed, local, settings)
+        nets = member_of.get(project.id, ())
         for job in project.jobs:
             wanted_jobs.add(job.id)
-            actions += _converge_job(project.id, job, observed, local)
+            actions += _converge_job(project.id, job, observed, local, nets)
         actions += _converge_backups(project, observed, local)
         for app in project.apps:
             wanted_apps.add(app.id)
-            actions += _converge_app(project.id, app, observed, settings)
+            actions += _converge_app(project.id, app, observed, settings, nets)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
@@ -256,8 +296,94 @@ def plan(
         # Apps hold no data: one no longer in its project's current release goes.
         if c.role == "app" and c.app_id not in wanted_apps:
             actions.append(RemoveContainer(c.app_id or c.name, c.name, "AppNotDesired"))
+    actions += _attach(desired, groups, observed, actions)
     actions += _remove_networks(observed, wanted_networks)
     return tuple(actions)
+
+
+def group_networks(desired: DesiredState) -> dict[str, GroupSpec]:
+    """Group network name -> its group, for each group with a live shared add-on here.
+
+    A group whose shared add-ons are all elsewhere, deleted or unshared needs no network:
+    nothing would be reachable on it.
+    """
+    live = {(p.id, a.id) for p in desired.projects for a in p.addons if not a.deleted}
+    found: dict[str, GroupSpec] = {}
+    for g in desired.groups:
+        shared = tuple(
+            s for s in g.shared if s.project_id in g.members and (s.project_id, s.addon_id) in live
+        )
+        if shared:
+            found[model.group_network_name(g.id)] = GroupSpec(g.id, g.members, shared)
+    return found
+
+
+def _memberships(groups: Mapping[str, GroupSpec]) -> dict[str, tuple[str, ...]]:
+    """Project id -> the group networks its apps and jobs join (sorted)."""
+    nets: dict[str, list[str]] = {}
+    for net, g in sorted(groups.items()):
+        for member in g.members:
+            nets.setdefault(member, []).append(net)
+    return {k: tuple(v) for k, v in nets.items()}
+
+
+def shared_ports(desired: DesiredState | None) -> dict[str, dict[str, int]]:
+    """Group network name -> {holder name: port}: what the firewall lets through on it."""
+    if desired is None:
+        return {}
+    kinds = {a.id: a.kind for p in desired.projects for a in p.addons}
+    return {
+        net: {model.holder_name(s.addon_id): PORTS[kinds[s.addon_id]] for s in g.shared}
+        for net, g in group_networks(desired).items()
+    }
+
+
+def _attach(
+    desired: DesiredState,
+    groups: Mapping[str, GroupSpec],
+    observed: Observed,
+    planned: list[Action],
+) -> list[Action]:
+    """Connect what belongs on a group network, disconnect everything else from them.
+
+    Shared holders join under their alias; members' apps and jobs join without one. A
+    holder created in this pass joins right after (its key orders it behind the create);
+    jobs and apps created in this pass join before they start (StartJob/RunApp groups).
+    """
+    # (container, network) -> (key, aliases)
+    want: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+    for net, g in groups.items():
+        for s in g.shared:
+            want[(model.holder_name(s.addon_id), net)] = (s.addon_id, (s.alias,))
+        members = set(g.members)
+        for project in desired.projects:
+            if project.id not in members:
+                continue
+            for job in project.jobs:
+                want[(model.job_container_name(job.id), net)] = (job.id, ())
+            for app in project.apps:
+                want[(model.app_container_name(app.id), net)] = (app.id, ())
+    created = {a.spec.name for a in planned if isinstance(a, RunContainer)}
+    removed = {a.name for a in planned if isinstance(a, RemoveContainer)}
+    actions: list[Action] = []
+    for (name, net), (key, aliases) in sorted(want.items()):
+        c = observed.container(name)
+        if name in created or (c is not None and name not in removed and not c.on(net)):
+            if (
+                c is not None
+                and c.state in ("exited", "dead", "removing", "created")
+                and not aliases
+            ):
+                # A finished job waits to be collected (nothing to reach); a created job or
+                # app joins before it starts, in its own chain.
+                continue
+            actions.append(ConnectNetwork(key, net, name, aliases))
+    for c in observed.containers:
+        for net, _ip in c.groups:
+            if (c.name, net) not in want and c.name not in removed:
+                key = c.addon_id or c.job_id or c.app_id or c.name
+                actions.append(DisconnectNetwork(key, net, c.name, "NotShared"))
+    return actions
 
 
 def _remove_networks(observed: Observed, wanted: set[str]) -> list[Action]:
@@ -268,10 +394,12 @@ def _remove_networks(observed: Observed, wanted: set[str]) -> list[Action]:
     data, so one of a project that left the desired state goes too.
     """
     in_use = {c.project_id for c in observed.containers}
+    attached = {net for c in observed.containers for net, _ip in c.groups}
     return [
-        RemoveNetwork(n.project_id, n.name)
+        RemoveNetwork(n.group_id or n.project_id, n.name)
         for n in observed.networks
-        if n.name not in wanted and n.project_id not in in_use
+        if n.name not in wanted
+        and (n.project_id not in in_use if not n.group_id else n.name not in attached)
     ]
 
 
@@ -368,14 +496,20 @@ def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
     return "SpecChanged" if want.drifted(have.spec_hash, have.shape_hash) else "NotRunning"
 
 
-def _converge_job(project_id: str, job: JobSpec, observed: Observed, local: Local) -> list[Action]:
+def _converge_job(
+    project_id: str, job: JobSpec, observed: Observed, local: Local, groups: tuple[str, ...] = ()
+) -> list[Action]:
     container = observed.container(model.job_container_name(job.id))
     if container is None:
-        return [] if job.id in local.finished_jobs else [StartJob(job.id, project_id, job)]
+        if job.id in local.finished_jobs:
+            return []
+        return [StartJob(job.id, project_id, job, groups)]
     if container.state in ("exited", "dead"):
         return [CollectJob(job.id, project_id, container.name)]
     if container.state == "created":  # the agent stopped between create and start
         return [
+            # Its group networks first: a member's job never runs without them.
+            *(ConnectNetwork(job.id, n, container.name) for n in groups if not container.on(n)),
             StartContainer(job.id, container.name),
             WatchJob(job.id, project_id, job, container.name),
         ]
@@ -408,19 +542,26 @@ def _converge_backups(project: ProjectSpec, observed: Observed, local: Local) ->
 
 
 def _converge_app(
-    project_id: str, app: AppSpec, observed: Observed, settings: Settings
+    project_id: str,
+    app: AppSpec,
+    observed: Observed,
+    settings: Settings,
+    groups: tuple[str, ...] = (),
 ) -> list[Action]:
     want = specs.app_spec(project_id, app, settings.jobs)
     have = observed.container(want.name)
     if have is None:
-        return [RunApp(app.id, project_id, app)]
+        return [RunApp(app.id, project_id, app, groups)]
     if have.spec_hash != want.spec_hash:  # a new release, image or command
         return [
             RemoveContainer(app.id, have.name, "ReleaseChanged"),
-            RunApp(app.id, project_id, app),
+            RunApp(app.id, project_id, app, groups),
         ]
     if have.state == "created":  # the agent stopped between create and start
-        return [StartContainer(app.id, have.name)]
+        return [
+            *(ConnectNetwork(app.id, n, have.name) for n in groups if not have.on(n)),
+            StartContainer(app.id, have.name),
+        ]
     # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
     return []
 
@@ -447,6 +588,7 @@ def chains(
         for app in project.apps:
             owner[app.id] = project.id
     creating = {a.key for a in actions if isinstance(a, EnsureNetwork)}
+    creating_groups = {a.name for a in actions if isinstance(a, EnsureGroupNetwork)}
     grouped: dict[str, list[Action]] = {}
     for action in actions:
         grouped.setdefault(action.key, []).append(action)
@@ -458,4 +600,15 @@ def chains(
             and key not in creating
             and any(isinstance(a, _NEEDS_NETWORK) for a in chain)
         )
+        and not any(_joins(a) & creating_groups for a in chain)
     }
+
+
+def _joins(action: Action) -> set[str]:
+    """The group networks an action attaches a container to (they must exist first)."""
+    match action:
+        case ConnectNetwork(_, network, _, _):
+            return {network}
+        case StartJob(_, _, _, groups) | RunApp(_, _, _, groups):
+            return set(groups)
+    return set()

@@ -342,6 +342,7 @@ class Agent:
             watched_jobs=self.applier.watched_jobs(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
+        self.firewall.shared = p.shared_ports(self.desired)
         # Fences first: nothing may start on a bridge or in a namespace left open.
         await self.firewall.sync(observed)
         planned = p.chains(self.desired, actions)

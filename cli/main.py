@@ -732,3 +732,6 @@ def sleep_status(name: str, project: str, as_json: bool) -> None:
 # The backup commands live in their own module, which uses the helpers above and adds
 # its group to `main` when imported.
 import cli.backups  # noqa: E402,F401
+
+# Project groups live in their own module; importing it registers its commands here.
+from cli import groups as _groups  # noqa: E402, F401

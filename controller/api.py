@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, principals, releases, store, variables
+from controller import bodies, groups, principals, releases, store, variables
 from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
@@ -279,6 +279,9 @@ class Api:
         BackupsApi(
             self._pool, self._plans, self._dirty, self._metrics, _path_id, read_body
         ).register(r)
+        from controller.groups_api import GroupsApi  # it uses this module's helpers
+
+        GroupsApi(self._pool, self._dirty).register(r)
         r.add_get("/v1/hosts", self.list_hosts)
         r.add_post("/v1/hosts/{host}/agent-tokens", self.create_agent_token)
         r.add_get("/v1/hosts/{host}/agent-tokens", self.list_agent_tokens)
@@ -488,7 +491,8 @@ class Api:
     async def _env(self, project_id: str, host: str | None = None) -> EnvView:
         found = await store.credentials(self._pool, self._sealer, project_id, host)
         own = await variables.user_variables(self._pool, self._sealer, project_id)
-        return EnvView(env=compose_env(found, own))
+        shared = await groups.shared_with(self._pool, self._sealer, project_id)
+        return EnvView(env=compose_env(found, own, shared))
 
     async def rotate_addon(self, request: web.Request) -> web.Response:
         """A new password; the previous one works for `secrets.rotation_grace_s` more."""
@@ -512,6 +516,12 @@ class Api:
     async def update_env(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, bodies.EnvUpdate)
+        shared = {n for n, _ in await groups.shared_with(self._pool, self._sealer, project_id)}
+        for name in sorted(set(body.set_) & shared):
+            raise Conflict(
+                f"{name} is an add-on shared with this project in a group; add-on variables "
+                "cannot be overwritten: use another name"
+            )
         await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
         # Names only: values are often secrets.
         log(

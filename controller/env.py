@@ -10,6 +10,11 @@ default; the API refuses custom names that would be shadowed.
 The user's own variables come first and add-on variables override them: the API refuses
 to set a name an add-on gives, and an add-on made later wins over an older user variable.
 Hostnames are add-on names: the DNS name of the add-on on the project's private network.
+
+Add-ons other members share with the project in a group come between the two: under the
+name the sharing owner picked, with the add-on's credentials and its host name on the
+group network (`shared_host`). The project's own add-ons win a name clash; the API
+refuses a share whose name a member's add-on or variable already takes.
 """
 
 from __future__ import annotations
@@ -67,13 +72,19 @@ def clashes_with_default(addon_name: str) -> bool:
     return variable_name(addon_name) in DEFAULT_VARIABLES.values()
 
 
-def url(addon: Credentials) -> str:
+def shared_host(addon_id: str) -> str:
+    """A shared add-on's DNS name on a group network: unique, whatever members call theirs."""
+    return f"addon-{addon_id}"
+
+
+def url(addon: Credentials, host: str | None = None) -> str:
     password = quote(addon.password, safe="")
+    host = host or addon.name
     if addon.kind == "postgres":
         user = quote(addon.user, safe="")
-        return f"postgresql://{user}:{password}@{addon.name}:{PORTS['postgres']}/{addon.database}"
+        return f"postgresql://{user}:{password}@{host}:{PORTS['postgres']}/{addon.database}"
     # An explicit `default` user: redis-cli 7.0 sends AUTH "" <password> for `redis://:pw@`.
-    return f"redis://default:{password}@{addon.name}:{PORTS['redis']}/0"
+    return f"redis://default:{password}@{host}:{PORTS['redis']}/0"
 
 
 def primaries(addons: Iterable[EnvSource]) -> set[str]:
@@ -116,10 +127,19 @@ def names_of(addons: Sequence[EnvSource]) -> dict[str, tuple[str, ...]]:
 
 
 def compose_env(
-    addons: Iterable[Credentials], user: Mapping[str, str] | None = None
+    addons: Iterable[Credentials],
+    user: Mapping[str, str] | None = None,
+    shared: Iterable[tuple[str, Credentials]] = (),
 ) -> dict[str, str]:
-    """The variables for a project: its own, then its live add-ons', in a stable order."""
+    """The variables for a project: its own, then the add-ons shared with it in its
+    groups (variable name, add-on), then its live add-ons', in a stable order."""
     env = dict(sorted((user or {}).items()))
+    given: set[str] = set()
+    # Two groups may give one name: the oldest add-on keeps it, whatever the order here.
+    for name, other in sorted(shared, key=lambda s: (s[0], s[1].created_at, s[1].id)):
+        if name not in given:
+            given.add(name)
+            env[name] = url(other, shared_host(other.id))
     for name, addon in sorted(assign(addons).items()):
         assert isinstance(addon, Credentials)
         env[name] = url(addon)

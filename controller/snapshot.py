@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from controller.db import Pool, transaction
+from controller.groups import specs_on
 from controller.plans import Plan
 from controller.releases import AppDef, app_id
 from controller.rows import hex_of
@@ -76,6 +77,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             WHERE p.host = $1 ORDER BY r.project_id, r.number DESC""",
             host,
         )
+        groups = await specs_on(conn, host)
         generation = await conn.fetchval("SELECT nextval('desired_generation')")
     plan_of = {r["id"]: plans[r["plan"]] for r in projects}
     plan_name = {r["id"]: r["plan"] for r in projects}
@@ -134,6 +136,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
             )
             for p in projects
         ),
+        groups=groups,
     )
 
 

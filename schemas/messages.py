@@ -99,6 +99,8 @@ class BackupSpec(Struct, frozen=True, forbid_unknown_fields=True):
     addon_id: Id
     backup_id: Id
     sha256: Sha256 | None = None  # required for `restore`
+
+
 class AppSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """A long-running container of the project's current release: one replica, restarted
     on failure, reachable as `name` on the project network. Its environment is the
@@ -122,6 +124,25 @@ class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     apps: tuple[AppSpec, ...] = ()
 
 
+class SharedAddon(Struct, frozen=True, forbid_unknown_fields=True):
+    """An add-on its project's owner shares in a group: its holder joins the group network
+    under `alias`, the host name in the URL the other members get."""
+
+    addon_id: Id
+    project_id: Id
+    alias: DnsName
+
+
+class GroupSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """A project group, as far as this host goes: its members placed here and the add-ons
+    shared in it. Members' apps and jobs join the group network and reach the shared
+    add-ons' ports there, and nothing else (the agent's firewall)."""
+
+    id: Id
+    members: tuple[Id, ...] = ()
+    shared: tuple[SharedAddon, ...] = ()
+
+
 class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
     """A full snapshot of what one host should run. Newer generations replace older ones."""
 
@@ -129,6 +150,7 @@ class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
     host: HostName
     generation: Generation
     projects: tuple[ProjectSpec, ...] = ()
+    groups: tuple[GroupSpec, ...] = ()
 
 
 class Condition(Struct, frozen=True, forbid_unknown_fields=True):
@@ -231,8 +253,6 @@ class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
     verify_seconds: float | None = None
 
 
-Message = (
-    DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | BackupResult
-)
+Message = DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | BackupResult
 
 encoder = msgspec.json.Encoder()

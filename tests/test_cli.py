@@ -273,3 +273,56 @@ async def test_completion_scripts(cli: Cli) -> None:
         env={"_ORKESTR_COMPLETE": "bash_complete", "COMP_WORDS": "orkestr add", "COMP_CWORD": "1"}
     )
     assert code == 0 and "addons" in out
+
+
+async def test_groups_through_the_cli(stack: Stack, cli: Cli) -> None:
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        shop, billing = f"shop-{uuid.uuid4().hex[:6]}", f"bill-{uuid.uuid4().hex[:6]}"
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        await cli.ok("projects", "create", shop, "--plan", "team")
+        billing_id = (await cli.json("projects", "create", billing, "--plan", "team"))["id"]
+        await cli.ok("addons", "create", "orders", "-p", shop)
+
+        assert f"Created group {group}" in await cli.ok("groups", "create", group)
+        out = await cli.ok("groups", "add", group, shop)
+        assert f"{shop} is a member of {group}" in out and "nothing shared" in out
+        added = await cli.json("groups", "add", group, billing)
+        assert [m["name"] for m in added["members"]] == [shop, billing]
+        assert added["host"] == host.host
+
+        out = await cli.ok("addons", "share", "orders", group, "SHOP_ORDERS_URL", "-p", shop)
+        assert "the other members get SHOP_ORDERS_URL" in out and "addon-" in out
+        variables = (await cli.json("env", "-p", billing))["env"]
+        assert variables["SHOP_ORDERS_URL"].startswith("postgresql://app:")
+        assert "SHOP_ORDERS_URL" not in (await cli.json("env", "-p", shop))["env"]
+        listed = await cli.ok("groups")
+        assert group in listed and f"{shop}, {billing}" in listed
+        assert "SHOP_ORDERS_URL (orders)" in listed
+        code, _, err = await cli("addons", "share", "orders", group, "lower", "-p", shop)
+        assert code == 1 and "HTTP 422" in err
+        code, _, err = await cli("addons", "share", "orders", "nope", "X_URL", "-p", shop)
+        assert code == 1 and "no group 'nope'" in err and "orkestr groups list" in err
+
+        # A project token sees its own project's groups, and cannot change members.
+        status, token = await c.api("POST", f"/v1/projects/{billing_id}/tokens", {})
+        assert status == 201, token
+        await cli.ok("login", "--api", c.url, "--token", token["token"])
+        mine = await cli.json("groups")
+        assert [g["name"] for g in mine["groups"]] == [group]
+        code, _, err = await cli("groups", "remove", group, billing)
+        assert code == 1 and "only the operator" in err, err
+
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        out = await cli.ok("addons", "unshare", "orders", group, "-p", shop)
+        assert "no longer shared" in out
+        assert "SHOP_ORDERS_URL" not in (await cli.json("env", "-p", billing))["env"]
+        left = await cli.json("groups", "remove", group, billing)
+        assert [m["name"] for m in left["members"]] == [shop]
+        code, _, err = await cli("groups", "delete", group)
+        assert code == 1 and "--yes" in err
+        assert f"Deleted group {group}" in await cli.ok("groups", "delete", group, "--yes")
+        assert group not in await cli.ok("groups")

@@ -134,6 +134,7 @@ async def test_project_token_sees_its_own_project_alone_on_every_route(
         "restore_id": "a" * 32,
         "host": theirs["host"],
         "number": "1",
+        "group_id": "9" * 32,  # group routes: the operator's, or of their project
     }
     routes = app_routes()
     assert len(routes) >= 23, routes
@@ -402,7 +403,7 @@ async def test_every_route_refuses_a_missing_or_foreign_token(
     agent_token = await controller.new_agent_token(big_host.host)
     values = {"project_id": "f" * 32, "addon_id": "e" * 32, "job_id": "d" * 32}
     values |= {"token_id": "c" * 32, "host": big_host.host, "number": "1"}
-    values |= {"backup_id": "b" * 32, "restore_id": "a" * 32}
+    values |= {"backup_id": "b" * 32, "restore_id": "a" * 32, "group_id": "9" * 32}
     for method, path in app_routes():
         if path == "/healthz":
             continue

@@ -202,6 +202,12 @@ def touches(action: p.Action) -> str:
             return spec.addon_id
         case p.RunApp(key, _, _):
             return key
+        case p.EnsureGroupNetwork(_, name):
+            return name
+        case p.ConnectNetwork(_, network, container, _) | p.DisconnectNetwork(
+            _, network, container, _
+        ):
+            return f"{network}:{container}"  # the attachment (groups are not modelled here)
 
 
 class PlannerMachine(RuleBasedStateMachine):
