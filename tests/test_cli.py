@@ -280,6 +280,14 @@ async def test_groups_through_the_cli(stack: Stack, cli: Cli) -> None:
     assert c is not None
     async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
         await c.wait_host_online(host.host)
+
+        async def alone() -> bool:
+            # Members must share a host: placement picks the emptiest online host, so the
+            # hosts of this module's earlier tests must have gone offline first.
+            _, body = await c.api("GET", "/v1/hosts")
+            return [h["name"] for h in body["hosts"] if h["online"]] == [host.host]
+
+        await wait_for(alone, 30, "the other hosts offline")
         await cli.ok("login", "--api", c.url, "--token", c.operator_token)
         shop, billing = f"shop-{uuid.uuid4().hex[:6]}", f"bill-{uuid.uuid4().hex[:6]}"
         group = f"g-{uuid.uuid4().hex[:6]}"

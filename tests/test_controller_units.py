@@ -23,7 +23,7 @@ from controller.api import Api
 from controller.backoff import Backoff
 from controller.config import load_config, parse_config
 from controller.env import Credentials, clashes_with_default, compose_env, variable_name
-from controller.errors import ConfigError
+from controller.errors import ApiError, ConfigError
 from controller.ingest import classify
 from controller.metrics import Metrics
 from controller.plans import load_plans
@@ -439,3 +439,16 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)
         assert f"\n    {method}:\n" in text[start:end], (method, path)
+
+
+def _api_errors(cls: type[ApiError]) -> set[type[ApiError]]:
+    return {cls}.union(*(_api_errors(sub) for sub in cls.__subclasses__()))
+
+
+def test_every_error_code_the_api_answers_is_in_the_openapi_enum() -> None:
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+    documented = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
+    codes = {cls.code for cls in _api_errors(ApiError) if cls is not ApiError}
+    assert codes <= documented, codes - documented
