@@ -35,6 +35,7 @@ from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, 
 from agent.sleep import target
 from agent.specs import PORTS
 from agent.state import atomic_write
+from agent.synwatch import SynWatch
 from schemas.messages import AddonSpec, ClientConnection, SleepState
 
 log = logging.getLogger("orkestr.agent.sleep")
@@ -126,6 +127,7 @@ class Sleeper:
         if saved.state == "awake":
             self.resumed.set()
         self.wake_task: asyncio.Task[None] | None = None
+        self.synwatch: SynWatch | None = None  # light sleep's wake: see agent/synwatch.py
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
@@ -152,8 +154,12 @@ class Sleeper:
         try:
             self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
             await self._fence_listener()
+            self.synwatch = await SynWatch.open(
+                self.pid, self.port, self.wake_port, self.gateway, self._on_syn
+            )
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
-            await self._set_redirect(self.state != "awake")
+            # Only deep sleep redirects; a redirect left by an older agent in light sleep goes.
+            await self._set_redirect(self.state == "deep")
         except BaseException:
             await self.close()
             raise
@@ -164,9 +170,12 @@ class Sleeper:
             same_ns = netns.netns_inode(self.pid) == self.netns
         except OSError:
             return False
-        return same_ns and self.accept_task is not None and not self.accept_task.done()
+        watching = self.synwatch is not None and not self.synwatch.closed
+        return same_ns and watching and self.accept_task is not None and not self.accept_task.done()
 
     async def close(self) -> None:
+        if self.synwatch is not None:
+            self.synwatch.close()
         if self.accept_task is not None:
             self.accept_task.cancel()
         if self.wake_task is not None:
@@ -260,6 +269,11 @@ class Sleeper:
         if self.held:
             return  # a backup's connections are not a client's: not measured at all
         active = await self.measure_activity(now)
+        if self.state == "light" and self.clients:
+            # Queued at the paused database's own socket, unnoticed by the SYN watch (a
+            # restarted agent, a dropped message): the idle check is the fallback wake.
+            self._wake_soon(f"client {self.clients[0].source} queued while paused")
+            return
         if self._goal(now, active) == self.state:
             return
         async with self.transition:
@@ -267,12 +281,18 @@ class Sleeper:
             goal = self._goal(time.time(), False)
             if goal == self.state:
                 return
-            if self.state == "awake":
-                await self._set_redirect(True)
-                # A client may have connected between the measurement and the redirect.
-                if await self.measure_activity(time.time()):
-                    await self._set_redirect(False)
-                    return
+            if self.wake_task is not None and not self.wake_task.done():
+                return  # a client knocked meanwhile: its wake waits for this lock
+            # Deep sleep redirects new connections to the wake listener (a stopped database
+            # has no socket); light sleep needs nothing: the paused one keeps its own.
+            await self._set_redirect(goal == "deep")
+            # A client may have connected between the measurement and here (when deepening:
+            # it may sit in the paused database's backlog and needs it to run, not to stop).
+            if await self.measure_activity(time.time()):
+                await self._set_redirect(self.state == "deep")
+                if self.state == "light":
+                    self._wake_soon("client queued while paused")
+                return
             previous = self.state
             self.saved.state = goal  # intent first: the reconciler leaves a sleeping db alone
             self.resumed.clear()
@@ -288,7 +308,7 @@ class Sleeper:
                 self.saved.state = previous
                 if previous == "awake":
                     self.resumed.set()
-                await self._set_redirect(previous != "awake")
+                await self._set_redirect(previous == "deep")
                 raise
             log.info(
                 "addon.sleep addon=%s stage=%s idle_s=%.1f",
@@ -298,6 +318,10 @@ class Sleeper:
             )
             self.saved.sleeps += 1
             SLEEPS.labels(goal).inc()
+            if goal == "light" and await self.measure_activity(time.time()):
+                # Connected between the last check and the freeze; its SYN came while we
+                # were still awake, so the SYN watch ignored it.
+                self._wake_soon("client connected while pausing")
         self.on_change()
 
     # --- waking -------------------------------------------------------------------------
@@ -341,6 +365,22 @@ class Sleeper:
                 elapsed_ms,
             )
         self.on_change()
+
+    def _wake_soon(self, reason: str) -> asyncio.Task[None] | None:
+        """Start a wake unless one is under way: every client waiting goes on once it is up."""
+        if not self.resumed.is_set() and (self.wake_task is None or self.wake_task.done()):
+            self.wake_task = asyncio.create_task(self.wake(reason))
+            self.wake_task.add_done_callback(self._wake_done)
+        return self.wake_task
+
+    def _wake_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("addon.wake_failed addon=%s error=%s", self.addon.id, task.exception())
+
+    def _on_syn(self, source: str) -> None:
+        """The SYN watch saw a client knock: in light sleep, thaw; its socket does the rest."""
+        if self.state == "light":
+            self._wake_soon(f"connection attempt from {source}")
 
     async def _resume(self, stage: SleepState) -> None:
         # The fast path trusts the recorded stage; anything else (a crash between two
@@ -418,12 +458,7 @@ class Sleeper:
         writer_up: asyncio.StreamWriter | None = None
         writer_down: asyncio.StreamWriter | None = None
         try:
-            waking = self.wake_task
-            if not self.resumed.is_set() and (waking is None or waking.done()):
-                # One wake at a time; every client waiting meanwhile goes on once it is up.
-                waking = self.wake_task = asyncio.create_task(
-                    self.wake(f"connection from {source}")
-                )
+            waking = self._wake_soon(f"connection from {source}")
             if waking is not None and not self.resumed.is_set() and self.state != "light":
                 # A stopped database has no socket yet; a paused one does: the kernel
                 # completes the handshake and queues the client's bytes until it thaws,
