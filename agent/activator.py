@@ -288,7 +288,8 @@ class Sleeper:
             await self._set_redirect(goal == "deep")
             # A client may have connected between the measurement and here (when deepening:
             # it may sit in the paused database's backlog and needs it to run, not to stop).
-            if await self.measure_activity(time.time()):
+            active = await self.measure_activity(time.time())
+            if active or (self.wake_task is not None and not self.wake_task.done()):
                 await self._set_redirect(self.state == "deep")
                 if self.state == "light":
                     self._wake_soon("client queued while paused")
