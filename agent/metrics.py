@@ -78,6 +78,10 @@ BACKUP_LAST_VERIFIED = Gauge(
 RELAYS_ACTIVE = Gauge(
     "orkestr_agent_wake_relays", "Client connections relayed by wake listeners right now"
 )
+WAKE_SYNS = Counter(
+    "orkestr_agent_wake_syns_total",
+    "Connection attempts (SYNs) the SYN watch reported, rate-limited in the kernel per add-on",
+)
 RELAYS_REFUSED = Counter(
     "orkestr_agent_wake_relays_refused_total",
     "Connections a wake listener closed at once: over the add-on's or the host's relay cap",

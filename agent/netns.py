@@ -3,7 +3,8 @@
 - `listen_in(pid, port)`: a listening socket that lives in the holder's namespace, so it
   is reachable only from the project network. A dedicated thread enters the namespace
   with setns(2) (namespaces are per thread), creates the socket, and leaves: the socket
-  stays bound to the namespace it was created in.
+  stays bound to the namespace it was created in. `in_namespace(pid, make)` does the same
+  for any socket (the SYN watch's netlink socket, `agent/synwatch.py`).
 - `iptables(pid, ...)`: the redirect that sends a sleeping add-on's port to the listener.
 - `tcp_table(pid)` / `passive_opens(pid)`: the namespace's TCP sockets and counters, read
   from /proc/<pid>/net, which show that namespace's view: no exec, no entering needed.
@@ -16,7 +17,9 @@ import ctypes
 import os
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from msgspec import Struct
 
@@ -24,6 +27,7 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
 _lock = threading.Lock()
+T = TypeVar("T")
 
 
 def _setns(fd: int) -> None:
@@ -32,19 +36,14 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def _listen_sync(pid: int, port: int, backlog: int) -> socket.socket:
+def _in_namespace_sync(pid: int, make: Callable[[], T]) -> T:
     with _lock:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
         try:
             _setns(target)
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("0.0.0.0", port))
-                sock.listen(backlog)
-                sock.setblocking(False)
-                return sock
+                return make()
             finally:
                 _setns(home)
         finally:
@@ -52,10 +51,28 @@ def _listen_sync(pid: int, port: int, backlog: int) -> socket.socket:
             os.close(home)
 
 
-async def listen_in(pid: int, port: int, backlog: int = 512) -> socket.socket:
+async def in_namespace(pid: int, make: Callable[[], T]) -> T:
+    """Run `make` (which creates sockets) in the network namespace of `pid`."""
     return await asyncio.get_running_loop().run_in_executor(
-        _executor, _listen_sync, pid, port, backlog
+        _executor, _in_namespace_sync, pid, make
     )
+
+
+def _listener(port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def listen_in(pid: int, port: int, backlog: int = 512) -> socket.socket:
+    return await in_namespace(pid, lambda: _listener(port, backlog))
 
 
 async def iptables(pid: int, *args: str) -> tuple[int, str]:

@@ -8,19 +8,25 @@ container on it (`docker exec`), by address:
             the holder's network namespace; no proxy while awake.
   baseline  a plain database container straight on the network: the agent's own container
             spec (same image, env, secret files, volume, CPU and memory limits).
+  light     a Starter add-on that falls into light sleep (paused) after 2 s idle: before
+            each of its runs the bench waits until it is paused, so the run's client
+            connections are opened while it sleeps (the first one wakes it; issue 12:
+            those connections must not be relayed). Its own toolbox client, on its network.
 
-Runs alternate orkestr / baseline (ABBA order across rounds) to spread drift over both.
+Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
                    select-only (-S) and TPC-B-like (default script); TPS without the
                    initial connection time.
   redis-benchmark  -n 100000 (--quick: 20000) -c 20 -t get,set; requests per second.
-Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), target >= 0.95.
+Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), and
+light_ratio = median(light) / median(baseline); target >= 0.95 for both.
 
 Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -46,6 +52,8 @@ from schemas.messages import Resources
 
 CPUS, MEMORY_MB = 1.0, 512
 TARGET_RATIO = 0.95
+LIGHT_AFTER_S = 2.0
+WHO = ("orkestr", "baseline", "light")
 TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
 
 
@@ -88,7 +96,10 @@ async def main(quick: bool) -> dict[str, Any]:
         "redis_benchmark": {"requests": requests, "clients": 20},
     }  # fmt: skip
     results["machine"] = machine_facts()
-    async with Bench(plans_toml(cpus=CPUS, memory_mb=MEMORY_MB)) as b:
+    plans = plans_toml(
+        cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600
+    )
+    async with Bench(plans) as b:
         results["code"] = b.code
         project = await b.project("team")
         pid = project["id"]
@@ -97,6 +108,12 @@ async def main(quick: bool) -> dict[str, Any]:
         rd = await b.ready_addon(pid, "rd-data", "redis")
         client = await b.client(pid)
         env = await b.env(pid)
+        sleepy = (await b.project("starter"))["id"]
+        pg_light = await b.ready_addon(sleepy, "pg-light", "postgres")
+        rd_light = await b.ready_addon(sleepy, "rd-light", "redis")
+        light_client = await b.client(sleepy)
+        light_env = await b.env(sleepy)
+        clients = {"orkestr": client, "baseline": client, "light": light_client}
         res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
         targets: dict[str, dict[str, dict[str, Any]]] = {"postgres": {}, "redis": {}}
         for kind, addon in (("postgres", pg), ("redis", rd)):
@@ -109,25 +126,56 @@ async def main(quick: bool) -> dict[str, Any]:
             if not (await client.poll_result(150))["ok"]:
                 raise RuntimeError(f"plain {kind} never became ready")
             targets[kind]["baseline"] = plain.target(plain_ip)
-        log("pgbench -i -s 5 on both")
-        for who in ("orkestr", "baseline"):
-            await pgbench(client, targets["postgres"][who], ["-i", "-s", "5", "-q"])
+        for kind, addon in (("postgres", pg_light), ("redis", rd_light)):
+            ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(sleepy))
+            targets[kind]["light"] = {**credentials(light_env, addon["name"]), "host": ip}
+        log("pgbench -i -s 5 on all three")
+        for who in WHO:
+            await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
+        light_wakes: list[dict[str, Any]] = []
+
+        async def asleep(addon: dict[str, Any]) -> None:
+            """Wait until the add-on is paused, so the next run's connections wake it."""
+            for _ in range(600):
+                if await b.state_of(model.db_name(addon["id"])) == "paused":
+                    return
+                await asyncio.sleep(0.1)
+            raise RuntimeError(f"{addon['name']} did not fall into light sleep")
+
+        async def woken(addon: dict[str, Any], wakes_before: int) -> None:
+            view = await b.addon(sleepy, addon["id"])
+            if view["wakes"] <= wakes_before:
+                raise RuntimeError(f"{addon['name']}: the run did not start in light sleep")
+            light_wakes.append({"addon": addon["name"], "last_wake_ms": view["last_wake_ms"][-1]})
+
         results["activity_before"] = activity(b.host)
 
         samples: dict[str, dict[str, list[float]]] = {
-            test: {"orkestr": [], "baseline": []}
+            test: {who: [] for who in WHO}
             for test in ("pgbench_select", "pgbench_tpcb", "redis_get", "redis_set")
         }
         for r in range(rounds):
-            order = ["orkestr", "baseline"] if r % 2 == 0 else ["baseline", "orkestr"]
+            order = [WHO[(r + i) % 3] for i in range(3)]
             for mode in ("select", "tpcb"):
                 for who in order:
-                    tps = await pg_run(client, targets["postgres"][who], mode, seconds)
+                    wakes = 0
+                    if who == "light":
+                        await asleep(pg_light)
+                        wakes = (await b.addon(sleepy, pg_light["id"]))["wakes"]
+                    tps = await pg_run(clients[who], targets["postgres"][who], mode, seconds)
+                    if who == "light":
+                        await woken(pg_light, wakes)
                     samples[f"pgbench_{mode}"][who].append(tps)
                     log(f"round {r + 1}/{rounds} pgbench {mode} {who}: {tps:.0f} tps")
                 order.reverse()  # ABBA within a round too
             for who in order:
-                rps = await redis_run(client, targets["redis"][who], requests)
+                wakes = 0
+                if who == "light":
+                    await asleep(rd_light)
+                    wakes = (await b.addon(sleepy, rd_light["id"]))["wakes"]
+                rps = await redis_run(clients[who], targets["redis"][who], requests)
+                if who == "light":
+                    await woken(rd_light, wakes)
                 samples["redis_get"][who].append(rps["get"])
                 samples["redis_set"][who].append(rps["set"])
                 log(
@@ -141,11 +189,12 @@ async def main(quick: bool) -> dict[str, Any]:
             if view["sleeps"] != 0 or view["sleep_state"] != "awake" or state != "running":
                 raise RuntimeError(f"{addon['name']} slept during the run: {view}, {state}")
         results["addons_stayed_awake"] = True
+        results["light_wakes"] = light_wakes
         results["activity_after"] = activity(b.host)
 
     for test, by in samples.items():
-        ours, base = by["orkestr"], by["baseline"]
-        o50, b50 = percentile(ours, 50), percentile(base, 50)
+        ours, base, light = by["orkestr"], by["baseline"], by["light"]
+        o50, b50, l50 = percentile(ours, 50), percentile(base, 50), percentile(light, 50)
         results[test] = {
             "unit": "tps" if test.startswith("pgbench") else "requests/s",
             "orkestr": [rnd(x, 1) for x in ours],
@@ -156,6 +205,11 @@ async def main(quick: bool) -> dict[str, Any]:
             "ratio_per_round": [rnd(o / bb) for o, bb in zip(ours, base, strict=True)],
             "target_ratio": TARGET_RATIO,
             "pass": o50 / b50 >= TARGET_RATIO,
+            "light": [rnd(x, 1) for x in light],
+            "light_median": rnd(l50, 1),
+            "light_ratio": rnd(l50 / b50),
+            "light_ratio_per_round": [rnd(x / bb) for x, bb in zip(light, base, strict=True)],
+            "light_pass": l50 / b50 >= TARGET_RATIO,
         }
     return results
 
@@ -168,6 +222,11 @@ def report(results: dict[str, Any]) -> None:
             test, r["unit"], r["orkestr_median"], r["baseline_median"], r["ratio"],
             " ".join(f"{x:.3f}" for x in r["ratio_per_round"]), f">= {TARGET_RATIO}",
             "PASS" if r["pass"] else "FAIL",
+        ])  # fmt: skip
+        rows.append([
+            f"{test} (opened in light sleep)", r["unit"], r["light_median"], r["baseline_median"],
+            r["light_ratio"], " ".join(f"{x:.3f}" for x in r["light_ratio_per_round"]),
+            f">= {TARGET_RATIO}", "PASS" if r["light_pass"] else "FAIL",
         ])  # fmt: skip
     print()
     print(table(

@@ -446,7 +446,7 @@ def _api_errors(cls: type[ApiError]) -> set[type[ApiError]]:
 
 
 def test_every_error_code_the_api_answers_is_in_the_openapi_enum() -> None:
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # comes with schemathesis
 
     spec = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
     documented = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent import netns, synwatch
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -275,12 +277,13 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
         outsider.remove()
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill9", "keeper_restarted_first"])
+@pytest.mark.parametrize("how", ["sigterm", "kill9", "keeper_restarted_first", "light_kill9"])
 async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_returns(
     agent: AgentProcess, pg: Any, how: str
 ) -> None:
     _project, a, client = pg
-    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    # Light: the client queues at the paused database itself (no listener involved).
+    await wait_db(a["id"], "paused" if how == "light_kill9" else "exited", timeout=DEEP_S + 8)
     if how == "keeper_restarted_first":
         await agent.restart_keeper()  # empty now: the running agent must refill it
         await more_passes(agent, 2)  # each pass puts the listeners back
@@ -398,5 +401,96 @@ async def _flood(stack: Stack, agent: AgentProcess, cap: int) -> None:
             "relayed", _agent_metric(agent, "orkestr_agent_wake_relays "), "agent fds", fds,
         )  # fmt: skip
     finally:
+        attacker.remove()
+        neighbour.remove()
+
+
+async def test_a_client_connecting_in_light_sleep_talks_to_the_database_itself(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    """No redirect, no relay: the paused database's own socket took the connection."""
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    syns = _agent_metric(agent, "orkestr_agent_wake_syns_total")
+    light_wakes = _agent_metric(agent, 'orkestr_agent_addon_wakes_total{stage="light"}')
+    held = asyncio.create_task(
+        client.sh(
+            'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tA '
+            '-c "select host(inet_client_addr())" -c "select pg_sleep(6)"'
+        )
+    )
+
+    async def listed_direct() -> dict[str, Any] | None:
+        view = await addon(c, project["id"], a["id"])
+        mine = [x for x in view["clients"] if x["source"].startswith(client.ip + ":")]
+        return view if mine and all(x["via"] == "direct" for x in mine) else None
+
+    # While it is open the meter counts it (so the add-on stays awake) as a direct client.
+    view = await wait_for(listed_direct, 5, "the client listed, via direct")
+    assert view["sleep_state"] == "awake"
+    assert _agent_metric(agent, "orkestr_agent_wake_relays ") == 0
+    r = await held
+    assert r.returncode == 0, r.stderr
+    # The database saw the client's own address (a relayed one comes from the gateway).
+    assert r.stdout.split()[0] == client.ip, r.stdout
+    assert _agent_metric(agent, "orkestr_agent_wake_syns_total") > syns
+    assert _agent_metric(agent, 'orkestr_agent_addon_wakes_total{stage="light"}') > light_wakes
+
+
+async def test_a_syn_flood_in_light_sleep_is_rate_limited_and_a_neighbour_still_wakes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    p_flood, a_flood, env_flood = await setup_addon(stack, "redis")
+    p_calm, a_calm, env_calm = await setup_addon(stack, "redis")
+    attacker = Client(agent.host, p_flood["id"], env_flood)
+    neighbour = Client(agent.host, p_calm["id"], env_calm)
+    assert agent.proc is not None
+    flood: list[socket.socket] = []
+    try:
+        # Both awake now, so both are in light sleep together (deep follows DEEP_S later).
+        ping = 'redis-cli --no-auth-warning -u "$REDIS_URL" ping'
+        await asyncio.gather(attacker.sh(ping), neighbour.sh(ping))
+        await wait_db(a_flood["id"], "paused", timeout=LIGHT_S + 6)
+        await wait_db(a_calm["id"], "paused", timeout=LIGHT_S + 6)
+        syns = _agent_metric(agent, "orkestr_agent_wake_syns_total")
+        started = asyncio.get_running_loop().time()
+        # 2,000 connection attempts, as fast as the machine allows, at the paused add-on.
+        ip = json.loads(docker("inspect", f"orkestr-{a_flood['id']}-net"))[0]["NetworkSettings"][
+            "Networks"
+        ][f"orkestr-{p_flood['id']}"]["IPAddress"]
+        # Non-blocking connects from inside the attacker's own namespace: the SYNs leave at
+        # once (a shell loop in the container manages only a few a second on a busy host).
+        attacker_pid = json.loads(docker("inspect", attacker.name))[0]["State"]["Pid"]
+
+        def open_flood() -> list[socket.socket]:
+            socks = []
+            for _ in range(2000):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.connect_ex((ip, 6379))
+                socks.append(s)
+            return socks
+
+        flood += await netns.in_namespace(attacker_pid, open_flood)
+        await wait_db(a_flood["id"], "running", timeout=15)
+        # The neighbour wakes and answers meanwhile.
+        pong = await neighbour.sh(ping, timeout=30)
+        assert pong.stdout.strip() == "PONG", pong
+        await asyncio.sleep(2)
+        elapsed = asyncio.get_running_loop().time() - started
+        seen = _agent_metric(agent, "orkestr_agent_wake_syns_total") - syns
+        # Two add-ons' rules, each at most its burst plus its rate over the window.
+        bound = 2 * (synwatch.BURST + synwatch.RATE_PER_S * elapsed)
+        assert 1 <= seen <= bound, (seen, bound, elapsed)
+        assert _agent_metric(agent, "orkestr_agent_wake_relays ") == 0
+        fds = len(list((__import__("pathlib").Path(f"/proc/{agent.proc.pid}/fd")).iterdir()))
+        assert fds < 200, f"the agent holds {fds} descriptors"
+        established = sum(1 for x in netns.tcp_table(attacker_pid) if x.state == netns.ESTABLISHED)
+        print("syn flood: 2000 SYNs,", established, "connected;", seen, "seen in", elapsed, "s")
+    finally:
+        for sock in flood:
+            sock.close()
         attacker.remove()
         neighbour.remove()

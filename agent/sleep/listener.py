@@ -1,17 +1,23 @@
 """Idle sleep and wake-on-connect, at the add-on's unchanged address.
 
 Each sleep-enabled add-on has a wake listener inside its holder's network namespace (on
-the add-on's port + 10000). While the add-on is awake nothing points at it: clients reach
-the database directly, with no proxy in the data path. To sleep, an iptables REDIRECT in
-the holder's namespace sends *new* connections to the listener, then the database is
-paused (light) or stopped (deep). A client connecting while it sleeps is accepted by the
-listener, which wakes the database, waits until a real client gets an answer, removes the
-redirect and relays just that connection. Connections made after the wake go straight to
-the database again. The host's own traffic (the gateway address) is exempt from the
-redirect, so probes and relays always reach the database itself.
+the add-on's port + 10000) and a SYN watch there (`agent/synwatch.py`). While the add-on
+is awake nothing points at either: clients reach the database directly, with no proxy in
+the data path. Light sleep pauses the database and redirects nothing: the paused database
+keeps its socket, the kernel completes a client's handshake on it, and the SYN watch
+reports the attempt, which asks for a wake; the client then talks to the database itself.
+Deep sleep first sets an iptables REDIRECT in the holder's namespace that sends *new*
+connections to the listener, then stops the database. A client connecting then is
+accepted by the listener, which asks for a wake, waits until a real client gets an
+answer, and relays just that connection; the wake removes the redirect, so connections
+made after it go straight to the database again. The host's own traffic (the gateway
+address) is exempt from the redirect and the SYN watch, so probes and relays always reach
+the database itself and wake nothing.
 
-This all runs in the agent, from its last good desired state: the controller and the
-broker may be down.
+Sleeping and waking are the planner's: a request (`wake_requested`, `on_wake_request`)
+has the add-on's worker carry out the wake, ahead of its other queued work; nothing here
+starts a wake of its own. This all runs in the agent, from its last good desired state:
+the controller and the broker may be down.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import log, policy
 from agent.sleep.store import Persisted
+from agent.synwatch import SynWatch
 from schemas.messages import PORTS, AddonSpec, ClientConnection, SleepState
 
 WAKE_PORT_OFFSET = 10000
@@ -114,9 +121,11 @@ class Sleeper:
         self.resumed = asyncio.Event()
         if saved.state == "awake":
             self.resumed.set()
-        # A client waits at the wake listener: the planner wakes the add-on (its worker
-        # takes the wake ahead of other queued work); cleared once it is awake.
+        # A client waits (at the wake listener, or queued at the paused database): the
+        # planner wakes the add-on (its worker takes the wake ahead of other queued work);
+        # cleared once it is awake.
         self.wake_requested = False
+        self.synwatch: SynWatch | None = None  # light sleep's wake: see agent/synwatch.py
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
@@ -143,8 +152,12 @@ class Sleeper:
         try:
             self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
             await self._fence_listener()
+            self.synwatch = await SynWatch.open(
+                self.pid, self.port, self.wake_port, self.gateway, self._on_syn
+            )
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
-            await self._set_redirect(self.state != "awake")
+            # Only deep sleep redirects; a redirect left by an older agent in light sleep goes.
+            await self._set_redirect(self.state == "deep")
         except BaseException:
             await self.close()
             raise
@@ -155,9 +168,12 @@ class Sleeper:
             same_ns = netns.netns_inode(self.pid) == self.netns
         except OSError:
             return False
-        return same_ns and self.accept_task is not None and not self.accept_task.done()
+        watching = self.synwatch is not None and not self.synwatch.closed
+        return same_ns and watching and self.accept_task is not None and not self.accept_task.done()
 
     async def close(self) -> None:
+        if self.synwatch is not None:
+            self.synwatch.close()
         if self.accept_task is not None:
             self.accept_task.cancel()
         for task in list(self.handlers):
@@ -253,20 +269,33 @@ class Sleeper:
         """Whether a pass would plan a sleep or a wake for it now (the tick asks for one)."""
         return self._goal(now, bool(self.clients)) != self.state
 
+    def wake_if_queued(self) -> None:
+        """After a measurement: a client queued at the paused database's own socket.
+
+        The SYN watch missed it (a restarted agent, a dropped message): this is the
+        fallback wake, from the idle tick.
+        """
+        if self.state == "light" and self.clients:
+            self.request_wake(f"client {self.clients[0].source} queued while paused")
+
     async def sleep(self, goal: SleepState) -> None:
-        """Carry out a planned sleep: redirect first, then pause (light) or stop (deep)."""
+        """Carry out a planned sleep: redirect first (deep), then pause (light) or stop (deep)."""
         async with self.transition:
             # Decided again under the lock: a client, a wake request or a backup may have
             # come in since the plan was made.
             fresh = self._goal(time.time(), bool(self.clients))
             if fresh == "awake" or fresh == self.state or goal == self.state:
                 return
-            if self.state == "awake":
-                await self._set_redirect(True)
-                # A client may have connected between the measurement and the redirect.
-                if await self.measure_activity(time.time()) or self.wake_requested:
-                    await self._set_redirect(False)
-                    return
+            # Deep sleep redirects new connections to the wake listener (a stopped database
+            # has no socket); light sleep needs nothing: the paused one keeps its own.
+            await self._set_redirect(goal == "deep")
+            # A client may have connected between the measurement and here (when deepening:
+            # it may sit in the paused database's backlog and needs it to run, not to stop).
+            if await self.measure_activity(time.time()) or self.wake_requested:
+                await self._set_redirect(self.state == "deep")
+                if self.state == "light":
+                    self.request_wake("client queued while paused")
+                return
             previous = self.state
             self.saved.state = goal  # intent first: the reconciler leaves a sleeping db alone
             self.resumed.clear()
@@ -282,7 +311,7 @@ class Sleeper:
                 self.saved.state = previous
                 if previous == "awake":
                     self.resumed.set()
-                await self._set_redirect(previous != "awake")
+                await self._set_redirect(previous == "deep")
                 raise
             log.info(
                 "addon.sleep addon=%s stage=%s idle_s=%.1f",
@@ -292,6 +321,10 @@ class Sleeper:
             )
             self.saved.sleeps += 1
             SLEEPS.labels(goal).inc()
+            if goal == "light" and await self.measure_activity(time.time()):
+                # Connected between the last check and the freeze; its SYN came while we
+                # were still awake, so the SYN watch ignored it.
+                self.request_wake("client connected while pausing")
         self.on_change()
 
     # --- waking -------------------------------------------------------------------------
@@ -302,6 +335,7 @@ class Sleeper:
             if self.state != "awake":
                 self.saved.state = "awake"
             self.resumed.set()
+            self.wake_requested = False  # awake: a request left would keep it up for good
             self.saved.last_activity = time.time()
             await self._set_redirect(False)
 
@@ -337,6 +371,21 @@ class Sleeper:
                 elapsed_ms,
             )
         self.on_change()
+
+    def request_wake(self, reason: str) -> None:
+        """A client waits: the add-on's worker wakes it, ahead of any other work queued for
+        it. Asked once until it is awake: every client waiting meanwhile goes on then, and
+        a flood of knocks costs a flag test each."""
+        if self.resumed.is_set() or self.wake_requested:
+            return
+        self.wake_requested = True
+        log.debug("addon.wake_requested addon=%s reason=%s", self.addon.id, reason)
+        self.on_wake_request(self.addon.id)
+
+    def _on_syn(self, source: str) -> None:
+        """The SYN watch saw a client knock: in light sleep, thaw; its socket does the rest."""
+        if self.state == "light":
+            self.request_wake(f"connection attempt from {source}")
 
     async def _resume(self, stage: SleepState) -> None:
         # The fast path trusts the recorded stage; anything else (a crash between two
@@ -415,12 +464,7 @@ class Sleeper:
         writer_down: asyncio.StreamWriter | None = None
         try:
             if not self.resumed.is_set():
-                # The add-on's worker wakes it, ahead of any other work queued for it;
-                # every client waiting meanwhile goes on once it is up.
-                if not self.wake_requested:
-                    self.wake_requested = True
-                    log.debug("addon.wake_requested addon=%s source=%s", self.addon.id, source)
-                    self.on_wake_request(self.addon.id)
+                self.request_wake(f"connection from {source}")
                 if self.state != "light":
                     # A stopped database has no socket yet; a paused one does: the kernel
                     # completes the handshake and queues the client's bytes until it

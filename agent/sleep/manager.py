@@ -239,7 +239,8 @@ class SleepManager:
         self.on_wake_request(addon_id)
 
     async def loop(self) -> None:
-        """Measure activity each tick; ask for a pass when one would sleep an add-on.
+        """Measure activity each tick; ask for a pass when one would sleep an add-on, and a
+        wake for a light-sleeping one with a client queued at its database.
 
         The decision and the action are the planner's and the add-on's worker's.
         """
@@ -255,6 +256,7 @@ class SleepManager:
                 except OSError as exc:
                     log.warning("sleep.measure_failed addon=%s error=%s", sleeper.addon.id, exc)
                     continue
+                sleeper.wake_if_queued()
                 due = due or sleeper.due(now)
             if due:
                 self._on_change()

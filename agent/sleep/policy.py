@@ -16,7 +16,7 @@ def target(
 ) -> SleepState:
     """The sleep state an add-on should be in after `idle_s` seconds without clients.
 
-    Only deepens: waking is the activator's job, on a client's connection.
+    Only deepens: waking is `goal`'s, on a client's wake request.
     """
     if not policy.enabled or has_clients:
         return current

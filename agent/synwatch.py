@@ -1,0 +1,201 @@
+"""The SYN watch: see a client's connection attempt at a paused database without taking it.
+
+A paused (light-sleeping) database still owns its listening socket: the kernel completes
+handshakes into its backlog and queues the client's bytes while the process is frozen. So
+waking needs only to *notice* the attempt, then unpause; the client then talks to the
+database's own socket, with no relay in its path for the connection's whole life.
+
+The notice is an NFLOG rule in the holder's namespace,
+
+    iptables -I INPUT -p tcp --dport 5432 --syn ! -s <gateway> -m limit --limit 5/second
+             --limit-burst 10 -j NFLOG --nflog-group 15432
+
+read by the agent over a NETLINK_NETFILTER socket opened inside that namespace (NFLOG
+groups are per namespace). NFLOG is non-terminating: the SYN goes on to the database's
+socket untouched. The rule stays in place while the add-on is awake (the agent ignores the
+messages then), so neither falling asleep nor waking runs iptables. The limit match keeps
+a SYN flood from becoming a flood of messages: the agent sees at most a few per second per
+add-on, and the first one is all a wake needs. In deep sleep the wake listener's REDIRECT
+(nat PREROUTING) rewrites the port before INPUT, so this rule does not match then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from agent import netns
+from agent.errors import AgentError
+from agent.metrics import WAKE_SYNS
+
+log = logging.getLogger("orkestr.agent.sleep")
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH = 1, 2, 5
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_PAYLOAD = 9
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+COPY_BYTES = 48  # the IPv4 and TCP headers' fixed parts: enough to name the client
+RATE_PER_S, BURST = 5, 10
+READS_PER_WAKEUP = 64  # then yield to the event loop
+UNKNOWN = "unknown"  # a source lost to an overflowing queue
+
+
+def syn_rule(port: int, group: int, gateway: str) -> tuple[str, ...]:
+    # The host (gateway) is exempt like in the redirect: the agent's probes are not clients.
+    return (
+        "INPUT", "-p", "tcp", "--dport", str(port), "--syn", "!", "-s", gateway,
+        "-m", "limit", "--limit", f"{RATE_PER_S}/second", "--limit-burst", str(BURST),
+        "-j", "NFLOG", "--nflog-group", str(group),
+        "-m", "comment", "--comment", "orkestr-wake-syn",
+    )  # fmt: skip
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    length = 4 + len(data)
+    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
+
+
+def config_request(group: int, seq: int, *attrs: bytes) -> bytes:
+    """An NFULNL_MSG_CONFIG request for `group`, asking for an ack."""
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group)) + b"".join(attrs)
+    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def bind_requests(group: int) -> list[bytes]:
+    return [
+        config_request(group, 1, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))),
+        config_request(
+            group, 2, _attr(NFULA_CFG_MODE, struct.pack(">IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0))
+        ),
+        # Deliver each packet at once (the default batches them for up to a second).
+        config_request(group, 3, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))),
+    ]
+
+
+def _messages(data: bytes) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16 or offset + length > len(data):
+            break
+        out.append((kind, data[offset + 16 : offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def ack_error(data: bytes) -> int:
+    """The errno of the first netlink error message in `data` (0: an ack)."""
+    for kind, body in _messages(data):
+        if kind == NLMSG_ERROR and len(body) >= 4:
+            code: int = struct.unpack_from("=i", body)[0]
+            return -code
+    return 0
+
+
+def _source(payload: bytes) -> str:
+    if len(payload) < 20 or payload[0] >> 4 != 4:
+        return UNKNOWN
+    header = (payload[0] & 0x0F) * 4
+    ip = socket.inet_ntop(socket.AF_INET, payload[12:16])
+    if len(payload) < header + 2:
+        return ip
+    return f"{ip}:{struct.unpack_from('>H', payload, header)[0]}"
+
+
+def packet_sources(data: bytes) -> list[str]:
+    """The client ("ip:port") of each logged packet in one netlink datagram."""
+    sources: list[str] = []
+    for kind, body in _messages(data):
+        if kind != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            continue
+        payload = b""
+        offset = 4  # struct nfgenmsg
+        while offset + 4 <= len(body):
+            length, attr = struct.unpack_from("=HH", body, offset)
+            if length < 4:
+                break
+            if attr & 0x3FFF == NFULA_PAYLOAD:
+                payload = body[offset + 4 : offset + length]
+            offset += (length + 3) & ~3
+        sources.append(_source(payload))
+    return sources
+
+
+def _bound_socket(group: int) -> socket.socket:
+    """Runs inside the holder's namespace: the NFLOG instance belongs to it."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        sock.settimeout(5)
+        for request in bind_requests(group):
+            sock.send(request)
+            code = ack_error(sock.recv(4096))
+            if code:
+                raise OSError(code, f"NFLOG group {group}: {errno.errorcode.get(code, code)}")
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class SynWatch:
+    """A bound NFLOG group, read from the event loop; `on_syn(source)` for each packet."""
+
+    def __init__(self, sock: socket.socket, on_syn: Callable[[str], None]) -> None:
+        self.sock = sock
+        self.on_syn = on_syn
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    @classmethod
+    async def open(
+        cls, pid: int, port: int, group: int, gateway: str, on_syn: Callable[[str], None]
+    ) -> SynWatch:
+        rule = syn_rule(port, group, gateway)
+        if (await netns.iptables(pid, "-C", *rule))[0] != 0:
+            code, out = await netns.iptables(pid, "-I", *rule)
+            if code != 0:
+                raise AgentError(f"iptables (NFLOG) in namespace of pid {pid}: {out}")
+        sock = await netns.in_namespace(pid, lambda: _bound_socket(group))
+        return cls(sock, on_syn)
+
+    def _readable(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    # Messages were dropped: some client knocked, which is all we need.
+                    WAKE_SYNS.inc()
+                    self.on_syn(UNKNOWN)
+                    continue
+                log.warning("synwatch.read_failed error=%s", exc)
+                self.close()
+                return
+            for source in packet_sources(data):
+                WAKE_SYNS.inc()
+                self.on_syn(source)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
