@@ -64,15 +64,17 @@ REDIS_FILL = (
     "return redis.call('DBSIZE')\" 0 {keys}"
 )
 
+# The baselines use the platform's role, as the agent's own backups do: the tenant's role
+# may neither create databases nor replicate.
 RAW_PG_BACKUP = """
 set -e
-export PGPASSWORD="$(cat /run/orkestr/password)"
-s=$(date +%s.%N); pg_dump -Fc -h "$H" -U app -d app -f /out/raw.dump; e=$(date +%s.%N)
+export PGPASSWORD="$(cat /run/orkestr/admin_password)"
+s=$(date +%s.%N); pg_dump -Fc -h "$H" -U orkestr_admin -d app -f /out/raw.dump; e=$(date +%s.%N)
 echo "$s $e"
 """
 RAW_PG_RESTORE = """
 set -e
-export PGPASSWORD="$(cat /run/orkestr/password)" PGHOST="$H" PGUSER=app
+export PGPASSWORD="$(cat /run/orkestr/admin_password)" PGHOST="$H" PGUSER=orkestr_admin
 dropdb --if-exists rawrestore -d app >/dev/null 2>&1 || true
 s=$(date +%s.%N)
 createdb -O app rawrestore
@@ -83,8 +85,8 @@ echo "$s $e"
 """
 RAW_REDIS_BACKUP = """
 set -e
-export REDISCLI_AUTH="$(cat /run/orkestr/password)"
-s=$(date +%s.%N); redis-cli -h "$H" --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
+export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
+s=$(date +%s.%N); redis-cli -h "$H" --user orkestr_admin --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
 echo "$s $e"
 """
 RAW_REDIS_RESTORE = """
