@@ -522,7 +522,13 @@ class Agent:
             (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
             "",
         )
-        await self.upkeep.tend(project_id, addon, ip, timeout_s)
+        try:
+            # One round is a handful of statements; more than this is a stuck database, and
+            # the pass that awaits it must go on for the other add-ons.
+            async with asyncio.timeout(4 * timeout_s):
+                await self.upkeep.tend(project_id, addon, ip, timeout_s)
+        except TimeoutError:
+            log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
 
     async def _wake_probe(
         self, addon: AddonSpec, ip: str, timeout_s: float

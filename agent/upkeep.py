@@ -187,7 +187,14 @@ class Upkeep:
                 await self._postgres(addon, ip, timeout_s)
             else:
                 await self._redis(addon, ip, timeout_s)
-        except (AgentError, OSError, TimeoutError, asyncpg.PostgresError, RedisError) as exc:
+        except (
+            AgentError,
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            RedisError,
+        ) as exc:
             log.warning("upkeep.failed addon=%s error=%s", addon.id, exc)
             return
         usage, quota = self.usage.get(addon.id), self.quota.get(addon.id)
@@ -258,8 +265,14 @@ class Upkeep:
             database=addon.database,
             password=self.secrets.admin_password(addon.id),
             timeout=timeout_s,
+            # Every statement bounded, and never queued for long behind a tenant's locks:
+            # upkeep runs in the pass, so a stuck query would hold every add-on's status.
+            command_timeout=timeout_s,
             ssl=False,
-            server_settings={"application_name": "orkestr-upkeep"},
+            server_settings={
+                "application_name": "orkestr-upkeep",
+                "lock_timeout": str(max(1, int(timeout_s * 1000))),
+            },
         )
         try:
             await self._pg_credentials(conn, addon)
