@@ -285,6 +285,9 @@ sleep = { enabled = false }
 class Stack:
     """A broker, a controller database and a controller of its own, for one test module."""
 
+    # A test module may run a controller with other settings (a subclass of its own).
+    controller_class: type[ControllerProcess] = ControllerProcess
+
     def __init__(self, plans: str = TEST_PLANS, *, tls: bool = False) -> None:
         self.plans = plans
         self.tls = tls
@@ -298,7 +301,7 @@ class Stack:
         plans.write_text(self.plans)
         await self.mosquitto.start()
         self.dsn = await create_database("orkestr_e2e")
-        self.controller = ControllerProcess(
+        self.controller = self.controller_class(
             database_url=self.dsn,
             broker=self.mosquitto,
             mqtt_tls=self.tls,

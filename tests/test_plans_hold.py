@@ -32,7 +32,7 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
-from tests.services import ControllerProcess, create_database
+from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -68,19 +68,7 @@ class GraceController(ControllerProcess):
 
 
 class GraceStack(Stack):
-    async def start(self) -> None:
-        plans = self.dir / "plans.toml"
-        plans.write_text(self.plans)
-        await self.mosquitto.start()
-        self.dsn = await create_database("orkestr_e2e")
-        self.controller = GraceController(
-            database_url=self.dsn,
-            broker=self.mosquitto,
-            mqtt_tls=self.tls,
-            plans_file=plans,
-            offline_after_s=10,
-        )
-        await self.controller.start()
+    controller_class = GraceController
 
 
 @pytest.fixture(scope="module")
