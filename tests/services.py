@@ -376,7 +376,16 @@ async def drop_database(dsn: str) -> None:
         raise ValueError(f"refusing to drop database {name!r}")
     conn = await asyncpg.connect(ADMIN_DSN)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for attempt in range(20):
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except asyncpg.InsufficientPrivilegeError:
+                # A client still authenticating has no role yet, and PostgreSQL lets only
+                # pg_signal_backend members terminate it; it has one a moment later.
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.1)
     finally:
         await conn.close()
 
