@@ -16,7 +16,7 @@ from controller.db import Pool, transaction
 from controller.groups import specs_on
 from controller.plans import Plan
 from controller.releases import AppDef, app_id
-from controller.rows import hex_of
+from controller.store_rows import hex_of
 from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
