@@ -109,7 +109,8 @@ class SleepAddon(Struct, frozen=True, tag=True):
 
 
 class WakeAddon(Struct, frozen=True, tag=True):
-    """Wake a sleeping add-on (a client waits at its wake listener, or a backup holds it)."""
+    """Wake a sleeping add-on: a client waits at its wake listener, a backup holds it, or
+    its plan stopped allowing sleep. Only ever carried out by the add-on's worker."""
 
     key: str  # add-on id
     name: str
@@ -490,6 +491,46 @@ def _db_run_state(
     if goal != "awake" and db.state == "running" and facts.listening:
         return [SleepAddon(addon.id, db.name, goal)]
     return []
+
+
+def next_sleep_deadline(
+    desired: DesiredState | None, sleep: Mapping[str, SleepFacts], now: float
+) -> float | None:
+    """The earliest epoch second at which an idle add-on's next sleep stage falls due.
+
+    The runtime schedules a pass for it, so an add-on falls asleep at its setting rather
+    than at whatever pass some other event causes. Only add-ons the planner could put to
+    sleep then count: listening, answered a client, no client, no hold, no wake asked.
+    A deadline at or before `now` is not returned: the pass that saw it planned that sleep
+    (and a pass per timer for one its worker cannot take yet would spin).
+    """
+    if desired is None:
+        return None
+    earliest: float | None = None
+    for project in desired.projects:
+        for addon in project.addons:
+            facts = sleep.get(addon.id)
+            rule = addon.sleep
+            if (
+                addon.deleted
+                or facts is None
+                or not rule.enabled
+                or not facts.listening
+                or facts.clients
+                or facts.held
+                or facts.wake_requested
+            ):
+                continue
+            if facts.state == "awake" and facts.ready:
+                after = min(rule.light_after_s, rule.deep_after_s)
+            elif facts.state == "light":
+                after = rule.deep_after_s
+            else:
+                continue
+            due = facts.last_activity + after
+            if due > now and (earliest is None or due < earliest):
+                earliest = due
+    return earliest
 
 
 def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:

@@ -174,7 +174,9 @@ class Agent:
             config.agent.sleep_tick_s,
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
-        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
+        self.sleep.on_tick = self._sleep_ticked
+        # The pass at the earliest sleep deadline (see _arm_sleep_timer): (when, handle).
+        self._sleep_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.sleep.on_wake_request = self._wake_requested
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
@@ -355,8 +357,33 @@ class Agent:
         outcome.failed = self.workers.failed()
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
+        self._arm_sleep_timer()
         await self.publish_status()
         await self.publish_job_results()
+
+    def _arm_sleep_timer(self) -> None:
+        """A pass exactly when the next idle add-on's sleep falls due.
+
+        Without it a sleep waited for the next pass something else caused, or the sleep
+        tick's, and under load fell seconds late. Re-armed after each pass and each tick
+        (the tick measures activity, which moves the deadlines).
+        """
+        now = time.time()
+        deadline = p.next_sleep_deadline(self.desired, self.sleep.facts(), now)
+        if self._sleep_timer is not None:
+            if deadline == self._sleep_timer[0]:
+                return
+            self._sleep_timer[1].cancel()
+            self._sleep_timer = None
+        if deadline is None:
+            return
+        # A hair late rather than early: the executor decides again from the clock.
+        delay = deadline - now + 0.005
+        self._sleep_timer = (deadline, asyncio.get_running_loop().call_later(delay, self.trigger))
+
+    def _sleep_ticked(self) -> None:
+        self.watchdog.beat("sleep")
+        self._arm_sleep_timer()
 
     def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
