@@ -353,6 +353,12 @@ async def test_limits_and_sleeping_addon(stack: Stack, agent: AgentProcess) -> N
     db = f"orkestr-{a}-db"
     first = await backup_now(c, p, a)
     assert first["verified"] is True and first["counts"] == {"public.t": 3}, first
+    # The backup's hold had the add-on's own worker wake it (the planner's WakeAddon).
+    assert any(
+        f"addon.wake addon={a} " in line and "reason=held by a platform operation" in line
+        for line in agent.log_tail(2000).splitlines()
+    ), agent.log_tail(40)
+    assert f"action.done action=WakeAddon key={a}" in agent.log_tail(2000)
     await wait_phase(c, p, a, "sleeping", timeout=30)
 
     second = await backup_now(c, p, a, wait=False)

@@ -219,6 +219,38 @@ async def test_team_addon_never_sleeps(stack: Stack, agent: AgentProcess) -> Non
     assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
 
 
+async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "team"})
+    assert status == 200 and body["plan"] == "team", body
+    # Woken by the planner, on the add-on's worker (the wake's log names why), not beside it.
+    await wait_for(
+        lambda: f"addon.wake addon={a['id']} stage=deep reason=sleep disabled by the plan"
+        in agent.log_tail(400),
+        60,
+        "the wake for the plan change",
+    )
+    assert f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400)
+    await wait_db(a["id"], "running")
+    await wait_phase(c, project["id"], a["id"], "ready")
+    # It stays awake past both timeouts, and a client reaches the database itself: the
+    # deep-sleep redirect went with the wake (a redirect left to a closed listener would
+    # refuse every client).
+    await more_passes(agent, 2)
+    await asyncio.sleep(DEEP_S + 1)
+    assert db_state(a["id"]) == "running"
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
+    assert r.returncode == 0 and r.stdout.strip() == "42", r
+    view = await addon(c, project["id"], a["id"])
+    assert view["sleep_state"] == "awake", view
+    assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
+
+
 async def test_waking_works_with_broker_and_controller_down(stack: Stack, pg: Any) -> None:
     c = stack.controller
     assert c is not None
