@@ -115,6 +115,9 @@ async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, s
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         client_name="orkestr-probe",
+        # No CLIENT SETINFO: two round trips per probe, and redis-py reads its package
+        # metadata from disk for every client to fill them in.
+        driver_info=None,
     )
     try:
         pong = await client.ping()

@@ -368,6 +368,7 @@ class Upkeep:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             client_name="orkestr-upkeep",
+            driver_info=None,  # see probe.redis
         )
         try:
             version = self._secret_version(addon.id)
@@ -428,7 +429,7 @@ class Upkeep:
 
     # --- shared ---------------------------------------------------------------------
     def _secret_version(self, addon_id: str) -> int:
-        return self.secrets.versions().get(addon_id, 0)
+        return self.secrets.version(addon_id)
 
     def _quota_condition(self, addon: AddonSpec, state: QuotaState, usage: int, quota: int) -> None:
         now = datetime.now(UTC)

@@ -145,6 +145,8 @@ class SleepManager:
             if (sleeper := self.sleepers.get(addon_id)) is not None:
                 with contextlib.suppress(OSError):
                     sleeper.last_opens = netns.passive_opens(sleeper.pid)
+                # A client that connected during the hold was not measured: look again.
+                sleeper.table_read = False
             self.store.save(self.saved)
 
     def _hold(self, addon_id: str, delta: int) -> None:
