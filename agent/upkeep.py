@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from agent import model
+from agent import model, resp
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -193,7 +191,7 @@ class Upkeep:
             TimeoutError,
             asyncpg.PostgresError,
             asyncpg.InterfaceError,
-            RedisError,
+            resp.RespError,
         ) as exc:
             log.warning("upkeep.failed addon=%s error=%s", addon.id, exc)
             return
@@ -360,44 +358,38 @@ class Upkeep:
 
     # --- Redis ----------------------------------------------------------------------
     async def _redis(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
-        client = aioredis.Redis(
-            host=ip,
-            port=PORTS["redis"],
-            username=ADMIN_USER,
-            password=self.secrets.admin_password(addon.id),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            client_name="orkestr-upkeep",
-            driver_info=None,  # see probe.redis
+        conn = await resp.Connection.open(
+            ip,
+            PORTS["redis"],
+            ADMIN_USER,
+            self.secrets.admin_password(addon.id),
+            timeout_s,
+            "orkestr-upkeep",
         )
-        try:
+        async with conn:
             version = self._secret_version(addon.id)
             if version and self.secrets.applied(addon.id) != version:
                 # Adds the new password; the old one stays until the grace ends.
-                await client.execute_command(  # type: ignore[no-untyped-call]
-                    "ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id)
-                )
+                await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
                 self.secrets.mark_applied(addon.id, version)
                 log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
             previous = self.secrets.previous(addon.id)
             if previous is not None and previous[1] <= time.time():
                 if previous[0] != self.secrets.password(addon.id):
-                    await client.execute_command(  # type: ignore[no-untyped-call]
-                        "ACL", "SETUSER", "default", "<" + previous[0]
-                    )
+                    await conn.call("ACL", "SETUSER", "default", "<" + previous[0])
                 self.secrets.forget_previous(addon.id, addon.kind)
                 log.info("upkeep.password_retired addon=%s", addon.id)
             quota = quota_bytes(addon)
             assert quota is not None  # Redis always has its memory ceiling
-            config = await client.config_get("maxmemory*")
+            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
             if config.get("maxmemory") != str(quota):
-                await client.config_set("maxmemory", quota)
+                await conn.call("CONFIG", "SET", "maxmemory", quota)
             if config.get("maxmemory-policy") != "noeviction":
-                await client.config_set("maxmemory-policy", "noeviction")
-            info = await client.info("memory")
-            usage = int(info["used_memory"])
-        finally:
-            await client.aclose()
+                await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            info = await conn.call("INFO", "memory")
+            if not isinstance(info, bytes):
+                raise resp.RespError(f"INFO answered {info!r}")
+            usage = int(resp.info_fields(info)["used_memory"])
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
