@@ -164,6 +164,8 @@ class Agent:
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
         self._reprobe_s = config.agent.resync_interval_s
+        # Re-probes of ready add-ons, off the pass (see _refresh_status).
+        self._reprobing: asyncio.Task[None] | None = None
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
             root,
@@ -416,20 +418,28 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
-        # A ready add-on is probed again once per resync interval, not on every pass: a
-        # pass per finished chain would otherwise probe every database many times a second.
+        # The pass probes what has no answer for its current database yet (new, restarted,
+        # failing). A ready add-on keeps its last answer here and is probed again once per
+        # resync interval by a background round: probing a hundred databases inside the
+        # pass made every pass at a resync seconds long under load, and a pass per finished
+        # chain would otherwise probe every database many times a second.
         now_m = time.monotonic()
         probes: dict[str, status.Probe] = {}
         due: list[status.Target] = []
+        stale: list[status.Target] = []
         for t in targets:
             last = self._last_probe.get(t.addon.id)
-            if last is not None and last[0] == t.db_id and now_m - last[1] < self._reprobe_s:
+            if last is not None and last[0] == t.db_id:
                 probes[t.addon.id] = last[2]
+                if now_m - last[1] >= self._reprobe_s:
+                    stale.append(t)
             else:
                 due.append(t)
         self._last_probe = {
             t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
         }
+        if stale and (self._reprobing is None or self._reprobing.done()):
+            self._reprobing = asyncio.create_task(self._reprobe(stale), name="reprobe")
         results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in due))
         for target, (ok, reason, message) in zip(due, results, strict=True):
             probes[target.addon.id] = status.Probe(ok, reason, message)
@@ -469,10 +479,10 @@ class Agent:
                 ADDON_SLEEP_STATE.labels(*label).set(SLEEP_LEVEL[view.state])
                 labels.add(label)
         # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
-        for stale in self._metric_labels - labels:
+        for gone in self._metric_labels - labels:
             for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(*stale)
+                    gauge.remove(*gone)
         self._metric_labels = labels
         self.addon_status = statuses
         self.removed = derived.removed
@@ -499,6 +509,43 @@ class Agent:
             (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
             self._fingerprints.get(addon.id, ""),
         )
+
+    async def _reprobe(self, targets: list[status.Target], concurrency: int = 4) -> None:
+        """Probe ready add-ons again (and tend them), a few at a time, off the pass.
+
+        A failed probe drops the add-on's answer, so the next pass probes it itself and
+        acts on the failure; that pass is asked for at once, as is one when the upkeep
+        changed a condition (a quota reached, a memory kill).
+        """
+        gate = asyncio.Semaphore(concurrency)
+        changed = False
+
+        async def one(t: status.Target) -> None:
+            nonlocal changed
+            before = self.book.of(t.addon.id)
+            async with gate:
+                ok, reason, message = await self._probe(t.addon, t.ip)
+            last = self._last_probe.get(t.addon.id)
+            if last is None or last[0] != t.db_id:
+                return  # replaced or gone meanwhile: the pass has it
+            if (sleeper := self.sleep.sleepers.get(t.addon.id)) is not None:
+                sleeper.ready = ok
+            if ok:
+                self._last_probe[t.addon.id] = (
+                    t.db_id,
+                    time.monotonic(),
+                    status.Probe(ok, reason, message),
+                )
+            else:
+                del self._last_probe[t.addon.id]
+            changed = changed or not ok or self.book.of(t.addon.id) != before
+
+        try:
+            await asyncio.gather(*(one(t) for t in targets))
+        except Exception:  # a bug here must not stop the next rounds
+            log.exception("reprobe.crashed")
+        if changed:
+            self.trigger()
 
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
@@ -602,9 +649,10 @@ class Agent:
         return ready is not None and ready.status == "True"
 
     async def close_sleepers(self) -> None:
-        for task in self._readiness.values():
+        tasks = [*self._readiness.values(), *([self._reprobing] if self._reprobing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._readiness.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
