@@ -151,6 +151,20 @@ async def test_sleeps_when_idle_but_not_while_a_client_is_connected(stack: Stack
     assert any(x["type"] == "Sleeping" and x["status"] == "True" for x in view["conditions"])
 
 
+async def test_an_idle_addon_falls_asleep_at_its_setting(agent: AgentProcess, pg: Any) -> None:
+    """A pass is scheduled at the sleep deadline (plan.next_sleep_deadline): the sleep does
+    not wait for a sleep tick and then a pass something else caused."""
+    _project, a, _client = pg
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    line = next(
+        x for x in agent.log_tail(2000).splitlines()
+        if f"addon.sleep addon={a['id']} stage=light" in x
+    )  # fmt: skip
+    idle_s = float(line.rsplit("idle_s=", 1)[1].split()[0])
+    # Measured from the last activity the meter saw: the setting plus one pass.
+    assert LIGHT_S <= idle_s <= LIGHT_S + 1.0, line
+
+
 async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycles(pg: Any) -> None:
     _project, a, client = pg
     r = await client.sh('psql "$DATABASE_URL" -qc "create table cycles(n int)"')

@@ -51,6 +51,8 @@ class SleepManager:
         # add-on id -> platform operations (backups) holding it awake; outlives a sleeper
         # replaced meanwhile (a new holder), so the new one is held as well.
         self.holds: dict[str, int] = {}
+        # The keeper that holds every listener handed over so far (None: none yet).
+        self._keeper_seen: tuple[int, int] | None = None
         self.on_tick: Callable[[], None] = lambda: None  # after each tick: the watchdog
         # A client waits at a wake listener: the runtime hands the add-on's worker a wake.
         self.on_wake_request: Callable[[str], None] = lambda _aid: None
@@ -184,6 +186,10 @@ class SleepManager:
             self._adopted = await self.keeper.take_all()
         if desired is None:
             return  # without a desired state nothing is known to be unwanted: keep all
+        # A keeper restarted since the last hand-over lost the listeners: refill it.
+        keeper = self.keeper.identity()
+        refill = keeper is None or keeper != self._keeper_seen
+        handed = True
         # Sleep-enabled add-ons, and any still asleep whose plan stopped allowing sleep:
         # the planner wakes those through their listener (which lifts the redirect), and
         # the pass after drops the listener.
@@ -201,9 +207,9 @@ class SleepManager:
                 and sleeper.alive()
             ):
                 sleeper.addon = wanted[aid][1]
-                if sleeper.listener is not None:
-                    # Idempotent, and it refills a keeper that was restarted meanwhile.
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                if refill and sleeper.listener is not None:
+                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    handed = handed and put
                 continue
             del self.sleepers[aid]
             await sleeper.close()
@@ -256,7 +262,8 @@ class SleepManager:
                 adopted = self._adopted.pop(sleeper.wake_name, None)
                 await sleeper.start(adopted)
                 if adopted is None and sleeper.listener is not None:
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    handed = handed and put
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
                 continue
@@ -272,6 +279,8 @@ class SleepManager:
         for aid in [a for a in self.saved if a not in wanted]:
             del self.saved[aid]
         self.store.save(self.saved)
+        if handed:
+            self._keeper_seen = keeper
 
     def _changed(self) -> None:
         self.store.save(self.saved)
