@@ -202,6 +202,10 @@ redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 # (or between it and the restart) runs this again and it finishes the same swap; a
 # rollback cut short (`.orkestr-rollback`) is finished instead. The outcome, `restored` or
 # `previous`, goes to /backup/$STATE. DATA and BACKUP default to the mounts; a test moves them.
+# No sync while Redis is down: it would wait for the writeback of the just-staged copy. The
+# renames reach the disk in order (ext4's journal), so a host crash leaves a prefix of
+# them, which this script finishes like any other cut; the agent's marker is on disk
+# already, and the cleanup flushes the restored files before it removes the previous ones.
 REDIS_RESTORE_SWAP = r"""
 set -euo pipefail
 cd "${DATA:-/data}"
@@ -225,7 +229,6 @@ if [[ ! -f .orkestr-swapping ]]; then
   rm -rf .orkestr-previous
   mkdir .orkestr-previous
   touch .orkestr-swapping
-  sync .
 fi
 if [[ -d .orkestr-restore/appendonlydir ]]; then
   for f in appendonlydir dump.rdb; do
@@ -236,7 +239,6 @@ if [[ -d .orkestr-restore/appendonlydir ]]; then
   mv .orkestr-restore/appendonlydir .
 fi
 rm -rf .orkestr-restore
-sync .
 rm -f .orkestr-swapping
 outcome restored
 """
@@ -268,29 +270,20 @@ rm -rf .orkestr-previous .orkestr-restore
 
 # A Redis restore in one container, started as soon as the restore is (beside the agent's
 # check of the backup's sha256), with the add-on's volume at /data while Redis still
-# runs. It talks with the agent through two FIFOs in /backup that the agent made: $UP
-# (lines to the agent: `staged`, `quiet`) and $CTL (commands from it: `go`, `swap`,
-# anything else aborts). Steps:
+# runs, and no network. It talks with the agent through two FIFOs in /backup that the
+# agent made: $UP (to the agent: `staged`) and $CTL (from it: `swap`; anything else aborts).
 #   1. The RDB is staged in /data/.orkestr-restore as the base file of a one-file AOF (the
 #      add-on runs with appendonly, and Redis loads an RDB-format base, so nothing has to
 #      be rewritten). Nothing the live server uses is touched. -> `staged`
-#   2. `go` (the checksum matched): the live server is told not to write an RDB snapshot
-#      when it is stopped (its AOF holds its data). -> `quiet`
-#   3. `swap` (the agent has stopped Redis): the swap script below, in this running
-#      container, so the add-on's downtime holds no container start.
+#   2. `swap` (the checksum matched and the agent has stopped Redis): the swap script
+#      below, in this running container, so the add-on's downtime holds no container start.
 # An agent killed anywhere leaves this container to be removed; a resumed restore runs
 # the swap script on its own.
 REDIS_RESTORE = (
     _PRELUDE
-    + _REDIS_CONNECT
     + r"""
 exec 3<>"/backup/$CTL" 4<>"/backup/$UP"
 stage=/data/.orkestr-restore
-told() {
-  local cmd
-  read -r cmd <&3
-  if [[ $cmd != "$1" ]]; then rm -rf "$stage"; echo "restore aborted ($cmd)" >&2; exit 0; fi
-}
 rm -rf "$stage"
 mkdir -p "$stage/appendonlydir"
 cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
@@ -300,10 +293,8 @@ manifest="$stage/appendonlydir/appendonly.aof.manifest"
   echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
 touch "$stage/.complete"
 echo staged >&4
-told go
-rcli CONFIG SET save "" >/dev/null
-echo quiet >&4
-told swap
+read -r cmd <&3
+if [[ $cmd != swap ]]; then rm -rf "$stage"; echo "restore aborted ($cmd)" >&2; exit 0; fi
 (
 """
     + REDIS_RESTORE_SWAP

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from agent import backup_checks, backup_scripts, deleted_backups, model, specs
 from agent.backup_store import BackupStore, Sidecar, sha256_of
 from agent.control_pipe import ControlPipe, PipeClosed
 from agent.docker import Docker
-from agent.errors import AgentError, NotFound
+from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import (
     BACKUP_DURATION,
     BACKUP_LAST_SIZE,
@@ -544,7 +545,7 @@ class BackupRunner:
         with pipe:
             container = self._container(
                 spec, "restore", ctx.project_id, addon, backup_scripts.REDIS_RESTORE, env,
-                model.network_name(ctx.project_id), secrets=True, volume=True,
+                "none", volume=True,
             )  # fmt: skip
             await self.docker.remove(name)
             exited: asyncio.Task[int] | None = None
@@ -560,16 +561,14 @@ class BackupRunner:
                         pipe.send("abort")
                         await asyncio.wait({exited}, timeout=30)
                         raise StepFailed(f"refusing to restore: {problem}")
-                    pipe.send("go")
-                    await pipe.expect("quiet", exited, 60)
                 except (PipeClosed, TimeoutError, ValueError) as exc:
                     raise StepFailed(f"restore: {exc}: {await self._output(name)}") from None
                 # The point of no return: from here on the data is settled whatever happens.
                 marker = self._inflight(addon.id)
                 atomic_write(marker, msgspec.json.encode(Interrupted(ctx.project_id, addon, spec)))
+                _fsync_dir(marker.parent)  # the rename too: a host crash must find it
                 try:
-                    with contextlib.suppress(NotFound):
-                        await self.docker.stop(ctx.db, grace_s=30)
+                    await self._halt(ctx.db)
                 except AgentError:
                     # Nothing is swapped yet and Redis may still run: this restore fails.
                     marker.unlink(missing_ok=True)
@@ -623,8 +622,7 @@ class BackupRunner:
             try:
                 if not started:
                     await self.docker.remove(leftover)
-                    with contextlib.suppress(NotFound):
-                        await self.docker.stop(ctx.db, grace_s=30)
+                    await self._halt(ctx.db)
                     if rollback:
                         await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
                         outcome = "previous"
@@ -653,6 +651,20 @@ class BackupRunner:
                 log.warning("backup.restore_retry op=%s rollback=%s error=%s", key, rollback, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    async def _halt(self, db: str) -> None:
+        """Stop Redis for the swap, at once (SIGKILL, then its exit awaited).
+
+        Nothing is lost by not shutting it down: every write it acknowledged is in the
+        kernel already (the AOF is written before the reply; a crash of the process loses
+        none of it), the data is being replaced, and the previous files stay for a
+        rollback. A graceful stop would write an RDB snapshot of the old data first, and
+        its AOF fsync waits behind the just-staged copy's writeback.
+        """
+        with contextlib.suppress(NotFound, Conflict):  # Conflict: not running
+            await self.docker.kill(db)
+        with contextlib.suppress(NotFound):
+            await self.docker.wait(db, 60)
 
     async def _output(self, name: str) -> str:
         with contextlib.suppress(AgentError):
@@ -736,6 +748,14 @@ class BackupRunner:
             cap_add=specs.DB_CAPABILITIES,
             extra_labels=((model.LABEL_BACKUP_OP, key),),
         )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.asynccontextmanager
