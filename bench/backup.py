@@ -10,10 +10,15 @@ values). Then, alternating, N runs (default 1) of:
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
   raw restore   Postgres: createdb + pg_restore into a new database of the same server;
-                Redis: the RDB loaded by a fresh redis-server; timed inside the container.
+                Redis: the RDB copied from the same host directory into a scratch Docker
+                volume (the add-on's data volume is one of the same driver) and loaded by
+                a fresh redis-server of the add-on's image with the add-on's CPU and memory
+                limits; timed inside the container (its start not counted).
   orkestr       POST .../restore, until it succeeded; finished_at - created_at (checksum,
-  restore       restore beside the live data, swap; Redis also rewrites the AOF and
-                restarts the add-on).
+  restore       restore beside the live data, swap; Redis: the copy staged in the volume
+                while the checksum runs, then Redis killed, the files swapped, Redis
+                started and probed until it has loaded). The agent's time per phase is in
+                the JSON (`agent_phases`).
 
 Throughput = database size (pg_database_size / used_memory_dataset) / time; the ratio
 is ours / raw (target >= 0.90). Sizes are modest by default so a run takes a few
