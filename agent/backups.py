@@ -204,7 +204,11 @@ class BackupRunner:
                 path, old = found
                 new = deleted_backups.mark(old, now, project.deleted)
                 if new is not None:
-                    self.store.write_tombstone(path, new)
+                    try:
+                        self.store.write_tombstone(path, new)
+                    except OSError as exc:  # a full or read-only store: next pass
+                        log.warning("backup.mark_deleted_failed addon=%s error=%s", addon.id, exc)
+                        continue
                     log.info(
                         "backup.addon_deleted addon=%s project_deleted=%s",
                         addon.id,
