@@ -144,6 +144,7 @@ class BackupStore:
             pass  # another add-on of the project still has backups
 
     def delete(self, project_id: str, addon_id: str, backup_id: str) -> None:
-        final = self.dump(project_id, addon_id, backup_id)
+        # Not through addon_dir: a directory removed with its deleted add-on stays gone.
+        final = self.root / _id(project_id) / _id(addon_id) / f"{_id(backup_id)}.dump"
         for p in (final, final.with_suffix(".json"), self.tmp(final)):
             p.unlink(missing_ok=True)
