@@ -97,9 +97,16 @@ class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
     image: str = "orkestr-local/toolbox:bookworm"
     memory_mb: Annotated[int, Meta(ge=128)] = 1024
     timeout_s: Annotated[float, Meta(gt=0)] = 6 * 3600.0
+    # A deleted add-on's backups stay this many days after its deletion (for the operator
+    # to recover from), then its directory of the store goes (agent/deleted_backups.py).
+    deleted_addon_days: Annotated[float, Meta(ge=0)] = 7.0
+    # A deleted project's backups go at once; true keeps them for deleted_addon_days too.
+    keep_deleted_projects: bool = False
 
     def root(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "backups"
+
+
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.

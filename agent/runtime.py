@@ -138,6 +138,8 @@ class Agent:
             hold=self._hold_awake,
             ready=self._ready_after_restore,
             on_done=self.trigger,
+            keep_deleted_days=config.backups.deleted_addon_days,
+            keep_deleted_projects=config.backups.keep_deleted_projects,
         )
         self.firewall = Firewall(self.host, config.network, docker)
         self.applier = Applier(
@@ -353,6 +355,7 @@ class Agent:
         for key, chain in planned.items():
             self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
         self.workers.settle({a.key for a in actions}, seen)
+        self.backups.sweep_deleted(self.desired, local.now)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
         outcome = Outcome()
@@ -626,7 +629,7 @@ class Agent:
         while time.monotonic() < deadline:
             if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)  # Redis answers LOADING at once until it has loaded
         return False
 
     async def _addon_started(self, addon_id: str) -> None:
