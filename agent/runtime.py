@@ -33,6 +33,7 @@ from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError
+from agent.joboutput import JobOutputs
 from agent.keeper_client import KeeperClient
 from agent.loopfs import LoopFs
 from agent.metrics import (
@@ -140,6 +141,14 @@ class Agent:
             on_done=self.trigger,
         )
         self.firewall = Firewall(self.host, config.network, docker)
+        self.outputs = JobOutputs(
+            self.host,
+            self.state,
+            docker.follow_logs,
+            self.broker.publish,
+            config.agent.job_stream_interval_s,
+            config.agent.job_stream_chunk_chars,
+        )
         self.applier = Applier(
             self.host,
             docker,
@@ -153,6 +162,7 @@ class Agent:
             on_addon_started=self._addon_started,
             loopfs=self.loopfs,
             backups=self.backups,
+            outputs=self.outputs,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -600,6 +610,9 @@ class Agent:
             for project in (self.desired.projects if self.desired else ())
             for job in project.jobs
         }
+        for job_id in self.state.job_streams() - wanted:
+            if self.desired is not None:
+                self.state.forget_job(job_id)  # cancelled while it ran: no result comes
         for job_id, result in self.state.job_results().items():
             if self.desired is not None and job_id not in wanted:
                 self.state.forget_job(

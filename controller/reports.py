@@ -119,7 +119,7 @@ async def record_job_result(pool: Pool, result: JobResult) -> bool:
     async with transaction(pool) as conn:
         updated = await conn.fetchval(
             """UPDATE jobs j SET state = $3, exit_code = $4, output = $5, error = $6,
-                started_at = $7, finished_at = $8
+                started_at = $7, finished_at = $8, output_chunks = $10
             FROM projects p
             WHERE j.id = $1 AND j.project_id = $2 AND j.state = 'pending'
               AND p.id = j.project_id AND p.host = $9
@@ -133,5 +133,6 @@ async def record_job_result(pool: Pool, result: JobResult) -> bool:
             result.started_at,
             result.finished_at,
             result.host,
+            result.output_chunks,
         )
     return bool(updated)

@@ -24,6 +24,10 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # JSON and float64 carry exactly.
 MAX_GENERATION = 2**53 - 1
 MAX_COUNT = 2**53 - 1
+# Live job output travels in chunks of at most this many characters; a chunk message is
+# refused above MAX_OUTPUT_MESSAGE_BYTES (the characters JSON-escaped, plus the envelope).
+MAX_OUTPUT_CHUNK_CHARS = 16384
+MAX_OUTPUT_MESSAGE_BYTES = 6 * MAX_OUTPUT_CHUNK_CHARS + 4096
 
 AddonKind = Literal["postgres", "redis"]
 # The port each kind serves on, inside the project network: for the agent and the controller.
@@ -217,6 +221,28 @@ class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
     started_at: datetime | None
     finished_at: datetime
     error: str | None = None
+    # Chunks of live output sent for this job (`JobOutput.seq` 0 .. n-1), so the
+    # controller knows when it has them all; None: the agent did not stream it.
+    output_chunks: Count | None = None
+
+
+class JobOutput(Struct, frozen=True, forbid_unknown_fields=True):
+    """A piece of a running job's output, sent while it runs (QoS 1, not retained).
+
+    `seq` numbers a job's chunks from 0 without holes, so the controller orders them,
+    drops a redelivered one and sees one that never came. `offset` is where `data`
+    starts in the job's output, in characters, counting the `dropped` characters the
+    agent's rate limit left out just before it.
+    """
+
+    version: int
+    host: HostName
+    job_id: Id
+    project_id: Id
+    seq: Annotated[int, Meta(ge=0, le=2**31 - 1)]
+    offset: Count
+    data: Annotated[str, Meta(max_length=MAX_OUTPUT_CHUNK_CHARS)]
+    dropped: Count = 0
 
 
 class SignedDesiredState(Struct, frozen=True, forbid_unknown_fields=True):
@@ -253,6 +279,8 @@ class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
     verify_seconds: float | None = None
 
 
-Message = DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | BackupResult
+Message = (
+    DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | JobOutput | BackupResult
+)
 
 encoder = msgspec.json.Encoder()
