@@ -598,7 +598,8 @@ def rollback(release: str, project: str, as_json: bool) -> None:
 @project_option
 @json_option
 def apps_list(project: str, as_json: bool) -> None:
-    """The apps of the newest release, and the variables they still lack."""
+    """The apps of the newest release: their state, restarts, last exit, and the
+    variables they still lack."""
     c = client()
     p = resolve_project(c, project)
     found = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
@@ -606,18 +607,36 @@ def apps_list(project: str, as_json: bool) -> None:
         render.emit_json({"apps": found})
         return
     render.table(
-        ("APP", "IMAGE", "RELEASE", "PENDING"),
+        ("APP", "IMAGE", "RELEASE", "STATE", "RESTARTS", "LAST EXIT", "PENDING"),
         [
             (
                 a["name"],
                 a["image"],
-                f"v{a['release']}",
+                _app_release(a),
+                a["state"] or "no report yet",
+                a["restart_count"],
+                _last_exit(a),
                 a["message"] or "-",
             )
             for a in found
         ],
         f"no apps in {p['name']}: `orkestr deploy --app web=IMAGE`",
     )
+
+
+def _app_release(app: dict[str, Any]) -> str:
+    running = app["running_release"]
+    if running is None or running == app["release"]:
+        return f"v{app['release']}"
+    return f"v{app['release']} (runs v{running})"
+
+
+def _last_exit(app: dict[str, Any]) -> str:
+    if app["oom_killed"]:
+        return f"OOM-killed (exit {app['last_exit_code']})"
+    if app["last_exit_code"] is None:
+        return "-"
+    return f"exit {app['last_exit_code']}"
 
 
 # --- jobs -----------------------------------------------------------------------------

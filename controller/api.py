@@ -31,7 +31,16 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, groups, joboutput, principals, releases, store, variables
+from controller import (
+    bodies,
+    groups,
+    joboutput,
+    principals,
+    releases,
+    reports,
+    store,
+    variables,
+)
 from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
@@ -608,7 +617,8 @@ class Api:
         project_id = _path_id(request, "project_id")
         current = await self._env(project_id)  # 404 for an unknown project
         newest = await releases.latest(self._pool, self._sealer, project_id)
-        apps = app_views(newest, current.env) if newest else ()
+        statuses = await reports.app_statuses(self._pool, project_id)
+        apps = app_views(newest, current.env, statuses) if newest else ()
         return json_response(AppList(apps=apps))
 
     async def agent_release_env(self, request: web.Request) -> web.Response:

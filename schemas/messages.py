@@ -187,6 +187,27 @@ class AddonStatus(Struct, frozen=True, forbid_unknown_fields=True):
     quota_bytes: Count | None = None
 
 
+AppState = Literal["running", "restarting", "created", "paused", "exited", "dead", "missing"]
+
+
+class AppStatus(Struct, frozen=True, forbid_unknown_fields=True):
+    """An app's container as Docker last showed it: for the API's app view and the CLI."""
+
+    id: Id
+    project_id: Id
+    name: DnsName
+    # The release its container runs (None: no container).
+    release: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None
+    state: AppState
+    # Docker's restarts of the container (the on-failure policy) since it was created.
+    restart_count: Count = 0
+    exit_code: Int32 | None = None  # of its last exit (None: never exited)
+    oom_killed: bool = False  # the last exit was the kernel's OOM killer
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: Annotated[str, Meta(max_length=1024)] | None = None
+
+
 class Capacity(Struct, frozen=True, forbid_unknown_fields=True):
     cpus: Annotated[float, Meta(ge=0, le=65536)]
     memory_mb: Annotated[int, Meta(ge=0, le=2**31 - 1)]
@@ -202,6 +223,8 @@ class HostStatus(Struct, frozen=True, forbid_unknown_fields=True):
     addons: tuple[AddonStatus, ...] = ()
     # Add-ons whose tombstone was applied: container and volume are gone.
     removed: tuple[Id, ...] = ()
+    # The apps of the newest releases of the projects placed here.
+    apps: tuple[AppStatus, ...] = ()
 
 
 class Presence(Struct, frozen=True, forbid_unknown_fields=True):
