@@ -322,8 +322,15 @@ class Applier:
             pass
         except AgentError as exc:
             log.warning("job.wait_failed job=%s error=%s", job_id, exc)
+        except asyncio.CancelledError:
+            # The agent stops; the job runs on, and the next agent resumes the stream.
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream
+            raise
         finally:
-            await self._finish_stream(job_id, stream)
+            if not stream.done():
+                await self._finish_stream(job_id, stream)
             self._on_job_exit()
 
     async def _finish_stream(self, job_id: str, stream: asyncio.Task[None]) -> None:

@@ -20,7 +20,14 @@ import msgspec
 from schemas import topics
 from schemas.codec import encode
 from schemas.messages import MAX_OUTPUT_CHUNK_CHARS, SCHEMA_VERSION, JobOutput
-from tests.agent_fixtures import TOOLBOX, AgentProcess, Stack, create_project, wait_for
+from tests.agent_fixtures import (
+    TOOLBOX,
+    AgentProcess,
+    Stack,
+    agent_metric,
+    create_project,
+    wait_for,
+)
 from tests.services import ControllerProcess, FakeAgent
 from tests.test_controller_api import eventually, metric, new_project, speaking_for
 
@@ -42,7 +49,7 @@ async def start_job(c: ControllerProcess, project_id: str, script: str) -> str:
 async def follow(
     c: ControllerProcess, project_id: str, job_id: str, token: str | None = None
 ) -> list[tuple[float, dict[str, Any]]]:
-    """Every non-empty answer of the long poll until the stream is complete, timed."""
+    """Every non-empty answer of the long poll, and the complete one, timed."""
     seen: list[tuple[float, dict[str, Any]]] = []
     after = 0
     while True:
@@ -54,11 +61,10 @@ async def follow(
         )
         assert status == 200, page
         assert page["offset"] == after
-        if page["output"] or page["lost"]:
+        if page["output"] or page["lost"] or page["complete"]:
             seen.append((time.monotonic(), page))
         after = page["next_offset"]
         if page["complete"]:
-            seen.append((time.monotonic(), page))
             return seen
 
 
@@ -149,6 +155,52 @@ async def test_orkestr_run_streams_and_exits_with_the_code(
     assert lines[1][0] - lines[0][0] > 2.0, lines  # printed as it came, not at the end
     print(f"orkestr run: first line at {lines[0][0]:.2f}s, second at {lines[1][0]:.2f}s")
     assert code == 3, err
+
+
+async def test_a_restarted_agent_resumes_the_stream_without_repeating(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = (await create_project(c, "team"))["id"]
+    job_id = await start_job(c, project, "echo one; sleep 4; echo two; sleep 2; echo three")
+
+    async def first() -> Any:
+        _, page = await c.api("GET", f"/v1/projects/{project}/jobs/{job_id}/output?wait=5")
+        return page if page["output"] else None
+
+    await wait_for(first, 60, "the first line")
+    await agent.kill9()  # mid-job: "two" comes while no agent runs
+    await asyncio.sleep(2)
+    await agent.start()
+    pages = await asyncio.wait_for(follow(c, project, job_id), 90)
+    text = "".join(p["output"] for _, p in pages)
+    assert text == "one\ntwo\nthree\n", pages
+    assert all(p["lost"] == 0 for _, p in pages), pages
+    assert pages[-1][1]["exit_code"] == 0
+
+
+async def test_a_flood_is_bounded_and_says_what_it_lost(stack: Stack, agent: AgentProcess) -> None:
+    c = stack.controller
+    assert c is not None
+    project = (await create_project(c, "team"))["id"]
+    size = 300_000  # far past four 16 Ki chunks at once, and past the 64 Ki kept
+    job_id = await start_job(c, project, f"head -c {size} /dev/zero | tr '\\0' x; echo; echo end")
+    pages = await asyncio.wait_for(follow(c, project, job_id), 90)
+    text = "".join(p["output"] for _, p in pages)
+    lost = sum(p["lost"] for _, p in pages)
+    assert text.endswith("x\nend\n"), text[-50:]
+    assert set(text[:-5]) == {"x"}
+    assert len(text) + lost == size + 5, (len(text), lost)
+    assert 0 < len(text) < size and lost > 0  # the agent's rate limit dropped the rest
+    # What the controller keeps is capped: a late follower gets the newest 64 Ki.
+    late = await asyncio.wait_for(follow(c, project, job_id), 30)
+    kept = "".join(p["output"] for _, p in late)
+    assert 0 < len(kept) <= 65536 and kept.endswith("x\nend\n"), len(kept)
+    assert len(kept) + sum(p["lost"] for _, p in late) == size + 5
+    # The agent counted what its rate limit dropped.
+    dropped = await agent_metric(agent, 'orkestr_agent_job_output_chars_total{kind="dropped"}')
+    assert dropped is not None and dropped > 0
 
 
 # --- the wire, with a protocol-level agent -------------------------------------------------
