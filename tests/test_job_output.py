@@ -110,6 +110,41 @@ async def test_output_arrives_while_the_job_runs(stack: Stack, agent: AgentProce
         assert status == 400 and body["error"] == "bad_request", (bad, body)
 
 
+async def test_lines_reach_a_follower_within_a_second_or_two(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Each line carries the time it was printed; the follower notes when it got it (one
+    clock: the same machine)."""
+    c = stack.controller
+    assert c is not None
+    project = (await create_project(c, "team"))["id"]
+    script = "for i in 1 2 3 4 5 6 7 8 9 10; do date +%s.%N; sleep 0.5; done"
+    job_id = await start_job(c, project, script)
+    delays: list[float] = []
+    after, buffered = 0, ""
+    while True:
+        status, page = await c.api(
+            "GET",
+            f"/v1/projects/{project}/jobs/{job_id}/output?after={after}&wait=20",
+            timeout_s=40,
+        )
+        assert status == 200, page
+        got = time.time()
+        buffered += page["output"]
+        *lines, buffered = buffered.split("\n")
+        delays += [got - float(line) for line in lines]
+        after = page["next_offset"]
+        if page["complete"]:
+            break
+    assert len(delays) == 10, delays
+    delays.sort()
+    median, worst = delays[len(delays) // 2], delays[-1]
+    print(
+        f"print-to-follower delay: median {median:.3f}s, max {worst:.3f}s, load {os.getloadavg()[0]:.1f}"
+    )
+    assert median < 2.0, delays
+
+
 async def test_orkestr_run_streams_and_exits_with_the_code(
     stack: Stack, agent: AgentProcess, tmp_path: Any
 ) -> None:
