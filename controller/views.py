@@ -21,6 +21,7 @@ from schemas.messages import (
     PORTS,
     AddonKind,
     AddonStatus,
+    AppState,
     AppStatus,
     Capacity,
     ClientConnection,
@@ -273,7 +274,7 @@ class AppView(Struct, frozen=True):
     pending_variables: tuple[str, ...]
     message: str | None
     # Its container as the host last reported it (state None: no report yet).
-    state: str | None = None
+    state: AppState | None = None
     running_release: int | None = None  # the release the container runs
     restart_count: int = 0
     last_exit_code: int | None = None
