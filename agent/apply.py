@@ -329,25 +329,27 @@ class Applier:
                 await stream
             raise
         finally:
-            if not stream.done():
+            if not stream.cancelled():
                 await self._finish_stream(job_id, stream)
             self._on_job_exit()
 
     async def _finish_stream(self, job_id: str, stream: asyncio.Task[None]) -> None:
         """Let the stream send the rest of the log (it ends with the container), briefly:
         the result must not wait on a broker that is away."""
-        try:
-            await asyncio.wait_for(asyncio.shield(stream), STREAM_FLUSH_S)
-        except TimeoutError:
+        if not stream.done():
+            try:
+                await asyncio.wait([stream], timeout=STREAM_FLUSH_S)
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+        if not stream.done():
             log.warning("job.output_flush_timed_out job=%s", job_id)
-        except asyncio.CancelledError:
             stream.cancel()
-            raise
-        except Exception as exc:  # a bug in the stream must not lose the job's result
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream
+        elif not stream.cancelled() and (exc := stream.exception()) is not None:
+            # A failed stream (a full disk, say) must not lose the job's result.
             log.error("job.output_failed job=%s error=%r", job_id, exc)
-        stream.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await stream
 
     async def _collect(self, job_id: str, project_id: str, name: str) -> None:
         info = await self.docker.inspect(name)
