@@ -16,7 +16,7 @@ from msgspec import Meta, Struct
 
 from agent.firewall import Policy
 from agent.specs import Images
-from schemas.messages import HostName
+from schemas.messages import MAX_OUTPUT_CHUNK_CHARS, HostName
 from schemas.mqtt_tls import client_context
 from schemas.signed import SigningKeyError, Verifier
 
@@ -31,6 +31,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
     job_pids: Annotated[int, Meta(ge=16)] = 256
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
+    # Live output of a running job (agent/joboutput.py): at most one chunk of at most
+    # this many characters per interval, per job.
+    job_stream_interval_s: Annotated[float, Meta(ge=0.05, le=10)] = 0.25
+    job_stream_chunk_chars: Annotated[int, Meta(ge=256, le=MAX_OUTPUT_CHUNK_CHARS)] = 16384
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import msgspec
 
+from agent import apps, model, netns, probe, specs, status
 from agent import desired as desired_mod
-from agent import model, netns, probe, specs, status
 from agent import plan as p
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
@@ -32,7 +32,8 @@ from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
-from agent.errors import AgentError
+from agent.errors import AgentError, NotFound
+from agent.joboutput import JobOutputs
 from agent.keeper_client import KeeperClient
 from agent.loopfs import LoopFs
 from agent.metrics import (
@@ -61,6 +62,7 @@ from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
     AddonStatus,
+    AppStatus,
     Capacity,
     DesiredState,
     HostStatus,
@@ -142,6 +144,14 @@ class Agent:
             keep_deleted_projects=config.backups.keep_deleted_projects,
         )
         self.firewall = Firewall(self.host, config.network, docker)
+        self.outputs = JobOutputs(
+            self.host,
+            self.state,
+            docker.follow_logs,
+            self.broker.publish,
+            config.agent.job_stream_interval_s,
+            config.agent.job_stream_chunk_chars,
+        )
         self.applier = Applier(
             self.host,
             docker,
@@ -155,6 +165,7 @@ class Agent:
             on_addon_started=self._addon_started,
             loopfs=self.loopfs,
             backups=self.backups,
+            outputs=self.outputs,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -168,6 +179,7 @@ class Agent:
         self._reprobe_s = config.agent.resync_interval_s
         # Re-probes of ready add-ons, off the pass (see _refresh_status).
         self._reprobing: asyncio.Task[None] | None = None
+        self._app_max_age = config.agent.heartbeat_s
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
             root,
@@ -189,6 +201,10 @@ class Agent:
         self.book = ConditionBook()
         self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
         self.addon_status: dict[str, AddonStatus] = {}
+        self.app_status: tuple[AppStatus, ...] = ()
+        # app id -> ((container id, state), when, status): inspected again on a change
+        # of either, or after a heartbeat interval (restart counts move within a state).
+        self._app_seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
@@ -489,6 +505,40 @@ class Agent:
         self._metric_labels = labels
         self.addon_status = statuses
         self.removed = derived.removed
+        await self._refresh_apps(desired, observed)
+
+    async def _refresh_apps(self, desired: DesiredState, observed: model.Observed) -> None:
+        """Each app's container as Docker shows it (agent/apps.py), for the status."""
+        now_m = time.monotonic()
+        seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
+        found: list[AppStatus] = []
+        for project in desired.projects:
+            for app in project.apps:
+                container = observed.container(model.app_container_name(app.id))
+                if container is None:
+                    found.append(apps.app_status(project.id, app, None))
+                    continue
+                key = (container.id, container.state)
+                last = self._app_seen.get(app.id)
+                if last is not None and last[0] == key and now_m - last[1] < self._app_max_age:
+                    seen[app.id] = last
+                    found.append(last[2])
+                    continue
+                try:
+                    current = apps.app_status(
+                        project.id, app, await self.docker.inspect(container.name)
+                    )
+                except NotFound:
+                    current = apps.app_status(project.id, app, None)
+                except AgentError as exc:
+                    log.warning("app.inspect_failed app=%s error=%s", app.id, exc)
+                    if last is None:
+                        continue
+                    current = last[2]
+                seen[app.id] = (key, now_m, current)
+                found.append(current)
+        self._app_seen = seen
+        self.app_status = tuple(found)
 
     async def _repair_split_namespace(self, addon: AddonSpec) -> None:
         """A holder restarted in place has a new namespace the database is not in.
@@ -669,6 +719,7 @@ class Agent:
             conditions=self.book.of(HOST),
             addons=tuple(self.addon_status.values()),
             removed=self.removed,
+            apps=self.app_status,
         )
         await self.broker.publish(topics.status(self.host), encode(status), retain=True)
 
@@ -678,6 +729,9 @@ class Agent:
             for project in (self.desired.projects if self.desired else ())
             for job in project.jobs
         }
+        for job_id in self.state.job_streams() - wanted:
+            if self.desired is not None:
+                self.state.forget_job(job_id)  # cancelled while it ran: no result comes
         for job_id, result in self.state.job_results().items():
             if self.desired is not None and job_id not in wanted:
                 self.state.forget_job(
