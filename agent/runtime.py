@@ -383,6 +383,7 @@ class Agent:
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
+            resized_apps=self.applier.resized_apps(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
