@@ -458,18 +458,32 @@ class Upkeep:
             log.info("upkeep.password_retired addon=%s role=%s", addon.id, old_role)
 
     async def _pg_wal(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
-        """Keep WAL within the headroom its filesystem has beyond the quota."""
+        """Keep WAL within the headroom its filesystem has beyond the quota, and let crash
+        recovery start on a full filesystem.
+
+        With `wal_init_zero` on (Postgres's default) a new WAL segment is written full of
+        zeroes first: 16 MB that crash recovery needs free, and a filesystem filled while
+        the agent was away (or faster than the guard) then fails every restart with
+        `could not write to file "pg_wal/xlogtemp"`, a crash loop. Off, the segment is
+        created sparse (its last byte written) and recovery needs only the blocks it
+        really writes: measured on a 100 % full filesystem, recovery failed with it on
+        and completed with it off (docs/architecture.md).
+        """
         if not addon.storage_mb:
             return
         want = max_wal_size_mb(addon.storage_mb)
-        have = await conn.fetchval(
-            "SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size'"
+        have = await conn.fetchrow(
+            "SELECT (SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size') AS size,"
+            " (SELECT setting FROM pg_settings WHERE name = 'wal_init_zero') AS zero"
         )
-        if have != want:
+        if have is None or (have["size"], have["zero"]) != (want, "off"):
             await conn.execute(f"ALTER SYSTEM SET max_wal_size = '{want}MB'")
             await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{max(32, want // 2)}MB'")
+            await conn.execute("ALTER SYSTEM SET wal_init_zero = off")
             await conn.execute("SELECT pg_reload_conf()")
-            log.info("upkeep.wal_bounded addon=%s max_wal_size_mb=%s", addon.id, want)
+            log.info(
+                "upkeep.wal_bounded addon=%s max_wal_size_mb=%s wal_init_zero=off", addon.id, want
+            )
 
     async def _pg_quota(
         self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None

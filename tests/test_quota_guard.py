@@ -142,3 +142,73 @@ async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_c
         db, user, password, "INSERT INTO kept VALUES (5000, 'late'); SELECT count(*) FROM kept"
     )
     assert code == 0 and out.endswith("1001"), out
+
+
+async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgres(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Nothing refuses writes while the agent is stopped: the filler fills the filesystem
+    to the last block and Postgres crashes (a WAL write finds the disk full, or, here for
+    certain, a process killed as the OOM killer would). Crash recovery must still start,
+    or the database stays down with nobody able to free space."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "tiny")
+    pg = await create_addon(c, project["id"], "main-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    status, body = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200, body
+    url = urllib.parse.urlsplit(body["env"]["MAIN_DB_URL"])
+    user = urllib.parse.unquote(url.username or "")
+    password = urllib.parse.unquote(url.password or "")
+    db = f"orkestr-{pg['id']}-db"
+
+    async def settled() -> bool:
+        return (await psql(db, user, password, "show wal_init_zero"))[1] == "off"
+
+    await wait_for(settled, 60, "the agent's WAL settings")
+    code, out = await psql(
+        db, user, password,
+        "CREATE TABLE kept (id int PRIMARY KEY, v text); "
+        "INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 1000) g; "
+        "CREATE TABLE fill (pad text)",
+    )  # fmt: skip
+    assert code == 0, out
+    await agent.stop()
+
+    # Small statements until the filesystem refuses one (or Postgres goes down).
+    small = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(200):
+        code, out = await psql(db, user, password, small)
+        if code != 0:
+            break
+    assert code != 0 and ("No space left" in out or "server" in out), out
+    # A crash on the full disk, certain this time: the checkpointer killed.
+    await asyncio.sleep(1)
+    docker("exec", db, "sh", "-c",
+           "for p in /proc/[0-9]*; do grep -qa '^postgres: checkpointer' $p/cmdline "
+           "2>/dev/null && kill -9 ${p#/proc/}; done; true", check=False)  # fmt: skip
+
+    async def serving() -> bool:
+        return await psql(db, user, password, "SELECT count(*) FROM kept") == (0, "1000")
+
+    await wait_for(serving, 90, "Postgres recovered on its full filesystem")
+    info = inspect(db)
+    assert info["State"]["Running"] and info["RestartCount"] == 0, info["State"]
+    recovery_failed = [
+        line for line in container_logs(db).splitlines() if "FATAL:  could not write" in line
+    ]
+    assert not recovery_failed, recovery_failed[:8]
+
+    # The agent back: writes refused with the plan's message, freed space brings them back.
+    await agent.start()
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 90, "quota exceeded"
+    )
+    code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
+    assert code != 0 and "storage quota exceeded" in out, out
+    assert (await psql(db, user, password, "TRUNCATE fill"))[0] == 0
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 90, "within quota"
+    )
+    assert (await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')"))[0] == 0
