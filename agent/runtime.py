@@ -338,6 +338,49 @@ class Agent:
                 log.warning("docker.events_failed error=%r", exc)
             await asyncio.sleep(1.0)
 
+    async def quota_guard_loop(self) -> None:
+        """Between passes: a Postgres whose filesystem grew fast gets its upkeep round now.
+
+        A round a resync interval is too slow for a tenant that writes tens of MB a second;
+        a statfs is cheap enough to do every `quota_guard_s` (agent/upkeep.py).
+        """
+        rounds: dict[str, asyncio.Task[None]] = {}
+        while True:
+            await asyncio.sleep(self.config.agent.quota_guard_s)
+            for aid in [a for a, task in rounds.items() if task.done()]:
+                del rounds[aid]
+            if self.desired is None or self.loopfs is None:
+                continue
+            try:
+                targets = status.probe_targets(self.desired, self.observed, self._sleep_views())
+            except Exception:  # a bug here must not take the agent down
+                log.exception("upkeep.guard_crashed")
+                continue
+            for t in targets:
+                last = self._last_probe.get(t.addon.id)
+                # Only a database the last probe found ready, in the container it probed.
+                if t.addon.id in rounds or last is None or last[0] != t.db_id:
+                    continue
+                if t.addon.kind == "postgres" and self.upkeep.guard_due(t.addon, t.db_id):
+                    log.debug("upkeep.guard_round addon=%s", t.addon.id)
+                    rounds[t.addon.id] = asyncio.create_task(
+                        self._guarded_tend(t.addon, t.ip), name=f"guard-{t.addon.id}"
+                    )
+
+    async def _guarded_tend(self, addon: AddonSpec, ip: str) -> None:
+        """An upkeep round outside a probe, under the same guard as the probe's."""
+        timeout_s = self.config.agent.probe_timeout_s
+        sleeper = self.sleep.sleepers.get(addon.id)
+        try:
+            if sleeper is None:
+                await self._tend(addon, ip, timeout_s, quota_only=True)
+                return
+            async with sleeper.platform_connection():
+                if sleeper.state == "awake":
+                    await self._tend(addon, ip, timeout_s, quota_only=True)
+        except Exception:
+            log.exception("upkeep.guard_round_crashed addon=%s", addon.id)
+
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.agent.heartbeat_s)
@@ -362,6 +405,7 @@ class Agent:
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
+            resized_apps=self.applier.resized_apps(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -643,7 +687,9 @@ class Agent:
                     await self._tend(addon, ip, timeout_s)
         return result
 
-    async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+    async def _tend(
+        self, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool = False
+    ) -> None:
         """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
         project_id = next(
             (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
@@ -653,7 +699,7 @@ class Agent:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
-                await self.upkeep.tend(project_id, addon, ip, timeout_s)
+                await self.upkeep.tend(project_id, addon, ip, timeout_s, quota_only=quota_only)
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
 
