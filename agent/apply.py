@@ -90,6 +90,7 @@ class Applier:
         self.backups = backups
         self.outputs = outputs
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._resized_apps: dict[str, str] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
         # The sleep manager's hands: a planned sleep or wake acts through the add-on's
@@ -254,6 +255,9 @@ class Applier:
                 for network in groups:
                     await self.docker.connect(network, spec.name, ())
                 await self.docker.start(spec.name)
+            case p.ResizeApp(key, name, cpus, memory_mb, spec_hash):
+                await self.docker.update_limits(name, cpus, memory_mb)
+                self._resized_apps[key] = spec_hash
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount
@@ -288,6 +292,10 @@ class Applier:
                 output_chunks=0,
             )
         )
+
+    def resized_apps(self) -> dict[str, str]:
+        """App id -> the spec hash whose CPU and memory were applied in place."""
+        return dict(self._resized_apps)
 
     def watched_jobs(self) -> frozenset[str]:
         """The jobs whose exit a task of this process awaits."""

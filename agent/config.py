@@ -47,6 +47,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):
     # the hard backstop behind storage quotas. False: plain Docker volumes.
     volume_filesystems: bool = True
+    # How often each Postgres volume's filesystem is looked at (one statfs) between passes:
+    # growth by an eighth of the quota, or a filesystem short of its WAL reserve, gets an
+    # upkeep round at once (agent/upkeep.py), so a fast filler meets the quota in time.
+    quota_guard_s: Annotated[float, Meta(gt=0)] = 0.25
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -101,6 +105,11 @@ class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
     image: str = "orkestr-local/toolbox:bookworm"
     memory_mb: Annotated[int, Meta(ge=128)] = 1024
     timeout_s: Annotated[float, Meta(gt=0)] = 6 * 3600.0
+    # A deleted add-on's backups stay this many days after its deletion (for the operator
+    # to recover from), then its directory of the store goes (agent/deleted_backups.py).
+    deleted_addon_days: Annotated[float, Meta(ge=0)] = 7.0
+    # A deleted project's backups go at once; true keeps them for deleted_addon_days too.
+    keep_deleted_projects: bool = False
 
     def root(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "backups"

@@ -86,13 +86,14 @@ class Docker:
                 "containers/json", params={"all": "1", "filters": json.dumps(filters)}
             )
 
-        raw_containers = await self._call("list containers", containers)
-        raw_networks = await self._call(
-            "list networks", lambda: self.client.networks.list(filters=filters)
-        )
-        raw_volumes = await self._call(
-            "list volumes",
-            lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
+        # The three lists at once: each is a round trip to a daemon that may be busy.
+        raw_containers, raw_networks, raw_volumes = await asyncio.gather(
+            self._call("list containers", containers),
+            self._call("list networks", lambda: self.client.networks.list(filters=filters)),
+            self._call(
+                "list volumes",
+                lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
+            ),
         )
         return observe.observed(raw_containers, raw_networks, raw_volumes.get("Volumes") or [])
 

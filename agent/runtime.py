@@ -140,6 +140,8 @@ class Agent:
             hold=self._hold_awake,
             ready=self._ready_after_restore,
             on_done=self.trigger,
+            keep_deleted_days=config.backups.deleted_addon_days,
+            keep_deleted_projects=config.backups.keep_deleted_projects,
         )
         self.firewall = Firewall(self.host, config.network, docker)
         self.outputs = JobOutputs(
@@ -175,6 +177,8 @@ class Agent:
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
         self._reprobe_s = config.agent.resync_interval_s
+        # Re-probes of ready add-ons, off the pass (see _refresh_status).
+        self._reprobing: asyncio.Task[None] | None = None
         self._app_max_age = config.agent.heartbeat_s
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
@@ -186,7 +190,9 @@ class Agent:
             config.agent.sleep_tick_s,
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
-        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
+        self.sleep.on_tick = self._sleep_ticked
+        # The pass at the earliest sleep deadline (see _arm_sleep_timer): (when, handle).
+        self._sleep_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.sleep.on_wake_request = self._wake_requested
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
@@ -357,6 +363,49 @@ class Agent:
             if code.lstrip("-").isdigit() and isinstance(actor, dict):
                 self._app_exits[app_id] = (str(actor.get("ID", "")), apps.LastExit(int(code), oom))
 
+    async def quota_guard_loop(self) -> None:
+        """Between passes: a Postgres whose filesystem grew fast gets its upkeep round now.
+
+        A round a resync interval is too slow for a tenant that writes tens of MB a second;
+        a statfs is cheap enough to do every `quota_guard_s` (agent/upkeep.py).
+        """
+        rounds: dict[str, asyncio.Task[None]] = {}
+        while True:
+            await asyncio.sleep(self.config.agent.quota_guard_s)
+            for aid in [a for a, task in rounds.items() if task.done()]:
+                del rounds[aid]
+            if self.desired is None or self.loopfs is None:
+                continue
+            try:
+                targets = status.probe_targets(self.desired, self.observed, self._sleep_views())
+            except Exception:  # a bug here must not take the agent down
+                log.exception("upkeep.guard_crashed")
+                continue
+            for t in targets:
+                last = self._last_probe.get(t.addon.id)
+                # Only a database the last probe found ready, in the container it probed.
+                if t.addon.id in rounds or last is None or last[0] != t.db_id:
+                    continue
+                if t.addon.kind == "postgres" and self.upkeep.guard_due(t.addon, t.db_id):
+                    log.debug("upkeep.guard_round addon=%s", t.addon.id)
+                    rounds[t.addon.id] = asyncio.create_task(
+                        self._guarded_tend(t.addon, t.ip), name=f"guard-{t.addon.id}"
+                    )
+
+    async def _guarded_tend(self, addon: AddonSpec, ip: str) -> None:
+        """An upkeep round outside a probe, under the same guard as the probe's."""
+        timeout_s = self.config.agent.probe_timeout_s
+        sleeper = self.sleep.sleepers.get(addon.id)
+        try:
+            if sleeper is None:
+                await self._tend(addon, ip, timeout_s, quota_only=True)
+                return
+            async with sleeper.platform_connection():
+                if sleeper.state == "awake":
+                    await self._tend(addon, ip, timeout_s, quota_only=True)
+        except Exception:
+            log.exception("upkeep.guard_round_crashed addon=%s", addon.id)
+
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.agent.heartbeat_s)
@@ -381,6 +430,7 @@ class Agent:
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
+            resized_apps=self.applier.resized_apps(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -390,14 +440,40 @@ class Agent:
         for key, chain in planned.items():
             self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
         self.workers.settle({a.key for a in actions}, seen)
+        self.backups.sweep_deleted(self.desired, local.now)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
         outcome = Outcome()
         outcome.failed = self.workers.failed()
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
+        self._arm_sleep_timer()
         await self.publish_status()
         await self.publish_job_results()
+
+    def _arm_sleep_timer(self) -> None:
+        """A pass exactly when the next idle add-on's sleep falls due.
+
+        Without it a sleep waited for the next pass something else caused, or the sleep
+        tick's, and under load fell seconds late. Re-armed after each pass and each tick
+        (the tick measures activity, which moves the deadlines).
+        """
+        now = time.time()
+        deadline = p.next_sleep_deadline(self.desired, self.sleep.facts(), now)
+        if self._sleep_timer is not None:
+            if deadline == self._sleep_timer[0]:
+                return
+            self._sleep_timer[1].cancel()
+            self._sleep_timer = None
+        if deadline is None:
+            return
+        # A hair late rather than early: the executor decides again from the clock.
+        delay = deadline - now + 0.005
+        self._sleep_timer = (deadline, asyncio.get_running_loop().call_later(delay, self.trigger))
+
+    def _sleep_ticked(self) -> None:
+        self.watchdog.beat("sleep")
+        self._arm_sleep_timer()
 
     def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
@@ -430,20 +506,28 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
-        # A ready add-on is probed again once per resync interval, not on every pass: a
-        # pass per finished chain would otherwise probe every database many times a second.
+        # The pass probes what has no answer for its current database yet (new, restarted,
+        # failing). A ready add-on keeps its last answer here and is probed again once per
+        # resync interval by a background round: probing a hundred databases inside the
+        # pass made every pass at a resync seconds long under load, and a pass per finished
+        # chain would otherwise probe every database many times a second.
         now_m = time.monotonic()
         probes: dict[str, status.Probe] = {}
         due: list[status.Target] = []
+        stale: list[status.Target] = []
         for t in targets:
             last = self._last_probe.get(t.addon.id)
-            if last is not None and last[0] == t.db_id and now_m - last[1] < self._reprobe_s:
+            if last is not None and last[0] == t.db_id:
                 probes[t.addon.id] = last[2]
+                if now_m - last[1] >= self._reprobe_s:
+                    stale.append(t)
             else:
                 due.append(t)
         self._last_probe = {
             t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
         }
+        if stale and (self._reprobing is None or self._reprobing.done()):
+            self._reprobing = asyncio.create_task(self._reprobe(stale), name="reprobe")
         results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in due))
         for target, (ok, reason, message) in zip(due, results, strict=True):
             probes[target.addon.id] = status.Probe(ok, reason, message)
@@ -483,10 +567,10 @@ class Agent:
                 ADDON_SLEEP_STATE.labels(*label).set(SLEEP_LEVEL[view.state])
                 labels.add(label)
         # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
-        for stale in self._metric_labels - labels:
+        for gone in self._metric_labels - labels:
             for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(*stale)
+                    gauge.remove(*gone)
         self._metric_labels = labels
         self.addon_status = statuses
         self.removed = derived.removed
@@ -554,6 +638,43 @@ class Agent:
             self._fingerprints.get(addon.id, ""),
         )
 
+    async def _reprobe(self, targets: list[status.Target], concurrency: int = 4) -> None:
+        """Probe ready add-ons again (and tend them), a few at a time, off the pass.
+
+        A failed probe drops the add-on's answer, so the next pass probes it itself and
+        acts on the failure; that pass is asked for at once, as is one when the upkeep
+        changed a condition (a quota reached, a memory kill).
+        """
+        gate = asyncio.Semaphore(concurrency)
+        changed = False
+
+        async def one(t: status.Target) -> None:
+            nonlocal changed
+            before = self.book.of(t.addon.id)
+            async with gate:
+                ok, reason, message = await self._probe(t.addon, t.ip)
+            last = self._last_probe.get(t.addon.id)
+            if last is None or last[0] != t.db_id:
+                return  # replaced or gone meanwhile: the pass has it
+            if (sleeper := self.sleep.sleepers.get(t.addon.id)) is not None:
+                sleeper.ready = ok
+            if ok:
+                self._last_probe[t.addon.id] = (
+                    t.db_id,
+                    time.monotonic(),
+                    status.Probe(ok, reason, message),
+                )
+            else:
+                del self._last_probe[t.addon.id]
+            changed = changed or not ok or self.book.of(t.addon.id) != before
+
+        try:
+            await asyncio.gather(*(one(t) for t in targets))
+        except Exception:  # a bug here must not stop the next rounds
+            log.exception("reprobe.crashed")
+        if changed:
+            self.trigger()
+
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
         task = self._readiness.get(addon.id)
@@ -597,7 +718,9 @@ class Agent:
                     await self._tend(addon, ip, timeout_s)
         return result
 
-    async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+    async def _tend(
+        self, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool = False
+    ) -> None:
         """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
         project_id = next(
             (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
@@ -607,7 +730,7 @@ class Agent:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
-                await self.upkeep.tend(project_id, addon, ip, timeout_s)
+                await self.upkeep.tend(project_id, addon, ip, timeout_s, quota_only=quota_only)
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
 
@@ -633,7 +756,7 @@ class Agent:
         while time.monotonic() < deadline:
             if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)  # Redis answers LOADING at once until it has loaded
         return False
 
     async def _addon_started(self, addon_id: str) -> None:
@@ -656,9 +779,10 @@ class Agent:
         return ready is not None and ready.status == "True"
 
     async def close_sleepers(self) -> None:
-        for task in self._readiness.values():
+        tasks = [*self._readiness.values(), *([self._reprobing] if self._reprobing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._readiness.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------

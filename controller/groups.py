@@ -25,8 +25,8 @@ from msgspec import Struct
 from controller.db import Connection, Pool, transaction
 from controller.env import Credentials, assign, shared_host
 from controller.errors import Conflict, NotFound
-from controller.rows import hex_of, new_id, uuid_of
 from controller.sealing import Sealer
+from controller.store_rows import hex_of, new_id, uuid_of
 from controller.variables import Named
 from schemas.messages import GroupSpec, SharedAddon
 

@@ -16,11 +16,11 @@ from typing import Literal
 from controller import backup_queries, joboutput, reports
 from controller.backoff import Backoff
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.errors import DatabaseUnavailable
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.mqtt import Incoming
-from controller.seams import DirtyHosts
 from schemas import topics
 from schemas.codec import MessageRejected, decode
 from schemas.messages import (

@@ -23,7 +23,7 @@ from msgspec import Struct
 
 from controller.db import Pool, transaction
 from controller.errors import NotFound
-from controller.rows import JobState, scrub, uuid_of
+from controller.store_rows import JobState, scrub, uuid_of
 from schemas.messages import JobOutput
 
 # A finished job's stream counts as complete this long after the job finished even if

@@ -10,7 +10,7 @@ import msgspec
 
 from controller import store
 from controller.db import Pool, transaction
-from controller.rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
+from controller.store_rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
 from schemas.messages import MAX_GENERATION, AppStatus, HostStatus, JobResult, Presence
 
 # A restored database is behind its agents by the generations published since the backup:

@@ -126,6 +126,9 @@ class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     # In order: the agent runs one operation per add-on at a time, the first pending first.
     backups: tuple[BackupSpec, ...] = ()
     apps: tuple[AppSpec, ...] = ()
+    # Being deleted (its add-ons are tombstoned too): their backups follow the operator's
+    # policy for deleted projects (agent/deleted_backups.py).
+    deleted: bool = False
 
 
 class SharedAddon(Struct, frozen=True, forbid_unknown_fields=True):

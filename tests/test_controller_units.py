@@ -27,9 +27,9 @@ from controller.errors import ApiError, ConfigError
 from controller.ingest import classify
 from controller.metrics import Metrics
 from controller.plans import load_plans
+from controller.responses import phase
 from controller.sealing import Sealer, SealError
 from controller.tokens import digest, parse_agent_tokens
-from controller.views import phase
 from schemas import topics
 from schemas.messages import AddonStatus, Condition, ConditionStatus, SleepState
 

@@ -129,6 +129,10 @@ class Sleeper:
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
+        # Direct client connections at the last table read; none read yet (connections
+        # made before this sleeper, e.g. across an agent restart, are found by the first).
+        self.direct: tuple[ClientConnection, ...] = ()
+        self.table_read = False
         # Only a database that answered a client may fall asleep: pausing or stopping one
         # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
         self.ready = False
@@ -213,23 +217,32 @@ class Sleeper:
         self.redirect_on = on
 
     # --- activity -----------------------------------------------------------------------
-    async def measure_activity(self, now: float) -> bool:
-        """Record client activity since the last call; True if any was seen."""
+    async def measure_activity(self, now: float, full: bool = False) -> bool:
+        """Record client activity since the last call; True if any was seen.
+
+        The namespace's TCP table is read only when it can have changed: a client's
+        connection is a passive open, so with no new one and none seen last time there is
+        still none. The read costs milliseconds whatever the namespace holds (the kernel
+        walks the host-wide connection hash), and idle add-ons are measured every tick.
+        `full` reads it anyway: the last check before a sleep.
+        """
         async with self.measure:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
             self.last_opens = opens
-            direct = [
-                s
-                for s in netns.tcp_table(self.pid)
-                if s.state == netns.ESTABLISHED
-                and s.local_port == self.port
-                and s.remote_ip not in LOOPBACK
-                and s.remote_ip != self.gateway
-            ]
-        self.clients = tuple(
-            ClientConnection(f"{s.remote_ip}:{s.remote_port}") for s in direct
-        ) + tuple(ClientConnection(src, via="activator") for src in self.relayed)
+            if full or new_connections or self.direct or not self.table_read:
+                self.direct = tuple(
+                    ClientConnection(f"{s.remote_ip}:{s.remote_port}")
+                    for s in netns.tcp_table(self.pid)
+                    if s.state == netns.ESTABLISHED
+                    and s.local_port == self.port
+                    and s.remote_ip not in LOOPBACK
+                    and s.remote_ip != self.gateway
+                )
+                self.table_read = True
+        self.clients = self.direct + tuple(
+            ClientConnection(src, via="activator") for src in self.relayed
+        )
         if new_connections or self.clients:
             log.debug(
                 "addon.activity addon=%s new=%s clients=%s",
@@ -291,7 +304,7 @@ class Sleeper:
             await self._set_redirect(goal == "deep")
             # A client may have connected between the measurement and here (when deepening:
             # it may sit in the paused database's backlog and needs it to run, not to stop).
-            if await self.measure_activity(time.time()) or self.wake_requested:
+            if await self.measure_activity(time.time(), full=True) or self.wake_requested:
                 await self._set_redirect(self.state == "deep")
                 if self.state == "light":
                     self.request_wake("client queued while paused")
@@ -321,7 +334,7 @@ class Sleeper:
             )
             self.saved.sleeps += 1
             SLEEPS.labels(goal).inc()
-            if goal == "light" and await self.measure_activity(time.time()):
+            if goal == "light" and await self.measure_activity(time.time(), full=True):
                 # Connected between the last check and the freeze; its SYN came while we
                 # were still awake, so the SYN watch ignored it.
                 self.request_wake("client connected while pausing")

@@ -16,7 +16,7 @@ from controller.env import variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
 from controller.releases import AppDef, ReleaseRow, app_id, pending
-from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
+from controller.store_rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
     PORTS,
     AddonKind,
