@@ -204,7 +204,12 @@ class Agent:
         self.app_status: tuple[AppStatus, ...] = ()
         # app id -> ((container id, state), when, status): inspected again on a change
         # of either, or after a heartbeat interval (restart counts move within a state).
-        self._app_seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
+        self._app_seen: dict[
+            str, tuple[tuple[str, str, apps.LastExit | None], float, AppStatus]
+        ] = {}
+        # How each app's container (id) last ended, from Docker's events (agent/apps.py).
+        self._app_exits: dict[str, tuple[str, apps.LastExit]] = {}
+        self._app_oom: set[str] = set()
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
@@ -320,6 +325,7 @@ class Agent:
                 self.firewall.forget()
                 async with self.docker.events() as queue:
                     while (event := await queue.get()) is not None:
+                        self._note_app_exit(event)
                         if event.get("status") == "start":
                             actor = event.get("Actor") or {}
                             if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
@@ -337,6 +343,25 @@ class Agent:
             except Exception as exc:
                 log.warning("docker.events_failed error=%r", exc)
             await asyncio.sleep(1.0)
+
+    def _note_app_exit(self, event: dict[str, object]) -> None:
+        """An app container's `oom` and `die` events: how it last ended (Docker's inspect
+        forgets it once the container restarts)."""
+        actor = event.get("Actor")
+        attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+        if not isinstance(attributes, dict) or attributes.get(model.LABEL_ROLE) != "app":
+            return
+        app_id = attributes.get(model.LABEL_APP)
+        if not isinstance(app_id, str):
+            return
+        if event.get("status") == "oom":
+            self._app_oom.add(app_id)
+        elif event.get("status") == "die":
+            code = str(attributes.get("exitCode", ""))
+            oom = app_id in self._app_oom
+            self._app_oom.discard(app_id)
+            if code.lstrip("-").isdigit() and isinstance(actor, dict):
+                self._app_exits[app_id] = (str(actor.get("ID", "")), apps.LastExit(int(code), oom))
 
     async def quota_guard_loop(self) -> None:
         """Between passes: a Postgres whose filesystem grew fast gets its upkeep round now.
@@ -554,7 +579,7 @@ class Agent:
     async def _refresh_apps(self, desired: DesiredState, observed: model.Observed) -> None:
         """Each app's container as Docker shows it (agent/apps.py), for the status."""
         now_m = time.monotonic()
-        seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
+        seen: dict[str, tuple[tuple[str, str, apps.LastExit | None], float, AppStatus]] = {}
         found: list[AppStatus] = []
         for project in desired.projects:
             for app in project.apps:
@@ -562,16 +587,20 @@ class Agent:
                 if container is None:
                     found.append(apps.app_status(project.id, app, None))
                     continue
-                key = (container.id, container.state)
+                noted = self._app_exits.get(app.id)
+                # Another container's exit (one a new release replaced) is not this one's.
+                exited = noted[1] if noted is not None and noted[0] == container.id else None
+                key = (container.id, container.state, exited)
                 last = self._app_seen.get(app.id)
                 if last is not None and last[0] == key and now_m - last[1] < self._app_max_age:
                     seen[app.id] = last
                     found.append(last[2])
                     continue
                 try:
-                    current = apps.app_status(
-                        project.id, app, await self.docker.inspect(container.name)
-                    )
+                    inspected = await self.docker.inspect(container.name)
+                    current = apps.app_status(project.id, app, inspected, exited)
+                    if (seen_exit := apps.last_exit(inspected)) is not None:
+                        self._app_exits[app.id] = (container.id, seen_exit)
                 except NotFound:
                     current = apps.app_status(project.id, app, None)
                 except AgentError as exc:
@@ -583,6 +612,8 @@ class Agent:
                 found.append(current)
         self._app_seen = seen
         self.app_status = tuple(found)
+        wanted = {a.id for proj in desired.projects for a in proj.apps}
+        self._app_exits = {k: v for k, v in self._app_exits.items() if k in wanted}
 
     async def _repair_split_namespace(self, addon: AddonSpec) -> None:
         """A holder restarted in place has a new namespace the database is not in.

@@ -23,7 +23,7 @@ from cli.client import ApiFailure, Client, CliError
 F = TypeVar("F", bound=Callable[..., Any])
 POLL_S = 0.5
 # Seconds one long poll on a job's output waits (below the client's 30 s timeout).
-FOLLOW_WAIT_S = 20
+FOLLOW_WAIT_S = 10
 DEFAULT_IMAGE = "orkestr-local/toolbox:bookworm"
 HEALTHY = ("ready", "sleeping")  # a sleeping add-on was ready and wakes on connect
 

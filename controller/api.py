@@ -108,7 +108,7 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
 MAX_OFFSET = 1_000_000
 # A long poll on a job's output waits at most this long (clients' timeouts exceed it).
-MAX_OUTPUT_WAIT_S = 30
+MAX_OUTPUT_WAIT_S = 10
 B = TypeVar("B", bound=msgspec.Struct)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

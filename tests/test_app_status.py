@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.apps import app_status
+from agent.apps import LastExit, app_status, last_exit
 from schemas.messages import AppSpec, AppStatus
 from tests.agent_fixtures import TOOLBOX, AgentProcess, Stack, create_project, wait_for
 
@@ -72,6 +72,19 @@ def test_app_status_from_docker(payload: dict[str, Any] | None, expected: dict[s
     assert (status.id, status.project_id, status.name) == (APP.id, PID, "web")
     for key, value in expected.items():
         assert getattr(status, key) == value, (key, status)
+
+
+def test_a_restarted_container_keeps_the_exit_the_agent_saw() -> None:
+    # Docker resets ExitCode and OOMKilled when it restarts the container.
+    up = inspected("running", finished=T1, RestartCount=2)
+    assert last_exit(up) is None
+    status = app_status(PID, APP, up, LastExit(137, oom_killed=True))
+    assert (status.exit_code, status.oom_killed, status.restart_count) == (137, True, 2)
+    assert app_status(PID, APP, up).exit_code is None  # not seen: unknown, not 0
+    down = inspected("restarting", finished=T1, state={"ExitCode": 3})
+    assert last_exit(down) == LastExit(3)
+    # While down, the inspect is the truth.
+    assert app_status(PID, APP, down, LastExit(137, True)).exit_code == 3
 
 
 def test_times_are_parsed_to_the_microsecond() -> None:

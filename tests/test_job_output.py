@@ -55,7 +55,7 @@ async def follow(
     while True:
         status, page = await c.api(
             "GET",
-            f"/v1/projects/{project_id}/jobs/{job_id}/output?after={after}&wait=20",
+            f"/v1/projects/{project_id}/jobs/{job_id}/output?after={after}&wait=10",
             token=token,
             timeout_s=40,
         )
@@ -91,7 +91,7 @@ async def test_output_arrives_while_the_job_runs(stack: Stack, agent: AgentProce
     # Following from the end answers at once: nothing more, complete.
     status, tail = await c.api(
         "GET",
-        f"/v1/projects/{project}/jobs/{job_id}/output?after={done['next_offset']}&wait=20",
+        f"/v1/projects/{project}/jobs/{job_id}/output?after={done['next_offset']}&wait=10",
     )
     assert status == 200 and tail["output"] == "" and tail["complete"], tail
     # Another project's token cannot follow it.
@@ -105,7 +105,7 @@ async def test_output_arrives_while_the_job_runs(stack: Stack, agent: AgentProce
         "GET", f"/v1/projects/{other}/jobs/{job_id}/output", token=other_token
     )
     assert status == 404, body
-    for bad in ("after=-1", "after=x", "wait=31", "after=1&after=2"):
+    for bad in ("after=-1", "after=x", "wait=11", "after=1&after=2"):
         status, body = await c.api("GET", f"/v1/projects/{project}/jobs/{job_id}/output?{bad}")
         assert status == 400 and body["error"] == "bad_request", (bad, body)
 
@@ -125,7 +125,7 @@ async def test_lines_reach_a_follower_within_a_second_or_two(
     while True:
         status, page = await c.api(
             "GET",
-            f"/v1/projects/{project}/jobs/{job_id}/output?after={after}&wait=20",
+            f"/v1/projects/{project}/jobs/{job_id}/output?after={after}&wait=10",
             timeout_s=40,
         )
         assert status == 200, page
@@ -350,7 +350,7 @@ async def test_a_long_poll_wakes_when_a_chunk_arrives(
     async with speaking_for(project["host"], fake_agent) as agent:
         started = time.monotonic()
         poll = asyncio.create_task(
-            controller.api("GET", f"/v1/projects/{pid}/jobs/{jid}/output?wait=20", timeout_s=40)
+            controller.api("GET", f"/v1/projects/{pid}/jobs/{jid}/output?wait=10", timeout_s=40)
         )
         await asyncio.sleep(1.0)
         assert not poll.done()  # nothing yet: it waits

@@ -54,6 +54,9 @@ async def test_schemathesis_finds_nothing(mosquitto: Mosquitto, tmp_path: Path) 
                 MAX_EXAMPLES,
                 "--max-time",
                 MAX_TIME_S,
+                # A job's output is a long poll of up to 10 s (`wait`).
+                "--request-timeout",
+                "30",
                 # One worker: CPython 3.11's compile() is not thread-safe for the deep
                 # patterns schemathesis builds ("AST constructor recursion depth mismatch").
                 "--workers",
