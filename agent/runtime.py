@@ -561,8 +561,13 @@ class Agent:
 
         async def poll() -> None:
             deadline = time.monotonic() + 120
+            # Quick at first (Redis answers within ~100 ms), then every 250 ms: a Postgres
+            # forks a backend for each attempt during its initdb, and sixty add-ons being
+            # created at once polled 20 times a second each took the CPU they start on.
+            delay = 0.05
             while time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.25)
                 if self.sleep.state(addon.id) != "awake":
                     return
                 if (await self._probe(addon, ip, 1.0))[0]:
