@@ -336,6 +336,22 @@ class Docker:
         text = await self._call(f"logs {name}", logs)
         return text[-tail_bytes:]
 
+    async def follow_logs(self, name: str) -> AsyncIterator[str]:
+        """The container's output from its start, as it comes, until it stops. No slot:
+        it lasts as long as the job does."""
+        try:
+            stream = self.client.containers.container(name).log(
+                stdout=True, stderr=True, follow=True
+            )
+            async for text in stream:
+                yield text
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise NotFound(f"logs {name}: {exc.message}") from None
+            raise TransientError(f"logs {name}: [{exc.status}] {exc.message}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransientError(f"logs {name}: docker unreachable: {exc!r}") from None
+
     @asynccontextmanager
     async def events(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:
         """Container events for this host's managed objects; None marks the stream's end."""

@@ -172,6 +172,15 @@ class RunApp(Struct, frozen=True, tag=True):
     groups: tuple[str, ...] = ()
 
 
+class ResizeApp(Struct, frozen=True, tag=True):
+    """A new plan's CPU and memory for a running app's container, in place (`docker update`)."""
+
+    key: str  # app id
+    name: str
+    cpus: float
+    memory_mb: int
+    spec_hash: str  # the spec the limits belong to: the planner's memory that it is done
+
 
 Action = (
     EnsureNetwork
@@ -194,6 +203,7 @@ Action = (
     | CollectJob
     | StartBackupOp
     | RunApp
+    | ResizeApp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -229,6 +239,9 @@ class Local(Struct, frozen=True):
     # job ids this process already awaits: watching one again would finish at once and
     # ask for another pass, a pass loop for as long as the job runs
     watched_jobs: frozenset[str] = frozenset()
+    # app id -> the spec hash whose CPU and memory this process applied in place: the
+    # container's labels keep the hash it was made with, Docker cannot change them
+    resized_apps: Mapping[str, str] = {}
 
 
 class Settings(Struct, frozen=True):
@@ -289,7 +302,7 @@ def plan(
         actions += _converge_backups(project, observed, local)
         for app in project.apps:
             wanted_apps.add(app.id)
-            actions += _converge_app(project.id, app, observed, settings, nets)
+            actions += _converge_app(project.id, app, observed, local, settings, nets)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
@@ -586,6 +599,7 @@ def _converge_app(
     project_id: str,
     app: AppSpec,
     observed: Observed,
+    local: Local,
     settings: Settings,
     groups: tuple[str, ...] = (),
 ) -> list[Action]:
@@ -593,7 +607,7 @@ def _converge_app(
     have = observed.container(want.name)
     if have is None:
         return [RunApp(app.id, project_id, app, groups)]
-    if have.spec_hash != want.spec_hash:  # a new release, image or command
+    if want.drifted(have.spec_hash, have.shape_hash):  # a new release, image or command
         return [
             RemoveContainer(app.id, have.name, "ReleaseChanged"),
             RunApp(app.id, project_id, app, groups),
@@ -603,6 +617,10 @@ def _converge_app(
             *(ConnectNetwork(app.id, n, have.name) for n in groups if not have.on(n)),
             StartContainer(app.id, have.name),
         ]
+    if have.spec_hash != want.spec_hash and local.resized_apps.get(app.id) != want.spec_hash:
+        # Only CPU or memory changed (a plan change): the app keeps running.
+        assert want.cpus is not None and want.memory_mb is not None  # apps always have both
+        return [ResizeApp(app.id, have.name, want.cpus, want.memory_mb, want.spec_hash)]
     # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
     return []
 

@@ -31,7 +31,16 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import groups, principals, releases, request_bodies, store, variables
+from controller import (
+    groups,
+    joboutput,
+    principals,
+    releases,
+    reports,
+    request_bodies,
+    store,
+    variables,
+)
 from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
@@ -80,6 +89,7 @@ from controller.responses import (
 from controller.store_rows import AddonRow, new_id
 from schemas import agent_api
 from schemas.images import ImageRefused, check_reference
+from schemas.messages import MAX_COUNT
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +107,8 @@ PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
 MAX_OFFSET = 1_000_000
+# A long poll on a job's output waits at most this long (clients' timeouts exceed it).
+MAX_OUTPUT_WAIT_S = 30
 B = TypeVar("B", bound=msgspec.Struct)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -235,8 +247,15 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
 
 class Api:
     def __init__(
-        self, config: Config, pool: Pool, plans: Plans, dirty: DirtyHosts, metrics: Metrics
+        self,
+        config: Config,
+        pool: Pool,
+        plans: Plans,
+        dirty: DirtyHosts,
+        metrics: Metrics,
+        watch: joboutput.OutputWatch | None = None,
     ) -> None:
+        self._watch = watch or joboutput.OutputWatch()
         self._config = config
         self._pool = pool
         self._plans = plans
@@ -271,6 +290,7 @@ class Api:
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
+        r.add_get("/v1/projects/{project_id}/jobs/{job_id}/output", self.job_output)
         r.add_delete("/v1/projects/{project_id}/jobs/{job_id}", self.cancel_job)
         r.add_post("/v1/projects/{project_id}/jobs/{job_id}/cancel", self.cancel_job)
         r.add_post("/v1/projects/{project_id}/tokens", self.create_project_token)
@@ -597,7 +617,8 @@ class Api:
         project_id = _path_id(request, "project_id")
         current = await self._env(project_id)  # 404 for an unknown project
         newest = await releases.latest(self._pool, self._sealer, project_id)
-        apps = app_views(newest, current.env) if newest else ()
+        statuses = await reports.app_statuses(self._pool, project_id)
+        apps = app_views(newest, current.env, statuses) if newest else ()
         return json_response(AppList(apps=apps))
 
     async def agent_release_env(self, request: web.Request) -> web.Response:
@@ -627,6 +648,21 @@ class Api:
             self._pool, _path_id(request, "project_id"), _path_id(request, "job_id")
         )
         return json_response(job_view(job))
+
+    async def job_output(self, request: web.Request) -> web.Response:
+        """A long poll on the job's live output (controller/joboutput.py)."""
+        project_id = _path_id(request, "project_id")
+        job_id = _path_id(request, "job_id")
+        after = _query_int(request, "after", 0, 0, MAX_COUNT)
+        deadline = time.monotonic() + _query_int(request, "wait", 0, 0, MAX_OUTPUT_WAIT_S)
+        while True:
+            changed = self._watch.event(job_id)
+            view = await joboutput.read(self._pool, project_id, job_id, after)
+            left = deadline - time.monotonic()
+            if view.output or view.lost or view.complete or left <= 0:
+                return json_response(view)
+            # Woken by the ingest; at least once a second anyway (another controller).
+            await self._watch.wait(job_id, changed, min(left, 1.0))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)

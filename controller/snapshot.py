@@ -133,6 +133,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                     for a in apps_of.get(p["id"], (0, ()))[1]
                     if not p["deleted"]
                 ),
+                deleted=p["deleted"],
             )
             for p in projects
         ),

@@ -198,8 +198,8 @@ async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]
                 error = 'project deleted' WHERE project_id = $1 AND state = 'pending'""",
             project["id"],
         )
-        # Backups not started yet never will be; files already made stay in the store
-        # (as for a deleted add-on), their rows go with the add-ons.
+        # Backups not started yet never will be; their rows go with the add-ons, and the
+        # agent removes the files already made (agent/deleted_backups.py).
         await conn.execute(
             """UPDATE backup_restores SET state = 'failed', finished_at = clock_timestamp(),
                 error = 'project deleted' WHERE state = 'pending'
