@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 from msgspec import Struct
@@ -66,19 +67,34 @@ class ObservedVolume(Struct, frozen=True):
     addon_id: str
 
 
-class Observed(Struct, frozen=True):
+class Observed(Struct, frozen=True, dict=True):
     containers: tuple[ObservedContainer, ...] = ()
     networks: tuple[ObservedNetwork, ...] = ()
     volumes: tuple[ObservedVolume, ...] = ()
 
+    # Looked up by name, built once per observation: the planner and the status look up
+    # several objects per add-on, and a scan each made a pass quadratic in the add-ons.
+    # (The first of a name wins, as a scan found it.)
+    @cached_property
+    def _containers(self) -> dict[str, ObservedContainer]:
+        return {c.name: c for c in reversed(self.containers)}
+
+    @cached_property
+    def _networks(self) -> dict[str, ObservedNetwork]:
+        return {n.name: n for n in reversed(self.networks)}
+
+    @cached_property
+    def _volumes(self) -> dict[str, ObservedVolume]:
+        return {v.name: v for v in reversed(self.volumes)}
+
     def container(self, name: str) -> ObservedContainer | None:
-        return next((c for c in self.containers if c.name == name), None)
+        return self._containers.get(name)
 
     def network(self, name: str) -> ObservedNetwork | None:
-        return next((n for n in self.networks if n.name == name), None)
+        return self._networks.get(name)
 
     def volume(self, name: str) -> ObservedVolume | None:
-        return next((v for v in self.volumes if v.name == name), None)
+        return self._volumes.get(name)
 
 
 def network_name(project_id: str) -> str:

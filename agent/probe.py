@@ -106,18 +106,32 @@ async def _adopt(
 
 
 async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, str, str]:
+    conn, result = await redis_connect(ip, admin_password, timeout_s)
+    if conn is None:
+        return result
+    async with conn:
+        return await redis_ping(conn, ip)
+
+
+async def redis_connect(
+    ip: str, admin_password: str, timeout_s: float
+) -> tuple[resp.Connection | None, tuple[bool, str, str]]:
+    """A connection for `redis_ping` (and the upkeep after it), or why there is none."""
     try:
         conn = await resp.Connection.open(
             ip, PORTS["redis"], ADMIN_USER, admin_password, timeout_s, "orkestr-probe"
         )
     except (TimeoutError, OSError) as exc:
-        return False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"
+        return None, (False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}")
+    return conn, (False, "Unreachable", "not probed yet")
+
+
+async def redis_ping(conn: resp.Connection, ip: str) -> tuple[bool, str, str]:
+    """PING, sent with the connection's AUTH and CLIENT SETNAME: one round trip."""
     try:
         pong = await conn.call("PING")
     except (TimeoutError, resp.RespError, OSError) as exc:
         return False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"
-    finally:
-        await conn.close()
     if pong != "PONG":
         return False, "QueryFailed", f"redis at {ip} answered {pong!r} to PING"
     return True, "ClientConnected", f"the agent connected to {ip}:{PORTS['redis']} and got PONG"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent import apps, model, netns, probe, specs, status
+from agent import apps, model, netns, probe, resp, specs, status
 from agent import desired as desired_mod
 from agent import plan as p
 from agent.apply import Applier, Outcome
@@ -196,6 +196,7 @@ class Agent:
         self.sleep.on_wake_request = self._wake_requested
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
+        self._project_of: dict[str, str] = {}  # add-on id -> project id (the desired state's)
         self.desired: DesiredState | None = self.state.load_desired()
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
@@ -323,9 +324,12 @@ class Agent:
             try:
                 # Events missed while the stream was down may hide restarted holders.
                 self.firewall.forget()
+                self.upkeep.container_changed()
                 async with self.docker.events() as queue:
                     while (event := await queue.get()) is not None:
                         self._note_app_exit(event)
+                        if (cid := (event.get("Actor") or {}).get("ID")) is not None:
+                            self.upkeep.container_changed(cid)
                         if event.get("status") == "start":
                             actor = event.get("Actor") or {}
                             if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
@@ -478,9 +482,11 @@ class Agent:
     def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
         prints: dict[str, str] = {}
+        self._project_of = {}
         for project in desired.projects if desired is not None else ():
             for addon in project.addons:
                 prints[addon.id] = msgspec.json.encode(addon).decode()
+                self._project_of[addon.id] = project.id
             for job in project.jobs:
                 prints[job.id] = msgspec.json.encode(job).decode()
         return prints
@@ -683,8 +689,13 @@ class Agent:
 
         async def poll() -> None:
             deadline = time.monotonic() + 120
+            # Quick at first (Redis answers within ~100 ms), then every 250 ms: a Postgres
+            # forks a backend for each attempt during its initdb, and sixty add-ons being
+            # created at once polled 20 times a second each took the CPU they start on.
+            delay = 0.05
             while time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.25)
                 if self.sleep.state(addon.id) != "awake":
                     return
                 if (await self._probe(addon, ip, 1.0))[0]:
@@ -700,6 +711,14 @@ class Agent:
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleep.sleepers.get(addon.id)
         timeout_s = timeout_s or self.config.agent.probe_timeout_s
+        if addon.kind == "redis":
+            # One connection for the probe and the upkeep round, so one guard counts it.
+            if sleeper is None:
+                return await self._redis_round(addon, ip, timeout_s)
+            async with sleeper.platform_connection():
+                if sleeper.state != "awake":
+                    return False, "Sleeping", f"in {sleeper.state} sleep"
+                return await self._redis_round(addon, ip, timeout_s)
         if sleeper is None:
             result = await self._wake_probe(addon, ip, timeout_s)
             if result[0]:
@@ -718,19 +737,37 @@ class Agent:
                     await self._tend(addon, ip, timeout_s)
         return result
 
+    async def _redis_round(
+        self, addon: AddonSpec, ip: str, timeout_s: float
+    ) -> tuple[bool, str, str]:
+        """PING, then the upkeep round on the same connection if it answered."""
+        password = self.secrets.admin_password(addon.id)
+        conn, result = await probe.redis_connect(ip, password, timeout_s)
+        if conn is None:
+            return result
+        async with conn:
+            result = await probe.redis_ping(conn, ip)
+            if result[0]:
+                await self._tend(addon, ip, timeout_s, conn)
+        return result
+
     async def _tend(
-        self, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool = False
+        self,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float,
+        redis: resp.Connection | None = None,
+        quota_only: bool = False,
     ) -> None:
         """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
-        project_id = next(
-            (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
-            "",
-        )
+        project_id = self._project_of.get(addon.id, "")
         try:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
-                await self.upkeep.tend(project_id, addon, ip, timeout_s, quota_only=quota_only)
+                await self.upkeep.tend(
+                    project_id, addon, ip, timeout_s, redis, quota_only=quota_only
+                )
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
 

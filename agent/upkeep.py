@@ -224,6 +224,8 @@ class Upkeep:
         self.book = book
         self.usage: dict[str, int] = {}
         self.quota: dict[str, int] = {}
+        # add-on id -> (the sizes it was inspected for, its database's inspection)
+        self._inspected: dict[str, tuple[tuple[Any, ...], Mapping[str, Any]]] = {}
         # One round at a time per add-on: the pass, a readiness poll and the guard may all
         # want one, and two rounds' ALTER ROLEs collide ("tuple concurrently updated").
         self._rounds: dict[str, asyncio.Lock] = {}
@@ -241,6 +243,7 @@ class Upkeep:
         addon: AddonSpec,
         ip: str,
         timeout_s: float,
+        redis: resp.Connection | None = None,
         *,
         quota_only: bool = False,
     ) -> None:
@@ -248,16 +251,23 @@ class Upkeep:
 
         A round already running for the add-on makes this one unnecessary: it does the same.
         The guard's rounds (`quota_only`) measure and enforce the quota, nothing else: no
-        Docker call, as soon as possible.
+        Docker call, as soon as possible. `redis`: the probe's open connection to a Redis
+        add-on, used instead of a new one.
         """
         lock = self._rounds.setdefault(addon.id, asyncio.Lock())
         if lock.locked():
             return
         async with lock:
-            await self._round(project_id, addon, ip, timeout_s, quota_only)
+            await self._round(project_id, addon, ip, timeout_s, quota_only, redis)
 
     async def _round(
-        self, project_id: str, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool
+        self,
+        project_id: str,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float,
+        quota_only: bool,
+        redis: resp.Connection | None = None,
     ) -> None:
         try:
             if quota_only:
@@ -268,8 +278,18 @@ class Upkeep:
                 if addon.kind == "postgres":
                     free = self._measure_fs(addon, info)
                     await self._postgres(addon, ip, timeout_s, free)
+                elif redis is not None:
+                    await self._redis(addon, redis)
                 else:
-                    await self._redis(addon, ip, timeout_s)
+                    async with await resp.Connection.open(
+                        ip,
+                        PORTS["redis"],
+                        ADMIN_USER,
+                        self.secrets.admin_password(addon.id),
+                        timeout_s,
+                        "orkestr-upkeep",
+                    ) as conn:
+                        await self._redis(addon, conn)
         except (
             AgentError,
             OSError,
@@ -289,10 +309,22 @@ class Upkeep:
     def forget(self, addon_id: str) -> None:
         self.usage.pop(addon_id, None)
         self.quota.pop(addon_id, None)
+        self._inspected.pop(addon_id, None)
         self._fs.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
+
+    def container_changed(self, container_id: str | None = None) -> None:
+        """A Docker event for a container (None: events may have been missed): its
+        inspection is read afresh at the next round."""
+        if container_id is None:
+            self._inspected.clear()
+            return
+        for aid in [
+            a for a, (_k, info) in self._inspected.items() if info.get("Id") == container_id
+        ]:
+            del self._inspected[aid]
 
     # --- the filesystem guard -------------------------------------------------------
     def _measure_fs(self, addon: AddonSpec, info: Mapping[str, Any]) -> int | None:
@@ -347,10 +379,20 @@ class Upkeep:
     # --- limits ---------------------------------------------------------------------
     async def _limits(self, addon: AddonSpec) -> Mapping[str, Any]:
         name = model.db_name(addon.id)
-        info = await self.docker.inspect(name)
+        # The inspection is kept while the container has no event and the plan's sizes
+        # stay: a round per add-on per resync interval, a hundred add-ons on a host. The
+        # kernel's OOM-kill counter is read every round all the same.
+        key = (addon.resources, addon.storage_mb)
+        cached = self._inspected.get(addon.id)
+        if cached is not None and cached[0] == key:
+            info = cached[1]
+        else:
+            info = await self.docker.inspect(name)
+            self._inspected[addon.id] = (key, info)
         self._memory_condition(addon, info)
         await self._grow(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon):
+            self._inspected.pop(addon.id, None)
             await self.docker.update_limits(name, addon.resources.cpus, addon.resources.memory_mb)
             log.info(
                 "upkeep.limits_updated addon=%s cpus=%s memory_mb=%s",
@@ -553,39 +595,33 @@ class Upkeep:
         raise AgentError("writes not refused yet: the tenant's statements hold the table locks")
 
     # --- Redis ----------------------------------------------------------------------
-    async def _redis(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
-        conn = await resp.Connection.open(
-            ip,
-            PORTS["redis"],
-            ADMIN_USER,
-            self.secrets.admin_password(addon.id),
-            timeout_s,
-            "orkestr-upkeep",
-        )
-        async with conn:
-            version = self._secret_version(addon.id)
-            if version and self.secrets.applied(addon.id) != version:
-                # Adds the new password; the old one stays until the grace ends.
-                await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
-                self.secrets.mark_applied(addon.id, version)
-                log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
-            previous = self.secrets.previous(addon.id)
-            if previous is not None and previous[1] <= time.time():
-                if previous[0] != self.secrets.password(addon.id):
-                    await conn.call("ACL", "SETUSER", "default", "<" + previous[0])
-                self.secrets.forget_previous(addon.id, addon.kind)
-                log.info("upkeep.password_retired addon=%s", addon.id)
-            quota = quota_bytes(addon)
-            assert quota is not None  # Redis always has its memory ceiling
-            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
-            if config.get("maxmemory") != str(quota):
-                await conn.call("CONFIG", "SET", "maxmemory", quota)
-            if config.get("maxmemory-policy") != "noeviction":
-                await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
-            info = await conn.call("INFO", "memory")
-            if not isinstance(info, bytes):
-                raise resp.RespError(f"INFO answered {info!r}")
-            usage = int(resp.info_fields(info)["used_memory"])
+    async def _redis(self, addon: AddonSpec, conn: resp.Connection) -> None:
+        version = self._secret_version(addon.id)
+        if version and self.secrets.applied(addon.id) != version:
+            # Adds the new password; the old one stays until the grace ends.
+            await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
+            self.secrets.mark_applied(addon.id, version)
+            log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
+        previous = self.secrets.previous(addon.id)
+        if previous is not None and previous[1] <= time.time():
+            if previous[0] != self.secrets.password(addon.id):
+                await conn.call("ACL", "SETUSER", "default", "<" + previous[0])
+            self.secrets.forget_previous(addon.id, addon.kind)
+            log.info("upkeep.password_retired addon=%s", addon.id)
+        quota = quota_bytes(addon)
+        assert quota is not None  # Redis always has its memory ceiling
+        config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
+        if config.get("maxmemory") != str(quota):
+            await conn.call("CONFIG", "SET", "maxmemory", quota)
+        if config.get("maxmemory-policy") != "noeviction":
+            await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        info = await conn.call("INFO", "memory")
+        if not isinstance(info, bytes):
+            raise resp.RespError(f"INFO answered {info!r}")
+        used = resp.info_fields(info).get("used_memory", "")
+        if not used.isdigit():
+            raise resp.RespError(f"INFO memory without used_memory: {info[:200]!r}")
+        usage = int(used)
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)

@@ -22,6 +22,7 @@ from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
     Stack,
+    addon,
     container_state,
     create_addon,
     create_project,
@@ -126,8 +127,14 @@ async def test_a_long_wake_holds_up_no_other_addon(stack: Stack, agent: AgentPro
     slow = (await create_addon(c, sleepy, "slow-wake", "postgres"))["id"]
     woken = (await create_addon(c, other, "woken", "redis"))["id"]
     repaired = (await create_addon(c, team, "repaired", "redis"))["id"]
-    for project, a in ((sleepy, slow), (other, woken), (team, repaired)):
-        await wait_phase(c, project, a, "ready")
+    await wait_phase(c, team, repaired, "ready")
+
+    async def answered(project: str, a: str) -> bool:
+        # A Starter add-on may already sleep again (3 s idle) by the time it is looked at.
+        return bool((await addon(c, project, a))["phase"] in ("ready", "sleeping"))
+
+    for project, a in ((sleepy, slow), (other, woken)):
+        await wait_for(lambda p=project, x=a: answered(p, x), 90, f"add-on {a} provisioned")
     _, alone = await time_to_ready(stack, team, "alone")
     # Idle: both sleepy add-ons fall into deep sleep (stopped).
     await wait_for(

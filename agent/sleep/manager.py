@@ -129,9 +129,7 @@ class SleepManager:
         awake one is not kept up.
         """
         saved = self.saved.get(addon_id)
-        if addon_id not in self.sleepers and (saved is None or saved.state == "awake"):
-            yield  # never slept, and no listener could put it to sleep meanwhile
-            return
+        # Held even without a sleeper yet: one created during the operation is held too.
         self._hold(addon_id, +1)
         idle_since = saved.last_activity if saved is not None else time.time()
         try:
