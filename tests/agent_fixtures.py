@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -51,8 +52,19 @@ def remove_host_objects(host: str) -> None:
     vols = docker("volume", "ls", "-q", "--filter", label, check=False).split()
     if vols:
         docker("volume", "rm", "-f", *vols, check=False)
-    nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
-    if nets:
+    for attempt in range(5):
+        nets = docker("network", "ls", "-q", "--filter", label, check=False).split()
+        if not nets:
+            break
+        if attempt:
+            # A loaded daemon can keep the endpoint of a removed container a while.
+            time.sleep(1)
+            for net in nets:
+                for endpoint in docker(
+                    "network", "inspect", "-f", "{{range .Containers}}{{.Name}} {{end}}", net,
+                    check=False,
+                ).split():  # fmt: skip
+                    docker("network", "disconnect", "-f", net, endpoint, check=False)
         docker("network", "rm", *nets, check=False)
     # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
     for jump in firewall.host_jumps(host):
