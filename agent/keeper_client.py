@@ -2,7 +2,7 @@
 
 Calls are short blocking exchanges on a local socket, run in a worker thread. A keeper
 that is not configured or not running only costs the restart guarantee: the agent works
-without it and logs once.
+without it (and relays in its own event loop) and logs once.
 """
 
 from __future__ import annotations
@@ -10,9 +10,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("orkestr.agent.keeper")
+
+
+@dataclass(frozen=True)
+class KeptRelay:
+    """A connection the keeper relays: the add-on, the client's address, since when."""
+
+    addon: str
+    source: str
+    started: float
+
+
+class RelayRefused(Exception):
+    """The keeper would not take a relay: `reason` is addon_cap, host_cap or an error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KeeperUnreachable(OSError):
+    """The keeper's socket could not be connected to: nothing was handed over."""
 
 
 class KeeperClient:
@@ -47,6 +69,72 @@ class KeeperClient:
                 log.warning("keeper.unavailable path=%s error=%s", self.path, exc)
                 self._warned = True
             return []
+
+    def available(self) -> bool:
+        return self.path is not None
+
+    def _relay(self, request: bytes, fds: list[int]) -> tuple[int, int]:
+        assert self.path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            try:
+                conn.connect(str(self.path))
+            except OSError as exc:
+                raise KeeperUnreachable(exc.errno, str(exc)) from exc
+            socket.send_fds(conn, [request], fds)
+            answer = conn.recv(4096).decode(errors="replace").split()
+        if answer[:1] == ["OK"] and len(answer) == 3:
+            return int(answer[1]), int(answer[2])
+        if answer[:2] == ["ERR", "cap"] and len(answer) == 3:
+            raise RelayRefused(answer[2])
+        raise OSError(f"keeper: {' '.join(answer) or 'no answer'}")
+
+    async def relay(
+        self,
+        addon: str,
+        source: str,
+        client: socket.socket,
+        upstream: socket.socket,
+        per_addon: int,
+        total: int,
+    ) -> tuple[int, int]:
+        """Hand a client and its database connection to the keeper, which relays them.
+
+        Returns the keeper's relay counts (this add-on's, all) after taking it. The
+        keeper holds its own copies: the caller closes its sockets either way. Raises
+        RelayRefused past a cap, OSError when the keeper cannot be reached.
+        """
+        request = f"RELAY {addon} {per_addon} {total} {source}".encode()
+        return await asyncio.to_thread(
+            self._relay, request, [client.fileno(), upstream.fileno()]
+        )  # fmt: skip
+
+    def _list(self, addon: str) -> list[KeptRelay]:
+        assert self.path is not None
+        out: list[KeptRelay] = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            conn.connect(str(self.path))
+            conn.send(f"LIST {addon}".encode() if addon else b"LIST")
+            while (data := conn.recv(4096)) not in (b"END", b""):
+                for line in data.decode(errors="replace").splitlines():
+                    parts = line.split(" ")
+                    if len(parts) == 4 and parts[0] == "R":
+                        out.append(KeptRelay(parts[1], parts[2], float(parts[3])))
+        return out
+
+    async def relays(self, addon: str = "") -> list[KeptRelay] | None:
+        """The connections the keeper relays (for one add-on, or all); None if it cannot
+        be asked."""
+        if self.path is None:
+            return []
+        try:
+            return await asyncio.to_thread(self._list, addon)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("keeper.unavailable path=%s error=%s", self.path, exc)
+                self._warned = True
+            return None
 
     async def put(self, name: str, sock: socket.socket) -> None:
         await self._call(f"PUT {name}".encode(), [sock.fileno()])

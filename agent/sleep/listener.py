@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from agent import netns
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
+from agent.keeper_client import KeeperClient, KeeperUnreachable, RelayRefused
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import log, policy
 from agent.sleep.store import Persisted
@@ -58,22 +59,27 @@ class RelayBudget:
     def __init__(self, per_addon: int, total: int) -> None:
         self.per_addon = per_addon
         self.total = total
-        self.in_use = 0
+        self.in_use = 0  # in the agent: waiting for a wake, or relayed here (no keeper)
+        self.kept = 0  # relayed by the keeper, as last counted
 
     def refusal(self, addon_relays: int) -> str | None:
         if addon_relays >= self.per_addon:
             return "addon_cap"
-        if self.in_use >= self.total:
+        if self.in_use + self.kept >= self.total:
             return "host_cap"
         return None
 
     def take(self) -> None:
         self.in_use += 1
-        RELAYS_ACTIVE.set(self.in_use)
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
 
     def give_back(self) -> None:
         self.in_use -= 1
-        RELAYS_ACTIVE.set(self.in_use)
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
+
+    def set_kept(self, kept: int) -> None:
+        self.kept = kept
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
 
 
 class Sleeper:
@@ -93,8 +99,10 @@ class Sleeper:
         on_change: Callable[[], None],
         budget: RelayBudget,
         on_wake_request: Callable[[str], None] = lambda _aid: None,
+        keeper: KeeperClient | None = None,
     ) -> None:
         self.addon = addon
+        self.keeper = keeper
         self.on_wake_request = on_wake_request
         self.budget = budget
         self.db_name = db_name
@@ -110,7 +118,8 @@ class Sleeper:
         self.on_change = on_change
         self.transition = asyncio.Lock()  # one sleep or wake at a time
         self.measure = asyncio.Lock()  # probes and activity reads don't interleave
-        self.relayed: dict[str, float] = {}
+        self.relayed: dict[str, float] = {}  # in the agent: source -> since
+        self.kept: dict[str, float] = {}  # relayed by the keeper, as last listed
         self.listener: socket.socket | None = None
         self.accept_task: asyncio.Task[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()
@@ -213,8 +222,17 @@ class Sleeper:
         self.redirect_on = on
 
     # --- activity -----------------------------------------------------------------------
+    async def refresh_kept(self) -> None:
+        """Ask the keeper which of this add-on's connections it relays (they outlive us)."""
+        if self.keeper is None:
+            return
+        kept = await self.keeper.relays(self.addon.id)
+        if kept is not None:
+            self.kept = {r.source: r.started for r in kept}
+
     async def measure_activity(self, now: float) -> bool:
         """Record client activity since the last call; True if any was seen."""
+        await self.refresh_kept()
         async with self.measure:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
@@ -229,7 +247,7 @@ class Sleeper:
             ]
         self.clients = tuple(
             ClientConnection(f"{s.remote_ip}:{s.remote_port}") for s in direct
-        ) + tuple(ClientConnection(src, via="activator") for src in self.relayed)
+        ) + tuple(ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed})
         if new_connections or self.clients:
             log.debug(
                 "addon.activity addon=%s new=%s clients=%s",
@@ -429,13 +447,14 @@ class Sleeper:
             # sock_accept does not yield while the backlog is full; without this a flood of
             # connects would hold the event loop, and with it every other add-on's wake.
             await asyncio.sleep(0)
-            refusal = self.budget.refusal(len(self.handlers))
+            refusal = self.budget.refusal(len(self.handlers) + len(self.kept))
             if refusal is not None:
                 RELAYS_REFUSED.labels(refusal).inc()
                 self._log_refusal(address, refusal)
                 _reset(client)
                 continue
             _keepalive(client)
+            _nodelay(client)
             self.budget.take()
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
@@ -460,8 +479,6 @@ class Sleeper:
 
     async def _serve(self, client: socket.socket, source: str) -> None:
         self.relayed[source] = time.time()
-        writer_up: asyncio.StreamWriter | None = None
-        writer_down: asyncio.StreamWriter | None = None
         try:
             if not self.resumed.is_set():
                 self.request_wake(f"connection from {source}")
@@ -475,6 +492,62 @@ class Sleeper:
                         log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
                         client.close()
                         return
+            if self.keeper is not None and self.keeper.available():
+                if await self._hand_to_keeper(client, source):
+                    return
+            await self._relay_here(client, source)
+        finally:
+            self.relayed.pop(source, None)
+            self.saved.last_activity = time.time()
+
+    async def _hand_to_keeper(self, client: socket.socket, source: str) -> bool:
+        """Connect to the database and let the keeper relay the pair (it outlives us).
+
+        False when the keeper cannot be reached (nothing was handed over): the caller
+        relays here instead. Any other outcome closes our copies.
+        """
+        assert self.keeper is not None
+        upstream = socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET)
+        keep_client = False
+        try:
+            upstream.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(upstream, (self.ip, self.port))
+            _keepalive(upstream)
+            _nodelay(upstream)
+            await self.keeper.relay(
+                self.addon.id, source, client, upstream,
+                self.budget.per_addon, self.budget.total,
+            )  # fmt: skip
+            self.kept[source] = time.time()  # counted at once, listed again each tick
+            return True
+        except KeeperUnreachable as exc:
+            log.warning(
+                "addon.keeper_unreachable addon=%s source=%s error=%s: relayed by the agent",
+                self.addon.id, source, exc,
+            )  # fmt: skip
+            keep_client = True
+            return False
+        except RelayRefused as exc:
+            RELAYS_REFUSED.labels(exc.reason).inc()
+            self._log_refusal(_address(source), exc.reason)
+            _reset(client)
+            return True
+        except OSError as exc:
+            log.warning(
+                "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
+            )
+            client.close()
+            return True
+        finally:
+            upstream.close()
+            if not keep_client:
+                client.close()
+
+    async def _relay_here(self, client: socket.socket, source: str) -> None:
+        """The relay without a keeper: in this event loop, cut when the agent restarts."""
+        writer_up: asyncio.StreamWriter | None = None
+        writer_down: asyncio.StreamWriter | None = None
+        try:
             reader_down, writer_down = await asyncio.open_connection(sock=client)
             reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
             _keepalive(writer_up.get_extra_info("socket"))
@@ -484,13 +557,16 @@ class Sleeper:
                 "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
             )
         finally:
-            self.relayed.pop(source, None)
-            self.saved.last_activity = time.time()
             for w in (writer_up, writer_down):
                 if w is not None:
                     w.close()
             if writer_down is None:
                 client.close()
+
+
+def _address(source: str) -> tuple[str, int]:
+    host, _, port = source.rpartition(":")
+    return host, int(port)
 
 
 def _opens_or_none(pid: int) -> int | None:
@@ -505,6 +581,12 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """A relay forwards what it gets at once: the two ends already chose their segments."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _keepalive(sock: socket.socket | None) -> None:
