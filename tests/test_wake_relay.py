@@ -49,7 +49,7 @@ def pool(queries: int, pause_s: float) -> str:
     sql = "".join(f"select {n};\\n\\\\! sleep {pause_s}\\n" for n in range(queries))
     return (
         f"printf '{sql}' > /tmp/pool.sql; "
-        f"for i in $(seq {POOL}); do (psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -qtA "
+        f'for i in $(seq {POOL}); do (psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qtA '
         "-f /tmp/pool.sql > /tmp/out.$i 2>&1; echo $?) & done; wait; "
         f"for i in $(seq {POOL}); do echo; cat /tmp/out.$i; done"
     )
