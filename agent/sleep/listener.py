@@ -9,8 +9,9 @@ reports the attempt, which asks for a wake; the client then talks to the databas
 Deep sleep first sets an iptables REDIRECT in the holder's namespace that sends *new*
 connections to the listener, then stops the database. A client connecting then is
 accepted by the listener, which asks for a wake, waits until a real client gets an
-answer, and relays just that connection; the wake removes the redirect, so connections
-made after it go straight to the database again. The host's own traffic (the gateway
+answer, connects to the database and hands the pair to the keeper, which relays them with
+splice(2) for their whole life, agent restarts included (agent/keeper.py); the wake
+removes the redirect, so connections made after it go straight to the database again. The host's own traffic (the gateway
 address) is exempt from the redirect and the SYN watch, so probes and relays always reach
 the database itself and wake nothing.
 
