@@ -11,9 +11,9 @@ connections to the listener, then stops the database. A client connecting then i
 accepted by the listener, which asks for a wake, waits until a real client gets an
 answer, connects to the database and hands the pair to the keeper, which relays them with
 splice(2) for their whole life, agent restarts included (agent/keeper.py); the wake
-removes the redirect, so connections made after it go straight to the database again. The host's own traffic (the gateway
-address) is exempt from the redirect and the SYN watch, so probes and relays always reach
-the database itself and wake nothing.
+removes the redirect, so connections made after it go straight to the database again.
+The host's own traffic (the gateway address) is exempt from the redirect and the SYN
+watch, so probes and relays always reach the database itself and wake nothing.
 
 Sleeping and waking are the planner's: a request (`wake_requested`, `on_wake_request`)
 has the add-on's worker carry out the wake, ahead of its other queued work; nothing here
