@@ -23,7 +23,13 @@ Protocol: SOCK_SEQPACKET on a root-only Unix socket, one request per message:
   RELAY <addon> <per_addon_cap> <total_cap> <source>  + two fds (client, database)
                          -> relay them      answer: "OK <addon's relays> <all relays>"
                             or, past a cap: "ERR cap addon_cap|host_cap" (fds closed)
-  LIST [<addon>]         -> "R <addon> <source> <started>" lines, in messages, then "END"
+  HOLD <addon> <per_addon_cap> <total_cap> <source>  + one fd (a client accepted while
+                            its database starts) -> keep it unread   answer: as RELAY
+  ATTACH <addon> <source> + one fd (the database) -> relay it with the held client
+                                                    answer: "OK ..." or "ERR gone"
+  DROP <addon> <source>  -> reset a held client (its wake failed)      answer: OK
+  LIST [<addon>]         -> "R|H <addon> <source> <since>" lines (relayed or held), in
+                            messages, then "END"
 It never accepts connections on the sockets it holds and has no other logic, so it has
 no reason to be restarted (a restart would cut the relays; the listeners are put back).
 """
@@ -38,6 +44,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +59,10 @@ IN, OUT = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT
 HUP = select.EPOLLHUP | select.EPOLLERR
 CONTROL_TIMEOUT_S = 5.0
 SPARE_PIPES = 4
+# A held client waits for its add-on's wake (the agent's own limit is 120 s); past this
+# nobody will attach it (the add-on was removed, the agent is gone for good): reset.
+HOLD_MAX_S = 180.0
+SWEEP_S = 5.0
 
 
 class Pipes:
@@ -109,6 +120,7 @@ class Keeper:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.store: dict[str, int] = {}
+        self.held: dict[tuple[str, str], tuple[socket.socket, float]] = {}
         self.relays: dict[int, Relay] = {}  # by each of its two fds
         self.per_addon: dict[str, int] = {}
         self.total = 0
@@ -139,11 +151,15 @@ class Keeper:
 
     def run(self) -> None:
         poll, handlers = self.epoll.poll, self.handlers
+        swept = time.monotonic()
         while True:
-            for fd, ev in poll():
+            for fd, ev in poll(SWEEP_S if self.held else -1):
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(ev)
+            if self.held and time.monotonic() - swept >= SWEEP_S:
+                swept = time.monotonic()
+                self.sweep(time.time())
 
     # --- control ------------------------------------------------------------------------
     def _accept_control(self) -> None:
@@ -185,6 +201,12 @@ class Keeper:
         if verb == "RELAY" and len(fds) == 2:
             conn.send(self._relay(rest, fds[0], fds[1]).encode())
             return
+        if verb == "HOLD" and len(fds) == 1:
+            conn.send(self._hold(rest, fds[0]).encode())
+            return
+        if verb == "ATTACH" and len(fds) == 1:
+            conn.send(self._attach(rest, fds[0]).encode())
+            return
         for fd in fds:
             os.close(fd)
         if verb == "DEL" and rest:
@@ -196,11 +218,18 @@ class Keeper:
             for stored_name, fd in list(self.store.items()):
                 socket.send_fds(conn, [stored_name.encode()], [fd])
             conn.send(b"END")
+        elif verb == "DROP":
+            self._drop(rest)
+            conn.send(b"OK")
         elif verb == "LIST":
             lines = [
                 f"R {r.addon} {r.source} {r.started:.3f}"
                 for fd, r in self.relays.items()
                 if fd == r.client.fileno() and rest in ("", r.addon)
+            ] + [
+                f"H {addon} {source} {since:.3f}"
+                for (addon, source), (_c, since) in self.held.items()
+                if rest in ("", addon)
             ]
             while lines:
                 chunk: list[str] = []
@@ -214,38 +243,96 @@ class Keeper:
             conn.send(b"ERR unknown request")
 
     # --- relays -------------------------------------------------------------------------
+    def _admit(self, addon: str, per_addon: str, total: str) -> str | None:
+        """Why a new connection of this add-on is refused (held ones count), or None."""
+        if self.per_addon.get(addon, 0) >= int(per_addon):
+            return "addon_cap"
+        if self.total >= int(total):
+            return "host_cap"
+        return None
+
+    def _count(self, addon: str, step: int) -> str:
+        left = self.per_addon.get(addon, 0) + step
+        if left:
+            self.per_addon[addon] = left
+        else:
+            self.per_addon.pop(addon, None)
+        self.total += step
+        return f"OK {left} {self.total}"
+
     def _relay(self, args: str, client_fd: int, upstream_fd: int) -> str:
         client = socket.socket(fileno=client_fd)
         upstream = socket.socket(fileno=upstream_fd)
         try:
             addon, per_addon, total, source = args.split(" ", 3)
-            cap = (int(per_addon), int(total))
+            refusal = self._admit(addon, per_addon, total)
         except ValueError:
-            client.close()
-            upstream.close()
-            return "ERR bad request"
-        refusal = None
-        if self.per_addon.get(addon, 0) >= cap[0]:
-            refusal = "addon_cap"
-        elif self.total >= cap[1]:
-            refusal = "host_cap"
+            refusal = "bad request"
         if refusal is not None:
             client.close()
             upstream.close()
-            return f"ERR cap {refusal}"
+            return f"ERR cap {refusal}" if refusal.endswith("cap") else f"ERR {refusal}"
+        answer = self._count(addon, +1)
+        self._start(addon, source, client, upstream, time.time())
+        return answer
+
+    def _hold(self, args: str, client_fd: int) -> str:
+        """A client accepted while its database starts: kept (unread) until ATTACH, so an
+        agent that dies during the wake loses it not."""
+        client = socket.socket(fileno=client_fd)
+        try:
+            addon, per_addon, total, source = args.split(" ", 3)
+            refusal = self._admit(addon, per_addon, total)
+        except ValueError:
+            refusal = "bad request"
+        if refusal is not None:
+            client.close()
+            return f"ERR cap {refusal}" if refusal.endswith("cap") else f"ERR {refusal}"
+        old = self.held.pop((addon, source), None)
+        if old is not None:
+            old[0].close()
+            self._count(addon, -1)
+        self.held[(addon, source)] = (client, time.time())
+        return self._count(addon, +1)
+
+    def _attach(self, args: str, upstream_fd: int) -> str:
+        upstream = socket.socket(fileno=upstream_fd)
+        addon, _, source = args.partition(" ")
+        entry = self.held.pop((addon, source), None)
+        if entry is None:
+            upstream.close()
+            return "ERR gone"
+        self._start(addon, source, entry[0], upstream, entry[1])
+        return f"OK {self.per_addon.get(addon, 0)} {self.total}"
+
+    def _drop(self, args: str) -> None:
+        addon, _, source = args.partition(" ")
+        entry = self.held.pop((addon, source), None)
+        if entry is not None:
+            _reset(entry[0])
+            self._count(addon, -1)
+
+    def sweep(self, now: float) -> None:
+        """Held clients whose wake never came (the add-on was removed meanwhile): reset."""
+        for (addon, source), (_client, since) in list(self.held.items()):
+            if now - since > HOLD_MAX_S:
+                self._drop(f"{addon} {source}")
+
+    def _start(
+        self, addon: str, source: str, client: socket.socket, upstream: socket.socket,
+        started: float,
+    ) -> None:  # fmt: skip
         client.setblocking(False)
         upstream.setblocking(False)
         relay = Relay(addon, source, client, upstream)
+        relay.started = started
         for fd in relay.masks:
             self.relays[fd] = relay
             self._watch(fd, IN, functools.partial(self._relay_event, fd))
             relay.masks[fd] = IN
-        self.per_addon[addon] = self.per_addon.get(addon, 0) + 1
-        self.total += 1
         # Bytes the client sent while the database started wait in its socket: move them.
         for half in relay.halves:
             self._pump(relay, half)
-        return f"OK {self.per_addon.get(addon, 0)} {self.total}"
 
     def _relay_event(self, fd: int, ev: int) -> None:
         relay = self.relays.get(fd)
@@ -354,12 +441,13 @@ class Keeper:
                 half.pipe = None
         relay.client.close()
         relay.upstream.close()
-        left = self.per_addon.get(relay.addon, 1) - 1
-        if left:
-            self.per_addon[relay.addon] = left
-        else:
-            self.per_addon.pop(relay.addon, None)
-        self.total -= 1
+        self._count(relay.addon, -1)
+
+
+def _reset(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def os_shutdown(fd: int) -> None:

@@ -18,11 +18,13 @@ log = logging.getLogger("orkestr.agent.keeper")
 
 @dataclass(frozen=True)
 class KeptRelay:
-    """A connection the keeper relays: the add-on, the client's address, since when."""
+    """A connection the keeper holds: the add-on, the client's address, since when, and
+    whether it still waits for its database (held) or is relayed."""
 
     addon: str
     source: str
     started: float
+    held: bool = False
 
 
 class RelayRefused(Exception):
@@ -87,6 +89,8 @@ class KeeperClient:
             return int(answer[1]), int(answer[2])
         if answer[:2] == ["ERR", "cap"] and len(answer) == 3:
             raise RelayRefused(answer[2])
+        if answer == ["ERR", "gone"]:
+            raise RelayRefused("gone")
         raise OSError(f"keeper: {' '.join(answer) or 'no answer'}")
 
     async def relay(
@@ -109,6 +113,25 @@ class KeeperClient:
             self._relay, request, [client.fileno(), upstream.fileno()]
         )  # fmt: skip
 
+    async def hold(
+        self, addon: str, source: str, client: socket.socket, per_addon: int, total: int
+    ) -> tuple[int, int]:
+        """Give the keeper a client accepted while its database starts: it keeps it
+        (unread) until `attach`, so it survives an agent that dies during the wake.
+        Raises like `relay`; the caller closes its copy either way."""
+        request = f"HOLD {addon} {per_addon} {total} {source}".encode()
+        return await asyncio.to_thread(self._relay, request, [client.fileno()])
+
+    async def attach(self, addon: str, source: str, upstream: socket.socket) -> None:
+        """Relay a held client with its database connection. RelayRefused("gone") if the
+        keeper no longer holds it (it closed or was dropped)."""
+        request = f"ATTACH {addon} {source}".encode()
+        await asyncio.to_thread(self._relay, request, [upstream.fileno()])
+
+    async def drop(self, addon: str, source: str) -> None:
+        """Reset a held client whose wake failed."""
+        await self._call(f"DROP {addon} {source}".encode(), [])
+
     def _list(self, addon: str) -> list[KeptRelay]:
         assert self.path is not None
         out: list[KeptRelay] = []
@@ -119,8 +142,10 @@ class KeeperClient:
             while (data := conn.recv(4096)) not in (b"END", b""):
                 for line in data.decode(errors="replace").splitlines():
                     parts = line.split(" ")
-                    if len(parts) == 4 and parts[0] == "R":
-                        out.append(KeptRelay(parts[1], parts[2], float(parts[3])))
+                    if len(parts) == 4 and parts[0] in ("R", "H"):
+                        out.append(
+                            KeptRelay(parts[1], parts[2], float(parts[3]), parts[0] == "H")
+                        )
         return out
 
     async def relays(self, addon: str = "") -> list[KeptRelay] | None:

@@ -113,8 +113,9 @@ async def main(quick: bool) -> dict[str, Any]:
     }  # fmt: skip
     results["machine"] = machine_facts()
     plans = plans_toml(
-        cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600
-    )
+        cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
+        pro_sleep=(1.0, 2.0),
+    )  # fmt: skip
     async with Bench(plans) as b:
         results["code"] = b.code
         project = await b.project("team")
@@ -160,14 +161,17 @@ async def main(quick: bool) -> dict[str, Any]:
             await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
         light_wakes: list[dict[str, Any]] = []
 
-        async def asleep(addon: dict[str, Any], state: str = "paused") -> None:
+        async def asleep(
+            addon: dict[str, Any], state: str = "paused", project_id: str = ""
+        ) -> None:
             """Wait until the add-on is paused (or stopped), so the next run's connections
             wake it."""
             for _ in range(600):
                 if await b.state_of(model.db_name(addon["id"])) == state:
                     return
                 await asyncio.sleep(0.1)
-            raise RuntimeError(f"{addon['name']} did not fall asleep ({state})")
+            view = await b.addon(project_id or sleepy, addon["id"])
+            raise RuntimeError(f"{addon['name']} did not fall asleep ({state}): {view}")
 
         async def woken(addon: dict[str, Any], wakes_before: int) -> None:
             view = await b.addon(sleepy, addon["id"])
@@ -231,7 +235,9 @@ async def main(quick: bool) -> dict[str, Any]:
                     project_id = sleepy if who == "light" else deepy
                     wakes = 0
                     if sleepy_addon is not None:
-                        await asleep(sleepy_addon, "paused" if who == "light" else "exited")
+                        await asleep(
+                            sleepy_addon, "paused" if who == "light" else "exited", project_id
+                        )
                         wakes = (await b.addon(project_id, sleepy_addon["id"]))["wakes"]
                     run = asyncio.create_task(
                         clients[who].load(targets[kind][who], mode, POOL_CLIENTS, seconds)

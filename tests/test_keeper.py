@@ -156,6 +156,44 @@ async def test_caps_are_enforced_and_relays_are_listed_and_outlive_the_control_c
             p.close()
 
 
+async def test_a_held_client_waits_unread_until_its_database_is_attached(
+    keeper: KeeperClient,
+) -> None:
+    """What survives an agent killed mid-wake: the client is held (counted, listed as
+    held), its early bytes wait, and whoever attaches the database later gets them."""
+    pair = Pair()
+    dropped = Pair()
+    try:
+        pair.client.sendall(b"startup")
+        await keeper.hold("a1", pair.source, pair.accepted, 1, 100)
+        pair.accepted.close()
+        listed = await keeper.relays("a1")
+        assert listed is not None and [(r.source, r.held) for r in listed] == [
+            (pair.source, True)
+        ]
+        with pytest.raises(RelayRefused):  # held ones count against the cap
+            await keeper.hold("a1", dropped.source, dropped.accepted, 1, 100)
+        await keeper.attach("a1", pair.source, pair.upstream)
+        pair.upstream.close()
+        assert recv_exactly(pair.db, 7) == b"startup"
+        pair.db.sendall(b"ready")
+        assert recv_exactly(pair.client, 5) == b"ready"
+        listed = await keeper.relays("a1")
+        assert listed is not None and [r.held for r in listed] == [False]
+        with pytest.raises(RelayRefused):  # attached once only
+            await keeper.attach("a1", pair.source, dropped.upstream)
+        # A held client whose wake failed is reset and frees its place.
+        await keeper.hold("a2", dropped.source, dropped.accepted, 1, 100)
+        dropped.accepted.close()
+        await keeper.drop("a2", dropped.source)
+        with pytest.raises(ConnectionResetError):
+            dropped.client.recv(10)
+        assert await _relays(keeper, "a2", 0)
+    finally:
+        pair.close()
+        dropped.close()
+
+
 async def _relays(keeper: KeeperClient, addon: str, want: int) -> bool:
     for _ in range(100):
         listed = await keeper.relays(addon)

@@ -119,8 +119,10 @@ class Sleeper:
         self.on_change = on_change
         self.transition = asyncio.Lock()  # one sleep or wake at a time
         self.measure = asyncio.Lock()  # probes and activity reads don't interleave
-        self.relayed: dict[str, float] = {}  # in the agent: source -> since
-        self.kept: dict[str, float] = {}  # relayed by the keeper, as last listed
+        self.relayed: dict[str, float] = {}  # the agent's own clients: source -> since
+        self.kept: dict[str, float] = {}  # held or relayed by the keeper, as last listed
+        self.attaching: set[str] = set()  # held clients this agent will attach
+        self.adopters: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
         self.accept_task: asyncio.Task[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()
@@ -168,6 +170,9 @@ class Sleeper:
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
             # Only deep sleep redirects; a redirect left by an older agent in light sleep goes.
             await self._set_redirect(self.state == "deep")
+            # Clients an earlier agent left with the keeper mid-wake are attached (and the
+            # add-on woken for them) now, not a tick later.
+            await self.refresh_kept()
         except BaseException:
             await self.close()
             raise
@@ -186,10 +191,10 @@ class Sleeper:
             self.synwatch.close()
         if self.accept_task is not None:
             self.accept_task.cancel()
-        for task in list(self.handlers):
+        for task in (*self.handlers, *self.adopters):
             task.cancel()
         await asyncio.gather(
-            *(t for t in (self.accept_task, *self.handlers) if t is not None),
+            *(t for t in (self.accept_task, *self.handlers, *self.adopters) if t is not None),
             return_exceptions=True,
         )
         if self.listener is not None:
@@ -224,12 +229,24 @@ class Sleeper:
 
     # --- activity -----------------------------------------------------------------------
     async def refresh_kept(self) -> None:
-        """Ask the keeper which of this add-on's connections it relays (they outlive us)."""
+        """Ask the keeper which of this add-on's connections it holds or relays (they
+        outlive us), and attach any held one that nobody attaches."""
         if self.keeper is None:
             return
         kept = await self.keeper.relays(self.addon.id)
-        if kept is not None:
-            self.kept = {r.source: r.started for r in kept}
+        if kept is None:
+            return
+        now = {r.source: r.started for r in kept}
+        if self.kept.keys() - now.keys():
+            # Some ended since the last look, at an unknown moment: the idle clock starts
+            # now, so an add-on never sleeps earlier than its timeout after a client left.
+            self.saved.last_activity = time.time()
+        self.kept = now
+        if self.accept_task is None:
+            return  # closed, or not started yet
+        for r in kept:
+            if r.held and r.source not in self.attaching:
+                self._adopt_held(r.source)
 
     async def measure_activity(self, now: float) -> bool:
         """Record client activity since the last call; True if any was seen."""
@@ -448,7 +465,7 @@ class Sleeper:
             # sock_accept does not yield while the backlog is full; without this a flood of
             # connects would hold the event loop, and with it every other add-on's wake.
             await asyncio.sleep(0)
-            refusal = self.budget.refusal(len(self.handlers) + len(self.kept))
+            refusal = self.budget.refusal(len(self.relayed) + len(self.kept))
             if refusal is not None:
                 RELAYS_REFUSED.labels(refusal).inc()
                 self._log_refusal(address, refusal)
@@ -476,11 +493,22 @@ class Sleeper:
 
     def _relay_done(self, task: asyncio.Task[None]) -> None:
         self.handlers.discard(task)
-        self.budget.give_back()
 
     async def _serve(self, client: socket.socket, source: str) -> None:
+        """One accepted client. With a keeper: hand it over at once (held while the
+        database starts), then attach its database connection once awake; the keeper
+        relays the pair from then on, agent restarts included. Without one: wait for the
+        wake and relay here. The budget slot taken at accept is freed when the client
+        leaves the agent."""
         self.relayed[source] = time.time()
         try:
+            if self.keeper is not None and self.keeper.available():
+                held = await self._hold(client, source)
+                if held is not None:
+                    self._leave(source)
+                    if held:
+                        await self._attach_when_awake(source)
+                    return
             if not self.resumed.is_set():
                 self.request_wake(f"connection from {source}")
                 if self.state != "light":
@@ -493,56 +521,86 @@ class Sleeper:
                         log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
                         client.close()
                         return
-            if self.keeper is not None and self.keeper.available():
-                if await self._hand_to_keeper(client, source):
-                    return
             await self._relay_here(client, source)
         finally:
-            self.relayed.pop(source, None)
+            self._leave(source)
             self.saved.last_activity = time.time()
 
-    async def _hand_to_keeper(self, client: socket.socket, source: str) -> bool:
-        """Connect to the database and let the keeper relay the pair (it outlives us).
+    def _leave(self, source: str) -> None:
+        """The client is no longer the agent's own (handed over, refused or closed)."""
+        if self.relayed.pop(source, None) is not None:
+            self.budget.give_back()
 
-        False when the keeper cannot be reached (nothing was handed over): the caller
-        relays here instead. Any other outcome closes our copies.
-        """
+    async def _hold(self, client: socket.socket, source: str) -> bool | None:
+        """Hand the client to the keeper: True held there, False refused (reset) or
+        failed (closed), None when the keeper cannot be reached (the client stays ours)."""
         assert self.keeper is not None
-        upstream = socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET)
-        keep_client = False
+        self.attaching.add(source)  # before the keeper lists it: no second attacher
         try:
-            upstream.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(upstream, (self.ip, self.port))
-            _keepalive(upstream)
-            _nodelay(upstream)
-            await self.keeper.relay(
-                self.addon.id, source, client, upstream,
-                self.budget.per_addon, self.budget.total,
-            )  # fmt: skip
-            self.kept[source] = time.time()  # counted at once, listed again each tick
-            return True
+            await self.keeper.hold(
+                self.addon.id, source, client, self.budget.per_addon, self.budget.total
+            )
         except KeeperUnreachable as exc:
+            self.attaching.discard(source)
             log.warning(
                 "addon.keeper_unreachable addon=%s source=%s error=%s: relayed by the agent",
                 self.addon.id, source, exc,
             )  # fmt: skip
-            keep_client = True
-            return False
+            return None
         except RelayRefused as exc:
+            self.attaching.discard(source)
             RELAYS_REFUSED.labels(exc.reason).inc()
             self._log_refusal(_address(source), exc.reason)
             _reset(client)
-            return True
+            return False
+        except OSError as exc:
+            self.attaching.discard(source)
+            log.warning("addon.hold_failed addon=%s source=%s error=%s", self.addon.id, source, exc)
+            client.close()
+            return False
+        self.kept[source] = time.time()  # counted at once, listed again each tick
+        self.budget.set_kept(self.budget.kept + 1)
+        client.close()  # the keeper has its own copy
+        return True
+
+    def _adopt_held(self, source: str) -> None:
+        """A client the keeper holds for this add-on with nobody attaching it (an agent
+        died during its wake): wake the add-on and attach it, as for a fresh one."""
+        self.attaching.add(source)
+        task = asyncio.create_task(self._attach_when_awake(source))
+        self.adopters.add(task)
+        task.add_done_callback(self.adopters.discard)
+
+    async def _attach_when_awake(self, source: str) -> None:
+        assert self.keeper is not None
+        upstream: socket.socket | None = None
+        try:
+            if not self.resumed.is_set():
+                self.request_wake(f"connection from {source}")
+                if self.state != "light":  # a paused database's socket takes it at once
+                    try:
+                        await asyncio.wait_for(self.resumed.wait(), WAKE_WAIT_S)
+                    except TimeoutError:
+                        log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
+                        await self.keeper.drop(self.addon.id, source)
+                        return
+            upstream = socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET)
+            upstream.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(upstream, (self.ip, self.port))
+            _keepalive(upstream)
+            _nodelay(upstream)
+            await self.keeper.attach(self.addon.id, source, upstream)
+        except RelayRefused:
+            self.kept.pop(source, None)  # gone: the client closed while it waited
         except OSError as exc:
             log.warning(
                 "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
             )
-            client.close()
-            return True
+            await self.keeper.drop(self.addon.id, source)
         finally:
-            upstream.close()
-            if not keep_client:
-                client.close()
+            if upstream is not None:
+                upstream.close()
+            self.attaching.discard(source)
 
     async def _relay_here(self, client: socket.socket, source: str) -> None:
         """The relay without a keeper: in this event loop, cut when the agent restarts."""
