@@ -502,6 +502,8 @@ class Sleeper:
         leaves the agent."""
         self.relayed[source] = time.time()
         try:
+            if not self.resumed.is_set():
+                self.request_wake(f"connection from {source}")  # first: every ms counts
             if self.keeper is not None and self.keeper.available():
                 held = await self._hold(client, source)
                 if held is not None:
