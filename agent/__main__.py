@@ -75,6 +75,7 @@ async def main(
                     tg.create_task(agent.reconcile_loop(), name="reconcile"),
                     tg.create_task(agent.events_loop(), name="docker-events"),
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
+                    tg.create_task(agent.quota_guard_loop(), name="quota-guard"),
                     tg.create_task(agent.sleep.loop(), name="sleep"),
                 ]
                 if (timeout_s := interval_from_env()) is not None:

@@ -22,6 +22,7 @@ from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
 from agent.errors import AgentError, Conflict, NotFound, PermanentError, TransientError
+from agent.joboutput import JobOutputs
 from agent.loopfs import LoopFs
 from agent.metrics import ACTIONS
 from agent.secrets import SecretStore
@@ -31,6 +32,8 @@ from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult, SleepState
 
 log = logging.getLogger("orkestr.agent.apply")
+# How long a finished job's result waits for its live output's last chunks.
+STREAM_FLUSH_S = 5.0
 
 
 async def _no_sleep(addon_id: str, stage: SleepState) -> None:
@@ -70,6 +73,7 @@ class Applier:
         on_job_exit: Callable[[], None],
         on_addon_started: Callable[[str], Awaitable[None]],
         backups: BackupRunner,
+        outputs: JobOutputs,
         loopfs: LoopFs | None = None,
     ) -> None:
         self.host = host
@@ -84,7 +88,9 @@ class Applier:
         self._on_addon_started = on_addon_started
         self.loopfs = loopfs
         self.backups = backups
+        self.outputs = outputs
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._resized_apps: dict[str, str] = {}
         self._timed_out: set[str] = set()
         self.on_progress: Callable[[], None] = lambda: None  # after each action
         # The sleep manager's hands: a planned sleep or wake acts through the add-on's
@@ -229,9 +235,9 @@ class Applier:
                 except (NotFound, PermanentError) as exc:
                     self._fail_job(key, project_id, str(exc))
                     return
-                self._watch(key, spec.name, job.timeout_s)
-            case p.WatchJob(key, _project, job, name):
-                self._watch(key, name, job.timeout_s)
+                self._watch(key, project_id, spec.name, job.timeout_s)
+            case p.WatchJob(key, project_id, job, name):
+                self._watch(key, project_id, name, job.timeout_s)
             case p.CollectJob(key, project_id, name):
                 await self._collect(key, project_id, name)
             case p.StartBackupOp(_key, project_id, spec, addon):
@@ -249,6 +255,9 @@ class Applier:
                 for network in groups:
                     await self.docker.connect(network, spec.name, ())
                 await self.docker.start(spec.name)
+            case p.ResizeApp(key, name, cpus, memory_mb, spec_hash):
+                await self.docker.update_limits(name, cpus, memory_mb)
+                self._resized_apps[key] = spec_hash
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount
@@ -280,23 +289,32 @@ class Applier:
                 started_at=None,
                 finished_at=now,
                 error=f"could not start: {error}",
+                output_chunks=0,
             )
         )
+
+    def resized_apps(self) -> dict[str, str]:
+        """App id -> the spec hash whose CPU and memory were applied in place."""
+        return dict(self._resized_apps)
 
     def watched_jobs(self) -> frozenset[str]:
         """The jobs whose exit a task of this process awaits."""
         return frozenset(j for j, t in self._watchers.items() if not t.done())
 
-    def _watch(self, job_id: str, name: str, timeout_s: float) -> None:
+    def _watch(self, job_id: str, project_id: str, name: str, timeout_s: float) -> None:
         task = self._watchers.get(job_id)
         if task is not None and not task.done():
             return
         self._watchers[job_id] = asyncio.create_task(
-            self._wait_job(job_id, name, timeout_s), name=f"job-{job_id}"
+            self._wait_job(job_id, project_id, name, timeout_s), name=f"job-{job_id}"
         )
 
-    async def _wait_job(self, job_id: str, name: str, timeout_s: float) -> None:
+    async def _wait_job(self, job_id: str, project_id: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        # Its output goes out live while it runs (agent/joboutput.py).
+        stream = asyncio.create_task(
+            self.outputs.stream(job_id, project_id, name), name=f"job-output-{job_id}"
+        )
         try:
             info = await self.docker.inspect(name)
             started = _parse_time(info["State"].get("StartedAt"))
@@ -312,11 +330,41 @@ class Applier:
             pass
         except AgentError as exc:
             log.warning("job.wait_failed job=%s error=%s", job_id, exc)
+        except asyncio.CancelledError:
+            # The agent stops; the job runs on, and the next agent resumes the stream.
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream
+            raise
         finally:
+            if not stream.cancelled():
+                await self._finish_stream(job_id, stream)
             self._on_job_exit()
+
+    async def _finish_stream(self, job_id: str, stream: asyncio.Task[None]) -> None:
+        """Let the stream send the rest of the log (it ends with the container), briefly:
+        the result must not wait on a broker that is away."""
+        if not stream.done():
+            try:
+                await asyncio.wait([stream], timeout=STREAM_FLUSH_S)
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+        if not stream.done():
+            log.warning("job.output_flush_timed_out job=%s", job_id)
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream
+        elif not stream.cancelled() and (exc := stream.exception()) is not None:
+            # A failed stream (a full disk, say) must not lose the job's result.
+            log.error("job.output_failed job=%s error=%r", job_id, exc)
 
     async def _collect(self, job_id: str, project_id: str, name: str) -> None:
         info = await self.docker.inspect(name)
+        if job_id not in self._watchers:
+            # It ended while no process of ours watched it: send what the stream missed.
+            stream = asyncio.create_task(self.outputs.stream(job_id, project_id, name))
+            await self._finish_stream(job_id, stream)
         state = info["State"]
         output = await self.docker.logs(name, self.job_output_bytes)
         timed_out = job_id in self._timed_out
@@ -333,6 +381,7 @@ class Applier:
             started_at=_parse_time(state.get("StartedAt")),
             finished_at=_parse_time(state.get("FinishedAt")) or datetime.now(UTC),
             error=error,
+            output_chunks=self.outputs.sent(job_id),
         )
         # Recorded before the container goes, so a crash in between loses nothing.
         self.state.save_job_result(result)

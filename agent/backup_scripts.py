@@ -151,7 +151,9 @@ keys() { "$@" INFO keyspace | awk -F'[=:,]' '/^db[0-9]+:/ {n += $3} END {print n
 """
 
 # Loads an RDB file into a private redis-server (no network: a unix socket).
-_REDIS_LOAD = _KEYS + r"""
+_REDIS_LOAD = (
+    _KEYS
+    + r"""
 load() {  # load <dir> <file>
   redis-server --port 0 --unixsocket "$1/s" --dir "$1" --dbfilename "$2" --appendonly no \
     --save '' --daemonize yes --logfile "$1/redis.log"
@@ -164,6 +166,7 @@ load() {  # load <dir> <file>
 }
 lkeys() { keys redis-cli -s "$1/s"; }
 """
+)
 
 REDIS_BACKUP = (
     _PRELUDE
@@ -193,36 +196,16 @@ redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 """
 )
 
-# Step one of a Redis restore, with the add-on's volume at /data while Redis still runs:
-# the RDB (a verified backup whose sha256 the agent has just checked again) is staged in
-# /data/.orkestr-restore as the base file of a one-file AOF (the add-on runs with
-# appendonly, and Redis loads an RDB-format base), so nothing has to be rewritten. Nothing
-# the live server uses is touched; it is only told not to write an RDB snapshot when it is
-# stopped for the swap (its AOF holds its data).
-REDIS_RESTORE_PREPARE = (
-    _PRELUDE
-    + _REDIS_CONNECT
-    + r"""
-stage=/data/.orkestr-restore
-rm -rf "$stage"
-mkdir -p "$stage/appendonlydir"
-cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
-: >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
-manifest="$stage/appendonlydir/appendonly.aof.manifest"
-{ echo "file appendonly.aof.1.base.rdb seq 1 type b"
-  echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
-sync "$stage/appendonlydir"/*
-touch "$stage/.complete"
-rcli CONFIG SET save "" >/dev/null
-"""
-)
-
-# Step two, with the add-on's Redis stopped: the staged files replace the live ones by
+# The swap, with the add-on's Redis stopped: the staged files replace the live ones by
 # renames in one filesystem; the previous files move to /data/.orkestr-previous first.
 # Resumable: `.orkestr-swapping` marks a swap under way, so an agent killed anywhere in it
 # (or between it and the restart) runs this again and it finishes the same swap; a
 # rollback cut short (`.orkestr-rollback`) is finished instead. The outcome, `restored` or
 # `previous`, goes to /backup/$STATE. DATA and BACKUP default to the mounts; a test moves them.
+# No sync while Redis is down: it would wait for the writeback of the just-staged copy. The
+# renames reach the disk in order (ext4's journal), so a host crash leaves a prefix of
+# them, which this script finishes like any other cut; the agent's marker is on disk
+# already, and the cleanup flushes the restored files before it removes the previous ones.
 REDIS_RESTORE_SWAP = r"""
 set -euo pipefail
 cd "${DATA:-/data}"
@@ -246,7 +229,6 @@ if [[ ! -f .orkestr-swapping ]]; then
   rm -rf .orkestr-previous
   mkdir .orkestr-previous
   touch .orkestr-swapping
-  sync .
 fi
 if [[ -d .orkestr-restore/appendonlydir ]]; then
   for f in appendonlydir dump.rdb; do
@@ -257,12 +239,11 @@ if [[ -d .orkestr-restore/appendonlydir ]]; then
   mv .orkestr-restore/appendonlydir .
 fi
 rm -rf .orkestr-restore
-sync .
 rm -f .orkestr-swapping
 outcome restored
 """
 
-# Undo of step two (the restored data did not come up, or the swap failed): the previous
+# Undo of the swap (the restored data did not come up, or the swap failed): the previous
 # files come back. Resumable like the swap: `.orkestr-rollback` marks it under way.
 REDIS_RESTORE_ROLLBACK = r"""
 set -euo pipefail
@@ -277,7 +258,47 @@ rm -rf .orkestr-previous .orkestr-swapping
 rm -f .orkestr-rollback
 """
 
+# After the restored data went live: its files are flushed to disk (the staging skipped
+# that, to keep it off the add-on's downtime), and only then are the previous ones removed,
+# so a host crash before the flush still finds them for a rollback.
 REDIS_RESTORE_CLEANUP = r"""
+set -euo pipefail
 cd "${DATA:-/data}"
+if [[ -d appendonlydir ]]; then sync appendonlydir/* appendonlydir; fi
 rm -rf .orkestr-previous .orkestr-restore
 """
+
+# A Redis restore in one container, started as soon as the restore is (beside the agent's
+# check of the backup's sha256), with the add-on's volume at /data while Redis still
+# runs, and no network. It talks with the agent through two FIFOs in /backup that the
+# agent made: $UP (to the agent: `staged`) and $CTL (from it: `swap`; anything else aborts).
+#   1. The RDB is staged in /data/.orkestr-restore as the base file of a one-file AOF (the
+#      add-on runs with appendonly, and Redis loads an RDB-format base, so nothing has to
+#      be rewritten). Nothing the live server uses is touched. -> `staged`
+#   2. `swap` (the checksum matched and the agent has stopped Redis): the swap script
+#      below, in this running container, so the add-on's downtime holds no container start.
+# An agent killed anywhere leaves this container to be removed; a resumed restore runs
+# the swap script on its own.
+REDIS_RESTORE = (
+    _PRELUDE
+    + r"""
+exec 3<>"/backup/$CTL" 4<>"/backup/$UP"
+stage=/data/.orkestr-restore
+rm -rf "$stage"
+mkdir -p "$stage/appendonlydir"
+cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
+: >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
+manifest="$stage/appendonlydir/appendonly.aof.manifest"
+{ echo "file appendonly.aof.1.base.rdb seq 1 type b"
+  echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
+touch "$stage/.complete"
+echo staged >&4
+read -r cmd <&3
+if [[ $cmd != swap ]]; then rm -rf "$stage"; echo "restore aborted ($cmd)" >&2; exit 0; fi
+(
+"""
+    + REDIS_RESTORE_SWAP
+    + r"""
+)
+"""
+)

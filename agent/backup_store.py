@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import msgspec
 
+from agent.deleted_backups import Tombstone
+
 _ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1024 * 1024
+TOMBSTONE = ".deleted.json"  # agent/deleted_backups.py
 
 
 class Sidecar(msgspec.Struct, frozen=True):
@@ -95,7 +99,52 @@ class BackupStore:
         finally:
             os.close(fd)
 
+    # --- the directories of deleted add-ons (agent/deleted_backups.py) -----------------------
+    def tombstone(self, project_id: str, addon_id: str) -> tuple[Path, Tombstone | None] | None:
+        """The marker's path and content, or None if the add-on has no directory here."""
+        d = self.root / _id(project_id) / _id(addon_id)
+        if not d.is_dir():
+            return None
+        path = d / TOMBSTONE
+        try:
+            return path, msgspec.json.decode(path.read_bytes(), type=Tombstone)
+        except FileNotFoundError:
+            return path, None
+        except (OSError, msgspec.DecodeError):
+            return path, None  # unreadable: written again, with the clock started now
+
+    def write_tombstone(self, path: Path, tomb: Tombstone) -> None:
+        tmp = self.tmp(path)
+        tmp.write_bytes(msgspec.json.encode(tomb))
+        os.replace(tmp, path)
+
+    def tombstones(self) -> list[tuple[str, str, Tombstone]]:
+        """(project, add-on, marker) of every marked directory; unreadable ones skipped."""
+        found = []
+        for path in sorted(self.root.glob(f"*/*/{TOMBSTONE}")):
+            project_id, addon_id = path.parent.parent.name, path.parent.name
+            if not (_ID.match(project_id) and _ID.match(addon_id)):
+                continue
+            try:
+                found.append(
+                    (project_id, addon_id, msgspec.json.decode(path.read_bytes(), type=Tombstone))
+                )
+            except (OSError, msgspec.DecodeError):
+                continue
+        return found
+
+    def remove_addon(self, project_id: str, addon_id: str) -> None:
+        """Remove one add-on's directory, and its project's once that is empty: nothing
+        outside `<root>/<project>/<addon>` (ids validated) is touched."""
+        project = self.root / _id(project_id)
+        shutil.rmtree(project / _id(addon_id), ignore_errors=False)
+        try:
+            project.rmdir()
+        except OSError:
+            pass  # another add-on of the project still has backups
+
     def delete(self, project_id: str, addon_id: str, backup_id: str) -> None:
-        final = self.dump(project_id, addon_id, backup_id)
+        # Not through addon_dir: a directory removed with its deleted add-on stays gone.
+        final = self.root / _id(project_id) / _id(addon_id) / f"{_id(backup_id)}.dump"
         for p in (final, final.with_suffix(".json"), self.tmp(final)):
             p.unlink(missing_ok=True)

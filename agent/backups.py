@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import msgspec
 
-from agent import backup_checks, backup_scripts, model, specs
+from agent import backup_checks, backup_scripts, deleted_backups, model, specs
 from agent.backup_store import BackupStore, Sidecar, sha256_of
+from agent.control_pipe import ControlPipe, PipeClosed
 from agent.docker import Docker
-from agent.errors import AgentError, NotFound
+from agent.errors import AgentError, Conflict, NotFound
 from agent.metrics import (
     BACKUP_DURATION,
     BACKUP_LAST_SIZE,
@@ -35,7 +37,7 @@ from agent.metrics import (
 )
 from agent.plan import op_key
 from agent.state import atomic_write
-from schemas.messages import SCHEMA_VERSION, AddonSpec, BackupResult, BackupSpec
+from schemas.messages import SCHEMA_VERSION, AddonSpec, BackupResult, BackupSpec, DesiredState
 
 log = logging.getLogger("orkestr.agent.backups")
 
@@ -47,6 +49,22 @@ class StepFailed(AgentError):
     pass
 
 
+class Phases:
+    """Where an operation's time went: one `name=seconds` pair per phase, logged once."""
+
+    def __init__(self) -> None:
+        self.t = time.monotonic()
+        self.spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.spent.append((name, now - self.t))
+        self.t = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{n}={s:.3f}" for n, s in self.spent)
+
+
 class Interrupted(msgspec.Struct, frozen=True):
     """A Redis restore past its point of no return (the database stopped for the swap),
     on disk until the data is settled, so a restarted agent finishes it (or rolls it
@@ -55,6 +73,28 @@ class Interrupted(msgspec.Struct, frozen=True):
     project_id: str
     addon: AddonSpec
     spec: BackupSpec
+
+
+# A swap script that fails this many times (not Docker: the script) is rolled back.
+SWAP_ATTEMPTS = 3
+
+
+class _RedisRestore:
+    """What the steps of one Redis restore share."""
+
+    def __init__(
+        self,
+        project_id: str,
+        addon: AddonSpec,
+        spec: BackupSpec,
+        env: dict[str, str],
+        phases: Phases,
+        state_file: Path,
+    ) -> None:
+        self.project_id, self.addon, self.spec, self.phases = project_id, addon, spec, phases
+        self.state_file = state_file
+        self.env = {**env, "STATE": state_file.name}
+        self.db = model.db_name(addon.id)
 
 
 def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
@@ -80,8 +120,12 @@ class BackupRunner:
         hold: Hold,
         ready: Ready,
         on_done: Callable[[], None],
+        keep_deleted_days: float = 7.0,
+        keep_deleted_projects: bool = False,
     ) -> None:
         self.host = host
+        self.keep_deleted_days = keep_deleted_days
+        self.keep_projects = keep_deleted_projects
         self.docker = docker
         self.store = store
         self.results_dir = state_dir / "backup-results"
@@ -122,7 +166,16 @@ class BackupRunner:
         if not self._resumed:
             self._resumed = True
             self._resume_interrupted()
-        return {aid: key for aid, (key, _spec, task) in self.running.items() if not task.done()}
+        ops = {aid: key for aid, (key, _spec, task) in self.running.items() if not task.done()}
+        # A marker outliving its task (only a bug ends one before the data is settled)
+        # still holds the add-on: nothing starts Redis on a half-swapped volume; the next
+        # start of the agent resumes it.
+        for path in self.inflight_dir.glob("*.json"):
+            if path.stem not in ops:
+                with contextlib.suppress(OSError, msgspec.DecodeError):
+                    left = msgspec.json.decode(path.read_bytes(), type=Interrupted)
+                    ops[path.stem] = op_key(left.spec)
+        return ops
 
     def _inflight(self, addon_id: str) -> Path:
         return self.inflight_dir / f"{addon_id}.json"
@@ -136,6 +189,41 @@ class BackupRunner:
                 continue
             log.warning("backup.restore_resumed op=%s addon=%s", op_key(left.spec), left.addon.id)
             self.start(left.project_id, left.addon, left.spec)
+
+    def sweep_deleted(self, desired: DesiredState | None, now: float) -> None:
+        """Mark the store directories of deleted add-ons, remove those whose time is up
+        (agent/deleted_backups.py). Skips an add-on while an operation of it runs."""
+        busy = self.running_ops()
+        for project in desired.projects if desired is not None else ():
+            for addon in project.addons:
+                if not addon.deleted:
+                    continue
+                found = self.store.tombstone(project.id, addon.id)
+                if found is None:
+                    continue  # it never had a backup here
+                path, old = found
+                new = deleted_backups.mark(old, now, project.deleted)
+                if new is not None:
+                    try:
+                        self.store.write_tombstone(path, new)
+                    except OSError as exc:  # a full or read-only store: next pass
+                        log.warning("backup.mark_deleted_failed addon=%s error=%s", addon.id, exc)
+                        continue
+                    log.info(
+                        "backup.addon_deleted addon=%s project_deleted=%s",
+                        addon.id,
+                        project.deleted,
+                    )
+        for project_id, addon_id, tomb in self.store.tombstones():
+            if addon_id in busy:
+                continue
+            if deleted_backups.expired(tomb, now, self.keep_deleted_days, self.keep_projects):
+                try:
+                    self.store.remove_addon(project_id, addon_id)
+                except OSError as exc:
+                    log.warning("backup.prune_deleted_failed addon=%s error=%s", addon_id, exc)
+                    continue
+                log.info("backup.pruned_deleted addon=%s project=%s", addon_id, project_id)
 
     def start(self, project_id: str, addon: AddonSpec | None, spec: BackupSpec) -> None:
         current = self.running.get(spec.addon_id)
@@ -343,12 +431,7 @@ class BackupRunner:
         final = self.store.dump(project_id, addon.id, spec.backup_id)
         if spec.sha256 is None:
             raise StepFailed("a restore needs the backup's sha256")
-        # A resumed restore staged its copy from the checked file already, and must finish
-        # (or roll back) even if that file has gone since.
-        if not self._resuming(addon.id, spec):
-            problem = await self._checksum_problem(final, spec.sha256)
-            if problem is not None:
-                raise StepFailed(f"refusing to restore: {problem}")
+        phases = Phases()
         user, password_file = backup_credentials(addon)
         env = {
             "IN": final.name,
@@ -359,8 +442,15 @@ class BackupRunner:
             "BACKUP_USER": user,
             "PASSWORD_FILE": password_file,
         }
+        # A resumed restore staged its copy from the checked file already, and must finish
+        # (or roll back) even if that file has gone since.
+        resumed = self._resuming(addon.id, spec)
         async with self._hold(addon.id):
             if addon.kind == "postgres":
+                problem = await self._checksum_problem(final, spec.sha256)
+                if problem is not None:
+                    raise StepFailed(f"refusing to restore: {problem}")
+                phases.mark("checksum")
                 await self._step(
                     spec,
                     "restore",
@@ -372,12 +462,29 @@ class BackupRunner:
                     secrets=True,
                 )
                 live = datetime.now(UTC)
+                phases.mark("restore")
                 await self._housekeeping(spec, "cleanup", project_id, addon, env, True)
             else:
-                await self._restore_redis(project_id, addon, spec, env)
+                state = self.store.addon_dir(project_id, addon.id) / f"{spec.id}.swap.tmp"
+                ctx = _RedisRestore(project_id, addon, spec, env, phases, state)
+                if resumed:
+                    outcome = await self._settle(ctx, started=False)
+                else:
+                    # The checksum runs while the container starts and stages the copy.
+                    checksum = asyncio.create_task(self._checksum_problem(final, spec.sha256))
+                    try:
+                        outcome = await self._restore_redis(ctx, checksum)
+                    finally:
+                        checksum.cancel()
                 live = datetime.now(UTC)
-                await self._housekeeping(spec, "cleanup", project_id, addon, env, False)
+                if outcome == "restored":
+                    await self._housekeeping(spec, "cleanup", project_id, addon, env, False)
+                self._inflight(addon.id).unlink(missing_ok=True)
+                if outcome != "restored":
+                    raise StepFailed("the restored data did not come up; the previous data is back")
         (final.parent / env["COUNTS"]).unlink(missing_ok=True)
+        phases.mark("cleanup")
+        log.info("backup.restore_phases op=%s %s", op_key(spec), phases)
         return msgspec.structs.replace(result, ok=True, sha256=spec.sha256, finished_at=live)
 
     async def _housekeeping(
@@ -424,66 +531,149 @@ class BackupRunner:
             return False
         return op_key(left.spec) == op_key(spec)
 
-    async def _restore_redis(
-        self, project_id: str, addon: AddonSpec, spec: BackupSpec, env: dict[str, str]
-    ) -> None:
+    async def _restore_redis(self, ctx: _RedisRestore, checksum: asyncio.Task[str | None]) -> str:
         """Stage the data in the volume while Redis runs, swap while it is stopped.
 
-        From the stop on, an on-disk marker names this restore; an agent killed anywhere
-        after it resumes here (the swap script finishes a half-done swap or rollback), so
-        the add-on serves either its previous data or the restored data, never none.
+        One container does both (`REDIS_RESTORE`), told through a `ControlPipe` when to go
+        on, so Redis is down only for a stop, some renames and a start (and its own load).
+        From the stop on, an on-disk marker names this restore, and whatever fails is
+        settled by `_settle`, retried until the volume holds one whole data set; an agent
+        killed anywhere after it resumes there. Returns `restored` or `previous`.
         """
-        db = model.db_name(addon.id)
-        marker = self._inflight(addon.id)
-        state_file = self.store.addon_dir(project_id, addon.id) / f"{spec.id}.swap.tmp"
-        env = {**env, "STATE": state_file.name}
+        spec, addon, phases = ctx.spec, ctx.addon, ctx.phases
+        key = op_key(spec)
+        name = model.backup_container_name(key, "restore")
+        folder = self.store.addon_dir(ctx.project_id, addon.id)
+        pipe = ControlPipe(folder / f"{spec.id}.up.tmp", folder / f"{spec.id}.ctl.tmp")
+        env = {**ctx.env, "STATE": ctx.state_file.name, "UP": pipe.up.name, "CTL": pipe.ctl.name}
+        with pipe:
+            container = self._container(
+                spec, "restore", ctx.project_id, addon, backup_scripts.REDIS_RESTORE, env,
+                "none", volume=True,
+            )  # fmt: skip
+            await self.docker.remove(name)
+            exited: asyncio.Task[int] | None = None
+            try:
+                await self.docker.run(container)
+                exited = asyncio.create_task(self.docker.wait(name, self.timeout_s + 5))
+                try:
+                    await pipe.expect("staged", exited, self.timeout_s)
+                    phases.mark("staged")
+                    problem = await checksum
+                    phases.mark("checksum")
+                    if problem is not None:
+                        pipe.send("abort")
+                        await asyncio.wait({exited}, timeout=30)
+                        raise StepFailed(f"refusing to restore: {problem}")
+                except (PipeClosed, TimeoutError, ValueError) as exc:
+                    raise StepFailed(f"restore: {exc}: {await self._output(name)}") from None
+                # The point of no return: from here on the data is settled whatever happens.
+                marker = self._inflight(addon.id)
+                atomic_write(marker, msgspec.json.encode(Interrupted(ctx.project_id, addon, spec)))
+                _fsync_dir(marker.parent)  # the rename too: a host crash must find it
+                try:
+                    await self._halt(ctx.db)
+                except AgentError:
+                    # Nothing is swapped yet and Redis may still run: this restore fails.
+                    marker.unlink(missing_ok=True)
+                    pipe.send("abort")
+                    raise
+                phases.mark("stop")
+                outcome = ""
+                try:
+                    pipe.send("swap")
+                    code = await asyncio.wait_for(asyncio.shield(exited), self.timeout_s)
+                    if code != 0:
+                        raise StepFailed(f"swap failed (exit {code}): {await self._output(name)}")
+                    outcome = ctx.state_file.read_text().strip()
+                    phases.mark("swap")
+                    await self.docker.start(ctx.db)
+                    phases.mark("start")
+                except (AgentError, OSError, TimeoutError) as exc:
+                    log.warning("backup.restore_settling op=%s error=%s", key, exc)
+                    outcome = ""  # settled below, by the resumable steps
+                finally:
+                    ctx.state_file.unlink(missing_ok=True)
+            finally:
+                if exited is not None:
+                    exited.cancel()
+                with contextlib.suppress(AgentError):
+                    await self.docker.remove(name)
+        if outcome == "previous":
+            return outcome
+        return await self._settle(ctx, started=outcome == "restored")
+
+    async def _settle(self, ctx: _RedisRestore, started: bool) -> str:
+        """Past the point of no return: retried until the volume holds one whole data set
+        (the restored one, answering, or the previous one) and Redis runs on it.
+
+        Every step is idempotent (stop, the swap and rollback scripts, start), so a Docker
+        error, or an agent killed and resumed, only repeats steps. Meanwhile the add-on
+        counts as restoring, so the planner never starts Redis on a half-swapped volume.
+        A swap script that keeps failing is rolled back; the rollback is never given up.
+        `started`: the restored data is live already and only has to answer.
+        """
+        key, addon, phases = op_key(ctx.spec), ctx.addon, ctx.phases
 
         async def step(name: str, script: str) -> None:
-            await self._step(spec, name, project_id, addon, script, env, "none", volume=True)
-
-        resumed = self._resuming(addon.id, spec)
-        if not resumed:
             await self._step(
-                spec,
-                "prepare",
-                project_id,
-                addon,
-                backup_scripts.REDIS_RESTORE_PREPARE,
-                env,
-                model.network_name(project_id),
-                secrets=True,
-                volume=True,
+                ctx.spec, name, ctx.project_id, addon, script, ctx.env, "none", volume=True
             )
-            atomic_write(marker, msgspec.json.encode(Interrupted(project_id, addon, spec)))
-        try:
-            with contextlib.suppress(NotFound):
-                await self.docker.stop(db, grace_s=30)
-        except AgentError:
-            if not resumed:  # nothing swapped yet: this restore fails, and is not resumed
-                marker.unlink(missing_ok=True)
-            raise
-        try:
-            await step("swap", backup_scripts.REDIS_RESTORE_SWAP)
-            outcome = state_file.read_text().strip()
-        except (AgentError, OSError):
-            await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
-            await self.docker.start(db)
-            marker.unlink(missing_ok=True)
-            raise
-        finally:
-            state_file.unlink(missing_ok=True)
-        await self.docker.start(db)
-        if outcome == "restored":
-            if await self._ready(addon):
-                marker.unlink(missing_ok=True)
-                return
-            log.warning("backup.restore_rollback addon=%s", addon.id)
-            with contextlib.suppress(NotFound):
-                await self.docker.stop(db, grace_s=30)
-            await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
-            await self.docker.start(db)
-        marker.unlink(missing_ok=True)
-        raise StepFailed("the restored data did not come up; the previous data is back")
+
+        leftover = model.backup_container_name(key, "restore")  # a killed agent's, waiting
+        rollback, swap_failures, delay = False, 0, 0.5
+        while True:
+            try:
+                if not started:
+                    await self.docker.remove(leftover)
+                    await self._halt(ctx.db)
+                    if rollback:
+                        await step("rollback", backup_scripts.REDIS_RESTORE_ROLLBACK)
+                        outcome = "previous"
+                    else:
+                        try:
+                            await step("swap", backup_scripts.REDIS_RESTORE_SWAP)
+                            outcome = ctx.state_file.read_text().strip()
+                        finally:
+                            ctx.state_file.unlink(missing_ok=True)
+                    await self.docker.start(ctx.db)
+                    if outcome != "restored":
+                        return outcome
+                started = False
+                if await self._ready(addon):
+                    phases.mark("ready")
+                    return "restored"
+                log.warning("backup.restore_rollback op=%s addon=%s", key, addon.id)
+                rollback = True
+                continue
+            except StepFailed as exc:
+                if not rollback:
+                    swap_failures += 1
+                    rollback = swap_failures >= SWAP_ATTEMPTS
+                log.warning("backup.restore_retry op=%s rollback=%s error=%s", key, rollback, exc)
+            except (AgentError, OSError) as exc:  # Docker's: transient, or fixed by someone
+                log.warning("backup.restore_retry op=%s rollback=%s error=%s", key, rollback, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _halt(self, db: str) -> None:
+        """Stop Redis for the swap, at once (SIGKILL, then its exit awaited).
+
+        Nothing is lost by not shutting it down: every write it acknowledged is in the
+        kernel already (the AOF is written before the reply; a crash of the process loses
+        none of it), the data is being replaced, and the previous files stay for a
+        rollback. A graceful stop would write an RDB snapshot of the old data first, and
+        its AOF fsync waits behind the just-staged copy's writeback.
+        """
+        with contextlib.suppress(NotFound, Conflict):  # Conflict: not running
+            await self.docker.kill(db)
+        with contextlib.suppress(NotFound):
+            await self.docker.wait(db, 60)
+
+    async def _output(self, name: str) -> str:
+        with contextlib.suppress(AgentError):
+            return (await self.docker.logs(name, 4096)).strip()[-1500:]
+        return ""
 
     async def _step(
         self,
@@ -500,6 +690,40 @@ class BackupRunner:
         """Run one script in a one-shot container; raise StepFailed with its output."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
+        container = self._container(
+            spec, step, project_id, addon, script, env, network, secrets, volume
+        )
+        await self.docker.remove(name)  # left by an interrupted run of this operation
+        t0 = time.monotonic()
+        try:
+            await self.docker.run(container)
+            try:
+                code = await asyncio.wait_for(
+                    self.docker.wait(name, self.timeout_s + 5), self.timeout_s
+                )
+            except TimeoutError:
+                raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
+            if code != 0:
+                raise StepFailed(f"{step} failed (exit {code}): {await self._output(name)}")
+            log.info("backup.step op=%s step=%s seconds=%.3f", key, step, time.monotonic() - t0)
+        finally:
+            with contextlib.suppress(AgentError):
+                await self.docker.remove(name)
+
+    def _container(
+        self,
+        spec: BackupSpec,
+        step: str,
+        project_id: str,
+        addon: AddonSpec,
+        script: str,
+        env: dict[str, str],
+        network: str,
+        secrets: bool = False,
+        volume: bool = False,
+    ) -> specs.ContainerSpec:
+        key = op_key(spec)
+        name = model.backup_container_name(key, step)
         addon_dir = self.store.addon_dir(project_id, addon.id)
         mounts = [specs.Mount("bind", str(addon_dir), "/backup")]
         if secrets:
@@ -510,7 +734,7 @@ class BackupRunner:
             mounts.append(
                 specs.Mount("volume", model.volume_name(addon.id), specs.DATA_DIRS[addon.kind])
             )
-        container = specs.ContainerSpec(
+        return specs.ContainerSpec(
             name=name,
             role="backup",
             project_id=project_id,
@@ -528,21 +752,14 @@ class BackupRunner:
             cap_add=specs.DB_CAPABILITIES,
             extra_labels=((model.LABEL_BACKUP_OP, key),),
         )
-        await self.docker.remove(name)  # left by an interrupted run of this operation
-        try:
-            await self.docker.run(container)
-            try:
-                code = await asyncio.wait_for(
-                    self.docker.wait(name, self.timeout_s + 5), self.timeout_s
-                )
-            except TimeoutError:
-                raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
-            if code != 0:
-                output = (await self.docker.logs(name, 4096)).strip()
-                raise StepFailed(f"{step} failed (exit {code}): {output[-1500:]}")
-        finally:
-            with contextlib.suppress(AgentError):
-                await self.docker.remove(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.asynccontextmanager

@@ -8,8 +8,14 @@ from schemas.messages import Condition, ConditionStatus
 
 
 class ConditionBook:
+    """Conditions by owner (an add-on, a job, the host) and type.
+
+    Kept per owner: a status report reads every owner's conditions each pass, and a scan
+    of the whole book per owner made that quadratic in the add-ons on the host.
+    """
+
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], Condition] = {}
+        self._by_owner: dict[str, dict[str, Condition]] = {}
 
     def set(
         self,
@@ -20,18 +26,20 @@ class ConditionBook:
         message: str,
         now: datetime,
     ) -> Condition:
-        old = self._by_key.get((owner, type_))
+        conditions = self._by_owner.setdefault(owner, {})
+        old = conditions.get(type_)
         since = old.last_transition_time if old is not None and old.status == status else now
         cond = Condition(type_, status, reason, message, since)
-        self._by_key[(owner, type_)] = cond
+        conditions[type_] = cond
         return cond
 
     def of(self, owner: str) -> tuple[Condition, ...]:
-        return tuple(c for (o, _), c in sorted(self._by_key.items()) if o == owner)
+        """An owner's conditions, by type."""
+        conditions = self._by_owner.get(owner, {})
+        return tuple(conditions[t] for t in sorted(conditions))
 
     def get(self, owner: str, type_: str) -> Condition | None:
-        return self._by_key.get((owner, type_))
+        return self._by_owner.get(owner, {}).get(type_)
 
     def forget(self, owner: str) -> None:
-        for key in [k for k in self._by_key if k[0] == owner]:
-            del self._by_key[key]
+        self._by_owner.pop(owner, None)

@@ -16,7 +16,7 @@ from msgspec import Meta, Struct
 
 from agent.firewall import Policy
 from agent.specs import Images
-from schemas.messages import HostName
+from schemas.messages import MAX_OUTPUT_CHUNK_CHARS, HostName
 from schemas.mqtt_tls import client_context
 from schemas.signed import SigningKeyError, Verifier
 
@@ -31,6 +31,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
     job_pids: Annotated[int, Meta(ge=16)] = 256
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
+    # Live output of a running job (agent/joboutput.py): at most one chunk of at most
+    # this many characters per interval, per job.
+    job_stream_interval_s: Annotated[float, Meta(ge=0.05, le=10)] = 0.25
+    job_stream_chunk_chars: Annotated[int, Meta(ge=256, le=MAX_OUTPUT_CHUNK_CHARS)] = 16384
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
@@ -44,6 +48,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):
     # the hard backstop behind storage quotas. False: plain Docker volumes.
     volume_filesystems: bool = True
+    # How often each Postgres volume's filesystem is looked at (one statfs) between passes:
+    # growth by an eighth of the quota, or a filesystem short of its WAL reserve, gets an
+    # upkeep round at once (agent/upkeep.py), so a fast filler meets the quota in time.
+    quota_guard_s: Annotated[float, Meta(gt=0)] = 0.25
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -98,9 +106,16 @@ class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):
     image: str = "orkestr-local/toolbox:bookworm"
     memory_mb: Annotated[int, Meta(ge=128)] = 1024
     timeout_s: Annotated[float, Meta(gt=0)] = 6 * 3600.0
+    # A deleted add-on's backups stay this many days after its deletion (for the operator
+    # to recover from), then its directory of the store goes (agent/deleted_backups.py).
+    deleted_addon_days: Annotated[float, Meta(ge=0)] = 7.0
+    # A deleted project's backups go at once; true keeps them for deleted_addon_days too.
+    keep_deleted_projects: bool = False
 
     def root(self, state_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "backups"
+
+
 class LogSection(Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line (schemas/logs.py), for a log shipper.

@@ -86,13 +86,14 @@ class Docker:
                 "containers/json", params={"all": "1", "filters": json.dumps(filters)}
             )
 
-        raw_containers = await self._call("list containers", containers)
-        raw_networks = await self._call(
-            "list networks", lambda: self.client.networks.list(filters=filters)
-        )
-        raw_volumes = await self._call(
-            "list volumes",
-            lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
+        # The three lists at once: each is a round trip to a daemon that may be busy.
+        raw_containers, raw_networks, raw_volumes = await asyncio.gather(
+            self._call("list containers", containers),
+            self._call("list networks", lambda: self.client.networks.list(filters=filters)),
+            self._call(
+                "list volumes",
+                lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
+            ),
         )
         return observe.observed(raw_containers, raw_networks, raw_volumes.get("Volumes") or [])
 
@@ -334,6 +335,22 @@ class Docker:
 
         text = await self._call(f"logs {name}", logs)
         return text[-tail_bytes:]
+
+    async def follow_logs(self, name: str) -> AsyncIterator[str]:
+        """The container's output from its start, as it comes, until it stops. No slot:
+        it lasts as long as the job does."""
+        try:
+            stream = self.client.containers.container(name).log(
+                stdout=True, stderr=True, follow=True
+            )
+            async for text in stream:
+                yield text
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise NotFound(f"logs {name}: {exc.message}") from None
+            raise TransientError(f"logs {name}: [{exc.status}] {exc.message}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransientError(f"logs {name}: docker unreachable: {exc!r}") from None
 
     @asynccontextmanager
     async def events(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +162,32 @@ class KeeperClient:
                 self._warned = True
             return None
 
-    async def put(self, name: str, sock: socket.socket) -> None:
-        await self._call(f"PUT {name}".encode(), [sock.fileno()])
+    def identity(self) -> tuple[int, int] | None:
+        """Which keeper listens now: a restarted keeper binds a new socket file.
+
+        Lets the agent hand its listeners over again only when the keeper changed, not
+        with a round trip per listener on every pass.
+        """
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    async def put(self, name: str, sock: socket.socket) -> bool:
+        """Hand the keeper a listener; False if it could not be reached."""
+        if self.path is None:
+            return True
+        try:
+            await asyncio.to_thread(self._exchange, f"PUT {name}".encode(), [sock.fileno()])
+        except OSError as exc:
+            if not self._warned:
+                log.warning("keeper.unavailable path=%s error=%s", self.path, exc)
+                self._warned = True
+            return False
+        return True
 
     async def delete(self, name: str) -> None:
         await self._call(f"DEL {name}".encode(), [])

@@ -91,6 +91,18 @@ for _reason in ("addon_cap", "host_cap"):
     RELAYS_REFUSED.labels(_reason)
 
 
+JOB_OUTPUT_CHUNKS = Counter(
+    "orkestr_agent_job_output_chunks_total",
+    "Live job output chunks by result (sent; unsent: the broker was away, retried)",
+    ["result"],
+)
+JOB_OUTPUT_CHARS = Counter(
+    "orkestr_agent_job_output_chars_total",
+    "Characters of live job output: sent, or dropped by the stream's rate limit",
+    ["kind"],
+)
+
+
 def start_at_zero(actions: Iterable[str], rejection_reasons: Iterable[str]) -> None:
     """Create every known labelled series at 0.
 
@@ -104,6 +116,10 @@ def start_at_zero(actions: Iterable[str], rejection_reasons: Iterable[str]) -> N
             ACTIONS.labels(action, result)
     for reason in rejection_reasons:
         DESIRED_REJECTED.labels(reason)
+    for result in ("sent", "unsent"):
+        JOB_OUTPUT_CHUNKS.labels(result)
+    for kind in ("sent", "dropped"):
+        JOB_OUTPUT_CHARS.labels(kind)
     for kind in ("postgres", "redis"):
         for result in ("ok", "failed"):
             for op in ("backup", "verify", "restore", "delete"):

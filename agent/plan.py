@@ -109,7 +109,8 @@ class SleepAddon(Struct, frozen=True, tag=True):
 
 
 class WakeAddon(Struct, frozen=True, tag=True):
-    """Wake a sleeping add-on (a client waits at its wake listener, or a backup holds it)."""
+    """Wake a sleeping add-on: a client waits at its wake listener, a backup holds it, or
+    its plan stopped allowing sleep. Only ever carried out by the add-on's worker."""
 
     key: str  # add-on id
     name: str
@@ -171,6 +172,15 @@ class RunApp(Struct, frozen=True, tag=True):
     groups: tuple[str, ...] = ()
 
 
+class ResizeApp(Struct, frozen=True, tag=True):
+    """A new plan's CPU and memory for a running app's container, in place (`docker update`)."""
+
+    key: str  # app id
+    name: str
+    cpus: float
+    memory_mb: int
+    spec_hash: str  # the spec the limits belong to: the planner's memory that it is done
+
 
 Action = (
     EnsureNetwork
@@ -193,6 +203,7 @@ Action = (
     | CollectJob
     | StartBackupOp
     | RunApp
+    | ResizeApp
 )
 
 ACTION_KINDS: tuple[str, ...] = tuple(t.__name__ for t in get_args(Action))
@@ -228,6 +239,9 @@ class Local(Struct, frozen=True):
     # job ids this process already awaits: watching one again would finish at once and
     # ask for another pass, a pass loop for as long as the job runs
     watched_jobs: frozenset[str] = frozenset()
+    # app id -> the spec hash whose CPU and memory this process applied in place: the
+    # container's labels keep the hash it was made with, Docker cannot change them
+    resized_apps: Mapping[str, str] = {}
 
 
 class Settings(Struct, frozen=True):
@@ -288,7 +302,7 @@ def plan(
         actions += _converge_backups(project, observed, local)
         for app in project.apps:
             wanted_apps.add(app.id)
-            actions += _converge_app(project.id, app, observed, settings, nets)
+            actions += _converge_app(project.id, app, observed, local, settings, nets)
     # Job containers are ephemeral: one whose job left the desired state is garbage.
     for c in observed.containers:
         if c.role == "job" and c.job_id not in wanted_jobs:
@@ -492,6 +506,46 @@ def _db_run_state(
     return []
 
 
+def next_sleep_deadline(
+    desired: DesiredState | None, sleep: Mapping[str, SleepFacts], now: float
+) -> float | None:
+    """The earliest epoch second at which an idle add-on's next sleep stage falls due.
+
+    The runtime schedules a pass for it, so an add-on falls asleep at its setting rather
+    than at whatever pass some other event causes. Only add-ons the planner could put to
+    sleep then count: listening, answered a client, no client, no hold, no wake asked.
+    A deadline at or before `now` is not returned: the pass that saw it planned that sleep
+    (and a pass per timer for one its worker cannot take yet would spin).
+    """
+    if desired is None:
+        return None
+    earliest: float | None = None
+    for project in desired.projects:
+        for addon in project.addons:
+            facts = sleep.get(addon.id)
+            rule = addon.sleep
+            if (
+                addon.deleted
+                or facts is None
+                or not rule.enabled
+                or not facts.listening
+                or facts.clients
+                or facts.held
+                or facts.wake_requested
+            ):
+                continue
+            if facts.state == "awake" and facts.ready:
+                after = min(rule.light_after_s, rule.deep_after_s)
+            elif facts.state == "light":
+                after = rule.deep_after_s
+            else:
+                continue
+            due = facts.last_activity + after
+            if due > now and (earliest is None or due < earliest):
+                earliest = due
+    return earliest
+
+
 def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
     return "SpecChanged" if want.drifted(have.spec_hash, have.shape_hash) else "NotRunning"
 
@@ -545,6 +599,7 @@ def _converge_app(
     project_id: str,
     app: AppSpec,
     observed: Observed,
+    local: Local,
     settings: Settings,
     groups: tuple[str, ...] = (),
 ) -> list[Action]:
@@ -552,7 +607,7 @@ def _converge_app(
     have = observed.container(want.name)
     if have is None:
         return [RunApp(app.id, project_id, app, groups)]
-    if have.spec_hash != want.spec_hash:  # a new release, image or command
+    if want.drifted(have.spec_hash, have.shape_hash):  # a new release, image or command
         return [
             RemoveContainer(app.id, have.name, "ReleaseChanged"),
             RunApp(app.id, project_id, app, groups),
@@ -562,6 +617,10 @@ def _converge_app(
             *(ConnectNetwork(app.id, n, have.name) for n in groups if not have.on(n)),
             StartContainer(app.id, have.name),
         ]
+    if have.spec_hash != want.spec_hash and local.resized_apps.get(app.id) != want.spec_hash:
+        # Only CPU or memory changed (a plan change): the app keeps running.
+        assert want.cpus is not None and want.memory_mb is not None  # apps always have both
+        return [ResizeApp(app.id, have.name, want.cpus, want.memory_mb, want.spec_hash)]
     # Running, or restarting by Docker's on-failure policy, or exited 0 on its own: as is.
     return []
 

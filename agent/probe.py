@@ -11,9 +11,8 @@ import asyncio
 import logging
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from agent import resp
 from agent.specs import ADMIN_USER
 from schemas.messages import PORTS
 
@@ -107,21 +106,18 @@ async def _adopt(
 
 
 async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, str, str]:
-    client = aioredis.Redis(
-        host=ip,
-        port=PORTS["redis"],
-        username=ADMIN_USER,
-        password=admin_password,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        client_name="orkestr-probe",
-    )
     try:
-        pong = await client.ping()
-    except (TimeoutError, RedisError, OSError) as exc:
+        conn = await resp.Connection.open(
+            ip, PORTS["redis"], ADMIN_USER, admin_password, timeout_s, "orkestr-probe"
+        )
+    except (TimeoutError, OSError) as exc:
+        return False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"
+    try:
+        pong = await conn.call("PING")
+    except (TimeoutError, resp.RespError, OSError) as exc:
         return False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"
     finally:
-        await client.aclose()
-    if pong is not True:
+        await conn.close()
+    if pong != "PONG":
         return False, "QueryFailed", f"redis at {ip} answered {pong!r} to PING"
-    return True, "ClientConnected", f"redis-py connected to {ip}:{PORTS['redis']} and got PONG"
+    return True, "ClientConnected", f"the agent connected to {ip}:{PORTS['redis']} and got PONG"

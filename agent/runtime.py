@@ -21,8 +21,8 @@ from pathlib import Path
 
 import msgspec
 
+from agent import apps, model, netns, probe, specs, status
 from agent import desired as desired_mod
-from agent import model, netns, probe, specs, status
 from agent import plan as p
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
@@ -32,7 +32,8 @@ from agent.config import AgentConfig
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
-from agent.errors import AgentError
+from agent.errors import AgentError, NotFound
+from agent.joboutput import JobOutputs
 from agent.keeper_client import KeeperClient
 from agent.loopfs import LoopFs
 from agent.metrics import (
@@ -61,6 +62,7 @@ from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
     AddonStatus,
+    AppStatus,
     Capacity,
     DesiredState,
     HostStatus,
@@ -138,8 +140,18 @@ class Agent:
             hold=self._hold_awake,
             ready=self._ready_after_restore,
             on_done=self.trigger,
+            keep_deleted_days=config.backups.deleted_addon_days,
+            keep_deleted_projects=config.backups.keep_deleted_projects,
         )
         self.firewall = Firewall(self.host, config.network, docker)
+        self.outputs = JobOutputs(
+            self.host,
+            self.state,
+            docker.follow_logs,
+            self.broker.publish,
+            config.agent.job_stream_interval_s,
+            config.agent.job_stream_chunk_chars,
+        )
         self.applier = Applier(
             self.host,
             docker,
@@ -153,6 +165,7 @@ class Agent:
             on_addon_started=self._addon_started,
             loopfs=self.loopfs,
             backups=self.backups,
+            outputs=self.outputs,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -164,6 +177,9 @@ class Agent:
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
         self._reprobe_s = config.agent.resync_interval_s
+        # Re-probes of ready add-ons, off the pass (see _refresh_status).
+        self._reprobing: asyncio.Task[None] | None = None
+        self._app_max_age = config.agent.heartbeat_s
         self._metric_labels: set[tuple[str, str, str]] = set()
         self.sleep = SleepManager(
             root,
@@ -174,7 +190,9 @@ class Agent:
             config.agent.sleep_tick_s,
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
         )
-        self.sleep.on_tick = lambda: self.watchdog.beat("sleep")
+        self.sleep.on_tick = self._sleep_ticked
+        # The pass at the earliest sleep deadline (see _arm_sleep_timer): (when, handle).
+        self._sleep_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.sleep.on_wake_request = self._wake_requested
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
@@ -183,6 +201,10 @@ class Agent:
         self.book = ConditionBook()
         self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
         self.addon_status: dict[str, AddonStatus] = {}
+        self.app_status: tuple[AppStatus, ...] = ()
+        # app id -> ((container id, state), when, status): inspected again on a change
+        # of either, or after a heartbeat interval (restart counts move within a state).
+        self._app_seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
         self.removed: tuple[str, ...] = ()
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
@@ -316,6 +338,49 @@ class Agent:
                 log.warning("docker.events_failed error=%r", exc)
             await asyncio.sleep(1.0)
 
+    async def quota_guard_loop(self) -> None:
+        """Between passes: a Postgres whose filesystem grew fast gets its upkeep round now.
+
+        A round a resync interval is too slow for a tenant that writes tens of MB a second;
+        a statfs is cheap enough to do every `quota_guard_s` (agent/upkeep.py).
+        """
+        rounds: dict[str, asyncio.Task[None]] = {}
+        while True:
+            await asyncio.sleep(self.config.agent.quota_guard_s)
+            for aid in [a for a, task in rounds.items() if task.done()]:
+                del rounds[aid]
+            if self.desired is None or self.loopfs is None:
+                continue
+            try:
+                targets = status.probe_targets(self.desired, self.observed, self._sleep_views())
+            except Exception:  # a bug here must not take the agent down
+                log.exception("upkeep.guard_crashed")
+                continue
+            for t in targets:
+                last = self._last_probe.get(t.addon.id)
+                # Only a database the last probe found ready, in the container it probed.
+                if t.addon.id in rounds or last is None or last[0] != t.db_id:
+                    continue
+                if t.addon.kind == "postgres" and self.upkeep.guard_due(t.addon, t.db_id):
+                    log.debug("upkeep.guard_round addon=%s", t.addon.id)
+                    rounds[t.addon.id] = asyncio.create_task(
+                        self._guarded_tend(t.addon, t.ip), name=f"guard-{t.addon.id}"
+                    )
+
+    async def _guarded_tend(self, addon: AddonSpec, ip: str) -> None:
+        """An upkeep round outside a probe, under the same guard as the probe's."""
+        timeout_s = self.config.agent.probe_timeout_s
+        sleeper = self.sleep.sleepers.get(addon.id)
+        try:
+            if sleeper is None:
+                await self._tend(addon, ip, timeout_s, quota_only=True)
+                return
+            async with sleeper.platform_connection():
+                if sleeper.state == "awake":
+                    await self._tend(addon, ip, timeout_s, quota_only=True)
+        except Exception:
+            log.exception("upkeep.guard_round_crashed addon=%s", addon.id)
+
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.agent.heartbeat_s)
@@ -340,6 +405,7 @@ class Agent:
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
+            resized_apps=self.applier.resized_apps(),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -349,14 +415,40 @@ class Agent:
         for key, chain in planned.items():
             self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
         self.workers.settle({a.key for a in actions}, seen)
+        self.backups.sweep_deleted(self.desired, local.now)
         self.observed = observed
         await self.sleep.sync(self.desired, observed, self._is_ready)
         outcome = Outcome()
         outcome.failed = self.workers.failed()
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
+        self._arm_sleep_timer()
         await self.publish_status()
         await self.publish_job_results()
+
+    def _arm_sleep_timer(self) -> None:
+        """A pass exactly when the next idle add-on's sleep falls due.
+
+        Without it a sleep waited for the next pass something else caused, or the sleep
+        tick's, and under load fell seconds late. Re-armed after each pass and each tick
+        (the tick measures activity, which moves the deadlines).
+        """
+        now = time.time()
+        deadline = p.next_sleep_deadline(self.desired, self.sleep.facts(), now)
+        if self._sleep_timer is not None:
+            if deadline == self._sleep_timer[0]:
+                return
+            self._sleep_timer[1].cancel()
+            self._sleep_timer = None
+        if deadline is None:
+            return
+        # A hair late rather than early: the executor decides again from the clock.
+        delay = deadline - now + 0.005
+        self._sleep_timer = (deadline, asyncio.get_running_loop().call_later(delay, self.trigger))
+
+    def _sleep_ticked(self) -> None:
+        self.watchdog.beat("sleep")
+        self._arm_sleep_timer()
 
     def _key_fingerprints(self, desired: DesiredState | None) -> dict[str, str]:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
@@ -389,20 +481,28 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
-        # A ready add-on is probed again once per resync interval, not on every pass: a
-        # pass per finished chain would otherwise probe every database many times a second.
+        # The pass probes what has no answer for its current database yet (new, restarted,
+        # failing). A ready add-on keeps its last answer here and is probed again once per
+        # resync interval by a background round: probing a hundred databases inside the
+        # pass made every pass at a resync seconds long under load, and a pass per finished
+        # chain would otherwise probe every database many times a second.
         now_m = time.monotonic()
         probes: dict[str, status.Probe] = {}
         due: list[status.Target] = []
+        stale: list[status.Target] = []
         for t in targets:
             last = self._last_probe.get(t.addon.id)
-            if last is not None and last[0] == t.db_id and now_m - last[1] < self._reprobe_s:
+            if last is not None and last[0] == t.db_id:
                 probes[t.addon.id] = last[2]
+                if now_m - last[1] >= self._reprobe_s:
+                    stale.append(t)
             else:
                 due.append(t)
         self._last_probe = {
             t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
         }
+        if stale and (self._reprobing is None or self._reprobing.done()):
+            self._reprobing = asyncio.create_task(self._reprobe(stale), name="reprobe")
         results = await asyncio.gather(*(self._probe(t.addon, t.ip) for t in due))
         for target, (ok, reason, message) in zip(due, results, strict=True):
             probes[target.addon.id] = status.Probe(ok, reason, message)
@@ -442,13 +542,47 @@ class Agent:
                 ADDON_SLEEP_STATE.labels(*label).set(SLEEP_LEVEL[view.state])
                 labels.add(label)
         # Drop the series of add-ons that left this host, so dashboards don't show ghosts.
-        for stale in self._metric_labels - labels:
+        for gone in self._metric_labels - labels:
             for gauge in (ADDON_READY, ADDON_SLEEP_STATE):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(*stale)
+                    gauge.remove(*gone)
         self._metric_labels = labels
         self.addon_status = statuses
         self.removed = derived.removed
+        await self._refresh_apps(desired, observed)
+
+    async def _refresh_apps(self, desired: DesiredState, observed: model.Observed) -> None:
+        """Each app's container as Docker shows it (agent/apps.py), for the status."""
+        now_m = time.monotonic()
+        seen: dict[str, tuple[tuple[str, str], float, AppStatus]] = {}
+        found: list[AppStatus] = []
+        for project in desired.projects:
+            for app in project.apps:
+                container = observed.container(model.app_container_name(app.id))
+                if container is None:
+                    found.append(apps.app_status(project.id, app, None))
+                    continue
+                key = (container.id, container.state)
+                last = self._app_seen.get(app.id)
+                if last is not None and last[0] == key and now_m - last[1] < self._app_max_age:
+                    seen[app.id] = last
+                    found.append(last[2])
+                    continue
+                try:
+                    current = apps.app_status(
+                        project.id, app, await self.docker.inspect(container.name)
+                    )
+                except NotFound:
+                    current = apps.app_status(project.id, app, None)
+                except AgentError as exc:
+                    log.warning("app.inspect_failed app=%s error=%s", app.id, exc)
+                    if last is None:
+                        continue
+                    current = last[2]
+                seen[app.id] = (key, now_m, current)
+                found.append(current)
+        self._app_seen = seen
+        self.app_status = tuple(found)
 
     async def _repair_split_namespace(self, addon: AddonSpec) -> None:
         """A holder restarted in place has a new namespace the database is not in.
@@ -472,6 +606,43 @@ class Agent:
             (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
             self._fingerprints.get(addon.id, ""),
         )
+
+    async def _reprobe(self, targets: list[status.Target], concurrency: int = 4) -> None:
+        """Probe ready add-ons again (and tend them), a few at a time, off the pass.
+
+        A failed probe drops the add-on's answer, so the next pass probes it itself and
+        acts on the failure; that pass is asked for at once, as is one when the upkeep
+        changed a condition (a quota reached, a memory kill).
+        """
+        gate = asyncio.Semaphore(concurrency)
+        changed = False
+
+        async def one(t: status.Target) -> None:
+            nonlocal changed
+            before = self.book.of(t.addon.id)
+            async with gate:
+                ok, reason, message = await self._probe(t.addon, t.ip)
+            last = self._last_probe.get(t.addon.id)
+            if last is None or last[0] != t.db_id:
+                return  # replaced or gone meanwhile: the pass has it
+            if (sleeper := self.sleep.sleepers.get(t.addon.id)) is not None:
+                sleeper.ready = ok
+            if ok:
+                self._last_probe[t.addon.id] = (
+                    t.db_id,
+                    time.monotonic(),
+                    status.Probe(ok, reason, message),
+                )
+            else:
+                del self._last_probe[t.addon.id]
+            changed = changed or not ok or self.book.of(t.addon.id) != before
+
+        try:
+            await asyncio.gather(*(one(t) for t in targets))
+        except Exception:  # a bug here must not stop the next rounds
+            log.exception("reprobe.crashed")
+        if changed:
+            self.trigger()
 
     def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
@@ -516,7 +687,9 @@ class Agent:
                     await self._tend(addon, ip, timeout_s)
         return result
 
-    async def _tend(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+    async def _tend(
+        self, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool = False
+    ) -> None:
         """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
         project_id = next(
             (p.id for p in (self.desired.projects if self.desired else ()) if addon in p.addons),
@@ -526,7 +699,7 @@ class Agent:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
-                await self.upkeep.tend(project_id, addon, ip, timeout_s)
+                await self.upkeep.tend(project_id, addon, ip, timeout_s, quota_only=quota_only)
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
 
@@ -552,7 +725,7 @@ class Agent:
         while time.monotonic() < deadline:
             if (await self._wake_probe(addon, holder.ip, 2.0))[0]:
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)  # Redis answers LOADING at once until it has loaded
         return False
 
     async def _addon_started(self, addon_id: str) -> None:
@@ -575,9 +748,10 @@ class Agent:
         return ready is not None and ready.status == "True"
 
     async def close_sleepers(self) -> None:
-        for task in self._readiness.values():
+        tasks = [*self._readiness.values(), *([self._reprobing] if self._reprobing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._readiness.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
@@ -591,6 +765,7 @@ class Agent:
             conditions=self.book.of(HOST),
             addons=tuple(self.addon_status.values()),
             removed=self.removed,
+            apps=self.app_status,
         )
         await self.broker.publish(topics.status(self.host), encode(status), retain=True)
 
@@ -600,6 +775,9 @@ class Agent:
             for project in (self.desired.projects if self.desired else ())
             for job in project.jobs
         }
+        for job_id in self.state.job_streams() - wanted:
+            if self.desired is not None:
+                self.state.forget_job(job_id)  # cancelled while it ran: no result comes
         for job_id, result in self.state.job_results().items():
             if self.desired is not None and job_id not in wanted:
                 self.state.forget_job(

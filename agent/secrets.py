@@ -95,6 +95,16 @@ class SecretStore:
                 continue  # half-written: fetched again
         return out
 
+    def version(self, addon_id: str) -> int:
+        """One add-on's entry of `versions()` (0: none), without reading every add-on's."""
+        d = self.dir(addon_id)
+        if not (d / "admin_password").is_file():
+            return 0
+        try:
+            return int((d / "version").read_text())
+        except (OSError, ValueError):
+            return 0
+
     def has(self, addon_id: str) -> bool:
         return (self.dir(addon_id) / "version").is_file()
 

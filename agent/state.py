@@ -60,3 +60,17 @@ class StateDir:
 
     def forget_job(self, job_id: str) -> None:
         (self.root / "jobs" / f"{job_id}.json").unlink(missing_ok=True)
+        (self.root / "jobs" / f"{job_id}.stream").unlink(missing_ok=True)
+
+    def save_job_stream(self, job_id: str, progress: bytes) -> None:
+        """What the job's live output stream has sent (agent/joboutput.py)."""
+        atomic_write(self.root / "jobs" / f"{job_id}.stream", progress)
+
+    def job_streams(self) -> set[str]:
+        return {p.stem for p in (self.root / "jobs").glob("*.stream")}
+
+    def load_job_stream(self, job_id: str) -> bytes | None:
+        try:
+            return (self.root / "jobs" / f"{job_id}.stream").read_bytes()
+        except OSError:
+            return None

@@ -16,11 +16,21 @@ fails is simply done again after the next probe.
   triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
   free space), Redis gets `maxmemory` with `noeviction`. Both are lifted by the same check
   once usage is under the quota again, or the plan grew.
+- Postgres's WAL headroom: a statement trigger refuses only the statements that start
+  after it, and one `INSERT ... SELECT` can write a hundred MB in a few seconds, faster
+  than a round a resync interval. So the round that restricts writes also cancels the
+  tenant's statements already running, the agent's filesystem guard (`guard_due`, driven
+  by `Agent.quota_guard_loop`) starts a round as soon as the volume's filesystem grew by
+  a step, and writes are also refused while the filesystem has less than RESERVE_BYTES
+  free, whatever the database's size: crash recovery alone must write a new 16 MB WAL
+  segment, and a Postgres that cannot is a crash loop no one can clean up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -28,10 +38,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from agent import model
+from agent import model, resp
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -52,6 +60,18 @@ REDIS_FULL_RATIO = 0.97
 # writes instead of being OOM-killed, whatever the storage quota says.
 REDIS_MEMORY_SHARE = 0.75
 QUOTA_OBJECT = "orkestr_quota"
+# Free space a Postgres filesystem keeps, whatever the database holds: crash recovery
+# writes a new 16 MB WAL segment, a checkpoint may need another, and the guard's reaction
+# time at a fast filler's rate (about 30 MB/s on a small machine) comes on top.
+RESERVE_BYTES = 48 * MIB
+# A guard round once the filesystem grew by an eighth of the quota, within these bounds
+# (WAL grows with the data: 16 MB on the filesystem is about 8 MB of rows).
+GUARD_SHARE = 8
+# Installing the refusal: how long to wait for the tenant's table locks, how many times.
+RESTRICT_LOCK_MS = 300
+RESTRICT_ATTEMPTS = 5
+GUARD_MIN = 4 * MIB
+GUARD_MAX = 16 * MIB
 QuotaState = Literal["ok", "warning", "exceeded"]
 # Where the kernel counts OOM kills of a container's cgroup: v1 (cgroupfs), v2 (cgroupfs,
 # then systemd driver). A database's backend killed at the limit leaves the container up
@@ -91,6 +111,19 @@ def quota_bytes(addon: AddonSpec) -> int | None:
     return addon.storage_mb * MIB if addon.storage_mb else None
 
 
+def guard_step(addon: AddonSpec) -> int:
+    """Growth of the volume's filesystem that earns an upkeep round before the next pass."""
+    return min(GUARD_MAX, max(GUARD_MIN, (addon.storage_mb or 0) * MIB // GUARD_SHARE))
+
+
+def pg_quota_state(usage: int, quota: int, free: int | None) -> QuotaState:
+    """The database's size against its quota; a filesystem short of its WAL reserve
+    refuses writes too, even under the quota (a bloated WAL, temporary files)."""
+    if free is not None and free < RESERVE_BYTES:
+        return "exceeded"
+    return quota_state(usage, quota)
+
+
 def limits_differ(host_config: Mapping[str, Any], addon: AddonSpec) -> bool:
     return (
         int(host_config.get("NanoCpus") or 0) != int(addon.resources.cpus * 1e9)
@@ -98,11 +131,16 @@ def limits_differ(host_config: Mapping[str, Any], addon: AddonSpec) -> bool:
     )
 
 
-def refusal(addon: AddonSpec, usage: int, quota: int) -> str:
+def refusal(addon: AddonSpec, usage: int, quota: int, free: int | None = None) -> str:
     plan = f"plan {addon.plan!r}" if addon.plan else "the plan"
+    low = (
+        f" and its filesystem has {free / MIB:.0f} MB left for the write-ahead log"
+        if free is not None and free < RESERVE_BYTES
+        else ""
+    )
     return (
         f"storage quota exceeded: {plan} allows {quota // MIB} MB and this database uses "
-        f"{usage / MIB:.1f} MB; writes are refused until usage is under the quota "
+        f"{usage / MIB:.1f} MB{low}; writes are refused until usage is under the quota "
         "(DELETE then VACUUM, TRUNCATE or DROP TABLE free space) or the plan grows"
     )
 
@@ -151,6 +189,14 @@ BEGIN
 END $d$;
 """
 
+# The tenant's statements already running when writes are refused: the triggers only see
+# statements that start after them.
+_CANCEL_SQL = """
+SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend' AND usename <> $1 AND state = 'active'
+"""
+
 _REINSTATE_SQL = """
 DROP EVENT TRIGGER IF EXISTS {name};
 DO $d$
@@ -178,22 +224,59 @@ class Upkeep:
         self.book = book
         self.usage: dict[str, int] = {}
         self.quota: dict[str, int] = {}
+        # One round at a time per add-on: the pass, a readiness poll and the guard may all
+        # want one, and two rounds' ALTER ROLEs collide ("tuple concurrently updated").
+        self._rounds: dict[str, asyncio.Lock] = {}
+        # add-on id -> (database container id, its data directory through its root, the
+        # directory's device, the filesystem's used bytes) as the last round saw them.
+        self._fs: dict[str, tuple[str, str, int, int]] = {}
 
-    async def tend(self, project_id: str, addon: AddonSpec, ip: str, timeout_s: float) -> None:
-        """One round for one add-on; errors are logged and retried after the next probe."""
+    def busy(self, addon_id: str) -> bool:
+        lock = self._rounds.get(addon_id)
+        return lock is not None and lock.locked()
+
+    async def tend(
+        self,
+        project_id: str,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float,
+        *,
+        quota_only: bool = False,
+    ) -> None:
+        """One round for one add-on; errors are logged and retried after the next probe.
+
+        A round already running for the add-on makes this one unnecessary: it does the same.
+        The guard's rounds (`quota_only`) measure and enforce the quota, nothing else: no
+        Docker call, as soon as possible.
+        """
+        lock = self._rounds.setdefault(addon.id, asyncio.Lock())
+        if lock.locked():
+            return
+        async with lock:
+            await self._round(project_id, addon, ip, timeout_s, quota_only)
+
+    async def _round(
+        self, project_id: str, addon: AddonSpec, ip: str, timeout_s: float, quota_only: bool
+    ) -> None:
         try:
-            await self._limits(addon)
-            if addon.kind == "postgres":
-                await self._postgres(addon, ip, timeout_s)
+            if quota_only:
+                if addon.kind == "postgres":
+                    await self._postgres(addon, ip, timeout_s, self._remeasure_fs(addon), True)
             else:
-                await self._redis(addon, ip, timeout_s)
+                info = await self._limits(addon)
+                if addon.kind == "postgres":
+                    free = self._measure_fs(addon, info)
+                    await self._postgres(addon, ip, timeout_s, free)
+                else:
+                    await self._redis(addon, ip, timeout_s)
         except (
             AgentError,
             OSError,
             TimeoutError,
             asyncpg.PostgresError,
             asyncpg.InterfaceError,
-            RedisError,
+            resp.RespError,
         ) as exc:
             log.warning("upkeep.failed addon=%s error=%s", addon.id, exc)
             return
@@ -206,9 +289,63 @@ class Upkeep:
     def forget(self, addon_id: str) -> None:
         self.usage.pop(addon_id, None)
         self.quota.pop(addon_id, None)
+        self._fs.pop(addon_id, None)
+        lock = self._rounds.get(addon_id)
+        if lock is not None and not lock.locked():
+            del self._rounds[addon_id]
+
+    # --- the filesystem guard -------------------------------------------------------
+    def _measure_fs(self, addon: AddonSpec, info: Mapping[str, Any]) -> int | None:
+        """Free bytes of the volume's own filesystem (None: a plain volume, or unseen)."""
+        if self.loopfs is None or not addon.storage_mb:
+            return None
+        if self.loopfs.size_mb(model.volume_name(addon.id)) is None:
+            return None
+        pid = (info.get("State") or {}).get("Pid")
+        if not pid:
+            return None
+        path = f"/proc/{pid}/root{DATA_DIRS[addon.kind]}"
+        try:
+            dev = os.stat(path).st_dev
+            used, free = _usage(path)
+        except OSError:
+            return None
+        self._fs[addon.id] = (str(info.get("Id", "")), path, dev, used)
+        return free
+
+    def _remeasure_fs(self, addon: AddonSpec) -> int | None:
+        """Free bytes, through what the last full round found (its used bytes updated)."""
+        seen = self._fs.get(addon.id)
+        if seen is None:
+            return None
+        db_id, path, dev, _ = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return None
+            used, free = _usage(path)
+        except OSError:
+            return None
+        self._fs[addon.id] = (db_id, path, dev, used)
+        return free
+
+    def guard_due(self, addon: AddonSpec, db_id: str) -> bool:
+        """Whether the add-on's filesystem grew by a step since the last round, or is
+        short of its reserve: one statfs, no connection. Only for a container a round
+        has seen (its process and device are known and checked, never guessed)."""
+        seen = self._fs.get(addon.id)
+        if seen is None or seen[0] != db_id or self.busy(addon.id):
+            return False
+        _, path, dev, used_then = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return False  # another process now has that pid: the next round looks again
+            used, free = _usage(path)
+        except OSError:
+            return False
+        return free < RESERVE_BYTES or used - used_then >= guard_step(addon)
 
     # --- limits ---------------------------------------------------------------------
-    async def _limits(self, addon: AddonSpec) -> None:
+    async def _limits(self, addon: AddonSpec) -> Mapping[str, Any]:
         name = model.db_name(addon.id)
         info = await self.docker.inspect(name)
         self._memory_condition(addon, info)
@@ -221,6 +358,7 @@ class Upkeep:
                 addon.resources.cpus,
                 addon.resources.memory_mb,
             )
+        return info
 
     async def _grow(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
         """A larger plan grows the volume's filesystem online (it never shrinks)."""
@@ -257,7 +395,14 @@ class Upkeep:
         )
 
     # --- Postgres -------------------------------------------------------------------
-    async def _postgres(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+    async def _postgres(
+        self,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float,
+        free: int | None,
+        quota_only: bool = False,
+    ) -> None:
         conn = await asyncpg.connect(
             host=ip,
             port=PORTS["postgres"],
@@ -275,9 +420,10 @@ class Upkeep:
             },
         )
         try:
-            await self._pg_credentials(conn, addon)
-            await self._pg_wal(conn, addon)
-            await self._pg_quota(conn, addon)
+            if not quota_only:
+                await self._pg_credentials(conn, addon)
+                await self._pg_wal(conn, addon)
+            await self._pg_quota(conn, addon, free)
         finally:
             await conn.close(timeout=timeout_s)
 
@@ -310,20 +456,36 @@ class Upkeep:
             log.info("upkeep.password_retired addon=%s role=%s", addon.id, old_role)
 
     async def _pg_wal(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
-        """Keep WAL within the headroom its filesystem has beyond the quota."""
+        """Keep WAL within the headroom its filesystem has beyond the quota, and let crash
+        recovery start on a full filesystem.
+
+        With `wal_init_zero` on (Postgres's default) a new WAL segment is written full of
+        zeroes first: 16 MB that crash recovery needs free, and a filesystem filled while
+        the agent was away (or faster than the guard) then fails every restart with
+        `could not write to file "pg_wal/xlogtemp"`, a crash loop. Off, the segment is
+        created sparse (its last byte written) and recovery needs only the blocks it
+        really writes: measured on a 100 % full filesystem, recovery failed with it on
+        and completed with it off (docs/architecture.md).
+        """
         if not addon.storage_mb:
             return
         want = max_wal_size_mb(addon.storage_mb)
-        have = await conn.fetchval(
-            "SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size'"
+        have = await conn.fetchrow(
+            "SELECT (SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size') AS size,"
+            " (SELECT setting FROM pg_settings WHERE name = 'wal_init_zero') AS zero"
         )
-        if have != want:
+        if have is None or (have["size"], have["zero"]) != (want, "off"):
             await conn.execute(f"ALTER SYSTEM SET max_wal_size = '{want}MB'")
             await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{max(32, want // 2)}MB'")
+            await conn.execute("ALTER SYSTEM SET wal_init_zero = off")
             await conn.execute("SELECT pg_reload_conf()")
-            log.info("upkeep.wal_bounded addon=%s max_wal_size_mb=%s", addon.id, want)
+            log.info(
+                "upkeep.wal_bounded addon=%s max_wal_size_mb=%s wal_init_zero=off", addon.id, want
+            )
 
-    async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+    async def _pg_quota(
+        self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None
+    ) -> None:
         usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
         self.usage[addon.id] = usage
         quota = quota_bytes(addon)
@@ -338,65 +500,92 @@ class Upkeep:
                 await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
             return
         self.quota[addon.id] = quota
-        state = quota_state(usage, quota)
+        state = pg_quota_state(usage, quota, free)
         if state == "exceeded":
-            # Run every round while exceeded: a message naming a new plan, any new table.
-            await conn.execute(
+            low = free is not None and free < RESERVE_BYTES
+            # Every round while exceeded: a message naming a new plan, any new table. The
+            # statements running when writes are first refused (and any, short of the
+            # reserve) are cancelled: triggers stop only statements that start after them.
+            cancelled = await self._restrict(
+                conn,
                 _RESTRICT_SQL.format(
                     admin=_ident(ADMIN_USER),
                     admin_literal=_literal(ADMIN_USER),
-                    message=_literal(refusal(addon, usage, quota)),
+                    message=_literal(refusal(addon, usage, quota, free)),
                     name=QUOTA_OBJECT,
-                )
+                ),
+                cancel=not restricted or low,
             )
-            if not restricted:
+            if not restricted or low:
                 log.warning(
-                    "upkeep.writes_refused addon=%s usage=%s quota=%s", addon.id, usage, quota
+                    "upkeep.writes_refused addon=%s usage=%s quota=%s free=%s cancelled=%s",
+                    addon.id,
+                    usage,
+                    quota,
+                    free,
+                    cancelled,
                 )
         elif restricted:
             await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
             log.info("upkeep.writes_reinstated addon=%s usage=%s quota=%s", addon.id, usage, quota)
-        self._quota_condition(addon, state, usage, quota)
+        self._quota_condition(addon, state, usage, quota, free)
+
+    async def _restrict(self, conn: asyncpg.Connection, sql: str, *, cancel: bool) -> int:
+        """Install the refusal; how many of the tenant's statements were cancelled for it.
+
+        CREATE TRIGGER waits for the table locks of the statements writing to it, so a
+        filler mid-statement would hold the refusal off until the disk is full: they are
+        cancelled first, and again should a new one take the lock before us. Statements
+        that start while we wait queue behind our lock request, then meet the trigger.
+        """
+        cancelled = 0
+        for _ in range(RESTRICT_ATTEMPTS):
+            if cancel:
+                cancelled += int(await conn.fetchval(_CANCEL_SQL, ADMIN_USER) or 0)
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = '{RESTRICT_LOCK_MS}ms'")
+                    await conn.execute(sql)
+                return cancelled
+            except asyncpg.LockNotAvailableError:
+                if not cancel:
+                    break
+        raise AgentError("writes not refused yet: the tenant's statements hold the table locks")
 
     # --- Redis ----------------------------------------------------------------------
     async def _redis(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
-        client = aioredis.Redis(
-            host=ip,
-            port=PORTS["redis"],
-            username=ADMIN_USER,
-            password=self.secrets.admin_password(addon.id),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            client_name="orkestr-upkeep",
+        conn = await resp.Connection.open(
+            ip,
+            PORTS["redis"],
+            ADMIN_USER,
+            self.secrets.admin_password(addon.id),
+            timeout_s,
+            "orkestr-upkeep",
         )
-        try:
+        async with conn:
             version = self._secret_version(addon.id)
             if version and self.secrets.applied(addon.id) != version:
                 # Adds the new password; the old one stays until the grace ends.
-                await client.execute_command(  # type: ignore[no-untyped-call]
-                    "ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id)
-                )
+                await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
                 self.secrets.mark_applied(addon.id, version)
                 log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
             previous = self.secrets.previous(addon.id)
             if previous is not None and previous[1] <= time.time():
                 if previous[0] != self.secrets.password(addon.id):
-                    await client.execute_command(  # type: ignore[no-untyped-call]
-                        "ACL", "SETUSER", "default", "<" + previous[0]
-                    )
+                    await conn.call("ACL", "SETUSER", "default", "<" + previous[0])
                 self.secrets.forget_previous(addon.id, addon.kind)
                 log.info("upkeep.password_retired addon=%s", addon.id)
             quota = quota_bytes(addon)
             assert quota is not None  # Redis always has its memory ceiling
-            config = await client.config_get("maxmemory*")
+            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
             if config.get("maxmemory") != str(quota):
-                await client.config_set("maxmemory", quota)
+                await conn.call("CONFIG", "SET", "maxmemory", quota)
             if config.get("maxmemory-policy") != "noeviction":
-                await client.config_set("maxmemory-policy", "noeviction")
-            info = await client.info("memory")
-            usage = int(info["used_memory"])
-        finally:
-            await client.aclose()
+                await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            info = await conn.call("INFO", "memory")
+            if not isinstance(info, bytes):
+                raise resp.RespError(f"INFO answered {info!r}")
+            usage = int(resp.info_fields(info)["used_memory"])
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
@@ -428,11 +617,20 @@ class Upkeep:
 
     # --- shared ---------------------------------------------------------------------
     def _secret_version(self, addon_id: str) -> int:
-        return self.secrets.versions().get(addon_id, 0)
+        return self.secrets.version(addon_id)
 
-    def _quota_condition(self, addon: AddonSpec, state: QuotaState, usage: int, quota: int) -> None:
+    def _quota_condition(
+        self,
+        addon: AddonSpec,
+        state: QuotaState,
+        usage: int,
+        quota: int,
+        free: int | None = None,
+    ) -> None:
         now = datetime.now(UTC)
         used = f"{usage / MIB:.1f} MB of {quota // MIB} MB ({100 * usage / quota:.0f} %)"
+        if free is not None and free < RESERVE_BYTES:
+            used += f", {free / MIB:.0f} MB left on its filesystem for the write-ahead log"
         if state == "exceeded":
             self.book.set(
                 addon.id, "StorageQuota", "False", "Exceeded", f"{used}: writes refused", now
@@ -448,3 +646,9 @@ class Upkeep:
             )
         else:
             self.book.set(addon.id, "StorageQuota", "True", "WithinQuota", used, now)
+
+
+def _usage(path: str) -> tuple[int, int]:
+    """(used, free) bytes of the filesystem holding `path`, as the database sees them."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize

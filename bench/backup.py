@@ -10,10 +10,15 @@ values). Then, alternating, N runs (default 1) of:
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
   raw restore   Postgres: createdb + pg_restore into a new database of the same server;
-                Redis: the RDB loaded by a fresh redis-server; timed inside the container.
+                Redis: the RDB copied from the same host directory into a scratch Docker
+                volume (the add-on's data volume is one of the same driver) and loaded by
+                a fresh redis-server of the add-on's image with the add-on's CPU and memory
+                limits; timed inside the container (its start not counted).
   orkestr       POST .../restore, until it succeeded; finished_at - created_at (checksum,
-  restore       restore beside the live data, swap; Redis also rewrites the AOF and
-                restarts the add-on).
+  restore       restore beside the live data, swap; Redis: the copy staged in the volume
+                while the checksum runs, then Redis killed, the files swapped, Redis
+                started and probed until it has loaded). The agent's time per phase is in
+                the JSON (`agent_phases`).
 
 Throughput = database size (pg_database_size / used_memory_dataset) / time; the ratio
 is ours / raw (target >= 0.90). Sizes are modest by default so a run takes a few
@@ -33,20 +38,31 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import Bench, activity, docker_cli, log, machine_facts, print_context, rnd, table
+from _harness import (
+    Bench,
+    activity,
+    docker_cli,
+    log,
+    machine_facts,
+    print_context,
+    rnd,
+    table,
+)
 
 from agent import model
+from tests.agent_fixtures import IMAGES
 
 TARGET_RATIO = 0.90
 TOOLBOX = "orkestr-local/toolbox:bookworm"
-PLANS = """
+CPUS, MEMORY_MB = 2.0, 2048
+PLANS = f"""
 [team]
 max_addons = 5
-cpus = 2.0
-memory_mb = 2048
+cpus = {CPUS}
+memory_mb = {MEMORY_MB}
 manual_backups_per_day = 1000
 backup_retention_days = 30
-sleep = { enabled = false }
+sleep = {{ enabled = false }}
 """
 
 PG_FILL = (
@@ -89,9 +105,12 @@ export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
 s=$(date +%s.%N); redis-cli -h "$H" --user orkestr_admin --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
 echo "$s $e"
 """
+# The add-on's own image and limits (raw_redis_restore), loading from a Docker volume of
+# the same driver as the add-on's data volume: only the platform's work differs.
 RAW_REDIS_RESTORE = """
 set -e
-d=$(mktemp -d)
+d=/data/raw
+rm -rf "$d"; mkdir -p "$d"
 s=$(date +%s.%N)
 cp /out/raw.rdb "$d/dump.rdb"
 redis-server --port 0 --unixsocket "$d/s" --dir "$d" --dbfilename dump.rdb --appendonly no \
@@ -100,6 +119,7 @@ until redis-cli -s "$d/s" INFO persistence 2>/dev/null | grep -q '^loading:0'; d
 e=$(date +%s.%N)
 redis-cli -s "$d/s" DBSIZE >&2
 redis-cli -s "$d/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+rm -rf "$d"
 echo "$s $e"
 """
 
@@ -132,18 +152,32 @@ class Run:
                     raise RuntimeError(f"job failed: {job}")
                 return str(job["output"])
 
-    def raw(self, addon: dict[str, Any], script: str) -> float:
+    def raw(
+        self, addon: dict[str, Any], script: str, image: str = TOOLBOX, extra: tuple[str, ...] = ()
+    ) -> float:
         assert self.b.agent is not None
         secrets = self.b.agent.state_dir / "secrets" / addon["id"]
         out = docker_cli(
             "run", "--rm", "--network", model.network_name(self.p),
-            "--label", f"orkestr.host={self.b.host}",
+            "--label", f"orkestr.host={self.b.host}", *extra,
             "-v", f"{self.out}:/out", "-v", f"{secrets}:/run/orkestr:ro",
-            "-e", f"H={addon['name']}", "--entrypoint", "bash", TOOLBOX, "-c", script,
+            "-e", f"H={addon['name']}", "--entrypoint", "bash", image, "-c", script,
             timeout=7200,
         )  # fmt: skip
         start, end = (float(x) for x in out.split()[-2:])
         return end - start
+
+    def raw_redis_restore(self, addon: dict[str, Any], script: str) -> float:
+        """The baseline load with the add-on's image, CPU and memory limits, into a
+        scratch Docker volume (the add-on's data volume is one too)."""
+        volume = f"orkestr-bench-{self.b.host}-raw"
+        docker_cli("volume", "create", "--label", f"orkestr.host={self.b.host}", volume)
+        try:
+            limits = ("--cpus", str(CPUS), "--memory", f"{MEMORY_MB}m",
+                      "--memory-swap", f"{MEMORY_MB}m", "-v", f"{volume}:/data")  # fmt: skip
+            return self.raw(addon, script, IMAGES["redis"], limits)
+        finally:
+            docker_cli("volume", "rm", "-f", volume, check=False)
 
     async def ours_backup(self, addon: dict[str, Any]) -> dict[str, Any]:
         made = await self.b.api("POST", f"{self.base(addon['id'])}/backups", want=202)
@@ -193,29 +227,38 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             pg = await b.ready_addon(project["id"], "bench-db", "postgres")
             rd = await b.ready_addon(project["id"], "bench-cache", "redis")
             t0 = time.monotonic()
-            await run.job(PG_FILL.format(rows=args.pg_mb * 7700))
-            size = await run.job(
-                'psql "$DATABASE_URL" -tAc "select pg_database_size(current_database())"'
-            )
-            results["postgres_bytes"] = int(size.strip().splitlines()[-1])
-            keys = await run.job(REDIS_FILL.format(keys=args.redis_mb * 1024))
-            info = await run.job(
-                'redis-cli --no-auth-warning -u "$REDIS_URL" INFO memory | grep used_memory_dataset:'
-            )
-            results["redis_keys"] = int(keys.strip().splitlines()[-1])
-            results["redis_bytes"] = int(info.strip().split(":")[1])
+            if "postgres" in args.kinds:
+                await run.job(PG_FILL.format(rows=args.pg_mb * 7700))
+                size = await run.job(
+                    'psql "$DATABASE_URL" -tAc "select pg_database_size(current_database())"'
+                )
+                results["postgres_bytes"] = int(size.strip().splitlines()[-1])
+            if "redis" in args.kinds:
+                keys = await run.job(REDIS_FILL.format(keys=args.redis_mb * 1024))
+                info = await run.job(
+                    'redis-cli --no-auth-warning -u "$REDIS_URL" INFO memory'
+                    " | grep used_memory_dataset:"
+                )
+                results["redis_keys"] = int(keys.strip().splitlines()[-1])
+                results["redis_bytes"] = int(info.strip().split(":")[1])
             log(f"filled in {time.monotonic() - t0:.0f}s: {results}")
             results["activity_before"] = activity(b.host)
             for kind, addon, raw_backup, raw_restore in (
                 ("postgres", pg, RAW_PG_BACKUP, RAW_PG_RESTORE),
                 ("redis", rd, RAW_REDIS_BACKUP, RAW_REDIS_RESTORE),
             ):
+                if kind not in args.kinds:
+                    continue
                 samples: dict[str, list[float]] = {k: [] for k in ("raw_b", "ours_b", "raw_r", "ours_r", "verify")}  # fmt: skip
                 size_bytes = 0
                 for i in range(args.runs):
                     raw_b = run.raw(addon, raw_backup)
                     ours = await run.ours_backup(addon)
-                    raw_r = run.raw(addon, raw_restore)
+                    raw_r = (
+                        run.raw(addon, raw_restore)
+                        if kind == "postgres"
+                        else run.raw_redis_restore(addon, raw_restore)
+                    )
                     ours_r = await run.ours_restore(addon, ours["id"])
                     for k, v in (("raw_b", raw_b), ("ours_b", ours["seconds"]), ("raw_r", raw_r),
                                  ("ours_r", ours_r), ("verify", ours["verify_seconds"])):  # fmt: skip
@@ -244,6 +287,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     "verify_seconds": rnd(best["verify"]),
                 }
             results["activity_after"] = activity(b.host)
+            assert b.agent is not None  # where the agent's time went, step by step
+            results["agent_phases"] = [
+                line.split(" backup.", 1)[1]
+                for line in b.agent.log_path.read_text(errors="replace").splitlines()
+                if " backup.step " in line or " backup.restore_phases " in line
+            ]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return results
@@ -251,7 +300,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> None:
     rows = []
-    for kind in ("postgres", "redis"):
+    kinds = [k for k in ("postgres", "redis") if k in results]
+    for kind in kinds:
         r = results[kind]
         for what in ("backup", "restore"):
             ratio = r[f"{what}_ratio"]
@@ -265,7 +315,7 @@ def report(results: dict[str, Any]) -> None:
     print()
     print(table(["kind", "dump MB", "verification s"],
                 [[k, rnd(results[k]["dump_bytes"] / 1e6, 1), results[k]["verify_seconds"]]
-                 for k in ("postgres", "redis")], "Verification (test restore), apart"))  # fmt: skip
+                 for k in kinds], "Verification (test restore), apart"))  # fmt: skip
     print()
     print_context(results)
 
@@ -275,6 +325,10 @@ if __name__ == "__main__":
     parser.add_argument("--pg-mb", type=int, default=200, help="Postgres table data, MB")
     parser.add_argument("--redis-mb", type=int, default=100, help="Redis values, MB")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--kinds", type=lambda v: v.split(","), default=["postgres", "redis"],
+        help="comma-separated: postgres,redis",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="50 MB and 25 MB, one run")
     ns = parser.parse_args()
     if ns.quick:

@@ -22,6 +22,8 @@ from cli.client import ApiFailure, Client, CliError
 
 F = TypeVar("F", bound=Callable[..., Any])
 POLL_S = 0.5
+# Seconds one long poll on a job's output waits (below the client's 30 s timeout).
+FOLLOW_WAIT_S = 20
 DEFAULT_IMAGE = "orkestr-local/toolbox:bookworm"
 HEALTHY = ("ready", "sleeping")  # a sleeping add-on was ready and wakes on connect
 
@@ -596,7 +598,8 @@ def rollback(release: str, project: str, as_json: bool) -> None:
 @project_option
 @json_option
 def apps_list(project: str, as_json: bool) -> None:
-    """The apps of the newest release, and the variables they still lack."""
+    """The apps of the newest release: their state, restarts, last exit, and the
+    variables they still lack."""
     c = client()
     p = resolve_project(c, project)
     found = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
@@ -604,18 +607,36 @@ def apps_list(project: str, as_json: bool) -> None:
         render.emit_json({"apps": found})
         return
     render.table(
-        ("APP", "IMAGE", "RELEASE", "PENDING"),
+        ("APP", "IMAGE", "RELEASE", "STATE", "RESTARTS", "LAST EXIT", "PENDING"),
         [
             (
                 a["name"],
                 a["image"],
-                f"v{a['release']}",
+                _app_release(a),
+                a["state"] or "no report yet",
+                a["restart_count"],
+                _last_exit(a),
                 a["message"] or "-",
             )
             for a in found
         ],
         f"no apps in {p['name']}: `orkestr deploy --app web=IMAGE`",
     )
+
+
+def _app_release(app: dict[str, Any]) -> str:
+    running = app["running_release"]
+    if running is None or running == app["release"]:
+        return f"v{app['release']}"
+    return f"v{app['release']} (runs v{running})"
+
+
+def _last_exit(app: dict[str, Any]) -> str:
+    if app["oom_killed"]:
+        return f"OOM-killed (exit {app['last_exit_code']})"
+    if app["last_exit_code"] is None:
+        return "-"
+    return f"exit {app['last_exit_code']}"
 
 
 # --- jobs -----------------------------------------------------------------------------
@@ -642,10 +663,14 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
     )
     path = f"/v1/projects/{p['id']}/jobs/{job['id']}"
     try:
-        with render.err.status(f"job {job['id'][:8]}: pending"):
-            while job["state"] == "pending":
-                time.sleep(POLL_S)
-                job = c.get(path)
+        if as_json:
+            with render.err.status(f"job {job['id'][:8]}: pending"):
+                while job["state"] == "pending":
+                    time.sleep(POLL_S)
+                    job = c.get(path)
+        else:
+            _stream_output(c, path, job["id"])
+            job = c.get(path)
     except KeyboardInterrupt:
         try:
             c.request("POST", path + "/cancel")
@@ -655,13 +680,35 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
         sys.exit(130)
     if as_json:
         render.emit_json(job)
-    else:
-        sys.stdout.write(job["output"] or "")
-        sys.stdout.flush()
-        if job["error"]:
-            render.err.print(f"job {job['state']}: {job['error']}")
+    elif job["error"]:
+        render.err.print(f"job {job['state']}: {job['error']}")
     code = job["exit_code"]
     sys.exit(code if code is not None else (0 if job["state"] == "succeeded" else 1))
+
+
+def _stream_output(c: Client, path: str, job_id: str) -> None:
+    """Print the job's output as it arrives, until the stream is complete (the long poll
+    of GET .../output; each call waits up to FOLLOW_WAIT_S for more)."""
+    after = 0
+    waiting = render.err.status(f"job {job_id[:8]}: waiting for output")
+    waiting.start()
+    try:
+        while True:
+            page = c.get(f"{path}/output?after={after}&wait={FOLLOW_WAIT_S}")
+            if page["output"] or page["lost"]:
+                waiting.stop()
+            if page["lost"]:
+                render.err.print(
+                    f"[{page['lost']} characters of output not streamed (too fast, or lost); "
+                    f"the job's final output, GET {path}, keeps its last part]"
+                )
+            sys.stdout.write(page["output"])
+            sys.stdout.flush()
+            after = page["next_offset"]
+            if page["complete"]:
+                return
+    finally:
+        waiting.stop()
 
 
 # --- sleep ----------------------------------------------------------------------------

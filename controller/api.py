@@ -31,10 +31,20 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controller import bodies, groups, principals, releases, store, variables
+from controller import (
+    groups,
+    joboutput,
+    principals,
+    releases,
+    reports,
+    request_bodies,
+    store,
+    variables,
+)
 from controller.backups_api import BackupsApi
 from controller.config import Config, describe
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.env import compose_env, names_of, primaries
 from controller.errors import (
     ApiError,
@@ -56,9 +66,7 @@ from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
 from controller.principals import Principal
-from controller.rows import AddonRow, new_id
-from controller.seams import DirtyHosts
-from controller.views import (
+from controller.responses import (
     AddonList,
     AddonView,
     AppList,
@@ -78,8 +86,10 @@ from controller.views import (
     release_view,
     token_view,
 )
+from controller.store_rows import AddonRow, new_id
 from schemas import agent_api
 from schemas.images import ImageRefused, check_reference
+from schemas.messages import MAX_COUNT
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +107,8 @@ PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
 MAX_OFFSET = 1_000_000
+# A long poll on a job's output waits at most this long (clients' timeouts exceed it).
+MAX_OUTPUT_WAIT_S = 30
 B = TypeVar("B", bound=msgspec.Struct)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -235,8 +247,15 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
 
 class Api:
     def __init__(
-        self, config: Config, pool: Pool, plans: Plans, dirty: DirtyHosts, metrics: Metrics
+        self,
+        config: Config,
+        pool: Pool,
+        plans: Plans,
+        dirty: DirtyHosts,
+        metrics: Metrics,
+        watch: joboutput.OutputWatch | None = None,
     ) -> None:
+        self._watch = watch or joboutput.OutputWatch()
         self._config = config
         self._pool = pool
         self._plans = plans
@@ -271,6 +290,7 @@ class Api:
         r.add_post("/v1/projects/{project_id}/jobs", self.create_job)
         r.add_get("/v1/projects/{project_id}/jobs", self.list_jobs)
         r.add_get("/v1/projects/{project_id}/jobs/{job_id}", self.show_job)
+        r.add_get("/v1/projects/{project_id}/jobs/{job_id}/output", self.job_output)
         r.add_delete("/v1/projects/{project_id}/jobs/{job_id}", self.cancel_job)
         r.add_post("/v1/projects/{project_id}/jobs/{job_id}/cancel", self.cancel_job)
         r.add_post("/v1/projects/{project_id}/tokens", self.create_project_token)
@@ -346,8 +366,8 @@ class Api:
     # --- projects ---------------------------------------------------------------------
 
     async def create_project(self, request: web.Request) -> web.Response:
-        body = await read_body(request, bodies.ProjectCreate)
-        bodies.check_project(body, self._plans)
+        body = await read_body(request, request_bodies.ProjectCreate)
+        request_bodies.check_project(body, self._plans)
         project = await store.create_project(
             self._pool, body.name, body.plan, self._config.hosts.offline_after_s
         )
@@ -371,8 +391,8 @@ class Api:
         """A plan change: the host resizes the add-ons in place (see agent/upkeep.py)."""
         require_operator(request)  # the plan is what the tenant pays for
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.ProjectUpdate)
-        bodies.check_project(body, self._plans)
+        body = await read_body(request, request_bodies.ProjectUpdate)
+        request_bodies.check_project(body, self._plans)
         before = await store.get_project(self._pool, project_id)
         project = await store.change_plan(self._pool, project_id, body.plan, self._plans)
         self._dirty.mark(project.host)
@@ -390,8 +410,8 @@ class Api:
 
     async def create_addon(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.AddonCreate)
-        bodies.check_addon(body)
+        body = await read_body(request, request_bodies.AddonCreate)
+        request_bodies.check_addon(body)
         addon_id = new_id()
         sealed = self._sealer.seal(secrets.token_urlsafe(24), addon_id.encode())
         try:
@@ -446,8 +466,8 @@ class Api:
     async def update_addon(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         addon_id = _path_id(request, "addon_id")
-        body = await read_body(request, bodies.AddonUpdate)
-        bodies.check_addon_update(body)
+        body = await read_body(request, request_bodies.AddonUpdate)
+        request_bodies.check_addon_update(body)
         if not isinstance(body.env_name, msgspec.UnsetType):
             await variables.set_env_name(self._pool, project_id, addon_id, body.env_name)
             log(
@@ -515,7 +535,7 @@ class Api:
 
     async def update_env(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.EnvUpdate)
+        body = await read_body(request, request_bodies.EnvUpdate)
         shared = {n for n, _ in await groups.shared_with(self._pool, self._sealer, project_id)}
         for name in sorted(set(body.set_) & shared):
             raise Conflict(
@@ -597,7 +617,8 @@ class Api:
         project_id = _path_id(request, "project_id")
         current = await self._env(project_id)  # 404 for an unknown project
         newest = await releases.latest(self._pool, self._sealer, project_id)
-        apps = app_views(newest, current.env) if newest else ()
+        statuses = await reports.app_statuses(self._pool, project_id)
+        apps = app_views(newest, current.env, statuses) if newest else ()
         return json_response(AppList(apps=apps))
 
     async def agent_release_env(self, request: web.Request) -> web.Response:
@@ -613,8 +634,8 @@ class Api:
 
     async def create_job(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.JobCreate)
-        spec_bytes = bodies.check_job(body, self._config.jobs.allowed_images)
+        body = await read_body(request, request_bodies.JobCreate)
+        spec_bytes = request_bodies.check_job(body, self._config.jobs.allowed_images)
         job, host = await store.create_job(
             self._pool, project_id, body.image, body.command, body.timeout_s, spec_bytes
         )
@@ -627,6 +648,21 @@ class Api:
             self._pool, _path_id(request, "project_id"), _path_id(request, "job_id")
         )
         return json_response(job_view(job))
+
+    async def job_output(self, request: web.Request) -> web.Response:
+        """A long poll on the job's live output (controller/joboutput.py)."""
+        project_id = _path_id(request, "project_id")
+        job_id = _path_id(request, "job_id")
+        after = _query_int(request, "after", 0, 0, MAX_COUNT)
+        deadline = time.monotonic() + _query_int(request, "wait", 0, 0, MAX_OUTPUT_WAIT_S)
+        while True:
+            changed = self._watch.event(job_id)
+            view = await joboutput.read(self._pool, project_id, job_id, after)
+            left = deadline - time.monotonic()
+            if view.output or view.lost or view.complete or left <= 0:
+                return json_response(view)
+            # Woken by the ingest; at least once a second anyway (another controller).
+            await self._watch.wait(job_id, changed, min(left, 1.0))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
@@ -654,7 +690,7 @@ class Api:
     async def create_project_token(self, request: web.Request) -> web.Response:
         require_operator(request)
         project_id = _path_id(request, "project_id")
-        body = await read_body(request, bodies.TokenCreate, optional=True)
+        body = await read_body(request, request_bodies.TokenCreate, optional=True)
         row, token = await principals.create_project_token(self._pool, project_id, body.name)
         log(logger, "project_token_created", project=project_id, token_id=row.id)
         return created(new_token_view(row, token), f"/v1/projects/{project_id}/tokens/{row.id}")
@@ -678,7 +714,7 @@ class Api:
 
     async def create_agent_token(self, request: web.Request) -> web.Response:
         host = self._path_host(request)
-        body = await read_body(request, bodies.TokenCreate, optional=True)
+        body = await read_body(request, request_bodies.TokenCreate, optional=True)
         row, token = await principals.create_agent_token(self._pool, host, body.name)
         log(logger, "agent_token_created", host=host, token_id=row.id)
         return created(new_token_view(row, token), f"/v1/hosts/{host}/agent-tokens/{row.id}")

@@ -20,6 +20,7 @@ from controller.backup_scheduler import BackupScheduler
 from controller.config import Config
 from controller.errors import ConfigError
 from controller.ingest import Ingest
+from controller.joboutput import OutputWatch
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.mqtt import MqttLink
@@ -55,8 +56,9 @@ async def run(config: Config, plans: Plans) -> None:
             )
         link = MqttLink(config.mqtt, metrics)
         publisher = Publisher(pool, link, plans, metrics, config.signer)
-        ingest = Ingest(pool, publisher, metrics)
-        api = Api(config, pool, plans, publisher, metrics)
+        watch = OutputWatch()
+        ingest = Ingest(pool, publisher, metrics, watch, config.jobs.output_retain_chars)
+        api = Api(config, pool, plans, publisher, metrics, watch)
         app = api.app()
         # The 5xx an alert divides by: present from the start, so its first one counts.
         metrics.start_routes(

@@ -17,7 +17,7 @@ from controller import backup_rules
 from controller.db import Connection, Pool, transaction
 from controller.errors import Conflict, NotFound, PlanLimitReached
 from controller.plans import Plan
-from controller.rows import hex_of, new_id, scrub, uuid_of
+from controller.store_rows import hex_of, new_id, scrub, uuid_of
 from schemas.messages import BackupResult
 
 BackupKind = Literal["manual", "automatic"]

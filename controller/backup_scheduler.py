@@ -17,11 +17,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from controller import backup_queries
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.errors import Transient
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
-from controller.seams import DirtyHosts
 
 logger = logging.getLogger(__name__)
 

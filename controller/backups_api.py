@@ -27,11 +27,11 @@ from msgspec import Struct
 from controller import backup_queries as q
 from controller import backup_rules
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.errors import InvalidBody, PlanLimitReached
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.plans import Plans
-from controller.seams import DirtyHosts
 
 logger = logging.getLogger(__name__)
 

@@ -135,7 +135,8 @@ def compose_env(
     groups (variable name, add-on), then its live add-ons', in a stable order."""
     env = dict(sorted((user or {}).items()))
     given: set[str] = set()
-    # Two groups may give one name: the oldest add-on keeps it, whatever the order here.
+    # The API refuses to let two groups give a member one name (controller/groups.py);
+    # should rows still disagree, the oldest add-on keeps it, whatever the order here.
     for name, other in sorted(shared, key=lambda s: (s[0], s[1].created_at, s[1].id)):
         if name not in given:
             given.add(name)

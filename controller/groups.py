@@ -6,7 +6,11 @@ the shared add-ons are reachable from the other members' apps and jobs, and noth
 (agent/plan.py, agent/firewall.py). The other members get each shared add-on's URL under
 the variable name its owner picked (env.compose_env).
 
-Changes lock the group row, so the host check and the name checks see a settled group.
+Changes lock the group row, so the host check and the name checks see a settled group;
+sharing and joining also take one lock for all groups' names, since a project in two
+groups receives names from both. One name reaches a member from one add-on only: a share
+or a join that would give a member a name it already has (its own add-on's or variable,
+or another group's shared add-on) is refused with a 409 naming both.
 Leaving a group drops the project's shares with it (a foreign key cascade).
 """
 
@@ -21,8 +25,8 @@ from msgspec import Struct
 from controller.db import Connection, Pool, transaction
 from controller.env import Credentials, assign, shared_host
 from controller.errors import Conflict, NotFound
-from controller.rows import hex_of, new_id, uuid_of
 from controller.sealing import Sealer
+from controller.store_rows import hex_of, new_id, uuid_of
 from controller.variables import Named
 from schemas.messages import GroupSpec, SharedAddon
 
@@ -53,6 +57,11 @@ class GroupRow(Struct, frozen=True):
     @property
     def host(self) -> str | None:
         return self.members[0].host if self.members else None
+
+
+async def _lock_names(conn: Connection) -> None:
+    """Serialise the changes that hand out shared names, across groups (they are rare)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orkestr.groups.names'))")
 
 
 async def _lock(conn: Connection, group_id: str) -> Mapping[str, Any]:
@@ -157,6 +166,15 @@ async def add_member(pool: Pool, group_id: str, project_id: str) -> tuple[GroupR
                 "cross-host networking exists; create the project in the group's host's "
                 "placement, or use another group"
             )
+        await _lock_names(conn)
+        for s in group.shares:
+            why = await _taken(conn, project_id, s.env_name, group.id, s.addon_id)
+            if why is not None:
+                raise Conflict(
+                    f"{s.env_name} names add-on {s.addon_name} shared in group {group.name}, "
+                    f"and in project {project_id} it is already {why}; rename one of them "
+                    "(PUT the share with another env_name) before joining"
+                )
         await conn.execute(
             "INSERT INTO group_members (group_id, project_id) VALUES ($1, $2)",
             uuid_of(group_id),
@@ -179,8 +197,11 @@ async def remove_member(pool: Pool, group_id: str, project_id: str) -> GroupRow:
     return group
 
 
-async def _taken(conn: Connection, project_id: str, env_name: str) -> str | None:
-    """Why a member cannot receive `env_name` (an add-on's or own variable), or None."""
+async def _taken(
+    conn: Connection, project_id: str, env_name: str, group_id: str, addon_id: str
+) -> str | None:
+    """Why a member cannot receive `env_name` for `addon_id` shared in `group_id` (an
+    add-on's or own variable, or another group's shared add-on), or None."""
     rows = await conn.fetch(
         """SELECT id, name, kind, created_at, env_name, promoted_at FROM addons
         WHERE project_id = $1 AND deleted_at IS NULL""",
@@ -205,6 +226,20 @@ async def _taken(conn: Connection, project_id: str, env_name: str) -> str | None
         env_name,
     ):
         return "one of its own variables"
+    other = await conn.fetchrow(
+        """SELECT g.name AS group_name, a.name AS addon_name FROM group_members m
+        JOIN group_shares s ON s.group_id = m.group_id AND s.project_id <> m.project_id
+        JOIN addons a ON a.id = s.addon_id AND a.deleted_at IS NULL
+        JOIN project_groups g ON g.id = s.group_id
+        WHERE m.project_id = $1 AND s.env_name = $2 AND s.group_id <> $3 AND s.addon_id <> $4
+        ORDER BY s.created_at LIMIT 1""",
+        uuid_of(project_id),
+        env_name,
+        uuid_of(group_id),
+        uuid_of(addon_id),
+    )
+    if other is not None:
+        return f"add-on {other['addon_name']} shared in group {other['group_name']}"
     return None
 
 
@@ -231,10 +266,11 @@ async def share(
                     f"{env_name} already names add-on {s.addon_name} shared in group "
                     f"{group.name}; pick another name"
                 )
+        await _lock_names(conn)
         for m in group.members:
             if m.project_id == project_id:
                 continue
-            why = await _taken(conn, m.project_id, env_name)
+            why = await _taken(conn, m.project_id, env_name, group_id, addon_id)
             if why is not None:
                 raise Conflict(f"{env_name} is {why} in member project {m.name}; pick another name")
         await conn.execute(

@@ -27,13 +27,13 @@ from msgspec import Meta, Struct
 
 from controller import api as http
 from controller import groups
-from controller.bodies import ProjectName, VariableName
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.env import DEFAULT_VARIABLES
 from controller.errors import InvalidBody
 from controller.groups import GroupRow, MemberRow, ShareRow
 from controller.logs import log
-from controller.seams import DirtyHosts
+from controller.request_bodies import ProjectName, VariableName
 
 logger = logging.getLogger(__name__)
 

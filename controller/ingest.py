@@ -1,4 +1,4 @@
-"""Handling what agents report over MQTT: host status, presence and job results.
+"""Handling what agents report over MQTT: host status, presence, job results and output.
 
 Each message is decoded strictly (`schemas.codec.decode`); a rejected message is logged
 with its topic and reason and changes nothing. A host may only speak for itself (the
@@ -13,21 +13,28 @@ import asyncio
 import logging
 from typing import Literal
 
-from controller import backup_queries, reports
+from controller import backup_queries, joboutput, reports
 from controller.backoff import Backoff
 from controller.db import Pool
+from controller.dirty_hosts import DirtyHosts
 from controller.errors import DatabaseUnavailable
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.mqtt import Incoming
-from controller.seams import DirtyHosts
 from schemas import topics
 from schemas.codec import MessageRejected, decode
-from schemas.messages import BackupResult, HostStatus, JobResult, Presence
+from schemas.messages import (
+    MAX_OUTPUT_MESSAGE_BYTES,
+    BackupResult,
+    HostStatus,
+    JobOutput,
+    JobResult,
+    Presence,
+)
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["status", "presence", "job_result", "backup_result"]
+Kind = Literal["status", "presence", "job_result", "job_output", "backup_result"]
 
 
 def classify(topic: str) -> tuple[Kind, str, str | None] | None:
@@ -42,16 +49,27 @@ def classify(topic: str) -> tuple[Kind, str, str | None] | None:
     parts = topic.split("/")
     if len(parts) == 7 and parts[4] == "jobs" and topic == topics.job_result(host, parts[5]):
         return "job_result", host, parts[5]
+    if len(parts) == 7 and parts[4] == "jobs" and topic == topics.job_output(host, parts[5]):
+        return "job_output", host, parts[5]
     if len(parts) == 7 and parts[4] == "backups" and topic == topics.backup_result(host, parts[5]):
         return "backup_result", host, parts[5]
     return None
 
 
 class Ingest:
-    def __init__(self, pool: Pool, dirty: DirtyHosts, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        dirty: DirtyHosts,
+        metrics: Metrics,
+        watch: joboutput.OutputWatch | None = None,
+        output_retain_chars: int = 65536,
+    ) -> None:
         self._pool = pool
         self._dirty = dirty
         self._metrics = metrics
+        self._watch = watch or joboutput.OutputWatch()
+        self._retain_chars = output_retain_chars
 
     async def handle(self, message: Incoming) -> None:
         """Apply one message; never raises except on cancellation."""
@@ -133,6 +151,8 @@ class Ingest:
             return "accepted"
         if kind == "backup_result":
             return await self._backup_result(host, job_id, message)
+        if kind == "job_output":
+            return await self._job_output(host, job_id, message)
         result = decode(message.payload, JobResult)
         _same_host(result.host, host)
         if result.job_id != job_id:
@@ -149,8 +169,40 @@ class Ingest:
                 error=result.error or "",
             )
             self._dirty.mark(host)
+            self._watch.changed(result.job_id)
             return "accepted"
         return "stale"  # unknown, foreign or already finished (a redelivery)
+
+    async def _job_output(self, host: str, job_id: str | None, message: Incoming) -> str:
+        chunk = decode(message.payload, JobOutput, MAX_OUTPUT_MESSAGE_BYTES)
+        _same_host(chunk.host, host)
+        if chunk.job_id != job_id:
+            raise MessageRejected(
+                "JobMismatch", f"topic names job {job_id}, payload {chunk.job_id}"
+            )
+        outcome, missing = await joboutput.record_chunk(self._pool, chunk, self._retain_chars)
+        if outcome == "foreign":
+            # The broker's ACL lets a host publish only under its own name; the job must
+            # also be one of a project placed on it.
+            raise MessageRejected(
+                "ForeignJob",
+                f"job {chunk.job_id} of project {chunk.project_id} is not placed on host {host}",
+            )
+        if missing:
+            self._metrics.job_output_gaps.inc(missing)
+            log(
+                logger,
+                "job_output_gap",
+                logging.WARNING,
+                host=host,
+                job=chunk.job_id,
+                seq=chunk.seq,
+                missing=missing,
+            )
+        if outcome != "accepted":
+            return "stale"  # a redelivery, or a job already pruned
+        self._watch.changed(chunk.job_id)
+        return "accepted"
 
     async def _backup_result(self, host: str, key: str | None, message: Incoming) -> str:
         outcome = decode(message.payload, BackupResult)

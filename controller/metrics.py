@@ -26,7 +26,7 @@ P = "orkestr_controller"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Known label values, created at zero (see `start_at_zero`).
-MESSAGE_KINDS = ("status", "presence", "job_result", "unknown")
+MESSAGE_KINDS = ("status", "presence", "job_result", "job_output", "unknown")
 MESSAGE_RESULTS = ("accepted", "stale", "rejected", "error")
 PUBLISH_RESULTS = ("published", "failed", "too_large")
 ADDON_KINDS = ("postgres", "redis")
@@ -55,6 +55,11 @@ class Metrics:
             f"{P}_mqtt_messages_total",
             "Agent messages by kind and result (accepted, rejected, stale, error)",
             ["kind", "result"],
+            registry=r,
+        )
+        self.job_output_gaps = Counter(
+            f"{P}_job_output_gaps_total",
+            "Live job output chunks seen missing when a later one of the job arrived",
             registry=r,
         )
         self.mqtt_connected = Gauge(

@@ -33,6 +33,7 @@ SUBSCRIPTIONS = (
     topics.STATUS_ALL,
     topics.PRESENCE_ALL,
     topics.JOB_RESULT_ALL,
+    topics.JOB_OUTPUT_ALL,
     topics.BACKUP_RESULT_ALL,
 )
 

@@ -21,7 +21,7 @@ from controller import tokens
 from controller.config import HttpConfig
 from controller.db import Pool, transaction
 from controller.errors import NotFound
-from controller.rows import hex_of, new_id, uuid_of
+from controller.store_rows import hex_of, new_id, uuid_of
 
 Kind = Literal["operator", "project", "metrics", "agent"]
 

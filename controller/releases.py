@@ -18,11 +18,11 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from controller.bodies import ImageRef
 from controller.db import Pool, transaction
 from controller.errors import Conflict, NotFound
-from controller.rows import uuid_of
+from controller.request_bodies import ImageRef
 from controller.sealing import Sealer
+from controller.store_rows import uuid_of
 from schemas.messages import DnsName
 
 # Apps travel in the host's desired state: small bounds keep a project's apps within

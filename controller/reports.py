@@ -6,10 +6,12 @@ twice. A host only ever changes rows of projects placed on it (checked in the SQ
 
 from __future__ import annotations
 
+import msgspec
+
 from controller import store
 from controller.db import Pool, transaction
-from controller.rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
-from schemas.messages import MAX_GENERATION, HostStatus, JobResult, Presence
+from controller.store_rows import StatusOutcome, hex_of, json_text, scrub, uuid_of
+from schemas.messages import MAX_GENERATION, AppStatus, HostStatus, JobResult, Presence
 
 # A restored database is behind its agents by the generations published since the backup:
 # thousands, not billions. A larger jump is a forged or corrupt report.
@@ -47,7 +49,9 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
             status.capacity.memory_mb,
             status.sent_at,
             status.applied_generation,
-            json_text({"sent_at": status.sent_at, "conditions": status.conditions}),
+            json_text(
+                {"sent_at": status.sent_at, "conditions": status.conditions, "apps": status.apps}
+            ),
         )
         if inserted is None:
             return None  # older than what we have: out-of-order delivery
@@ -119,7 +123,7 @@ async def record_job_result(pool: Pool, result: JobResult) -> bool:
     async with transaction(pool) as conn:
         updated = await conn.fetchval(
             """UPDATE jobs j SET state = $3, exit_code = $4, output = $5, error = $6,
-                started_at = $7, finished_at = $8
+                started_at = $7, finished_at = $8, output_chunks = $10
             FROM projects p
             WHERE j.id = $1 AND j.project_id = $2 AND j.state = 'pending'
               AND p.id = j.project_id AND p.host = $9
@@ -133,5 +137,24 @@ async def record_job_result(pool: Pool, result: JobResult) -> bool:
             result.started_at,
             result.finished_at,
             result.host,
+            result.output_chunks,
         )
     return bool(updated)
+
+
+async def app_statuses(pool: Pool, project_id: str) -> dict[str, AppStatus]:
+    """App id -> its last reported status, as the project's own host reported it (a host
+    speaks only for the projects placed on it: another host's report is never read)."""
+    async with transaction(pool) as conn:
+        raw = await conn.fetchval(
+            """SELECT (h.status->'apps')::text FROM projects p JOIN hosts h ON h.name = p.host
+            WHERE p.id = $1""",
+            uuid_of(project_id),
+        )
+    if not raw:
+        return {}
+    try:
+        found = msgspec.json.decode(raw, type=list[AppStatus])
+    except msgspec.ValidationError:
+        return {}  # written by another schema version: no status until the next report
+    return {a.id: a for a in found if a.project_id == project_id}

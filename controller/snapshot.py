@@ -16,7 +16,7 @@ from controller.db import Pool, transaction
 from controller.groups import specs_on
 from controller.plans import Plan
 from controller.releases import AppDef, app_id
-from controller.rows import hex_of
+from controller.store_rows import hex_of
 from schemas.messages import (
     SCHEMA_VERSION,
     AddonSpec,
@@ -133,6 +133,7 @@ async def desired_state(pool: Pool, host: str, plans: Mapping[str, Plan]) -> Des
                     for a in apps_of.get(p["id"], (0, ()))[1]
                     if not p["deleted"]
                 ),
+                deleted=p["deleted"],
             )
             for p in projects
         ),

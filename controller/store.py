@@ -1,6 +1,6 @@
 """SQL queries behind the HTTP API: projects, add-ons, jobs, hosts.
 
-Functions take the pool, run in `db.transaction` and return row structs (rows.py). Rules
+Functions take the pool, run in `db.transaction` and return row structs (store_rows.py). Rules
 that must hold under concurrency live here, in SQL: the plan limit (project row locked
 `FOR UPDATE`), serialised placement, and "an agent only reads what is placed on it".
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from controller import bodies
+from controller import request_bodies
 from controller.db import Connection, Pool, transaction
 from controller.env import Credentials
 from controller.errors import (
@@ -23,7 +23,8 @@ from controller.errors import (
     TooManyPendingJobs,
 )
 from controller.plans import Plan, Plans
-from controller.rows import (
+from controller.sealing import Sealer
+from controller.store_rows import (
     AddonRow,
     HostRow,
     JobRow,
@@ -34,7 +35,6 @@ from controller.rows import (
     new_id,
     uuid_of,
 )
-from controller.sealing import Sealer
 from schemas.credentials import login_role
 from schemas.messages import AddonKind
 
@@ -198,8 +198,8 @@ async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]
                 error = 'project deleted' WHERE project_id = $1 AND state = 'pending'""",
             project["id"],
         )
-        # Backups not started yet never will be; files already made stay in the store
-        # (as for a deleted add-on), their rows go with the add-ons.
+        # Backups not started yet never will be; their rows go with the add-ons, and the
+        # agent removes the files already made (agent/deleted_backups.py).
         await conn.execute(
             """UPDATE backup_restores SET state = 'failed', finished_at = clock_timestamp(),
                 error = 'project deleted' WHERE state = 'pending'
@@ -535,7 +535,7 @@ async def create_job(
     timeout_s: float,
     spec_bytes: int,
 ) -> tuple[JobRow, str]:
-    """A pending job and the host to run it, within the pending-job budgets (bodies.py)
+    """A pending job and the host to run it, within the pending-job budgets (request_bodies.py)
     of its project and of its host, so no tenant can grow a host's desired state past
     what the agent accepts."""
     async with transaction(pool) as conn:
@@ -568,21 +568,21 @@ async def create_job(
 
 
 def _check_job_budgets(pending: int, project_bytes: int, host_bytes: int, size: int) -> None:
-    if pending >= bodies.MAX_PENDING_JOBS:
+    if pending >= request_bodies.MAX_PENDING_JOBS:
         raise TooManyPendingJobs(
             f"this project already has {pending} pending jobs (at most "
-            f"{bodies.MAX_PENDING_JOBS}); wait for one to finish or cancel one"
+            f"{request_bodies.MAX_PENDING_JOBS}); wait for one to finish or cancel one"
         )
-    if project_bytes + size > bodies.MAX_PROJECT_JOB_BYTES:
+    if project_bytes + size > request_bodies.MAX_PROJECT_JOB_BYTES:
         raise TooManyPendingJobs(
             f"this job needs {size} bytes and the project's pending jobs hold {project_bytes}; "
-            f"at most {bodies.MAX_PROJECT_JOB_BYTES} bytes of pending jobs per project: "
+            f"at most {request_bodies.MAX_PROJECT_JOB_BYTES} bytes of pending jobs per project: "
             "wait for one to finish or cancel one"
         )
-    if host_bytes + size > bodies.MAX_HOST_JOB_BYTES:
+    if host_bytes + size > request_bodies.MAX_HOST_JOB_BYTES:
         raise TooManyPendingJobs(
             f"this job needs {size} bytes and the pending jobs on this project's host hold "
-            f"{host_bytes}; at most {bodies.MAX_HOST_JOB_BYTES} bytes per host: retry later"
+            f"{host_bytes}; at most {request_bodies.MAX_HOST_JOB_BYTES} bytes per host: retry later"
         )
 
 

@@ -16,8 +16,8 @@ from msgspec import Struct
 from controller.db import Connection, Pool, transaction
 from controller.env import assign
 from controller.errors import Conflict, NotFound
-from controller.rows import uuid_of
 from controller.sealing import Sealer
+from controller.store_rows import uuid_of
 from schemas.messages import AddonKind
 
 MAX_VARIABLES = 100  # a project's own variables

@@ -2,7 +2,8 @@
 
 Every host connects with its host name as MQTT username, and the broker runs with
 `use_username_as_clientid true`, so one pattern block serves all hosts: a host reads its
-own desired topic and writes its own status, presence, job and backup results, nothing else. The
+own desired topic and writes its own status, presence, job results and output and backup
+results, nothing else. The
 controller's user reads every host's reports and writes desired states. Mosquitto refuses
 pattern access to a username containing `+` or `#`, so such a user gains nothing.
 
@@ -27,6 +28,7 @@ def host_patterns() -> list[str]:
         f"pattern write {topics.status(_U)}",
         f"pattern write {topics.presence(_U)}",
         f"pattern write {topics.job_result(_U, '+')}",
+        f"pattern write {topics.job_output(_U, '+')}",
         f"pattern write {topics.backup_result(_U, '+')}",
     ]
 
@@ -36,6 +38,7 @@ def controller_topics() -> list[str]:
         f"topic read {topics.STATUS_ALL}",
         f"topic read {topics.PRESENCE_ALL}",
         f"topic read {topics.JOB_RESULT_ALL}",
+        f"topic read {topics.JOB_OUTPUT_ALL}",
         f"topic read {topics.BACKUP_RESULT_ALL}",
         f"topic write {topics.desired('+')}",
     ]

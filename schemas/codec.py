@@ -33,11 +33,13 @@ def encode(message: Message) -> bytes:
     return encoder.encode(message)
 
 
-def decode(data: bytes | bytearray | memoryview, kind: type[M]) -> M:
+def decode(
+    data: bytes | bytearray | memoryview, kind: type[M], max_bytes: int = MAX_MESSAGE_BYTES
+) -> M:
     raw = bytes(data)
-    if len(raw) > MAX_MESSAGE_BYTES:
+    if len(raw) > max_bytes:
         raise MessageRejected(
-            "TooLarge", f"{kind.__name__} of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}"
+            "TooLarge", f"{kind.__name__} of {len(raw)} bytes exceeds {max_bytes}"
         )
     try:
         envelope = _envelope.decode(raw)

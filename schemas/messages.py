@@ -24,6 +24,10 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # JSON and float64 carry exactly.
 MAX_GENERATION = 2**53 - 1
 MAX_COUNT = 2**53 - 1
+# Live job output travels in chunks of at most this many characters; a chunk message is
+# refused above MAX_OUTPUT_MESSAGE_BYTES (the characters JSON-escaped, plus the envelope).
+MAX_OUTPUT_CHUNK_CHARS = 16384
+MAX_OUTPUT_MESSAGE_BYTES = 6 * MAX_OUTPUT_CHUNK_CHARS + 4096
 
 AddonKind = Literal["postgres", "redis"]
 # The port each kind serves on, inside the project network: for the agent and the controller.
@@ -122,6 +126,9 @@ class ProjectSpec(Struct, frozen=True, forbid_unknown_fields=True):
     # In order: the agent runs one operation per add-on at a time, the first pending first.
     backups: tuple[BackupSpec, ...] = ()
     apps: tuple[AppSpec, ...] = ()
+    # Being deleted (its add-ons are tombstoned too): their backups follow the operator's
+    # policy for deleted projects (agent/deleted_backups.py).
+    deleted: bool = False
 
 
 class SharedAddon(Struct, frozen=True, forbid_unknown_fields=True):
@@ -183,6 +190,27 @@ class AddonStatus(Struct, frozen=True, forbid_unknown_fields=True):
     quota_bytes: Count | None = None
 
 
+AppState = Literal["running", "restarting", "created", "paused", "exited", "dead", "missing"]
+
+
+class AppStatus(Struct, frozen=True, forbid_unknown_fields=True):
+    """An app's container as Docker last showed it: for the API's app view and the CLI."""
+
+    id: Id
+    project_id: Id
+    name: DnsName
+    # The release its container runs (None: no container).
+    release: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None
+    state: AppState
+    # Docker's restarts of the container (the on-failure policy) since it was created.
+    restart_count: Count = 0
+    exit_code: Int32 | None = None  # of its last exit (None: never exited)
+    oom_killed: bool = False  # the last exit was the kernel's OOM killer
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: Annotated[str, Meta(max_length=1024)] | None = None
+
+
 class Capacity(Struct, frozen=True, forbid_unknown_fields=True):
     cpus: Annotated[float, Meta(ge=0, le=65536)]
     memory_mb: Annotated[int, Meta(ge=0, le=2**31 - 1)]
@@ -198,6 +226,8 @@ class HostStatus(Struct, frozen=True, forbid_unknown_fields=True):
     addons: tuple[AddonStatus, ...] = ()
     # Add-ons whose tombstone was applied: container and volume are gone.
     removed: tuple[Id, ...] = ()
+    # The apps of the newest releases of the projects placed here.
+    apps: tuple[AppStatus, ...] = ()
 
 
 class Presence(Struct, frozen=True, forbid_unknown_fields=True):
@@ -217,6 +247,28 @@ class JobResult(Struct, frozen=True, forbid_unknown_fields=True):
     started_at: datetime | None
     finished_at: datetime
     error: str | None = None
+    # Chunks of live output sent for this job (`JobOutput.seq` 0 .. n-1), so the
+    # controller knows when it has them all; None: the agent did not stream it.
+    output_chunks: Count | None = None
+
+
+class JobOutput(Struct, frozen=True, forbid_unknown_fields=True):
+    """A piece of a running job's output, sent while it runs (QoS 1, not retained).
+
+    `seq` numbers a job's chunks from 0 without holes, so the controller orders them,
+    drops a redelivered one and sees one that never came. `offset` is where `data`
+    starts in the job's output, in characters, counting the `dropped` characters the
+    agent's rate limit left out just before it.
+    """
+
+    version: int
+    host: HostName
+    job_id: Id
+    project_id: Id
+    seq: Annotated[int, Meta(ge=0, le=2**31 - 1)]
+    offset: Count
+    data: Annotated[str, Meta(max_length=MAX_OUTPUT_CHUNK_CHARS)]
+    dropped: Count = 0
 
 
 class SignedDesiredState(Struct, frozen=True, forbid_unknown_fields=True):
@@ -253,6 +305,8 @@ class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
     verify_seconds: float | None = None
 
 
-Message = DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | BackupResult
+Message = (
+    DesiredState | SignedDesiredState | HostStatus | Presence | JobResult | JobOutput | BackupResult
+)
 
 encoder = msgspec.json.Encoder()

@@ -4,6 +4,7 @@ orkestr/v1/hosts/{host}/desired          controller -> agent, retained, QoS 1
 orkestr/v1/hosts/{host}/status           agent -> controller, retained, QoS 1
 orkestr/v1/hosts/{host}/presence         agent -> controller, retained; last will says offline
 orkestr/v1/hosts/{host}/jobs/{job}/result agent -> controller, QoS 1
+orkestr/v1/hosts/{host}/jobs/{job}/output agent -> controller, QoS 1 (live output chunks)
 orkestr/v1/hosts/{host}/backups/{op}/result agent -> controller, QoS 1
 """
 
@@ -28,6 +29,10 @@ def job_result(host: str, job_id: str) -> str:
     return f"{PREFIX}/hosts/{host}/jobs/{job_id}/result"
 
 
+def job_output(host: str, job_id: str) -> str:
+    return f"{PREFIX}/hosts/{host}/jobs/{job_id}/output"
+
+
 def backup_result(host: str, op_id: str) -> str:
     return f"{PREFIX}/hosts/{host}/backups/{op_id}/result"
 
@@ -35,6 +40,7 @@ def backup_result(host: str, op_id: str) -> str:
 STATUS_ALL = f"{PREFIX}/hosts/+/status"
 PRESENCE_ALL = f"{PREFIX}/hosts/+/presence"
 JOB_RESULT_ALL = f"{PREFIX}/hosts/+/jobs/+/result"
+JOB_OUTPUT_ALL = f"{PREFIX}/hosts/+/jobs/+/output"
 BACKUP_RESULT_ALL = f"{PREFIX}/hosts/+/backups/+/result"
 
 

@@ -335,7 +335,9 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(stack: Stack, agent_extra: str = "") -> AsyncIterator[AgentProcess]:
+async def running_agent(
+    stack: Stack, agent_extra: str = "", extra_config: str = ""
+) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
     host = host_name("t")
@@ -348,6 +350,7 @@ async def running_agent(stack: Stack, agent_extra: str = "") -> AsyncIterator[Ag
         public_key_file=stack.controller.public_key_file,
         tls=stack.tls,
         agent_extra=agent_extra,
+        extra_config=extra_config,
     )
     try:
         await proc.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
@@ -214,9 +215,112 @@ def test_the_planner_puts_an_idle_addon_to_sleep_and_wakes_it_for_a_waiting_clie
     restarted = p.SleepFacts(state="light", last_activity=NOW - 600)
     local = p.Local(secrets={AID: 1}, sleep={AID: restarted}, now=NOW)
     assert p.plan(desired(SLEEPY), paused, local, SETTINGS) == ()
-    # A plan without sleep decides nothing here (the sleep manager wakes it on the change).
+    # A plan without sleep leaves an awake add-on as it is.
     no_sleep = p.Local(secrets={AID: 1}, sleep={AID: p.SleepFacts(ready=True)}, now=NOW)
     assert p.plan(desired(addon()), awake, no_sleep, SETTINGS) == ()
+
+
+def _with_db(world: Observed, state: str) -> Observed:
+    return Observed(
+        containers=tuple(
+            replace(c, state=state) if c.role == "db" else c for c in world.containers
+        ),
+        networks=world.networks,
+        volumes=world.volumes,
+    )
+
+
+NO_SLEEP = replace(SLEEPY, sleep=SleepPolicy(enabled=False))
+
+
+@pytest.mark.parametrize(
+    ("spec", "db_state", "facts", "expected"),
+    [
+        # A backup's hold wakes a sleeping add-on through its worker, from either stage.
+        (SLEEPY, "paused", p.SleepFacts(state="light", held=True, listening=True), "wake"),
+        (SLEEPY, "exited", p.SleepFacts(state="deep", held=True, listening=True), "wake"),
+        # ... however long it has been idle (the hold wins over the idle timer).
+        (
+            SLEEPY,
+            "exited",
+            p.SleepFacts(state="deep", held=True, listening=True, last_activity=NOW - 1e6),
+            "wake",
+        ),
+        # Held and awake: neither a sleep nor a wake.
+        (
+            SLEEPY,
+            "running",
+            p.SleepFacts(held=True, ready=True, listening=True, last_activity=NOW - 1e6),
+            "nothing",
+        ),
+        # Held, but no listener yet (a restarted agent): the wake waits for it.
+        (SLEEPY, "exited", p.SleepFacts(state="deep", held=True), "nothing"),
+        # The plan stopped allowing sleep: a sleeping add-on wakes through its worker...
+        (NO_SLEEP, "paused", p.SleepFacts(state="light", listening=True), "wake"),
+        (NO_SLEEP, "exited", p.SleepFacts(state="deep", listening=True), "wake"),
+        # ... once its listener runs (it lifts the deep-sleep redirect) ...
+        (NO_SLEEP, "exited", p.SleepFacts(state="deep"), "nothing"),
+        # ... and an awake one is never put to sleep, however idle.
+        (
+            NO_SLEEP,
+            "running",
+            p.SleepFacts(ready=True, listening=True, last_activity=NOW - 1e6),
+            "nothing",
+        ),
+        # Still allowed and idle: it stays asleep.
+        (SLEEPY, "exited", p.SleepFacts(state="deep", listening=True), "nothing"),
+    ],
+)
+def test_holds_and_plan_changes_wake_through_the_planner(
+    spec: AddonSpec, db_state: str, facts: p.SleepFacts, expected: str
+) -> None:
+    world = _with_db(converged_world(spec), db_state)
+    facts = replace(facts, last_activity=facts.last_activity or NOW)
+    local = p.Local(secrets={AID: 1}, sleep={AID: facts}, now=NOW)
+    actions = p.plan(desired(spec), world, local, SETTINGS)
+    want = (p.WakeAddon(AID, model.db_name(AID)),) if expected == "wake" else ()
+    assert actions == want
+
+
+def _facts(**kw: Any) -> p.SleepFacts:
+    return p.SleepFacts(**{"listening": True, "last_activity": NOW, **kw})
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        # Awake and answered a client: due at light_after_s after its last activity.
+        (_facts(ready=True), NOW + 10),
+        (_facts(ready=True, last_activity=NOW - 4), NOW + 6),
+        # Light sleep: due to deepen at deep_after_s.
+        (_facts(state="light"), NOW + 60),
+        # Nothing further after deep sleep.
+        (_facts(state="deep"), None),
+        # Nothing the planner could act on: a client, a hold, a waiting client, no
+        # listener, not yet ready.
+        (_facts(ready=True, clients=1), None),
+        (_facts(ready=True, held=True), None),
+        (_facts(ready=True, wake_requested=True), None),
+        (_facts(ready=True, listening=False), None),
+        (_facts(ready=False), None),
+        # Past due: the pass that saw it planned the sleep; no timer that would spin.
+        (_facts(ready=True, last_activity=NOW - 11), None),
+    ],
+)
+def test_next_sleep_deadline(facts: p.SleepFacts, expected: float | None) -> None:
+    assert p.next_sleep_deadline(desired(SLEEPY), {AID: facts}, NOW) == expected
+
+
+def test_next_sleep_deadline_is_the_earliest_and_ignores_what_cannot_sleep() -> None:
+    other = "d" * 32
+    quick = replace(addon(other), sleep=SleepPolicy(enabled=True, light_after_s=3, deep_after_s=2))
+    state = desired(SLEEPY, quick)
+    facts = {AID: _facts(ready=True), other: _facts(ready=True)}
+    # deep_after_s below light_after_s: it goes straight to deep, at 2 s.
+    assert p.next_sleep_deadline(state, facts, NOW) == NOW + 2
+    no_sleep = desired(NO_SLEEP, replace(quick, deleted=True))
+    assert p.next_sleep_deadline(no_sleep, facts, NOW) is None
+    assert p.next_sleep_deadline(None, facts, NOW) is None
 
 
 def test_new_secret_version_is_fetched() -> None:

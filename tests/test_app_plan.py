@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from agent import model, specs
 from agent import plan as p
 from agent.model import Observed, ObservedContainer, ObservedNetwork
-from schemas.messages import AppSpec, DesiredState, ProjectSpec
+from schemas.messages import AppSpec, DesiredState, ProjectSpec, Resources
 
 SETTINGS = p.Settings(images=specs.Images(), secrets_root="/secrets")
 PID = "a" * 32
@@ -28,12 +30,16 @@ def container(app: AppSpec, state: str = "running") -> ObservedContainer:
         project_id=PID,
         state=state,  # type: ignore[arg-type]
         spec_hash=spec.spec_hash,
+        shape_hash=spec.shape_hash,
         app_id=app.id,
     )
 
 
-def plan(d: DesiredState, *containers: ObservedContainer) -> tuple[p.Action, ...]:
-    return p.plan(d, Observed(containers=containers, networks=(NET,)), p.Local(), SETTINGS)
+def plan(
+    d: DesiredState, *containers: ObservedContainer, local: p.Local | None = None
+) -> tuple[p.Action, ...]:
+    observed = Observed(containers=containers, networks=(NET,))
+    return p.plan(d, observed, local or p.Local(), SETTINGS)
 
 
 def test_a_new_app_is_run_on_its_project_network() -> None:
@@ -52,6 +58,24 @@ def test_a_new_release_replaces_the_container() -> None:
     assert plan(desired(newer), container(APP)) == (
         p.RemoveContainer(APP.id, model.app_container_name(APP.id), "ReleaseChanged"),
         p.RunApp(APP.id, PID, newer),
+    )
+
+
+def test_a_plan_change_resizes_the_running_app_in_place_once() -> None:
+    sized = AppSpec(id=APP.id, name="web", image=APP.image, release=1,
+                    resources=Resources(cpus=0.5, memory_mb=256))  # fmt: skip
+    bigger = msgspec.structs.replace(sized, resources=Resources(cpus=2.0, memory_mb=1024))
+    want = specs.app_spec(PID, bigger, SETTINGS.jobs)
+    resize = p.ResizeApp(APP.id, want.name, 2.0, 1024, want.spec_hash)
+    assert plan(desired(bigger), container(sized)) == (resize,)
+    # Docker cannot relabel the container: the agent remembers what it applied.
+    done = p.Local(resized_apps={APP.id: want.spec_hash})
+    assert plan(desired(bigger), container(sized), local=done) == ()
+    # A later change is applied again, and a new release still replaces the container.
+    assert plan(desired(sized), container(sized), local=done) == ()
+    newer = msgspec.structs.replace(bigger, release=2)
+    assert plan(desired(newer), container(sized), local=done)[0] == p.RemoveContainer(
+        APP.id, want.name, "ReleaseChanged"
     )
 
 

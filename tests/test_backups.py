@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import os
 import signal
 import uuid
@@ -27,6 +28,7 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     running_agent,
     wait_for,
@@ -324,6 +326,135 @@ async def test_redis_restore_resumed_after_agent_killed_at_the_swap(
     assert not list((agent.state_dir / "backup-inflight").iterdir())
 
 
+async def kill_agent_at_the_stop(
+    c: ControllerProcess, agent: AgentProcess, p: str, a: str, backup_id: str
+) -> str:
+    """Ask for a restore; freeze the agent as it stops Redis for the swap (past the point
+    of no return), then kill it. The restore's id."""
+    db = f"orkestr-{a}-db"
+    events = await asyncio.create_subprocess_exec(
+        *("docker", "events", "--filter", f"container={db}", "--filter", "event=kill"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        status, body = await c.api("POST", f"{base(p, a)}/backups/{backup_id}/restore")
+        assert status == 202, body
+        assert events.stdout is not None
+        line = await asyncio.wait_for(events.stdout.readline(), 120)
+        os.kill(proc_pid(agent), signal.SIGSTOP)
+        assert b"kill" in line, line
+    finally:
+        events.terminate()
+        await events.wait()
+    await agent.kill9()
+    await wait_for(lambda: docker("inspect", "-f", "{{.State.Status}}", db) == "exited", 60, "stop")
+    return str(body["id"])
+
+
+def in_volume(agent: AgentProcess, a: str, script: str) -> str:
+    """A shell script in a throwaway toolbox container with the add-on's volume at /data."""
+    return docker(
+        "run", "--rm", "--name", f"orkestr-test-{uuid.uuid4().hex[:12]}",
+        "--label", f"orkestr.host={agent.host}", "--network", "none",
+        "-v", f"{model.volume_name(a)}:/data", "--entrypoint", "bash", TOOLBOX, "-c", script,
+    )  # fmt: skip
+
+
+async def test_resumed_restore_retries_docker_errors_and_never_starts_a_half_swapped_volume(
+    stack: Stack,
+) -> None:
+    """An agent killed in the middle of a Redis swap (the previous files moved aside, the
+    restored ones not yet in place), restarted while Docker cannot run the swap (the
+    backup image is gone): the restore keeps trying and Redis stays stopped, instead of
+    starting on an empty volume; once Docker can again, the swap finishes."""
+    c = _c(stack)
+    image = f"orkestr-test-toolbox-{uuid.uuid4().hex[:12]}:latest"
+    docker("tag", TOOLBOX, image)  # a tag of this test's own, removed below
+    try:
+        config = f'[backups]\nimage = "{image}"\n'
+        async with running_agent(stack, extra_config=config) as agent:
+            p = (await create_project(c, "team"))["id"]
+            a = (await create_addon(c, p, "cache", "redis"))["id"]
+            await wait_phase(c, p, a, "ready")
+            job = await run_job(c, p, redis_cli("set kept 1", "set gone 1", "dbsize"))
+            assert job["output"].split()[-1] == "2", job
+            backup = await backup_now(c, p, a)
+            assert backup["verified"] is True, backup
+            job = await run_job(c, p, redis_cli("del gone", "set new 1"))
+            assert job["state"] == "succeeded", job
+
+            restore_id = await kill_agent_at_the_stop(c, agent, p, a, backup["id"])
+            # What the swap script leaves when killed right after moving the live files.
+            in_volume(
+                agent, a,
+                "cd /data && test -f .orkestr-restore/.complete && mkdir .orkestr-previous"
+                " && touch .orkestr-swapping && mv appendonlydir .orkestr-previous/",
+            )  # fmt: skip
+            docker("rmi", image)  # only this tag: the image itself stays
+            await agent.start()
+            await more_passes(agent, 5, timeout=60)  # the first resumes the restore
+            db = f"orkestr-{a}-db"
+            _, pending = await c.api("GET", f"{base(p, a)}/restores/{restore_id}")
+            assert pending["state"] == "pending", pending  # not given up
+            assert docker("inspect", "-f", "{{.State.Status}}", db) == "exited"
+            assert "backup.restore_retry" in agent.log_path.read_text()
+
+            docker("tag", TOOLBOX, image)
+
+            async def restore_done() -> dict[str, Any] | None:
+                _, r = await c.api("GET", f"{base(p, a)}/restores/{restore_id}")
+                return r if r["state"] != "pending" else None
+
+            done = await wait_for(restore_done, 120, "the resumed restore")
+            assert done["state"] == "succeeded", done
+            await wait_phase(c, p, a, "ready")
+            job = await run_job(c, p, redis_cli("get kept", "exists gone", "exists new"))
+            assert job["output"].split() == ["1", "1", "0"], job
+            listing = in_volume(agent, a, "ls -A /data")
+            assert not [n for n in listing.split() if n.startswith(".orkestr")], listing
+            assert not list((agent.state_dir / "backup-inflight").iterdir())
+    finally:
+        docker("rmi", image, check=False)
+
+
+async def test_backups_of_deleted_addons_and_projects(stack: Stack, agent: AgentProcess) -> None:
+    """A deleted add-on's backups stay for the operator's window (7 days by default), then
+    its directory goes and nothing else; a deleted project's go at once."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "gone", "redis"))["id"]
+    b = (await create_addon(c, p, "kept", "redis"))["id"]
+    await wait_phase(c, p, a, "ready")
+    await wait_phase(c, p, b, "ready")
+    gone, kept = await backup_now(c, p, a), await backup_now(c, p, b)
+    assert gone["state"] == kept["state"] == "succeeded"
+    gone_dir = dump_path(agent, p, a, gone["id"]).parent
+    kept_dump = dump_path(agent, p, b, kept["id"])
+
+    status, _ = await c.api("DELETE", f"/v1/projects/{p}/addons/{a}")
+    assert status == 202
+
+    async def addon_gone() -> bool:
+        return (await c.api("GET", f"/v1/projects/{p}/addons/{a}"))[0] == 404
+
+    await wait_for(addon_gone, 60, "the add-on deleted")
+    tomb = gone_dir / ".deleted.json"
+    assert tomb.exists()  # written the pass the tombstone arrived
+    await more_passes(agent, 2)
+    assert dump_path(agent, p, a, gone["id"]).exists()  # kept within the window
+
+    # Eight days later (the clock is the marker's): removed, and only that directory.
+    seen = json.loads(tomb.read_text())
+    tomb.write_text(json.dumps({**seen, "seen_at": seen["seen_at"] - 8 * 86400}))
+    await wait_for(lambda: not gone_dir.exists(), 30, "the deleted add-on's backups removed")
+    assert kept_dump.exists() and kept_dump.with_suffix(".json").exists()
+
+    status, _ = await c.api("DELETE", f"/v1/projects/{p}")
+    assert status == 202
+    project_dir = kept_dump.parent.parent
+    await wait_for(lambda: not project_dir.exists(), 60, "the deleted project's backups removed")
+
+
 def proc_pid(agent: AgentProcess) -> int:
     assert agent.proc is not None
     return agent.proc.pid
@@ -353,6 +484,12 @@ async def test_limits_and_sleeping_addon(stack: Stack, agent: AgentProcess) -> N
     db = f"orkestr-{a}-db"
     first = await backup_now(c, p, a)
     assert first["verified"] is True and first["counts"] == {"public.t": 3}, first
+    # The backup's hold had the add-on's own worker wake it (the planner's WakeAddon).
+    assert any(
+        f"addon.wake addon={a} " in line and "reason=held by a platform operation" in line
+        for line in agent.log_tail(2000).splitlines()
+    ), agent.log_tail(40)
+    assert f"action.done action=WakeAddon key={a}" in agent.log_tail(2000)
     await wait_phase(c, p, a, "sleeping", timeout=30)
 
     second = await backup_now(c, p, a, wait=False)

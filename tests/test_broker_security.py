@@ -129,6 +129,7 @@ async def _attempt_everything(client: aiomqtt.Client, victim: str, marker: int) 
         retain=True,
     )
     await client.publish(topics.job_result(victim, "a" * 32), b"forged", qos=1)
+    await client.publish(topics.job_output(victim, "a" * 32), b"forged", qos=1)
     await client.publish(topics.desired(victim), forged_desired, qos=1, retain=True)
 
 

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from controller import bodies
+from controller import request_bodies
 from controller.db import discover
 from schemas import topics
 from schemas.codec import encode
@@ -118,7 +118,7 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
         url = f"/v1/projects/{flooder['id']}/jobs"
         status, body = await controller.api("POST", url, flood_job(4000, args=4))
         assert_error(status, body, 413, "payload_too_large")
-        assert f"at most {bodies.MAX_PROJECT_JOB_BYTES}" in body["message"]
+        assert f"at most {request_bodies.MAX_PROJECT_JOB_BYTES}" in body["message"]
         assert "bytes once encoded" in body["message"]
         # Jobs of about 12 KB encoded: five fit in a project's budget, the sixth does not.
         accepted: dict[str, list[str]] = {}
@@ -138,8 +138,8 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
         project_refusals = [r for r in refused if "per project" in r["message"]]
         host_refusals = [r for r in refused if "per host" in r["message"]]
         assert project_refusals and host_refusals, refused
-        assert f"at most {bodies.MAX_PROJECT_JOB_BYTES} bytes" in project_refusals[0]["message"]
-        assert f"at most {bodies.MAX_HOST_JOB_BYTES} bytes" in host_refusals[0]["message"]
+        assert f"at most {request_bodies.MAX_PROJECT_JOB_BYTES} bytes" in project_refusals[0]["message"]
+        assert f"at most {request_bodies.MAX_HOST_JOB_BYTES} bytes" in host_refusals[0]["message"]
         # Another tenant on the same host still converges: its add-on is published.
         mark = watcher.mark()
         tenant = await project_on(controller, big_host.host)

@@ -27,9 +27,9 @@ from controller.errors import ApiError, ConfigError
 from controller.ingest import classify
 from controller.metrics import Metrics
 from controller.plans import load_plans
+from controller.responses import phase
 from controller.sealing import Sealer, SealError
 from controller.tokens import digest, parse_agent_tokens
-from controller.views import phase
 from schemas import topics
 from schemas.messages import AddonStatus, Condition, ConditionStatus, SleepState
 
@@ -388,6 +388,8 @@ def test_classify_topics() -> None:
     assert classify(topics.status("h1")) == ("status", "h1", None)
     assert classify(topics.presence("h1")) == ("presence", "h1", None)
     assert classify(topics.job_result("h1", ID)) == ("job_result", "h1", ID)
+    assert classify(topics.job_output("h1", ID)) == ("job_output", "h1", ID)
+    assert classify(f"orkestr/v1/hosts/h1/jobs/{ID}/other") is None
     assert classify(topics.desired("h1")) is None
     assert classify("orkestr/v1/hosts/h1/status/extra") is None
     assert classify("other/topic") is None
@@ -433,8 +435,8 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     ]
     # 24, 9 backup routes (controller/backups_api.py), 9 for releases, apps and variables,
     # 3 for plans (project PATCH and DELETE, rotate-credentials), 10 for project groups
-    # (controller/groups_api.py)
-    assert len(routes) == 55
+    # (controller/groups_api.py), 1 to follow a job's output
+    assert len(routes) == 56
     for method, path in routes:
         start = text.index(f"\n  {path}:\n")
         end = text.find("\n  /", start + 1)

@@ -200,7 +200,7 @@ def touches(action: p.Action) -> str:
             return key
         case p.StartBackupOp(_, _, spec, _):
             return spec.addon_id
-        case p.RunApp(key, _, _):
+        case p.RunApp(key, _, _) | p.ResizeApp(key, _, _, _, _):
             return key
         case p.EnsureGroupNetwork(_, name):
             return name

@@ -74,6 +74,27 @@ def test_refusal_names_the_plan_and_the_way_back() -> None:
     assert "120.0 MB" in text and "the plan grows" in text
 
 
+def test_a_filesystem_short_of_its_wal_reserve_refuses_writes_even_under_the_quota() -> None:
+    reserve = upkeep.RESERVE_BYTES
+    assert upkeep.pg_quota_state(10, 100, None) == "ok"
+    assert upkeep.pg_quota_state(10, 100, reserve) == "ok"
+    assert upkeep.pg_quota_state(10, 100, reserve - 1) == "exceeded"
+    assert upkeep.pg_quota_state(95, 100, 10 * reserve) == "warning"
+    assert upkeep.pg_quota_state(100, 100, 10 * reserve) == "exceeded"
+    text = upkeep.refusal(addon(), 10 * MIB, 100 * MIB, 20 * MIB)
+    assert "its filesystem has 20 MB left for the write-ahead log" in text
+
+
+@given(st.integers(min_value=1, max_value=10**6))
+def test_the_filesystem_holds_quota_wal_a_guard_step_and_the_reserve(storage_mb: int) -> None:
+    step = upkeep.guard_step(addon(storage_mb=storage_mb))
+    assert upkeep.GUARD_MIN <= step <= upkeep.GUARD_MAX
+    # A filler is seen at the latest one step past the quota, with the WAL at its ceiling,
+    # and the reserve is still free: the guard acts before the reserve is touched.
+    needed = (storage_mb + specs.max_wal_size_mb(storage_mb)) * MIB + step + upkeep.RESERVE_BYTES
+    assert specs.fs_size_mb(storage_mb) * MIB >= needed
+
+
 def test_limits_differ_compares_cpu_and_memory() -> None:
     a = addon()
     assert not upkeep.limits_differ({"NanoCpus": 500_000_000, "Memory": 256 * MIB}, a)

@@ -137,3 +137,34 @@ async def test_releases_refuse_what_the_platform_does_not_run(
     assert status == 404
     status, body = await c.api("GET", f"/v1/projects/{pid}/apps")
     assert status == 200 and body == {"apps": []}
+
+
+async def test_a_plan_change_resizes_a_running_app_in_place(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pid = project["id"]
+    container = f"orkestr-app-{app_id(pid, 'web')}"
+    status, v1 = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": APPS})
+    assert status == 201, v1
+    before = await running_release(container, 1)
+    assert before["HostConfig"]["NanoCpus"] == 1_000_000_000
+    assert before["HostConfig"]["Memory"] == 512 * 1024 * 1024
+
+    # Team (1 CPU, 512 MB) to Starter (0.5 CPU, 256 MB): `docker update`, no new container.
+    status, body = await c.api("PATCH", f"/v1/projects/{pid}", {"plan": "starter"})
+    assert status == 200, body
+
+    def resized() -> dict[str, Any] | None:
+        info = inspect(container)
+        host_config = (info or {}).get("HostConfig") or {}
+        if host_config.get("NanoCpus") == 500_000_000 and host_config.get("Memory") == 256 * 1024 * 1024:
+            return info
+        return None
+
+    after = await wait_for(resized, 60, "the app resized in place")
+    assert after["Id"] == before["Id"], "the app's container was recreated"
+    assert after["State"]["Running"] and after["State"]["StartedAt"] == before["State"]["StartedAt"]
+    assert after["RestartCount"] == 0

@@ -151,6 +151,20 @@ async def test_sleeps_when_idle_but_not_while_a_client_is_connected(stack: Stack
     assert any(x["type"] == "Sleeping" and x["status"] == "True" for x in view["conditions"])
 
 
+async def test_an_idle_addon_falls_asleep_at_its_setting(agent: AgentProcess, pg: Any) -> None:
+    """A pass is scheduled at the sleep deadline (plan.next_sleep_deadline): the sleep does
+    not wait for a sleep tick and then a pass something else caused."""
+    _project, a, _client = pg
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    line = next(
+        x for x in agent.log_tail(2000).splitlines()
+        if f"addon.sleep addon={a['id']} stage=light" in x
+    )  # fmt: skip
+    idle_s = float(line.rsplit("idle_s=", 1)[1].split()[0])
+    # Measured from the last activity the meter saw: the setting plus one pass.
+    assert LIGHT_S <= idle_s <= LIGHT_S + 1.0, line
+
+
 async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycles(pg: Any) -> None:
     _project, a, client = pg
     r = await client.sh('psql "$DATABASE_URL" -qc "create table cycles(n int)"')
@@ -216,6 +230,38 @@ async def test_team_addon_never_sleeps(stack: Stack, agent: AgentProcess) -> Non
     assert db_state(a["id"]) == "running"
     view = await addon(c, project["id"], a["id"])
     assert view["sleep_state"] == "awake" and view["sleeps"] == 0
+    assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
+
+
+async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "team"})
+    assert status == 200 and body["plan"] == "team", body
+    # Woken by the planner, on the add-on's worker (the wake's log names why), not beside it.
+    await wait_for(
+        lambda: f"addon.wake addon={a['id']} stage=deep reason=sleep disabled by the plan"
+        in agent.log_tail(400),
+        60,
+        "the wake for the plan change",
+    )
+    assert f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400)
+    await wait_db(a["id"], "running")
+    await wait_phase(c, project["id"], a["id"], "ready")
+    # It stays awake past both timeouts, and a client reaches the database itself: the
+    # deep-sleep redirect went with the wake (a redirect left to a closed listener would
+    # refuse every client).
+    await more_passes(agent, 2)
+    await asyncio.sleep(DEEP_S + 1)
+    assert db_state(a["id"]) == "running"
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
+    assert r.returncode == 0 and r.stdout.strip() == "42", r
+    view = await addon(c, project["id"], a["id"])
+    assert view["sleep_state"] == "awake", view
     assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
 
 

@@ -211,3 +211,73 @@ async def test_a_knock_in_light_sleep_requests_one_wake_from_the_worker_and_star
             sock.close()
         await first.close()
         db.close()
+
+
+async def test_the_activity_meter_reads_the_tcp_table_only_when_it_can_have_changed(
+    namespace: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a namespace's TCP table costs milliseconds (the kernel walks the host-wide
+    hash); a client's connection is a passive open, so the meter skips the read while no
+    new one came and none was there. It still sees every client, and one held open keeps
+    the add-on active on every tick."""
+    ip = await asyncio.create_subprocess_exec(
+        "nsenter", "-t", str(namespace), "-n", "ip", "addr", "add", "10.99.0.1/32", "dev", "lo"
+    )
+    assert await ip.wait() == 0
+    db = await netns.listen_in(namespace, 5432)
+    reads: list[int] = []
+    real = netns.tcp_table
+
+    def counted(pid: int) -> list[netns.TcpSocket]:
+        reads.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(netns, "tcp_table", counted)
+    addon = AddonSpec(
+        id="a" * 32, name="orders-db", kind="postgres",
+        resources=Resources(cpus=0.5, memory_mb=256),
+        sleep=SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60),
+    )  # fmt: skip
+    sleeper = Sleeper(
+        addon, "db", "h" * 64, namespace, "10.99.0.1", "127.0.0.2",
+        Persisted(last_activity=1.0), Docker("test"), _probe_never, lambda: None,
+        RelayBudget(8, 8),
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    try:
+        # The first measurement reads (connections may predate the sleeper); then nothing
+        # changed: no read, no activity.
+        assert not await sleeper.measure_activity(2.0)
+        assert len(reads) == 1
+        assert not await sleeper.measure_activity(3.0)
+        assert not await sleeper.measure_activity(4.0)
+        assert len(reads) == 1 and sleeper.clients == ()
+
+        sock = await netns.in_namespace(namespace, lambda: socket.socket())
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("10.99.0.1", 5432))
+        accepted, _peer = await loop.sock_accept(db)
+        # A new connection: read, and the client is seen.
+        assert await sleeper.measure_activity(5.0)
+        assert len(reads) == 2 and len(sleeper.clients) == 1
+        assert sleeper.saved.last_activity == 5.0
+        # Held open without new connections: read on every tick, still active.
+        assert await sleeper.measure_activity(6.0)
+        assert len(reads) == 3 and sleeper.saved.last_activity == 6.0
+        sock.close()
+        accepted.close()
+        for _ in range(50):  # the close reaches both ends
+            await sleeper.measure_activity(7.0)
+            if not sleeper.clients:
+                break
+            await asyncio.sleep(0.02)
+        assert sleeper.clients == ()
+        settled = len(reads)
+        # Gone: back to no reads, and idle from the last time it was seen.
+        assert not await sleeper.measure_activity(8.0)
+        assert len(reads) == settled
+        # The last check before a sleep always reads.
+        assert not await sleeper.measure_activity(9.0, full=True)
+        assert len(reads) == settled + 1
+    finally:
+        db.close()

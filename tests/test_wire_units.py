@@ -121,6 +121,8 @@ def test_the_acl_names_the_real_topics() -> None:
     assert "user orkestr.controller" in text
     assert f"topic write {topics.desired('+')}" in text
     assert f"topic read {topics.JOB_RESULT_ALL}" in text
+    assert f"pattern write {topics.job_output('%u', '+')}" in text
+    assert f"topic read {topics.JOB_OUTPUT_ALL}" in text
     assert f"pattern write {topics.backup_result('%u', '+')}" in text
     assert f"topic read {topics.BACKUP_RESULT_ALL}" in text
     # Hosts never get a plain `topic` line (that would apply to anonymous clients).

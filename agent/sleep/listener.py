@@ -141,6 +141,10 @@ class Sleeper:
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
+        # Direct client connections at the last table read; none read yet (connections
+        # made before this sleeper, e.g. across an agent restart, are found by the first).
+        self.direct: tuple[ClientConnection, ...] = ()
+        self.table_read = False
         # Only a database that answered a client may fall asleep: pausing or stopping one
         # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
         self.ready = False
@@ -172,7 +176,7 @@ class Sleeper:
             await self._set_redirect(self.state == "deep")
             # Clients an earlier agent left with the keeper mid-wake are attached (and the
             # add-on woken for them) now, not a tick later.
-            await self.refresh_kept()
+            await self.refresh_kept(full=True)
         except BaseException:
             await self.close()
             raise
@@ -228,10 +232,15 @@ class Sleeper:
         self.redirect_on = on
 
     # --- activity -----------------------------------------------------------------------
-    async def refresh_kept(self) -> None:
+    async def refresh_kept(self, full: bool = False) -> None:
         """Ask the keeper which of this add-on's connections it holds or relays (they
-        outlive us), and attach any held one that nobody attaches."""
-        if self.keeper is None:
+        outlive us), and attach any held one that nobody attaches.
+
+        Only when some may exist: each one this agent hands over is recorded at once, so
+        with none recorded there is none, except what an earlier agent left (`full`: at
+        start, and the last check before a sleep). Idle add-ons cost no round trip.
+        """
+        if self.keeper is None or not (full or self.kept):
             return
         kept = await self.keeper.relays(self.addon.id)
         if kept is None:
@@ -248,24 +257,33 @@ class Sleeper:
             if r.held and r.source not in self.attaching:
                 self._adopt_held(r.source)
 
-    async def measure_activity(self, now: float) -> bool:
-        """Record client activity since the last call; True if any was seen."""
-        await self.refresh_kept()
+    async def measure_activity(self, now: float, full: bool = False) -> bool:
+        """Record client activity since the last call; True if any was seen.
+
+        The namespace's TCP table is read only when it can have changed: a client's
+        connection is a passive open, so with no new one and none seen last time there is
+        still none. The read costs milliseconds whatever the namespace holds (the kernel
+        walks the host-wide connection hash), and idle add-ons are measured every tick.
+        `full` reads it anyway: the last check before a sleep.
+        """
+        await self.refresh_kept(full)
         async with self.measure:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
             self.last_opens = opens
-            direct = [
-                s
-                for s in netns.tcp_table(self.pid)
-                if s.state == netns.ESTABLISHED
-                and s.local_port == self.port
-                and s.remote_ip not in LOOPBACK
-                and s.remote_ip != self.gateway
-            ]
-        self.clients = tuple(
-            ClientConnection(f"{s.remote_ip}:{s.remote_port}") for s in direct
-        ) + tuple(ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed})
+            if full or new_connections or self.direct or not self.table_read:
+                self.direct = tuple(
+                    ClientConnection(f"{s.remote_ip}:{s.remote_port}")
+                    for s in netns.tcp_table(self.pid)
+                    if s.state == netns.ESTABLISHED
+                    and s.local_port == self.port
+                    and s.remote_ip not in LOOPBACK
+                    and s.remote_ip != self.gateway
+                )
+                self.table_read = True
+        self.clients = self.direct + tuple(
+            ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed}
+        )
         if new_connections or self.clients:
             log.debug(
                 "addon.activity addon=%s new=%s clients=%s",
@@ -327,7 +345,7 @@ class Sleeper:
             await self._set_redirect(goal == "deep")
             # A client may have connected between the measurement and here (when deepening:
             # it may sit in the paused database's backlog and needs it to run, not to stop).
-            if await self.measure_activity(time.time()) or self.wake_requested:
+            if await self.measure_activity(time.time(), full=True) or self.wake_requested:
                 await self._set_redirect(self.state == "deep")
                 if self.state == "light":
                     self.request_wake("client queued while paused")
@@ -357,7 +375,7 @@ class Sleeper:
             )
             self.saved.sleeps += 1
             SLEEPS.labels(goal).inc()
-            if goal == "light" and await self.measure_activity(time.time()):
+            if goal == "light" and await self.measure_activity(time.time(), full=True):
                 # Connected between the last check and the freeze; its SYN came while we
                 # were still awake, so the SYN watch ignored it.
                 self.request_wake("client connected while pausing")

@@ -22,7 +22,7 @@ from agent.errors import AgentError
 from agent.keeper_client import KeeperClient
 from agent.plan import SleepFacts
 from agent.sleep import log
-from agent.sleep.listener import Probe, RelayBudget, Sleeper
+from agent.sleep.listener import WAKE_WAIT_S, Probe, RelayBudget, Sleeper
 from agent.sleep.store import Persisted, SleepStore
 from schemas.messages import AddonSpec, DesiredState, SleepState
 
@@ -48,6 +48,11 @@ class SleepManager:
         self._on_change = on_change
         self._tick_s = tick_s
         self._adopted: dict[str, socket.socket] | None = None
+        # add-on id -> platform operations (backups) holding it awake; outlives a sleeper
+        # replaced meanwhile (a new holder), so the new one is held as well.
+        self.holds: dict[str, int] = {}
+        # The keeper that holds every listener handed over so far (None: none yet).
+        self._keeper_seen: tuple[int, int] | None = None
         self.on_tick: Callable[[], None] = lambda: None  # after each tick: the watchdog
         # A client waits at a wake listener: the runtime hands the add-on's worker a wake.
         self.on_wake_request: Callable[[str], None] = lambda _aid: None
@@ -65,7 +70,11 @@ class SleepManager:
         for aid, saved in self.saved.items():
             sleeper = self.sleepers.get(aid)
             if sleeper is None:
-                facts[aid] = SleepFacts(state=saved.state, last_activity=saved.last_activity)
+                facts[aid] = SleepFacts(
+                    state=saved.state,
+                    last_activity=saved.last_activity,
+                    held=self.holds.get(aid, 0) > 0,
+                )
                 continue
             facts[aid] = SleepFacts(
                 state=saved.state,
@@ -90,7 +99,14 @@ class SleepManager:
         sleeper = self.sleepers.get(addon_id)
         if sleeper is None:
             raise AgentError(f"no wake listener for {addon_id} yet")
-        reason = "connection" if sleeper.wake_requested else "held by a platform operation"
+        if sleeper.wake_requested:
+            reason = "connection"
+        elif sleeper.held:
+            reason = "held by a platform operation"
+        elif not sleeper.addon.sleep.enabled:
+            reason = "sleep disabled by the plan"
+        else:
+            reason = "planned"
         await sleeper.wake(reason)
 
     async def addon_started(self, addon_id: str) -> None:
@@ -102,29 +118,61 @@ class SleepManager:
         self.store.save(self.saved)
 
     @contextlib.asynccontextmanager
-    async def hold(self, addon_id: str) -> AsyncIterator[None]:
+    async def hold(self, addon_id: str, wake_wait_s: float = WAKE_WAIT_S) -> AsyncIterator[None]:
         """Keep an add-on awake for a platform operation (a backup), woken if asleep.
 
-        The operation is not client activity: the idle clock and the connection counter
-        are put back afterwards, so a sleeping add-on falls asleep again on its own idle
-        timer (at once, if it had been idle long enough) and an awake one is not kept up.
+        The hold is a fact the planner reads (`SleepFacts.held`): a sleeping add-on is
+        woken by its own worker like any other wake, asked for here at once, and this
+        waits until it is awake. The operation is not client activity: the idle clock and
+        the connection counter are put back afterwards, so a sleeping add-on falls asleep
+        again on its own idle timer (at once, if it had been idle long enough) and an
+        awake one is not kept up.
         """
-        sleeper = self.sleepers.get(addon_id)
-        if sleeper is None:
-            yield
+        saved = self.saved.get(addon_id)
+        if addon_id not in self.sleepers and (saved is None or saved.state == "awake"):
+            yield  # never slept, and no listener could put it to sleep meanwhile
             return
-        sleeper.held += 1
-        idle_since = sleeper.saved.last_activity
+        self._hold(addon_id, +1)
+        idle_since = saved.last_activity if saved is not None else time.time()
         try:
-            if sleeper.state != "awake":
-                await sleeper.wake("backup")
+            if self.state(addon_id) != "awake":
+                log.info("addon.wake_requested addon=%s reason=held", addon_id)
+                self.on_wake_request(addon_id)
+                await self._until_awake(addon_id, wake_wait_s)
             yield
         finally:
-            sleeper.held -= 1
-            sleeper.saved.last_activity = idle_since
-            with contextlib.suppress(OSError):
-                sleeper.last_opens = netns.passive_opens(sleeper.pid)
+            self._hold(addon_id, -1)
+            if (saved := self.saved.get(addon_id)) is not None:
+                saved.last_activity = idle_since
+            if (sleeper := self.sleepers.get(addon_id)) is not None:
+                with contextlib.suppress(OSError):
+                    sleeper.last_opens = netns.passive_opens(sleeper.pid)
+                # A client that connected during the hold was not measured: look again.
+                sleeper.table_read = False
             self.store.save(self.saved)
+
+    def _hold(self, addon_id: str, delta: int) -> None:
+        held = self.holds.get(addon_id, 0) + delta
+        if held > 0:
+            self.holds[addon_id] = held
+        else:
+            self.holds.pop(addon_id, None)
+        if (sleeper := self.sleepers.get(addon_id)) is not None:
+            sleeper.held = max(held, 0)
+
+    async def _until_awake(self, addon_id: str, timeout_s: float) -> None:
+        """Until the add-on's worker has woken it (its sleeper may be replaced meanwhile)."""
+        deadline = time.monotonic() + timeout_s
+        while self.state(addon_id) != "awake":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError(f"add-on {addon_id} did not wake within {timeout_s:.0f}s")
+            sleeper = self.sleepers.get(addon_id)
+            if sleeper is None:
+                await asyncio.sleep(min(0.1, left))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sleeper.resumed.wait(), min(1.0, left))
 
     async def sync(
         self,
@@ -138,10 +186,17 @@ class SleepManager:
             self._adopted = await self.keeper.take_all()
         if desired is None:
             return  # without a desired state nothing is known to be unwanted: keep all
+        # A keeper restarted since the last hand-over lost the listeners: refill it.
+        keeper = self.keeper.identity()
+        refill = keeper is None or keeper != self._keeper_seen
+        handed = True
+        # Sleep-enabled add-ons, and any still asleep whose plan stopped allowing sleep:
+        # the planner wakes those through their listener (which lifts the redirect), and
+        # the pass after drops the listener.
         wanted: dict[str, tuple[str, AddonSpec]] = {}
         for project in desired.projects:
             for addon in project.addons:
-                if addon.sleep.enabled and not addon.deleted:
+                if not addon.deleted and (addon.sleep.enabled or self.state(addon.id) != "awake"):
                     wanted[addon.id] = (project.id, addon)
         for aid, sleeper in list(self.sleepers.items()):
             holder = observed.container(model.holder_name(aid))
@@ -152,18 +207,10 @@ class SleepManager:
                 and sleeper.alive()
             ):
                 sleeper.addon = wanted[aid][1]
-                if sleeper.listener is not None:
-                    # Idempotent, and it refills a keeper that was restarted meanwhile.
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                if refill and sleeper.listener is not None:
+                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    handed = handed and put
                 continue
-            if aid not in wanted and holder is not None and sleeper.state != "awake":
-                # Sleep disabled (e.g. the plan became Team): wake it while the listener
-                # still answers; if that fails, keep the sleeper and try again next pass.
-                try:
-                    await sleeper.wake("sleep disabled by the plan")
-                except (AgentError, OSError) as exc:
-                    log.warning("sleep.disable_failed addon=%s error=%s", aid, exc)
-                    continue
             del self.sleepers[aid]
             await sleeper.close()
             await self.keeper.delete(sleeper.wake_name)
@@ -212,10 +259,12 @@ class SleepManager:
                     self.keeper,
                 )
                 sleeper.ready = not asleep
+                sleeper.held = self.holds.get(aid, 0)
                 adopted = self._adopted.pop(sleeper.wake_name, None)
                 await sleeper.start(adopted)
                 if adopted is None and sleeper.listener is not None:
-                    await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
+                    handed = handed and put
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
                 continue
@@ -231,6 +280,8 @@ class SleepManager:
         for aid in [a for a in self.saved if a not in wanted]:
             del self.saved[aid]
         self.store.save(self.saved)
+        if handed:
+            self._keeper_seen = keeper
 
     def _changed(self) -> None:
         self.store.save(self.saved)

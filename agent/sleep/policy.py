@@ -40,10 +40,11 @@ def goal(
     """The state the planner drives an add-on to; the one rule for sleeping and waking.
 
     Never asleep while a client holds a connection or waits at the wake listener, nor
-    while a platform operation (a backup) holds it; a database that has not answered a
-    client yet (initdb) is never paused or stopped.
+    while a platform operation (a backup) holds it, nor once its plan stops allowing sleep
+    (a sleeping add-on then wakes); a database that has not answered a client yet (initdb)
+    is never paused or stopped.
     """
-    if wake_requested or held:
+    if wake_requested or held or not policy.enabled:
         return "awake"
     if current == "awake" and not ready:
         return "awake"

@@ -16,11 +16,13 @@ from controller.env import variable_name
 from controller.plans import Plan
 from controller.principals import TokenRow
 from controller.releases import AppDef, ReleaseRow, app_id, pending
-from controller.rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
+from controller.store_rows import AddonRow, HostRow, JobRow, JobState, ProjectRow
 from schemas.messages import (
     PORTS,
     AddonKind,
     AddonStatus,
+    AppState,
+    AppStatus,
     Capacity,
     ClientConnection,
     Condition,
@@ -271,6 +273,14 @@ class AppView(Struct, frozen=True):
     release: int
     pending_variables: tuple[str, ...]
     message: str | None
+    # Its container as the host last reported it (state None: no report yet).
+    state: AppState | None = None
+    running_release: int | None = None  # the release the container runs
+    restart_count: int = 0
+    last_exit_code: int | None = None
+    oom_killed: bool = False  # its last exit was the kernel's OOM killer
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class AppList(Struct, frozen=True):
@@ -287,18 +297,33 @@ def release_view(r: ReleaseRow) -> ReleaseView:
     )
 
 
-def app_views(r: ReleaseRow, current_env: Mapping[str, str]) -> tuple[AppView, ...]:
+def app_views(
+    r: ReleaseRow,
+    current_env: Mapping[str, str],
+    statuses: Mapping[str, AppStatus] | None = None,
+) -> tuple[AppView, ...]:
     waiting = pending(current_env, r.env)
     message = f"pending variables: redeploy ({', '.join(waiting)})" if waiting else None
-    return tuple(
-        AppView(
-            id=app_id(r.project_id, a.name),
-            name=a.name,
-            image=a.image,
-            command=a.command,
-            release=r.number,
-            pending_variables=waiting,
-            message=message,
+    views = []
+    for a in r.apps:
+        aid = app_id(r.project_id, a.name)
+        s = (statuses or {}).get(aid)
+        views.append(
+            AppView(
+                id=aid,
+                name=a.name,
+                image=a.image,
+                command=a.command,
+                release=r.number,
+                pending_variables=waiting,
+                message=message,
+                state=s.state if s else None,
+                running_release=s.release if s else None,
+                restart_count=s.restart_count if s else 0,
+                last_exit_code=s.exit_code if s else None,
+                oom_killed=s.oom_killed if s else False,
+                started_at=s.started_at if s else None,
+                finished_at=s.finished_at if s else None,
+            )
         )
-        for a in r.apps
-    )
+    return tuple(views)

@@ -1,0 +1,60 @@
+"""One shared variable name reaches a member from one add-on only (a real controller and
+agent): two groups giving a member the same name is a 409 at share time and at join
+time, naming both add-ons, instead of the older add-on silently keeping the name."""
+
+from __future__ import annotations
+
+from tests.agent_fixtures import AgentProcess, Stack, create_addon, create_project
+from tests.test_groups import group_of
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+
+async def test_two_groups_cannot_give_one_member_the_same_name(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    a, b, m = [(await create_project(c, "team"))["id"] for _ in range(3)]
+    orders = await create_addon(c, a, "orders", "postgres")
+    billing = await create_addon(c, b, "billing", "postgres")
+    g1 = await group_of(c, a, m)
+    g2 = await group_of(c, b, m)
+    status, body = await c.api(
+        "PUT", f"/v1/projects/{a}/groups/{g1}/shares/{orders['id']}", {"env_name": "SHOP_URL"}
+    )
+    assert status == 200, body
+    # Share time: m already receives SHOP_URL from g1.
+    share_b = f"/v1/projects/{b}/groups/{g2}/shares/{billing['id']}"
+    status, body = await c.api("PUT", share_b, {"env_name": "SHOP_URL"})
+    assert status == 409, body
+    assert body["error"] == "conflict", body
+    assert "SHOP_URL" in body["message"] and "orders" in body["message"], body
+    status, env = await c.api("GET", f"/v1/projects/{m}/env")
+    assert status == 200 and "@addon-" + orders["id"] in env["env"]["SHOP_URL"], env
+    # Another name is fine.
+    status, body = await c.api("PUT", share_b, {"env_name": "LEDGER_URL"})
+    assert status == 200, body
+    # Join time: a third group already shares SHOP_URL; m may not join it.
+    c_proj = (await create_project(c, "team"))["id"]
+    stock = await create_addon(c, c_proj, "stock", "redis")
+    g3 = await group_of(c, c_proj)
+    status, body = await c.api(
+        "PUT", f"/v1/projects/{c_proj}/groups/{g3}/shares/{stock['id']}", {"env_name": "SHOP_URL"}
+    )
+    assert status == 200, body  # nobody in g3 receives it yet
+    status, body = await c.api("PUT", f"/v1/groups/{g3}/members/{m}")
+    assert status == 409, body
+    assert "SHOP_URL" in body["message"] and "stock" in body["message"], body
+    status, group = await c.api("GET", f"/v1/groups/{g3}")
+    assert status == 200 and [x["project_id"] for x in group["members"]] == [c_proj], group
+    # Once g1's share is gone, the name is free: the join and the share go through.
+    status, body = await c.api("DELETE", f"/v1/projects/{a}/groups/{g1}/shares/{orders['id']}")
+    assert status in (200, 204), body
+    status, body = await c.api("PUT", f"/v1/groups/{g3}/members/{m}")
+    assert status == 200, body
+    status, env = await c.api("GET", f"/v1/projects/{m}/env")
+    assert "@addon-" + stock["id"] in env["env"]["SHOP_URL"], env
+    for g in (g1, g2, g3):
+        status, _ = await c.api("DELETE", f"/v1/groups/{g}")
+        assert status == 204

@@ -1,0 +1,214 @@
+"""A fast filler against a small quota, with real Postgres on its own filesystem.
+
+Two sessions each run one `INSERT ... SELECT` that would write far more than the add-on's
+whole filesystem, at the machine's full speed. Statement triggers refuse only statements
+that start after them, and a resync interval is seconds: before the agent's filesystem
+guard, such a filler reached the filesystem backstop between two upkeep rounds, Postgres
+died writing its WAL (PANIC, ENOSPC), and crash recovery, which must write a new 16 MB
+WAL segment on a filesystem with 13 MB left, failed on every restart: a crash loop no
+tenant could clean up. Here the writes are stopped inside the quota's headroom, Postgres
+never restarts, nothing is lost or corrupt, and writes come back once space is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import urllib.parse
+from typing import Any
+
+import pytest
+
+from tests.agent_fixtures import (
+    AgentProcess,
+    Stack,
+    addon,
+    create_addon,
+    create_project,
+    docker,
+    wait_for,
+    wait_phase,
+)
+
+pytest_plugins = ["tests.agent_fixtures"]
+
+MIB = 1024 * 1024
+PLANS = """
+[tiny]
+max_addons = 1
+cpus = 0.5
+memory_mb = 256
+storage_mb = 24
+sleep = { enabled = false }
+"""
+# About 1.9 kB a row that does not compress: 190 MB a statement, the filesystem is 152 MB.
+FILL = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 100000) g"
+
+
+@pytest.fixture(scope="module")
+def plans_text() -> str:
+    return PLANS
+
+
+async def psql(container: str, user: str, password: str, sql: str) -> tuple[int, str]:
+    """The tenant's own psql inside its database's container, as a tenant's app would."""
+    proc = await asyncio.create_subprocess_exec(
+        "docker", "exec", "-e", f"PGPASSWORD={password}", container, "psql", "-h",
+        "127.0.0.1", "-U", user, "-d", "app", "-v", "ON_ERROR_STOP=1", "-qtAc", sql,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def container_logs(name: str) -> str:
+    """Postgres logs to stderr, which `docker logs` passes on as its own."""
+    out = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=60)
+    return out.stdout + out.stderr
+
+
+def inspect(name: str) -> dict[str, Any]:
+    return json.loads(docker("inspect", name))[0]  # type: ignore[no-any-return]
+
+
+async def quota_condition(c: Any, project_id: str, addon_id: str, reason: str) -> bool:
+    view = await addon(c, project_id, addon_id)
+    found = next((x for x in view["conditions"] if x["type"] == "StorageQuota"), None)
+    return found is not None and found["reason"] == reason
+
+
+async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_crashes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "tiny")
+    pg = await create_addon(c, project["id"], "main-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    status, body = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200, body
+    url = urllib.parse.urlsplit(body["env"]["MAIN_DB_URL"])
+    user = urllib.parse.unquote(url.username or "")
+    password = urllib.parse.unquote(url.password or "")
+    db = f"orkestr-{pg['id']}-db"
+
+    async def wal_bounded() -> bool:
+        return (await psql(db, user, password, "show max_wal_size"))[1] == "32MB"
+
+    await wait_for(wal_bounded, 60, "max_wal_size bounded by the agent")
+    code, out = await psql(
+        db, user, password,
+        "CREATE TABLE kept (id int PRIMARY KEY, v text); "
+        "INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 1000) g; "
+        "CREATE TABLE fill (pad text)",
+    )  # fmt: skip
+    assert code == 0, out
+    started = inspect(db)["State"]["StartedAt"]
+
+    results = await asyncio.gather(*(psql(db, user, password, FILL) for _ in range(2)))
+    # Postgres never crashed: no restart of the container or of its processes, no write
+    # that found the disk full.
+    await asyncio.sleep(2)  # a crash loop shows within a restart or two
+    logs = container_logs(db)
+    for sign in ("PANIC", "No space left on device", "terminated by signal", "crash of"):
+        assert sign not in logs, [line for line in logs.splitlines() if sign in line][:8]
+    info = inspect(db)
+    assert info["State"]["Running"] and info["State"]["StartedAt"] == started, info["State"]
+    assert info["RestartCount"] == 0
+    # Both statements were stopped: cancelled by the agent (the quota's triggers cannot
+    # stop a statement already running) or refused by the quota, never by a full disk.
+    for code, out in results:
+        assert code != 0, results
+        assert "canceling statement" in out or "storage quota exceeded" in out, results
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+
+    # Reads work, nothing is lost, writes are refused with the quota's message.
+    assert await psql(db, user, password, "SELECT count(*) FROM kept") == (0, "1000")
+    code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
+    assert code != 0 and "storage quota exceeded: plan 'tiny' allows 24 MB" in out, out
+    check = docker("exec", db, "pg_amcheck", "-U", "orkestr_admin", "-d", "app",
+                   "--heapallindexed", "--install-missing", check=False)  # fmt: skip
+    assert "error" not in check.lower() and "corrupt" not in check.lower(), check
+
+    # Freeing the space brings writes back by themselves.
+    assert (await psql(db, user, password, "TRUNCATE fill"))[0] == 0
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 60, "within quota"
+    )
+    code, out = await psql(
+        db, user, password, "INSERT INTO kept VALUES (5000, 'late'); SELECT count(*) FROM kept"
+    )
+    assert code == 0 and out.endswith("1001"), out
+
+
+async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgres(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Nothing refuses writes while the agent is stopped: the filler fills the filesystem
+    to the last block and Postgres crashes (a WAL write finds the disk full, or, here for
+    certain, a process killed as the OOM killer would). Crash recovery must still start,
+    or the database stays down with nobody able to free space."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "tiny")
+    pg = await create_addon(c, project["id"], "main-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    status, body = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    assert status == 200, body
+    url = urllib.parse.urlsplit(body["env"]["MAIN_DB_URL"])
+    user = urllib.parse.unquote(url.username or "")
+    password = urllib.parse.unquote(url.password or "")
+    db = f"orkestr-{pg['id']}-db"
+
+    async def settled() -> bool:
+        return (await psql(db, user, password, "show wal_init_zero"))[1] == "off"
+
+    await wait_for(settled, 60, "the agent's WAL settings")
+    code, out = await psql(
+        db, user, password,
+        "CREATE TABLE kept (id int PRIMARY KEY, v text); "
+        "INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 1000) g; "
+        "CREATE TABLE fill (pad text)",
+    )  # fmt: skip
+    assert code == 0, out
+    await agent.stop()
+
+    # Small statements until the filesystem refuses one (or Postgres goes down).
+    small = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(200):
+        code, out = await psql(db, user, password, small)
+        if code != 0:
+            break
+    assert code != 0 and ("No space left" in out or "server" in out), out
+    # A crash on the full disk, certain this time: the checkpointer killed.
+    await asyncio.sleep(1)
+    docker("exec", db, "sh", "-c",
+           "for p in /proc/[0-9]*; do grep -qa '^postgres: checkpointer' $p/cmdline "
+           "2>/dev/null && kill -9 ${p#/proc/}; done; true", check=False)  # fmt: skip
+
+    async def serving() -> bool:
+        return await psql(db, user, password, "SELECT count(*) FROM kept") == (0, "1000")
+
+    await wait_for(serving, 90, "Postgres recovered on its full filesystem")
+    info = inspect(db)
+    assert info["State"]["Running"] and info["RestartCount"] == 0, info["State"]
+    recovery_failed = [
+        line for line in container_logs(db).splitlines() if "FATAL:  could not write" in line
+    ]
+    assert not recovery_failed, recovery_failed[:8]
+
+    # The agent back: writes refused with the plan's message, freed space brings them back.
+    await agent.start()
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 90, "quota exceeded"
+    )
+    code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
+    assert code != 0 and "storage quota exceeded" in out, out
+    assert (await psql(db, user, password, "TRUNCATE fill"))[0] == 0
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 90, "within quota"
+    )
+    assert (await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')"))[0] == 0
