@@ -92,6 +92,10 @@ class KeeperClient:
             raise RelayRefused(answer[2])
         if answer == ["ERR", "gone"]:
             raise RelayRefused("gone")
+        if answer[:3] == ["ERR", "unknown", "request"]:
+            # A keeper older than this agent (not restarted since the upgrade): it closed
+            # what it got and holds nothing, so the agent relays, as before.
+            raise KeeperUnreachable(0, "keeper predates relaying")
         raise OSError(f"keeper: {' '.join(answer) or 'no answer'}")
 
     async def relay(
@@ -141,6 +145,8 @@ class KeeperClient:
             conn.connect(str(self.path))
             conn.send(f"LIST {addon}".encode() if addon else b"LIST")
             while (data := conn.recv(4096)) not in (b"END", b""):
+                if data.startswith(b"ERR"):  # a keeper that predates relaying
+                    raise OSError(f"keeper: {data.decode(errors='replace')}")
                 for line in data.decode(errors="replace").splitlines():
                     parts = line.split(" ")
                     if len(parts) == 4 and parts[0] in ("R", "H"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.keeper_client import KeeperClient, RelayRefused
+from agent.keeper_client import KeeperClient, KeeperUnreachable, RelayRefused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,6 +192,42 @@ async def test_a_held_client_waits_unread_until_its_database_is_attached(
     finally:
         pair.close()
         dropped.close()
+
+
+async def test_an_agent_newer_than_its_keeper_falls_back_to_relaying_itself(
+    tmp_path: Path,
+) -> None:
+    """Upgrade order: the agent may run the new protocol before the keeper is restarted.
+    The old keeper answers "unknown request" (and closes what it got): the agent must
+    read that as "nothing handed over", not as a failed client, and not wait on LIST."""
+    path = tmp_path / "old.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(str(path))
+    server.listen(4)
+
+    def old_keeper() -> None:  # the keeper's answer before relaying existed
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                _data, fds, _f, _a = socket.recv_fds(conn, 4096, 2)
+                for fd in fds:
+                    os.close(fd)
+                conn.send(b"ERR unknown request")
+
+    thread = threading.Thread(target=old_keeper)
+    thread.start()
+    pair = Pair()
+    try:
+        keeper = KeeperClient(str(path))
+        with pytest.raises(KeeperUnreachable):
+            await keeper.hold("a1", pair.source, pair.accepted, 8, 100)
+        started = time.monotonic()
+        assert await keeper.relays("a1") is None
+        assert time.monotonic() - started < 2
+    finally:
+        thread.join(10)
+        server.close()
+        pair.close()
 
 
 async def _relays(keeper: KeeperClient, addon: str, want: int) -> bool:
