@@ -173,7 +173,15 @@ async def test_a_pool_whose_wake_the_agent_died_in_is_served_by_the_next_agent(
         await asyncio.sleep(1)
         assert not run.done(), await run
         await agent.start()
-        await kept_by_keeper(agent, a["id"], POOL)
+
+        async def attached() -> bool:
+            kept = await keeper.relays(a["id"])
+            return bool(kept) and not any(r.held for r in kept or [])
+
+        # The held ones are attached (sessions that had not connected before the kill
+        # may have gone direct: the new agent finds the database up and lifts the
+        # redirect), and every session is served without an error.
+        await wait_for(attached, 60, "the held clients attached by the new agent")
         check_pool((await run).stdout, queries)
     finally:
         client.remove()
