@@ -40,8 +40,9 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse
     # connections while the agent restarts.
     keeper_socket: str = ""
-    # Caps on connections relayed by wake listeners (two descriptors each), per add-on and
-    # for the host; keep the host's below the unit's LimitNOFILE / 2 with room to spare.
+    # Caps on connections relayed after deep wakes (two descriptors each, in the keeper or,
+    # without one, in the agent), per add-on and for the host; keep the host's below the
+    # units' LimitNOFILE / 2 with room to spare.
     wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
     wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
     # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):

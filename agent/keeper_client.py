@@ -2,7 +2,7 @@
 
 Calls are short blocking exchanges on a local socket, run in a worker thread. A keeper
 that is not configured or not running only costs the restart guarantee: the agent works
-without it and logs once.
+without it (and relays in its own event loop) and logs once.
 """
 
 from __future__ import annotations
@@ -11,9 +11,33 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("orkestr.agent.keeper")
+
+
+@dataclass(frozen=True)
+class KeptRelay:
+    """A connection the keeper holds: the add-on, the client's address, since when, and
+    whether it still waits for its database (held) or is relayed."""
+
+    addon: str
+    source: str
+    started: float
+    held: bool = False
+
+
+class RelayRefused(Exception):
+    """The keeper would not take a relay: `reason` is addon_cap, host_cap or an error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KeeperUnreachable(OSError):
+    """The keeper's socket could not be connected to: nothing was handed over."""
 
 
 class KeeperClient:
@@ -48,6 +72,101 @@ class KeeperClient:
                 log.warning("keeper.unavailable path=%s error=%s", self.path, exc)
                 self._warned = True
             return []
+
+    def available(self) -> bool:
+        return self.path is not None
+
+    def _relay(self, request: bytes, fds: list[int]) -> tuple[int, int]:
+        assert self.path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            try:
+                conn.connect(str(self.path))
+            except OSError as exc:
+                raise KeeperUnreachable(exc.errno, str(exc)) from exc
+            socket.send_fds(conn, [request], fds)
+            answer = conn.recv(4096).decode(errors="replace").split()
+        if answer[:1] == ["OK"] and len(answer) == 3:
+            return int(answer[1]), int(answer[2])
+        if answer[:2] == ["ERR", "cap"] and len(answer) == 3:
+            raise RelayRefused(answer[2])
+        if answer == ["ERR", "gone"]:
+            raise RelayRefused("gone")
+        if answer[:3] == ["ERR", "unknown", "request"]:
+            # A keeper older than this agent (not restarted since the upgrade): it closed
+            # what it got and holds nothing, so the agent relays, as before.
+            raise KeeperUnreachable(0, "keeper predates relaying")
+        raise OSError(f"keeper: {' '.join(answer) or 'no answer'}")
+
+    async def relay(
+        self,
+        addon: str,
+        source: str,
+        client: socket.socket,
+        upstream: socket.socket,
+        per_addon: int,
+        total: int,
+    ) -> tuple[int, int]:
+        """Hand a client and its database connection to the keeper, which relays them.
+
+        Returns the keeper's relay counts (this add-on's, all) after taking it. The
+        keeper holds its own copies: the caller closes its sockets either way. Raises
+        RelayRefused past a cap, OSError when the keeper cannot be reached.
+        """
+        request = f"RELAY {addon} {per_addon} {total} {source}".encode()
+        return await asyncio.to_thread(
+            self._relay, request, [client.fileno(), upstream.fileno()]
+        )  # fmt: skip
+
+    async def hold(
+        self, addon: str, source: str, client: socket.socket, per_addon: int, total: int
+    ) -> tuple[int, int]:
+        """Give the keeper a client accepted while its database starts: it keeps it
+        (unread) until `attach`, so it survives an agent that dies during the wake.
+        Raises like `relay`; the caller closes its copy either way."""
+        request = f"HOLD {addon} {per_addon} {total} {source}".encode()
+        return await asyncio.to_thread(self._relay, request, [client.fileno()])
+
+    async def attach(self, addon: str, source: str, upstream: socket.socket) -> None:
+        """Relay a held client with its database connection. RelayRefused("gone") if the
+        keeper no longer holds it (it closed or was dropped)."""
+        request = f"ATTACH {addon} {source}".encode()
+        await asyncio.to_thread(self._relay, request, [upstream.fileno()])
+
+    async def drop(self, addon: str, source: str) -> None:
+        """Reset a held client whose wake failed."""
+        await self._call(f"DROP {addon} {source}".encode(), [])
+
+    def _list(self, addon: str) -> list[KeptRelay]:
+        assert self.path is not None
+        out: list[KeptRelay] = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            conn.connect(str(self.path))
+            conn.send(f"LIST {addon}".encode() if addon else b"LIST")
+            while (data := conn.recv(4096)) not in (b"END", b""):
+                if data.startswith(b"ERR"):  # a keeper that predates relaying
+                    raise OSError(f"keeper: {data.decode(errors='replace')}")
+                for line in data.decode(errors="replace").splitlines():
+                    parts = line.split(" ")
+                    if len(parts) == 4 and parts[0] in ("R", "H"):
+                        out.append(
+                            KeptRelay(parts[1], parts[2], float(parts[3]), parts[0] == "H")
+                        )
+        return out
+
+    async def relays(self, addon: str = "") -> list[KeptRelay] | None:
+        """The connections the keeper relays (for one add-on, or all); None if it cannot
+        be asked."""
+        if self.path is None:
+            return []
+        try:
+            return await asyncio.to_thread(self._list, addon)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("keeper.unavailable path=%s error=%s", self.path, exc)
+                self._warned = True
+            return None
 
     def identity(self) -> tuple[int, int] | None:
         """Which keeper listens now: a restarted keeper binds a new socket file.

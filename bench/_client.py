@@ -23,6 +23,14 @@ Commands (all take kind, host, port, password; postgres also user and database):
                           answers t_first_ok. `host` may be a name: it is then resolved on
                           each attempt through Docker's embedded DNS (127.0.0.11), as an
                           app in a container would resolve it.
+  {"op": "load", ..., "clients": 4, "seconds": 10, "mode": "select"|"get"|"set"}
+                          forks `clients` processes that each open ONE connection at the
+                          same instant (so against a deep-sleeping add-on every one of
+                          them is opened during the wake, as an app's pool is) and then
+                          run a closed loop on it: pgbench -S's query (postgres, asyncpg,
+                          prepared) or GET/SET of one key (redis, raw RESP on a blocking
+                          socket). Answers queries/s over the loop (connection time
+                          excluded), p50/p99 per query, and each connection's errors.
   {"op": "resolve", "name": ...}
   {"op": "quit"}
 """
@@ -245,6 +253,106 @@ async def op_poll(cmd: dict[str, Any], emit: Any) -> dict[str, Any]:
     }
 
 
+# --- a pool of connections opened at one instant, then a closed loop on each ------------
+
+
+def _load_child(cmd: dict[str, Any], ip: str, go: float, out_fd: int) -> None:
+    """One pool member (a forked process): connect at `go`, loop until go + seconds."""
+    result: dict[str, Any] = {"queries": 0, "lat_us": [], "error": None}
+    try:
+        result.update(asyncio.run(_load_loop(cmd, ip, go)))
+    except Exception as exc:
+        result["error"] = _error(exc)
+    with os.fdopen(out_fd, "w") as f:
+        json.dump(result, f)
+
+
+async def _load_loop(cmd: dict[str, Any], ip: str, go: float) -> dict[str, Any]:
+    await asyncio.sleep(max(0.0, go - time.monotonic()))
+    seconds, mode = cmd["seconds"], cmd["mode"]
+    lat: list[float] = []
+    if cmd["kind"] == "postgres":
+        conn = await asyncpg.connect(
+            host=ip, port=cmd["port"], user=cmd["user"], password=cmd["password"],
+            database=cmd["database"], timeout=120, ssl=False,
+        )  # fmt: skip
+        try:
+            rows = await conn.fetchval("SELECT count(*) FROM pgbench_accounts")
+            stmt = await conn.prepare("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+            start = time.monotonic()
+            end = start + seconds
+            while (t := time.monotonic()) < end:
+                await stmt.fetchval(random.randint(1, rows))
+                lat.append(time.monotonic() - t)
+        finally:
+            conn.terminate()
+    else:
+        sock = socket.create_connection((ip, cmd["port"]), timeout=120)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+
+            def call(payload: bytes) -> bytes:
+                sock.sendall(payload)
+                reply = sock.recv(65536)
+                while not reply.endswith(b"\r\n"):
+                    reply += sock.recv(65536)
+                if reply.startswith(b"-"):
+                    raise RuntimeError(reply.decode(errors="replace").strip())
+                return reply
+
+            def resp(*args: bytes) -> bytes:
+                return b"*%d\r\n" % len(args) + b"".join(
+                    b"$%d\r\n%s\r\n" % (len(a), a) for a in args
+                )
+
+            call(resp(b"AUTH", cmd["password"].encode()))
+            key = b"bench:%d" % os.getpid()
+            call(resp(b"SET", key, b"x" * 3))
+            request = resp(b"GET", key) if mode == "get" else resp(b"SET", key, b"x" * 3)
+            start = time.monotonic()
+            end = start + seconds
+            while (t := time.monotonic()) < end:
+                call(request)
+                lat.append(time.monotonic() - t)
+        finally:
+            sock.close()
+    return {"queries": len(lat), "elapsed": time.monotonic() - start,
+            "lat_us": [round(x * 1e6) for x in lat[:: max(1, len(lat) // 2000)]]}  # fmt: skip
+
+
+async def op_load(cmd: dict[str, Any]) -> dict[str, Any]:
+    ip = await resolve(cmd["host"])
+    if ip is None:
+        return {"ok": False, "error": f"cannot resolve {cmd['host']}"}
+    go = time.monotonic() + 0.2  # every child forked and waiting: they connect at once
+    children: list[tuple[int, int]] = []
+    for _ in range(cmd["clients"]):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            try:
+                _load_child(cmd, ip, go, w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        children.append((pid, r))
+    results: list[dict[str, Any]] = []
+    for pid, r in children:
+        with os.fdopen(r) as f:
+            data = await asyncio.to_thread(f.read)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        results.append(json.loads(data) if data else {"error": "no result", "queries": 0})
+    errors = [x["error"] for x in results if x.get("error")]
+    lat = sorted(v for x in results for v in x.get("lat_us", []))
+    qps = sum(x["queries"] / x["elapsed"] for x in results if x.get("elapsed"))
+    return {
+        "ok": not errors, "errors": errors, "qps": qps,
+        "p50_us": lat[len(lat) // 2] if lat else None,
+        "p99_us": lat[int(len(lat) * 0.99)] if lat else None,
+    }  # fmt: skip
+
+
 async def main() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -264,6 +372,8 @@ async def main() -> None:
                 emit(await op_once(cmd))
             elif op == "poll":
                 emit(await op_poll(cmd, emit))
+            elif op == "load":
+                emit(await op_load(cmd))
             elif op == "resolve":
                 emit({"ok": True, "ip": await resolve(cmd["name"])})
             elif op == "quit":

@@ -203,14 +203,22 @@ def plans_toml(
     light_after_s: float = 300,
     deep_after_s: float = 1800,
     max_addons: int = 50,
+    pro_sleep: tuple[float, float] = (300, 1800),
 ) -> str:
-    """A plans file: `starter` sleeps after the given timeouts, `team` never sleeps."""
+    """A plans file: `starter` sleeps after the given timeouts, `pro` after `pro_sleep`'s
+    (light, deep), `team` never sleeps."""
     return f"""
 [starter]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
 sleep = {{ enabled = true, light_after_s = {light_after_s}, deep_after_s = {deep_after_s} }}
+
+[pro]
+max_addons = {max_addons}
+cpus = {cpus}
+memory_mb = {memory_mb}
+sleep = {{ enabled = true, light_after_s = {pro_sleep[0]}, deep_after_s = {pro_sleep[1]} }}
 
 [team]
 max_addons = {max_addons}
@@ -583,6 +591,16 @@ class Client:
 
     async def poll_result(self, timeout: float = 180) -> dict[str, Any]:
         return await self._read(timeout)
+
+    async def load(
+        self, target: dict[str, Any], mode: str, clients: int, seconds: float
+    ) -> dict[str, Any]:
+        """A pool of `clients` connections opened at one instant, then a closed loop on
+        each for `seconds` (see bench/_client.py, op "load")."""
+        await self._send(
+            {"op": "load", **target, "mode": mode, "clients": clients, "seconds": seconds}
+        )
+        return await self._read(seconds + 180)
 
     async def resolve(self, name: str) -> str | None:
         await self._send({"op": "resolve", "name": name})

@@ -13,13 +13,25 @@ container on it (`docker exec`), by address:
             connections are opened while it sleeps (the first one wakes it; issue 12:
             those connections must not be relayed). Its own toolbox client, on its network.
 
+  deep      a Pro add-on stopped after 2 s idle (light after 1 s): its connections are
+            opened while the database is stopped and relayed for their whole life by the
+            wake-socket keeper (splice(2), issue 12). pgbench and redis-benchmark open a
+            set-up connection first, which completes the wake, so their own connections
+            would go direct; the deep rows therefore use the pool load below.
+
 Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
                    select-only (-S) and TPC-B-like (default script); TPS without the
                    initial connection time.
   redis-benchmark  -n 100000 (--quick: 20000) -c 20 -t get,set; requests per second.
+  pool load       bench/_client.py's "load": 4 processes in the client's namespace each
+                  open one connection at the same instant (all of them during the wake,
+                  as an app's pool does), then run a closed loop for 10 s (--quick: 3 s):
+                  pgbench -S's query (asyncpg, prepared), redis GET and SET (raw RESP).
+                  Against baseline (opened while up), light and deep; queries/s and p50.
 Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), and
-light_ratio = median(light) / median(baseline); target >= 0.95 for both.
+light_ratio = median(light) / median(baseline); target >= 0.95 for both. For the pool
+load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
 
 Prints a table and ends with one JSON line.
 """
@@ -48,11 +60,15 @@ from _harness import (
 )
 
 from agent import model
+from agent.keeper_client import KeeperClient
 from schemas.messages import Resources
 
 CPUS, MEMORY_MB = 1.0, 512
 TARGET_RATIO = 0.95
 LIGHT_AFTER_S = 2.0
+DEEP_TARGET_RATIO = 0.90
+POOL_CLIENTS = 4
+POOL_WHO = ("baseline", "light", "deep")
 WHO = ("orkestr", "baseline", "light")
 TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
 
@@ -97,8 +113,9 @@ async def main(quick: bool) -> dict[str, Any]:
     }  # fmt: skip
     results["machine"] = machine_facts()
     plans = plans_toml(
-        cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600
-    )
+        cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
+        pro_sleep=(1.0, 2.0),
+    )  # fmt: skip
     async with Bench(plans) as b:
         results["code"] = b.code
         project = await b.project("team")
@@ -113,7 +130,14 @@ async def main(quick: bool) -> dict[str, Any]:
         rd_light = await b.ready_addon(sleepy, "rd-light", "redis")
         light_client = await b.client(sleepy)
         light_env = await b.env(sleepy)
-        clients = {"orkestr": client, "baseline": client, "light": light_client}
+        deepy = (await b.project("pro"))["id"]
+        pg_deep = await b.ready_addon(deepy, "pg-deep", "postgres")
+        rd_deep = await b.ready_addon(deepy, "rd-deep", "redis")
+        deep_client = await b.client(deepy)
+        deep_env = await b.env(deepy)
+        clients = {
+            "orkestr": client, "baseline": client, "light": light_client, "deep": deep_client
+        }  # fmt: skip
         res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
         targets: dict[str, dict[str, dict[str, Any]]] = {"postgres": {}, "redis": {}}
         for kind, addon in (("postgres", pg), ("redis", rd)):
@@ -129,18 +153,25 @@ async def main(quick: bool) -> dict[str, Any]:
         for kind, addon in (("postgres", pg_light), ("redis", rd_light)):
             ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(sleepy))
             targets[kind]["light"] = {**credentials(light_env, addon["name"]), "host": ip}
-        log("pgbench -i -s 5 on all three")
-        for who in WHO:
+        for kind, addon in (("postgres", pg_deep), ("redis", rd_deep)):
+            ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(deepy))
+            targets[kind]["deep"] = {**credentials(deep_env, addon["name"]), "host": ip}
+        log("pgbench -i -s 5 on all four")
+        for who in (*WHO, "deep"):
             await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
         light_wakes: list[dict[str, Any]] = []
 
-        async def asleep(addon: dict[str, Any]) -> None:
-            """Wait until the add-on is paused, so the next run's connections wake it."""
+        async def asleep(
+            addon: dict[str, Any], state: str = "paused", project_id: str = ""
+        ) -> None:
+            """Wait until the add-on is paused (or stopped), so the next run's connections
+            wake it."""
             for _ in range(600):
-                if await b.state_of(model.db_name(addon["id"])) == "paused":
+                if await b.state_of(model.db_name(addon["id"])) == state:
                     return
                 await asyncio.sleep(0.1)
-            raise RuntimeError(f"{addon['name']} did not fall into light sleep")
+            view = await b.addon(project_id or sleepy, addon["id"])
+            raise RuntimeError(f"{addon['name']} did not fall asleep ({state}): {view}")
 
         async def woken(addon: dict[str, Any], wakes_before: int) -> None:
             view = await b.addon(sleepy, addon["id"])
@@ -182,6 +213,57 @@ async def main(quick: bool) -> dict[str, Any]:
                     f"round {r + 1}/{rounds} redis {who}: get {rps['get']:.0f}, set {rps['set']:.0f} rps"
                 )
 
+        assert b.agent is not None
+        keeper = KeeperClient(str(b.agent.dir / "keeper.sock"))
+        sleepy_addons = {
+            ("light", "postgres"): pg_light, ("light", "redis"): rd_light,
+            ("deep", "postgres"): pg_deep, ("deep", "redis"): rd_deep,
+        }  # fmt: skip
+        pool: dict[str, dict[str, list[float]]] = {
+            f"pool_{m}": {who: [] for who in POOL_WHO} for m in ("select", "get", "set")
+        }
+        pool_p50: dict[str, dict[str, list[float]]] = {
+            test: {who: [] for who in POOL_WHO} for test in pool
+        }
+        kept_seen: list[int] = []
+        for r in range(rounds):
+            order = [POOL_WHO[(r + i) % 3] for i in range(3)]
+            for mode in ("select", "get", "set"):
+                kind = "postgres" if mode == "select" else "redis"
+                for who in order:
+                    sleepy_addon = sleepy_addons.get((who, kind))
+                    project_id = sleepy if who == "light" else deepy
+                    wakes = 0
+                    if sleepy_addon is not None:
+                        await asleep(
+                            sleepy_addon, "paused" if who == "light" else "exited", project_id
+                        )
+                        wakes = (await b.addon(project_id, sleepy_addon["id"]))["wakes"]
+                    run = asyncio.create_task(
+                        clients[who].load(targets[kind][who], mode, POOL_CLIENTS, seconds)
+                    )
+                    if who == "deep" and sleepy_addon is not None:
+                        await asyncio.sleep(seconds / 2)
+                        kept = await keeper.relays(sleepy_addon["id"])
+                        kept_seen.append(len(kept) if kept is not None else -1)
+                    out = await run
+                    if not out["ok"]:
+                        raise RuntimeError(f"pool load {mode} {who}: {out['errors']}")
+                    if sleepy_addon is not None:
+                        view = await b.addon(project_id, sleepy_addon["id"])
+                        if view["wakes"] <= wakes:
+                            raise RuntimeError(f"{who} {mode}: the run did not start asleep")
+                    pool[f"pool_{mode}"][who].append(out["qps"])
+                    pool_p50[f"pool_{mode}"][who].append(out["p50_us"])
+                    log(
+                        f"round {r + 1}/{rounds} pool {mode} {who}: {out['qps']:.0f} q/s, "
+                        f"p50 {out['p50_us']} us"
+                    )
+                order.reverse()
+        results["deep_connections_relayed_by_keeper"] = kept_seen
+        if any(k != POOL_CLIENTS for k in kept_seen):
+            raise RuntimeError(f"deep runs not all relayed by the keeper: {kept_seen}")
+
         # The add-ons must have stayed awake the whole time.
         for addon in (pg, rd):
             view = await b.addon(pid, addon["id"])
@@ -211,6 +293,19 @@ async def main(quick: bool) -> dict[str, Any]:
             "light_ratio_per_round": [rnd(x / bb) for x, bb in zip(light, base, strict=True)],
             "light_pass": l50 / b50 >= TARGET_RATIO,
         }
+    for test, by in pool.items():
+        base50 = percentile(by["baseline"], 50)
+        results[test] = {
+            "unit": "queries/s",
+            "clients": POOL_CLIENTS,
+            **{who: [rnd(x, 1) for x in by[who]] for who in POOL_WHO},
+            **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in POOL_WHO},
+            **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in POOL_WHO},
+            "light_ratio": rnd(percentile(by["light"], 50) / base50),
+            "deep_ratio": rnd(percentile(by["deep"], 50) / base50),
+            "light_pass": percentile(by["light"], 50) / base50 >= TARGET_RATIO,
+            "deep_pass": percentile(by["deep"], 50) / base50 >= DEEP_TARGET_RATIO,
+        }
     return results
 
 
@@ -228,6 +323,16 @@ def report(results: dict[str, Any]) -> None:
             r["light_ratio"], " ".join(f"{x:.3f}" for x in r["light_ratio_per_round"]),
             f">= {TARGET_RATIO}", "PASS" if r["light_pass"] else "FAIL",
         ])  # fmt: skip
+    for test in ("pool_select", "pool_get", "pool_set"):
+        r = results.get(test)
+        if r is None:
+            continue
+        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+            rows.append([
+                f"{test} (opened in {who} sleep)", r["unit"], r[f"{who}_median"],
+                r["baseline_median"], r[f"{who}_ratio"], "", f">= {target}",
+                "PASS" if r[f"{who}_pass"] else "FAIL",
+            ])  # fmt: skip
     print()
     print(table(
         ["test", "unit", "orkestr (median)", "baseline (median)", "ratio", "per round",

@@ -9,10 +9,11 @@ reports the attempt, which asks for a wake; the client then talks to the databas
 Deep sleep first sets an iptables REDIRECT in the holder's namespace that sends *new*
 connections to the listener, then stops the database. A client connecting then is
 accepted by the listener, which asks for a wake, waits until a real client gets an
-answer, and relays just that connection; the wake removes the redirect, so connections
-made after it go straight to the database again. The host's own traffic (the gateway
-address) is exempt from the redirect and the SYN watch, so probes and relays always reach
-the database itself and wake nothing.
+answer, connects to the database and hands the pair to the keeper, which relays them with
+splice(2) for their whole life, agent restarts included (agent/keeper.py); the wake
+removes the redirect, so connections made after it go straight to the database again.
+The host's own traffic (the gateway address) is exempt from the redirect and the SYN
+watch, so probes and relays always reach the database itself and wake nothing.
 
 Sleeping and waking are the planner's: a request (`wake_requested`, `on_wake_request`)
 has the add-on's worker carry out the wake, ahead of its other queued work; nothing here
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from agent import netns
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
+from agent.keeper_client import KeeperClient, KeeperUnreachable, RelayRefused
 from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
 from agent.sleep import log, policy
 from agent.sleep.store import Persisted
@@ -58,22 +60,27 @@ class RelayBudget:
     def __init__(self, per_addon: int, total: int) -> None:
         self.per_addon = per_addon
         self.total = total
-        self.in_use = 0
+        self.in_use = 0  # in the agent: waiting for a wake, or relayed here (no keeper)
+        self.kept = 0  # relayed by the keeper, as last counted
 
     def refusal(self, addon_relays: int) -> str | None:
         if addon_relays >= self.per_addon:
             return "addon_cap"
-        if self.in_use >= self.total:
+        if self.in_use + self.kept >= self.total:
             return "host_cap"
         return None
 
     def take(self) -> None:
         self.in_use += 1
-        RELAYS_ACTIVE.set(self.in_use)
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
 
     def give_back(self) -> None:
         self.in_use -= 1
-        RELAYS_ACTIVE.set(self.in_use)
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
+
+    def set_kept(self, kept: int) -> None:
+        self.kept = kept
+        RELAYS_ACTIVE.set(self.in_use + self.kept)
 
 
 class Sleeper:
@@ -93,8 +100,10 @@ class Sleeper:
         on_change: Callable[[], None],
         budget: RelayBudget,
         on_wake_request: Callable[[str], None] = lambda _aid: None,
+        keeper: KeeperClient | None = None,
     ) -> None:
         self.addon = addon
+        self.keeper = keeper
         self.on_wake_request = on_wake_request
         self.budget = budget
         self.db_name = db_name
@@ -110,7 +119,10 @@ class Sleeper:
         self.on_change = on_change
         self.transition = asyncio.Lock()  # one sleep or wake at a time
         self.measure = asyncio.Lock()  # probes and activity reads don't interleave
-        self.relayed: dict[str, float] = {}
+        self.relayed: dict[str, float] = {}  # the agent's own clients: source -> since
+        self.kept: dict[str, float] = {}  # held or relayed by the keeper, as last listed
+        self.attaching: set[str] = set()  # held clients this agent will attach
+        self.adopters: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
         self.accept_task: asyncio.Task[None] | None = None
         self.handlers: set[asyncio.Task[None]] = set()
@@ -162,6 +174,9 @@ class Sleeper:
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
             # Only deep sleep redirects; a redirect left by an older agent in light sleep goes.
             await self._set_redirect(self.state == "deep")
+            # Clients an earlier agent left with the keeper mid-wake are attached (and the
+            # add-on woken for them) now, not a tick later.
+            await self.refresh_kept(full=True)
         except BaseException:
             await self.close()
             raise
@@ -180,10 +195,10 @@ class Sleeper:
             self.synwatch.close()
         if self.accept_task is not None:
             self.accept_task.cancel()
-        for task in list(self.handlers):
+        for task in (*self.handlers, *self.adopters):
             task.cancel()
         await asyncio.gather(
-            *(t for t in (self.accept_task, *self.handlers) if t is not None),
+            *(t for t in (self.accept_task, *self.handlers, *self.adopters) if t is not None),
             return_exceptions=True,
         )
         if self.listener is not None:
@@ -217,6 +232,31 @@ class Sleeper:
         self.redirect_on = on
 
     # --- activity -----------------------------------------------------------------------
+    async def refresh_kept(self, full: bool = False) -> None:
+        """Ask the keeper which of this add-on's connections it holds or relays (they
+        outlive us), and attach any held one that nobody attaches.
+
+        Only when some may exist: each one this agent hands over is recorded at once, so
+        with none recorded there is none, except what an earlier agent left (`full`: at
+        start, and the last check before a sleep). Idle add-ons cost no round trip.
+        """
+        if self.keeper is None or not (full or self.kept):
+            return
+        kept = await self.keeper.relays(self.addon.id)
+        if kept is None:
+            return
+        now = {r.source: r.started for r in kept}
+        if self.kept.keys() - now.keys():
+            # Some ended since the last look, at an unknown moment: the idle clock starts
+            # now, so an add-on never sleeps earlier than its timeout after a client left.
+            self.saved.last_activity = time.time()
+        self.kept = now
+        if self.accept_task is None:
+            return  # closed, or not started yet
+        for r in kept:
+            if r.held and r.source not in self.attaching:
+                self._adopt_held(r.source)
+
     async def measure_activity(self, now: float, full: bool = False) -> bool:
         """Record client activity since the last call; True if any was seen.
 
@@ -226,6 +266,7 @@ class Sleeper:
         walks the host-wide connection hash), and idle add-ons are measured every tick.
         `full` reads it anyway: the last check before a sleep.
         """
+        await self.refresh_kept(full)
         async with self.measure:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
@@ -241,7 +282,7 @@ class Sleeper:
                 )
                 self.table_read = True
         self.clients = self.direct + tuple(
-            ClientConnection(src, via="activator") for src in self.relayed
+            ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed}
         )
         if new_connections or self.clients:
             log.debug(
@@ -442,13 +483,14 @@ class Sleeper:
             # sock_accept does not yield while the backlog is full; without this a flood of
             # connects would hold the event loop, and with it every other add-on's wake.
             await asyncio.sleep(0)
-            refusal = self.budget.refusal(len(self.handlers))
+            refusal = self.budget.refusal(len(self.relayed) + len(self.kept))
             if refusal is not None:
                 RELAYS_REFUSED.labels(refusal).inc()
                 self._log_refusal(address, refusal)
                 _reset(client)
                 continue
             _keepalive(client)
+            _nodelay(client)
             self.budget.take()
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
@@ -469,13 +511,24 @@ class Sleeper:
 
     def _relay_done(self, task: asyncio.Task[None]) -> None:
         self.handlers.discard(task)
-        self.budget.give_back()
 
     async def _serve(self, client: socket.socket, source: str) -> None:
+        """One accepted client. With a keeper: hand it over at once (held while the
+        database starts), then attach its database connection once awake; the keeper
+        relays the pair from then on, agent restarts included. Without one: wait for the
+        wake and relay here. The budget slot taken at accept is freed when the client
+        leaves the agent."""
         self.relayed[source] = time.time()
-        writer_up: asyncio.StreamWriter | None = None
-        writer_down: asyncio.StreamWriter | None = None
         try:
+            if not self.resumed.is_set():
+                self.request_wake(f"connection from {source}")  # first: every ms counts
+            if self.keeper is not None and self.keeper.available():
+                held = await self._hold(client, source)
+                if held is not None:
+                    self._leave(source)
+                    if held:
+                        await self._attach_when_awake(source)
+                    return
             if not self.resumed.is_set():
                 self.request_wake(f"connection from {source}")
                 if self.state != "light":
@@ -488,6 +541,92 @@ class Sleeper:
                         log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
                         client.close()
                         return
+            await self._relay_here(client, source)
+        finally:
+            self._leave(source)
+            self.saved.last_activity = time.time()
+
+    def _leave(self, source: str) -> None:
+        """The client is no longer the agent's own (handed over, refused or closed)."""
+        if self.relayed.pop(source, None) is not None:
+            self.budget.give_back()
+
+    async def _hold(self, client: socket.socket, source: str) -> bool | None:
+        """Hand the client to the keeper: True held there, False refused (reset) or
+        failed (closed), None when the keeper cannot be reached (the client stays ours)."""
+        assert self.keeper is not None
+        self.attaching.add(source)  # before the keeper lists it: no second attacher
+        try:
+            await self.keeper.hold(
+                self.addon.id, source, client, self.budget.per_addon, self.budget.total
+            )
+        except KeeperUnreachable as exc:
+            self.attaching.discard(source)
+            log.warning(
+                "addon.keeper_unreachable addon=%s source=%s error=%s: relayed by the agent",
+                self.addon.id, source, exc,
+            )  # fmt: skip
+            return None
+        except RelayRefused as exc:
+            self.attaching.discard(source)
+            RELAYS_REFUSED.labels(exc.reason).inc()
+            self._log_refusal(_address(source), exc.reason)
+            _reset(client)
+            return False
+        except OSError as exc:
+            self.attaching.discard(source)
+            log.warning("addon.hold_failed addon=%s source=%s error=%s", self.addon.id, source, exc)
+            client.close()
+            return False
+        self.kept[source] = time.time()  # counted at once, listed again each tick
+        self.budget.set_kept(self.budget.kept + 1)
+        client.close()  # the keeper has its own copy
+        return True
+
+    def _adopt_held(self, source: str) -> None:
+        """A client the keeper holds for this add-on with nobody attaching it (an agent
+        died during its wake): wake the add-on and attach it, as for a fresh one."""
+        self.attaching.add(source)
+        task = asyncio.create_task(self._attach_when_awake(source))
+        self.adopters.add(task)
+        task.add_done_callback(self.adopters.discard)
+
+    async def _attach_when_awake(self, source: str) -> None:
+        assert self.keeper is not None
+        upstream: socket.socket | None = None
+        try:
+            if not self.resumed.is_set():
+                self.request_wake(f"connection from {source}")
+                if self.state != "light":  # a paused database's socket takes it at once
+                    try:
+                        await asyncio.wait_for(self.resumed.wait(), WAKE_WAIT_S)
+                    except TimeoutError:
+                        log.error("addon.wake_failed addon=%s error=timed out", self.addon.id)
+                        await self.keeper.drop(self.addon.id, source)
+                        return
+            upstream = socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET)
+            upstream.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(upstream, (self.ip, self.port))
+            _keepalive(upstream)
+            _nodelay(upstream)
+            await self.keeper.attach(self.addon.id, source, upstream)
+        except RelayRefused:
+            self.kept.pop(source, None)  # gone: the client closed while it waited
+        except OSError as exc:
+            log.warning(
+                "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
+            )
+            await self.keeper.drop(self.addon.id, source)
+        finally:
+            if upstream is not None:
+                upstream.close()
+            self.attaching.discard(source)
+
+    async def _relay_here(self, client: socket.socket, source: str) -> None:
+        """The relay without a keeper: in this event loop, cut when the agent restarts."""
+        writer_up: asyncio.StreamWriter | None = None
+        writer_down: asyncio.StreamWriter | None = None
+        try:
             reader_down, writer_down = await asyncio.open_connection(sock=client)
             reader_up, writer_up = await asyncio.open_connection(self.ip, self.port)
             _keepalive(writer_up.get_extra_info("socket"))
@@ -497,13 +636,16 @@ class Sleeper:
                 "addon.relay_failed addon=%s source=%s error=%s", self.addon.id, source, exc
             )
         finally:
-            self.relayed.pop(source, None)
-            self.saved.last_activity = time.time()
             for w in (writer_up, writer_down):
                 if w is not None:
                     w.close()
             if writer_down is None:
                 client.close()
+
+
+def _address(source: str) -> tuple[str, int]:
+    host, _, port = source.rpartition(":")
+    return host, int(port)
 
 
 def _opens_or_none(pid: int) -> int | None:
@@ -518,6 +660,12 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """A relay forwards what it gets at once: the two ends already chose their segments."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _keepalive(sock: socket.socket | None) -> None:

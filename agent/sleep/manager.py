@@ -254,6 +254,7 @@ class SleepManager:
                     self._changed,
                     self.budget,
                     self._wake_request,
+                    self.keeper,
                 )
                 sleeper.ready = not asleep
                 sleeper.held = self.holds.get(aid, 0)
@@ -307,6 +308,7 @@ class SleepManager:
                     continue
                 sleeper.wake_if_queued()
                 due = due or sleeper.due(now)
+            self.budget.set_kept(sum(len(s.kept) for s in self.sleepers.values()))
             if due:
                 self._on_change()
             self.on_tick()
