@@ -22,8 +22,8 @@ fails is simply done again after the next probe.
   tenant's statements already running, the agent's filesystem guard (`guard_due`, driven
   by `Agent.quota_guard_loop`) starts a round as soon as the volume's filesystem grew by
   a step, and writes are also refused while the filesystem has less than RESERVE_BYTES
-  free, whatever the database's size: crash recovery alone must write a new 16 MB WAL
-  segment, and a Postgres that cannot is a crash loop no one can clean up.
+  free, whatever the database's size: a WAL write that finds the disk full is a PANIC.
+  `wal_init_zero = off` lets crash recovery start even on a full filesystem.
 """
 
 from __future__ import annotations
@@ -60,18 +60,18 @@ REDIS_FULL_RATIO = 0.97
 # writes instead of being OOM-killed, whatever the storage quota says.
 REDIS_MEMORY_SHARE = 0.75
 QUOTA_OBJECT = "orkestr_quota"
-# Free space a Postgres filesystem keeps, whatever the database holds: crash recovery
-# writes a new 16 MB WAL segment, a checkpoint may need another, and the guard's reaction
-# time at a fast filler's rate (about 30 MB/s on a small machine) comes on top.
+# Free space a Postgres filesystem keeps, whatever the database holds: new WAL segments
+# (16 MB each), a checkpoint's, and the guard's reaction time at a fast filler's rate
+# (30-60 MB/s of rows and WAL on a small machine).
 RESERVE_BYTES = 48 * MIB
 # A guard round once the filesystem grew by an eighth of the quota, within these bounds
 # (WAL grows with the data: 16 MB on the filesystem is about 8 MB of rows).
 GUARD_SHARE = 8
+GUARD_MIN = 4 * MIB
+GUARD_MAX = 16 * MIB
 # Installing the refusal: how long to wait for the tenant's table locks, how many times.
 RESTRICT_LOCK_MS = 300
 RESTRICT_ATTEMPTS = 5
-GUARD_MIN = 4 * MIB
-GUARD_MAX = 16 * MIB
 QuotaState = Literal["ok", "warning", "exceeded"]
 # Where the kernel counts OOM kills of a container's cgroup: v1 (cgroupfs), v2 (cgroupfs,
 # then systemd driver). A database's backend killed at the limit leaves the container up
@@ -189,12 +189,16 @@ BEGIN
 END $d$;
 """
 
-# The tenant's statements already running when writes are refused: the triggers only see
-# statements that start after them.
+# The tenant's writing statements already running when writes are refused (the triggers
+# only see statements that start after them): those with a transaction id or a table's
+# write lock. Reads are never cancelled.
 _CANCEL_SQL = """
-SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid()
-  AND backend_type = 'client backend' AND usename <> $1 AND state = 'active'
+SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid)) FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.backend_type = 'client backend' AND a.usename <> $1 AND a.state = 'active'
+  AND (a.backend_xid IS NOT NULL OR EXISTS (
+        SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
+          AND l.mode = 'RowExclusiveLock' AND l.granted))
 """
 
 _REINSTATE_SQL = """
@@ -546,8 +550,8 @@ class Upkeep:
         if state == "exceeded":
             low = free is not None and free < RESERVE_BYTES
             # Every round while exceeded: a message naming a new plan, any new table. The
-            # statements running when writes are first refused (and any, short of the
-            # reserve) are cancelled: triggers stop only statements that start after them.
+            # writes running when writes are first refused (and any, short of the reserve)
+            # are cancelled: triggers stop only statements that start after them.
             cancelled = await self._restrict(
                 conn,
                 _RESTRICT_SQL.format(
