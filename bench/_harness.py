@@ -50,6 +50,7 @@ from tests.agent_fixtures import (  # noqa: E402
     IMAGES,
     TOOLBOX,
     AgentProcess,
+    detach_loops,
     remove_host_objects,
 )
 from tests.services import (  # noqa: E402
@@ -384,6 +385,8 @@ class Bench:
                 await drop_database(self.dsn)
         await self.docker.close()
         if self.agent is not None:
+            # The volumes are gone: their loop-mounted filesystems can let go of the images.
+            detach_loops(self.agent.dir)
             shutil.rmtree(self.agent.dir, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         log(f"host {self.host}: everything removed")
