@@ -6,6 +6,7 @@ verdict, and a restore of one that failed (or is not verified yet) is refused by
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Any
@@ -101,17 +102,17 @@ def backups_list(addon: str, project: str, as_json: bool) -> None:
             )
             for b in found
         ],
-        f"no backups of {a['name']} yet: `orkestr backups create {a['name']}`",
+        f"no backups of {a['name']} yet: `orkestr backups capture {a['name']}`",
     )
 
 
-@backups.command("create")
+@backups.command("capture")
 @click.argument("addon")
 @project_option
 @click.option("--wait", is_flag=True, help="Wait until it is taken and verified.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits.")
 @json_option
-def backups_create(addon: str, project: str, wait: bool, timeout: float, as_json: bool) -> None:
+def backups_capture(addon: str, project: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Take a backup now (the plan's daily limit applies)."""
     c, a, path = _target(project, addon)
     b = c.request("POST", f"{path}/backups")
@@ -131,6 +132,11 @@ def backups_create(addon: str, project: str, wait: bool, timeout: float, as_json
         )
     else:
         raise CliError(f"backup {b['id']} of {a['name']}: {b['error'] or _verdict(b)}")
+
+
+# `create` still works (earlier docs used it); `capture` is Heroku's `pg:backups:capture`.
+backups.add_command(copy.copy(backups_capture), "create")
+backups.commands["create"].hidden = True
 
 
 @backups.command("restore")

@@ -644,7 +644,7 @@ async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_pa
     assert "no backups of cache yet" in await cli.ok("backups", "list", "cache", "-p", name)
     await run_job(c, p, redis_cli("set k before"))
 
-    out = await cli.ok("backups", "create", "cache", "-p", name, "--wait")
+    out = await cli.ok("backups", "capture", "cache", "-p", name, "--wait")
     assert "verified" in out, out
     listed = (await cli.json("backups", "list", "cache", "-p", name))["backups"]
     assert len(listed) == 1 and listed[0]["verified"] is True, listed
