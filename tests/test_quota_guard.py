@@ -30,6 +30,7 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
+from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -78,11 +79,10 @@ async def quota_condition(c: Any, project_id: str, addon_id: str, reason: str) -
     return found is not None and found["reason"] == reason
 
 
-async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_crashes(
-    stack: Stack, agent: AgentProcess
-) -> None:
-    c = stack.controller
-    assert c is not None
+async def tiny_postgres(
+    c: ControllerProcess,
+) -> tuple[dict[str, Any], dict[str, Any], str, str, str]:
+    """A ready Postgres on the tiny plan: its project, add-on, container and tenant login."""
     project = await create_project(c, "tiny")
     pg = await create_addon(c, project["id"], "main-db", "postgres")
     await wait_phase(c, project["id"], pg["id"], "ready")
@@ -91,12 +91,11 @@ async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_c
     url = urllib.parse.urlsplit(body["env"]["MAIN_DB_URL"])
     user = urllib.parse.unquote(url.username or "")
     password = urllib.parse.unquote(url.password or "")
-    db = f"orkestr-{pg['id']}-db"
+    return project, pg, f"orkestr-{pg['id']}-db", user, password
 
-    async def wal_bounded() -> bool:
-        return (await psql(db, user, password, "show max_wal_size"))[1] == "32MB"
 
-    await wait_for(wal_bounded, 60, "max_wal_size bounded by the agent")
+async def seed(db: str, user: str, password: str) -> None:
+    """1,000 rows that must survive, and the table the filler fills."""
     code, out = await psql(
         db, user, password,
         "CREATE TABLE kept (id int PRIMARY KEY, v text); "
@@ -104,6 +103,20 @@ async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_c
         "CREATE TABLE fill (pad text)",
     )  # fmt: skip
     assert code == 0, out
+
+
+async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_crashes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+
+    async def wal_bounded() -> bool:
+        return (await psql(db, user, password, "show max_wal_size"))[1] == "32MB"
+
+    await wait_for(wal_bounded, 60, "max_wal_size bounded by the agent")
+    await seed(db, user, password)
     started = inspect(db)["State"]["StartedAt"]
 
     results = await asyncio.gather(*(psql(db, user, password, FILL) for _ in range(2)))
@@ -153,27 +166,13 @@ async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgre
     or the database stays down with nobody able to free space."""
     c = stack.controller
     assert c is not None
-    project = await create_project(c, "tiny")
-    pg = await create_addon(c, project["id"], "main-db", "postgres")
-    await wait_phase(c, project["id"], pg["id"], "ready")
-    status, body = await c.api("GET", f"/v1/projects/{project['id']}/env")
-    assert status == 200, body
-    url = urllib.parse.urlsplit(body["env"]["MAIN_DB_URL"])
-    user = urllib.parse.unquote(url.username or "")
-    password = urllib.parse.unquote(url.password or "")
-    db = f"orkestr-{pg['id']}-db"
+    project, pg, db, user, password = await tiny_postgres(c)
 
     async def settled() -> bool:
         return (await psql(db, user, password, "show wal_init_zero"))[1] == "off"
 
     await wait_for(settled, 60, "the agent's WAL settings")
-    code, out = await psql(
-        db, user, password,
-        "CREATE TABLE kept (id int PRIMARY KEY, v text); "
-        "INSERT INTO kept SELECT g, 'row ' || g FROM generate_series(1, 1000) g; "
-        "CREATE TABLE fill (pad text)",
-    )  # fmt: skip
-    assert code == 0, out
+    await seed(db, user, password)
     await agent.stop()
 
     # Small statements until the filesystem refuses one (or Postgres goes down).
