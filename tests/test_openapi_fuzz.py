@@ -54,9 +54,12 @@ async def test_schemathesis_finds_nothing(mosquitto: Mosquitto, tmp_path: Path) 
                 MAX_EXAMPLES,
                 "--max-time",
                 MAX_TIME_S,
-                # A job's output is a long poll of up to 10 s (`wait`).
+                # A job's output is a long poll of up to 10 s (`wait`): a full wait plus
+                # the answer's own few milliseconds is on time, not slow.
                 "--request-timeout",
                 "30",
+                "--max-response-time",
+                "15",
                 # One worker: CPython 3.11's compile() is not thread-safe for the deep
                 # patterns schemathesis builds ("AST constructor recursion depth mismatch").
                 "--workers",
