@@ -10,4 +10,7 @@ bash deploy/services.sh
 .venv/bin/lint-imports
 # Native tracebacks: formatting a failure never re-parses source (CPython 3.11.7 can fail
 # there after a RecursionError, which aborts the whole run); the slowest tests are listed.
-exec .venv/bin/pytest -q -p no:cacheprovider --tb=native -rfE --durations=25 "$@"
+# Two workers, a test file at a time on one of them (tests/conftest.py): most of the suite
+# waits on timers and dockerd. ORKESTR_TEST_WORKERS=0 runs it in one process.
+exec .venv/bin/pytest -q -p no:cacheprovider --tb=native -rfE --durations=25 \
+  -n "${ORKESTR_TEST_WORKERS:-2}" --dist loadfile "$@"

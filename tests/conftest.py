@@ -8,9 +8,11 @@ below; add further fixture modules there rather than growing this file.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +126,68 @@ def pytest_runtest_makereport(
         tail = "\n".join(process.log_text().splitlines()[-80:])
         report.sections.append(("controller log (last 80 lines)", tail))
     return report
+
+
+# --- Two workers (pytest-xdist; deploy/test.sh runs `-n 2`) ---------------------------------
+# Most of a test's time is spent waiting: on idle timers, on dockerd, on a restarting agent.
+# Two workers overlap those waits on 2 cores. A test file runs whole on one worker, in
+# order, with its module's controller, as it does alone; the longest files go first so that
+# both workers end together. Test files that must not overlap form one unit.
+LONGEST_FIRST = (
+    "test_sleep.py",
+    "test_backups.py",
+    "test_wake_relay.py",
+    "test_egress.py",  # with test_docker_networks.py (below)
+    "test_openapi_fuzz.py",
+    "test_crash_anywhere.py",
+    "test_plans_hold.py",
+    "test_groups.py",
+    "test_wire_security.py",
+    "test_slow_addon.py",
+    "test_cli.py",
+    "test_e2e.py",
+    "test_backup_resume.py",
+    "test_job_output.py",
+    "test_deleted_backups.py",
+    "test_tenant_fence.py",
+    "test_neighbours.py",
+    "test_controller_auth.py",
+)
+SAME_WORKER = {
+    # test_egress probes every address of the host, one batch of probes per job: beside
+    # 250 project networks that is 250 bridges more (and dockerd is busy with them).
+    "tests/test_docker_networks.py": "tests/test_egress.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # alone: the files' own order
+
+    def rank(item: pytest.Item) -> int:
+        name = Path(str(item.fspath)).name
+        if f"tests/{name}" in SAME_WORKER:
+            name = Path(SAME_WORKER[f"tests/{name}"]).name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadfile":
+        return None  # xdist's own
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByFile(LoadFileScheduling):  # type: ignore[misc]  # xdist ships no type hints
+        """`--dist loadfile`, with the SAME_WORKER files as one unit, in collection order."""
+
+        def __init__(self, config: pytest.Config, log: Any = None) -> None:
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # LONGEST_FIRST, not by test count
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(path, path)
+
+    return ByFile(config, log)
