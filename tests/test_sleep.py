@@ -40,6 +40,9 @@ from tests.agent_fixtures import (
 pytest_plugins = ["tests.agent_fixtures"]
 
 LIGHT_S, DEEP_S = 2.0, 5.0
+# The 20-cycle test's plan: most of its time is spent waiting for the timeouts, and the
+# light stage (QUICK_DEEP_S - QUICK_LIGHT_S) still lasts long enough to be seen.
+QUICK_LIGHT_S, QUICK_DEEP_S = 1.0, 3.0
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,12 @@ max_addons = 5
 cpus = 0.5
 memory_mb = 256
 sleep = {{ enabled = false }}
+
+[quick]
+max_addons = 1
+cpus = 0.5
+memory_mb = 256
+sleep = {{ enabled = true, light_after_s = {QUICK_LIGHT_S}, deep_after_s = {QUICK_DEEP_S} }}
 """
 
 
@@ -165,20 +174,26 @@ async def test_an_idle_addon_falls_asleep_at_its_setting(agent: AgentProcess, pg
     assert LIGHT_S <= idle_s <= LIGHT_S + 1.0, line
 
 
-async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycles(pg: Any) -> None:
-    _project, a, client = pg
-    r = await client.sh('psql "$DATABASE_URL" -qc "create table cycles(n int)"')
-    assert r.returncode == 0, r.stderr
-    for n in range(20):
-        stage = "paused" if n % 2 == 0 else "exited"
-        await wait_db(a["id"], stage, timeout=DEEP_S + 8)
-        # The client's own first command succeeds: no retry, no error.
-        r = await client.sh(
-            f'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qtAc "insert into cycles values ({n}); select count(*) from cycles"'
-        )
-        assert r.returncode == 0, (n, stage, r.stderr)
-        assert r.stdout.strip() == str(n + 1), (n, stage, r.stdout)
-        assert db_state(a["id"]) == "running"
+async def test_psql_wakes_it_from_light_and_deep_sleep_and_data_survives_20_cycles(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    project, a, env = await setup_addon(stack, "postgres", plan="quick")
+    client = Client(agent.host, project["id"], env)
+    try:
+        r = await client.sh('psql "$DATABASE_URL" -qc "create table cycles(n int)"')
+        assert r.returncode == 0, r.stderr
+        for n in range(20):
+            stage = "paused" if n % 2 == 0 else "exited"
+            await wait_db(a["id"], stage, timeout=QUICK_DEEP_S + 8)
+            # The client's own first command succeeds: no retry, no error.
+            r = await client.sh(
+                f'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qtAc "insert into cycles values ({n}); select count(*) from cycles"'
+            )
+            assert r.returncode == 0, (n, stage, r.stderr)
+            assert r.stdout.strip() == str(n + 1), (n, stage, r.stdout)
+            assert db_state(a["id"]) == "running"
+    finally:
+        client.remove()
 
 
 async def test_a_job_wakes_the_addon_and_its_first_command_succeeds(stack: Stack, pg: Any) -> None:
