@@ -131,33 +131,37 @@ def pytest_runtest_makereport(
 # --- Two workers (pytest-xdist; deploy/test.sh runs `-n 2`) ---------------------------------
 # Most of a test's time is spent waiting: on idle timers, on dockerd, on a restarting agent.
 # Two workers overlap those waits on 2 cores. A test file runs whole on one worker, in
-# order, with its module's controller, as it does alone; the longest files go first so that
-# both workers end together. Test files that must not overlap form one unit.
-LONGEST_FIRST = (
+# order, with its module's controller, as it does alone.
+# The files that time the agent (an add-on asleep on time, a wake beside a slow one, probes
+# with a 2 s timeout) and the ones that load the machine most (250 networks, schemathesis,
+# kill -9 rounds, 1000 generations, the hogs) form one unit, run in this order on one
+# worker, so that none of them runs beside another; the other worker takes the remaining
+# files meanwhile, the longest first.
+ONE_WORKER = (
     "test_sleep.py",
-    "test_backups.py",
     "test_wake_relay.py",
-    "test_egress.py",  # with test_docker_networks.py (below)
+    "test_slow_addon.py",
+    "test_egress.py",
+    "test_docker_networks.py",
     "test_openapi_fuzz.py",
     "test_crash_anywhere.py",
+    "test_wire_security.py",
+    "test_neighbours.py",
+)
+LONGEST_FIRST = (
+    *ONE_WORKER,
+    "test_backups.py",
     "test_plans_hold.py",
     "test_groups.py",
-    "test_wire_security.py",
-    "test_slow_addon.py",
     "test_cli.py",
     "test_e2e.py",
+    "test_readme.py",
     "test_backup_resume.py",
     "test_job_output.py",
     "test_deleted_backups.py",
     "test_tenant_fence.py",
-    "test_neighbours.py",
     "test_controller_auth.py",
 )
-SAME_WORKER = {
-    # test_egress probes every address of the host, one batch of probes per job: beside
-    # 250 project networks that is 250 bridges more (and dockerd is busy with them).
-    "tests/test_docker_networks.py": "tests/test_egress.py",
-}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -166,8 +170,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     def rank(item: pytest.Item) -> int:
         name = Path(str(item.fspath)).name
-        if f"tests/{name}" in SAME_WORKER:
-            name = Path(SAME_WORKER[f"tests/{name}"]).name
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
@@ -180,7 +182,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadFileScheduling
 
     class ByFile(LoadFileScheduling):  # type: ignore[misc]  # xdist ships no type hints
-        """`--dist loadfile`, with the SAME_WORKER files as one unit, in collection order."""
+        """`--dist loadfile`, with the ONE_WORKER files as one unit, in collection order."""
 
         def __init__(self, config: pytest.Config, log: Any = None) -> None:
             super().__init__(config, log)
@@ -188,6 +190,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return SAME_WORKER.get(path, path)
+            return "ONE_WORKER" if Path(path).name in ONE_WORKER else path
 
     return ByFile(config, log)
