@@ -86,7 +86,7 @@ def test_bind_asks_for_the_packet_head_a_length_cap_and_no_fail_open() -> None:
 
 
 def test_one_batch_verdict_accepts_up_to_an_id_without_an_ack() -> None:
-    (kind, body), = nfnetlink.messages(synqueue.verdict_batch(5432, 1234))
+    ((kind, body),) = nfnetlink.messages(synqueue.verdict_batch(5432, 1234))
     assert kind == (3 << 8) | synqueue.NFQNL_MSG_VERDICT_BATCH
     assert nfnetlink.attrs(body)[synqueue.NFQA_VERDICT_HDR] == struct.pack(">II", 1, 1234)
     flags = struct.unpack_from("=H", synqueue.verdict_batch(5432, 1), 6)[0]
