@@ -28,7 +28,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from agent import netns, nfnetlink
 from agent.errors import AgentError
@@ -46,6 +46,7 @@ NF_DROP, NF_ACCEPT = 0, 1
 COPY_BYTES = 40  # an IPv4 header and the TCP ports: enough to name the client
 READS_PER_WAKEUP = 64  # then yield to the event loop
 COMMENT = "orkestr-wake-queue"
+DeepWake = Literal["queue", "relay"]
 
 
 def queue_rule(port: int, queue: int, gateway: str) -> tuple[str, ...]:
@@ -83,6 +84,15 @@ def verdict_batch(queue: int, last_id: int, verdict: int = NF_ACCEPT) -> bytes:
     """One verdict for every packet of `queue` up to `last_id` (ids count up from 1)."""
     hdr = nfnetlink.attr(NFQA_VERDICT_HDR, struct.pack(">II", verdict, last_id))
     return nfnetlink.request(NFNL_SUBSYS_QUEUE, NFQNL_MSG_VERDICT_BATCH, queue, 0, hdr, ack=False)
+
+
+async def remove_rule(pid: int, port: int, gateway: str) -> None:
+    """Drop a queue rule an earlier agent left (this one relays instead)."""
+    rule = queue_rule(port, port, gateway)
+    if (await netns.iptables(pid, "-C", *rule))[0] == 0:
+        code, out = await netns.iptables(pid, "-D", *rule)
+        if code != 0:
+            raise AgentError(f"iptables (NFQUEUE) in namespace of pid {pid}: {out}")
 
 
 class Queued(NamedTuple):

@@ -12,11 +12,18 @@ import asyncio
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import netns, nfnetlink, synqueue
+from agent.docker import Docker
+from agent.sleep.listener import RelayBudget, Sleeper
+from agent.sleep.store import Persisted
+from agent.synqueue import DeepWake
+from schemas.messages import AddonSpec, Resources, SleepPolicy
 from tests.test_synwatch import namespace
 
 __all__ = ["namespace"]  # the fixture, shared with the SYN watch's tests
@@ -200,3 +207,93 @@ async def test_a_held_syn_reaches_the_listener_started_after_it_directly(namespa
         queue.close()
         if listener is not None:
             listener.close()
+
+
+# --- the sleeper's deep path, without Docker -------------------------------------------------
+async def _probe_ok(_addon: AddonSpec, _ip: str, _timeout: float) -> tuple[bool, str, str]:
+    return True, "ready", ""
+
+
+async def test_a_deep_sleeper_holds_syns_across_an_agent_restart_and_lets_them_go_when_up(
+    namespace: int,
+) -> None:
+    """Deep sleep without Docker: the database is a plain listener made later. The queue
+    rule replaces the redirect; a knock asks the worker for a wake; a new sleeper given
+    the keeper's copy of the queue asks again for what waits (its message was read by the
+    first); once "the reconciler started the database" the SYN goes on when it answers,
+    and then a relay-mode agent converges the rules back to the redirect."""
+    ip = await asyncio.create_subprocess_exec(
+        "nsenter", "-t", str(namespace), "-n", "ip", "addr", "add", "10.99.0.1/32", "dev", "lo"
+    )
+    assert await ip.wait() == 0
+    addon = AddonSpec(
+        id="a" * 32, name="orders-db", kind="postgres",
+        resources=Resources(cpus=0.5, memory_mb=256),
+        sleep=SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60),
+    )  # fmt: skip
+    requests: list[str] = []
+
+    def sleeper(deep_wake: DeepWake = "queue") -> Sleeper:
+        return Sleeper(
+            addon, "db", "h" * 64, namespace, "10.99.0.1", "127.0.0.2",
+            Persisted(state="deep", last_activity=time.time()), Docker("test"), _probe_ok,
+            lambda: None, RelayBudget(8, 8), requests.append, None, deep_wake,
+        )  # fmt: skip
+
+    async def rules() -> str:
+        _code, filt = await netns.iptables(namespace, "-S", "INPUT")
+        _code, nat = await netns.iptables(namespace, "-t", "nat", "-S", "PREROUTING")
+        return filt + nat
+
+    async def until(check: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not within 2 s")
+
+    first = sleeper()
+    await first.start()
+    assert first.synq is not None
+    text = await rules()
+    assert synqueue.COMMENT in text and "REDIRECT" not in text, text
+    client, connecting = await _connect_later(namespace, 5432)
+    db: socket.socket | None = None
+    second: Sleeper | None = None
+    try:
+        await until(lambda: requests == [addon.id])
+        assert first.wake_requested
+        kept = socket.socket(fileno=os.dup(first.synq.sock.fileno()))
+        await first.close()
+        await asyncio.sleep(0.2)
+        assert not connecting.done()
+
+        second = sleeper()
+        await second.start(queue=kept)
+        assert requests == [addon.id, addon.id] and second.wake_requested
+        db = await netns.listen_in(namespace, 5432)
+        await second.mark_awake()
+        await asyncio.wait_for(connecting, 2)
+        accepted, peer = await asyncio.get_running_loop().sock_accept(db)
+        accepted.close()
+        assert peer == client.getsockname()
+        assert synqueue.COMMENT not in await rules()
+
+        # A relay-mode agent on the same add-on asleep: the redirect, no queue rule.
+        await second.close()
+        second = None
+        await netns.iptables(namespace, "-I", *synqueue.queue_rule(5432, 5432, "127.0.0.2"))
+        third = sleeper("relay")
+        await third.start()
+        try:
+            text = await rules()
+            assert synqueue.COMMENT not in text and "REDIRECT" in text, text
+            assert third.synq is None
+        finally:
+            await third.close()
+    finally:
+        client.close()
+        if second is not None:
+            await second.close()
+        if db is not None:
+            db.close()
