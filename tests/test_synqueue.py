@@ -15,10 +15,13 @@ import struct
 import time
 from collections.abc import Callable
 
+import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import netns, nfnetlink, synqueue
+from agent.config import AgentSection
 from agent.docker import Docker
 from agent.sleep.listener import RelayBudget, Sleeper
 from agent.sleep.store import Persisted
@@ -297,3 +300,10 @@ async def test_a_deep_sleeper_holds_syns_across_an_agent_restart_and_lets_them_g
             await second.close()
         if db is not None:
             db.close()
+
+
+def test_deep_wake_is_queue_by_default_and_a_wrong_mode_is_named() -> None:
+    assert AgentSection(host="h").deep_wake == "queue"
+    assert msgspec.convert({"host": "h", "deep_wake": "relay"}, AgentSection).deep_wake == "relay"
+    with pytest.raises(msgspec.ValidationError, match="deep_wake"):
+        msgspec.convert({"host": "h", "deep_wake": "proxy"}, AgentSection)

@@ -370,7 +370,9 @@ class Sleeper:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
             self.last_opens = opens
+            left = False
             if full or new_connections or self.direct or not self.table_read:
+                seen = self.direct
                 self.direct = tuple(
                     ClientConnection(f"{s.remote_ip}:{s.remote_port}")
                     for s in netns.tcp_table(self.pid)
@@ -380,10 +382,13 @@ class Sleeper:
                     and s.remote_ip != self.gateway
                 )
                 self.table_read = True
+                # One left since the last read, at an unknown moment: the idle clock starts
+                # now, so an add-on never sleeps earlier than its timeout after a client left.
+                left = bool(set(seen) - set(self.direct))
         self.clients = self.direct + tuple(
             ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed}
         )
-        if new_connections or self.clients:
+        if new_connections or self.clients or left:
             log.debug(
                 "addon.activity addon=%s new=%s clients=%s",
                 self.addon.id,
