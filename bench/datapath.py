@@ -14,10 +14,14 @@ container on it (`docker exec`), by address:
             those connections must not be relayed). Its own toolbox client, on its network.
 
   deep      a Pro add-on stopped after 2 s idle (light after 1 s): its connections are
-            opened while the database is stopped and relayed for their whole life by the
-            wake-socket keeper (splice(2), issue 12). pgbench and redis-benchmark open a
-            set-up connection first, which completes the wake, so their own connections
-            would go direct; the deep rows therefore use the pool load below.
+            opened while the database is stopped. By default (agent.deep_wake = "queue")
+            their SYNs wait in the kernel's NFQUEUE until the database answers and the
+            connections are the database's own; ORKESTR_BENCH_DEEP_WAKE=relay measures
+            the fallback instead, where the wake-socket keeper relays them for their
+            whole life (splice(2)). Each run checks which path it measured (the keeper's
+            relays and the add-on's direct clients, mid-run). pgbench and redis-benchmark
+            open a set-up connection first, which completes the wake, so their own
+            connections would go direct; the deep rows therefore use the pool load below.
 
 Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
@@ -41,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import re
 from typing import Any
 
@@ -116,7 +121,11 @@ async def main(quick: bool) -> dict[str, Any]:
         cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
         pro_sleep=(1.0, 2.0),
     )  # fmt: skip
-    async with Bench(plans) as b:
+    deep_wake = os.environ.get("ORKESTR_BENCH_DEEP_WAKE", "queue")
+    if deep_wake not in ("queue", "relay"):
+        raise SystemExit(f"ORKESTR_BENCH_DEEP_WAKE: queue or relay, not {deep_wake!r}")
+    results["deep_wake"] = deep_wake
+    async with Bench(plans, agent_extra=f'deep_wake = "{deep_wake}"') as b:
         results["code"] = b.code
         project = await b.project("team")
         pid = project["id"]
@@ -225,7 +234,7 @@ async def main(quick: bool) -> dict[str, Any]:
         pool_p50: dict[str, dict[str, list[float]]] = {
             test: {who: [] for who in POOL_WHO} for test in pool
         }
-        kept_seen: list[int] = []
+        deep_seen: list[dict[str, int]] = []  # per deep run: the keeper's relays, direct
         for r in range(rounds):
             order = [POOL_WHO[(r + i) % 3] for i in range(3)]
             for mode in ("select", "get", "set"):
@@ -245,7 +254,11 @@ async def main(quick: bool) -> dict[str, Any]:
                     if who == "deep" and sleepy_addon is not None:
                         await asyncio.sleep(seconds / 2)
                         kept = await keeper.relays(sleepy_addon["id"])
-                        kept_seen.append(len(kept) if kept is not None else -1)
+                        view = await b.addon(project_id, sleepy_addon["id"])
+                        direct = [c for c in view["clients"] if c["via"] == "direct"]
+                        deep_seen.append(
+                            {"keeper": -1 if kept is None else len(kept), "direct": len(direct)}
+                        )
                     out = await run
                     if not out["ok"]:
                         raise RuntimeError(f"pool load {mode} {who}: {out['errors']}")
@@ -260,9 +273,14 @@ async def main(quick: bool) -> dict[str, Any]:
                         f"p50 {out['p50_us']} us"
                     )
                 order.reverse()
-        results["deep_connections_relayed_by_keeper"] = kept_seen
-        if any(k != POOL_CLIENTS for k in kept_seen):
-            raise RuntimeError(f"deep runs not all relayed by the keeper: {kept_seen}")
+        results["deep_connections"] = deep_seen
+        want = (
+            {"keeper": 0, "direct": POOL_CLIENTS}
+            if deep_wake == "queue"
+            else {"keeper": POOL_CLIENTS, "direct": 0}
+        )
+        if any(seen != want for seen in deep_seen):
+            raise RuntimeError(f"deep runs not all on the {deep_wake} path: {deep_seen}")
 
         # The add-ons must have stayed awake the whole time.
         for addon in (pg, rd):
