@@ -197,6 +197,14 @@ def activity(own_host: str) -> dict[str, Any]:
     }
 
 
+def deep_wake_mode() -> str:
+    """ORKESTR_BENCH_DEEP_WAKE: the agent's deep_wake ("queue", its default, or "relay")."""
+    mode = os.environ.get("ORKESTR_BENCH_DEEP_WAKE", "queue")
+    if mode not in ("queue", "relay"):
+        raise SystemExit(f"ORKESTR_BENCH_DEEP_WAKE: queue or relay, not {mode!r}")
+    return mode
+
+
 def plans_toml(
     *,
     cpus: float,

@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
 import re
 from typing import Any
 
@@ -54,6 +53,7 @@ from _harness import (
     Client,
     activity,
     credentials,
+    deep_wake_mode,
     log,
     machine_facts,
     percentile,
@@ -121,9 +121,7 @@ async def main(quick: bool) -> dict[str, Any]:
         cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
         pro_sleep=(1.0, 2.0),
     )  # fmt: skip
-    deep_wake = os.environ.get("ORKESTR_BENCH_DEEP_WAKE", "queue")
-    if deep_wake not in ("queue", "relay"):
-        raise SystemExit(f"ORKESTR_BENCH_DEEP_WAKE: queue or relay, not {deep_wake!r}")
+    deep_wake = deep_wake_mode()
     results["deep_wake"] = deep_wake
     async with Bench(plans, agent_extra=f'deep_wake = "{deep_wake}"') as b:
         results["code"] = b.code
