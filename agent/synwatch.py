@@ -15,8 +15,10 @@ groups are per namespace). NFLOG is non-terminating: the SYN goes on to the data
 socket untouched. The rule stays in place while the add-on is awake (the agent ignores the
 messages then), so neither falling asleep nor waking runs iptables. The limit match keeps
 a SYN flood from becoming a flood of messages: the agent sees at most a few per second per
-add-on, and the first one is all a wake needs. In deep sleep the wake listener's REDIRECT
-(nat PREROUTING) rewrites the port before INPUT, so this rule does not match then.
+add-on, and the first one is all a wake needs. In deep sleep the SYN queue's rule
+(agent/synqueue.py) holds the SYN, or the relay path's REDIRECT (nat PREROUTING) rewrites
+the port before INPUT; a message that still comes then is ignored (the sleeper acts on
+it in light sleep only).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ READS_PER_WAKEUP = 64  # then yield to the event loop
 
 
 def syn_rule(port: int, group: int, gateway: str) -> tuple[str, ...]:
-    # The host (gateway) is exempt like in the redirect: the agent's probes are not clients.
+    # The host (gateway) is exempt as from the deep-sleep rules: its probes are not clients.
     return (
         "INPUT", "-p", "tcp", "--dport", str(port), "--syn", "!", "-s", gateway,
         "-m", "limit", "--limit", f"{RATE_PER_S}/second", "--limit-burst", str(BURST),

@@ -1,19 +1,20 @@
 """Idle sleep and wake-on-connect, at the add-on's unchanged address.
 
-Each sleep-enabled add-on has a wake listener inside its holder's network namespace (on
-the add-on's port + 10000) and a SYN watch there (`agent/synwatch.py`). While the add-on
-is awake nothing points at either: clients reach the database directly, with no proxy in
-the data path. Light sleep pauses the database and redirects nothing: the paused database
-keeps its socket, the kernel completes a client's handshake on it, and the SYN watch
-reports the attempt, which asks for a wake; the client then talks to the database itself.
-Deep sleep first sets an iptables REDIRECT in the holder's namespace that sends *new*
-connections to the listener, then stops the database. A client connecting then is
-accepted by the listener, which asks for a wake, waits until a real client gets an
-answer, connects to the database and hands the pair to the keeper, which relays them with
-splice(2) for their whole life, agent restarts included (agent/keeper.py); the wake
-removes the redirect, so connections made after it go straight to the database again.
-The host's own traffic (the gateway address) is exempt from the redirect and the SYN
-watch, so probes and relays always reach the database itself and wake nothing.
+Each sleep-enabled add-on has, in its holder's network namespace, a SYN watch
+(`agent/synwatch.py`), a SYN queue (`agent/synqueue.py`) and a wake listener (on the
+add-on's port + 10000). While the add-on is awake nothing points at them: clients reach
+the database directly, with no proxy in the data path. Light sleep pauses the database and
+redirects nothing: the paused database keeps its socket, the kernel completes a client's
+handshake on it, and the SYN watch reports the attempt, which asks for a wake. Deep sleep
+first has the kernel queue new connections' SYNs (NFQUEUE), then stops the database; a
+queued SYN asks for a wake, and once the database answers one verdict lets every held SYN
+go on to it. Either way the connection is the database's own for its whole life.
+Where NFQUEUE is missing (or with `agent.deep_wake = "relay"`), deep sleep instead
+redirects new connections to the listener, which accepts them, asks for a wake, and hands
+each to the keeper, which relays it with splice(2) for its whole life (agent/keeper.py).
+The wake removes the queue rule or the redirect, so connections made after it go straight
+to the database again. The host's own traffic (the gateway address) is exempt from all of
+these, so probes and relays always reach the database itself and wake nothing.
 
 Sleeping and waking are the planner's: a request (`wake_requested`, `on_wake_request`)
 has the add-on's worker carry out the wake, ahead of its other queued work; nothing here
