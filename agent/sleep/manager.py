@@ -243,6 +243,7 @@ class SleepManager:
             asleep = saved is not None and saved.state != "awake"
             if not asleep and not repaired and not is_ready(aid):
                 continue  # not before it has answered a client once
+            queue: socket.socket | None = None
             try:
                 pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
                 sleeper = Sleeper(
@@ -268,6 +269,10 @@ class SleepManager:
                 await sleeper.start(adopted, queue)
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
+                if queue is not None:
+                    # Closed with the sleeper: the keeper's copy would keep the queue bound
+                    # and the next sleeper from binding it (its SYNs are sent again).
+                    await self.keeper.delete(sleeper.queue_name)  # popped after it was made
                 continue
             # Registered before the next await: a wake it requested at start finds it.
             self.sleepers[aid] = sleeper
