@@ -307,3 +307,31 @@ def test_deep_wake_is_queue_by_default_and_a_wrong_mode_is_named() -> None:
     assert msgspec.convert({"host": "h", "deep_wake": "relay"}, AgentSection).deep_wake == "relay"
     with pytest.raises(msgspec.ValidationError, match="deep_wake"):
         msgspec.convert({"host": "h", "deep_wake": "proxy"}, AgentSection)
+
+
+async def test_the_queue_holds_at_most_its_length_and_drops_the_rest(namespace: int) -> None:
+    """A flood of SYNs costs the agent at most the queue's length of reports: the kernel
+    drops the others (their clients send them again), none is let through or refused."""
+    ip = await asyncio.create_subprocess_exec(
+        "nsenter", "-t", str(namespace), "-n", "ip", "addr", "add", "10.99.0.1/32", "dev", "lo"
+    )
+    assert await ip.wait() == 0
+    seen: list[synqueue.Queued] = []
+    queue = synqueue.SynQueue(
+        await synqueue.SynQueue.bind(namespace, 5432, 2), namespace, 5432, "10.99.0.254",
+        seen.append,
+    )  # fmt: skip
+    pending: list[tuple[socket.socket, asyncio.Task[None]]] = []
+    try:
+        await queue.hold()
+        pending += [await _connect_later(namespace, 5432) for _ in range(6)]
+        await asyncio.sleep(0.5)
+        stats = synqueue.read_stats(namespace, 5432)
+        assert stats is not None and stats.waiting == 2, stats
+        assert len(seen) == 2
+        assert not any(task.done() for _sock, task in pending)  # dropped, not refused
+    finally:
+        for sock, task in pending:
+            task.cancel()
+            sock.close()
+        queue.close()
