@@ -226,8 +226,11 @@ class Sleeper:
         """Whatever an earlier agent left (a redirect, a queue rule, either mode), the
         rules now match the state: deep sleep's path for a stopped database, none else."""
         if self.synq is None:
+            # The redirect first: it acts before INPUT, so there is no moment with neither.
+            await self._set_deep_path(self.state == "deep")
             await synqueue.remove_rule(self.pid, self.port, self.gateway)
-        elif self.state == "awake" and await self.synq.rule_present() and self.synq.waiting():
+            return
+        if self.state == "awake" and await self.synq.rule_present() and self.synq.waiting():
             # Recorded awake with SYNs held: a wake cut short by a crash. They go on once
             # the database answers, not to a database still starting. (A paused one has
             # its socket: they go on at once, and the idle tick wakes it for them.)
