@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from agent import netns, nfnetlink, synqueue
 from agent.config import AgentSection
 from agent.docker import Docker
+from agent.metrics import WAKE_QUEUE_FALLBACKS
 from agent.sleep.listener import RelayBudget, Sleeper
 from agent.sleep.store import Persisted
 from agent.synqueue import DeepWake
@@ -335,3 +336,30 @@ async def test_the_queue_holds_at_most_its_length_and_drops_the_rest(namespace: 
             task.cancel()
             sock.close()
         queue.close()
+
+
+async def test_a_queue_that_cannot_be_bound_falls_back_to_the_redirect(namespace: int) -> None:
+    """NFQUEUE refused (here: the queue is bound by another socket, EBUSY): the sleeper
+    logs and counts it, and deep sleep redirects to the wake listener instead."""
+    other = await synqueue.SynQueue.bind(namespace, 5432, 8)
+    addon = AddonSpec(
+        id="b" * 32, name="orders-db", kind="postgres",
+        resources=Resources(cpus=0.5, memory_mb=256),
+        sleep=SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60),
+    )  # fmt: skip
+    fallbacks = WAKE_QUEUE_FALLBACKS._value.get()
+    sleeper = Sleeper(
+        addon, "db", "h" * 64, namespace, "10.99.0.1", "127.0.0.2",
+        Persisted(state="deep", last_activity=time.time()), Docker("test"), _probe_ok,
+        lambda: None, RelayBudget(8, 8),
+    )  # fmt: skip
+    try:
+        await sleeper.start()
+        assert sleeper.synq is None and sleeper.alive()
+        assert WAKE_QUEUE_FALLBACKS._value.get() == fallbacks + 1
+        _code, nat = await netns.iptables(namespace, "-t", "nat", "-S", "PREROUTING")
+        _code, filt = await netns.iptables(namespace, "-S", "INPUT")
+        assert "REDIRECT" in nat and synqueue.COMMENT not in filt, (nat, filt)
+    finally:
+        await sleeper.close()
+        other.close()
