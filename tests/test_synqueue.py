@@ -281,6 +281,8 @@ async def test_a_deep_sleeper_holds_syns_across_an_agent_restart_and_lets_them_g
         accepted, peer = await asyncio.get_running_loop().sock_accept(db)
         accepted.close()
         assert peer == client.getsockname()
+        assert second.opening is not None
+        await second.opening  # the verdict came first; the rule goes right after
         assert synqueue.COMMENT not in await rules()
 
         # A relay-mode agent on the same add-on asleep: the redirect, no queue rule.

@@ -559,16 +559,20 @@ class Sleeper:
         WAKE_QUEUED.inc()
         if not self.resumed.is_set():
             self.request_wake(f"connection attempt from {packet.source}")
-        elif self.synq is not None and self.synq.rule_on is False and not self._opening():
-            # Queued as the rule went (another CPU was past it): let it go at once.
-            asyncio.get_running_loop().call_soon(self._let_stragglers_go)
+        elif not self.transition.locked() and not self._opening():
+            # Awake, yet queued: it raced the rule's removal, or the removal failed.
+            asyncio.get_running_loop().call_soon(self._let_go_while_awake)
 
     def _opening(self) -> bool:
         return self.opening is not None and not self.opening.done()
 
-    def _let_stragglers_go(self) -> None:
-        if self.synq is not None and self.synq.rule_on is False and not self.transition.locked():
-            self.synq.accept_waiting()
+    def _let_go_while_awake(self) -> None:
+        if self.synq is None or self.state != "awake" or self.transition.locked():
+            return  # a sleep or wake under way lets them go itself
+        if self.synq.rule_on is False:
+            self.synq.accept_waiting()  # a straggler: another CPU was past the rule
+        else:
+            self._open_when_ready()  # the rule is still there: remove it, then let go
 
     def _on_syn(self, source: str) -> None:
         """The SYN watch saw a client knock: in light sleep, thaw; its socket does the rest."""
