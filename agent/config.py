@@ -16,6 +16,7 @@ from msgspec import Meta, Struct
 
 from agent.firewall import Policy
 from agent.specs import Images
+from agent.synqueue import DeepWake
 from schemas.messages import MAX_OUTPUT_CHUNK_CHARS, HostName
 from schemas.mqtt_tls import client_context
 from schemas.signed import SigningKeyError, Verifier
@@ -45,6 +46,11 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # units' LimitNOFILE / 2 with room to spare.
     wake_relays_per_addon: Annotated[int, Meta(ge=1)] = 64
     wake_relays_total: Annotated[int, Meta(ge=1)] = 2048
+    # How a deep-sleeping add-on takes a client (agent/synqueue.py): "queue" holds the SYN
+    # in the kernel until the database runs (the connection is then the database's own);
+    # "relay" accepts it at the wake listener and has the keeper relay it for its life.
+    # "queue" falls back to "relay" by itself where NFQUEUE is not available.
+    deep_wake: DeepWake = "queue"
     # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):
     # the hard backstop behind storage quotas. False: plain Docker volumes.
     volume_filesystems: bool = True

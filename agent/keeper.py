@@ -1,4 +1,4 @@
-"""The wake-socket keeper: holds the wake listeners and the relayed connections.
+"""The wake-socket keeper: holds the wake sockets and the relayed connections.
 
 A sleeping add-on's port is redirected to a listening socket that the agent created in the
 holder's network namespace. If only the agent held that socket, a restart of the agent
@@ -8,10 +8,13 @@ every listener: while the agent is down the kernel keeps completing handshakes i
 socket's backlog, and the new agent takes the sockets back and serves those clients. It
 is our own `FDSTORE=` (systemd's store is flushed on `systemctl restart` before v254).
 
-It also carries the connections accepted during a deep sleep (issue 12): the agent
-accepts a client and hands it over at once (HOLD: kept unread, so an agent that dies
-during the wake loses it not), wakes the database, connects to it and hands that socket
-over too (ATTACH); the keeper moves the bytes with splice(2) until either side closes.
+It holds each deep-sleep SYN queue's netlink socket the same way (agent/synqueue.py): the
+SYNs stay queued in the kernel while the agent is away. On the relay path (no NFQUEUE, or
+`agent.deep_wake = "relay"`) it also carries the connections accepted during a deep
+sleep (issue 12): the agent accepts a client and hands it over at once (HOLD: kept
+unread, so an agent that dies during the wake loses it not), wakes the database, connects
+to it and hands that socket over too (ATTACH); the keeper moves the bytes with splice(2)
+until either side closes.
 A relayed connection (often a pool's, open for hours) therefore outlives agent restarts
 and upgrades, and costs no copy through user space. Bytes go through one shared scratch
 pipe (socket -> pipe -> socket in the same turn); only a direction whose receiver is

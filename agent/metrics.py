@@ -82,6 +82,14 @@ WAKE_SYNS = Counter(
     "orkestr_agent_wake_syns_total",
     "Connection attempts (SYNs) the SYN watch reported, rate-limited in the kernel per add-on",
 )
+WAKE_QUEUED = Counter(
+    "orkestr_agent_wake_syns_queued_total",
+    "Connection attempts (SYNs) held in the kernel's queue while a stopped add-on started",
+)
+WAKE_QUEUE_FALLBACKS = Counter(
+    "orkestr_agent_wake_queue_fallbacks_total",
+    "Deep sleeps that fell back to the wake listener and relay: NFQUEUE not available",
+)
 RELAYS_REFUSED = Counter(
     "orkestr_agent_wake_relays_refused_total",
     "Connections a wake listener closed at once: over the add-on's or the host's relay cap",

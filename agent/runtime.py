@@ -189,6 +189,7 @@ class Agent:
             self._sleep_changed,
             config.agent.sleep_tick_s,
             RelayBudget(config.agent.wake_relays_per_addon, config.agent.wake_relays_total),
+            config.agent.deep_wake,
         )
         self.sleep.on_tick = self._sleep_ticked
         # The pass at the earliest sleep deadline (see _arm_sleep_timer): (when, handle).

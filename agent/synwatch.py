@@ -15,8 +15,10 @@ groups are per namespace). NFLOG is non-terminating: the SYN goes on to the data
 socket untouched. The rule stays in place while the add-on is awake (the agent ignores the
 messages then), so neither falling asleep nor waking runs iptables. The limit match keeps
 a SYN flood from becoming a flood of messages: the agent sees at most a few per second per
-add-on, and the first one is all a wake needs. In deep sleep the wake listener's REDIRECT
-(nat PREROUTING) rewrites the port before INPUT, so this rule does not match then.
+add-on, and the first one is all a wake needs. In deep sleep the SYN queue's rule
+(agent/synqueue.py) holds the SYN, or the relay path's REDIRECT (nat PREROUTING) rewrites
+the port before INPUT; a message that still comes then is ignored (the sleeper acts on
+it in light sleep only).
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ import socket
 import struct
 from collections.abc import Callable
 
-from agent import netns
+from agent import netns, nfnetlink
 from agent.errors import AgentError
 from agent.metrics import WAKE_SYNS
 
 log = logging.getLogger("orkestr.agent.sleep")
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -43,16 +44,13 @@ NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH = 1, 2, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD = 9
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 1, 4
 COPY_BYTES = 48  # the IPv4 and TCP headers' fixed parts: enough to name the client
 RATE_PER_S, BURST = 5, 10
 READS_PER_WAKEUP = 64  # then yield to the event loop
-UNKNOWN = "unknown"  # a source lost to an overflowing queue
 
 
 def syn_rule(port: int, group: int, gateway: str) -> tuple[str, ...]:
-    # The host (gateway) is exempt like in the redirect: the agent's probes are not clients.
+    # The host (gateway) is exempt as from the deep-sleep rules: its probes are not clients.
     return (
         "INPUT", "-p", "tcp", "--dport", str(port), "--syn", "!", "-s", gateway,
         "-m", "limit", "--limit", f"{RATE_PER_S}/second", "--limit-burst", str(BURST),
@@ -61,95 +59,30 @@ def syn_rule(port: int, group: int, gateway: str) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    length = 4 + len(data)
-    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
-
-
 def config_request(group: int, seq: int, *attrs: bytes) -> bytes:
     """An NFULNL_MSG_CONFIG request for `group`, asking for an ack."""
-    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group)) + b"".join(attrs)
-    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return nfnetlink.request(NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, group, seq, *attrs)
 
 
 def bind_requests(group: int) -> list[bytes]:
+    attr = nfnetlink.attr
     return [
-        config_request(group, 1, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))),
+        config_request(group, 1, attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))),
         config_request(
-            group, 2, _attr(NFULA_CFG_MODE, struct.pack(">IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0))
+            group, 2, attr(NFULA_CFG_MODE, struct.pack(">IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0))
         ),
         # Deliver each packet at once (the default batches them for up to a second).
-        config_request(group, 3, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))),
+        config_request(group, 3, attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))),
     ]
-
-
-def _messages(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16 or offset + length > len(data):
-            break
-        out.append((kind, data[offset + 16 : offset + length]))
-        offset += (length + 3) & ~3
-    return out
-
-
-def ack_error(data: bytes) -> int:
-    """The errno of the first netlink error message in `data` (0: an ack)."""
-    for kind, body in _messages(data):
-        if kind == NLMSG_ERROR and len(body) >= 4:
-            code: int = struct.unpack_from("=i", body)[0]
-            return -code
-    return 0
-
-
-def _source(payload: bytes) -> str:
-    if len(payload) < 20 or payload[0] >> 4 != 4:
-        return UNKNOWN
-    header = (payload[0] & 0x0F) * 4
-    ip = socket.inet_ntop(socket.AF_INET, payload[12:16])
-    if len(payload) < header + 2:
-        return ip
-    return f"{ip}:{struct.unpack_from('>H', payload, header)[0]}"
 
 
 def packet_sources(data: bytes) -> list[str]:
     """The client ("ip:port") of each logged packet in one netlink datagram."""
-    sources: list[str] = []
-    for kind, body in _messages(data):
-        if kind != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            continue
-        payload = b""
-        offset = 4  # struct nfgenmsg
-        while offset + 4 <= len(body):
-            length, attr = struct.unpack_from("=HH", body, offset)
-            if length < 4:
-                break
-            if attr & 0x3FFF == NFULA_PAYLOAD:
-                payload = body[offset + 4 : offset + length]
-            offset += (length + 3) & ~3
-        sources.append(_source(payload))
-    return sources
-
-
-def _bound_socket(group: int) -> socket.socket:
-    """Runs inside the holder's namespace: the NFLOG instance belongs to it."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        sock.bind((0, 0))
-        sock.settimeout(5)
-        for request in bind_requests(group):
-            sock.send(request)
-            code = ack_error(sock.recv(4096))
-            if code:
-                raise OSError(code, f"NFLOG group {group}: {errno.errorcode.get(code, code)}")
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return [
+        nfnetlink.source(nfnetlink.attrs(body).get(NFULA_PAYLOAD, b""))
+        for kind, body in nfnetlink.messages(data)
+        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+    ]
 
 
 class SynWatch:
@@ -169,7 +102,9 @@ class SynWatch:
             code, out = await netns.iptables(pid, "-I", *rule)
             if code != 0:
                 raise AgentError(f"iptables (NFLOG) in namespace of pid {pid}: {out}")
-        sock = await netns.in_namespace(pid, lambda: _bound_socket(group))
+        sock = await netns.in_namespace(
+            pid, lambda: nfnetlink.bound_socket(bind_requests(group), f"NFLOG group {group}")
+        )
         return cls(sock, on_syn)
 
     def _readable(self) -> None:
@@ -182,7 +117,7 @@ class SynWatch:
                 if exc.errno == errno.ENOBUFS:
                     # Messages were dropped: some client knocked, which is all we need.
                     WAKE_SYNS.inc()
-                    self.on_syn(UNKNOWN)
+                    self.on_syn(nfnetlink.UNKNOWN)
                     continue
                 log.warning("synwatch.read_failed error=%s", exc)
                 self.close()

@@ -197,6 +197,14 @@ def activity(own_host: str) -> dict[str, Any]:
     }
 
 
+def deep_wake_mode() -> str:
+    """ORKESTR_BENCH_DEEP_WAKE: the agent's deep_wake ("queue", its default, or "relay")."""
+    mode = os.environ.get("ORKESTR_BENCH_DEEP_WAKE", "queue")
+    if mode not in ("queue", "relay"):
+        raise SystemExit(f"ORKESTR_BENCH_DEEP_WAKE: queue or relay, not {mode!r}")
+    return mode
+
+
 def plans_toml(
     *,
     cpus: float,
@@ -276,7 +284,11 @@ class Bench:
     """Broker + controller + agent processes for one benchmark run, and their clean-up."""
 
     def __init__(
-        self, plans: str, sleep_tick_s: float = 0.5, intervals: tuple[float, float] | None = None
+        self,
+        plans: str,
+        sleep_tick_s: float = 0.5,
+        intervals: tuple[float, float] | None = None,
+        agent_extra: str = "",
     ) -> None:
         """ORKESTR_BENCH_CODE=<git ref> runs the controller, agent and keeper from a
         `git archive` of that ref instead of the working tree (e.g. while the working
@@ -285,6 +297,7 @@ class Bench:
         self.sleep_tick_s = sleep_tick_s
         # (resync_interval_s, heartbeat_s) for the agent; None: the tests' brisk 2 s and 1 s.
         self.intervals = intervals
+        self.agent_extra = agent_extra  # more [agent] settings, e.g. deep_wake = "relay"
         self.host = f"bench-{uuid.uuid4().hex[:10]}"
         self.dir = Path(tempfile.mkdtemp(prefix="orkestr-bench-"))
         self.mosquitto = Mosquitto()
@@ -351,6 +364,7 @@ class Bench:
             self.controller.url,
             await self.controller.new_agent_token(self.host),
             sleep_tick_s=self.sleep_tick_s,
+            agent_extra=self.agent_extra,
             public_key_file=self.controller.public_key_file,
         )
         if self.intervals is not None:

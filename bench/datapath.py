@@ -14,10 +14,14 @@ container on it (`docker exec`), by address:
             those connections must not be relayed). Its own toolbox client, on its network.
 
   deep      a Pro add-on stopped after 2 s idle (light after 1 s): its connections are
-            opened while the database is stopped and relayed for their whole life by the
-            wake-socket keeper (splice(2), issue 12). pgbench and redis-benchmark open a
-            set-up connection first, which completes the wake, so their own connections
-            would go direct; the deep rows therefore use the pool load below.
+            opened while the database is stopped. By default (agent.deep_wake = "queue")
+            their SYNs wait in the kernel's NFQUEUE until the database answers and the
+            connections are the database's own; ORKESTR_BENCH_DEEP_WAKE=relay measures
+            the fallback instead, where the wake-socket keeper relays them for their
+            whole life (splice(2)). Each run checks which path it measured (the keeper's
+            relays and the add-on's direct clients, mid-run). pgbench and redis-benchmark
+            open a set-up connection first, which completes the wake, so their own
+            connections would go direct; the deep rows therefore use the pool load below.
 
 Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
@@ -49,6 +53,7 @@ from _harness import (
     Client,
     activity,
     credentials,
+    deep_wake_mode,
     log,
     machine_facts,
     percentile,
@@ -59,9 +64,9 @@ from _harness import (
     table,
 )
 
-from agent import model
+from agent import model, netns
 from agent.keeper_client import KeeperClient
-from schemas.messages import Resources
+from schemas.messages import PORTS, Resources
 
 CPUS, MEMORY_MB = 1.0, 512
 TARGET_RATIO = 0.95
@@ -102,6 +107,18 @@ async def redis_run(client: Client, t: dict[str, Any], requests: int) -> dict[st
     return rps
 
 
+async def own_connections(b: Bench, addon: dict[str, Any], client_ip: str) -> int:
+    """The database's connections from the client's own address (a relayed one comes from
+    the gateway), read in the holder's namespace."""
+    info = await b.docker.containers.container(model.holder_name(addon["id"])).show()
+    port = PORTS[addon["kind"]]
+    return sum(
+        1
+        for s in netns.tcp_table(int(info["State"]["Pid"]))
+        if s.state == netns.ESTABLISHED and s.local_port == port and s.remote_ip == client_ip
+    )
+
+
 async def main(quick: bool) -> dict[str, Any]:
     rounds = 1 if quick else 5
     seconds = 3 if quick else 10
@@ -116,7 +133,9 @@ async def main(quick: bool) -> dict[str, Any]:
         cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
         pro_sleep=(1.0, 2.0),
     )  # fmt: skip
-    async with Bench(plans) as b:
+    deep_wake = deep_wake_mode()
+    results["deep_wake"] = deep_wake
+    async with Bench(plans, agent_extra=f'deep_wake = "{deep_wake}"') as b:
         results["code"] = b.code
         project = await b.project("team")
         pid = project["id"]
@@ -225,7 +244,7 @@ async def main(quick: bool) -> dict[str, Any]:
         pool_p50: dict[str, dict[str, list[float]]] = {
             test: {who: [] for who in POOL_WHO} for test in pool
         }
-        kept_seen: list[int] = []
+        deep_seen: list[dict[str, int]] = []  # per deep run: the keeper's relays, direct
         for r in range(rounds):
             order = [POOL_WHO[(r + i) % 3] for i in range(3)]
             for mode in ("select", "get", "set"):
@@ -245,7 +264,10 @@ async def main(quick: bool) -> dict[str, Any]:
                     if who == "deep" and sleepy_addon is not None:
                         await asyncio.sleep(seconds / 2)
                         kept = await keeper.relays(sleepy_addon["id"])
-                        kept_seen.append(len(kept) if kept is not None else -1)
+                        direct = await own_connections(b, sleepy_addon, clients[who].ip)
+                        deep_seen.append(
+                            {"keeper": -1 if kept is None else len(kept), "direct": direct}
+                        )
                     out = await run
                     if not out["ok"]:
                         raise RuntimeError(f"pool load {mode} {who}: {out['errors']}")
@@ -260,9 +282,14 @@ async def main(quick: bool) -> dict[str, Any]:
                         f"p50 {out['p50_us']} us"
                     )
                 order.reverse()
-        results["deep_connections_relayed_by_keeper"] = kept_seen
-        if any(k != POOL_CLIENTS for k in kept_seen):
-            raise RuntimeError(f"deep runs not all relayed by the keeper: {kept_seen}")
+        results["deep_connections"] = deep_seen
+        want = (
+            {"keeper": 0, "direct": POOL_CLIENTS}
+            if deep_wake == "queue"
+            else {"keeper": POOL_CLIENTS, "direct": 0}
+        )
+        if any(seen != want for seen in deep_seen):
+            raise RuntimeError(f"deep runs not all on the {deep_wake} path: {deep_seen}")
 
         # The add-ons must have stayed awake the whole time.
         for addon in (pg, rd):

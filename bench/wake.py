@@ -10,7 +10,9 @@ Postgres and Redis, from light sleep (docker pause) and deep sleep (docker stop)
             toolbox container's network namespace on the project network) times
             t0 = just before asyncpg.connect / the Redis connection + PING on a fresh
             connection, t1 = first query (SELECT 1 / PING) answered. One attempt, no
-            retry: the wake listener must hold the connection and relay it.
+            retry: in deep sleep the kernel must hold the SYN until the database answers
+            (agent.deep_wake = "queue", the default; ORKESTR_BENCH_DEEP_WAKE=relay
+            measures the wake listener and keeper relay instead).
   baseline  an equivalent plain container, run without the agent: the agent's own container
             spec (image, env, secret files, volume, CPU/memory limits, stop signal), a
             plain holder (`sleep infinity`) on the same project network and the database
@@ -43,6 +45,7 @@ from _harness import (
     Plain,
     activity,
     credentials,
+    deep_wake_mode,
     log,
     machine_facts,
     percentile,
@@ -195,7 +198,10 @@ async def main(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {"bench": "wake", "quick": quick, "wakes_per_case": n}
     results["machine"] = machine_facts()
     plans = plans_toml(cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_S, deep_after_s=DEEP_S)
-    async with Bench(plans, sleep_tick_s=0.25) as b:
+    results["deep_wake"] = deep_wake_mode()
+    async with Bench(
+        plans, sleep_tick_s=0.25, agent_extra=f'deep_wake = "{results["deep_wake"]}"'
+    ) as b:
         results["code"] = b.code
         project = await b.project("starter")
         pid = project["id"]

@@ -425,7 +425,8 @@ async def test_a_flood_at_one_wake_listener_leaves_the_agent_serving_other_wakes
     # A small per-add-on cap, so the connections that reach the listener while the add-on
     # starts (its deep wake takes ~100 ms) always exceed it, however loaded the machine is.
     cap = 8
-    async with running_agent(stack, agent_extra=f"wake_relays_per_addon = {cap}") as agent:
+    extra = f'wake_relays_per_addon = {cap}\ndeep_wake = "relay"'  # the relay's own caps
+    async with running_agent(stack, agent_extra=extra) as agent:
         await _flood(stack, agent, cap)
 
 

@@ -114,7 +114,8 @@ async def client(
 
 
 # Refused at once, as a database that is still starting refuses: the agent's probes (from
-# the gateway) and the relay's upstream leg alike.
+# the gateway) and the relay's upstream leg alike. Appended: a client's SYN meets the SYN
+# queue's rule first and waits there, as it would for a database that is slow to start.
 REFUSE = ("INPUT", "-p", "tcp", "--dport", "5432", "-j", "REJECT", "--reject-with", "tcp-reset")
 
 
@@ -143,7 +144,7 @@ async def test_a_long_wake_holds_up_no_other_addon(stack: Stack, agent: AgentPro
         "both add-ons in deep sleep",
     )
     pid = holder_pid(slow)
-    code, out = await netns.iptables(pid, "-I", *REFUSE)
+    code, out = await netns.iptables(pid, "-A", *REFUSE)
     assert code == 0, out
     try:
         # A client of the slow add-on: its wake now lasts until the rule goes.

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent import netns, synwatch
+from agent import netns, nfnetlink, synwatch
 from agent.docker import Docker
 from agent.sleep.listener import RelayBudget, Sleeper
 from agent.sleep.store import Persisted
@@ -40,17 +40,17 @@ def test_truncated_or_foreign_datagrams_yield_nothing_or_unknown() -> None:
     assert synwatch.packet_sources(CAPTURED[:10]) == []
     assert synwatch.packet_sources(b"") == []
     # A config ack is not a packet.
-    ack = struct.pack("=IHHII", 36, synwatch.NLMSG_ERROR, 0, 1, 0) + bytes(20)
+    ack = struct.pack("=IHHII", 36, nfnetlink.NLMSG_ERROR, 0, 1, 0) + bytes(20)
     assert synwatch.packet_sources(ack) == []
-    assert synwatch.ack_error(ack) == 0
+    assert nfnetlink.ack_error(ack) == 0
     # A packet message whose payload is cut short still counts as a knock.
     header = struct.pack("=IHHII", 20, 0x0400, 0, 0, 0) + bytes(4)
-    assert synwatch.packet_sources(header) == [synwatch.UNKNOWN]
+    assert synwatch.packet_sources(header) == [nfnetlink.UNKNOWN]
 
 
 def test_an_error_ack_carries_its_errno() -> None:
-    err = struct.pack("=IHHII", 36, synwatch.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -16)
-    assert synwatch.ack_error(err + bytes(16)) == 16
+    err = struct.pack("=IHHII", 36, nfnetlink.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -16)
+    assert nfnetlink.ack_error(err + bytes(16)) == 16
 
 
 def test_the_rule_is_limited_exempts_the_host_and_matches_only_syns() -> None:

@@ -1,4 +1,6 @@
-"""Connections opened during a deep wake are relayed by the keeper and outlive the agent.
+"""The relay path: connections opened during a deep wake are relayed by the keeper and
+outlive the agent (`agent.deep_wake = "relay"`, and the fallback where NFQUEUE is not
+available; the default, the SYN queue, is tests/test_wake_queue.py).
 
 Real add-ons, a real agent and keeper, real agent restarts. The client is a pool of ten
 psql sessions in a toolbox container on the project network, started at once while the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from tests.agent_fixtures import (
     addon,
     agent_metric,
     more_passes,
+    running_agent,
     wait_for,
 )
 from tests.test_sleep import Client, db_state, setup_addon, wait_db
@@ -44,6 +48,13 @@ cpus = 0.5
 memory_mb = 256
 sleep = {{ enabled = true, light_after_s = {LIGHT_S}, deep_after_s = {DEEP_S} }}
 """
+
+
+@pytest.fixture
+async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
+    """An agent that relays deep wakes, as one on a host without NFQUEUE does."""
+    async with running_agent(stack, agent_extra='deep_wake = "relay"') as proc:
+        yield proc
 
 
 STOP = "touch /tmp/pool.stop"

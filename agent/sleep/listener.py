@@ -1,19 +1,20 @@
 """Idle sleep and wake-on-connect, at the add-on's unchanged address.
 
-Each sleep-enabled add-on has a wake listener inside its holder's network namespace (on
-the add-on's port + 10000) and a SYN watch there (`agent/synwatch.py`). While the add-on
-is awake nothing points at either: clients reach the database directly, with no proxy in
-the data path. Light sleep pauses the database and redirects nothing: the paused database
-keeps its socket, the kernel completes a client's handshake on it, and the SYN watch
-reports the attempt, which asks for a wake; the client then talks to the database itself.
-Deep sleep first sets an iptables REDIRECT in the holder's namespace that sends *new*
-connections to the listener, then stops the database. A client connecting then is
-accepted by the listener, which asks for a wake, waits until a real client gets an
-answer, connects to the database and hands the pair to the keeper, which relays them with
-splice(2) for their whole life, agent restarts included (agent/keeper.py); the wake
-removes the redirect, so connections made after it go straight to the database again.
-The host's own traffic (the gateway address) is exempt from the redirect and the SYN
-watch, so probes and relays always reach the database itself and wake nothing.
+Each sleep-enabled add-on has, in its holder's network namespace, a SYN watch
+(`agent/synwatch.py`), a SYN queue (`agent/synqueue.py`) and a wake listener (on the
+add-on's port + 10000). While the add-on is awake nothing points at them: clients reach
+the database directly, with no proxy in the data path. Light sleep pauses the database and
+redirects nothing: the paused database keeps its socket, the kernel completes a client's
+handshake on it, and the SYN watch reports the attempt, which asks for a wake. Deep sleep
+first has the kernel queue new connections' SYNs (NFQUEUE), then stops the database; a
+queued SYN asks for a wake, and once the database answers one verdict lets every held SYN
+go on to it. Either way the connection is the database's own for its whole life.
+Where NFQUEUE is missing (or with `agent.deep_wake = "relay"`), deep sleep instead
+redirects new connections to the listener, which accepts them, asks for a wake, and hands
+each to the keeper, which relays it with splice(2) for its whole life (agent/keeper.py).
+The wake removes the queue rule or the redirect, so connections made after it go straight
+to the database again. The host's own traffic (the gateway address) is exempt from all of
+these, so probes and relays always reach the database itself and wake nothing.
 
 Sleeping and waking are the planner's: a request (`wake_requested`, `on_wake_request`)
 has the add-on's worker carry out the wake, ahead of its other queued work; nothing here
@@ -25,18 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from agent import netns
+from agent import netns, synqueue
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
 from agent.keeper_client import KeeperClient, KeeperUnreachable, RelayRefused
-from agent.metrics import RELAYS_ACTIVE, RELAYS_REFUSED, SLEEPS, WAKE_DURATION, WAKES
+from agent.metrics import (
+    RELAYS_ACTIVE,
+    RELAYS_REFUSED,
+    SLEEPS,
+    WAKE_DURATION,
+    WAKE_QUEUE_FALLBACKS,
+    WAKE_QUEUED,
+    WAKES,
+)
 from agent.sleep import log, policy
 from agent.sleep.store import Persisted
+from agent.synqueue import DeepWake, Queued, SynQueue
 from agent.synwatch import SynWatch
 from schemas.messages import PORTS, AddonSpec, ClientConnection, SleepState
 
@@ -47,6 +58,7 @@ Probe = Callable[[AddonSpec, str, float], Awaitable[tuple[bool, str, str]]]
 # How long a client accepted by the wake listener waits for its add-on to wake: a deep
 # wake is a database start-up (bounded by `_until_ready`), retried by the worker's backoff.
 WAKE_WAIT_S = 120.0
+_queue_fallback_logged = False  # NFQUEUE missing is a host's trait: warned once
 
 
 class RelayBudget:
@@ -101,8 +113,10 @@ class Sleeper:
         budget: RelayBudget,
         on_wake_request: Callable[[str], None] = lambda _aid: None,
         keeper: KeeperClient | None = None,
+        deep_wake: DeepWake = "queue",
     ) -> None:
         self.addon = addon
+        self.deep_wake = deep_wake
         self.keeper = keeper
         self.on_wake_request = on_wake_request
         self.budget = budget
@@ -138,6 +152,9 @@ class Sleeper:
         # cleared once it is awake.
         self.wake_requested = False
         self.synwatch: SynWatch | None = None  # light sleep's wake: see agent/synwatch.py
+        self.synq: SynQueue | None = None  # deep sleep's: see agent/synqueue.py
+        self.opening: asyncio.Task[None] | None = None  # SYNs let go once the db answers
+        self.started = False  # wake requests made while starting are passed on at its end
         self.last_opens = netns.passive_opens(pid)
         self.netns = netns.netns_inode(pid)
         self.clients: tuple[ClientConnection, ...] = ()
@@ -163,23 +180,76 @@ class Sleeper:
         """The listener's name in the keeper: a new holder is a new namespace, a new name."""
         return f"wake-{self.addon.id}-{self.holder_id[:12]}"
 
-    async def start(self, listener: socket.socket | None = None) -> None:
-        """Listen for wakes, on a socket handed back by the keeper if there is one."""
+    @property
+    def queue_name(self) -> str:
+        """The SYN queue's socket's name in the keeper."""
+        return f"synq-{self.addon.id}-{self.holder_id[:12]}"
+
+    async def start(
+        self, listener: socket.socket | None = None, queue: socket.socket | None = None
+    ) -> None:
+        """Listen for wakes, on sockets handed back by the keeper if there are some."""
         try:
             self.listener = listener or await netns.listen_in(self.pid, self.wake_port)
             await self._fence_listener()
             self.synwatch = await SynWatch.open(
                 self.pid, self.port, self.wake_port, self.gateway, self._on_syn
             )
+            if self.deep_wake == "queue":
+                await self._open_queue(queue)
+            elif queue is not None:
+                queue.close()  # this agent relays: SYNs still queued there are dropped
             self.accept_task = asyncio.create_task(self._accept(), name=f"wake-{self.addon.id}")
-            # Only deep sleep redirects; a redirect left by an older agent in light sleep goes.
-            await self._set_redirect(self.state == "deep")
+            await self._converge_rules()
             # Clients an earlier agent left with the keeper mid-wake are attached (and the
             # add-on woken for them) now, not a tick later.
             await self.refresh_kept(full=True)
+            if self.state == "deep" and self.synq is not None and self.synq.waiting():
+                # SYNs queued while no agent was there (or read by one that died).
+                self.request_wake("connection attempt queued while the agent was away")
+            self.started = True
+            if self.wake_requested:
+                self.on_wake_request(self.addon.id)
         except BaseException:
             await self.close()
             raise
+
+    async def _open_queue(self, sock: socket.socket | None) -> None:
+        try:
+            sock = sock or await SynQueue.bind(self.pid, self.port, self.budget.per_addon)
+        except OSError as exc:
+            self._queue_unavailable(str(exc))
+            return
+        self.synq = SynQueue(sock, self.pid, self.port, self.gateway, self._on_queued)
+
+    async def _converge_rules(self) -> None:
+        """Whatever an earlier agent left (a redirect, a queue rule, either mode), the
+        rules now match the state: deep sleep's path for a stopped database, none else."""
+        if self.synq is None:
+            # The redirect first: it acts before INPUT, so there is no moment with neither.
+            await self._set_deep_path(self.state == "deep")
+            await synqueue.remove_rule(self.pid, self.port, self.gateway)
+            return
+        if self.state == "awake" and await self.synq.rule_present() and self.synq.waiting():
+            # Recorded awake with SYNs held: a wake cut short by a crash. They go on once
+            # the database answers, not to a database still starting. (A paused one has
+            # its socket: they go on at once, and the idle tick wakes it for them.)
+            await self._set_redirect(False)
+            self._open_when_ready()
+            return
+        await self._set_deep_path(self.state == "deep")
+
+    def _queue_unavailable(self, reason: str) -> None:
+        global _queue_fallback_logged
+        WAKE_QUEUE_FALLBACKS.inc()
+        level = logging.DEBUG if _queue_fallback_logged else logging.WARNING
+        _queue_fallback_logged = True
+        log.log(
+            level,
+            "addon.wake_queue_unavailable addon=%s error=%s: deep wakes relay",
+            self.addon.id,
+            reason,
+        )
 
     def alive(self) -> bool:
         """False once the holder restarted (new namespace) or the accept loop ended."""
@@ -188,19 +258,19 @@ class Sleeper:
         except OSError:
             return False
         watching = self.synwatch is not None and not self.synwatch.closed
-        return same_ns and watching and self.accept_task is not None and not self.accept_task.done()
+        queueing = self.synq is None or not self.synq.closed
+        accepting = self.accept_task is not None and not self.accept_task.done()
+        return same_ns and watching and queueing and accepting
 
     async def close(self) -> None:
         if self.synwatch is not None:
             self.synwatch.close()
-        if self.accept_task is not None:
-            self.accept_task.cancel()
-        for task in (*self.handlers, *self.adopters):
+        if self.synq is not None:
+            self.synq.close()  # the keeper's copy keeps the queue and what waits in it
+        tasks = [t for t in (self.accept_task, self.opening, *self.handlers, *self.adopters) if t]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(
-            *(t for t in (self.accept_task, *self.handlers, *self.adopters) if t is not None),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.listener is not None:
             self.listener.close()
 
@@ -211,6 +281,39 @@ class Sleeper:
         code, out = await netns.iptables(self.pid, "-I", *rule)
         if code != 0:
             raise AgentError(f"iptables in the namespace of {self.addon.id}: {out}")
+
+    async def _set_deep_path(self, on: bool) -> None:
+        """Deep sleep's path for new connections: held in the kernel's queue, or (relay
+        mode, or NFQUEUE refused) redirected to the wake listener. Off: SYNs held go on
+        to the database (the caller knows it answers) and new ones go there directly."""
+        if on and self.synq is not None:
+            try:
+                await self.synq.hold()
+            except AgentError as exc:
+                self._queue_unavailable(str(exc))
+            else:
+                await self._set_redirect(False)  # after: no moment with neither in place
+                return
+        await self._set_redirect(on)
+        if self.synq is not None:
+            await self.synq.release()
+
+    def _open_when_ready(self) -> None:
+        """Let the held SYNs go once the database answers (it was started outside a wake:
+        by the reconciler, or before a crash), under the lock: no sleep meanwhile."""
+
+        async def open_when_ready() -> None:
+            async with self.transition:
+                if self.state != "awake" or self.synq is None:
+                    return  # asleep again: that sleep, or the next wake, let them go
+                try:
+                    await self._until_ready()
+                except AgentError as exc:
+                    log.warning("addon.queue_release addon=%s error=%s", self.addon.id, exc)
+                await self.synq.release()
+
+        if not self._opening():
+            self.opening = asyncio.create_task(open_when_ready(), name=f"synq-{self.addon.id}")
 
     async def _set_redirect(self, on: bool) -> None:
         if self.redirect_on == on:
@@ -271,7 +374,9 @@ class Sleeper:
             opens = netns.passive_opens(self.pid)
             new_connections = opens > self.last_opens
             self.last_opens = opens
+            left = False
             if full or new_connections or self.direct or not self.table_read:
+                seen = self.direct
                 self.direct = tuple(
                     ClientConnection(f"{s.remote_ip}:{s.remote_port}")
                     for s in netns.tcp_table(self.pid)
@@ -281,10 +386,13 @@ class Sleeper:
                     and s.remote_ip != self.gateway
                 )
                 self.table_read = True
+                # One left since the last read, at an unknown moment: the idle clock starts
+                # now, so an add-on never sleeps earlier than its timeout after a client left.
+                left = bool(set(seen) - set(self.direct))
         self.clients = self.direct + tuple(
             ClientConnection(src, via="activator") for src in {**self.kept, **self.relayed}
         )
-        if new_connections or self.clients:
+        if new_connections or self.clients or left:
             log.debug(
                 "addon.activity addon=%s new=%s clients=%s",
                 self.addon.id,
@@ -340,13 +448,14 @@ class Sleeper:
             fresh = self._goal(time.time(), bool(self.clients))
             if fresh == "awake" or fresh == self.state or goal == self.state:
                 return
-            # Deep sleep redirects new connections to the wake listener (a stopped database
-            # has no socket); light sleep needs nothing: the paused one keeps its own.
-            await self._set_redirect(goal == "deep")
+            # Deep sleep holds new connections' SYNs in the kernel (or redirects them to the
+            # wake listener): a stopped database has no socket; light sleep needs nothing,
+            # the paused one keeps its own.
+            await self._set_deep_path(goal == "deep")
             # A client may have connected between the measurement and here (when deepening:
             # it may sit in the paused database's backlog and needs it to run, not to stop).
             if await self.measure_activity(time.time(), full=True) or self.wake_requested:
-                await self._set_redirect(self.state == "deep")
+                await self._set_deep_path(self.state == "deep")
                 if self.state == "light":
                     self.request_wake("client queued while paused")
                 return
@@ -365,7 +474,7 @@ class Sleeper:
                 self.saved.state = previous
                 if previous == "awake":
                     self.resumed.set()
-                await self._set_redirect(previous == "deep")
+                await self._set_deep_path(previous == "deep")
                 raise
             log.info(
                 "addon.sleep addon=%s stage=%s idle_s=%.1f",
@@ -379,6 +488,9 @@ class Sleeper:
                 # Connected between the last check and the freeze; its SYN came while we
                 # were still awake, so the SYN watch ignored it.
                 self.request_wake("client connected while pausing")
+            if goal == "deep" and self.synq is not None and self.synq.waiting():
+                # Queued while stopping (from awake, its report found the add-on awake).
+                self.request_wake("connection attempt while stopping")
         self.on_change()
 
     # --- waking -------------------------------------------------------------------------
@@ -391,7 +503,11 @@ class Sleeper:
             self.resumed.set()
             self.wake_requested = False  # awake: a request left would keep it up for good
             self.saved.last_activity = time.time()
-            await self._set_redirect(False)
+            if self.synq is not None and self.synq.waiting():
+                await self._set_redirect(False)
+                self._open_when_ready()  # not into a database still starting
+            else:
+                await self._set_deep_path(False)
 
     async def wake(self, reason: str) -> None:
         async with self.transition:
@@ -407,11 +523,12 @@ class Sleeper:
             self.ready = True
             self.wake_requested = False
             elapsed_ms = (time.monotonic() - started) * 1000
-            # Waiting clients are relayed now; the redirect goes while they talk, still under
-            # the lock, so no sleep can start before new connections reach the db directly.
+            # Held SYNs go on and waiting clients are relayed now; then the queue rule or
+            # the redirect goes, still under the lock, so no sleep can start before new
+            # connections reach the db directly.
             self.saved.state = "awake"
             self.resumed.set()
-            await self._set_redirect(False)
+            await self._set_deep_path(False)
             self.saved.last_activity = time.time()
             self.saved.wakes += 1
             self.saved.last_wake_ms = [*self.saved.last_wake_ms[-9:], round(elapsed_ms, 2)]
@@ -434,7 +551,28 @@ class Sleeper:
             return
         self.wake_requested = True
         log.debug("addon.wake_requested addon=%s reason=%s", self.addon.id, reason)
-        self.on_wake_request(self.addon.id)
+        if self.started:  # else asked at the end of start, once the manager knows it
+            self.on_wake_request(self.addon.id)
+
+    def _on_queued(self, packet: Queued) -> None:
+        """A SYN waits in the kernel's queue: wake; the wake lets it go on."""
+        WAKE_QUEUED.inc()
+        if not self.resumed.is_set():
+            self.request_wake(f"connection attempt from {packet.source}")
+        elif not self.transition.locked() and not self._opening():
+            # Awake, yet queued: it raced the rule's removal, or the removal failed.
+            asyncio.get_running_loop().call_soon(self._let_go_while_awake)
+
+    def _opening(self) -> bool:
+        return self.opening is not None and not self.opening.done()
+
+    def _let_go_while_awake(self) -> None:
+        if self.synq is None or self.state != "awake" or self.transition.locked():
+            return  # a sleep or wake under way lets them go itself
+        if self.synq.rule_on is False:
+            self.synq.accept_waiting()  # a straggler: another CPU was past the rule
+        else:
+            self._open_when_ready()  # the rule is still there: remove it, then let go
 
     def _on_syn(self, source: str) -> None:
         """The SYN watch saw a client knock: in light sleep, thaw; its socket does the rest."""

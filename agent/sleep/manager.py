@@ -24,6 +24,7 @@ from agent.plan import SleepFacts
 from agent.sleep import log
 from agent.sleep.listener import WAKE_WAIT_S, Probe, RelayBudget, Sleeper
 from agent.sleep.store import Persisted, SleepStore
+from agent.synqueue import DeepWake
 from schemas.messages import AddonSpec, DesiredState, SleepState
 
 
@@ -37,8 +38,10 @@ class SleepManager:
         on_change: Callable[[], None],
         tick_s: float,
         budget: RelayBudget,
+        deep_wake: DeepWake = "queue",
     ) -> None:
         self.budget = budget
+        self.deep_wake: DeepWake = deep_wake
         self.store = SleepStore(state_dir / "sleep.json")
         self.saved: dict[str, Persisted] = self.store.load()
         self.sleepers: dict[str, Sleeper] = {}
@@ -205,13 +208,14 @@ class SleepManager:
                 and sleeper.alive()
             ):
                 sleeper.addon = wanted[aid][1]
-                if refill and sleeper.listener is not None:
-                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
-                    handed = handed and put
+                if refill:
+                    handed = await self._deposit(sleeper) and handed
                 continue
             del self.sleepers[aid]
             await sleeper.close()
             await self.keeper.delete(sleeper.wake_name)
+            if sleeper.synq is not None:
+                await self.keeper.delete(sleeper.queue_name)
         for aid, (project_id, addon) in wanted.items():
             if aid in self.sleepers:
                 continue
@@ -239,6 +243,7 @@ class SleepManager:
             asleep = saved is not None and saved.state != "awake"
             if not asleep and not repaired and not is_ready(aid):
                 continue  # not before it has answered a client once
+            queue: socket.socket | None = None
             try:
                 pid = int((await self.docker.inspect(holder.name))["State"]["Pid"])
                 sleeper = Sleeper(
@@ -255,18 +260,26 @@ class SleepManager:
                     self.budget,
                     self._wake_request,
                     self.keeper,
+                    self.deep_wake,
                 )
                 sleeper.ready = not asleep
                 sleeper.held = self.holds.get(aid, 0)
                 adopted = self._adopted.pop(sleeper.wake_name, None)
-                await sleeper.start(adopted)
-                if adopted is None and sleeper.listener is not None:
-                    put = await self.keeper.put(sleeper.wake_name, sleeper.listener)
-                    handed = handed and put
+                queue = self._adopted.pop(sleeper.queue_name, None)
+                await sleeper.start(adopted, queue)
             except (AgentError, OSError) as exc:
                 log.warning("sleep.listener_failed addon=%s error=%s", aid, exc)
+                if queue is not None:
+                    # Closed with the sleeper: the keeper's copy would keep the queue bound
+                    # and the next sleeper from binding it (its SYNs are sent again).
+                    await self.keeper.delete(sleeper.queue_name)  # popped after it was made
                 continue
+            # Registered before the next await: a wake it requested at start finds it.
             self.sleepers[aid] = sleeper
+            if queue is not None and sleeper.synq is None:
+                await self.keeper.delete(sleeper.queue_name)  # relaying now: of no use
+            if adopted is None or (queue is None and sleeper.synq is not None):
+                handed = await self._deposit(sleeper) and handed
         # Adopted listeners of add-ons that are gone or have a new holder are of no use.
         for name, sock in list(self._adopted.items()):
             aid = name.split("-")[1]
@@ -280,6 +293,13 @@ class SleepManager:
         self.store.save(self.saved)
         if handed:
             self._keeper_seen = keeper
+
+    async def _deposit(self, sleeper: Sleeper) -> bool:
+        """Hand the keeper the sleeper's listener and SYN queue; False if unreachable."""
+        put = sleeper.listener is None or await self.keeper.put(sleeper.wake_name, sleeper.listener)
+        if sleeper.synq is not None and not sleeper.synq.closed:
+            put = await self.keeper.put(sleeper.queue_name, sleeper.synq.sock) and put
+        return put
 
     def _changed(self) -> None:
         self.store.save(self.saved)
