@@ -140,6 +140,7 @@ def pytest_runtest_makereport(
 ONE_WORKER = (
     "test_sleep.py",
     "test_wake_relay.py",
+    "test_wake_queue.py",
     "test_slow_addon.py",
     "test_egress.py",
     "test_docker_networks.py",

@@ -28,7 +28,7 @@ from tests.agent_fixtures import (
     wait_for,
 )
 from tests.test_sleep import Client, db_state, setup_addon, wait_db
-from tests.test_wake_relay import DEEP_S, LIGHT_S, POOL, check_pool, plans_text, pool
+from tests.test_wake_relay import DEEP_S, LIGHT_S, POOL, STOP, check_pool, plans_text, pool
 
 pytest_plugins = ["tests.agent_fixtures"]
 __all__ = ["plans_text"]  # the module's plans: the relay tests' (2 s light, 4 s deep)
@@ -76,8 +76,10 @@ async def test_a_pool_opened_during_a_deep_wake_is_the_databases_own_through_age
         await wait_db(a["id"], "exited", timeout=DEEP_S + 10)
         assert QUEUE_RULE in await rules(holder_pid(a["id"]))
         queued = await agent_metric(agent, "orkestr_agent_wake_syns_queued_total") or 0
-        queries = 100  # 0.3 s apart: 30 s and more of steady queries on every connection
-        run = asyncio.create_task(client.sh(pool(queries, 0.3), timeout=180))
+        # 0.3 s apart: steady queries on every connection until STOP (after the restarts;
+        # 400 of them would last two minutes).
+        queries = 400
+        run = asyncio.create_task(client.sh(pool(queries, 0.3), timeout=240))
 
         async def ten_direct() -> bool:
             return len(await direct_clients(stack, project["id"], a["id"], client.ip)) == POOL
@@ -108,6 +110,8 @@ async def test_a_pool_opened_during_a_deep_wake_is_the_databases_own_through_age
         await agent.start()
         await more_passes(agent, 2)
         await wait_for(ten_direct, 30, "ten direct clients listed after the restarts")
+        assert not run.done(), await run
+        assert (await client.sh(STOP)).returncode == 0
         r = await run
         await watcher
         check_pool(r.stdout, queries)
