@@ -188,8 +188,7 @@ class Applier:
                 await self.docker.run(spec)
                 if spec.role == "holder" and spec.network is not None:
                     # Before its database joins the namespace: no egress beyond the network.
-                    subnet = (await self.docker.inspect_network(spec.network))["subnet"]
-                    await self.firewall.fence_holder(spec.name, subnet)
+                    await self.firewall.fence_holder(spec.name, spec.network)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 if name.endswith("-db"):

@@ -180,14 +180,6 @@ class Docker:
             # Docker refuses (403) while anything is attached: retried on the next pass.
             raise TransientError(str(exc)) from None
 
-    async def inspect_network(self, name: str) -> dict[str, str]:
-        async def show() -> dict[str, Any]:
-            network = await self.client.networks.get(name)
-            return await network.show()
-
-        raw = await self._call(f"inspect network {name}", show)
-        return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
-
     async def create_volume(
         self,
         name: str,

@@ -72,6 +72,8 @@ from schemas.signed import Verifier
 log = logging.getLogger("orkestr.agent")
 
 HOST = "_host"  # owner key of host-level conditions
+# A kept re-probe connection serves this many rounds, then a fresh one is opened.
+KEEP_ROUNDS = 8
 
 
 def _capacity() -> Capacity:
@@ -174,6 +176,13 @@ class Agent:
         self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
+        # add-on id -> (database container id, address, connection, rounds used): re-probe
+        # connections kept open between rounds (see _redis_round)
+        self._kept: dict[str, tuple[str, str, resp.Connection, int]] = {}
+        # add-on id -> (database container id, latest answer) of its running readiness poll
+        self._polled: dict[str, tuple[str, status.Probe]] = {}
+        # add-on id -> (database container id, holder run) last checked for a split namespace
+        self._split_checked: dict[str, tuple[str, tuple[str, str, int] | None]] = {}
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
         self._reprobe_s = config.agent.resync_interval_s
@@ -330,10 +339,12 @@ class Agent:
                         self._note_app_exit(event)
                         if (cid := (event.get("Actor") or {}).get("ID")) is not None:
                             self.upkeep.container_changed(cid)
-                        if event.get("status") == "start":
-                            actor = event.get("Actor") or {}
-                            if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
-                                self.firewall.forget(actor.get("ID"))
+                        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                        if attributes.get(model.LABEL_ROLE) == "holder" and "name" in attributes:
+                            if event.get("status") == "start":
+                                self.firewall.holder_started(attributes["name"])
+                            elif event.get("status") == "destroy":
+                                self.firewall.holder_removed(attributes["name"])
                         if event.get("status") in (
                             "die",
                             "destroy",
@@ -512,6 +523,7 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
+        await self._drop_kept(targets)
         # The pass probes what has no answer for its current database yet (new, restarted,
         # failing). A ready add-on keeps its last answer here and is probed again once per
         # resync interval by a background round: probing a hundred databases inside the
@@ -521,12 +533,18 @@ class Agent:
         probes: dict[str, status.Probe] = {}
         due: list[status.Target] = []
         stale: list[status.Target] = []
+        polled: list[status.Target] = []
         for t in targets:
             last = self._last_probe.get(t.addon.id)
             if last is not None and last[0] == t.db_id:
                 probes[t.addon.id] = last[2]
                 if now_m - last[1] >= self._reprobe_s:
                     stale.append(t)
+            elif (latest := self._polled.get(t.addon.id)) is not None and latest[0] == t.db_id:
+                # Its readiness poll runs: the poll's latest answer stands (a second probe
+                # here, per pass, doubled the connections to every starting database).
+                probes[t.addon.id] = latest[1]
+                polled.append(t)
             else:
                 due.append(t)
         self._last_probe = {
@@ -542,15 +560,17 @@ class Agent:
             if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
-                if reason == "Unreachable":
-                    await self._repair_split_namespace(target.addon)
-                self._await_readiness(target.addon, target.ip)
+                self._await_readiness(target)
+        for target in [*due, *polled]:
+            if probes[target.addon.id].reason == "Unreachable":
+                await self._repair_split_namespace(target)
         derived = status.derive(desired, observed, outcome.failed, outcome.permanent, probes, views)
         now = datetime.now(UTC)
         for u in derived.updates:
             self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
         for aid in derived.removed:
             self.book.forget(aid)
+            self._split_checked.pop(aid, None)
             self.upkeep.forget(aid)
         statuses: dict[str, AddonStatus] = {}
         labels: set[tuple[str, str, str]] = set()
@@ -621,28 +641,38 @@ class Agent:
         wanted = {a.id for proj in desired.projects for a in proj.apps}
         self._app_exits = {k: v for k, v in self._app_exits.items() if k in wanted}
 
-    async def _repair_split_namespace(self, addon: AddonSpec) -> None:
+    async def _repair_split_namespace(self, target: status.Target) -> None:
         """A holder restarted in place has a new namespace the database is not in.
 
         Docker keeps the holder's id, so the plan cannot see it; the database then has no
-        network at all. Found by comparing namespaces; the fix is a new database container
-        (same volume), which the next pass creates.
+        network at all. Found by comparing namespaces, once per database container and run
+        of its holder (the firewall's record of it: every new run is fenced before the pass
+        probes); the fix is a new database container (same volume), which the next pass
+        creates.
         """
+        addon = target.addon
+        key = (target.db_id, self.firewall.run(model.holder_name(addon.id)))
+        if self._split_checked.get(addon.id) == key:
+            return
         try:
             holder = await self.docker.inspect(model.holder_name(addon.id))
             db = await self.docker.inspect(model.db_name(addon.id))
             h_pid, d_pid = holder["State"]["Pid"], db["State"]["Pid"]
-            if not (h_pid and d_pid) or netns.netns_inode(h_pid) == netns.netns_inode(d_pid):
+            if not (h_pid and d_pid):
+                return
+            if netns.netns_inode(h_pid) == netns.netns_inode(d_pid):
+                self._split_checked[addon.id] = key
                 return
         except (AgentError, OSError, KeyError):
             return
         log.warning("addon.split_namespace addon=%s action=recreate_db", addon.id)
         # Through the add-on's worker: never beside another chain on the same add-on.
-        self.workers.submit(
+        if self.workers.submit(
             addon.id,
             (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
             self._fingerprints.get(addon.id, ""),
-        )
+        ):
+            self._split_checked[addon.id] = key
 
     async def _reprobe(self, targets: list[status.Target], concurrency: int = 4) -> None:
         """Probe ready add-ons again (and tend them), a few at a time, off the pass.
@@ -658,7 +688,7 @@ class Agent:
             nonlocal changed
             before = self.book.of(t.addon.id)
             async with gate:
-                ok, reason, message = await self._probe(t.addon, t.ip)
+                ok, reason, message = await self._probe(t.addon, t.ip, keep=t.db_id)
             last = self._last_probe.get(t.addon.id)
             if last is None or last[0] != t.db_id:
                 return  # replaced or gone meanwhile: the pass has it
@@ -681,8 +711,13 @@ class Agent:
         if changed:
             self.trigger()
 
-    def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
-        """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
+    def _await_readiness(self, target: status.Target) -> None:
+        """Poll a starting add-on quickly, so Ready does not wait for the next resync.
+
+        The poll's latest answer is the add-on's probe result while it runs (passes do not
+        probe it again), and its success is the add-on's last good probe.
+        """
+        addon, ip, db_id = target.addon, target.ip, target.db_id
         task = self._readiness.get(addon.id)
         if task is not None and not task.done():
             return
@@ -693,20 +728,33 @@ class Agent:
             # forks a backend for each attempt during its initdb, and sixty add-ons being
             # created at once polled 20 times a second each took the CPU they start on.
             delay = 0.05
-            while time.monotonic() < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.25)
-                if self.sleep.state(addon.id) != "awake":
-                    return
-                if (await self._probe(addon, ip, 1.0))[0]:
-                    self.trigger()
-                    return
+            try:
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 1.5, 0.25)
+                    if self.sleep.state(addon.id) != "awake":
+                        return
+                    result = status.Probe(*await self._probe(addon, ip, 1.0))
+                    self._polled[addon.id] = (db_id, result)
+                    if result.ok:
+                        self._last_probe[addon.id] = (db_id, time.monotonic(), result)
+                        if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
+                            sleeper.ready = True
+                        self.trigger()
+                        return
+            finally:
+                self._polled.pop(addon.id, None)
 
         self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
 
     async def _probe(
-        self, addon: AddonSpec, ip: str, timeout_s: float | None = None
+        self,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float | None = None,
+        keep: str | None = None,
     ) -> tuple[bool, str, str]:
+        """`keep`: the database container id of a re-probe (see `_redis_round`)."""
         if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleep.sleepers.get(addon.id)
@@ -714,7 +762,7 @@ class Agent:
         if addon.kind == "redis":
             # One connection for the probe and the upkeep round, so one guard counts it.
             if sleeper is None:
-                return await self._redis_round(addon, ip, timeout_s)
+                return await self._redis_round(addon, ip, timeout_s, keep)
             async with sleeper.platform_connection():
                 if sleeper.state != "awake":
                     return False, "Sleeping", f"in {sleeper.state} sleep"
@@ -738,18 +786,58 @@ class Agent:
         return result
 
     async def _redis_round(
-        self, addon: AddonSpec, ip: str, timeout_s: float
+        self, addon: AddonSpec, ip: str, timeout_s: float, keep: str | None = None
     ) -> tuple[bool, str, str]:
-        """PING, then the upkeep round on the same connection if it answered."""
-        password = self.secrets.admin_password(addon.id)
-        conn, result = await probe.redis_connect(ip, password, timeout_s)
-        if conn is None:
-            return result
-        async with conn:
+        """PING, then the upkeep round on the same connection if it answered.
+
+        A re-probe (`keep`: its database container id) of an add-on that never sleeps keeps
+        its connection for the next round: connecting, AUTH and CLIENT SETNAME were most of
+        an idle host's CPU, a hundred add-ons every resync interval. A kept connection that
+        does not answer PING is dropped and a fresh one decides; one is opened afresh every
+        KEEP_ROUNDS rounds anyway, so accepting new clients stays checked too.
+        """
+        conn, rounds = await self._take_kept(addon.id, keep, ip)
+        if conn is not None:
             result = await probe.redis_ping(conn, ip)
+            if not result[0]:
+                await conn.close()
+                conn = None
+        if conn is None:
+            rounds = 0
+            password = self.secrets.admin_password(addon.id)
+            conn, result = await probe.redis_connect(ip, password, timeout_s)
+            if conn is None:
+                return result
+            result = await probe.redis_ping(conn, ip)
+        try:
             if result[0]:
                 await self._tend(addon, ip, timeout_s, conn)
+        finally:
+            if keep is not None and result[0] and not conn.closed and rounds + 1 < KEEP_ROUNDS:
+                self._kept[addon.id] = (keep, ip, conn, rounds + 1)
+            else:
+                await conn.close()
         return result
+
+    async def _take_kept(
+        self, addon_id: str, db_id: str | None, ip: str
+    ) -> tuple[resp.Connection | None, int]:
+        """The add-on's kept connection if it is to this database and address (else closed)."""
+        kept = self._kept.pop(addon_id, None)
+        if kept is None:
+            return None, 0
+        if db_id is None or kept[:2] != (db_id, ip) or kept[2].closed:
+            await kept[2].close()
+            return None, 0
+        return kept[2], kept[3]
+
+    async def _drop_kept(self, targets: tuple[status.Target, ...] | None = None) -> None:
+        """Close kept connections of add-ons that left, changed or may now sleep."""
+        valid = {t.addon.id: (t.db_id, t.ip) for t in targets or ()}
+        for aid, (db_id, ip, conn, _rounds) in list(self._kept.items()):
+            if valid.get(aid) != (db_id, ip) or aid in self.sleep.sleepers or conn.closed:
+                del self._kept[aid]
+                await conn.close()
 
     async def _tend(
         self,
@@ -820,6 +908,7 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._drop_kept()
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
