@@ -9,6 +9,9 @@ from collections.abc import Sequence
 import pytest
 
 from agent import plan as p
+from agent import slots, specs
+from agent.model import Observed, ObservedNetwork
+from agent.slots import PrioritySlots
 from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
 from schemas.messages import (
     SCHEMA_VERSION,
@@ -21,6 +24,7 @@ from schemas.messages import (
 )
 
 RES = Resources(cpus=0.5, memory_mb=256)
+NET = ObservedNetwork(id="n1", name="orkestr-p1", project_id="p1", bridge="br-1", subnet="10.9.0.0/24")
 
 
 class Clock:
@@ -274,6 +278,20 @@ def test_chains_group_by_key_in_plan_order() -> None:
     }
 
 
+def test_chains_that_start_a_postgres_are_handed_out_first() -> None:
+    """Longest first: a Postgres initialises for seconds, a Redis for a tenth of one."""
+    rd = [AddonSpec(id=f"r{i}", name=f"r{i}", kind="redis", resources=RES) for i in range(3)]
+    pg = [AddonSpec(id=f"g{i}", name=f"g{i}", kind="postgres", resources=RES) for i in range(2)]
+    project = ProjectSpec(id="p1", name="p1", addons=(rd[0], pg[0], rd[1], rd[2], pg[1]))
+    desired = DesiredState(version=SCHEMA_VERSION, host="h", generation=1, projects=(project,))
+    settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
+    plan = p.plan(desired, Observed(networks=(NET,)), p.Local(), settings)
+    assert list(p.chains(desired, plan)) == ["g0", "g1", "r0", "r1", "r2"]
+    # Only a chain that starts one: a Postgres volume alone keeps its place.
+    volumes = tuple(a for a in plan if isinstance(a, p.EnsureVolume))
+    assert list(p.chains(desired, volumes)) == ["r0", "g0", "r1", "r2", "g1"]
+
+
 def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
     desired = _desired()
     job = desired.projects[0].jobs[0]
@@ -303,3 +321,50 @@ def test_a_backup_operation_runs_on_its_own_key_after_its_leftover_is_removed() 
         p.StartBackupOp(key, "p1", spec, addon),
     )
     assert p.chains(desired, actions) == {key: (actions[0], actions[2]), "a1": (actions[1],)}
+
+
+async def test_daemon_slots_go_to_the_oldest_chain_first() -> None:
+    """Chains each making several calls through two slots: earlier chains finish first
+    (with a first-come queue every chain's first call went before any chain's second)."""
+    gate = PrioritySlots(2)
+    calls: list[tuple[str, int]] = []
+
+    async def run(key: str, chain: Sequence[int]) -> ChainResult:
+        for step in chain:
+            async with gate.slot():
+                calls.append((key, step))
+                await asyncio.sleep(0)
+        return ChainResult()
+
+    workers: KeyedWorkers[int] = KeyedWorkers(run, lambda: None)
+    for key in "abcd":
+        workers.submit(key, (1, 2, 3))
+    await workers.idle()
+    finished = {key: max(i for i, (k, _) in enumerate(calls) if k == key) for key in "abcd"}
+    assert sorted(finished, key=finished.__getitem__) == list("abcd")
+    assert finished["a"] < [k for k, _ in calls].index("d"), calls  # a done before d began
+
+
+async def test_daemon_slots_serve_by_order_then_arrival_and_survive_cancels() -> None:
+    gate = PrioritySlots(1)
+    granted: list[str] = []
+    hold = asyncio.Event()
+
+    async def call(name: str, order: int) -> None:
+        slots.ORDER.set(order)
+        async with gate.slot():
+            granted.append(name)
+            if name == "first":
+                await hold.wait()
+
+    first = asyncio.create_task(call("first", 5))
+    await asyncio.sleep(0)
+    waiters = {n: asyncio.create_task(call(n, o)) for n, o in
+               (("late", 3), ("pass", 0), ("early", 1), ("gone", 0), ("late2", 3))}  # fmt: skip
+    await asyncio.sleep(0)
+    waiters["gone"].cancel()
+    hold.set()
+    await asyncio.gather(first, *waiters.values(), return_exceptions=True)
+    assert granted == ["first", "pass", "early", "late", "late2"]
+    async with gate.slot():  # the cancelled waiter left no slot taken
+        assert gate.waiting == 0
