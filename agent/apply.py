@@ -204,10 +204,15 @@ class Applier:
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
                 if name.endswith("-db"):
-                    # A clean shutdown first: no crash recovery, no lost Redis writes.
+                    # A clean shutdown first: no crash recovery, no lost Redis writes. Docker
+                    # refuses to stop a paused container (409): unpaused first only then.
                     with contextlib.suppress(NotFound, Conflict):
-                        await self.docker.unpause(name)
-                        await self.docker.stop(name, grace_s=30)
+                        try:
+                            await self.docker.stop(name, grace_s=30)
+                        except Conflict:
+                            if not await self.docker.unpause(name):
+                                raise
+                            await self.docker.stop(name, grace_s=30)
                 await self.docker.remove(name)
             case p.RemoveVolume(_key, name):
                 await self.docker.remove_volume(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -72,10 +73,12 @@ from schemas.signed import Verifier
 log = logging.getLogger("orkestr.agent")
 
 HOST = "_host"  # owner key of host-level conditions
+_EPOCH = datetime.fromtimestamp(0, UTC)
 # A kept re-probe connection serves this many rounds, then a fresh one is opened.
 KEEP_ROUNDS = 8
 
 
+@functools.cache
 def _capacity() -> Capacity:
     memory_kb = 0
     try:
@@ -221,6 +224,7 @@ class Agent:
         self._app_exits: dict[str, tuple[str, apps.LastExit]] = {}
         self._app_oom: set[str] = set()
         self.removed: tuple[str, ...] = ()
+        self._published = b""  # the last status published, with _EPOCH for its time
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
         self._ready_notified = False
@@ -463,7 +467,7 @@ class Agent:
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
         self._arm_sleep_timer()
-        await self.publish_status()
+        await self.publish_status(if_changed=True)
         await self.publish_job_results()
 
     def _arm_sleep_timer(self) -> None:
@@ -912,11 +916,17 @@ class Agent:
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
-    async def publish_status(self) -> None:
+    async def publish_status(self, if_changed: bool = False) -> None:
+        """Publish the host's status; `if_changed`: only if it differs from the last one
+        published, apart from its time (a pass's; the heartbeat sends it regardless).
+
+        Passes come many a second while a host converges, and the controller writes every
+        add-on's row of each report in one transaction: a report per change is enough.
+        """
         status = HostStatus(
             version=SCHEMA_VERSION,
             host=self.host,
-            sent_at=datetime.now(UTC),
+            sent_at=_EPOCH,
             applied_generation=self.desired.generation if self.desired else 0,
             capacity=_capacity(),
             conditions=self.book.of(HOST),
@@ -924,7 +934,12 @@ class Agent:
             removed=self.removed,
             apps=self.app_status,
         )
-        await self.broker.publish(topics.status(self.host), encode(status), retain=True)
+        body = encode(status)
+        if if_changed and body == self._published:
+            return
+        sent = msgspec.structs.replace(status, sent_at=datetime.now(UTC))
+        if await self.broker.publish(topics.status(self.host), encode(sent), retain=True):
+            self._published = body
 
     async def publish_job_results(self) -> None:
         wanted = {
