@@ -74,6 +74,8 @@ log = logging.getLogger("orkestr.agent")
 
 HOST = "_host"  # owner key of host-level conditions
 _EPOCH = datetime.fromtimestamp(0, UTC)
+# While chains run, passes start at most this often (a quiet host's pass runs at once).
+PASS_SPACING_S = 0.25
 # A kept re-probe connection serves this many rounds, then a fresh one is opened.
 KEEP_ROUNDS = 8
 
@@ -296,11 +298,17 @@ class Agent:
     # --- loops --------------------------------------------------------------------------
     async def reconcile_loop(self) -> None:
         backoff = 0.5
+        started = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._trigger.wait(), self.config.agent.resync_interval_s)
             except TimeoutError:
                 pass
+            if self.workers.in_flight():
+                # Chains run: each completion and each Docker event asks for a pass, and a
+                # pass per event observed the whole host many times a second while sixty
+                # add-ons converged. Meanwhile the asks coalesce into one pass per spacing.
+                await asyncio.sleep(started + PASS_SPACING_S - time.monotonic())
             self._trigger.clear()
             started = time.monotonic()
             try:
