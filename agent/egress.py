@@ -102,6 +102,7 @@ class Firewall:
         self._events = 0
         self._started: dict[str, int] = {}
         self._covered: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # holder name -> one fence at a time
         # One host-chain update at a time: a pass and an EnsureNetwork may both sync.
         self._host_lock = asyncio.Lock()
         # Group network -> {holder name: port}: the shared add-ons (plan.shared_ports).
@@ -123,6 +124,9 @@ class Firewall:
         self._fenced.pop(name, None)
         self._started.pop(name, None)
         self._covered.pop(name, None)
+        lock = self._locks.get(name)
+        if lock is not None and not lock.locked():
+            del self._locks[name]
 
     def run(self, name: str) -> tuple[str, str, int] | None:
         """The holder's run (id, StartedAt, pid) that was last fenced."""
@@ -150,7 +154,7 @@ class Firewall:
                 log.info("egress.host_applied bridges=%d", len(bridges))
         networks = {n.name for n in observed.networks}
         due = [
-            (c.name, model.network_name(c.project_id))
+            (c.name, model.network_name(c.project_id), c.id)
             for c in observed.containers
             if c.role == "holder"
             and c.state == "running"
@@ -160,10 +164,13 @@ class Firewall:
         # Namespaces are independent: fenced together, a restarted agent's first pass (which
         # fences every holder again) waits for the slowest, not for the sum.
         results = await asyncio.gather(
-            *(self.fence_holder(name, net) for name, net in due), return_exceptions=True
+            *(self.fence_holder(name, net, cid) for name, net, cid in due),
+            return_exceptions=True,
         )
         for result in results:
-            if isinstance(result, BaseException):
+            # A holder removed or stopped since the observation needs no fence now (its
+            # next start is an event, and due again).
+            if isinstance(result, BaseException) and not isinstance(result, NotFound):
                 raise result
 
     def _bridge(self, n: ObservedNetwork, observed: Observed) -> firewall.Bridge:
@@ -185,18 +192,27 @@ class Firewall:
         """After a network was created: its bridge is fenced before anything runs on it."""
         await self.sync(await self.docker.snapshot())
 
-    async def fence_holder(self, name: str, network: str) -> None:
+    async def fence_holder(
+        self, name: str, network: str, container_id: str | None = None
+    ) -> None:
         """Fence the holder's namespace to its project network's subnet, unless this run of
-        it is fenced already (the inspection then only confirms it)."""
-        seen = self._events  # start events up to here are accounted for by this inspection
-        info = await self.docker.inspect(name)
-        run = _run_of(info)
-        if not run[2]:
-            raise NotFound(f"holder {name} is not running")
-        if self._fenced.get(name) != run:
-            subnet = _subnet_of(info, network)
-            # One process: the chain and its single jump, atomically (firewall.holder_ruleset).
-            await _restore(run[2], firewall.holder_ruleset(subnet))
-            self._fenced[name] = run
-            log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
-        self._covered[name] = max(self._covered.get(name, 0), seen)
+        it is fenced already (the inspection then only confirms it).
+
+        One at a time per holder: a pass that observed a holder its chain is fencing waits
+        for that fence and, `container_id` given, finds it done.
+        """
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if container_id is not None and self.fenced(name, container_id):
+                return
+            seen = self._events  # start events up to here are accounted for by this inspection
+            info = await self.docker.inspect(name)
+            run = _run_of(info)
+            if not run[2]:
+                raise NotFound(f"holder {name} is not running")
+            if self._fenced.get(name) != run:
+                subnet = _subnet_of(info, network)
+                # One process: the chain and its single jump, atomically.
+                await _restore(run[2], firewall.holder_ruleset(subnet))
+                self._fenced[name] = run
+                log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
+            self._covered[name] = max(self._covered.get(name, 0), seen)

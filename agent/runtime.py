@@ -560,7 +560,9 @@ class Agent:
             else:
                 due.append(t)
         self._last_probe = {
-            t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
+            t.addon.id: last
+            for t in targets
+            if (last := self._last_probe.get(t.addon.id)) is not None and last[0] == t.db_id
         }
         if stale and (self._reprobing is None or self._reprobing.done()):
             self._reprobing = asyncio.create_task(self._reprobe(stale), name="reprobe")
