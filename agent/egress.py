@@ -214,5 +214,11 @@ class Firewall:
                 # One process: the chain and its single jump, atomically.
                 await _restore(run[2], firewall.holder_ruleset(subnet))
                 self._fenced[name] = run
-                log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
+                log.info(
+                    "egress.holder_fenced holder=%s id=%s started=%s subnet=%s",
+                    name,
+                    run[0][:12],
+                    run[1],
+                    subnet,
+                )
             self._covered[name] = max(self._covered.get(name, 0), seen)
