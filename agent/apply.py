@@ -122,11 +122,14 @@ class Applier:
         return outcome
 
     async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
-        """One key worker's chain: its actions in order, stopping at the first failure."""
-        for action in chain:
-            outcome = await self.apply((action,))
-            if action.key in outcome.failed:
-                permanent = action.key in outcome.permanent
+        """One key worker's chain: its steps in order (the actions of a step side by side,
+        plan.steps), stopping after the first step with a failure."""
+        for step in p.steps(tuple(chain)):
+            outcomes = await asyncio.gather(*(self.apply((action,)) for action in step))
+            failed = [(o, a) for o, a in zip(outcomes, step, strict=True) if a.key in o.failed]
+            if failed:
+                permanent = any(a.key in o.permanent for o, a in failed)
+                outcome, action = failed[0]
                 return ChainResult(outcome.failed[action.key], permanent=permanent)
         return ChainResult()
 

@@ -292,6 +292,26 @@ def test_chains_that_start_a_postgres_are_handed_out_first() -> None:
     assert list(p.chains(desired, volumes)) == ["r0", "g0", "r1", "r2", "g1"]
 
 
+def test_a_new_addons_volume_secret_and_holder_are_one_step() -> None:
+    """Independent: side by side; the database waits for all three; the rest in order."""
+    rd = AddonSpec(id="r0", name="r0", kind="redis", resources=RES)
+    project = ProjectSpec(id="p1", name="p1", addons=(rd,))
+    desired = DesiredState(version=SCHEMA_VERSION, host="h", generation=1, projects=(project,))
+    settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
+    chain = p.chains(desired, p.plan(desired, Observed(networks=(NET,)), p.Local(), settings))["r0"]
+    kinds = [[type(a).__name__ for a in step] for step in p.steps(chain)]
+    assert kinds == [["EnsureVolume", "FetchSecret", "RunContainer"], ["RunContainer"]]
+    assert [a.spec.role for a in p.steps(chain)[1] if isinstance(a, p.RunContainer)] == ["db"]
+    removal = (
+        p.FetchSecret("r0", "p1", "redis", 2),
+        p.RemoveContainer("r0", "orkestr-r0-db", "HolderReplaced"),
+        p.RemoveContainer("r0", "orkestr-r0-net", "Drifted"),
+        *chain[2:],
+    )
+    assert [len(step) for step in p.steps(removal)] == [1, 1, 1, 1, 1]
+    assert [a for step in p.steps(removal) for a in step] == list(removal)
+
+
 def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
     desired = _desired()
     job = desired.projects[0].jobs[0]
