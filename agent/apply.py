@@ -269,9 +269,9 @@ class Applier:
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount
         (after a reboot, say)."""
-        if self.loopfs is None:
-            return
         volume = model.volume_name(addon_id)
+        if self.loopfs is None or self.loopfs.size_mb(volume) is None:
+            return  # a plain volume: nothing to attach, no Docker call
         device = await self.docker.volume_device(volume)
         if device is not None and device.startswith("/dev/loop"):
             await self.loopfs.ensure_attached(volume, device)

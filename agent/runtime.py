@@ -397,11 +397,25 @@ class Agent:
         a statfs is cheap enough to do every `quota_guard_s` (agent/upkeep.py).
         """
         rounds: dict[str, asyncio.Task[None]] = {}
+        self._guarded_gen: tuple[int, bool] = (-1, False)  # (generation, any to guard)
         while True:
             await asyncio.sleep(self.config.agent.quota_guard_s)
             for aid in [a for a, task in rounds.items() if task.done()]:
                 del rounds[aid]
             if self.desired is None or self.loopfs is None:
+                continue
+            if self._guarded_gen[0] != self.desired.generation:
+                # Only a Postgres with a quota has a filesystem to guard: a host of Redis
+                # add-ons skips the round of targets four times a second.
+                self._guarded_gen = (
+                    self.desired.generation,
+                    any(
+                        a.kind == "postgres" and a.storage_mb and not a.deleted
+                        for p_ in self.desired.projects
+                        for a in p_.addons
+                    ),
+                )
+            if not self._guarded_gen[1]:
                 continue
             try:
                 targets = status.probe_targets(self.desired, self.observed, self._sleep_views())
