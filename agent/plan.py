@@ -11,7 +11,7 @@ missing from the desired state, or a desired state that never arrived, deletes n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import get_args
 
 from msgspec import Struct
@@ -638,18 +638,13 @@ def chains(
     chain that creates or starts a container of a project whose network this plan still
     creates waits for a later pass (the network's completion asks for one).
 
-    Chains that start a Postgres come first (in plan order among themselves): the daemon
-    serves chains in the order they are handed out (agent/slots.py), and a Postgres takes
-    seconds to initialise where a Redis takes a tenth of one, so sixty add-ons created at
-    once are all answering soonest when the slowest start first.
+    Chains that start a Postgres come first (in plan order among themselves, see
+    `starts_slow`).
     """
     owner: dict[str, str] = {}
-    slow: set[str] = set()
     for project in desired.projects if desired is not None else ():
         for addon in project.addons:
             owner[addon.id] = project.id
-            if addon.kind == "postgres":
-                slow.add(addon.id)
         for job in project.jobs:
             owner[job.id] = project.id
         for app in project.apps:
@@ -660,11 +655,7 @@ def chains(
     for action in actions:
         grouped.setdefault(action.key, []).append(action)
 
-    def starts_slow(item: tuple[str, list[Action]]) -> bool:
-        key, chain = item
-        return key in slow and any(isinstance(a, RunContainer | StartContainer) for a in chain)
-
-    ordered = sorted(grouped.items(), key=lambda item: not starts_slow(item))
+    ordered = sorted(grouped.items(), key=lambda item: not starts_slow(desired, *item))
     return {
         key: tuple(chain)
         for key, chain in ordered
@@ -675,6 +666,19 @@ def chains(
         )
         and not any(_joins(a) & creating_groups for a in chain)
     }
+
+
+def starts_slow(desired: DesiredState | None, key: str, chain: Sequence[Action]) -> bool:
+    """Whether a chain starts a Postgres: seconds of initdb, where a Redis takes a tenth of
+    one. The daemon serves such chains first (agent/slots.py), so sixty add-ons created at
+    once are all answering soonest: the slowest start first, whenever they arrive."""
+    if not any(isinstance(a, RunContainer | StartContainer) for a in chain):
+        return False
+    return any(
+        a.id == key and a.kind == "postgres"
+        for p in (desired.projects if desired is not None else ())
+        for a in p.addons
+    )
 
 
 def steps(chain: tuple[Action, ...]) -> list[tuple[Action, ...]]:

@@ -479,7 +479,8 @@ class Agent:
         await self.firewall.sync(observed)
         planned = p.chains(self.desired, actions)
         for key, chain in planned.items():
-            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
+            first = p.starts_slow(self.desired, key, chain)
+            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen, first)
         self.workers.settle({a.key for a in actions}, seen)
         self.backups.sweep_deleted(self.desired, local.now)
         self.observed = observed

@@ -5,8 +5,9 @@ time. With a first-come queue, sixty chains advanced in lockstep: every chain's 
 then every chain's second, so the first database started only once every holder had, and
 the slowest to become ready (a Postgres in initdb) started last. Here a waiting call goes
 ahead of the calls of work submitted after its own (`ORDER`, set by the worker running the
-chain), so chains finish one after another in the order they were handed out; calls made
-outside any chain (the pass's observation, probes, upkeep, wakes) go first.
+chain), so chains finish one after another in the order they were handed out, except that
+chains handed out `first` (those that start a Postgres) go ahead of all others; calls made
+outside any chain (the pass's observation, probes, upkeep, wakes) go first of all.
 """
 
 from __future__ import annotations

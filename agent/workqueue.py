@@ -55,6 +55,8 @@ class _Failure:
 
 
 A = TypeVar("A")
+# Added to the place in line of a chain not handed out `first`.
+LATER = 1 << 40
 
 
 class KeyedWorkers(Generic[A]):
@@ -92,12 +94,18 @@ class KeyedWorkers(Generic[A]):
         return sum(1 for t in self._tasks.values() if not t.done())
 
     def submit(
-        self, key: str, chain: Sequence[A], fingerprint: str = "", seen_epoch: int | None = None
+        self,
+        key: str,
+        chain: Sequence[A],
+        fingerprint: str = "",
+        seen_epoch: int | None = None,
+        first: bool = False,
     ) -> bool:
         """Start `chain` on `key`'s worker; False if the key is not due for one now.
 
         `seen_epoch`: the epoch at which the plan's observation was taken; a key whose
         last chain finished after it is skipped, since its completion asks for a new pass.
+        `first`: its calls to the daemon go ahead of every other chain's (agent/slots.py).
         """
         if not chain or self.busy(key):
             return False
@@ -112,8 +120,9 @@ class KeyedWorkers(Generic[A]):
             elif self._clock() < failure.not_before:
                 return False
         self._submitted += 1
+        order = self._submitted + (0 if first else LATER)
         self._tasks[key] = asyncio.create_task(
-            self._work(key, chain, fingerprint, self._submitted), name=f"key-{key}"
+            self._work(key, chain, fingerprint, order), name=f"key-{key}"
         )
         return True
 

@@ -287,6 +287,8 @@ def test_chains_that_start_a_postgres_are_handed_out_first() -> None:
     settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
     plan = p.plan(desired, Observed(networks=(NET,)), p.Local(), settings)
     assert list(p.chains(desired, plan)) == ["g0", "g1", "r0", "r1", "r2"]
+    slow = {k for k, chain in p.chains(desired, plan).items() if p.starts_slow(desired, k, chain)}
+    assert slow == {"g0", "g1"}
     # Only a chain that starts one: a Postgres volume alone keeps its place.
     volumes = tuple(a for a in plan if isinstance(a, p.EnsureVolume))
     assert list(p.chains(desired, volumes)) == ["r0", "g0", "r1", "r2", "g1"]
@@ -363,6 +365,28 @@ async def test_daemon_slots_go_to_the_oldest_chain_first() -> None:
     finished = {key: max(i for i, (k, _) in enumerate(calls) if k == key) for key in "abcd"}
     assert sorted(finished, key=finished.__getitem__) == list("abcd")
     assert finished["a"] < [k for k, _ in calls].index("d"), calls  # a done before d began
+
+
+async def test_a_chain_handed_out_first_overtakes_the_queued_ones() -> None:
+    gate = PrioritySlots(1)
+    calls: list[str] = []
+
+    async def run(key: str, chain: Sequence[int]) -> ChainResult:
+        for _ in chain:
+            async with gate.slot():
+                calls.append(key)
+                await asyncio.sleep(0)
+        return ChainResult()
+
+    workers: KeyedWorkers[int] = KeyedWorkers(run, lambda: None)
+    for key in "abc":
+        workers.submit(key, (1, 2))
+    await asyncio.sleep(0)
+    workers.submit("pg", (1, 2), first=True)  # arrives later, a Postgres: served next
+    await workers.idle()
+    last_pg = max(i for i, k in enumerate(calls) if k == "pg")
+    assert last_pg < calls.index("c") and calls.count("a") == 2, calls
+    assert last_pg < len(calls) - 1 - calls[::-1].index("a"), "a's second call waited"
 
 
 async def test_daemon_slots_serve_by_order_then_arrival_and_survive_cancels() -> None:
