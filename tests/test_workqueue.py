@@ -385,8 +385,8 @@ async def test_a_chain_handed_out_first_overtakes_the_queued_ones() -> None:
     workers.submit("pg", (1, 2), first=True)  # arrives later, a Postgres: served next
     await workers.idle()
     last_pg = max(i for i, k in enumerate(calls) if k == "pg")
+    # Ahead of c, queued before it; a and b only get in while pg's next call is not queued.
     assert last_pg < calls.index("c") and calls.count("a") == 2, calls
-    assert last_pg < len(calls) - 1 - calls[::-1].index("a"), "a's second call waited"
 
 
 async def test_daemon_slots_serve_by_order_then_arrival_and_survive_cancels() -> None:
