@@ -684,26 +684,41 @@ def starts_slow(desired: DesiredState | None, key: str, chain: Sequence[Action])
 def steps(chain: tuple[Action, ...]) -> list[tuple[Action, ...]]:
     """A chain as steps run one after another; the actions of one step run together.
 
-    An add-on's volume, its secret and its holder are independent of each other (the
-    holder mounts neither), and the holder's start with its network attachment is the
-    slowest of the three: run side by side, the database starts that much sooner. Every
-    other action is a step of its own, in chain order.
+    An add-on's volume, its secret and its holder are independent of each other (only the
+    database mounts the first two): made side by side, the database starts sooner; once
+    the database is gone, the holder, the volume and the secret go side by side. Other
+    actions are steps of their own, and a step never mixes making with removing (a holder
+    replaced is removed, then made again, in chain order).
     """
     out: list[tuple[Action, ...]] = []
     beside: list[Action] = []
+    kind = ""
     for action in chain:
-        if isinstance(action, EnsureVolume | FetchSecret) or (
-            isinstance(action, RunContainer) and action.spec.role == "holder"
-        ):
-            beside.append(action)
-            continue
-        if beside:
+        group = _beside(action)
+        if beside and group != kind:
             out.append(tuple(beside))
             beside = []
-        out.append((action,))
+        if group:
+            beside.append(action)
+            kind = group
+        else:
+            out.append((action,))
     if beside:
         out.append(tuple(beside))
     return out
+
+
+def _beside(action: Action) -> str:
+    """Which step of independent actions an action may share ("" for none)."""
+    if isinstance(action, EnsureVolume | FetchSecret) or (
+        isinstance(action, RunContainer) and action.spec.role == "holder"
+    ):
+        return "make"
+    if isinstance(action, RemoveVolume | RemoveSecret) or (
+        isinstance(action, RemoveContainer) and action.name == model.holder_name(action.key)
+    ):
+        return "remove"
+    return ""
 
 
 def _joins(action: Action) -> set[str]:

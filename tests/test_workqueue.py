@@ -6,11 +6,12 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 
+import msgspec
 import pytest
 
 from agent import plan as p
 from agent import slots, specs
-from agent.model import Observed, ObservedNetwork
+from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
 from agent.slots import PrioritySlots
 from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
 from schemas.messages import (
@@ -312,6 +313,23 @@ def test_a_new_addons_volume_secret_and_holder_are_one_step() -> None:
     )
     assert [len(step) for step in p.steps(removal)] == [1, 1, 1, 1, 1]
     assert [a for step in p.steps(removal) for a in step] == list(removal)
+    # A tombstone: the database first (its volume and secret are mounted), then the rest.
+    observed = Observed(
+        networks=(NET,),
+        containers=(
+            ObservedContainer(id="d", name="orkestr-r0-db", role="db", project_id="p1",
+                              state="running", addon_id="r0"),
+            ObservedContainer(id="h", name="orkestr-r0-net", role="holder", project_id="p1",
+                              state="running", addon_id="r0"),
+        ),
+        volumes=(ObservedVolume(name="orkestr-r0-data", addon_id="r0"),),
+    )  # fmt: skip
+    gone = msgspec.structs.replace(rd, deleted=True)
+    tomb = msgspec.structs.replace(desired, projects=(ProjectSpec(id="p1", name="p1", addons=(gone,)),))
+    local = p.Local(secrets={"r0": 1})
+    kinds = [[type(a).__name__ for a in step]
+             for step in p.steps(p.chains(tomb, p.plan(tomb, observed, local, settings))["r0"])]  # fmt: skip
+    assert kinds == [["RemoveContainer"], ["RemoveContainer", "RemoveVolume", "RemoveSecret"]]
 
 
 def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
