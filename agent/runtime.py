@@ -708,14 +708,14 @@ class Agent:
 
         A failed probe drops the add-on's answer, so the next pass probes it itself and
         acts on the failure; that pass is asked for at once, as is one when the upkeep
-        changed a condition (a quota reached, a memory kill).
+        flipped a condition (a quota reached, a memory kill; not a usage figure that moved).
         """
         gate = asyncio.Semaphore(concurrency)
         changed = False
 
         async def one(t: status.Target) -> None:
             nonlocal changed
-            before = self.book.of(t.addon.id)
+            before = self._flips(t.addon.id)
             async with gate:
                 ok, reason, message = await self._probe(t.addon, t.ip, keep=t.db_id)
             last = self._last_probe.get(t.addon.id)
@@ -731,7 +731,7 @@ class Agent:
                 )
             else:
                 del self._last_probe[t.addon.id]
-            changed = changed or not ok or self.book.of(t.addon.id) != before
+            changed = changed or not ok or self._flips(t.addon.id) != before
 
         try:
             await asyncio.gather(*(one(t) for t in targets))
@@ -739,6 +739,11 @@ class Agent:
             log.exception("reprobe.crashed")
         if changed:
             self.trigger()
+
+    def _flips(self, addon_id: str) -> tuple[tuple[str, str, str], ...]:
+        """An add-on's conditions without their messages: a usage figure that moved is
+        reported by the next pass; a condition that flipped asks for one at once."""
+        return tuple((c.type, c.status, c.reason) for c in self.book.of(addon_id))
 
     def _await_readiness(self, target: status.Target) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync.
