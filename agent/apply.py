@@ -122,11 +122,14 @@ class Applier:
         return outcome
 
     async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
-        """One key worker's chain: its actions in order, stopping at the first failure."""
-        for action in chain:
-            outcome = await self.apply((action,))
-            if action.key in outcome.failed:
-                permanent = action.key in outcome.permanent
+        """One key worker's chain: its steps in order (the actions of a step side by side,
+        plan.steps), stopping after the first step with a failure."""
+        for step in p.steps(tuple(chain)):
+            outcomes = await asyncio.gather(*(self.apply((action,)) for action in step))
+            failed = [(o, a) for o, a in zip(outcomes, step, strict=True) if a.key in o.failed]
+            if failed:
+                permanent = any(a.key in o.permanent for o, a in failed)
+                outcome, action = failed[0]
                 return ChainResult(outcome.failed[action.key], permanent=permanent)
         return ChainResult()
 
@@ -188,8 +191,7 @@ class Applier:
                 await self.docker.run(spec)
                 if spec.role == "holder" and spec.network is not None:
                     # Before its database joins the namespace: no egress beyond the network.
-                    subnet = (await self.docker.inspect_network(spec.network))["subnet"]
-                    await self.firewall.fence_holder(spec.name, subnet)
+                    await self.firewall.fence_holder(spec.name, spec.network)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 if name.endswith("-db"):
@@ -205,10 +207,15 @@ class Applier:
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
                 if name.endswith("-db"):
-                    # A clean shutdown first: no crash recovery, no lost Redis writes.
+                    # A clean shutdown first: no crash recovery, no lost Redis writes. Docker
+                    # refuses to stop a paused container (409): unpaused first only then.
                     with contextlib.suppress(NotFound, Conflict):
-                        await self.docker.unpause(name)
-                        await self.docker.stop(name, grace_s=30)
+                        try:
+                            await self.docker.stop(name, grace_s=30)
+                        except Conflict:
+                            if not await self.docker.unpause(name):
+                                raise
+                            await self.docker.stop(name, grace_s=30)
                 await self.docker.remove(name)
             case p.RemoveVolume(_key, name):
                 await self.docker.remove_volume(name)
@@ -262,9 +269,9 @@ class Applier:
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem needs its loop device before it can mount
         (after a reboot, say)."""
-        if self.loopfs is None:
-            return
         volume = model.volume_name(addon_id)
+        if self.loopfs is None or self.loopfs.size_mb(volume) is None:
+            return  # a plain volume: nothing to attach, no Docker call
         device = await self.docker.volume_device(volume)
         if device is not None and device.startswith("/dev/loop"):
             await self.loopfs.ensure_attached(volume, device)

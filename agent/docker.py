@@ -19,6 +19,7 @@ import aiohttp
 from agent import model, observe, specs
 from agent.errors import Conflict, NotFound, PermanentError, TransientError
 from agent.model import Observed
+from agent.slots import PrioritySlots
 
 T = TypeVar("T")
 # Docker 20.10 answers these state conflicts with 500 rather than 409.
@@ -47,10 +48,10 @@ class Docker:
         self.host = host
         self._url = url
         self._client: aiodocker.Docker | None = None
-        # Keys work in parallel; the daemon gets at most this many calls at once. Waits
-        # on jobs, stops and the event stream hold no slot: they last as long as a job or
-        # a database's shutdown does.
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # Keys work in parallel; the daemon gets at most this many calls at once, the
+        # oldest chain's first (agent/slots.py). Waits on jobs, stops and the event stream
+        # hold no slot: they last as long as a job or a database's shutdown does.
+        self._slots = PrioritySlots(max_in_flight)
 
     async def __aenter__(self) -> Docker:
         # aiodocker waits forever by default; a hung daemon must not hang the agent.
@@ -64,7 +65,7 @@ class Docker:
             await self._client.close()
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        async with self._slots:
+        async with self._slots.slot():
             return await _call(what, fn)
 
     @property
@@ -179,14 +180,6 @@ class Docker:
         except (Conflict, PermanentError) as exc:
             # Docker refuses (403) while anything is attached: retried on the next pass.
             raise TransientError(str(exc)) from None
-
-    async def inspect_network(self, name: str) -> dict[str, str]:
-        async def show() -> dict[str, Any]:
-            network = await self.client.networks.get(name)
-            return await network.show()
-
-        raw = await self._call(f"inspect network {name}", show)
-        return {"subnet": observe.ipam(raw, "Subnet"), "bridge": observe.bridge_name(raw)}
 
     async def create_volume(
         self,

@@ -1,16 +1,22 @@
 """Applies the rulesets of `firewall.py`: on the host, and in each holder's namespace.
 
-The host's chains are replaced whole whenever the set of project bridges changes; a
-holder is fenced once per namespace (a holder restarted by dockerd is a new namespace:
-its start event, or a reconnect of the event stream, makes it fenced again).
+The host's chains are replaced whole whenever the set of project bridges changes. A
+holder is fenced once per run (container id, `State.StartedAt`, pid): a holder restarted
+by dockerd is a new namespace, fenced again. Docker's start events say when a holder may
+have a new run; a fence or a check that inspected the holder after the event was counted
+accounts for it, so the start event of a holder its own chain just fenced costs nothing,
+and any later start is inspected and, being another run, fenced (a reconnect of the event
+stream forgets every fence).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+from typing import Any
 
-from agent import firewall
+from agent import firewall, model
 from agent.docker import Docker
 from agent.errors import AgentError, NotFound
 from agent.model import Observed, ObservedNetwork
@@ -68,25 +74,72 @@ async def _ensure_jump(pid: int | None, rule: tuple[str, ...]) -> None:
             raise AgentError(f"iptables -D {' '.join(rule)}: {out}")
 
 
+def _run_of(info: dict[str, Any]) -> tuple[str, str, int]:
+    """One run of a container: a restart keeps the id, never the start time and pid."""
+    state = info.get("State") or {}
+    return str(info["Id"]), str(state.get("StartedAt") or ""), int(state.get("Pid") or 0)
+
+
+def _subnet_of(info: dict[str, Any], network: str) -> str:
+    """The subnet the holder is attached to on `network`, from its own inspection."""
+    attached = ((info.get("NetworkSettings") or {}).get("Networks") or {}).get(network) or {}
+    ip, prefix = attached.get("IPAddress"), attached.get("IPPrefixLen")
+    if not ip or not prefix:
+        raise AgentError(f"holder {info.get('Name', '?')} has no address on {network}")
+    return str(ipaddress.ip_interface(f"{ip}/{prefix}").network)
+
+
 class Firewall:
     def __init__(self, host: str, policy: firewall.Policy, docker: Docker) -> None:
         self.host = host
         self.policy = policy
         self.docker = docker
         self._applied = ""
-        self._fenced: set[str] = set()  # holder container ids whose namespace is fenced
+        # holder name -> the run (id, StartedAt, pid) whose namespace is fenced
+        self._fenced: dict[str, tuple[str, str, int]] = {}
+        # Start events are numbered: holder name -> number of its latest start event, and
+        # -> the number seen before the inspection its fence (or last check) came from.
+        self._events = 0
+        self._started: dict[str, int] = {}
+        self._covered: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # holder name -> one fence at a time
         # One host-chain update at a time: a pass and an EnsureNetwork may both sync.
         self._host_lock = asyncio.Lock()
         # Group network -> {holder name: port}: the shared add-ons (plan.shared_ports).
         self.shared: dict[str, dict[str, int]] = {}
 
-    def forget(self, holder_id: str | None = None) -> None:
-        """A holder (or, with None, every holder and the host) must be fenced again."""
-        if holder_id is None:
-            self._fenced.clear()
-            self._applied = ""
-        else:
-            self._fenced.discard(holder_id)
+    def forget(self) -> None:
+        """Every holder and the host must be fenced again (events may have been missed)."""
+        self._fenced.clear()
+        self._started.clear()
+        self._covered.clear()
+        self._applied = ""
+
+    def holder_started(self, name: str) -> None:
+        """Docker says the holder started: it may be a new run, to be checked."""
+        self._events += 1
+        self._started[name] = self._events
+
+    def holder_removed(self, name: str) -> None:
+        self._fenced.pop(name, None)
+        self._started.pop(name, None)
+        self._covered.pop(name, None)
+        lock = self._locks.get(name)
+        if lock is not None and not lock.locked():
+            del self._locks[name]
+
+    def run(self, name: str) -> tuple[str, str, int] | None:
+        """The holder's run (id, StartedAt, pid) that was last fenced."""
+        return self._fenced.get(name)
+
+    def fenced(self, name: str, container_id: str) -> bool:
+        """Whether the holder's current run is known to be fenced (no check needed)."""
+        run = self._fenced.get(name)
+        return (
+            run is not None
+            and run[0] == container_id
+            and self._started.get(name, 0) <= self._covered.get(name, 0)
+        )
 
     async def sync(self, observed: Observed) -> None:
         """Host chains for the observed bridges, and every running holder fenced."""
@@ -99,22 +152,25 @@ class Firewall:
                     await _ensure_jump(None, jump)
                 self._applied = rules
                 log.info("egress.host_applied bridges=%d", len(bridges))
-        subnets = {n.name: n.subnet for n in observed.networks}
+        networks = {n.name for n in observed.networks}
         due = [
-            (c.name, subnets[f"orkestr-{c.project_id}"])
+            (c.name, model.network_name(c.project_id), c.id)
             for c in observed.containers
             if c.role == "holder"
             and c.state == "running"
-            and c.id not in self._fenced
-            and subnets.get(f"orkestr-{c.project_id}")
+            and not self.fenced(c.name, c.id)
+            and model.network_name(c.project_id) in networks
         ]
         # Namespaces are independent: fenced together, a restarted agent's first pass (which
         # fences every holder again) waits for the slowest, not for the sum.
         results = await asyncio.gather(
-            *(self.fence_holder(name, subnet) for name, subnet in due), return_exceptions=True
+            *(self.fence_holder(name, net, cid) for name, net, cid in due),
+            return_exceptions=True,
         )
         for result in results:
-            if isinstance(result, BaseException):
+            # A holder removed or stopped since the observation needs no fence now (its
+            # next start is an event, and due again).
+            if isinstance(result, BaseException) and not isinstance(result, NotFound):
                 raise result
 
     def _bridge(self, n: ObservedNetwork, observed: Observed) -> firewall.Bridge:
@@ -136,12 +192,33 @@ class Firewall:
         """After a network was created: its bridge is fenced before anything runs on it."""
         await self.sync(await self.docker.snapshot())
 
-    async def fence_holder(self, name: str, subnet: str) -> None:
-        info = await self.docker.inspect(name)
-        pid = int(info["State"].get("Pid") or 0)
-        if not pid:
-            raise NotFound(f"holder {name} is not running")
-        await _restore(pid, firewall.holder_ruleset(subnet))
-        await _ensure_jump(pid, ("OUTPUT", "-j", firewall.EGRESS_CHAIN))
-        self._fenced.add(str(info["Id"]))
-        log.info("egress.holder_fenced holder=%s subnet=%s", name, subnet)
+    async def fence_holder(
+        self, name: str, network: str, container_id: str | None = None
+    ) -> None:
+        """Fence the holder's namespace to its project network's subnet, unless this run of
+        it is fenced already (the inspection then only confirms it).
+
+        One at a time per holder: a pass that observed a holder its chain is fencing waits
+        for that fence and, `container_id` given, finds it done.
+        """
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if container_id is not None and self.fenced(name, container_id):
+                return
+            seen = self._events  # start events up to here are accounted for by this inspection
+            info = await self.docker.inspect(name)
+            run = _run_of(info)
+            if not run[2]:
+                raise NotFound(f"holder {name} is not running")
+            if self._fenced.get(name) != run:
+                subnet = _subnet_of(info, network)
+                # One process: the chain and its single jump, atomically.
+                await _restore(run[2], firewall.holder_ruleset(subnet))
+                self._fenced[name] = run
+                log.info(
+                    "egress.holder_fenced holder=%s id=%s started=%s subnet=%s",
+                    name,
+                    run[0][:12],
+                    run[1],
+                    subnet,
+                )
+            self._covered[name] = max(self._covered.get(name, 0), seen)

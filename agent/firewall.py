@@ -126,7 +126,12 @@ EGRESS_CHAIN = "ORKESTR-EGRESS"
 
 
 def holder_ruleset(subnet: str) -> str:
-    """The add-on's namespace: talk to its own project network and loopback, nothing else."""
+    """The add-on's namespace: talk to its own project network and loopback, nothing else.
+
+    `iptables-restore --noflush` input that replaces the chain and the namespace's OUTPUT
+    chain (ours alone: the wake path's rules are in INPUT and nat) with exactly one jump
+    into it, in one process and one transaction, however often it is applied.
+    """
     return "\n".join(
         [
             "*filter",
@@ -135,6 +140,8 @@ def holder_ruleset(subnet: str) -> str:
             f"-A {EGRESS_CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
             f"-A {EGRESS_CHAIN} -d {subnet} -j RETURN",
             f"-A {EGRESS_CHAIN} -j DROP",
+            "-F OUTPUT",
+            f"-A OUTPUT -j {EGRESS_CHAIN}",
             "COMMIT",
             "",
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Self
 
 
@@ -62,14 +63,23 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
     raise RespError(f"unexpected reply {line[:40]!r}")
 
 
+_serials = itertools.count(1)
+
+
 class Connection:
-    """One connection, opened with AUTH and CLIENT SETNAME sent ahead of the first command."""
+    """One connection, opened with AUTH and CLIENT SETNAME sent ahead of the first command.
+
+    `serial` tells connections apart for good (one server process per connection);
+    `broken` is set by any failed call: its replies may be out of step, never reuse it.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._pending: list[bytes] = []
         self.timeout_s = 5.0
+        self.serial = next(_serials)
+        self.broken = False
 
     @classmethod
     async def open(
@@ -97,18 +107,29 @@ class Connection:
 
         An error reply to any of them raises `RespError`, the handshake's first.
         """
+        if self.broken:
+            raise RespError("connection broken by an earlier call")
         queued, self._pending = self._pending, []
-        self._writer.write(b"".join([*queued, encode(*args)]))
         try:
+            self._writer.write(b"".join([*queued, encode(*args)]))
             async with asyncio.timeout(self.timeout_s):
                 await self._writer.drain()
                 replies = [await read_reply(self._reader) for _ in range(len(queued) + 1)]
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            self.broken = True
             raise RespError(f"broken reply: {exc!r}") from None
+        except BaseException:  # a timeout or a cancel mid-reply: the stream is out of step
+            self.broken = True
+            raise
         for reply in replies:
             if isinstance(reply, RespError):
+                self.broken = True
                 raise reply
         return replies[-1]
+
+    @property
+    def closed(self) -> bool:
+        return self.broken or self._writer.is_closing() or self._reader.at_eof()
 
     async def close(self) -> None:
         self._writer.close()
@@ -121,6 +142,17 @@ class Connection:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+
+def info_field(text: bytes, name: str) -> str | None:
+    """One field of `INFO` output, without parsing the rest."""
+    key = b"\n" + name.encode() + b":"
+    at = (b"\n" + text).find(key)
+    if at < 0:
+        return None
+    start = at + len(key) - 1
+    end = text.find(b"\n", start)
+    return text[start : end if end >= 0 else len(text)].decode(errors="replace").strip()
 
 
 def info_fields(text: bytes) -> dict[str, str]:

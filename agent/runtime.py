@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -72,8 +73,14 @@ from schemas.signed import Verifier
 log = logging.getLogger("orkestr.agent")
 
 HOST = "_host"  # owner key of host-level conditions
+_EPOCH = datetime.fromtimestamp(0, UTC)
+# While chains run, passes start at most this often (a quiet host's pass runs at once).
+PASS_SPACING_S = 0.25
+# A kept re-probe connection serves this many rounds, then a fresh one is opened.
+KEEP_ROUNDS = 8
 
 
+@functools.cache
 def _capacity() -> Capacity:
     memory_kb = 0
     try:
@@ -174,6 +181,13 @@ class Agent:
         self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
+        # add-on id -> (database container id, address, connection, rounds used): re-probe
+        # connections kept open between rounds (see _redis_round)
+        self._kept: dict[str, tuple[str, str, resp.Connection, int]] = {}
+        # add-on id -> (database container id, latest answer) of its running readiness poll
+        self._polled: dict[str, tuple[str, status.Probe]] = {}
+        # add-on id -> (database container id, holder run) last checked for a split namespace
+        self._split_checked: dict[str, tuple[str, tuple[str, str, int] | None]] = {}
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
         self._reprobe_s = config.agent.resync_interval_s
@@ -213,6 +227,7 @@ class Agent:
         self._app_exits: dict[str, tuple[str, apps.LastExit]] = {}
         self._app_oom: set[str] = set()
         self.removed: tuple[str, ...] = ()
+        self._published = b""  # the last status published, with _EPOCH for its time
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
         self._ready_notified = False
@@ -284,11 +299,17 @@ class Agent:
     # --- loops --------------------------------------------------------------------------
     async def reconcile_loop(self) -> None:
         backoff = 0.5
+        started = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._trigger.wait(), self.config.agent.resync_interval_s)
             except TimeoutError:
                 pass
+            if self.workers.in_flight():
+                # Chains run: each completion and each Docker event asks for a pass, and a
+                # pass per event observed the whole host many times a second while sixty
+                # add-ons converged. Meanwhile the asks coalesce into one pass per spacing.
+                await asyncio.sleep(started + PASS_SPACING_S - time.monotonic())
             self._trigger.clear()
             started = time.monotonic()
             try:
@@ -331,10 +352,12 @@ class Agent:
                         self._note_app_exit(event)
                         if (cid := (event.get("Actor") or {}).get("ID")) is not None:
                             self.upkeep.container_changed(cid)
-                        if event.get("status") == "start":
-                            actor = event.get("Actor") or {}
-                            if (actor.get("Attributes") or {}).get(model.LABEL_ROLE) == "holder":
-                                self.firewall.forget(actor.get("ID"))
+                        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                        if attributes.get(model.LABEL_ROLE) == "holder" and "name" in attributes:
+                            if event.get("status") == "start":
+                                self.firewall.holder_started(attributes["name"])
+                            elif event.get("status") == "destroy":
+                                self.firewall.holder_removed(attributes["name"])
                         if event.get("status") in (
                             "die",
                             "destroy",
@@ -375,11 +398,25 @@ class Agent:
         a statfs is cheap enough to do every `quota_guard_s` (agent/upkeep.py).
         """
         rounds: dict[str, asyncio.Task[None]] = {}
+        self._guarded_gen: tuple[int, bool] = (-1, False)  # (generation, any to guard)
         while True:
             await asyncio.sleep(self.config.agent.quota_guard_s)
             for aid in [a for a, task in rounds.items() if task.done()]:
                 del rounds[aid]
             if self.desired is None or self.loopfs is None:
+                continue
+            if self._guarded_gen[0] != self.desired.generation:
+                # Only a Postgres with a quota has a filesystem to guard: a host of Redis
+                # add-ons skips the round of targets four times a second.
+                self._guarded_gen = (
+                    self.desired.generation,
+                    any(
+                        a.kind == "postgres" and a.storage_mb and not a.deleted
+                        for p_ in self.desired.projects
+                        for a in p_.addons
+                    ),
+                )
+            if not self._guarded_gen[1]:
                 continue
             try:
                 targets = status.probe_targets(self.desired, self.observed, self._sleep_views())
@@ -443,7 +480,8 @@ class Agent:
         await self.firewall.sync(observed)
         planned = p.chains(self.desired, actions)
         for key, chain in planned.items():
-            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen)
+            first = p.starts_slow(self.desired, key, chain)
+            self.workers.submit(key, chain, self._fingerprints.get(key, ""), seen, first)
         self.workers.settle({a.key for a in actions}, seen)
         self.backups.sweep_deleted(self.desired, local.now)
         self.observed = observed
@@ -453,7 +491,7 @@ class Agent:
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
         self._arm_sleep_timer()
-        await self.publish_status()
+        await self.publish_status(if_changed=True)
         await self.publish_job_results()
 
     def _arm_sleep_timer(self) -> None:
@@ -513,6 +551,7 @@ class Agent:
             return
         views = self._sleep_views()
         targets = status.probe_targets(desired, observed, views)
+        await self._drop_kept(targets)
         # The pass probes what has no answer for its current database yet (new, restarted,
         # failing). A ready add-on keeps its last answer here and is probed again once per
         # resync interval by a background round: probing a hundred databases inside the
@@ -522,16 +561,24 @@ class Agent:
         probes: dict[str, status.Probe] = {}
         due: list[status.Target] = []
         stale: list[status.Target] = []
+        polled: list[status.Target] = []
         for t in targets:
             last = self._last_probe.get(t.addon.id)
             if last is not None and last[0] == t.db_id:
                 probes[t.addon.id] = last[2]
                 if now_m - last[1] >= self._reprobe_s:
                     stale.append(t)
+            elif (latest := self._polled.get(t.addon.id)) is not None and latest[0] == t.db_id:
+                # Its readiness poll runs: the poll's latest answer stands (a second probe
+                # here, per pass, doubled the connections to every starting database).
+                probes[t.addon.id] = latest[1]
+                polled.append(t)
             else:
                 due.append(t)
         self._last_probe = {
-            t.addon.id: self._last_probe[t.addon.id] for t in targets if t.addon.id in probes
+            t.addon.id: last
+            for t in targets
+            if (last := self._last_probe.get(t.addon.id)) is not None and last[0] == t.db_id
         }
         if stale and (self._reprobing is None or self._reprobing.done()):
             self._reprobing = asyncio.create_task(self._reprobe(stale), name="reprobe")
@@ -543,15 +590,17 @@ class Agent:
             if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
-                if reason == "Unreachable":
-                    await self._repair_split_namespace(target.addon)
-                self._await_readiness(target.addon, target.ip)
+                self._await_readiness(target)
+        for target in [*due, *polled]:
+            if probes[target.addon.id].reason == "Unreachable":
+                await self._repair_split_namespace(target)
         derived = status.derive(desired, observed, outcome.failed, outcome.permanent, probes, views)
         now = datetime.now(UTC)
         for u in derived.updates:
             self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
         for aid in derived.removed:
             self.book.forget(aid)
+            self._split_checked.pop(aid, None)
             self.upkeep.forget(aid)
         statuses: dict[str, AddonStatus] = {}
         labels: set[tuple[str, str, str]] = set()
@@ -622,44 +671,54 @@ class Agent:
         wanted = {a.id for proj in desired.projects for a in proj.apps}
         self._app_exits = {k: v for k, v in self._app_exits.items() if k in wanted}
 
-    async def _repair_split_namespace(self, addon: AddonSpec) -> None:
+    async def _repair_split_namespace(self, target: status.Target) -> None:
         """A holder restarted in place has a new namespace the database is not in.
 
         Docker keeps the holder's id, so the plan cannot see it; the database then has no
-        network at all. Found by comparing namespaces; the fix is a new database container
-        (same volume), which the next pass creates.
+        network at all. Found by comparing namespaces, once per database container and run
+        of its holder (the firewall's record of it: every new run is fenced before the pass
+        probes); the fix is a new database container (same volume), which the next pass
+        creates.
         """
+        addon = target.addon
+        key = (target.db_id, self.firewall.run(model.holder_name(addon.id)))
+        if self._split_checked.get(addon.id) == key:
+            return
         try:
             holder = await self.docker.inspect(model.holder_name(addon.id))
             db = await self.docker.inspect(model.db_name(addon.id))
             h_pid, d_pid = holder["State"]["Pid"], db["State"]["Pid"]
-            if not (h_pid and d_pid) or netns.netns_inode(h_pid) == netns.netns_inode(d_pid):
+            if not (h_pid and d_pid):
+                return
+            if netns.netns_inode(h_pid) == netns.netns_inode(d_pid):
+                self._split_checked[addon.id] = key
                 return
         except (AgentError, OSError, KeyError):
             return
         log.warning("addon.split_namespace addon=%s action=recreate_db", addon.id)
         # Through the add-on's worker: never beside another chain on the same add-on.
-        self.workers.submit(
+        if self.workers.submit(
             addon.id,
             (p.RemoveContainer(addon.id, model.db_name(addon.id), "SplitNamespace"),),
             self._fingerprints.get(addon.id, ""),
-        )
+        ):
+            self._split_checked[addon.id] = key
 
     async def _reprobe(self, targets: list[status.Target], concurrency: int = 4) -> None:
         """Probe ready add-ons again (and tend them), a few at a time, off the pass.
 
         A failed probe drops the add-on's answer, so the next pass probes it itself and
         acts on the failure; that pass is asked for at once, as is one when the upkeep
-        changed a condition (a quota reached, a memory kill).
+        flipped a condition (a quota reached, a memory kill; not a usage figure that moved).
         """
         gate = asyncio.Semaphore(concurrency)
         changed = False
 
         async def one(t: status.Target) -> None:
             nonlocal changed
-            before = self.book.of(t.addon.id)
+            before = self._flips(t.addon.id)
             async with gate:
-                ok, reason, message = await self._probe(t.addon, t.ip)
+                ok, reason, message = await self._probe(t.addon, t.ip, keep=t.db_id)
             last = self._last_probe.get(t.addon.id)
             if last is None or last[0] != t.db_id:
                 return  # replaced or gone meanwhile: the pass has it
@@ -673,7 +732,7 @@ class Agent:
                 )
             else:
                 del self._last_probe[t.addon.id]
-            changed = changed or not ok or self.book.of(t.addon.id) != before
+            changed = changed or not ok or self._flips(t.addon.id) != before
 
         try:
             await asyncio.gather(*(one(t) for t in targets))
@@ -682,8 +741,18 @@ class Agent:
         if changed:
             self.trigger()
 
-    def _await_readiness(self, addon: AddonSpec, ip: str) -> None:
-        """Poll a starting add-on quickly, so Ready does not wait for the next resync."""
+    def _flips(self, addon_id: str) -> tuple[tuple[str, str, str], ...]:
+        """An add-on's conditions without their messages: a usage figure that moved is
+        reported by the next pass; a condition that flipped asks for one at once."""
+        return tuple((c.type, c.status, c.reason) for c in self.book.of(addon_id))
+
+    def _await_readiness(self, target: status.Target) -> None:
+        """Poll a starting add-on quickly, so Ready does not wait for the next resync.
+
+        The poll's latest answer is the add-on's probe result while it runs (passes do not
+        probe it again), and its success is the add-on's last good probe.
+        """
+        addon, ip, db_id = target.addon, target.ip, target.db_id
         task = self._readiness.get(addon.id)
         if task is not None and not task.done():
             return
@@ -694,20 +763,33 @@ class Agent:
             # forks a backend for each attempt during its initdb, and sixty add-ons being
             # created at once polled 20 times a second each took the CPU they start on.
             delay = 0.05
-            while time.monotonic() < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.25)
-                if self.sleep.state(addon.id) != "awake":
-                    return
-                if (await self._probe(addon, ip, 1.0))[0]:
-                    self.trigger()
-                    return
+            try:
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 1.5, 0.25)
+                    if self.sleep.state(addon.id) != "awake":
+                        return
+                    result = status.Probe(*await self._probe(addon, ip, 1.0))
+                    self._polled[addon.id] = (db_id, result)
+                    if result.ok:
+                        self._last_probe[addon.id] = (db_id, time.monotonic(), result)
+                        if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
+                            sleeper.ready = True
+                        self.trigger()
+                        return
+            finally:
+                self._polled.pop(addon.id, None)
 
         self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
 
     async def _probe(
-        self, addon: AddonSpec, ip: str, timeout_s: float | None = None
+        self,
+        addon: AddonSpec,
+        ip: str,
+        timeout_s: float | None = None,
+        keep: str | None = None,
     ) -> tuple[bool, str, str]:
+        """`keep`: the database container id of a re-probe (see `_redis_round`)."""
         if not self.secrets.has(addon.id):
             return False, "NoSecret", "the add-on's secret is not on this host yet"
         sleeper = self.sleep.sleepers.get(addon.id)
@@ -715,7 +797,7 @@ class Agent:
         if addon.kind == "redis":
             # One connection for the probe and the upkeep round, so one guard counts it.
             if sleeper is None:
-                return await self._redis_round(addon, ip, timeout_s)
+                return await self._redis_round(addon, ip, timeout_s, keep)
             async with sleeper.platform_connection():
                 if sleeper.state != "awake":
                     return False, "Sleeping", f"in {sleeper.state} sleep"
@@ -739,18 +821,58 @@ class Agent:
         return result
 
     async def _redis_round(
-        self, addon: AddonSpec, ip: str, timeout_s: float
+        self, addon: AddonSpec, ip: str, timeout_s: float, keep: str | None = None
     ) -> tuple[bool, str, str]:
-        """PING, then the upkeep round on the same connection if it answered."""
-        password = self.secrets.admin_password(addon.id)
-        conn, result = await probe.redis_connect(ip, password, timeout_s)
-        if conn is None:
-            return result
-        async with conn:
+        """PING, then the upkeep round on the same connection if it answered.
+
+        A re-probe (`keep`: its database container id) of an add-on that never sleeps keeps
+        its connection for the next round: connecting, AUTH and CLIENT SETNAME were most of
+        an idle host's CPU, a hundred add-ons every resync interval. A kept connection that
+        does not answer PING is dropped and a fresh one decides; one is opened afresh every
+        KEEP_ROUNDS rounds anyway, so accepting new clients stays checked too.
+        """
+        conn, rounds = await self._take_kept(addon.id, keep, ip)
+        if conn is not None:
             result = await probe.redis_ping(conn, ip)
+            if not result[0]:
+                await conn.close()
+                conn = None
+        if conn is None:
+            rounds = 0
+            password = self.secrets.admin_password(addon.id)
+            conn, result = await probe.redis_connect(ip, password, timeout_s)
+            if conn is None:
+                return result
+            result = await probe.redis_ping(conn, ip)
+        try:
             if result[0]:
                 await self._tend(addon, ip, timeout_s, conn)
+        finally:
+            if keep is not None and result[0] and not conn.closed and rounds + 1 < KEEP_ROUNDS:
+                self._kept[addon.id] = (keep, ip, conn, rounds + 1)
+            else:
+                await conn.close()
         return result
+
+    async def _take_kept(
+        self, addon_id: str, db_id: str | None, ip: str
+    ) -> tuple[resp.Connection | None, int]:
+        """The add-on's kept connection if it is to this database and address (else closed)."""
+        kept = self._kept.pop(addon_id, None)
+        if kept is None:
+            return None, 0
+        if db_id is None or kept[:2] != (db_id, ip) or kept[2].closed:
+            await kept[2].close()
+            return None, 0
+        return kept[2], kept[3]
+
+    async def _drop_kept(self, targets: tuple[status.Target, ...] | None = None) -> None:
+        """Close kept connections of add-ons that left, changed or may now sleep."""
+        valid = {t.addon.id: (t.db_id, t.ip) for t in targets or ()}
+        for aid, (db_id, ip, conn, _rounds) in list(self._kept.items()):
+            if valid.get(aid) != (db_id, ip) or aid in self.sleep.sleepers or conn.closed:
+                del self._kept[aid]
+                await conn.close()
 
     async def _tend(
         self,
@@ -821,14 +943,21 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._drop_kept()
         await self.sleep.close()
 
     # --- outputs ------------------------------------------------------------------------
-    async def publish_status(self) -> None:
+    async def publish_status(self, if_changed: bool = False) -> None:
+        """Publish the host's status; `if_changed`: only if it differs from the last one
+        published, apart from its time (a pass's; the heartbeat sends it regardless).
+
+        Passes come many a second while a host converges, and the controller writes every
+        add-on's row of each report in one transaction: a report per change is enough.
+        """
         status = HostStatus(
             version=SCHEMA_VERSION,
             host=self.host,
-            sent_at=datetime.now(UTC),
+            sent_at=_EPOCH,
             applied_generation=self.desired.generation if self.desired else 0,
             capacity=_capacity(),
             conditions=self.book.of(HOST),
@@ -836,7 +965,12 @@ class Agent:
             removed=self.removed,
             apps=self.app_status,
         )
-        await self.broker.publish(topics.status(self.host), encode(status), retain=True)
+        body = encode(status)
+        if if_changed and body == self._published:
+            return
+        sent = msgspec.structs.replace(status, sent_at=datetime.now(UTC))
+        if await self.broker.publish(topics.status(self.host), encode(sent), retain=True):
+            self._published = body
 
     async def publish_job_results(self) -> None:
         wanted = {

@@ -9,6 +9,7 @@ answer at it. This is the Kubernetes pause-container pattern.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Literal
 
@@ -70,6 +71,23 @@ class Mount(Struct, frozen=True):
     read_only: bool = False
 
 
+@functools.lru_cache(maxsize=4096)
+def _digest(spec: ContainerSpec) -> str:
+    """Each pass builds every add-on's specs afresh: equal specs are hashed once."""
+    return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape_digest(spec: ContainerSpec) -> str:
+    shape = msgspec.structs.replace(
+        spec,
+        cpus=None,
+        memory_mb=None,
+        extra_labels=tuple(kv for kv in spec.extra_labels if kv[0] != SECRET_VERSION_LABEL),
+    )
+    return _digest(shape)
+
+
 class ContainerSpec(Struct, frozen=True):
     name: str
     role: model.Role
@@ -99,7 +117,7 @@ class ContainerSpec(Struct, frozen=True):
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
+        return _digest(self)
 
     @property
     def shape_hash(self) -> str:
@@ -107,13 +125,7 @@ class ContainerSpec(Struct, frozen=True):
         secret version (rotated inside the database). A container whose shape matches is
         kept; the agent adjusts the rest (agent/upkeep.py). `spec_hash` stays as it was,
         so containers made by an older agent are compared with it and not recreated."""
-        shape = msgspec.structs.replace(
-            self,
-            cpus=None,
-            memory_mb=None,
-            extra_labels=tuple(kv for kv in self.extra_labels if kv[0] != SECRET_VERSION_LABEL),
-        )
-        return hashlib.sha256(msgspec.json.encode(shape)).hexdigest()[:16]
+        return _shape_digest(self)
 
     def drifted(self, have_spec_hash: str, have_shape_hash: str) -> bool:
         if have_shape_hash:

@@ -236,6 +236,8 @@ class Upkeep:
         # add-on id -> (database container id, its data directory through its root, the
         # directory's device, the filesystem's used bytes) as the last round saw them.
         self._fs: dict[str, tuple[str, str, int, int]] = {}
+        # add-on id -> (connection serial, quota) whose maxmemory settings were checked
+        self._redis_config: dict[str, tuple[int, int]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -315,6 +317,7 @@ class Upkeep:
         self.quota.pop(addon_id, None)
         self._inspected.pop(addon_id, None)
         self._fs.pop(addon_id, None)
+        self._redis_config.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
@@ -614,15 +617,19 @@ class Upkeep:
             log.info("upkeep.password_retired addon=%s", addon.id)
         quota = quota_bytes(addon)
         assert quota is not None  # Redis always has its memory ceiling
-        config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
-        if config.get("maxmemory") != str(quota):
-            await conn.call("CONFIG", "SET", "maxmemory", quota)
-        if config.get("maxmemory-policy") != "noeviction":
-            await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        # Read once per connection and quota: only the platform's role may change the
+        # setting, and a restarted server is a new connection (a kept one breaks).
+        if self._redis_config.get(addon.id) != (conn.serial, quota):
+            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
+            if config.get("maxmemory") != str(quota):
+                await conn.call("CONFIG", "SET", "maxmemory", quota)
+            if config.get("maxmemory-policy") != "noeviction":
+                await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            self._redis_config[addon.id] = (conn.serial, quota)
         info = await conn.call("INFO", "memory")
         if not isinstance(info, bytes):
             raise resp.RespError(f"INFO answered {info!r}")
-        used = resp.info_fields(info).get("used_memory", "")
+        used = resp.info_field(info, "used_memory") or ""
         if not used.isdigit():
             raise resp.RespError(f"INFO memory without used_memory: {info[:200]!r}")
         usage = int(used)

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from agent import slots
+
 log = logging.getLogger("orkestr.agent.queue")
 
 
@@ -53,6 +55,8 @@ class _Failure:
 
 
 A = TypeVar("A")
+# Added to the place in line of a chain not handed out `first`.
+LATER = 1 << 40
 
 
 class KeyedWorkers(Generic[A]):
@@ -80,6 +84,7 @@ class KeyedWorkers(Generic[A]):
         self._done_epoch: dict[str, int] = {}
         # Work that goes ahead of anything queued for its key (a wake a client waits for).
         self._urgent: dict[str, Sequence[A]] = {}
+        self._submitted = 0  # chains handed out so far: each one's place in line
 
     def busy(self, key: str) -> bool:
         task = self._tasks.get(key)
@@ -89,12 +94,18 @@ class KeyedWorkers(Generic[A]):
         return sum(1 for t in self._tasks.values() if not t.done())
 
     def submit(
-        self, key: str, chain: Sequence[A], fingerprint: str = "", seen_epoch: int | None = None
+        self,
+        key: str,
+        chain: Sequence[A],
+        fingerprint: str = "",
+        seen_epoch: int | None = None,
+        first: bool = False,
     ) -> bool:
         """Start `chain` on `key`'s worker; False if the key is not due for one now.
 
         `seen_epoch`: the epoch at which the plan's observation was taken; a key whose
         last chain finished after it is skipped, since its completion asks for a new pass.
+        `first`: its calls to the daemon go ahead of every other chain's (agent/slots.py).
         """
         if not chain or self.busy(key):
             return False
@@ -108,8 +119,10 @@ class KeyedWorkers(Generic[A]):
                 del self._failures[key]  # the spec changed: a fresh start
             elif self._clock() < failure.not_before:
                 return False
+        self._submitted += 1
+        order = self._submitted + (0 if first else LATER)
         self._tasks[key] = asyncio.create_task(
-            self._work(key, chain, fingerprint), name=f"key-{key}"
+            self._work(key, chain, fingerprint, order), name=f"key-{key}"
         )
         return True
 
@@ -126,12 +139,16 @@ class KeyedWorkers(Generic[A]):
         if self.busy(key):
             self._urgent[key] = chain
             return
-        self._tasks[key] = asyncio.create_task(self._work(key, (), ""), name=f"key-{key}")
+        self._tasks[key] = asyncio.create_task(self._work(key, (), "", 0), name=f"key-{key}")
         self._urgent[key] = chain
 
-    async def _work(self, key: str, chain: Sequence[A], fingerprint: str) -> None:
+    async def _work(self, key: str, chain: Sequence[A], fingerprint: str, order: int) -> None:
+        # The chain's place in line for the daemon's slots (agent/slots.py): chains handed
+        # out earlier go first, so they finish one after another instead of in lockstep.
+        slots.ORDER.set(order)
         if chain:
             self._record(key, await self._guarded(key, chain), fingerprint)
+        slots.ORDER.set(0)  # urgent work (a wake a client waits for) goes first
         while (urgent := self._urgent.pop(key, None)) is not None:
             result = await self._guarded(key, urgent)
             if result.error is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -28,12 +29,14 @@ from agent.docker import Docker
 from agent.egress import Firewall
 from agent.model import Observed, ObservedNetwork
 from tests.agent_fixtures import (
+    TOOLBOX,
     AgentProcess,
     Stack,
     create_addon,
     create_project,
     docker,
     host_online,
+    more_passes,
     remove_host_objects,
     run_job,
     wait_for,
@@ -242,6 +245,119 @@ async def test_operator_can_deny_jobs_the_internet(
     targets = {"own_addon": "egress-db:5432", "internet": f"{internet.ip}:{INTERNET_PORT}"}
     seen = results((await run_job(c, project["id"], probe_script(targets)))["output"])
     assert seen == {"own_addon": "REACHED", "internet": "BLOCKED"}, seen
+
+
+def fenced_runs(agent: AgentProcess, holder: str) -> list[tuple[str, str]]:
+    """(container id, StartedAt) of each fence the agent logged for the holder's name."""
+    runs = []
+    for line in agent.log_path.read_text(errors="replace").splitlines():
+        if f"egress.holder_fenced holder={holder} " in line:
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            runs.append((fields["id"], fields["started"]))
+    return runs
+
+
+def current_run(container: str) -> tuple[str, str] | None:
+    found = json.loads(docker("inspect", container, check=False) or "[]")
+    if not found or not found[0]["State"]["Running"]:
+        return None
+    return found[0]["Id"][:12], found[0]["State"]["StartedAt"]
+
+
+def output_chain(container: str) -> list[str]:
+    """The filter OUTPUT chain inside the container's network namespace."""
+    pid = json.loads(docker("inspect", container))[0]["State"]["Pid"]
+    return subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "iptables", "-w", "5", "-S", "OUTPUT"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.splitlines()  # fmt: skip
+
+
+async def test_a_holder_is_fenced_once_per_run_and_again_after_a_restart(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The fence is the tenant boundary: every run of a holder (a new namespace) is fenced,
+    and the start event of a run its own chain fenced already costs no second fence."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    rd = await create_addon(c, project["id"], "fence-cache", "redis")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    holder = f"orkestr-{rd['id']}-net"
+    await more_passes(agent, 3)  # long after its start event reached the agent
+    first = current_run(holder)
+    assert fenced_runs(agent, holder) == [first], agent.log_tail(100)
+    jump = f"-A OUTPUT -j {firewall.EGRESS_CHAIN}"
+    assert output_chain(holder) == ["-P OUTPUT ACCEPT", jump]
+
+    # Behind the agent's back: the same container, a new namespace with no rules in it.
+    # (The agent may also see it exited mid-restart and replace it: a new run as well.)
+    docker("restart", "-t", "0", holder)
+    assert current_run(holder) != first
+
+    async def fenced_again() -> bool:
+        await wait_phase(c, project["id"], rd["id"], "ready")
+        now = current_run(holder)
+        return now is not None and now in fenced_runs(agent, holder)
+
+    await wait_for(fenced_again, 90, "the holder's new run fenced")
+    await more_passes(agent, 3)
+    runs = fenced_runs(agent, holder)
+    assert len(runs) == len(set(runs)), f"a run fenced twice: {runs}"
+    assert current_run(holder) in runs and output_chain(holder) == ["-P OUTPUT ACCEPT", jump]
+
+
+async def test_fence_records_follow_the_holders_runs(caplog: pytest.LogCaptureFixture) -> None:
+    """A start event counted before a fence's inspection is that fence's run; one counted
+    after it is checked (an inspection), and only a new run is fenced again."""
+    caplog.set_level(logging.INFO, logger="orkestr.agent.egress")
+    host = f"t{uuid.uuid4().hex[:12]}"
+    net, name = f"orkestr-fence-{host}", f"orkestr-{host}-net"
+    label = f"orkestr.host={host}"
+    jump = ["-P OUTPUT ACCEPT", f"-A OUTPUT -j {firewall.EGRESS_CHAIN}"]
+    try:
+        docker("network", "create", "--label", label, net)
+        subnet = network_subnet(net)
+        cid = docker("run", "-d", "--name", name, "--label", label, "--network", net,
+                     TOOLBOX, "sleep", "infinity")  # fmt: skip
+        async with Docker(host) as d:
+            wall = Firewall(host, firewall.Policy(), d)
+            wall.holder_started(name)  # its start, counted before the fence
+            await wall.fence_holder(name, net)
+            assert wall.fenced(name, cid) and output_chain(name) == jump
+            run = wall.run(name)
+            wall.holder_started(name)  # the same start, reported late: checked, not fenced
+            assert not wall.fenced(name, cid)
+            await wall.fence_holder(name, net)
+            assert wall.fenced(name, cid) and wall.run(name) == run
+            assert not wall.fenced(name, "another-container-of-that-name")
+            fenced = [r.getMessage() for r in caplog.records if "holder_fenced" in r.msg]
+            assert len(fenced) == 1 and fenced[0].endswith(f" subnet={subnet}"), fenced
+
+            docker("restart", "-t", "0", name)  # a new namespace, no rules in it
+            assert output_chain(name) == ["-P OUTPUT ACCEPT"]
+            wall.holder_started(name)
+            assert not wall.fenced(name, cid)
+            await wall.fence_holder(name, net)
+            assert wall.fenced(name, cid) and wall.run(name) != run
+            assert output_chain(name) == jump
+            assert sum("holder_fenced" in r.msg for r in caplog.records) == 2
+    finally:
+        await asyncio.to_thread(remove_host_objects, host)
+
+
+def network_subnet(name: str) -> str:
+    return str(json.loads(docker("network", "inspect", name))[0]["IPAM"]["Config"][0]["Subnet"])
+
+
+def test_holder_ruleset_replaces_its_chain_and_a_single_jump() -> None:
+    rules = firewall.holder_ruleset("10.200.7.0/24").splitlines()
+    chain = firewall.EGRESS_CHAIN
+    assert rules[0] == "*filter" and rules[-1] == "COMMIT"
+    assert f":{chain} - [0:0]" in rules  # declared: flushed and refilled by --noflush
+    assert rules[-3:-1] == ["-F OUTPUT", f"-A OUTPUT -j {chain}"]
+    own, drop = f"-A {chain} -d 10.200.7.0/24 -j RETURN", f"-A {chain} -j DROP"
+    assert rules.index(own) < rules.index(drop)
 
 
 def test_ruleset_is_per_bridge_and_replaces_only_its_own_chains() -> None:

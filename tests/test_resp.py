@@ -94,3 +94,45 @@ def test_info_and_config_replies() -> None:
     }
     with pytest.raises(resp.RespError):
         resp.pairs(b"not an array")
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9.:]{0,10}", fullmatch=True),
+        max_size=8,
+    ),
+    st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+)
+def test_one_info_field_is_what_the_whole_parse_finds(fields: dict[str, str], name: str) -> None:
+    text = ("# Memory\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())).encode()
+    assert resp.info_field(text, name) == resp.info_fields(text).get(name)
+    assert resp.info_field(text.rstrip(b"\r\n"), name) == resp.info_fields(text).get(name)
+
+
+async def test_a_call_that_failed_leaves_its_connection_unusable() -> None:
+    """A timed-out call leaves its reply in flight: the next one would read it as its own."""
+    replies = [b"+PONG\r\n", b""]  # the second command is never answered
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in replies:
+            await reader.readuntil(b"\r\n")  # each test command is one array header...
+            await reader.readuntil(b"PING\r\n")  # ...and its one bulk string
+            writer.write(reply)
+            await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = resp.Connection(reader, writer)
+        conn.timeout_s = 0.2
+        assert await conn.call("PING") == "PONG"
+        assert not conn.broken and not conn.closed
+        with pytest.raises(TimeoutError):
+            await conn.call("PING")
+        assert conn.broken and conn.closed
+        with pytest.raises(resp.RespError, match="broken"):
+            await conn.call("PING")
+        await conn.close()

@@ -556,3 +556,26 @@ async def test_a_syn_flood_in_light_sleep_is_rate_limited_and_a_neighbour_still_
             sock.close()
         attacker.remove()
         neighbour.remove()
+
+
+async def test_a_paused_addon_is_deleted_with_a_clean_shutdown(stack: Stack, pg: Any) -> None:
+    """Docker refuses to stop a paused container: the agent unpauses it, then stops it."""
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    since = str(int(datetime.now(UTC).timestamp()) - 1)
+    status, body = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{a['id']}")
+    assert status == 202, body
+    await wait_db(a["id"], "missing", timeout=60)
+    until = str(int(datetime.now(UTC).timestamp()) + 1)
+    events = docker(
+        "events", "--since", since, "--until", until,
+        "--filter", f"container=orkestr-{a['id']}-db",
+        "--format", "{{.Status}} {{index .Actor.Attributes \"exitCode\"}}",
+    ).split("\n")  # fmt: skip
+    statuses = [e.split()[0] for e in events if e.strip()]
+    assert "unpause" in statuses and "destroy" in statuses, events
+    assert statuses.index("unpause") < statuses.index("die"), events
+    assert "die 0" in events, events  # shut down by its own stop signal, not killed
+    client.remove()

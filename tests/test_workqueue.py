@@ -6,9 +6,13 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 
+import msgspec
 import pytest
 
 from agent import plan as p
+from agent import slots, specs
+from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
+from agent.slots import PrioritySlots
 from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
 from schemas.messages import (
     SCHEMA_VERSION,
@@ -21,6 +25,7 @@ from schemas.messages import (
 )
 
 RES = Resources(cpus=0.5, memory_mb=256)
+NET = ObservedNetwork(id="n1", name="orkestr-p1", project_id="p1", bridge="br-1", subnet="10.9.0.0/24")
 
 
 class Clock:
@@ -274,6 +279,59 @@ def test_chains_group_by_key_in_plan_order() -> None:
     }
 
 
+def test_chains_that_start_a_postgres_are_handed_out_first() -> None:
+    """Longest first: a Postgres initialises for seconds, a Redis for a tenth of one."""
+    rd = [AddonSpec(id=f"r{i}", name=f"r{i}", kind="redis", resources=RES) for i in range(3)]
+    pg = [AddonSpec(id=f"g{i}", name=f"g{i}", kind="postgres", resources=RES) for i in range(2)]
+    project = ProjectSpec(id="p1", name="p1", addons=(rd[0], pg[0], rd[1], rd[2], pg[1]))
+    desired = DesiredState(version=SCHEMA_VERSION, host="h", generation=1, projects=(project,))
+    settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
+    plan = p.plan(desired, Observed(networks=(NET,)), p.Local(), settings)
+    assert list(p.chains(desired, plan)) == ["g0", "g1", "r0", "r1", "r2"]
+    slow = {k for k, chain in p.chains(desired, plan).items() if p.starts_slow(desired, k, chain)}
+    assert slow == {"g0", "g1"}
+    # Only a chain that starts one: a Postgres volume alone keeps its place.
+    volumes = tuple(a for a in plan if isinstance(a, p.EnsureVolume))
+    assert list(p.chains(desired, volumes)) == ["r0", "g0", "r1", "r2", "g1"]
+
+
+def test_a_new_addons_volume_secret_and_holder_are_one_step() -> None:
+    """Independent: side by side; the database waits for all three; the rest in order."""
+    rd = AddonSpec(id="r0", name="r0", kind="redis", resources=RES)
+    project = ProjectSpec(id="p1", name="p1", addons=(rd,))
+    desired = DesiredState(version=SCHEMA_VERSION, host="h", generation=1, projects=(project,))
+    settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
+    chain = p.chains(desired, p.plan(desired, Observed(networks=(NET,)), p.Local(), settings))["r0"]
+    kinds = [[type(a).__name__ for a in step] for step in p.steps(chain)]
+    assert kinds == [["EnsureVolume", "FetchSecret", "RunContainer"], ["RunContainer"]]
+    assert [a.spec.role for a in p.steps(chain)[1] if isinstance(a, p.RunContainer)] == ["db"]
+    removal = (
+        p.FetchSecret("r0", "p1", "redis", 2),
+        p.RemoveContainer("r0", "orkestr-r0-db", "HolderReplaced"),
+        p.RemoveContainer("r0", "orkestr-r0-net", "Drifted"),
+        *chain[2:],
+    )
+    assert [len(step) for step in p.steps(removal)] == [1, 1, 1, 1, 1]
+    assert [a for step in p.steps(removal) for a in step] == list(removal)
+    # A tombstone: the database first (its volume and secret are mounted), then the rest.
+    observed = Observed(
+        networks=(NET,),
+        containers=(
+            ObservedContainer(id="d", name="orkestr-r0-db", role="db", project_id="p1",
+                              state="running", addon_id="r0"),
+            ObservedContainer(id="h", name="orkestr-r0-net", role="holder", project_id="p1",
+                              state="running", addon_id="r0"),
+        ),
+        volumes=(ObservedVolume(name="orkestr-r0-data", addon_id="r0"),),
+    )  # fmt: skip
+    gone = msgspec.structs.replace(rd, deleted=True)
+    tomb = msgspec.structs.replace(desired, projects=(ProjectSpec(id="p1", name="p1", addons=(gone,)),))
+    local = p.Local(secrets={"r0": 1})
+    kinds = [[type(a).__name__ for a in step]
+             for step in p.steps(p.chains(tomb, p.plan(tomb, observed, local, settings))["r0"])]  # fmt: skip
+    assert kinds == [["RemoveContainer"], ["RemoveContainer", "RemoveVolume", "RemoveSecret"]]
+
+
 def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
     desired = _desired()
     job = desired.projects[0].jobs[0]
@@ -303,3 +361,72 @@ def test_a_backup_operation_runs_on_its_own_key_after_its_leftover_is_removed() 
         p.StartBackupOp(key, "p1", spec, addon),
     )
     assert p.chains(desired, actions) == {key: (actions[0], actions[2]), "a1": (actions[1],)}
+
+
+async def test_daemon_slots_go_to_the_oldest_chain_first() -> None:
+    """Chains each making several calls through two slots: earlier chains finish first
+    (with a first-come queue every chain's first call went before any chain's second)."""
+    gate = PrioritySlots(2)
+    calls: list[tuple[str, int]] = []
+
+    async def run(key: str, chain: Sequence[int]) -> ChainResult:
+        for step in chain:
+            async with gate.slot():
+                calls.append((key, step))
+                await asyncio.sleep(0)
+        return ChainResult()
+
+    workers: KeyedWorkers[int] = KeyedWorkers(run, lambda: None)
+    for key in "abcd":
+        workers.submit(key, (1, 2, 3))
+    await workers.idle()
+    finished = {key: max(i for i, (k, _) in enumerate(calls) if k == key) for key in "abcd"}
+    assert sorted(finished, key=finished.__getitem__) == list("abcd")
+    assert finished["a"] < [k for k, _ in calls].index("d"), calls  # a done before d began
+
+
+async def test_a_chain_handed_out_first_overtakes_the_queued_ones() -> None:
+    gate = PrioritySlots(1)
+    calls: list[str] = []
+
+    async def run(key: str, chain: Sequence[int]) -> ChainResult:
+        for _ in chain:
+            async with gate.slot():
+                calls.append(key)
+                await asyncio.sleep(0)
+        return ChainResult()
+
+    workers: KeyedWorkers[int] = KeyedWorkers(run, lambda: None)
+    for key in "abc":
+        workers.submit(key, (1, 2))
+    await asyncio.sleep(0)
+    workers.submit("pg", (1, 2), first=True)  # arrives later, a Postgres: served next
+    await workers.idle()
+    last_pg = max(i for i, k in enumerate(calls) if k == "pg")
+    # Ahead of c, queued before it; a and b only get in while pg's next call is not queued.
+    assert last_pg < calls.index("c") and calls.count("a") == 2, calls
+
+
+async def test_daemon_slots_serve_by_order_then_arrival_and_survive_cancels() -> None:
+    gate = PrioritySlots(1)
+    granted: list[str] = []
+    hold = asyncio.Event()
+
+    async def call(name: str, order: int) -> None:
+        slots.ORDER.set(order)
+        async with gate.slot():
+            granted.append(name)
+            if name == "first":
+                await hold.wait()
+
+    first = asyncio.create_task(call("first", 5))
+    await asyncio.sleep(0)
+    waiters = {n: asyncio.create_task(call(n, o)) for n, o in
+               (("late", 3), ("pass", 0), ("early", 1), ("gone", 0), ("late2", 3))}  # fmt: skip
+    await asyncio.sleep(0)
+    waiters["gone"].cancel()
+    hold.set()
+    await asyncio.gather(first, *waiters.values(), return_exceptions=True)
+    assert granted == ["first", "pass", "early", "late", "late2"]
+    async with gate.slot():  # the cancelled waiter left no slot taken
+        assert gate.waiting == 0
