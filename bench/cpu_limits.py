@@ -12,7 +12,8 @@ CPU hog. Each *shape* sets both containers' CPU limits in place (`docker update`
   period-2ms-shares  plus CpuShares by plan (1024 the neighbour, 512 the hog)
   shares           100 ms period, CpuShares by plan
   pin-hog          the hog confined to CPU 1, the neighbour anywhere
-  pin-both         the neighbour on CPU 0, the hog on CPU 1
+  pin-both         the neighbour on CPU 0, the hog on CPU 1 (home cores, agent/placement.py)
+  same-core        both on CPU 1: two add-ons sharing a home core on a crowded host
 
 Rounds visit the shapes in a shuffled order; in each, a block of queries alone then a
 block with the hog's loops running (`docker exec -d`, killed after), so the machine's
@@ -61,6 +62,7 @@ SHAPES = {
     "shares": Shape(100_000, (1024, 512)),
     "pin-hog": Shape(100_000, cpusets=(ALL_CPUS, "1")),
     "pin-both": Shape(100_000, cpusets=("0", "1")),
+    "same-core": Shape(100_000, cpusets=("1", "1")),
 }
 
 
