@@ -403,9 +403,15 @@ class Upkeep:
         await self._grow(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon, cores):
             self._inspected.pop(addon.id, None)
-            await self.docker.update_limits(
-                name, addon.resources.cpus, addon.resources.memory_mb, cores
-            )
+            try:
+                await self.docker.update_limits(
+                    name, addon.resources.cpus, addon.resources.memory_mb, cores
+                )
+            except AgentError as exc:
+                # Tried again next round; the quota and the credentials must not wait on
+                # it (a cpuset Docker refuses, say, after a CPU went offline).
+                log.warning("upkeep.limits_failed addon=%s cores=%s error=%s", addon.id, cores, exc)
+                return info
             log.info(
                 "upkeep.limits_updated addon=%s cpus=%s memory_mb=%s cores=%s",
                 addon.id,
