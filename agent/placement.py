@@ -24,18 +24,13 @@ from schemas.messages import AddonSpec
 
 def cpuset(cpus: Sequence[int]) -> str:
     """Docker's notation: "0-3", "2", "0,2"."""
-    ranges: list[str] = []
-    start = prev = None
+    runs: list[list[int]] = []
     for c in sorted(cpus):
-        if start is not None and prev is not None and c == prev + 1:
-            prev = c
-            continue
-        if start is not None:
-            ranges.append(f"{start}-{prev}" if prev != start else str(start))
-        start = prev = c
-    if start is not None:
-        ranges.append(f"{start}-{prev}" if prev != start else str(start))
-    return ",".join(ranges)
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def homes(addons: Iterable[AddonSpec], host_cpus: Sequence[int]) -> dict[str, str]:
