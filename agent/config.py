@@ -58,6 +58,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # growth by an eighth of the quota, or a filesystem short of its WAL reserve, gets an
     # upkeep round at once (agent/upkeep.py), so a fast filler meets the quota in time.
     quota_guard_s: Annotated[float, Meta(gt=0)] = 0.25
+    # Each add-on's database on ceil(cpus) of the host's cores, the least loaded by plan
+    # (agent/placement.py), so a hog at its quota delays only the add-ons on its cores.
+    # False: every container on every core (Docker's default).
+    home_cores: bool = True
 
 
 class ControllerSection(Struct, frozen=True, forbid_unknown_fields=True):

@@ -290,13 +290,16 @@ class Docker:
         device = options.get("device")
         return str(device) if device else None
 
-    async def update_limits(self, name: str, cpus: float, memory_mb: int) -> None:
-        """`docker update`: new CPU and memory limits for a running container, no restart."""
-        body = {
+    async def update_limits(self, name: str, cpus: float, memory_mb: int, cores: str = "") -> None:
+        """`docker update`: new CPU and memory limits for a running container, no restart.
+        `cores`: the CPUs it may run on (CpusetCpus); "" leaves them as they are."""
+        body: dict[str, object] = {
             "NanoCpus": int(cpus * 1e9),
             "Memory": memory_mb * 1024 * 1024,
             "MemorySwap": memory_mb * 1024 * 1024,
         }
+        if cores:
+            body["CpusetCpus"] = cores
 
         async def update() -> None:
             await self.client._query_json(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent import apps, model, netns, probe, resp, specs, status
+from agent import apps, model, netns, placement, probe, resp, specs, status
 from agent import desired as desired_mod
 from agent import plan as p
 from agent.apply import Applier, Outcome
@@ -216,6 +216,9 @@ class Agent:
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
         self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
+        # The CPUs add-ons are placed on (agent/placement.py); none: Docker's default, all.
+        self._host_cpus = sorted(os.sched_getaffinity(0)) if config.agent.home_cores else []
+        self._place()
         self.addon_status: dict[str, AddonStatus] = {}
         self.app_status: tuple[AppStatus, ...] = ()
         # app id -> ((container id, state), when, status): inspected again on a change
@@ -253,6 +256,12 @@ class Agent:
                 now,
             )
 
+    def _place(self) -> None:
+        """Home cores for the desired add-ons, applied by their next upkeep rounds."""
+        desired = self.desired
+        addons = [a for pr in desired.projects for a in pr.addons] if desired else []
+        self.upkeep.homes = placement.homes(addons, self._host_cpus)
+
     # --- inputs -------------------------------------------------------------------------
     def trigger(self) -> None:
         self._trigger.set()
@@ -282,6 +291,7 @@ class Agent:
             log.error("desired.not_saved error=%s", exc)
         self.desired = state
         self._fingerprints = self._key_fingerprints(state)
+        self._place()
         APPLIED_GENERATION.set(state.generation)
         self.book.set(
             HOST,

@@ -6,7 +6,8 @@ step reads what Docker or the database says, compares it with the desired state 
 changes only the difference, so it is level-triggered like the reconcile: a step that
 fails is simply done again after the next probe.
 
-- Limits: `docker update` when the container's CPU or memory differ from the plan's.
+- Limits: `docker update` when the container's CPU or memory differ from the plan's, or
+  its cores from its home cores (agent/placement.py).
 - Credentials: a new secret version is applied inside the database (`ALTER ROLE` on the
   version's login role, schemas/credentials.py; `ACL SETUSER default >new` on Redis, which
   keeps the old password as a second one); once the grace period has passed the old one is
@@ -124,10 +125,12 @@ def pg_quota_state(usage: int, quota: int, free: int | None) -> QuotaState:
     return quota_state(usage, quota)
 
 
-def limits_differ(host_config: Mapping[str, Any], addon: AddonSpec) -> bool:
+def limits_differ(host_config: Mapping[str, Any], addon: AddonSpec, cores: str = "") -> bool:
+    """`cores`: the add-on's home cores, "" for none wanted (then any set is left alone)."""
     return (
         int(host_config.get("NanoCpus") or 0) != int(addon.resources.cpus * 1e9)
         or int(host_config.get("Memory") or 0) != addon.resources.memory_mb * MIB
+        or (cores != "" and (host_config.get("CpusetCpus") or "") != cores)
     )
 
 
@@ -228,6 +231,8 @@ class Upkeep:
         self.book = book
         self.usage: dict[str, int] = {}
         self.quota: dict[str, int] = {}
+        # add-on id -> its home cores (agent/placement.py), set with each desired state.
+        self.homes: dict[str, str] = {}
         # add-on id -> (the sizes it was inspected for, its database's inspection)
         self._inspected: dict[str, tuple[tuple[Any, ...], Mapping[str, Any]]] = {}
         # One round at a time per add-on: the pass, a readiness poll and the guard may all
@@ -389,7 +394,8 @@ class Upkeep:
         # The inspection is kept while the container has no event and the plan's sizes
         # stay: a round per add-on per resync interval, a hundred add-ons on a host. The
         # kernel's OOM-kill counter is read every round all the same.
-        key = (addon.resources, addon.storage_mb)
+        cores = self.homes.get(addon.id, "")
+        key = (addon.resources, addon.storage_mb, cores)
         cached = self._inspected.get(addon.id)
         if cached is not None and cached[0] == key:
             info = cached[1]
@@ -398,14 +404,23 @@ class Upkeep:
             self._inspected[addon.id] = (key, info)
         self._memory_condition(addon, info)
         await self._grow(addon, info)
-        if limits_differ(info.get("HostConfig") or {}, addon):
+        if limits_differ(info.get("HostConfig") or {}, addon, cores):
             self._inspected.pop(addon.id, None)
-            await self.docker.update_limits(name, addon.resources.cpus, addon.resources.memory_mb)
+            try:
+                await self.docker.update_limits(
+                    name, addon.resources.cpus, addon.resources.memory_mb, cores
+                )
+            except AgentError as exc:
+                # Tried again next round; the quota and the credentials must not wait on
+                # it (a cpuset Docker refuses, say, after a CPU went offline).
+                log.warning("upkeep.limits_failed addon=%s cores=%s error=%s", addon.id, cores, exc)
+                return info
             log.info(
-                "upkeep.limits_updated addon=%s cpus=%s memory_mb=%s",
+                "upkeep.limits_updated addon=%s cpus=%s memory_mb=%s cores=%s",
                 addon.id,
                 addon.resources.cpus,
                 addon.resources.memory_mb,
+                cores or "any",
             )
         return info
 

@@ -16,6 +16,11 @@ drift in the machine's other load lands on both sides. Ratio = p99(hogged) / p99
 target <= 1.20. The figures are only as quiet as the machine: the load average before
 and after is recorded.
 
+ORKESTR_BENCH_PIN=1 is an experiment, not what the agent does: after both add-ons are
+ready the bench pins the neighbour's database container to CPU 0 and the hog's to CPU 1
+(`docker update --cpuset-cpus`), to measure what keeping them off each other's cores buys
+(docs/benchmarks.md, "Noisy neighbours").
+
 Prints a table and ends with one JSON line.
 """
 
@@ -27,7 +32,16 @@ import time
 import urllib.parse
 from typing import Any
 
-from _harness import Bench, activity, log, machine_facts, print_context, run_cli, table
+from _harness import (
+    Bench,
+    activity,
+    adocker_cli,
+    log,
+    machine_facts,
+    print_context,
+    run_cli,
+    table,
+)
 
 from agent import model
 from tests.noisy import HOGS, Target, hogging, percentile, prepare_neighbour, time_queries
@@ -69,6 +83,7 @@ async def main(quick: bool) -> dict[str, Any]:
         "queries_per_block": queries,
         "cycles": cycles,
         "machine": machine_facts(),
+        "pinned": os.environ.get("ORKESTR_BENCH_PIN") == "1",
     }
     async with Bench(PLANS) as b:
         results["code"] = b.code
@@ -78,6 +93,9 @@ async def main(quick: bool) -> dict[str, Any]:
         neighbour = await target(b, quiet["id"], nb)
         hog_target = await target(b, noisy["id"], hg)
         await prepare_neighbour(neighbour)
+        if results["pinned"]:
+            await adocker_cli("update", "--cpuset-cpus", "0", model.db_name(nb["id"]))
+            await adocker_cli("update", "--cpuset-cpus", "1", model.db_name(hg["id"]))
         results["activity_before"] = activity(b.host)
         results["load_before"] = round(os.getloadavg()[0], 2)
         for hog in HOGS:
@@ -137,6 +155,8 @@ def report(results: dict[str, Any]) -> None:
         )
     )
     print(f"hog conditions: {json.dumps(results['hog_conditions'])}")
+    if results.get("pinned"):
+        print("pinned (experiment): the neighbour's database on CPU 0, the hog's on CPU 1")
     print(f"load average: before {results['load_before']}, after {results['load_after']}")
     print_context(results)
 

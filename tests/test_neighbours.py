@@ -113,6 +113,13 @@ async def test_hogs_stay_inside_their_limits_and_the_neighbour_keeps_its_latency
     neighbour = await target_of(c, quiet["id"], nb["id"], "neighbour")
     hog_target = await target_of(c, noisy["id"], hg["id"], "hog")
     await prepare_neighbour(neighbour)
+    if CPUS >= 2:
+        # Home cores (agent/placement.py), applied in place by the add-ons' upkeep rounds:
+        # the neighbour (1 CPU) and the hog (0.5 CPU) never share a core.
+        cores = await wait_for(
+            lambda: _home_cores(nb["id"], hg["id"]), 60, "home cores on both databases"
+        )
+        assert len(cores[0]) == len(cores[1]) == 1 and cores[0] != cores[1], cores
     hog_db = inspect(f"orkestr-{hg['id']}-db")
 
     figures: dict[str, Any] = {}
@@ -199,6 +206,22 @@ async def test_hogs_stay_inside_their_limits_and_the_neighbour_keeps_its_latency
     # The neighbour never restarted. Its latency beside each hog is printed above, not
     # asserted: tests don't assert timings; bench/neighbours.py measures the p99 ratios.
     assert inspect(f"orkestr-{nb['id']}-db")["RestartCount"] == 0
+
+
+def _home_cores(*addon_ids: str) -> tuple[set[int], ...] | None:
+    """The CPUs each database may run on, once all of them have a set."""
+    found = []
+    for aid in addon_ids:
+        text = inspect(f"orkestr-{aid}-db")["HostConfig"].get("CpusetCpus") or ""
+        if not text:
+            return None
+        found.append({int(c) for part in text.split(",") for c in _span(part)})
+    return tuple(found)
+
+
+def _span(part: str) -> range:
+    lo, _, hi = part.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
 
 
 async def _condition(
