@@ -776,6 +776,25 @@ class Plain:
     async def ip(self) -> str:
         return await self.bench.ip_on(self.container, self.network)
 
+    async def pin_like(self, addon_id: str, timeout_s: float = 30.0) -> str:
+        """The same home cores as an add-on's database (the agent sets them with `docker
+        update` at its first upkeep round), so the baseline differs from the add-on in
+        the data path only, not in where it may run. Returns the cpuset ("" when the
+        agent places nothing)."""
+        d = self.bench.docker
+        deadline = time.monotonic() + timeout_s
+        cores = ""
+        while time.monotonic() < deadline:
+            info = await d.containers.container(model.db_name(addon_id)).show()
+            cores = str((info.get("HostConfig") or {}).get("CpusetCpus") or "")
+            if cores:
+                break
+            await asyncio.sleep(0.5)
+        if cores:
+            body = json.dumps({"CpusetCpus": cores})
+            await d._query_json(f"containers/{self.db_name}/update", method="POST", data=body)
+        return cores
+
     async def remove(self) -> None:
         names = [self.db_name] + ([self.holder_name] if self.holder_body else [])
         await adocker_cli("rm", "-f", "-v", *names, check=False)

@@ -164,6 +164,7 @@ async def main(quick: bool) -> dict[str, Any]:
             targets[kind]["orkestr"] = {**credentials(env, addon["name"]), "host": ip}
             plain = b.plain(kind, network, res, shared_netns=False)
             await plain.run_api()
+            results.setdefault("baseline_cores", {})[kind] = await plain.pin_like(addon["id"])
             plain_ip = await plain.ip()
             await client.poll_start(plain.target(plain_ip), interval_ms=20, deadline_s=120)
             if not (await client.poll_result(150))["ok"]:
