@@ -260,14 +260,16 @@ class Applier:
                 self._resized_apps[key] = spec_hash
 
     async def _attach(self, addon_id: str) -> None:
-        """A volume with its own filesystem needs its loop device before it can mount
-        (after a reboot, say)."""
+        """A volume with its own filesystem (the data's, the WAL's) needs its loop device
+        before it can mount (after a reboot, say)."""
         if self.loopfs is None:
             return
-        volume = model.volume_name(addon_id)
-        device = await self.docker.volume_device(volume)
-        if device is not None and device.startswith("/dev/loop"):
-            await self.loopfs.ensure_attached(volume, device)
+        for volume in (model.volume_name(addon_id), model.wal_volume_name(addon_id)):
+            if volume.endswith("-wal") and self.loopfs.size_mb(volume) is None:
+                continue  # no WAL volume (Redis, or WAL inside PGDATA): nothing to ask Docker
+            device = await self.docker.volume_device(volume)
+            if device is not None and device.startswith("/dev/loop"):
+                await self.loopfs.ensure_attached(volume, device)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

@@ -23,7 +23,9 @@ fails is simply done again after the next probe.
   by `Agent.quota_guard_loop`) starts a round as soon as the volume's filesystem grew by
   a step, and writes are also refused while the filesystem has less than RESERVE_BYTES
   free, whatever the database's size: a WAL write that finds the disk full is a PANIC.
-  `wal_init_zero = off` lets crash recovery start even on a full filesystem.
+  `wal_init_zero = off` lets crash recovery start even on a full filesystem. An add-on
+  whose WAL has a filesystem of its own (specs.wal_fs_size_mb) has both looked at: the
+  reserve counts on each, and a plan change grows both.
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ from agent.errors import AgentError
 from agent.loopfs import LoopFs
 from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
 from agent.secrets import SecretStore
-from agent.specs import ADMIN_USER, DATA_DIRS, fs_size_mb, max_wal_size_mb
+from agent.specs import (
+    ADMIN_USER,
+    DATA_DIRS,
+    WAL_DIR,
+    fs_size_mb,
+    max_wal_size_mb,
+    wal_fs_size_mb,
+)
 from schemas.credentials import login_role
 from schemas.messages import PORTS, AddonSpec
 
@@ -236,6 +245,9 @@ class Upkeep:
         # add-on id -> (database container id, its data directory through its root, the
         # directory's device, the filesystem's used bytes) as the last round saw them.
         self._fs: dict[str, tuple[str, str, int, int]] = {}
+        # add-on id -> (its WAL directory through its root, that directory's device), for
+        # an add-on whose WAL has its own filesystem.
+        self._wal_fs: dict[str, tuple[str, int]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -315,6 +327,7 @@ class Upkeep:
         self.quota.pop(addon_id, None)
         self._inspected.pop(addon_id, None)
         self._fs.pop(addon_id, None)
+        self._wal_fs.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
@@ -332,7 +345,8 @@ class Upkeep:
 
     # --- the filesystem guard -------------------------------------------------------
     def _measure_fs(self, addon: AddonSpec, info: Mapping[str, Any]) -> int | None:
-        """Free bytes of the volume's own filesystem (None: a plain volume, or unseen)."""
+        """Free bytes of the volume's own filesystem, or of the WAL's if it has less
+        (None: a plain volume, or unseen)."""
         if self.loopfs is None or not addon.storage_mb:
             return None
         if self.loopfs.size_mb(model.volume_name(addon.id)) is None:
@@ -347,7 +361,29 @@ class Upkeep:
         except OSError:
             return None
         self._fs[addon.id] = (str(info.get("Id", "")), path, dev, used)
-        return free
+        self._wal_fs.pop(addon.id, None)
+        if self.loopfs.size_mb(model.wal_volume_name(addon.id)) is not None:
+            wal_path = f"/proc/{pid}/root{WAL_DIR}"
+            try:
+                wal_dev = os.stat(wal_path).st_dev
+                if wal_dev != dev:  # its own filesystem, mounted
+                    self._wal_fs[addon.id] = (wal_path, wal_dev)
+            except OSError:
+                pass
+        return _least(free, self._wal_free(addon.id))
+
+    def _wal_free(self, addon_id: str) -> int | None:
+        """Free bytes of the WAL's own filesystem, as the last full round located it."""
+        seen = self._wal_fs.get(addon_id)
+        if seen is None:
+            return None
+        path, dev = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return None
+            return _usage(path)[1]
+        except OSError:
+            return None
 
     def _remeasure_fs(self, addon: AddonSpec) -> int | None:
         """Free bytes, through what the last full round found (its used bytes updated)."""
@@ -362,7 +398,7 @@ class Upkeep:
         except OSError:
             return None
         self._fs[addon.id] = (db_id, path, dev, used)
-        return free
+        return _least(free, self._wal_free(addon.id))
 
     def guard_due(self, addon: AddonSpec, db_id: str) -> bool:
         """Whether the add-on's filesystem grew by a step since the last round, or is
@@ -378,6 +414,7 @@ class Upkeep:
             used, free = _usage(path)
         except OSError:
             return False
+        free = _least(free, self._wal_free(addon.id))
         return free < RESERVE_BYTES or used - used_then >= guard_step(addon)
 
     # --- limits ---------------------------------------------------------------------
@@ -407,36 +444,46 @@ class Upkeep:
         return info
 
     async def _grow(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
-        """A larger plan grows the volume's filesystem online (it never shrinks)."""
+        """A larger plan grows the volume's filesystem online (it never shrinks), and the
+        WAL's, for an add-on that has one."""
         if self.loopfs is None or not addon.storage_mb:
             return
-        volume = model.volume_name(addon.id)
-        have, want = self.loopfs.size_mb(volume), fs_size_mb(addon.storage_mb)
-        if have is None:
-            return  # a plain volume (made before filesystems, or with them turned off)
+        volumes = [
+            (model.volume_name(addon.id), fs_size_mb(addon.storage_mb), DATA_DIRS[addon.kind])
+        ]
+        if addon.kind == "postgres":
+            wal = model.wal_volume_name(addon.id)
+            volumes.append((wal, wal_fs_size_mb(addon.storage_mb), WAL_DIR))
+        sizes: list[int] = []
         now = datetime.now(UTC)
-        if have < want:
-            device = await self.docker.volume_device(volume)
-            pid = (info.get("State") or {}).get("Pid")
-            if device is None or not pid:
-                return
-            try:
-                await self.loopfs.grow(
-                    volume, device, want, f"/proc/{pid}/root{DATA_DIRS[addon.kind]}"
-                )
-            except AgentError as exc:
-                # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
-                # tenant can write up to what the filesystem's headroom allows.
-                self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
-                log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
-                return  # the rest of the upkeep (the quota above all) goes on
-            have = want
+        for volume, want, target in volumes:
+            have = self.loopfs.size_mb(volume)
+            if have is None:
+                continue  # a plain volume (made before filesystems), or no WAL volume
+            if have < want:
+                device = await self.docker.volume_device(volume)
+                pid = (info.get("State") or {}).get("Pid")
+                if device is None or not pid:
+                    return
+                try:
+                    await self.loopfs.grow(volume, device, want, f"/proc/{pid}/root{target}")
+                except AgentError as exc:
+                    # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
+                    # tenant can write up to what the filesystem's headroom allows.
+                    self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
+                    log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
+                    return  # the rest of the upkeep (the quota above all) goes on
+                have = want
+            sizes.append(have)
+        if not sizes:
+            return
+        wal = f" and its WAL's own {sizes[1]} MB" if len(sizes) > 1 else ""
         self.book.set(
             addon.id,
             "Filesystem",
             "True",
             "Sized",
-            f"its own {have} MB filesystem for a {addon.storage_mb} MB quota",
+            f"its own {sizes[0]} MB filesystem for a {addon.storage_mb} MB quota{wal}",
             now,
         )
 
@@ -529,9 +576,7 @@ class Upkeep:
                 "upkeep.wal_bounded addon=%s max_wal_size_mb=%s wal_init_zero=off", addon.id, want
             )
 
-    async def _pg_quota(
-        self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None
-    ) -> None:
+    async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None) -> None:
         usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
         self.usage[addon.id] = usage
         quota = quota_bytes(addon)
@@ -686,6 +731,10 @@ class Upkeep:
             )
         else:
             self.book.set(addon.id, "StorageQuota", "True", "WithinQuota", used, now)
+
+
+def _least(free: int, wal_free: int | None) -> int:
+    return free if wal_free is None else min(free, wal_free)
 
 
 def _usage(path: str) -> tuple[int, int]:

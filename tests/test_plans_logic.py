@@ -95,6 +95,16 @@ def test_the_filesystem_holds_quota_wal_a_guard_step_and_the_reserve(storage_mb:
     assert specs.fs_size_mb(storage_mb) * MIB >= needed
 
 
+@given(st.integers(min_value=1, max_value=10**6))
+def test_the_wal_filesystem_holds_twice_the_ceiling_and_the_reserve(storage_mb: int) -> None:
+    # WAL at twice max_wal_size (a checkpoint's overrun) still leaves the guard's reserve,
+    # and a larger plan never gets a smaller WAL filesystem (they only grow).
+    wal = specs.max_wal_size_mb(storage_mb)
+    assert specs.wal_fs_size_mb(storage_mb) * MIB >= 2 * wal * MIB + upkeep.RESERVE_BYTES
+    assert specs.wal_fs_size_mb(storage_mb + 1) >= specs.wal_fs_size_mb(storage_mb)
+    assert specs.wal_fs_size_mb(24) == 160 and specs.wal_fs_size_mb(10_240) == 3136
+
+
 def test_limits_differ_compares_cpu_and_memory() -> None:
     a = addon()
     assert not upkeep.limits_differ({"NanoCpus": 500_000_000, "Memory": 256 * MIB}, a)
