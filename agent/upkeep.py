@@ -73,6 +73,12 @@ QUOTA_OBJECT = "orkestr_quota"
 # (16 MB each), a checkpoint's, and the guard's reaction time at a fast filler's rate
 # (30-60 MB/s of rows and WAL on a small machine).
 RESERVE_BYTES = 48 * MIB
+# A file the agent keeps in the data directory of a Postgres whose WAL has its own
+# filesystem, and deletes when installing the refusal finds the data filesystem full: its
+# catalog rows (functions, triggers) need new blocks, and nothing else would free one (with
+# the WAL beside the data, recycled WAL segments did). Made again once there is room.
+BALLAST = "orkestr-reserve"
+BALLAST_BYTES = 8 * MIB
 # A guard round once the filesystem grew by an eighth of the quota, within these bounds
 # (WAL grows with the data: 16 MB on the filesystem is about 8 MB of rows).
 GUARD_SHARE = 8
@@ -200,7 +206,9 @@ END $d$;
 
 # The tenant's writing statements already running when writes are refused (the triggers
 # only see statements that start after them): those with a transaction id or a table's
-# write lock. Reads are never cancelled.
+# write lock. Reads are never cancelled. $2: spare those holding a table's exclusive lock
+# (TRUNCATE, DROP, VACUUM FULL: how the tenant frees space), when a full data filesystem
+# cannot reach the WAL (its own filesystem) and is only an error for the statement.
 _CANCEL_SQL = """
 SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid)) FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
@@ -208,6 +216,9 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
   AND (a.backend_xid IS NOT NULL OR EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
           AND l.mode = 'RowExclusiveLock' AND l.granted))
+  AND NOT ($2 AND EXISTS (
+        SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
+          AND l.mode = 'AccessExclusiveLock' AND l.granted))
 """
 
 _REINSTATE_SQL = """
@@ -368,9 +379,26 @@ class Upkeep:
                 wal_dev = os.stat(wal_path).st_dev
                 if wal_dev != dev:  # its own filesystem, mounted
                     self._wal_fs[addon.id] = (wal_path, wal_dev)
-            except OSError:
-                pass
+                    if free >= RESERVE_BYTES + BALLAST_BYTES:
+                        _make_ballast(f"{path}/{BALLAST}")
+            except OSError as exc:
+                log.warning("upkeep.ballast_failed addon=%s error=%s", addon.id, exc)
         return _least(free, self._wal_free(addon.id))
+
+    def _release_ballast(self, addon_id: str) -> bool:
+        """Delete the add-on's ballast file: whether that freed anything."""
+        seen = self._fs.get(addon_id)
+        if seen is None or addon_id not in self._wal_fs:
+            return False
+        _, path, dev, _ = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return False
+            os.unlink(f"{path}/{BALLAST}")
+        except OSError:
+            return False
+        log.warning("upkeep.ballast_released addon=%s bytes=%s", addon_id, BALLAST_BYTES)
+        return True
 
     def _wal_free(self, addon_id: str) -> int | None:
         """Free bytes of the WAL's own filesystem, as the last full round located it."""
@@ -597,16 +625,24 @@ class Upkeep:
             # Every round while exceeded: a message naming a new plan, any new table. The
             # writes running when writes are first refused (and any, short of the reserve)
             # are cancelled: triggers stop only statements that start after them.
-            cancelled = await self._restrict(
-                conn,
-                _RESTRICT_SQL.format(
-                    admin=_ident(ADMIN_USER),
-                    admin_literal=_literal(ADMIN_USER),
-                    message=_literal(refusal(addon, usage, quota, free)),
-                    name=QUOTA_OBJECT,
-                ),
-                cancel=not restricted or low,
+            sql = _RESTRICT_SQL.format(
+                admin=_ident(ADMIN_USER),
+                admin_literal=_literal(ADMIN_USER),
+                message=_literal(refusal(addon, usage, quota, free)),
+                name=QUOTA_OBJECT,
             )
+            spare = addon.id in self._wal_fs
+            try:
+                cancelled = await self._restrict(
+                    conn, sql, cancel=not restricted or low, spare_freeing=spare
+                )
+            except asyncpg.DiskFullError:
+                # The data filesystem is full to its last block (filled while the agent
+                # was away): the refusal's own catalog rows need room, which the ballast
+                # gives back. Without one, the round fails and the next tries again.
+                if not self._release_ballast(addon.id):
+                    raise
+                cancelled = await self._restrict(conn, sql, cancel=True, spare_freeing=spare)
             if not restricted or low:
                 log.warning(
                     "upkeep.writes_refused addon=%s usage=%s quota=%s free=%s cancelled=%s",
@@ -621,7 +657,9 @@ class Upkeep:
             log.info("upkeep.writes_reinstated addon=%s usage=%s quota=%s", addon.id, usage, quota)
         self._quota_condition(addon, state, usage, quota, free)
 
-    async def _restrict(self, conn: asyncpg.Connection, sql: str, *, cancel: bool) -> int:
+    async def _restrict(
+        self, conn: asyncpg.Connection, sql: str, *, cancel: bool, spare_freeing: bool = False
+    ) -> int:
         """Install the refusal; how many of the tenant's statements were cancelled for it.
 
         CREATE TRIGGER waits for the table locks of the statements writing to it, so a
@@ -632,7 +670,8 @@ class Upkeep:
         cancelled = 0
         for _ in range(RESTRICT_ATTEMPTS):
             if cancel:
-                cancelled += int(await conn.fetchval(_CANCEL_SQL, ADMIN_USER) or 0)
+                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing)
+                cancelled += int(found or 0)
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{RESTRICT_LOCK_MS}ms'")
@@ -731,6 +770,23 @@ class Upkeep:
             )
         else:
             self.book.set(addon.id, "StorageQuota", "True", "WithinQuota", used, now)
+
+
+def _make_ballast(path: str) -> None:
+    """The ballast file, if missing: its blocks allocated, owned by root, mode 0600."""
+    if os.path.exists(path):
+        return
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, BALLAST_BYTES)
+        os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)  # no half ballast left taking the tenant's room
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _least(free: int, wal_free: int | None) -> int:
