@@ -16,6 +16,7 @@ would keep working on a full disk.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 
 import pytest
 
@@ -122,3 +123,31 @@ async def test_a_full_data_filesystem_fails_statements_and_never_crashes_postgre
     )
     assert code == 0 and out.endswith("1001"), out
     assert inspect(db)["State"]["StartedAt"] == before["StartedAt"]
+
+    # Deleted: both volumes, both images and both loop devices go.
+    volumes = docker("volume", "ls", "-q", "--filter", f"name=orkestr-{pg['id']}-").split()
+    assert sorted(volumes) == [f"orkestr-{pg['id']}-data", f"orkestr-{pg['id']}-wal"]
+    status, body = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{pg['id']}")
+    assert status == 202, body
+
+    def gone() -> bool:
+        images = list((agent.state_dir / "volumes").glob(f"orkestr-{pg['id']}-*"))
+        return not images and not docker(
+            "volume", "ls", "-q", "--filter", f"name=orkestr-{pg['id']}-"
+        )
+
+    await wait_for(gone, 90, "the add-on's volumes and images removed")
+
+    async def purged() -> bool:
+        status, _ = await c.api("GET", f"/v1/projects/{project['id']}/addons/{pg['id']}")
+        return status == 404
+
+    await wait_for(purged, 60, "the add-on reported removed and purged")
+    loops = await asyncio.to_thread(
+        subprocess.run,
+        ["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert f"orkestr-{pg['id']}-" not in loops.stdout, loops.stdout
