@@ -200,3 +200,23 @@ def test_rotation_keeps_the_previous_password_until_the_grace_ends(tmp_path: Pat
     assert store.applied(AID) == 0
     store.mark_applied(AID, 2)
     assert store.applied(AID) == 2
+
+
+def test_the_ballast_is_made_once_allocated_and_released_only_where_the_wal_is_apart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / upkeep.BALLAST
+    upkeep._make_ballast(str(path))
+    st_ = path.stat()
+    assert st_.st_size == upkeep.BALLAST_BYTES and st_.st_blocks * 512 >= upkeep.BALLAST_BYTES
+    assert st_.st_mode & 0o777 == 0o600 and not (tmp_path / f"{upkeep.BALLAST}.tmp").exists()
+    upkeep._make_ballast(str(path))  # there already: left as it is
+    assert path.stat().st_ino == st_.st_ino
+
+    keeper = upkeep.Upkeep(None, None, None)  # type: ignore[arg-type]
+    dev = tmp_path.stat().st_dev
+    keeper._fs[AID] = ("db", str(tmp_path), dev, 0)
+    assert not keeper._release_ballast(AID)  # WAL inside PGDATA: never released
+    keeper._wal_fs[AID] = (str(tmp_path), dev + 1)
+    assert keeper._release_ballast(AID) and not path.exists()
+    assert not keeper._release_ballast(AID)  # nothing left to free
