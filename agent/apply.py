@@ -267,14 +267,16 @@ class Applier:
                 self._resized_apps[key] = spec_hash
 
     async def _attach(self, addon_id: str) -> None:
-        """A volume with its own filesystem needs its loop device before it can mount
-        (after a reboot, say)."""
-        volume = model.volume_name(addon_id)
-        if self.loopfs is None or self.loopfs.size_mb(volume) is None:
-            return  # a plain volume: nothing to attach, no Docker call
-        device = await self.docker.volume_device(volume)
-        if device is not None and device.startswith("/dev/loop"):
-            await self.loopfs.ensure_attached(volume, device)
+        """A volume with its own filesystem (the data's, the WAL's) needs its loop device
+        before it can mount (after a reboot, say)."""
+        if self.loopfs is None:
+            return
+        for volume in (model.volume_name(addon_id), model.wal_volume_name(addon_id)):
+            if self.loopfs.size_mb(volume) is None:
+                continue  # a plain volume, or no WAL volume: nothing to attach, no Docker call
+            device = await self.docker.volume_device(volume)
+            if device is not None and device.startswith("/dev/loop"):
+                await self.loopfs.ensure_attached(volume, device)
 
     async def _check_job_image(self, ref: str) -> None:
         check_reference(ref, self.settings.images.jobs)

@@ -54,6 +54,10 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # A loop-mounted ext4 filesystem per add-on volume, sized by the plan (agent/loopfs.py):
     # the hard backstop behind storage quotas. False: plain Docker volumes.
     volume_filesystems: bool = True
+    # New Postgres add-ons get their WAL on a loop filesystem of its own (with
+    # volume_filesystems): a full data filesystem then fails the tenant's statement, never
+    # a WAL write (a PANIC). Add-ons made without one keep their WAL inside PGDATA.
+    wal_filesystems: bool = True
     # How often each Postgres volume's filesystem is looked at (one statfs) between passes:
     # growth by an eighth of the quota, or a filesystem short of its WAL reserve, gets an
     # upkeep round at once (agent/upkeep.py), so a fast filler meets the quota in time.

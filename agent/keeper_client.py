@@ -150,9 +150,7 @@ class KeeperClient:
                 for line in data.decode(errors="replace").splitlines():
                     parts = line.split(" ")
                     if len(parts) == 4 and parts[0] in ("R", "H"):
-                        out.append(
-                            KeptRelay(parts[1], parts[2], float(parts[3]), parts[0] == "H")
-                        )
+                        out.append(KeptRelay(parts[1], parts[2], float(parts[3]), parts[0] == "H"))
         return out
 
     async def relays(self, addon: str = "") -> list[KeptRelay] | None:

@@ -11,7 +11,9 @@ pages, and nothing is cached twice. Measured on a 2-core machine with another pr
 writing 2 GB: 200 synchronous 100 KB writes took 0.9-1.8 s with direct I/O, 4.5-5.8 s on
 a buffered loop device and 3.5-8.3 s on a plain volume.
 
-The image is larger than the storage quota by WAL headroom (`specs.fs_size_mb`), and the agent
+A new Postgres add-on has a second one for its WAL (`specs.wal_fs_size_mb`, the volume
+`orkestr-<addon>-wal`), so a full data filesystem never reaches a WAL write.
+The data image is larger than the storage quota by WAL headroom (`specs.fs_size_mb`), and the agent
 keeps Postgres's WAL below `max_wal_size_mb` (agent/upkeep.py), so the quota refuses
 writes well before the filesystem is full and Postgres is never left without room for
 its WAL. The one process-level I/O of the agent lives here (losetup, mkfs.ext4,

@@ -120,6 +120,11 @@ def volume_name(addon_id: str) -> str:
     return f"orkestr-{addon_id}-data"
 
 
+def wal_volume_name(addon_id: str) -> str:
+    """A Postgres add-on's write-ahead log, on a filesystem of its own (specs.wal_fs_size_mb)."""
+    return f"orkestr-{addon_id}-wal"
+
+
 def job_container_name(job_id: str) -> str:
     return f"orkestr-job-{job_id}"
 

@@ -248,6 +248,9 @@ class Settings(Struct, frozen=True):
     images: specs.Images
     secrets_root: str
     jobs: specs.JobLimits = specs.JobLimits()
+    # New Postgres add-ons with a quota get their WAL on a volume of its own
+    # (`agent.wal_filesystems`, with `agent.volume_filesystems`).
+    wal_volumes: bool = False
 
     def secret_dir(self, addon_id: str) -> str:
         return f"{self.secrets_root}/{addon_id}"
@@ -422,8 +425,9 @@ def _remove_addon(addon: AddonSpec, observed: Observed, local: Local) -> list[Ac
     for name in (model.db_name(addon.id), model.holder_name(addon.id)):
         if observed.container(name) is not None:
             actions.append(RemoveContainer(addon.id, name, "AddonDeleted"))
-    if observed.volume(model.volume_name(addon.id)) is not None:
-        actions.append(RemoveVolume(addon.id, model.volume_name(addon.id)))
+    for volume in (model.volume_name(addon.id), model.wal_volume_name(addon.id)):
+        if observed.volume(volume) is not None:
+            actions.append(RemoveVolume(addon.id, volume))
     if addon.id in local.secrets:
         actions.append(RemoveSecret(addon.id))
     return actions
@@ -433,6 +437,12 @@ def _converge_addon(
     project_id: str, addon: AddonSpec, observed: Observed, local: Local, settings: Settings
 ) -> list[Action]:
     actions: list[Action] = []
+    wal = wal_apart(addon, observed, settings)
+    # The WAL's volume before the data's: a data volume without one is then always an
+    # add-on made before WAL volumes (WAL inside PGDATA), never one half-way through.
+    if wal and observed.volume(model.wal_volume_name(addon.id)) is None:
+        wal_mb = specs.wal_fs_size_mb(addon.storage_mb or 0)
+        actions.append(EnsureVolume(addon.id, model.wal_volume_name(addon.id), project_id, wal_mb))
     if observed.volume(model.volume_name(addon.id)) is None:
         size = specs.fs_size_mb(addon.storage_mb) if addon.storage_mb else None
         actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id, size))
@@ -440,7 +450,9 @@ def _converge_addon(
         actions.append(FetchSecret(addon.id, project_id, addon.kind, addon.secret_version))
 
     want_holder = specs.holder_spec(project_id, addon, settings.images)
-    want_db = specs.db_spec(project_id, addon, settings.images, settings.secret_dir(addon.id))
+    want_db = specs.db_spec(
+        project_id, addon, settings.images, settings.secret_dir(addon.id), wal=wal
+    )
     holder = observed.container(want_holder.name)
     db = observed.container(want_db.name)
 
@@ -476,6 +488,21 @@ def _converge_addon(
 
 
 _AWAKE = SleepFacts()
+
+
+def wal_apart(addon: AddonSpec, observed: Observed, settings: Settings) -> bool:
+    """Whether a Postgres add-on's WAL lives on its own volume: it has one, or it is new
+    (no data volume yet) and WAL volumes are on. An add-on whose data volume exists without
+    one keeps its WAL inside PGDATA, as it was initialised: never migrated, never recreated."""
+    if addon.kind != "postgres":
+        return False
+    if observed.volume(model.wal_volume_name(addon.id)) is not None:
+        return True
+    return (
+        settings.wal_volumes
+        and bool(addon.storage_mb)
+        and observed.volume(model.volume_name(addon.id)) is None
+    )
 
 
 def _db_run_state(

@@ -119,6 +119,7 @@ class Agent:
                 cpus=config.agent.job_cpus,
                 pids=config.agent.job_pids,
             ),
+            wal_volumes=config.agent.volume_filesystems and config.agent.wal_filesystems,
         )
         self.broker = Broker(
             self.host,

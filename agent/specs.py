@@ -24,6 +24,10 @@ SECRET_MOUNT = "/run/orkestr"
 # The official postgres image runs every script here once, when it initialises the volume.
 INITDB_MOUNT = "/docker-entrypoint-initdb.d"
 DATA_DIRS = {"postgres": "/var/lib/postgresql/data", "redis": "/data"}
+# Where a Postgres add-on's WAL filesystem is mounted; initdb makes `pg_wal` a symlink to it
+# (`POSTGRES_INITDB_WALDIR`, the official image's variable). Outside PGDATA, which the
+# image declares a VOLUME of its own.
+WAL_DIR = "/var/lib/postgresql/wal"
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
@@ -62,6 +66,15 @@ def fs_size_mb(storage_mb: int) -> int:
     during a checkpoint) and 64 MB for ext4's own metadata and what is written between
     two quota checks."""
     return storage_mb + 2 * max_wal_size_mb(storage_mb) + 64
+
+
+def wal_fs_size_mb(storage_mb: int) -> int:
+    """The WAL's own filesystem: three times the WAL ceiling (`max_wal_size` is a soft
+    limit: WAL written while a checkpoint runs comes on top, and recycled segments are kept
+    up to it) and 64 MB, four segments, for ext4's metadata and a burst. The data
+    filesystem keeps its own size (`fs_size_mb`), so both layouts grow and are guarded
+    alike."""
+    return 3 * max_wal_size_mb(storage_mb) + 64
 
 
 class Mount(Struct, frozen=True):
@@ -185,7 +198,11 @@ def holder_spec(project_id: str, addon: AddonSpec, images: Images) -> ContainerS
     )
 
 
-def db_spec(project_id: str, addon: AddonSpec, images: Images, secret_dir: str) -> ContainerSpec:
+def db_spec(
+    project_id: str, addon: AddonSpec, images: Images, secret_dir: str, wal: bool = False
+) -> ContainerSpec:
+    """`wal`: a Postgres whose WAL has its own volume (plan.wal_apart); without it the spec
+    is what it always was, so an add-on made before WAL volumes is not recreated."""
     mounts: tuple[Mount, ...] = (
         Mount("volume", model.volume_name(addon.id), DATA_DIRS[addon.kind]),
         Mount("bind", secret_dir, SECRET_MOUNT, read_only=True),
@@ -200,6 +217,10 @@ def db_spec(project_id: str, addon: AddonSpec, images: Images, secret_dir: str) 
             ("ORKESTR_TENANT_USER", addon.user),
         )
         mounts += (Mount("bind", f"{secret_dir}/initdb", INITDB_MOUNT, read_only=True),)
+        if wal:
+            # initdb puts pg_wal there (a symlink in PGDATA); read only at initialisation.
+            env += (("POSTGRES_INITDB_WALDIR", WAL_DIR),)
+            mounts += (Mount("volume", model.wal_volume_name(addon.id), WAL_DIR),)
         cmd: tuple[str, ...] = ("postgres",)
         stop_signal = "SIGINT"  # fast shutdown, as the official image does
     else:

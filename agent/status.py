@@ -97,7 +97,11 @@ def derive(
             db = observed.container(model.db_name(addon.id))
             if addon.deleted:
                 gone = holder is None and db is None
-                if gone and observed.volume(model.volume_name(addon.id)) is None:
+                if (
+                    gone
+                    and observed.volume(model.volume_name(addon.id)) is None
+                    and observed.volume(model.wal_volume_name(addon.id)) is None
+                ):
                     if addon.id not in failed:
                         removed.append(addon.id)
                 continue

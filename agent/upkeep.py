@@ -24,7 +24,9 @@ fails is simply done again after the next probe.
   by `Agent.quota_guard_loop`) starts a round as soon as the volume's filesystem grew by
   a step, and writes are also refused while the filesystem has less than RESERVE_BYTES
   free, whatever the database's size: a WAL write that finds the disk full is a PANIC.
-  `wal_init_zero = off` lets crash recovery start even on a full filesystem.
+  `wal_init_zero = off` lets crash recovery start even on a full filesystem. An add-on
+  whose WAL has a filesystem of its own (specs.wal_fs_size_mb) has both looked at: the
+  reserve counts on each, and a plan change grows both.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ from agent.errors import AgentError
 from agent.loopfs import LoopFs
 from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
 from agent.secrets import SecretStore
-from agent.specs import ADMIN_USER, DATA_DIRS, fs_size_mb, max_wal_size_mb
+from agent.specs import (
+    ADMIN_USER,
+    DATA_DIRS,
+    WAL_DIR,
+    fs_size_mb,
+    max_wal_size_mb,
+    wal_fs_size_mb,
+)
 from schemas.credentials import login_role
 from schemas.messages import PORTS, AddonSpec
 
@@ -65,6 +74,12 @@ QUOTA_OBJECT = "orkestr_quota"
 # (16 MB each), a checkpoint's, and the guard's reaction time at a fast filler's rate
 # (30-60 MB/s of rows and WAL on a small machine).
 RESERVE_BYTES = 48 * MIB
+# A file the agent keeps in the data directory of a Postgres whose WAL has its own
+# filesystem, and deletes when installing the refusal finds the data filesystem full: its
+# catalog rows (functions, triggers) need new blocks, and nothing else would free one (with
+# the WAL beside the data, recycled WAL segments did). Made again once there is room.
+BALLAST = "orkestr-reserve"
+BALLAST_BYTES = 8 * MIB
 # A guard round once the filesystem grew by an eighth of the quota, within these bounds
 # (WAL grows with the data: 16 MB on the filesystem is about 8 MB of rows).
 GUARD_SHARE = 8
@@ -194,7 +209,9 @@ END $d$;
 
 # The tenant's writing statements already running when writes are refused (the triggers
 # only see statements that start after them): those with a transaction id or a table's
-# write lock. Reads are never cancelled.
+# write lock. Reads are never cancelled. $2: spare those holding a table's exclusive lock
+# (TRUNCATE, DROP, VACUUM FULL: how the tenant frees space), when a full data filesystem
+# cannot reach the WAL (its own filesystem) and is only an error for the statement.
 _CANCEL_SQL = """
 SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid)) FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
@@ -202,6 +219,9 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
   AND (a.backend_xid IS NOT NULL OR EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
           AND l.mode = 'RowExclusiveLock' AND l.granted))
+  AND NOT ($2 AND EXISTS (
+        SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
+          AND l.mode = 'AccessExclusiveLock' AND l.granted))
 """
 
 _REINSTATE_SQL = """
@@ -243,6 +263,9 @@ class Upkeep:
         self._fs: dict[str, tuple[str, str, int, int]] = {}
         # add-on id -> (connection serial, quota) whose maxmemory settings were checked
         self._redis_config: dict[str, tuple[int, int]] = {}
+        # add-on id -> (its WAL directory through its root, that directory's device), for
+        # an add-on whose WAL has its own filesystem.
+        self._wal_fs: dict[str, tuple[str, int]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -323,6 +346,7 @@ class Upkeep:
         self._inspected.pop(addon_id, None)
         self._fs.pop(addon_id, None)
         self._redis_config.pop(addon_id, None)
+        self._wal_fs.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
@@ -340,7 +364,8 @@ class Upkeep:
 
     # --- the filesystem guard -------------------------------------------------------
     def _measure_fs(self, addon: AddonSpec, info: Mapping[str, Any]) -> int | None:
-        """Free bytes of the volume's own filesystem (None: a plain volume, or unseen)."""
+        """Free bytes of the volume's own filesystem, or of the WAL's if it has less
+        (None: a plain volume, or unseen)."""
         if self.loopfs is None or not addon.storage_mb:
             return None
         if self.loopfs.size_mb(model.volume_name(addon.id)) is None:
@@ -355,7 +380,46 @@ class Upkeep:
         except OSError:
             return None
         self._fs[addon.id] = (str(info.get("Id", "")), path, dev, used)
-        return free
+        self._wal_fs.pop(addon.id, None)
+        if self.loopfs.size_mb(model.wal_volume_name(addon.id)) is not None:
+            wal_path = f"/proc/{pid}/root{WAL_DIR}"
+            try:
+                wal_dev = os.stat(wal_path).st_dev
+                if wal_dev != dev:  # its own filesystem, mounted
+                    self._wal_fs[addon.id] = (wal_path, wal_dev)
+                    if free >= RESERVE_BYTES + BALLAST_BYTES:
+                        _make_ballast(f"{path}/{BALLAST}")
+            except OSError as exc:
+                log.warning("upkeep.ballast_failed addon=%s error=%s", addon.id, exc)
+        return _least(free, self._wal_free(addon.id))
+
+    def _release_ballast(self, addon_id: str) -> bool:
+        """Delete the add-on's ballast file: whether that freed anything."""
+        seen = self._fs.get(addon_id)
+        if seen is None or addon_id not in self._wal_fs:
+            return False
+        _, path, dev, _ = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return False
+            os.unlink(f"{path}/{BALLAST}")
+        except OSError:
+            return False
+        log.warning("upkeep.ballast_released addon=%s bytes=%s", addon_id, BALLAST_BYTES)
+        return True
+
+    def _wal_free(self, addon_id: str) -> int | None:
+        """Free bytes of the WAL's own filesystem, as the last full round located it."""
+        seen = self._wal_fs.get(addon_id)
+        if seen is None:
+            return None
+        path, dev = seen
+        try:
+            if os.stat(path).st_dev != dev:
+                return None
+            return _usage(path)[1]
+        except OSError:
+            return None
 
     def _remeasure_fs(self, addon: AddonSpec) -> int | None:
         """Free bytes, through what the last full round found (its used bytes updated)."""
@@ -370,7 +434,7 @@ class Upkeep:
         except OSError:
             return None
         self._fs[addon.id] = (db_id, path, dev, used)
-        return free
+        return _least(free, self._wal_free(addon.id))
 
     def guard_due(self, addon: AddonSpec, db_id: str) -> bool:
         """Whether the add-on's filesystem grew by a step since the last round, or is
@@ -386,6 +450,7 @@ class Upkeep:
             used, free = _usage(path)
         except OSError:
             return False
+        free = _least(free, self._wal_free(addon.id))
         return free < RESERVE_BYTES or used - used_then >= guard_step(addon)
 
     # --- limits ---------------------------------------------------------------------
@@ -425,36 +490,46 @@ class Upkeep:
         return info
 
     async def _grow(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
-        """A larger plan grows the volume's filesystem online (it never shrinks)."""
+        """A larger plan grows the volume's filesystem online (it never shrinks), and the
+        WAL's, for an add-on that has one."""
         if self.loopfs is None or not addon.storage_mb:
             return
-        volume = model.volume_name(addon.id)
-        have, want = self.loopfs.size_mb(volume), fs_size_mb(addon.storage_mb)
-        if have is None:
-            return  # a plain volume (made before filesystems, or with them turned off)
+        volumes = [
+            (model.volume_name(addon.id), fs_size_mb(addon.storage_mb), DATA_DIRS[addon.kind])
+        ]
+        if addon.kind == "postgres":
+            wal = model.wal_volume_name(addon.id)
+            volumes.append((wal, wal_fs_size_mb(addon.storage_mb), WAL_DIR))
+        sizes: list[int] = []
         now = datetime.now(UTC)
-        if have < want:
-            device = await self.docker.volume_device(volume)
-            pid = (info.get("State") or {}).get("Pid")
-            if device is None or not pid:
-                return
-            try:
-                await self.loopfs.grow(
-                    volume, device, want, f"/proc/{pid}/root{DATA_DIRS[addon.kind]}"
-                )
-            except AgentError as exc:
-                # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
-                # tenant can write up to what the filesystem's headroom allows.
-                self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
-                log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
-                return  # the rest of the upkeep (the quota above all) goes on
-            have = want
+        for volume, want, target in volumes:
+            have = self.loopfs.size_mb(volume)
+            if have is None:
+                continue  # a plain volume (made before filesystems), or no WAL volume
+            if have < want:
+                device = await self.docker.volume_device(volume)
+                pid = (info.get("State") or {}).get("Pid")
+                if device is None or not pid:
+                    return
+                try:
+                    await self.loopfs.grow(volume, device, want, f"/proc/{pid}/root{target}")
+                except AgentError as exc:
+                    # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
+                    # tenant can write up to what the filesystem's headroom allows.
+                    self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
+                    log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
+                    return  # the rest of the upkeep (the quota above all) goes on
+                have = want
+            sizes.append(have)
+        if not sizes:
+            return
+        wal = f" and its WAL's own {sizes[1]} MB" if len(sizes) > 1 else ""
         self.book.set(
             addon.id,
             "Filesystem",
             "True",
             "Sized",
-            f"its own {have} MB filesystem for a {addon.storage_mb} MB quota",
+            f"its own {sizes[0]} MB filesystem for a {addon.storage_mb} MB quota{wal}",
             now,
         )
 
@@ -547,9 +622,7 @@ class Upkeep:
                 "upkeep.wal_bounded addon=%s max_wal_size_mb=%s wal_init_zero=off", addon.id, want
             )
 
-    async def _pg_quota(
-        self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None
-    ) -> None:
+    async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None) -> None:
         usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
         self.usage[addon.id] = usage
         quota = quota_bytes(addon)
@@ -570,16 +643,24 @@ class Upkeep:
             # Every round while exceeded: a message naming a new plan, any new table. The
             # writes running when writes are first refused (and any, short of the reserve)
             # are cancelled: triggers stop only statements that start after them.
-            cancelled = await self._restrict(
-                conn,
-                _RESTRICT_SQL.format(
-                    admin=_ident(ADMIN_USER),
-                    admin_literal=_literal(ADMIN_USER),
-                    message=_literal(refusal(addon, usage, quota, free)),
-                    name=QUOTA_OBJECT,
-                ),
-                cancel=not restricted or low,
+            sql = _RESTRICT_SQL.format(
+                admin=_ident(ADMIN_USER),
+                admin_literal=_literal(ADMIN_USER),
+                message=_literal(refusal(addon, usage, quota, free)),
+                name=QUOTA_OBJECT,
             )
+            spare = addon.id in self._wal_fs
+            try:
+                cancelled = await self._restrict(
+                    conn, sql, cancel=not restricted or low, spare_freeing=spare
+                )
+            except asyncpg.DiskFullError:
+                # The data filesystem is full to its last block (filled while the agent
+                # was away): the refusal's own catalog rows need room, which the ballast
+                # gives back. Without one, the round fails and the next tries again.
+                if not self._release_ballast(addon.id):
+                    raise
+                cancelled = await self._restrict(conn, sql, cancel=True, spare_freeing=spare)
             if not restricted or low:
                 log.warning(
                     "upkeep.writes_refused addon=%s usage=%s quota=%s free=%s cancelled=%s",
@@ -594,7 +675,9 @@ class Upkeep:
             log.info("upkeep.writes_reinstated addon=%s usage=%s quota=%s", addon.id, usage, quota)
         self._quota_condition(addon, state, usage, quota, free)
 
-    async def _restrict(self, conn: asyncpg.Connection, sql: str, *, cancel: bool) -> int:
+    async def _restrict(
+        self, conn: asyncpg.Connection, sql: str, *, cancel: bool, spare_freeing: bool = False
+    ) -> int:
         """Install the refusal; how many of the tenant's statements were cancelled for it.
 
         CREATE TRIGGER waits for the table locks of the statements writing to it, so a
@@ -605,7 +688,8 @@ class Upkeep:
         cancelled = 0
         for _ in range(RESTRICT_ATTEMPTS):
             if cancel:
-                cancelled += int(await conn.fetchval(_CANCEL_SQL, ADMIN_USER) or 0)
+                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing)
+                cancelled += int(found or 0)
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{RESTRICT_LOCK_MS}ms'")
@@ -708,6 +792,27 @@ class Upkeep:
             )
         else:
             self.book.set(addon.id, "StorageQuota", "True", "WithinQuota", used, now)
+
+
+def _make_ballast(path: str) -> None:
+    """The ballast file, if missing: its blocks allocated, owned by root, mode 0600."""
+    if os.path.exists(path):
+        return
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, BALLAST_BYTES)
+        os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)  # no half ballast left taking the tenant's room
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _least(free: int, wal_free: int | None) -> int:
+    return free if wal_free is None else min(free, wal_free)
 
 
 def _usage(path: str) -> tuple[int, int]:

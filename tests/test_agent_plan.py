@@ -545,3 +545,90 @@ def test_reused_name_waits_until_the_tombstoned_holder_is_gone() -> None:
     net = Observed(networks=world.networks)
     later = p.plan(desired(new, old), net, p.Local(), SETTINGS)
     assert "RunContainer" in kinds(later)
+
+
+# --- the WAL on a volume of its own ----------------------------------------------------------
+WAL_SETTINGS = replace(SETTINGS, wal_volumes=True)
+
+
+def quota_addon(kind: str = "postgres") -> AddonSpec:
+    return replace(addon(kind=kind), storage_mb=24)
+
+
+def test_a_new_postgres_gets_its_wal_volume_before_its_data_volume() -> None:
+    a = quota_addon()
+    actions = p.plan(desired(a), Observed(), p.Local(), WAL_SETTINGS)
+    assert actions[1:3] == (
+        p.EnsureVolume(AID, model.wal_volume_name(AID), PID, specs.wal_fs_size_mb(24)),
+        p.EnsureVolume(AID, model.volume_name(AID), PID, specs.fs_size_mb(24)),
+    )
+    db = actions[-1]
+    assert isinstance(db, p.RunContainer) and db.spec.role == "db"
+    assert specs.Mount("volume", model.wal_volume_name(AID), specs.WAL_DIR) in db.spec.mounts
+    assert ("POSTGRES_INITDB_WALDIR", specs.WAL_DIR) in db.spec.env
+
+
+def test_an_addon_made_before_wal_volumes_keeps_its_wal_and_its_container() -> None:
+    """Its data volume exists without a WAL volume: pg_wal is inside it. Nothing is
+    created for it and the database's spec is what it was (no recreation)."""
+    a = quota_addon()
+    world = converged_world(a)  # made with the spec of before
+    assert p.plan(desired(a), world, LOCAL, WAL_SETTINGS) == ()
+    db = specs.db_spec(PID, a, SETTINGS.images, SETTINGS.secret_dir(AID))
+    assert all(m.target != specs.WAL_DIR for m in db.mounts)
+    assert all(k != "POSTGRES_INITDB_WALDIR" for k, _ in db.env)
+
+
+def test_a_database_recreated_later_keeps_the_layout_its_volumes_have() -> None:
+    a = quota_addon()
+    with_wal = specs.db_spec(PID, a, SETTINGS.images, SETTINGS.secret_dir(AID), wal=True)
+    holder = specs.holder_spec(PID, a, SETTINGS.images)
+    volumes = (
+        ObservedVolume(model.volume_name(AID), AID),
+        ObservedVolume(model.wal_volume_name(AID), AID),
+    )
+    world = Observed(
+        containers=(running(holder, f"holder-{AID}"),),
+        networks=(ObservedNetwork("n1", model.network_name(PID), PID),),
+        volumes=volumes,
+    )
+    # Even with WAL volumes turned off since: the volume is there, the database needs it.
+    for settings_ in (WAL_SETTINGS, SETTINGS):
+        assert p.plan(desired(a), world, LOCAL, settings_) == (p.RunContainer(AID, with_wal),)
+    converged = replace(world, containers=(*world.containers, running(with_wal, f"db-{AID}")))
+    assert p.plan(desired(a), converged, LOCAL, WAL_SETTINGS) == ()
+
+
+def test_wal_volume_made_but_not_the_data_volume_yet() -> None:
+    """An agent killed between the two: the next pass makes the data volume, WAL kept."""
+    a = quota_addon()
+    world = Observed(volumes=(ObservedVolume(model.wal_volume_name(AID), AID),))
+    actions = p.plan(desired(a), world, p.Local(), SETTINGS)
+    assert p.EnsureVolume(AID, model.volume_name(AID), PID, specs.fs_size_mb(24)) in actions
+    assert not any(
+        isinstance(x, p.EnsureVolume) and x.name == model.wal_volume_name(AID) for x in actions
+    )
+    db = actions[-1]
+    assert (
+        isinstance(db, p.RunContainer) and ("POSTGRES_INITDB_WALDIR", specs.WAL_DIR) in db.spec.env
+    )
+
+
+@pytest.mark.parametrize("a", [quota_addon("redis"), addon()], ids=["redis", "no-quota"])
+def test_redis_and_unquoted_postgres_get_no_wal_volume(a: AddonSpec) -> None:
+    actions = p.plan(desired(a), Observed(), p.Local(), WAL_SETTINGS)
+    names = [x.name for x in actions if isinstance(x, p.EnsureVolume)]
+    assert names == [model.volume_name(AID)]
+
+
+def test_a_tombstone_removes_the_wal_volume_too() -> None:
+    a = quota_addon()
+    world = converged_world(a)
+    world = replace(
+        world, volumes=(*world.volumes, ObservedVolume(model.wal_volume_name(AID), AID))
+    )
+    actions = p.plan(desired(replace(a, deleted=True)), world, LOCAL, WAL_SETTINGS)
+    assert [x for x in actions if isinstance(x, p.RemoveVolume)] == [
+        p.RemoveVolume(AID, model.volume_name(AID)),
+        p.RemoveVolume(AID, model.wal_volume_name(AID)),
+    ]

@@ -63,6 +63,16 @@ memory_mb = 512
 manual_backups_per_day = 10
 backup_retention_days = 30
 sleep = { enabled = false }
+
+# With a storage quota: a Postgres gets its WAL on a filesystem of its own.
+[quota]
+max_addons = 1
+cpus = 1.0
+memory_mb = 512
+storage_mb = 256
+manual_backups_per_day = 10
+backup_retention_days = 30
+sleep = { enabled = false }
 """
 
 
@@ -208,6 +218,50 @@ async def test_postgres_round_trip_and_corruption(stack: Stack, agent: AgentProc
     refused = await restore(c, p, a, second["id"])
     assert refused["state"] == "failed" and "checksum mismatch" in refused["error"], refused
     assert await sql(c, p, "select count(*) from notes") == "2"
+
+
+async def test_postgres_restore_with_the_wal_on_its_own_filesystem(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """A restore (pg_restore beside the live database, then renamed) on an add-on whose
+    pg_wal is its own filesystem: the restored data is consistent, its WAL went there, and
+    it survives a restart of Postgres (replayed from that filesystem)."""
+    c = _c(stack)
+    p = (await create_project(c, "quota"))["id"]
+    a = (await create_addon(c, p, "wal-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    db = f"orkestr-{a}-db"
+    pgdata = "/var/lib/postgresql/data"
+    assert docker("exec", db, "readlink", f"{pgdata}/pg_wal") == "/var/lib/postgresql/wal"
+    data_dev = docker("exec", db, "stat", "-c", "%d", f"{pgdata}/base")
+    assert docker("exec", db, "stat", "-c", "%d", "/var/lib/postgresql/wal/") != data_dev
+    await sql(c, p, "create table orders(id int primary key, item text); "
+                    "insert into orders select g, 'item-' || g from generate_series(1, 500) g")  # fmt: skip
+    first = await backup_now(c, p, a)
+    assert first["verified"] is True, first
+    await sql(c, p, "delete from orders where id > 10")
+    lsn_before = await sql(c, p, "select pg_current_wal_lsn()")
+    done = await restore(c, p, a, first["id"])
+    assert done["state"] == "succeeded", done
+    assert await sql(c, p, "select count(*) from orders") == "500"
+    # The restore's WAL went to the WAL filesystem: its current segment is there.
+    segment = await sql(c, p, "select pg_walfile_name(pg_current_wal_lsn())")
+    assert await sql(c, p, f"select pg_current_wal_lsn() > '{lsn_before}'::pg_lsn") == "t"
+    docker("exec", db, "test", "-f", f"/var/lib/postgresql/wal/{segment}")
+    # Killed, not stopped: the restart replays the WAL from its filesystem.
+    docker("kill", "-s", "KILL", db)
+    docker("start", db)
+
+    async def back() -> bool:
+        job = await run_job(c, p, 'psql "$DATABASE_URL" -qtAc "select 1"')
+        return bool(job["state"] == "succeeded")
+
+    await wait_for(back, 90, "Postgres back after the kill", 1)
+    assert await sql(c, p, "select count(*) from orders") == "500"
+    logs = docker("logs", db, check=False)
+    check = docker("exec", db, "pg_amcheck", "-U", "orkestr_admin", "-d", "app",
+                   "--heapallindexed", "--install-missing", check=False)  # fmt: skip
+    assert "error" not in check.lower() and "corrupt" not in check.lower(), (check, logs[-2000:])
 
 
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:

@@ -35,7 +35,7 @@ from schemas.messages import (
     SleepState,
 )
 
-SETTINGS = p.Settings(images=specs.Images(), secrets_root="/secrets")
+SETTINGS = p.Settings(images=specs.Images(), secrets_root="/secrets", wal_volumes=True)
 PROJECTS = ("p" * 32, "q" * 32)
 NAMES = ("orders", "cache", "jobs")
 SLEEPY = SleepPolicy(enabled=True, light_after_s=10, deep_after_s=60)
@@ -58,6 +58,9 @@ class Host:
     waiting: set[str] = field(default_factory=set)  # a client waits at the wake listener
     idle: dict[str, float] = field(default_factory=dict)  # seconds without clients
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    # add-on id -> whether its database was first made with its WAL on a volume of its own
+    # (the data volume is initialised one way and must be run that way ever after)
+    layout: dict[str, bool] = field(default_factory=dict)
 
     def observed(self) -> Observed:
         return Observed(
@@ -97,6 +100,12 @@ class Host:
     def create(self, spec: specs.ContainerSpec) -> None:
         if spec.name in self.containers:
             return  # create-409: start the existing one
+        for m in spec.mounts:
+            # Docker would make a missing named volume itself, plain and unlabelled.
+            assert m.kind != "volume" or m.source in self.volumes, f"{m.source} not made first"
+        if spec.role == "db" and spec.addon_id is not None:
+            wal = any(m.target == specs.WAL_DIR for m in spec.mounts)
+            assert self.layout.setdefault(spec.addon_id, wal) == wal, f"{spec.name}: WAL moved"
         mode = ""
         ip = None
         if spec.netns_of is not None:
@@ -241,8 +250,11 @@ class PlannerMachine(RuleBasedStateMachine):
         name=st.sampled_from(NAMES),
         kind=st.sampled_from(["postgres", "redis"]),
         sleepy=st.booleans(),
+        storage=st.sampled_from([None, 24]),
     )
-    def create_addon(self, project: str, name: str, kind: str, sleepy: bool) -> None:
+    def create_addon(
+        self, project: str, name: str, kind: str, sleepy: bool, storage: int | None
+    ) -> None:
         taken = {a.name for proj, a in self.addons.values() if proj == project and not a.deleted}
         if name in taken:
             return  # the controller refuses a duplicate name
@@ -253,7 +265,23 @@ class PlannerMachine(RuleBasedStateMachine):
             kind=kind,  # type: ignore[arg-type]
             resources=Resources(cpus=0.5, memory_mb=256),
             sleep=SLEEPY if sleepy else SleepPolicy(),
+            storage_mb=storage,
         )
+        self.addons[aid] = (project, spec)
+        self.generation += 1
+
+    @rule(project=st.sampled_from(PROJECTS))
+    def adopt_an_older_addon(self, project: str) -> None:
+        """A Postgres made before WAL volumes: its data volume holds pg_wal."""
+        taken = {a.name for proj, a in self.addons.values() if proj == project and not a.deleted}
+        if "legacy" in taken:
+            return
+        aid = f"{next(self.serial):032x}"
+        spec = AddonSpec(
+            id=aid, name="legacy", kind="postgres", resources=Resources(0.5, 256), storage_mb=24
+        )
+        self.host.volumes[model.volume_name(aid)] = ObservedVolume(model.volume_name(aid), aid)
+        self.host.layout[aid] = False
         self.addons[aid] = (project, spec)
         self.generation += 1
 
@@ -336,7 +364,12 @@ class PlannerMachine(RuleBasedStateMachine):
         """One pass: plan the whole host, hand each idle key its chain."""
         desired = self.desired()
         actions = p.plan(desired, self.host.observed(), self.host.local(), SETTINGS)
-        tombs = {model.volume_name(a.id) for _, a in self.addons.values() if a.deleted}
+        tombs = {
+            v
+            for _, a in self.addons.values()
+            if a.deleted
+            for v in (model.volume_name(a.id), model.wal_volume_name(a.id))
+        }
         for a in actions:
             if isinstance(a, p.RemoveVolume):
                 assert a.name in tombs, f"{a.name} planned for removal without a tombstone"
@@ -415,8 +448,11 @@ class PlannerMachine(RuleBasedStateMachine):
             db = self.host.containers.get(model.db_name(aid))
             if a.deleted:
                 assert db is None and model.volume_name(aid) not in self.host.volumes
+                assert model.wal_volume_name(aid) not in self.host.volumes
             else:
                 assert db is not None and model.volume_name(aid) in self.host.volumes
+                wal = model.wal_volume_name(aid) in self.host.volumes
+                assert wal == self.host.layout[aid], (aid, wal)
                 asleep = self.host.sleep.get(aid, "awake") != "awake"
                 assert asleep or db.state == "running", db
         for jid in self.jobs:

@@ -95,6 +95,16 @@ def test_the_filesystem_holds_quota_wal_a_guard_step_and_the_reserve(storage_mb:
     assert specs.fs_size_mb(storage_mb) * MIB >= needed
 
 
+@given(st.integers(min_value=1, max_value=10**6))
+def test_the_wal_filesystem_holds_twice_the_ceiling_and_the_reserve(storage_mb: int) -> None:
+    # WAL at twice max_wal_size (a checkpoint's overrun) still leaves the guard's reserve,
+    # and a larger plan never gets a smaller WAL filesystem (they only grow).
+    wal = specs.max_wal_size_mb(storage_mb)
+    assert specs.wal_fs_size_mb(storage_mb) * MIB >= 2 * wal * MIB + upkeep.RESERVE_BYTES
+    assert specs.wal_fs_size_mb(storage_mb + 1) >= specs.wal_fs_size_mb(storage_mb)
+    assert specs.wal_fs_size_mb(24) == 160 and specs.wal_fs_size_mb(10_240) == 3136
+
+
 def test_limits_differ_compares_cpu_and_memory() -> None:
     a = addon()
     assert not upkeep.limits_differ({"NanoCpus": 500_000_000, "Memory": 256 * MIB}, a)
@@ -190,3 +200,23 @@ def test_rotation_keeps_the_previous_password_until_the_grace_ends(tmp_path: Pat
     assert store.applied(AID) == 0
     store.mark_applied(AID, 2)
     assert store.applied(AID) == 2
+
+
+def test_the_ballast_is_made_once_allocated_and_released_only_where_the_wal_is_apart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / upkeep.BALLAST
+    upkeep._make_ballast(str(path))
+    st_ = path.stat()
+    assert st_.st_size == upkeep.BALLAST_BYTES and st_.st_blocks * 512 >= upkeep.BALLAST_BYTES
+    assert st_.st_mode & 0o777 == 0o600 and not (tmp_path / f"{upkeep.BALLAST}.tmp").exists()
+    upkeep._make_ballast(str(path))  # there already: left as it is
+    assert path.stat().st_ino == st_.st_ino
+
+    keeper = upkeep.Upkeep(None, None, None)  # type: ignore[arg-type]
+    dev = tmp_path.stat().st_dev
+    keeper._fs[AID] = ("db", str(tmp_path), dev, 0)
+    assert not keeper._release_ballast(AID)  # WAL inside PGDATA: never released
+    keeper._wal_fs[AID] = (str(tmp_path), dev + 1)
+    assert keeper._release_ballast(AID) and not path.exists()
+    assert not keeper._release_ballast(AID)  # nothing left to free

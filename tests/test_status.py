@@ -153,6 +153,7 @@ def test_sleeping(policy: SleepPolicy, stage: str, expected: tuple[str, str, str
     [
         (Observed(), {}, (AID,)),
         (Observed(volumes=(VOLUME,)), {}, ()),  # the volume still goes
+        (Observed(volumes=(ObservedVolume(model.wal_volume_name(AID), AID),)), {}, ()),  # WAL's
         (Observed(containers=(HOLDER,)), {}, ()),
         (Observed(), {AID: "remove failed"}, ()),  # not reported gone while failing
     ],
