@@ -130,9 +130,18 @@ class LoopFs:
         mounted ext4 through an ioctl on any file of it: `mounted_at` reaches it through
         the container's root, `/proc/<pid>/root/<data dir>`.
         """
+        before = self.size_mb(volume)
         await _run("truncate", "-s", f"{size_mb}M", str(self.image(volume)))
         await _run("losetup", "--set-capacity", device)
-        await asyncio.to_thread(_resize_mounted, mounted_at, size_mb * MIB)
+        try:
+            await asyncio.to_thread(_resize_mounted, mounted_at, size_mb * MIB)
+        except AgentError:
+            # The filesystem did not grow, so it uses none of the added blocks: the image
+            # gets its old size back, and the next round sees it short and tries again.
+            if before is not None and before < size_mb:
+                await _run("truncate", "-s", f"{before}M", str(self.image(volume)))
+                await _run("losetup", "--set-capacity", device)
+            raise
         log.info("loopfs.grown volume=%s device=%s size_mb=%s", volume, device, size_mb)
 
     async def remove(self, volume: str) -> None:
