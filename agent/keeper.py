@@ -31,11 +31,20 @@ Protocol: SOCK_SEQPACKET on a root-only Unix socket, one request per message:
                             its database starts) -> keep it unread   answer: as RELAY
   ATTACH <addon> <source> + one fd (the database) -> relay it with the held client
                                                     answer: "OK ..." or "ERR gone"
+  ACCEPT <name> <addon> <per_addon_cap> <total_cap>
+                         -> accept the clients waiting at the stored listener <name> and
+                            hold each, as HOLD: "OK <addon's relays> <all relays>" then
+                            one line per client, "H <source>" (held) or
+                            "X <reason> <source>" (refused past a cap, closed);
+                            "ERR unknown listener" if <name> is not stored
   DROP <addon> <source>  -> reset a held client (its wake failed)      answer: OK
   LIST [<addon>]         -> "R|H <addon> <source> <since>" lines (relayed or held), in
                             messages, then "END"
-It never accepts connections on the sockets it holds and has no other logic, so it has
-no reason to be restarted (a restart would cut the relays; the listeners are put back).
+It accepts connections on a listener it holds only when asked (ACCEPT), so that a
+client is never the agent's alone, not even between the agent's accept() and its HOLD:
+an agent killed at any moment of a wake leaves every client in the kernel's backlog or
+here. It has no other logic, so it has no reason to be restarted (a restart would cut
+the relays; the listeners are put back).
 """
 
 from __future__ import annotations
@@ -67,6 +76,9 @@ SPARE_PIPES = 4
 # nobody will attach it (the add-on was removed, the agent is gone for good): reset.
 HOLD_MAX_S = 180.0
 SWEEP_S = 5.0
+# Clients taken per ACCEPT: the answer (one line each, up to ~50 bytes) fits one message;
+# the agent asks again while the listener stays readable.
+ACCEPT_BATCH = 64
 
 
 class Pipes:
@@ -213,7 +225,9 @@ class Keeper:
             return
         for fd in fds:
             os.close(fd)
-        if verb == "DEL" and rest:
+        if verb == "ACCEPT":
+            conn.send(self._accept_waiting(rest).encode())
+        elif verb == "DEL" and rest:
             old = self.store.pop(rest, None)
             if old is not None:
                 os.close(old)
@@ -298,6 +312,37 @@ class Keeper:
             self._count(addon, -1)
         self.held[(addon, source)] = (client, time.time())
         return self._count(addon, +1)
+
+    def _accept_waiting(self, args: str) -> str:
+        """ACCEPT: take what waits at a stored wake listener and hold each client."""
+        try:
+            name, addon, per_addon, total = args.split(" ")
+            int(per_addon), int(total)
+        except ValueError:
+            return "ERR bad request"
+        fd = self.store.get(name)
+        if fd is None:
+            return "ERR unknown listener"
+        listener = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+        lines: list[str] = []
+        try:
+            listener.setblocking(False)  # shared with the agent's copy, which is already
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    client, address = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # EMFILE, ECONNABORTED: the agent retries later
+                    lines.append(f"E {exc.errno}")
+                    break
+                _tune(client)
+                source = f"{address[0]}:{address[1]}"
+                answer = self._hold(f"{addon} {per_addon} {total} {source}", client.detach())
+                reason = answer.rpartition(" ")[2]
+                lines.append(f"H {source}" if answer.startswith("OK") else f"X {reason} {source}")
+        finally:
+            listener.detach()
+        return "\n".join([f"OK {self.per_addon.get(addon, 0)} {self.total}", *lines])
 
     def _attach(self, args: str, upstream_fd: int) -> str:
         upstream = socket.socket(fileno=upstream_fd)
@@ -446,6 +491,17 @@ class Keeper:
         relay.client.close()
         relay.upstream.close()
         self._count(relay.addon, -1)
+
+
+def _tune(sock: socket.socket) -> None:
+    """As the agent does for a client it accepts: no delay (a relay forwards what it gets
+    at once), and keepalive (a client gone without a FIN must not keep its add-on up)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("orkestr.agent.keeper")
@@ -26,6 +26,16 @@ class KeptRelay:
     source: str
     started: float
     held: bool = False
+
+
+@dataclass
+class Accepted:
+    """What one ACCEPT took: sources now held, (reason, source) refused past a cap, and
+    the error that stopped accepting early (descriptors exhausted), if any."""
+
+    held: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    error: str = ""
 
 
 class RelayRefused(Exception):
@@ -126,6 +136,41 @@ class KeeperClient:
         Raises like `relay`; the caller closes its copy either way."""
         request = f"HOLD {addon} {per_addon} {total} {source}".encode()
         return await asyncio.to_thread(self._relay, request, [client.fileno()])
+
+    def _accept(self, request: bytes) -> Accepted:
+        assert self.path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            try:
+                conn.connect(str(self.path))
+            except OSError as exc:
+                raise KeeperUnreachable(exc.errno, str(exc)) from exc
+            conn.send(request)
+            head, *lines = conn.recv(8192).decode(errors="replace").split("\n")
+        if head in ("ERR unknown request", "ERR unknown listener"):
+            # A keeper older than this agent, or one restarted since the listener was put
+            # there (it is put back on the next pass): the agent accepts, as before.
+            raise KeeperUnreachable(0, f"keeper: {head}")
+        if not head.startswith("OK"):
+            raise OSError(f"keeper: {head or 'no answer'}")
+        got = Accepted()
+        for line in lines:
+            kind, _, rest = line.partition(" ")
+            if kind == "H":
+                got.held.append(rest)
+            elif kind == "X":
+                reason, _, source = rest.partition(" ")
+                got.refused.append((reason, source))
+            elif kind == "E":
+                got.error = f"errno {rest}"
+        return got
+
+    async def accept(self, listener: str, addon: str, per_addon: int, total: int) -> Accepted:
+        """Have the keeper accept the clients waiting at a listener it holds, and hold
+        them as `hold` does: they are never in the agent's hands alone, so an agent that
+        dies at any moment of a wake loses none. KeeperUnreachable: nothing was taken."""
+        request = f"ACCEPT {listener} {addon} {per_addon} {total}".encode()
+        return await asyncio.to_thread(self._accept, request)
 
     async def attach(self, addon: str, source: str, upstream: socket.socket) -> None:
         """Relay a held client with its database connection. RelayRefused("gone") if the

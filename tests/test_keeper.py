@@ -168,9 +168,7 @@ async def test_a_held_client_waits_unread_until_its_database_is_attached(
         await keeper.hold("a1", pair.source, pair.accepted, 1, 100)
         pair.accepted.close()
         listed = await keeper.relays("a1")
-        assert listed is not None and [(r.source, r.held) for r in listed] == [
-            (pair.source, True)
-        ]
+        assert listed is not None and [(r.source, r.held) for r in listed] == [(pair.source, True)]
         with pytest.raises(RelayRefused):  # held ones count against the cap
             await keeper.hold("a1", dropped.source, dropped.accepted, 1, 100)
         await keeper.attach("a1", pair.source, pair.upstream)
@@ -194,6 +192,50 @@ async def test_a_held_client_waits_unread_until_its_database_is_attached(
         dropped.close()
 
 
+async def test_accept_holds_every_waiting_client_so_none_is_ever_the_agents_alone(
+    keeper: KeeperClient,
+) -> None:
+    """ACCEPT: the keeper takes what waits at a listener it holds and holds each client
+    (past the cap: closed, and said so), with no agent in between that could die
+    holding one. The listener stays the agent's too, and nothing waits there after."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    server = socket.create_server(("127.0.0.1", 0))
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    try:
+        with pytest.raises(KeeperUnreachable):  # not stored yet: the agent accepts itself
+            await keeper.accept("wake-a1-x", "a1", 2, 100)
+        assert await keeper.put("wake-a1-x", listener)
+        for c in clients:
+            c.settimeout(10)
+            c.sendall(b"hello")
+        got = await keeper.accept("wake-a1-x", "a1", 2, 100)
+        mine = {f"127.0.0.1:{c.getsockname()[1]}" for c in clients}
+        assert len(got.held) == 2 and set(got.held) < mine, got
+        assert [r for r, _ in got.refused] == ["addon_cap"] and got.refused[0][1] in mine
+        assert got.error == ""
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # all taken
+        refused = next(c for c in clients if f"127.0.0.1:{c.getsockname()[1]}" not in got.held)
+        with pytest.raises(ConnectionResetError):  # closed with its bytes unread: reset
+            refused.recv(10)
+        listed = await keeper.relays("a1")
+        assert listed is not None and sorted(r.source for r in listed if r.held) == sorted(got.held)
+        # Nothing waits: an empty answer, not an error.
+        assert await keeper.accept("wake-a1-x", "a1", 2, 100) == type(got)()
+        # A held one is attached as any other, its early bytes first.
+        upstream = socket.create_connection(server.getsockname())
+        db, _ = server.accept()
+        db.settimeout(10)
+        await keeper.attach("a1", got.held[0], upstream)
+        upstream.close()
+        assert recv_exactly(db, 5) == b"hello"
+        db.close()
+    finally:
+        for s in (listener, server, *clients):
+            s.close()
+
+
 async def test_an_agent_newer_than_its_keeper_falls_back_to_relaying_itself(
     tmp_path: Path,
 ) -> None:
@@ -206,7 +248,7 @@ async def test_an_agent_newer_than_its_keeper_falls_back_to_relaying_itself(
     server.listen(4)
 
     def old_keeper() -> None:  # the keeper's answer before relaying existed
-        for _ in range(2):
+        for _ in range(3):
             conn, _ = server.accept()
             with conn:
                 _data, fds, _f, _a = socket.recv_fds(conn, 4096, 2)
@@ -221,6 +263,8 @@ async def test_an_agent_newer_than_its_keeper_falls_back_to_relaying_itself(
         keeper = KeeperClient(str(path))
         with pytest.raises(KeeperUnreachable):
             await keeper.hold("a1", pair.source, pair.accepted, 8, 100)
+        with pytest.raises(KeeperUnreachable):
+            await keeper.accept("wake-a1-x", "a1", 8, 100)
         started = time.monotonic()
         assert await keeper.relays("a1") is None
         assert time.monotonic() - started < 2

@@ -136,6 +136,8 @@ class Sleeper:
         self.relayed: dict[str, float] = {}  # the agent's own clients: source -> since
         self.kept: dict[str, float] = {}  # held or relayed by the keeper, as last listed
         self.attaching: set[str] = set()  # held clients this agent will attach
+        self.keeper_accepting = False  # an ACCEPT in flight: what it holds is ours
+        self.keeper_accept_failed = False  # logged once
         self.adopters: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
         self.accept_task: asyncio.Task[None] | None = None
@@ -356,6 +358,8 @@ class Sleeper:
         self.kept = now
         if self.accept_task is None:
             return  # closed, or not started yet
+        if self.keeper_accepting:
+            return  # the clients being accepted are listed held, and not in `attaching` yet
         for r in kept:
             if r.held and r.source not in self.attaching:
                 self._adopt_held(r.source)
@@ -610,16 +614,21 @@ class Sleeper:
 
     async def _accept(self) -> None:
         assert self.listener is not None
-        loop = asyncio.get_running_loop()
         while True:
+            await _readable(self.listener)
+            if await self._taken_by_keeper():
+                continue
             try:
-                client, address = await loop.sock_accept(self.listener)
+                client, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # gone meanwhile: reset in the backlog, or taken by the keeper
             except OSError as exc:  # EMFILE, ECONNABORTED: the listener itself is fine
                 log.warning("addon.accept_failed addon=%s error=%s", self.addon.id, exc)
                 await asyncio.sleep(0.1)
                 continue
-            # sock_accept does not yield while the backlog is full; without this a flood of
-            # connects would hold the event loop, and with it every other add-on's wake.
+            client.setblocking(False)
+            # Yield between clients: a flood of connects must not hold the event loop,
+            # and with it every other add-on's wake.
             await asyncio.sleep(0)
             refusal = self.budget.refusal(len(self.relayed) + len(self.kept))
             if refusal is not None:
@@ -633,6 +642,45 @@ class Sleeper:
             task = asyncio.create_task(self._serve(client, f"{address[0]}:{address[1]}"))
             self.handlers.add(task)
             task.add_done_callback(self._relay_done)
+
+    async def _taken_by_keeper(self) -> bool:
+        """Have the keeper accept the waiting clients and hold them: none is ever the
+        agent's alone, so an agent killed at any moment of a wake (even right after an
+        accept of its own, before a HOLD) loses none. False when the keeper cannot (none
+        configured, unreachable, older, or not holding this listener yet): the agent
+        accepts them itself."""
+        if self.keeper is None or not self.keeper.available():
+            return False
+        self.keeper_accepting = True  # refresh_kept adopts none meanwhile: they are ours
+        try:
+            got = await self.keeper.accept(
+                self.wake_name, self.addon.id, self.budget.per_addon, self.budget.total
+            )
+        except OSError as exc:
+            level = logging.DEBUG if self.keeper_accept_failed else logging.WARNING
+            self.keeper_accept_failed = True
+            log.log(level, "addon.keeper_accept_failed addon=%s error=%s", self.addon.id, exc)
+            return False
+        finally:
+            self.keeper_accepting = False
+        for reason, source in got.refused:
+            RELAYS_REFUSED.labels(reason).inc()
+            self._log_refusal(_address(source), reason)
+        if got.held:
+            if not self.resumed.is_set():
+                self.request_wake(f"connection from {got.held[0]}")  # first: every ms counts
+            self.saved.last_activity = time.time()
+            self.budget.set_kept(self.budget.kept + len(got.held))
+        for source in got.held:
+            self.kept[source] = time.time()  # counted at once, listed again each tick
+            self.attaching.add(source)
+            task = asyncio.create_task(self._attach_when_awake(source))
+            self.handlers.add(task)
+            task.add_done_callback(self._relay_done)
+        if got.error:  # descriptors exhausted in the keeper: what waits stays queued
+            log.warning("addon.keeper_accept_failed addon=%s error=%s", self.addon.id, got.error)
+            await asyncio.sleep(0.1)
+        return True
 
     def _log_refusal(self, address: tuple[str, int], reason: str) -> None:
         # One line per second at most: a flood must not become a flood of log lines.
@@ -779,6 +827,22 @@ class Sleeper:
                     w.close()
             if writer_down is None:
                 client.close()
+
+
+async def _readable(sock: socket.socket) -> None:
+    """Until a client waits in the listener's backlog (nothing is accepted here)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake_up() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake_up)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 def _address(source: str) -> tuple[str, int]:
