@@ -28,7 +28,16 @@ from tests.agent_fixtures import (
     wait_for,
 )
 from tests.test_sleep import Client, db_state, setup_addon, wait_db
-from tests.test_wake_relay import DEEP_S, LIGHT_S, POOL, STOP, check_pool, plans_text, pool
+from tests.test_wake_relay import (
+    DEEP_S,
+    LIGHT_S,
+    POOL,
+    STOP,
+    check_pool,
+    plans_text,
+    pool,
+    restart_twice,
+)
 
 pytest_plugins = ["tests.agent_fixtures"]
 __all__ = ["plans_text"]  # the module's plans: the relay tests' (2 s light, 4 s deep)
@@ -97,18 +106,7 @@ async def test_a_pool_opened_during_a_deep_wake_is_the_databases_own_through_age
                 await asyncio.sleep(0.25)
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(2)
-        await agent.stop()  # SIGTERM
-        await asyncio.sleep(2)
-        assert not run.done(), await run
-        await agent.start()
-        await more_passes(agent, 2)
-        await asyncio.sleep(2)
-        await agent.kill9()
-        await asyncio.sleep(2)
-        assert not run.done(), await run
-        await agent.start()
-        await more_passes(agent, 2)
+        await restart_twice(agent, run)
         await wait_for(ten_direct, 30, "ten direct clients listed after the restarts")
         assert not run.done(), await run
         assert (await client.sh(STOP)).returncode == 0

@@ -111,18 +111,7 @@ async def test_a_pool_opened_during_a_deep_wake_survives_agent_restarts(
             return await agent_metric(agent, "orkestr_agent_wake_relays") == POOL
 
         await wait_for(metric_counts_them, 10, "the relay gauge counting the keeper's relays")
-        await asyncio.sleep(2)
-        await agent.stop()  # SIGTERM
-        await asyncio.sleep(2)
-        assert not run.done(), await run
-        await agent.start()
-        await more_passes(agent, 2)
-        await asyncio.sleep(2)
-        await agent.kill9()
-        await asyncio.sleep(2)
-        assert not run.done(), await run
-        await agent.start()
-        await more_passes(agent, 2)
+        await restart_twice(agent, run)
         # The restarted agent learns the relays from the keeper.
         await wait_for(
             lambda: _count(relayed_clients(stack, project["id"], a["id"]), POOL),
@@ -209,6 +198,18 @@ async def test_a_pool_whose_wake_the_agent_died_in_is_served_by_the_next_agent(
         check_pool((await run).stdout, queries)
     finally:
         client.remove()
+
+
+async def restart_twice(agent: AgentProcess, run: asyncio.Task[Any]) -> None:
+    """A SIGTERM restart, then a `kill -9` and a start, 2 s apart, while the pool runs:
+    it must still be running after each (its queries fail it otherwise)."""
+    for stop in (agent.stop, agent.kill9):
+        await asyncio.sleep(2)
+        await stop()
+        await asyncio.sleep(2)
+        assert not run.done(), await run
+        await agent.start()
+        await more_passes(agent, 2)
 
 
 async def kept_by_keeper(agent: AgentProcess, addon_id: str, want: int) -> None:
