@@ -278,18 +278,27 @@ class Keeper:
         self.total += step
         return f"OK {left} {self.total}"
 
-    def _relay(self, args: str, client_fd: int, upstream_fd: int) -> str:
-        client = socket.socket(fileno=client_fd)
-        upstream = socket.socket(fileno=upstream_fd)
+    def _admitted(self, args: str, *socks: socket.socket) -> tuple[str, str] | str:
+        """RELAY's and HOLD's arguments: (addon, source) if admitted, else the error answer
+        (the sockets closed)."""
         try:
             addon, per_addon, total, source = args.split(" ", 3)
             refusal = self._admit(addon, per_addon, total)
         except ValueError:
             refusal = "bad request"
-        if refusal is not None:
-            client.close()
-            upstream.close()
-            return f"ERR cap {refusal}" if refusal.endswith("cap") else f"ERR {refusal}"
+        if refusal is None:
+            return addon, source
+        for sock in socks:
+            sock.close()
+        return f"ERR cap {refusal}" if refusal.endswith("cap") else f"ERR {refusal}"
+
+    def _relay(self, args: str, client_fd: int, upstream_fd: int) -> str:
+        client = socket.socket(fileno=client_fd)
+        upstream = socket.socket(fileno=upstream_fd)
+        admitted = self._admitted(args, client, upstream)
+        if isinstance(admitted, str):
+            return admitted
+        addon, source = admitted
         answer = self._count(addon, +1)
         self._start(addon, source, client, upstream, time.time())
         return answer
@@ -298,14 +307,10 @@ class Keeper:
         """A client accepted while its database starts: kept (unread) until ATTACH, so an
         agent that dies during the wake loses it not."""
         client = socket.socket(fileno=client_fd)
-        try:
-            addon, per_addon, total, source = args.split(" ", 3)
-            refusal = self._admit(addon, per_addon, total)
-        except ValueError:
-            refusal = "bad request"
-        if refusal is not None:
-            client.close()
-            return f"ERR cap {refusal}" if refusal.endswith("cap") else f"ERR {refusal}"
+        admitted = self._admitted(args, client)
+        if isinstance(admitted, str):
+            return admitted
+        addon, source = admitted
         old = self.held.pop((addon, source), None)
         if old is not None:
             old[0].close()

@@ -86,7 +86,8 @@ class KeeperClient:
     def available(self) -> bool:
         return self.path is not None
 
-    def _relay(self, request: bytes, fds: list[int]) -> tuple[int, int]:
+    def _ask(self, request: bytes, fds: list[int]) -> str:
+        """One request, one answer; KeeperUnreachable if nothing could be handed over."""
         assert self.path is not None
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
             conn.settimeout(5)
@@ -95,7 +96,10 @@ class KeeperClient:
             except OSError as exc:
                 raise KeeperUnreachable(exc.errno, str(exc)) from exc
             socket.send_fds(conn, [request], fds)
-            answer = conn.recv(4096).decode(errors="replace").split()
+            return conn.recv(8192).decode(errors="replace")
+
+    def _relay(self, request: bytes, fds: list[int]) -> tuple[int, int]:
+        answer = self._ask(request, fds).split()
         if answer[:1] == ["OK"] and len(answer) == 3:
             return int(answer[1]), int(answer[2])
         if answer[:2] == ["ERR", "cap"] and len(answer) == 3:
@@ -138,15 +142,7 @@ class KeeperClient:
         return await asyncio.to_thread(self._relay, request, [client.fileno()])
 
     def _accept(self, request: bytes) -> Accepted:
-        assert self.path is not None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-            conn.settimeout(5)
-            try:
-                conn.connect(str(self.path))
-            except OSError as exc:
-                raise KeeperUnreachable(exc.errno, str(exc)) from exc
-            conn.send(request)
-            head, *lines = conn.recv(8192).decode(errors="replace").split("\n")
+        head, *lines = self._ask(request, []).split("\n")
         if head in ("ERR unknown request", "ERR unknown listener"):
             # A keeper older than this agent, or one restarted since the listener was put
             # there (it is put back on the next pass): the agent accepts, as before.
