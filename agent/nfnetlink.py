@@ -8,6 +8,8 @@ group or queue, attributes) and read packet messages whose payload names the cli
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import socket
 import struct
@@ -98,3 +100,18 @@ def bound_socket(requests: list[bytes], what: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class LoopReader:
+    """A netlink socket read from the running event loop (SynWatch, SynQueue)."""
+
+    sock: socket.socket
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0

@@ -22,7 +22,6 @@ packets whose messages the previous one had already read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -153,7 +152,7 @@ def _later(a: int, b: int) -> int:
     return b if ((b - a) & 0xFFFFFFFF) < 0x80000000 else a
 
 
-class SynQueue:
+class SynQueue(nfnetlink.LoopReader):
     """One add-on's bound queue: the rule that fills it and the verdict that empties it."""
 
     def __init__(
@@ -256,12 +255,3 @@ class SynQueue:
                 self.held.add(packet.id)
                 self.on_packet(packet)
         return True
-
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.sock.fileno() < 0

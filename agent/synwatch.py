@@ -24,7 +24,6 @@ it in light sleep only).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -85,7 +84,7 @@ def packet_sources(data: bytes) -> list[str]:
     ]
 
 
-class SynWatch:
+class SynWatch(nfnetlink.LoopReader):
     """A bound NFLOG group, read from the event loop; `on_syn(source)` for each packet."""
 
     def __init__(self, sock: socket.socket, on_syn: Callable[[str], None]) -> None:
@@ -125,12 +124,3 @@ class SynWatch:
             for source in packet_sources(data):
                 WAKE_SYNS.inc()
                 self.on_syn(source)
-
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.sock.fileno() < 0
