@@ -45,6 +45,36 @@ def docker(*args: str, check: bool = True) -> str:
 
 
 def remove_host_objects(host: str) -> None:
+    # An agent stopped mid-request leaves dockerd to finish it (a network create on a
+    # loaded daemon takes seconds, and lands after a first sweep): sweep until a look
+    # half a second later finds nothing of the host's.
+    for _ in range(4):
+        _remove_docker_objects(host)
+        time.sleep(0.5)
+        if not _host_objects(host):
+            break
+    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    for jump in firewall.host_jumps(host):
+        while (
+            subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode
+            == 0
+        ):
+            pass
+    for chain in firewall.chains(host):
+        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
+        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
+
+
+def _host_objects(host: str) -> list[str]:
+    label = f"label=orkestr.host={host}"
+    return [
+        *docker("ps", "-aq", "--filter", label, check=False).split(),
+        *docker("volume", "ls", "-q", "--filter", label, check=False).split(),
+        *docker("network", "ls", "-q", "--filter", label, check=False).split(),
+    ]
+
+
+def _remove_docker_objects(host: str) -> None:
     label = f"label=orkestr.host={host}"
     ids = docker("ps", "-aq", "--filter", label, check=False).split()
     if ids:
@@ -66,16 +96,6 @@ def remove_host_objects(host: str) -> None:
                 ).split():  # fmt: skip
                     docker("network", "disconnect", "-f", net, endpoint, check=False)
         docker("network", "rm", *nets, check=False)
-    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
-    for jump in firewall.host_jumps(host):
-        while (
-            subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode
-            == 0
-        ):
-            pass
-    for chain in firewall.chains(host):
-        subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
-        subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
 
 
 def detach_loops(under: Path) -> None:
