@@ -680,7 +680,9 @@ class Sleeper:
         if got.error:  # descriptors exhausted in the keeper: what waits stays queued
             log.warning("addon.keeper_accept_failed addon=%s error=%s", self.addon.id, got.error)
             await asyncio.sleep(0.1)
-        return True
+        # Nothing taken, yet the listener was readable: the keeper's copy is not this
+        # socket (or a client reset in the backlog): the agent looks itself, no busy loop.
+        return bool(got.held or got.refused or got.error)
 
     def _log_refusal(self, address: tuple[str, int], reason: str) -> None:
         # One line per second at most: a flood must not become a flood of log lines.
