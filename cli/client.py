@@ -38,7 +38,10 @@ def _hint(status: int, code: str) -> str:
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
     if code == "plan_limit_reached":
-        return "delete an add-on (`orkestr addons delete NAME`) or use a project on a larger plan"
+        return (
+            "delete an add-on (`orkestr addons delete NAME`), or have the operator move the"
+            " project to a larger plan"
+        )
     if code == "no_host_available":
         return "no agent is online; start one (see docs/operations.md) and retry"
     if code == "database_unavailable" or status >= 500:
@@ -52,6 +55,11 @@ class Client:
             raise CliError(
                 "no API address configured",
                 "run `orkestr login --api http://127.0.0.1:8080` (or set ORKESTR_API)",
+            )
+        if not api.startswith(("http://", "https://")):
+            raise CliError(
+                f"the API address {api!r} has no scheme",
+                f"give the whole URL, e.g. `orkestr login --api http://{api}`",
             )
         if not token:
             raise CliError("no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)")

@@ -133,6 +133,11 @@ def login(api: str, token: str, project: str, as_json: bool) -> None:
             token = sys.stdin.readline().strip()
         else:
             token = click.prompt("Token", hide_input=True).strip()
+    if not token:
+        raise CliError(
+            "no token given",
+            "pass --token TOKEN, or the token on stdin (`orkestr login < token_file`)",
+        )
     c = Client(api, token)
     projects = c.list_all("/v1/projects", "projects")
     chosen = resolve_project(c, project)["name"] if project else ""
@@ -651,8 +656,9 @@ def _last_exit(app: dict[str, Any]) -> str:
 def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a one-off job with the project's variables; exit with its code.
 
-    Example: orkestr run -- psql "$DATABASE_URL" -c 'select 1' (quote $ for the job's
-    shell: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"').
+    Example: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"' (the single
+    quotes keep $DATABASE_URL for the job's shell; unquoted, your own shell would
+    expand it, usually to nothing).
     """
     c = client()
     p = resolve_project(c, project)

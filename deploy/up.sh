@@ -233,7 +233,8 @@ orkestr add-ons is running.
   API:        $api   (operator token: $etc/operator_token)
   Project:    example ($project), plan pro, add-on example-db (postgres)
 
-  export ORKESTR_API=$api ORKESTR_TOKEN=\$(cat $etc/operator_token) PATH=$repo/.venv/bin:\$PATH
+  export ORKESTR_API=$api ORKESTR_TOKEN=\$(cat $etc/operator_token)
+  export PATH=$repo/.venv/bin:\$PATH    # the \`orkestr\` CLI, installed with the project
   orkestr addons list --project example
   orkestr run --project example -- sh -c 'psql "\$DATABASE_URL" -c "select now()"'
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons

@@ -1,0 +1,65 @@
+"""What the CLI says before it reaches any API: bad addresses, a missing token, tables
+whose ids must stay whole, and help examples that work when pasted. No I/O."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from cli import render
+from cli.client import Client, CliError
+from cli.main import main
+
+
+def test_an_api_address_without_a_scheme_says_what_to_type() -> None:
+    with pytest.raises(CliError) as caught:
+        Client("127.0.0.1:8080", "token")
+    message = caught.value.format_message()
+    assert "has no scheme" in message
+    assert "orkestr login --api http://127.0.0.1:8080" in message
+    assert Client("https://api.internal/", "t").api == "https://api.internal"
+
+
+def test_login_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
+    env = {"ORKESTR_CONFIG": str(tmp_path / "c.json"), "ORKESTR_TOKEN": "", "ORKESTR_API": ""}
+    # stdin is not a terminal and empty: nothing to prompt, nothing read.
+    result = CliRunner().invoke(main, ["login", "--api", "http://127.0.0.1:1"], input="", env=env)
+    assert result.exit_code == 1
+    assert "no token given" in result.output and "--token" in result.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_an_id_column_is_never_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.StringIO()
+    monkeypatch.setattr(render, "out", Console(file=buffer, width=80, soft_wrap=True))
+    ident = "02201a47f6b54311863eac3bd46aa196"
+    row = ("2026-11-27T04:18:17.835288Z", "manual", "succeeded", "1.4 kB", "verified")
+    render.table(
+        ("CREATED", "KIND", "STATE", "SIZE", "VERIFICATION", "SHA256", "ID"),
+        [(*row, "f1ee06ebb422", ident)],
+    )
+    lines = buffer.getvalue().splitlines()
+    assert any(ident in line for line in lines), lines
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_the_run_example_keeps_the_variable_for_the_jobs_shell() -> None:
+    help_text = CliRunner().invoke(main, ["run", "--help"], terminal_width=200).output
+    example = " ".join(help_text.split("Example: ", 1)[1].split(" (", 1)[0].split())
+    assert example.startswith("orkestr run -- ")
+    # Pasted into the user's shell (where DATABASE_URL is unset), the job's argv must still
+    # name the variable, for the job's own shell to expand.
+    printed = subprocess.run(
+        ["bash", "-c", example.replace("orkestr run --", "printf '%s\\n'", 1)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "$DATABASE_URL" in printed, printed
