@@ -40,7 +40,7 @@ def _hint(status: int, code: str) -> str:
     if code == "plan_limit_reached":
         return (
             "delete an add-on (`orkestr addons delete NAME`), or have the operator move the"
-            " project to a larger plan"
+            " project to a larger plan (`orkestr projects plan NAME PLAN`)"
         )
     if code == "no_host_available":
         return "no agent is online; start one (see docs/operations.md) and retry"

@@ -173,7 +173,7 @@ def _project_rows(projects: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 @json_option
 @click.pass_context
 def projects(ctx: click.Context, as_json: bool) -> None:
-    """List the projects (or create one: `orkestr projects create`)."""
+    """List the projects (or create, re-plan or delete one: `orkestr projects --help`)."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(projects_list, as_json=as_json)
 
@@ -206,12 +206,55 @@ def projects_create(name: str, plan: str, as_json: bool) -> None:
     render.out.print(f"Created project {project['name']} ({project['plan']}) on {project['host']}.")
 
 
+@projects.command("plan")
+@click.argument("name")
+@click.argument("plan")
+@json_option
+def projects_plan(name: str, plan: str, as_json: bool) -> None:
+    """Move project NAME to PLAN in place, no restart (operator token); a downgrade the
+    project would not fit is refused, naming what does not fit."""
+    c = client()
+    p = resolve_project(c, name)
+    moved = c.request("PATCH", f"/v1/projects/{p['id']}", {"plan": plan})
+    if as_json:
+        render.emit_json(moved)
+        return
+    render.out.print(
+        f"Project {moved['name']} is on plan {moved['plan']}; its host resizes its add-ons"
+        " and apps in place."
+    )
+
+
+@projects.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask; every add-on's data is deleted.")
+@json_option
+def projects_delete(name: str, yes: bool, as_json: bool) -> None:
+    """Delete project NAME with its apps, add-ons, data and backups (operator token)."""
+    c = client()
+    p = resolve_project(c, name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"deleting project {p['name']} deletes every add-on's data and backups",
+                "pass --yes to confirm",
+            )
+        click.confirm(f"Delete project {p['name']}, its add-ons, data and backups?", abort=True)
+    gone = c.request("DELETE", f"/v1/projects/{p['id']}")
+    if as_json:
+        render.emit_json(gone)
+        return
+    render.out.print(
+        f"Project {gone['name']} is being deleted; its host removes its apps, add-ons and data."
+    )
+
+
 # --- add-ons --------------------------------------------------------------------------
 
 
 @main.group()
 def addons() -> None:
-    """Create, list, inspect and delete add-ons."""
+    """Create, list, inspect, rotate and delete add-ons."""
 
 
 @addons.command("list")
@@ -401,6 +444,27 @@ def addons_env_name(
         render.emit_json(a)
         return
     render.out.print(f"{a['name']} gives {', '.join(a['variables'])}.")
+
+
+@addons.command("rotate")
+@click.argument("name")
+@project_option
+@json_option
+def addons_rotate(name: str, project: str, as_json: bool) -> None:
+    """Give an add-on a new password; the previous one keeps working for the
+    controller's grace period (1 h unless configured), then stops."""
+    c = client()
+    p = resolve_project(c, project)
+    a = resolve_addon(c, p, name)
+    a = c.request("POST", f"/v1/projects/{p['id']}/addons/{a['id']}/rotate-credentials")
+    if as_json:
+        render.emit_json(a)
+        return
+    render.out.print(
+        f"{a['name']} has new credentials (secret version {a['secret_version']}) in"
+        f" {', '.join(a['variables'])}: `orkestr env` shows them, jobs get them now;"
+        " deploy again (`orkestr deploy`) before the grace period ends so the apps do too."
+    )
 
 
 @addons.command("delete")
