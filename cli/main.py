@@ -103,6 +103,20 @@ def resolve_addon(c: Client, project: dict[str, Any], given: str) -> dict[str, A
     )
 
 
+def operator_request(c: Client, what: str, method: str, path: str, body: Any = None) -> Any:
+    """A call only the operator's token may make. The API hides those routes from project
+    tokens (404, as if absent); here the CLI knows the route exists, so it says why."""
+    try:
+        return c.request(method, path, body)
+    except ApiFailure as exc:
+        if exc.status != 404 or exc.api_message != "no such route":
+            raise
+        raise CliError(
+            f"{what} needs the operator's token; this token is a project's",
+            "ask the operator, or `orkestr login` with the operator token",
+        ) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="orkestr-addons", prog_name="orkestr")
 def main() -> None:
@@ -199,7 +213,8 @@ def projects_list(as_json: bool) -> None:
 @json_option
 def projects_create(name: str, plan: str, as_json: bool) -> None:
     """Create a project (operator token)."""
-    project = client().request("POST", "/v1/projects", {"name": name, "plan": plan})
+    body = {"name": name, "plan": plan}
+    project = operator_request(client(), "creating a project", "POST", "/v1/projects", body)
     if as_json:
         render.emit_json(project)
         return
@@ -215,7 +230,9 @@ def projects_plan(name: str, plan: str, as_json: bool) -> None:
     project would not fit is refused, naming what does not fit."""
     c = client()
     p = resolve_project(c, name)
-    moved = c.request("PATCH", f"/v1/projects/{p['id']}", {"plan": plan})
+    moved = operator_request(
+        c, "changing a plan", "PATCH", f"/v1/projects/{p['id']}", {"plan": plan}
+    )
     if as_json:
         render.emit_json(moved)
         return
@@ -240,7 +257,7 @@ def projects_delete(name: str, yes: bool, as_json: bool) -> None:
                 "pass --yes to confirm",
             )
         click.confirm(f"Delete project {p['name']}, its add-ons, data and backups?", abort=True)
-    gone = c.request("DELETE", f"/v1/projects/{p['id']}")
+    gone = operator_request(c, "deleting a project", "DELETE", f"/v1/projects/{p['id']}")
     if as_json:
         render.emit_json(gone)
         return

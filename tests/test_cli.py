@@ -296,6 +296,14 @@ async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, 
         rotated = await cli.json("addons", "rotate", "cache", "-p", name)
         assert rotated["secret_version"] == 2 and rotated["name"] == "cache"
 
+        # A project's token: the operator's commands say whose token they need.
+        project_id = (await cli.json("projects", "plan", name, "pro"))["id"]
+        dev = Cli(cli.config.parent.parent / "dev")
+        await dev.ok("login", "--api", c.url, "--token", await c.new_project_token(project_id))
+        for args in (("create", "other"), ("plan", name, "team"), ("delete", name, "--yes")):
+            code, _, err = await dev("projects", *args)
+            assert code == 1 and "needs the operator's token" in err, (args, err)
+
         # Deleting a project asks first; without a terminal, --yes is the way.
         code, _, err = await cli("projects", "delete", name)
         assert code == 1 and "pass --yes" in err
