@@ -806,6 +806,16 @@ def sleep() -> None:
     """What keeps add-ons awake."""
 
 
+def sleep_summary(addon: dict[str, Any]) -> str:
+    """One line on what keeps the add-on awake: its plan (Team never sleeps), or clients."""
+    sleeping = next((x for x in addon["conditions"] if x["type"] == "Sleeping"), None)
+    if sleeping is not None and sleeping["reason"] == "Disabled":
+        return f"It never sleeps: {sleeping['message']}."
+    if not addon["clients"]:
+        return "No client connections: nothing keeps it awake."
+    return f"{len(addon['clients'])} client connection(s) keep it awake:"
+
+
 @sleep.command("status")
 @click.argument("name")
 @project_option
@@ -853,10 +863,9 @@ def sleep_status(name: str, project: str, as_json: bool) -> None:
         ]
     )
     render.out.print()
+    render.out.print(sleep_summary(a))
     if not sources:
-        render.out.print("No client connections: nothing keeps it awake.")
         return
-    render.out.print(f"{len(a['clients'])} client connection(s) keep it awake:")
     render.table(
         ("SOURCE", "CONNECTIONS", "VIA"),
         [(s["source"], s["connections"], ", ".join(s["via"])) for s in sources],

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from cli import render
 from cli.client import Client, CliError
-from cli.main import main
+from cli.main import main, sleep_summary
 
 
 def test_an_api_address_without_a_scheme_says_what_to_type() -> None:
@@ -63,3 +63,15 @@ def test_the_run_example_keeps_the_variable_for_the_jobs_shell() -> None:
         check=True,
     ).stdout
     assert "$DATABASE_URL" in printed, printed
+
+
+def test_sleep_status_says_when_the_plan_keeps_an_add_on_awake() -> None:
+    disabled = {"type": "Sleeping", "status": "False", "reason": "Disabled",
+                "message": "the plan keeps it awake"}  # fmt: skip
+    awake = dict(disabled, reason="Awake", message="serving clients directly")
+    client = {"source": "10.200.1.5:40000", "via": "direct"}
+    assert sleep_summary({"conditions": [disabled], "clients": []}) == (
+        "It never sleeps: the plan keeps it awake."
+    )
+    assert sleep_summary({"conditions": [awake], "clients": []}).startswith("No client")
+    assert sleep_summary({"conditions": [], "clients": [client]}).startswith("1 client")
