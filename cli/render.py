@@ -27,11 +27,7 @@ def table(
     if not listed:
         out.print(f"[dim]{empty}[/dim]")
         return
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for i, name in enumerate(columns):
-        # Ids are what the next command takes (`backups restore ADDON ID`): never cut.
-        whole = max((len(row[i]) for row in listed), default=0) if name == "ID" else None
-        t.add_column(name, no_wrap=whole is not None, min_width=whole)
+    t = Table(*columns, box=None, header_style="bold", pad_edge=False)
     for row in listed:
         t.add_row(*row)
     out.print(t)

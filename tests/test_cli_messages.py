@@ -3,16 +3,14 @@ whose ids must stay whole, and help examples that work when pasted. No I/O."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from rich.console import Console
 
-from cli import render
+from cli.backups import match_backup
 from cli.client import Client, CliError
 from cli.main import main, sleep_summary
 
@@ -35,18 +33,20 @@ def test_login_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
     assert not (tmp_path / "c.json").exists()
 
 
-def test_an_id_column_is_never_cut(monkeypatch: pytest.MonkeyPatch) -> None:
-    buffer = io.StringIO()
-    monkeypatch.setattr(render, "out", Console(file=buffer, width=80, soft_wrap=True))
-    ident = "02201a47f6b54311863eac3bd46aa196"
-    row = ("2026-11-27T04:18:17.835288Z", "manual", "succeeded", "1.4 kB", "verified")
-    render.table(
-        ("CREATED", "KIND", "STATE", "SIZE", "VERIFICATION", "SHA256", "ID"),
-        [(*row, "f1ee06ebb422", ident)],
-    )
-    lines = buffer.getvalue().splitlines()
-    assert any(ident in line for line in lines), lines
-    assert all(len(line) <= 80 for line in lines)
+def test_a_backup_is_named_by_its_id_or_the_start_of_it() -> None:
+    ids = [
+        "02201a47f6b54311863eac3bd46aa196",
+        "02201b00000000000000000000000000",
+        "d1d7" + "0" * 28,
+    ]
+    assert match_backup(ids, ids[0], "db") == ids[0]
+    assert match_backup(ids, "d1d7", "db") == ids[2]
+    assert match_backup(ids, "02201a47f6b…", "db") == ids[0]  # as a narrow table cuts it
+    with pytest.raises(CliError, match="starts 2 backup ids of db"):
+        match_backup(ids, "02201", "db")
+    for given in ("ffff", "", "…"):
+        with pytest.raises(CliError, match="no backup of db has an id starting with"):
+            match_backup(ids, given, "db")
 
 
 def test_the_run_example_keeps_the_variable_for_the_jobs_shell() -> None:
