@@ -610,7 +610,10 @@ def _release_rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     "commands",
     multiple=True,
     metavar="NAME=ARGV",
-    help="An app's command, split like a shell would (e.g. web='sh -c \"exec serve\"').",
+    help=(
+        "An app's command, split into words by Python's shlex (e.g. web='sh -c \"exec serve\"');"
+        ' inside double quotes only \\" and \\\\ are escapes, so write $VAR there, not \\$VAR.'
+    ),
 )
 @json_option
 def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_json: bool) -> None:
