@@ -31,17 +31,23 @@ class ApiFailure(CliError):
         self.status = status
         self.code = code
         self.api_message = message
-        super().__init__(f"{message} (HTTP {status} {code})", hint or _hint(status, code))
+        super().__init__(f"{message} (HTTP {status} {code})", hint or _hint(status, code, message))
 
 
-def _hint(status: int, code: str) -> str:
+LARGER_PLAN = (
+    "have the operator move the project to a larger plan (`orkestr projects plan NAME PLAN`)"
+)
+
+
+def _hint(status: int, code: str, message: str = "") -> str:
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
+    if code == "plan_limit_reached" and "backup" in message:
+        # The day's manual backups are used up (the message says when the next one is
+        # possible), or the plan has none: deleting an add-on would not help.
+        return ("wait until then, or " if "possible after" in message else "") + LARGER_PLAN
     if code == "plan_limit_reached":
-        return (
-            "delete an add-on (`orkestr addons delete NAME`), or have the operator move the"
-            " project to a larger plan (`orkestr projects plan NAME PLAN`)"
-        )
+        return "delete an add-on (`orkestr addons delete NAME`), or " + LARGER_PLAN
     if code == "no_host_available":
         return "no agent is online; start one (see docs/operations.md) and retry"
     if code == "database_unavailable" or status >= 500:

@@ -277,6 +277,12 @@ async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, 
         # The plan's limit names the way out: the operator's plan change.
         code, _, err = await cli("addons", "create", "cache", "--kind", "redis", "-p", name)
         assert code == 1 and "plan_limit_reached" in err and "orkestr projects plan" in err
+        assert "delete an add-on" in err
+        # A backup limit's hint does not suggest deleting add-ons: that would not help.
+        for args in (("capture", "db"), ("schedule", "db", "--on")):
+            code, _, err = await cli("backups", *args, "-p", name)
+            assert code == 1 and "plan_limit_reached" in err, err
+            assert "orkestr projects plan" in err and "delete an add-on" not in err, err
         out = await cli.ok("projects", "plan", name, "pro")
         assert f"Project {name} is on plan pro" in out
         assert (await cli.json("projects", "plan", name, "pro"))["plan"] == "pro"
