@@ -81,7 +81,7 @@ def match_backup(ids: list[str], given: str, addon: str) -> str:
         return found[0]
     if not found:
         raise CliError(
-            f"no backup of {addon} has an id starting with {given!r}",
+            f"no backup {given!r} of {addon} (an id, or its first characters)",
             f"`orkestr backups list {addon}` lists them",
         )
     raise CliError(f"{given!r} starts {len(found)} backup ids of {addon}", "give more of the id")

@@ -45,7 +45,7 @@ def test_a_backup_is_named_by_its_id_or_the_start_of_it() -> None:
     with pytest.raises(CliError, match="starts 2 backup ids of db"):
         match_backup(ids, "02201", "db")
     for given in ("ffff", "", "…"):
-        with pytest.raises(CliError, match="no backup of db has an id starting with"):
+        with pytest.raises(CliError, match=r"no backup .* of db"):
             match_backup(ids, given, "db")
 
 
