@@ -23,6 +23,7 @@ resize2fs), behind `AgentError`s.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -62,9 +63,21 @@ def _resize_mounted(path: str, size_bytes: int) -> None:
         blocks = size_bytes // os.fstatvfs(fd).f_frsize
         fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("=Q", blocks))
     except OSError as exc:
-        raise AgentError(f"grow the filesystem at {path}: {exc}") from None
+        raise AgentError(grow_error(path, exc)) from None
     finally:
         os.close(fd)
+
+
+def grow_error(path: str, exc: OSError) -> str:
+    """The GrowFailed message. The kernel answers EPERM without CAP_SYS_RESOURCE (or for
+    a filesystem with recorded errors), so the message names the likely fix."""
+    message = f"grow the filesystem at {path}: {exc}"
+    if exc.errno == errno.EPERM:
+        message += (
+            " (most likely the agent lacks CAP_SYS_RESOURCE; else the filesystem has"
+            " errors: docs/operations.md, Storage)"
+        )
+    return message
 
 
 class LoopFs:

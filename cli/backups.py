@@ -72,6 +72,21 @@ def _backup_done(b: dict[str, Any]) -> bool:
     return b["state"] != "pending" and not b["verifying"]
 
 
+def match_backup(ids: list[str], given: str, addon: str) -> str:
+    """The backup `given` names: a whole id, or the start of one (as the list shows it,
+    cut to the terminal's width), like a short git commit id."""
+    wanted = given.strip().rstrip("…").lower()
+    found = [i for i in ids if i.startswith(wanted)] if wanted else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CliError(
+            f"no backup {given!r} of {addon} (an id, or its first characters)",
+            f"`orkestr backups list {addon}` lists them",
+        )
+    raise CliError(f"{given!r} starts {len(found)} backup ids of {addon}", "give more of the id")
+
+
 @main.group()
 def backups() -> None:
     """Back up an add-on, list its backups (each one test-restored), restore one."""
@@ -84,7 +99,7 @@ def backups() -> None:
 def backups_list(addon: str, project: str, as_json: bool) -> None:
     """List an add-on's backups, newest first, with their verification."""
     c, a, path = _target(project, addon)
-    found = c.get(f"{path}/backups")["backups"]
+    found = c.list_all(f"{path}/backups", "backups")
     if as_json:
         render.emit_json({"backups": found})
         return
@@ -150,8 +165,12 @@ backups.commands["create"].hidden = True
 def backups_restore(
     addon: str, backup_id: str, project: str, yes: bool, wait: bool, timeout: float, as_json: bool
 ) -> None:
-    """Restore a verified backup into the add-on (same address and credentials)."""
+    """Restore a verified backup into the add-on (same address and credentials).
+
+    BACKUP_ID: the id from `orkestr backups list`, or its first characters."""
     c, a, path = _target(project, addon)
+    found = c.list_all(f"{path}/backups", "backups")
+    backup_id = match_backup([b["id"] for b in found], backup_id, a["name"])
     if not yes:
         if not sys.stdin.isatty():
             raise CliError(f"restoring replaces the data of {a['name']}", "pass --yes to confirm")

@@ -31,14 +31,23 @@ class ApiFailure(CliError):
         self.status = status
         self.code = code
         self.api_message = message
-        super().__init__(f"{message} (HTTP {status} {code})", hint or _hint(status, code))
+        super().__init__(f"{message} (HTTP {status} {code})", hint or _hint(status, code, message))
 
 
-def _hint(status: int, code: str) -> str:
+LARGER_PLAN = (
+    "have the operator move the project to a larger plan (`orkestr projects plan NAME PLAN`)"
+)
+
+
+def _hint(status: int, code: str, message: str = "") -> str:
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
+    if code == "plan_limit_reached" and "backup" in message:
+        # The day's manual backups are used up (the message says when the next one is
+        # possible), or the plan has none: deleting an add-on would not help.
+        return ("wait until then, or " if "possible after" in message else "") + LARGER_PLAN
     if code == "plan_limit_reached":
-        return "delete an add-on (`orkestr addons delete NAME`) or use a project on a larger plan"
+        return "delete an add-on (`orkestr addons delete NAME`), or " + LARGER_PLAN
     if code == "no_host_available":
         return "no agent is online; start one (see docs/operations.md) and retry"
     if code == "database_unavailable" or status >= 500:
@@ -52,6 +61,11 @@ class Client:
             raise CliError(
                 "no API address configured",
                 "run `orkestr login --api http://127.0.0.1:8080` (or set ORKESTR_API)",
+            )
+        if not api.startswith(("http://", "https://")):
+            raise CliError(
+                f"the API address {api!r} has no scheme",
+                f"give the whole URL, e.g. `orkestr login --api http://{api}`",
             )
         if not token:
             raise CliError("no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)")

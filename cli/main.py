@@ -103,6 +103,20 @@ def resolve_addon(c: Client, project: dict[str, Any], given: str) -> dict[str, A
     )
 
 
+def operator_request(c: Client, what: str, method: str, path: str, body: Any = None) -> Any:
+    """A call only the operator's token may make. The API hides those routes from project
+    tokens (404, as if absent); here the CLI knows the route exists, so it says why."""
+    try:
+        return c.request(method, path, body)
+    except ApiFailure as exc:
+        if exc.status != 404 or exc.api_message != "no such route":
+            raise
+        raise CliError(
+            f"{what} needs the operator's token; this token is a project's",
+            "ask the operator, or `orkestr login` with the operator token",
+        ) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="orkestr-addons", prog_name="orkestr")
 def main() -> None:
@@ -133,6 +147,11 @@ def login(api: str, token: str, project: str, as_json: bool) -> None:
             token = sys.stdin.readline().strip()
         else:
             token = click.prompt("Token", hide_input=True).strip()
+    if not token:
+        raise CliError(
+            "no token given",
+            "pass --token TOKEN, or the token on stdin (`orkestr login < token_file`)",
+        )
     c = Client(api, token)
     projects = c.list_all("/v1/projects", "projects")
     chosen = resolve_project(c, project)["name"] if project else ""
@@ -168,7 +187,7 @@ def _project_rows(projects: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 @json_option
 @click.pass_context
 def projects(ctx: click.Context, as_json: bool) -> None:
-    """List the projects (or create one: `orkestr projects create`)."""
+    """List the projects (or create, re-plan or delete one: `orkestr projects --help`)."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(projects_list, as_json=as_json)
 
@@ -194,11 +213,57 @@ def projects_list(as_json: bool) -> None:
 @json_option
 def projects_create(name: str, plan: str, as_json: bool) -> None:
     """Create a project (operator token)."""
-    project = client().request("POST", "/v1/projects", {"name": name, "plan": plan})
+    body = {"name": name, "plan": plan}
+    project = operator_request(client(), "creating a project", "POST", "/v1/projects", body)
     if as_json:
         render.emit_json(project)
         return
     render.out.print(f"Created project {project['name']} ({project['plan']}) on {project['host']}.")
+
+
+@projects.command("plan")
+@click.argument("name")
+@click.argument("plan")
+@json_option
+def projects_plan(name: str, plan: str, as_json: bool) -> None:
+    """Move project NAME to PLAN in place, no restart (operator token); a downgrade the
+    project would not fit is refused, naming what does not fit."""
+    c = client()
+    p = resolve_project(c, name)
+    moved = operator_request(
+        c, "changing a plan", "PATCH", f"/v1/projects/{p['id']}", {"plan": plan}
+    )
+    if as_json:
+        render.emit_json(moved)
+        return
+    render.out.print(
+        f"Project {moved['name']} is on plan {moved['plan']}; its host resizes its add-ons"
+        " and apps in place."
+    )
+
+
+@projects.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask; every add-on's data is deleted.")
+@json_option
+def projects_delete(name: str, yes: bool, as_json: bool) -> None:
+    """Delete project NAME with its apps, add-ons, data and backups (operator token)."""
+    c = client()
+    p = resolve_project(c, name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"deleting project {p['name']} deletes every add-on's data and backups",
+                "pass --yes to confirm",
+            )
+        click.confirm(f"Delete project {p['name']}, its add-ons, data and backups?", abort=True)
+    gone = operator_request(c, "deleting a project", "DELETE", f"/v1/projects/{p['id']}")
+    if as_json:
+        render.emit_json(gone)
+        return
+    render.out.print(
+        f"Project {gone['name']} is being deleted; its host removes its apps, add-ons and data."
+    )
 
 
 # --- add-ons --------------------------------------------------------------------------
@@ -206,7 +271,7 @@ def projects_create(name: str, plan: str, as_json: bool) -> None:
 
 @main.group()
 def addons() -> None:
-    """Create, list, inspect and delete add-ons."""
+    """Create, list, inspect, rotate and delete add-ons."""
 
 
 @addons.command("list")
@@ -398,6 +463,27 @@ def addons_env_name(
     render.out.print(f"{a['name']} gives {', '.join(a['variables'])}.")
 
 
+@addons.command("rotate")
+@click.argument("name")
+@project_option
+@json_option
+def addons_rotate(name: str, project: str, as_json: bool) -> None:
+    """Give an add-on a new password; the previous one keeps working for the
+    controller's grace period (1 h unless configured), then stops."""
+    c = client()
+    p = resolve_project(c, project)
+    a = resolve_addon(c, p, name)
+    a = c.request("POST", f"/v1/projects/{p['id']}/addons/{a['id']}/rotate-credentials")
+    if as_json:
+        render.emit_json(a)
+        return
+    render.out.print(
+        f"{a['name']} has new credentials (secret version {a['secret_version']}) in"
+        f" {', '.join(a['variables'])}: `orkestr env` shows them, jobs get them now;"
+        " deploy again (`orkestr deploy`) before the grace period ends so the apps do too."
+    )
+
+
 @addons.command("delete")
 @click.argument("name")
 @project_option
@@ -524,7 +610,10 @@ def _release_rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     "commands",
     multiple=True,
     metavar="NAME=ARGV",
-    help="An app's command, split like a shell would (e.g. web='sh -c \"exec serve\"').",
+    help=(
+        "An app's command, split into words by Python's shlex (e.g. web='sh -c \"exec serve\"');"
+        ' inside double quotes only \\" and \\\\ are escapes, so write $VAR there, not \\$VAR.'
+    ),
 )
 @json_option
 def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_json: bool) -> None:
@@ -651,8 +740,9 @@ def _last_exit(app: dict[str, Any]) -> str:
 def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a one-off job with the project's variables; exit with its code.
 
-    Example: orkestr run -- psql "$DATABASE_URL" -c 'select 1' (quote $ for the job's
-    shell: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"').
+    Example: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"' (the single
+    quotes keep $DATABASE_URL for the job's shell; unquoted, your own shell would
+    expand it, usually to nothing).
     """
     c = client()
     p = resolve_project(c, project)
@@ -719,6 +809,16 @@ def sleep() -> None:
     """What keeps add-ons awake."""
 
 
+def sleep_summary(addon: dict[str, Any]) -> str:
+    """One line on what keeps the add-on awake: its plan (Team never sleeps), or clients."""
+    sleeping = next((x for x in addon["conditions"] if x["type"] == "Sleeping"), None)
+    if sleeping is not None and sleeping["reason"] == "Disabled":
+        return f"It never sleeps: {sleeping['message']}."
+    if not addon["clients"]:
+        return "No client connections: nothing keeps it awake."
+    return f"{len(addon['clients'])} client connection(s) keep it awake:"
+
+
 @sleep.command("status")
 @click.argument("name")
 @project_option
@@ -766,10 +866,9 @@ def sleep_status(name: str, project: str, as_json: bool) -> None:
         ]
     )
     render.out.print()
+    render.out.print(sleep_summary(a))
     if not sources:
-        render.out.print("No client connections: nothing keeps it awake.")
         return
-    render.out.print(f"{len(a['clients'])} client connection(s) keep it awake:")
     render.table(
         ("SOURCE", "CONNECTIONS", "VIA"),
         [(s["source"], s["connections"], ", ".join(s["via"])) for s in sources],

@@ -32,7 +32,11 @@ HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m controller",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the examples' lines
+    )
     parser.add_argument(
         "--config",
         default=os.environ.get("ORKESTR_CONTROLLER_CONFIG"),
@@ -93,8 +97,15 @@ def _hosts_command(config: Config, args: argparse.Namespace) -> int:
                 print(f"# agent token {row.id} for host {args.host}; shown once", file=sys.stderr)
                 print(token)
             elif args.action == "list-tokens":
-                for row in await principals.list_agent_tokens(pool, args.host):
+                rows = await principals.list_agent_tokens(pool, args.host)
+                for row in rows:
                     print(f"{row.id}\t{row.name}\t{row.created_at.isoformat()}")
+                if not rows:  # up.sh's own host has its token in the bootstrap file only
+                    print(
+                        f"no agent tokens of {args.host} in the database (tokens in"
+                        " http.agent_tokens_file are not listed here)",
+                        file=sys.stderr,
+                    )
             else:
                 await principals.revoke_agent_token(pool, args.host, args.token_id)
 

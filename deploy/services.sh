@@ -35,7 +35,8 @@ if [ -f /etc/default/prometheus ] && ! grep -q -- '--web.listen-address' /etc/de
 fi
 
 # Debian's mosquitto package starts a broker on :1883 where systemd runs; we start our own
-# brokers with explicit configs, so the packaged one is only stopped if it is in the way.
+# brokers with explicit configs, so the packaged one is only stopped if it is in the way
+# (deploy/up.sh, for the port it uses).
 
 # Docker Engine: use systemd where it runs, otherwise start dockerd ourselves.
 if ! docker info >/dev/null 2>&1; then

@@ -170,6 +170,13 @@ start_bg() {  # name, command...
 
 # The broker: restarted when its config changed (listeners), else reloaded (users, ACL).
 conf=$broker_etc/mosquitto.conf
+# Debian's package starts its own broker (mosquitto.service, /etc/mosquitto: anonymous on
+# loopback) where systemd runs. On our port it would take the controller's connection and
+# keep ours from starting, and the agent, on our TLS listener, would never come online.
+if [ "$mqtt_port" = 1883 ] && [ -d /run/systemd/system ] && systemctl is-active -q mosquitto.service; then
+  log "stopping and disabling Debian's broker (mosquitto.service): ours ($conf) takes port 1883"
+  systemctl disable --now mosquitto.service
+fi
 sum=$(sha256sum "$conf" | cut -c1-16)
 pidf=$run/mosquitto.pid
 if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
@@ -233,7 +240,8 @@ orkestr add-ons is running.
   API:        $api   (operator token: $etc/operator_token)
   Project:    example ($project), plan pro, add-on example-db (postgres)
 
-  export ORKESTR_API=$api ORKESTR_TOKEN=\$(cat $etc/operator_token) PATH=$repo/.venv/bin:\$PATH
+  export ORKESTR_API=$api ORKESTR_TOKEN=\$(cat $etc/operator_token)
+  export PATH=$repo/.venv/bin:\$PATH    # the \`orkestr\` CLI, installed with the project
   orkestr addons list --project example
   orkestr run --project example -- sh -c 'psql "\$DATABASE_URL" -c "select now()"'
   curl -H "Authorization: Bearer \$ORKESTR_TOKEN" $api/v1/projects/$project/addons

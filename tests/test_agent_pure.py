@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -9,7 +10,7 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import model, netns, observe, specs
+from agent import loopfs, model, netns, observe, specs
 from agent.desired import accept
 from agent.model import ObservedContainer, ObservedNetwork, ObservedVolume
 from schemas.codec import encode
@@ -368,3 +369,12 @@ def test_spec_hash_moves_with_the_spec_and_only_then() -> None:
     assert a.spec_hash != specs.db_spec(PID, rotated, IMAGES, "/s/a").spec_hash
     # The holder does not depend on the plan's sizing: a resize keeps the namespace.
     assert specs.holder_spec(PID, addon(), IMAGES) == specs.holder_spec(PID, bigger, IMAGES)
+
+
+def test_a_refused_filesystem_grow_names_the_capability() -> None:
+    denied = OSError(errno.EPERM, "Operation not permitted")
+    message = loopfs.grow_error("/proc/1/root/data", denied)
+    assert message.startswith("grow the filesystem at /proc/1/root/data: [Errno 1]")
+    assert "CAP_SYS_RESOURCE" in message and "docs/operations.md" in message
+    other = loopfs.grow_error("/d", OSError(errno.ENOTTY, "Inappropriate ioctl for device"))
+    assert "CAP_SYS_RESOURCE" not in other and other.endswith("Inappropriate ioctl for device")

@@ -265,6 +265,59 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         assert code == 1 and "HTTP 404" in err
 
 
+async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, cli: Cli) -> None:
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        name = f"plan-{uuid.uuid4().hex[:6]}"
+        await cli.ok("projects", "create", name, "--plan", "starter")
+        await cli.ok("addons", "create", "db", "-p", name)
+        # The plan's limit names the way out: the operator's plan change.
+        code, _, err = await cli("addons", "create", "cache", "--kind", "redis", "-p", name)
+        assert code == 1 and "plan_limit_reached" in err and "orkestr projects plan" in err
+        assert "delete an add-on" in err
+        # A backup limit's hint does not suggest deleting add-ons: that would not help.
+        for args in (("capture", "db"), ("schedule", "db", "--on")):
+            code, _, err = await cli("backups", *args, "-p", name)
+            assert code == 1 and "plan_limit_reached" in err, err
+            assert "orkestr projects plan" in err and "delete an add-on" not in err, err
+        out = await cli.ok("projects", "plan", name, "pro")
+        assert f"Project {name} is on plan pro" in out
+        assert (await cli.json("projects", "plan", name, "pro"))["plan"] == "pro"
+        await cli.ok("addons", "create", "cache", "--kind", "redis", "-p", name)
+        code, _, err = await cli("projects", "plan", name, "starter")
+        assert code == 1 and "plan_change_refused" in err and "allows 1 add-on(s)" in err
+        code, _, err = await cli("projects", "plan", name, "gold")
+        assert code == 1 and "unknown plan 'gold'" in err
+
+        # Rotation: new variables at once, the old password gone from them.
+        before = (await cli.json("env", "-p", name))["env"]
+        out = await cli.ok("addons", "rotate", "db", "-p", name)
+        assert "db has new credentials (secret version 2)" in out and "DATABASE_URL" in out
+        after = (await cli.json("env", "-p", name))["env"]
+        assert after["DATABASE_URL"] != before["DATABASE_URL"]
+        assert after["REDIS_URL"] == before["REDIS_URL"]
+        rotated = await cli.json("addons", "rotate", "cache", "-p", name)
+        assert rotated["secret_version"] == 2 and rotated["name"] == "cache"
+
+        # A project's token: the operator's commands say whose token they need.
+        project_id = (await cli.json("projects", "plan", name, "pro"))["id"]
+        dev = Cli(cli.config.parent.parent / "dev")
+        await dev.ok("login", "--api", c.url, "--token", await c.new_project_token(project_id))
+        for args in (("create", "other"), ("plan", name, "team"), ("delete", name, "--yes")):
+            code, _, err = await dev("projects", *args)
+            assert code == 1 and "needs the operator's token" in err, (args, err)
+
+        # Deleting a project asks first; without a terminal, --yes is the way.
+        code, _, err = await cli("projects", "delete", name)
+        assert code == 1 and "pass --yes" in err
+        assert (await cli.json("projects", "delete", name, "--yes"))["deleted_at"] is not None
+        code, _, err = await cli("addons", "create", "late", "-p", name)
+        assert code == 1 and "HTTP 409" in err
+
+
 async def test_completion_scripts(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         out = await cli.ok("completion", shell)

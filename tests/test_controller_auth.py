@@ -468,6 +468,10 @@ async def test_agent_tokens_from_the_command_line(
         controller_cli, controller, "hosts", "revoke-token", big_host.host, token_id
     )
     assert again.returncode == 1 and "does not exist" in again.stderr
+    lonely = f"h-{unique()[:8]}"
+    none = await asyncio.to_thread(controller_cli, controller, "hosts", "list-tokens", lonely)
+    assert none.returncode == 0 and none.stdout == "", none
+    assert f"no agent tokens of {lonely} in the database" in none.stderr
     bad = await asyncio.to_thread(controller_cli, controller, "hosts", "add-token", "Bad_Host")
     assert bad.returncode == 2 and "not a host name" in bad.stderr
 

@@ -35,7 +35,7 @@ GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "orkestr-addons.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-CREDENTIALS_FILE = "/etc/orkestr/metrics_token"
+CREDENTIALS_FILE = "/etc/prometheus/orkestr_metrics_token"
 
 # Labels Prometheus adds to every scraped series, and the scrape health metric.
 TARGET_LABELS = frozenset({"instance", "job"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,29 @@ def test_the_readme_marks_its_quick_start() -> None:
     # One name for the token everywhere.
     readme = (ROOT / "README.md").read_text()
     assert "$ORKESTR_TOKEN" in readme and not re.search(r"\$(T|TOKEN|API_TOKEN)\b", readme)
+
+
+def test_up_sh_prints_the_setup_lines_the_readme_shows() -> None:
+    # README: "deploy/up.sh prints these two lines". Render up.sh's closing message with
+    # this machine's values and find each line of the setup block in it, as written.
+    up = (ROOT / "deploy" / "up.sh").read_text()
+    message = up[up.index("cat <<TXT\n") + len("cat <<TXT\n") : up.rindex("\nTXT")]
+    printed = subprocess.run(
+        ["bash", "-c", f"cat <<TXT\n{message}\nTXT"],
+        env={
+            "PATH": os.environ["PATH"],
+            "api": "http://127.0.0.1:8080",
+            "etc": "/etc/orkestr",
+            "repo": str(ROOT),
+            "project": "p",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shown = [line.strip() for line in printed.splitlines()]
+    for line in blocks()["setup"].strip().splitlines():
+        assert line.replace("$PWD", str(ROOT)).strip() in shown, (line, printed)
 
 
 async def run_block(stack: Stack, tmp_path: Path, name: str) -> str:

@@ -1,0 +1,77 @@
+"""What the CLI says before it reaches any API: bad addresses, a missing token, tables
+whose ids must stay whole, and help examples that work when pasted. No I/O."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.backups import match_backup
+from cli.client import Client, CliError
+from cli.main import main, sleep_summary
+
+
+def test_an_api_address_without_a_scheme_says_what_to_type() -> None:
+    with pytest.raises(CliError) as caught:
+        Client("127.0.0.1:8080", "token")
+    message = caught.value.format_message()
+    assert "has no scheme" in message
+    assert "orkestr login --api http://127.0.0.1:8080" in message
+    assert Client("https://api.internal/", "t").api == "https://api.internal"
+
+
+def test_login_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
+    env = {"ORKESTR_CONFIG": str(tmp_path / "c.json"), "ORKESTR_TOKEN": "", "ORKESTR_API": ""}
+    # stdin is not a terminal and empty: nothing to prompt, nothing read.
+    result = CliRunner().invoke(main, ["login", "--api", "http://127.0.0.1:1"], input="", env=env)
+    assert result.exit_code == 1
+    assert "no token given" in result.output and "--token" in result.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_a_backup_is_named_by_its_id_or_the_start_of_it() -> None:
+    ids = [
+        "02201a47f6b54311863eac3bd46aa196",
+        "02201b00000000000000000000000000",
+        "d1d7" + "0" * 28,
+    ]
+    assert match_backup(ids, ids[0], "db") == ids[0]
+    assert match_backup(ids, "d1d7", "db") == ids[2]
+    assert match_backup(ids, "02201a47f6b…", "db") == ids[0]  # as a narrow table cuts it
+    with pytest.raises(CliError, match="starts 2 backup ids of db"):
+        match_backup(ids, "02201", "db")
+    for given in ("ffff", "", "…"):
+        with pytest.raises(CliError, match=r"no backup .* of db"):
+            match_backup(ids, given, "db")
+
+
+def test_the_run_example_keeps_the_variable_for_the_jobs_shell() -> None:
+    help_text = CliRunner().invoke(main, ["run", "--help"], terminal_width=200).output
+    example = " ".join(help_text.split("Example: ", 1)[1].split(" (", 1)[0].split())
+    assert example.startswith("orkestr run -- ")
+    # Pasted into the user's shell (where DATABASE_URL is unset), the job's argv must still
+    # name the variable, for the job's own shell to expand.
+    printed = subprocess.run(
+        ["bash", "-c", example.replace("orkestr run --", "printf '%s\\n'", 1)],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "$DATABASE_URL" in printed, printed
+
+
+def test_sleep_status_says_when_the_plan_keeps_an_add_on_awake() -> None:
+    disabled = {"type": "Sleeping", "status": "False", "reason": "Disabled",
+                "message": "the plan keeps it awake"}  # fmt: skip
+    awake = dict(disabled, reason="Awake", message="serving clients directly")
+    client = {"source": "10.200.1.5:40000", "via": "direct"}
+    assert sleep_summary({"conditions": [disabled], "clients": []}) == (
+        "It never sleeps: the plan keeps it awake."
+    )
+    assert sleep_summary({"conditions": [awake], "clients": []}).startswith("No client")
+    assert sleep_summary({"conditions": [], "clients": [client]}).startswith("1 client")
