@@ -208,6 +208,22 @@ def cpu_ms(pids: Sequence[int]) -> float:
     return total * 1000 / tick
 
 
+def container_cpu_ns(container_id: str) -> int | None:
+    """CPU time every process of a container has used so far (its cgroup's), in ns: the
+    server's own work and, on this side of a veth, part of the network stack's. None when
+    the cgroup is not where Docker's cgroupfs or systemd driver puts it."""
+    v1 = (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope")
+    for sub in v1:
+        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup/cpuacct/{sub}/cpuacct.usage") as f:
+            return int(f.read())
+    for sub in (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"):
+        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup/{sub}/cpu.stat") as f:
+            for line in f:
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) * 1000
+    return None
+
+
 def parse_cpuset(cores: str) -> set[int]:
     """Docker's cpuset notation ("0-3", "2", "0,2") to CPU ids; the inverse of
     agent.placement.cpuset."""

@@ -24,6 +24,26 @@ container on it (`docker exec`), by address:
             connections would go direct; the deep rows therefore use the pool load below.
 
 Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
+
+Placement, alike for every row (pgbench and redis-benchmark): the agent pins each add-on
+to home cores (agent/placement.py), and where it puts the awake add-on and the light one
+depends on their ids, so the two often get different cores. Before each run the bench
+reads the server's cores afresh (the agent moves add-ons while they are being created),
+pins the plain container like the add-on it is compared with, and confines the client's
+toolbox container (so pgbench and redis-benchmark, which `docker exec` runs in it) to the
+cores its server is not on. Unpinned, the scheduler put the client now on the server's
+core, now on the other, within one run: on this 2-vCPU VM that alone moved
+redis-benchmark by up to 1.5x, more than any difference between the rows, and
+differently for the light row (its own client, its own core) than for the baseline. When
+the light add-on's cores differ from the awake one's, the plain container runs a second
+time per round pinned like the light add-on (`baseline_light`), and the light ratio is
+taken against that; otherwise the baseline run serves both. No row gets a placement the
+others do not: the baseline is moved only to where the add-on it stands in for runs.
+Every run records its cores, the load average and the CPU the agent, keeper and
+controller used meanwhile (`runs`); `cores_moved_during_runs` lists any move the agent
+made while the rows ran. The pool load's clients are processes in the client's
+namespace, not in its container: the pool rows keep the old placement (plain container
+where the awake add-on is, clients free).
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
                    select-only (-S) and TPC-B-like (default script); TPS without the
                    initial connection time.
@@ -34,8 +54,8 @@ Runs rotate orkestr / baseline / light across rounds to spread drift over all th
                   pgbench -S's query (asyncpg, prepared), redis GET and SET (raw RESP).
                   Against baseline (opened while up), light and deep; queries/s and p50.
 Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), and
-light_ratio = median(light) / median(baseline); target >= 0.95 for both. For the pool
-load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
+light_ratio = median(light) / median(baseline on the light add-on's cores); target >= 0.95
+for both. For the pool load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
 
 Prints a table and ends with one JSON line.
 """
@@ -54,6 +74,7 @@ from _harness import (
     Client,
     Plain,
     activity,
+    container_cpu_ns,
     cpu_ms,
     credentials,
     deep_wake_mode,
@@ -108,6 +129,14 @@ async def redis_run(client: Client, t: dict[str, Any], requests: int) -> dict[st
     if set(rps) != {"get", "set"}:
         raise RuntimeError(f"unexpected redis-benchmark output:\n{out}")
     return rps
+
+
+def per_request(before: list[float], after: list[float], requests: float) -> dict[str, float]:
+    """CPU microseconds per request in the server's and the client's containers (their
+    cgroups): unlike throughput, hardly moved by other work on the machine, so a data
+    path that costs more per packet shows here even when the load hides it."""
+    server, client = ((a - b) * 1000 / max(requests, 1) for a, b in zip(after, before, strict=True))
+    return {"server": rnd(server, 2), "client": rnd(client, 2), "total": rnd(server + client, 2)}
 
 
 async def own_connections(b: Bench, addon: dict[str, Any], client_ip: str) -> int:
@@ -187,7 +216,7 @@ async def main(quick: bool) -> dict[str, Any]:
         clients["baseline_light"] = client
         paired = {"postgres": {"orkestr": pg, "light": pg_light}, "redis": {"orkestr": rd, "light": rd_light}}  # fmt: skip
 
-        async def place(kind: str, who: str) -> dict[str, str]:
+        async def place(kind: str, who: str) -> dict[str, Any]:
             """Read the home cores now (the agent may have moved an add-on since: placement
             is over all add-ons), pin the plain container like the add-on it stands in for,
             and put the client on the other cores, alike for every row."""
@@ -199,6 +228,21 @@ async def main(quick: bool) -> dict[str, Any]:
                 "server_cores": server,
                 "client_cores": await clients[who].pin_away_from(server),
             }
+
+        async def cgroups(kind: str, who: str) -> list[str]:
+            """The server's and the client's container ids (their cgroups' CPU time)."""
+            server = (
+                plains[kind].db_name
+                if who.startswith("baseline")
+                else model.db_name(paired[kind][who]["id"])
+            )
+            return [
+                (await b.docker.containers.container(n).show())["Id"]
+                for n in (server, clients[who].name)
+            ]
+
+        def cgroup_cpu_ms(ids: list[str]) -> list[float]:
+            return [(container_cpu_ns(i) or 0) / 1e6 for i in ids]
 
         async def rotation(kind: str, r: int) -> list[str]:
             """This round's rows: the plain container runs a second time, pinned like the
@@ -242,7 +286,7 @@ async def main(quick: bool) -> dict[str, Any]:
             test: str,
             r: int,
             who: str,
-            where: dict[str, str],
+            where: dict[str, Any],
             figures: dict[str, float],
             cpu: float,
         ) -> None:
@@ -251,8 +295,10 @@ async def main(quick: bool) -> dict[str, Any]:
                          **{k: rnd(v, 1) for k, v in figures.items()},
                          "services_cpu_ms": rnd(cpu, 0), "load": rnd(load, 2)})  # fmt: skip
             shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+            per = where.get("cpu_us_per_request") or where.get("cpu_us_per_tx") or {}
             log(f"round {r + 1}/{rounds} {test} {who}: {shown} (server cores {where['server_cores']}, "
-                f"client {where['client_cores']}, services cpu {cpu:.0f} ms, load {load:.2f})")  # fmt: skip
+                f"client {where['client_cores']}, cpu/request {per.get('server')} + {per.get('client')} us, "
+                f"services cpu {cpu:.0f} ms, load {load:.2f})")  # fmt: skip
 
         for r in range(rounds):
             for mode in ("select", "tpcb"):
@@ -265,9 +311,11 @@ async def main(quick: bool) -> dict[str, Any]:
                     if who == "light":
                         await asleep(pg_light)
                         wakes = (await b.addon(sleepy, pg_light["id"]))["wakes"]
-                    cpu0 = cpu_ms(b.service_pids())
+                    ids = await cgroups("postgres", who)
+                    cpu0, cg0 = cpu_ms(b.service_pids()), cgroup_cpu_ms(ids)
                     tps = await pg_run(clients[who], targets["postgres"][who], mode, seconds)
                     cpu = cpu_ms(b.service_pids()) - cpu0
+                    where["cpu_us_per_tx"] = per_request(cg0, cgroup_cpu_ms(ids), tps * seconds)
                     if who == "light":
                         await woken(pg_light, wakes)
                     samples[f"pgbench_{mode}"][who].append(tps)
@@ -283,9 +331,11 @@ async def main(quick: bool) -> dict[str, Any]:
                 if who == "light":
                     await asleep(rd_light)
                     wakes = (await b.addon(sleepy, rd_light["id"]))["wakes"]
-                cpu0 = cpu_ms(b.service_pids())
+                ids = await cgroups("redis", who)
+                cpu0, cg0 = cpu_ms(b.service_pids()), cgroup_cpu_ms(ids)
                 rps = await redis_run(clients[who], targets["redis"][who], requests)
                 cpu = cpu_ms(b.service_pids()) - cpu0
+                where["cpu_us_per_request"] = per_request(cg0, cgroup_cpu_ms(ids), 2 * requests)
                 if who == "light":
                     await woken(rd_light, wakes)
                 samples["redis_get"][who].append(rps["get"])
@@ -399,6 +449,14 @@ async def main(quick: bool) -> dict[str, Any]:
             "light_ratio_per_round": [rnd(x / bb) for x, bb in zip(light, light_base, strict=True)],
             "light_pass": l50 / lb50 >= TARGET_RATIO,
         }
+    cpu_per: dict[str, dict[str, Any]] = {}
+    for run in results["runs"]:
+        per = run.get("cpu_us_per_request") or run.get("cpu_us_per_tx")
+        cpu_per.setdefault(run["test"], {}).setdefault(run["who"], []).append(per["total"])
+    results["cpu_us_per_request_median"] = {
+        test: {who: rnd(percentile(v, 50), 2) for who, v in by_who.items()}
+        for test, by_who in cpu_per.items()
+    }
     for test, by in pool.items():
         base50 = percentile(by["baseline"], 50)
         results[test] = {
@@ -445,6 +503,10 @@ def report(results: dict[str, Any]) -> None:
          "target", ""],
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
+    print()
+    for test, by_who in results.get("cpu_us_per_request_median", {}).items():
+        shown = ", ".join(f"{who} {v}" for who, v in by_who.items())
+        print(f"CPU per request (server + client containers, median us), {test}: {shown}")
     print()
     print_context(results)
 
