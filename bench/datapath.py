@@ -39,8 +39,12 @@ the light add-on's cores differ from the awake one's, the plain container runs a
 time per round pinned like the light add-on (`baseline_light`), and the light ratio is
 taken against that; otherwise the baseline run serves both. No row gets a placement the
 others do not: the baseline is moved only to where the add-on it stands in for runs.
-Every run records its cores, the load average and the CPU the agent, keeper and
-controller used meanwhile (`runs`); `cores_moved_during_runs` lists any move the agent
+Every run records its cores, the load average, the CPU the agent, keeper and
+controller used meanwhile, and the CPU per request (per pgbench transaction) of the
+server's and the client's containers, read from their cgroups (`runs`;
+`cpu_us_per_request_median` per row). That last figure is what a slower data path (a
+rule in every packet's way, a quota) would raise, and other work on a shared machine
+moves it far less than throughput. `cores_moved_during_runs` lists any move the agent
 made while the rows ran. The pool load's clients are processes in the client's
 namespace, not in its container: the pool rows keep the old placement (plain container
 where the awake add-on is, clients free).
