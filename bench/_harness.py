@@ -224,16 +224,6 @@ def container_cpu_ns(container_id: str) -> int | None:
     return None
 
 
-def parse_cpuset(cores: str) -> set[int]:
-    """Docker's cpuset notation ("0-3", "2", "0,2") to CPU ids; the inverse of
-    agent.placement.cpuset."""
-    out: set[int] = set()
-    for part in filter(None, cores.split(",")):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def host_cpuset() -> str:
     """Every core this process may run on, the set the agent places add-ons within."""
     return placement.cpuset(sorted(os.sched_getaffinity(0)))
@@ -700,7 +690,7 @@ class Client:
         """Confine the toolbox container (and every tool `sh` runs in it) to the host
         cores outside `cores`, a server's cpuset; every host core when that leaves none.
         Returns the cpuset applied."""
-        rest = sorted(set(os.sched_getaffinity(0)) - parse_cpuset(cores)) if cores else []
+        rest = sorted(set(os.sched_getaffinity(0)) - placement.cpus_of(cores)) if cores else []
         applied = placement.cpuset(rest) if rest else host_cpuset()
         body = json.dumps({"CpusetCpus": applied})
         await self.bench.docker._query_json(
