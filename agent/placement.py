@@ -33,6 +33,15 @@ def cpuset(cpus: Sequence[int]) -> str:
     return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
+def cpus_of(cores: str) -> set[int]:
+    """The inverse of `cpuset`: "0-3", "2", "0,2" to CPU ids ("" : none)."""
+    out: set[int] = set()
+    for part in filter(None, cores.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def homes(addons: Iterable[AddonSpec], host_cpus: Sequence[int]) -> dict[str, str]:
     """Add-on id -> its cpuset. The largest plans are placed first (they have the fewest
     choices), ties by id, so the same add-ons always get the same cores. One host CPU: no

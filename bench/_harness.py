@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent import model, specs  # noqa: E402
+from agent import model, placement, specs  # noqa: E402
 from agent.secrets import SecretStore  # noqa: E402
 from controller.env import variable_name  # noqa: E402
 from schemas.messages import PORTS, AddonSpec, Resources  # noqa: E402
@@ -197,6 +197,38 @@ def activity(own_host: str) -> dict[str, Any]:
     }
 
 
+def cpu_ms(pids: Sequence[int]) -> float:
+    """CPU time (user + system, with reaped children) of these processes so far, in ms."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total * 1000 / tick
+
+
+def container_cpu_ns(container_id: str) -> int | None:
+    """CPU time every process of a container has used so far (its cgroup's), in ns: the
+    server's own work and, on this side of a veth, part of the network stack's. None when
+    the cgroup is not where Docker's cgroupfs or systemd driver puts it."""
+    v1 = (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope")
+    for sub in v1:
+        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup/cpuacct/{sub}/cpuacct.usage") as f:
+            return int(f.read())
+    for sub in (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"):
+        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup/{sub}/cpu.stat") as f:
+            for line in f:
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) * 1000
+    return None
+
+
+def host_cpuset() -> str:
+    """Every core this process may run on, the set the agent places add-ons within."""
+    return placement.cpuset(sorted(os.sched_getaffinity(0)))
+
+
 def deep_wake_mode() -> str:
     """ORKESTR_BENCH_DEEP_WAKE: the agent's deep_wake ("queue", its default, or "relay")."""
     mode = os.environ.get("ORKESTR_BENCH_DEEP_WAKE", "queue")
@@ -309,6 +341,14 @@ class Bench:
         self.code: dict[str, Any] = {}
         self.secrets = SecretStore(self.dir / "plain-secrets")
         self.secrets.ensure_root()
+
+    def service_pids(self) -> list[int]:
+        """The agent, its keeper and the controller: this run's own services."""
+        procs = [self.agent and self.agent.proc, self.agent and self.agent.keeper]
+        pids = [p.pid for p in procs if p]
+        if self.controller is not None and self.controller.pid is not None:
+            pids.append(self.controller.pid)
+        return pids
 
     @property
     def c(self) -> ControllerProcess:
@@ -486,6 +526,17 @@ class Bench:
         info = await self.docker.containers.container(container).show()
         return str(info["NetworkSettings"]["Networks"][network]["IPAddress"])
 
+    async def home_cores(self, addon_id: str, timeout_s: float = 30.0) -> str:
+        """An add-on database's cpuset once the agent has placed it ("" when it places
+        nothing within timeout_s)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = await self.docker.containers.container(model.db_name(addon_id)).show()
+            cores = str((info.get("HostConfig") or {}).get("CpusetCpus") or "")
+            if cores or time.monotonic() >= deadline:
+                return cores
+            await asyncio.sleep(0.5)
+
     async def client(self, project_id: str) -> Client:
         client = Client(self, model.network_name(project_id))
         await client.start()
@@ -635,6 +686,18 @@ class Client:
             raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
         return out.decode()
 
+    async def pin_away_from(self, cores: str) -> str:
+        """Confine the toolbox container (and every tool `sh` runs in it) to the host
+        cores outside `cores`, a server's cpuset; every host core when that leaves none.
+        Returns the cpuset applied."""
+        rest = sorted(set(os.sched_getaffinity(0)) - placement.cpus_of(cores)) if cores else []
+        applied = placement.cpuset(rest) if rest else host_cpuset()
+        body = json.dumps({"CpusetCpus": applied})
+        await self.bench.docker._query_json(
+            f"containers/{self.name}/update", method="POST", data=body
+        )
+        return applied
+
     async def close(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(Exception):
@@ -781,19 +844,16 @@ class Plain:
         update` at its first upkeep round), so the baseline differs from the add-on in
         the data path only, not in where it may run. Returns the cpuset ("" when the
         agent places nothing)."""
-        d = self.bench.docker
-        deadline = time.monotonic() + timeout_s
-        cores = ""
-        while time.monotonic() < deadline:
-            info = await d.containers.container(model.db_name(addon_id)).show()
-            cores = str((info.get("HostConfig") or {}).get("CpusetCpus") or "")
-            if cores:
-                break
-            await asyncio.sleep(0.5)
-        if cores:
-            body = json.dumps({"CpusetCpus": cores})
-            await d._query_json(f"containers/{self.db_name}/update", method="POST", data=body)
+        cores = await self.bench.home_cores(addon_id, timeout_s)
+        await self.pin(cores)
         return cores
+
+    async def pin(self, cores: str) -> None:
+        """Move the database to these cores in place ("": every host core)."""
+        body = json.dumps({"CpusetCpus": cores or host_cpuset()})
+        await self.bench.docker._query_json(
+            f"containers/{self.db_name}/update", method="POST", data=body
+        )
 
     async def remove(self) -> None:
         names = [self.db_name] + ([self.holder_name] if self.holder_body else [])

@@ -24,6 +24,30 @@ container on it (`docker exec`), by address:
             connections would go direct; the deep rows therefore use the pool load below.
 
 Runs rotate orkestr / baseline / light across rounds to spread drift over all three.
+
+Placement, alike for every row (pgbench and redis-benchmark): the agent pins each add-on
+to home cores (agent/placement.py), and where it puts the awake add-on and the light one
+depends on their ids, so the two often get different cores. Before each run the bench
+reads the server's cores afresh (the agent moves add-ons while they are being created),
+pins the plain container like the add-on it is compared with, and confines the client's
+toolbox container (so pgbench and redis-benchmark, which `docker exec` runs in it) to the
+cores its server is not on. Unpinned, the scheduler put the client now on the server's
+core, now on the other, within one run: on this 2-vCPU VM that alone moved
+redis-benchmark by up to 1.5x, more than any difference between the rows, and
+differently for the light row (its own client, its own core) than for the baseline. When
+the light add-on's cores differ from the awake one's, the plain container runs a second
+time per round pinned like the light add-on (`baseline_light`), and the light ratio is
+taken against that; otherwise the baseline run serves both. No row gets a placement the
+others do not: the baseline is moved only to where the add-on it stands in for runs.
+Every run records its cores, the load average, the CPU the agent, keeper and
+controller used meanwhile, and the CPU per request (per pgbench transaction) of the
+server's and the client's containers, read from their cgroups (`runs`;
+`cpu_us_per_request_median` per row). That last figure is what a slower data path (a
+rule in every packet's way, a quota) would raise, and other work on a shared machine
+moves it far less than throughput. `cores_moved_during_runs` lists any move the agent
+made while the rows ran. The pool load's clients are processes in the client's
+namespace, not in its container: the pool rows keep the old placement (plain container
+where the awake add-on is, clients free).
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
                    select-only (-S) and TPC-B-like (default script); TPS without the
                    initial connection time.
@@ -34,8 +58,8 @@ Runs rotate orkestr / baseline / light across rounds to spread drift over all th
                   pgbench -S's query (asyncpg, prepared), redis GET and SET (raw RESP).
                   Against baseline (opened while up), light and deep; queries/s and p50.
 Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), and
-light_ratio = median(light) / median(baseline); target >= 0.95 for both. For the pool
-load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
+light_ratio = median(light) / median(baseline on the light add-on's cores); target >= 0.95
+for both. For the pool load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
 
 Prints a table and ends with one JSON line.
 """
@@ -45,13 +69,17 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import re
 from typing import Any
 
 from _harness import (
     Bench,
     Client,
+    Plain,
     activity,
+    container_cpu_ns,
+    cpu_ms,
     credentials,
     deep_wake_mode,
     log,
@@ -107,6 +135,14 @@ async def redis_run(client: Client, t: dict[str, Any], requests: int) -> dict[st
     return rps
 
 
+def per_request(before: list[float], after: list[float], requests: float) -> dict[str, float]:
+    """CPU microseconds per request in the server's and the client's containers (their
+    cgroups): unlike throughput, hardly moved by other work on the machine, so a data
+    path that costs more per packet shows here even when the load hides it."""
+    server, client = ((a - b) * 1000 / max(requests, 1) for a, b in zip(after, before, strict=True))
+    return {"server": rnd(server, 2), "client": rnd(client, 2), "total": rnd(server + client, 2)}
+
+
 async def own_connections(b: Bench, addon: dict[str, Any], client_ip: str) -> int:
     """The database's connections from the client's own address (a relayed one comes from
     the gateway), read in the holder's namespace."""
@@ -159,17 +195,18 @@ async def main(quick: bool) -> dict[str, Any]:
         }  # fmt: skip
         res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
         targets: dict[str, dict[str, dict[str, Any]]] = {"postgres": {}, "redis": {}}
+        plains: dict[str, Plain] = {}
         for kind, addon in (("postgres", pg), ("redis", rd)):
             ip = await b.ip_on(model.holder_name(addon["id"]), network)
             targets[kind]["orkestr"] = {**credentials(env, addon["name"]), "host": ip}
-            plain = b.plain(kind, network, res, shared_netns=False)
+            plain = plains[kind] = b.plain(kind, network, res, shared_netns=False)
             await plain.run_api()
-            results.setdefault("baseline_cores", {})[kind] = await plain.pin_like(addon["id"])
+            await plain.pin_like(addon["id"])
             plain_ip = await plain.ip()
             await client.poll_start(plain.target(plain_ip), interval_ms=20, deadline_s=120)
             if not (await client.poll_result(150))["ok"]:
                 raise RuntimeError(f"plain {kind} never became ready")
-            targets[kind]["baseline"] = plain.target(plain_ip)
+            targets[kind]["baseline"] = targets[kind]["baseline_light"] = plain.target(plain_ip)
         for kind, addon in (("postgres", pg_light), ("redis", rd_light)):
             ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(sleepy))
             targets[kind]["light"] = {**credentials(light_env, addon["name"]), "host": ip}
@@ -180,6 +217,45 @@ async def main(quick: bool) -> dict[str, Any]:
         for who in (*WHO, "deep"):
             await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
         light_wakes: list[dict[str, Any]] = []
+        clients["baseline_light"] = client
+        paired = {"postgres": {"orkestr": pg, "light": pg_light}, "redis": {"orkestr": rd, "light": rd_light}}  # fmt: skip
+
+        async def place(kind: str, who: str) -> dict[str, Any]:
+            """Read the home cores now (the agent may have moved an add-on since: placement
+            is over all add-ons), pin the plain container like the add-on it stands in for,
+            and put the client on the other cores, alike for every row."""
+            addon = paired[kind]["light" if who in ("light", "baseline_light") else "orkestr"]
+            server = await b.home_cores(addon["id"], timeout_s=0)
+            if who.startswith("baseline"):
+                await plains[kind].pin(server)
+            return {
+                "server_cores": server,
+                "client_cores": await clients[who].pin_away_from(server),
+            }
+
+        async def cgroups(kind: str, who: str) -> list[str]:
+            """The server's and the client's container ids (their cgroups' CPU time)."""
+            server = (
+                plains[kind].db_name
+                if who.startswith("baseline")
+                else model.db_name(paired[kind][who]["id"])
+            )
+            return [
+                (await b.docker.containers.container(n).show())["Id"]
+                for n in (server, clients[who].name)
+            ]
+
+        def cgroup_cpu_ms(ids: list[str]) -> list[float]:
+            return [(container_cpu_ns(i) or 0) / 1e6 for i in ids]
+
+        async def rotation(kind: str, r: int) -> list[str]:
+            """This round's rows: the plain container runs a second time, pinned like the
+            light add-on, when the agent placed that one on other cores than the awake one."""
+            homes = [
+                await b.home_cores(paired[kind][w]["id"], timeout_s=0) for w in ("orkestr", "light")
+            ]
+            whos = [*WHO, "baseline_light"] if homes[0] != homes[1] else list(WHO)
+            return [whos[(r + i) % len(whos)] for i in range(len(whos))]
 
         async def asleep(
             addon: dict[str, Any], state: str = "paused", project_id: str = ""
@@ -200,40 +276,92 @@ async def main(quick: bool) -> dict[str, Any]:
             light_wakes.append({"addon": addon["name"], "last_wake_ms": view["last_wake_ms"][-1]})
 
         results["activity_before"] = activity(b.host)
+        assert b.agent is not None
+        log_mark = b.agent.log_path.stat().st_size
 
         samples: dict[str, dict[str, list[float]]] = {
-            test: {who: [] for who in WHO}
+            test: {who: [] for who in (*WHO, "baseline_light")}
             for test in ("pgbench_select", "pgbench_tpcb", "redis_get", "redis_set")
         }
+        runs: list[dict[str, Any]] = []  # every run: its figure, placement, load, our CPU
+        results["runs"] = runs
+
+        def record(
+            test: str,
+            r: int,
+            who: str,
+            where: dict[str, Any],
+            figures: dict[str, float],
+            cpu: float,
+        ) -> None:
+            load = os.getloadavg()[0]
+            runs.append({"test": test, "round": r + 1, "who": who, **where,
+                         **{k: rnd(v, 1) for k, v in figures.items()},
+                         "services_cpu_ms": rnd(cpu, 0), "load": rnd(load, 2)})  # fmt: skip
+            shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+            per = where.get("cpu_us_per_request") or where.get("cpu_us_per_tx") or {}
+            log(f"round {r + 1}/{rounds} {test} {who}: {shown} (server cores {where['server_cores']}, "
+                f"client {where['client_cores']}, cpu/request {per.get('server')} + {per.get('client')} us, "
+                f"services cpu {cpu:.0f} ms, load {load:.2f})")  # fmt: skip
+
         for r in range(rounds):
-            order = [WHO[(r + i) % 3] for i in range(3)]
             for mode in ("select", "tpcb"):
+                order = await rotation("postgres", r)
+                if mode == "tpcb":
+                    order.reverse()  # ABBA within a round too
                 for who in order:
                     wakes = 0
+                    where = await place("postgres", who)
                     if who == "light":
                         await asleep(pg_light)
                         wakes = (await b.addon(sleepy, pg_light["id"]))["wakes"]
+                    ids = await cgroups("postgres", who)
+                    cpu0, cg0 = cpu_ms(b.service_pids()), cgroup_cpu_ms(ids)
                     tps = await pg_run(clients[who], targets["postgres"][who], mode, seconds)
+                    cpu = cpu_ms(b.service_pids()) - cpu0
+                    where["cpu_us_per_tx"] = per_request(cg0, cgroup_cpu_ms(ids), tps * seconds)
                     if who == "light":
                         await woken(pg_light, wakes)
                     samples[f"pgbench_{mode}"][who].append(tps)
-                    log(f"round {r + 1}/{rounds} pgbench {mode} {who}: {tps:.0f} tps")
-                order.reverse()  # ABBA within a round too
+                    record(f"pgbench_{mode}", r, who, where, {"tps": tps}, cpu)
+                if "baseline_light" not in order:  # one placement: the baseline serves both
+                    samples[f"pgbench_{mode}"]["baseline_light"].append(
+                        samples[f"pgbench_{mode}"]["baseline"][-1]
+                    )
+            order = await rotation("redis", r)
             for who in order:
                 wakes = 0
+                where = await place("redis", who)
                 if who == "light":
                     await asleep(rd_light)
                     wakes = (await b.addon(sleepy, rd_light["id"]))["wakes"]
+                ids = await cgroups("redis", who)
+                cpu0, cg0 = cpu_ms(b.service_pids()), cgroup_cpu_ms(ids)
                 rps = await redis_run(clients[who], targets["redis"][who], requests)
+                cpu = cpu_ms(b.service_pids()) - cpu0
+                where["cpu_us_per_request"] = per_request(cg0, cgroup_cpu_ms(ids), 2 * requests)
                 if who == "light":
                     await woken(rd_light, wakes)
                 samples["redis_get"][who].append(rps["get"])
                 samples["redis_set"][who].append(rps["set"])
-                log(
-                    f"round {r + 1}/{rounds} redis {who}: get {rps['get']:.0f}, set {rps['set']:.0f} rps"
-                )
+                record("redis", r, who, where, rps, cpu)
+            if "baseline_light" not in order:
+                for test in ("redis_get", "redis_set"):
+                    samples[test]["baseline_light"].append(samples[test]["baseline"][-1])
+        # Home cores the agent moved while the rows ran (each run records its own).
+        moves = b.agent.log_path.read_bytes()[log_mark:].decode(errors="replace")
+        results["cores_moved_during_runs"] = [
+            line.split("upkeep.limits_updated ", 1)[1]
+            for line in moves.splitlines()
+            if "upkeep.limits_updated" in line
+        ]
+        # The pool rows below keep the plain containers where the awake add-ons are, and
+        # their clients (processes in the client's namespace, not in its container) free.
+        for kind in ("postgres", "redis"):
+            await place(kind, "baseline")
+        for c in {id(c): c for c in clients.values()}.values():
+            await c.pin_away_from("")
 
-        assert b.agent is not None
         keeper = KeeperClient(str(b.agent.dir / "keeper.sock"))
         sleepy_addons = {
             ("light", "postgres"): pg_light, ("light", "redis"): rd_light,
@@ -304,7 +432,9 @@ async def main(quick: bool) -> dict[str, Any]:
 
     for test, by in samples.items():
         ours, base, light = by["orkestr"], by["baseline"], by["light"]
+        light_base = by["baseline_light"]  # the plain container on the light add-on's cores
         o50, b50, l50 = percentile(ours, 50), percentile(base, 50), percentile(light, 50)
+        lb50 = percentile(light_base, 50)
         results[test] = {
             "unit": "tps" if test.startswith("pgbench") else "requests/s",
             "orkestr": [rnd(x, 1) for x in ours],
@@ -317,10 +447,20 @@ async def main(quick: bool) -> dict[str, Any]:
             "pass": o50 / b50 >= TARGET_RATIO,
             "light": [rnd(x, 1) for x in light],
             "light_median": rnd(l50, 1),
-            "light_ratio": rnd(l50 / b50),
-            "light_ratio_per_round": [rnd(x / bb) for x, bb in zip(light, base, strict=True)],
-            "light_pass": l50 / b50 >= TARGET_RATIO,
+            "light_baseline": [rnd(x, 1) for x in light_base],
+            "light_baseline_median": rnd(lb50, 1),
+            "light_ratio": rnd(l50 / lb50),
+            "light_ratio_per_round": [rnd(x / bb) for x, bb in zip(light, light_base, strict=True)],
+            "light_pass": l50 / lb50 >= TARGET_RATIO,
         }
+    cpu_per: dict[str, dict[str, Any]] = {}
+    for run in results["runs"]:
+        per = run.get("cpu_us_per_request") or run.get("cpu_us_per_tx")
+        cpu_per.setdefault(run["test"], {}).setdefault(run["who"], []).append(per["total"])
+    results["cpu_us_per_request_median"] = {
+        test: {who: rnd(percentile(v, 50), 2) for who, v in by_who.items()}
+        for test, by_who in cpu_per.items()
+    }
     for test, by in pool.items():
         base50 = percentile(by["baseline"], 50)
         results[test] = {
@@ -347,7 +487,7 @@ def report(results: dict[str, Any]) -> None:
             "PASS" if r["pass"] else "FAIL",
         ])  # fmt: skip
         rows.append([
-            f"{test} (opened in light sleep)", r["unit"], r["light_median"], r["baseline_median"],
+            f"{test} (opened in light sleep)", r["unit"], r["light_median"], r["light_baseline_median"],
             r["light_ratio"], " ".join(f"{x:.3f}" for x in r["light_ratio_per_round"]),
             f">= {TARGET_RATIO}", "PASS" if r["light_pass"] else "FAIL",
         ])  # fmt: skip
@@ -367,6 +507,10 @@ def report(results: dict[str, Any]) -> None:
          "target", ""],
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
+    print()
+    for test, by_who in results.get("cpu_us_per_request_median", {}).items():
+        shown = ", ".join(f"{who} {v}" for who, v in by_who.items())
+        print(f"CPU per request (server + client containers, median us), {test}: {shown}")
     print()
     print_context(results)
 

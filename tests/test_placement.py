@@ -99,3 +99,13 @@ def test_limits_differ_compares_the_home_cores_when_there_are_some() -> None:
     assert upkeep.limits_differ({**right, "CpusetCpus": ""}, a, "1")
     # No placement wanted (home_cores off, one CPU): whatever set it has stays.
     assert not upkeep.limits_differ(right, a, "")
+
+
+@given(st.sets(st.integers(0, 63)))
+def test_cpus_of_reads_back_what_cpuset_writes(cpus: set[int]) -> None:
+    assert placement.cpus_of(placement.cpuset(sorted(cpus))) == cpus
+
+
+def test_cpus_of_reads_dockers_notation() -> None:
+    assert placement.cpus_of("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert placement.cpus_of("") == set()
