@@ -843,8 +843,10 @@ class Agent:
         KEEP_ROUNDS rounds anyway, so accepting new clients stays checked too.
         """
         conn, rounds = await self._take_kept(addon.id, keep, ip)
+        # The upkeep's INFO goes in the probe's write: a kept connection's round is one
+        # round trip (a fresh one's two: CONFIG GET is its own, once per connection).
         if conn is not None:
-            result = await probe.redis_ping(conn, ip)
+            result, info = await probe.redis_ping_info(conn, ip)
             if not result[0]:
                 await conn.close()
                 conn = None
@@ -854,10 +856,10 @@ class Agent:
             conn, result = await probe.redis_connect(ip, password, timeout_s)
             if conn is None:
                 return result
-            result = await probe.redis_ping(conn, ip)
+            result, info = await probe.redis_ping_info(conn, ip)
         try:
             if result[0]:
-                await self._tend(addon, ip, timeout_s, conn)
+                await self._tend(addon, ip, timeout_s, conn, info=info)
         finally:
             if keep is not None and result[0] and not conn.closed and rounds + 1 < KEEP_ROUNDS:
                 self._kept[addon.id] = (keep, ip, conn, rounds + 1)
@@ -892,15 +894,18 @@ class Agent:
         timeout_s: float,
         redis: resp.Connection | None = None,
         quota_only: bool = False,
+        info: resp.Reply = None,
     ) -> None:
-        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
+        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py).
+
+        `info`: the reply to `INFO memory` the probe had `redis` answer with its PING."""
         project_id = self._project_of.get(addon.id, "")
         try:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
                 await self.upkeep.tend(
-                    project_id, addon, ip, timeout_s, redis, quota_only=quota_only
+                    project_id, addon, ip, timeout_s, redis, quota_only=quota_only, info=info
                 )
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)
