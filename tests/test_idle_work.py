@@ -1,5 +1,6 @@
-"""The idle agent's cheap periodic reads (agent/smallfiles.py and its users) and the
-pipelined Redis round (agent/resp.py): they read what the slower ways read.
+"""The idle agent's cheaper periodic work (agent/smallfiles.py and its users, the pipelined
+Redis round of agent/resp.py, the condition flips a re-probe compares): each reads or
+decides what the slower way did.
 
 The files are real: this process's own /proc, files written here, a real TCP server.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import netns, probe, resp, smallfiles
+from agent.conditions import ConditionBook
 from agent.secrets import SecretStore
 
 AID = "c" * 32
@@ -163,3 +166,19 @@ async def test_a_refused_handshake_or_ping_fails_the_probe_without_an_info() -> 
         )
         assert reply is None
         await conn.close()
+
+
+def test_condition_flips_see_a_status_or_reason_change_not_a_message() -> None:
+    book = ConditionBook()
+    now = datetime.now(UTC)
+    book.set(AID, "StorageQuota", "True", "WithinQuota", "1.0 MB of 48 MB (2 %)", now)
+    book.set(AID, "MemoryLimit", "True", "WithinLimit", "no OOM kill", now)
+    before = book.flips(AID)
+    book.set(AID, "StorageQuota", "True", "WithinQuota", "1.1 MB of 48 MB (2 %)", now)
+    assert book.flips(AID) == before
+    book.set(AID, "StorageQuota", "True", "NearQuota", "44 MB of 48 MB (92 %)", now)
+    assert book.flips(AID) != before
+    book.set(AID, "StorageQuota", "True", "WithinQuota", "1.0 MB of 48 MB (2 %)", now)
+    book.set(AID, "MemoryLimit", "False", "OOMKilled", "killed", now)
+    assert book.flips(AID) != before
+    assert book.flips("nobody") == {}
