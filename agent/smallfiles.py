@@ -12,22 +12,26 @@ from __future__ import annotations
 import os
 import stat
 
-# Larger than anything read here (a /proc/net/snmp is ~1.3 KB, a secret a few dozen
-# bytes); a file that fills it is read on until its end.
+# Larger than anything read here (a /proc/net/snmp is ~1.3 KB, a secret a few dozen bytes).
 CHUNK = 64 * 1024
 
 
 def read_bytes(path: str) -> bytes:
-    """The file's whole content; OSError as `open` raises it (FileNotFoundError, ...)."""
+    """The file's whole content; OSError as `open` raises it (FileNotFoundError, ...).
+
+    Read until a read returns nothing: a /proc file made by seq_file (/proc/net/tcp) gives
+    at most a page or so per read, however much is asked for, so a short read is not its
+    end.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, CHUNK)
-        if len(data) < CHUNK:
+        if not data:
             return data
         parts = [data]
         while chunk := os.read(fd, CHUNK):
             parts.append(chunk)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         os.close(fd)
 

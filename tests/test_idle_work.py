@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def test_proc_files_read_whole() -> None:
     assert [line.split(b":")[0] for line in got.splitlines()] == [
         line.split(b":")[0] for line in expected.splitlines()
     ]
+
+
+def test_a_long_proc_table_is_read_whole_not_one_page() -> None:
+    """seq_file gives /proc/net/tcp a page or so per read: a short read is not the end.
+    (Read once, the client list of a namespace with ~30 sockets was cut short.)"""
+    listeners = []
+    try:
+        for _ in range(120):  # ~150 bytes a line: ~18 KB, several pages
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listeners.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1)
+        ports = {sock.getsockname()[1] for sock in listeners}
+        got = smallfiles.read_bytes(f"/proc/{os.getpid()}/net/tcp")
+        assert len(got) > 4096 * 2
+        seen = {s.local_port for s in netns.parse_tcp_table(got.decode(), ipv6=False)}
+        assert ports <= seen
+        assert ports <= {s.local_port for s in netns.tcp_table(os.getpid())}
+    finally:
+        for sock in listeners:
+            sock.close()
 
 
 def test_passive_opens_is_the_tcp_counter_the_line_parse_finds() -> None:
