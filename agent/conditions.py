@@ -38,6 +38,11 @@ class ConditionBook:
         conditions = self._by_owner.get(owner, {})
         return tuple(conditions[t] for t in sorted(conditions))
 
+    def flips(self, owner: str) -> dict[str, tuple[ConditionStatus, str]]:
+        """An owner's conditions without their messages and times, type -> (status,
+        reason): what changes when a condition flipped, not when a usage figure moved."""
+        return {t: (c.status, c.reason) for t, c in self._by_owner.get(owner, {}).items()}
+
     def get(self, owner: str, type_: str) -> Condition | None:
         return self._by_owner.get(owner, {}).get(type_)
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
+import msgspec
 
 from agent import model, observe, specs
 from agent.errors import Conflict, NotFound, PermanentError, TransientError
@@ -79,24 +80,27 @@ class Docker:
     async def ping(self) -> None:
         await self._call("ping", lambda: self.client.version())
 
+    async def _list(self, path: str, extra: dict[str, str] | None = None) -> Any:
+        """One of the snapshot's lists, decoded by msgspec: two hundred containers are
+        ~300 KB of JSON each pass, which the json module took a third of a pass to read."""
+        params = {**(extra or {}), "filters": json.dumps(self._filters())}
+        async with self.client._query(path, params=params) as response:
+            body = await response.read()
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise TransientError(f"list {path}: not JSON: {exc}") from None
+
     async def snapshot(self) -> Observed:
-        filters = self._filters()
-
-        async def containers() -> list[dict[str, Any]]:
-            return await self.client._query_json(  # type: ignore[no-any-return]
-                "containers/json", params={"all": "1", "filters": json.dumps(filters)}
-            )
-
         # The three lists at once: each is a round trip to a daemon that may be busy.
         raw_containers, raw_networks, raw_volumes = await asyncio.gather(
-            self._call("list containers", containers),
-            self._call("list networks", lambda: self.client.networks.list(filters=filters)),
-            self._call(
-                "list volumes",
-                lambda: self.client.volumes.list(filters=filters),  # type: ignore[no-untyped-call]
-            ),
+            self._call("list containers", lambda: self._list("containers/json", {"all": "1"})),
+            self._call("list networks", lambda: self._list("networks")),
+            self._call("list volumes", lambda: self._list("volumes")),
         )
-        return observe.observed(raw_containers, raw_networks, raw_volumes.get("Volumes") or [])
+        return observe.observed(
+            raw_containers, raw_networks, (raw_volumes or {}).get("Volumes") or []
+        )
 
     async def create_network(self, name: str, project_id: str) -> None:
         config = {

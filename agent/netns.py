@@ -23,6 +23,8 @@ from typing import TypeVar
 
 from msgspec import Struct
 
+from agent import smallfiles
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
@@ -162,16 +164,23 @@ def tcp_table(pid: int) -> list[TcpSocket]:
     out: list[TcpSocket] = []
     for name, v6 in (("tcp", False), ("tcp6", True)):
         try:
-            with open(f"/proc/{pid}/net/{name}") as f:
-                out += parse_tcp_table(f.read(), v6)
+            text = smallfiles.read_bytes(f"/proc/{pid}/net/{name}").decode()
         except OSError:
             continue
+        out += parse_tcp_table(text, v6)
     return out
 
 
 def passive_opens(pid: int) -> int:
-    """Connections accepted in the namespace since it was created (TCP PassiveOpens)."""
-    with open(f"/proc/{pid}/net/snmp") as f:
-        lines = [line.split() for line in f if line.startswith("Tcp:")]
+    """Connections accepted in the namespace since it was created (TCP PassiveOpens).
+
+    Read for every sleep-enabled add-on every sleep tick: one read of the file, and only
+    its two `Tcp:` lines (names, then values) split.
+    """
+    return parse_passive_opens(smallfiles.read_bytes(f"/proc/{pid}/net/snmp"))
+
+
+def parse_passive_opens(snmp: bytes) -> int:
+    lines = [line.split() for line in snmp.splitlines() if line.startswith(b"Tcp:")]
     header, values = lines[0], lines[1]
-    return int(values[header.index("PassiveOpens")])
+    return int(values[header.index(b"PassiveOpens")])

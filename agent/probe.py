@@ -128,10 +128,23 @@ async def redis_connect(
 
 async def redis_ping(conn: resp.Connection, ip: str) -> tuple[bool, str, str]:
     """PING, sent with the connection's AUTH and CLIENT SETNAME: one round trip."""
+    return (await redis_ping_info(conn, ip, info=False))[0]
+
+
+async def redis_ping_info(
+    conn: resp.Connection, ip: str, info: bool = True
+) -> tuple[tuple[bool, str, str], resp.Reply]:
+    """`redis_ping`, with `INFO memory` in the same write for the upkeep round after it
+    (None without `info`, or when PING failed): a round is then one round trip."""
+    commands: list[tuple[str, ...]] = [("PING",), ("INFO", "memory")] if info else [("PING",)]
     try:
-        pong = await conn.call("PING")
+        replies = await conn.pipeline(*commands)
     except (TimeoutError, resp.RespError, OSError) as exc:
-        return False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"
+        return (False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"), None
+    pong = replies[0]
+    if isinstance(pong, resp.RespError):
+        return (False, "Unreachable", f"redis at {ip}: RespError: {pong}"), None
     if pong != "PONG":
-        return False, "QueryFailed", f"redis at {ip} answered {pong!r} to PING"
-    return True, "ClientConnected", f"the agent connected to {ip}:{PORTS['redis']} and got PONG"
+        return (False, "QueryFailed", f"redis at {ip} answered {pong!r} to PING"), None
+    ok = f"the agent connected to {ip}:{PORTS['redis']} and got PONG"
+    return (True, "ClientConnected", ok), replies[1] if info else None

@@ -1,7 +1,8 @@
 """A minimal Redis client for the agent's own few commands (RESP2 over asyncio streams).
 
 The agent talks to each awake Redis add-on once per resync interval (a readiness probe and
-the upkeep round: AUTH, PING, CONFIG, INFO, ACL SETUSER). redis-py builds a connection
+the upkeep round: AUTH, PING, CONFIG, INFO, ACL SETUSER); a kept connection's round is one
+round trip, PING and INFO pipelined. redis-py builds a connection
 pool, a retry policy and a parser per client and costs ~6 MiB of resident memory to
 import; at a hundred add-ons per host that was most of the agent's idle CPU. This is the
 protocol subset those commands need: commands are sent pipelined in one write, and the
@@ -107,14 +108,26 @@ class Connection:
 
         An error reply to any of them raises `RespError`, the handshake's first.
         """
+        reply = (await self.pipeline(args))[0]
+        if isinstance(reply, RespError):
+            raise reply
+        return reply
+
+    async def pipeline(self, *commands: tuple[str | bytes | int, ...]) -> list[Reply]:
+        """Send commands in one write (after any queued handshake); their replies in order.
+
+        An error reply to the handshake raises `RespError`; one to a command is its value
+        in the list (and, as for `call`, the connection is not used again).
+        """
         if self.broken:
             raise RespError("connection broken by an earlier call")
         queued, self._pending = self._pending, []
+        count = len(queued) + len(commands)
         try:
-            self._writer.write(b"".join([*queued, encode(*args)]))
+            self._writer.write(b"".join([*queued, *(encode(*c) for c in commands)]))
             async with asyncio.timeout(self.timeout_s):
                 await self._writer.drain()
-                replies = [await read_reply(self._reader) for _ in range(len(queued) + 1)]
+                replies = [await read_reply(self._reader) for _ in range(count)]
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             self.broken = True
             raise RespError(f"broken reply: {exc!r}") from None
@@ -124,8 +137,10 @@ class Connection:
         for reply in replies:
             if isinstance(reply, RespError):
                 self.broken = True
+        for reply in replies[: len(queued)]:
+            if isinstance(reply, RespError):
                 raise reply
-        return replies[-1]
+        return replies[len(queued) :]
 
     @property
     def closed(self) -> bool:

@@ -722,14 +722,13 @@ class Agent:
         acts on the failure; that pass is asked for at once, as is one when the upkeep
         flipped a condition (a quota reached, a memory kill; not a usage figure that moved).
         """
-        gate = asyncio.Semaphore(concurrency)
         changed = False
+        queue = iter(targets)
 
         async def one(t: status.Target) -> None:
             nonlocal changed
-            before = self._flips(t.addon.id)
-            async with gate:
-                ok, reason, message = await self._probe(t.addon, t.ip, keep=t.db_id)
+            before = self.book.flips(t.addon.id)
+            ok, reason, message = await self._probe(t.addon, t.ip, keep=t.db_id)
             last = self._last_probe.get(t.addon.id)
             if last is None or last[0] != t.db_id:
                 return  # replaced or gone meanwhile: the pass has it
@@ -743,19 +742,20 @@ class Agent:
                 )
             else:
                 del self._last_probe[t.addon.id]
-            changed = changed or not ok or self._flips(t.addon.id) != before
+            changed = changed or not ok or self.book.flips(t.addon.id) != before
 
-        try:
-            await asyncio.gather(*(one(t) for t in targets))
-        except Exception:  # a bug here must not stop the next rounds
-            log.exception("reprobe.crashed")
+        async def worker() -> None:
+            # `concurrency` of these take the targets in turn: a task and a semaphore wait
+            # per add-on were a good part of the round's own cost at a hundred add-ons.
+            for t in queue:
+                try:
+                    await one(t)
+                except Exception:  # a bug here must not stop the other add-ons' probes
+                    log.exception("reprobe.crashed addon=%s", t.addon.id)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         if changed:
             self.trigger()
-
-    def _flips(self, addon_id: str) -> tuple[tuple[str, str, str], ...]:
-        """An add-on's conditions without their messages: a usage figure that moved is
-        reported by the next pass; a condition that flipped asks for one at once."""
-        return tuple((c.type, c.status, c.reason) for c in self.book.of(addon_id))
 
     def _await_readiness(self, target: status.Target) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync.
@@ -843,8 +843,10 @@ class Agent:
         KEEP_ROUNDS rounds anyway, so accepting new clients stays checked too.
         """
         conn, rounds = await self._take_kept(addon.id, keep, ip)
+        # The upkeep's INFO goes in the probe's write: a kept connection's round is one
+        # round trip (a fresh one's two: CONFIG GET is its own, once per connection).
         if conn is not None:
-            result = await probe.redis_ping(conn, ip)
+            result, info = await probe.redis_ping_info(conn, ip)
             if not result[0]:
                 await conn.close()
                 conn = None
@@ -854,10 +856,10 @@ class Agent:
             conn, result = await probe.redis_connect(ip, password, timeout_s)
             if conn is None:
                 return result
-            result = await probe.redis_ping(conn, ip)
+            result, info = await probe.redis_ping_info(conn, ip)
         try:
             if result[0]:
-                await self._tend(addon, ip, timeout_s, conn)
+                await self._tend(addon, ip, timeout_s, conn, info=info)
         finally:
             if keep is not None and result[0] and not conn.closed and rounds + 1 < KEEP_ROUNDS:
                 self._kept[addon.id] = (keep, ip, conn, rounds + 1)
@@ -892,15 +894,18 @@ class Agent:
         timeout_s: float,
         redis: resp.Connection | None = None,
         quota_only: bool = False,
+        info: resp.Reply = None,
     ) -> None:
-        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py)."""
+        """Limits, password rotation and storage quota, in the probe's guard (upkeep.py).
+
+        `info`: the reply to `INFO memory` the probe had `redis` answer with its PING."""
         project_id = self._project_of.get(addon.id, "")
         try:
             # One round is a handful of statements; more than this is a stuck database, and
             # the pass that awaits it must go on for the other add-ons.
             async with asyncio.timeout(4 * timeout_s):
                 await self.upkeep.tend(
-                    project_id, addon, ip, timeout_s, redis, quota_only=quota_only
+                    project_id, addon, ip, timeout_s, redis, quota_only=quota_only, info=info
                 )
         except TimeoutError:
             log.warning("upkeep.timed_out addon=%s after_s=%s", addon.id, 4 * timeout_s)

@@ -19,6 +19,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from agent import smallfiles
 from agent.specs import ADMIN_USER, SECRET_MOUNT
 
 # Sourced by the postgres image's entrypoint (the official one and ours) on the first
@@ -82,50 +83,57 @@ class SecretStore:
     def dir(self, addon_id: str) -> Path:
         return self.root / addon_id
 
+    def _file(self, addon_id: str, name: str) -> str:
+        # A plain string path: these are read at every re-probe of every add-on
+        # (agent/smallfiles.py), where pathlib's objects were most of the cost.
+        return f"{self.root}/{addon_id}/{name}"
+
     def versions(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        if not self.root.is_dir():
+        try:
+            names = os.listdir(self.root)
+        except OSError:
             return out
-        for d in self.root.iterdir():
-            if not (d / "admin_password").is_file():
-                continue  # written by an agent before platform roles: written again
-            try:
-                out[d.name] = int((d / "version").read_text())
-            except (OSError, ValueError):
-                continue  # half-written: fetched again
+        for name in names:
+            if (version := self._version(name)) is not None:
+                out[name] = version
         return out
 
     def version(self, addon_id: str) -> int:
         """One add-on's entry of `versions()` (0: none), without reading every add-on's."""
-        d = self.dir(addon_id)
-        if not (d / "admin_password").is_file():
-            return 0
+        return self._version(addon_id) or 0
+
+    def _version(self, addon_id: str) -> int | None:
+        if not smallfiles.is_file(self._file(addon_id, "admin_password")):
+            return None  # written by an agent before platform roles: written again
         try:
-            return int((d / "version").read_text())
+            return int(smallfiles.read_text(self._file(addon_id, "version")))
         except (OSError, ValueError):
-            return 0
+            return None  # half-written: fetched again
 
     def has(self, addon_id: str) -> bool:
-        return (self.dir(addon_id) / "version").is_file()
+        return smallfiles.is_file(self._file(addon_id, "version"))
 
     def password(self, addon_id: str) -> str:
-        return (self.dir(addon_id) / "password").read_text()
+        return smallfiles.read_text(self._file(addon_id, "password"))
 
     def admin_password(self, addon_id: str) -> str:
-        return (self.dir(addon_id) / "admin_password").read_text()
+        return smallfiles.read_text(self._file(addon_id, "admin_password"))
 
     def previous(self, addon_id: str) -> tuple[str, float] | None:
         """The password before the last rotation and when it stops working (epoch s)."""
-        d = self.dir(addon_id)
         try:
-            return (d / "previous_password").read_text(), float((d / "retire_at").read_text())
+            return (
+                smallfiles.read_text(self._file(addon_id, "previous_password")),
+                float(smallfiles.read_text(self._file(addon_id, "retire_at"))),
+            )
         except (OSError, ValueError):
             return None
 
     def applied(self, addon_id: str) -> int:
         """The secret version the database itself was last changed to (0: never)."""
         try:
-            return int((self.dir(addon_id) / "applied").read_text())
+            return int(smallfiles.read_text(self._file(addon_id, "applied")))
         except (OSError, ValueError):
             return 0
 

@@ -37,12 +37,11 @@ import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, resp
+from agent import model, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -102,12 +101,13 @@ OOM_FILES = (
 def oom_kills(container_id: str) -> int | None:
     for pattern in OOM_FILES:
         try:
-            text = Path(pattern.format(id=container_id)).read_text()
+            # Read at every round of every add-on: one open, read and close.
+            text = smallfiles.read_bytes(pattern.format(id=container_id))
         except OSError:
             continue
         for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
+            key, _, value = line.partition(b" ")
+            if key == b"oom_kill" and value.strip().isdigit():
                 return int(value)
     return None
 
@@ -280,19 +280,21 @@ class Upkeep:
         redis: resp.Connection | None = None,
         *,
         quota_only: bool = False,
+        info: resp.Reply = None,
     ) -> None:
         """One round for one add-on; errors are logged and retried after the next probe.
 
         A round already running for the add-on makes this one unnecessary: it does the same.
         The guard's rounds (`quota_only`) measure and enforce the quota, nothing else: no
         Docker call, as soon as possible. `redis`: the probe's open connection to a Redis
-        add-on, used instead of a new one.
+        add-on, used instead of a new one; `info`: its reply to `INFO memory`, if the probe
+        asked for it in the same write as its PING (None: asked here).
         """
         lock = self._rounds.setdefault(addon.id, asyncio.Lock())
         if lock.locked():
             return
         async with lock:
-            await self._round(project_id, addon, ip, timeout_s, quota_only, redis)
+            await self._round(project_id, addon, ip, timeout_s, quota_only, redis, info)
 
     async def _round(
         self,
@@ -302,6 +304,7 @@ class Upkeep:
         timeout_s: float,
         quota_only: bool,
         redis: resp.Connection | None = None,
+        redis_info: resp.Reply = None,
     ) -> None:
         try:
             if quota_only:
@@ -313,7 +316,7 @@ class Upkeep:
                     free = self._measure_fs(addon, info)
                     await self._postgres(addon, ip, timeout_s, free)
                 elif redis is not None:
-                    await self._redis(addon, redis)
+                    await self._redis(addon, redis, redis_info)
                 else:
                     async with await resp.Connection.open(
                         ip,
@@ -701,7 +704,10 @@ class Upkeep:
         raise AgentError("writes not refused yet: the tenant's statements hold the table locks")
 
     # --- Redis ----------------------------------------------------------------------
-    async def _redis(self, addon: AddonSpec, conn: resp.Connection) -> None:
+    async def _redis(
+        self, addon: AddonSpec, conn: resp.Connection, info: resp.Reply = None
+    ) -> None:
+        """`info`: the reply to `INFO memory` read with the probe (None: asked here, last)."""
         version = self._secret_version(addon.id)
         if version and self.secrets.applied(addon.id) != version:
             # Adds the new password; the old one stays until the grace ends.
@@ -725,7 +731,10 @@ class Upkeep:
             if config.get("maxmemory-policy") != "noeviction":
                 await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
             self._redis_config[addon.id] = (conn.serial, quota)
-        info = await conn.call("INFO", "memory")
+        if info is None:
+            info = await conn.call("INFO", "memory")
+        elif isinstance(info, resp.RespError):
+            raise info
         if not isinstance(info, bytes):
             raise resp.RespError(f"INFO answered {info!r}")
         used = resp.info_field(info, "used_memory") or ""
