@@ -39,6 +39,8 @@ from _harness import (
     table,
 )
 
+from tests.agent_fixtures import metrics
+
 TARGETS = {"rss_mib": 80.0, "pass_p99_ms": 200.0, "idle_cpu_pct": 1.0}
 HIST = "orkestr_agent_reconcile_duration_seconds"
 BUCKETS = ("0.01", "0.025", "0.05", "0.1", "0.2", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0")
@@ -61,20 +63,7 @@ def cpu_s(pid: int) -> float:
 async def scrape(b: Bench) -> dict[str, float]:
     """One GET of the agent's /metrics: series -> value."""
     assert b.agent is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", b.agent.metrics_port)
-    try:
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        text = (await asyncio.wait_for(reader.read(), 10)).decode()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    out: dict[str, float] = {}
-    for line in text.partition("\r\n\r\n")[2].splitlines():
-        series, _, value = line.rpartition(" ")
-        if series and not line.startswith("#"):
-            out[series] = float(value)
-    return out
+    return await metrics(b.agent.metrics_port)
 
 
 async def histogram(b: Bench) -> dict[str, float]:

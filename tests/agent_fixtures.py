@@ -419,12 +419,10 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
-async def agent_metric(agent: AgentProcess, series: str) -> float | None:
-    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", agent.metrics_port)
-    except OSError:
-        return None  # not listening (yet): a starting or stopped agent
+async def metrics(port: int) -> dict[str, float]:
+    """One GET of an agent's /metrics on loopback: series -> value. OSError if it does
+    not listen."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
@@ -432,11 +430,20 @@ async def agent_metric(agent: AgentProcess, series: str) -> float | None:
     finally:
         writer.close()
         await writer.wait_closed()
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == series:
-            return float(value)
-    return None
+    out: dict[str, float] = {}
+    for line in text.partition("\r\n\r\n")[2].splitlines():
+        series, _, value = line.rpartition(" ")
+        if series and not line.startswith("#"):
+            out[series] = float(value)
+    return out
+
+
+async def agent_metric(agent: AgentProcess, series: str) -> float | None:
+    """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
+    try:
+        return (await metrics(agent.metrics_port)).get(series)
+    except OSError:
+        return None  # not listening (yet): a starting or stopped agent
 
 
 PASSES = 'orkestr_agent_reconcile_total{result="success"}'

@@ -21,7 +21,7 @@ def test_an_api_address_without_a_scheme_says_what_to_type() -> None:
     message = caught.value.format_message()
     assert "has no scheme" in message
     assert "orkestr login --api http://127.0.0.1:8080" in message
-    assert Client("https://api.internal/", "t").api == "https://api.internal"
+    assert Client("https://127.0.0.1:8443/", "t").api == "https://127.0.0.1:8443"
 
 
 def test_login_without_a_token_says_how_to_give_one(tmp_path: Path) -> None:
