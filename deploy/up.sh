@@ -21,6 +21,7 @@ mqtt_port=${ORKESTR_MQTT_PORT:-1883}
 mqtt_tls_port=${ORKESTR_MQTT_TLS_PORT:-8883}
 mqtt_tls_bind=${ORKESTR_MQTT_TLS_BIND:-127.0.0.1}
 broker_etc=${ORKESTR_BROKER_ETC:-/etc/orkestr-broker}
+broker_data=${ORKESTR_BROKER_DATA:-/var/lib/orkestr-broker}
 database=${ORKESTR_DATABASE:-orkestr}
 
 # Credentials, each in its own root-only file (docs/operations.md: which goes where):
@@ -178,21 +179,44 @@ if [ "$mqtt_port" = 1883 ] && [ -d /run/systemd/system ] && systemctl is-active 
   systemctl disable --now mosquitto.service
 fi
 sum=$(sha256sum "$conf" | cut -c1-16)
-pidf=$run/mosquitto.pid
-if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
-  if [ "$(cat "$run/mosquitto.conf.sum" 2>/dev/null)" != "$sum" ]; then
-    log "restarting the broker: its config changed"
-    kill "$(cat "$pidf")"
-    for _ in $(seq 40); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.25; done
-  else
-    kill -HUP "$(cat "$pidf")"
+if [ -d /run/systemd/system ]; then
+  # Its own unit (systemd/orkestr-broker.service), so it comes back after a reboot.
+  sed "s#/etc/orkestr-broker#$broker_etc#g; s#/var/lib/orkestr-broker#$broker_data#g; s#/opt/orkestr#$repo#g" \
+    systemd/orkestr-broker.service >/etc/systemd/system/orkestr-broker.service
+  systemctl daemon-reload
+  # A broker that up.sh started in the background before there was a unit.
+  if [ -f "$run/mosquitto.pid" ] && kill -0 "$(cat "$run/mosquitto.pid")" 2>/dev/null; then
+    log "moving the broker under systemd (orkestr-broker.service)"
+    kill "$(cat "$run/mosquitto.pid")"
+    for _ in $(seq 40); do kill -0 "$(cat "$run/mosquitto.pid")" 2>/dev/null || break; sleep 0.25; done
+    rm -f "$run/mosquitto.pid"
   fi
-fi
-if ! port_open "$mqtt_port"; then
-  start_bg mosquitto /usr/sbin/mosquitto -c "$conf"
+  if ! systemctl is-active -q orkestr-broker.service; then
+    systemctl enable --now orkestr-broker.service
+  elif [ "$(cat "$run/mosquitto.conf.sum" 2>/dev/null)" != "$sum" ]; then
+    log "restarting the broker: its config changed"
+    systemctl restart orkestr-broker.service
+  else
+    systemctl reload orkestr-broker.service
+  fi
   echo "$sum" >"$run/mosquitto.conf.sum"
-elif ! [ -f "$pidf" ] || ! kill -0 "$(cat "$pidf")" 2>/dev/null; then
-  log "warning: another process listens on port $mqtt_port; it is not our broker ($conf)"
+else
+  pidf=$run/mosquitto.pid
+  if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+    if [ "$(cat "$run/mosquitto.conf.sum" 2>/dev/null)" != "$sum" ]; then
+      log "restarting the broker: its config changed"
+      kill "$(cat "$pidf")"
+      for _ in $(seq 40); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.25; done
+    else
+      kill -HUP "$(cat "$pidf")"
+    fi
+  fi
+  if ! port_open "$mqtt_port"; then
+    start_bg mosquitto /usr/sbin/mosquitto -c "$conf"
+    echo "$sum" >"$run/mosquitto.conf.sum"
+  elif ! [ -f "$pidf" ] || ! kill -0 "$(cat "$pidf")" 2>/dev/null; then
+    log "warning: another process listens on port $mqtt_port; it is not our broker ($conf)"
+  fi
 fi
 
 if [ -d /run/systemd/system ]; then

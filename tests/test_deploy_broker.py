@@ -63,6 +63,18 @@ def setup(base: Path, port: int, tls_port: int) -> subprocess.CompletedProcess[s
     )
 
 
+def unit_confinement() -> list[str]:
+    """setpriv with systemd/orkestr-broker.service's capability bounding set: what systemd
+    leaves the broker, so a key or directory it could read only as full root shows here."""
+    unit = (ROOT / "systemd" / "orkestr-broker.service").read_text()
+    caps = next(
+        line.partition("=")[2].split() for line in unit.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+    )  # fmt: skip
+    keep = ",".join(f"+{c.removeprefix('CAP_').lower()}" for c in caps)
+    return ["setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="installs files for the mosquitto user")
 async def test_broker_setup_gives_a_working_private_persistent_broker(world: Path) -> None:
     port, tls_port = free_port(), free_port()
@@ -80,9 +92,11 @@ async def test_broker_setup_gives_a_working_private_persistent_broker(world: Pat
 
     log = world / "mosquitto.log"
     with log.open("wb") as out:
+        # Confined as its unit confines it: only the capabilities it keeps, no new privileges.
         proc = await asyncio.create_subprocess_exec(
-            _mosquitto_binary(), "-c", str(broker / "mosquitto.conf"), stdout=out, stderr=out
-        )
+            *unit_confinement(), _mosquitto_binary(), "-c", str(broker / "mosquitto.conf"),
+            stdout=out, stderr=out,
+        )  # fmt: skip
     try:
         await wait_for_port(port, 10, lambda: proc.returncode is None)
         await wait_for_port(tls_port, 10, lambda: proc.returncode is None)

@@ -15,10 +15,13 @@ import pytest
 from agent.config import AgentSection
 
 ROOT = Path(__file__).resolve().parent.parent
-UNITS = ("orkestr-controller", "orkestr-wake-keeper", "orkestr-agent")
+UNITS = ("orkestr-controller", "orkestr-wake-keeper", "orkestr-agent", "orkestr-broker")
 # systemd-analyze security's exposure scale, 0 (safe) to 10 (exposed).
 # The agent's 5.2: loop devices and CAP_SYS_RESOURCE for the add-on filesystems (0.2).
-MAX_EXPOSURE = {"orkestr-controller": 4.0, "orkestr-wake-keeper": 4.0, "orkestr-agent": 5.2}
+MAX_EXPOSURE = {
+    "orkestr-controller": 4.0, "orkestr-wake-keeper": 4.0, "orkestr-agent": 5.2,
+    "orkestr-broker": 2.5,
+}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
@@ -91,3 +94,13 @@ def test_agent_keeps_only_the_capabilities_it_uses() -> None:
 def test_controller_and_keeper_have_no_capabilities() -> None:
     for unit in ("orkestr-controller", "orkestr-wake-keeper"):
         assert _settings(unit)["CapabilityBoundingSet"] == [""], unit
+
+
+def test_broker_keeps_only_what_dropping_to_its_user_takes() -> None:
+    s = _settings("orkestr-broker")
+    assert set(" ".join(s["CapabilityBoundingSet"]).split()) == {"CAP_SETUID", "CAP_SETGID"}
+    assert s["NoNewPrivileges"] == ["true"]
+    assert " ".join(s["ReadWritePaths"]).split() == ["/var/lib/orkestr-broker"]
+    # The config is checked before the broker starts, and the controller starts after it.
+    assert any("controller.broker_config" in x for x in s["ExecStartPre"])
+    assert "orkestr-broker.service" in _settings("orkestr-controller")["After"][0].split()
