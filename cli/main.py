@@ -526,7 +526,7 @@ def env(ctx: click.Context, project: str, shell: bool, as_json: bool) -> None:
         for key, value in sorted(variables.items()):
             click.echo(f"export {key}='" + value.replace("'", "'\\''") + "'")
     else:
-        render.table(
+        render.lines(
             ("NAME", "VALUE"),
             sorted(variables.items()),
             f"no variables in {p['name']}: add an add-on first",

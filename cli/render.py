@@ -33,6 +33,19 @@ def table(
     out.print(t)
 
 
+def lines(columns: Sequence[str], rows: Iterable[Sequence[str]], empty: str = "nothing yet") -> None:
+    """A table whose last column is never wrapped or cut, whatever the terminal's width:
+    for values that are copied whole (a DATABASE_URL with its password)."""
+    listed = [tuple(row) for row in rows]
+    if not listed:
+        out.print(f"[dim]{empty}[/dim]")
+        return
+    widths = [max(len(r[i]) for r in [tuple(columns), *listed]) for i in range(len(columns) - 1)]
+    for row in [tuple(columns), *listed]:
+        head = "".join(v.ljust(w + 2) for v, w in zip(row, widths, strict=False))
+        sys.stdout.write(head + row[-1] + "\n")
+
+
 def fields(pairs: Sequence[tuple[str, Any]]) -> None:
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")

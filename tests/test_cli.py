@@ -218,6 +218,14 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         assert "Set DEBUG, GREETING" in out
         variables = (await cli.json("env", "-p", name))["env"]
         assert variables["GREETING"] == "a=b c" and variables["DEBUG"] == "0"
+        # Values are shown whole, on one line, however narrow the terminal: copied as they are.
+        long = "https://user:" + "p" * 150 + "@example.invalid/x"
+        await cli.ok("env", "-p", name, "set", f"LONG_URL={long}")
+        code, out, err = await cli("env", "-p", name, env={"COLUMNS": "80"})
+        assert code == 0, err
+        shown = out.splitlines()
+        assert any(line.split() == ["LONG_URL", long] for line in shown), shown
+        assert any(line.split() == ["GREETING", "a=b", "c"] for line in shown), shown
         code, _, err = await cli("env", "set", "-p", name, "DATABASE_URL=x")
         assert code == 1 and "cannot be overwritten" in err and "HTTP 409" in err
         code, _, err = await cli("env", "set", "-p", name, "NOEQUALS")
