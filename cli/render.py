@@ -33,7 +33,9 @@ def table(
     out.print(t)
 
 
-def lines(columns: Sequence[str], rows: Iterable[Sequence[str]], empty: str = "nothing yet") -> None:
+def lines(
+    columns: Sequence[str], rows: Iterable[Sequence[str]], empty: str = "nothing yet"
+) -> None:
     """A table whose last column is never wrapped or cut, whatever the terminal's width:
     for values that are copied whole (a DATABASE_URL with its password)."""
     listed = [tuple(row) for row in rows]
