@@ -31,6 +31,19 @@ WAL_DIR = "/var/lib/postgresql/wal"
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
+# What every platform session into a tenant's database sets when it connects. The tenant
+# owns its database, so `ALTER DATABASE ... SET` is its to use, and those settings apply
+# to every session, the platform's superuser included: a `search_path` with its own schema
+# ahead of pg_catalog would run the tenant's `pg_database_size` (or `=`) as superuser, a
+# `role` would run the platform's session as the tenant, a `statement_timeout` or read-only
+# default would stop the quota guard. Sent in the startup packet, these outrank them.
+PLATFORM_PG_SETTINGS = (
+    ("search_path", "pg_catalog,pg_temp"),
+    ("role", "none"),
+    ("statement_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+)
 SECRET_VERSION_LABEL = "orkestr.secret-version"
 
 # Fences every container gets (docs/architecture.md, "Tenant fences").

@@ -51,6 +51,7 @@ from agent.secrets import SecretStore
 from agent.specs import (
     ADMIN_USER,
     DATA_DIRS,
+    PLATFORM_PG_SETTINGS,
     WAL_DIR,
     fs_size_mb,
     max_wal_size_mb,
@@ -557,6 +558,7 @@ class Upkeep:
             command_timeout=timeout_s,
             ssl=False,
             server_settings={
+                **dict(PLATFORM_PG_SETTINGS),
                 "application_name": "orkestr-upkeep",
                 "lock_timeout": str(max(1, int(timeout_s * 1000))),
             },

@@ -19,6 +19,7 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     wait_for,
     wait_phase,
@@ -103,6 +104,75 @@ async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
     # The refused SHUTDOWN left Redis up, and the add-ons still answer.
     await wait_phase(c, project["id"], rd["id"], "ready")
     assert inspect(f"orkestr-{rd['id']}-db")["State"]["Running"]
+
+
+# Run by the tenant: its database's settings turned against the platform's own sessions.
+# `public` ahead of pg_catalog makes its `pg_database_size(name)` the one the upkeep's
+# superuser session calls each round; the function makes the tenant a superuser when a
+# superuser calls it, and records who did.
+_SEARCH_PATH_TRAP = r"""
+CREATE TABLE public.trap_calls (by_user name, is_super boolean);
+DO $d$ BEGIN
+  EXECUTE format('ALTER DATABASE %I SET search_path = public, pg_catalog', current_database());
+  EXECUTE format($f$
+    CREATE FUNCTION public.pg_database_size(name) RETURNS bigint LANGUAGE plpgsql AS $b$
+    DECLARE su boolean := (SELECT rolsuper FROM pg_catalog.pg_roles
+                           WHERE rolname = current_user);
+    BEGIN
+      INSERT INTO public.trap_calls VALUES (current_user, su);
+      IF su THEN EXECUTE 'ALTER ROLE %I SUPERUSER'; END IF;
+      RETURN 1;
+    END $b$ $f$, current_user);
+  GRANT INSERT ON public.trap_calls TO PUBLIC;
+END $d$;
+"""
+
+# Settings that would run the platform's session as the tenant, or stop its statements.
+_SETTINGS_TRAP = r"""
+DO $d$ BEGIN
+  EXECUTE format('ALTER DATABASE %I SET role = %L', current_database(), current_user);
+  EXECUTE format('ALTER DATABASE %I SET statement_timeout = 1', current_database());
+  EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on',
+                 current_database());
+END $d$;
+"""
+
+
+async def test_the_tenants_database_settings_do_not_reach_the_platforms_sessions(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "trap-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    psql = 'psql "$DATABASE_URL" -X -v ON_ERROR_STOP=1 -tA'
+
+    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SEARCH_PATH_TRAP}\nSQL\n")
+    assert job["state"] == "succeeded", job["output"]
+    # Upkeep rounds run with the passes: several of them against the trap.
+    await more_passes(agent, 6, timeout=60)
+    check = (
+        f"{psql} -c \"select 'super=' || rolsuper from pg_roles where rolname = current_user\"; "
+        f"{psql} -c \"select 'calls=' || count(*) filter (where is_super) from trap_calls\""
+    )
+    seen = outcomes((await run_job(c, project["id"], check))["output"])
+    assert seen.get("super") == "false", seen
+    assert seen.get("calls") == "0", seen  # the platform never called the tenant's function
+
+    mark = len(agent.log_path.read_text(errors="replace"))
+    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SETTINGS_TRAP}\nSQL\n")
+    assert job["state"] == "succeeded", job["output"]
+    await more_passes(agent, 6, timeout=60)
+    failed = [
+        line
+        for line in agent.log_path.read_text(errors="replace")[mark:].splitlines()
+        if "upkeep.failed" in line and pg["id"] in line
+    ]
+    assert not failed, failed[:3]
+    # The platform's session still sees the real size, as its own role.
+    view = await wait_phase(c, project["id"], pg["id"], "ready")
+    assert (view.get("usage_bytes") or 0) > 1_000_000, view
 
 
 def _audit_common(info: dict[str, Any], what: str) -> None:
