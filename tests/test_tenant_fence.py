@@ -106,6 +106,82 @@ async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
     assert inspect(f"orkestr-{rd['id']}-db")["State"]["Running"]
 
 
+def denied(label: str, command: str) -> str:
+    """A shell step that prints `label=refused` when the server refused it by permission,
+    else `label=allowed: <output>` (any other error, e.g. a timeout, is not a refusal)."""
+    return (
+        f'out=$({command} 2>&1); '
+        f'if printf %s "$out" | grep -qiE "NOPERM|permission denied|must be superuser|must have admin option|no permissions|not allowed|only superusers"; '
+        f'then echo "{label}=refused"; else printf "%s\\n" "{label}=allowed: $(printf %s "$out" | tr "\\n" " ")"; fi; '
+    )
+
+
+# What the security probe tried beyond the first fences; every one refused by permission.
+_SQL_PROBES = {
+    "lo_import": "SELECT lo_import('/etc/passwd')",
+    "read_binary": "SELECT pg_read_binary_file('/etc/passwd')",
+    "ls_dir": "SELECT pg_ls_dir('.')",
+    "copy_from_file": "CREATE TEMP TABLE x(l text); COPY x FROM '/etc/passwd'",
+    "copy_to_file": "COPY (SELECT 1) TO '/tmp/x'",
+    "dblink": "CREATE EXTENSION dblink",
+    "file_fdw": "CREATE EXTENSION file_fdw",
+    "untrusted_language": "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'libc', 'getpid'",
+    "alter_system": "ALTER SYSTEM SET log_statement = 'all'",
+    "event_trigger": "CREATE FUNCTION et() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'; CREATE EVENT TRIGGER et ON ddl_command_start EXECUTE FUNCTION et()",
+    "session_authorization": "SET SESSION AUTHORIZATION orkestr_admin",
+    "set_role_admin": "SET ROLE orkestr_admin",
+    "grant_admin": "GRANT orkestr_admin TO CURRENT_USER",
+    "other_database": "GRANT CONNECT ON DATABASE postgres TO CURRENT_USER",
+    "server_program_role": "GRANT pg_execute_server_program TO CURRENT_USER",
+    "replication": "ALTER ROLE CURRENT_USER REPLICATION",
+    "createdb": "CREATE DATABASE other",
+}
+_REDIS_PROBES = {
+    "replicaof": "replicaof no one",
+    "migrate": "migrate 127.0.0.1 6380 k 0 100",
+    "monitor": "monitor",
+    "client_list": "client list",
+    "client_kill": "client kill 127.0.0.1:1",
+    "bgsave": "bgsave",
+    "save": "save",
+    "bgrewriteaof": "bgrewriteaof",
+    "failover": "failover",
+    "restore": "restore k2 0 x",
+    "slowlog": "slowlog get",
+    "latency": "latency latest",
+    "acl_setuser": "acl setuser default +@all",
+    "auth_admin": "acl getuser orkestr_admin",
+    "eval_config": "eval \"return redis.call('config','set','dir','/tmp')\" 0",
+    "eval_shutdown": "eval \"return redis.call('shutdown','nosave')\" 0",
+}
+
+
+async def test_the_wider_admin_paths_stay_closed_to_the_tenant(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "wide-db", "postgres")
+    rd = await create_addon(c, project["id"], "wide-cache", "redis")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    psql = 'psql "$DATABASE_URL" -X -tA'
+    # MONITOR, if it were allowed, would stream until the timeout: the output then shows OK.
+    rcli = 'timeout 5 redis-cli --no-auth-warning -u "$REDIS_URL"'
+    steps = [denied(k, f'{psql} -c "{v}"') for k, v in _SQL_PROBES.items()]
+    steps += [denied(k, f"{rcli} {v}") for k, v in _REDIS_PROBES.items()]
+    seen: dict[str, str] = {}
+    output = ""
+    for i in range(0, len(steps), 8):  # a job's command is at most 4 KiB
+        job = await run_job(c, project["id"], "".join(steps[i : i + 8]))
+        seen |= outcomes(job["output"])
+        output += job["output"]
+    allowed = {k: seen.get(k) for k in [*_SQL_PROBES, *_REDIS_PROBES] if seen.get(k) != "refused"}
+    assert not allowed, (allowed, output)
+    await wait_phase(c, project["id"], rd["id"], "ready")
+
+
 # Run by the tenant: its database's settings turned against the platform's own sessions.
 # `public` ahead of pg_catalog makes its `pg_database_size(name)` the one the upkeep's
 # superuser session calls each round; the function makes the tenant a superuser when a
