@@ -199,6 +199,30 @@ async def test_a_host_can_neither_read_nor_publish_another_hosts_topics(
             assert all(s.generation < 2**62 for s in watcher.states)
 
 
+async def test_a_host_cannot_push_an_oversized_message_through_the_broker(
+    mosquitto: Mosquitto,
+) -> None:
+    """Its own status topic, retained: within the ACL, but 4 MiB, where no message of ours
+    exceeds 1 MiB. The broker drops the connection; nobody receives it, nothing retains it."""
+    host = unique("oversized")
+    identity = await mosquitto.identity(host)
+    async with Recorder(mosquitto, f"{topics.PREFIX}/#") as recorder:
+        huge = b"x" * (4 * 1024 * 1024)
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with connected(mosquitto, identity) as client:
+                await client.publish(topics.status(host), huge, qos=1, retain=True, timeout=10)
+        # An offline presence: a status would make it an online host that takes projects.
+        sentinel = encode(Presence(version=SCHEMA_VERSION, host=host, online=False, at=now()))
+        async with connected(mosquitto, identity) as client:
+            await client.publish(topics.presence(host), sentinel, qos=1)
+        await recorder.wait_for(sentinel)
+        assert max(len(p) for _, p in recorder.seen) < 1024 * 1024, "an oversized message passed"
+    # Nothing retained for a late subscriber either.
+    async with Recorder(mosquitto, topics.status(host)) as late:
+        await asyncio.sleep(1)
+        assert all(len(p) < 1024 * 1024 for _, p in late.seen), "an oversized message is retained"
+
+
 async def test_no_host_can_take_over_another_hosts_session(mosquitto: Mosquitto) -> None:
     victim_id = await mosquitto.identity(unique("v"))
     attacker = await mosquitto.identity(unique("a"))
