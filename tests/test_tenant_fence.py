@@ -384,6 +384,31 @@ async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
     docker("rm", "-f", name, check=False)
 
 
+async def test_a_job_cannot_fill_the_hosts_disk(stack: Stack, agent: AgentProcess) -> None:
+    """A job's writable root was the host's disk (Docker's overlay layer, beside every
+    add-on's filesystem image, the agent's state and the controller's database): `/tmp`
+    and `/var/tmp` took writes as far as the disk went. Its root is read-only now, and
+    its scratch directories are tmpfs that count against the job's memory."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    script = (
+        # Directories this job may write to that are not tmpfs (none, now).
+        "on_disk=; for d in $(find / -xdev -type d -writable 2>/dev/null); do "
+        '[ "$(stat -f -c %T $d)" = tmpfs ] || on_disk="$on_disk $d"; done; '
+        'echo "on_disk=$on_disk"; '
+        'echo "tmp=$(stat -f -c %T /tmp)"; echo "var_tmp=$(stat -f -c %T /var/tmp)"; '
+        # Scratch still works, within the job's memory.
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; "
+        'echo "written=$(($(stat -c %s /tmp/fill) / 1048576))"'
+    )
+    job = await run_job(c, project["id"], script)
+    seen = outcomes(job["output"])
+    assert seen.get("on_disk") == "", job["output"]
+    assert seen.get("tmp") == "tmpfs" and seen.get("var_tmp") == "tmpfs", job["output"]
+    assert seen.get("written") == "100", job["output"]
+
+
 async def test_job_images_come_from_the_allowlist_by_name(
     stack: Stack, agent: AgentProcess
 ) -> None:
