@@ -271,18 +271,19 @@ class JobLimits(Struct, frozen=True, forbid_unknown_fields=True):
     pids: int = 256
 
 
-def scratch(memory_mb: int) -> tuple[tuple[str, str], ...]:
-    """A job's or app's writable directories on a read-only root. Their writable layer was
-    the host's disk, shared with every add-on's filesystem image, the agent's state and
-    the controller's database: one tenant could fill it. tmpfs pages are charged to the
-    container's memory cgroup, so the plan's memory bounds the scratch space too."""
-    options = f"rw,nosuid,nodev,size={memory_mb}m"
-    return (("/tmp", options), ("/var/tmp", options))
+# A job's or app's writable directories on its read-only root. Their writable layer was
+# the host's disk, shared with every add-on's filesystem image, the agent's state and the
+# controller's database: one tenant could fill it. tmpfs pages are charged to the
+# container's memory cgroup, so the plan's memory bounds them; the size is only a ceiling
+# and stays fixed, so a plan change still resizes the container in place.
+SCRATCH_TMPFS = (
+    ("/tmp", "rw,nosuid,nodev,size=1024m"),
+    ("/var/tmp", "rw,nosuid,nodev,size=1024m"),
+)
 
 
 def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
     resources = job.resources
-    memory_mb = resources.memory_mb if resources else limits.memory_mb
     return ContainerSpec(
         name=model.job_container_name(job.id),
         role="job",
@@ -291,13 +292,13 @@ def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
         image=job.image,
         cmd=job.command,
         network=model.network_name(project_id),
-        memory_mb=memory_mb,
+        memory_mb=resources.memory_mb if resources else limits.memory_mb,
         cpus=resources.cpus if resources else limits.cpus,
         pids_limit=limits.pids,
         # A tenant's image runs unprivileged, whatever user it declares.
         user=NOBODY,
         read_only_rootfs=True,
-        tmpfs=scratch(memory_mb),
+        tmpfs=SCRATCH_TMPFS,
     )
 
 
@@ -307,7 +308,6 @@ def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
     network under its name, restarted by Docker when it fails. The release is part of the
     spec, so a new release replaces it."""
     resources = app.resources
-    memory_mb = resources.memory_mb if resources else limits.memory_mb
     return ContainerSpec(
         name=model.app_container_name(app.id),
         role="app",
@@ -316,12 +316,12 @@ def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
         cmd=app.command,
         network=model.network_name(project_id),
         aliases=(app.name,),
-        memory_mb=memory_mb,
+        memory_mb=resources.memory_mb if resources else limits.memory_mb,
         cpus=resources.cpus if resources else limits.cpus,
         pids_limit=limits.pids,
         user=NOBODY,
         read_only_rootfs=True,
-        tmpfs=scratch(memory_mb),
+        tmpfs=SCRATCH_TMPFS,
         restart="on-failure",
         extra_labels=((model.LABEL_APP, app.id), ("orkestr.release", str(app.release))),
     )

@@ -325,7 +325,7 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "Memory": 64 << 20,
                 "Mounts": [],
                 "ReadonlyRootfs": True,
-                "Tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m", "/var/tmp": "rw,nosuid,nodev,size=64m"},
+                "Tmpfs": dict(specs.SCRATCH_TMPFS),
                 "CapAdd": None,
             },
         ),
