@@ -10,10 +10,19 @@ mounted at /backup, and exits non-zero on any failure. Counts are written as
 
 from __future__ import annotations
 
-_PRELUDE = r"""
+from agent.specs import PLATFORM_PG_SETTINGS
+
+# libpq's PGOPTIONS: every psql and pg_dump session pins what a tenant's database-level
+# settings could otherwise change under the platform's superuser (agent/specs.py).
+PG_OPTIONS = " ".join(f"-c {name}={value}" for name, value in PLATFORM_PG_SETTINGS)
+
+_PRELUDE = (
+    r"""
 set -euo pipefail
 export PATH="$(echo /usr/lib/postgresql/*/bin | tr ' ' ':'):$PATH"
 """
+    + f"export PGOPTIONS='{PG_OPTIONS}'\n"
+)
 
 # Row counts of every user table, as `schema.table|rows`, for a psql session in which
 # `\gexec` runs one count per table.
@@ -76,8 +85,13 @@ as_pg initdb -D "$scratch/data" -A trust -U postgres --no-sync >/dev/null
 as_pg pg_ctl -D "$scratch/data" -l "$scratch/log" -w \
   -o "-c listen_addresses='' -k $scratch -c fsync=off -c full_page_writes=off" start >/dev/null
 export PGHOST="$scratch" PGUSER=postgres
-createdb scratch
-pg_restore --exit-on-error --no-owner --no-acl -d scratch "/backup/$IN"
+# Restored as a role like the tenant's, never as the superuser: the dump is the tenant's
+# code (an index expression, a default, a check runs its functions as the objects' owner),
+# and as a superuser that code could run programs here. The live restore does the same
+# (--role, PG_RESTORE), so a backup that verifies is one that restores.
+createuser --no-superuser --no-createdb --no-createrole tenant
+createdb -O tenant scratch
+pg_restore --exit-on-error --no-owner --no-acl --role=tenant -d scratch "/backup/$IN"
 psql -X -q -At -v ON_ERROR_STOP=1 -d scratch >"/backup/$COUNTS" <<'SQL'
 """
     + _PG_COUNTS_SQL

@@ -21,7 +21,7 @@ import aiomqtt
 
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import SCHEMA_VERSION, Presence
+from schemas.messages import MAX_MESSAGE_BYTES, SCHEMA_VERSION, Presence
 
 log = logging.getLogger("orkestr.agent.mqtt")
 
@@ -64,6 +64,11 @@ class Broker:
         """Publish at QoS 1 if connected; False when not (the caller sends it again later)."""
         client = self._client
         if client is None:
+            return False
+        if len(payload) > MAX_MESSAGE_BYTES:
+            # The controller would refuse it, and the broker drops a connection that sends
+            # more than its max_packet_size: keep the connection, which desired states need.
+            log.error("mqtt.message_too_large topic=%s bytes=%s", topic, len(payload))
             return False
         try:
             await client.publish(topic, payload, qos=1, retain=retain)

@@ -13,7 +13,7 @@ import logging
 import asyncpg
 
 from agent import resp
-from agent.specs import ADMIN_USER
+from agent.specs import ADMIN_USER, PLATFORM_PG_SETTINGS
 from schemas.messages import PORTS
 
 log = logging.getLogger("orkestr.agent.probe")
@@ -83,7 +83,7 @@ async def _connect(
         password=password,
         timeout=timeout_s,
         ssl=False,
-        server_settings={"application_name": "orkestr-probe"},
+        server_settings={**dict(PLATFORM_PG_SETTINGS), "application_name": "orkestr-probe"},
     )
 
 

@@ -31,6 +31,19 @@ WAL_DIR = "/var/lib/postgresql/wal"
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
+# What every platform session into a tenant's database sets when it connects. The tenant
+# owns its database, so `ALTER DATABASE ... SET` is its to use, and those settings apply
+# to every session, the platform's superuser included: a `search_path` with its own schema
+# ahead of pg_catalog would run the tenant's `pg_database_size` (or `=`) as superuser, a
+# `role` would run the platform's session as the tenant, a `statement_timeout` or read-only
+# default would stop the quota guard. Sent in the startup packet, these outrank them.
+PLATFORM_PG_SETTINGS = (
+    ("search_path", "pg_catalog,pg_temp"),
+    ("role", "none"),
+    ("statement_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+)
 SECRET_VERSION_LABEL = "orkestr.secret-version"
 
 # Fences every container gets (docs/architecture.md, "Tenant fences").
@@ -258,6 +271,17 @@ class JobLimits(Struct, frozen=True, forbid_unknown_fields=True):
     pids: int = 256
 
 
+# A job's or app's writable directories on its read-only root. Their writable layer was
+# the host's disk, shared with every add-on's filesystem image, the agent's state and the
+# controller's database: one tenant could fill it. tmpfs pages are charged to the
+# container's memory cgroup, so the plan's memory bounds them; the size is only a ceiling
+# and stays fixed, so a plan change still resizes the container in place.
+SCRATCH_TMPFS = (
+    ("/tmp", "rw,nosuid,nodev,size=1024m"),
+    ("/var/tmp", "rw,nosuid,nodev,size=1024m"),
+)
+
+
 def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
     resources = job.resources
     return ContainerSpec(
@@ -273,13 +297,16 @@ def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
         pids_limit=limits.pids,
         # A tenant's image runs unprivileged, whatever user it declares.
         user=NOBODY,
+        read_only_rootfs=True,
+        tmpfs=SCRATCH_TMPFS,
     )
 
 
 def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
     """An app container: hardened like a job (nobody, caps dropped, no-new-privileges,
-    pids limit, plan CPU/memory), on the project network under its name, restarted by
-    Docker when it fails. The release is part of the spec, so a new release replaces it."""
+    pids limit, plan CPU/memory, read-only root with tmpfs scratch), on the project
+    network under its name, restarted by Docker when it fails. The release is part of the
+    spec, so a new release replaces it."""
     resources = app.resources
     return ContainerSpec(
         name=model.app_container_name(app.id),
@@ -293,6 +320,8 @@ def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
         cpus=resources.cpus if resources else limits.cpus,
         pids_limit=limits.pids,
         user=NOBODY,
+        read_only_rootfs=True,
+        tmpfs=SCRATCH_TMPFS,
         restart="on-failure",
         extra_labels=((model.LABEL_APP, app.id), ("orkestr.release", str(app.release))),
     )

@@ -51,6 +51,7 @@ from agent.secrets import SecretStore
 from agent.specs import (
     ADMIN_USER,
     DATA_DIRS,
+    PLATFORM_PG_SETTINGS,
     WAL_DIR,
     fs_size_mb,
     max_wal_size_mb,
@@ -173,7 +174,18 @@ def _ident(name: str) -> str:
 
 # Statement triggers refuse INSERT/UPDATE/COPY; the event trigger refuses DDL but DROP
 # (and our own statements: the platform role is exempt).
+# The tenant owns its database, so it could make a schema `orkestr` first, with functions
+# of these names that then stay its own (CREATE OR REPLACE keeps the owner) or clash (a
+# different return type fails every round: no refusal ever). One not ours is renamed
+# aside, never dropped: it may hold the tenant's data.
 _RESTRICT_SQL = """
+DO $s$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'orkestr'
+             AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = {admin_literal})) THEN
+    EXECUTE format('ALTER SCHEMA orkestr RENAME TO %I',
+                   'orkestr_renamed_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISSUS'));
+  END IF;
+END $s$;
 CREATE SCHEMA IF NOT EXISTS orkestr AUTHORIZATION {admin};
 REVOKE ALL ON SCHEMA orkestr FROM PUBLIC;
 CREATE OR REPLACE FUNCTION orkestr.quota_refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
@@ -557,6 +569,7 @@ class Upkeep:
             command_timeout=timeout_s,
             ssl=False,
             server_settings={
+                **dict(PLATFORM_PG_SETTINGS),
                 "application_name": "orkestr-upkeep",
                 "lock_timeout": str(max(1, int(timeout_s * 1000))),
             },

@@ -296,13 +296,14 @@ class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
     finished_at: datetime
     error: str | None = None
     # backup only: the finished file's size and checksum, and the test restore's verdict.
-    size_bytes: int | None = None
+    # Every number bounded: the controller stores and serves what a host reports.
+    size_bytes: Count | None = None
     sha256: Sha256 | None = None
     verified: bool | None = None
     verify_error: str | None = None
     # Postgres: rows per table at dump time; Redis: {"keys": n}.
-    counts: dict[str, int] = {}
-    verify_seconds: float | None = None
+    counts: dict[Annotated[str, Meta(max_length=256)], Count] = {}
+    verify_seconds: Annotated[float, Meta(ge=0, le=86400 * 366)] | None = None
 
 
 Message = (

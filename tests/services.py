@@ -217,6 +217,7 @@ class Mosquitto:
                 f"keyfile {self.cert_dir / 'server.key'}\n"
             )
         return text + (
+            "max_packet_size 1114112\n"  # as deploy/mosquitto.conf
             "persistence true\n"
             f"persistence_location {self.data_dir}/\n"
             "log_dest stderr\n"

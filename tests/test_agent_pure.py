@@ -324,7 +324,8 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "Aliases": [],
                 "Memory": 64 << 20,
                 "Mounts": [],
-                "ReadonlyRootfs": False,
+                "ReadonlyRootfs": True,
+                "Tmpfs": dict(specs.SCRATCH_TMPFS),
                 "CapAdd": None,
             },
         ),
@@ -346,6 +347,7 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
         "Memory": hc["Memory"],
         "Mounts": [(m["Type"], m["Target"]) for m in hc["Mounts"]],
         "ReadonlyRootfs": hc["ReadonlyRootfs"],
+        "Tmpfs": hc.get("Tmpfs"),
         "CapAdd": hc["CapAdd"],
     }
     assert {k: v for k, v in got.items() if k in expected} == expected

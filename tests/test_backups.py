@@ -220,6 +220,49 @@ async def test_postgres_round_trip_and_corruption(stack: Stack, agent: AgentProc
     assert await sql(c, p, "select count(*) from notes") == "2"
 
 
+# The tenant's code in its dump: an index expression runs as its table's owner, at every
+# restore. Harmless as the tenant; as a superuser it runs a program in the restoring
+# container and says so.
+_DUMP_TRAP = r"""
+CREATE FUNCTION public.trap_act() RETURNS void LANGUAGE plpgsql VOLATILE AS $b$
+BEGIN
+  IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+    COPY (SELECT 1) TO PROGRAM 'id';
+    RAISE EXCEPTION 'tenant code ran a program as superuser %', current_user;
+  END IF;
+END $b$;
+CREATE FUNCTION public.trap(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $b$
+BEGIN
+  PERFORM public.trap_act();
+  RETURN x;
+END $b$;
+CREATE TABLE public.trapped (x int);
+INSERT INTO public.trapped SELECT generate_series(1, 3);
+CREATE INDEX trapped_idx ON public.trapped (public.trap(x));
+"""
+
+
+async def test_a_dumps_code_runs_as_the_tenant_when_verified_and_restored(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "trap-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    script = f"psql \"$DATABASE_URL\" -X -v ON_ERROR_STOP=1 <<'SQL'\n{_DUMP_TRAP}\nSQL\n"
+    job = await run_job(c, p, script)
+    assert job["state"] == "succeeded", job["output"]
+    backup = await backup_now(c, p, a)
+    assert backup["state"] == "succeeded", backup
+    # The test restore ran the index as a role like the tenant's, not as the superuser.
+    assert "as superuser" not in (backup["verify_error"] or ""), backup["verify_error"]
+    assert backup["verified"] is True, backup["verify_error"]
+    assert backup["counts"] == {"public.trapped": 3}, backup
+    done = await restore(c, p, a, backup["id"])
+    assert done["state"] == "succeeded", done
+    assert await sql(c, p, "select count(*) from trapped where trap(x) > 0") == "3"
+
+
 async def test_postgres_restore_with_the_wal_on_its_own_filesystem(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -325,7 +368,7 @@ async def test_redis_restore_resumed_after_agent_killed_at_the_swap(
     job = await run_job(c, p, redis_cli("set kept 1", "set gone 1", "dbsize"))
     assert job["output"].split()[-1] == "2", job
     backup = await backup_now(c, p, a)
-    assert backup["verified"] is True, backup
+    assert backup["verified"] is True, backup["verify_error"]
     job = await run_job(c, p, redis_cli("del gone", "set new 1"))
     assert job["state"] == "succeeded", job
 
@@ -433,7 +476,7 @@ async def test_resumed_restore_retries_docker_errors_and_never_starts_a_half_swa
             job = await run_job(c, p, redis_cli("set kept 1", "set gone 1", "dbsize"))
             assert job["output"].split()[-1] == "2", job
             backup = await backup_now(c, p, a)
-            assert backup["verified"] is True, backup
+            assert backup["verified"] is True, backup["verify_error"]
             job = await run_job(c, p, redis_cli("del gone", "set new 1"))
             assert job["state"] == "succeeded", job
 

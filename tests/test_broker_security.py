@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.mqtt import Broker
 from controller import db
 from controller.config import MqttConfig
 from controller.metrics import Metrics
@@ -29,9 +30,17 @@ from controller.plans import load_plans
 from controller.publisher import Publisher
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import SCHEMA_VERSION, Capacity, DesiredState, HostStatus, Presence
+from schemas.messages import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    Capacity,
+    DesiredState,
+    HostStatus,
+    Presence,
+)
 from schemas.signed import Signer
 from tests.services import (
+    LOOPBACK,
     ControllerProcess,
     DesiredWatcher,
     FakeAgent,
@@ -197,6 +206,63 @@ async def test_a_host_can_neither_read_nor_publish_another_hosts_topics(
             # controller's (the watcher verified every signature).
             await controller.wait_host_online(victim.host)
             assert all(s.generation < 2**62 for s in watcher.states)
+
+
+async def test_a_host_cannot_push_an_oversized_message_through_the_broker(
+    mosquitto: Mosquitto,
+) -> None:
+    """Its own status topic, retained: within the ACL, but 4 MiB, where no message of ours
+    exceeds 1 MiB. The broker drops the connection; nobody receives it, nothing retains it."""
+    host = unique("oversized")
+    identity = await mosquitto.identity(host)
+    async with Recorder(mosquitto, f"{topics.PREFIX}/#") as recorder:
+        huge = b"x" * (4 * 1024 * 1024)
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with connected(mosquitto, identity) as client:
+                await client.publish(topics.status(host), huge, qos=1, retain=True, timeout=10)
+        # An offline presence: a status would make it an online host that takes projects.
+        sentinel = encode(Presence(version=SCHEMA_VERSION, host=host, online=False, at=now()))
+        async with connected(mosquitto, identity) as client:
+            await client.publish(topics.presence(host), sentinel, qos=1)
+        await recorder.wait_for(sentinel)
+        assert max(len(p) for _, p in recorder.seen) < 1024 * 1024, "an oversized message passed"
+    # Nothing retained for a late subscriber either.
+    async with Recorder(mosquitto, topics.status(host)) as late:
+        await asyncio.sleep(1)
+        assert all(len(p) < 1024 * 1024 for _, p in late.seen), "an oversized message is retained"
+
+
+async def test_an_agent_keeps_its_connection_when_a_message_of_its_own_is_too_large(
+    mosquitto: Mosquitto,
+) -> None:
+    """The broker drops a client that sends a packet past max_packet_size, and with it the
+    agent's desired states: the agent refuses to send such a message itself."""
+    host = unique("agent")
+    identity = await mosquitto.identity(host)
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    broker = Broker(host, LOOPBACK, mosquitto.port, nothing, nothing,
+                    identity.username, identity.password)  # fmt: skip
+    runner = asyncio.create_task(broker.run())
+    try:
+        async with Recorder(mosquitto, topics.job_output(host, "0" * 32)) as recorder:
+            for _ in range(100):
+                if broker.connected:
+                    break
+                await asyncio.sleep(0.1)
+            assert broker.connected
+            connects = broker.connects
+            topic = topics.job_output(host, "0" * 32)
+            assert not await broker.publish(topic, b"x" * (MAX_MESSAGE_BYTES + 1))
+            assert await broker.publish(topic, b"small")
+            await recorder.wait_for(b"small")
+            assert broker.connected and broker.connects == connects
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 async def test_no_host_can_take_over_another_hosts_session(mosquitto: Mosquitto) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from controller import request_bodies
 from controller.db import discover
 from schemas import topics
 from schemas.codec import encode
-from schemas.messages import MAX_GENERATION, MAX_MESSAGE_BYTES, Capacity
+from schemas.messages import (
+    MAX_GENERATION,
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    BackupResult,
+    Capacity,
+)
 from tests.services import (
     ControllerProcess,
     DesiredWatcher,
@@ -99,6 +106,67 @@ async def test_a_status_with_huge_numbers_leaves_the_controller_up(
         assert status == 200
         log = controller.log_text()
         assert log.count(f"mqtt_message_rejected topic=orkestr/v1/hosts/{big_host.host}") >= 7
+
+
+async def test_a_backup_result_with_huge_numbers_is_refused_and_a_sane_one_applied(
+    controller: ControllerProcess, big_host: FakeAgent
+) -> None:
+    """A host's backup result is stored and served to the tenant as it came: its numbers
+    are bounded like a status's (before, 10^40 rows and a negative duration were kept)."""
+    project = await project_on(controller, big_host.host)
+    addon = await new_addon(controller, project, "dumped")
+    base = f"/v1/projects/{project['id']}/addons/{addon['id']}/backups"
+    # A pending backup, as the scheduler makes them (the test plans have no manual ones).
+    backup = {"id": uuid.uuid4().hex}
+    conn = await asyncpg.connect(controller.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO backups (id, addon_id, project_id, kind) VALUES ($1, $2, $3, 'manual')",
+            uuid.UUID(backup["id"]),
+            uuid.UUID(addon["id"]),
+            uuid.UUID(project["id"]),
+        )
+    finally:
+        await conn.close()
+    good = BackupResult(
+        version=SCHEMA_VERSION,
+        host=big_host.host,
+        id=backup["id"],
+        op="backup",
+        project_id=project["id"],
+        addon_id=addon["id"],
+        backup_id=backup["id"],
+        ok=True,
+        started_at=datetime.now(UTC),
+        finished_at=datetime.now(UTC),
+        size_bytes=1234,
+        sha256="0" * 64,
+        verified=True,
+        counts={"public.t": 3},
+        verify_seconds=0.5,
+    )
+    topic = topics.backup_result(big_host.host, f"backup-{backup['id']}")
+    hostile = [
+        msgspec.structs.replace(good, counts={"public.t": 10**40}),
+        msgspec.structs.replace(good, counts={"public.t": -1}),
+        msgspec.structs.replace(good, counts={"x" * 10_000: 1}),
+        msgspec.structs.replace(good, verify_seconds=-5.0),
+        msgspec.structs.replace(good, size_bytes=-1),
+        msgspec.structs.replace(good, size_bytes=2**63),
+    ]
+    for report in hostile:
+        await big_host.publish(topic, msgspec.json.encode(report))
+    await big_host.publish(topic, encode(good))  # the sentinel
+
+    async def finished() -> dict[str, Any] | None:
+        _, body = await controller.api("GET", f"{base}/{backup['id']}")
+        return body if body["state"] != "pending" else None
+
+    body = await eventually(finished, "the sane backup result")
+    assert body["counts"] == {"public.t": 3} and body["size_bytes"] == 1234, body
+    assert body["verify_seconds"] == 0.5, body
+    log = controller.log_text()
+    assert log.count(f"mqtt_message_rejected topic={topic}") == len(hostile), log[-3000:]
 
 
 # --- jobs -----------------------------------------------------------------------------

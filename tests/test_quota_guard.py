@@ -211,3 +211,36 @@ async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgre
         lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 90, "within quota"
     )
     assert (await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')"))[0] == 0
+
+
+async def test_a_schema_the_tenant_made_in_the_platforms_name_does_not_disarm_the_quota(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The tenant owns its database and may create a schema `orkestr` before the quota is
+    first enforced, with a `quota_refuse` that returns int: the platform's own function
+    could then never be created, and writes would never be refused."""
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+    squat = (
+        "CREATE SCHEMA orkestr; "
+        "CREATE FUNCTION orkestr.quota_refuse() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
+        "CREATE TABLE orkestr.mine (v text); INSERT INTO orkestr.mine VALUES ('keep')"
+    )
+    assert (await psql(db, user, password, squat))[0] == 0
+    await seed(db, user, password)
+    # About 8 MB a statement, up to 40 MB: past the 24 MB quota, inside the filesystem
+    # (the guard may cancel or refuse the last ones).
+    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(5):
+        await psql(db, user, password, fill)
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+    code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
+    assert code != 0 and "storage quota exceeded" in out, out
+    owner = "SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'orkestr'"
+    assert await psql(db, user, password, owner) == (0, "orkestr_admin")
+    # The tenant's schema was moved aside, with its data.
+    kept = "SELECT string_agg(v, ',') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, LATERAL (SELECT 'x' AS v) x WHERE c.relname = 'mine' AND n.nspname LIKE 'orkestr_renamed_%'"
+    assert await psql(db, user, password, kept) == (0, "x")

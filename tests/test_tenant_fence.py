@@ -19,6 +19,7 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
+    more_passes,
     run_job,
     wait_for,
     wait_phase,
@@ -103,6 +104,151 @@ async def test_tenant_sql_and_redis_commands_stay_inside_their_database(
     # The refused SHUTDOWN left Redis up, and the add-ons still answer.
     await wait_phase(c, project["id"], rd["id"], "ready")
     assert inspect(f"orkestr-{rd['id']}-db")["State"]["Running"]
+
+
+def denied(label: str, command: str) -> str:
+    """A shell step that prints `label=refused` when the server refused it by permission,
+    else `label=allowed: <output>` (any other error, e.g. a timeout, is not a refusal)."""
+    return (
+        f'out=$({command} 2>&1); '
+        f'if printf %s "$out" | grep -qiE "NOPERM|permission denied|must be superuser|must have admin option|no permissions|not allowed|only superusers"; '
+        f'then echo "{label}=refused"; else printf "%s\\n" "{label}=allowed: $(printf %s "$out" | tr "\\n" " ")"; fi; '
+    )
+
+
+# What the security probe tried beyond the first fences; every one refused by permission.
+_SQL_PROBES = {
+    "lo_import": "SELECT lo_import('/etc/passwd')",
+    "read_binary": "SELECT pg_read_binary_file('/etc/passwd')",
+    "ls_dir": "SELECT pg_ls_dir('.')",
+    "copy_from_file": "CREATE TEMP TABLE x(l text); COPY x FROM '/etc/passwd'",
+    "copy_to_file": "COPY (SELECT 1) TO '/tmp/x'",
+    "dblink": "CREATE EXTENSION dblink",
+    "file_fdw": "CREATE EXTENSION file_fdw",
+    "untrusted_language": "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'libc', 'getpid'",
+    "alter_system": "ALTER SYSTEM SET log_statement = 'all'",
+    "event_trigger": "CREATE FUNCTION et() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'; CREATE EVENT TRIGGER et ON ddl_command_start EXECUTE FUNCTION et()",
+    "session_authorization": "SET SESSION AUTHORIZATION orkestr_admin",
+    "set_role_admin": "SET ROLE orkestr_admin",
+    "grant_admin": "GRANT orkestr_admin TO CURRENT_USER",
+    "other_database": "GRANT CONNECT ON DATABASE postgres TO CURRENT_USER",
+    "server_program_role": "GRANT pg_execute_server_program TO CURRENT_USER",
+    "replication": "ALTER ROLE CURRENT_USER REPLICATION",
+    "createdb": "CREATE DATABASE other",
+}
+_REDIS_PROBES = {
+    "replicaof": "replicaof no one",
+    "migrate": "migrate 127.0.0.1 6380 k 0 100",
+    "monitor": "monitor",
+    "client_list": "client list",
+    "client_kill": "client kill 127.0.0.1:1",
+    "bgsave": "bgsave",
+    "save": "save",
+    "bgrewriteaof": "bgrewriteaof",
+    "failover": "failover",
+    "restore": "restore k2 0 x",
+    "slowlog": "slowlog get",
+    "latency": "latency latest",
+    "acl_setuser": "acl setuser default +@all",
+    "auth_admin": "acl getuser orkestr_admin",
+    "eval_config": "eval \"return redis.call('config','set','dir','/tmp')\" 0",
+    "eval_shutdown": "eval \"return redis.call('shutdown','nosave')\" 0",
+}
+
+
+async def test_the_wider_admin_paths_stay_closed_to_the_tenant(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "wide-db", "postgres")
+    rd = await create_addon(c, project["id"], "wide-cache", "redis")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    psql = 'psql "$DATABASE_URL" -X -tA'
+    # MONITOR, if it were allowed, would stream until the timeout: the output then shows OK.
+    rcli = 'timeout 5 redis-cli --no-auth-warning -u "$REDIS_URL"'
+    steps = [denied(k, f'{psql} -c "{v}"') for k, v in _SQL_PROBES.items()]
+    steps += [denied(k, f"{rcli} {v}") for k, v in _REDIS_PROBES.items()]
+    seen: dict[str, str] = {}
+    output = ""
+    for i in range(0, len(steps), 8):  # a job's command is at most 4 KiB
+        job = await run_job(c, project["id"], "".join(steps[i : i + 8]))
+        seen |= outcomes(job["output"])
+        output += job["output"]
+    allowed = {k: seen.get(k) for k in [*_SQL_PROBES, *_REDIS_PROBES] if seen.get(k) != "refused"}
+    assert not allowed, (allowed, output)
+    await wait_phase(c, project["id"], rd["id"], "ready")
+
+
+# Run by the tenant: its database's settings turned against the platform's own sessions.
+# `public` ahead of pg_catalog makes its `pg_database_size(name)` the one the upkeep's
+# superuser session calls each round; the function makes the tenant a superuser when a
+# superuser calls it, and records who did.
+_SEARCH_PATH_TRAP = r"""
+CREATE TABLE public.trap_calls (by_user name, is_super boolean);
+DO $d$ BEGIN
+  EXECUTE format('ALTER DATABASE %I SET search_path = public, pg_catalog', current_database());
+  EXECUTE format($f$
+    CREATE FUNCTION public.pg_database_size(name) RETURNS bigint LANGUAGE plpgsql AS $b$
+    DECLARE su boolean := (SELECT rolsuper FROM pg_catalog.pg_roles
+                           WHERE rolname = current_user);
+    BEGIN
+      INSERT INTO public.trap_calls VALUES (current_user, su);
+      IF su THEN EXECUTE 'ALTER ROLE %I SUPERUSER'; END IF;
+      RETURN 1;
+    END $b$ $f$, current_user);
+  GRANT INSERT ON public.trap_calls TO PUBLIC;
+END $d$;
+"""
+
+# Settings that would run the platform's session as the tenant, or stop its statements.
+_SETTINGS_TRAP = r"""
+DO $d$ BEGIN
+  EXECUTE format('ALTER DATABASE %I SET role = %L', current_database(), current_user);
+  EXECUTE format('ALTER DATABASE %I SET statement_timeout = 1', current_database());
+  EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on',
+                 current_database());
+END $d$;
+"""
+
+
+async def test_the_tenants_database_settings_do_not_reach_the_platforms_sessions(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "trap-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    psql = 'psql "$DATABASE_URL" -X -v ON_ERROR_STOP=1 -tA'
+
+    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SEARCH_PATH_TRAP}\nSQL\n")
+    assert job["state"] == "succeeded", job["output"]
+    # Upkeep rounds run with the passes: several of them against the trap.
+    await more_passes(agent, 6, timeout=60)
+    check = (
+        f"{psql} -c \"select 'super=' || rolsuper from pg_roles where rolname = current_user\"; "
+        f"{psql} -c \"select 'calls=' || count(*) filter (where is_super) from trap_calls\""
+    )
+    seen = outcomes((await run_job(c, project["id"], check))["output"])
+    assert seen.get("super") == "false", seen
+    assert seen.get("calls") == "0", seen  # the platform never called the tenant's function
+
+    mark = len(agent.log_path.read_text(errors="replace"))
+    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SETTINGS_TRAP}\nSQL\n")
+    assert job["state"] == "succeeded", job["output"]
+    await more_passes(agent, 6, timeout=60)
+    failed = [
+        line
+        for line in agent.log_path.read_text(errors="replace")[mark:].splitlines()
+        if "upkeep.failed" in line and pg["id"] in line
+    ]
+    assert not failed, failed[:3]
+    # The platform's session still sees the real size, as its own role.
+    view = await wait_phase(c, project["id"], pg["id"], "ready")
+    assert (view.get("usage_bytes") or 0) > 1_000_000, view
 
 
 def _audit_common(info: dict[str, Any], what: str) -> None:
@@ -236,6 +382,31 @@ async def test_fork_bomb_in_a_job_is_capped_and_a_neighbour_keeps_answering(
         await conn.close()
     await c.api("DELETE", f"/v1/projects/{project['id']}/jobs/{body['id']}")
     docker("rm", "-f", name, check=False)
+
+
+async def test_a_job_cannot_fill_the_hosts_disk(stack: Stack, agent: AgentProcess) -> None:
+    """A job's writable root was the host's disk (Docker's overlay layer, beside every
+    add-on's filesystem image, the agent's state and the controller's database): `/tmp`
+    and `/var/tmp` took writes as far as the disk went. Its root is read-only now, and
+    its scratch directories are tmpfs that count against the job's memory."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    script = (
+        # Directories this job may write to that are not tmpfs (none, now).
+        "on_disk=; for d in $(find / -xdev -type d -writable 2>/dev/null); do "
+        '[ "$(stat -f -c %T $d)" = tmpfs ] || on_disk="$on_disk $d"; done; '
+        'echo "on_disk=$on_disk"; '
+        'echo "tmp=$(stat -f -c %T /tmp)"; echo "var_tmp=$(stat -f -c %T /var/tmp)"; '
+        # Scratch still works, within the job's memory.
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; "
+        'echo "written=$(($(stat -c %s /tmp/fill) / 1048576))"'
+    )
+    job = await run_job(c, project["id"], script)
+    seen = outcomes(job["output"])
+    assert seen.get("on_disk") == "", job["output"]
+    assert seen.get("tmp") == "tmpfs" and seen.get("var_tmp") == "tmpfs", job["output"]
+    assert seen.get("written") == "100", job["output"]
 
 
 async def test_job_images_come_from_the_allowlist_by_name(
