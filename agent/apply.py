@@ -143,7 +143,7 @@ class Applier:
         created beside its step, then started and fenced while the database is created,
         and the database starts once the holder runs fenced.
         """
-        for stage in _stages(p.steps(tuple(chain)), self._one, self._create, self._start):
+        for stage in stages(p.steps(tuple(chain)), self._one, self._create, self._start):
             outcomes = await asyncio.gather(*(self._attempt(a, w, last) for a, w, last in stage))
             failed = [
                 (o, a) for o, (a, _, _) in zip(outcomes, stage, strict=True) if a.key in o.failed
@@ -441,7 +441,7 @@ Work = Callable[[], Awaitable[None]]
 Stage = list[tuple[p.Action, Work, bool]]
 
 
-def _stages(
+def stages(
     steps: Sequence[tuple[p.Action, ...]],
     whole: Callable[[p.Action], Awaitable[None]],
     create: Callable[[p.RunContainer], Awaitable[None]],
