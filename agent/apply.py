@@ -139,7 +139,7 @@ class Applier:
         """One key worker's chain: its steps in order (the actions of a step side by side,
         plan.steps), stopping after the first stage with a failure.
 
-        A new holder and the database that joins it overlap (`_stages`): the holder is
+        A new holder and the database that joins it overlap (`stages`): the holder is
         created beside its step, then started and fenced while the database is created,
         and the database starts once the holder runs fenced.
         """
