@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,30 +104,50 @@ class Applier:
         for action in actions:
             if action.key in outcome.failed:
                 continue
-            kind = type(action).__name__
-            try:
-                await self._one(action)
-            except PermanentError as exc:
-                outcome.failed[action.key] = outcome.permanent[action.key] = str(exc)
-                ACTIONS.labels(kind, "permanent_error").inc()
-                log.error("action.failed action=%s key=%s error=%s", kind, action.key, exc)
-            except AgentError as exc:
-                outcome.failed[action.key] = str(exc)
-                ACTIONS.labels(kind, "error").inc()
-                log.warning("action.failed action=%s key=%s error=%s", kind, action.key, exc)
-            else:
+            one = await self._attempt(action, functools.partial(self._one, action))
+            outcome.failed.update(one.failed)
+            outcome.permanent.update(one.permanent)
+            outcome.done += one.done
+        return outcome
+
+    async def _attempt(
+        self, action: p.Action, work: Callable[[], Awaitable[None]], last: bool = True
+    ) -> Outcome:
+        """`work` (all of `action`, or a part of it that is not `last`), counted and logged:
+        an action is done when its last part is, and failed when any part fails."""
+        outcome = Outcome()
+        kind = type(action).__name__
+        try:
+            await work()
+        except PermanentError as exc:
+            outcome.failed[action.key] = outcome.permanent[action.key] = str(exc)
+            ACTIONS.labels(kind, "permanent_error").inc()
+            log.error("action.failed action=%s key=%s error=%s", kind, action.key, exc)
+        except AgentError as exc:
+            outcome.failed[action.key] = str(exc)
+            ACTIONS.labels(kind, "error").inc()
+            log.warning("action.failed action=%s key=%s error=%s", kind, action.key, exc)
+        else:
+            if last:
                 outcome.done.append(action)
                 ACTIONS.labels(kind, "ok").inc()
                 log.info("action.done action=%s key=%s", kind, action.key)
-            self.on_progress()
+        self.on_progress()
         return outcome
 
     async def run_chain(self, key: str, chain: Sequence[p.Action]) -> ChainResult:
         """One key worker's chain: its steps in order (the actions of a step side by side,
-        plan.steps), stopping after the first step with a failure."""
-        for step in p.steps(tuple(chain)):
-            outcomes = await asyncio.gather(*(self.apply((action,)) for action in step))
-            failed = [(o, a) for o, a in zip(outcomes, step, strict=True) if a.key in o.failed]
+        plan.steps), stopping after the first stage with a failure.
+
+        A new holder and the database that joins it overlap (`stages`): the holder is
+        created beside its step, then started and fenced while the database is created,
+        and the database starts once the holder runs fenced.
+        """
+        for stage in stages(p.steps(tuple(chain)), self._one, self._create, self._start):
+            outcomes = await asyncio.gather(*(self._attempt(a, w, last) for a, w, last in stage))
+            failed = [
+                (o, a) for o, (a, _, _) in zip(outcomes, stage, strict=True) if a.key in o.failed
+            ]
             if failed:
                 permanent = any(a.key in o.permanent for o, a in failed)
                 outcome, action = failed[0]
@@ -181,17 +202,9 @@ class Applier:
                     secret.secret_version,
                     valid_until.timestamp() if valid_until is not None else None,
                 )
-            case p.RunContainer(key, spec):
-                if spec.role == "db":
-                    # The container mounts the secret directory: it must be complete first.
-                    if key not in self.secrets.versions():
-                        raise AgentError("secret not fetched yet")
-                    await self._on_addon_started(key)
-                    await self._attach(key)
-                await self.docker.run(spec)
-                if spec.role == "holder" and spec.network is not None:
-                    # Before its database joins the namespace: no egress beyond the network.
-                    await self.firewall.fence_holder(spec.name, spec.network)
+            case p.RunContainer():
+                await self._create(action)
+                await self._start(action)
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 if name.endswith("-db"):
@@ -265,6 +278,24 @@ class Applier:
             case p.ResizeApp(key, name, cpus, memory_mb, spec_hash):
                 await self.docker.update_limits(name, cpus, memory_mb)
                 self._resized_apps[key] = spec_hash
+
+    async def _create(self, action: p.RunContainer) -> None:
+        """A RunContainer's first part: the container created, not started."""
+        if action.spec.role == "db" and action.key not in self.secrets.versions():
+            # The container mounts the secret directory: it must be complete first.
+            raise AgentError("secret not fetched yet")
+        await self.docker.run(action.spec, start=False)
+
+    async def _start(self, action: p.RunContainer) -> None:
+        """A RunContainer's second part: the container started (and a holder fenced)."""
+        spec = action.spec
+        if spec.role == "db":
+            await self._on_addon_started(action.key)
+            await self._attach(action.key)
+        await self.docker.start(spec.name)
+        if spec.role == "holder" and spec.network is not None:
+            # Before its database joins the namespace: no egress beyond the network.
+            await self.firewall.fence_holder(spec.name, spec.network)
 
     async def _attach(self, addon_id: str) -> None:
         """A volume with its own filesystem (the data's, the WAL's) needs its loop device
@@ -402,3 +433,62 @@ class Applier:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+
+
+Work = Callable[[], Awaitable[None]]
+# One stage of a chain: actions run side by side, each with the work to do for it now and
+# whether that work completes the action.
+Stage = list[tuple[p.Action, Work, bool]]
+
+
+def stages(
+    steps: Sequence[tuple[p.Action, ...]],
+    whole: Callable[[p.Action], Awaitable[None]],
+    create: Callable[[p.RunContainer], Awaitable[None]],
+    start: Callable[[p.RunContainer], Awaitable[None]],
+) -> list[Stage]:
+    """A chain's steps as the stages run one after another.
+
+    A step that starts a holder, followed by the step that runs the database in its
+    namespace, becomes three stages: the step with the holder only created; the holder
+    started and fenced beside the database's creation (Docker creates a container in the
+    namespace of one that exists but does not run, and refuses to start it until that one
+    runs); the database started. The database still starts only after its volume, its
+    secret and its holder's fence, and one failure stops the rest as before.
+    """
+    out: list[Stage] = []
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        holder = next(
+            (a for a in step if isinstance(a, p.RunContainer) and a.spec.role == "holder"),
+            None,
+        )
+        after = steps[i + 1] if i + 1 < len(steps) else ()
+        db = after[0] if len(after) == 1 else None
+        if (
+            holder is not None
+            and isinstance(db, p.RunContainer)
+            and db.key == holder.key
+            and db.spec.netns_of == holder.spec.name
+        ):
+            out.append(
+                [
+                    (a, functools.partial(create, holder), False)
+                    if a is holder
+                    else (a, functools.partial(whole, a), True)
+                    for a in step
+                ]
+            )
+            out.append(
+                [
+                    (holder, functools.partial(start, holder), True),
+                    (db, functools.partial(create, db), False),
+                ]
+            )
+            out.append([(db, functools.partial(start, db), True)])
+            i += 2
+        else:
+            out.append([(a, functools.partial(whole, a), True) for a in step])
+            i += 1
+    return out

@@ -167,6 +167,29 @@ def test_dead_holder_takes_the_db_with_it() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("holder_state", "expected"),
+    [
+        # Cut off before the holder started (apply.stages): both made again.
+        ("created", ["RemoveContainer", "RemoveContainer", "RunContainer", "RunContainer"]),
+        # Cut off after the holder started: the database only starts (after the pass's fence).
+        ("running", ["StartContainer"]),
+    ],
+)
+def test_a_pair_cut_off_between_its_stages_is_finished_or_replaced(
+    holder_state: str, expected: list[str]
+) -> None:
+    world = converged_world(addon())
+    holder = next(c for c in world.containers if c.role == "holder")
+    db = next(c for c in world.containers if c.role == "db")
+    world = Observed(
+        containers=(replace(holder, state=holder_state), replace(db, state="created")),
+        networks=world.networks,
+        volumes=world.volumes,
+    )
+    assert kinds(p.plan(desired(addon()), world, LOCAL, SETTINGS)) == expected
+
+
 def test_stopped_db_is_started_unless_it_sleeps() -> None:
     world = converged_world(addon())
     stopped = tuple(replace(c, state="exited") if c.role == "db" else c for c in world.containers)

@@ -11,6 +11,7 @@ import pytest
 
 from agent import plan as p
 from agent import slots, specs
+from agent.apply import stages
 from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
 from agent.slots import PrioritySlots
 from agent.workqueue import ChainResult, KeyedWorkers, backoff_delay
@@ -25,7 +26,9 @@ from schemas.messages import (
 )
 
 RES = Resources(cpus=0.5, memory_mb=256)
-NET = ObservedNetwork(id="n1", name="orkestr-p1", project_id="p1", bridge="br-1", subnet="10.9.0.0/24")
+NET = ObservedNetwork(
+    id="n1", name="orkestr-p1", project_id="p1", bridge="br-1", subnet="10.9.0.0/24"
+)
 
 
 class Clock:
@@ -325,11 +328,64 @@ def test_a_new_addons_volume_secret_and_holder_are_one_step() -> None:
         volumes=(ObservedVolume(name="orkestr-r0-data", addon_id="r0"),),
     )  # fmt: skip
     gone = msgspec.structs.replace(rd, deleted=True)
-    tomb = msgspec.structs.replace(desired, projects=(ProjectSpec(id="p1", name="p1", addons=(gone,)),))
+    tomb = msgspec.structs.replace(
+        desired, projects=(ProjectSpec(id="p1", name="p1", addons=(gone,)),)
+    )
     local = p.Local(secrets={"r0": 1})
     kinds = [[type(a).__name__ for a in step]
              for step in p.steps(p.chains(tomb, p.plan(tomb, observed, local, settings))["r0"])]  # fmt: skip
     assert kinds == [["RemoveContainer"], ["RemoveContainer", "RemoveVolume", "RemoveSecret"]]
+
+
+def test_a_new_holder_starts_while_its_database_is_created() -> None:
+    """The holder created in its step, then started beside the database's creation, then
+    the database started; a failure in a stage stops the chain before the next (apply)."""
+    rd = AddonSpec(id="r0", name="r0", kind="redis", resources=RES)
+    project = ProjectSpec(id="p1", name="p1", addons=(rd,))
+    desired = DesiredState(version=SCHEMA_VERSION, host="h", generation=1, projects=(project,))
+    settings = p.Settings(images=specs.Images(postgres="pg", redis="rd"), secrets_root="/s")
+    chain = p.chains(desired, p.plan(desired, Observed(networks=(NET,)), p.Local(), settings))["r0"]
+
+    def what(action: p.Action) -> str:
+        role = f"({action.spec.role})" if isinstance(action, p.RunContainer) else ""
+        return type(action).__name__ + role
+
+    def shape(chain: Sequence[p.Action]) -> list[list[tuple[str, str, bool]]]:
+        async def whole(action: p.Action) -> None:
+            pass
+
+        async def create(action: p.RunContainer) -> None:
+            pass
+
+        async def start(action: p.RunContainer) -> None:
+            pass
+
+        out = []
+        for stage in stages(p.steps(tuple(chain)), whole, create, start):
+            out.append([(what(a), w.func.__name__, last) for a, w, last in stage])  # type: ignore[attr-defined]
+        return out
+
+    assert shape(chain) == [
+        [("EnsureVolume", "whole", True), ("FetchSecret", "whole", True),
+         ("RunContainer(holder)", "create", False)],
+        [("RunContainer(holder)", "start", True), ("RunContainer(db)", "create", False)],
+        [("RunContainer(db)", "start", True)],
+    ]  # fmt: skip
+    # A replaced holder: removals first, one at a time, then the same overlap.
+    replaced = (
+        p.RemoveContainer("r0", "orkestr-r0-db", "HolderReplaced"),
+        p.RemoveContainer("r0", "orkestr-r0-net", "Drifted"),
+        *chain[2:],
+    )
+    assert [[w for _, w, _ in stage] for stage in shape(replaced)] == [
+        ["whole"],
+        ["whole"],
+        ["create"],
+        ["start", "create"],
+        ["start"],
+    ]
+    # A database alone (its holder runs): one action, whole.
+    assert shape(chain[3:]) == [[("RunContainer(db)", "whole", True)]]
 
 
 def test_chains_that_need_a_network_still_being_created_wait_for_it() -> None:
