@@ -374,11 +374,13 @@ class Sleeper:
         connection is a passive open, so with no new one and none seen last time there is
         still none; and while clients are connected, the set can only have changed if a
         connection was opened (passive or active) or one left the established count
-        (`CurrEstab`) since the last read. The read costs milliseconds whatever the
-        namespace holds (the kernel walks the host-wide connection hash): idle add-ons are
-        measured every tick, and a busy one's clients stay for minutes, during which the
-        read ran on the same cores as its database (issue 12's light rows). `full` reads
-        it anyway: the last check before a sleep.
+        (`CurrEstab`) since the last read. A client's FIN alone leaves its socket counted
+        (CLOSE_WAIT) until the database closes its end, which Postgres and Redis do at
+        once; until then it counts as connected: never idle early. The read costs
+        milliseconds whatever the namespace holds (the kernel walks the host-wide
+        connection hash): idle add-ons are measured every tick, and a busy one's clients
+        stay for minutes, during which the read ran on the cores its database and clients
+        use (issue 12's light rows). `full` reads it anyway: the last check before a sleep.
         """
         await self.refresh_kept(full)
         async with self.measure:
