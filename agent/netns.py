@@ -171,16 +171,34 @@ def tcp_table(pid: int) -> list[TcpSocket]:
     return out
 
 
+class TcpCounters(Struct, frozen=True):
+    """The namespace's TCP counters that tell whether its connections can have changed."""
+
+    passive_opens: int  # connections accepted since the namespace was created
+    active_opens: int  # connections made from inside it
+    curr_estab: int  # connections now established (or half-closed by the peer)
+
+
 def passive_opens(pid: int) -> int:
-    """Connections accepted in the namespace since it was created (TCP PassiveOpens).
+    """Connections accepted in the namespace since it was created (TCP PassiveOpens)."""
+    return tcp_counters(pid).passive_opens
 
-    Read for every sleep-enabled add-on every sleep tick: one read of the file, and only
-    its two `Tcp:` lines (names, then values) split.
+
+def tcp_counters(pid: int) -> TcpCounters:
+    """The namespace's TCP counters from /proc/<pid>/net/snmp.
+
+    Read for every sleep-enabled add-on every sleep tick: one read of the file (tens of
+    microseconds, against milliseconds for the TCP table), and only its two `Tcp:` lines
+    (names, then values) split.
     """
-    return parse_passive_opens(smallfiles.read_bytes(f"/proc/{pid}/net/snmp"))
+    return parse_tcp_counters(smallfiles.read_bytes(f"/proc/{pid}/net/snmp"))
 
 
-def parse_passive_opens(snmp: bytes) -> int:
+def parse_tcp_counters(snmp: bytes) -> TcpCounters:
     lines = [line.split() for line in snmp.splitlines() if line.startswith(b"Tcp:")]
     header, values = lines[0], lines[1]
-    return int(values[header.index(b"PassiveOpens")])
+    return TcpCounters(
+        passive_opens=int(values[header.index(b"PassiveOpens")]),
+        active_opens=int(values[header.index(b"ActiveOpens")]),
+        curr_estab=int(values[header.index(b"CurrEstab")]),
+    )

@@ -87,10 +87,12 @@ def test_passive_opens_is_the_tcp_counter_the_line_parse_finds() -> None:
     assert netns.passive_opens(pid) >= expected
     snmp = (
         b"Ip: Forwarding DefaultTTL\nIp: 1 64\n"
-        b"Tcp: RtoAlgorithm ActiveOpens PassiveOpens AttemptFails\nTcp: 1 12 345 6\n"
+        b"Tcp: RtoAlgorithm ActiveOpens PassiveOpens AttemptFails CurrEstab\nTcp: 1 12 345 6 4\n"
         b"Udp: InDatagrams\nUdp: 7\n"
     )
-    assert netns.parse_passive_opens(snmp) == 345
+    assert netns.parse_tcp_counters(snmp) == netns.TcpCounters(
+        passive_opens=345, active_opens=12, curr_estab=4
+    )
 
 
 def test_secret_reads_match_the_files(tmp_path: Path) -> None:

@@ -218,8 +218,9 @@ async def test_the_activity_meter_reads_the_tcp_table_only_when_it_can_have_chan
 ) -> None:
     """Reading a namespace's TCP table costs milliseconds (the kernel walks the host-wide
     hash); a client's connection is a passive open, so the meter skips the read while no
-    new one came and none was there. It still sees every client, and one held open keeps
-    the add-on active on every tick."""
+    new one came and none was there, and while clients stay connected it skips it as long
+    as the namespace's counters say nothing opened or closed. It still sees every client
+    arrive and leave, and one held open keeps the add-on active on every tick."""
     ip = await asyncio.create_subprocess_exec(
         "nsenter", "-t", str(namespace), "-n", "ip", "addr", "add", "10.99.0.1/32", "dev", "lo"
     )
@@ -261,12 +262,32 @@ async def test_the_activity_meter_reads_the_tcp_table_only_when_it_can_have_chan
         assert await sleeper.measure_activity(5.0)
         assert len(reads) == 2 and len(sleeper.clients) == 1
         assert sleeper.saved.last_activity == 5.0
-        # Held open without new connections: read on every tick, still active.
+        # Held open, nothing opened or closed since: no read, still active on every tick.
         assert await sleeper.measure_activity(6.0)
-        assert len(reads) == 3 and sleeper.saved.last_activity == 6.0
+        assert await sleeper.measure_activity(6.5)
+        assert len(reads) == 2 and sleeper.saved.last_activity == 6.5
+        assert len(sleeper.clients) == 1
+        # A second client: a passive open, read; both seen.
+        second = await netns.in_namespace(namespace, lambda: socket.socket())
+        second.setblocking(False)
+        await loop.sock_connect(second, ("10.99.0.1", 5432))
+        accepted2, _peer = await loop.sock_accept(db)
+        assert await sleeper.measure_activity(6.6)
+        assert len(reads) == 3 and len(sleeper.clients) == 2
+        assert await sleeper.measure_activity(6.7)
+        assert len(reads) == 3
+        # One leaves (no new connection, only the established count moves): read, seen gone.
+        second.close()
+        accepted2.close()
+        for _ in range(50):  # the close reaches both ends
+            await sleeper.measure_activity(6.8)
+            if len(sleeper.clients) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(sleeper.clients) == 1 and len(reads) > 3
         sock.close()
         accepted.close()
-        for _ in range(50):  # the close reaches both ends
+        for _ in range(50):
             await sleeper.measure_activity(7.0)
             if not sleeper.clients:
                 break

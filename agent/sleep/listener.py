@@ -164,6 +164,9 @@ class Sleeper:
         # made before this sleeper, e.g. across an agent restart, are found by the first).
         self.direct: tuple[ClientConnection, ...] = ()
         self.table_read = False
+        # The namespace's (ActiveOpens, CurrEstab) just before that read: while they and
+        # PassiveOpens stay put, the connections it listed are still the ones there.
+        self.table_counters = (-1, -1)
         # Only a database that answered a client may fall asleep: pausing or stopping one
         # mid-initialisation would interrupt initdb. Set by the readiness probes and wakes.
         self.ready = False
@@ -369,18 +372,27 @@ class Sleeper:
 
         The namespace's TCP table is read only when it can have changed: a client's
         connection is a passive open, so with no new one and none seen last time there is
-        still none. The read costs milliseconds whatever the namespace holds (the kernel
-        walks the host-wide connection hash), and idle add-ons are measured every tick.
-        `full` reads it anyway: the last check before a sleep.
+        still none; and while clients are connected, the set can only have changed if a
+        connection was opened (passive or active) or one left the established count
+        (`CurrEstab`) since the last read. A client's FIN alone leaves its socket counted
+        (CLOSE_WAIT) until the database closes its end, which Postgres and Redis do at
+        once; until then it counts as connected: never idle early. The read costs
+        milliseconds whatever the namespace holds (the kernel walks the host-wide
+        connection hash): idle add-ons are measured every tick, and a busy one's clients
+        stay for minutes, during which the read ran on the cores its database and clients
+        use (issue 12's light rows). `full` reads it anyway: the last check before a sleep.
         """
         await self.refresh_kept(full)
         async with self.measure:
-            opens = netns.passive_opens(self.pid)
+            counters = netns.tcp_counters(self.pid)
+            opens = counters.passive_opens
             new_connections = opens > self.last_opens
             self.last_opens = opens
             left = False
-            if full or new_connections or self.direct or not self.table_read:
+            moved = (counters.active_opens, counters.curr_estab) != self.table_counters
+            if full or new_connections or (self.direct and moved) or not self.table_read:
                 seen = self.direct
+                self.table_counters = (counters.active_opens, counters.curr_estab)
                 self.direct = tuple(
                     ClientConnection(f"{s.remote_ip}:{s.remote_port}")
                     for s in netns.tcp_table(self.pid)
