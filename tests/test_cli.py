@@ -219,7 +219,7 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         variables = (await cli.json("env", "-p", name))["env"]
         assert variables["GREETING"] == "a=b c" and variables["DEBUG"] == "0"
         # Values are shown whole, on one line, however narrow the terminal: copied as they are.
-        long = "https://user:" + "p" * 150 + "@example.invalid/x"
+        long = "postgresql://app:" + "p" * 150 + "@old-db:5432/app"
         await cli.ok("env", "-p", name, "set", f"LONG_URL={long}")
         code, out, err = await cli("env", "-p", name, env={"COLUMNS": "80"})
         assert code == 0, err
