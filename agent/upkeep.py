@@ -236,6 +236,17 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
           AND l.mode = 'AccessExclusiveLock' AND l.granted))
 """
 
+# The settings of the tenant's database that could shut the tenant out (_pg_database).
+# `connect` is NULL while the tenant's role does not exist yet (never "revoked").
+_DATABASE_SQL = """
+SELECT d.datconnlimit AS connlimit, d.datallowconn AS allowconn, d.datistemplate AS istemplate,
+       CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
+            THEN has_database_privilege($1, d.oid, 'CONNECT') END AS connect
+FROM pg_database d WHERE d.datname = current_database()
+"""
+# The platform sets no per-database connection limit: max_connections bounds them all.
+DATABASE_CONNECTION_LIMIT = -1
+
 _REINSTATE_SQL = """
 DROP EVENT TRIGGER IF EXISTS {name};
 DO $d$
@@ -576,11 +587,46 @@ class Upkeep:
         )
         try:
             if not quota_only:
+                await self._pg_database(conn, addon)
                 await self._pg_credentials(conn, addon)
                 await self._pg_wal(conn, addon)
             await self._pg_quota(conn, addon, free)
         finally:
             await conn.close(timeout=timeout_s)
+
+    async def _pg_database(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        """Undo what the tenant, as its database's owner, can set to shut itself out.
+
+        `CONNECTION LIMIT 0` and `REVOKE CONNECT` (from PUBLIC and its own role) stop every
+        new session of the tenant but not ours (a superuser is exempt from both), and it
+        cannot connect to undo them; `IS_TEMPLATE true` makes the database undroppable.
+        `ALLOW_CONNECTIONS false` is refused from the database itself, the only one the
+        tenant reaches, but is checked all the same. Each is put back every round.
+        """
+        row = await conn.fetchrow(_DATABASE_SQL, addon.user)
+        if row is None:
+            return
+        db = _ident(addon.database)
+        fixes: list[tuple[str, str]] = []
+        if row["connlimit"] != DATABASE_CONNECTION_LIMIT:
+            fixes.append(
+                (f"connection_limit={row['connlimit']}",
+                 f"ALTER DATABASE {db} CONNECTION LIMIT {DATABASE_CONNECTION_LIMIT}")
+            )
+        if not row["allowconn"]:
+            fixes.append(("allow_connections=false", f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        if row["istemplate"]:
+            fixes.append(("is_template=true", f"ALTER DATABASE {db} IS_TEMPLATE false"))
+        if row["connect"] is False:
+            # Its login roles (agent/secrets.py) are members of it, so they connect again too.
+            fixes.append(
+                ("connect=revoked", f"GRANT CONNECT ON DATABASE {db} TO {_ident(addon.user)}")
+            )
+        for found, sql in fixes:
+            await conn.execute(sql)
+            log.warning(
+                "upkeep.database_setting_restored addon=%s found=%s sql=%r", addon.id, found, sql
+            )
 
     async def _pg_credentials(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         version = self._secret_version(addon.id)

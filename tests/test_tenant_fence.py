@@ -251,6 +251,69 @@ async def test_the_tenants_database_settings_do_not_reach_the_platforms_sessions
     assert (view.get("usage_bytes") or 0) > 1_000_000, view
 
 
+# Run by the tenant, as its database's owner: every setting that shuts it out of its own
+# database (the platform's superuser is exempt from each, so the add-on still looks ready).
+_LOCKOUT = r"""
+DO $d$ BEGIN
+  EXECUTE format('ALTER DATABASE %I IS_TEMPLATE true', current_database());
+  EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC, %I', current_database(), current_user);
+  EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT 0', current_database());
+END $d$;
+"""
+
+_DATABASE_STATE = (
+    "select 'state=' || datconnlimit || ',' || datallowconn || ',' || datistemplate"
+    " || ',' || has_database_privilege(current_user, oid, 'CONNECT')"
+    " from pg_database where datname = current_database()"
+)
+
+
+async def test_a_tenant_that_shuts_itself_out_of_its_database_is_let_back_in(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "lock-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    psql = 'psql "$DATABASE_URL" -X -v ON_ERROR_STOP=1 -tA'
+    mark = len(agent.log_path.read_text(errors="replace"))
+    # ALLOW_CONNECTIONS false is refused from the database itself (the only one it reaches).
+    script = (
+        f"{psql} -c \"DO \\$d\\$ BEGIN EXECUTE format('ALTER DATABASE %I ALLOW_CONNECTIONS false',"
+        f" current_database()); END \\$d\\$\" 2>&1 | head -1 | sed 's/^/allow=/'; "
+        f"{psql} <<'SQL'\n{_LOCKOUT}\nSQL\n"
+        # Shut out at once: a new session is refused.
+        f"{psql} -c 'select 1' >/dev/null 2>&1 && echo after=connected || echo after=refused\n"
+    )
+    job = await run_job(c, project["id"], script)
+    seen = outcomes(job["output"])
+    assert "cannot disallow connections" in seen.get("allow", ""), job["output"]
+    assert seen.get("after") == "refused", job["output"]
+
+    async def back_in() -> dict[str, str] | None:
+        found = outcomes((await run_job(c, project["id"], f'{psql} -c "{_DATABASE_STATE}"'))["output"])
+        return found if found.get("state") else None
+
+    # Upkeep rounds run with the passes; the next ones put the platform's settings back.
+    await more_passes(agent, 3, timeout=60)
+    seen = await wait_for(back_in, 90, "the tenant connects to its database again")
+    assert seen["state"] == "-1,true,false,true", seen
+    restored = [
+        line
+        for line in agent.log_path.read_text(errors="replace")[mark:].splitlines()
+        if "upkeep.database_setting_restored" in line and pg["id"] in line
+    ]
+    found = " ".join(restored)
+    for what in ("connection_limit=0", "is_template=true", "connect=revoked"):
+        assert f"found={what}" in found, restored
+    # Level-triggered, not repeated: a round with nothing to undo logs nothing.
+    mark = len(agent.log_path.read_text(errors="replace"))
+    await more_passes(agent, 2, timeout=60)
+    again = agent.log_path.read_text(errors="replace")[mark:]
+    assert f"upkeep.database_setting_restored addon={pg['id']}" not in again
+
+
 def _audit_common(info: dict[str, Any], what: str) -> None:
     hc = info["HostConfig"]
     assert hc["PidsLimit"] and hc["PidsLimit"] > 0, (what, hc["PidsLimit"])
