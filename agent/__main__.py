@@ -16,10 +16,8 @@ import ssl
 import sys
 from pathlib import Path
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from agent import config as config_mod
+from agent import metrics_http
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.runtime import Agent
@@ -29,19 +27,6 @@ from schemas import logs
 from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
-
-
-async def _metrics_app(listen: str) -> web.AppRunner:
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
-    return runner
 
 
 async def main(
@@ -65,7 +50,7 @@ async def main(
         stack.push_async_callback(agent.backups.close)
         stack.push_async_callback(agent.close_sleepers)
         stack.push_async_callback(agent.workers.close)
-        runner = await _metrics_app(config.metrics.listen)
+        runner = await metrics_http.serve(config.metrics.listen, config.metrics.token_file)
         stack.push_async_callback(runner.cleanup)
         log.info("agent.started host=%s state_dir=%s", config.agent.host, config.agent.state_dir)
         try:
@@ -106,6 +91,12 @@ def run() -> None:
         sys.exit(2)
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        if config.metrics.token_file:
+            metrics_http.ScrapeToken(config.metrics.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"orkestr-agent: bad configuration: metrics.token_file: {exc}", file=sys.stderr)
         sys.exit(2)
     # ORKESTR_LOG_LEVEL overrides log.level (a one-off DEBUG run without editing the file).
     logs.configure(os.environ.get("ORKESTR_LOG_LEVEL", config.log.level), config.log.format)

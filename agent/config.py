@@ -111,6 +111,9 @@ class DockerSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
+    # The scrape token (Authorization: Bearer); empty: /metrics is open to any process
+    # that reaches `listen` (a warning at start).
+    token_file: str = ""
 
 
 class BackupsSection(Struct, frozen=True, forbid_unknown_fields=True):

@@ -63,7 +63,7 @@ def cpu_s(pid: int) -> float:
 async def scrape(b: Bench) -> dict[str, float]:
     """One GET of the agent's /metrics: series -> value."""
     assert b.agent is not None
-    return await metrics(b.agent.metrics_port)
+    return await metrics(b.agent.metrics_port, b.agent.metrics_token)
 
 
 async def histogram(b: Bench) -> dict[str, float]:

@@ -27,10 +27,11 @@ database=${ORKESTR_DATABASE:-orkestr}
 # Credentials, each in its own root-only file (docs/operations.md: which goes where):
 # the operator's API token (an older up.sh called it api_token), the Prometheus scrape
 # token, this host's agent token, the key that seals add-on passwords in the database,
-# and the password of the controller's own database role.
+# and the password of the controller's own database role; the agents' scrape token and
+# the password of Prometheus's own HTTP API.
 [ -s "$etc/operator_token" ] || [ ! -s "$etc/api_token" ] || mv "$etc/api_token" "$etc/operator_token"
 new_secret() { .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))'; }
-for t in operator_token metrics_token agent_token; do
+for t in operator_token metrics_token agent_token agent_metrics_token prometheus_password; do
   [ -s "$etc/$t" ] || (umask 077; new_secret >"$etc/$t")
 done
 [ -s "$etc/secrets.key" ] || (umask 077; head -c 32 /dev/urandom | base64 >"$etc/secrets.key")
@@ -40,7 +41,27 @@ agent_digest=$(tr -d '\n' <"$etc/agent_token" | sha256sum | cut -d' ' -f1)
 grep -qs "^$host $agent_digest\$" "$etc/agent_tokens" ||
   (umask 077; echo "$host $agent_digest" >>"$etc/agent_tokens")
 chmod 600 "$etc"/operator_token "$etc"/metrics_token "$etc"/agent_token "$etc"/agent_tokens \
-  "$etc"/secrets.key "$etc"/database_password
+  "$etc"/secrets.key "$etc"/database_password "$etc"/agent_metrics_token "$etc"/prometheus_password
+# Prometheus (deploy/services.sh installs it) runs as its own user and cannot enter the
+# root-only $etc: it gets copies of the two scrape tokens its group can read
+# (deploy/prometheus/prometheus.yml names them), and its HTTP API asks for a password
+# (basic auth, deploy/prometheus-web.sh). Grafana, where installed, gets that password
+# the same way (deploy/grafana/provisioning/datasources.yml).
+if getent group prometheus >/dev/null && [ -d /etc/prometheus ]; then
+  install -m 0640 -o root -g prometheus "$etc/metrics_token" /etc/prometheus/orkestr_metrics_token
+  install -m 0640 -o root -g prometheus "$etc/agent_metrics_token" \
+    /etc/prometheus/orkestr_agent_metrics_token
+  bash deploy/prometheus-web.sh "$etc/prometheus_password" /etc/prometheus/web.yml
+  if [ -f /etc/default/prometheus ] && ! grep -q -- '--web.config.file' /etc/default/prometheus; then
+    sed -i 's|^ARGS="\(.*\)"|ARGS="\1 --web.config.file=/etc/prometheus/web.yml"|' /etc/default/prometheus
+    if [ -d /run/systemd/system ] && systemctl is-active -q prometheus; then
+      systemctl restart prometheus
+    fi
+  fi
+fi
+if getent group grafana >/dev/null && [ -d /etc/grafana ]; then
+  install -m 0640 -o root -g grafana "$etc/prometheus_password" /etc/grafana/orkestr_prometheus_password
+fi
 
 # The controller's own database role, with that random password; the test role that
 # deploy/services.sh creates gets no access to the controller's database.
@@ -153,7 +174,16 @@ redis = "orkestr-local/redis:7"
 
 [metrics]
 listen = "127.0.0.1:9464"
+token_file = "$etc/agent_metrics_token"
 TOML
+fi
+# An older up.sh's agent.toml: /metrics without a token.
+if ! grep -q '^token_file = ' "$etc/agent.toml"; then
+  if grep -q '^\[metrics\]' "$etc/agent.toml"; then
+    sed -i "/^\[metrics\]/a token_file = \"$etc/agent_metrics_token\"" "$etc/agent.toml"
+  else
+    printf '\n[metrics]\ntoken_file = "%s"\n' "$etc/agent_metrics_token" >>"$etc/agent.toml"
+  fi
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,10 @@ class AgentProcess:
         self.dir = Path(tempfile.mkdtemp(prefix=f"orkestr-agent-{host}-"))
         self.state_dir = self.dir / "state"
         self.metrics_port = free_port()
+        # The scrape token, as deploy/up.sh makes it: /metrics answers 401 without it.
+        self.metrics_token = secrets.token_urlsafe(24)
+        self.metrics_token_file = self.dir / "metrics.token"
+        self.metrics_token_file.write_text(self.metrics_token + "\n")
         self.log_path = self.dir / "agent.log"
         self.config_path = self.dir / "agent.toml"
         self.mqtt_password_file = self.dir / "mqtt.password"
@@ -210,6 +215,7 @@ format = "{log_format}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
+token_file = "{self.metrics_token_file}"
 {extra_config}
 """
         )
@@ -419,12 +425,14 @@ async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25
         await asyncio.sleep(interval)
 
 
-async def metrics(port: int) -> dict[str, float]:
-    """One GET of an agent's /metrics on loopback: series -> value. OSError if it does
-    not listen."""
+async def metrics(port: int, token: str) -> dict[str, float]:
+    """One GET of an agent's /metrics on loopback, with its scrape token: series -> value.
+    OSError if it does not listen."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        writer.write(
+            f"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        )
         await writer.drain()
         text = (await asyncio.wait_for(reader.read(), 10)).decode()
     finally:
@@ -441,7 +449,7 @@ async def metrics(port: int) -> dict[str, float]:
 async def agent_metric(agent: AgentProcess, series: str) -> float | None:
     """One sample's value from the agent's /metrics, e.g. 'name{label="v"}'; None if absent."""
     try:
-        return (await metrics(agent.metrics_port)).get(series)
+        return (await metrics(agent.metrics_port, agent.metrics_token)).get(series)
     except OSError:
         return None  # not listening (yet): a starting or stopped agent
 

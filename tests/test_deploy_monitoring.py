@@ -36,6 +36,7 @@ DASHBOARD = GRAFANA_DIR / "orkestr-addons.json"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 CREDENTIALS_FILE = "/etc/prometheus/orkestr_metrics_token"
+AGENT_CREDENTIALS_FILE = "/etc/prometheus/orkestr_agent_metrics_token"
 
 # Labels Prometheus adds to every scraped series, and the scrape health metric.
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -220,6 +221,7 @@ def test_prometheus_config_shape() -> None:
     assert re.search(r"^\s+scrape_interval:\s*15s\s*$", text, re.M)
     assert re.search(r"^rule_files:\s*\n\s+-\s*alerts\.yml\s*$", text, re.M)
     assert f"credentials_file: {CREDENTIALS_FILE}" in text
+    assert f"credentials_file: {AGENT_CREDENTIALS_FILE}" in text
     assert "127.0.0.1:9464" in text
     assert "127.0.0.1:8080" in text
     assert "file_sd_configs" in text  # the comment on adding hosts
@@ -456,7 +458,9 @@ def test_promtool_check_config(tmp_path: Path) -> None:
     token.write_text("test-token\n")
     text = CONFIG.read_text()
     assert text.count(CREDENTIALS_FILE) == 1
-    (tmp_path / "prometheus.yml").write_text(text.replace(CREDENTIALS_FILE, str(token)))
+    assert text.count(AGENT_CREDENTIALS_FILE) == 1
+    text = text.replace(CREDENTIALS_FILE, str(token)).replace(AGENT_CREDENTIALS_FILE, str(token))
+    (tmp_path / "prometheus.yml").write_text(text)
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
     output = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert f"SUCCESS: {len(alert_rules())} rules found" in output

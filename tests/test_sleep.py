@@ -410,7 +410,11 @@ async def test_wake_listener_answers_only_what_the_redirect_sends_it(pg: Any) ->
 def _agent_metric(agent: AgentProcess, name: str) -> float:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5) as f:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{agent.metrics_port}/metrics",
+        headers={"Authorization": f"Bearer {agent.metrics_token}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as f:  # loopback only
         text = f.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
