@@ -57,7 +57,14 @@ async def run(config: Config, plans: Plans) -> None:
         link = MqttLink(config.mqtt, metrics)
         publisher = Publisher(pool, link, plans, metrics, config.signer)
         watch = OutputWatch()
-        ingest = Ingest(pool, publisher, metrics, watch, config.jobs.output_retain_chars)
+        ingest = Ingest(
+            pool,
+            publisher,
+            metrics,
+            watch,
+            config.jobs.output_retain_chars,
+            clear=lambda topic: link.publish_retained(topic, b""),
+        )
         api = Api(config, pool, plans, publisher, metrics, watch)
         app = api.app()
         # The 5xx an alert divides by: present from the start, so its first one counts.

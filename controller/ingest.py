@@ -5,19 +5,28 @@ with its topic and reason and changes nothing. A host may only speak for itself 
 topic's host must match the payload's) and only about projects placed on it (enforced
 in the SQL of store.py). While the database is down a message is retried with backoff,
 holding back its acknowledgement, so nothing an agent sent is dropped.
+
+Results reach the controller through its persistent session (QoS 1), never as retained
+messages; but the ACL lets a host publish retained ones on any of its own `jobs/<id>/...`
+and `backups/<id>/result` topics, and the broker would keep them all. So once a result is
+handled (stored, a redelivery, or refused) its topic is cleared (an empty retained
+publish), with the job's output topic; an output chunk is cleared when it is refused,
+stale or was delivered as retained. A host keeps at most one retained message per running
+job of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from controller import backup_queries, joboutput, reports
 from controller.backoff import Backoff
 from controller.db import Pool
 from controller.dirty_hosts import DirtyHosts
-from controller.errors import DatabaseUnavailable
+from controller.errors import BrokerUnavailable, DatabaseUnavailable
 from controller.logs import log
 from controller.metrics import Metrics
 from controller.mqtt import Incoming
@@ -35,6 +44,27 @@ from schemas.messages import (
 logger = logging.getLogger(__name__)
 
 Kind = Literal["status", "presence", "job_result", "job_output", "backup_result"]
+# Publishes an empty retained message on a topic (MqttLink.publish_retained).
+Clear = Callable[[str], Awaitable[None]]
+
+
+def topics_to_clear(
+    kind: Kind, host: str, key: str | None, outcome: str, retained: bool
+) -> list[str]:
+    """The topics to clear once a message on a job or backup topic was handled.
+
+    `outcome`: "accepted", "stale", "rejected" or "error". Status and presence stay
+    retained (they are the host's current state).
+    """
+    if key is None:
+        return []
+    if kind == "job_result":
+        return [topics.job_result(host, key), topics.job_output(host, key)]
+    if kind == "backup_result":
+        return [topics.backup_result(host, key)]
+    if kind == "job_output" and (outcome != "accepted" or retained):
+        return [topics.job_output(host, key)]
+    return []
 
 
 def classify(topic: str) -> tuple[Kind, str, str | None] | None:
@@ -64,7 +94,9 @@ class Ingest:
         metrics: Metrics,
         watch: joboutput.OutputWatch | None = None,
         output_retain_chars: int = 65536,
+        clear: Clear | None = None,
     ) -> None:
+        self._clear = clear
         self._pool = pool
         self._dirty = dirty
         self._metrics = metrics
@@ -79,16 +111,33 @@ class Ingest:
             return
         kind, host, job_id = found
         if not message.payload:
-            # A zero-length publish clears a retained message; there is nothing to apply.
-            log(logger, "mqtt_retained_cleared", logging.DEBUG, topic=message.topic)
+            # A zero-length publish clears a retained message (ours among them): nothing
+            # to apply, nothing to clear.
+            log(logger, "mqtt_empty_message", logging.DEBUG, topic=message.topic)
             return
+        outcome = await self._handle(kind, host, job_id, message)
+        for topic in topics_to_clear(kind, host, job_id, outcome, message.retained):
+            await self._clear_retained(topic, outcome)
+
+    async def _clear_retained(self, topic: str, outcome: str) -> None:
+        if self._clear is None:
+            return
+        try:
+            await self._clear(topic)
+        except BrokerUnavailable as exc:
+            # Cleared with the next message on the topic, or when the result is redelivered.
+            log(logger, "mqtt_clear_failed", logging.WARNING, topic=topic, error=exc)
+            return
+        log(logger, "mqtt_retained_cleared", logging.DEBUG, topic=topic, outcome=outcome)
+
+    async def _handle(self, kind: Kind, host: str, job_id: str | None, message: Incoming) -> str:
         backoff = Backoff(first=0.5, cap=10.0)
         while True:
             try:
                 result = await self._apply(kind, host, job_id, message)
             except MessageRejected as exc:
                 self._reject(message, exc.reason, exc.message, kind)
-                return
+                return "rejected"
             except DatabaseUnavailable as exc:
                 delay = backoff.next()
                 log(
@@ -105,9 +154,9 @@ class Ingest:
                 # A bug must not turn one message into a crash loop (it would be redelivered).
                 logger.exception("mqtt_message_failed topic=%s", message.topic)
                 self._metrics.mqtt_messages.labels(kind, "error").inc()
-                return
+                return "error"
             self._metrics.mqtt_messages.labels(kind, result).inc()
-            return
+            return result
 
     def _reject(self, message: Incoming, reason: str, text: str, kind: str) -> None:
         self._metrics.mqtt_messages.labels(kind, "rejected").inc()

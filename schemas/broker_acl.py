@@ -3,9 +3,10 @@
 Every host connects with its host name as MQTT username, and the broker runs with
 `use_username_as_clientid true`, so one pattern block serves all hosts: a host reads its
 own desired topic and writes its own status, presence, job results and output and backup
-results, nothing else. The
-controller's user reads every host's reports and writes desired states. Mosquitto refuses
-pattern access to a username containing `+` or `#`, so such a user gains nothing.
+results, nothing else. The controller's user reads every host's reports and writes
+desired states (and clears the retained messages a host leaves on its job and backup
+topics: controller/ingest.py). Mosquitto refuses pattern access to a username
+containing `+` or `#`, so such a user gains nothing.
 
 `python -m schemas.broker_acl [CONTROLLER_USER ...]` prints the file (deploy/up.sh).
 """
@@ -41,6 +42,10 @@ def controller_topics() -> list[str]:
         f"topic read {topics.JOB_OUTPUT_ALL}",
         f"topic read {topics.BACKUP_RESULT_ALL}",
         f"topic write {topics.desired('+')}",
+        # Only to clear (an empty retained message) what a host left retained there.
+        f"topic write {topics.JOB_RESULT_ALL}",
+        f"topic write {topics.JOB_OUTPUT_ALL}",
+        f"topic write {topics.BACKUP_RESULT_ALL}",
     ]
 
 

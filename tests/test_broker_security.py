@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from schemas.messages import (
     Capacity,
     DesiredState,
     HostStatus,
+    JobResult,
     Presence,
 )
 from schemas.signed import Signer
@@ -353,3 +354,104 @@ async def test_one_hosts_publish_failure_does_not_stop_the_others(
     failed = metrics.desired_published.labels("failed")._value.get()
     assert failed >= 1
     assert f'desired_publish_failed host={x.host} reason="KeyError' in caplog.text
+
+
+async def retained_under(broker: Mosquitto, host: str) -> dict[str, bytes]:
+    """What the broker holds retained under a host's topics, as a new subscriber gets it."""
+    async with Recorder(broker, f"{topics.PREFIX}/hosts/{host}/#") as late:
+        await asyncio.sleep(1.0)  # retained messages come at once on subscribe
+        return {t: p for t, p in late.seen if p}
+
+
+async def test_a_hosts_retained_job_and_backup_messages_are_cleared(
+    controller: ControllerProcess, mosquitto: Mosquitto
+) -> None:
+    """A host may publish retained messages on any of its own jobs/<id>/... and
+    backups/<id>/result topics; the controller clears each once handled (stored, a
+    redelivery or refused), so the broker does not keep them. The agent's own flow (QoS 1
+    through the controller's persistent session, not retained) survives a restart."""
+    async with FakeAgent(unique("ret"), mosquitto, memory_mb=900_000) as host:
+        await controller.wait_host_online(host.host)
+        status, project = await controller.api(
+            "POST", "/v1/projects", {"name": unique("p"), "plan": "team"}
+        )
+        assert status == 201 and project["host"] == host.host, project
+        pid = project["id"]
+        jobs = []
+        for _ in range(2):
+            status, job = await controller.api(
+                "POST", f"/v1/projects/{pid}/jobs", {"image": "debian:12", "command": ["true"]}
+            )
+            assert status == 201, job
+            jobs.append(job["id"])
+
+        def result(job_id: str, project_id: str = pid) -> bytes:
+            return encode(
+                JobResult(
+                    version=SCHEMA_VERSION,
+                    host=host.host,
+                    job_id=job_id,
+                    project_id=project_id,
+                    exit_code=0,
+                    output="ok\n",
+                    started_at=now(),
+                    finished_at=now(),
+                )
+            )
+
+        fake = [secrets.token_hex(16) for _ in range(3)]
+        floods = {
+            # Its own real job, retained: stored, then cleared.
+            topics.job_result(host.host, jobs[0]): result(jobs[0]),
+            # Jobs that are not placed on it (unknown ids), and junk.
+            topics.job_result(host.host, fake[0]): result(fake[0], secrets.token_hex(16)),
+            topics.job_output(host.host, fake[1]): b"\x00junk",
+            topics.backup_result(host.host, f"backup-{fake[2]}"): b"x" * 1000,
+        }
+        for topic, payload in floods.items():
+            await host.publish(topic, payload, retain=True)
+
+        async def stored(job_id: str) -> bool:
+            _, body = await controller.api("GET", f"/v1/projects/{pid}/jobs/{job_id}")
+            return bool(body["state"] == "succeeded")
+
+        await wait_until(lambda: stored(jobs[0]), 20, "the retained result stored")
+
+        left: dict[str, bytes] = {}
+
+        async def cleared() -> bool:
+            left.clear()
+            left.update(await retained_under(mosquitto, host.host))
+            for kept in (
+                topics.status(host.host),
+                topics.presence(host.host),
+                topics.desired(host.host),
+            ):
+                left.pop(kept, None)
+            return not left
+
+        await wait_until(cleared, 30, "the host's retained job and backup messages cleared", left)
+
+        # Through a controller restart: a result sent (as the agent does, not retained)
+        # while the controller is away waits in its session; one left retained meanwhile
+        # comes back on its subscription and is cleared too.
+        await controller.stop()
+        try:
+            await host.job_result(jobs[1], pid, 0, "later\n")
+            await host.publish(
+                topics.job_output(host.host, secrets.token_hex(16)), b"junk", retain=True
+            )
+        finally:
+            await controller.start()
+        await wait_until(lambda: stored(jobs[1]), 30, "the result sent while it was away")
+        await wait_until(cleared, 30, "what was retained while it was away cleared", left)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], wait_s: float, what: str, seen: object = None
+) -> None:
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {wait_s}s waiting for {what}: {seen}")
+        await asyncio.sleep(0.3)

@@ -454,3 +454,26 @@ def test_every_error_code_the_api_answers_is_in_the_openapi_enum() -> None:
     documented = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
     codes = {cls.code for cls in _api_errors(ApiError) if cls is not ApiError}
     assert codes <= documented, codes - documented
+
+
+def test_which_retained_topics_the_controller_clears() -> None:
+    from controller.ingest import topics_to_clear
+
+    job, h = "a" * 32, "host-a"
+    # A job's result (stored, redelivered or refused) clears it and the job's output.
+    for outcome in ("accepted", "stale", "rejected", "error"):
+        assert topics_to_clear("job_result", h, job, outcome, False) == [
+            topics.job_result(h, job),
+            topics.job_output(h, job),
+        ]
+        assert topics_to_clear("backup_result", h, f"backup-{job}", outcome, False) == [
+            topics.backup_result(h, f"backup-{job}")
+        ]
+    # A running job's live output stays (the next chunk replaces it) unless it came retained.
+    assert topics_to_clear("job_output", h, job, "accepted", False) == []
+    assert topics_to_clear("job_output", h, job, "accepted", True) == [topics.job_output(h, job)]
+    for outcome in ("stale", "rejected"):
+        assert topics_to_clear("job_output", h, job, outcome, False) == [topics.job_output(h, job)]
+    # The host's current state stays retained.
+    assert topics_to_clear("status", h, None, "accepted", True) == []
+    assert topics_to_clear("presence", h, None, "accepted", True) == []

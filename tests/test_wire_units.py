@@ -125,6 +125,7 @@ def test_the_acl_names_the_real_topics() -> None:
     assert f"topic read {topics.JOB_OUTPUT_ALL}" in text
     assert f"pattern write {topics.backup_result('%u', '+')}" in text
     assert f"topic read {topics.BACKUP_RESULT_ALL}" in text
+    assert f"topic write {topics.JOB_RESULT_ALL}" in text  # only to clear retained ones
     # Hosts never get a plain `topic` line (that would apply to anonymous clients).
     assert text.index("\ntopic ") > text.index("\nuser orkestr.controller")
     for bad in ("#", "a+b", "two words", ""):
