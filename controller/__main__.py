@@ -5,6 +5,7 @@ Also the operator's token commands, against the same database:
     python -m controller --config ... hosts add-token HOST [--name NAME]  # prints it once
     python -m controller --config ... hosts list-tokens HOST
     python -m controller --config ... hosts revoke-token HOST TOKEN_ID
+    python -m controller --config ... hosts set-ceiling HOST [--cpus N] [--memory-mb N]
 
 Exit codes: 0 after a graceful stop, 2 for a bad configuration (one line on stderr),
 1 when the controller cannot run (database unreachable, a loop died).
@@ -20,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from controller import db, principals
+from controller import db, principals, store
 from controller.app import run
 from controller.config import Config, load_config
 from controller.errors import ConfigError, DatabaseUnavailable, NotFound
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         help="path to controller.toml (default: $ORKESTR_CONTROLLER_CONFIG)",
     )
     sub = parser.add_subparsers(dest="command")
-    hosts = sub.add_parser("hosts", help="agent tokens of a host")
+    hosts = sub.add_parser("hosts", help="agent tokens and capacity ceiling of a host")
     host_sub = hosts.add_subparsers(dest="action", required=True)
     add = host_sub.add_parser("add-token", help="make a token for HOST's agent; printed once")
     add.add_argument("host")
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     revoke = host_sub.add_parser("revoke-token", help="revoke one of HOST's agent tokens")
     revoke.add_argument("host")
     revoke.add_argument("token_id")
+    ceiling = host_sub.add_parser(
+        "set-ceiling",
+        help="the most CPUs and memory placement counts for HOST, whatever it reports"
+        " (neither option: no ceiling)",
+    )
+    ceiling.add_argument("host")
+    ceiling.add_argument("--cpus", type=float)
+    ceiling.add_argument("--memory-mb", type=int)
     args = parser.parse_args(argv)
     if not args.config:
         print(
@@ -106,6 +115,12 @@ def _hosts_command(config: Config, args: argparse.Namespace) -> int:
                         " http.agent_tokens_file are not listed here)",
                         file=sys.stderr,
                     )
+            elif args.action == "set-ceiling":
+                for value in (args.cpus, args.memory_mb):
+                    if value is not None and not 0 <= value < 2**31:
+                        raise ValueError(f"a ceiling must be between 0 and 2^31, not {value}")
+                await store.set_host_ceiling(pool, args.host, args.cpus, args.memory_mb)
+                print(f"# ceiling of {args.host}: cpus={args.cpus} memory_mb={args.memory_mb}")
             else:
                 await principals.revoke_agent_token(pool, args.host, args.token_id)
 

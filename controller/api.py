@@ -72,6 +72,7 @@ from controller.responses import (
     AppList,
     EnvView,
     ErrorView,
+    HostCeiling,
     HostList,
     JobList,
     ProjectList,
@@ -303,6 +304,8 @@ class Api:
 
         GroupsApi(self._pool, self._dirty).register(r)
         r.add_get("/v1/hosts", self.list_hosts)
+        r.add_put("/v1/hosts/{host}/ceiling", self.set_host_ceiling)
+        r.add_delete("/v1/hosts/{host}/ceiling", self.clear_host_ceiling)
         r.add_post("/v1/hosts/{host}/agent-tokens", self.create_agent_token)
         r.add_get("/v1/hosts/{host}/agent-tokens", self.list_agent_tokens)
         r.add_delete("/v1/hosts/{host}/agent-tokens/{token_id}", self.revoke_agent_token)
@@ -743,6 +746,25 @@ class Api:
         return json_response(
             HostList(hosts=tuple(host_view(h) for h in hosts), next_offset=next_offset)
         )
+
+    async def set_host_ceiling(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        host = self._path_host(request)
+        body = await read_body(request, request_bodies.HostCeilingSet)
+        memory_mb = body.memory()
+        await store.set_host_ceiling(self._pool, host, body.cpus, memory_mb)
+        log(logger, "host_ceiling_set", host=host, cpus=body.cpus, memory_mb=memory_mb)
+        cpus, memory_mb = await store.get_host_ceiling(self._pool, host)
+        if cpus is None and memory_mb is None:
+            return web.Response(status=204)
+        return json_response(HostCeiling(cpus=cpus, memory_mb=memory_mb))
+
+    async def clear_host_ceiling(self, request: web.Request) -> web.Response:
+        require_operator(request)
+        host = self._path_host(request)
+        await store.set_host_ceiling(self._pool, host, None, None)
+        log(logger, "host_ceiling_cleared", host=host)
+        return web.Response(status=204)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self._metrics.render()

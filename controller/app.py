@@ -63,7 +63,7 @@ async def run(config: Config, plans: Plans) -> None:
             metrics,
             watch,
             config.jobs.output_retain_chars,
-            clear=lambda topic: link.publish_retained(topic, b""),
+            clear=link.clear_retained,
         )
         api = Api(config, pool, plans, publisher, metrics, watch)
         app = api.app()

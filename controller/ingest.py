@@ -44,7 +44,7 @@ from schemas.messages import (
 logger = logging.getLogger(__name__)
 
 Kind = Literal["status", "presence", "job_result", "job_output", "backup_result"]
-# Publishes an empty retained message on a topic (MqttLink.publish_retained).
+# Publishes an empty retained message on a topic (MqttLink.clear_retained).
 Clear = Callable[[str], Awaitable[None]]
 
 
@@ -180,6 +180,18 @@ class Ingest:
                 return "stale"
             if outcome.purged:
                 log(logger, "addons_purged", host=host, addons=",".join(outcome.purged))
+            if outcome.over_ceiling is not None:
+                (cpus, memory_mb), (max_cpus, max_memory_mb) = outcome.over_ceiling
+                log(
+                    logger,
+                    "host_capacity_over_ceiling",
+                    logging.WARNING,
+                    host=host,
+                    cpus=cpus,
+                    memory_mb=memory_mb,
+                    ceiling_cpus="" if max_cpus is None else max_cpus,
+                    ceiling_memory_mb="" if max_memory_mb is None else max_memory_mb,
+                )
             if outcome.purged or outcome.inserted or outcome.generation_behind:
                 # New host, fewer tombstones, or an agent ahead of our sequence (restored
                 # database): the host needs a fresh snapshot.

@@ -72,6 +72,18 @@ class MqttLink:
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"publish to {topic} failed: {exc}") from None
 
+    async def clear_retained(self, topic: str) -> None:
+        """Drop the retained message on `topic` (an empty retained publish) at QoS 0: no
+        round trip holds up the message loop, and one lost with the connection is sent
+        again when the retained message comes back on the next subscription."""
+        client = self._client
+        if client is None:
+            raise BrokerUnavailable("not connected to the MQTT broker")
+        try:
+            await client.publish(topic, b"", qos=0, retain=True)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"clearing {topic} failed: {exc}") from None
+
     async def run(self, handle: Handler, on_connect: Callable[[], None]) -> None:
         """Stay connected until cancelled; `on_connect` runs after every subscribe."""
         backoff = Backoff(first=0.5, cap=10.0)

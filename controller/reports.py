@@ -28,6 +28,14 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
     """
     async with transaction(pool) as conn:
         host = status.host
+        # The operator's ceiling, and what the host claimed before (a row only when the
+        # host has a ceiling: the common case costs an index probe).
+        ceiling = await conn.fetchrow(
+            """SELECT c.cpus, c.memory_mb, h.capacity_cpus AS was_cpus,
+                      h.capacity_memory_mb AS was_memory_mb
+            FROM host_ceilings c LEFT JOIN hosts h ON h.name = c.name WHERE c.name = $1""",
+            host,
+        )
         inserted = await conn.fetchval(
             """
             INSERT INTO hosts AS h (name, online, capacity_cpus, capacity_memory_mb, last_seen,
@@ -95,7 +103,21 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
             purged = [hex_of(r["id"]) for r in rows]
             # A deleted project's rows go with its last add-on.
             await store.purge_deleted_projects(conn, host)
-    return StatusOutcome(inserted=inserted, generation_behind=behind is not None, purged=purged)
+    over = None
+    if ceiling is not None:
+        claimed = (status.capacity.cpus, status.capacity.memory_mb)
+        was = (ceiling["was_cpus"], ceiling["was_memory_mb"])
+        # Said once when a host starts claiming more (or claims a new amount), not per report.
+        if claims_over(claimed, (ceiling["cpus"], ceiling["memory_mb"])) and claimed != was:
+            over = (claimed, (ceiling["cpus"], ceiling["memory_mb"]))
+    return StatusOutcome(
+        inserted=inserted, generation_behind=behind is not None, purged=purged, over_ceiling=over
+    )
+
+
+def claims_over(claimed: tuple[float, int], ceiling: tuple[float | None, int | None]) -> bool:
+    """Whether a host claims more CPUs or memory than the operator's ceiling allows."""
+    return any(c is not None and v > c for v, c in zip(claimed, ceiling, strict=True))
 
 
 async def record_presence(pool: Pool, presence: Presence) -> bool:

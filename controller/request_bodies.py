@@ -75,6 +75,21 @@ class TokenCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: TokenName = "default"
 
 
+class HostCeilingSet(Struct, frozen=True, forbid_unknown_fields=True):
+    """PUT /v1/hosts/{host}/ceiling: null (or absent) leaves that dimension unbounded."""
+
+    cpus: Annotated[float, Meta(ge=0, le=65536)] | None = None
+    # A number, so that JSON's 8192.0 (an integer to JSON Schema) is accepted too.
+    memory_mb: Annotated[float, Meta(ge=0, le=2**31 - 1)] | None = None
+
+    def memory(self) -> int | None:
+        if self.memory_mb is None:
+            return None
+        if not float(self.memory_mb).is_integer():
+            raise InvalidBody("invalid HostCeilingSet body: memory_mb: Expected a whole number")
+        return int(self.memory_mb)
+
+
 class EnvUpdate(Struct, frozen=True, forbid_unknown_fields=True):
     set_: Variables = msgspec.field(default_factory=dict, name="set")
     unset: Annotated[tuple[VariableName, ...], Meta(max_length=MAX_CHANGES)] = ()

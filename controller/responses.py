@@ -114,13 +114,24 @@ class JobView(Struct, frozen=True):
     finished_at: datetime | None
 
 
+class HostCeiling(Struct, frozen=True):
+    """The operator's ceiling on a host's capacity; None: no ceiling on that dimension."""
+
+    cpus: float | None
+    memory_mb: int | None
+
+
 class HostView(Struct, frozen=True):
     name: str
     online: bool
+    # What placement counts: the least of the reported capacity and the ceiling.
     capacity: Capacity
     applied_generation: int
     last_seen: datetime | None
     projects: int
+    # What the host itself reports (its word, not trusted beyond the ceiling).
+    reported_capacity: Capacity
+    ceiling: HostCeiling | None
 
 
 class ProjectList(Struct, frozen=True):
@@ -234,13 +245,31 @@ def job_view(j: JobRow) -> JobView:
 
 
 def host_view(h: HostRow) -> HostView:
+    reported = Capacity(cpus=h.capacity_cpus, memory_mb=h.capacity_memory_mb)
+    ceiling = None
+    if h.ceiling_cpus is not None or h.ceiling_memory_mb is not None:
+        ceiling = HostCeiling(cpus=h.ceiling_cpus, memory_mb=h.ceiling_memory_mb)
     return HostView(
         name=h.name,
         online=h.online,
-        capacity=Capacity(cpus=h.capacity_cpus, memory_mb=h.capacity_memory_mb),
+        capacity=capped(reported, ceiling),
         applied_generation=h.applied_generation,
         last_seen=h.last_seen,
         projects=h.projects,
+        reported_capacity=reported,
+        ceiling=ceiling,
+    )
+
+
+def capped(reported: Capacity, ceiling: HostCeiling | None) -> Capacity:
+    """The capacity placement counts: each dimension at most its ceiling."""
+    if ceiling is None:
+        return reported
+    return Capacity(
+        cpus=reported.cpus if ceiling.cpus is None else min(reported.cpus, ceiling.cpus),
+        memory_mb=reported.memory_mb
+        if ceiling.memory_mb is None
+        else min(reported.memory_mb, ceiling.memory_mb),
     )
 
 

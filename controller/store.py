@@ -61,7 +61,8 @@ def _project(r: Mapping[str, Any]) -> ProjectRow:
 
 
 async def create_project(pool: Pool, name: str, plan: str, offline_after_s: float) -> ProjectRow:
-    """Place a new project on the online host with fewest projects, then most memory."""
+    """Place a new project on the online host with fewest projects, then most memory: the
+    least of what the host reports and the operator's ceiling for it (`host_ceilings`)."""
     try:
         async with transaction(pool) as conn:
             # Serialise placements so "fewest projects" counts the ones being placed now.
@@ -70,9 +71,10 @@ async def create_project(pool: Pool, name: str, plan: str, offline_after_s: floa
                 f"""
                 WITH chosen AS (
                     SELECT h.name FROM hosts h
+                    LEFT JOIN host_ceilings c ON c.name = h.name
                     WHERE h.online AND h.last_seen > now() - make_interval(secs => $4)
                     ORDER BY (SELECT count(*) FROM projects q WHERE q.host = h.name),
-                             h.capacity_memory_mb DESC, h.name
+                             least(h.capacity_memory_mb, c.memory_mb) DESC, h.name
                     LIMIT 1
                 )
                 INSERT INTO projects AS p (id, name, plan, host)
@@ -646,11 +648,11 @@ async def list_hosts(pool: Pool, offline_after_s: float) -> list[HostRow]:
     async with transaction(pool) as conn:
         rows = await conn.fetch(
             """SELECT h.name, h.capacity_cpus, h.capacity_memory_mb, h.applied_generation,
-                h.last_seen,
+                h.last_seen, c.cpus AS ceiling_cpus, c.memory_mb AS ceiling_memory_mb,
                 h.online AND coalesce(h.last_seen > now() - make_interval(secs => $1), false)
                     AS online,
                 (SELECT count(*) FROM projects p WHERE p.host = h.name) AS projects
-            FROM hosts h ORDER BY h.name""",
+            FROM hosts h LEFT JOIN host_ceilings c ON c.name = h.name ORDER BY h.name""",
             offline_after_s,
         )
     return [
@@ -662,9 +664,36 @@ async def list_hosts(pool: Pool, offline_after_s: float) -> list[HostRow]:
             applied_generation=r["applied_generation"],
             last_seen=r["last_seen"],
             projects=r["projects"],
+            ceiling_cpus=r["ceiling_cpus"],
+            ceiling_memory_mb=r["ceiling_memory_mb"],
         )
         for r in rows
     ]
+
+
+async def set_host_ceiling(
+    pool: Pool, host: str, cpus: float | None, memory_mb: int | None
+) -> None:
+    """The operator's ceiling on what `host` may claim (None: that dimension unbounded;
+    both None: no ceiling). The host need not have reported yet."""
+    async with transaction(pool) as conn:
+        if cpus is None and memory_mb is None:
+            await conn.execute("DELETE FROM host_ceilings WHERE name = $1", host)
+            return
+        await conn.execute(
+            """INSERT INTO host_ceilings (name, cpus, memory_mb) VALUES ($1, $2, $3)
+            ON CONFLICT (name) DO UPDATE SET cpus = excluded.cpus,
+                memory_mb = excluded.memory_mb, updated_at = now()""",
+            host,
+            cpus,
+            memory_mb,
+        )
+
+
+async def get_host_ceiling(pool: Pool, host: str) -> tuple[float | None, int | None]:
+    async with transaction(pool) as conn:
+        row = await conn.fetchrow("SELECT cpus, memory_mb FROM host_ceilings WHERE name = $1", host)
+    return (None, None) if row is None else (row["cpus"], row["memory_mb"])
 
 
 async def host_names(pool: Pool) -> list[str]:

@@ -26,6 +26,9 @@ class HostRow(Struct, frozen=True):
     applied_generation: int
     last_seen: datetime | None
     projects: int
+    # The operator's ceiling (host_ceilings); None: none on that dimension.
+    ceiling_cpus: float | None = None
+    ceiling_memory_mb: int | None = None
 
 
 class ProjectRow(Struct, frozen=True):
@@ -74,6 +77,9 @@ class StatusOutcome(Struct, frozen=True):
     inserted: bool  # the first report of a new host
     generation_behind: bool  # the host applied a generation our sequence had not reached
     purged: list[str]
+    # ((cpus, memory_mb) claimed, (cpus, memory_mb) ceiling) when a host newly claims more
+    # than the operator's ceiling; placement counts the ceiling.
+    over_ceiling: tuple[tuple[float, int], tuple[float | None, int | None]] | None = None
 
 
 class Secret(Struct, frozen=True):

@@ -165,7 +165,11 @@ async def test_placement_prefers_fewest_projects_then_most_memory(
             "applied_generation",
             "last_seen",
             "projects",
+            "reported_capacity",
+            "ceiling",
         }
+        assert hosts[big.host]["reported_capacity"] == hosts[big.host]["capacity"]
+        assert hosts[big.host]["ceiling"] is None
     # Both agents said goodbye: no host is left to place a project on.
     await eventually(lambda: _only_online(controller, set()), "hosts offline")
     status, body = await controller.api("POST", "/v1/projects", {"name": unique(), "plan": "pro"})
@@ -851,7 +855,8 @@ async def test_bad_mqtt_messages_are_logged_and_ignored(
     deep = b'{"version": 1, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     await fake_agent.broker.publish_as(ghost, topics.status(ghost), deep)
     # A sentinel: once it is applied, everything published before it was handled.
-    memory = data.draw(st.integers(10_000, 20_000))
+    # New in every example (the fake agent's last capacity stays from the one before).
+    memory = 20_000 + secrets.randbelow(2**24)
     fake_agent.capacity = Capacity(cpus=1.0, memory_mb=memory)
     await fake_agent.report()
 

@@ -206,7 +206,10 @@ async def test_a_job_flood_is_refused_and_the_host_keeps_converging(
         project_refusals = [r for r in refused if "per project" in r["message"]]
         host_refusals = [r for r in refused if "per host" in r["message"]]
         assert project_refusals and host_refusals, refused
-        assert f"at most {request_bodies.MAX_PROJECT_JOB_BYTES} bytes" in project_refusals[0]["message"]
+        assert (
+            f"at most {request_bodies.MAX_PROJECT_JOB_BYTES} bytes"
+            in project_refusals[0]["message"]
+        )
         assert f"at most {request_bodies.MAX_HOST_JOB_BYTES} bytes" in host_refusals[0]["message"]
         # Another tenant on the same host still converges: its add-on is published.
         mark = watcher.mark()
@@ -387,3 +390,63 @@ async def test_plaintext_passwords_of_an_older_controller_are_sealed(
     finally:
         await process.close()
         await drop_database(dsn)
+
+
+async def test_placement_counts_a_hosts_capacity_at_most_its_ceiling(
+    controller: ControllerProcess, mosquitto: Mosquitto
+) -> None:
+    """A compromised host claiming the most memory would attract every new project (the
+    tie-break after the project count). With the operator's ceiling, placement counts at
+    most that, and the claim is logged."""
+    tag = secrets.token_hex(4)
+    liar = FakeAgent(f"liar-{tag}", mosquitto, cpus=4096.0, memory_mb=2**31 - 1)
+    honest = FakeAgent(f"honest-{tag}", mosquitto, cpus=8.0, memory_mb=2**31 - 2)
+    url = f"/v1/hosts/{liar.host}/ceiling"
+    # Bad input is refused.
+    bad_bodies = ({"memory_mb": -1}, {"cpus": "lots"}, {"memory_mb": 2**31}, {"memory_mb": 1.5})
+    for bad in (*bad_bodies, {"disk": 1}):
+        status, body = await controller.api("PUT", url, bad)
+        assert_error(status, body, 422, "invalid_body")
+    # Set before the host ever reported, as when it is given its token.
+    status, body = await controller.api("PUT", url, {"cpus": 4, "memory_mb": 8192})
+    assert (status, body) == (200, {"cpus": 4.0, "memory_mb": 8192})
+    try:
+        async with liar, honest:
+            await controller.wait_host_online(liar.host)
+            await controller.wait_host_online(honest.host)
+            first = await new_project(controller)
+            assert first["host"] == honest.host, first  # both without projects: more memory
+            second = await new_project(controller)
+            assert second["host"] == liar.host, second  # fewest projects still comes first
+            third = await new_project(controller)
+            assert third["host"] == honest.host, third  # one each: the ceiling again
+            _, body = await controller.api("GET", "/v1/hosts")
+            shown = {h["name"]: h for h in body["hosts"]}[liar.host]
+            assert shown["capacity"] == {"cpus": 4.0, "memory_mb": 8192}
+            assert shown["reported_capacity"] == {"cpus": 4096.0, "memory_mb": 2**31 - 1}
+            assert shown["ceiling"] == {"cpus": 4.0, "memory_mb": 8192}
+            log = controller.log_text()
+            assert log.count(f"host_capacity_over_ceiling host={liar.host}") == 1  # not per report
+            # A project's token does not reach the route.
+            token = await new_project_token(controller, first)
+            status, body = await controller.api("PUT", url, {"memory_mb": 10**6}, token=token)
+            assert status == 404, body
+            status, body = await controller.api("DELETE", url, token=token)
+            assert status == 404, body
+
+            status, _ = await controller.api("DELETE", url)
+            assert status == 204
+            _, body = await controller.api("GET", "/v1/hosts")
+            shown = {h["name"]: h for h in body["hosts"]}[liar.host]
+            assert shown["ceiling"] is None
+            assert shown["capacity"] == shown["reported_capacity"]
+    finally:
+        await controller.api("DELETE", url)
+
+
+async def new_project_token(controller: ControllerProcess, project: dict[str, Any]) -> str:
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/tokens", {"name": "ci"}
+    )
+    assert status == 201, body
+    return str(body["token"])
