@@ -258,7 +258,8 @@ class Agent:
             )
 
     def _place(self) -> None:
-        """Home cores for the desired add-ons, applied by their next upkeep rounds."""
+        """Home cores for the desired add-ons, applied by their next upkeep rounds (a
+        sleeping one's by the pass, `_place_sleeping`)."""
         desired = self.desired
         addons = [a for pr in desired.projects for a in pr.addons] if desired else []
         self.upkeep.homes = placement.homes(addons, self._host_cpus)
