@@ -312,6 +312,18 @@ class Docker:
 
         await _call(f"update {name}", update)
 
+    async def update_cores(self, name: str, cores: str) -> None:
+        """`docker update --cpuset-cpus`: also for a paused or stopped container."""
+
+        async def update() -> None:
+            await self.client._query_json(
+                f"containers/{name}/update",
+                method="POST",
+                data=json.dumps({"CpusetCpus": cores}),
+            )
+
+        await _call(f"update {name}", update)
+
     async def inspect(self, name: str) -> dict[str, Any]:
         async def show() -> dict[str, Any]:
             return await self.client.containers.container(name).show()

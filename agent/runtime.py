@@ -258,10 +258,27 @@ class Agent:
             )
 
     def _place(self) -> None:
-        """Home cores for the desired add-ons, applied by their next upkeep rounds."""
+        """Home cores for the desired add-ons, applied by their next upkeep rounds (a
+        sleeping one's by the pass, `_place_sleeping`)."""
         desired = self.desired
         addons = [a for pr in desired.projects for a in pr.addons] if desired else []
         self.upkeep.homes = placement.homes(addons, self._host_cpus)
+
+    async def _place_sleeping(self, observed: model.Observed) -> None:
+        """A sleeping add-on goes to its home cores while it sleeps (placement is over all
+        add-ons: one created after it fell asleep can move it). Under the sleeper's
+        transition lock, so a wake waits for the one `docker update` rather than
+        having it land on the clients that woke the database."""
+        for addon_id, sleeper in list(self.sleep.sleepers.items()):
+            db = observed.container(model.db_name(addon_id))
+            if sleeper.state == "awake" or db is None or db.state not in ("paused", "exited"):
+                continue
+            cores = await self.upkeep.stale_cores(sleeper.addon)
+            if not cores:
+                continue
+            async with sleeper.transition:
+                if self.sleep.state(addon_id) != "awake":  # not woken meanwhile
+                    await self.upkeep.move_asleep(sleeper.addon, cores)
 
     # --- inputs -------------------------------------------------------------------------
     def trigger(self) -> None:
@@ -501,6 +518,7 @@ class Agent:
         outcome.failed = self.workers.failed()
         outcome.permanent = self.workers.permanent()
         await self._refresh_status(observed, outcome)
+        await self._place_sleeping(observed)
         self._arm_sleep_timer()
         await self.publish_status(if_changed=True)
         await self.publish_job_results()

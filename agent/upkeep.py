@@ -480,19 +480,45 @@ class Upkeep:
         return free < RESERVE_BYTES or used - used_then >= guard_step(addon)
 
     # --- limits ---------------------------------------------------------------------
-    async def _limits(self, addon: AddonSpec) -> Mapping[str, Any]:
-        name = model.db_name(addon.id)
+    async def _inspection(self, addon: AddonSpec) -> Mapping[str, Any]:
         # The inspection is kept while the container has no event and the plan's sizes
         # stay: a round per add-on per resync interval, a hundred add-ons on a host. The
         # kernel's OOM-kill counter is read every round all the same.
-        cores = self.homes.get(addon.id, "")
-        key = (addon.resources, addon.storage_mb, cores)
+        key = (addon.resources, addon.storage_mb, self.homes.get(addon.id, ""))
         cached = self._inspected.get(addon.id)
         if cached is not None and cached[0] == key:
-            info = cached[1]
-        else:
-            info = await self.docker.inspect(name)
-            self._inspected[addon.id] = (key, info)
+            return cached[1]
+        info = await self.docker.inspect(model.db_name(addon.id))
+        self._inspected[addon.id] = (key, info)
+        return info
+
+    async def stale_cores(self, addon: AddonSpec) -> str:
+        """The home cores a sleeping add-on's database is not on ("": it is, or none are
+        wanted). No connection: only its inspection, kept between events."""
+        cores = self.homes.get(addon.id, "")
+        if not cores or self.busy(addon.id):
+            return ""
+        info = await self._inspection(addon)
+        return "" if ((info.get("HostConfig") or {}).get("CpusetCpus") or "") == cores else cores
+
+    async def move_asleep(self, addon: AddonSpec, cores: str) -> None:
+        """Put a paused or stopped database on its home cores now (`docker update` takes
+        either), not at the first round after its wake: that round's move landed in the
+        first seconds of the clients that woke it, on cores they had just been put on
+        (issue 12's pool rows). Only the cores: a smaller memory limit can be refused
+        while the pages are frozen, and the plan's sizes wait for the next round."""
+        self._inspected.pop(addon.id, None)
+        try:
+            await self.docker.update_cores(model.db_name(addon.id), cores)
+        except AgentError as exc:
+            log.warning("upkeep.limits_failed addon=%s cores=%s error=%s", addon.id, cores, exc)
+            return
+        log.info("upkeep.limits_updated addon=%s cores=%s asleep=yes", addon.id, cores)
+
+    async def _limits(self, addon: AddonSpec) -> Mapping[str, Any]:
+        name = model.db_name(addon.id)
+        cores = self.homes.get(addon.id, "")
+        info = await self._inspection(addon)
         self._memory_condition(addon, info)
         await self._grow(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon, cores):

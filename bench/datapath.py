@@ -46,29 +46,44 @@ server's and the client's containers, read from their cgroups (`runs`;
 rule in every packet's way, a quota) would raise, and other work on a shared machine
 moves it far less than throughput. `cores_moved_during_runs` lists any move the agent
 made while the rows ran. The pool load's clients are processes in the client's
-namespace, not in its container: the pool rows keep the old placement (plain container
-where the awake add-on is, clients free).
+namespace, not in its container: they stay free (every core), and the plain container is
+pinned like the awake add-on for `baseline` and, when the light add-on's cores differ,
+like the light one for `baseline_light`, with which the light pool is compared (as the
+rows above do). Before every pool run, the baseline's included, every sleepy add-on is
+asleep: one falling asleep (a pause; a Postgres shutdown and its checkpoint) lands in no
+row's window.
   pgbench          scale 5 (pgbench -i -s 5 on each), -c 4 -j 2, -T 10 s (--quick: 3 s),
                    select-only (-S) and TPC-B-like (default script); TPS without the
                    initial connection time.
   redis-benchmark  -n 100000 (--quick: 20000) -c 20 -t get,set; requests per second.
   pool load       bench/_client.py's "load": 4 processes in the client's namespace each
                   open one connection at the same instant (all of them during the wake,
-                  as an app's pool does), then run a closed loop for 10 s (--quick: 3 s):
-                  pgbench -S's query (asyncpg, prepared), redis GET and SET (raw RESP).
-                  Against baseline (opened while up), light and deep; queries/s and p50.
+                  as an app's pool does), then run a closed loop for 5 s (--pool-seconds;
+                  --quick: 3 s): pgbench -S's query (asyncpg, prepared), redis GET and SET
+                  (raw RESP). Against baseline (opened while up), light and deep; q/s, p50.
 Rounds: 5 (--quick: 1). Ratio = median(orkestr) / median(baseline), and
 light_ratio = median(light) / median(baseline on the light add-on's cores); target >= 0.95
-for both. For the pool load, deep_ratio = median(deep) / median(baseline), target >= 0.90.
+for both.
+Pool rounds: 4 (--pool-rounds; --quick: 1), each mirrored: every target runs twice per
+row, A B C C B A (A B C D D C B A with baseline_light), the first target rotating across
+rounds, so a drift of the shared machine within a round weighs on both sides alike. A
+round's ratio is the sum of its two runs over the baseline's two; a row's ratio is the
+median of its rounds' ratios: light against baseline_light (baseline when the cores are
+the same), target >= 0.95; deep against baseline, target >= 0.90. Each pool run records
+the server's cores (and a move during the run), its CPU per query (cgroup), the CPU our
+services used meanwhile and the load average before and after (`pool_runs`); --ss adds
+`ss -ti` of the pool's sockets at both ends, mid-run. --pools runs the pool rows only.
 
 Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import io
+import json
 import os
 import re
 from typing import Any
@@ -88,7 +103,6 @@ from _harness import (
     plans_toml,
     print_context,
     rnd,
-    run_cli,
     table,
 )
 
@@ -101,6 +115,7 @@ TARGET_RATIO = 0.95
 LIGHT_AFTER_S = 2.0
 DEEP_TARGET_RATIO = 0.90
 POOL_CLIENTS = 4
+POOL_ROUNDS, POOL_SECONDS = 4, 5.0
 POOL_WHO = ("baseline", "light", "deep")
 WHO = ("orkestr", "baseline", "light")
 TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
@@ -155,12 +170,21 @@ async def own_connections(b: Bench, addon: dict[str, Any], client_ip: str) -> in
     )
 
 
-async def main(quick: bool) -> dict[str, Any]:
+async def main(
+    quick: bool,
+    pools_only: bool = False,
+    pool_rounds: int = POOL_ROUNDS,
+    pool_seconds: float = POOL_SECONDS,
+    with_ss: bool = False,
+) -> dict[str, Any]:
     rounds = 1 if quick else 5
     seconds = 3 if quick else 10
+    if quick:
+        pool_rounds, pool_seconds = 1, 3
     requests = 20000 if quick else 100000
     results: dict[str, Any] = {
-        "bench": "datapath", "quick": quick, "rounds": rounds,
+        "bench": "datapath", "quick": quick, "rounds": 0 if pools_only else rounds,
+        "pool_rounds": pool_rounds, "pool_seconds": pool_seconds,
         "pgbench": {"scale": 5, "clients": 4, "threads": 2, "seconds": seconds},
         "redis_benchmark": {"requests": requests, "clients": 20},
     }  # fmt: skip
@@ -304,7 +328,7 @@ async def main(quick: bool) -> dict[str, Any]:
                 f"client {where['client_cores']}, cpu/request {per.get('server')} + {per.get('client')} us, "
                 f"services cpu {cpu:.0f} ms, load {load:.2f})")  # fmt: skip
 
-        for r in range(rounds):
+        for r in range(0 if pools_only else rounds):  # --pools: the pool rows only
             for mode in ("select", "tpcb"):
                 order = await rotation("postgres", r)
                 if mode == "tpcb":
@@ -367,51 +391,23 @@ async def main(quick: bool) -> dict[str, Any]:
             ("light", "postgres"): pg_light, ("light", "redis"): rd_light,
             ("deep", "postgres"): pg_deep, ("deep", "redis"): rd_deep,
         }  # fmt: skip
+        pool_whos = (*POOL_WHO, "baseline_light")
         pool: dict[str, dict[str, list[float]]] = {
-            f"pool_{m}": {who: [] for who in POOL_WHO} for m in ("select", "get", "set")
+            f"pool_{m}": {who: [] for who in pool_whos} for m in ("select", "get", "set")
         }
         pool_p50: dict[str, dict[str, list[float]]] = {
-            test: {who: [] for who in POOL_WHO} for test in pool
+            test: {who: [] for who in pool_whos} for test in pool
         }
+        # test -> per round: who -> that round's figures (two per side, A B C C B A)
+        pool_rounds_seen: dict[str, list[dict[str, list[float]]]] = {test: [] for test in pool}
+        pool_runs: list[dict[str, Any]] = []
+        results["pool_runs"] = pool_runs
         deep_seen: list[dict[str, int]] = []  # per deep run: the keeper's relays, direct
-        for r in range(rounds):
-            order = [POOL_WHO[(r + i) % 3] for i in range(3)]
-            for mode in ("select", "get", "set"):
-                kind = "postgres" if mode == "select" else "redis"
-                for who in order:
-                    sleepy_addon = sleepy_addons.get((who, kind))
-                    project_id = sleepy if who == "light" else deepy
-                    wakes = 0
-                    if sleepy_addon is not None:
-                        await asleep(
-                            sleepy_addon, "paused" if who == "light" else "exited", project_id
-                        )
-                        wakes = (await b.addon(project_id, sleepy_addon["id"]))["wakes"]
-                    run = asyncio.create_task(
-                        clients[who].load(targets[kind][who], mode, POOL_CLIENTS, seconds)
-                    )
-                    if who == "deep" and sleepy_addon is not None:
-                        await asyncio.sleep(seconds / 2)
-                        kept = await keeper.relays(sleepy_addon["id"])
-                        direct = await own_connections(b, sleepy_addon, clients[who].ip)
-                        deep_seen.append(
-                            {"keeper": -1 if kept is None else len(kept), "direct": direct}
-                        )
-                    out = await run
-                    if not out["ok"]:
-                        raise RuntimeError(f"pool load {mode} {who}: {out['errors']}")
-                    if sleepy_addon is not None:
-                        view = await b.addon(project_id, sleepy_addon["id"])
-                        if view["wakes"] <= wakes:
-                            raise RuntimeError(f"{who} {mode}: the run did not start asleep")
-                    pool[f"pool_{mode}"][who].append(out["qps"])
-                    pool_p50[f"pool_{mode}"][who].append(out["p50_us"])
-                    log(
-                        f"round {r + 1}/{rounds} pool {mode} {who}: {out['qps']:.0f} q/s, "
-                        f"p50 {out['p50_us']} us"
-                    )
-                order.reverse()
-        results["deep_connections"] = deep_seen
+        sleeping_states = {
+            ("light", "postgres"): "paused", ("light", "redis"): "paused",
+            ("deep", "postgres"): "exited", ("deep", "redis"): "exited",
+        }  # fmt: skip
+
         # At least the pool's connections on the path: a connection of the client's previous
         # run that the database has not closed yet is counted too (seen once: direct 5).
         def on_path(seen: dict[str, int]) -> bool:
@@ -419,8 +415,139 @@ async def main(quick: bool) -> dict[str, Any]:
                 return seen["keeper"] == 0 and seen["direct"] >= POOL_CLIENTS
             return seen["keeper"] >= POOL_CLIENTS and seen["direct"] == 0
 
-        if not all(on_path(seen) for seen in deep_seen):
-            raise RuntimeError(f"deep runs not all on the {deep_wake} path: {deep_seen}")
+        async def settle() -> None:
+            """Every sleepy add-on asleep before any run, the baseline's too: an add-on
+            falling asleep (a pause, a Postgres shutdown's checkpoint) must not land in
+            another row's window."""
+            for key, addon in sleepy_addons.items():
+                await asleep(addon, sleeping_states[key], sleepy if key[0] == "light" else deepy)
+
+        async def server_of(kind: str, who: str) -> tuple[str, str]:
+            """The server's database container and the container whose namespace it
+            listens in."""
+            if who.startswith("baseline"):
+                return plains[kind].db_name, plains[kind].db_name
+            addon = sleepy_addons[(who, kind)]
+            return model.db_name(addon["id"]), model.holder_name(addon["id"])
+
+        async def cores_of(name: str) -> str:
+            info = await b.docker.containers.container(name).show()
+            return str((info.get("HostConfig") or {}).get("CpusetCpus") or "")
+
+        async def tcp_info(kind: str, who: str, server_ns: str) -> dict[str, list[str]]:
+            """`ss -ti` of the pool's connections on both ends, mid-run (--ss)."""
+            port = str(PORTS["postgres" if kind == "postgres" else "redis"])
+            out: dict[str, list[str]] = {}
+            for side, name, filt in (
+                ("server", server_ns, f"sport = :{port}"),
+                ("client", clients[who].name, f"dport = :{port}"),
+            ):
+                info = await b.docker.containers.container(name).show()
+                proc = await asyncio.create_subprocess_exec(
+                    "nsenter", f"--net=/proc/{info['State']['Pid']}/ns/net",
+                    "ss", "-tinH", "state", "established", filt,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+                text = (await proc.communicate())[0].decode()
+                # ss prints each socket on two lines (addresses, then its TCP info).
+                lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+                out[side] = [" ".join(lines[i : i + 2]) for i in range(0, len(lines), 2)]
+            return out
+
+        async def pool_run(r: int, mode: str, who: str) -> None:
+            kind = "postgres" if mode == "select" else "redis"
+            sleepy_addon = sleepy_addons.get((who, kind))
+            project_id = sleepy if who == "light" else deepy
+            await settle()
+            if who.startswith("baseline"):
+                # Where the add-on it stands in for runs: the awake one's cores (as every
+                # run had them before), or the light one's for `baseline_light`.
+                stands_for = paired[kind]["light" if who == "baseline_light" else "orkestr"]
+                await plains[kind].pin(await b.home_cores(stands_for["id"], timeout_s=0))
+            wakes = 0
+            if sleepy_addon is not None:
+                wakes = (await b.addon(project_id, sleepy_addon["id"]))["wakes"]
+            db, server_ns = await server_of(kind, who)
+            db_id = (await b.docker.containers.container(db).show())["Id"]
+            cores_before = await cores_of(db)
+            load0 = os.getloadavg()[0]
+            cpu0, cg0 = cpu_ms(b.service_pids()), container_cpu_ns(db_id) or 0
+            run = asyncio.create_task(
+                clients[who].load(targets[kind][who], mode, POOL_CLIENTS, pool_seconds)
+            )
+            ss: dict[str, list[str]] = {}
+            if who == "deep" and sleepy_addon is not None:
+                # Read until the pool is on the path or the run ends: under load the wake
+                # and the connects can take seconds, and the run's clock starts after them.
+                while True:
+                    await asyncio.sleep(0.5)
+                    kept = await keeper.relays(sleepy_addon["id"])
+                    direct = await own_connections(b, sleepy_addon, clients[who].ip)
+                    seen = {"keeper": -1 if kept is None else len(kept), "direct": direct}
+                    if on_path(seen) or run.done():
+                        break
+                deep_seen.append(seen)
+            elif with_ss:
+                await asyncio.sleep(pool_seconds / 2)
+            if with_ss:
+                ss = await tcp_info(kind, who, server_ns)
+            out = await run
+            cpu = cpu_ms(b.service_pids()) - cpu0
+            server_us = ((container_cpu_ns(db_id) or 0) - cg0) / 1e3
+            if not out["ok"]:
+                raise RuntimeError(f"pool load {mode} {who}: {out['errors']}")
+            if sleepy_addon is not None:
+                view = await b.addon(project_id, sleepy_addon["id"])
+                if view["wakes"] <= wakes:
+                    raise RuntimeError(f"{who} {mode}: the run did not start asleep")
+            test = f"pool_{mode}"
+            pool[test][who].append(out["qps"])
+            pool_rounds_seen[test][r].setdefault(who, []).append(out["qps"])
+            pool_p50[test][who].append(out["p50_us"])
+            cores_after = await cores_of(db)
+            load = os.getloadavg()[0]
+            queries = out["qps"] * pool_seconds
+            pool_runs.append({
+                "test": test, "round": r + 1, "who": who, "qps": rnd(out["qps"], 1),
+                "p50_us": out["p50_us"], "p99_us": out["p99_us"],
+                "server_cores": cores_before,
+                **({"server_cores_after": cores_after} if cores_after != cores_before else {}),
+                "server_cpu_us_per_query": rnd(server_us / max(queries, 1), 2),
+                "services_cpu_ms": rnd(cpu, 0), "load_before": rnd(load0, 2), "load": rnd(load, 2),
+                **({"ss": ss} if ss else {}),
+            })  # fmt: skip
+            moved = f" -> {cores_after}" if cores_after != cores_before else ""
+            log(
+                f"pool round {r + 1}/{pool_rounds} {mode} {who}: {out['qps']:.0f} q/s, "
+                f"p50 {out['p50_us']} us (server cores {cores_before}{moved}, "
+                f"{server_us / max(queries, 1):.1f} us/query, services cpu {cpu:.0f} ms, "
+                f"load {load0:.2f} -> {load:.2f})"
+            )
+
+        # Each round runs every row twice, mirrored (A B C C B A), so a drift of the machine
+        # over the round weighs on each side alike; the first of the three rotates across
+        # rounds. A round's figure per side is the mean of its two runs, its ratio is ours
+        # over the baseline's of the same round, and a row's ratio is the median over rounds.
+        # When the light add-on's home cores are not the awake one's, the plain container
+        # also runs pinned like the light add-on (`baseline_light`, as in the rows above)
+        # and the light pool is compared with that: a core's other tenants on this shared
+        # machine are not the data path.
+        for r in range(pool_rounds):
+            for mode in ("select", "get", "set"):
+                kind = "postgres" if mode == "select" else "redis"
+                pool_rounds_seen[f"pool_{mode}"].append({})
+                homes = [
+                    await b.home_cores(paired[kind][w]["id"], timeout_s=0)
+                    for w in ("orkestr", "light")
+                ]
+                whos = [*POOL_WHO, "baseline_light"] if homes[0] != homes[1] else list(POOL_WHO)
+                order = [whos[(r + i) % len(whos)] for i in range(len(whos))]
+                for who in (*order, *reversed(order)):
+                    await pool_run(r, mode, who)
+        results["deep_connections"] = deep_seen
+        # A deep row passes only if every deep run was seen on the path (the figures are
+        # kept either way: a whole run's were once lost to a late check).
+        results["deep_on_path"] = all(on_path(seen) for seen in deep_seen)
 
         # The add-ons must have stayed awake the whole time.
         for addon in (pg, rd):
@@ -433,6 +560,8 @@ async def main(quick: bool) -> dict[str, Any]:
         results["activity_after"] = activity(b.host)
 
     for test, by in samples.items():
+        if not by["orkestr"]:
+            continue  # --pools
         ours, base, light = by["orkestr"], by["baseline"], by["light"]
         light_base = by["baseline_light"]  # the plain container on the light add-on's cores
         o50, b50, l50 = percentile(ours, 50), percentile(base, 50), percentile(light, 50)
@@ -465,24 +594,43 @@ async def main(quick: bool) -> dict[str, Any]:
     }
     for test, by in pool.items():
         base50 = percentile(by["baseline"], 50)
-        results[test] = {
+        seen = pool_rounds_seen[test]
+        row: dict[str, Any] = {
             "unit": "queries/s",
             "clients": POOL_CLIENTS,
-            **{who: [rnd(x, 1) for x in by[who]] for who in POOL_WHO},
+            "seconds": pool_seconds,
+            "rounds": pool_rounds,
+            **{who: [rnd(x, 1) for x in by[who]] for who in pool_whos},
             **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in POOL_WHO},
-            **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in POOL_WHO},
-            "light_ratio": rnd(percentile(by["light"], 50) / base50),
-            "deep_ratio": rnd(percentile(by["deep"], 50) / base50),
-            "light_pass": percentile(by["light"], 50) / base50 >= TARGET_RATIO,
-            "deep_pass": percentile(by["deep"], 50) / base50 >= DEEP_TARGET_RATIO,
+            **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in pool_whos},
+            "per_round": [
+                {who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen
+            ],
         }
+
+        def per_round(who: str, base: str, rounds: list[dict[str, list[float]]]) -> list[float]:
+            """Each round's ratio: the sum of its two runs over the baseline's two."""
+            return [sum(one[who]) / sum(one.get(base) or one["baseline"]) for one in rounds]
+
+        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+            ratios = per_round(who, "baseline_light" if who == "light" else "baseline", seen)
+            ratio = percentile(ratios, 50)
+            row[f"{who}_ratio"] = rnd(ratio)
+            row[f"{who}_ratio_per_round"] = [rnd(x) for x in ratios]
+            row[f"{who}_ratio_of_medians"] = rnd(percentile(by[who], 50) / base50)
+            row[f"{who}_pass"] = ratio >= target and (who == "light" or results["deep_on_path"])
+        # The light pool against the plain container on the awake add-on's cores, as before.
+        row["light_ratio_awake_cores"] = rnd(percentile(per_round("light", "baseline", seen), 50))
+        results[test] = row
     return results
 
 
 def report(results: dict[str, Any]) -> None:
     rows = []
     for test in ("pgbench_select", "pgbench_tpcb", "redis_get", "redis_set"):
-        r = results[test]
+        r = results.get(test)
+        if r is None:
+            continue
         rows.append([
             test, r["unit"], r["orkestr_median"], r["baseline_median"], r["ratio"],
             " ".join(f"{x:.3f}" for x in r["ratio_per_round"]), f">= {TARGET_RATIO}",
@@ -500,7 +648,8 @@ def report(results: dict[str, Any]) -> None:
         for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
             rows.append([
                 f"{test} (opened in {who} sleep)", r["unit"], r[f"{who}_median"],
-                r["baseline_median"], r[f"{who}_ratio"], "", f">= {target}",
+                r["baseline_median"], r[f"{who}_ratio"],
+                " ".join(f"{x:.3f}" for x in r[f"{who}_ratio_per_round"]), f">= {target}",
                 "PASS" if r[f"{who}_pass"] else "FAIL",
             ])  # fmt: skip
     print()
@@ -509,6 +658,8 @@ def report(results: dict[str, Any]) -> None:
          "target", ""],
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
+    if not results.get("deep_on_path", True):
+        print(f"deep runs NOT all on the {results['deep_wake']} path: {results['deep_connections']}")
     print()
     for test, by_who in results.get("cpu_us_per_request_median", {}).items():
         shown = ", ".join(f"{who} {v}" for who, v in by_who.items())
@@ -518,4 +669,15 @@ def report(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, main, report, quick_help="1 round, 3 s pgbench runs")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs")
+    parser.add_argument("--pools", action="store_true", help="the pool rows only")
+    parser.add_argument("--pool-rounds", type=int, default=POOL_ROUNDS, help="mirrored rounds")
+    parser.add_argument("--pool-seconds", type=float, default=POOL_SECONDS, help="per pool run")
+    parser.add_argument("--ss", action="store_true", help="record `ss -ti` of each pool mid-run")
+    args = parser.parse_args()
+    results = asyncio.run(
+        main(args.quick, args.pools, args.pool_rounds, args.pool_seconds, args.ss)
+    )
+    report(results)
+    print(json.dumps(results, separators=(",", ":")))

@@ -822,10 +822,19 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def serve(
-    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    *,
+    per_client: int = 0,
+    idle_timeout_s: float = 75.0,
 ) -> AsyncIterator[None]:
     """Listen until the context exits; in-flight requests get a few seconds to finish."""
-    runner = JsonErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = JsonErrorsRunner(
+        app, per_client=per_client, keepalive_timeout=idle_timeout_s,
+        access_log=None, handle_signals=False, shutdown_timeout=5.0,
+    )  # fmt: skip
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=tls).start()

@@ -77,7 +77,16 @@ async def run(config: Config, plans: Plans) -> None:
             ("500", "503"),
         )
         tls = tls_context(*map(str, config.http.tls)) if config.http.tls else None
-        await stack.enter_async_context(serve(app, config.http.host, config.http.port, tls))
+        await stack.enter_async_context(
+            serve(
+                app,
+                config.http.host,
+                config.http.port,
+                tls,
+                per_client=config.http.max_connections_per_client,
+                idle_timeout_s=config.http.idle_timeout_s,
+            )
+        )
         scheduler = BackupScheduler(pool, plans, publisher, metrics, config.backups.schedule_tick_s)
         scheduler.start()
         stack.callback(scheduler.stop)

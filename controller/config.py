@@ -42,6 +42,10 @@ class HttpSection(Struct, frozen=True, forbid_unknown_fields=True):
     agent_token_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # Connections one client address may hold open (0: no cap; behind a proxy every
+    # client has the proxy's address), and seconds an idle one is kept.
+    max_connections_per_client: Annotated[int, Meta(ge=0)] = 128
+    idle_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 75.0
 
 
 class DatabaseSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -133,6 +137,8 @@ class HttpConfig:
         metrics: FileToken | None,
         agent_tokens: AgentTokensFile | None,
         tls: tuple[Path, Path] | None,
+        max_connections_per_client: int = 128,
+        idle_timeout_s: float = 75.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -140,6 +146,8 @@ class HttpConfig:
         self.metrics = metrics
         self.agent_tokens = agent_tokens
         self.tls = tls  # (certificate chain file, private key file)
+        self.max_connections_per_client = max_connections_per_client
+        self.idle_timeout_s = idle_timeout_s
 
 
 class MqttConfig(Struct, frozen=True):
@@ -240,7 +248,16 @@ def resolve(file: _File, base: Path) -> Config:
         raise ConfigError("database.min_connections must not exceed database.max_connections")
     plans = base / file.plans.file if file.plans.file else None
     return Config(
-        http=HttpConfig(host, port, operator, metrics, agents, tls),
+        http=HttpConfig(
+            host,
+            port,
+            operator,
+            metrics,
+            agents,
+            tls,
+            http.max_connections_per_client,
+            http.idle_timeout_s,
+        ),
         database=file.database,
         mqtt=_mqtt(file.mqtt, base),
         signer=_signer(file.signing, base),

@@ -481,6 +481,7 @@ class ControllerProcess:
             )
         )
         self.mqtt_extra = ""  # appended to the [mqtt] section, e.g. broker_config
+        self.http_extra = ""  # appended to the [http] section
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -505,6 +506,7 @@ class ControllerProcess:
             f'listen = "{LOOPBACK}:{self.port}"\n'
             f"{self._token_lines()}"
             f"{tls}"
+            f"{self.http_extra}"
             "[secrets]\n"
             f"key_file = {toml_string(str(self.key_file))}\n"
             "[database]\n"
@@ -656,10 +658,14 @@ class ControllerProcess:
                 raise TimeoutError(f"host {host} not online after {wait_s}s: {body}")
             await asyncio.sleep(0.05)
 
-    async def close(self) -> None:
-        await self.stop()
+    async def close_session(self) -> None:
+        """Close `api`'s pooled connections (a test counting connections wants none)."""
         if self._session is not None:
             await self._session.close()
+
+    async def close(self) -> None:
+        await self.stop()
+        await self.close_session()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

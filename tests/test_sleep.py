@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import uuid
@@ -583,3 +584,29 @@ async def test_a_paused_addon_is_deleted_with_a_clean_shutdown(stack: Stack, pg:
     assert statuses.index("unpause") < statuses.index("die"), events
     assert "die 0" in events, events  # shut down by its own stop signal, not killed
     client.remove()
+
+
+async def test_a_sleeping_addon_goes_to_its_home_cores_while_it_sleeps(
+    agent: AgentProcess, pg: Any
+) -> None:
+    """Placement is over all add-ons, so one created later can give a sleeping add-on other
+    cores. The move is made while it sleeps (Docker updates a paused container), not by the
+    first upkeep round after its wake, in the first seconds of the clients that woke it."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing is placed")
+    _project, a, _client = pg
+    db = f"orkestr-{a['id']}-db"
+
+    def cores() -> str:
+        return str(json.loads(docker("inspect", db))[0]["HostConfig"]["CpusetCpus"] or "")
+
+    home = await wait_for(cores, 30, "home cores set")
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    # Another core, as if the placement had moved while it slept.
+    other = str(min(set(os.sched_getaffinity(0)) - {int(c) for c in home.split("-")[0:1]}))
+    line = f"upkeep.limits_updated addon={a['id']} cores={home} asleep=yes"
+    moves = agent.log_path.read_text(errors="replace").count(line)
+    docker("update", "--cpuset-cpus", other, db)  # (the agent may move it back at once)
+    await wait_for(lambda: cores() == home, 10, f"back on its home cores {home}")
+    assert db_state(a["id"]) == "paused"  # moved asleep, not woken for it
+    await wait_for(lambda: agent.log_path.read_text(errors="replace").count(line) > moves, 5, "the move logged")
