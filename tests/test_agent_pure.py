@@ -272,6 +272,8 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "NetworkMode": f"orkestr-{PID}",
                 "Aliases": ["db"],
                 "Memory": 32 << 20,
+                # A tenth of a CPU over a 1 s period: its ~25 ms start fits the quota.
+                "Cpus": (0.1, specs.HOLDER_CPU_PERIOD_US),
                 "Mounts": [("tmpfs", "/var/lib/postgresql/data")],
                 "ReadonlyRootfs": True,
                 "CapAdd": None,
@@ -309,6 +311,7 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "NetworkMode": f"container:orkestr-{AID}-net",
                 "Aliases": None,
                 "Memory": 128 << 20,
+                "Cpus": (1.0, None),
                 "Mounts": [("volume", "/data"), ("bind", specs.SECRET_MOUNT)],
                 "ReadonlyRootfs": True,
                 "CapAdd": list(specs.DB_CAPABILITIES),
@@ -345,6 +348,10 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
         "NetworkMode": hc["NetworkMode"],
         "Aliases": next(e["Aliases"] for e in endpoints.values()) if endpoints else None,
         "Memory": hc["Memory"],
+        # (share of a CPU, CFS period if not Docker's 100 ms); never both ways at once.
+        "Cpus": (hc["CpuQuota"] / hc["CpuPeriod"], hc["CpuPeriod"])
+        if "CpuPeriod" in hc
+        else (hc.get("NanoCpus", 0) / 1e9, None),
         "Mounts": [(m["Type"], m["Target"]) for m in hc["Mounts"]],
         "ReadonlyRootfs": hc["ReadonlyRootfs"],
         "Tmpfs": hc.get("Tmpfs"),
@@ -357,6 +364,7 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
     assert hc["CapDrop"] == ["ALL"] and hc["SecurityOpt"] == [specs.NO_NEW_PRIVILEGES]
     assert hc["LogConfig"]["Config"]["max-size"] == specs.LOG_MAX_SIZE
     assert hc["MemorySwap"] == hc["Memory"] and hc["PidsLimit"] == spec.pids_limit
+    assert not ("NanoCpus" in hc and "CpuPeriod" in hc)  # Docker refuses both
     labels = body["Labels"]
     assert labels[model.LABEL_HOST] == "h1" and labels[model.LABEL_SPEC_HASH] == spec.spec_hash  # type: ignore[index]
     assert body["Env"][-1] == "EXTRA=1"  # type: ignore[index]
