@@ -365,8 +365,8 @@ class Agent:
                             self.upkeep.container_changed(cid)
                         attributes = (event.get("Actor") or {}).get("Attributes") or {}
                         if attributes.get(model.LABEL_ROLE) == "holder" and "name" in attributes:
-                            if event.get("status") == "start":
-                                self.firewall.holder_started(attributes["name"])
+                            if event.get("status") == "die":
+                                self.firewall.holder_died(attributes["name"])
                             elif event.get("status") == "destroy":
                                 self.firewall.holder_removed(attributes["name"])
                         if event.get("status") in (
