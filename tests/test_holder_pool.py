@@ -106,6 +106,27 @@ async def test_a_new_addon_claims_a_parked_holder_that_reached_nothing(
 
     await wait_for(full, 60, "the pool refilled")
 
+    # Restarted behind the agent's back: a new namespace, on the project network (the
+    # parking network, its NetworkMode, was left), fenced again; its database follows.
+    docker("restart", "-t", "0", holder)
+
+    async def fenced_again() -> bool:
+        await wait_phase(c, project["id"], rd["id"], "ready")
+        now = json.loads(docker("inspect", holder))[0]
+        text = agent.log_path.read_text(errors="replace")
+        return (
+            now["State"]["Running"]
+            and f"holder={holder} id={now['Id'][:12]} started={now['State']['StartedAt']}" in text
+        )
+
+    await wait_for(fenced_again, 90, "the restarted claimed holder fenced again")
+    info = json.loads(docker("inspect", holder))[0]
+    assert networks_of(info) == {model.network_name(project["id"])}
+    assert output_chain(info["State"]["Pid"]) == [
+        "-P OUTPUT ACCEPT",
+        f"-A OUTPUT -j {firewall.EGRESS_CHAIN}",
+    ]
+
     # A claim cut off after its connect (a parked name on a project network): swept.
     stray = parked(agent.host)[0]["Name"].lstrip("/")
     docker("network", "connect", model.network_name(project["id"]), stray)
