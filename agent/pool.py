@@ -15,7 +15,8 @@ holder by its name and its one project network, specs.drifted by its parked shap
 rename comes last, so a claim cut off leaves either a parked-named container off the
 parking network, which the pool removes, or a complete holder.
 
-The pool refills only while no chain runs: a converge's own starts come first.
+The pool refills only once no chain has run for a second: a burst's own starts, and the
+work right after it, come first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,9 @@ KINDS = ("postgres", "redis")
 # while chains run (it refills as soon as they are done).
 RECHECK_S = 2.0
 SHORT_RECHECK_S = 0.1
+# Chains quiet this long before a refill: the work that follows a burst of creates (the
+# client's deletes, its next creates) does not find dockerd busy with the pool's starts.
+IDLE_S = 1.0
 
 
 class HolderPool:
@@ -53,6 +58,7 @@ class HolderPool:
         self._ready: dict[str, list[str]] = {}  # parked shape hash -> parked, running names
         self._claimed: set[str] = set()  # names handed out: never parked again
         self._wake = asyncio.Event()
+        self._idle_since: float | None = None
 
     def ready(self) -> int:
         return sum(len(names) for names in self._ready.values())
@@ -93,11 +99,21 @@ class HolderPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RECHECK_S if full else SHORT_RECHECK_S)
 
+    def _quiet(self) -> bool:
+        """No chain has run for IDLE_S."""
+        now = time.monotonic()
+        if self._busy():
+            self._idle_since = None
+            return False
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= IDLE_S
+
     async def refill(self) -> bool:
         """Parked holders as they should be: `size` running per kind, parked only; any
         other parked container (cut off mid-claim, stopped, of an older spec) removed.
         False: short of holders (chains were running)."""
-        if self._busy():
+        if not self._quiet():
             return self.ready() >= self.size * len(self._templates)
         await self.docker.create_parking_network(self.network)
         wanted = {t.shape_hash for t in self._templates}
@@ -117,7 +133,7 @@ class HolderPool:
             names = ready[template.shape_hash]
             while len(names) > self.size:
                 await self.docker.remove(names.pop())
-            while len(names) < self.size and not self._busy():
+            while len(names) < self.size and self._quiet():
                 name = f"orkestr-pool-{uuid.uuid4().hex[:12]}"
                 spec = msgspec.structs.replace(template, name=name, network=self.network)
                 self._claimed.add(name)  # not handed out before it runs
