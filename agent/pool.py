@@ -41,6 +41,8 @@ KINDS = ("postgres", "redis")
 # while chains run (it refills as soon as they are done).
 RECHECK_S = 2.0
 SHORT_RECHECK_S = 0.1
+# A full pool lists its holders this often (to sweep what a crash or a hand left).
+SWEEP_S = 30.0
 # Chains quiet this long before a refill: the work that follows a burst of creates (the
 # client's deletes, its next creates) does not find dockerd busy with the pool's starts.
 IDLE_S = 1.0
@@ -59,6 +61,8 @@ class HolderPool:
         self._claimed: set[str] = set()  # names handed out: never parked again
         self._wake = asyncio.Event()
         self._idle_since: float | None = None
+        self._swept = -SWEEP_S  # when the parked holders were last listed
+        self._network_made = False
 
     def ready(self) -> int:
         return sum(len(names) for names in self._ready.values())
@@ -90,10 +94,12 @@ class HolderPool:
     async def run(self) -> None:
         while True:
             full = True
-            if self.size > 0:
+            due = time.monotonic() - self._swept >= SWEEP_S
+            if self.size > 0 and (due or self.ready() < self.size * len(self._templates)):
                 try:
                     full = await self.refill()
                 except AgentError as exc:
+                    self._network_made = False
                     log.warning("pool.refill_failed error=%s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -115,7 +121,10 @@ class HolderPool:
         False: short of holders (chains were running)."""
         if not self._quiet():
             return self.ready() >= self.size * len(self._templates)
-        await self.docker.create_parking_network(self.network)
+        if not self._network_made:
+            await self.docker.create_parking_network(self.network)
+            self._network_made = True
+        self._swept = time.monotonic()
         wanted = {t.shape_hash for t in self._templates}
         ready: dict[str, list[str]] = {shape: [] for shape in wanted}
         for raw in await self.docker.parked():
