@@ -62,6 +62,7 @@ async def main(
                     tg.create_task(agent.heartbeat_loop(), name="heartbeat"),
                     tg.create_task(agent.quota_guard_loop(), name="quota-guard"),
                     tg.create_task(agent.sleep.loop(), name="sleep"),
+                    tg.create_task(agent.pool.run(), name="holder-pool"),
                 ]
                 if (timeout_s := interval_from_env()) is not None:
                     tasks.append(tg.create_task(agent.watchdog.run(timeout_s), name="watchdog"))

@@ -26,6 +26,7 @@ from agent.errors import AgentError, Conflict, NotFound, PermanentError, Transie
 from agent.joboutput import JobOutputs
 from agent.loopfs import LoopFs
 from agent.metrics import ACTIONS
+from agent.pool import HolderPool
 from agent.secrets import SecretStore
 from agent.state import StateDir
 from agent.workqueue import ChainResult
@@ -76,6 +77,7 @@ class Applier:
         backups: BackupRunner,
         outputs: JobOutputs,
         loopfs: LoopFs | None = None,
+        pool: HolderPool | None = None,
     ) -> None:
         self.host = host
         self.docker = docker
@@ -90,6 +92,7 @@ class Applier:
         self.loopfs = loopfs
         self.backups = backups
         self.outputs = outputs
+        self.pool = pool if pool is not None else HolderPool(docker, specs.Images(), 0, bool)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._resized_apps: dict[str, str] = {}
         self._timed_out: set[str] = set()
@@ -284,6 +287,8 @@ class Applier:
         if action.spec.role == "db" and action.key not in self.secrets.versions():
             # The container mounts the secret directory: it must be complete first.
             raise AgentError("secret not fetched yet")
+        if action.spec.role == "holder" and await self.pool.claim(action.spec):
+            return  # a parked holder, running: its start below is a no-op, its fence is not
         await self.docker.run(action.spec, start=False)
 
     async def _start(self, action: p.RunContainer) -> None:

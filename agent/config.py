@@ -36,6 +36,9 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     # this many characters per interval, per job.
     job_stream_interval_s: Annotated[float, Meta(ge=0.05, le=10)] = 0.25
     job_stream_chunk_chars: Annotated[int, Meta(ge=256, le=MAX_OUTPUT_CHUNK_CHARS)] = 16384
+    # Holders kept started per add-on kind, parked on an internal network, for new add-ons
+    # to claim (agent/pool.py): a create then skips its holder's network start. 0: none.
+    holder_pool: Annotated[int, Meta(ge=0, le=16)] = 2
     # How often idle add-ons are checked for sleep.
     sleep_tick_s: Annotated[float, Meta(gt=0)] = 1.0
     # The wake-socket keeper (agent/keeper.py); empty: none, and sleeping add-ons refuse

@@ -139,6 +139,40 @@ class Docker:
         except Conflict:
             pass
 
+    async def create_parking_network(self, name: str) -> None:
+        """The host's parking network (agent/pool.py): internal (no route out, no NAT) and
+        without inter-container traffic, so a parked holder reaches nothing."""
+        config = {
+            "Name": name,
+            "CheckDuplicate": True,
+            "Driver": "bridge",
+            "Internal": True,
+            "EnableIPv6": False,
+            "Options": {"com.docker.network.bridge.enable_icc": "false"},
+            "Labels": {model.LABEL_MANAGED: "1", model.LABEL_HOST: self.host},
+        }
+        try:
+            await self._call(f"create network {name}", lambda: self.client.networks.create(config))
+        except Conflict:
+            pass
+
+    async def parked(self) -> list[dict[str, Any]]:
+        """This host's parked holders, raw (agent/pool.py)."""
+        filters = {"label": [*self._filters()["label"], f"{model.LABEL_ROLE}=parked"]}
+        params = {"all": "1", "filters": json.dumps(filters)}
+
+        async def listing() -> Any:
+            async with self.client._query("containers/json", params=params) as response:
+                return msgspec.json.decode(await response.read())
+
+        return list(await self._call("list parked holders", listing))
+
+    async def rename(self, name: str, new_name: str) -> None:
+        await self._call(
+            f"rename {name} to {new_name}",
+            lambda: self.client.containers.container(name).rename(new_name),
+        )
+
     async def connect(self, network: str, container: str, aliases: tuple[str, ...]) -> None:
         body = {"Container": container, "EndpointConfig": {"Aliases": list(aliases)}}
 

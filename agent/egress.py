@@ -2,11 +2,11 @@
 
 The host's chains are replaced whole whenever the set of project bridges changes. A
 holder is fenced once per run (container id, `State.StartedAt`, pid): a holder restarted
-by dockerd is a new namespace, fenced again. Docker's start events say when a holder may
-have a new run; a fence or a check that inspected the holder after the event was counted
-accounts for it, so the start event of a holder its own chain just fenced costs nothing,
-and any later start is inspected and, being another run, fenced (a reconnect of the event
-stream forgets every fence).
+by dockerd is a new namespace, fenced again. A new run always follows a die of the one
+before, so Docker's die events say when a holder may have a new run; a fence or a check
+that inspected the holder after the event was counted accounts for it. A new holder's
+start costs its chain's fence only, and a holder that died is inspected and, if it runs
+again, fenced (a reconnect of the event stream forgets every fence).
 """
 
 from __future__ import annotations
@@ -97,10 +97,13 @@ class Firewall:
         self._applied = ""
         # holder name -> the run (id, StartedAt, pid) whose namespace is fenced
         self._fenced: dict[str, tuple[str, str, int]] = {}
-        # Start events are numbered: holder name -> number of its latest start event, and
+        # Die events are numbered: holder name -> number of its latest die event, and
         # -> the number seen before the inspection its fence (or last check) came from.
+        # A new run of a container always follows a die of the one before; a run's own
+        # start event arrives after its chain's fence inspected it, and would cost every
+        # new holder a second inspection if starts were counted instead.
         self._events = 0
-        self._started: dict[str, int] = {}
+        self._died: dict[str, int] = {}
         self._covered: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # holder name -> one fence at a time
         # One host-chain update at a time: a pass and an EnsureNetwork may both sync.
@@ -111,18 +114,20 @@ class Firewall:
     def forget(self) -> None:
         """Every holder and the host must be fenced again (events may have been missed)."""
         self._fenced.clear()
-        self._started.clear()
+        self._died.clear()
         self._covered.clear()
         self._applied = ""
 
-    def holder_started(self, name: str) -> None:
-        """Docker says the holder started: it may be a new run, to be checked."""
+    def holder_died(self, name: str) -> None:
+        """Docker says the holder's process ended: its next run is a new namespace. The die
+        of a run happens after any inspection that saw it running, so one counted before
+        an inspection belongs to an earlier run."""
         self._events += 1
-        self._started[name] = self._events
+        self._died[name] = self._events
 
     def holder_removed(self, name: str) -> None:
         self._fenced.pop(name, None)
-        self._started.pop(name, None)
+        self._died.pop(name, None)
         self._covered.pop(name, None)
         lock = self._locks.get(name)
         if lock is not None and not lock.locked():
@@ -138,7 +143,7 @@ class Firewall:
         return (
             run is not None
             and run[0] == container_id
-            and self._started.get(name, 0) <= self._covered.get(name, 0)
+            and self._died.get(name, 0) <= self._covered.get(name, 0)
         )
 
     async def sync(self, observed: Observed) -> None:
@@ -204,7 +209,7 @@ class Firewall:
         async with self._locks.setdefault(name, asyncio.Lock()):
             if container_id is not None and self.fenced(name, container_id):
                 return
-            seen = self._events  # start events up to here are accounted for by this inspection
+            seen = self._events  # die events up to here are accounted for by this inspection
             info = await self.docker.inspect(name)
             run = _run_of(info)
             if not run[2]:

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Literal
 
 from msgspec import Struct
 
-Role = Literal["holder", "db", "job", "backup", "app"]
+# "parked": a holder started ahead of need, on the host's parking network (agent/pool.py).
+Role = Literal["holder", "db", "job", "backup", "app", "parked"]
 # Docker's container states, as reported by the list endpoint.
 ContainerState = Literal["created", "running", "paused", "restarting", "removing", "exited", "dead"]
 
@@ -99,6 +101,27 @@ class Observed(Struct, frozen=True, dict=True):
 
 def network_name(project_id: str) -> str:
     return f"orkestr-{project_id}"
+
+
+_PROJECT_NETWORK = re.compile(r"orkestr-([0-9a-f]{32})")
+_HOLDER_NAME = re.compile(r"orkestr-([0-9a-f]{32})-net")
+
+
+def project_of_network(name: str) -> str | None:
+    """The project whose network this is, by its name; None for any other network."""
+    m = _PROJECT_NETWORK.fullmatch(name)
+    return m[1] if m else None
+
+
+def addon_of_holder(name: str) -> str | None:
+    """The add-on whose holder this container name is; None for any other name."""
+    m = _HOLDER_NAME.fullmatch(name)
+    return m[1] if m else None
+
+
+def parking_network_name(host: str) -> str:
+    """The host's internal network where parked holders wait (agent/pool.py)."""
+    return f"orkestr-parking-{host}"
 
 
 GROUP_PREFIX = "orkestr-g-"

@@ -25,10 +25,21 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
     labels = raw.get("Labels") or {}
     role = labels.get(model.LABEL_ROLE)
     project = labels.get(model.LABEL_PROJECT)
+    name = (raw.get("Names") or ["/?"])[0].lstrip("/")
+    networks = (raw.get("NetworkSettings") or {}).get("Networks") or {}
+    addon_id = labels.get(model.LABEL_ADDON)
+    if role == "parked":
+        # A claimed parked holder (agent/pool.py): its labels cannot change, so its add-on
+        # is its name and its project the network it joined. One still parked, or cut off
+        # mid-claim, is the pool's alone.
+        addon_id = model.addon_of_holder(name)
+        projects = {p for n in networks if (p := model.project_of_network(n)) is not None}
+        if addon_id is None or len(projects) != 1:
+            return None
+        role, project = "holder", projects.pop()
     if role not in _ROLES or not project:
         return None  # not ours, or labelled by hand: never touched
     state = raw.get("State", "dead")
-    networks = (raw.get("NetworkSettings") or {}).get("Networks") or {}
     ip = networks.get(model.network_name(project), {}).get("IPAddress") or None
     groups = tuple(
         sorted(
@@ -39,13 +50,13 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
     )
     return ObservedContainer(
         id=raw["Id"],
-        name=(raw.get("Names") or ["/?"])[0].lstrip("/"),
+        name=name,
         role=cast(Role, role),
         project_id=project,
         state=cast(ContainerState, state if state in _STATES else "dead"),
         spec_hash=labels.get(model.LABEL_SPEC_HASH, ""),
         shape_hash=labels.get(model.LABEL_SHAPE_HASH, ""),
-        addon_id=labels.get(model.LABEL_ADDON),
+        addon_id=addon_id,
         job_id=labels.get(model.LABEL_JOB),
         backup_op=labels.get(model.LABEL_BACKUP_OP),
         app_id=labels.get(model.LABEL_APP),

@@ -49,6 +49,7 @@ from agent.metrics import (
     start_at_zero,
 )
 from agent.mqtt import Broker
+from agent.pool import HolderPool
 from agent.sdnotify import notify
 from agent.secrets import SecretStore
 from agent.sleep.listener import RelayBudget
@@ -160,6 +161,12 @@ class Agent:
             config.agent.job_stream_interval_s,
             config.agent.job_stream_chunk_chars,
         )
+        self.pool = HolderPool(
+            docker,
+            self.settings.images,
+            config.agent.holder_pool,
+            busy=lambda: self.workers.in_flight() > 0,
+        )
         self.applier = Applier(
             self.host,
             docker,
@@ -174,6 +181,7 @@ class Agent:
             loopfs=self.loopfs,
             backups=self.backups,
             outputs=self.outputs,
+            pool=self.pool,
         )
         # Progress, for systemd's watchdog: a finished action or pass, a sleep tick.
         self.watchdog = Watchdog(("reconcile", "sleep"), interval_from_env() or 180.0)
@@ -381,9 +389,13 @@ class Agent:
                         if (cid := (event.get("Actor") or {}).get("ID")) is not None:
                             self.upkeep.container_changed(cid)
                         attributes = (event.get("Actor") or {}).get("Attributes") or {}
-                        if attributes.get(model.LABEL_ROLE) == "holder" and "name" in attributes:
-                            if event.get("status") == "start":
-                                self.firewall.holder_started(attributes["name"])
+                        # A claimed holder keeps its parked labels (agent/pool.py).
+                        if (
+                            attributes.get(model.LABEL_ROLE) in ("holder", "parked")
+                            and "name" in attributes
+                        ):
+                            if event.get("status") == "die":
+                                self.firewall.holder_died(attributes["name"])
                             elif event.get("status") == "destroy":
                                 self.firewall.holder_removed(attributes["name"])
                         if event.get("status") in (

@@ -18,7 +18,7 @@ from msgspec import Struct
 
 from agent import model
 from schemas.images import DEFAULT_JOB_IMAGES
-from schemas.messages import AddonSpec, AppSpec, JobSpec
+from schemas.messages import AddonSpec, AppSpec, JobSpec, Resources
 
 SECRET_MOUNT = "/run/orkestr"
 # The official postgres image runs every script here once, when it initialises the volume.
@@ -58,6 +58,8 @@ DB_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID")
 # Postgres forks a process per connection (max_connections 100 by default) plus its
 # background workers; Redis is threads plus a forked child for snapshots.
 PIDS_LIMITS = {"postgres": 256, "redis": 64, "holder": 8}
+# A holder's CFS period (the longest the kernel allows): its quota then covers its start.
+HOLDER_CPU_PERIOD_US = 1_000_000
 # Scratch space on a read-only root filesystem.
 _TMP = ("/tmp", "rw,nosuid,nodev,size=64m")
 DB_TMPFS = {
@@ -153,8 +155,16 @@ class ContainerSpec(Struct, frozen=True):
         so containers made by an older agent are compared with it and not recreated."""
         return _shape_digest(self)
 
+    @property
+    def parked_shape_hash(self) -> str:
+        """A holder's shape with nothing of its add-on (name, project, network, alias): the
+        shape a parked holder of the same image carries (agent/pool.py)."""
+        return _shape_digest(parked(self))
+
     def drifted(self, have_spec_hash: str, have_shape_hash: str) -> bool:
         if have_shape_hash:
+            if self.role == "holder" and have_shape_hash == self.parked_shape_hash:
+                return False  # a parked holder claimed for this add-on: the same container
             return have_shape_hash != self.shape_hash
         return have_spec_hash != self.spec_hash
 
@@ -167,6 +177,8 @@ class ContainerSpec(Struct, frozen=True):
             model.LABEL_SPEC_HASH: self.spec_hash,
             model.LABEL_SHAPE_HASH: self.shape_hash,
         }
+        if self.role == "parked":  # its name and network are not its shape (agent/pool.py)
+            labels[model.LABEL_SPEC_HASH] = labels[model.LABEL_SHAPE_HASH] = self.parked_shape_hash
         if self.addon_id:
             labels[model.LABEL_ADDON] = self.addon_id
         if self.job_id:
@@ -209,6 +221,19 @@ def holder_spec(project_id: str, addon: AddonSpec, images: Images) -> ContainerS
         user=NOBODY,
         read_only_rootfs=True,
     )
+
+
+def parked(holder: ContainerSpec) -> ContainerSpec:
+    """The template of a parked holder that can become `holder` (agent/pool.py)."""
+    return msgspec.structs.replace(
+        holder, name="", role="parked", project_id="", addon_id=None, network=None, aliases=()
+    )
+
+
+def parked_holder_spec(kind: str, images: Images) -> ContainerSpec:
+    """The parked holder of an add-on kind's image: a holder's spec, no add-on's."""
+    template = AddonSpec(id="0" * 32, name="parked", kind=kind, resources=Resources(0.1, 32))  # type: ignore[arg-type]
+    return parked(holder_spec("", template, images))
 
 
 def db_spec(
@@ -349,7 +374,13 @@ def create_body(
         host_config["PidsLimit"] = spec.pids_limit
     if spec.tmpfs:
         host_config["Tmpfs"] = dict(spec.tmpfs)
-    if spec.cpus is not None:
+    if spec.cpus is not None and spec.role in ("holder", "parked"):
+        # The same tenth of a CPU over a longer period: its start (runc's init in the
+        # container's cgroup, ~25 ms of CPU) fits one period's quota, where Docker's
+        # 100 ms period held it throttled for ~45-90 ms of every create.
+        host_config["CpuPeriod"] = HOLDER_CPU_PERIOD_US
+        host_config["CpuQuota"] = int(spec.cpus * HOLDER_CPU_PERIOD_US)
+    elif spec.cpus is not None:
         host_config["NanoCpus"] = int(spec.cpus * 1e9)
     if spec.memory_mb is not None:
         host_config["Memory"] = spec.memory_mb * 1024 * 1024

@@ -3,7 +3,9 @@
 For each kind (postgres, redis), N runs (default 5, --quick 2), alternating with two
 baselines measured in the same run, on the same project network, by the same client:
 
-  orkestr      t0 = just before POST /v1/projects/{id}/addons; the client (bench/_client.py,
+  orkestr      t0 = just before POST /v1/projects/{id}/addons (the agent's default holder
+               pool: a holder parked before the call, if the pool has refilled since the
+               previous create, is claimed; see agent/pool.py); the client (bench/_client.py,
                in a toolbox container's network namespace) starts polling as soon as the
                connection details are known: resolve the add-on name through Docker's DNS,
                connect afresh, SELECT 1 / PING, every 5 ms until one succeeds (t1).
@@ -69,6 +71,8 @@ async def run_ours(b: Bench, events: EventLog, project_id: str, kind: str) -> di
         "api_ms": t_api,
         "holder_created_ms": events.first("container", "create", holder, t0),
         "holder_started_ms": events.first("container", "start", holder, t0),
+        # A parked holder claimed instead (agent/pool.py): renamed to the add-on's holder.
+        "holder_claimed_ms": events.first("container", "rename", holder, t0),
         "db_created_ms": events.first("container", "create", db, t0),
         "db_started_ms": events.first("container", "start", db, t0),
     }
@@ -150,6 +154,8 @@ def summarise(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "min_ms": rnd(min(totals), 1),
             "max_ms": rnd(max(totals), 1),
         }
+        # How many of ours claimed a parked holder (the others started their own).
+        out[v]["claimed_runs"] = sum(1 for r in runs if r.get("holder_claimed_ms") is not None)
         # Median of each step's offset from t0, where Docker reported it.
         for key in runs[0]:
             if key.endswith("_ms") and key != "total_ms":
@@ -187,12 +193,14 @@ def report(results: dict[str, Any]) -> None:
     for kind in ("postgres", "redis"):
         steps = results[kind]["orkestr"].get("steps_p50_ms", {})
         rows.append([kind, *(steps.get(k, "-") for k in (
-            "api_ms", "holder_created_ms", "holder_started_ms", "db_created_ms", "db_started_ms")),
+            "api_ms", "holder_created_ms", "holder_started_ms", "holder_claimed_ms",
+            "db_created_ms", "db_started_ms")),
             results[kind]["orkestr"]["p50_ms"],
             *(results[kind]["docker_run"].get("steps_p50_ms", {}).get(k, "-") for k in ("db_created_ms", "db_started_ms")),
             results[kind]["docker_run"]["p50_ms"]])  # fmt: skip
     print(table(
-        ["kind", "API answered", "holder created", "holder started", "db created", "db started",
+        ["kind", "API answered", "holder created", "holder started", "holder claimed",
+         "db created", "db started",
          "first query", "docker run: created", "started", "first query"],
         rows, "Where the time goes (orkestr, p50 ms after the create call; from Docker events)"))  # fmt: skip
     print()

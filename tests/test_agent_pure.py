@@ -272,6 +272,8 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "NetworkMode": f"orkestr-{PID}",
                 "Aliases": ["db"],
                 "Memory": 32 << 20,
+                # A tenth of a CPU over a 1 s period: its ~25 ms start fits the quota.
+                "Cpus": (0.1, specs.HOLDER_CPU_PERIOD_US),
                 "Mounts": [("tmpfs", "/var/lib/postgresql/data")],
                 "ReadonlyRootfs": True,
                 "CapAdd": None,
@@ -309,6 +311,7 @@ JOB = JobSpec(id="c" * 32, image="toolbox:1", command=("sh", "-c", "true"))
                 "NetworkMode": f"container:orkestr-{AID}-net",
                 "Aliases": None,
                 "Memory": 128 << 20,
+                "Cpus": (1.0, None),
                 "Mounts": [("volume", "/data"), ("bind", specs.SECRET_MOUNT)],
                 "ReadonlyRootfs": True,
                 "CapAdd": list(specs.DB_CAPABILITIES),
@@ -345,6 +348,10 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
         "NetworkMode": hc["NetworkMode"],
         "Aliases": next(e["Aliases"] for e in endpoints.values()) if endpoints else None,
         "Memory": hc["Memory"],
+        # (share of a CPU, CFS period if not Docker's 100 ms); never both ways at once.
+        "Cpus": (hc["CpuQuota"] / hc["CpuPeriod"], hc["CpuPeriod"])
+        if "CpuPeriod" in hc
+        else (hc.get("NanoCpus", 0) / 1e9, None),
         "Mounts": [(m["Type"], m["Target"]) for m in hc["Mounts"]],
         "ReadonlyRootfs": hc["ReadonlyRootfs"],
         "Tmpfs": hc.get("Tmpfs"),
@@ -357,6 +364,7 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
     assert hc["CapDrop"] == ["ALL"] and hc["SecurityOpt"] == [specs.NO_NEW_PRIVILEGES]
     assert hc["LogConfig"]["Config"]["max-size"] == specs.LOG_MAX_SIZE
     assert hc["MemorySwap"] == hc["Memory"] and hc["PidsLimit"] == spec.pids_limit
+    assert not ("NanoCpus" in hc and "CpuPeriod" in hc)  # Docker refuses both
     labels = body["Labels"]
     assert labels[model.LABEL_HOST] == "h1" and labels[model.LABEL_SPEC_HASH] == spec.spec_hash  # type: ignore[index]
     assert body["Env"][-1] == "EXTRA=1"  # type: ignore[index]
@@ -380,3 +388,57 @@ def test_a_refused_filesystem_grow_names_the_capability() -> None:
     assert "CAP_SYS_RESOURCE" in message and "docs/operations.md" in message
     other = loopfs.grow_error("/d", OSError(errno.ENOTTY, "Inappropriate ioctl for device"))
     assert "CAP_SYS_RESOURCE" not in other and other.endswith("Inappropriate ioctl for device")
+
+
+# --- parked holders (agent/pool.py) -----------------------------------------------------
+
+
+def parked_raw(name: str, networks: list[str]) -> dict[str, Any]:
+    shape = specs.parked_holder_spec("redis", IMAGES).shape_hash
+    return raw_container(
+        Names=[f"/{name}"],
+        Labels={
+            model.LABEL_ROLE: "parked",
+            model.LABEL_PROJECT: "",
+            model.LABEL_SPEC_HASH: shape,
+            model.LABEL_SHAPE_HASH: shape,
+        },
+        NetworkSettings={"Networks": {n: {"IPAddress": "10.200.0.9"} for n in networks}},
+    )
+
+
+def test_a_claimed_parked_holder_is_its_addons_holder_by_name_and_network() -> None:
+    parking = model.parking_network_name("h1")
+    holder = model.holder_name(AID)
+    claimed = observe.container(parked_raw(holder, [f"orkestr-{PID}"]))
+    assert claimed is not None
+    assert (claimed.role, claimed.addon_id, claimed.project_id, claimed.ip) == (
+        "holder",
+        AID,
+        PID,
+        "10.200.0.9",
+    )
+    # Still parked, cut off mid-claim (pool-named, or on two networks), or on no project
+    # network: the pool's alone, never the planner's.
+    assert observe.container(parked_raw("orkestr-pool-0123456789ab", [parking])) is None
+    assert observe.container(parked_raw("orkestr-pool-0123456789ab", [f"orkestr-{PID}"])) is None
+    assert observe.container(parked_raw(holder, [parking])) is None
+    assert observe.container(parked_raw(holder, [f"orkestr-{PID}", f"orkestr-{'f' * 32}"])) is None
+
+
+def test_a_holder_accepts_a_parked_holder_of_its_image_only() -> None:
+    redis = AddonSpec(id=AID, name="cache", kind="redis", resources=RES)
+    want = specs.holder_spec(PID, redis, IMAGES)
+    parked_redis = specs.parked_holder_spec("redis", IMAGES)
+    parked_pg = specs.parked_holder_spec("postgres", IMAGES)
+    assert not want.drifted(parked_redis.spec_hash, parked_redis.shape_hash)
+    assert want.drifted(parked_pg.spec_hash, parked_pg.shape_hash)
+    # A parked holder's labels name its template whatever its own name and network.
+    named = msgspec.structs.replace(parked_redis, name="orkestr-pool-x", network="park")
+    assert named.labels("h1")[model.LABEL_SHAPE_HASH] == parked_redis.shape_hash
+    # A newer holder image makes every parked holder of the old one a drift.
+    newer = specs.holder_spec(PID, redis, specs.Images(postgres="pg:15", redis="rd:8"))
+    assert newer.drifted(parked_redis.spec_hash, parked_redis.shape_hash)
+    # Never for a database.
+    db = specs.db_spec(PID, redis, IMAGES, "/s/a")
+    assert db.drifted(parked_redis.spec_hash, parked_redis.shape_hash)

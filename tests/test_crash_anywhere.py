@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from agent import model
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -64,6 +65,16 @@ cpus = 0.5
 memory_mb = 256
 sleep = { enabled = false }
 """
+
+
+def addon_of(container: dict[str, Any]) -> str | None:
+    """The add-on a container belongs to: its label, or for a claimed parked holder
+    (agent/pool.py), whose labels cannot change, its name."""
+    labels = container["Config"]["Labels"]
+    if labels.get("orkestr.role") == "parked":
+        return model.addon_of_holder(container["Name"].lstrip("/"))
+    aid = labels.get("orkestr.addon")
+    return str(aid) if aid is not None else None
 
 
 def host_objects(host: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -152,7 +163,7 @@ class World:
             if job["state"] not in ("succeeded", "failed"):
                 return False
         containers, volumes = host_objects(self.agent.host)
-        addons = {c["Config"]["Labels"].get("orkestr.addon") for c in containers}
+        addons = {addon_of(c) for c in containers}
         addons |= {v["Labels"].get("orkestr.addon") for v in volumes}
         return not (addons & self.deleted)
 
@@ -166,9 +177,10 @@ class World:
                 job_id = labels["orkestr.job"]
                 assert job_id in self.jobs, f"orphan job container {c['Name']}"
                 continue
-            if "orkestr.addon" not in labels:
-                continue  # a test client of the project network
-            aid = labels["orkestr.addon"]
+            aid = addon_of(c)
+            if aid is None:
+                continue  # a test client of the project network, or a parked holder
+            role = "holder" if role == "parked" else role
             assert aid in self.live, f"orphan {role} {c['Name']} of add-on {aid}"
             seen[(aid, role)] = seen.get((aid, role), 0) + 1
         for aid in self.live:

@@ -277,7 +277,7 @@ async def test_a_holder_is_fenced_once_per_run_and_again_after_a_restart(
     stack: Stack, agent: AgentProcess
 ) -> None:
     """The fence is the tenant boundary: every run of a holder (a new namespace) is fenced,
-    and the start event of a run its own chain fenced already costs no second fence."""
+    and a run its own chain fenced costs no second fence."""
     c = stack.controller
     assert c is not None
     project = await create_project(c, "team")
@@ -308,8 +308,9 @@ async def test_a_holder_is_fenced_once_per_run_and_again_after_a_restart(
 
 
 async def test_fence_records_follow_the_holders_runs(caplog: pytest.LogCaptureFixture) -> None:
-    """A start event counted before a fence's inspection is that fence's run; one counted
-    after it is checked (an inspection), and only a new run is fenced again."""
+    """A die event counted before a fence's inspection is an earlier run's; one counted
+    after it is checked (an inspection), and only a new run is fenced again. A run's own
+    start event is not counted: the fence of a new holder is its only inspection."""
     caplog.set_level(logging.INFO, logger="orkestr.agent.egress")
     host = f"t{uuid.uuid4().hex[:12]}"
     net, name = f"orkestr-fence-{host}", f"orkestr-{host}-net"
@@ -322,11 +323,11 @@ async def test_fence_records_follow_the_holders_runs(caplog: pytest.LogCaptureFi
                      TOOLBOX, "sleep", "infinity")  # fmt: skip
         async with Docker(host) as d:
             wall = Firewall(host, firewall.Policy(), d)
-            wall.holder_started(name)  # its start, counted before the fence
+            wall.holder_died(name)  # an earlier run's end, counted before the fence
             await wall.fence_holder(name, net)
             assert wall.fenced(name, cid) and output_chain(name) == jump
             run = wall.run(name)
-            wall.holder_started(name)  # the same start, reported late: checked, not fenced
+            wall.holder_died(name)  # counted after the inspection: checked, not fenced
             assert not wall.fenced(name, cid)
             await wall.fence_holder(name, net)
             assert wall.fenced(name, cid) and wall.run(name) == run
@@ -336,7 +337,7 @@ async def test_fence_records_follow_the_holders_runs(caplog: pytest.LogCaptureFi
 
             docker("restart", "-t", "0", name)  # a new namespace, no rules in it
             assert output_chain(name) == ["-P OUTPUT ACCEPT"]
-            wall.holder_started(name)
+            wall.holder_died(name)  # a restart ends the run before the next begins
             assert not wall.fenced(name, cid)
             await wall.fence_holder(name, net)
             assert wall.fenced(name, cid) and wall.run(name) != run
