@@ -63,6 +63,7 @@ class HolderPool:
         self._idle_since: float | None = None
         self._swept = -SWEEP_S  # when the parked holders were last listed
         self._network_made = False
+        self._network_gone = False  # removed, with no pool wanted
 
     def ready(self) -> int:
         return sum(len(names) for names in self._ready.values())
@@ -95,7 +96,9 @@ class HolderPool:
         while True:
             full = True
             due = time.monotonic() - self._swept >= SWEEP_S
-            if self.size > 0 and (due or self.ready() < self.size * len(self._templates)):
+            # With no pool wanted the sweep still runs: it removes the holders (and the
+            # network) a pool of an earlier configuration left.
+            if due or (self.size > 0 and self.ready() < self.size * len(self._templates)):
                 try:
                     full = await self.refill()
                 except AgentError as exc:
@@ -121,7 +124,7 @@ class HolderPool:
         False: short of holders (chains were running)."""
         if not self._quiet():
             return self.ready() >= self.size * len(self._templates)
-        if not self._network_made:
+        if self.size > 0 and not self._network_made:
             await self.docker.create_parking_network(self.network)
             self._network_made = True
         self._swept = time.monotonic()
@@ -155,6 +158,9 @@ class HolderPool:
         self._ready = {
             shape: [n for n in names if n not in self._claimed] for shape, names in ready.items()
         }
+        if self.size == 0 and not self._claimed and not self._network_gone:
+            await self.docker.remove_network(self.network)  # none: nothing to do
+            self._network_gone = True
         return self.ready() >= self.size * len(self._templates)
 
 

@@ -26,7 +26,10 @@ def parked(host: str) -> list[dict[str, Any]]:
     ids = docker(
         "ps", "-aq", "--filter", f"label=orkestr.host={host}", "--filter", "label=orkestr.role=parked"
     ).split()  # fmt: skip
-    found: list[dict[str, Any]] = json.loads(docker("inspect", *ids)) if ids else []
+    # check=False: one may go between the listing and its inspection (the pool sweeps).
+    found: list[dict[str, Any]] = (
+        json.loads(docker("inspect", *ids, check=False) or "[]") if ids else []
+    )
     return [c for c in found if c["Name"].startswith("/orkestr-pool-")]
 
 
@@ -144,3 +147,19 @@ async def test_a_new_addon_claims_a_parked_holder_that_reached_nothing(
         60,
         "the claimed holder removed with its add-on",
     )
+
+
+async def test_a_pool_turned_off_leaves_nothing_behind(stack: Stack, agent: AgentProcess) -> None:
+    """holder_pool = 0 after a pool ran: its parked holders and network are removed."""
+    parking = model.parking_network_name(agent.host)
+    await wait_for(lambda: len(parked(agent.host)) == 4, 60, "two parked holders per kind")
+    await agent.stop()
+    text = agent.config_path.read_text()
+    agent.config_path.write_text(text.replace("[agent]\n", "[agent]\nholder_pool = 0\n", 1))
+    await agent.start()
+
+    def gone() -> bool:
+        left = docker("network", "ls", "-q", "--filter", f"name=^{parking}$", check=False)
+        return not parked(agent.host) and left == ""
+
+    await wait_for(gone, 60, "the parked holders and the parking network removed")
