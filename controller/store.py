@@ -35,6 +35,7 @@ from controller.store_rows import (
     new_id,
     uuid_of,
 )
+from schemas import storage
 from schemas.credentials import login_role
 from schemas.messages import AddonKind
 
@@ -122,14 +123,15 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
         project = await _lock_project(conn, project_id, for_change=True)
         plan = plans[plan_name]
         rows = await conn.fetch(
-            """SELECT name, deleted_at IS NOT NULL AS deleted, status->'usage_bytes' AS usage
+            """SELECT name, kind, deleted_at IS NOT NULL AS deleted,
+                status->'usage_bytes' AS usage
             FROM addons WHERE project_id = $1 ORDER BY created_at, id""",
             project["id"],
         )
-        usages = {
-            r["name"]: int(r["usage"]) for r in rows if not r["deleted"] and r["usage"] is not None
-        }
-        problems = plan_change_problems(plan_name, plan, len(rows), usages)
+        live = [r for r in rows if not r["deleted"]]
+        usages = {r["name"]: int(r["usage"]) for r in live if r["usage"] is not None}
+        kinds = {r["name"]: str(r["kind"]) for r in live}
+        problems = plan_change_problems(plan_name, plan, len(rows), usages, kinds)
         if problems:
             raise PlanChangeRefused(
                 f"cannot move project to plan {plan_name!r}: " + "; ".join(problems)
@@ -143,22 +145,37 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
 
 
 def plan_change_problems(
-    plan_name: str, plan: Plan, addon_count: int, usage_bytes: Mapping[str, int]
+    plan_name: str,
+    plan: Plan,
+    addon_count: int,
+    usage_bytes: Mapping[str, int],
+    kinds: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """What keeps a project from a plan: too many add-ons, add-ons over its storage quota."""
+    """What keeps a project from a plan: too many add-ons, add-ons over their quota under
+    it (a Redis's is also capped by the plan's memory). `kinds`: name -> kind, Postgres
+    when left out."""
     problems: list[str] = []
     if addon_count > plan.max_addons:
         problems.append(
             f"plan {plan_name!r} allows {plan.max_addons} add-on(s) and the project has "
             f"{addon_count} (delete some first)"
         )
-    if plan.storage_mb is not None:
-        over = {n: b for n, b in usage_bytes.items() if b > plan.storage_mb * MIB}
-        problems += [
-            f"plan {plan_name!r} allows {plan.storage_mb} MB per add-on and add-on {n!r} "
-            f"uses {b / MIB:.1f} MB (free some space first)"
-            for n, b in sorted(over.items())
-        ]
+    for name, used in sorted(usage_bytes.items()):
+        kind = (kinds or {}).get(name, "postgres")
+        quota = storage.quota_bytes(kind, plan.storage_mb, plan.memory_mb)
+        if quota is None or used <= quota:
+            continue
+        if plan.storage_mb is not None and quota == plan.storage_mb * MIB:
+            limit = f"allows {plan.storage_mb} MB per add-on and add-on {name!r}"
+        else:  # a Redis's memory is the tighter limit
+            limit = (
+                f"allows {quota / MIB:g} MB to Redis add-on {name!r} "
+                f"({storage.REDIS_MEMORY_SHARE * 100:g} % of its {plan.memory_mb} MB memory) "
+                "and it"
+            )
+        problems.append(
+            f"plan {plan_name!r} {limit} uses {used / MIB:.1f} MB (free some space first)"
+        )
     return problems
 
 
