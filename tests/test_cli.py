@@ -273,6 +273,49 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         assert code == 1 and "HTTP 404" in err
 
 
+async def test_every_api_refusal_ends_with_a_hint(stack: Stack, cli: Cli) -> None:
+    # README: "errors end with a hint of what to do next", the API's refusals included.
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        name = f"hint-{uuid.uuid4().hex[:6]}"
+        created = await cli.json("projects", "create", name, "--plan", "pro")
+        db = await cli.json("addons", "create", "db", "-p", name)
+        await cli.ok("addons", "create", "cache", "--kind", "redis", "-p", name)
+        status, _ = await c.api(
+            "PATCH",
+            f"/v1/projects/{created['id']}/addons/{db['id']}",
+            {"deletion_protection": True},
+        )
+        assert status == 200
+        refusals = {
+            ("projects", "create", name, "--plan", "pro"): ("409 conflict", "another name"),
+            ("projects", "create", "other", "--plan", "gold"): (
+                "422 invalid_body",
+                "`orkestr projects create --help`",
+            ),
+            ("projects", "plan", name, "starter"): ("plan_change_refused", "choose a plan"),
+            ("env", "set", "-p", name, "lower=1"): ("set, a key", "`orkestr env set --help`"),
+            ("env", "set", "-p", name, "DATABASE_URL=x"): ("409 conflict", "another name"),
+            ("rollback", "v9", "-p", name): ("404 not_found", "`orkestr releases`"),
+            ("addons", "delete", "db", "--yes", "-p", name): (
+                "deletion_protected",
+                "deletion_protection",
+            ),
+        }
+        for args, (error, hint) in refusals.items():
+            code, _, err = await cli(*args)
+            assert code == 1 and error in err, (args, err)
+            assert "\n  hint: " in err and hint in err.split("\n  hint: ", 1)[1], (args, err)
+        await c.api(
+            "PATCH",
+            f"/v1/projects/{created['id']}/addons/{db['id']}",
+            {"deletion_protection": False},
+        )
+
+
 async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, cli: Cli) -> None:
     c = stack.controller
     assert c is not None
