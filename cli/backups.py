@@ -145,8 +145,17 @@ def backups_capture(addon: str, project: str, wait: bool, timeout: float, as_jso
             f"Backup {b['id']} of {a['name']}: {_size(b['size_bytes'])}, verified "
             f"(a test restore reproduced {len(b['counts'])} count(s))."
         )
+    elif b["state"] == "failed":
+        raise CliError(
+            f"backup {b['id']} of {a['name']} failed: {b['error']}",
+            f"a failed backup does not count against the day's limit: retry with "
+            f"`orkestr backups capture {a['name']} --wait`",
+        )
     else:
-        raise CliError(f"backup {b['id']} of {a['name']}: {b['error'] or _verdict(b)}")
+        raise CliError(
+            f"backup {b['id']} of {a['name']}: {_verdict(b)}",
+            f"it cannot be restored; take another (`orkestr backups capture {a['name']}`)",
+        )
 
 
 # `create` still works (earlier docs used it); `capture` is Heroku's `pg:backups:capture`.

@@ -772,8 +772,17 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
         render.emit_json(job)
     elif job["error"]:
         render.err.print(f"job {job['state']}: {job['error']}")
+        render.err.print(f"  hint: {_job_hint(job['error'])}")
     code = job["exit_code"]
     sys.exit(code if code is not None else (0 if job["state"] == "succeeded" else 1))
+
+
+def _job_hint(error: str) -> str:
+    if "timeout" in error:
+        return "give it longer: `orkestr run --timeout SECONDS -- ...`"
+    if "not allowed" in error:
+        return "run an allowed image (`--image`; the message lists the patterns)"
+    return "`orkestr run --help` shows the job's image, timeout and command"
 
 
 def _stream_output(c: Client, path: str, job_id: str) -> None:

@@ -156,6 +156,9 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
     assert job["state"] == "succeeded" and job["exit_code"] == 0 and job["output"] == "hi\n"
     code, _, err = await cli("run", "-p", name, "--image", "alpine:3", "--", "true")
     assert code == 1 and "HTTP 422" in err and "alpine:3" in err
+    code, _, err = await cli("run", "-p", name, "--timeout", "2", "--", "sleep", "60")
+    assert code == 137 and "job failed: job exceeded its timeout" in err, err
+    assert "hint: give it longer: `orkestr run --timeout SECONDS" in err, err
 
     # sleep status: a job holding a connection shows up as a client, by source.
     status, held = await c.api(
