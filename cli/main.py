@@ -742,10 +742,20 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
 
     Example: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"' (the single
     quotes keep $DATABASE_URL for the job's shell; unquoted, your own shell would
-    expand it, usually to nothing).
+    expand it, usually to nothing). Once the project has a release, jobs get that
+    release's variables, as its apps do: a variable added since (a new add-on's) comes
+    with the next `orkestr deploy`.
     """
     c = client()
     p = resolve_project(c, project)
+    apps = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
+    if apps and apps[0]["pending_variables"]:
+        # A job that reads a variable the release lacks fails with the shell's or the
+        # client's puzzling "empty URL": say why before it runs.
+        render.err.print(
+            f"note: jobs run with release v{apps[0]['release']}'s variables; "
+            f"{', '.join(apps[0]['pending_variables'])} come(s) with the next `orkestr deploy`"
+        )
     job = c.request(
         "POST",
         f"/v1/projects/{p['id']}/jobs",

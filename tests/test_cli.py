@@ -159,6 +159,13 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
     code, _, err = await cli("run", "-p", name, "--timeout", "2", "--", "sleep", "60")
     assert code == 137 and "job failed: job exceeded its timeout" in err, err
     assert "hint: give it longer: `orkestr run --timeout SECONDS" in err, err
+    # After a deploy, jobs get the release's variables: one set since waits for the next
+    # deploy, and `run` says so before the job runs.
+    await cli.ok("deploy", "-p", name, "--app", f"web={TOOLBOX}", "--command", "web=sleep 300")
+    await cli.ok("env", "set", "-p", name, "LATER=1")
+    code, out, err = await cli("run", "-p", name, "--", "sh", "-c", 'echo "[$LATER]"')
+    assert code == 0 and out.strip() == "[]", (out, err)
+    assert "note: jobs run with release v1's variables; LATER" in err, err
 
     # sleep status: a job holding a connection shows up as a client, by source.
     status, held = await c.api(
