@@ -123,15 +123,20 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
         project = await _lock_project(conn, project_id, for_change=True)
         plan = plans[plan_name]
         rows = await conn.fetch(
-            """SELECT name, kind, deleted_at IS NOT NULL AS deleted,
-                status->'usage_bytes' AS usage
-            FROM addons WHERE project_id = $1 ORDER BY created_at, id""",
+            """SELECT a.name, a.kind, a.deleted_at IS NOT NULL AS deleted,
+                a.status->'usage_bytes' AS usage,
+                EXISTS (SELECT 1 FROM backup_schedules s
+                        WHERE s.addon_id = a.id AND s.enabled) AS scheduled
+            FROM addons a WHERE a.project_id = $1 ORDER BY a.created_at, a.id""",
             project["id"],
         )
         live = [r for r in rows if not r["deleted"]]
         usages = {r["name"]: int(r["usage"]) for r in live if r["usage"] is not None}
         kinds = {r["name"]: str(r["kind"]) for r in live}
-        problems = plan_change_problems(plan_name, plan, len(rows), usages, kinds)
+        scheduled = [r["name"] for r in live if r["scheduled"]]
+        problems = plan_change_problems(
+            plan_name, plan, len(rows), usages, kinds, scheduled=scheduled
+        )
         if problems:
             raise PlanChangeRefused(
                 f"cannot move project to plan {plan_name!r}: " + "; ".join(problems)
@@ -150,9 +155,12 @@ def plan_change_problems(
     addon_count: int,
     usage_bytes: Mapping[str, int],
     kinds: Mapping[str, str] | None = None,
+    *,
+    scheduled: Sequence[str] = (),
 ) -> list[str]:
     """What keeps a project from a plan: too many add-ons, add-ons over their quota under
-    it (a Redis's is also capped by the plan's memory). `kinds`: name -> kind, Postgres
+    it (a Redis's is also capped by the plan's memory), automatic backups (`scheduled`:
+    the add-ons with them on) the plan would not make. `kinds`: name -> kind, Postgres
     when left out."""
     problems: list[str] = []
     if addon_count > plan.max_addons:
@@ -176,6 +184,14 @@ def plan_change_problems(
         problems.append(
             f"plan {plan_name!r} {limit} uses {used / MIB:.1f} MB (free some space first)"
         )
+    if plan.backup_retention_days == 0:
+        # The scheduler makes none on such a plan: left on, the schedule would say
+        # "daily at ..." and never run.
+        problems += [
+            f"plan {plan_name!r} makes no automatic backups and add-on {name!r} has them on "
+            "(turn them off first)"
+            for name in sorted(scheduled)
+        ]
     return problems
 
 

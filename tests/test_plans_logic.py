@@ -62,6 +62,15 @@ def test_a_redis_must_fit_the_new_plans_memory_too() -> None:
     ]
 
 
+def test_a_plan_without_automatic_backups_refuses_a_project_that_has_them_on() -> None:
+    assert plan_change_problems("small", SMALL, 1, {}, scheduled=["db"]) == [
+        "plan 'small' makes no automatic backups and add-on 'db' has them on "
+        "(turn them off first)"
+    ]
+    kept = replace(SMALL, backup_retention_days=7)
+    assert plan_change_problems("small", kept, 1, {}, scheduled=["db"]) == []
+
+
 @pytest.mark.parametrize(
     ("usage", "state"),
     [(0, "ok"), (89, "ok"), (90, "warning"), (99, "warning"), (100, "exceeded"), (500, "exceeded")],
