@@ -47,6 +47,15 @@ def _verdict(b: dict[str, Any]) -> str:
     return "verified" if b["verified"] else f"FAILED: {b['verify_error'] or ''}".strip()
 
 
+def describe_counts(counts: dict[str, int]) -> str:
+    """What the test restore compared: a Redis's keys, or the rows of each table."""
+    if set(counts) == {"keys"}:
+        return f"its {counts['keys']} key(s)"
+    if not counts:
+        return "an empty database"
+    return f"{sum(counts.values())} row(s) in {len(counts)} table(s)"
+
+
 def _target(project: str, addon: str) -> tuple[Client, dict[str, Any], str]:
     c = client()
     p = resolve_project(c, project)
@@ -143,7 +152,7 @@ def backups_capture(addon: str, project: str, wait: bool, timeout: float, as_jso
     elif b["state"] == "succeeded" and b["verified"]:
         render.out.print(
             f"Backup {b['id']} of {a['name']}: {_size(b['size_bytes'])}, verified "
-            f"(a test restore reproduced {len(b['counts'])} count(s))."
+            f"(a test restore reproduced {describe_counts(b['counts'])})."
         )
     elif b["state"] == "failed":
         raise CliError(

@@ -769,7 +769,7 @@ async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_pa
     await run_job(c, p, redis_cli("set k before"))
 
     out = await cli.ok("backups", "capture", "cache", "-p", name, "--wait")
-    assert "verified" in out, out
+    assert "verified (a test restore reproduced its 1 key(s))" in out, out
     listed = (await cli.json("backups", "list", "cache", "-p", name))["backups"]
     assert len(listed) == 1 and listed[0]["verified"] is True, listed
     backup_id = listed[0]["id"]
