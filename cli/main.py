@@ -477,10 +477,17 @@ def addons_rotate(name: str, project: str, as_json: bool) -> None:
     if as_json:
         render.emit_json(a)
         return
+    # Jobs run with the newest release's variables once there is one, as the apps do.
+    released = c.get(f"/v1/projects/{p['id']}/releases?limit=1")["releases"]
+    then = (
+        "; the apps and jobs get them with the next deploy (`orkestr deploy`): deploy before"
+        " the grace period ends"
+        if released
+        else ", and jobs get them now"
+    )
     render.out.print(
         f"{a['name']} has new credentials (secret version {a['secret_version']}) in"
-        f" {', '.join(a['variables'])}: `orkestr env` shows them, jobs get them now;"
-        " deploy again (`orkestr deploy`) before the grace period ends so the apps do too."
+        f" {', '.join(a['variables'])}: `orkestr env` shows them{then}."
     )
 
 

@@ -360,8 +360,14 @@ async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, 
         after = (await cli.json("env", "-p", name))["env"]
         assert after["DATABASE_URL"] != before["DATABASE_URL"]
         assert after["REDIS_URL"] == before["REDIS_URL"]
+        assert "and jobs get them now" in out, out  # no release yet
         rotated = await cli.json("addons", "rotate", "cache", "-p", name)
         assert rotated["secret_version"] == 2 and rotated["name"] == "cache"
+        # Once there is a release, jobs run with its variables, as the apps do.
+        await cli.ok("deploy", "-p", name, "--app", f"web={TOOLBOX}")
+        out = await cli.ok("addons", "rotate", "db", "-p", name)
+        assert "the apps and jobs get them with the next deploy" in out, out
+        assert "jobs get them now" not in out, out
 
         # A project's token: the operator's commands say whose token they need.
         project_id = (await cli.json("projects", "plan", name, "pro"))["id"]
