@@ -434,7 +434,14 @@ async def test_groups_through_the_cli(stack: Stack, cli: Cli) -> None:
         code, _, err = await cli("addons", "share", "orders", group, "lower", "-p", shop)
         assert code == 1 and "HTTP 422" in err
         code, _, err = await cli("addons", "share", "orders", "nope", "X_URL", "-p", shop)
-        assert code == 1 and "no group 'nope'" in err and "orkestr groups list" in err
+        assert code == 1 and f"{shop} is in no group 'nope'" in err, err
+        assert f"orkestr groups list -p {shop}" in err and "orkestr groups add GROUP" in err
+        # A group that exists, but without the project: said the same way, not "no group".
+        other = f"g-{uuid.uuid4().hex[:6]}"
+        await cli.ok("groups", "create", other)
+        code, _, err = await cli("addons", "share", "orders", other, "X_URL", "-p", shop)
+        assert code == 1 and f"{shop} is in no group '{other}'" in err, err
+        await cli.ok("groups", "delete", other, "--yes")
 
         # A project token sees its own project's groups, and cannot change members.
         status, token = await c.api("POST", f"/v1/projects/{billing_id}/tokens", {})
