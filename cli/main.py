@@ -755,14 +755,7 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
     """
     c = client()
     p = resolve_project(c, project)
-    apps = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
-    if apps and apps[0]["pending_variables"]:
-        # A job that reads a variable the release lacks fails with the shell's or the
-        # client's puzzling "empty URL": say why before it runs.
-        render.err.print(
-            f"note: jobs run with release v{apps[0]['release']}'s variables; "
-            f"{', '.join(apps[0]['pending_variables'])} come(s) with the next `orkestr deploy`"
-        )
+    _note_release_variables(c, p)
     job = c.request(
         "POST",
         f"/v1/projects/{p['id']}/jobs",
@@ -792,6 +785,25 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
         render.err.print(f"  hint: {_job_hint(job['error'])}")
     code = job["exit_code"]
     sys.exit(code if code is not None else (0 if job["state"] == "succeeded" else 1))
+
+
+def _note_release_variables(c: Client, p: dict[str, Any]) -> None:
+    """A job that reads a variable its release lacks fails with a puzzling empty URL:
+    say before it runs which ones come only with the next deploy."""
+    releases = c.get(f"/v1/projects/{p['id']}/releases?limit=1")["releases"]
+    if not releases:
+        return  # no release: jobs get the current variables
+    apps = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
+    if apps:
+        pending = apps[0]["pending_variables"]  # values compared too (a rotation)
+    else:  # a release without apps shows its variables' names only
+        current = c.get(f"/v1/projects/{p['id']}/env")["env"]
+        pending = sorted(set(current) ^ set(releases[0]["variables"]))
+    if pending:
+        render.err.print(
+            f"note: jobs run with release v{releases[0]['number']}'s variables; "
+            f"{', '.join(pending)} come(s) with the next `orkestr deploy`"
+        )
 
 
 def _job_hint(error: str) -> str:
