@@ -209,6 +209,27 @@ async def test_a_job_wakes_the_addon_and_its_first_command_succeeds(stack: Stack
     assert view["wakes"] >= 1 and view["last_wake_ms"], view
 
 
+async def test_a_rotation_while_it_sleeps_reaches_the_database_before_a_client_needs_it(
+    stack: Stack, pg: Any
+) -> None:
+    # The database learns a new password from the agent, awake. Asleep it learned it only
+    # once a client woke it, and that client, holding the new password, was refused.
+    c = stack.controller
+    assert c is not None
+    project, a, _client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    base = f"/v1/projects/{project['id']}/addons/{a['id']}"
+    status, body = await c.api("POST", f"{base}/rotate-credentials")
+    assert status == 202 and body["secret_version"] == 2, body
+    # Woken for it, and asleep again afterwards on its own idle timer.
+    await wait_db(a["id"], "running", timeout=30)
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 30)
+    job = await run_job(
+        c, project["id"], 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc "select session_user"'
+    )
+    assert job["exit_code"] == 0 and job["output"].strip() == "app_rot", job
+
+
 async def test_twenty_clients_connecting_during_one_wake_all_succeed(pg: Any) -> None:
     _project, a, client = pg
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
