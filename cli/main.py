@@ -503,8 +503,14 @@ def addons_delete(name: str, project: str, yes: bool, as_json: bool) -> None:
     a = resolve_addon(c, p, name)
     if not yes:
         if not sys.stdin.isatty():
-            raise CliError(f"deleting {a['name']} deletes its data", "pass --yes to confirm")
-        click.confirm(f"Delete {a['name']} and its data in project {p['name']}?", abort=True)
+            # Its backups leave the API with it (docs/api.md): no restore after this.
+            raise CliError(
+                f"deleting {a['name']} deletes its data, and its backups with it",
+                "pass --yes to confirm",
+            )
+        click.confirm(
+            f"Delete {a['name']}, its data and its backups in project {p['name']}?", abort=True
+        )
     gone = c.request("DELETE", f"/v1/projects/{p['id']}/addons/{a['id']}")
     if as_json:
         render.emit_json(gone)

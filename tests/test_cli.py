@@ -207,7 +207,7 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
 
     # Delete asks for confirmation; without a terminal, --yes is the way.
     code, _, err = await cli("addons", "delete", "orders-db")
-    assert code == 1 and "pass --yes" in err
+    assert code == 1 and "pass --yes" in err and "and its backups with it" in err, err
     gone = await cli.json("addons", "delete", "orders-db", "--yes")
     assert gone["phase"] == "deleting"
     assert (await cli.json("addons", "list"))["addons"] == []
