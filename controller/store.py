@@ -124,13 +124,15 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
         plan = plans[plan_name]
         rows = await conn.fetch(
             """SELECT a.name, a.kind, a.deleted_at IS NOT NULL AS deleted,
-                a.status->'usage_bytes' AS usage,
+                (a.status->>'usage_bytes')::bigint AS usage,
                 EXISTS (SELECT 1 FROM backup_schedules s
                         WHERE s.addon_id = a.id AND s.enabled) AS scheduled
             FROM addons a WHERE a.project_id = $1 ORDER BY a.created_at, a.id""",
             project["id"],
         )
         live = [r for r in rows if not r["deleted"]]
+        # ->> and a cast: a status's "usage_bytes": null (not measured yet, a sleeping
+        # add-on after an agent restart) is SQL NULL, not the text 'null' int() refused.
         usages = {r["name"]: int(r["usage"]) for r in live if r["usage"] is not None}
         kinds = {r["name"]: str(r["kind"]) for r in live}
         scheduled = [r["name"] for r in live if r["scheduled"]]
