@@ -285,7 +285,13 @@ async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
         60,
         "the wake for the plan change",
     )
-    assert f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400)
+    # Logged once the action returns, a moment after the wake's own line (a loaded
+    # machine lost that race).
+    await wait_for(
+        lambda: f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400),
+        30,
+        "the planned WakeAddon done",
+    )
     await wait_db(a["id"], "running")
     await wait_phase(c, project["id"], a["id"], "ready")
     # It stays awake past both timeouts, and a client reaches the database itself: the
