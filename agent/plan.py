@@ -217,6 +217,9 @@ class SleepFacts(Struct, frozen=True):
     clients: int = 0  # client connections open now, direct and relayed
     ready: bool = False  # has answered a client since it last started
     held: bool = False  # a platform operation (a backup) holds it awake
+    # A new password waits for the database (the upkeep sets it, on an awake one only):
+    # asleep, the client that woke it would be refused with the password it was given.
+    credentials: bool = False
     wake_requested: bool = False  # a client waits at the wake listener
     listening: bool = False  # its wake listener runs: a sleep or wake can be carried out
 
@@ -514,7 +517,7 @@ def _db_run_state(
         now - facts.last_activity,
         has_clients=facts.clients > 0,
         ready=facts.ready,
-        held=facts.held,
+        held=facts.held or facts.credentials,
         wake_requested=facts.wake_requested,
     )
     if facts.state != "awake":
@@ -558,6 +561,7 @@ def next_sleep_deadline(
                 or not facts.listening
                 or facts.clients
                 or facts.held
+                or facts.credentials
                 or facts.wake_requested
             ):
                 continue

@@ -507,7 +507,7 @@ class Agent:
         local = p.Local(
             secrets=self.secrets.versions(),
             finished_jobs=frozenset(self.state.job_results()),
-            sleep=self.sleep.facts(),
+            sleep=self._sleep_facts(),
             now=time.time(),
             backups_done=frozenset(self.backups.results()),
             backups_running=self.backups.running_ops(),
@@ -535,6 +535,16 @@ class Agent:
         await self.publish_status(if_changed=True)
         await self.publish_job_results()
 
+    def _sleep_facts(self) -> dict[str, p.SleepFacts]:
+        """The sleep manager's facts, and the add-ons whose new password the database has
+        not been given yet (a rotation that came while it slept)."""
+        facts = self.sleep.facts()
+        for aid, f in facts.items():
+            version = self.secrets.version(aid)
+            if version and self.secrets.applied(aid) != version:
+                facts[aid] = msgspec.structs.replace(f, credentials=True)
+        return facts
+
     def _arm_sleep_timer(self) -> None:
         """A pass exactly when the next idle add-on's sleep falls due.
 
@@ -543,7 +553,7 @@ class Agent:
         (the tick measures activity, which moves the deadlines).
         """
         now = time.time()
-        deadline = p.next_sleep_deadline(self.desired, self.sleep.facts(), now)
+        deadline = p.next_sleep_deadline(self.desired, self._sleep_facts(), now)
         if self._sleep_timer is not None:
             if deadline == self._sleep_timer[0]:
                 return

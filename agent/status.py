@@ -147,7 +147,9 @@ def _sleeping(addon: AddonSpec, stage: SleepState) -> Update:
     if not addon.sleep.enabled:
         return Update(addon.id, "Sleeping", "False", "Disabled", "the plan keeps it awake")
     if stage != "awake":
-        message = f"{stage} sleep after {addon.sleep.light_after_s:g}s idle"
+        # Both stages count from the last activity (agent/plan.py's sleep timers).
+        after = addon.sleep.deep_after_s if stage == "deep" else addon.sleep.light_after_s
+        message = f"{stage} sleep after {after:g}s idle"
         return Update(addon.id, "Sleeping", "True", stage.capitalize(), message)
     return Update(addon.id, "Sleeping", "False", "Awake", "serving clients directly")
 

@@ -57,6 +57,7 @@ from agent.specs import (
     max_wal_size_mb,
     wal_fs_size_mb,
 )
+from schemas import storage
 from schemas.credentials import login_role
 from schemas.messages import PORTS, AddonSpec
 
@@ -66,9 +67,6 @@ MIB = 1024 * 1024
 WARNING_RATIO = 0.9
 # Redis refuses the write that would cross `maxmemory`, so a full Redis sits just under it.
 REDIS_FULL_RATIO = 0.97
-# Redis holds its data in memory: past this share of the container's memory it refuses
-# writes instead of being OOM-killed, whatever the storage quota says.
-REDIS_MEMORY_SHARE = 0.75
 QUOTA_OBJECT = "orkestr_quota"
 # Free space a Postgres filesystem keeps, whatever the database holds: new WAL segments
 # (16 MB each), a checkpoint's, and the guard's reaction time at a fast filler's rate
@@ -122,10 +120,7 @@ def quota_state(usage: int, quota: int, full_ratio: float = 1.0) -> QuotaState:
 
 
 def quota_bytes(addon: AddonSpec) -> int | None:
-    if addon.kind == "redis":
-        ceiling = int(addon.resources.memory_mb * MIB * REDIS_MEMORY_SHARE)
-        return min(addon.storage_mb * MIB, ceiling) if addon.storage_mb else ceiling
-    return addon.storage_mb * MIB if addon.storage_mb else None
+    return storage.quota_bytes(addon.kind, addon.storage_mb, addon.resources.memory_mb)
 
 
 def guard_step(addon: AddonSpec) -> int:

@@ -47,6 +47,15 @@ def _verdict(b: dict[str, Any]) -> str:
     return "verified" if b["verified"] else f"FAILED: {b['verify_error'] or ''}".strip()
 
 
+def describe_counts(counts: dict[str, int]) -> str:
+    """What the test restore compared: a Redis's keys, or the rows of each table."""
+    if set(counts) == {"keys"}:
+        return f"its {counts['keys']} key(s)"
+    if not counts:
+        return "an empty database"
+    return f"{sum(counts.values())} row(s) in {len(counts)} table(s)"
+
+
 def _target(project: str, addon: str) -> tuple[Client, dict[str, Any], str]:
     c = client()
     p = resolve_project(c, project)
@@ -143,10 +152,19 @@ def backups_capture(addon: str, project: str, wait: bool, timeout: float, as_jso
     elif b["state"] == "succeeded" and b["verified"]:
         render.out.print(
             f"Backup {b['id']} of {a['name']}: {_size(b['size_bytes'])}, verified "
-            f"(a test restore reproduced {len(b['counts'])} count(s))."
+            f"(a test restore reproduced {describe_counts(b['counts'])})."
+        )
+    elif b["state"] == "failed":
+        raise CliError(
+            f"backup {b['id']} of {a['name']} failed: {b['error']}",
+            f"a failed backup does not count against the day's limit: retry with "
+            f"`orkestr backups capture {a['name']} --wait`",
         )
     else:
-        raise CliError(f"backup {b['id']} of {a['name']}: {b['error'] or _verdict(b)}")
+        raise CliError(
+            f"backup {b['id']} of {a['name']}: {_verdict(b)}",
+            f"it cannot be restored; take another (`orkestr backups capture {a['name']}`)",
+        )
 
 
 # `create` still works (earlier docs used it); `capture` is Heroku's `pg:backups:capture`.

@@ -40,6 +40,7 @@ LARGER_PLAN = (
 
 
 def _hint(status: int, code: str, message: str = "") -> str:
+    """What to do next, for every error the API answers (the message says what failed)."""
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
     if code == "plan_limit_reached" and "backup" in message:
@@ -48,11 +49,41 @@ def _hint(status: int, code: str, message: str = "") -> str:
         return ("wait until then, or " if "possible after" in message else "") + LARGER_PLAN
     if code == "plan_limit_reached":
         return "delete an add-on (`orkestr addons delete NAME`), or " + LARGER_PLAN
+    if code == "plan_change_refused":
+        return "free or delete what the message names, then retry; or choose a plan it fits"
+    if code == "deletion_protected":
+        return (
+            'clear the protection first: PATCH the add-on with {"deletion_protection": false} '
+            "(docs/api.md, Add-ons)"
+        )
+    if code == "too_many_pending_jobs":
+        return "wait for the project's pending jobs to finish (or cancel some), then retry"
+    if code == "payload_too_large":
+        return "send less: shorter values, or a shorter command"
     if code == "no_host_available":
         return "no agent is online; start one (see docs/operations.md) and retry"
     if code == "database_unavailable" or status >= 500:
         return "the controller has trouble; retry in a moment, or check its log"
-    return ""
+    if status == 404:
+        return (
+            "check the name or id: `orkestr projects`, `orkestr addons list`, "
+            "`orkestr releases` and `orkestr backups list ADDON` show what exists"
+        )
+    if status == 409:
+        if "in progress" in message:
+            return "wait until it has finished (`orkestr backups list ADDON`), then retry"
+        if "being deleted" in message:
+            return "it is being deleted: nothing more can change it"
+        if "already" in message or "variable" in message:
+            return "choose another name"
+        return "change what the message names first, then retry"
+    return f"`{_command()} --help` shows what each argument takes"
+
+
+def _command() -> str:
+    """The command being run (`orkestr env set`), or the program's name outside one."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path if ctx is not None else "orkestr"
 
 
 class Client:

@@ -39,8 +39,14 @@ def resolve_group(c: Client, given: str, project: dict[str, Any] | None = None) 
     for g in found:
         if given in (g["id"], g["name"]):
             return g
-    where = f" of project {project['name']}" if project else ""
-    raise CliError(f"no group {given!r}{where}", "`orkestr groups list` lists them")
+    if project is None:
+        raise CliError(f"no group {given!r}", "`orkestr groups list` lists them")
+    # Shares are made in the project's own groups: the group may exist without it.
+    raise CliError(
+        f"project {project['name']} is in no group {given!r}",
+        f"`orkestr groups list -p {project['name']}` lists its groups; the operator adds it "
+        f"to one: `orkestr groups add GROUP {project['name']}`",
+    )
 
 
 def _rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

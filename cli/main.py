@@ -477,10 +477,17 @@ def addons_rotate(name: str, project: str, as_json: bool) -> None:
     if as_json:
         render.emit_json(a)
         return
+    # Jobs run with the newest release's variables once there is one, as the apps do.
+    released = c.get(f"/v1/projects/{p['id']}/releases?limit=1")["releases"]
+    then = (
+        "; the apps and jobs get them with the next deploy (`orkestr deploy`): deploy before"
+        " the grace period ends"
+        if released
+        else ", and jobs get them now"
+    )
     render.out.print(
         f"{a['name']} has new credentials (secret version {a['secret_version']}) in"
-        f" {', '.join(a['variables'])}: `orkestr env` shows them, jobs get them now;"
-        " deploy again (`orkestr deploy`) before the grace period ends so the apps do too."
+        f" {', '.join(a['variables'])}: `orkestr env` shows them{then}."
     )
 
 
@@ -496,8 +503,14 @@ def addons_delete(name: str, project: str, yes: bool, as_json: bool) -> None:
     a = resolve_addon(c, p, name)
     if not yes:
         if not sys.stdin.isatty():
-            raise CliError(f"deleting {a['name']} deletes its data", "pass --yes to confirm")
-        click.confirm(f"Delete {a['name']} and its data in project {p['name']}?", abort=True)
+            # Its backups leave the API with it (docs/api.md): no restore after this.
+            raise CliError(
+                f"deleting {a['name']} deletes its data, and its backups with it",
+                "pass --yes to confirm",
+            )
+        click.confirm(
+            f"Delete {a['name']}, its data and its backups in project {p['name']}?", abort=True
+        )
     gone = c.request("DELETE", f"/v1/projects/{p['id']}/addons/{a['id']}")
     if as_json:
         render.emit_json(gone)
@@ -742,10 +755,13 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
 
     Example: orkestr run -- sh -c 'psql "$DATABASE_URL" -c "select 1"' (the single
     quotes keep $DATABASE_URL for the job's shell; unquoted, your own shell would
-    expand it, usually to nothing).
+    expand it, usually to nothing). Once the project has a release, jobs get that
+    release's variables, as its apps do: a variable added since (a new add-on's) comes
+    with the next `orkestr deploy`.
     """
     c = client()
     p = resolve_project(c, project)
+    _note_release_variables(c, p)
     job = c.request(
         "POST",
         f"/v1/projects/{p['id']}/jobs",
@@ -772,8 +788,36 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
         render.emit_json(job)
     elif job["error"]:
         render.err.print(f"job {job['state']}: {job['error']}")
+        render.err.print(f"  hint: {_job_hint(job['error'])}")
     code = job["exit_code"]
     sys.exit(code if code is not None else (0 if job["state"] == "succeeded" else 1))
+
+
+def _note_release_variables(c: Client, p: dict[str, Any]) -> None:
+    """A job that reads a variable its release lacks fails with a puzzling empty URL:
+    say before it runs which ones come only with the next deploy."""
+    releases = c.get(f"/v1/projects/{p['id']}/releases?limit=1")["releases"]
+    if not releases:
+        return  # no release: jobs get the current variables
+    apps = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
+    if apps:
+        pending = apps[0]["pending_variables"]  # values compared too (a rotation)
+    else:  # a release without apps shows its variables' names only
+        current = c.get(f"/v1/projects/{p['id']}/env")["env"]
+        pending = sorted(set(current) ^ set(releases[0]["variables"]))
+    if pending:
+        render.err.print(
+            f"note: jobs run with release v{releases[0]['number']}'s variables; "
+            f"{', '.join(pending)} come(s) with the next `orkestr deploy`"
+        )
+
+
+def _job_hint(error: str) -> str:
+    if "timeout" in error:
+        return "give it longer: `orkestr run --timeout SECONDS -- ...`"
+    if "not allowed" in error:
+        return "run an allowed image (`--image`; the message lists the patterns)"
+    return "`orkestr run --help` shows the job's image, timeout and command"
 
 
 def _stream_output(c: Client, path: str, job_id: str) -> None:

@@ -179,12 +179,13 @@ def describe(exc: msgspec.ValidationError, within: str = "") -> str:
 
     `within` prefixes the key path (a plan name, say); errors with no path name it alone.
     """
-    text, path = str(exc), ""
-    match = re.fullmatch(r"(.*) - at `\$\.?(.*)`", text, re.DOTALL)
+    text, path, key = str(exc), "", ""
+    # A mapping's key: "... - at `key` in `$.set`".
+    match = re.fullmatch(r"(.*) - at (`key` in )?`\$\.?(.*)`", text, re.DOTALL)
     if match is not None:
-        text, path = match[1], match[2]
+        text, key, path = match[1], match[2] or "", match[3]
     where = ".".join(p for p in (within, path) if p) or "top level"
-    return f"{where}: {text}"
+    return f"{where}{', a key' if key else ''}: {text}"
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from controller.store_rows import (
     new_id,
     uuid_of,
 )
+from schemas import storage
 from schemas.credentials import login_role
 from schemas.messages import AddonKind
 
@@ -124,14 +125,22 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
         project = await _lock_project(conn, project_id, for_change=True)
         plan = plans[plan_name]
         rows = await conn.fetch(
-            """SELECT name, deleted_at IS NOT NULL AS deleted, status->'usage_bytes' AS usage
-            FROM addons WHERE project_id = $1 ORDER BY created_at, id""",
+            """SELECT a.name, a.kind, a.deleted_at IS NOT NULL AS deleted,
+                (a.status->>'usage_bytes')::bigint AS usage,
+                EXISTS (SELECT 1 FROM backup_schedules s
+                        WHERE s.addon_id = a.id AND s.enabled) AS scheduled
+            FROM addons a WHERE a.project_id = $1 ORDER BY a.created_at, a.id""",
             project["id"],
         )
-        usages = {
-            r["name"]: int(r["usage"]) for r in rows if not r["deleted"] and r["usage"] is not None
-        }
-        problems = plan_change_problems(plan_name, plan, len(rows), usages)
+        live = [r for r in rows if not r["deleted"]]
+        # ->> and a cast: a status's "usage_bytes": null (not measured yet, a sleeping
+        # add-on after an agent restart) is SQL NULL, not the text 'null' int() refused.
+        usages = {r["name"]: int(r["usage"]) for r in live if r["usage"] is not None}
+        kinds = {r["name"]: str(r["kind"]) for r in live}
+        scheduled = [r["name"] for r in live if r["scheduled"]]
+        problems = plan_change_problems(
+            plan_name, plan, len(rows), usages, kinds, scheduled=scheduled
+        )
         if problems:
             raise PlanChangeRefused(
                 f"cannot move project to plan {plan_name!r}: " + "; ".join(problems)
@@ -145,21 +154,47 @@ async def change_plan(pool: Pool, project_id: str, plan_name: str, plans: Plans)
 
 
 def plan_change_problems(
-    plan_name: str, plan: Plan, addon_count: int, usage_bytes: Mapping[str, int]
+    plan_name: str,
+    plan: Plan,
+    addon_count: int,
+    usage_bytes: Mapping[str, int],
+    kinds: Mapping[str, str] | None = None,
+    *,
+    scheduled: Sequence[str] = (),
 ) -> list[str]:
-    """What keeps a project from a plan: too many add-ons, add-ons over its storage quota."""
+    """What keeps a project from a plan: too many add-ons, add-ons over their quota under
+    it (a Redis's is also capped by the plan's memory), automatic backups (`scheduled`:
+    the add-ons with them on) the plan would not make. `kinds`: name -> kind, Postgres
+    when left out."""
     problems: list[str] = []
     if addon_count > plan.max_addons:
         problems.append(
             f"plan {plan_name!r} allows {plan.max_addons} add-on(s) and the project has "
             f"{addon_count} (delete some first)"
         )
-    if plan.storage_mb is not None:
-        over = {n: b for n, b in usage_bytes.items() if b > plan.storage_mb * MIB}
+    for name, used in sorted(usage_bytes.items()):
+        kind = (kinds or {}).get(name, "postgres")
+        quota = storage.quota_bytes(kind, plan.storage_mb, plan.memory_mb)
+        if quota is None or used <= quota:
+            continue
+        if plan.storage_mb is not None and quota == plan.storage_mb * MIB:
+            limit = f"allows {plan.storage_mb} MB per add-on and add-on {name!r}"
+        else:  # a Redis's memory is the tighter limit
+            limit = (
+                f"allows {quota / MIB:g} MB to Redis add-on {name!r} "
+                f"({storage.REDIS_MEMORY_SHARE * 100:g} % of its {plan.memory_mb} MB memory) "
+                "and it"
+            )
+        problems.append(
+            f"plan {plan_name!r} {limit} uses {used / MIB:.1f} MB (free some space first)"
+        )
+    if plan.backup_retention_days == 0:
+        # The scheduler makes none on such a plan: left on, the schedule would say
+        # "daily at ..." and never run.
         problems += [
-            f"plan {plan_name!r} allows {plan.storage_mb} MB per add-on and add-on {n!r} "
-            f"uses {b / MIB:.1f} MB (free some space first)"
-            for n, b in sorted(over.items())
+            f"plan {plan_name!r} makes no automatic backups and add-on {name!r} has them on "
+            "(turn them off first)"
+            for name in sorted(scheduled)
         ]
     return problems
 

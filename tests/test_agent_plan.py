@@ -276,6 +276,16 @@ NO_SLEEP = replace(SLEEPY, sleep=SleepPolicy(enabled=False))
             p.SleepFacts(held=True, ready=True, listening=True, last_activity=NOW - 1e6),
             "nothing",
         ),
+        # A new password the database has not been given (a rotation while it slept):
+        # woken to be given it, and kept awake until it has it, however idle.
+        (SLEEPY, "exited", p.SleepFacts(state="deep", credentials=True, listening=True), "wake"),
+        (SLEEPY, "paused", p.SleepFacts(state="light", credentials=True, listening=True), "wake"),
+        (
+            SLEEPY,
+            "running",
+            p.SleepFacts(credentials=True, ready=True, listening=True, last_activity=NOW - 1e6),
+            "nothing",
+        ),
         # Held, but no listener yet (a restarted agent): the wake waits for it.
         (SLEEPY, "exited", p.SleepFacts(state="deep", held=True), "nothing"),
         # The plan stopped allowing sleep: a sleeping add-on wakes through its worker...
@@ -323,6 +333,7 @@ def _facts(**kw: Any) -> p.SleepFacts:
         # listener, not yet ready.
         (_facts(ready=True, clients=1), None),
         (_facts(ready=True, held=True), None),
+        (_facts(ready=True, credentials=True), None),
         (_facts(ready=True, wake_requested=True), None),
         (_facts(ready=True, listening=False), None),
         (_facts(ready=False), None),

@@ -602,6 +602,33 @@ async def test_limits_and_sleeping_addon(stack: Stack, agent: AgentProcess) -> N
     assert docker("inspect", "-f", "{{.State.Status}}", db) in ("paused", "exited")
 
 
+async def test_a_downgrade_to_a_plan_without_automatic_backups_needs_them_off(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # Starter makes no automatic backups: moved there with them on, the schedule would
+    # still say "daily at 03:00" and none would ever be made.
+    c = _c(stack)
+    project = await create_project(c, "pro")
+    p = project["id"]
+    a = (await create_addon(c, p, "db", "postgres"))["id"]
+    schedule = f"{base(p, a)}/backup-schedule"
+    status, body = await c.api("PUT", schedule, {"enabled": True, "time_of_day": "03:00"})
+    assert status == 200, body
+    status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "starter"})
+    assert status == 409 and body["error"] == "plan_change_refused", body
+    assert (
+        "plan 'starter' makes no automatic backups and add-on 'db' has them on" in body["message"]
+    )
+    status, body = await c.api("GET", f"/v1/projects/{p}")
+    assert body["plan"] == "pro"
+    status, body = await c.api("PATCH", schedule, {"enabled": False})
+    assert status == 200, body
+    status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "starter"})
+    assert status == 200 and body["plan"] == "starter", body
+    status, body = await c.api("GET", schedule)
+    assert body["enabled"] is False
+
+
 def tenant_sql(addon_id: str, statement: str, database: str = "postgres") -> str:
     """A look at the add-on's server from the test, as its superuser (the agent never execs)."""
     db = f"orkestr-{addon_id}-db"
@@ -742,7 +769,7 @@ async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_pa
     await run_job(c, p, redis_cli("set k before"))
 
     out = await cli.ok("backups", "capture", "cache", "-p", name, "--wait")
-    assert "verified" in out, out
+    assert "verified (a test restore reproduced its 1 key(s))" in out, out
     listed = (await cli.json("backups", "list", "cache", "-p", name))["backups"]
     assert len(listed) == 1 and listed[0]["verified"] is True, listed
     backup_id = listed[0]["id"]

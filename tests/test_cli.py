@@ -156,6 +156,16 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
     assert job["state"] == "succeeded" and job["exit_code"] == 0 and job["output"] == "hi\n"
     code, _, err = await cli("run", "-p", name, "--image", "alpine:3", "--", "true")
     assert code == 1 and "HTTP 422" in err and "alpine:3" in err
+    code, _, err = await cli("run", "-p", name, "--timeout", "2", "--", "sleep", "60")
+    assert code == 137 and "job failed: job exceeded its timeout" in err, err
+    assert "hint: give it longer: `orkestr run --timeout SECONDS" in err, err
+    # After a deploy, jobs get the release's variables: one set since waits for the next
+    # deploy, and `run` says so before the job runs.
+    await cli.ok("deploy", "-p", name, "--app", f"web={TOOLBOX}", "--command", "web=sleep 300")
+    await cli.ok("env", "set", "-p", name, "LATER=1")
+    code, out, err = await cli("run", "-p", name, "--", "sh", "-c", 'echo "[$LATER]"')
+    assert code == 0 and out.strip() == "[]", (out, err)
+    assert "note: jobs run with release v1's variables; LATER" in err, err
 
     # sleep status: a job holding a connection shows up as a client, by source.
     status, held = await c.api(
@@ -197,7 +207,7 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
 
     # Delete asks for confirmation; without a terminal, --yes is the way.
     code, _, err = await cli("addons", "delete", "orders-db")
-    assert code == 1 and "pass --yes" in err
+    assert code == 1 and "pass --yes" in err and "and its backups with it" in err, err
     gone = await cli.json("addons", "delete", "orders-db", "--yes")
     assert gone["phase"] == "deleting"
     assert (await cli.json("addons", "list"))["addons"] == []
@@ -273,6 +283,49 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         assert code == 1 and "HTTP 404" in err
 
 
+async def test_every_api_refusal_ends_with_a_hint(stack: Stack, cli: Cli) -> None:
+    # README: "errors end with a hint of what to do next", the API's refusals included.
+    c = stack.controller
+    assert c is not None
+    async with FakeAgent(f"h-{secrets.token_hex(5)}", stack.mosquitto) as host:
+        await c.wait_host_online(host.host)
+        await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+        name = f"hint-{uuid.uuid4().hex[:6]}"
+        created = await cli.json("projects", "create", name, "--plan", "pro")
+        db = await cli.json("addons", "create", "db", "-p", name)
+        await cli.ok("addons", "create", "cache", "--kind", "redis", "-p", name)
+        status, _ = await c.api(
+            "PATCH",
+            f"/v1/projects/{created['id']}/addons/{db['id']}",
+            {"deletion_protection": True},
+        )
+        assert status == 200
+        refusals = {
+            ("projects", "create", name, "--plan", "pro"): ("409 conflict", "another name"),
+            ("projects", "create", "other", "--plan", "gold"): (
+                "422 invalid_body",
+                "`orkestr projects create --help`",
+            ),
+            ("projects", "plan", name, "starter"): ("plan_change_refused", "choose a plan"),
+            ("env", "set", "-p", name, "lower=1"): ("set, a key", "`orkestr env set --help`"),
+            ("env", "set", "-p", name, "DATABASE_URL=x"): ("409 conflict", "another name"),
+            ("rollback", "v9", "-p", name): ("404 not_found", "`orkestr releases`"),
+            ("addons", "delete", "db", "--yes", "-p", name): (
+                "deletion_protected",
+                "deletion_protection",
+            ),
+        }
+        for args, (error, hint) in refusals.items():
+            code, _, err = await cli(*args)
+            assert code == 1 and error in err, (args, err)
+            assert "\n  hint: " in err and hint in err.split("\n  hint: ", 1)[1], (args, err)
+        await c.api(
+            "PATCH",
+            f"/v1/projects/{created['id']}/addons/{db['id']}",
+            {"deletion_protection": False},
+        )
+
+
 async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, cli: Cli) -> None:
     c = stack.controller
     assert c is not None
@@ -307,8 +360,14 @@ async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, 
         after = (await cli.json("env", "-p", name))["env"]
         assert after["DATABASE_URL"] != before["DATABASE_URL"]
         assert after["REDIS_URL"] == before["REDIS_URL"]
+        assert "and jobs get them now" in out, out  # no release yet
         rotated = await cli.json("addons", "rotate", "cache", "-p", name)
         assert rotated["secret_version"] == 2 and rotated["name"] == "cache"
+        # Once there is a release, jobs run with its variables, as the apps do.
+        await cli.ok("deploy", "-p", name, "--app", f"web={TOOLBOX}")
+        out = await cli.ok("addons", "rotate", "db", "-p", name)
+        assert "the apps and jobs get them with the next deploy" in out, out
+        assert "jobs get them now" not in out, out
 
         # A project's token: the operator's commands say whose token they need.
         project_id = (await cli.json("projects", "plan", name, "pro"))["id"]
@@ -375,7 +434,14 @@ async def test_groups_through_the_cli(stack: Stack, cli: Cli) -> None:
         code, _, err = await cli("addons", "share", "orders", group, "lower", "-p", shop)
         assert code == 1 and "HTTP 422" in err
         code, _, err = await cli("addons", "share", "orders", "nope", "X_URL", "-p", shop)
-        assert code == 1 and "no group 'nope'" in err and "orkestr groups list" in err
+        assert code == 1 and f"{shop} is in no group 'nope'" in err, err
+        assert f"orkestr groups list -p {shop}" in err and "orkestr groups add GROUP" in err
+        # A group that exists, but without the project: said the same way, not "no group".
+        other = f"g-{uuid.uuid4().hex[:6]}"
+        await cli.ok("groups", "create", other)
+        code, _, err = await cli("addons", "share", "orders", other, "X_URL", "-p", shop)
+        assert code == 1 and f"{shop} is in no group '{other}'" in err, err
+        await cli.ok("groups", "delete", other, "--yes")
 
         # A project token sees its own project's groups, and cannot change members.
         status, token = await c.api("POST", f"/v1/projects/{billing_id}/tokens", {})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.backups import match_backup
+from cli.backups import describe_counts, match_backup
 from cli.client import Client, CliError
 from cli.main import main, sleep_summary
 
@@ -75,3 +75,9 @@ def test_sleep_status_says_when_the_plan_keeps_an_add_on_awake() -> None:
     )
     assert sleep_summary({"conditions": [awake], "clients": []}).startswith("No client")
     assert sleep_summary({"conditions": [], "clients": [client]}).startswith("1 client")
+
+
+def test_a_verified_backup_says_what_its_test_restore_compared() -> None:
+    assert describe_counts({"keys": 203}) == "its 203 key(s)"
+    assert describe_counts({"public.orders": 1000, "public.items": 5}) == "1005 row(s) in 2 table(s)"
+    assert describe_counts({}) == "an empty database"

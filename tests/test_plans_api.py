@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 import uuid
 
@@ -10,7 +11,7 @@ from controller.db import open_pool
 from controller.plans import load_plans
 from controller.snapshot import desired_state
 from tests.services import ControllerProcess, FakeAgent
-from tests.test_controller_api import assert_error, new_addon, new_project
+from tests.test_controller_api import addon_status, assert_error, new_addon, new_project
 
 
 async def test_plan_change_is_operator_only_and_checks_the_plan(
@@ -31,6 +32,28 @@ async def test_plan_change_is_operator_only_and_checks_the_plan(
     assert_error(status, body, 409, "plan_change_refused")
     assert "allows 1 add-on(s) and the project has 2" in body["message"], body
     status, body = await controller.api("PATCH", path, {"plan": "pro"})
+    assert status == 200 and body["plan"] == "pro", body
+
+
+async def test_a_plan_change_with_an_addon_not_measured_yet_is_checked_not_a_500(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    # A host reports "usage_bytes": null until it has measured an add-on (a new one, or a
+    # sleeping one after an agent restart): the plan check read it as the text 'null'.
+    project = await new_project(controller, "team")
+    a = await new_addon(controller, project, "db")
+    fake_agent.addons = [addon_status(a, usage_bytes=None)]
+    await fake_agent.report()
+
+    async def reported() -> bool:
+        _, view = await controller.api("GET", f"/v1/projects/{project['id']}/addons/{a['id']}")
+        return view["observed_generation"] is not None
+
+    for _ in range(100):
+        if await reported():
+            break
+        await asyncio.sleep(0.1)
+    status, body = await controller.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "pro"})
     assert status == 200 and body["plan"] == "pro", body
 
 

@@ -54,6 +54,14 @@ cpus = 1.0
 memory_mb = 512
 storage_mb = 64
 sleep = { enabled = false }
+
+# Its storage quota is big's, but a Redis holds its data in memory: 48 MB (75 % of 64).
+[lean]
+max_addons = 1
+cpus = 0.5
+memory_mb = 64
+storage_mb = 64
+sleep = { enabled = false }
 """
 
 
@@ -322,6 +330,53 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
     finally:
         await client.aclose()
     await wait_condition(c, project["id"], rd["id"], "StorageQuota", "WithinQuota")
+
+
+async def test_a_downgrade_whose_memory_a_redis_would_not_fit_is_refused(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # A Redis's quota is also 75 % of its memory: moved to a plan whose memory its data
+    # does not fit, it would refuse every write at once, or be OOM-killed by the smaller
+    # container limit and fail to load its data again. The storage quota alone said yes.
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "big")
+    rd = await create_addon(c, project["id"], "cache", "redis")
+    await wait_phase(c, project["id"], rd["id"], "ready")
+    url = urllib.parse.urlsplit((await env(c, project["id"]))["REDIS_URL"])
+    client = aioredis.Redis(
+        host=holder_ip(rd["id"]),
+        port=6379,
+        username="default",
+        password=urllib.parse.unquote(url.password or ""),
+        socket_timeout=30,
+    )
+    try:
+        for i in range(52):
+            await client.set(f"k{i}", b"m" * 1_000_000)  # jemalloc: 1 MiB each
+        before = await client.dbsize()
+    finally:
+        await client.aclose()
+
+    async def measured() -> bool:
+        v = await addon(c, project["id"], rd["id"])
+        return bool(v["usage_bytes"] and v["usage_bytes"] > 50 * MIB)
+
+    await wait_for(measured, 60, "the Redis's usage over 48 MB measured")
+    db = f"orkestr-{rd['id']}-db"
+    started = inspect(db)["State"]["StartedAt"]
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "lean"})
+    assert status == 409, body
+    assert body["error"] == "plan_change_refused"
+    assert "allows 48 MB to Redis add-on 'cache' (75 % of its 64 MB memory)" in body["message"]
+    status, shown = await c.api("GET", f"/v1/projects/{project['id']}")
+    assert shown["plan"] == "big"
+    await asyncio.sleep(3)  # a few agent passes: nothing resized, nothing restarted
+    info = inspect(db)
+    assert info["HostConfig"]["Memory"] == 512 * MIB
+    assert info["State"]["StartedAt"] == started and info["State"]["Running"]
+    job = await run_job(c, project["id"], 'redis-cli -u "$REDIS_URL" --no-auth-warning dbsize')
+    assert job["output"].strip() == str(before), job
 
 
 # --- rotation --------------------------------------------------------------------------------

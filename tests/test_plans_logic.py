@@ -39,6 +39,38 @@ def test_plan_change_problems_name_the_count_and_every_addon_over_the_quota() ->
     assert plan_change_problems("free", replace(SMALL, storage_mb=None), 1, {"db": 10**12}) == []
 
 
+def test_a_redis_must_fit_the_new_plans_memory_too() -> None:
+    # 256 MB of memory: a Redis holds at most 192 MB, whatever the 1000 MB storage quota.
+    roomy = replace(SMALL, storage_mb=1000)
+    kinds = {"cache": "redis", "db": "postgres"}
+    assert (
+        plan_change_problems("small", roomy, 1, {"cache": 192 * MIB, "db": 500 * MIB}, kinds) == []
+    )
+    assert plan_change_problems(
+        "small", roomy, 1, {"cache": 193 * MIB, "db": 500 * MIB}, kinds
+    ) == [
+        "plan 'small' allows 192 MB to Redis add-on 'cache' (75 % of its 256 MB memory) "
+        "and it uses 193.0 MB (free some space first)"
+    ]
+    # Without a storage quota the memory still holds it; with a smaller one, that one.
+    assert plan_change_problems(
+        "free", replace(SMALL, storage_mb=None), 1, {"cache": 200 * MIB}, kinds
+    )
+    assert plan_change_problems("small", SMALL, 1, {"cache": 101 * MIB}, kinds) == [
+        "plan 'small' allows 100 MB per add-on and add-on 'cache' uses 101.0 MB "
+        "(free some space first)"
+    ]
+
+
+def test_a_plan_without_automatic_backups_refuses_a_project_that_has_them_on() -> None:
+    assert plan_change_problems("small", SMALL, 1, {}, scheduled=["db"]) == [
+        "plan 'small' makes no automatic backups and add-on 'db' has them on "
+        "(turn them off first)"
+    ]
+    kept = replace(SMALL, backup_retention_days=7)
+    assert plan_change_problems("small", kept, 1, {}, scheduled=["db"]) == []
+
+
 @pytest.mark.parametrize(
     ("usage", "state"),
     [(0, "ok"), (89, "ok"), (90, "warning"), (99, "warning"), (100, "exceeded"), (500, "exceeded")],

@@ -210,6 +210,27 @@ async def test_a_job_wakes_the_addon_and_its_first_command_succeeds(stack: Stack
     assert view["wakes"] >= 1 and view["last_wake_ms"], view
 
 
+async def test_a_rotation_while_it_sleeps_reaches_the_database_before_a_client_needs_it(
+    stack: Stack, pg: Any
+) -> None:
+    # The database learns a new password from the agent, awake. Asleep it learned it only
+    # once a client woke it, and that client, holding the new password, was refused.
+    c = stack.controller
+    assert c is not None
+    project, a, _client = pg
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+    base = f"/v1/projects/{project['id']}/addons/{a['id']}"
+    status, body = await c.api("POST", f"{base}/rotate-credentials")
+    assert status == 202 and body["secret_version"] == 2, body
+    # Woken for it, and asleep again afterwards on its own idle timer.
+    await wait_db(a["id"], "running", timeout=30)
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 30)
+    job = await run_job(
+        c, project["id"], 'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -tAc "select session_user"'
+    )
+    assert job["exit_code"] == 0 and job["output"].strip() == "app_rot", job
+
+
 async def test_twenty_clients_connecting_during_one_wake_all_succeed(pg: Any) -> None:
     _project, a, client = pg
     await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
@@ -265,7 +286,13 @@ async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
         60,
         "the wake for the plan change",
     )
-    assert f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400)
+    # Logged once the action returns, a moment after the wake's own line (a loaded
+    # machine lost that race).
+    await wait_for(
+        lambda: f"action.done action=WakeAddon key={a['id']}" in agent.log_tail(400),
+        30,
+        "the planned WakeAddon done",
+    )
     await wait_db(a["id"], "running")
     await wait_phase(c, project["id"], a["id"], "ready")
     # It stays awake past both timeouts, and a client reaches the database itself: the

@@ -139,7 +139,7 @@ def test_ready(
         (SleepPolicy(), "deep", ("False", "Disabled", "the plan keeps it awake")),
         (SLEEPY, "awake", ("False", "Awake", "serving clients directly")),
         (SLEEPY, "light", ("True", "Light", "light sleep after 30s idle")),
-        (SLEEPY, "deep", ("True", "Deep", "deep sleep after 30s idle")),
+        (SLEEPY, "deep", ("True", "Deep", "deep sleep after 300s idle")),
     ],
 )
 def test_sleeping(policy: SleepPolicy, stage: str, expected: tuple[str, str, str]) -> None:

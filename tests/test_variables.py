@@ -68,6 +68,9 @@ async def test_user_variables_set_unset_and_never_overwrite_an_addon(
     ):
         status, body = await c.api("PATCH", url, bad)
         assert status == 422 and body["error"] == "invalid_body", (bad, body)
+    # A bad name is named as one: the field and that its key is wrong, not "top level".
+    status, body = await c.api("PATCH", url, {"set": {"lower": "x"}})
+    assert body["message"].startswith("invalid EnvUpdate body: set, a key: Expected"), body
 
     status, body = await c.api("PATCH", url, {"unset": ["DEBUG", "NEVER_SET"]})
     assert status == 200 and "DEBUG" not in body["env"] and "SECRET_KEY" in body["env"]
