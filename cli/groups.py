@@ -231,3 +231,8 @@ def addons_unshare(name: str, group: str, project: str, as_json: bool) -> None:
         render.emit_json({"unshared": a["id"], "group": g["id"]})
         return
     render.out.print(f"{a['name']} is no longer shared in {g['name']}.")
+    # Network and variable are gone, but the members have seen the password.
+    render.out.print(
+        f"The other members have seen its password: `orkestr addons rotate {a['name']}` "
+        "gives it a new one."
+    )

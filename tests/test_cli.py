@@ -455,6 +455,7 @@ async def test_groups_through_the_cli(stack: Stack, cli: Cli) -> None:
         await cli.ok("login", "--api", c.url, "--token", c.operator_token)
         out = await cli.ok("addons", "unshare", "orders", group, "-p", shop)
         assert "no longer shared" in out
+        assert "orkestr addons rotate orders" in out  # the members saw its password
         assert "SHOP_ORDERS_URL" not in (await cli.json("env", "-p", billing))["env"]
         left = await cli.json("groups", "remove", group, billing)
         assert [m["name"] for m in left["members"]] == [shop]
