@@ -22,6 +22,17 @@ def parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
+# The dump scripts report the data's size as one more count line under this name: no
+# table's count can take it (theirs are `schema.table`, with a dot).
+DATA_BYTES = ":data_bytes"
+
+
+def split_data_bytes(counts: dict[str, int]) -> tuple[dict[str, int], int | None]:
+    """(the counts proper, the data size the script reported, if any)."""
+    rest = {k: v for k, v in counts.items() if k != DATA_BYTES}
+    return rest, counts.get(DATA_BYTES)
+
+
 def postgres_verdict(at_dump: dict[str, int], restored: dict[str, int]) -> str | None:
     """None if the restore has the same tables with the same row counts; else why not."""
     missing = sorted(set(at_dump) - set(restored))

@@ -58,6 +58,7 @@ cat >&3 <<'SQL'
 """
     + _PG_COUNTS_SQL
     + r"""
+SELECT ':data_bytes|' || pg_database_size(current_database());
 SELECT 'END-OF-COUNTS';
 COMMIT;
 \q
@@ -190,7 +191,9 @@ REDIS_BACKUP = (
 before=$(keys rcli)
 rcli --rdb "/backup/$OUT" >/dev/null
 after=$(keys rcli)
-printf 'keys_before|%s\nkeys_after|%s\n' "$before" "$after" >"/backup/$COUNTS"
+used=$(rcli INFO memory | awk -F: '/^used_memory:/ {print $2 + 0}')
+printf 'keys_before|%s\nkeys_after|%s\n:data_bytes|%s\n' "$before" "$after" "$used" \
+  >"/backup/$COUNTS"
 """
 )
 

@@ -31,6 +31,8 @@ class Sidecar(msgspec.Struct, frozen=True):
     sha256: str
     counts: dict[str, int]
     created_at: str
+    # The data the dump holds, as the quota counts it (None: a sidecar written before).
+    data_bytes: int | None = None
 
 
 def _id(value: str) -> str:

@@ -332,7 +332,9 @@ class BackupRunner:
                 network=model.network_name(project_id),
                 secrets=True,
             )
-        counts = backup_checks.parse_counts(counts_file.read_text())
+        counts, data_bytes = backup_checks.split_data_bytes(
+            backup_checks.parse_counts(counts_file.read_text())
+        )
         counts_file.unlink(missing_ok=True)
         digest, size = await asyncio.to_thread(sha256_of, tmp)
         if size == 0:
@@ -344,12 +346,14 @@ class BackupRunner:
             sha256=digest,
             counts=counts,
             created_at=datetime.now(UTC).isoformat(),
+            data_bytes=data_bytes,
         )
         self.store.finish(tmp, final, sidecar)
         result = msgspec.structs.replace(
             result,
             ok=True,
             size_bytes=size,
+            data_bytes=data_bytes,
             sha256=digest,
             counts=backup_checks.dump_counts(addon.kind, counts),
         )
@@ -368,6 +372,7 @@ class BackupRunner:
             result,
             ok=True,
             size_bytes=sidecar.size_bytes,
+            data_bytes=sidecar.data_bytes,
             sha256=expected,
             counts=backup_checks.dump_counts(addon.kind, sidecar.counts),
         )

@@ -113,13 +113,14 @@ def backups_list(addon: str, project: str, as_json: bool) -> None:
         render.emit_json({"backups": found})
         return
     render.table(
-        ("CREATED", "KIND", "STATE", "SIZE", "VERIFICATION", "SHA256", "ID"),
+        ("CREATED", "KIND", "STATE", "SIZE", "DATA", "VERIFICATION", "SHA256", "ID"),
         [
             (
                 b["created_at"],
                 b["kind"],
                 b["state"],
                 _size(b["size_bytes"]),
+                _size(b.get("data_bytes")),
                 _verdict(b),
                 (b["sha256"] or "")[:12],
                 b["id"],

@@ -43,6 +43,12 @@ def _hint(status: int, code: str, message: str = "") -> str:
     """What to do next, for every error the API answers (the message says what failed)."""
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
+    if code == "plan_limit_reached" and "would not fit" in message:
+        # A restore bigger than the plan's storage: only a larger plan makes room for it.
+        return (
+            "have the operator move the project to a plan with more storage "
+            "(`orkestr projects plan NAME PLAN`), then restore again"
+        )
     if code == "plan_limit_reached" and "backup" in message:
         # The day's manual backups are used up (the message says when the next one is
         # possible), or the plan has none: deleting an add-on would not help.

@@ -33,6 +33,7 @@ class BackupRow(Struct, frozen=True):
     created_at: datetime
     finished_at: datetime | None
     size_bytes: int | None
+    data_bytes: int | None
     sha256: str | None
     verified: bool | None
     verify_error: str | None
@@ -59,8 +60,8 @@ class ScheduleRow(Struct, frozen=True):
 
 
 _COLUMNS = """b.id, b.addon_id, b.project_id, b.kind, b.state, b.scheduled_for, b.created_at,
-    b.finished_at, b.size_bytes, b.sha256, b.verified, b.verify_error, b.verify_seconds,
-    b.counts::text AS counts, b.error, b.verify_requested"""
+    b.finished_at, b.size_bytes, b.data_bytes, b.sha256, b.verified, b.verify_error,
+    b.verify_seconds, b.counts::text AS counts, b.error, b.verify_requested"""
 _RESTORE_COLUMNS = "r.id, r.addon_id, r.backup_id, r.state, r.error, r.created_at, r.finished_at"
 
 
@@ -75,6 +76,7 @@ def _backup(r: Mapping[str, Any]) -> BackupRow:
         created_at=r["created_at"],
         finished_at=r["finished_at"],
         size_bytes=r["size_bytes"],
+        data_bytes=r["data_bytes"],
         sha256=r["sha256"],
         verified=r["verified"],
         verify_error=r["verify_error"],
@@ -98,10 +100,12 @@ def _restore(r: Mapping[str, Any]) -> RestoreRow:
 
 
 async def _lock_addon(conn: Connection, project_id: str, addon_id: str) -> Mapping[str, Any]:
+    """The add-on's row, locked; its project's FOR SHARE, so the plan read here stays the
+    plan until the request's transaction ends (a plan change locks it FOR UPDATE)."""
     row = await conn.fetchrow(
-        """SELECT a.id, a.project_id, a.deleted_at, p.plan, p.host FROM addons a
+        """SELECT a.id, a.project_id, a.kind, a.deleted_at, p.plan, p.host FROM addons a
         JOIN projects p ON p.id = a.project_id WHERE a.id = $1 AND a.project_id = $2
-        FOR UPDATE OF a""",
+        FOR UPDATE OF a FOR SHARE OF p""",
         uuid_of(addon_id),
         uuid_of(project_id),
     )
@@ -198,7 +202,8 @@ async def get_backup(pool: Pool, project_id: str, addon_id: str, backup_id: str)
 
 async def _finished_backup(conn: Connection, addon_uuid: Any, backup_id: str) -> Mapping[str, Any]:
     row = await conn.fetchrow(
-        "SELECT id, state, verified, sha256 FROM backups WHERE id = $1 AND addon_id = $2",
+        """SELECT id, state, verified, sha256, size_bytes, data_bytes FROM backups
+        WHERE id = $1 AND addon_id = $2""",
         uuid_of(backup_id),
         addon_uuid,
     )
@@ -226,7 +231,7 @@ async def request_verify(
 
 
 async def create_restore(
-    pool: Pool, project_id: str, addon_id: str, backup_id: str
+    pool: Pool, project_id: str, addon_id: str, backup_id: str, plans: Mapping[str, Plan]
 ) -> tuple[RestoreRow, str]:
     async with transaction(pool) as conn:
         addon = await _lock_addon(conn, project_id, addon_id)
@@ -234,6 +239,20 @@ async def create_restore(
         if not backup["verified"]:
             why = "failed its verification" if backup["verified"] is False else "is not verified"
             raise Conflict(f"backup {backup_id} {why}; only a verified backup is restored")
+        # The project row is held FOR SHARE (`_lock_addon`): a plan change waits for this
+        # transaction, so the plan checked is the one the restore is accepted under.
+        plan = plans[addon["plan"]]
+        refusal = backup_rules.restore_refusal(
+            hex_of(backup["id"]),
+            addon["kind"],
+            backup["data_bytes"],
+            backup["size_bytes"],
+            addon["plan"],
+            plan.storage_mb,
+            plan.memory_mb,
+        )
+        if refusal is not None:
+            raise PlanLimitReached(refusal)
         await _refuse_if_busy(conn, addon["id"])
         row = await conn.fetchrow(
             f"""INSERT INTO backup_restores AS r (id, addon_id, backup_id) VALUES ($1, $2, $3)
@@ -413,7 +432,7 @@ async def record_result(pool: Pool, result: BackupResult) -> bool:
             done = await conn.fetchval(
                 f"""UPDATE backups b SET state = $5, finished_at = $6, size_bytes = $7,
                     sha256 = $8, verified = $9, verify_error = $10, verify_seconds = $11,
-                    counts = $12::jsonb, error = $13
+                    counts = $12::jsonb, error = $13, data_bytes = $14
                 WHERE b.id = $1 AND b.addon_id = $2 AND b.project_id = $3
                   AND b.state = 'pending' {on_host} RETURNING true""",
                 *ids,
@@ -427,6 +446,7 @@ async def record_result(pool: Pool, result: BackupResult) -> bool:
                 result.verify_seconds,
                 json.dumps(result.counts),
                 scrub(result.error),
+                result.data_bytes,
             )
         elif result.op == "verify":
             done = await conn.fetchval(

@@ -6,6 +6,7 @@
 - `to_prune`: what retention deletes. Never the newest verified backup (the one a restore
   would use), never one a pending restore reads, never an unfinished one.
 - `day_window`: the UTC day the manual per-day limit counts in.
+- `restore_refusal`: why a backup's data would not fit the add-on's plan, if it would not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta
 
 from msgspec import Struct
+
+from schemas import storage
 
 
 class BackupFacts(Struct, frozen=True):
@@ -63,3 +66,36 @@ def parse_time_of_day(text: str) -> time:
         return time(hour, minute, second)
     except ValueError:
         raise ValueError(f"time_of_day {text!r} is not a time of day") from None
+
+
+def restore_refusal(
+    backup_id: str,
+    kind: str,
+    data_bytes: int | None,
+    size_bytes: int | None,
+    plan_name: str,
+    storage_mb: int | None,
+    memory_mb: int,
+) -> str | None:
+    """Why restoring this backup would not fit the add-on's quota under its plan, or None.
+
+    The data is measured at dump time as the quota measures it (`data_bytes`); a backup
+    made before that figure was recorded is judged by its file's size, a lower bound (the
+    dumps are compressed), so only a restore sure not to fit is refused."""
+    quota = storage.quota_bytes(kind, storage_mb, memory_mb)
+    need = data_bytes if data_bytes is not None else size_bytes
+    if quota is None or need is None or need <= quota:
+        return None
+    what = "holds" if data_bytes is not None else "is a file of"
+    if kind == "redis" and (storage_mb is None or quota < storage_mb * storage.MIB):
+        allows = (
+            f"allows {quota / storage.MIB:g} MB to a Redis add-on "
+            f"({storage.REDIS_MEMORY_SHARE * 100:g} % of its {memory_mb} MB memory)"
+        )
+    else:
+        allows = f"allows {storage_mb} MB of storage per add-on"
+    return (
+        f"backup {backup_id} {what} {need / storage.MIB:.1f} MB of data and plan "
+        f"{plan_name!r} {allows}: restored, it would not fit; restore it after a move "
+        "to a plan with more storage"
+    )

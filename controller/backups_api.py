@@ -49,7 +49,10 @@ class BackupView(Struct, frozen=True):
     created_at: datetime
     finished_at: datetime | None
     scheduled_for: datetime | None
-    size_bytes: int | None
+    size_bytes: int | None  # the dump file's
+    # The data it holds, as the add-on's storage quota counts it, at dump time (null:
+    # made before this was recorded); a restore must fit the plan's quota.
+    data_bytes: int | None
     sha256: str | None
     # null: not verified yet; true: a test restore reproduced the counts; false: it did not
     verified: bool | None
@@ -94,6 +97,7 @@ def backup_view(b: q.BackupRow) -> BackupView:
         finished_at=b.finished_at,
         scheduled_for=b.scheduled_for,
         size_bytes=b.size_bytes,
+        data_bytes=b.data_bytes,
         sha256=b.sha256,
         verified=b.verified,
         verify_error=b.verify_error,
@@ -190,7 +194,9 @@ class BackupsApi:
     async def restore(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
         backup_id = self._path_id(request, "backup_id")
-        restore, host = await q.create_restore(self._pool, project_id, addon_id, backup_id)
+        restore, host = await q.create_restore(
+            self._pool, project_id, addon_id, backup_id, self._plans
+        )
         self._metrics.backup_requests.labels("restore", "accepted").inc()
         self._dirty.mark(host)
         log(logger, "restore_requested", addon=addon_id, backup=backup_id, restore=restore.id)

@@ -298,6 +298,9 @@ class BackupResult(Struct, frozen=True, forbid_unknown_fields=True):
     # backup only: the finished file's size and checksum, and the test restore's verdict.
     # Every number bounded: the controller stores and serves what a host reports.
     size_bytes: Count | None = None
+    # The data the dump holds, as the add-on's quota counts it (Postgres:
+    # pg_database_size; Redis: used_memory) at dump time: what a restore needs room for.
+    data_bytes: Count | None = None
     sha256: Sha256 | None = None
     verified: bool | None = None
     verify_error: str | None = None

@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from agent import backup_checks, model, specs
 from agent import plan as p
 from agent.specs import Images
-from controller.backup_rules import BackupFacts, day_window, due_slot, parse_time_of_day, to_prune
+from controller.backup_rules import (
+    BackupFacts,
+    day_window,
+    due_slot,
+    parse_time_of_day,
+    restore_refusal,
+    to_prune,
+)
+from schemas import storage
 from schemas.messages import AddonSpec, BackupSpec, DesiredState, ProjectSpec, Resources
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -144,6 +152,59 @@ def test_parse_counts_rejects_noise() -> None:
     }
     with pytest.raises(ValueError):
         backup_checks.parse_counts("psql: error: connection refused")
+
+
+def test_the_data_size_is_split_from_the_counts_and_the_last_line_wins() -> None:
+    # The script writes the real figure after the tables' counts: a line a table's name
+    # smuggled in earlier (a newline in a name) is overwritten, and no count is lost.
+    counts = backup_checks.parse_counts("public.a|3\n:data_bytes|5\n:data_bytes|8000000\n")
+    assert backup_checks.split_data_bytes(counts) == ({"public.a": 3}, 8_000_000)
+    assert backup_checks.split_data_bytes({"keys_before": 1}) == ({"keys_before": 1}, None)
+
+
+# --- a restore must fit the plan ---------------------------------------------------------------
+
+MIB = storage.MIB
+
+
+def test_a_restore_bigger_than_the_plan_storage_is_refused_naming_sizes_and_plan() -> None:
+    why = restore_refusal("b1", "postgres", 1500 * MIB, 90 * MIB, "starter", 1024, 256)
+    assert why == (
+        "backup b1 holds 1500.0 MB of data and plan 'starter' allows 1024 MB of storage per "
+        "add-on: restored, it would not fit; restore it after a move to a plan with more storage"
+    )
+    assert restore_refusal("b1", "postgres", 1024 * MIB, 90 * MIB, "starter", 1024, 256) is None
+    assert restore_refusal("b1", "postgres", 10**12, 1, "x", None, 256) is None  # no quota
+
+
+def test_an_older_backup_is_judged_by_its_file_a_lower_bound() -> None:
+    assert restore_refusal("b1", "postgres", None, 900 * MIB, "starter", 1024, 256) is None
+    why = restore_refusal("b1", "postgres", None, 2000 * MIB, "starter", 1024, 256)
+    assert why is not None and "is a file of 2000.0 MB" in why
+    assert restore_refusal("b1", "postgres", None, None, "starter", 1024, 256) is None
+
+
+def test_a_redis_restore_must_fit_its_memory_share() -> None:
+    # 75 % of 256 MB is 192 MB, tighter than the 1024 MB of storage.
+    why = restore_refusal("b1", "redis", 200 * MIB, MIB, "starter", 1024, 256)
+    assert why is not None and "allows 192 MB to a Redis add-on (75 % of its 256 MB" in why
+    assert restore_refusal("b1", "redis", 190 * MIB, MIB, "starter", 1024, 256) is None
+
+
+@given(
+    st.sampled_from(["postgres", "redis"]),
+    st.integers(0, 2**40) | st.none(),
+    st.integers(0, 2**40) | st.none(),
+    st.integers(1, 10**6) | st.none(),
+    st.integers(32, 10**6),
+)
+def test_restore_refusal_is_the_quota_rule(
+    kind: str, data: int | None, size: int | None, storage_mb: int | None, memory_mb: int
+) -> None:
+    why = restore_refusal("b1", kind, data, size, "p", storage_mb, memory_mb)
+    quota = storage.quota_bytes(kind, storage_mb, memory_mb)
+    need = data if data is not None else size
+    assert (why is not None) == (quota is not None and need is not None and need > quota)
 
 
 # --- the planner -------------------------------------------------------------------------------

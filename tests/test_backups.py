@@ -73,6 +73,15 @@ storage_mb = 256
 manual_backups_per_day = 10
 backup_retention_days = 30
 sleep = { enabled = false }
+# The quota plan with little storage: a backup taken under `quota` may not fit it.
+[snug]
+max_addons = 1
+cpus = 1.0
+memory_mb = 512
+storage_mb = 24
+manual_backups_per_day = 10
+backup_retention_days = 30
+sleep = { enabled = false }
 """
 
 
@@ -307,6 +316,63 @@ async def test_postgres_restore_with_the_wal_on_its_own_filesystem(
     assert "error" not in check.lower() and "corrupt" not in check.lower(), (check, logs[-2000:])
 
 
+@pytest.mark.timeout(600)
+async def test_a_restore_that_would_not_fit_the_plan_is_refused(
+    stack: Stack, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The probe of issue 9: a backup bigger than the plan's storage was accepted for
+    restore (and would have filled the add-on's quota'd filesystem). Its data size is
+    recorded at dump time, and a restore that would not fit is refused, naming both."""
+    c = _c(stack)
+    p = (await create_project(c, "quota"))["id"]
+    a = (await create_addon(c, p, "big-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    await sql(c, p, "create table big(id int, body text); insert into big "
+                    "select g, repeat(md5(g::text), 8) from generate_series(1, 90000) g")  # fmt: skip
+    live = int(tenant_sql(a, "select pg_database_size('app')", "app"))
+    assert live > 24 * 2**20, live
+    taken = await backup_now(c, p, a)
+    assert taken["verified"] is True, taken
+    # What the quota counts (pg_database_size at dump time), not the compressed file.
+    assert taken["data_bytes"] is not None and taken["data_bytes"] > taken["size_bytes"], taken
+    assert abs(taken["data_bytes"] - live) < live * 0.1, (taken["data_bytes"], live)
+    status, listed = await c.api("GET", f"{base(p, a)}/backups")
+    assert status == 200 and listed["backups"][0]["data_bytes"] == taken["data_bytes"], listed
+
+    # Emptied, the add-on fits the small plan; the backup of its full self does not.
+    await sql(c, p, "truncate big")
+
+    async def small() -> bool:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        return bool(view["usage_bytes"] is not None and view["usage_bytes"] < 20 * 2**20)
+
+    await wait_for(small, 60, "the add-on's usage reported under 20 MB", 0.5)
+    status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "snug"})
+    assert status == 200, body
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 409 and body["error"] == "plan_limit_reached", body
+    mb = f"{taken['data_bytes'] / 2**20:.1f} MB"
+    assert f"backup {taken['id']} holds {mb} of data" in body["message"], body
+    assert "plan 'snug' allows 24 MB of storage per add-on" in body["message"], body
+    assert await sql(c, p, "select count(*) from big") == "0"  # nothing was touched
+
+    # The CLI says what to do about it.
+    _, project = await c.api("GET", f"/v1/projects/{p}")
+    cli = Cli(tmp_path)
+    await cli.ok("login", "--api", c.url, "--token", c.operator_token)
+    code, _, err = await cli(
+        "backups", "restore", "big-db", taken["id"], "-p", project["name"], "--yes"
+    )
+    assert code == 1 and "would not fit" in err and "plan with more storage" in err, err
+
+    # Back on the larger plan it restores.
+    status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "quota"})
+    assert status == 200, body
+    done = await restore(c, p, a, taken["id"])
+    assert done["state"] == "succeeded", done
+    assert await sql(c, p, "select count(*) from big") == "90000"
+
+
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     c = _c(stack)
     project = await create_project(c, "team")
@@ -325,6 +391,8 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     assert backup["state"] == "succeeded" and backup["verified"] is True, backup
     assert backup["counts"] == {"keys": 200}
     assert dump_path(agent, p, a, backup["id"]).read_bytes()[:5] == b"REDIS"
+    # The data as the quota counts a Redis's: its used_memory, more than the RDB file.
+    assert backup["data_bytes"] is not None and backup["data_bytes"] > backup["size_bytes"]
 
     job = await run_job(
         c,
