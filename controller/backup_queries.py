@@ -41,6 +41,10 @@ class BackupRow(Struct, frozen=True):
     counts: dict[str, int]
     error: str | None
     verify_requested: bool
+    # The plan's window when it was taken (None: before that was recorded), and the
+    # project's plan now: together, how long retention keeps it.
+    retention_days: int | None
+    plan: str
 
 
 class RestoreRow(Struct, frozen=True):
@@ -61,7 +65,8 @@ class ScheduleRow(Struct, frozen=True):
 
 _COLUMNS = """b.id, b.addon_id, b.project_id, b.kind, b.state, b.scheduled_for, b.created_at,
     b.finished_at, b.size_bytes, b.data_bytes, b.sha256, b.verified, b.verify_error,
-    b.verify_seconds, b.counts::text AS counts, b.error, b.verify_requested"""
+    b.verify_seconds, b.counts::text AS counts, b.error, b.verify_requested, b.retention_days,
+    (SELECT p.plan FROM projects p WHERE p.id = b.project_id) AS plan"""
 _RESTORE_COLUMNS = "r.id, r.addon_id, r.backup_id, r.state, r.error, r.created_at, r.finished_at"
 
 
@@ -84,6 +89,8 @@ def _backup(r: Mapping[str, Any]) -> BackupRow:
         counts=json.loads(r["counts"]) if r["counts"] else {},
         error=r["error"],
         verify_requested=r["verify_requested"],
+        retention_days=r["retention_days"],
+        plan=r["plan"],
     )
 
 
@@ -159,11 +166,12 @@ async def create_manual(
             )
         await _refuse_if_busy(conn, addon["id"])
         row = await conn.fetchrow(
-            f"""INSERT INTO backups AS b (id, addon_id, project_id, kind)
-            VALUES ($1, $2, $3, 'manual') RETURNING {_COLUMNS}""",
+            f"""INSERT INTO backups AS b (id, addon_id, project_id, kind, retention_days)
+            VALUES ($1, $2, $3, 'manual', $4) RETURNING {_COLUMNS}""",
             uuid_of(new_id()),
             addon["id"],
             addon["project_id"],
+            plan.backup_retention_days,
         )
     return _backup(row), addon["host"]
 
@@ -348,13 +356,15 @@ async def run_due(pool: Pool, plans: Mapping[str, Plan]) -> list[str]:
             if slot is None:
                 continue
             inserted = await conn.fetchval(
-                """INSERT INTO backups (id, addon_id, project_id, kind, scheduled_for)
-                VALUES ($1, $2, $3, 'automatic', $4)
+                """INSERT INTO backups (id, addon_id, project_id, kind, scheduled_for,
+                    retention_days)
+                VALUES ($1, $2, $3, 'automatic', $4, $5)
                 ON CONFLICT (addon_id, scheduled_for) DO NOTHING RETURNING true""",
                 uuid_of(new_id()),
                 r["addon_id"],
                 r["project_id"],
                 slot,
+                plans[r["plan"]].backup_retention_days,
             )
             if inserted:
                 hosts.append(r["host"])
@@ -366,7 +376,8 @@ async def prune(pool: Pool, plans: Mapping[str, Plan]) -> list[str]:
     async with transaction(pool) as conn:
         now = await conn.fetchval("SELECT now()")
         rows = await conn.fetch(
-            """SELECT b.id, b.addon_id, b.state, b.created_at, b.verified, p.plan, p.host,
+            """SELECT b.id, b.addon_id, b.state, b.created_at, b.verified, b.retention_days,
+                p.plan, p.host,
                 EXISTS (SELECT 1 FROM backup_restores r
                         WHERE r.backup_id = b.id AND r.state = 'pending') AS restore_pending
             FROM backups b JOIN projects p ON p.id = b.project_id"""
@@ -385,6 +396,7 @@ async def prune(pool: Pool, plans: Mapping[str, Plan]) -> list[str]:
                     created_at=r["created_at"],
                     verified=r["verified"],
                     restore_pending=r["restore_pending"],
+                    retention_days=r["retention_days"],
                 )
                 for r in items
             ]

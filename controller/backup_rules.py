@@ -4,7 +4,9 @@
   slot is owed, so a controller that was down for days runs one backup on return, not one
   per missed day; the (add-on, slot) unique key makes that run happen once.
 - `to_prune`: what retention deletes. Never the newest verified backup (the one a restore
-  would use), never one a pending restore reads, never an unfinished one.
+  would use), never one a pending restore reads, never an unfinished one, never one
+  younger than the window it was taken under (a move to a plan keeping backups for less
+  time, or none, loses nothing that was promised: `kept_days`).
 - `day_window`: the UTC day the manual per-day limit counts in.
 - `restore_refusal`: why a backup's data would not fit the add-on's plan, if it would not.
 """
@@ -25,6 +27,17 @@ class BackupFacts(Struct, frozen=True):
     created_at: datetime
     verified: bool | None
     restore_pending: bool = False
+    # The plan's window when it was taken (None: made before that was recorded).
+    retention_days: int | None = None
+
+
+def kept_days(own: int | None, plan_days: int) -> int:
+    """Days a backup is kept: the longer of its own window and its plan's current one."""
+    return max(own or 0, plan_days)
+
+
+def expires_at(created_at: datetime, own: int | None, plan_days: int) -> datetime:
+    return created_at + timedelta(days=kept_days(own, plan_days))
 
 
 def due_slot(time_of_day: time, since: datetime, now: datetime) -> datetime | None:
@@ -40,12 +53,11 @@ def to_prune(backups: Iterable[BackupFacts], now: datetime, retention_days: int)
     verified = [b for b in items if b.state == "succeeded" and b.verified]
     if verified:
         keep.add(max(verified, key=lambda b: (b.created_at, b.id)).id)
-    cutoff = now - timedelta(days=retention_days)
     return {
         b.id
         for b in items
         if b.state in ("succeeded", "failed")
-        and b.created_at < cutoff
+        and expires_at(b.created_at, b.retention_days, retention_days) < now
         and b.id not in keep
         and not b.restore_pending
     }

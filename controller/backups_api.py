@@ -61,6 +61,9 @@ class BackupView(Struct, frozen=True):
     verifying: bool
     counts: dict[str, int]
     error: str | None
+    # When retention may delete it: its creation plus the longer of the window it was
+    # taken under and the plan's current one (the newest verified backup stays past it).
+    expires_at: datetime
 
 
 class BackupList(Struct, frozen=True):
@@ -87,7 +90,9 @@ class ScheduleBody(Struct, frozen=True, forbid_unknown_fields=True):
     time_of_day: str | None = None
 
 
-def backup_view(b: q.BackupRow) -> BackupView:
+def backup_view(b: q.BackupRow, plans: Plans) -> BackupView:
+    plan = plans.get(b.plan)
+    plan_days = plan.backup_retention_days if plan is not None else 0
     return BackupView(
         id=b.id,
         addon_id=b.addon_id,
@@ -105,6 +110,7 @@ def backup_view(b: q.BackupRow) -> BackupView:
         verifying=b.verify_requested,
         counts=b.counts,
         error=b.error,
+        expires_at=backup_rules.expires_at(b.created_at, b.retention_days, plan_days),
     )
 
 
@@ -171,17 +177,21 @@ class BackupsApi:
         self._metrics.backup_requests.labels("manual", "accepted").inc()
         self._dirty.mark(host)
         log(logger, "backup_requested", project=project_id, addon=addon_id, backup=backup.id)
-        return _json(backup_view(backup), 202)
+        return _json(backup_view(backup, self._plans), 202)
 
     async def list(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
         rows = await q.list_backups(self._pool, project_id, addon_id)
-        return _json(BackupList(backups=tuple(backup_view(b) for b in rows)))
+        return _json(BackupList(backups=tuple(backup_view(b, self._plans) for b in rows)))
 
     async def show(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
         backup_id = self._path_id(request, "backup_id")
-        return _json(backup_view(await q.get_backup(self._pool, project_id, addon_id, backup_id)))
+        return _json(
+            backup_view(
+                await q.get_backup(self._pool, project_id, addon_id, backup_id), self._plans
+            )
+        )
 
     async def verify(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
@@ -189,7 +199,7 @@ class BackupsApi:
         backup, host = await q.request_verify(self._pool, project_id, addon_id, backup_id)
         self._dirty.mark(host)
         log(logger, "backup_verify_requested", addon=addon_id, backup=backup_id)
-        return _json(backup_view(backup), 202)
+        return _json(backup_view(backup, self._plans), 202)
 
     async def restore(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)

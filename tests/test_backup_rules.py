@@ -28,10 +28,18 @@ NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def facts(
-    i: int, days_ago: float, state: str = "succeeded", verified: bool | None = True
+    i: int,
+    days_ago: float,
+    state: str = "succeeded",
+    verified: bool | None = True,
+    kept: int | None = None,
 ) -> BackupFacts:
     return BackupFacts(
-        id=f"{i:032x}", state=state, created_at=NOW - timedelta(days=days_ago), verified=verified
+        id=f"{i:032x}",
+        state=state,
+        created_at=NOW - timedelta(days=days_ago),
+        verified=verified,
+        retention_days=kept,
     )
 
 
@@ -70,19 +78,35 @@ def test_retention_follows_the_injected_clock() -> None:
     assert to_prune(items, later, 7) == {f"{1:032x}"}
 
 
+def test_a_move_to_a_plan_without_backups_keeps_them_for_their_own_window() -> None:
+    # Taken on Pro (7 days), the project now on Starter (0): nothing under 7 days old
+    # goes; the older ones go as they would have on Pro; an older row without the figure
+    # follows the current plan, as before.
+    items = [facts(1, 1, kept=7), facts(2, 6.9, kept=7), facts(3, 8, kept=7), facts(4, 2)]
+    assert to_prune(items, NOW, 0) == {f"{3:032x}", f"{4:032x}"}
+    # Kept for the longer of the two windows: an upgrade extends, a downgrade never cuts.
+    assert to_prune([facts(1, 9, kept=7), facts(2, 0.5)], NOW, 30) == set()
+
+
 @given(
     st.lists(
         st.tuples(
             st.floats(0, 60),
             st.sampled_from(["pending", "succeeded", "failed", "deleting"]),
             st.sampled_from([None, True, False]),
+            st.sampled_from([None, 0, 7, 30]),
         ),
         max_size=12,
     ),
     st.integers(0, 40),
 )
-def test_retention_properties(rows: list[tuple[float, str, bool | None]], days: int) -> None:
-    items = [facts(i, age, state, verified) for i, (age, state, verified) in enumerate(rows)]
+def test_retention_properties(
+    rows: list[tuple[float, str, bool | None, int | None]], days: int
+) -> None:
+    items = [
+        facts(i, age, state, verified, kept)
+        for i, (age, state, verified, kept) in enumerate(rows)
+    ]
     gone = to_prune(items, NOW, days)
     by_id = {b.id: b for b in items}
     verified = [b for b in items if b.state == "succeeded" and b.verified]
@@ -92,6 +116,9 @@ def test_retention_properties(rows: list[tuple[float, str, bool | None]], days: 
     for i in gone:
         assert by_id[i].state in ("succeeded", "failed")
         assert by_id[i].created_at < NOW - timedelta(days=days)
+        # Never before the window it was taken under ran out.
+        own = by_id[i].retention_days or 0
+        assert by_id[i].created_at < NOW - timedelta(days=own)
 
 
 # --- schedule slots ----------------------------------------------------------------------------

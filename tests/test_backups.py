@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from agent import model
@@ -695,6 +696,68 @@ async def test_a_downgrade_to_a_plan_without_automatic_backups_needs_them_off(
     assert status == 200 and body["plan"] == "starter", body
     status, body = await c.api("GET", schedule)
     assert body["enabled"] is False
+
+
+async def age_backup(c: ControllerProcess, backup_id: str, days: float) -> None:
+    """Date a backup `days` back in the controller's database: retention's clock is the
+    database's `now()`, and a test cannot wait a week."""
+    conn = await asyncpg.connect(c.database_url)
+    try:
+        await conn.execute(
+            "UPDATE backups SET created_at = now() - make_interval(secs => $2) WHERE id = $1",
+            uuid.UUID(backup_id),
+            days * 86400,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_move_to_starter_keeps_the_backups_for_the_window_they_were_taken_under(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The probe of issue 9: a move to Starter (no backups) pruned the add-on's backups at
+    the next tick, silently. Each is now kept for the window of the plan it was taken
+    under, listed and restorable; then it goes, as it would have on that plan."""
+    c = _c(stack)
+    p = (await create_project(c, "pro"))["id"]
+    a = (await create_addon(c, p, "cache", "redis"))["id"]
+    await wait_phase(c, p, a, "ready")
+    await run_job(c, p, redis_cli("set k older"))
+    older = await backup_now(c, p, a)
+    await run_job(c, p, redis_cli("set k newer"))
+    newer = await backup_now(c, p, a)
+    assert older["verified"] is True and newer["verified"] is True, (older, newer)
+    await age_backup(c, older["id"], 3)
+    await age_backup(c, newer["id"], 1)
+
+    status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "starter"})
+    assert status == 200 and body["plan"] == "starter", body
+    await asyncio.sleep(4)  # the scheduler's tick is 1 s here: retention ran since
+    status, listed = await c.api("GET", f"{base(p, a)}/backups")
+    assert status == 200, listed
+    assert [b["id"] for b in listed["backups"]] == [newer["id"], older["id"]], listed
+    kept = listed["backups"][1]
+    expires = dt.datetime.fromisoformat(kept["expires_at"])
+    assert expires - dt.datetime.fromisoformat(kept["created_at"]) == dt.timedelta(days=7)
+
+    # Restorable on Starter, though Starter takes none.
+    done = await restore(c, p, a, older["id"])
+    assert done["state"] == "succeeded", done
+    await wait_phase(c, p, a, "ready")
+    job = await run_job(c, p, redis_cli("get k"))
+    assert job["output"].strip() == "older", job
+
+    # Past the window it was taken under (Pro's 7 days) it goes; the newest verified stays.
+    await age_backup(c, older["id"], 8)
+
+    async def pruned() -> bool:
+        _, found = await c.api("GET", f"{base(p, a)}/backups")
+        return [b["id"] for b in found["backups"]] == [newer["id"]]
+
+    await wait_for(pruned, 30, "the older backup pruned past Pro's window", 0.5)
+    await wait_for(
+        lambda: not dump_path(agent, p, a, older["id"]).exists(), 30, "its file removed", 0.5
+    )
 
 
 def tenant_sql(addon_id: str, statement: str, database: str = "postgres") -> str:
