@@ -96,6 +96,19 @@ def match_backup(ids: list[str], given: str, addon: str) -> str:
     raise CliError(f"{given!r} starts {len(found)} backup ids of {addon}", "give more of the id")
 
 
+def first_backup_hint(addon: str, plan: dict[str, Any] | None) -> str:
+    """How to get a first backup under the plan: take one, schedule them, or (a plan
+    with neither, Starter) a plan that has backups."""
+    if plan is None or plan["manual_backups_per_day"] > 0:
+        return f"`orkestr backups capture {addon}`"
+    if plan["backup_retention_days"] > 0:
+        return f"`orkestr backups schedule {addon} --on` (plan {plan['name']!r}: automatic only)"
+    return (
+        f"plan {plan['name']!r} takes no backups; Pro and Team do: have the operator move "
+        "the project (`orkestr projects plan NAME pro`)"
+    )
+
+
 @main.group()
 def backups() -> None:
     """Back up an add-on, list its backups (each one test-restored), restore one."""
@@ -112,6 +125,10 @@ def backups_list(addon: str, project: str, as_json: bool) -> None:
     if as_json:
         render.emit_json({"backups": found})
         return
+    empty = ""
+    if not found:
+        plan = c.get(f"{path}/backups").get("plan")
+        empty = f"no backups of {a['name']} yet: " + first_backup_hint(a["name"], plan)
     render.table(
         ("CREATED", "KIND", "STATE", "SIZE", "DATA", "VERIFICATION", "SHA256", "ID"),
         [
@@ -127,7 +144,7 @@ def backups_list(addon: str, project: str, as_json: bool) -> None:
             )
             for b in found
         ],
-        f"no backups of {a['name']} yet: `orkestr backups capture {a['name']}`",
+        empty,
     )
 
 

@@ -176,14 +176,18 @@ async def create_manual(
     return _backup(row), addon["host"]
 
 
-async def list_backups(pool: Pool, project_id: str, addon_id: str) -> list[BackupRow]:
+async def list_backups(
+    pool: Pool, project_id: str, addon_id: str
+) -> tuple[str, list[BackupRow]]:
+    """The project's plan and the add-on's backups, newest first."""
     async with transaction(pool) as conn:
-        found = await conn.fetchval(
-            "SELECT true FROM addons WHERE id = $1 AND project_id = $2",
+        plan = await conn.fetchval(
+            """SELECT p.plan FROM addons a JOIN projects p ON p.id = a.project_id
+            WHERE a.id = $1 AND a.project_id = $2""",
             uuid_of(addon_id),
             uuid_of(project_id),
         )
-        if not found:
+        if plan is None:
             raise NotFound(f"add-on {addon_id} does not exist in project {project_id}")
         rows = await conn.fetch(
             f"""SELECT {_COLUMNS} FROM backups b WHERE b.addon_id = $1 AND b.project_id = $2
@@ -191,7 +195,7 @@ async def list_backups(pool: Pool, project_id: str, addon_id: str) -> list[Backu
             uuid_of(addon_id),
             uuid_of(project_id),
         )
-    return [_backup(r) for r in rows]
+    return str(plan), [_backup(r) for r in rows]
 
 
 async def get_backup(pool: Pool, project_id: str, addon_id: str, backup_id: str) -> BackupRow:

@@ -66,8 +66,17 @@ class BackupView(Struct, frozen=True):
     expires_at: datetime
 
 
+class PlanBackups(Struct, frozen=True):
+    """What the project's plan allows of backups, so a client can say what is possible."""
+
+    name: str
+    manual_backups_per_day: int
+    backup_retention_days: int  # 0: no automatic backups
+
+
 class BackupList(Struct, frozen=True):
     backups: tuple[BackupView, ...]
+    plan: PlanBackups
 
 
 class RestoreView(Struct, frozen=True):
@@ -181,8 +190,18 @@ class BackupsApi:
 
     async def list(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
-        rows = await q.list_backups(self._pool, project_id, addon_id)
-        return _json(BackupList(backups=tuple(backup_view(b, self._plans) for b in rows)))
+        plan_name, rows = await q.list_backups(self._pool, project_id, addon_id)
+        plan = self._plans[plan_name]
+        return _json(
+            BackupList(
+                backups=tuple(backup_view(b, self._plans) for b in rows),
+                plan=PlanBackups(
+                    name=plan_name,
+                    manual_backups_per_day=plan.manual_backups_per_day,
+                    backup_retention_days=plan.backup_retention_days,
+                ),
+            )
+        )
 
     async def show(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.backups import describe_counts, match_backup
+from cli.backups import describe_counts, first_backup_hint, match_backup
 from cli.client import Client, CliError
 from cli.main import main, sleep_summary
 
@@ -81,3 +81,16 @@ def test_a_verified_backup_says_what_its_test_restore_compared() -> None:
     assert describe_counts({"keys": 203}) == "its 203 key(s)"
     assert describe_counts({"public.orders": 1000, "public.items": 5}) == "1005 row(s) in 2 table(s)"
     assert describe_counts({}) == "an empty database"
+
+
+def test_the_first_backup_hint_says_what_the_plan_allows() -> None:
+    # The probe of issue 9: on Starter the empty list suggested `capture`, which Starter
+    # refuses.
+    def plan(name: str, manual: int, days: int) -> dict[str, object]:
+        return {"name": name, "manual_backups_per_day": manual, "backup_retention_days": days}
+
+    assert first_backup_hint("db", plan("pro", 3, 7)) == "`orkestr backups capture db`"
+    starter = first_backup_hint("db", plan("starter", 0, 0))
+    assert "capture" not in starter and "plan 'starter' takes no backups" in starter
+    assert "Pro and Team do" in starter and "orkestr projects plan" in starter
+    assert "backups schedule db --on" in first_backup_hint("db", plan("nightly", 0, 7))
