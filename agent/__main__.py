@@ -50,7 +50,9 @@ async def main(
         stack.push_async_callback(agent.backups.close)
         stack.push_async_callback(agent.close_sleepers)
         stack.push_async_callback(agent.workers.close)
-        runner = await metrics_http.serve(config.metrics.listen, config.metrics.token_file)
+        runner = await metrics_http.serve(
+            config.metrics.listen, config.metrics.token_file, config.agent.state_dir
+        )
         stack.push_async_callback(runner.cleanup)
         log.info("agent.started host=%s state_dir=%s", config.agent.host, config.agent.state_dir)
         try:
@@ -94,8 +96,9 @@ def run() -> None:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        if config.metrics.token_file:
-            metrics_http.ScrapeToken(config.metrics.token_file)
+        metrics_http.ScrapeToken(
+            str(metrics_http.token_path(config.metrics.token_file, config.agent.state_dir))
+        )
     except (OSError, ValueError) as exc:
         print(f"orkestr-agent: bad configuration: metrics.token_file: {exc}", file=sys.stderr)
         sys.exit(2)

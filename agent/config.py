@@ -114,8 +114,8 @@ class DockerSection(Struct, frozen=True, forbid_unknown_fields=True):
 
 class MetricsSection(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
-    # The scrape token (Authorization: Bearer); empty: /metrics is open to any process
-    # that reaches `listen` (a warning at start).
+    # The scrape token (Authorization: Bearer); empty: the agent's own, made once in
+    # `<state_dir>/metrics_token` (0600). /metrics is never open.
     token_file: str = ""
 
 

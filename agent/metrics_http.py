@@ -1,8 +1,11 @@
-"""The agent's /metrics endpoint, behind a bearer token when one is configured.
+"""The agent's /metrics endpoint, always behind a bearer token.
 
-Any local process can reach the listen address, so the scrape token (a file Prometheus's
-group can read, `[metrics] token_file`) is what lets a scraper in. The file is re-read
-when it changes: a rotation needs no restart.
+Any local process (and, on another listen address, any host) can reach the listen
+address, so the scrape token is what lets a scraper in: the file `[metrics] token_file`
+names (one Prometheus's group can read), or, when none is configured, one the agent
+makes for itself in its state dir (`metrics_token`, 0600 root), so no configuration
+leaves the endpoint open (the security note: it used to be open, with a warning). The
+file is re-read when it changes: a rotation needs no restart.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from aiohttp import web
@@ -38,6 +42,32 @@ class ScrapeToken:
         return self._token
 
 
+OWN_TOKEN = "metrics_token"
+
+
+def own_token_file(state_dir: str) -> Path:
+    """`<state_dir>/metrics_token`, made once (0600, a random token) and kept across
+    restarts, so a scraper given a copy keeps working."""
+    path = Path(state_dir) / OWN_TOKEN
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{OWN_TOKEN}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def token_path(token_file: str, state_dir: str) -> Path:
+    """The scrape token's file: the configured one, else the agent's own."""
+    return Path(token_file) if token_file else own_token_file(state_dir)
+
+
 def authorized(header: str | None, token: str) -> bool:
     """Whether an Authorization header carries exactly `Bearer <token>`."""
     if not header or not token:
@@ -48,21 +78,20 @@ def authorized(header: str | None, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def app(token: ScrapeToken | None) -> web.Application:
+def app(token: ScrapeToken) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        if token is not None:
-            try:
-                expected = token.current()
-            except (OSError, ValueError) as exc:
-                # Never open on a broken file: refuse until it is fixed.
-                log.error("metrics.token_unreadable error=%s", exc)
-                expected = ""
-            if not authorized(request.headers.get("Authorization"), expected):
-                return web.json_response(
-                    {"error": "unauthorized", "message": "GET /metrics needs the scrape token"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="orkestr-agent-metrics"'},
-                )
+        try:
+            expected = token.current()
+        except (OSError, ValueError) as exc:
+            # Never open on a broken file: refuse until it is fixed.
+            log.error("metrics.token_unreadable error=%s", exc)
+            expected = ""
+        if not authorized(request.headers.get("Authorization"), expected):
+            return web.json_response(
+                {"error": "unauthorized", "message": "GET /metrics needs the scrape token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="orkestr-agent-metrics"'},
+            )
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     application = web.Application()
@@ -70,10 +99,16 @@ def app(token: ScrapeToken | None) -> web.Application:
     return application
 
 
-async def serve(listen: str, token_file: str) -> web.AppRunner:
-    token = ScrapeToken(token_file) if token_file else None
-    if token is None:
-        log.warning("metrics.unauthenticated listen=%s: set [metrics] token_file", listen)
+async def serve(listen: str, token_file: str, state_dir: str) -> web.AppRunner:
+    path = token_path(token_file, state_dir)
+    if not token_file:
+        log.warning(
+            "metrics.own_token listen=%s token_file=%s: no [metrics] token_file; scrapers "
+            "need this token (Authorization: Bearer)",
+            listen,
+            path,
+        )
+    token = ScrapeToken(str(path))
     runner = web.AppRunner(app(token), access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")

@@ -165,6 +165,7 @@ class AgentProcess:
         *,
         public_key_file: Path,
         tls: bool = False,
+        own_metrics_token: bool = False,
     ) -> None:
         self.host = host
         self.broker = broker
@@ -175,6 +176,10 @@ class AgentProcess:
         self.metrics_token = secrets.token_urlsafe(24)
         self.metrics_token_file = self.dir / "metrics.token"
         self.metrics_token_file.write_text(self.metrics_token + "\n")
+        token_line = f'token_file = "{self.metrics_token_file}"'
+        if own_metrics_token:  # no token_file: the agent makes its own (read after start)
+            self.metrics_token, token_line = "", ""
+            self.metrics_token_file = self.state_dir / "metrics_token"
         self.log_path = self.dir / "agent.log"
         self.config_path = self.dir / "agent.toml"
         self.mqtt_password_file = self.dir / "mqtt.password"
@@ -215,7 +220,7 @@ format = "{log_format}"
 
 [metrics]
 listen = "127.0.0.1:{self.metrics_port}"
-token_file = "{self.metrics_token_file}"
+{token_line}
 {extra_config}
 """
         )
@@ -374,7 +379,7 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    stack: Stack, agent_extra: str = "", extra_config: str = ""
+    stack: Stack, agent_extra: str = "", extra_config: str = "", own_metrics_token: bool = False
 ) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
@@ -389,6 +394,7 @@ async def running_agent(
         tls=stack.tls,
         agent_extra=agent_extra,
         extra_config=extra_config,
+        own_metrics_token=own_metrics_token,
     )
     try:
         await proc.start()

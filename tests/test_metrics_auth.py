@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from agent.metrics_http import authorized
-from tests.agent_fixtures import AgentProcess, Stack, metrics, wait_for
+from tests.agent_fixtures import AgentProcess, Stack, metrics, running_agent, wait_for
 from tests.services import free_port
 
 pytest_plugins = ["tests.agent_fixtures"]
@@ -73,6 +73,36 @@ async def test_the_agents_metrics_need_its_scrape_token(stack: Stack, agent: Age
     assert status == 401
     status, body = await get(url, {"Authorization": f"Bearer {agent.metrics_token}"})
     assert status == 200 and "orkestr_agent_reconcile_total" in body
+
+
+async def test_without_a_configured_token_the_agent_makes_its_own(stack: Stack) -> None:
+    """The security note: with no `[metrics] token_file` /metrics answered every local
+    process (a warning only). Now the agent makes its own token (0600, in its state dir,
+    kept across restarts) and asks for it like any other."""
+    async with running_agent(stack, own_metrics_token=True) as agent:
+        url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+        status, body = await get(url)
+        assert status == 401 and "orkestr_agent" not in body, body
+        path = agent.metrics_token_file
+        assert path.stat().st_mode & 0o777 == 0o600
+        token = path.read_text().strip()
+        assert len(token) >= 32
+        status, body = await get(url, {"Authorization": "Bearer " + token})
+        assert status == 200 and "orkestr_agent_reconcile_total" in body
+        assert f"metrics.own_token listen=127.0.0.1:{agent.metrics_port}" in agent.log_tail(400)
+        # The same token after a restart: a scraper given a copy keeps working.
+        await agent.stop()
+        await agent.start()
+
+        async def served() -> bool:
+            try:
+                status, _ = await get(url, {"Authorization": "Bearer " + token})
+            except aiohttp.ClientError:
+                return False
+            return status == 200
+
+        await wait_for(served, 30, "the restarted agent's /metrics with the same token", 0.5)
+        assert path.read_text().strip() == token
 
 
 async def test_the_controllers_metrics_need_a_token(stack: Stack) -> None:
