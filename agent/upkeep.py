@@ -12,6 +12,8 @@ fails is simply done again after the next probe.
   version's login role, schemas/credentials.py; `ACL SETUSER default >new` on Redis, which
   keeps the old password as a second one); once the grace period has passed the old one is
   cleared (`PASSWORD NULL` / `ACL SETUSER default <old`). Neither cuts open connections.
+  A password the tenant set on its own Postgres role (any role may) is put back each full
+  round, and the retired login role's cleared again (agent/pg_passwords.py).
 - Quota: usage is measured in bytes; at WARNING_RATIO a condition says so; at the quota
   Postgres refuses INSERT, UPDATE and DDL with a message naming the plan (statement
   triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, resp, smallfiles
+from agent import model, pg_passwords, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -284,6 +286,8 @@ class Upkeep:
         # add-on id -> (its WAL directory through its root, that directory's device), for
         # an add-on whose WAL has its own filesystem.
         self._wal_fs: dict[str, tuple[str, int]] = {}
+        # add-on id -> (login role, its verifier) last found to hold the platform's password
+        self._password_checked: dict[str, tuple[str, str | None]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -368,6 +372,7 @@ class Upkeep:
         self._fs.pop(addon_id, None)
         self._redis_config.pop(addon_id, None)
         self._wal_fs.pop(addon_id, None)
+        self._password_checked.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
@@ -676,6 +681,42 @@ class Upkeep:
             await conn.execute(f"ALTER ROLE {_ident(old_role)} PASSWORD NULL")
             self.secrets.forget_previous(addon.id, addon.kind)
             log.info("upkeep.password_retired addon=%s role=%s", addon.id, old_role)
+        if version and self.secrets.applied(addon.id) == version:
+            await self._pg_passwords_kept(conn, addon, version)
+
+    async def _pg_passwords_kept(
+        self, conn: asyncpg.Connection, addon: AddonSpec, version: int
+    ) -> None:
+        """Put back the platform's passwords a tenant changed.
+
+        A role may set its own password without any privilege, and a session can `RESET
+        ROLE` to its login role: the credentials the API shows would stop working, and a
+        session kept open past a rotation could give the retired role a password of its
+        own choosing, a login the rotation was meant to end. Each full round reads both
+        login roles' verifiers (pg_authid, one query); the current one must hold the
+        platform's password, the other none once no grace period runs. A verifier already
+        found right is not hashed again.
+        """
+        role = login_role(addon.user, version)
+        other = login_role(addon.user, version + 1)
+        rows = await conn.fetch(
+            "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
+            [role, other],
+        )
+        found = {r["rolname"]: r["rolpassword"] for r in rows}
+        current = found.get(role)
+        if role in found and self._password_checked.get(addon.id) != (role, current):
+            password = self.secrets.password(addon.id)
+            if not pg_passwords.verifier_matches(current, password, role):
+                await conn.execute(f"ALTER ROLE {_ident(role)} PASSWORD {_literal(password)}")
+                log.warning("upkeep.password_restored addon=%s role=%s", addon.id, role)
+                current = await conn.fetchval(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = $1", role
+                )
+            self._password_checked[addon.id] = (role, current)
+        if found.get(other) is not None and self.secrets.previous(addon.id) is None:
+            await conn.execute(f"ALTER ROLE {_ident(other)} PASSWORD NULL")
+            log.warning("upkeep.retired_password_cleared addon=%s role=%s", addon.id, other)
 
     async def _pg_wal(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         """Keep WAL within the headroom its filesystem has beyond the quota, and let crash

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from agent import pg_passwords
 from tests.agent_fixtures import (
     AgentProcess,
     Stack,
@@ -312,6 +313,79 @@ async def test_a_tenant_that_shuts_itself_out_of_its_database_is_let_back_in(
     await more_passes(agent, 2, timeout=60)
     again = agent.log_path.read_text(errors="replace")[mark:]
     assert f"upkeep.database_setting_restored addon={pg['id']}" not in again
+
+
+def admin_sql(addon_id: str, statement: str) -> str:
+    """The add-on's server as the platform's superuser, from the test (the agent never
+    execs into a tenant's container)."""
+    return docker(
+        "exec", f"orkestr-{addon_id}-db", "psql", "-U", "orkestr_admin", "-d", "postgres",
+        "-XAtc", statement,
+    )  # fmt: skip
+
+
+async def test_a_password_the_tenant_sets_on_its_role_is_put_back(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The security note: a tenant may `ALTER ROLE CURRENT_USER PASSWORD` (no privilege
+    needed): the credentials the API shows stopped working, and a retired login role
+    could be given a password again. The upkeep round puts the platform's back."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    pg = await create_addon(c, project["id"], "pw-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    _, env = await c.api("GET", f"/v1/projects/{project['id']}/env")
+    url = urllib.parse.urlsplit(env["env"]["DATABASE_URL"])
+    role, shown = url.username, urllib.parse.unquote(url.password or "")
+    assert role == "app" and shown
+    # The check's arithmetic against the real server's verifier (SCRAM-SHA-256).
+    verifier = admin_sql(pg["id"], f"select rolpassword from pg_authid where rolname = '{role}'")
+    assert verifier.startswith("SCRAM-SHA-256$"), verifier
+    assert pg_passwords.verifier_matches(verifier, shown, role)
+    assert not pg_passwords.verifier_matches(verifier, shown + "x", role)
+    await more_passes(agent, 2, timeout=60)
+    assert f"upkeep.password_restored addon={pg['id']}" not in agent.log_tail(2000)
+
+    mark = len(agent.log_path.read_text(errors="replace"))
+    psql = 'psql "$DATABASE_URL" -X -v ON_ERROR_STOP=1 -tA'
+    job = await run_job(
+        c, project["id"], f"{psql} -c \"ALTER ROLE CURRENT_USER PASSWORD 'tenant-chosen-1'\""
+    )
+    assert job["state"] == "succeeded", job  # allowed: it is the tenant's own role
+    # A retired login role (as one a rotation cleared) given a password by a session
+    # kept open past the rotation; made here as the superuser, the tenant's way needs
+    # the rotation's grace to run out.
+    admin_sql(pg["id"], "CREATE ROLE app_rot LOGIN PASSWORD 'kept-open-2' IN ROLE app")
+
+    tenant_url = env["env"]["DATABASE_URL"].replace(
+        f":{url.password}@", ":tenant-chosen-1@", 1
+    )
+
+    async def put_back() -> dict[str, str] | None:
+        job = await run_job(
+            c,
+            project["id"],
+            attempt("shown", f'{psql} -c "select 1"')
+            + attempt("chosen", f"psql '{tenant_url}' -X -tA -c 'select 1'"),
+        )
+        seen = outcomes(job["output"])
+        return seen if seen.get("shown") == "ok" else None
+
+    await more_passes(agent, 2, timeout=60)
+    seen = await wait_for(put_back, 90, "the shown credentials working again")
+    assert seen["chosen"].startswith("refused"), seen
+    assert admin_sql(pg["id"], "select rolpassword is null from pg_authid "
+                               "where rolname = 'app_rot'") == "t"  # fmt: skip
+    log = agent.log_path.read_text(errors="replace")[mark:]
+    assert f"upkeep.password_restored addon={pg['id']} role=app" in log, log[-2000:]
+    assert f"upkeep.retired_password_cleared addon={pg['id']} role=app_rot" in log
+    # Level-triggered, not repeated: a round with nothing to undo logs nothing.
+    mark = len(agent.log_path.read_text(errors="replace"))
+    await more_passes(agent, 2, timeout=60)
+    again = agent.log_path.read_text(errors="replace")[mark:]
+    assert f"upkeep.password_restored addon={pg['id']}" not in again, again
+    assert f"upkeep.retired_password_cleared addon={pg['id']}" not in again, again
 
 
 def _audit_common(info: dict[str, Any], what: str) -> None:
