@@ -743,7 +743,12 @@ async def test_a_move_to_starter_keeps_the_backups_for_the_window_they_were_take
     # Restorable on Starter, though Starter takes none.
     done = await restore(c, p, a, older["id"])
     assert done["state"] == "succeeded", done
-    await wait_phase(c, p, a, "ready")
+    # Starter sleeps an idle add-on within seconds here: the client's connection wakes it.
+    async def serving() -> bool:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        return view["phase"] in ("ready", "sleeping")
+
+    await wait_for(serving, 90, "the add-on serving after the restore", 0.5)
     job = await run_job(c, p, redis_cli("get k"))
     assert job["output"].strip() == "older", job
 
