@@ -60,6 +60,13 @@ def test_no_or_a_malformed_verifier_never_matches() -> None:
         assert not verifier_matches(bad, "pencil", "user"), bad
 
 
+def test_a_verifier_costlier_than_the_platforms_is_not_hashed() -> None:
+    # The tenant can store any iteration count; one above Postgres's own is reset
+    # without being hashed, so it cannot make each upkeep round stall the agent.
+    assert verifier_matches(scram_verifier("pencil", SALT, 4096), "pencil", "user")
+    assert not verifier_matches(scram_verifier("pencil", SALT, 4097), "pencil", "user")
+
+
 @given(st.text("abcdefghijklmnopqrstuvwxyzABC0123456789-_", min_size=1, max_size=43),
        st.binary(min_size=16, max_size=16), st.text(min_size=1, max_size=8))  # fmt: skip
 def test_only_the_password_it_was_made_for_matches(password: str, salt: bytes, extra: str) -> None:
