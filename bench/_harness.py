@@ -224,6 +224,29 @@ def container_cpu_ns(container_id: str) -> int | None:
     return None
 
 
+def container_memory(container_id: str) -> dict[str, int]:
+    """A container's memory cgroup (v1): usage, page cache, dirty and writeback bytes and
+    how often it hit its limit; {} where there is no such cgroup."""
+    keys = ("total_cache", "total_dirty", "total_writeback", "total_rss")
+    for sub in (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"):
+        base = f"/sys/fs/cgroup/memory/{sub}"
+        try:
+            with open(f"{base}/memory.stat") as f:
+                stat = dict(line.split() for line in f)
+            with open(f"{base}/memory.usage_in_bytes") as f:
+                usage = int(f.read())
+            with open(f"{base}/memory.failcnt") as f:
+                failcnt = int(f.read())
+        except OSError:
+            continue
+        return {
+            "mem_usage": usage,
+            "mem_failcnt": failcnt,
+            **{k: int(stat[k]) for k in keys if k in stat},
+        }
+    return {}
+
+
 def host_cpuset() -> str:
     """Every core this process may run on, the set the agent places add-ons within."""
     return placement.cpuset(sorted(os.sched_getaffinity(0)))

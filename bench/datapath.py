@@ -93,7 +93,9 @@ from _harness import (
     Client,
     Plain,
     activity,
+    adocker_cli,
     container_cpu_ns,
+    container_memory,
     cpu_ms,
     credentials,
     deep_wake_mode,
@@ -117,6 +119,7 @@ DEEP_TARGET_RATIO = 0.90
 POOL_CLIENTS = 4
 POOL_ROUNDS, POOL_SECONDS = 4, 5.0
 POOL_WHO = ("baseline", "light", "deep")
+POOL_MODES = ("select", "get", "set")
 WHO = ("orkestr", "baseline", "light")
 TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
 
@@ -176,6 +179,7 @@ async def main(
     pool_rounds: int = POOL_ROUNDS,
     pool_seconds: float = POOL_SECONDS,
     with_ss: bool = False,
+    pool_modes: tuple[str, ...] = POOL_MODES,
 ) -> dict[str, Any]:
     rounds = 1 if quick else 5
     seconds = 3 if quick else 10
@@ -184,7 +188,7 @@ async def main(
     requests = 20000 if quick else 100000
     results: dict[str, Any] = {
         "bench": "datapath", "quick": quick, "rounds": 0 if pools_only else rounds,
-        "pool_rounds": pool_rounds, "pool_seconds": pool_seconds,
+        "pool_rounds": pool_rounds, "pool_seconds": pool_seconds, "pool_modes": list(pool_modes),
         "pgbench": {"scale": 5, "clients": 4, "threads": 2, "seconds": seconds},
         "redis_benchmark": {"requests": requests, "clients": 20},
     }  # fmt: skip
@@ -237,9 +241,10 @@ async def main(
         for kind, addon in (("postgres", pg_deep), ("redis", rd_deep)):
             ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(deepy))
             targets[kind]["deep"] = {**credentials(deep_env, addon["name"]), "host": ip}
-        log("pgbench -i -s 5 on all four")
-        for who in (*WHO, "deep"):
-            await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
+        if not pools_only or "select" in pool_modes:
+            log("pgbench -i -s 5 on all four")
+            for who in (*WHO, "deep"):
+                await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
         light_wakes: list[dict[str, Any]] = []
         clients["baseline_light"] = client
         paired = {"postgres": {"orkestr": pg, "light": pg_light}, "redis": {"orkestr": rd, "light": rd_light}}  # fmt: skip
@@ -393,7 +398,7 @@ async def main(
         }  # fmt: skip
         pool_whos = (*POOL_WHO, "baseline_light")
         pool: dict[str, dict[str, list[float]]] = {
-            f"pool_{m}": {who: [] for who in pool_whos} for m in ("select", "get", "set")
+            f"pool_{m}": {who: [] for who in pool_whos} for m in pool_modes
         }
         pool_p50: dict[str, dict[str, list[float]]] = {
             test: {who: [] for who in pool_whos} for test in pool
@@ -454,6 +459,19 @@ async def main(
                 out[side] = [" ".join(lines[i : i + 2]) for i in range(0, len(lines), 2)]
             return out
 
+        async def redis_state(db: str, db_id: str, target: dict[str, Any]) -> dict[str, Any]:
+            """After a run (a paused server refuses an exec): the AOF's counters and the
+            server cgroup's memory, which only writes move."""
+            _, text, _ = await adocker_cli(
+                "exec", db, "redis-cli", "--no-auth-warning", "-a", target["password"],
+                "info", "persistence", check=False,
+            )  # fmt: skip
+            info = dict(ln.strip().split(":", 1) for ln in text.splitlines() if ":" in ln)
+            keep = ("aof_rewrites", "aof_delayed_fsync", "aof_current_size", "aof_base_size",
+                    "aof_last_cow_size", "aof_rewrite_in_progress")  # fmt: skip
+            out: dict[str, Any] = {k: int(info[k]) for k in keep if info.get(k, "").isdigit()}
+            return {**out, **container_memory(db_id)}
+
         async def pool_run(r: int, mode: str, who: str) -> None:
             kind = "postgres" if mode == "select" else "redis"
             sleepy_addon = sleepy_addons.get((who, kind))
@@ -506,6 +524,9 @@ async def main(
             pool_p50[test][who].append(out["p50_us"])
             cores_after = await cores_of(db)
             load = os.getloadavg()[0]
+            server_state = (
+                await redis_state(db, db_id, targets[kind][who]) if kind == "redis" else {}
+            )
             queries = out["qps"] * pool_seconds
             pool_runs.append({
                 "test": test, "round": r + 1, "who": who, "qps": rnd(out["qps"], 1),
@@ -515,6 +536,7 @@ async def main(
                 "server_cpu_us_per_query": rnd(server_us / max(queries, 1), 2),
                 "services_cpu_ms": rnd(cpu, 0), "load_before": rnd(load0, 2), "load": rnd(load, 2),
                 **({"ss": ss} if ss else {}),
+                **({"server_after": server_state} if server_state else {}),
             })  # fmt: skip
             moved = f" -> {cores_after}" if cores_after != cores_before else ""
             log(
@@ -533,7 +555,7 @@ async def main(
         # and the light pool is compared with that: a core's other tenants on this shared
         # machine are not the data path.
         for r in range(pool_rounds):
-            for mode in ("select", "get", "set"):
+            for mode in pool_modes:
                 kind = "postgres" if mode == "select" else "redis"
                 pool_rounds_seen[f"pool_{mode}"].append({})
                 homes = [
@@ -603,9 +625,7 @@ async def main(
             **{who: [rnd(x, 1) for x in by[who]] for who in pool_whos},
             **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in POOL_WHO},
             **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in pool_whos},
-            "per_round": [
-                {who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen
-            ],
+            "per_round": [{who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen],
         }
 
         def per_round(who: str, base: str, rounds: list[dict[str, list[float]]]) -> list[float]:
@@ -659,7 +679,9 @@ def report(results: dict[str, Any]) -> None:
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
     if not results.get("deep_on_path", True):
-        print(f"deep runs NOT all on the {results['deep_wake']} path: {results['deep_connections']}")
+        print(
+            f"deep runs NOT all on the {results['deep_wake']} path: {results['deep_connections']}"
+        )
     print()
     for test, by_who in results.get("cpu_us_per_request_median", {}).items():
         shown = ", ".join(f"{who} {v}" for who, v in by_who.items())
@@ -675,9 +697,15 @@ if __name__ == "__main__":
     parser.add_argument("--pool-rounds", type=int, default=POOL_ROUNDS, help="mirrored rounds")
     parser.add_argument("--pool-seconds", type=float, default=POOL_SECONDS, help="per pool run")
     parser.add_argument("--ss", action="store_true", help="record `ss -ti` of each pool mid-run")
+    parser.add_argument(
+        "--pool-modes", default=",".join(POOL_MODES), help="pool rows to run: select,get,set"
+    )
     args = parser.parse_args()
+    modes = tuple(m for m in args.pool_modes.split(",") if m)
+    if not modes or set(modes) - set(POOL_MODES):
+        parser.error(f"--pool-modes: a comma list of {', '.join(POOL_MODES)}")
     results = asyncio.run(
-        main(args.quick, args.pools, args.pool_rounds, args.pool_seconds, args.ss)
+        main(args.quick, args.pools, args.pool_rounds, args.pool_seconds, args.ss, modes)
     )
     report(results)
     print(json.dumps(results, separators=(",", ":")))
