@@ -268,27 +268,31 @@ def plans_toml(
     deep_after_s: float = 1800,
     max_addons: int = 50,
     pro_sleep: tuple[float, float] = (300, 1800),
+    storage_mb: int | None = None,
 ) -> str:
     """A plans file: `starter` sleeps after the given timeouts, `pro` after `pro_sleep`'s
-    (light, deep), `team` never sleeps."""
+    (light, deep), `team` never sleeps. `storage_mb`: every plan's storage quota, so each
+    add-on's data lives on its own loop filesystem (agent/loopfs.py), as in the shipped
+    plans; None: a plain Docker volume."""
+    quota = f"storage_mb = {storage_mb}\n" if storage_mb else ""
     return f"""
 [starter]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = true, light_after_s = {light_after_s}, deep_after_s = {deep_after_s} }}
+{quota}sleep = {{ enabled = true, light_after_s = {light_after_s}, deep_after_s = {deep_after_s} }}
 
 [pro]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = true, light_after_s = {pro_sleep[0]}, deep_after_s = {pro_sleep[1]} }}
+{quota}sleep = {{ enabled = true, light_after_s = {pro_sleep[0]}, deep_after_s = {pro_sleep[1]} }}
 
 [team]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = false }}
+{quota}sleep = {{ enabled = false }}
 """
 
 

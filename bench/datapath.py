@@ -180,6 +180,8 @@ async def main(
     pool_seconds: float = POOL_SECONDS,
     with_ss: bool = False,
     pool_modes: tuple[str, ...] = POOL_MODES,
+    pool_awake: bool = False,
+    storage_mb: int | None = None,
 ) -> dict[str, Any]:
     rounds = 1 if quick else 5
     seconds = 3 if quick else 10
@@ -189,13 +191,14 @@ async def main(
     results: dict[str, Any] = {
         "bench": "datapath", "quick": quick, "rounds": 0 if pools_only else rounds,
         "pool_rounds": pool_rounds, "pool_seconds": pool_seconds, "pool_modes": list(pool_modes),
+        "pool_awake": pool_awake, "storage_mb": storage_mb,
         "pgbench": {"scale": 5, "clients": 4, "threads": 2, "seconds": seconds},
         "redis_benchmark": {"requests": requests, "clients": 20},
     }  # fmt: skip
     results["machine"] = machine_facts()
     plans = plans_toml(
         cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
-        pro_sleep=(1.0, 2.0),
+        pro_sleep=(1.0, 2.0), storage_mb=storage_mb,
     )  # fmt: skip
     deep_wake = deep_wake_mode()
     results["deep_wake"] = deep_wake
@@ -396,7 +399,9 @@ async def main(
             ("light", "postgres"): pg_light, ("light", "redis"): rd_light,
             ("deep", "postgres"): pg_deep, ("deep", "redis"): rd_deep,
         }  # fmt: skip
-        pool_whos = (*POOL_WHO, "baseline_light")
+        # --pool-awake: the awake add-on too (connections opened while it is up, no wake).
+        pool_who = (*POOL_WHO, "orkestr") if pool_awake else POOL_WHO
+        pool_whos = (*pool_who, "baseline_light")
         pool: dict[str, dict[str, list[float]]] = {
             f"pool_{m}": {who: [] for who in pool_whos} for m in pool_modes
         }
@@ -432,7 +437,7 @@ async def main(
             listens in."""
             if who.startswith("baseline"):
                 return plains[kind].db_name, plains[kind].db_name
-            addon = sleepy_addons[(who, kind)]
+            addon = paired[kind][who] if who == "orkestr" else sleepy_addons[(who, kind)]
             return model.db_name(addon["id"]), model.holder_name(addon["id"])
 
         async def cores_of(name: str) -> str:
@@ -562,7 +567,7 @@ async def main(
                     await b.home_cores(paired[kind][w]["id"], timeout_s=0)
                     for w in ("orkestr", "light")
                 ]
-                whos = [*POOL_WHO, "baseline_light"] if homes[0] != homes[1] else list(POOL_WHO)
+                whos = [*pool_who, "baseline_light"] if homes[0] != homes[1] else list(pool_who)
                 order = [whos[(r + i) % len(whos)] for i in range(len(whos))]
                 for who in (*order, *reversed(order)):
                     await pool_run(r, mode, who)
@@ -623,7 +628,7 @@ async def main(
             "seconds": pool_seconds,
             "rounds": pool_rounds,
             **{who: [rnd(x, 1) for x in by[who]] for who in pool_whos},
-            **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in POOL_WHO},
+            **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in pool_who},
             **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in pool_whos},
             "per_round": [{who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen],
         }
@@ -632,13 +637,16 @@ async def main(
             """Each round's ratio: the sum of its two runs over the baseline's two."""
             return [sum(one[who]) / sum(one.get(base) or one["baseline"]) for one in rounds]
 
-        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+        for who, target in (
+            ("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO),
+            *((("orkestr", TARGET_RATIO),) if pool_awake else ()),
+        ):  # fmt: skip
             ratios = per_round(who, "baseline_light" if who == "light" else "baseline", seen)
             ratio = percentile(ratios, 50)
             row[f"{who}_ratio"] = rnd(ratio)
             row[f"{who}_ratio_per_round"] = [rnd(x) for x in ratios]
             row[f"{who}_ratio_of_medians"] = rnd(percentile(by[who], 50) / base50)
-            row[f"{who}_pass"] = ratio >= target and (who == "light" or results["deep_on_path"])
+            row[f"{who}_pass"] = ratio >= target and (who != "deep" or results["deep_on_path"])
         # The light pool against the plain container on the awake add-on's cores, as before.
         row["light_ratio_awake_cores"] = rnd(percentile(per_round("light", "baseline", seen), 50))
         results[test] = row
@@ -665,9 +673,13 @@ def report(results: dict[str, Any]) -> None:
         r = results.get(test)
         if r is None:
             continue
-        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+        for who, target in (
+            ("orkestr", TARGET_RATIO), ("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)
+        ):  # fmt: skip
+            if f"{who}_ratio" not in r:
+                continue
             rows.append([
-                f"{test} (opened in {who} sleep)", r["unit"], r[f"{who}_median"],
+                f"{test} (opened {'awake' if who == 'orkestr' else f'in {who} sleep'})", r["unit"], r[f"{who}_median"],
                 r["baseline_median"], r[f"{who}_ratio"],
                 " ".join(f"{x:.3f}" for x in r[f"{who}_ratio_per_round"]), f">= {target}",
                 "PASS" if r[f"{who}_pass"] else "FAIL",
@@ -700,12 +712,28 @@ if __name__ == "__main__":
     parser.add_argument(
         "--pool-modes", default=",".join(POOL_MODES), help="pool rows to run: select,get,set"
     )
+    parser.add_argument(
+        "--pool-awake", action="store_true", help="pool rows of the awake add-on too"
+    )
+    parser.add_argument(
+        "--storage-mb", type=int, default=None,
+        help="every plan's storage quota: each add-on's data on its own loop filesystem",
+    )  # fmt: skip
     args = parser.parse_args()
     modes = tuple(m for m in args.pool_modes.split(",") if m)
     if not modes or set(modes) - set(POOL_MODES):
         parser.error(f"--pool-modes: a comma list of {', '.join(POOL_MODES)}")
     results = asyncio.run(
-        main(args.quick, args.pools, args.pool_rounds, args.pool_seconds, args.ss, modes)
+        main(
+            args.quick,
+            args.pools,
+            args.pool_rounds,
+            args.pool_seconds,
+            args.ss,
+            modes,
+            args.pool_awake,
+            args.storage_mb,
+        )
     )
     report(results)
     print(json.dumps(results, separators=(",", ":")))
