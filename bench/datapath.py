@@ -72,7 +72,14 @@ median of its rounds' ratios: light against baseline_light (baseline when the co
 the same), target >= 0.95; deep against baseline, target >= 0.90. Each pool run records
 the server's cores (and a move during the run), its CPU per query (cgroup), the CPU our
 services used meanwhile and the load average before and after (`pool_runs`); --ss adds
-`ss -ti` of the pool's sockets at both ends, mid-run. --pools runs the pool rows only.
+`ss -ti` of the pool's sockets at both ends, mid-run. --pools runs the pool rows only;
+--pool-modes set (or get,set, ...) some of them; --pool-awake adds the awake add-on's pool
+(no wake; against `baseline`). After each Redis pool run the server's AOF counters (INFO
+persistence) and its memory cgroup are recorded (`server_after`).
+Storage: the bench's plans have no storage quota, so every add-on's data is a plain Docker
+volume, like the plain container's. --storage-mb N gives every plan a quota: each add-on's
+data then lives on its own loop filesystem (agent/loopfs.py), as with the shipped plans,
+while the plain container keeps a plain volume (what `docker run` gives a user).
 
 Prints a table and ends with one JSON line.
 """
