@@ -224,6 +224,29 @@ def container_cpu_ns(container_id: str) -> int | None:
     return None
 
 
+def container_memory(container_id: str) -> dict[str, int]:
+    """A container's memory cgroup (v1): usage, page cache, dirty and writeback bytes and
+    how often it hit its limit; {} where there is no such cgroup."""
+    keys = ("total_cache", "total_dirty", "total_writeback", "total_rss")
+    for sub in (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope"):
+        base = f"/sys/fs/cgroup/memory/{sub}"
+        try:
+            with open(f"{base}/memory.stat") as f:
+                stat = dict(line.split() for line in f)
+            with open(f"{base}/memory.usage_in_bytes") as f:
+                usage = int(f.read())
+            with open(f"{base}/memory.failcnt") as f:
+                failcnt = int(f.read())
+        except OSError:
+            continue
+        return {
+            "mem_usage": usage,
+            "mem_failcnt": failcnt,
+            **{k: int(stat[k]) for k in keys if k in stat},
+        }
+    return {}
+
+
 def host_cpuset() -> str:
     """Every core this process may run on, the set the agent places add-ons within."""
     return placement.cpuset(sorted(os.sched_getaffinity(0)))
@@ -245,27 +268,31 @@ def plans_toml(
     deep_after_s: float = 1800,
     max_addons: int = 50,
     pro_sleep: tuple[float, float] = (300, 1800),
+    storage_mb: int | None = None,
 ) -> str:
     """A plans file: `starter` sleeps after the given timeouts, `pro` after `pro_sleep`'s
-    (light, deep), `team` never sleeps."""
+    (light, deep), `team` never sleeps. `storage_mb`: every plan's storage quota, so each
+    add-on's data lives on its own loop filesystem (agent/loopfs.py), as in the shipped
+    plans; None: a plain Docker volume."""
+    quota = f"storage_mb = {storage_mb}\n" if storage_mb else ""
     return f"""
 [starter]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = true, light_after_s = {light_after_s}, deep_after_s = {deep_after_s} }}
+{quota}sleep = {{ enabled = true, light_after_s = {light_after_s}, deep_after_s = {deep_after_s} }}
 
 [pro]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = true, light_after_s = {pro_sleep[0]}, deep_after_s = {pro_sleep[1]} }}
+{quota}sleep = {{ enabled = true, light_after_s = {pro_sleep[0]}, deep_after_s = {pro_sleep[1]} }}
 
 [team]
 max_addons = {max_addons}
 cpus = {cpus}
 memory_mb = {memory_mb}
-sleep = {{ enabled = false }}
+{quota}sleep = {{ enabled = false }}
 """
 
 

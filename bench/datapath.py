@@ -72,7 +72,14 @@ median of its rounds' ratios: light against baseline_light (baseline when the co
 the same), target >= 0.95; deep against baseline, target >= 0.90. Each pool run records
 the server's cores (and a move during the run), its CPU per query (cgroup), the CPU our
 services used meanwhile and the load average before and after (`pool_runs`); --ss adds
-`ss -ti` of the pool's sockets at both ends, mid-run. --pools runs the pool rows only.
+`ss -ti` of the pool's sockets at both ends, mid-run. --pools runs the pool rows only;
+--pool-modes set (or get,set, ...) some of them; --pool-awake adds the awake add-on's pool
+(no wake; against `baseline`). After each Redis pool run the server's AOF counters (INFO
+persistence) and its memory cgroup are recorded (`server_after`).
+Storage: the bench's plans have no storage quota, so every add-on's data is a plain Docker
+volume, like the plain container's. --storage-mb N gives every plan a quota: each add-on's
+data then lives on its own loop filesystem (agent/loopfs.py), as with the shipped plans,
+while the plain container keeps a plain volume (what `docker run` gives a user).
 
 Prints a table and ends with one JSON line.
 """
@@ -93,7 +100,9 @@ from _harness import (
     Client,
     Plain,
     activity,
+    adocker_cli,
     container_cpu_ns,
+    container_memory,
     cpu_ms,
     credentials,
     deep_wake_mode,
@@ -117,6 +126,7 @@ DEEP_TARGET_RATIO = 0.90
 POOL_CLIENTS = 4
 POOL_ROUNDS, POOL_SECONDS = 4, 5.0
 POOL_WHO = ("baseline", "light", "deep")
+POOL_MODES = ("select", "get", "set")
 WHO = ("orkestr", "baseline", "light")
 TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
 
@@ -176,6 +186,9 @@ async def main(
     pool_rounds: int = POOL_ROUNDS,
     pool_seconds: float = POOL_SECONDS,
     with_ss: bool = False,
+    pool_modes: tuple[str, ...] = POOL_MODES,
+    pool_awake: bool = False,
+    storage_mb: int | None = None,
 ) -> dict[str, Any]:
     rounds = 1 if quick else 5
     seconds = 3 if quick else 10
@@ -184,14 +197,15 @@ async def main(
     requests = 20000 if quick else 100000
     results: dict[str, Any] = {
         "bench": "datapath", "quick": quick, "rounds": 0 if pools_only else rounds,
-        "pool_rounds": pool_rounds, "pool_seconds": pool_seconds,
+        "pool_rounds": pool_rounds, "pool_seconds": pool_seconds, "pool_modes": list(pool_modes),
+        "pool_awake": pool_awake, "storage_mb": storage_mb,
         "pgbench": {"scale": 5, "clients": 4, "threads": 2, "seconds": seconds},
         "redis_benchmark": {"requests": requests, "clients": 20},
     }  # fmt: skip
     results["machine"] = machine_facts()
     plans = plans_toml(
         cpus=CPUS, memory_mb=MEMORY_MB, light_after_s=LIGHT_AFTER_S, deep_after_s=24 * 3600,
-        pro_sleep=(1.0, 2.0),
+        pro_sleep=(1.0, 2.0), storage_mb=storage_mb,
     )  # fmt: skip
     deep_wake = deep_wake_mode()
     results["deep_wake"] = deep_wake
@@ -237,9 +251,10 @@ async def main(
         for kind, addon in (("postgres", pg_deep), ("redis", rd_deep)):
             ip = await b.ip_on(model.holder_name(addon["id"]), model.network_name(deepy))
             targets[kind]["deep"] = {**credentials(deep_env, addon["name"]), "host": ip}
-        log("pgbench -i -s 5 on all four")
-        for who in (*WHO, "deep"):
-            await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
+        if not pools_only or "select" in pool_modes:
+            log("pgbench -i -s 5 on all four")
+            for who in (*WHO, "deep"):
+                await pgbench(clients[who], targets["postgres"][who], ["-i", "-s", "5", "-q"])
         light_wakes: list[dict[str, Any]] = []
         clients["baseline_light"] = client
         paired = {"postgres": {"orkestr": pg, "light": pg_light}, "redis": {"orkestr": rd, "light": rd_light}}  # fmt: skip
@@ -391,9 +406,11 @@ async def main(
             ("light", "postgres"): pg_light, ("light", "redis"): rd_light,
             ("deep", "postgres"): pg_deep, ("deep", "redis"): rd_deep,
         }  # fmt: skip
-        pool_whos = (*POOL_WHO, "baseline_light")
+        # --pool-awake: the awake add-on too (connections opened while it is up, no wake).
+        pool_who = (*POOL_WHO, "orkestr") if pool_awake else POOL_WHO
+        pool_whos = (*pool_who, "baseline_light")
         pool: dict[str, dict[str, list[float]]] = {
-            f"pool_{m}": {who: [] for who in pool_whos} for m in ("select", "get", "set")
+            f"pool_{m}": {who: [] for who in pool_whos} for m in pool_modes
         }
         pool_p50: dict[str, dict[str, list[float]]] = {
             test: {who: [] for who in pool_whos} for test in pool
@@ -427,7 +444,7 @@ async def main(
             listens in."""
             if who.startswith("baseline"):
                 return plains[kind].db_name, plains[kind].db_name
-            addon = sleepy_addons[(who, kind)]
+            addon = paired[kind][who] if who == "orkestr" else sleepy_addons[(who, kind)]
             return model.db_name(addon["id"]), model.holder_name(addon["id"])
 
         async def cores_of(name: str) -> str:
@@ -453,6 +470,19 @@ async def main(
                 lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
                 out[side] = [" ".join(lines[i : i + 2]) for i in range(0, len(lines), 2)]
             return out
+
+        async def redis_state(db: str, db_id: str, target: dict[str, Any]) -> dict[str, Any]:
+            """After a run (a paused server refuses an exec): the AOF's counters and the
+            server cgroup's memory, which only writes move."""
+            _, text, _ = await adocker_cli(
+                "exec", db, "redis-cli", "--no-auth-warning", "-a", target["password"],
+                "info", "persistence", check=False,
+            )  # fmt: skip
+            info = dict(ln.strip().split(":", 1) for ln in text.splitlines() if ":" in ln)
+            keep = ("aof_rewrites", "aof_delayed_fsync", "aof_current_size", "aof_base_size",
+                    "aof_last_cow_size", "aof_rewrite_in_progress")  # fmt: skip
+            out: dict[str, Any] = {k: int(info[k]) for k in keep if info.get(k, "").isdigit()}
+            return {**out, **container_memory(db_id)}
 
         async def pool_run(r: int, mode: str, who: str) -> None:
             kind = "postgres" if mode == "select" else "redis"
@@ -506,6 +536,9 @@ async def main(
             pool_p50[test][who].append(out["p50_us"])
             cores_after = await cores_of(db)
             load = os.getloadavg()[0]
+            server_state = (
+                await redis_state(db, db_id, targets[kind][who]) if kind == "redis" else {}
+            )
             queries = out["qps"] * pool_seconds
             pool_runs.append({
                 "test": test, "round": r + 1, "who": who, "qps": rnd(out["qps"], 1),
@@ -515,6 +548,7 @@ async def main(
                 "server_cpu_us_per_query": rnd(server_us / max(queries, 1), 2),
                 "services_cpu_ms": rnd(cpu, 0), "load_before": rnd(load0, 2), "load": rnd(load, 2),
                 **({"ss": ss} if ss else {}),
+                **({"server_after": server_state} if server_state else {}),
             })  # fmt: skip
             moved = f" -> {cores_after}" if cores_after != cores_before else ""
             log(
@@ -533,14 +567,14 @@ async def main(
         # and the light pool is compared with that: a core's other tenants on this shared
         # machine are not the data path.
         for r in range(pool_rounds):
-            for mode in ("select", "get", "set"):
+            for mode in pool_modes:
                 kind = "postgres" if mode == "select" else "redis"
                 pool_rounds_seen[f"pool_{mode}"].append({})
                 homes = [
                     await b.home_cores(paired[kind][w]["id"], timeout_s=0)
                     for w in ("orkestr", "light")
                 ]
-                whos = [*POOL_WHO, "baseline_light"] if homes[0] != homes[1] else list(POOL_WHO)
+                whos = [*pool_who, "baseline_light"] if homes[0] != homes[1] else list(pool_who)
                 order = [whos[(r + i) % len(whos)] for i in range(len(whos))]
                 for who in (*order, *reversed(order)):
                     await pool_run(r, mode, who)
@@ -601,24 +635,25 @@ async def main(
             "seconds": pool_seconds,
             "rounds": pool_rounds,
             **{who: [rnd(x, 1) for x in by[who]] for who in pool_whos},
-            **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in POOL_WHO},
+            **{f"{who}_median": rnd(percentile(by[who], 50), 1) for who in pool_who},
             **{f"{who}_p50_us": [rnd(x, 1) for x in pool_p50[test][who]] for who in pool_whos},
-            "per_round": [
-                {who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen
-            ],
+            "per_round": [{who: [rnd(x, 1) for x in v] for who, v in one.items()} for one in seen],
         }
 
         def per_round(who: str, base: str, rounds: list[dict[str, list[float]]]) -> list[float]:
             """Each round's ratio: the sum of its two runs over the baseline's two."""
             return [sum(one[who]) / sum(one.get(base) or one["baseline"]) for one in rounds]
 
-        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+        for who, target in (
+            ("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO),
+            *((("orkestr", TARGET_RATIO),) if pool_awake else ()),
+        ):  # fmt: skip
             ratios = per_round(who, "baseline_light" if who == "light" else "baseline", seen)
             ratio = percentile(ratios, 50)
             row[f"{who}_ratio"] = rnd(ratio)
             row[f"{who}_ratio_per_round"] = [rnd(x) for x in ratios]
             row[f"{who}_ratio_of_medians"] = rnd(percentile(by[who], 50) / base50)
-            row[f"{who}_pass"] = ratio >= target and (who == "light" or results["deep_on_path"])
+            row[f"{who}_pass"] = ratio >= target and (who != "deep" or results["deep_on_path"])
         # The light pool against the plain container on the awake add-on's cores, as before.
         row["light_ratio_awake_cores"] = rnd(percentile(per_round("light", "baseline", seen), 50))
         results[test] = row
@@ -645,9 +680,13 @@ def report(results: dict[str, Any]) -> None:
         r = results.get(test)
         if r is None:
             continue
-        for who, target in (("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)):
+        for who, target in (
+            ("orkestr", TARGET_RATIO), ("light", TARGET_RATIO), ("deep", DEEP_TARGET_RATIO)
+        ):  # fmt: skip
+            if f"{who}_ratio" not in r:
+                continue
             rows.append([
-                f"{test} (opened in {who} sleep)", r["unit"], r[f"{who}_median"],
+                f"{test} (opened {'awake' if who == 'orkestr' else f'in {who} sleep'})", r["unit"], r[f"{who}_median"],
                 r["baseline_median"], r[f"{who}_ratio"],
                 " ".join(f"{x:.3f}" for x in r[f"{who}_ratio_per_round"]), f">= {target}",
                 "PASS" if r[f"{who}_pass"] else "FAIL",
@@ -659,7 +698,9 @@ def report(results: dict[str, Any]) -> None:
         rows, "Data path: throughput from a client on the project network",
     ))  # fmt: skip
     if not results.get("deep_on_path", True):
-        print(f"deep runs NOT all on the {results['deep_wake']} path: {results['deep_connections']}")
+        print(
+            f"deep runs NOT all on the {results['deep_wake']} path: {results['deep_connections']}"
+        )
     print()
     for test, by_who in results.get("cpu_us_per_request_median", {}).items():
         shown = ", ".join(f"{who} {v}" for who, v in by_who.items())
@@ -675,9 +716,31 @@ if __name__ == "__main__":
     parser.add_argument("--pool-rounds", type=int, default=POOL_ROUNDS, help="mirrored rounds")
     parser.add_argument("--pool-seconds", type=float, default=POOL_SECONDS, help="per pool run")
     parser.add_argument("--ss", action="store_true", help="record `ss -ti` of each pool mid-run")
+    parser.add_argument(
+        "--pool-modes", default=",".join(POOL_MODES), help="pool rows to run: select,get,set"
+    )
+    parser.add_argument(
+        "--pool-awake", action="store_true", help="pool rows of the awake add-on too"
+    )
+    parser.add_argument(
+        "--storage-mb", type=int, default=None,
+        help="every plan's storage quota: each add-on's data on its own loop filesystem",
+    )  # fmt: skip
     args = parser.parse_args()
+    modes = tuple(m for m in args.pool_modes.split(",") if m)
+    if not modes or set(modes) - set(POOL_MODES):
+        parser.error(f"--pool-modes: a comma list of {', '.join(POOL_MODES)}")
     results = asyncio.run(
-        main(args.quick, args.pools, args.pool_rounds, args.pool_seconds, args.ss)
+        main(
+            args.quick,
+            args.pools,
+            args.pool_rounds,
+            args.pool_seconds,
+            args.ss,
+            modes,
+            args.pool_awake,
+            args.storage_mb,
+        )
     )
     report(results)
     print(json.dumps(results, separators=(",", ":")))
