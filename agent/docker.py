@@ -102,59 +102,45 @@ class Docker:
             raw_containers, raw_networks, (raw_volumes or {}).get("Volumes") or []
         )
 
-    async def create_network(self, name: str, project_id: str) -> None:
-        config = {
+    def _bridge(
+        self, name: str, labels: dict[str, str], internal: bool, options: dict[str, str]
+    ) -> dict[str, Any]:
+        """An IPv4-only bridge of this host's (the wake redirect and listener are IPv4: a
+        v6 path would bypass them)."""
+        config: dict[str, Any] = {
             "Name": name,
             "CheckDuplicate": True,
             "Driver": "bridge",
-            # The wake redirect and listener are IPv4: a v6 path would bypass them.
             "EnableIPv6": False,
-            "Labels": {
-                model.LABEL_MANAGED: "1",
-                model.LABEL_HOST: self.host,
-                model.LABEL_PROJECT: project_id,
-            },
+            "Labels": {model.LABEL_MANAGED: "1", model.LABEL_HOST: self.host, **labels},
         }
+        if internal:
+            config["Internal"] = True
+        if options:
+            config["Options"] = options
+        return config
+
+    async def _create_bridge(self, config: dict[str, Any], slot: bool = True) -> None:
+        what = f"create network {config['Name']}"
+        call = self._call if slot else _call
         try:
-            await self._call(f"create network {name}", lambda: self.client.networks.create(config))
+            await call(what, lambda: self.client.networks.create(config))
         except Conflict:
             pass
 
+    async def create_network(self, name: str, project_id: str) -> None:
+        await self._create_bridge(self._bridge(name, {model.LABEL_PROJECT: project_id}, False, {}))
+
     async def create_group_network(self, name: str, group_id: str) -> None:
         """An internal bridge (no route out, no NAT) for one project group."""
-        config = {
-            "Name": name,
-            "CheckDuplicate": True,
-            "Driver": "bridge",
-            "Internal": True,
-            "EnableIPv6": False,
-            "Labels": {
-                model.LABEL_MANAGED: "1",
-                model.LABEL_HOST: self.host,
-                model.LABEL_GROUP: group_id,
-            },
-        }
-        try:
-            await _call(f"create network {name}", lambda: self.client.networks.create(config))
-        except Conflict:
-            pass
+        config = self._bridge(name, {model.LABEL_GROUP: group_id}, True, {})
+        await self._create_bridge(config, slot=False)
 
     async def create_parking_network(self, name: str) -> None:
         """The host's parking network (agent/pool.py): internal (no route out, no NAT) and
         without inter-container traffic, so a parked holder reaches nothing."""
-        config = {
-            "Name": name,
-            "CheckDuplicate": True,
-            "Driver": "bridge",
-            "Internal": True,
-            "EnableIPv6": False,
-            "Options": {"com.docker.network.bridge.enable_icc": "false"},
-            "Labels": {model.LABEL_MANAGED: "1", model.LABEL_HOST: self.host},
-        }
-        try:
-            await self._call(f"create network {name}", lambda: self.client.networks.create(config))
-        except Conflict:
-            pass
+        options = {"com.docker.network.bridge.enable_icc": "false"}
+        await self._create_bridge(self._bridge(name, {}, True, options))
 
     async def parked(self) -> list[dict[str, Any]]:
         """This host's parked holders, raw (agent/pool.py)."""

@@ -452,7 +452,10 @@ class Bench:
                 # close() also ends the agent's helper processes (the wake-socket keeper).
                 await getattr(self.agent, "close", self.agent.stop)()
             stop_leftovers(self.agent.dir)
-            if os.environ.get("ORKESTR_BENCH_AGENT_LOG"):
+            keep = os.environ.get("ORKESTR_BENCH_AGENT_LOG", "")
+            if keep.endswith(".log"):  # a file to keep the whole log in
+                shutil.copyfile(self.agent.log_path, keep)
+            elif keep:
                 print(self.agent.log_tail(400), file=sys.stderr)
         # The agent is stopped: nothing recreates what is removed now.
         await asyncio.to_thread(remove_host_objects, self.host)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -32,6 +33,7 @@ from _harness import (
     Bench,
     Plain,
     activity,
+    cpu_ms,
     credentials,
     log,
     machine_facts,
@@ -44,6 +46,7 @@ from _harness import (
 
 from agent import model
 from schemas.messages import Resources
+from tests.agent_fixtures import metrics
 
 CPUS, MEMORY_MB = 0.25, 128
 TARGET_RATIO = 1.10
@@ -80,8 +83,62 @@ async def gone(b: Bench, label: str, values: set[str]) -> None:
         await asyncio.sleep(0.1)
 
 
-async def ours(b: Bench, pid: str, kinds: list[str]) -> tuple[float, float]:
+def dockerd_pids() -> list[int]:
+    """dockerd and containerd (shared with anything else on the machine)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/comm") as f:
+                if f.read().strip() in ("dockerd", "containerd"):
+                    out.append(int(entry.name))
+    return out
+
+
+async def cpu_s(b: Bench) -> tuple[float, float, float, float]:
+    """CPU seconds so far of the agent (with its keeper), the controller, and dockerd +
+    containerd; the agent's passes so far."""
+    assert b.agent is not None and b.controller is not None
+    series = await metrics(b.agent.metrics_port, b.agent.metrics_token)
+    passes = series.get("orkestr_agent_reconcile_duration_seconds_count", 0.0)
+    agent = [p.pid for p in (b.agent.proc, b.agent.keeper) if p]
+    controller = [b.controller.pid] if b.controller.pid is not None else []
+    return (cpu_ms(agent) / 1000, cpu_ms(controller) / 1000, cpu_ms(dockerd_pids()) / 1000,
+            passes)  # fmt: skip
+
+
+async def spent(b: Bench, before: tuple[float, float, float, float], what: str) -> dict[str, float]:
+    now = await cpu_s(b)
+    out = {
+        "agent_cpu_s": rnd(now[0] - before[0], 2),
+        "controller_cpu_s": rnd(now[1] - before[1], 2),
+        "dockerd_cpu_s": rnd(now[2] - before[2], 2),
+        "agent_passes": now[3] - before[3],
+        "loadavg_1m": rnd(os.getloadavg()[0], 1),
+    }
+    log(f"{what}: CPU agent {out['agent_cpu_s']} s, controller {out['controller_cpu_s']} s, "
+        f"dockerd {out['dockerd_cpu_s']} s, passes {out['agent_passes']:.0f}, "
+        f"load {out['loadavg_1m']}")  # fmt: skip
+    return out
+
+
+async def pool_full(b: Bench) -> None:
+    """Until the agent's holder pool is full again (2 parked holders per kind, running):
+    its refill after our run must not land in the script's next run."""
+    filters = json.dumps({"label": [f"orkestr.host={b.host}", "orkestr.role=parked"]})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        found = await b.docker._query_json(
+            "containers/json", params={"filters": filters}
+        )  # running only
+        if len(found) >= 4:
+            break
+        await asyncio.sleep(0.5)
+    log(f"pool full after {time.monotonic() - t0:.1f}s")
+
+
+async def ours(b: Bench, pid: str, kinds: list[str], cpu: dict[str, Any]) -> tuple[float, float]:
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
+    cpu0 = await cpu_s(b)
     t0 = time.monotonic()
     created = await asyncio.gather(
         *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
@@ -90,7 +147,9 @@ async def ours(b: Bench, pid: str, kinds: list[str]) -> tuple[float, float]:
     await all_answer(b, [credentials(env, n) for n in names])
     create_s = time.monotonic() - t0
     log(f"orkestr: {len(kinds)} add-ons answering after {create_s:.1f}s")
+    cpu["orkestr_create"] = await spent(b, cpu0, "orkestr create")
     ids = {a["id"] for a in created}
+    cpu0 = await cpu_s(b)
     t0 = time.monotonic()
     await asyncio.gather(
         *(b.api("DELETE", f"/v1/projects/{pid}/addons/{i}", want=202) for i in ids)
@@ -98,6 +157,7 @@ async def ours(b: Bench, pid: str, kinds: list[str]) -> tuple[float, float]:
     await gone(b, model.LABEL_ADDON, ids)
     delete_s = time.monotonic() - t0
     log(f"orkestr: all deleted after {delete_s:.1f}s")
+    cpu["orkestr_delete"] = await spent(b, cpu0, "orkestr delete")
     return create_s, delete_s
 
 
@@ -110,19 +170,25 @@ async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
     await aiodocker.volumes.DockerVolume(d, p.volume).delete()  # type: ignore[no-untyped-call]
 
 
-async def baseline(b: Bench, network: str, kinds: list[str]) -> tuple[float, float]:
+async def baseline(
+    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any]
+) -> tuple[float, float]:
     res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
     plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
     try:
+        cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(p.run_api() for p in plains))
         await all_answer(b, [p.target() for p in plains])
         create_s = time.monotonic() - t0
         log(f"asyncio: {len(kinds)} databases answering after {create_s:.1f}s")
+        cpu.setdefault("asyncio_create", []).append(await spent(b, cpu0, "asyncio create"))
+        cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
         delete_s = time.monotonic() - t0
         log(f"asyncio: all deleted after {delete_s:.1f}s")
+        cpu.setdefault("asyncio_delete", []).append(await spent(b, cpu0, "asyncio delete"))
         return create_s, delete_s
     finally:
         for p in plains:  # only what an error left behind
@@ -137,6 +203,8 @@ async def main(quick: bool) -> dict[str, Any]:
                                "postgres": postgres, "machine": machine_facts()}  # fmt: skip
     plans = plans_toml(cpus=CPUS, memory_mb=MEMORY_MB, max_addons=len(kinds) + 1)
     async with Bench(plans) as b:
+        cpu: dict[str, Any] = {}
+        results["cpu"] = cpu
         results["code"] = b.code
         pid = (await b.project("team"))["id"]
         # A first add-on makes the agent create the project network, which the client joins.
@@ -145,9 +213,12 @@ async def main(quick: bool) -> dict[str, Any]:
         await b.delete_addon(pid, warm["id"])
         results["activity_before"] = activity(b.host)
         # Alternating order, so neither variant always runs on a warmer daemon.
-        base_first = await baseline(b, model.network_name(pid), kinds)
-        ours_c, ours_d = await ours(b, pid, kinds)
-        base_second = await baseline(b, model.network_name(pid), kinds)
+        await pool_full(b)
+        base_first = await baseline(b, model.network_name(pid), kinds, cpu)
+        await pool_full(b)
+        ours_c, ours_d = await ours(b, pid, kinds, cpu)
+        await pool_full(b)
+        base_second = await baseline(b, model.network_name(pid), kinds, cpu)
         results["activity_after"] = activity(b.host)
     base_c = (base_first[0] + base_second[0]) / 2
     base_d = (base_first[1] + base_second[1]) / 2
