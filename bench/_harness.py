@@ -424,6 +424,10 @@ class Bench:
             plans_file=plans,
             offline_after_s=15,
         )
+        # The bench's calls come from the agent's address (loopback): a burst of 60 calls
+        # on up to 100 connections, beside the agent's own, could pass the controller's
+        # per-client cap (128) and get 503 too_many_connections.
+        self.controller.client_connections = 32
         await self.controller.start()
         self.agent = AgentProcess(
             self.host,

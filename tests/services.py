@@ -482,6 +482,9 @@ class ControllerProcess:
         )
         self.mqtt_extra = ""  # appended to the [mqtt] section, e.g. broker_config
         self.http_extra = ""  # appended to the [http] section
+        # Connections api() may hold open (aiohttp's default). Here the agents share the
+        # client address 127.0.0.1, and with it the controller's per-client cap.
+        self.client_connections = 100
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -617,7 +620,9 @@ class ControllerProcess:
             if self.tls is not None:
                 ssl_context = ssl.create_default_context(cafile=str(self.tls[2]))
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None
+                connector=aiohttp.TCPConnector(
+                    ssl=ssl_context if ssl_context else True, limit=self.client_connections
+                )
             )
         token = self.operator_token if token is None else token
         sent = dict(headers or {})
