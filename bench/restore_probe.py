@@ -9,6 +9,9 @@ load Redis reports, and what follows it. Also, once, the data volume's files and
 `INFO persistence` (an AOF rewrite under way?).
 
     flock /tmp/orkestr-bench.lock .venv/bin/python bench/restore_probe.py --redis-mb 500 --runs 3
+
+--storage-mb gives the plan a storage quota, so the volume is a loop-device ext4 (without
+one, as in bench/backup.py, it is a plain directory on the host's disk).
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"redis_mb": args.redis_mb, "restores": []}
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"orkestr-probe-{os.getpid()}"
     out.mkdir()
-    async with Bench(PLANS) as b:
+    plans = PLANS
+    if args.storage_mb:  # a storage quota: the volume is a loop-device ext4 (agent/loopfs.py)
+        plans = PLANS.replace("[team]\n", f"[team]\nstorage_mb = {args.storage_mb}\n")
+    async with Bench(plans) as b:
         project = await b.project("team")
         run = Run(b, project["id"], out)
         rd = await b.ready_addon(project["id"], "probe-cache", "redis")
@@ -140,6 +146,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--redis-mb", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--storage-mb", type=int, default=0, help="the plan's storage quota")
     parser.add_argument(
         "--sync-first", action="store_true", help="flush the host's page cache before each"
     )
