@@ -290,8 +290,9 @@ rm -rf .orkestr-previous .orkestr-restore
 #      add-on runs with appendonly, and Redis loads an RDB-format base, so nothing has to
 #      be rewritten). Nothing the live server uses is touched. The copy is flushed to
 #      disk here, while Redis still serves and the agent's checksum runs: left dirty, its
-#      writeback held Docker's kill of Redis 0.3-0.45 s past the process's exit, on the
-#      downtime (docs/benchmarks.md, "Redis restore: where the time goes"). -> `staged`
+#      writeback ran inside the downtime, 0.3-0.45 s in Docker's kill of Redis (plain
+#      volume) or in this container's exit (loop volume, unmounted then); see
+#      docs/benchmarks.md, "Redis restore: where the time goes". -> `staged`
 #   2. `swap` (the checksum matched and the agent has stopped Redis): the swap script
 #      below, in this running container, so the add-on's downtime holds no container start.
 # An agent killed anywhere leaves this container to be removed; a resumed restore runs

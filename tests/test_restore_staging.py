@@ -1,8 +1,8 @@
 """The Redis restore's staging flushes its copy to disk before it reports `staged`.
 
-Left dirty, the copy's writeback ran during the add-on's downtime and held Docker's kill
-of Redis 0.3-0.45 s past the process's exit (docs/benchmarks.md, "Redis restore: where the
-time goes"). The staging script runs on this host's bash against a real ext4 on a loop
+Left dirty, the copy's writeback ran during the add-on's downtime: 0.3-0.45 s in Docker's
+kill of Redis, or in the swap container's exit (docs/benchmarks.md, "Redis restore: where
+the time goes"). The staging script runs on this host's bash against a real ext4 on a loop
 device laid out as the add-on's volume; what the loop device has written when `staged`
 arrives says whether the copy reached it (the kernel would otherwise keep it dirty for
 up to vm.dirty_expire_centisecs, 30 s by default).
