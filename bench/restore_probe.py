@@ -20,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -76,8 +78,7 @@ def redis_log(name: str, since: str) -> list[str]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"redis_mb": args.redis_mb, "restores": []}
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"orkestr-probe-{os.getpid()}"
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix="orkestr-probe-"))  # only the Run's raw baselines use it
     plans = PLANS
     if args.storage_mb:  # a storage quota: the volume is a loop-device ext4 (agent/loopfs.py)
         plans = PLANS.replace("[team]\n", f"[team]\nstorage_mb = {args.storage_mb}\n")
@@ -139,6 +140,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             }
             log(json.dumps(r, indent=1))
             results["restores"].append(r)
+    shutil.rmtree(out, ignore_errors=True)
     return results
 
 
