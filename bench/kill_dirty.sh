@@ -1,8 +1,7 @@
 #!/bin/bash
 # Does dirty page cache on Docker's filesystem hold `docker kill` of an unrelated container?
 # A small Redis container is killed 3 times with 512 MB just written (dirty) into a plain
-# volume, alternated with 3 times after a `sync`. Run under the bench lock:
-#   flock /tmp/orkestr-bench.lock bash bench/kill_dirty.sh
+# volume, alternated with 3 times after a `sync`. Run it alone on the machine (a timing).
 set -euo pipefail
 tag=orkestr-killdirty-$$
 src=$(mktemp)

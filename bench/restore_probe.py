@@ -8,7 +8,7 @@ three ways from the host (the Docker `kill` event -> the Redis process gone from
 load Redis reports, and what follows it. Also, once, the data volume's files and
 `INFO persistence` (an AOF rewrite under way?).
 
-    flock /tmp/orkestr-bench.lock .venv/bin/python bench/restore_probe.py --redis-mb 500 --runs 3
+    .venv/bin/python bench/restore_probe.py --redis-mb 500 --runs 3
 
 --storage-mb gives the plan a storage quota, so the volume is a loop-device ext4 (without
 one, as in bench/backup.py, it is a plain directory on the host's disk).
