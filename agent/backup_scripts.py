@@ -219,7 +219,7 @@ redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 # (or between it and the restart) runs this again and it finishes the same swap; a
 # rollback cut short (`.orkestr-rollback`) is finished instead. The outcome, `restored` or
 # `previous`, goes to /backup/$STATE. DATA and BACKUP default to the mounts; a test moves them.
-# No sync while Redis is down: it would wait for the writeback of the just-staged copy. The
+# No sync here: the staged files were flushed before `staged` (see REDIS_RESTORE). The
 # renames reach the disk in order (ext4's journal), so a host crash leaves a prefix of
 # them, which this script finishes like any other cut; the agent's marker is on disk
 # already, and the cleanup flushes the restored files before it removes the previous ones.
@@ -275,9 +275,9 @@ rm -rf .orkestr-previous .orkestr-swapping
 rm -f .orkestr-rollback
 """
 
-# After the restored data went live: its files are flushed to disk (the staging skipped
-# that, to keep it off the add-on's downtime), and only then are the previous ones removed,
-# so a host crash before the flush still finds them for a rollback.
+# After the restored data went live: its files are flushed to disk (the staging did that
+# already; this also covers what Redis wrote since), and only then are the previous ones
+# removed, so a host crash before the flush still finds them for a rollback.
 REDIS_RESTORE_CLEANUP = r"""
 set -euo pipefail
 cd "${DATA:-/data}"
@@ -291,23 +291,28 @@ rm -rf .orkestr-previous .orkestr-restore
 # agent made: $UP (to the agent: `staged`) and $CTL (from it: `swap`; anything else aborts).
 #   1. The RDB is staged in /data/.orkestr-restore as the base file of a one-file AOF (the
 #      add-on runs with appendonly, and Redis loads an RDB-format base, so nothing has to
-#      be rewritten). Nothing the live server uses is touched. -> `staged`
+#      be rewritten). Nothing the live server uses is touched. The copy is flushed to
+#      disk here, while Redis still serves and the agent's checksum runs: left dirty, its
+#      writeback ran inside the downtime, 0.3-0.45 s in Docker's kill of Redis (plain
+#      volume) or in this container's exit (loop volume, unmounted then); see
+#      docs/benchmarks.md, "Redis restore: where the time goes". -> `staged`
 #   2. `swap` (the checksum matched and the agent has stopped Redis): the swap script
 #      below, in this running container, so the add-on's downtime holds no container start.
 # An agent killed anywhere leaves this container to be removed; a resumed restore runs
-# the swap script on its own.
+# the swap script on its own. DATA and BACKUP default to the mounts, as in the swap.
 REDIS_RESTORE = (
     _PRELUDE
     + r"""
-exec 3<>"/backup/$CTL" 4<>"/backup/$UP"
-stage=/data/.orkestr-restore
+exec 3<>"${BACKUP:-/backup}/$CTL" 4<>"${BACKUP:-/backup}/$UP"
+stage="${DATA:-/data}/.orkestr-restore"
 rm -rf "$stage"
 mkdir -p "$stage/appendonlydir"
-cp "/backup/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
+cp "${BACKUP:-/backup}/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
 : >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
 manifest="$stage/appendonlydir/appendonly.aof.manifest"
 { echo "file appendonly.aof.1.base.rdb seq 1 type b"
   echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
+sync "$stage/appendonlydir"/* "$stage/appendonlydir"
 touch "$stage/.complete"
 echo staged >&4
 read -r cmd <&3

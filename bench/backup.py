@@ -20,7 +20,7 @@ values). Then, alternating, N runs (default 1) of:
                 killed, the RDB copied into its volume, the server started and polled
                 (every 10 ms) until loaded; timed from the host through the Docker API.
   orkestr       POST .../restore, until it succeeded; finished_at - created_at (checksum,
-  restore       restore beside the live data, swap; Redis: the copy staged in the volume
+  restore       restore beside the live data, swap; Redis: the copy staged (and flushed) in the volume
                 while the checksum runs, then Redis killed, the files swapped, Redis
                 started and probed until it has loaded). The agent's time per phase is in
                 the JSON (`agent_phases`).
