@@ -6,7 +6,7 @@ set -euo pipefail
 tag=orkestr-killdirty-$$
 src=$(mktemp)
 cleanup() {
-  docker rm -f "$tag-c" >/dev/null 2>&1 || true
+  docker rm -f -v "$tag-c" >/dev/null 2>&1 || true
   docker volume rm "$tag-v" >/dev/null 2>&1 || true
   rm -f "$src"
 }
