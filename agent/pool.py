@@ -15,9 +15,8 @@ holder by its name and its one project network, specs.drifted by its parked shap
 rename comes last, so a claim cut off leaves either a parked-named container off the
 parking network, which the pool removes, or a complete holder.
 
-The pool refills only once no chain has run for a second and no add-on started lately is
-still coming up (runtime.Agent._starting): a burst's own starts, its databases'
-initialisation and the work right after it come first.
+The pool refills only once no chain has run for a second: a burst's own starts, and the
+work right after it, come first.
 """
 
 from __future__ import annotations

@@ -77,8 +77,6 @@ HOST = "_host"  # owner key of host-level conditions
 _EPOCH = datetime.fromtimestamp(0, UTC)
 # While chains run, passes start at most this often (a quiet host's pass runs at once).
 PASS_SPACING_S = 0.25
-# How long a starting add-on's readiness poll holds the holder pool's refill back.
-STARTING_S = 30.0
 # A kept re-probe connection serves this many rounds, then a fresh one is opened.
 KEEP_ROUNDS = 8
 
@@ -167,7 +165,7 @@ class Agent:
             docker,
             self.settings.images,
             config.agent.holder_pool,
-            busy=lambda: self.workers.in_flight() > 0 or self._starting(),
+            busy=lambda: self.workers.in_flight() > 0,
         )
         self.applier = Applier(
             self.host,
@@ -192,7 +190,6 @@ class Agent:
         self.workers: KeyedWorkers[p.Action] = KeyedWorkers(self.applier.run_chain, self.trigger)
         start_at_zero(p.ACTION_KINDS, desired_mod.REJECTION_REASONS)
         self._readiness: dict[str, asyncio.Task[None]] = {}
-        self._readiness_since: dict[str, float] = {}  # add-on id -> its poll's start
         # add-on id -> (database container id, address, connection, rounds used): re-probe
         # connections kept open between rounds (see _redis_round)
         self._kept: dict[str, tuple[str, str, resp.Connection, int]] = {}
@@ -835,21 +832,6 @@ class Agent:
                 self._polled.pop(addon.id, None)
 
         self._readiness[addon.id] = asyncio.create_task(poll(), name=f"ready-{addon.id}")
-        self._readiness_since[addon.id] = time.monotonic()
-
-    def _starting(self) -> bool:
-        """Whether an add-on started lately is not answering yet (its readiness poll runs).
-
-        The holder pool waits for it too: a burst's Postgres add-ons initialise for seconds
-        after their chains end, and the pool's refill (four container starts) landed in
-        that window, on the CPU their initdb needs. A poll older than STARTING_S (a
-        database that does not come up) no longer holds the pool back.
-        """
-        now = time.monotonic()
-        return any(
-            not task.done() and now - self._readiness_since.get(aid, 0.0) < STARTING_S
-            for aid, task in self._readiness.items()
-        )
 
     async def _probe(
         self,

@@ -4,10 +4,8 @@ starts), refilled, a claim cut off swept, and nothing left after the add-on goes
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import time
 from typing import Any
 
 from agent import firewall, model
@@ -17,7 +15,6 @@ from tests.agent_fixtures import (
     create_addon,
     create_project,
     docker,
-    metrics,
     wait_for,
     wait_phase,
 )
@@ -166,48 +163,3 @@ async def test_a_pool_turned_off_leaves_nothing_behind(stack: Stack, agent: Agen
         return not parked(agent.host) and left == ""
 
     await wait_for(gone, 60, "the parked holders and the parking network removed")
-
-
-async def test_the_pool_refills_only_once_a_new_postgres_answers(
-    stack: Stack, agent: AgentProcess
-) -> None:
-    """A new add-on's chain ends when its database starts, a Postgres then initialises for
-    seconds: the pool's refill (container starts) waits for its first answer, so the starts
-    do not take the CPU its initdb needs (docs/benchmarks.md, "Convergence at scale")."""
-    c = stack.controller
-    assert c is not None
-
-    def running() -> set[str]:
-        return {p["Name"] for p in parked(agent.host) if p["State"]["Running"]}
-
-    await wait_for(lambda: len(running()) == 4, 60, "two parked holders per kind")
-    before = running()
-    project = await create_project(c, "team")
-    pg = await create_addon(c, project["id"], "initdb", "postgres")
-    ready_at = refilled_at = None
-    deadline = time.monotonic() + 120
-    while refilled_at is None and time.monotonic() < deadline:
-        now = time.monotonic()
-        scraped = await metrics(agent.metrics_port, agent.metrics_token)
-        if ready_at is None and any(
-            k.startswith("orkestr_agent_addon_ready{") and pg["id"] in k and v == 1
-            for k, v in scraped.items()
-        ):
-            ready_at = now
-        if running() - before:
-            refilled_at = time.monotonic()
-        await asyncio.sleep(0.2)
-    log = agent.log_path.read_text(errors="replace")
-    assert "pool.claimed" in log and f"holder={model.holder_name(pg['id'])}" in log, log[-3000:]
-    assert refilled_at is not None, "the pool never refilled"
-    lines = [x for x in log.splitlines() if "pool." in x or pg["id"] in x]
-    assert ready_at is not None and ready_at <= refilled_at, lines[-30:]
-    await wait_phase(c, project["id"], pg["id"], "ready")
-    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{pg['id']}")
-    assert status == 202
-    holder = model.holder_name(pg["id"])
-    await wait_for(
-        lambda: docker("ps", "-aq", "--filter", f"name=^{holder}$", check=False) == "",
-        60,
-        "the claimed holder removed with its add-on",
-    )
