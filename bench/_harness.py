@@ -462,7 +462,7 @@ class Bench:
             elif keep:
                 print(self.agent.log_tail(400), file=sys.stderr)
         # The agent is stopped: nothing recreates what is removed now.
-        await asyncio.to_thread(remove_host_objects, self.host)
+        left = await asyncio.to_thread(remove_host_objects, self.host)
         if self.controller is not None:
             with contextlib.suppress(Exception):
                 await self.controller.close()
@@ -477,7 +477,7 @@ class Bench:
             detach_loops(self.agent.dir)
             shutil.rmtree(self.agent.dir, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
-        log(f"host {self.host}: everything removed")
+        log(f"host {self.host}: " + (f"left by Docker: {left}" if left else "everything removed"))
 
     # --- API ----------------------------------------------------------------------------
     async def api(self, method: str, path: str, body: Any = None, want: int = 200) -> Any:
