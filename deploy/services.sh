@@ -3,6 +3,13 @@
 # PostgreSQL (the controller's state), debootstrap (local add-on images) and the Python
 # virtual environment. Idempotent: a second run only checks that everything is up.
 set -euo pipefail
+# One set-up at a time on this machine (a CI run beside a developer's, two checkouts):
+# packages, daemons and images belong to the machine, and two runs would build the same
+# images twice or restart dockerd under each other. `-o`: the daemons started below must
+# not inherit the lock.
+if [ -z "${ORKESTR_SERVICES_LOCKED:-}" ]; then
+  exec env ORKESTR_SERVICES_LOCKED=1 flock -o "${TMPDIR:-/tmp}/.orkestr-services.lock" bash "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 
 log() { printf '[services] %s\n' "$*"; }
