@@ -215,6 +215,14 @@ END $f$;
 DO $d$
 DECLARE t record;
 BEGIN
+  -- A trigger of the tenant's by our name would stand for ours and exempt its table:
+  -- renamed aside (never dropped, it is the tenant's), like a squatted schema.
+  FOR t IN SELECT g.tgrelid::regclass AS rel FROM pg_trigger g
+      WHERE g.tgname = '{name}' AND g.tgfoid <> 'orkestr.quota_refuse()'::regprocedure
+  LOOP
+    EXECUTE format('ALTER TRIGGER {name} ON %s RENAME TO %I', t.rel,
+                   '{name}_renamed_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISSUS'));
+  END LOOP;
   FOR t IN SELECT c.oid::regclass AS rel FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')

@@ -286,3 +286,32 @@ async def test_large_objects_are_refused_past_the_quota_and_come_back_with_write
     )
     code, out = await psql(db, user, password, f"SELECT lo_from_bytea(0, {page}) > 0")
     assert (code, out) == (0, "t"), out
+
+
+async def test_a_trigger_the_tenant_named_like_the_platforms_does_not_exempt_its_table(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The refusal skipped tables that already had a trigger named `orkestr_quota`: a
+    tenant's own no-op trigger of that name kept its table writable past the quota."""
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+    await seed(db, user, password)
+    squat = (
+        "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'; "
+        "CREATE TRIGGER orkestr_quota AFTER INSERT ON fill "
+        "FOR EACH STATEMENT EXECUTE FUNCTION noop()"
+    )
+    code, out = await psql(db, user, password, squat)
+    assert code == 0, out
+    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(5):
+        await psql(db, user, password, fill)
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+    code, out = await psql(db, user, password, "INSERT INTO fill VALUES ('late')")
+    assert code != 0 and "storage quota exceeded" in out, out
+    # The tenant's trigger was renamed aside, not dropped.
+    renamed = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'orkestr_quota_renamed_%'"
+    assert await psql(db, user, password, renamed) == (0, "1")
