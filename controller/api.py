@@ -373,7 +373,8 @@ class Api:
         route = resource.canonical if resource is not None else UNMATCHED
         try:
             await self._authorize(request, route)
-            if takes_no_body(request, route):
+            # (A method the route lacks stays a 405, whatever the body.)
+            if request.match_info.http_exception is None and takes_no_body(request, route):
                 # Refused, never ignored: `{"backup_id": ...}` sent to a restore, say,
                 # would otherwise act on the path's ids as if nothing had been asked.
                 await read_body(request, NoBody, optional=True)

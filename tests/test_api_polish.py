@@ -166,3 +166,10 @@ async def test_a_body_sent_to_a_route_without_one_is_refused_not_ignored(
     assert status == 202, made
     status, _, answer = await call(controller, "DELETE", base, data=b"")
     assert status == 202, answer
+
+
+async def test_a_body_to_a_method_the_route_lacks_is_still_a_405(
+    controller: ControllerProcess,
+) -> None:
+    status, _, body = await call(controller, "DELETE", "/v1/projects", {"name": "x"})
+    assert status == 405 and body["error"] == "method_not_allowed", body
