@@ -696,6 +696,8 @@ class BackupRunner:
         """Run one script in a one-shot container; raise StepFailed with its output."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
+        if "ADDON_HOST" in env:
+            env = {**env, "ADDON_HOST": await self._address(project_id, addon)}
         container = self._container(
             spec, step, project_id, addon, script, env, network, secrets, volume
         )
@@ -715,6 +717,21 @@ class BackupRunner:
         finally:
             with contextlib.suppress(AgentError):
                 await self.docker.remove(name)
+
+    async def _address(self, project_id: str, addon: AddonSpec) -> str:
+        """The add-on's address on its project network, never its name: the tenant's apps
+        are on that network under names of their choosing, and an app named like the
+        add-on answered the platform's login (its admin password: Redis AUTH in clear,
+        Postgres asked for it in clear)."""
+        try:
+            info = await self.docker.inspect(model.holder_name(addon.id))
+        except NotFound:
+            raise StepFailed("the add-on's holder container is missing") from None
+        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        ip = (networks.get(model.network_name(project_id)) or {}).get("IPAddress")
+        if not ip:
+            raise StepFailed("the add-on has no address on its project network yet")
+        return str(ip)
 
     def _container(
         self,

@@ -169,6 +169,21 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Large objects live in pg_largeobject, a catalog no trigger can watch, and PUBLIC may
+# create and write them by default (`SELECT lo_from_bytea(0, ...)`): past the quota the
+# functions that create, write or extend one are revoked from PUBLIC (this database's own
+# ACL), and granted back with the writes. Reading and `lo_unlink` (which frees) stay.
+LARGE_OBJECT_WRITERS = (
+    "lo_creat(integer)",
+    "lo_create(oid)",
+    "lo_from_bytea(oid, bytea)",
+    "lo_put(oid, bigint, bytea)",
+    "lowrite(integer, bytea)",
+    "lo_truncate(integer, integer)",
+    "lo_truncate64(integer, bigint)",
+)
+_LO_FUNCTIONS = ", ".join(f"pg_catalog.{f}" for f in LARGE_OBJECT_WRITERS)
+
 # Statement triggers refuse INSERT/UPDATE/COPY; the event trigger refuses DDL but DROP
 # (and our own statements: the platform role is exempt).
 # The tenant owns its database, so it could make a schema `orkestr` first, with functions
@@ -185,6 +200,7 @@ DO $s$ BEGIN
 END $s$;
 CREATE SCHEMA IF NOT EXISTS orkestr AUTHORIZATION {admin};
 REVOKE ALL ON SCHEMA orkestr FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION {lo_functions} FROM PUBLIC;
 CREATE OR REPLACE FUNCTION orkestr.quota_refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
   RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = {message};
@@ -199,6 +215,14 @@ END $f$;
 DO $d$
 DECLARE t record;
 BEGIN
+  -- A trigger of the tenant's by our name would stand for ours and exempt its table:
+  -- renamed aside (never dropped, it is the tenant's), like a squatted schema.
+  FOR t IN SELECT g.tgrelid::regclass AS rel FROM pg_trigger g
+      WHERE g.tgname = '{name}' AND g.tgfoid <> 'orkestr.quota_refuse()'::regprocedure
+  LOOP
+    EXECUTE format('ALTER TRIGGER {name} ON %s RENAME TO %I', t.rel,
+                   '{name}_renamed_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISSUS'));
+  END LOOP;
   FOR t IN SELECT c.oid::regclass AS rel FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -246,6 +270,7 @@ DATABASE_CONNECTION_LIMIT = -1
 
 _REINSTATE_SQL = """
 DROP EVENT TRIGGER IF EXISTS {name};
+GRANT EXECUTE ON FUNCTION {lo_functions} TO PUBLIC;
 DO $d$
 DECLARE t record;
 BEGIN
@@ -255,6 +280,7 @@ BEGIN
   END LOOP;
 END $d$;
 """
+_REINSTATE = _REINSTATE_SQL.format(name=QUOTA_OBJECT, lo_functions=_LO_FUNCTIONS)
 
 
 class Upkeep:
@@ -758,7 +784,7 @@ class Upkeep:
         if quota is None:
             self.quota.pop(addon.id, None)
             if restricted:
-                await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
+                await conn.execute(_REINSTATE)
             return
         self.quota[addon.id] = quota
         state = pg_quota_state(usage, quota, free)
@@ -772,6 +798,7 @@ class Upkeep:
                 admin_literal=_literal(ADMIN_USER),
                 message=_literal(refusal(addon, usage, quota, free)),
                 name=QUOTA_OBJECT,
+                lo_functions=_LO_FUNCTIONS,
             )
             spare = addon.id in self._wal_fs
             try:
@@ -795,7 +822,7 @@ class Upkeep:
                     cancelled,
                 )
         elif restricted:
-            await conn.execute(_REINSTATE_SQL.format(name=QUOTA_OBJECT))
+            await conn.execute(_REINSTATE)
             log.info("upkeep.writes_reinstated addon=%s usage=%s quota=%s", addon.id, usage, quota)
         self._quota_condition(addon, state, usage, quota, free)
 

@@ -197,7 +197,7 @@ def groups_delete(group: str, yes: bool, as_json: bool) -> None:
 @project_option
 @json_option
 def addons_share(name: str, group: str, variable: str, project: str, as_json: bool) -> None:
-    """Share add-on NAME in GROUP: the other members get its URL as VARIABLE."""
+    """Share add-on NAME in GROUP: the other members get its URL as VARIABLE (<NAME>_URL)."""
     c = client()
     p = resolve_project(c, project)
     a = resolve_addon(c, p, name)

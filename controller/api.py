@@ -246,6 +246,40 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
         raise InvalidBody(f"invalid {kind.__name__} body: {describe(exc)}") from None
 
 
+class NoBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a route without a body accepts: nothing, or `{}`."""
+
+
+_ADDON = "/v1/projects/{project_id}/addons/{addon_id}"
+# The routes a project token may use that take no body: one sent is refused.
+NO_BODY_ROUTES = frozenset(
+    {
+        ("POST", f"{_ADDON}/promote"),
+        ("POST", f"{_ADDON}/rotate-credentials"),
+        ("POST", f"{_ADDON}/backups"),
+        ("POST", f"{_ADDON}/backups/{{backup_id}}/verify"),
+        ("POST", f"{_ADDON}/backups/{{backup_id}}/restore"),
+        ("POST", "/v1/projects/{project_id}/releases/{number}/rollback"),
+        ("POST", "/v1/projects/{project_id}/jobs/{job_id}/cancel"),
+        ("DELETE", _ADDON),
+        ("DELETE", "/v1/projects/{project_id}/jobs/{job_id}"),
+        ("DELETE", "/v1/projects/{project_id}/groups/{group_id}/shares/{addon_id}"),
+    }
+)
+
+
+def takes_no_body(request: web.Request, route: str) -> bool:
+    """The operator's too (every DELETE, adding a group member); a project token's other
+    answers there stay the 404 of a route that does not exist for it."""
+    if (request.method, route) in NO_BODY_ROUTES:
+        return True
+    principal: Principal | None = request.get("principal")
+    return principal is not None and principal.kind == "operator" and (
+        request.method == "DELETE"
+        or (request.method, route) == ("PUT", "/v1/groups/{group_id}/members/{project_id}")
+    )
+
+
 class Api:
     def __init__(
         self,
@@ -339,6 +373,11 @@ class Api:
         route = resource.canonical if resource is not None else UNMATCHED
         try:
             await self._authorize(request, route)
+            # (A method the route lacks stays a 405, whatever the body.)
+            if request.match_info.http_exception is None and takes_no_body(request, route):
+                # Refused, never ignored: `{"backup_id": ...}` sent to a restore, say,
+                # would otherwise act on the path's ids as if nothing had been asked.
+                await read_body(request, NoBody, optional=True)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc)

@@ -42,6 +42,11 @@ class GroupCreate(Struct, frozen=True, forbid_unknown_fields=True):
     name: ProjectName
 
 
+# A share's name lands in other tenants' environments: only names of the form <NAME>_URL,
+# so one member cannot set PATH, LD_PRELOAD, NODE_OPTIONS, HTTP_PROXY... in another's.
+SHARE_SUFFIX = "_URL"
+
+
 class ShareBody(Struct, frozen=True, forbid_unknown_fields=True):
     # The variable the other members get the add-on's URL under.
     env_name: Annotated[VariableName, Meta(description="e.g. ORDERS_DATABASE_URL")]
@@ -159,6 +164,12 @@ class GroupsApi:
             raise InvalidBody(
                 f"env_name: {body.env_name} is each member's own primary add-on's variable; "
                 "pick a name of its own"
+            )
+        if not body.env_name.endswith(SHARE_SUFFIX):
+            raise InvalidBody(
+                f"env_name: {body.env_name} does not end in {SHARE_SUFFIX}; a shared add-on's "
+                "variable is set in the other members' apps and jobs, where a name such as "
+                "PATH or LD_PRELOAD would change how their programs run (e.g. ORDERS_URL)"
             )
         group = await groups.share(self._pool, project_id, group_id, addon_id, body.env_name)
         self._changed(group)

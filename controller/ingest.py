@@ -182,6 +182,7 @@ class Ingest:
             outcome = await reports.record_host_status(self._pool, status)
             if outcome is None:
                 return "stale"
+            self._metrics.host_applied_generation.labels(host).set(status.applied_generation)
             if outcome.purged:
                 log(logger, "addons_purged", host=host, addons=",".join(outcome.purged))
             if outcome.over_ceiling is not None:

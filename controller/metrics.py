@@ -77,6 +77,20 @@ class Metrics:
         self.last_generation = Gauge(
             f"{P}_desired_generation", "Last published desired-state generation", registry=r
         )
+        # Per host, both from the controller (one label to match on): generations come from
+        # one sequence for all hosts, so only a host's own pair says whether it lags.
+        self.host_desired_generation = Gauge(
+            f"{P}_host_desired_generation",
+            "Generation of the last desired state published to the host",
+            ["host"],
+            registry=r,
+        )
+        self.host_applied_generation = Gauge(
+            f"{P}_host_applied_generation",
+            "Generation the host last reported applying",
+            ["host"],
+            registry=r,
+        )
         self.addons_created = Counter(
             f"{P}_addons_created_total", "Add-ons created", ["kind"], registry=r
         )

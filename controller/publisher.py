@@ -145,6 +145,7 @@ class Publisher:
         await self._link.publish_retained(topics.desired(host), payload)
         self._metrics.desired_published.labels("published").inc()
         self._metrics.last_generation.set(state.generation)
+        self._metrics.host_desired_generation.labels(host).set(state.generation)
         log(
             logger,
             "desired_published",

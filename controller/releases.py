@@ -103,6 +103,19 @@ async def _insert(
         raise NotFound(f"project {project_id} does not exist")
     if deleting:
         raise Conflict(f"project {project_id} is being deleted")
+    # Apps and add-ons share the project network's names: an app named like an add-on
+    # would answer at the add-on's name, to clients of the project (and of the platform).
+    clash = await conn.fetchval(
+        """SELECT name FROM addons WHERE project_id = $1 AND deleted_at IS NULL
+        AND name = ANY($2::text[]) ORDER BY name LIMIT 1""",
+        uuid_of(project_id),
+        [a.name for a in apps],
+    )
+    if clash is not None:
+        raise Conflict(
+            f"app {clash!r} is named like the project's add-on {clash!r}: on the project "
+            "network that name is the add-on's address; give the app another name"
+        )
     number = 1 + await conn.fetchval(
         "SELECT coalesce(max(number), 0) FROM releases WHERE project_id = $1", uuid_of(project_id)
     )

@@ -325,6 +325,17 @@ async def _lock_project(
     return result
 
 
+class _AddressTaken(Conflict):
+    """A name another container of the project answers to on its network."""
+
+
+# An app of the newest release by that name: apps and add-ons share the project network's
+# names, and one name with two addresses sends clients to either (controller/releases.py).
+_APP_NAMED = """SELECT true FROM releases r, jsonb_array_elements(r.apps) app
+WHERE r.project_id = $1 AND app->>'name' = $2
+  AND r.number = (SELECT max(number) FROM releases WHERE project_id = $1)"""
+
+
 async def create_addon(
     pool: Pool,
     project_id: str,
@@ -358,6 +369,13 @@ async def create_addon(
                     f"plan {project['plan']!r} allows {plan.max_addons} add-on(s) per project; "
                     f"this project has {used}{note}"
                 )
+            app = await conn.fetchval(_APP_NAMED, project["id"], name)
+            if app:
+                raise _AddressTaken(
+                    f"an app of the project's current release is named {name!r}: on the "
+                    "project network that name is the app's address; deploy the app under "
+                    "another name, or give the add-on another"
+                )
             row = await conn.fetchrow(
                 f"""
                 WITH a AS (
@@ -378,6 +396,8 @@ async def create_addon(
                 password_sealed,
                 deletion_protection,
             )
+    except _AddressTaken:
+        raise
     except Conflict:
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None
     return _addon(row)

@@ -133,3 +133,43 @@ async def test_lists_are_paginated_by_limit_and_offset(
         status, body = await controller.api("GET", f"/v1/projects/{pid}/addons?{query}")
         assert status == 400 and body["error"] == "bad_request", (query, body)
         assert ("limit" in body["message"]) or ("offset" in body["message"])
+
+
+async def test_a_body_sent_to_a_route_without_one_is_refused_not_ignored(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    """`POST .../backups {"kind": "automatic"}` took a manual backup (one of the day's),
+    and `DELETE .../addons/{id} {"dry_run": true}` deleted it: the body was never read."""
+    _, _, project = await call(
+        controller, "POST", "/v1/projects", {"name": unique("nobody"), "plan": "team"}
+    )
+    pid = project["id"]
+    status, _, addon = await call(
+        controller, "POST", f"/v1/projects/{pid}/addons", {"name": "db", "kind": "postgres"}
+    )
+    assert status == 201, addon
+    base = f"/v1/projects/{pid}/addons/{addon['id']}"
+    for method, path, body in (
+        ("POST", f"{base}/backups", {"kind": "automatic"}),
+        ("POST", f"{base}/rotate-credentials", {"grace_s": 0}),
+        ("POST", f"{base}/promote", [1]),
+        ("DELETE", base, {"dry_run": True}),
+    ):
+        status, _, answer = await call(controller, method, path, body)
+        assert status == 422 and answer["error"] == "invalid_body", (path, answer)
+    status, _, answer = await call(controller, "POST", f"{base}/promote", data=b"not json")
+    assert status == 400 and answer["error"] == "invalid_json", answer
+    status, shown = await controller.api("GET", base)
+    assert status == 200 and shown["deleted_at"] is None and shown["secret_version"] == 1
+    # Nothing, or `{}`, is what these routes take.
+    status, _, made = await call(controller, "POST", f"{base}/rotate-credentials", {})
+    assert status == 202, made
+    status, _, answer = await call(controller, "DELETE", base, data=b"")
+    assert status == 202, answer
+
+
+async def test_a_body_to_a_method_the_route_lacks_is_still_a_405(
+    controller: ControllerProcess,
+) -> None:
+    status, _, body = await call(controller, "DELETE", "/v1/projects", {"name": "x"})
+    assert status == 405 and body["error"] == "method_not_allowed", body

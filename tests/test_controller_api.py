@@ -912,3 +912,33 @@ async def test_mosquitto_keeps_retained_messages_and_sessions_across_restarts() 
         # The broker wrote its persistence file (as the user it drops to).
         assert (broker.data_dir / "mosquitto.db").exists()
         assert "Permission denied" not in broker.log_text()
+
+
+async def test_metrics_show_each_hosts_published_and_applied_generation(
+    controller: ControllerProcess, mosquitto: Mosquitto, fake_agent: FakeAgent
+) -> None:
+    """Per host, from the controller: the fleet-wide maximum could not show one stuck host
+    while another was current (the OrkestrDesiredGenerationNotApplied alert reads these)."""
+    project = await new_project(controller, "pro")
+    host = project["host"]
+    async with DesiredWatcher(host, mosquitto) as watcher:
+        state = await watcher.wait_for(lambda s: project_in(s, project["id"]) is not None)
+    fake_agent.applied_generation = state.generation - 1
+    await fake_agent.report()
+
+    async def series() -> tuple[float, float] | None:
+        _, text = await controller.api("GET", "/metrics")
+        found = {
+            name: float(value)
+            for name, value in re.findall(
+                rf'^orkestr_controller_host_(desired|applied)_generation{{host="{host}"}} (\S+)$',
+                text,
+                re.M,
+            )
+        }
+        if found.get("applied") != state.generation - 1 or "desired" not in found:
+            return None
+        return found["desired"], found["applied"]
+
+    desired, applied = await eventually(series, "per-host generations")
+    assert desired >= state.generation > applied

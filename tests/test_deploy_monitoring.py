@@ -298,8 +298,8 @@ def test_alerts_cover_the_asked_conditions() -> None:
         "orkestr_agent_mqtt_connected",
         "orkestr_controller_mqtt_connected",
         "orkestr_agent_reconcile_total",
-        "orkestr_agent_applied_generation",
-        "orkestr_controller_desired_generation",
+        "orkestr_controller_host_applied_generation",
+        "orkestr_controller_host_desired_generation",
         "orkestr_agent_desired_rejected_total",
         "orkestr_agent_wake_duration_seconds_bucket",
     }
@@ -495,6 +495,16 @@ tests:
         values: '5x42'
       - series: 'orkestr_agent_applied_generation{job="orkestr-agent", instance="b"}'
         values: '11x14 12x27'
+      # Per host, as the controller sees it: node-b catches up at 15m; node-c stays behind
+      # while node-b is current, which a fleet-wide maximum never alerted on.
+      - series: 'orkestr_controller_host_desired_generation{job="orkestr-controller", instance="c", host="node-b"}'
+        values: '12x42'
+      - series: 'orkestr_controller_host_applied_generation{job="orkestr-controller", instance="c", host="node-b"}'
+        values: '11x14 12x27'
+      - series: 'orkestr_controller_host_desired_generation{job="orkestr-controller", instance="c", host="node-c"}'
+        values: '_x15 9x27'
+      - series: 'orkestr_controller_host_applied_generation{job="orkestr-controller", instance="c", host="node-c"}'
+        values: '_x15 7x27'
       - series: 'orkestr_agent_reconcile_total{job="orkestr-agent", instance="a", result="success"}'
         values: '0+10x42'
       - series: 'orkestr_agent_reconcile_total{job="orkestr-agent", instance="a", result="error"}'
@@ -537,6 +547,8 @@ tests:
       - expr: count by (alertname, instance) (ALERTS{alertstate="firing"})
         eval_time: 25m
         exp_samples:
+          - labels: '{alertname="OrkestrDesiredGenerationNotApplied"}'
+            value: 1
           - labels: '{alertname="OrkestrAgentDown", instance="a"}'
             value: 1
           - labels: '{alertname="OrkestrAgentBrokerDisconnected", instance="b"}'
@@ -548,6 +560,8 @@ tests:
       - expr: count by (alertname, instance) (ALERTS{alertstate="firing"})
         eval_time: 40m
         exp_samples:
+          - labels: '{alertname="OrkestrDesiredGenerationNotApplied"}'
+            value: 1
           - labels: '{alertname="OrkestrAgentDown", instance="a"}'
             value: 1
           - labels: '{alertname="OrkestrAgentBrokerDisconnected", instance="b"}'

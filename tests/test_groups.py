@@ -265,3 +265,25 @@ async def test_a_shared_addon_asleep_wakes_for_another_members_job(
     await wait_for(woke, 30, "the wake counted")
     status, _ = await c.api("DELETE", f"/v1/groups/{group_id}")
     assert status == 204
+
+
+async def test_a_share_cannot_name_a_variable_that_changes_how_the_other_members_run(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """A share's variable is set in the other members' apps and jobs. Named PATH, it made
+    every job and app of the other tenant fail to start ("sh": executable file not found in
+    $PATH); LD_PRELOAD, NODE_OPTIONS or HTTP_PROXY would change how its programs run."""
+    c = stack.controller
+    assert c is not None
+    a = (await create_project(c, "team"))["id"]
+    b = (await create_project(c, "team"))["id"]
+    orders = await create_addon(c, a, "orders", "postgres")
+    group_id = await group_of(c, a, b)
+    share = f"/v1/projects/{a}/groups/{group_id}/shares/{orders['id']}"
+    for name in ("PATH", "LD_PRELOAD", "NODE_OPTIONS", "HTTP_PROXY", "HOME"):
+        status, body = await c.api("PUT", share, {"env_name": name})
+        assert status == 422 and "_URL" in body["message"], (name, body)
+    job = await run_job(c, b, 'echo "path=$PATH"', timeout=60)
+    assert job["state"] == "succeeded" and "path=/" in job["output"], job
+    status, body = await c.api("PUT", share, {"env_name": "ORDERS_URL"})
+    assert status == 200, body

@@ -244,3 +244,74 @@ async def test_a_schema_the_tenant_made_in_the_platforms_name_does_not_disarm_th
     # The tenant's schema was moved aside, with its data.
     kept = "SELECT string_agg(v, ',') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, LATERAL (SELECT 'x' AS v) x WHERE c.relname = 'mine' AND n.nspname LIKE 'orkestr_renamed_%'"
     assert await psql(db, user, password, kept) == (0, "x")
+
+
+async def test_large_objects_are_refused_past_the_quota_and_come_back_with_writes(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Large objects live in pg_largeobject, which no trigger watches, and PUBLIC may write
+    them by default: past the quota `SELECT lo_from_bytea(0, ...)` went on filling the
+    add-on as if it had no quota, up to its filesystem."""
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+    await seed(db, user, password)
+    code, out = await psql(db, user, password, "SELECT lo_from_bytea(4242, 'kept')")
+    assert code == 0, out
+    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(5):
+        await psql(db, user, password, fill)
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+    page = "convert_to(repeat(md5(random()::text), 4096), 'UTF8')"
+    writes = [
+        f"SELECT lo_from_bytea(0, {page})",
+        f"SELECT lo_put(4242, 0, {page})",
+        "SELECT lo_create(0)",
+        "SELECT lowrite(lo_open(4242, 131072), 'x')",
+        "SELECT lo_truncate(lo_open(4242, 131072), 1000000)",
+    ]
+    for sql in writes:
+        code, out = await psql(db, user, password, f"BEGIN; {sql}; COMMIT")
+        assert code != 0 and "permission denied for function" in out, (sql, out)
+    # Reading, and unlinking (which frees), still work.
+    assert await psql(db, user, password, "SELECT convert_from(lo_get(4242), 'UTF8')") == (
+        0,
+        "kept",
+    )
+    assert (await psql(db, user, password, "TRUNCATE fill"))[0] == 0
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 60, "writes back"
+    )
+    code, out = await psql(db, user, password, f"SELECT lo_from_bytea(0, {page}) > 0")
+    assert (code, out) == (0, "t"), out
+
+
+async def test_a_trigger_the_tenant_named_like_the_platforms_does_not_exempt_its_table(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The refusal skipped tables that already had a trigger named `orkestr_quota`: a
+    tenant's own no-op trigger of that name kept its table writable past the quota."""
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+    await seed(db, user, password)
+    squat = (
+        "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'; "
+        "CREATE TRIGGER orkestr_quota AFTER INSERT ON fill "
+        "FOR EACH STATEMENT EXECUTE FUNCTION noop()"
+    )
+    code, out = await psql(db, user, password, squat)
+    assert code == 0, out
+    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(5):
+        await psql(db, user, password, fill)
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+    code, out = await psql(db, user, password, "INSERT INTO fill VALUES ('late')")
+    assert code != 0 and "storage quota exceeded" in out, out
+    # The tenant's trigger was renamed aside, not dropped.
+    renamed = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'orkestr_quota_renamed_%'"
+    assert await psql(db, user, password, renamed) == (0, "1")

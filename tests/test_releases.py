@@ -139,6 +139,32 @@ async def test_releases_refuse_what_the_platform_does_not_run(
     assert status == 200 and body == {"apps": []}
 
 
+async def test_an_app_and_an_addon_never_share_a_name_on_the_project_network(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Both answer at their name on the project network: an app named like an add-on made
+    the name resolve to either, for the project's clients and the platform's backups."""
+    c = stack.controller
+    assert c is not None
+    pid = (await create_project(c, "team"))["id"]
+    await create_addon(c, pid, "db", "postgres")
+    url = f"/v1/projects/{pid}/releases"
+    status, body = await c.api("POST", url, {"apps": {"web": APP, "db": APP}})
+    assert status == 409 and "'db'" in body["message"], body
+    status, body = await c.api("POST", url, {"apps": {"cache": APP}})
+    assert status == 201, body
+    status, body = await c.api(
+        "POST", f"/v1/projects/{pid}/addons", {"name": "cache", "kind": "redis"}
+    )
+    assert status == 409 and "'cache'" in body["message"], body
+    # A rollback to a release whose app is now an add-on's name is refused the same way.
+    status, body = await c.api("POST", url, {"apps": {"web": APP}})
+    assert status == 201, body
+    await create_addon(c, pid, "cache", "redis")
+    status, body = await c.api("POST", f"{url}/1/rollback")
+    assert status == 409 and "'cache'" in body["message"], body
+
+
 async def test_a_plan_change_resizes_a_running_app_in_place(
     stack: Stack, agent: AgentProcess
 ) -> None:
