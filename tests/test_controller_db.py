@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -112,3 +113,56 @@ async def test_live_addon_names_are_unique_per_project(empty_db: str) -> None:
             # A tombstone does not hold the name.
             await conn.execute("UPDATE addons SET deleted_at = now()")
             await conn.execute(insert, pid, None)
+
+
+async def test_shares_named_outside_url_are_dropped_by_the_migration(empty_db: str) -> None:
+    """Migration 011: a share stored as PATH before names had to end in _URL would have
+    kept changing how the other members' programs run; it goes, ORDERS_URL stays, and no
+    later path can store one again."""
+    async with db.open_pool(empty_db, 1, 2) as pool:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for m in db.discover():
+                if m.version < 11:
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        m.version,
+                        m.name,
+                    )
+            await conn.execute("INSERT INTO hosts (name) VALUES ('node-a')")
+            group, owner = uuid.uuid4(), uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO projects (id, name, plan, host) VALUES ($1, 'p', 'pro', 'node-a')",
+                owner,
+            )
+            await conn.execute("INSERT INTO project_groups (id, name) VALUES ($1, 'g')", group)
+            await conn.execute(
+                "INSERT INTO group_members (group_id, project_id) VALUES ($1, $2)", group, owner
+            )
+            for name, env_name in (("a", "PATH"), ("b", "ORDERS_URL")):
+                addon = uuid.uuid4()
+                await conn.execute(
+                    """INSERT INTO addons (id, project_id, name, kind, database, "user",
+                    password) VALUES ($1, $2, $3, 'postgres', 'd', 'u', 'x')""",
+                    addon,
+                    owner,
+                    name,
+                )
+                await conn.execute(
+                    """INSERT INTO group_shares (group_id, project_id, addon_id, env_name)
+                    VALUES ($1, $2, $3, $4)""",
+                    group,
+                    owner,
+                    addon,
+                    env_name,
+                )
+        assert await db.migrate(pool) == [m.version for m in db.discover() if m.version >= 11]
+        async with pool.acquire() as conn:
+            names = [r[0] for r in await conn.fetch("SELECT env_name FROM group_shares")]
+            assert names == ["ORDERS_URL"]
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("UPDATE group_shares SET env_name = 'LD_PRELOAD'")
