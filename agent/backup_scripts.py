@@ -116,6 +116,14 @@ sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
 # container removed) left it closed: open it again before anything else can fail.
 sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
 sql -c "DROP DATABASE IF EXISTS \"$new\"" -c "DROP DATABASE IF EXISTS \"$old\""
+# Both copies are on the add-on's filesystem until the swap: with a quota, they must
+# both fit it (schemas/storage.py, beside_refusal). The live size goes to the agent,
+# which words the refusal.
+if [[ -n ${QUOTA_BYTES:-} ]]; then
+  live=$(psql -X -At -v ON_ERROR_STOP=1 -c "SELECT pg_database_size('$ADDON_DB')")
+  echo "$live" >"/backup/$ROOM"
+  if (( live + NEED_BYTES > QUOTA_BYTES )); then exit 7; fi
+fi
 sql -c "CREATE DATABASE \"$new\" OWNER \"$ADDON_USER\""
 if ! pg_restore --exit-on-error --no-owner --no-acl --role="$ADDON_USER" \
      -d "$new" "/backup/$IN"; then
@@ -140,6 +148,18 @@ SQL
   then swapped=1; break; fi
 done
 [[ $swapped == 1 ]] || { echo "could not swap the databases" >&2; exit 6; }
+"""
+)
+
+# A restore stopped by the agent before the swap (its copy outgrew the room beside the
+# live database): the copy goes at once, its connection may still linger.
+PG_RESTORE_ABANDON = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE=postgres
+psql -X -q -v ON_ERROR_STOP=1 \
+  -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_restore\" WITH (FORCE)"
 """
 )
 

@@ -374,6 +374,122 @@ async def test_a_restore_that_would_not_fit_the_plan_is_refused(
     assert await sql(c, p, "select count(*) from big") == "90000"
 
 
+async def set_data_bytes(c: ControllerProcess, backup_id: str, value: int) -> None:
+    """Record a wrong data size for a backup in the controller's database."""
+    conn = await asyncpg.connect(c.database_url)
+    try:
+        await conn.execute(
+            "UPDATE backups SET data_bytes = $2 WHERE id = $1", uuid.UUID(backup_id), value
+        )
+    finally:
+        await conn.close()
+
+
+async def finished_restore(c: ControllerProcess, p: str, a: str, restore_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        s, r = await c.api("GET", f"{base(p, a)}/restores/{restore_id}")
+        assert s == 200, r
+        return r if r["state"] != "pending" else None
+
+    return await wait_for(done, 180, f"restore {restore_id}", 0.5)  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(900)
+async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Issue 9: a Postgres restore is built beside the live database, so for a while both
+    copies are on the add-on's filesystem. A backup that fits the plan alone but not with
+    the live data is refused up front by the controller (409, what to do), again by the
+    agent with the sizes of that moment (the controller's view was wrong), and a copy that
+    outgrows the room anyway (its recorded size was wrong) is stopped and dropped before
+    the quota guard would refuse the add-on's writes. The live data is never touched, its
+    writes keep working, Postgres never PANICs; once the user frees the live database, as
+    the refusal says, the same backup restores."""
+    c = _c(stack)
+    p = (await create_project(c, "quota"))["id"]  # 256 MB
+    a = (await create_addon(c, p, "full-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    rows = 560_000
+    await sql(c, p, "create table big(id int primary key, body text); insert into big "
+                    f"select g, repeat(md5(g::text), 8) from generate_series(1, {rows}) g")  # fmt: skip
+    taken = await backup_now(c, p, a, wait=False)
+    taken = await wait_backup(c, p, a, taken["id"], timeout=600)
+    assert taken["verified"] is True, taken
+    quota = 256 * 2**20
+    assert quota / 2 < taken["data_bytes"] < quota * 0.9, taken  # fits the plan alone
+    await sql(c, p, "create table notes(body text); insert into notes values ('after')")
+
+    async def measured() -> int | None:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        used = view["usage_bytes"]
+        return used if used is not None and used > quota / 2 else None
+
+    live = await wait_for(measured, 60, "the add-on's usage reported", 0.5)
+
+    # 1. Up front: the controller knows both sizes.
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 409 and body["error"] == "plan_limit_reached", body
+    message = body["message"]
+    assert f"restoring backup {taken['id']} needs room for two copies at once" in message
+    assert f"{taken['data_bytes'] / 2**20:.1f} MB of data" in message, message
+    assert "the 256 MB plan 'quota' allows per add-on" in message, message
+    assert "free at least" in message and "or move to a plan with at least" in message
+    assert live > 0
+
+    def untouched() -> None:
+        assert tenant_sql(a, "select count(*) from big", "app") == str(rows)
+        assert tenant_sql(a, "select body from notes", "app") == "after"
+        names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+        assert "orkestr_restore" not in names and "orkestr_previous" not in names, names
+
+    untouched()
+
+    # 2. The controller is told the backup is small: the agent measures and refuses.
+    await set_data_bytes(c, taken["id"], 2**20)
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "failed", done["error"]
+    assert f"refused: restoring backup {taken['id']} needs room for two copies" in done["error"]
+    untouched()
+
+    # 3. The agent is told so too (the sidecar): the copy grows until the agent stops it.
+    side = dump_path(agent, p, a, taken["id"]).with_suffix(".json")
+    truth = side.read_bytes()
+    side.write_bytes(json.dumps({**json.loads(truth), "data_bytes": 2**20}).encode())
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "failed", done["error"]
+    assert "stopped: the restored copy outgrew the room beside the live database" in done[
+        "error"
+    ], done
+    untouched()
+    # Writes work: the guard never had to refuse them, nothing filled a filesystem.
+    await sql(c, p, "insert into notes values ('still writable')")
+    logs = docker("logs", f"orkestr-{a}-db", check=False)
+    assert "PANIC" not in logs and "No space left" not in logs, logs[-3000:]
+    _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+    assert "storage quota exceeded" not in json.dumps(view), view
+
+    # 4. As the refusal says: free the live database, and the backup restores.
+    side.write_bytes(truth)
+    await set_data_bytes(c, taken["id"], taken["data_bytes"])
+    await sql(c, p, "drop table big")
+
+    async def freed() -> bool:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        return bool(view["usage_bytes"] is not None and view["usage_bytes"] < quota / 4)
+
+    await wait_for(freed, 60, "the freed usage reported", 0.5)
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert await sql(c, p, "select count(*) from big") == str(rows)
+
+
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     c = _c(stack)
     project = await create_project(c, "team")
