@@ -42,7 +42,9 @@ export PGPASSWORD PGHOST="$ADDON_HOST" PGUSER="$BACKUP_USER" PGCONNECT_TIMEOUT=1
 """
 
 # The dump and the counts come from one snapshot: a REPEATABLE READ transaction exports
-# it, pg_dump --snapshot dumps exactly that, and the counts are taken in the transaction.
+# it, pg_dump --snapshot dumps exactly that, and the counts are taken in the transaction,
+# while pg_dump runs (a scan of each table beside pg_dump's compression, which holds the
+# dump's time: counted after it, the counts added a scan of the whole database).
 PG_BACKUP = (
     _PRELUDE
     + _PG_CONNECT
@@ -53,22 +55,21 @@ exec 3>&"${PSQL[1]}" 4<&"${PSQL[0]}"
 echo "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_export_snapshot();" >&3
 read -r -t 60 snapshot <&4 || { echo "no snapshot from the server" >&2; exit 3; }
 [[ "$snapshot" =~ ^[0-9A-Fa-f-]+$ ]] || { echo "snapshot: $snapshot" >&2; exit 3; }
-pg_dump -Fc --snapshot="$snapshot" -f "/backup/$OUT"
 cat >&3 <<'SQL'
 """
     + _PG_COUNTS_SQL
     + r"""
 SELECT ':data_bytes|' || pg_database_size(current_database());
 SELECT 'END-OF-COUNTS';
-COMMIT;
-\q
 SQL
+pg_dump -Fc --snapshot="$snapshot" -f "/backup/$OUT"
 : >"/backup/$COUNTS"
 done=0
 while read -r -t 600 line <&4; do
   if [[ "$line" == END-OF-COUNTS ]]; then done=1; break; fi
   echo "$line" >>"/backup/$COUNTS"
 done
+printf 'COMMIT;\n\\q\n' >&3
 exec 3>&- 4<&-
 if [[ -n ${PSQL_PID:-} ]]; then wait "$PSQL_PID" || true; fi
 [[ $done == 1 ]] || { echo "counting rows failed: $(tail -n 3 "/backup/$COUNTS")" >&2; exit 4; }
