@@ -152,15 +152,24 @@ done
 """
 )
 
-# A restore stopped by the agent before the swap (its copy outgrew the room beside the
-# live database): the copy goes at once, its connection may still linger.
+# A restore the agent stopped (its copy outgrew the room beside the live database),
+# wherever its script was: the live database is opened again (a kill between closing it
+# and the swap left it closed), and if the swap had committed (the previous database,
+# which the restore dropped first, exists again) that is said in $ROOM; otherwise the
+# copy goes at once (its connection may still linger).
 PG_RESTORE_ABANDON = (
     _PRELUDE
     + _PG_CONNECT
     + r"""
 export PGDATABASE=postgres
-psql -X -q -v ON_ERROR_STOP=1 \
-  -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_restore\" WITH (FORCE)"
+sql() { psql -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
+previous=$(sql -c "SELECT count(*) FROM pg_database WHERE datname = '${ADDON_DB}_orkestr_previous'")
+if [[ $previous == 1 ]]; then
+  echo swapped >"/backup/$ROOM"
+  exit 0
+fi
+sql -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_restore\" WITH (FORCE)"
 """
 )
 

@@ -520,7 +520,7 @@ class BackupRunner:
             side = msgspec.json.decode(final.with_suffix(".json").read_bytes(), type=Sidecar)
             need = side.data_bytes if side.data_bytes is not None else side.size_bytes
             env = {**env, "QUOTA_BYTES": str(quota), "NEED_BYTES": str(need), "ROOM": room}
-        watch = await self._room_watch(addon) if quota is not None else None
+        watch = await self._room_watch(addon, final.parent / room) if quota is not None else None
         try:
             await self._step(
                 spec,
@@ -534,6 +534,8 @@ class BackupRunner:
                 watch=watch,
             )
         except RoomExhausted as exc:
+            # Killed wherever it was, perhaps in the swap: the abandon step settles which.
+            (final.parent / room).unlink(missing_ok=True)
             await self._step(
                 spec,
                 "abandon",
@@ -544,7 +546,10 @@ class BackupRunner:
                 network=model.network_name(project_id),
                 secrets=True,
             )
-            raise StepFailed(str(exc)) from None
+            swapped = (final.parent / room).exists()
+            log.warning("backup.restore_stopped op=%s swapped=%s", op_key(spec), swapped)
+            if not swapped:
+                raise StepFailed(str(exc)) from None
         except StepFailed as exc:
             live_file = final.parent / room
             if quota is None or "(exit 7)" not in str(exc) or not live_file.exists():
@@ -555,10 +560,14 @@ class BackupRunner:
         finally:
             (final.parent / room).unlink(missing_ok=True)
 
-    async def _room_watch(self, addon: AddonSpec) -> Callable[[], None] | None:
+    async def _room_watch(self, addon: AddonSpec, measured: Path) -> Callable[[], None] | None:
         """A check of the free space on the database's data filesystem (where the copy
         grows; the WAL it writes is recycled like any bulk write's), through the database
-        process's root; None if not visible (a plain volume, no process)."""
+        process's root; None if not visible (a plain volume, no process).
+
+        It acts only once the script has written `measured` (after dropping what earlier
+        restores left, before creating the copy), so a `<db>_orkestr_previous` found
+        after a stop is this restore's swap (PG_RESTORE_ABANDON)."""
         try:
             info = await self.docker.inspect(model.db_name(addon.id))
         except AgentError:
@@ -573,6 +582,8 @@ class BackupRunner:
             return None
 
         def check() -> None:
+            if not measured.exists():
+                return
             try:
                 if os.stat(path).st_dev != dev:
                     return  # that process is gone: nothing known to watch
