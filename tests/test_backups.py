@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from agent import model
+from agent import backup_scripts, model
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -488,6 +488,78 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     done = await finished_restore(c, p, a, body["id"])
     assert done["state"] == "succeeded", done["error"]
     assert await sql(c, p, "select count(*) from big") == str(rows)
+
+
+def abandon_at(agent: AgentProcess, p: str, a: str, out: Path, host: str) -> bool:
+    """Run the agent's PG_RESTORE_ABANDON as the agent does, in a toolbox container on the
+    project network with the add-on's secrets; whether it found the swap committed."""
+    room = "room.tmp"
+    docker("run", "--rm", "--label", f"orkestr.host={agent.host}",
+           "--network", model.network_name(p),
+           "-v", f"{out}:/backup", "-v", f"{agent.state_dir / 'secrets' / a}:/run/orkestr:ro",
+           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app", "-e", "BACKUP_USER=orkestr_admin",
+           "-e", "PASSWORD_FILE=admin_password", "-e", f"ROOM={room}",
+           "--entrypoint", "bash", TOOLBOX, "-c", backup_scripts.PG_RESTORE_ABANDON)  # fmt: skip
+    found = (out / room).exists()
+    (out / room).unlink(missing_ok=True)
+    return found
+
+
+async def test_a_restore_stopped_anywhere_is_settled(
+    stack: Stack, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The room watch kills a restore wherever its script is, the swap included: the
+    abandon step opens the live database again, keeps a swap that committed, and drops
+    a copy that was not swapped in."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, f"db-{uuid.uuid4().hex[:6]}", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+    out = tmp_path / "backup"
+    out.mkdir()
+    host = view["hostname"]
+
+    def run() -> bool:
+        return abandon_at(agent, p, a, out, host)
+
+    # Killed right after the swap committed (as the script makes it).
+    owner = tenant_sql(a, "select pg_get_userbyid(datdba) from pg_database where datname = 'app'")
+    tenant_sql(a, f'create database app_orkestr_restore owner "{owner}"')
+    tenant_sql(a, "alter database app with allow_connections false")
+
+    async def swapped() -> bool:
+        docker("exec", f"orkestr-{a}-db", "psql", "-U", "orkestr_admin", "-d", "postgres",
+               "-XAtc", "select pg_terminate_backend(pid) from pg_stat_activity "
+               "where datname = 'app'")  # fmt: skip
+        try:
+            tenant_sql(a, "alter database app rename to app_orkestr_previous")
+        except RuntimeError:  # a backend still leaving
+            return False
+        return True
+
+    await wait_for(swapped, 30, "the live database renamed", 0.2)
+    tenant_sql(a, "alter database app_orkestr_restore rename to app")
+    assert run() is True
+    names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+    assert "app_orkestr_previous" in names, names  # the cleanup's, after a restore
+    tenant_sql(a, "drop database app_orkestr_previous")
+
+    # Killed while the copy grew, the live database closed for a swap not yet made, the
+    # copy's connection still open.
+    await sql(c, p, "create table keep(v text); insert into keep values ('live')")
+    tenant_sql(a, "create database app_orkestr_restore")
+    session = await tenant_session(a, "app_orkestr_restore")
+    try:
+        tenant_sql(a, "alter database app with allow_connections false")
+        assert run() is False
+    finally:
+        if session.returncode is None:
+            session.kill()
+        await session.wait()
+    names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+    assert "orkestr_restore" not in names, names
+    assert await sql(c, p, "select v from keep") == "live"
 
 
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
