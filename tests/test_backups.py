@@ -998,7 +998,11 @@ async def test_agent_killed_mid_backup(stack: Stack, agent: AgentProcess) -> Non
         pending = await backup_now(c, p, a, wait=False)
         label = f"label=orkestr.backup-op=backup-{pending['id']}"
         tmp = dump_path(agent, p, a, pending["id"]).with_suffix(".dump.tmp")
-        waiting = "select count(*) from pg_locks where relation = 'big'::regclass and not granted"
+        # pg_dump's session (the counts' waits there too: they run beside pg_dump).
+        waiting = (
+            "select count(*) from pg_locks l join pg_stat_activity s using (pid) where "
+            "l.relation = 'big'::regclass and not l.granted and s.application_name = 'pg_dump'"
+        )
         await wait_for(lambda: tenant_sql(a, waiting, user_db) == "1", 120, "pg_dump at the lock")
         assert tmp.exists() and docker("ps", "-q", "--filter", label)  # the dump is under way
         await agent.kill9()
