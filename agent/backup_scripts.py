@@ -62,7 +62,9 @@ export PGPASSWORD PGHOST="$ADDON_HOST" PGUSER="$BACKUP_USER" PGCONNECT_TIMEOUT=1
 """
 
 # The dump and the counts come from one snapshot: a REPEATABLE READ transaction exports
-# it, pg_dump --snapshot dumps exactly that, and the counts are taken in the transaction.
+# it, pg_dump --snapshot dumps exactly that, and the counts are taken in the transaction,
+# while pg_dump runs (a scan of each table beside pg_dump's compression, which holds the
+# dump's time: counted after it, the counts added a scan of the whole database).
 PG_BACKUP = (
     _PRELUDE
     + _PG_CONNECT
@@ -73,22 +75,21 @@ exec 3>&"${PSQL[1]}" 4<&"${PSQL[0]}"
 echo "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_export_snapshot();" >&3
 read -r -t 60 snapshot <&4 || { echo "no snapshot from the server" >&2; exit 3; }
 [[ "$snapshot" =~ ^[0-9A-Fa-f-]+$ ]] || { echo "snapshot: $snapshot" >&2; exit 3; }
-pg_dump -Fc --snapshot="$snapshot" -f "/backup/$OUT"
 cat >&3 <<'SQL'
 """
     + _PG_COUNTS_SQL
     + r"""
 SELECT ':data_bytes|' || pg_database_size(current_database());
 SELECT 'END-OF-COUNTS';
-COMMIT;
-\q
 SQL
+pg_dump -Fc --snapshot="$snapshot" -f "/backup/$OUT"
 : >"/backup/$COUNTS"
 done=0
 while read -r -t 600 line <&4; do
   if [[ "$line" == END-OF-COUNTS ]]; then done=1; break; fi
   echo "$line" >>"/backup/$COUNTS"
 done
+printf 'COMMIT;\n\\q\n' >&3
 exec 3>&- 4<&-
 if [[ -n ${PSQL_PID:-} ]]; then wait "$PSQL_PID" || true; fi
 [[ $done == 1 ]] || { echo "counting rows failed: $(tail -n 3 "/backup/$COUNTS")" >&2; exit 4; }
@@ -140,6 +141,14 @@ sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
 # container removed) left it closed: open it again before anything else can fail.
 sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
 sql -c "DROP DATABASE IF EXISTS \"$new\"" -c "DROP DATABASE IF EXISTS \"$old\""
+# Both copies are on the add-on's filesystem until the swap: with a quota, they must
+# both fit it (schemas/storage.py, beside_refusal). The live size goes to the agent,
+# which words the refusal.
+if [[ -n ${QUOTA_BYTES:-} ]]; then
+  live=$(psql -X -At -v ON_ERROR_STOP=1 -c "SELECT pg_database_size('$ADDON_DB')")
+  echo "$live" >"/backup/$ROOM"
+  if (( live + NEED_BYTES > QUOTA_BYTES )); then exit 7; fi
+fi
 sql -c "CREATE DATABASE \"$new\" OWNER \"$ADDON_USER\""
 list=$(mktemp)
 toc "/backup/$IN" "$list"
@@ -166,6 +175,27 @@ SQL
   then swapped=1; break; fi
 done
 [[ $swapped == 1 ]] || { echo "could not swap the databases" >&2; exit 6; }
+"""
+)
+
+# A restore the agent stopped (its copy outgrew the room beside the live database),
+# wherever its script was: the live database is opened again (a kill between closing it
+# and the swap left it closed), and if the swap had committed (the previous database,
+# which the restore dropped first, exists again) that is said in $ROOM; otherwise the
+# copy goes at once (its connection may still linger).
+PG_RESTORE_ABANDON = (
+    _PRELUDE
+    + _PG_CONNECT
+    + r"""
+export PGDATABASE=postgres
+sql() { psql -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
+previous=$(sql -c "SELECT count(*) FROM pg_database WHERE datname = '${ADDON_DB}_orkestr_previous'")
+if [[ $previous == 1 ]]; then
+  echo swapped >"/backup/$ROOM"
+  exit 0
+fi
+sql -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_restore\" WITH (FORCE)"
 """
 )
 

@@ -37,6 +37,8 @@ from agent.metrics import (
 )
 from agent.plan import op_key
 from agent.state import atomic_write
+from agent.upkeep import RESERVE_BYTES
+from schemas import storage
 from schemas.messages import SCHEMA_VERSION, AddonSpec, BackupResult, BackupSpec, DesiredState
 
 log = logging.getLogger("orkestr.agent.backups")
@@ -47,6 +49,20 @@ Ready = Callable[[AddonSpec], Awaitable[bool]]
 
 class StepFailed(AgentError):
     pass
+
+
+class RoomExhausted(AgentError):
+    """A restore's copy came too close to filling the add-on's filesystem."""
+
+
+# While a Postgres restore builds its copy, the data filesystem's free space is looked at
+# this often, and the copy is stopped under this floor: the quota guard's reserve and
+# what a copy growing up to 100 MB/s writes between two looks, so it is stopped before
+# the guard refuses the tenant's writes. A copy that fits the quota beside the live data
+# stays above it: the filesystem has twice the WAL ceiling and 64 MB past the quota.
+WATCH_INTERVAL_S = 0.2
+MIB = 1024 * 1024
+ROOM_FLOOR = RESERVE_BYTES + 24 * MIB
 
 
 class Phases:
@@ -456,16 +472,7 @@ class BackupRunner:
                 if problem is not None:
                     raise StepFailed(f"refusing to restore: {problem}")
                 phases.mark("checksum")
-                await self._step(
-                    spec,
-                    "restore",
-                    project_id,
-                    addon,
-                    backup_scripts.PG_RESTORE,
-                    env,
-                    network=model.network_name(project_id),
-                    secrets=True,
-                )
+                await self._restore_postgres(project_id, addon, spec, final, env)
                 live = datetime.now(UTC)
                 phases.mark("restore")
                 await self._housekeeping(spec, "cleanup", project_id, addon, env, True)
@@ -491,6 +498,111 @@ class BackupRunner:
         phases.mark("cleanup")
         log.info("backup.restore_phases op=%s %s", op_key(spec), phases)
         return msgspec.structs.replace(result, ok=True, sha256=spec.sha256, finished_at=live)
+
+    async def _restore_postgres(
+        self,
+        project_id: str,
+        addon: AddonSpec,
+        spec: BackupSpec,
+        final: Path,
+        env: dict[str, str],
+    ) -> None:
+        """pg_restore beside the live database, then the swap (`PG_RESTORE`).
+
+        Under a quota both copies must fit it: the script measures the live database and
+        stops before creating the copy if they would not (exit 7), and the agent watches
+        the filesystem while the copy grows, stopping it before the quota guard's reserve
+        is reached (the guard would refuse the tenant's writes; a full disk would fail them).
+        """
+        quota = storage.quota_bytes(addon.kind, addon.storage_mb, addon.resources.memory_mb)
+        room, need = f"{spec.id}.room.tmp", 0
+        if quota is not None:
+            side = msgspec.json.decode(final.with_suffix(".json").read_bytes(), type=Sidecar)
+            need = side.data_bytes if side.data_bytes is not None else side.size_bytes
+            env = {**env, "QUOTA_BYTES": str(quota), "NEED_BYTES": str(need), "ROOM": room}
+        watch = await self._room_watch(addon, final.parent / room) if quota is not None else None
+        try:
+            await self._step(
+                spec,
+                "restore",
+                project_id,
+                addon,
+                backup_scripts.PG_RESTORE,
+                env,
+                network=model.network_name(project_id),
+                secrets=True,
+                watch=watch,
+            )
+        except RoomExhausted as exc:
+            # Killed wherever it was, perhaps in the swap: the abandon step settles which.
+            (final.parent / room).unlink(missing_ok=True)
+            await self._step(
+                spec,
+                "abandon",
+                project_id,
+                addon,
+                backup_scripts.PG_RESTORE_ABANDON,
+                env,
+                network=model.network_name(project_id),
+                secrets=True,
+            )
+            swapped = (final.parent / room).exists()
+            log.warning("backup.restore_stopped op=%s swapped=%s", op_key(spec), swapped)
+            if not swapped:
+                raise StepFailed(str(exc)) from None
+        except StepFailed as exc:
+            live_file = final.parent / room
+            if quota is None or "(exit 7)" not in str(exc) or not live_file.exists():
+                raise
+            live = int(live_file.read_text().strip())
+            why = storage.beside_refusal(spec.backup_id, need, live, quota, addon.plan)
+            raise StepFailed(f"refused: {why}") from None
+        finally:
+            (final.parent / room).unlink(missing_ok=True)
+
+    async def _room_watch(self, addon: AddonSpec, measured: Path) -> Callable[[], None] | None:
+        """A check of the free space on the database's data filesystem (where the copy
+        grows; the WAL it writes is recycled like any bulk write's), through the database
+        process's root; None if not visible (a plain volume, no process).
+
+        It acts only once the script has written `measured` (after dropping what earlier
+        restores left, before creating the copy), so a `<db>_orkestr_previous` found
+        after a stop is this restore's swap (PG_RESTORE_ABANDON)."""
+        try:
+            info = await self.docker.inspect(model.db_name(addon.id))
+        except AgentError:
+            return None
+        pid = (info.get("State") or {}).get("Pid")
+        if not pid:
+            return None
+        path = f"/proc/{pid}/root{specs.DATA_DIRS[addon.kind]}"
+        try:
+            dev = os.stat(path).st_dev
+        except OSError:
+            return None
+
+        def check() -> None:
+            if not measured.exists():
+                return
+            try:
+                if os.stat(path).st_dev != dev:
+                    return  # that process is gone: nothing known to watch
+                st = os.statvfs(path)
+            except OSError:
+                return
+            free = st.f_bavail * st.f_frsize
+            if free < ROOM_FLOOR:
+                raise RoomExhausted(
+                    f"stopped: the restored copy outgrew the room beside the live database "
+                    f"(its filesystem had {free / MIB:.0f} MB left; under "
+                    f"{RESERVE_BYTES / MIB:.0f} MB the quota guard refuses the add-on's "
+                    "writes); the copy was dropped and the live database is unchanged. "
+                    "The backup's recorded data size was too small for what it restores "
+                    "to: free space in the live database, or restore on a plan with more "
+                    "storage"
+                )
+
+        return check
 
     async def _housekeeping(
         self,
@@ -692,8 +804,12 @@ class BackupRunner:
         network: str,
         secrets: bool = False,
         volume: bool = False,
+        watch: Callable[[], None] | None = None,
     ) -> None:
-        """Run one script in a one-shot container; raise StepFailed with its output."""
+        """Run one script in a one-shot container; raise StepFailed with its output.
+
+        `watch`, if given, is called every WATCH_INTERVAL_S while the script runs; the
+        RoomExhausted it may raise kills the container and is raised again."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
         if "ADDON_HOST" in env:
@@ -706,9 +822,7 @@ class BackupRunner:
         try:
             await self.docker.run(container)
             try:
-                code = await asyncio.wait_for(
-                    self.docker.wait(name, self.timeout_s + 5), self.timeout_s
-                )
+                code = await self._exit_code(name, watch)
             except TimeoutError:
                 raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
             if code != 0:
@@ -732,6 +846,28 @@ class BackupRunner:
         if not ip:
             raise StepFailed("the add-on has no address on its project network yet")
         return str(ip)
+
+    async def _exit_code(self, name: str, watch: Callable[[], None] | None) -> int:
+        exited = asyncio.create_task(self.docker.wait(name, self.timeout_s + 5))
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                pause = min(left, WATCH_INTERVAL_S) if watch is not None else left
+                done, _ = await asyncio.wait({exited}, timeout=pause)
+                if done:
+                    return exited.result()
+                if watch is not None:
+                    try:
+                        watch()
+                    except RoomExhausted:
+                        with contextlib.suppress(NotFound, Conflict):
+                            await self.docker.kill(name)
+                        raise
+        finally:
+            exited.cancel()
 
     def _container(
         self,

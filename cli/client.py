@@ -49,6 +49,13 @@ def _hint(status: int, code: str, message: str = "") -> str:
             "have the operator move the project to a plan with more storage "
             "(`orkestr projects plan NAME PLAN`), then restore again"
         )
+    if code == "plan_limit_reached" and "needs room for two copies" in message:
+        # A Postgres restore that fits the plan but not beside the live database.
+        return (
+            "free the space the message names in the live database, or have the operator "
+            "move the project to a plan with more storage (`orkestr projects plan NAME "
+            "PLAN`), restore, and move it back"
+        )
     if code == "plan_limit_reached" and "backup" in message:
         # The day's manual backups are used up (the message says when the next one is
         # possible), or the plan has none: deleting an add-on would not help.

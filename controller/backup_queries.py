@@ -110,7 +110,8 @@ async def _lock_addon(conn: Connection, project_id: str, addon_id: str) -> Mappi
     """The add-on's row, locked; its project's FOR SHARE, so the plan read here stays the
     plan until the request's transaction ends (a plan change locks it FOR UPDATE)."""
     row = await conn.fetchrow(
-        """SELECT a.id, a.project_id, a.kind, a.deleted_at, p.plan, p.host FROM addons a
+        """SELECT a.id, a.project_id, a.kind, a.deleted_at, p.plan, p.host,
+            (a.status->>'usage_bytes')::bigint AS usage FROM addons a
         JOIN projects p ON p.id = a.project_id WHERE a.id = $1 AND a.project_id = $2
         FOR UPDATE OF a FOR SHARE OF p""",
         uuid_of(addon_id),
@@ -262,6 +263,7 @@ async def create_restore(
             addon["plan"],
             plan.storage_mb,
             plan.memory_mb,
+            addon["usage"],
         )
         if refusal is not None:
             raise PlanLimitReached(refusal)

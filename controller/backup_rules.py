@@ -88,16 +88,24 @@ def restore_refusal(
     plan_name: str,
     storage_mb: int | None,
     memory_mb: int,
+    live_bytes: int | None = None,
 ) -> str | None:
     """Why restoring this backup would not fit the add-on's quota under its plan, or None.
 
     The data is measured at dump time as the quota measures it (`data_bytes`); a backup
     made before that figure was recorded is judged by its file's size, a lower bound (the
-    dumps are compressed), so only a restore sure not to fit is refused."""
+    dumps are compressed), so only a restore sure not to fit is refused. A Postgres
+    restore is built beside the live database (`live_bytes`, its last measured size), so
+    both must fit (`storage.beside_refusal`); the agent checks that again when it starts,
+    with the sizes of that moment."""
     quota = storage.quota_bytes(kind, storage_mb, memory_mb)
     need = data_bytes if data_bytes is not None else size_bytes
-    if quota is None or need is None or need <= quota:
+    if quota is None or need is None:
         return None
+    if need <= quota:
+        if kind != "postgres" or live_bytes is None:
+            return None
+        return storage.beside_refusal(backup_id, need, live_bytes, quota, plan_name)
     what = "holds" if data_bytes is not None else "is a file of"
     if kind == "redis" and (storage_mb is None or quota < storage_mb * storage.MIB):
         allows = (

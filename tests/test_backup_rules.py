@@ -234,6 +234,40 @@ def test_restore_refusal_is_the_quota_rule(
     assert (why is not None) == (quota is not None and need is not None and need > quota)
 
 
+def test_a_postgres_restore_must_fit_beside_the_live_database() -> None:
+    """Issue 9: the copy is built beside the live database; both must fit the quota."""
+    why = restore_refusal("b1", "postgres", 600 * MIB, MIB, "pro", 1024, 512, 500 * MIB)
+    assert why == (
+        "restoring backup b1 needs room for two copies at once: it is built beside the "
+        "live database and swapped in only when complete, and its 600.0 MB of data with "
+        "the live database's 500.0 MB exceed the 1024 MB plan 'pro' allows per add-on; "
+        "free at least 76.0 MB in the live database first (the restore replaces it: DROP "
+        "or TRUNCATE its largest tables, after a backup if you want to keep them), or move "
+        "to a plan with at least 1100 MB of storage, restore, and move back"
+    )
+    assert restore_refusal("b1", "postgres", 600 * MIB, MIB, "pro", 1024, 512, 424 * MIB) is None
+    # Not measured yet (a sleeping add-on after an agent restart): the agent checks.
+    assert restore_refusal("b1", "postgres", 600 * MIB, MIB, "pro", 1024, 512, None) is None
+    # Redis stages a file, not a database: judged by the quota alone.
+    assert restore_refusal("b1", "redis", 100 * MIB, MIB, "pro", 1024, 512, 300 * MIB) is None
+
+
+@given(
+    st.integers(0, 2**40),
+    st.integers(0, 2**40) | st.none(),
+    st.integers(1, 10**6) | st.none(),
+)
+def test_beside_refusal_is_both_copies_under_the_quota(
+    data: int, live: int | None, storage_mb: int | None
+) -> None:
+    why = restore_refusal("b1", "postgres", data, None, "p", storage_mb, 512, live)
+    quota = storage.quota_bytes("postgres", storage_mb, 512)
+    fits = quota is None or data + (live or 0) <= quota
+    assert (why is None) == fits
+    if why is not None and data <= (quota or 0):
+        assert "needs room for two copies" in why
+
+
 # --- the planner -------------------------------------------------------------------------------
 
 PROJECT = "a" * 32

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from agent import model
+from agent import backup_scripts, model
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -372,6 +372,194 @@ async def test_a_restore_that_would_not_fit_the_plan_is_refused(
     done = await restore(c, p, a, taken["id"])
     assert done["state"] == "succeeded", done
     assert await sql(c, p, "select count(*) from big") == "90000"
+
+
+async def set_data_bytes(c: ControllerProcess, backup_id: str, value: int) -> None:
+    """Record a wrong data size for a backup in the controller's database."""
+    conn = await asyncpg.connect(c.database_url)
+    try:
+        await conn.execute(
+            "UPDATE backups SET data_bytes = $2 WHERE id = $1", uuid.UUID(backup_id), value
+        )
+    finally:
+        await conn.close()
+
+
+async def finished_restore(c: ControllerProcess, p: str, a: str, restore_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        s, r = await c.api("GET", f"{base(p, a)}/restores/{restore_id}")
+        assert s == 200, r
+        return r if r["state"] != "pending" else None
+
+    return await wait_for(done, 180, f"restore {restore_id}", 0.5)  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(900)
+async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Issue 9: a Postgres restore is built beside the live database, so for a while both
+    copies are on the add-on's filesystem. A backup that fits the plan alone but not with
+    the live data is refused up front by the controller (409, what to do), again by the
+    agent with the sizes of that moment (the controller's view was wrong), and a copy that
+    outgrows the room anyway (its recorded size was wrong) is stopped and dropped before
+    the quota guard would refuse the add-on's writes. The live data is never touched, its
+    writes keep working, Postgres never PANICs; once the user frees the live database, as
+    the refusal says, the same backup restores."""
+    c = _c(stack)
+    p = (await create_project(c, "quota"))["id"]  # 256 MB
+    a = (await create_addon(c, p, "full-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    rows = 560_000
+    await sql(c, p, "create table big(id int primary key, body text); insert into big "
+                    f"select g, repeat(md5(g::text), 8) from generate_series(1, {rows}) g")  # fmt: skip
+    taken = await backup_now(c, p, a, wait=False)
+    taken = await wait_backup(c, p, a, taken["id"], timeout=600)
+    assert taken["verified"] is True, taken
+    quota = 256 * 2**20
+    assert quota / 2 < taken["data_bytes"] < quota * 0.9, taken  # fits the plan alone
+    await sql(c, p, "create table notes(body text); insert into notes values ('after')")
+
+    async def measured() -> int | None:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        used = view["usage_bytes"]
+        return used if used is not None and used > quota / 2 else None
+
+    live = await wait_for(measured, 60, "the add-on's usage reported", 0.5)
+
+    # 1. Up front: the controller knows both sizes.
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 409 and body["error"] == "plan_limit_reached", body
+    message = body["message"]
+    assert f"restoring backup {taken['id']} needs room for two copies at once" in message
+    assert f"{taken['data_bytes'] / 2**20:.1f} MB of data" in message, message
+    assert "the 256 MB plan 'quota' allows per add-on" in message, message
+    assert "free at least" in message and "or move to a plan with at least" in message
+    assert live > 0
+
+    def untouched() -> None:
+        assert tenant_sql(a, "select count(*) from big", "app") == str(rows)
+        assert tenant_sql(a, "select body from notes", "app") == "after"
+        names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+        assert "orkestr_restore" not in names and "orkestr_previous" not in names, names
+
+    untouched()
+
+    # 2. The controller is told the backup is small: the agent measures and refuses.
+    await set_data_bytes(c, taken["id"], 2**20)
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "failed", done["error"]
+    assert f"refused: restoring backup {taken['id']} needs room for two copies" in done["error"]
+    untouched()
+
+    # 3. The agent is told so too (the sidecar): the copy grows until the agent stops it.
+    side = dump_path(agent, p, a, taken["id"]).with_suffix(".json")
+    truth = side.read_bytes()
+    side.write_bytes(json.dumps({**json.loads(truth), "data_bytes": 2**20}).encode())
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "failed", done["error"]
+    assert "stopped: the restored copy outgrew the room beside the live database" in done[
+        "error"
+    ], done
+    untouched()
+    # Writes work: the guard never had to refuse them, nothing filled a filesystem.
+    await sql(c, p, "insert into notes values ('still writable')")
+    logs = docker("logs", f"orkestr-{a}-db", check=False)
+    assert "PANIC" not in logs and "No space left" not in logs, logs[-3000:]
+    _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+    assert "storage quota exceeded" not in json.dumps(view), view
+
+    # 4. As the refusal says: free the live database, and the backup restores.
+    side.write_bytes(truth)
+    await set_data_bytes(c, taken["id"], taken["data_bytes"])
+    await sql(c, p, "drop table big")
+
+    async def freed() -> bool:
+        _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+        return bool(view["usage_bytes"] is not None and view["usage_bytes"] < quota / 4)
+
+    await wait_for(freed, 60, "the freed usage reported", 0.5)
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    done = await finished_restore(c, p, a, body["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert await sql(c, p, "select count(*) from big") == str(rows)
+
+
+def abandon_at(agent: AgentProcess, p: str, a: str, out: Path, host: str) -> bool:
+    """Run the agent's PG_RESTORE_ABANDON as the agent does, in a toolbox container on the
+    project network with the add-on's secrets; whether it found the swap committed."""
+    room = "room.tmp"
+    docker("run", "--rm", "--label", f"orkestr.host={agent.host}",
+           "--network", model.network_name(p),
+           "-v", f"{out}:/backup", "-v", f"{agent.state_dir / 'secrets' / a}:/run/orkestr:ro",
+           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app", "-e", "BACKUP_USER=orkestr_admin",
+           "-e", "PASSWORD_FILE=admin_password", "-e", f"ROOM={room}",
+           "--entrypoint", "bash", TOOLBOX, "-c", backup_scripts.PG_RESTORE_ABANDON)  # fmt: skip
+    found = (out / room).exists()
+    (out / room).unlink(missing_ok=True)
+    return found
+
+
+async def test_a_restore_stopped_anywhere_is_settled(
+    stack: Stack, agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The room watch kills a restore wherever its script is, the swap included: the
+    abandon step opens the live database again, keeps a swap that committed, and drops
+    a copy that was not swapped in."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, f"db-{uuid.uuid4().hex[:6]}", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")
+    out = tmp_path / "backup"
+    out.mkdir()
+    host = view["hostname"]
+
+    def run() -> bool:
+        return abandon_at(agent, p, a, out, host)
+
+    # Killed right after the swap committed (as the script makes it).
+    owner = tenant_sql(a, "select pg_get_userbyid(datdba) from pg_database where datname = 'app'")
+    tenant_sql(a, f'create database app_orkestr_restore owner "{owner}"')
+    tenant_sql(a, "alter database app with allow_connections false")
+
+    async def swapped() -> bool:
+        docker("exec", f"orkestr-{a}-db", "psql", "-U", "orkestr_admin", "-d", "postgres",
+               "-XAtc", "select pg_terminate_backend(pid) from pg_stat_activity "
+               "where datname = 'app'")  # fmt: skip
+        try:
+            tenant_sql(a, "alter database app rename to app_orkestr_previous")
+        except RuntimeError:  # a backend still leaving
+            return False
+        return True
+
+    await wait_for(swapped, 30, "the live database renamed", 0.2)
+    tenant_sql(a, "alter database app_orkestr_restore rename to app")
+    assert run() is True
+    names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+    assert "app_orkestr_previous" in names, names  # the cleanup's, after a restore
+    tenant_sql(a, "drop database app_orkestr_previous")
+
+    # Killed while the copy grew, the live database closed for a swap not yet made, the
+    # copy's connection still open.
+    await sql(c, p, "create table keep(v text); insert into keep values ('live')")
+    tenant_sql(a, "create database app_orkestr_restore")
+    session = await tenant_session(a, "app_orkestr_restore")
+    try:
+        tenant_sql(a, "alter database app with allow_connections false")
+        assert run() is False
+    finally:
+        if session.returncode is None:
+            session.kill()
+        await session.wait()
+    names = tenant_sql(a, "select string_agg(datname, ',') from pg_database")
+    assert "orkestr_restore" not in names, names
+    assert await sql(c, p, "select v from keep") == "live"
 
 
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
@@ -810,7 +998,11 @@ async def test_agent_killed_mid_backup(stack: Stack, agent: AgentProcess) -> Non
         pending = await backup_now(c, p, a, wait=False)
         label = f"label=orkestr.backup-op=backup-{pending['id']}"
         tmp = dump_path(agent, p, a, pending["id"]).with_suffix(".dump.tmp")
-        waiting = "select count(*) from pg_locks where relation = 'big'::regclass and not granted"
+        # pg_dump's session (the counts' waits there too: they run beside pg_dump).
+        waiting = (
+            "select count(*) from pg_locks l join pg_stat_activity s using (pid) where "
+            "l.relation = 'big'::regclass and not l.granted and s.application_name = 'pg_dump'"
+        )
         await wait_for(lambda: tenant_sql(a, waiting, user_db) == "1", 120, "pg_dump at the lock")
         assert tmp.exists() and docker("ps", "-q", "--filter", label)  # the dump is under way
         await agent.kill9()

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli.backups import describe_counts, first_backup_hint, match_backup
-from cli.client import Client, CliError
+from cli.client import Client, CliError, _hint
 from cli.main import main, sleep_summary
+from schemas.storage import beside_refusal
 
 
 def test_an_api_address_without_a_scheme_says_what_to_type() -> None:
@@ -94,3 +95,11 @@ def test_the_first_backup_hint_says_what_the_plan_allows() -> None:
     assert "capture" not in starter and "plan 'starter' takes no backups" in starter
     assert "Pro and Team do" in starter and "orkestr projects plan" in starter
     assert "backups schedule db --on" in first_backup_hint("db", plan("nightly", 0, 7))
+
+
+def test_a_restore_that_does_not_fit_beside_the_live_database_says_what_to_do() -> None:
+    why = beside_refusal("b1", 600 * 2**20, 500 * 2**20, 1024 * 2**20, "pro")
+    assert why is not None
+    hint = _hint(409, "plan_limit_reached", why)
+    assert hint.startswith("free the space the message names in the live database"), hint
+    assert "orkestr projects plan" in hint and "move it back" in hint, hint
