@@ -391,7 +391,11 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     backup = await backup_now(c, p, a)
     assert backup["state"] == "succeeded" and backup["verified"] is True, backup
     assert backup["counts"] == {"keys": 200}
-    assert dump_path(agent, p, a, backup["id"]).read_bytes()[:5] == b"REDIS"
+    dumped = dump_path(agent, p, a, backup["id"]).read_bytes()
+    assert dumped[:5] == b"REDIS"
+    # Hashed in the transfer's pass (REDIS_BACKUP): the same as the file's.
+    assert hashlib.sha256(dumped).hexdigest() == backup["sha256"]
+    assert len(dumped) == backup["size_bytes"]
     # The data as the quota counts a Redis's: its used_memory, more than the RDB file.
     assert backup["data_bytes"] is not None and backup["data_bytes"] > backup["size_bytes"]
 
