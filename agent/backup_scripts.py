@@ -221,15 +221,35 @@ _KEYS = r"""
 keys() { "$@" INFO keyspace | awk -F'[=:,]' '/^db[0-9]+:/ {n += $3} END {print n + 0}'; }
 """
 
-# Loads an RDB file into a private redis-server (no network: a unix socket).
+# The one-file AOF a Redis restore stages (the RDB as its base, an empty incr file): the
+# add-on runs with appendonly, and Redis loads an RDB-format base without a rewrite.
+# `aof <dir>` writes the incr file and the manifest into <dir>; the base is the caller's.
+_AOF = r"""
+aof() {
+  : >"$1/appendonly.aof.1.incr.aof"
+  { echo "file appendonly.aof.1.base.rdb seq 1 type b"
+    echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$1/appendonly.aof.manifest"
+}
+"""
+
+# Loads a backup into a private redis-server (no network: a unix socket) the way the
+# restored add-on loads it: as the base of a one-file AOF, not as a dump.rdb. A file that
+# only an RDB load accepts (bytes after the RDB's end, which the AOF loader reads as
+# commands) is not restorable, and must not verify.
 _REDIS_LOAD = (
     _KEYS
+    + _AOF
     + r"""
-load() {  # load <dir> <file>
-  redis-server --port 0 --unixsocket "$1/s" --dir "$1" --dbfilename "$2" --appendonly no \
-    --save '' --daemonize yes --logfile "$1/redis.log"
+load() {  # load <dir> <rdb file>
+  mkdir "$1/appendonlydir"
+  ln -s "$2" "$1/appendonlydir/appendonly.aof.1.base.rdb"
+  aof "$1/appendonlydir"
+  redis-server --port 0 --unixsocket "$1/s" --dir "$1" --appendonly yes --save '' \
+    --daemonize yes --pidfile "$1/pid" --logfile "$1/redis.log"
   for _ in $(seq 6000); do
     if redis-cli -s "$1/s" INFO persistence 2>/dev/null | grep -q '^loading:0'; then return 0; fi
+    # A file it cannot load ends the server: no need to wait out the timeout.
+    if [[ -s "$1/pid" ]] && ! kill -0 "$(cat "$1/pid")" 2>/dev/null; then break; fi
     sleep 0.05
   done
   echo "redis did not load $2: $(tail -n 3 "$1/redis.log")" >&2
@@ -244,6 +264,9 @@ REDIS_BACKUP = (
     + _KEYS
     + _REDIS_CONNECT
     + r"""
+# An add-on whose redis.conf predates `repl-diskless-sync-delay 0` (agent/secrets.py)
+# would hold every transfer 5 s waiting for more replicas.
+rcli CONFIG SET repl-diskless-sync-delay 0 >/dev/null
 before=$(keys rcli)
 rcli --rdb "/backup/$OUT" >/dev/null
 after=$(keys rcli)
@@ -262,8 +285,7 @@ if ! redis-check-rdb "/backup/$IN" >/dev/null; then
   exit 5
 fi
 scratch=$(mktemp -d)
-ln -s "/backup/$IN" "$scratch/dump.rdb"
-load "$scratch" dump.rdb
+load "$scratch" "/backup/$IN"
 printf 'keys|%s\n' "$(lkeys "$scratch")" >"/backup/$COUNTS"
 redis-cli -s "$scratch/s" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 """
@@ -358,16 +380,14 @@ rm -rf .orkestr-previous .orkestr-restore
 # the swap script on its own. DATA and BACKUP default to the mounts, as in the swap.
 REDIS_RESTORE = (
     _PRELUDE
+    + _AOF
     + r"""
 exec 3<>"${BACKUP:-/backup}/$CTL" 4<>"${BACKUP:-/backup}/$UP"
 stage="${DATA:-/data}/.orkestr-restore"
 rm -rf "$stage"
 mkdir -p "$stage/appendonlydir"
 cp "${BACKUP:-/backup}/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
-: >"$stage/appendonlydir/appendonly.aof.1.incr.aof"
-manifest="$stage/appendonlydir/appendonly.aof.manifest"
-{ echo "file appendonly.aof.1.base.rdb seq 1 type b"
-  echo "file appendonly.aof.1.incr.aof seq 1 type i"; } >"$manifest"
+aof "$stage/appendonlydir"
 sync "$stage/appendonlydir"/* "$stage/appendonlydir"
 touch "$stage/.complete"
 echo staged >&4

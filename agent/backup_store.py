@@ -9,11 +9,14 @@ outside an add-on's own directory. The root may be a mount of shared storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -50,6 +53,56 @@ def sha256_of(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+class GrowingHash:
+    """The sha256 of a file another process writes from start to end, hashed as it grows,
+    so it need not be read again once written (0.3-0.5 s for a 500 MB dump).
+
+    It stays `lag` bytes behind the end: a writer may cut its last bytes (redis-cli
+    truncates the transfer's 40-byte end mark when it is done). `follow` runs in a thread
+    until `stop` is set; `result` then hashes the rest, or the whole file again if it is not
+    the file followed or shrank into what was hashed. Not for a writer that seeks back
+    (pg_dump's custom format rewrites its table of contents at the end).
+    """
+
+    def __init__(self, path: Path, lag: int = CHUNK) -> None:
+        self.path, self.lag = path, lag
+        self.stop = threading.Event()
+        self._digest = hashlib.sha256()
+        self._hashed = 0
+        self._file: BinaryIO | None = None
+
+    def follow(self) -> None:
+        while not self.stop.is_set():
+            if self._file is None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._file = open(self.path, "rb")  # closed by result/close
+            if self._file is not None:
+                size = os.fstat(self._file.fileno()).st_size
+                while self._hashed + CHUNK <= size - self.lag and not self.stop.is_set():
+                    self._digest.update(self._file.read(CHUNK))
+                    self._hashed += CHUNK
+            self.stop.wait(0.02)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def result(self) -> tuple[str, int]:
+        """(hex digest, size) of the file as it is now; call once the writer is done."""
+        f, self._file = self._file, None
+        if f is None:
+            return sha256_of(self.path)
+        with f:
+            st, now = os.fstat(f.fileno()), os.stat(self.path)
+            if (st.st_ino, st.st_dev) != (now.st_ino, now.st_dev) or st.st_size < self._hashed:
+                return sha256_of(self.path)
+            while chunk := f.read(CHUNK):
+                self._digest.update(chunk)
+                self._hashed += len(chunk)
+        return self._digest.hexdigest(), self._hashed
 
 
 class BackupStore:

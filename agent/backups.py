@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from agent import backup_checks, backup_scripts, deleted_backups, model, specs
-from agent.backup_store import BackupStore, Sidecar, sha256_of
+from agent.backup_store import BackupStore, GrowingHash, Sidecar, sha256_of
 from agent.control_pipe import ControlPipe, PipeClosed
 from agent.docker import Docker
 from agent.errors import AgentError, Conflict, NotFound
@@ -325,34 +325,32 @@ class BackupRunner:
             return await self._verify_op(project_id, addon, spec, result)
         tmp = self.store.tmp(final)
         counts_file = final.with_name(f"{spec.backup_id}.counts.tmp")
-        user, password_file = backup_credentials(addon)
         script = (
             backup_scripts.PG_BACKUP if addon.kind == "postgres" else backup_scripts.REDIS_BACKUP
         )
-        async with self._hold(addon.id):
-            await self._step(
-                spec,
-                "dump",
-                project_id,
-                addon,
-                script,
-                {
-                    "OUT": tmp.name,
-                    "COUNTS": counts_file.name,
-                    "ADDON_HOST": addon.name,
-                    "ADDON_DB": addon.database,
-                    "ADDON_USER": addon.user,
-                    "BACKUP_USER": user,
-                    "PASSWORD_FILE": password_file,
-                },
-                network=model.network_name(project_id),
-                secrets=True,
-            )
+        # Redis: hashed while redis-cli writes it (the dump's time holds it; pg_dump's
+        # custom format seeks back at the end, so a Postgres dump is read once written).
+        growing = GrowingHash(tmp) if addon.kind == "redis" else None
+        follower = asyncio.create_task(asyncio.to_thread(growing.follow)) if growing else None
+        dumped = False
+        try:
+            async with self._hold(addon.id):
+                await self._dump_step(spec, project_id, addon, script, tmp, counts_file)
+            dumped = True
+        finally:
+            if growing is not None and follower is not None:
+                growing.stop.set()  # the thread ends within 20 ms or one chunk
+                await asyncio.shield(follower)
+                if not dumped:
+                    growing.close()
         counts, data_bytes = backup_checks.split_data_bytes(
             backup_checks.parse_counts(counts_file.read_text())
         )
         counts_file.unlink(missing_ok=True)
-        digest, size = await asyncio.to_thread(sha256_of, tmp)
+        if growing is not None:
+            digest, size = await asyncio.to_thread(growing.result)
+        else:
+            digest, size = await asyncio.to_thread(sha256_of, tmp)
         if size == 0:
             raise StepFailed("the dump is empty")
         sidecar = Sidecar(
@@ -374,6 +372,35 @@ class BackupRunner:
             counts=backup_checks.dump_counts(addon.kind, counts),
         )
         return await self._verify(project_id, addon, spec, final, sidecar, digest, result)
+
+    async def _dump_step(
+        self,
+        spec: BackupSpec,
+        project_id: str,
+        addon: AddonSpec,
+        script: str,
+        tmp: Path,
+        counts_file: Path,
+    ) -> None:
+        user, password_file = backup_credentials(addon)
+        await self._step(
+            spec,
+            "dump",
+            project_id,
+            addon,
+            script,
+            {
+                "OUT": tmp.name,
+                "COUNTS": counts_file.name,
+                "ADDON_HOST": addon.name,
+                "ADDON_DB": addon.database,
+                "ADDON_USER": addon.user,
+                "BACKUP_USER": user,
+                "PASSWORD_FILE": password_file,
+            },
+            network=model.network_name(project_id),
+            secrets=True,
+        )
 
     async def _verify_op(
         self, project_id: str, addon: AddonSpec, spec: BackupSpec, result: BackupResult

@@ -55,6 +55,9 @@ def redis_conf(password: str, admin_password: str, previous: str | None = None) 
         "port 6379\n"
         "dir /data\n"
         "appendonly yes\n"
+        # The platform's backups are the only replica-style transfers (`redis-cli --rdb`;
+        # REPLICAOF is admin-only): the default 5 s wait for more replicas only delays each.
+        "repl-diskless-sync-delay 0\n"
         f"user default reset on >{password} ~* &* +@all -@admin -@dangerous"
         f" {REDIS_TENANT_EXTRA}\n"
         f"user {ADMIN_USER} reset on >{admin_password} ~* &* +@all\n"

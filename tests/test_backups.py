@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from agent import backup_scripts, model
+from agent import backup_scripts, model, specs
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -579,7 +579,11 @@ async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     backup = await backup_now(c, p, a)
     assert backup["state"] == "succeeded" and backup["verified"] is True, backup
     assert backup["counts"] == {"keys": 200}
-    assert dump_path(agent, p, a, backup["id"]).read_bytes()[:5] == b"REDIS"
+    dumped = dump_path(agent, p, a, backup["id"]).read_bytes()
+    assert dumped[:5] == b"REDIS"
+    # Hashed in the transfer's pass (REDIS_BACKUP): the same as the file's.
+    assert hashlib.sha256(dumped).hexdigest() == backup["sha256"]
+    assert len(dumped) == backup["size_bytes"]
     # The data as the quota counts a Redis's: its used_memory, more than the RDB file.
     assert backup["data_bytes"] is not None and backup["data_bytes"] > backup["size_bytes"]
 
@@ -1136,3 +1140,44 @@ async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_pa
     assert "backups capture" not in out, out
     code, _, err = await cli("backups", "create", "db", "-p", starter["name"])
     assert code == 1 and "'starter'" in err and "manual_backups_per_day = 0" in err, err
+
+
+def admin_redis_cli(agent: AgentProcess, p: str, addon: dict[str, Any], command: str) -> str:
+    """redis-cli as the platform's admin user, from a toolbox container on the project network."""
+    secrets = agent.state_dir / "secrets" / addon["id"]
+    return docker(
+        "run", "--rm", "--name", f"orkestr-test-{uuid.uuid4().hex[:12]}",
+        "--label", f"orkestr.host={agent.host}", "--network", model.network_name(p),
+        "-v", f"{secrets}:/run/orkestr:ro", "--entrypoint", "bash", TOOLBOX, "-c",
+        'REDISCLI_AUTH="$(cat /run/orkestr/admin_password)" redis-cli --no-auth-warning'
+        f" -h {addon['name']} --user {specs.ADMIN_USER} {command}",
+    ).strip()  # fmt: skip
+
+
+async def test_a_redis_backup_does_not_wait_for_more_replicas(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """`redis-cli --rdb` is a replica-style transfer, and Redis 7 holds a diskless one
+    `repl-diskless-sync-delay` seconds (5 by default) for more replicas to join: half of a
+    500 MB add-on's backup time (docs/benchmarks.md). New add-ons are configured without
+    the wait; an add-on configured before gets it switched off by the backup itself."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    addon = await create_addon(c, p, "cache", "redis")
+    a = addon["id"]
+    await wait_phase(c, p, a, "ready")
+    got = admin_redis_cli(agent, p, addon, "CONFIG GET repl-diskless-sync-delay")
+    assert got.split() == ["repl-diskless-sync-delay", "0"], got
+    # As an add-on whose redis.conf was written before would run:
+    assert admin_redis_cli(agent, p, addon, "CONFIG SET repl-diskless-sync-delay 5") == "OK"
+    backup = await backup_now(c, p, a)
+    assert backup["verified"] is True, backup
+    dump = [
+        float(line.rsplit("seconds=", 1)[1])
+        for line in agent.log_path.read_text().splitlines()
+        if " backup.step " in line and backup["id"] in line and " step=dump " in line
+    ]
+    # The dump step includes its container's start; the wait alone would be 4.7-5 s.
+    assert dump and dump[-1] < 4.0, dump
+    got = admin_redis_cli(agent, p, addon, "CONFIG GET repl-diskless-sync-delay")
+    assert got.split() == ["repl-diskless-sync-delay", "0"], got
