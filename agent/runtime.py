@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent import apps, model, netns, placement, probe, resp, specs, status
+from agent import apps, model, netns, netremoval, placement, probe, resp, specs, status
 from agent import desired as desired_mod
 from agent import plan as p
 from agent.apply import Applier, Outcome
@@ -43,6 +43,7 @@ from agent.metrics import (
     APPLIED_GENERATION,
     DESIRED_REJECTED,
     MQTT_CONNECTED,
+    NETWORKS_UNREMOVABLE,
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
     SLEEP_LEVEL,
@@ -513,6 +514,7 @@ class Agent:
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
             resized_apps=self.applier.resized_apps(),
+            refused_networks=self._refused_networks(observed),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -534,6 +536,19 @@ class Agent:
         self._arm_sleep_timer()
         await self.publish_status(if_changed=True)
         await self.publish_job_results()
+
+    def _refused_networks(self, observed: model.Observed) -> dict[str, netremoval.Refusal]:
+        """The refusals still meaningful, and the host condition and metric from them. The
+        condition appears at the first network stuck, and stays (True) once it is gone."""
+        refused = netremoval.keep(
+            self.applier.refused_networks, p.unwanted_networks(self.desired, observed)
+        )
+        self.applier.refused_networks = refused
+        NETWORKS_UNREMOVABLE.set(len(netremoval.stuck(refused)))
+        if netremoval.stuck(refused) or self.book.get(HOST, netremoval.CONDITION) is not None:
+            st, reason, message = netremoval.condition(refused)
+            self.book.set(HOST, netremoval.CONDITION, st, reason, message, datetime.now(UTC))
+        return refused
 
     def _sleep_facts(self) -> dict[str, p.SleepFacts]:
         """The sleep manager's facts, and the add-ons whose new password the database has
