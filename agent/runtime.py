@@ -226,6 +226,7 @@ class Agent:
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
         self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
+        self.upkeep.others_starting = self._others_starting
         # The CPUs add-ons are placed on (agent/placement.py); none: Docker's default, all.
         self._host_cpus = sorted(os.sched_getaffinity(0)) if config.agent.home_cores else []
         self._place()
@@ -811,6 +812,14 @@ class Agent:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         if changed:
             self.trigger()
+
+    def _others_starting(self, addon_id: str) -> bool:
+        """Whether add-ons other than `addon_id` are being made or started here: a chain
+        runs for another key, or another add-on's readiness poll (it has not answered)."""
+        own = 1 if self.workers.busy(addon_id) else 0
+        return self.workers.in_flight() > own or any(
+            aid != addon_id and not task.done() for aid, task in self._readiness.items()
+        )
 
     def _await_readiness(self, target: status.Target) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync.
