@@ -25,6 +25,7 @@ import msgspec
 from agent import apps, model, netns, netremoval, placement, probe, resp, specs, status
 from agent import desired as desired_mod
 from agent import plan as p
+from agent import pool as pool_mod
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
 from agent.backups import BackupRunner
@@ -166,7 +167,7 @@ class Agent:
             docker,
             self.settings.images,
             config.agent.holder_pool,
-            busy=lambda: self.workers.in_flight() > 0,
+            busy=lambda: pool_mod.refill_waits(self.workers.in_flight(), self._starting()),
         )
         self.applier = Applier(
             self.host,
@@ -812,6 +813,10 @@ class Agent:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         if changed:
             self.trigger()
+
+    def _starting(self) -> int:
+        """Add-ons whose readiness poll runs (started, no answer yet)."""
+        return sum(1 for task in self._readiness.values() if not task.done())
 
     def _others_starting(self, addon_id: str) -> bool:
         """Whether add-ons other than `addon_id` are being made or started here: a chain
