@@ -175,7 +175,8 @@ class Applier:
         refusal = netremoval.refused(self.refused_networks.get(name), exc.attached, time.time())
         self.refused_networks[name] = refusal
         retry = netremoval.retry_in(refusal.attempts)
-        attached = ",".join(refusal.attached) or "none"
+        more = len(refusal.attached) - 5
+        attached = ",".join(refusal.attached[:5]) + (f",+{more}" if more > 0 else "") or "none"
         log.warning(
             "network.removal_refused network=%s attempt=%d attached=%s retry_in=%.0fs error=%s",
             name, refusal.attempts, attached, retry, exc,

@@ -80,16 +80,17 @@ def condition(refusals: Mapping[str, Refusal]) -> tuple[ConditionStatus, str, st
     if held:
         parts.append(
             "containers the platform does not manage are attached to "
-            + "; ".join(f"{n} ({', '.join(found[n].attached)})" for n in held)
+            + "; ".join(f"{n} ({_names(list(found[n].attached))})" for n in held)
             + ": disconnect them (docker network disconnect)"
         )
     most = max(r.attempts for r in found.values())
     parts.append(
-        f"asked again every {retry_in(most):.0f} s at most; new add-ons of these projects "
-        "use the network as it is"
+        f"asked again in {retry_in(most):.0f} s, then at most every {RETRY_CAP_S:.0f} s; new "
+        "add-ons of these projects use the network as it is"
     )
     return "False", "RemovalRefused", "; ".join(parts)
 
 
 def _names(names: list[str]) -> str:
+    """At most five names, and how many more: a network may hold hundreds."""
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
