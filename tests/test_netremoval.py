@@ -98,3 +98,9 @@ def test_a_refusal_counts_up_and_records_what_is_attached() -> None:
     first = netremoval.refused(None, ("b", "a"), 10.0)
     assert first == netremoval.Refusal(1, 10.0, ("a", "b"))
     assert netremoval.refused(first, (), 20.0) == netremoval.Refusal(2, 20.0, ())
+
+
+def test_the_condition_names_at_most_five_containers() -> None:
+    many = tuple(f"box{i}" for i in range(120))
+    message = netremoval.condition({"n3": netremoval.Refusal(netremoval.STUCK_AFTER, 0.0, many)})[2]
+    assert "box4" in message and "box5," not in message and "and 115 more" in message
