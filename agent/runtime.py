@@ -223,6 +223,7 @@ class Agent:
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
         self._project_of: dict[str, str] = {}  # add-on id -> project id (the desired state's)
+        self._live: set[str] = set()  # add-on ids desired here and not deleted
         self.desired: DesiredState | None = self.state.load_desired()
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
@@ -590,12 +591,16 @@ class Agent:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
         prints: dict[str, str] = {}
         self._project_of = {}
+        live: set[str] = set()
         for project in desired.projects if desired is not None else ():
             for addon in project.addons:
                 prints[addon.id] = msgspec.json.encode(addon).decode()
                 self._project_of[addon.id] = project.id
+                if not addon.deleted:
+                    live.add(addon.id)
             for job in project.jobs:
                 prints[job.id] = msgspec.json.encode(job).decode()
+        self._live = live
         return prints
 
     def _sleep_views(self) -> dict[str, status.SleepView]:
@@ -816,14 +821,15 @@ class Agent:
 
     def _starting(self) -> int:
         """Add-ons whose readiness poll runs (started, no answer yet)."""
-        return sum(1 for task in self._readiness.values() if not task.done())
+        return sum(1 for a, task in self._readiness.items() if not task.done() and a in self._live)
 
     def _others_starting(self, addon_id: str) -> bool:
         """Whether add-ons other than `addon_id` are being made or started here: a chain
         runs for another key, or another add-on's readiness poll (it has not answered)."""
         own = 1 if self.workers.busy(addon_id) else 0
         return self.workers.in_flight() > own or any(
-            aid != addon_id and not task.done() for aid, task in self._readiness.items()
+            aid != addon_id and not task.done() and aid in self._live
+            for aid, task in self._readiness.items()
         )
 
     def _await_readiness(self, target: status.Target) -> None:
@@ -847,7 +853,10 @@ class Agent:
                 while time.monotonic() < deadline:
                     await asyncio.sleep(delay)
                     delay = min(delay * 1.5, 0.25)
-                    if self.sleep.state(addon.id) != "awake":
+                    # Deleted before it answered (a client that deletes right after its
+                    # first query): polling it on for two minutes would count it as still
+                    # starting (the pool's refill and home-core moves wait for those).
+                    if self.sleep.state(addon.id) != "awake" or addon.id not in self._live:
                         return
                     result = status.Probe(*await self._probe(addon, ip, 1.0))
                     self._polled[addon.id] = (db_id, result)
