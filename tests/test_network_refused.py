@@ -73,7 +73,11 @@ async def test_a_network_docker_refuses_to_remove_is_bounded_visible_and_harmles
             60,
             "the stuck removal logged",
         )
-        assert await agent_metric(agent, STUCK) == 1
+
+        async def stuck_metric() -> bool:  # set by the pass after the refusal
+            return await agent_metric(agent, STUCK) == 1
+
+        await wait_for(stuck_metric, 20, "the gauge at 1")
         cond = await wait_for(lambda: host_condition(stack, agent.host), 20, "the condition")
         assert cond["status"] == "False" and cond["reason"] == "RemovalRefused"
         assert f"{network} ({box})" in cond["message"] and "disconnect" in cond["message"]
@@ -88,7 +92,11 @@ async def test_a_network_docker_refuses_to_remove_is_bounded_visible_and_harmles
         second = await create_addon(c, pid, "second", "redis")
         await wait_phase(c, pid, second["id"], "ready", timeout=60)
         assert docker("network", "inspect", "-f", "{{.Id}}", network) == net_id
-        assert await agent_metric(agent, STUCK) == 0
+
+        async def no_stuck_metric() -> bool:
+            return await agent_metric(agent, STUCK) == 0
+
+        await wait_for(no_stuck_metric, 20, "the gauge back at 0")
 
         async def cleared() -> bool:
             found = await host_condition(stack, agent.host)
