@@ -74,7 +74,7 @@ def condition(refusals: Mapping[str, Refusal]) -> tuple[ConditionStatus, str, st
         parts.append(
             f'Docker refuses to remove {_names(leaked)} ("has active endpoints") with no '
             f"container attached: its endpoint count leaked ({LEAK}). Restart dockerd to "
-            'clear it (docs/operations.md, "A network Docker will not remove"); running '
+            'clear it (docs/operations.md, "Failure modes"); running '
             "add-ons keep running"
         )
     if held:
