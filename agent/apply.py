@@ -16,13 +16,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-from agent import model, specs
+from agent import model, netremoval, specs
 from agent import plan as p
 from agent.backups import BackupRunner
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.egress import Firewall
-from agent.errors import AgentError, Conflict, NotFound, PermanentError, TransientError
+from agent.errors import (
+    AgentError,
+    Conflict,
+    NetworkRefused,
+    NotFound,
+    PermanentError,
+    TransientError,
+)
 from agent.joboutput import JobOutputs
 from agent.loopfs import LoopFs
 from agent.metrics import ACTIONS
@@ -101,6 +108,9 @@ class Applier:
         # sleeper (redirect, activity re-check, pause or stop), on the add-on's worker.
         self.sleep_addon: Callable[[str, SleepState], Awaitable[None]] = _no_sleep
         self.wake_addon: Callable[[str], Awaitable[None]] = _no_wake
+        # network name -> Docker's refusals to remove it, for the planner's schedule and
+        # the host's condition (agent/netremoval.py); pruned by the pass.
+        self.refused_networks: dict[str, netremoval.Refusal] = {}
 
     async def apply(self, actions: Sequence[p.Action]) -> Outcome:
         outcome = Outcome()
@@ -126,6 +136,10 @@ class Applier:
             outcome.failed[action.key] = outcome.permanent[action.key] = str(exc)
             ACTIONS.labels(kind, "permanent_error").inc()
             log.error("action.failed action=%s key=%s error=%s", kind, action.key, exc)
+        except NetworkRefused:
+            # Recorded (`_network_refused`) and asked again on the planner's schedule, not
+            # the key's: the project's other work must not wait behind it.
+            ACTIONS.labels(kind, "error").inc()
         except AgentError as exc:
             outcome.failed[action.key] = str(exc)
             ACTIONS.labels(kind, "error").inc()
@@ -157,13 +171,36 @@ class Applier:
                 return ChainResult(outcome.failed[action.key], permanent=permanent)
         return ChainResult()
 
+    def _network_refused(self, name: str, exc: NetworkRefused) -> None:
+        refusal = netremoval.refused(self.refused_networks.get(name), exc.attached, time.time())
+        self.refused_networks[name] = refusal
+        retry = netremoval.retry_in(refusal.attempts)
+        more = len(refusal.attached) - 5
+        attached = ",".join(refusal.attached[:5]) + (f",+{more}" if more > 0 else "") or "none"
+        log.warning(
+            "network.removal_refused network=%s attempt=%d attached=%s retry_in=%.0fs error=%s",
+            name, refusal.attempts, attached, retry, exc,
+        )  # fmt: skip
+        if refusal.attempts == netremoval.STUCK_AFTER:
+            hint = (
+                f"disconnect {attached}"
+                if refusal.attached
+                else f"Docker leaked the endpoint count ({netremoval.LEAK}): restart dockerd"
+            )
+            log.error("network.removal_stuck network=%s attached=%s do=%r", name, attached, hint)
+
     async def _one(self, action: p.Action) -> None:
         match action:
             case p.EnsureNetwork(key, name):
                 await self.docker.create_network(name, key)
                 await self.firewall.sync_networks()
             case p.RemoveNetwork(_key, name):
-                await self.docker.remove_network(name)
+                try:
+                    await self.docker.remove_network(name)
+                except NetworkRefused as exc:
+                    self._network_refused(name, exc)
+                    raise
+                self.refused_networks.pop(name, None)
             case p.EnsureGroupNetwork(key, name):
                 await self.docker.create_group_network(name, key)
                 # Fenced (nothing passes but the shared ports) before anything joins it.

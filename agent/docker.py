@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from agent import model, observe, specs
-from agent.errors import Conflict, NotFound, PermanentError, TransientError
+from agent.errors import Conflict, NetworkRefused, NotFound, PermanentError, TransientError
 from agent.model import Observed
 from agent.slots import PrioritySlots
 
@@ -202,8 +202,19 @@ class Docker:
         except NotFound:
             pass
         except (Conflict, PermanentError) as exc:
-            # Docker refuses (403) while anything is attached: retried on the next pass.
-            raise TransientError(str(exc)) from None
+            if "active endpoints" not in str(exc):
+                raise TransientError(str(exc)) from None
+            # Docker refuses (403) while anything is attached, and also when only its
+            # endpoint count says so (moby#42119): which one, the inspection tells.
+            raise NetworkRefused(str(exc), await self._attached(name)) from None
+
+    async def _attached(self, name: str) -> tuple[str, ...]:
+        """The containers Docker lists on a network (its inspection's `Containers`)."""
+        info = await self._call(
+            f"inspect network {name}", lambda: self.client._query_json(f"networks/{name}")
+        )
+        found = (info.get("Containers") or {}).items()
+        return tuple(sorted(str(c.get("Name") or cid) for cid, c in found))
 
     async def create_volume(
         self,

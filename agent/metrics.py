@@ -19,6 +19,10 @@ DESIRED_REJECTED = Counter(
 APPLIED_GENERATION = Gauge(
     "orkestr_agent_applied_generation", "Generation of the desired state being applied"
 )
+NETWORKS_UNREMOVABLE = Gauge(
+    "orkestr_agent_networks_unremovable",
+    "Networks Docker refused to remove several times in a row (agent/netremoval.py)",
+)
 MQTT_CONNECTED = Gauge("orkestr_agent_mqtt_connected", "1 while connected to the broker")
 ADDON_READY = Gauge(
     "orkestr_agent_addon_ready",

@@ -64,3 +64,19 @@ def homes(addons: Iterable[AddonSpec], host_cpus: Sequence[int]) -> dict[str, st
             load[i] += addon.resources.cpus / width
         placed[addon.id] = cpuset(cores[start : start + width])
     return placed
+
+
+# A home-core move (`docker update`: a `runc update` per container, ~25 ms of the daemon's
+# CPU) waits while other add-ons on the host are starting, at most this long: sixty moves
+# landed in the Postgres initdb of a burst of creates, on the cores it needed.
+MOVE_WAIT_MAX_S = 120.0
+
+
+def move_now(others_starting: bool, waiting_since: float | None, now: float) -> bool:
+    """Whether an add-on whose cores differ from its home cores moves now. It waits while
+    other add-ons start (the first answers of a burst would otherwise move while the rest
+    still start), but never longer than MOVE_WAIT_MAX_S: a host where something always
+    starts (a crash loop) still places its add-ons."""
+    if not others_starting or waiting_since is None:
+        return not others_starting
+    return now - waiting_since >= MOVE_WAIT_MAX_S

@@ -16,7 +16,7 @@ from typing import get_args
 
 from msgspec import Struct
 
-from agent import model, specs
+from agent import model, netremoval, specs
 from agent.model import Observed, ObservedContainer
 from agent.sleep import policy
 from schemas.messages import (
@@ -245,6 +245,8 @@ class Local(Struct, frozen=True):
     # app id -> the spec hash whose CPU and memory this process applied in place: the
     # container's labels keep the hash it was made with, Docker cannot change them
     resized_apps: Mapping[str, str] = {}
+    # network name -> Docker's last refusals to remove it (agent/netremoval.py)
+    refused_networks: Mapping[str, netremoval.Refusal] = {}
 
 
 class Settings(Struct, frozen=True):
@@ -317,8 +319,24 @@ def plan(
         if c.role == "app" and c.app_id not in wanted_apps:
             actions.append(RemoveContainer(c.app_id or c.name, c.name, "AppNotDesired"))
     actions += _attach(desired, groups, observed, actions)
-    actions += _remove_networks(observed, wanted_networks)
+    # A network Docker refused to remove is asked for again on its own schedule.
+    actions += [
+        a
+        for a in _remove_networks(observed, wanted_networks)
+        if netremoval.due(local.refused_networks.get(a.name), local.now)
+    ]
     return tuple(actions)
+
+
+def unwanted_networks(desired: DesiredState | None, observed: Observed) -> set[str]:
+    """The networks the plan removes (or would, but for a refusal's schedule)."""
+    if desired is None:
+        return set()
+    wanted = set(group_networks(desired))
+    for project in desired.projects:
+        if any(not a.deleted for a in project.addons) or project.jobs or project.apps:
+            wanted.add(model.network_name(project.id))
+    return {a.name for a in _remove_networks(observed, wanted)}
 
 
 def group_networks(desired: DesiredState) -> dict[str, GroupSpec]:
@@ -406,7 +424,7 @@ def _attach(
     return actions
 
 
-def _remove_networks(observed: Observed, wanted: set[str]) -> list[Action]:
+def _remove_networks(observed: Observed, wanted: set[str]) -> list[RemoveNetwork]:
     """A project network with no live add-on or job left, once no container of it exists.
 
     Any container of the project, a tombstone's holder included, may still be attached:

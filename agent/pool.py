@@ -46,6 +46,17 @@ SWEEP_S = 30.0
 # Chains quiet this long before a refill: the work that follows a burst of creates (the
 # client's deletes, its next creates) does not find dockerd busy with the pool's starts.
 IDLE_S = 1.0
+# Add-ons still starting (readiness polls without an answer) that hold a refill back: a
+# burst's four holder starts landed in its last Postgres initdb, on the cores it needed.
+# One add-on alone does not: the next create of a client that makes one at a time
+# (bench/provision.py) must find a parked holder, and waiting for every starting add-on
+# left it none (79ae8f5).
+BURST_STARTING = 2
+
+
+def refill_waits(chains_in_flight: int, starting: int) -> bool:
+    """Whether the host is too busy for the pool's refill now."""
+    return chains_in_flight > 0 or starting >= BURST_STARTING
 
 
 class HolderPool:

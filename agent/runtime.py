@@ -22,9 +22,10 @@ from pathlib import Path
 
 import msgspec
 
-from agent import apps, model, netns, placement, probe, resp, specs, status
+from agent import apps, model, netns, netremoval, placement, probe, resp, specs, status
 from agent import desired as desired_mod
 from agent import plan as p
+from agent import pool as pool_mod
 from agent.apply import Applier, Outcome
 from agent.backup_store import BackupStore
 from agent.backups import BackupRunner
@@ -43,6 +44,7 @@ from agent.metrics import (
     APPLIED_GENERATION,
     DESIRED_REJECTED,
     MQTT_CONNECTED,
+    NETWORKS_UNREMOVABLE,
     RECONCILE_DURATION,
     RECONCILE_TOTAL,
     SLEEP_LEVEL,
@@ -165,7 +167,7 @@ class Agent:
             docker,
             self.settings.images,
             config.agent.holder_pool,
-            busy=lambda: self.workers.in_flight() > 0,
+            busy=lambda: pool_mod.refill_waits(self.workers.in_flight(), self._starting()),
         )
         self.applier = Applier(
             self.host,
@@ -221,10 +223,12 @@ class Agent:
         self.applier.sleep_addon = self.sleep.sleep
         self.applier.wake_addon = self.sleep.wake
         self._project_of: dict[str, str] = {}  # add-on id -> project id (the desired state's)
+        self._live: set[str] = set()  # add-on ids desired here and not deleted
         self.desired: DesiredState | None = self.state.load_desired()
         self._fingerprints = self._key_fingerprints(self.desired)
         self.book = ConditionBook()
         self.upkeep = Upkeep(docker, self.secrets, self.book, self.loopfs)
+        self.upkeep.others_starting = self._others_starting
         # The CPUs add-ons are placed on (agent/placement.py); none: Docker's default, all.
         self._host_cpus = sorted(os.sched_getaffinity(0)) if config.agent.home_cores else []
         self._place()
@@ -513,6 +517,7 @@ class Agent:
             backups_running=self.backups.running_ops(),
             watched_jobs=self.applier.watched_jobs(),
             resized_apps=self.applier.resized_apps(),
+            refused_networks=self._refused_networks(observed),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -534,6 +539,19 @@ class Agent:
         self._arm_sleep_timer()
         await self.publish_status(if_changed=True)
         await self.publish_job_results()
+
+    def _refused_networks(self, observed: model.Observed) -> dict[str, netremoval.Refusal]:
+        """The refusals still meaningful, and the host condition and metric from them. The
+        condition appears at the first network stuck, and stays (True) once it is gone."""
+        refused = netremoval.keep(
+            self.applier.refused_networks, p.unwanted_networks(self.desired, observed)
+        )
+        self.applier.refused_networks = refused
+        NETWORKS_UNREMOVABLE.set(len(netremoval.stuck(refused)))
+        if netremoval.stuck(refused) or self.book.get(HOST, netremoval.CONDITION) is not None:
+            st, reason, message = netremoval.condition(refused)
+            self.book.set(HOST, netremoval.CONDITION, st, reason, message, datetime.now(UTC))
+        return refused
 
     def _sleep_facts(self) -> dict[str, p.SleepFacts]:
         """The sleep manager's facts, and the add-ons whose new password the database has
@@ -573,12 +591,16 @@ class Agent:
         """A key's spec, as text: a permanently failed key is retried once it changes."""
         prints: dict[str, str] = {}
         self._project_of = {}
+        live: set[str] = set()
         for project in desired.projects if desired is not None else ():
             for addon in project.addons:
                 prints[addon.id] = msgspec.json.encode(addon).decode()
                 self._project_of[addon.id] = project.id
+                if not addon.deleted:
+                    live.add(addon.id)
             for job in project.jobs:
                 prints[job.id] = msgspec.json.encode(job).decode()
+        self._live = live
         return prints
 
     def _sleep_views(self) -> dict[str, status.SleepView]:
@@ -797,6 +819,19 @@ class Agent:
         if changed:
             self.trigger()
 
+    def _starting(self) -> int:
+        """Add-ons whose readiness poll runs (started, no answer yet)."""
+        return sum(1 for a, task in self._readiness.items() if not task.done() and a in self._live)
+
+    def _others_starting(self, addon_id: str) -> bool:
+        """Whether add-ons other than `addon_id` are being made or started here: a chain
+        runs for another key, or another add-on's readiness poll (it has not answered)."""
+        own = 1 if self.workers.busy(addon_id) else 0
+        return self.workers.in_flight() > own or any(
+            aid != addon_id and not task.done() and aid in self._live
+            for aid, task in self._readiness.items()
+        )
+
     def _await_readiness(self, target: status.Target) -> None:
         """Poll a starting add-on quickly, so Ready does not wait for the next resync.
 
@@ -818,7 +853,10 @@ class Agent:
                 while time.monotonic() < deadline:
                     await asyncio.sleep(delay)
                     delay = min(delay * 1.5, 0.25)
-                    if self.sleep.state(addon.id) != "awake":
+                    # Deleted before it answered (a client that deletes right after its
+                    # first query): polling it on for two minutes would count it as still
+                    # starting (the pool's refill and home-core moves wait for those).
+                    if self.sleep.state(addon.id) != "awake" or addon.id not in self._live:
                         return
                     result = status.Probe(*await self._probe(addon, ip, 1.0))
                     self._polled[addon.id] = (db_id, result)

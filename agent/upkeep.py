@@ -37,13 +37,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, pg_passwords, resp, smallfiles
+from agent import model, pg_passwords, placement, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -299,6 +299,10 @@ class Upkeep:
         self.quota: dict[str, int] = {}
         # add-on id -> its home cores (agent/placement.py), set with each desired state.
         self.homes: dict[str, str] = {}
+        # add-on id -> since when (monotonic) its move to its home cores waits; and whether
+        # add-ons other than the one given are starting on the host (the agent's answer).
+        self._move_waits: dict[str, float] = {}
+        self.others_starting: Callable[[str], bool] = lambda _addon_id: False
         # add-on id -> (the sizes it was inspected for, its database's inspection)
         self._inspected: dict[str, tuple[tuple[Any, ...], Mapping[str, Any]]] = {}
         # One round at a time per add-on: the pass, a readiness poll and the guard may all
@@ -399,6 +403,7 @@ class Upkeep:
         self._redis_config.pop(addon_id, None)
         self._wal_fs.pop(addon_id, None)
         self._password_checked.pop(addon_id, None)
+        self._move_waits.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
             del self._rounds[addon_id]
@@ -541,10 +546,27 @@ class Upkeep:
             return
         log.info("upkeep.limits_updated addon=%s cores=%s asleep=yes", addon.id, cores)
 
+    def _cores_now(self, addon: AddonSpec, host_config: Mapping[str, Any]) -> str:
+        """The home cores to apply in this round: "" (leave them) while the move waits for
+        the other add-ons starting on the host (placement.move_now)."""
+        cores = self.homes.get(addon.id, "")
+        if not cores or (host_config.get("CpusetCpus") or "") == cores:
+            self._move_waits.pop(addon.id, None)
+            return cores
+        now = time.monotonic()
+        since = self._move_waits.get(addon.id)
+        if placement.move_now(self.others_starting(addon.id), since, now):
+            self._move_waits.pop(addon.id, None)
+            return cores
+        if since is None:
+            self._move_waits[addon.id] = now
+            log.debug("upkeep.move_waits addon=%s cores=%s", addon.id, cores)
+        return ""
+
     async def _limits(self, addon: AddonSpec) -> Mapping[str, Any]:
         name = model.db_name(addon.id)
-        cores = self.homes.get(addon.id, "")
         info = await self._inspection(addon)
+        cores = self._cores_now(addon, info.get("HostConfig") or {})
         self._memory_condition(addon, info)
         await self._grow(addon, info)
         if limits_differ(info.get("HostConfig") or {}, addon, cores):

@@ -13,7 +13,7 @@ import pytest
 
 from agent import model
 from agent.docker import Docker
-from agent.errors import TransientError
+from agent.errors import NetworkRefused
 from tests.agent_fixtures import docker
 from tests.docker_leaks import host_name
 
@@ -74,8 +74,9 @@ async def test_remove_network_refuses_while_a_container_is_attached() -> None:
                 "sleep",
                 "600",
             )
-            with pytest.raises(TransientError):
+            with pytest.raises(NetworkRefused) as refused:
                 await d.remove_network(name)
+            assert refused.value.attached == (box,)  # what the operator is told to detach
             docker("rm", "-f", "-v", box)
             await d.remove_network(name)
             await d.remove_network(name)  # already gone: fine

@@ -8,7 +8,7 @@ import json
 import subprocess
 from typing import Any
 
-from agent import firewall, model
+from agent import firewall, model, pool
 from tests.agent_fixtures import (
     AgentProcess,
     Stack,
@@ -163,3 +163,15 @@ async def test_a_pool_turned_off_leaves_nothing_behind(stack: Stack, agent: Agen
         return not parked(agent.host) and left == ""
 
     await wait_for(gone, 60, "the parked holders and the parking network removed")
+
+
+def test_the_refill_waits_for_a_burst_not_for_one_addon() -> None:
+    # Chains run: wait, as before.
+    assert pool.refill_waits(chains_in_flight=1, starting=0)
+    # One add-on starting alone (a client creating one at a time): refill, so its next
+    # create finds a parked holder (bench/provision.py).
+    assert not pool.refill_waits(chains_in_flight=0, starting=1)
+    assert not pool.refill_waits(chains_in_flight=0, starting=0)
+    # A burst still starting (the Postgres initdb of converge.py): wait.
+    assert pool.refill_waits(chains_in_flight=0, starting=pool.BURST_STARTING)
+    assert pool.refill_waits(chains_in_flight=0, starting=10)

@@ -109,3 +109,12 @@ def test_cpus_of_reads_back_what_cpuset_writes(cpus: set[int]) -> None:
 def test_cpus_of_reads_dockers_notation() -> None:
     assert placement.cpus_of("0-2,5,7-8") == {0, 1, 2, 5, 7, 8}
     assert placement.cpus_of("") == set()
+
+
+def test_a_move_waits_for_the_addons_starting_within_a_bound() -> None:
+    wait = placement.MOVE_WAIT_MAX_S
+    assert placement.move_now(False, None, 100.0)
+    assert placement.move_now(False, 50.0, 100.0)
+    assert not placement.move_now(True, None, 100.0)  # the first round waits
+    assert not placement.move_now(True, 100.0, 100.0 + wait - 0.1)
+    assert placement.move_now(True, 100.0, 100.0 + wait)  # never for ever
