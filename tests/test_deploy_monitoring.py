@@ -643,7 +643,8 @@ tests:
 
 
 def test_rule_tests_fire_every_alert() -> None:
-    fired = set(re.findall(r"alertname=\"(\w+)\"", RULE_TESTS + BACKUP_RULE_TESTS))
+    tests = RULE_TESTS + BACKUP_RULE_TESTS + NETWORK_RULE_TESTS
+    fired = set(re.findall(r"alertname=\"(\w+)\"", tests))
     assert fired == {r["alert"] for r in alert_rules()}
 
 
@@ -699,4 +700,36 @@ tests:
 def test_promtool_backup_alerts_fire(tmp_path: Path) -> None:
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
     (tmp_path / "tests.yml").write_text(BACKUP_RULE_TESTS)
+    promtool("test", "rules", "tests.yml", cwd=tmp_path)
+
+
+# A network Docker refuses to remove (agent/netremoval.py): instance a's from minute 10
+# on; b's for 20 minutes only (the dockerd restart cleared it).
+NETWORK_RULE_TESTS = """\
+rule_files:
+  - alerts.yml
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'orkestr_agent_networks_unremovable{job="orkestr-agent", instance="a"}'
+        values: '0x10 1x50'
+      - series: 'orkestr_agent_networks_unremovable{job="orkestr-agent", instance="b"}'
+        values: '1x20 0x40'
+    promql_expr_test:
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing", alertname="OrkestrAgentNetworkUnremovable"})
+        eval_time: 35m
+        exp_samples: []
+      - expr: count by (alertname, instance) (ALERTS{alertstate="firing", alertname="OrkestrAgentNetworkUnremovable"})
+        eval_time: 45m
+        exp_samples:
+          - labels: '{alertname="OrkestrAgentNetworkUnremovable", instance="a"}'
+            value: 1
+"""
+
+
+@needs_promtool
+def test_promtool_network_alert_fires(tmp_path: Path) -> None:
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    (tmp_path / "tests.yml").write_text(NETWORK_RULE_TESTS)
     promtool("test", "rules", "tests.yml", cwd=tmp_path)
