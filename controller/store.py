@@ -320,13 +320,17 @@ async def _lock_project(
     if row is None:
         raise NotFound(f"project {project_id} does not exist")
     if for_change and row["deleted_at"] is not None:
-        raise Conflict(f"project {project_id} is being deleted")
+        raise _ProjectDeleting(f"project {project_id} is being deleted")
     result: Mapping[str, Any] = row
     return result
 
 
 class _AddressTaken(Conflict):
     """A name another container of the project answers to on its network."""
+
+
+class _ProjectDeleting(Conflict):
+    """A change refused because the project is being deleted (not a name clash)."""
 
 
 # An app of the newest release by that name: apps and add-ons share the project network's
@@ -396,9 +400,9 @@ async def create_addon(
                 password_sealed,
                 deletion_protection,
             )
-    except _AddressTaken:
+    except (_AddressTaken, _ProjectDeleting):
         raise
-    except Conflict:
+    except Conflict:  # the unique index on a live add-on's name
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None
     return _addon(row)
 

@@ -534,6 +534,21 @@ async def test_concurrent_creates_with_one_name_make_one_addon(
             assert_error(status, body, 409, "conflict")
 
 
+async def test_a_create_in_a_project_being_deleted_says_so(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    # The refusal must name the deletion, not a name clash that does not exist.
+    project = await new_project(controller, "team")
+    await new_addon(controller, project, "db")
+    status, _ = await controller.api("DELETE", f"/v1/projects/{project['id']}")
+    assert status == 202
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons", {"name": "fresh", "kind": "redis"}
+    )
+    assert_error(status, body, 409, "conflict")
+    assert "being deleted" in body["message"] and "already exists" not in body["message"], body
+
+
 # --- bad request bodies (Hypothesis) --------------------------------------------------
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
