@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
-from cli import render, settings
+from cli import params, render, settings
 from cli.client import ApiFailure, Client, CliError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -347,7 +347,9 @@ def _wait_phase(c: Client, project_id: str, addon: dict[str, Any], timeout_s: fl
 )
 @project_option
 @click.option("--wait", is_flag=True, help="Wait (with a progress display) until it is ready.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--timeout", default=300.0, type=params.WAIT, show_default=True, help="Seconds --wait waits."
+)
 @json_option
 def addons_create(
     name: str, kind: str, project: str, wait: bool, timeout: float, as_json: bool
@@ -370,7 +372,13 @@ def addons_create(
 @addons.command("wait")
 @click.argument("name")
 @project_option
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait at most.")
+@click.option(
+    "--timeout",
+    default=300.0,
+    type=params.WAIT,
+    show_default=True,
+    help="Seconds to wait at most.",
+)
 @json_option
 def addons_wait(name: str, project: str, timeout: float, as_json: bool) -> None:
     """Wait until an add-on is healthy: ready, or asleep (it wakes when a client connects)."""
@@ -747,7 +755,9 @@ def _last_exit(app: dict[str, Any]) -> str:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @project_option
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The job's image.")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds the job may run.")
+@click.option(
+    "--timeout", default=600.0, type=params.RUN, show_default=True, help="Seconds the job may run."
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
