@@ -639,9 +639,7 @@ def _release_rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 @json_option
 def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_json: bool) -> None:
     """Deploy: a new release with the project's variables now; its apps run with them."""
-    c = client()
-    p = resolve_project(c, project)
-    body: dict[str, Any] = {}
+    body: dict[str, Any] = {}  # checked before any request
     if apps:
         parsed: dict[str, dict[str, Any]] = {}
         for item in apps:
@@ -653,10 +651,18 @@ def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_js
             name, sep, argv = item.partition("=")
             if name not in parsed:
                 raise CliError(f"--command {item!r} names no --app", "give NAME=ARGV of an app")
-            parsed[name]["command"] = shlex.split(argv)
+            try:
+                parsed[name]["command"] = shlex.split(argv)
+            except ValueError as exc:  # "No closing quotation", "No escaped character"
+                raise CliError(
+                    f"--command {item!r} cannot be split into words: {exc}",
+                    "close the quotes, e.g. --command web='sh -c \"exec serve\"'",
+                ) from None
         body["apps"] = parsed
     elif commands:
         raise CliError("--command needs --app", "e.g. --app web=IMAGE --command web='...'")
+    c = client()
+    p = resolve_project(c, project)
     release = c.request("POST", f"/v1/projects/{p['id']}/releases", body)
     if as_json:
         render.emit_json(release)

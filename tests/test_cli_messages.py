@@ -128,3 +128,15 @@ def test_a_timeout_must_be_a_finite_number_of_seconds(
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--timeout'" in result.output, result.output
     assert "seconds" in result.output and "cannot reach" not in result.output
+
+
+def test_a_deploy_command_with_an_open_quote_is_refused_before_any_request(
+    tmp_path: Path,
+) -> None:
+    env = {"ORKESTR_CONFIG": str(tmp_path / "c.json"), "ORKESTR_API": "http://127.0.0.1:1"}
+    args = ["deploy", "--app", "web=debian:12", "--command", "web=sh -c 'exec serve"]
+    result = CliRunner().invoke(main, args, env=env | {"ORKESTR_TOKEN": "t"})
+    assert result.exit_code == 1 and result.exception is not None, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # no traceback
+    assert "cannot be split into words: No closing quotation" in result.output, result.output
+    assert "hint: close the quotes" in result.output
