@@ -549,6 +549,21 @@ async def test_a_create_in_a_project_being_deleted_says_so(
     assert "being deleted" in body["message"] and "already exists" not in body["message"], body
 
 
+async def test_a_plan_without_manual_backups_names_the_plans_that_have_them(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    # The test plans file (an operator's own) gives no plan manual backups: the refusal
+    # must not send the user to a "Pro and Team" that have none either.
+    project = await new_project(controller, "pro")
+    addon = await new_addon(controller, project, "db")
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons/{addon['id']}/backups"
+    )
+    assert_error(status, body, 409, "plan_limit_reached")
+    assert "plan 'pro' includes no manual backups" in body["message"], body
+    assert "Pro and Team" not in body["message"] and "no plan here does" in body["message"], body
+
+
 # --- bad request bodies (Hypothesis) --------------------------------------------------
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
