@@ -208,14 +208,15 @@ async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]
     """
     async with transaction(pool) as conn:
         project = await _lock_project(conn, project_id)
-        protected = [
-            r["name"]
-            for r in await conn.fetch(
-                """SELECT name FROM addons WHERE project_id = $1 AND deleted_at IS NULL
-                AND deletion_protection ORDER BY name""",
-                project["id"],
-            )
-        ]
+        # FOR UPDATE: a PATCH turning protection on holds the add-on's row; wait for it
+        # and read its outcome, not the value from before it (which would delete an
+        # add-on its owner was just told is protected).
+        live = await conn.fetch(
+            """SELECT name, deletion_protection FROM addons
+            WHERE project_id = $1 AND deleted_at IS NULL ORDER BY id FOR UPDATE""",
+            project["id"],
+        )
+        protected = sorted(r["name"] for r in live if r["deletion_protection"])
         if protected:
             raise DeletionProtected(
                 f"add-on(s) {', '.join(map(repr, protected))} are protected against deletion; "
@@ -435,9 +436,9 @@ async def get_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
 async def tombstone_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
     """Mark an add-on deleted (idempotent); the row goes when its host confirms removal."""
     async with transaction(pool) as conn:
-        if await conn.fetchval(
+        if await conn.fetchval(  # FOR UPDATE: see delete_project
             """SELECT deletion_protection FROM addons
-            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL""",
+            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL FOR UPDATE""",
             uuid_of(addon_id),
             uuid_of(project_id),
         ):

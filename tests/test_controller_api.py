@@ -8,10 +8,12 @@ import contextlib
 import json
 import re
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -562,6 +564,39 @@ async def test_a_plan_without_manual_backups_names_the_plans_that_have_them(
     assert_error(status, body, 409, "plan_limit_reached")
     assert "plan 'pro' includes no manual backups" in body["message"], body
     assert "Pro and Team" not in body["message"] and "no plan here does" in body["message"], body
+
+
+@pytest.mark.parametrize("whole_project", [False, True])
+async def test_a_delete_racing_the_protection_being_turned_on_is_refused(
+    controller: ControllerProcess, fake_agent: FakeAgent, whole_project: bool
+) -> None:
+    # The PATCH that turns protection on holds the add-on's row until it commits; a
+    # DELETE arriving meanwhile must wait for it and then refuse, not read the old
+    # "unprotected" and tombstone an add-on its owner was just told is protected. The
+    # PATCH's transaction is held open here, with the statement the controller runs.
+    project = await new_project(controller, "team")
+    addon = await new_addon(controller, project, "db")
+    conn = await asyncpg.connect(controller.database_url)
+    try:
+        patch = conn.transaction()
+        await patch.start()
+        await conn.execute(
+            "UPDATE addons SET deletion_protection = true WHERE id = $1",
+            uuid.UUID(addon["id"]),
+        )
+        path = f"/v1/projects/{project['id']}" + ("" if whole_project else f"/addons/{addon['id']}")
+        delete = asyncio.create_task(controller.api("DELETE", path))
+        await asyncio.sleep(1.0)  # the DELETE is at the row lock by now
+        await patch.commit()
+        status, body = await delete
+    finally:
+        await conn.close()
+    assert_error(status, body, 409, "deletion_protected")
+    status, shown = await controller.api(
+        "GET", f"/v1/projects/{project['id']}/addons/{addon['id']}"
+    )
+    assert status == 200 and shown["deleted_at"] is None, shown
+    assert shown["deletion_protection"] is True, shown
 
 
 # --- bad request bodies (Hypothesis) --------------------------------------------------
