@@ -597,8 +597,24 @@ def env_unset(ctx: click.Context, names: tuple[str, ...], project: str, as_json:
     project = project or _group_project(ctx)
     c = client()
     p = resolve_project(c, project)
-    result = c.request("PATCH", f"/v1/projects/{p['id']}/env", {"unset": list(names)})
-    _print_env(result["env"], as_json, f"Unset {', '.join(names)} in {p['name']}.")
+    path = f"/v1/projects/{p['id']}/env"
+    before = c.get(path)["env"]
+    result = c.request("PATCH", path, {"unset": list(names)})
+    # The API unsets the project's own variables and ignores other names: say which
+    # names were not set, and refuse to claim an add-on's variable gone (it stays).
+    kept = [n for n in names if n in result["env"]]
+    gone = [n for n in names if n in before and n not in kept]
+    absent = [n for n in names if n not in before]
+    said = (f"Unset {', '.join(gone)} in {p['name']}." if gone else "Nothing unset.") + (
+        f" Not set: {', '.join(absent)}." if absent else ""
+    )
+    if kept:
+        raise CliError(
+            f"{said} {', '.join(kept)}: an add-on's variable (its own or shared in a group), "
+            "not the project's; it stays",
+            "`orkestr addons promote`, `orkestr addons env-name` or deleting the add-on changes it",
+        )
+    _print_env(result["env"], as_json, said)
 
 
 # --- releases and apps ----------------------------------------------------------------
