@@ -174,6 +174,9 @@ async def set_env_name(pool: Pool, project_id: str, addon_id: str, env_name: str
                 env_name,
             ):
                 raise Conflict(f"{env_name} is one of the project's own variables; unset it first")
+            # The project's own add-ons win a clash with a share (controller/env.py):
+            # taking a shared name would silently cut the share off from this project.
+            await _refuse_shared_names(conn, project_id, [env_name])
         await conn.execute(
             "UPDATE addons SET env_name = $1 WHERE id = $2", env_name, uuid_of(addon_id)
         )
