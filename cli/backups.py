@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from cli import render
+from cli import params, render
 from cli.client import Client, CliError
 from cli.main import (
     POLL_S,
@@ -152,7 +152,9 @@ def backups_list(addon: str, project: str, as_json: bool) -> None:
 @click.argument("addon")
 @project_option
 @click.option("--wait", is_flag=True, help="Wait until it is taken and verified.")
-@click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--timeout", default=1800.0, type=params.WAIT, show_default=True, help="Seconds --wait waits."
+)
 @json_option
 def backups_capture(addon: str, project: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Take a backup now (the plan's daily limit applies)."""
@@ -196,7 +198,9 @@ backups.commands["create"].hidden = True
 @project_option
 @click.option("--yes", is_flag=True, help="Do not ask; the add-on's current data is replaced.")
 @click.option("--wait", is_flag=True, help="Wait until the restored data is live.")
-@click.option("--timeout", default=1800.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--timeout", default=1800.0, type=params.WAIT, show_default=True, help="Seconds --wait waits."
+)
 @json_option
 def backups_restore(
     addon: str, backup_id: str, project: str, yes: bool, wait: bool, timeout: float, as_json: bool

@@ -5,6 +5,7 @@ Errors become `CliError`s that say what went wrong and what to do next.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -39,8 +40,17 @@ LARGER_PLAN = (
 )
 
 
+NOT_THE_API = (
+    "check the address (`orkestr login --api URL`): it must be the controller's API, "
+    "e.g. http://127.0.0.1:8080"
+)
+
+
 def _hint(status: int, code: str, message: str = "") -> str:
     """What to do next, for every error the API answers (the message says what failed)."""
+    if code == "http_error" and status < 500:
+        # The controller answers every error with its JSON: this server is something else.
+        return NOT_THE_API
     if status == 401:
         return "the token was refused: run `orkestr login` with a valid one (or set ORKESTR_TOKEN)"
     if code == "plan_limit_reached" and "would not fit" in message:
@@ -111,6 +121,13 @@ class Client:
                 f"the API address {api!r} has no scheme",
                 f"give the whole URL, e.g. `orkestr login --api http://{api}`",
             )
+        try:  # urllib would raise ValueError on the first request, a traceback for the user
+            if urllib.parse.urlsplit(api).port == 0:
+                raise ValueError("port 0")
+        except ValueError as exc:
+            raise CliError(
+                f"the API address {api!r} is not a valid URL: {exc}", NOT_THE_API
+            ) from None
         if not token:
             raise CliError("no token configured", "run `orkestr login` (or set ORKESTR_TOKEN)")
         self.api = api.rstrip("/")
@@ -141,13 +158,26 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 code, message = "http_error", raw.decode(errors="replace")[:200] or exc.reason
             raise ApiFailure(exc.code, code, message) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: something that does not speak HTTP answered (BadStatusLine).
             reason = getattr(exc, "reason", exc)
             raise CliError(
-                f"cannot reach the API at {self.api}: {reason}",
+                f"cannot reach the API at {self.api}: {reason!s:.200}",
                 "check the address (`orkestr login --api URL`) and that the controller runs",
             ) from None
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):  # every answer of the controller is a JSON object
+            raise CliError(
+                f"the server at {self.api} answered {method} {path.split('?')[0]}, "
+                "but not as the orkestr API does (no JSON object)",
+                NOT_THE_API,
+            )
+        return answer
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -159,6 +189,12 @@ class Client:
         while offset is not None and len(items) < MAX_ITEMS:
             query = urllib.parse.urlencode({"limit": PAGE, "offset": offset})
             page = self.get(f"{path}?{query}")
-            items.extend(page[key])
+            found = page.get(key) if isinstance(page, dict) else None
+            if not isinstance(found, list):
+                raise CliError(
+                    f"the server at {self.api} answered {path} without its {key!r} list",
+                    NOT_THE_API,
+                )
+            items.extend(found)
             offset = page.get("next_offset")
         return items

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
-from cli import render, settings
+from cli import params, render, settings
 from cli.client import ApiFailure, Client, CliError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -347,7 +347,9 @@ def _wait_phase(c: Client, project_id: str, addon: dict[str, Any], timeout_s: fl
 )
 @project_option
 @click.option("--wait", is_flag=True, help="Wait (with a progress display) until it is ready.")
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--timeout", default=300.0, type=params.WAIT, show_default=True, help="Seconds --wait waits."
+)
 @json_option
 def addons_create(
     name: str, kind: str, project: str, wait: bool, timeout: float, as_json: bool
@@ -370,7 +372,13 @@ def addons_create(
 @addons.command("wait")
 @click.argument("name")
 @project_option
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait at most.")
+@click.option(
+    "--timeout",
+    default=300.0,
+    type=params.WAIT,
+    show_default=True,
+    help="Seconds to wait at most.",
+)
 @json_option
 def addons_wait(name: str, project: str, timeout: float, as_json: bool) -> None:
     """Wait until an add-on is healthy: ready, or asleep (it wakes when a client connects)."""
@@ -589,8 +597,24 @@ def env_unset(ctx: click.Context, names: tuple[str, ...], project: str, as_json:
     project = project or _group_project(ctx)
     c = client()
     p = resolve_project(c, project)
-    result = c.request("PATCH", f"/v1/projects/{p['id']}/env", {"unset": list(names)})
-    _print_env(result["env"], as_json, f"Unset {', '.join(names)} in {p['name']}.")
+    path = f"/v1/projects/{p['id']}/env"
+    before = c.get(path)["env"]
+    result = c.request("PATCH", path, {"unset": list(names)})
+    # The API unsets the project's own variables and ignores other names: say which
+    # names were not set, and refuse to claim an add-on's variable gone (it stays).
+    kept = [n for n in names if n in result["env"]]
+    gone = [n for n in names if n in before and n not in kept]
+    absent = [n for n in names if n not in before]
+    said = (f"Unset {', '.join(gone)} in {p['name']}." if gone else "Nothing unset.") + (
+        f" Not set: {', '.join(absent)}." if absent else ""
+    )
+    if kept:
+        raise CliError(
+            f"{said} {', '.join(kept)}: an add-on's variable (its own or shared in a group), "
+            "not the project's; it stays",
+            "`orkestr addons promote`, `orkestr addons env-name` or deleting the add-on changes it",
+        )
+    _print_env(result["env"], as_json, said)
 
 
 # --- releases and apps ----------------------------------------------------------------
@@ -631,9 +655,7 @@ def _release_rows(found: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 @json_option
 def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_json: bool) -> None:
     """Deploy: a new release with the project's variables now; its apps run with them."""
-    c = client()
-    p = resolve_project(c, project)
-    body: dict[str, Any] = {}
+    body: dict[str, Any] = {}  # checked before any request
     if apps:
         parsed: dict[str, dict[str, Any]] = {}
         for item in apps:
@@ -645,10 +667,18 @@ def deploy(project: str, apps: tuple[str, ...], commands: tuple[str, ...], as_js
             name, sep, argv = item.partition("=")
             if name not in parsed:
                 raise CliError(f"--command {item!r} names no --app", "give NAME=ARGV of an app")
-            parsed[name]["command"] = shlex.split(argv)
+            try:
+                parsed[name]["command"] = shlex.split(argv)
+            except ValueError as exc:  # "No closing quotation", "No escaped character"
+                raise CliError(
+                    f"--command {item!r} cannot be split into words: {exc}",
+                    "close the quotes, e.g. --command web='sh -c \"exec serve\"'",
+                ) from None
         body["apps"] = parsed
     elif commands:
         raise CliError("--command needs --app", "e.g. --app web=IMAGE --command web='...'")
+    c = client()
+    p = resolve_project(c, project)
     release = c.request("POST", f"/v1/projects/{p['id']}/releases", body)
     if as_json:
         render.emit_json(release)
@@ -747,7 +777,9 @@ def _last_exit(app: dict[str, Any]) -> str:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @project_option
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The job's image.")
-@click.option("--timeout", default=600.0, show_default=True, help="Seconds the job may run.")
+@click.option(
+    "--timeout", default=600.0, type=params.RUN, show_default=True, help="Seconds the job may run."
+)
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:

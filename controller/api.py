@@ -578,12 +578,8 @@ class Api:
     async def update_env(self, request: web.Request) -> web.Response:
         project_id = _path_id(request, "project_id")
         body = await read_body(request, request_bodies.EnvUpdate)
-        shared = {n for n, _ in await groups.shared_with(self._pool, self._sealer, project_id)}
-        for name in sorted(set(body.set_) & shared):
-            raise Conflict(
-                f"{name} is an add-on shared with this project in a group; add-on variables "
-                "cannot be overwritten: use another name"
-            )
+        # A name an add-on or a group's share gives is refused inside the update's
+        # transaction (variables.update), where a concurrent share is seen.
         await variables.update(self._pool, self._sealer, project_id, body.set_, body.unset)
         # Names only: values are often secrets.
         log(

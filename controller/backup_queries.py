@@ -148,9 +148,13 @@ async def create_manual(
         plan = plans[addon["plan"]]
         limit = plan.manual_backups_per_day
         if limit == 0:
+            # Name the plans of this controller's plans file that do: an operator's
+            # plans need not be called Pro and Team, nor include backups at all.
+            offering = [repr(n) for n, p in sorted(plans.items()) if p.manual_backups_per_day]
             raise PlanLimitReached(
                 f"plan {addon['plan']!r} includes no manual backups "
-                f"(manual_backups_per_day = 0); Pro and Team do"
+                "(manual_backups_per_day = 0); "
+                + (f"plan(s) {', '.join(offering)} do" if offering else "no plan here does")
             )
         start, end = backup_rules.day_window(await conn.fetchval("SELECT now()"))
         used = await conn.fetchval(

@@ -208,14 +208,15 @@ async def delete_project(pool: Pool, project_id: str) -> tuple[ProjectRow, bool]
     """
     async with transaction(pool) as conn:
         project = await _lock_project(conn, project_id)
-        protected = [
-            r["name"]
-            for r in await conn.fetch(
-                """SELECT name FROM addons WHERE project_id = $1 AND deleted_at IS NULL
-                AND deletion_protection ORDER BY name""",
-                project["id"],
-            )
-        ]
+        # FOR UPDATE: a PATCH turning protection on holds the add-on's row; wait for it
+        # and read its outcome, not the value from before it (which would delete an
+        # add-on its owner was just told is protected).
+        live = await conn.fetch(
+            """SELECT name, deletion_protection FROM addons
+            WHERE project_id = $1 AND deleted_at IS NULL ORDER BY id FOR UPDATE""",
+            project["id"],
+        )
+        protected = sorted(r["name"] for r in live if r["deletion_protection"])
         if protected:
             raise DeletionProtected(
                 f"add-on(s) {', '.join(map(repr, protected))} are protected against deletion; "
@@ -320,13 +321,17 @@ async def _lock_project(
     if row is None:
         raise NotFound(f"project {project_id} does not exist")
     if for_change and row["deleted_at"] is not None:
-        raise Conflict(f"project {project_id} is being deleted")
+        raise _ProjectDeleting(f"project {project_id} is being deleted")
     result: Mapping[str, Any] = row
     return result
 
 
 class _AddressTaken(Conflict):
     """A name another container of the project answers to on its network."""
+
+
+class _ProjectDeleting(Conflict):
+    """A change refused because the project is being deleted (not a name clash)."""
 
 
 # An app of the newest release by that name: apps and add-ons share the project network's
@@ -396,9 +401,9 @@ async def create_addon(
                 password_sealed,
                 deletion_protection,
             )
-    except _AddressTaken:
+    except (_AddressTaken, _ProjectDeleting):
         raise
-    except Conflict:
+    except Conflict:  # the unique index on a live add-on's name
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None
     return _addon(row)
 
@@ -431,9 +436,9 @@ async def get_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
 async def tombstone_addon(pool: Pool, project_id: str, addon_id: str) -> AddonRow:
     """Mark an add-on deleted (idempotent); the row goes when its host confirms removal."""
     async with transaction(pool) as conn:
-        if await conn.fetchval(
+        if await conn.fetchval(  # FOR UPDATE: see delete_project
             """SELECT deletion_protection FROM addons
-            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL""",
+            WHERE id = $1 AND project_id = $2 AND deleted_at IS NULL FOR UPDATE""",
             uuid_of(addon_id),
             uuid_of(project_id),
         ):

@@ -95,6 +95,8 @@ async def update(
                     "be overwritten (give the add-on another name with PATCH .../addons/{id} "
                     '{"env_name": ...}, or use another name)'
                 )
+        if set_:
+            await _refuse_shared_names(conn, project_id, sorted(set_))
         pid = uuid_of(project_id)
         if unset:
             await conn.execute(
@@ -120,6 +122,26 @@ async def update(
                 f"a project has at most {MAX_VARIABLES} variables of its own; this change "
                 f"would make {count}: unset some first"
             )
+
+
+async def _refuse_shared_names(conn: Connection, project_id: str, names: Sequence[str]) -> None:
+    """Refuse a name an add-on shared with the project in a group gives it. Under the lock
+    groups hand shared names out with (groups._lock_names, taken after the project's, as a
+    join does): a share committed meanwhile is seen, never shadowed by a 200'd variable."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orkestr.groups.names'))")
+    name = await conn.fetchval(
+        """SELECT s.env_name FROM group_members m
+        JOIN group_shares s ON s.group_id = m.group_id AND s.project_id <> m.project_id
+        JOIN addons a ON a.id = s.addon_id AND a.deleted_at IS NULL
+        WHERE m.project_id = $1 AND s.env_name = ANY($2::text[]) ORDER BY s.env_name LIMIT 1""",
+        uuid_of(project_id),
+        list(names),
+    )
+    if name is not None:
+        raise Conflict(
+            f"{name} is an add-on shared with this project in a group; add-on variables "
+            "cannot be overwritten: use another name"
+        )
 
 
 async def _live_addon(conn: Connection, project_id: str, addon_id: str) -> Named:
@@ -152,6 +174,9 @@ async def set_env_name(pool: Pool, project_id: str, addon_id: str, env_name: str
                 env_name,
             ):
                 raise Conflict(f"{env_name} is one of the project's own variables; unset it first")
+            # The project's own add-ons win a clash with a share (controller/env.py):
+            # taking a shared name would silently cut the share off from this project.
+            await _refuse_shared_names(conn, project_id, [env_name])
         await conn.execute(
             "UPDATE addons SET env_name = $1 WHERE id = $2", env_name, uuid_of(addon_id)
         )

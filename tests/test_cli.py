@@ -242,6 +242,13 @@ async def test_variables_and_names_through_the_cli(stack: Stack, cli: Cli) -> No
         assert code == 1 and "is not NAME=VALUE" in err
         unset = await cli.json("env", "unset", "-p", name, "DEBUG")
         assert "DEBUG" not in unset["env"] and "GREETING" in unset["env"]
+        # A name that was not set, or an add-on's variable, is not reported unset.
+        out = await cli.ok("env", "unset", "-p", name, "GREETING", "NOPE")
+        assert "Unset GREETING in " + name + ". Not set: NOPE." in out, out
+        code, out, err = await cli("env", "unset", "-p", name, "DATABASE_URL")
+        assert code == 1 and "Unset" not in out + err, (out, err)
+        assert "DATABASE_URL: an add-on's variable" in err and "it stays" in err, err
+        assert "\n  hint: `orkestr addons promote`" in err, err
 
         out = await cli.ok("addons", "promote", "new-db", "-p", name)
         assert "new-db is now primary: DATABASE_URL, NEW_DB_URL" in out

@@ -80,7 +80,9 @@ def test_sleep_status_says_when_the_plan_keeps_an_add_on_awake() -> None:
 
 def test_a_verified_backup_says_what_its_test_restore_compared() -> None:
     assert describe_counts({"keys": 203}) == "its 203 key(s)"
-    assert describe_counts({"public.orders": 1000, "public.items": 5}) == "1005 row(s) in 2 table(s)"
+    assert (
+        describe_counts({"public.orders": 1000, "public.items": 5}) == "1005 row(s) in 2 table(s)"
+    )
     assert describe_counts({}) == "an empty database"
 
 
@@ -103,3 +105,38 @@ def test_a_restore_that_does_not_fit_beside_the_live_database_says_what_to_do() 
     hint = _hint(409, "plan_limit_reached", why)
     assert hint.startswith("free the space the message names in the live database"), hint
     assert "orkestr projects plan" in hint and "move it back" in hint, hint
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--timeout", "nan", "--", "true"),  # was sent as NaN: "body is not valid JSON"
+        ("run", "--timeout", "inf", "--", "true"),
+        ("run", "--timeout", "0", "--", "true"),
+        ("addons", "wait", "db", "--timeout", "nan"),  # was a wait that never ended
+        ("addons", "create", "db", "--wait", "--timeout", "inf"),
+        ("backups", "capture", "db", "--wait", "--timeout", "nan"),
+        ("backups", "restore", "db", "ab12", "--wait", "--timeout", "-1"),
+    ],
+)
+def test_a_timeout_must_be_a_finite_number_of_seconds(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # Refused before any request: the address is one nothing listens on.
+    env = {"ORKESTR_CONFIG": str(tmp_path / "c.json"), "ORKESTR_API": "http://127.0.0.1:1"}
+    result = CliRunner().invoke(main, list(args), env=env | {"ORKESTR_TOKEN": "t"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--timeout'" in result.output, result.output
+    assert "seconds" in result.output and "cannot reach" not in result.output
+
+
+def test_a_deploy_command_with_an_open_quote_is_refused_before_any_request(
+    tmp_path: Path,
+) -> None:
+    env = {"ORKESTR_CONFIG": str(tmp_path / "c.json"), "ORKESTR_API": "http://127.0.0.1:1"}
+    args = ["deploy", "--app", "web=debian:12", "--command", "web=sh -c 'exec serve"]
+    result = CliRunner().invoke(main, args, env=env | {"ORKESTR_TOKEN": "t"})
+    assert result.exit_code == 1 and result.exception is not None, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # no traceback
+    assert "cannot be split into words: No closing quotation" in result.output, result.output
+    assert "hint: close the quotes" in result.output

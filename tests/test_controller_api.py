@@ -8,10 +8,12 @@ import contextlib
 import json
 import re
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -532,6 +534,69 @@ async def test_concurrent_creates_with_one_name_make_one_addon(
     for status, body in results:
         if status == 409:
             assert_error(status, body, 409, "conflict")
+
+
+async def test_a_create_in_a_project_being_deleted_says_so(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    # The refusal must name the deletion, not a name clash that does not exist.
+    project = await new_project(controller, "team")
+    await new_addon(controller, project, "db")
+    status, _ = await controller.api("DELETE", f"/v1/projects/{project['id']}")
+    assert status == 202
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons", {"name": "fresh", "kind": "redis"}
+    )
+    assert_error(status, body, 409, "conflict")
+    assert "being deleted" in body["message"] and "already exists" not in body["message"], body
+
+
+async def test_a_plan_without_manual_backups_names_the_plans_that_have_them(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    # The test plans file (an operator's own) gives no plan manual backups: the refusal
+    # must not send the user to a "Pro and Team" that have none either.
+    project = await new_project(controller, "pro")
+    addon = await new_addon(controller, project, "db")
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{project['id']}/addons/{addon['id']}/backups"
+    )
+    assert_error(status, body, 409, "plan_limit_reached")
+    assert "plan 'pro' includes no manual backups" in body["message"], body
+    assert "Pro and Team" not in body["message"] and "no plan here does" in body["message"], body
+
+
+@pytest.mark.parametrize("whole_project", [False, True])
+async def test_a_delete_racing_the_protection_being_turned_on_is_refused(
+    controller: ControllerProcess, fake_agent: FakeAgent, whole_project: bool
+) -> None:
+    # The PATCH that turns protection on holds the add-on's row until it commits; a
+    # DELETE arriving meanwhile must wait for it and then refuse, not read the old
+    # "unprotected" and tombstone an add-on its owner was just told is protected. The
+    # PATCH's transaction is held open here, with the statement the controller runs.
+    project = await new_project(controller, "team")
+    addon = await new_addon(controller, project, "db")
+    conn = await asyncpg.connect(controller.database_url)
+    try:
+        patch = conn.transaction()
+        await patch.start()
+        await conn.execute(
+            "UPDATE addons SET deletion_protection = true WHERE id = $1",
+            uuid.UUID(addon["id"]),
+        )
+        path = f"/v1/projects/{project['id']}" + ("" if whole_project else f"/addons/{addon['id']}")
+        delete = asyncio.create_task(controller.api("DELETE", path))
+        await asyncio.sleep(1.0)  # the DELETE is at the row lock by now
+        await patch.commit()
+        status, body = await delete
+    finally:
+        await conn.close()
+    assert_error(status, body, 409, "deletion_protected")
+    status, shown = await controller.api(
+        "GET", f"/v1/projects/{project['id']}/addons/{addon['id']}"
+    )
+    assert status == 200 and shown["deleted_at"] is None, shown
+    assert shown["deletion_protection"] is True, shown
 
 
 # --- bad request bodies (Hypothesis) --------------------------------------------------

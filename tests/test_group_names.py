@@ -4,6 +4,11 @@ time, naming both add-ons, instead of the older add-on silently keeping the name
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
+import asyncpg
+
 from tests.agent_fixtures import AgentProcess, Stack, create_addon, create_project
 from tests.test_groups import group_of
 
@@ -58,3 +63,69 @@ async def test_two_groups_cannot_give_one_member_the_same_name(
     for g in (g1, g2, g3):
         status, _ = await c.api("DELETE", f"/v1/groups/{g}")
         assert status == 204
+
+
+async def test_a_variable_set_while_a_share_of_its_name_commits_is_refused(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # PATCH .../env checked the group shares before its transaction: a share committing
+    # in between got the name too, and the user's 200'd variable was silently shadowed
+    # by the shared add-on's URL. The share's transaction is held open here with the
+    # lock and the row the controller's share writes.
+    c = stack.controller
+    assert c is not None
+    a, m = [(await create_project(c, "team"))["id"] for _ in range(2)]
+    orders = await create_addon(c, a, "orders", "postgres")
+    g = await group_of(c, a, m)
+    conn = await asyncpg.connect(c.database_url)
+    try:
+        share = conn.transaction()
+        await share.start()
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orkestr.groups.names'))")
+        await conn.execute(
+            """INSERT INTO group_shares (group_id, project_id, addon_id, env_name)
+            VALUES ($1, $2, $3, 'SHOP_URL')""",
+            uuid.UUID(g),
+            uuid.UUID(a),
+            uuid.UUID(orders["id"]),
+        )
+        patch = asyncio.create_task(
+            c.api("PATCH", f"/v1/projects/{m}/env", {"set": {"SHOP_URL": "mine"}})
+        )
+        await asyncio.sleep(1.0)  # the PATCH is at the lock by now
+        await share.commit()
+        status, body = await patch
+    finally:
+        await conn.close()
+    assert status == 409 and body["error"] == "conflict", body
+    assert "SHOP_URL is an add-on shared with this project" in body["message"], body
+    status, env = await c.api("GET", f"/v1/projects/{m}/env")
+    assert status == 200 and "@addon-" + orders["id"] in env["env"]["SHOP_URL"], env
+    status, _ = await c.api("DELETE", f"/v1/groups/{g}")
+    assert status == 204
+
+
+async def test_an_env_name_may_not_take_a_name_shared_with_the_project(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # Its own add-ons win a clash, so the custom name would cut the share off from the
+    # member without a word: refused, as a user variable of that name is.
+    c = stack.controller
+    assert c is not None
+    a, m = [(await create_project(c, "team"))["id"] for _ in range(2)]
+    orders = await create_addon(c, a, "orders", "postgres")
+    mine = await create_addon(c, m, "mine", "redis")
+    g = await group_of(c, a, m)
+    status, body = await c.api(
+        "PUT", f"/v1/projects/{a}/groups/{g}/shares/{orders['id']}", {"env_name": "SHOP_URL"}
+    )
+    assert status == 200, body
+    status, body = await c.api(
+        "PATCH", f"/v1/projects/{m}/addons/{mine['id']}", {"env_name": "SHOP_URL"}
+    )
+    assert status == 409 and body["error"] == "conflict", body
+    assert "SHOP_URL is an add-on shared with this project" in body["message"], body
+    status, env = await c.api("GET", f"/v1/projects/{m}/env")
+    assert status == 200 and "@addon-" + orders["id"] in env["env"]["SHOP_URL"], env
+    status, _ = await c.api("DELETE", f"/v1/groups/{g}")
+    assert status == 204
