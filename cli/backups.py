@@ -104,8 +104,8 @@ def first_backup_hint(addon: str, plan: dict[str, Any] | None) -> str:
     if plan["backup_retention_days"] > 0:
         return f"`orkestr backups schedule {addon} --on` (plan {plan['name']!r}: automatic only)"
     return (
-        f"plan {plan['name']!r} takes no backups; Pro and Team do: have the operator move "
-        "the project (`orkestr projects plan NAME pro`)"
+        f"plan {plan['name']!r} takes no backups; have the operator move the project to a "
+        "plan that does (`orkestr projects plan NAME PLAN`)"
     )
 
 

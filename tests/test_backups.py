@@ -1136,7 +1136,7 @@ async def test_backups_through_the_cli(stack: Stack, agent: AgentProcess, tmp_pa
     await create_addon(c, starter["id"], "db", "redis")
     # The empty list's hint says what Starter allows, not the `capture` it refuses.
     out = await cli.ok("backups", "list", "db", "-p", starter["name"])
-    assert "plan 'starter' takes no backups; Pro and Team do" in out, out
+    assert "plan 'starter' takes no backups; have the operator move" in out, out
     assert "backups capture" not in out, out
     code, _, err = await cli("backups", "create", "db", "-p", starter["name"])
     assert code == 1 and "'starter'" in err and "manual_backups_per_day = 0" in err, err

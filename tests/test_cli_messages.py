@@ -95,7 +95,8 @@ def test_the_first_backup_hint_says_what_the_plan_allows() -> None:
     assert first_backup_hint("db", plan("pro", 3, 7)) == "`orkestr backups capture db`"
     starter = first_backup_hint("db", plan("starter", 0, 0))
     assert "capture" not in starter and "plan 'starter' takes no backups" in starter
-    assert "Pro and Team do" in starter and "orkestr projects plan" in starter
+    # The plans are the operator's (controller/plans.toml): none is named here.
+    assert "Pro" not in starter and "orkestr projects plan NAME PLAN" in starter
     assert "backups schedule db --on" in first_backup_hint("db", plan("nightly", 0, 7))
 
 
