@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from controller import request_bodies
+from controller import request_bodies, variables
 from controller.db import Connection, Pool, transaction
-from controller.env import Credentials
+from controller.env import Credentials, variable_name
 from controller.errors import (
     Conflict,
     DeletionProtected,
@@ -330,6 +330,10 @@ class _AddressTaken(Conflict):
     """A name another container of the project answers to on its network."""
 
 
+class _VariableShared(Conflict):
+    """An add-on whose variable is a name a group share gives the project."""
+
+
 class _ProjectDeleting(Conflict):
     """A change refused because the project is being deleted (not a name clash)."""
 
@@ -381,6 +385,12 @@ async def create_addon(
                     "project network that name is the app's address; deploy the app under "
                     "another name, or give the add-on another"
                 )
+            try:
+                # Its own add-on would win the clash (controller/env.py) and cut a share of
+                # that name off from the project without a word.
+                await variables.refuse_shared_names(conn, project_id, [variable_name(name)])
+            except Conflict as exc:
+                raise _VariableShared(str(exc)) from None
             row = await conn.fetchrow(
                 f"""
                 WITH a AS (
@@ -401,7 +411,7 @@ async def create_addon(
                 password_sealed,
                 deletion_protection,
             )
-    except (_AddressTaken, _ProjectDeleting):
+    except (_AddressTaken, _ProjectDeleting, _VariableShared):
         raise
     except Conflict:  # the unique index on a live add-on's name
         raise Conflict(f"an add-on named {name!r} already exists in this project") from None

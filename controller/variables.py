@@ -96,7 +96,7 @@ async def update(
                     '{"env_name": ...}, or use another name)'
                 )
         if set_:
-            await _refuse_shared_names(conn, project_id, sorted(set_))
+            await refuse_shared_names(conn, project_id, sorted(set_))
         pid = uuid_of(project_id)
         if unset:
             await conn.execute(
@@ -124,7 +124,7 @@ async def update(
             )
 
 
-async def _refuse_shared_names(conn: Connection, project_id: str, names: Sequence[str]) -> None:
+async def refuse_shared_names(conn: Connection, project_id: str, names: Sequence[str]) -> None:
     """Refuse a name an add-on shared with the project in a group gives it. Under the lock
     groups hand shared names out with (groups._lock_names, taken after the project's, as a
     join does): a share committed meanwhile is seen, never shadowed by a 200'd variable."""
@@ -176,7 +176,7 @@ async def set_env_name(pool: Pool, project_id: str, addon_id: str, env_name: str
                 raise Conflict(f"{env_name} is one of the project's own variables; unset it first")
             # The project's own add-ons win a clash with a share (controller/env.py):
             # taking a shared name would silently cut the share off from this project.
-            await _refuse_shared_names(conn, project_id, [env_name])
+            await refuse_shared_names(conn, project_id, [env_name])
         await conn.execute(
             "UPDATE addons SET env_name = $1 WHERE id = $2", env_name, uuid_of(addon_id)
         )
