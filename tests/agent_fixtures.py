@@ -366,6 +366,7 @@ class Stack:
         await self.mosquitto.close()
         if self.dsn:
             await drop_database(self.dsn)
+        shutil.rmtree(self.dir, ignore_errors=True)  # plans, broker config and credentials
 
 
 @pytest.fixture(scope="module")
