@@ -391,6 +391,24 @@ async def drop_database(dsn: str) -> None:
         await conn.close()
 
 
+async def wait_blocked_by(holder: asyncpg.Connection, wait_s: float = 30.0) -> None:
+    """Until another session waits on a lock `holder` holds (a request of the controller
+    has reached it): a race test then knows the request is inside the race, however
+    loaded the machine, instead of hoping a fixed sleep was long enough."""
+    pid = holder.get_server_pid()
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+        ):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no session waited on a lock of backend {pid} in {wait_s}s")
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
 # --- the controller -------------------------------------------------------------------
 
 

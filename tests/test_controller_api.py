@@ -39,6 +39,7 @@ from tests.services import (
     Mosquitto,
     condition,
     now,
+    wait_blocked_by,
 )
 
 HYPOTHESIS = settings(
@@ -586,7 +587,7 @@ async def test_a_delete_racing_the_protection_being_turned_on_is_refused(
         )
         path = f"/v1/projects/{project['id']}" + ("" if whole_project else f"/addons/{addon['id']}")
         delete = asyncio.create_task(controller.api("DELETE", path))
-        await asyncio.sleep(1.0)  # the DELETE is at the row lock by now
+        await wait_blocked_by(conn)  # the DELETE is at the row lock
         await patch.commit()
         status, body = await delete
     finally:

@@ -10,6 +10,7 @@ import uuid
 import asyncpg
 
 from tests.agent_fixtures import AgentProcess, Stack, create_addon, create_project
+from tests.services import wait_blocked_by
 from tests.test_groups import group_of
 
 pytest_plugins = ["tests.agent_fixtures"]
@@ -92,7 +93,7 @@ async def test_a_variable_set_while_a_share_of_its_name_commits_is_refused(
         patch = asyncio.create_task(
             c.api("PATCH", f"/v1/projects/{m}/env", {"set": {"SHOP_URL": "mine"}})
         )
-        await asyncio.sleep(1.0)  # the PATCH is at the lock by now
+        await wait_blocked_by(conn)  # the PATCH is at the lock
         await share.commit()
         status, body = await patch
     finally:
