@@ -86,6 +86,30 @@ sleep = { enabled = false }
 """
 
 
+TICKS = 'orkestr_controller_backup_scheduler_runs_total{result="ok"}'
+
+
+async def scheduler_ticks(c: ControllerProcess, count: int) -> None:
+    """Until the controller's backup scheduler has finished `count` more clean ticks
+    (retention and owed runs are applied on each) than it had when called."""
+
+    async def ticks() -> float:
+        status, text = await c.api("GET", "/metrics")
+        assert status == 200, text
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series == TICKS:
+                return float(value)
+        return 0.0
+
+    start = await ticks()
+
+    async def done() -> bool:
+        return await ticks() >= start + count
+
+    await wait_for(done, 30, f"{count} backup scheduler ticks", interval=0.1)
+
+
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[Stack]:
     s = Stack(PLANS)
@@ -924,7 +948,7 @@ async def test_a_move_to_starter_keeps_the_backups_for_the_window_they_were_take
 
     status, body = await c.api("PATCH", f"/v1/projects/{p}", {"plan": "starter"})
     assert status == 200 and body["plan"] == "starter", body
-    await asyncio.sleep(4)  # the scheduler's tick is 1 s here: retention ran since
+    await scheduler_ticks(c, 2)  # a whole tick since the PATCH: retention ran since
     status, listed = await c.api("GET", f"{base(p, a)}/backups")
     assert status == 200, listed
     assert [b["id"] for b in listed["backups"]] == [newer["id"], older["id"]], listed
@@ -1076,7 +1100,7 @@ async def test_controller_restart_around_scheduled_time(stack: Stack, agent: Age
 
     await wait_for(owed, 60, "the missed run, owed on return")
     await c.restart()  # a restart right after it: the run is not made again
-    await asyncio.sleep(3)  # several ticks of the restarted controller
+    await scheduler_ticks(c, 3)  # several ticks of the restarted controller
 
     async def automatic() -> list[dict[str, Any]] | None:
         runs = await owed()
