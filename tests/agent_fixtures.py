@@ -49,18 +49,26 @@ def remove_host_objects(host: str) -> list[str]:
     """Remove what the host's agent made; returns what Docker would not remove."""
     # An agent stopped mid-request leaves dockerd to finish it (a network create on a
     # loaded daemon takes seconds, and lands after a first sweep): sweep until a look
-    # half a second later finds nothing of the host's.
-    for _ in range(4):
+    # half a second later finds nothing of the host's. The first half second removes the
+    # agent's host-level egress chains (agent/firewall.py), which outlive it by design.
+    left: list[str] = []
+    for attempt in range(4):
         _remove_docker_objects(host)
-        time.sleep(0.5)
-        if not _host_objects(host):
+        swept = time.monotonic()
+        if attempt == 0:
+            _remove_host_chains(host)
+        time.sleep(max(0.0, swept + 0.5 - time.monotonic()))
+        left = _host_objects(host)
+        if not left:
             break
-    left = _host_objects(host)
     if left:
         # Seen: a network Docker calls in use with no container on it, after 60 containers
         # on it were removed at once (moby/moby#42119; a dockerd restart clears it).
         print(f"host {host}: Docker would not remove {' '.join(left)}", file=sys.stderr)
-    # The agent's host-level egress chains (agent/firewall.py) outlive it by design.
+    return left
+
+
+def _remove_host_chains(host: str) -> None:
     for jump in firewall.host_jumps(host):
         while (
             subprocess.run(["iptables", "-w", "5", "-D", *jump], capture_output=True).returncode
@@ -70,16 +78,21 @@ def remove_host_objects(host: str) -> list[str]:
     for chain in firewall.chains(host):
         subprocess.run(["iptables", "-w", "5", "-F", chain], capture_output=True)
         subprocess.run(["iptables", "-w", "5", "-X", chain], capture_output=True)
-    return left
 
 
 def _host_objects(host: str) -> list[str]:
+    """The host's containers, volumes and networks (the three lists asked at once)."""
     label = f"label=orkestr.host={host}"
-    return [
-        *docker("ps", "-aq", "--filter", label, check=False).split(),
-        *docker("volume", "ls", "-q", "--filter", label, check=False).split(),
-        *docker("network", "ls", "-q", "--filter", label, check=False).split(),
+    lists = [
+        subprocess.Popen(
+            ["docker", *kind, "-q", "--filter", label],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for kind in (("ps", "-a"), ("volume", "ls"), ("network", "ls"))
     ]
+    return [name for proc in lists for name in proc.communicate(timeout=120)[0].split()]
 
 
 def _remove_docker_objects(host: str) -> None:
