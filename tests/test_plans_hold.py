@@ -8,7 +8,6 @@ quotas so a job fills them in seconds.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import urllib.parse
@@ -29,6 +28,7 @@ from tests.agent_fixtures import (
     create_project,
     docker,
     has_capability,
+    more_passes,
     run_job,
     wait_for,
     wait_phase,
@@ -199,7 +199,7 @@ async def test_plan_change_resizes_in_place_and_a_downgrade_that_does_not_fit_is
     # Nothing changed: the plan, the limits.
     status, shown = await c.api("GET", f"/v1/projects/{project['id']}")
     assert shown["plan"] == "big"
-    await asyncio.sleep(3)  # a few agent passes
+    await more_passes(agent, 2)  # a whole agent pass after the refusal
     assert inspect(db)["HostConfig"]["NanoCpus"] == 1_000_000_000
 
     status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "nope"})
@@ -371,7 +371,7 @@ async def test_a_downgrade_whose_memory_a_redis_would_not_fit_is_refused(
     assert "allows 48 MB to Redis add-on 'cache' (75 % of its 64 MB memory)" in body["message"]
     status, shown = await c.api("GET", f"/v1/projects/{project['id']}")
     assert shown["plan"] == "big"
-    await asyncio.sleep(3)  # a few agent passes: nothing resized, nothing restarted
+    await more_passes(agent, 2)  # a whole pass after the refusal: nothing resized or restarted
     info = inspect(db)
     assert info["HostConfig"]["Memory"] == 512 * MIB
     assert info["State"]["StartedAt"] == started and info["State"]["Running"]
