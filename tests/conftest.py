@@ -21,6 +21,7 @@ from tests.services import ControllerProcess, FakeAgent, Mosquitto, create_datab
 pytest_plugins = [
     "tests.docker_leaks",  # fails the run if it left a container, network or volume
     "tests.agent_fixtures",  # real host agents against dockerd (the agent's tests)
+    "tests.timeline",  # ORKESTR_TEST_TIMELINE: each test's worker and times, for balancing
 ]
 
 # Plans for tests: the packaged limits with sleep timeouts short enough to observe.
