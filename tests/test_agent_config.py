@@ -83,3 +83,26 @@ def test_an_agent_token_file_it_cannot_use_stops_the_start(
     assert len(lines) == 1, done.stderr
     assert "bad configuration" in lines[0] and "controller.agent_token_file" in lines[0], lines
     assert str(token_file) in lines[0] and expected in lines[0], lines
+
+
+@pytest.mark.parametrize("key", ["agent.state_dir", "backups.dir"])
+def test_a_directory_it_cannot_use_is_named(tmp_path: Path, key: str) -> None:
+    # A state_dir under a file was blamed on metrics.token_file (a key not even set); a
+    # backups.dir under one stopped the agent with a traceback (exit 1).
+    signing_key(tmp_path)
+    (tmp_path / "agent_token").write_text("token\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    text = config_text(tmp_path, f'agent_token_file = "{tmp_path / "agent_token"}"')
+    if key == "agent.state_dir":
+        text = text.replace(f'"{tmp_path / "state"}"', f'"{blocker / "state"}"')
+    else:
+        text += f'\n[backups]\ndir = "{blocker / "backups"}"\n'
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    done = start(config)
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"bad configuration: {key}: cannot use {blocker}" in lines[0], lines
+    assert "Not a directory" in lines[0], lines
