@@ -150,6 +150,11 @@ def test_packaged_plans_match_the_product_page() -> None:
             "x.sleep.deep_after_s must be greater than light_after_s",
         ),
         ("[x]\nmax_addons = 'two'\ncpus = 1\nmemory_mb = 64", "x.max_addons: Expected `int`"),
+        (
+            # A new Postgres on it refused writes from birth (7.4 MB of 2 MB: Exceeded).
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\nstorage_mb = 2",
+            "x.storage_mb = 2 is below 10: an empty Postgres takes about 8 MB",
+        ),
         ("[x\n", "not valid TOML"),
     ],
 )
