@@ -139,6 +139,11 @@ def test_packaged_plans_match_the_product_page() -> None:
         ("[x]\nmax_addons = -1\ncpus = 1\nmemory_mb = 64", "x.max_addons"),
         ("[x]\nmax_addons = 1\ncpus = 0\nmemory_mb = 64", "x.cpus"),
         ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 8", "x.memory_mb"),
+        (
+            # initdb was OOM-killed, the add-on "provisioning" for ever, Ready Unreachable.
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 32",
+            "x.memory_mb = 32 is below 64: a Postgres on it is killed for memory in initdb",
+        ),
         ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\ncolour = 1", "unknown field `colour`"),
         (
             "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\nsleep = { enabled = true, light = 1 }",
