@@ -324,6 +324,12 @@ def test_a_broken_key_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "secrets.key").write_text(base64.b64encode(bytes(16)).decode())
     with pytest.raises(ConfigError, match="32 bytes"):
         parse_config(GOOD, tmp_path)
+    # The key's raw bytes, the `| base64` left out: named as such, not as a codec error.
+    (tmp_path / "secrets.key").write_bytes(bytes(range(200, 232)))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GOOD, tmp_path)
+    assert "is not base64 text" in str(caught.value), caught.value
+    assert "codec" not in str(caught.value), caught.value
 
 
 def test_cli_exits_2_with_one_line_on_a_bad_config(tmp_path: Path) -> None:
