@@ -18,10 +18,12 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent import metrics_http
+from agent.backup_store import BackupStore
 from agent.controller_client import ControllerClient
 from agent.docker import Docker
 from agent.runtime import Agent
 from agent.sdnotify import notify
+from agent.state import StateDir
 from agent.watchdog import interval_from_env
 from schemas import logs
 from schemas.signed import Verifier
@@ -95,6 +97,23 @@ def run() -> None:
     except config_mod.ConfigError as exc:
         print(f"orkestr-agent: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
+    # The directories the agent writes, made (with their modes) as the agent makes them:
+    # one it cannot use stopped it with a traceback, or blamed metrics.token_file.
+    state_dir = Path(config.agent.state_dir)
+    backups_dir = config.backups.root(config.agent.state_dir)
+    for key, make in (
+        ("agent.state_dir", lambda: StateDir(state_dir)),
+        ("backups.dir", lambda: BackupStore(backups_dir).ensure_root()),
+    ):
+        try:
+            make()
+        except OSError as exc:
+            where = exc.filename or (state_dir if key == "agent.state_dir" else backups_dir)
+            print(
+                f"orkestr-agent: bad configuration: {key}: cannot use {where}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     try:
         metrics_http.ScrapeToken(
             str(metrics_http.token_path(config.metrics.token_file, config.agent.state_dir))

@@ -140,7 +140,10 @@ sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
 # A run cut off between closing the live database and the swap (the agent killed, its
 # container removed) left it closed: open it again before anything else can fail.
 sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS true"
-sql -c "DROP DATABASE IF EXISTS \"$new\"" -c "DROP DATABASE IF EXISTS \"$old\""
+# FORCE: a killed run's backend may still be on its copy (it notices its client is gone
+# only when it next talks to it); refused, this restore and every later one failed.
+sql -c "DROP DATABASE IF EXISTS \"$new\" WITH (FORCE)" \
+    -c "DROP DATABASE IF EXISTS \"$old\" WITH (FORCE)"
 # Both copies are on the add-on's filesystem until the swap: with a quota, they must
 # both fit it (schemas/storage.py, beside_refusal). The live size goes to the agent,
 # which words the refusal.
@@ -154,7 +157,7 @@ list=$(mktemp)
 toc "/backup/$IN" "$list"
 if ! pg_restore --exit-on-error --no-owner --no-acl --role="$ADDON_USER" -L "$list" \
      -d "$new" "/backup/$IN"; then
-  sql -c "DROP DATABASE IF EXISTS \"$new\"" || true
+  sql -c "DROP DATABASE IF EXISTS \"$new\" WITH (FORCE)" || true
   echo "pg_restore failed; the live database is unchanged" >&2
   exit 5
 fi

@@ -170,6 +170,18 @@ def load(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: {exc}") from None
     if not (config.controller.agent_token or config.controller.agent_token_file):
         raise ConfigError(f"{path}: controller.agent_token or agent_token_file is required")
+    if config.controller.agent_token_file:
+        # Read again on every request (a rotation needs no restart), but a file missing at
+        # the start is a set-up error: the agent ran and failed every add-on's secrets.
+        token_file = config.controller.agent_token_file
+        try:
+            token = config.controller.token()
+        except OSError as exc:
+            raise ConfigError(
+                f"{path}: controller.agent_token_file: cannot read {token_file}: {exc.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"{path}: controller.agent_token_file: {token_file} is empty")
     if config.mqtt.username not in (None, config.agent.host):
         # The broker's ACL grants each user the topics named after it.
         raise ConfigError(f"{path}: mqtt.username must be the host name ({config.agent.host})")

@@ -54,6 +54,15 @@ async def run(config: Config, plans: Plans) -> None:
             raise ConfigError(
                 f"projects use plans the plans file does not define: {sorted(missing)}"
             )
+        # A plan shrunk under its add-ons: the agents would refuse their writes at once, and
+        # a Redis restarted into less memory than its data crash-loops.
+        outgrown = await store.plans_outgrown(pool, plans)
+        if outgrown:
+            raise ConfigError(
+                "the plans file shrinks plans below what their add-ons hold: "
+                + "; ".join(outgrown)
+                + " (keep the plan's sizes, or move those projects to a plan they fit first)"
+            )
         link = MqttLink(config.mqtt, metrics)
         publisher = Publisher(pool, link, plans, metrics, config.signer)
         watch = OutputWatch()

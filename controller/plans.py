@@ -20,6 +20,11 @@ from controller.errors import ConfigError
 from schemas.messages import Resources, SleepPolicy
 
 PLAN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The smallest storage quota a plan may give: an empty Postgres 15 takes about 7.5 MB.
+MIN_STORAGE_MB = 10
+# The least memory a new Postgres 15 starts in: at 32 MB initdb's bootstrap is OOM-killed
+# and the container restarts for ever ("provisioning", Ready Unreachable).
+MIN_MEMORY_MB = 64
 
 
 class Plan(Struct, frozen=True, forbid_unknown_fields=True):
@@ -64,6 +69,19 @@ def _validate(raw: dict[str, object], path: Path) -> Plans:
         if plan.sleep.enabled and plan.sleep.deep_after_s <= plan.sleep.light_after_s:
             raise ConfigError(
                 f"plans file {path}: {name}.sleep.deep_after_s must be greater than light_after_s"
+            )
+        if plan.storage_mb is not None and plan.storage_mb < MIN_STORAGE_MB:
+            # A unit slip (10 meant as GB) made every new Postgres refuse writes from birth.
+            raise ConfigError(
+                f"plans file {path}: {name}.storage_mb = {plan.storage_mb} is below "
+                f"{MIN_STORAGE_MB}: an empty Postgres takes about 8 MB, so its writes would be "
+                "refused from the start (storage_mb is in MB; leave it out for no quota)"
+            )
+        if plan.memory_mb < MIN_MEMORY_MB:
+            raise ConfigError(
+                f"plans file {path}: {name}.memory_mb = {plan.memory_mb} is below "
+                f"{MIN_MEMORY_MB}: a Postgres on it is killed for memory in initdb and never "
+                "starts (every plan can run both kinds)"
             )
         plans[name] = plan
     return plans

@@ -38,7 +38,13 @@ class Sealer:
         try:
             text = path.read_text(encoding="ascii").strip()
             key = base64.b64decode(text, validate=True)
-        except (OSError, UnicodeDecodeError, binascii.Error, ValueError) as exc:
+        except (UnicodeDecodeError, binascii.Error, ValueError):
+            # The raw 32 bytes written without `| base64` said "'ascii' codec can't decode".
+            raise ConfigError(
+                f"secrets.key_file: {path} is not base64 text; it holds 32 random bytes, "
+                "base64-encoded (head -c 32 /dev/urandom | base64)"
+            ) from None
+        except OSError as exc:
             raise ConfigError(f"secrets.key_file: cannot use {path}: {exc}") from None
         return cls(key)
 

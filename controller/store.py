@@ -276,6 +276,39 @@ async def purge_deleted_projects(conn: Connection, host: str, only: Any | None =
     return [hex_of(i) for i in ids]
 
 
+async def plans_outgrown(pool: Pool, plans: Plans) -> list[str]:
+    """What live add-ons hold past their project's plan as the plans file now defines it
+    (data over a quota or a Redis's memory, automatic backups on a plan that makes none):
+    what a PATCH to that plan would refuse, brought about by an edit of the file. Too many
+    add-ons is left out: it only stops new ones."""
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            """SELECT p.name AS project, p.plan, a.name, a.kind,
+                (a.status->>'usage_bytes')::bigint AS usage,
+                EXISTS (SELECT 1 FROM backup_schedules s
+                        WHERE s.addon_id = a.id AND s.enabled) AS scheduled
+            FROM addons a JOIN projects p ON p.id = a.project_id
+            WHERE a.deleted_at IS NULL AND p.deleted_at IS NULL
+            ORDER BY p.name, a.created_at, a.id"""
+        )
+    found: list[str] = []
+    for project in dict.fromkeys(r["project"] for r in rows):
+        mine = [r for r in rows if r["project"] == project]
+        plan_name = str(mine[0]["plan"])
+        if plan_name not in plans:
+            continue  # the caller's check of plans in use names it
+        problems = plan_change_problems(
+            plan_name,
+            plans[plan_name],
+            0,
+            {r["name"]: int(r["usage"]) for r in mine if r["usage"] is not None},
+            {r["name"]: str(r["kind"]) for r in mine},
+            scheduled=[r["name"] for r in mine if r["scheduled"]],
+        )
+        found += [f"project {project!r}: {problem}" for problem in problems]
+    return found
+
+
 async def plans_in_use(pool: Pool) -> set[str]:
     async with transaction(pool) as conn:
         return {r["plan"] for r in await conn.fetch("SELECT DISTINCT plan FROM projects")}

@@ -586,6 +586,48 @@ async def test_a_restore_stopped_anywhere_is_settled(
     assert await sql(c, p, "select v from keep") == "live"
 
 
+async def test_a_restore_resumed_after_the_agent_was_killed_mid_pg_restore(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The agent killed while pg_restore fills the copy: the restarted agent runs the
+    restore again, and the killed run's backend, still on the copy (a backend notices its
+    client is gone only when it next talks to it), does not fail it. It failed ('... is
+    being accessed by other users') and left the copy (the database's size again, on the
+    add-on's storage)."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    await sql(c, p, "create table t(x int); insert into t select generate_series(1, 50000)")
+    taken = await backup_now(c, p, a)
+    await sql(c, p, "insert into t values (0)")
+    status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
+    assert status == 202, body
+    copy = "app_orkestr_restore"
+    exists = f"select count(*) from pg_database where datname = '{copy}'"
+    await wait_for(lambda: tenant_sql(a, exists) == "1", 60, "the restore's copy", 0.05)
+    await agent.kill9()
+    # The killed run's backend, deterministically: a session on the copy that outlives
+    # the agent's removal of that run's container.
+    lingering = await tenant_session(a, copy)
+    try:
+        await agent.start()
+
+        async def settled() -> dict[str, Any] | None:
+            _, r = await c.api("GET", f"{base(p, a)}/restores/{body['id']}")
+            return r if r["state"] != "pending" else None
+
+        done = await wait_for(settled, 180, "the resumed restore")
+    finally:
+        if lingering.returncode is None:
+            lingering.kill()
+        await lingering.wait()
+    assert done["state"] == "succeeded", done["error"]
+    await wait_phase(c, p, a, "ready")
+    assert await sql(c, p, "select count(*) from t") == "50000"
+    await wait_for(lambda: tenant_sql(a, exists) == "0", 30, "the copy gone")
+
+
 async def test_redis_round_trip(stack: Stack, agent: AgentProcess) -> None:
     c = _c(stack)
     project = await create_project(c, "team")

@@ -139,6 +139,11 @@ def test_packaged_plans_match_the_product_page() -> None:
         ("[x]\nmax_addons = -1\ncpus = 1\nmemory_mb = 64", "x.max_addons"),
         ("[x]\nmax_addons = 1\ncpus = 0\nmemory_mb = 64", "x.cpus"),
         ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 8", "x.memory_mb"),
+        (
+            # initdb was OOM-killed, the add-on "provisioning" for ever, Ready Unreachable.
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 32",
+            "x.memory_mb = 32 is below 64: a Postgres on it is killed for memory in initdb",
+        ),
         ("[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\ncolour = 1", "unknown field `colour`"),
         (
             "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\nsleep = { enabled = true, light = 1 }",
@@ -150,6 +155,11 @@ def test_packaged_plans_match_the_product_page() -> None:
             "x.sleep.deep_after_s must be greater than light_after_s",
         ),
         ("[x]\nmax_addons = 'two'\ncpus = 1\nmemory_mb = 64", "x.max_addons: Expected `int`"),
+        (
+            # A new Postgres on it refused writes from birth (7.4 MB of 2 MB: Exceeded).
+            "[x]\nmax_addons = 1\ncpus = 1\nmemory_mb = 64\nstorage_mb = 2",
+            "x.storage_mb = 2 is below 10: an empty Postgres takes about 8 MB",
+        ),
         ("[x\n", "not valid TOML"),
     ],
 )
@@ -314,6 +324,12 @@ def test_a_broken_key_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "secrets.key").write_text(base64.b64encode(bytes(16)).decode())
     with pytest.raises(ConfigError, match="32 bytes"):
         parse_config(GOOD, tmp_path)
+    # The key's raw bytes, the `| base64` left out: named as such, not as a codec error.
+    (tmp_path / "secrets.key").write_bytes(bytes(range(200, 232)))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GOOD, tmp_path)
+    assert "is not base64 text" in str(caught.value), caught.value
+    assert "codec" not in str(caught.value), caught.value
 
 
 def test_cli_exits_2_with_one_line_on_a_bad_config(tmp_path: Path) -> None:

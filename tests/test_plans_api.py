@@ -6,11 +6,20 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 import uuid
+from pathlib import Path
+
+import pytest
 
 from controller.db import open_pool
 from controller.plans import load_plans
 from controller.snapshot import desired_state
-from tests.services import ControllerProcess, FakeAgent
+from tests.services import (
+    ControllerProcess,
+    FakeAgent,
+    Mosquitto,
+    create_database,
+    drop_database,
+)
 from tests.test_controller_api import addon_status, assert_error, new_addon, new_project
 
 
@@ -182,3 +191,57 @@ async def test_an_addon_patch_changes_only_the_fields_it_names(
     assert status == 200 and body["env_name"] is None and body["deletion_protection"], body
     status, body = await controller.api("PATCH", path, {"deletion_protection": False})
     assert status == 200 and body["deletion_protection"] is False, body
+
+
+SHRINKABLE = """
+[team]
+max_addons = 5
+cpus = 1.0
+memory_mb = 512
+backup_retention_days = 7
+sleep = { enabled = false }
+"""
+
+
+async def test_a_plans_file_that_shrinks_a_plan_below_its_addons_stops_the_start(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The operator's edit of the plans file is checked as a PATCH to that plan is: a
+    Redis holding 100 MB on a plan whose memory became 64 MB (its quota 48 MB) stopped
+    nothing, the agent failed to apply the limit every few seconds, and a restart of the
+    Redis into 64 MB would crash-loop on its own data."""
+    plans = tmp_path / "plans.toml"
+    plans.write_text(SHRINKABLE)
+    dsn = await create_database()
+    c = ControllerProcess(database_url=dsn, broker=mosquitto, plans_file=plans)
+    try:
+        await c.start()
+        async with FakeAgent(f"h-{uuid.uuid4().hex[:10]}", mosquitto) as host:
+            await c.wait_host_online(host.host)
+            project = await new_project(c, "team")
+            cache = await new_addon(c, project, "cache", "redis")
+            host.addons = [addon_status(cache, usage_bytes=100 * 1024 * 1024)]
+            await host.report()
+
+            async def measured() -> bool:
+                path = f"/v1/projects/{project['id']}/addons/{cache['id']}"
+                _, view = await c.api("GET", path)
+                return view["usage_bytes"] is not None
+
+            for _ in range(100):
+                if await measured():
+                    break
+                await asyncio.sleep(0.1)
+            await c.stop()
+            plans.write_text(SHRINKABLE.replace("memory_mb = 512", "memory_mb = 64"))
+            with pytest.raises(RuntimeError, match="controller exited during start") as refused:
+                await c.start()
+            message = str(refused.value)
+            assert f"project {project['name']!r}" in message, message
+            assert "allows 48 MB to Redis add-on 'cache'" in message, message
+            assert "uses 100.0 MB" in message, message
+            plans.write_text(SHRINKABLE)  # put back: it starts again
+            await c.start()
+    finally:
+        await c.close()
+        await drop_database(dsn)
