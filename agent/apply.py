@@ -223,7 +223,7 @@ class Applier:
                     device = await self.loopfs.create(name, size_mb)
                     opts = {"type": "ext4", "device": device}
                 await self.docker.create_volume(name, key, project_id, opts)
-            case p.FetchSecret(key, _project, kind, version):
+            case p.FetchSecret(key, _project, kind, version, maxmemory):
                 try:
                     secret = await self.controller.secret(key)
                 except PermanentError as exc:
@@ -241,6 +241,7 @@ class Applier:
                     secret.password,
                     secret.secret_version,
                     valid_until.timestamp() if valid_until is not None else None,
+                    maxmemory,
                 )
             case p.RunContainer():
                 await self._create(action)

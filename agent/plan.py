@@ -19,6 +19,7 @@ from msgspec import Struct
 from agent import model, netremoval, specs
 from agent.model import Observed, ObservedContainer
 from agent.sleep import policy
+from schemas import storage
 from schemas.messages import (
     PORTS,
     AddonSpec,
@@ -79,6 +80,8 @@ class FetchSecret(Struct, frozen=True, tag=True):
     project_id: str
     kind: str
     secret_version: int
+    # Redis: its memory quota, written into redis.conf beside the passwords.
+    maxmemory: int | None = None
 
 
 class RunContainer(Struct, frozen=True, tag=True):
@@ -468,7 +471,14 @@ def _converge_addon(
         size = specs.fs_size_mb(addon.storage_mb) if addon.storage_mb else None
         actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id, size))
     if local.secrets.get(addon.id) != addon.secret_version:
-        actions.append(FetchSecret(addon.id, project_id, addon.kind, addon.secret_version))
+        maxmemory = (
+            storage.quota_bytes(addon.kind, addon.storage_mb, addon.resources.memory_mb)
+            if addon.kind == "redis"
+            else None
+        )
+        actions.append(
+            FetchSecret(addon.id, project_id, addon.kind, addon.secret_version, maxmemory)
+        )
 
     want_holder = specs.holder_spec(project_id, addon, settings.images)
     want_db = specs.db_spec(

@@ -43,7 +43,9 @@ REDIS_TENANT_EXTRA = (
 )
 
 
-def redis_conf(password: str, admin_password: str, previous: str | None = None) -> str:
+def redis_conf(
+    password: str, admin_password: str, previous: str | None = None, maxmemory: int | None = None
+) -> str:
     # The tenant is the `default` user, so `redis://:password@host` and a bare AUTH keep
     # working; it loses CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, REPLICAOF and the like.
     # During a rotation's grace period the previous password is accepted too.
@@ -61,7 +63,19 @@ def redis_conf(password: str, admin_password: str, previous: str | None = None) 
         f"user default reset on >{password} ~* &* +@all -@admin -@dangerous"
         f" {REDIS_TENANT_EXTRA}\n"
         f"user {ADMIN_USER} reset on >{admin_password} ~* &* +@all\n"
+        # The memory quota from the first command after every start (a deep wake is a
+        # start), not from the upkeep's first CONFIG SET a moment later.
+        + (f"maxmemory {maxmemory}\nmaxmemory-policy noeviction\n" if maxmemory else "")
     )
+
+
+def conf_maxmemory(conf: str) -> int | None:
+    """The `maxmemory` a redis.conf sets (None: none)."""
+    for line in conf.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "maxmemory" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _write(path: Path, data: str, mode: int) -> None:
@@ -147,11 +161,7 @@ class SecretStore:
         """The grace period is over: only the current password remains."""
         d = self.dir(addon_id)
         if kind == "redis":
-            _write(
-                d / "redis.conf",
-                redis_conf(self.password(addon_id), self.admin_password(addon_id)),
-                0o444,
-            )
+            self._write_redis_conf(addon_id, self.redis_maxmemory(addon_id), previous=None)
         for name in ("previous_password", "retire_at"):
             (d / name).unlink(missing_ok=True)
 
@@ -162,6 +172,7 @@ class SecretStore:
         password: str,
         version: int,
         previous_valid_until: float | None = None,
+        maxmemory: int | None = None,
     ) -> None:
         d = self.dir(addon_id)
         d.mkdir(parents=True, exist_ok=True)
@@ -178,17 +189,36 @@ class SecretStore:
         admin = d / "admin_password"
         if not admin.is_file():
             _write(admin, secrets.token_urlsafe(32), 0o444)
-        admin_password = admin.read_text()
         if kind == "postgres":
             (d / "initdb").mkdir(exist_ok=True)
             os.chmod(d / "initdb", 0o755)
             _write(d / "initdb" / "10-orkestr-tenant.sh", POSTGRES_INIT, 0o444)
         else:
             prev = self.previous(addon_id)
-            conf = redis_conf(password, admin_password, prev[0] if prev else None)
-            _write(d / "redis.conf", conf, 0o444)
+            self._write_redis_conf(addon_id, maxmemory, prev[0] if prev else None)
         # Written last: a directory without it is incomplete and gets fetched again.
         _write(d / "version", str(version), 0o444)
+
+    def redis_maxmemory(self, addon_id: str) -> int | None:
+        try:
+            return conf_maxmemory(smallfiles.read_text(self._file(addon_id, "redis.conf")))
+        except OSError:
+            return None
+
+    def limit_redis(self, addon_id: str, maxmemory: int) -> bool:
+        """Make the add-on's redis.conf carry its current quota (a plan change, or a conf
+        written before it carried one); True if the file changed."""
+        if self.redis_maxmemory(addon_id) == maxmemory:
+            return False
+        prev = self.previous(addon_id)
+        self._write_redis_conf(addon_id, maxmemory, prev[0] if prev else None)
+        return True
+
+    def _write_redis_conf(self, addon_id: str, maxmemory: int | None, previous: str | None) -> None:
+        conf = redis_conf(
+            self.password(addon_id), self.admin_password(addon_id), previous, maxmemory
+        )
+        _write(self.dir(addon_id) / "redis.conf", conf, 0o444)
 
     def remove(self, addon_id: str) -> None:
         shutil.rmtree(self.dir(addon_id), ignore_errors=True)

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError
 
+from agent.secrets import SecretStore
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -330,6 +331,18 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
     finally:
         await client.aclose()
     await wait_condition(c, project["id"], rd["id"], "StorageQuota", "WithinQuota")
+    # The quota is in redis.conf too, for the next start (a deep wake is one), and it
+    # follows a plan change made while the add-on runs.
+    secrets = SecretStore(agent.state_dir / "secrets")
+    assert secrets.redis_maxmemory(rd["id"]) == 12 * MIB
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "big"})
+    assert status == 200, body
+
+    async def upgraded() -> bool:
+        return bool((await addon(c, project["id"], rd["id"]))["quota_bytes"] == 64 * MIB)
+
+    await wait_for(upgraded, 90, "the upgrade's quota in the status")
+    assert secrets.redis_maxmemory(rd["id"]) == 64 * MIB
 
 
 async def test_a_downgrade_whose_memory_a_redis_would_not_fit_is_refused(

@@ -64,8 +64,7 @@ def test_a_redis_must_fit_the_new_plans_memory_too() -> None:
 
 def test_a_plan_without_automatic_backups_refuses_a_project_that_has_them_on() -> None:
     assert plan_change_problems("small", SMALL, 1, {}, scheduled=["db"]) == [
-        "plan 'small' makes no automatic backups and add-on 'db' has them on "
-        "(turn them off first)"
+        "plan 'small' makes no automatic backups and add-on 'db' has them on (turn them off first)"
     ]
     kept = replace(SMALL, backup_retention_days=7)
     assert plan_change_problems("small", kept, 1, {}, scheduled=["db"]) == []
@@ -252,3 +251,43 @@ def test_the_ballast_is_made_once_allocated_and_released_only_where_the_wal_is_a
     keeper._wal_fs[AID] = (str(tmp_path), dev + 1)
     assert keeper._release_ballast(AID) and not path.exists()
     assert not keeper._release_ballast(AID)  # nothing left to free
+
+
+# --- Redis's memory quota in its redis.conf ----------------------------------------------
+
+
+def test_a_new_redis_gets_its_quota_with_its_secret() -> None:
+    a = addon("redis", storage_mb=None, memory_mb=128)
+    fetch = [
+        x
+        for x in p.plan(desired(a), Observed(), p.Local(), SETTINGS)
+        if isinstance(x, p.FetchSecret)
+    ]
+    assert [x.maxmemory for x in fetch] == [upkeep.quota_bytes(a)]
+    pg = addon("postgres")
+    fetch = [
+        x
+        for x in p.plan(desired(pg), Observed(), p.Local(), SETTINGS)
+        if isinstance(x, p.FetchSecret)
+    ]
+    assert [x.maxmemory for x in fetch] == [None]
+
+
+def test_the_quota_in_redis_conf_follows_the_plan_and_survives_rotations(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path)
+    store.ensure_root()
+    store.write(AID, "redis", "one", 1, maxmemory=100 << 20)
+    conf = (tmp_path / AID / "redis.conf").read_text()
+    assert f"\nmaxmemory {100 << 20}\nmaxmemory-policy noeviction\n" in conf
+    assert store.redis_maxmemory(AID) == 100 << 20
+    assert not store.limit_redis(AID, 100 << 20)  # unchanged: not rewritten
+    assert store.limit_redis(AID, 200 << 20)  # a plan change
+    store.write(AID, "redis", "two", 2, previous_valid_until=1.0, maxmemory=200 << 20)
+    store.forget_previous(AID, "redis")  # the rotation's grace ends: the quota stays
+    conf = (tmp_path / AID / "redis.conf").read_text()
+    assert ">two " in conf and ">one" not in conf and store.redis_maxmemory(AID) == 200 << 20
+    # A conf written before it carried the quota gets it from the upkeep.
+    (tmp_path / AID / "redis.conf").chmod(0o644)
+    (tmp_path / AID / "redis.conf").write_text(conf.split("maxmemory")[0])
+    assert store.redis_maxmemory(AID) is None
+    assert store.limit_redis(AID, 200 << 20) and store.redis_maxmemory(AID) == 200 << 20
