@@ -17,6 +17,7 @@ import os
 import random
 import ssl
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -617,6 +618,25 @@ class Agent:
             )
         return views
 
+    @staticmethod
+    def _unanswered(
+        desired: DesiredState,
+        observed: model.Observed,
+        derived: status.Derived,
+        views: Mapping[str, status.SleepView],
+    ) -> list[tuple[AddonSpec, model.ObservedContainer]]:
+        """The awake add-ons whose database exists but is not ready."""
+        out = []
+        for project in desired.projects:
+            for addon in project.addons:
+                if addon.deleted or derived.ready.get(addon.id, True):
+                    continue
+                if views.get(addon.id, status.SleepView()).state != "awake":
+                    continue
+                if (db := observed.container(model.db_name(addon.id))) is not None:
+                    out.append((addon, db))
+        return out
+
     async def _refresh_status(self, observed: model.Observed, outcome: Outcome) -> None:
         """Probe what is awake and running, derive the status (agent/status.py), record it."""
         desired = self.desired
@@ -671,6 +691,12 @@ class Agent:
         now = datetime.now(UTC)
         for u in derived.updates:
             self.book.set(u.owner, u.type, u.status, u.reason, u.message, now)
+        await asyncio.gather(
+            *(
+                self.upkeep.memory_check(a, db)
+                for a, db in self._unanswered(desired, observed, derived, views)
+            )
+        )
         for aid in derived.removed:
             self.book.forget(aid)
             self._split_checked.pop(aid, None)

@@ -684,8 +684,10 @@ class Upkeep:
         fixes: list[tuple[str, str]] = []
         if row["connlimit"] != DATABASE_CONNECTION_LIMIT:
             fixes.append(
-                (f"connection_limit={row['connlimit']}",
-                 f"ALTER DATABASE {db} CONNECTION LIMIT {DATABASE_CONNECTION_LIMIT}")
+                (
+                    f"connection_limit={row['connlimit']}",
+                    f"ALTER DATABASE {db} CONNECTION LIMIT {DATABASE_CONNECTION_LIMIT}",
+                )
             )
         if not row["allowconn"]:
             fixes.append(("allow_connections=false", f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
@@ -917,6 +919,19 @@ class Upkeep:
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
+
+    async def memory_check(self, addon: AddonSpec, db: model.ObservedContainer) -> None:
+        """The MemoryLimit condition of a database that does not answer. The rounds reach
+        ready databases only, so one the kernel kills at its limit before it ever answers
+        (an initdb under a tiny plan) showed as unreachable, never why. Docker is asked
+        only once the container is down or the kernel has killed in it."""
+        if db.state == "running" and not oom_kills(db.id):
+            return
+        try:
+            info = await self._inspection(addon)
+        except AgentError:
+            return
+        self._memory_condition(addon, info)
 
     def _memory_condition(self, addon: AddonSpec, info: Mapping[str, Any]) -> None:
         kills = oom_kills(str(info.get("Id", "")))
