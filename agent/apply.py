@@ -235,7 +235,11 @@ class Applier:
                         f"controller has secret v{secret.secret_version}, want v{version}"
                     )
                 valid_until = secret.previous_valid_until
-                self.secrets.write(
+                # In a thread: its four or five fsyncs took 10-50 ms each on a busy disk,
+                # and sixty add-ons created at once held the event loop (every other
+                # chain's Docker calls, fences and probes) for seconds.
+                await asyncio.to_thread(
+                    self.secrets.write,
                     key,
                     kind,
                     secret.password,
@@ -322,7 +326,7 @@ class Applier:
 
     async def _create(self, action: p.RunContainer) -> None:
         """A RunContainer's first part: the container created, not started."""
-        if action.spec.role == "db" and action.key not in self.secrets.versions():
+        if action.spec.role == "db" and not self.secrets.complete(action.key):
             # The container mounts the secret directory: it must be complete first.
             raise AgentError("secret not fetched yet")
         if action.spec.role == "holder" and await self.pool.claim(action.spec):

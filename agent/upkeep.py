@@ -722,7 +722,8 @@ class Upkeep:
                 )
             password = self.secrets.password(addon.id)
             await conn.execute(f"ALTER ROLE {_ident(role)} LOGIN PASSWORD {_literal(password)}")
-            self.secrets.mark_applied(addon.id, version)
+            # In a thread: its fsync would hold the event loop (a burst applies sixty).
+            await asyncio.to_thread(self.secrets.mark_applied, addon.id, version)
             log.info("upkeep.password_applied addon=%s version=%s role=%s", addon.id, version, role)
         previous = self.secrets.previous(addon.id)
         if version and previous is not None and previous[1] <= time.time():
@@ -884,7 +885,8 @@ class Upkeep:
         if version and self.secrets.applied(addon.id) != version:
             # Adds the new password; the old one stays until the grace ends.
             await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
-            self.secrets.mark_applied(addon.id, version)
+            # In a thread: its fsync would hold the event loop (a burst applies sixty).
+            await asyncio.to_thread(self.secrets.mark_applied, addon.id, version)
             log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
         previous = self.secrets.previous(addon.id)
         if previous is not None and previous[1] <= time.time():

@@ -83,6 +83,10 @@ async def record_host_status(pool: Pool, status: HostStatus) -> StatusOutcome | 
                      projects p
                 WHERE a.id = s.id AND a.project_id = s.project_id
                   AND p.id = a.project_id AND p.host = $1
+                  -- A report repeats most rows unchanged (the heartbeat resends them all):
+                  -- rewriting those cost a new row version and its WAL each time.
+                  AND (a.status IS DISTINCT FROM s.status::jsonb
+                       OR a.observed_generation IS DISTINCT FROM s.generation)
                 """,
                 host,
                 [uuid_of(a.id) for a in status.addons],

@@ -323,6 +323,59 @@ async def _drive_the_view(
     assert body["phase"] == "failed" and body["observed_generation"] == 9
 
 
+async def test_a_report_that_repeats_an_addon_status_leaves_its_row_alone(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    """The heartbeat resends every add-on's status; an unchanged one is not written again
+    (each rewrite was a new row version and its WAL, per add-on, per report)."""
+    project = await new_project(controller, "pro")
+    addon = await new_addon(controller, project, "db")
+    conn = await asyncpg.connect(controller.database_url)
+    try:
+
+        async def row() -> tuple[int, int | None, str | None]:
+            r = await conn.fetchrow(
+                "SELECT xmin::text::bigint AS v, observed_generation, status::text AS s "
+                "FROM addons WHERE id = $1",
+                uuid.UUID(addon["id"]),
+            )
+            assert r is not None
+            return r["v"], r["observed_generation"], r["s"]
+
+        async def reported(host: str) -> Any:
+            return await conn.fetchval("SELECT status_sent_at FROM hosts WHERE name = $1", host)
+
+        async with speaking_for(project["host"], fake_agent) as agent:
+            ready = (condition("True", "Running"),)
+            agent.addons = [addon_status(addon, 7, conditions=ready)]
+            await agent.report()
+            first = await eventually(
+                lambda: _when(row(), lambda r: r[1] == 7), "the first report stored"
+            )
+            sent = await reported(agent.host)
+            await asyncio.sleep(0.01)  # the next report's sent_at is later
+            await agent.report()  # the same status again
+            await eventually(
+                lambda: _when(reported(agent.host), lambda t: t is not None and t > sent),
+                "the second report stored",
+            )
+            assert await row() == first
+
+            agent.addons = [addon_status(addon, 8, conditions=ready)]
+            await agent.report()
+            changed = await eventually(
+                lambda: _when(row(), lambda r: r[1] == 8), "the changed report stored"
+            )
+            assert changed[0] != first[0]
+    finally:
+        await conn.close()
+
+
+async def _when(value: Awaitable[Any], ok: Callable[[Any], bool]) -> Any:
+    got = await value
+    return got if ok(got) else None
+
+
 async def _host_listed(controller: ControllerProcess, host: str) -> Any:
     status, body = await controller.api("GET", "/v1/hosts")
     return (status, body) if any(h["name"] == host for h in body["hosts"]) else None
