@@ -291,9 +291,11 @@ async def plans_outgrown(pool: Pool, plans: Plans) -> list[str]:
             WHERE a.deleted_at IS NULL AND p.deleted_at IS NULL
             ORDER BY p.name, a.created_at, a.id"""
         )
+    by_project: dict[str, list[Any]] = {}
+    for r in rows:
+        by_project.setdefault(r["project"], []).append(r)
     found: list[str] = []
-    for project in dict.fromkeys(r["project"] for r in rows):
-        mine = [r for r in rows if r["project"] == project]
+    for project, mine in by_project.items():
         plan_name = str(mine[0]["plan"])
         if plan_name not in plans:
             continue  # the caller's check of plans in use names it
