@@ -247,6 +247,9 @@ class Applier:
                     valid_until.timestamp() if valid_until is not None else None,
                     maxmemory,
                 )
+            case p.LimitRedisConf(key, maxmemory):
+                if await asyncio.to_thread(self.secrets.limit_redis, key, maxmemory):
+                    log.info("apply.redis_conf_quota addon=%s maxmemory=%d", key, maxmemory)
             case p.RunContainer():
                 await self._create(action)
                 await self._start(action)

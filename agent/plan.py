@@ -84,6 +84,14 @@ class FetchSecret(Struct, frozen=True, tag=True):
     maxmemory: int | None = None
 
 
+class LimitRedisConf(Struct, frozen=True, tag=True):
+    """Write a Redis add-on's current memory quota into its redis.conf: a plan changed
+    after its secret was written. The next start reads it, even one from deep sleep."""
+
+    key: str  # add-on id
+    maxmemory: int
+
+
 class RunContainer(Struct, frozen=True, tag=True):
     key: str
     spec: specs.ContainerSpec
@@ -192,6 +200,7 @@ Action = (
     | DisconnectNetwork
     | EnsureVolume
     | FetchSecret
+    | LimitRedisConf
     | RunContainer
     | StartContainer
     | UnpauseContainer
@@ -232,6 +241,9 @@ class Local(Struct, frozen=True):
 
     # add-on id -> secret_version of the secret files on disk
     secrets: Mapping[str, int] = {}
+    # Redis add-on id -> the maxmemory its redis.conf on disk sets (0: none); absent: no
+    # secret files yet (FetchSecret writes the quota with them)
+    redis_conf_quota: Mapping[str, int] = {}
     # job ids whose result is recorded locally (the job must not run again)
     finished_jobs: frozenset[str] = frozenset()
     # add-on id -> its sleep state and activity (absent: awake, never measured)
@@ -470,15 +482,18 @@ def _converge_addon(
     if observed.volume(model.volume_name(addon.id)) is None:
         size = specs.fs_size_mb(addon.storage_mb) if addon.storage_mb else None
         actions.append(EnsureVolume(addon.id, model.volume_name(addon.id), project_id, size))
+    maxmemory = (
+        storage.quota_bytes(addon.kind, addon.storage_mb, addon.resources.memory_mb)
+        if addon.kind == "redis"
+        else None
+    )
     if local.secrets.get(addon.id) != addon.secret_version:
-        maxmemory = (
-            storage.quota_bytes(addon.kind, addon.storage_mb, addon.resources.memory_mb)
-            if addon.kind == "redis"
-            else None
-        )
         actions.append(
             FetchSecret(addon.id, project_id, addon.kind, addon.secret_version, maxmemory)
         )
+    elif maxmemory is not None and local.redis_conf_quota.get(addon.id, maxmemory) != maxmemory:
+        # Before any start in this chain: a wake from deep sleep starts on this file.
+        actions.append(LimitRedisConf(addon.id, maxmemory))
 
     want_holder = specs.holder_spec(project_id, addon, settings.images)
     want_db = specs.db_spec(
@@ -769,7 +784,7 @@ def steps(chain: tuple[Action, ...]) -> list[tuple[Action, ...]]:
 
 def _beside(action: Action) -> str:
     """Which step of independent actions an action may share ("" for none)."""
-    if isinstance(action, EnsureVolume | FetchSecret) or (
+    if isinstance(action, EnsureVolume | FetchSecret | LimitRedisConf) or (
         isinstance(action, RunContainer) and action.spec.role == "holder"
     ):
         return "make"

@@ -509,8 +509,15 @@ class Agent:
         """
         seen = self.workers.epoch
         observed = await self.docker.snapshot()
+        versions = self.secrets.versions()
         local = p.Local(
-            secrets=self.secrets.versions(),
+            secrets=versions,
+            redis_conf_quota=self.secrets.redis_conf_quotas(
+                a.id
+                for pr in (self.desired.projects if self.desired else ())
+                for a in pr.addons
+                if a.kind == "redis" and a.id in versions
+            ),
             finished_jobs=frozenset(self.state.job_results()),
             sleep=self._sleep_facts(),
             now=time.time(),

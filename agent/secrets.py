@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from agent import smallfiles
@@ -92,6 +93,9 @@ def _write(path: Path, data: str, mode: int) -> None:
 class SecretStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # add-on id -> the maxmemory of its redis.conf (0: none; None: no redis.conf).
+        # Only this store writes the files, so each is read once per process.
+        self._conf_quota: dict[str, int | None] = {}
 
     def ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -210,6 +214,20 @@ class SecretStore:
         except OSError:
             return None
 
+    def redis_conf_quotas(self, addon_ids: Iterable[str]) -> dict[str, int]:
+        """The planner's `Local.redis_conf_quota` for these add-ons (with complete secrets)."""
+        out: dict[str, int] = {}
+        for addon_id in addon_ids:
+            if addon_id not in self._conf_quota:
+                conf = self._file(addon_id, "redis.conf")
+                self._conf_quota[addon_id] = (
+                    (self.redis_maxmemory(addon_id) or 0) if smallfiles.is_file(conf) else None
+                )
+            quota = self._conf_quota[addon_id]
+            if quota is not None:
+                out[addon_id] = quota
+        return out
+
     def limit_redis(self, addon_id: str, maxmemory: int) -> bool:
         """Make the add-on's redis.conf carry its current quota (a plan change, or a conf
         written before it carried one); True if the file changed."""
@@ -224,6 +242,8 @@ class SecretStore:
             self.password(addon_id), self.admin_password(addon_id), previous, maxmemory
         )
         _write(self.dir(addon_id) / "redis.conf", conf, 0o444)
+        self._conf_quota[addon_id] = maxmemory or 0
 
     def remove(self, addon_id: str) -> None:
         shutil.rmtree(self.dir(addon_id), ignore_errors=True)
+        self._conf_quota.pop(addon_id, None)

@@ -904,9 +904,7 @@ class Upkeep:
                 await conn.call("CONFIG", "SET", "maxmemory", quota)
             if config.get("maxmemory-policy") != "noeviction":
                 await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
-            # And in redis.conf, for the next start (a wake from deep sleep, a restart).
-            if await asyncio.to_thread(self.secrets.limit_redis, addon.id, quota):
-                log.info("upkeep.redis_conf_quota addon=%s maxmemory=%d", addon.id, quota)
+            # redis.conf, for the next start, is the planner's (LimitRedisConf).
             self._redis_config[addon.id] = (conn.serial, quota)
         if info is None:
             info = await conn.call("INFO", "memory")

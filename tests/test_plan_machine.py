@@ -25,6 +25,7 @@ from msgspec.structs import replace
 from agent import model, specs
 from agent import plan as p
 from agent.model import Observed, ObservedContainer, ObservedNetwork, ObservedVolume
+from schemas import storage
 from schemas.messages import (
     AddonSpec,
     DesiredState,
@@ -52,6 +53,7 @@ class Host:
     networks: dict[str, ObservedNetwork] = field(default_factory=dict)
     volumes: dict[str, ObservedVolume] = field(default_factory=dict)
     secrets: dict[str, int] = field(default_factory=dict)
+    conf_quota: dict[str, int] = field(default_factory=dict)  # Redis: its redis.conf's maxmemory
     finished_jobs: set[str] = field(default_factory=set)
     sleep: dict[str, SleepState] = field(default_factory=dict)
     clients: dict[str, int] = field(default_factory=dict)  # connections held, per add-on
@@ -84,6 +86,7 @@ class Host:
             )
         return p.Local(
             secrets=dict(self.secrets),
+            redis_conf_quota=dict(self.conf_quota),
             finished_jobs=frozenset(self.finished_jobs),
             sleep=facts,
             now=NOW,
@@ -140,8 +143,14 @@ class Host:
                 self.networks.pop(name, None)
             case p.EnsureVolume(key, name, _):
                 self.volumes.setdefault(name, ObservedVolume(name, key))
-            case p.FetchSecret(key, _, _, version):
+            case p.FetchSecret(key, _, kind, version, maxmemory):
                 self.secrets[key] = version
+                if kind == "redis":
+                    self.conf_quota[key] = maxmemory or 0
+            case p.LimitRedisConf(key, maxmemory):
+                if key not in self.secrets:
+                    raise Failed(f"no secret files for {key}")
+                self.conf_quota[key] = maxmemory
             case p.RunContainer(key, spec):
                 self.create(spec)
                 if spec.role == "db":
@@ -177,6 +186,7 @@ class Host:
                 self.volumes.pop(name, None)
             case p.RemoveSecret(key):
                 self.secrets.pop(key, None)
+                self.conf_quota.pop(key, None)
             case p.CollectJob(key, _, name):
                 self.finished_jobs.add(key)
                 self.containers.pop(name, None)
@@ -205,7 +215,7 @@ def touches(action: p.Action) -> str:
             return name
         case p.EnsureVolume(key, _, _) | p.RemoveVolume(key, _):
             return key
-        case p.FetchSecret(key, _, _, _) | p.RemoveSecret(key):
+        case p.FetchSecret(key, _, _, _) | p.RemoveSecret(key) | p.LimitRedisConf(key, _):
             return key
         case p.StartBackupOp(_, _, spec, _):
             return spec.addon_id
@@ -300,6 +310,13 @@ class PlannerMachine(RuleBasedStateMachine):
         project, spec = self.addons[aid]
         self.addons[aid] = (project, replace(spec, resources=Resources(0.5, memory)))
         self.generation += 1
+
+    @precondition(lambda self: any(a in self.host.conf_quota for a in self.live()))
+    @rule(data=st.data())
+    def redis_conf_from_an_older_agent(self, data: st.DataObject) -> None:
+        """A redis.conf written before it carried the quota."""
+        aid = data.draw(st.sampled_from([a for a in self.live() if a in self.host.conf_quota]))
+        self.host.conf_quota[aid] = 0
 
     @rule(project=st.sampled_from(PROJECTS))
     def add_job(self, project: str) -> None:
@@ -455,6 +472,9 @@ class PlannerMachine(RuleBasedStateMachine):
                 assert wal == self.host.layout[aid], (aid, wal)
                 asleep = self.host.sleep.get(aid, "awake") != "awake"
                 assert asleep or db.state == "running", db
+                if a.kind == "redis":  # asleep or not, its next start has its quota
+                    quota = storage.quota_bytes(a.kind, a.storage_mb, a.resources.memory_mb)
+                    assert self.host.conf_quota.get(aid) == quota, (aid, quota)
         for jid in self.jobs:
             assert jid in self.host.finished_jobs
         live_waiting = {a for a in self.host.waiting if a in self.live()}

@@ -18,8 +18,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from agent import netns, synwatch
+from agent.secrets import SecretStore
+from agent.specs import ADMIN_USER
+from schemas.storage import quota_bytes
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -58,7 +62,7 @@ sleep = {{ enabled = true, light_after_s = {LIGHT_S}, deep_after_s = {DEEP_S} }}
 [pro]
 max_addons = 2
 cpus = 0.5
-memory_mb = 256
+memory_mb = 320
 sleep = {{ enabled = true, light_after_s = {LIGHT_S}, deep_after_s = {DEEP_S} }}
 
 [team]
@@ -281,8 +285,10 @@ async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
     assert status == 200 and body["plan"] == "team", body
     # Woken by the planner, on the add-on's worker (the wake's log names why), not beside it.
     await wait_for(
-        lambda: f"addon.wake addon={a['id']} stage=deep reason=sleep disabled by the plan"
-        in agent.log_tail(400),
+        lambda: (
+            f"addon.wake addon={a['id']} stage=deep reason=sleep disabled by the plan"
+            in agent.log_tail(400)
+        ),
         60,
         "the wake for the plan change",
     )
@@ -636,4 +642,45 @@ async def test_a_sleeping_addon_goes_to_its_home_cores_while_it_sleeps(
     docker("update", "--cpuset-cpus", other, db)  # (the agent may move it back at once)
     await wait_for(lambda: cores() == home, 10, f"back on its home cores {home}")
     assert db_state(a["id"]) == "paused"  # moved asleep, not woken for it
-    await wait_for(lambda: agent.log_path.read_text(errors="replace").count(line) > moves, 5, "the move logged")
+    await wait_for(
+        lambda: agent.log_path.read_text(errors="replace").count(line) > moves, 5, "the move logged"
+    )
+
+
+async def test_a_plan_change_reaches_a_deep_sleeping_redis_before_its_wake(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """A deep wake starts Redis on its redis.conf: a quota changed while it was stopped must
+    be in that file already, not only after the first upkeep round of the wake."""
+    c = stack.controller
+    assert c is not None
+    project, a, env = await setup_addon(stack, "redis")
+    secrets = SecretStore(agent.state_dir / "secrets")
+    assert secrets.redis_maxmemory(a["id"]) == quota_bytes("redis", None, 256)
+    await wait_db(a["id"], "exited", timeout=DEEP_S + 10)
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "pro"})
+    assert status == 200, body
+    want = quota_bytes("redis", None, 320)
+    await wait_for(
+        lambda: secrets.redis_maxmemory(a["id"]) == want, 30, "the new quota in redis.conf"
+    )
+    assert db_state(a["id"]) == "exited"  # written while it sleeps: nothing woke it
+    client = Client(agent.host, project["id"], env)
+    try:
+        # The wake, and the quota the woken server holds.
+        woke = await client.sh('redis-cli -u "$REDIS_URL" --no-auth-warning ping')
+        assert woke.stdout.strip() == "PONG", woke
+        admin = aioredis.Redis(
+            host=json.loads(docker("inspect", f"orkestr-{a['id']}-net"))[0]["NetworkSettings"][
+                "Networks"
+            ][f"orkestr-{project['id']}"]["IPAddress"],
+            username=ADMIN_USER,
+            password=secrets.admin_password(a["id"]),
+        )
+        try:
+            config = await admin.config_get("maxmemory")
+        finally:
+            await admin.aclose()
+        assert config == {"maxmemory": str(want)}, config
+    finally:
+        client.remove()
