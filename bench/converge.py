@@ -35,6 +35,7 @@ from typing import Any
 import aiodocker
 from _harness import (
     Bench,
+    EventLog,
     Plain,
     activity,
     cpu_ms,
@@ -62,14 +63,64 @@ TARGET_RATIO = 1.10
 POLL = {"interval_ms": 20, "attempt_timeout_s": 1.0, "deadline_s": 300, "max_outstanding": 4}
 
 
-async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> None:
-    """Until each target has answered one real query (they are polled one after another)."""
+async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> list[float]:
+    """Until each target has answered one real query (they are polled one after another);
+    when each first answered (monotonic; no earlier than its poll began)."""
     client = b.clients[0]
+    answered = []
     for target in targets:
         await client.poll_start(target, **POLL)
         r = await client.poll_result(timeout=330)
         if not r["ok"]:
             raise RuntimeError(f"{target['host']}: no successful query: {r}")
+        answered.append(float(r["t1"]))
+    return answered
+
+
+# Per add-on marks of a create, in seconds after its t0: Docker's events for both variants
+# (a claimed parked holder's "start" is its rename), and the bench's first answer.
+MARKS = ("holder_start", "db_create", "db_start", "answered")
+
+
+def marks(
+    events: EventLog, t0: float, holder: str, db: str, answered: float
+) -> dict[str, float | None]:
+    def at(name: str, *actions: str) -> float | None:
+        times = [m for m, t, a, n in events.events
+                 if t == "container" and a in actions and n == name and m >= t0]  # fmt: skip
+        return rnd(min(times) - t0, 2) if times else None
+
+    return {
+        "holder_start": at(holder, "start", "rename"),
+        "db_create": at(db, "create"),
+        "db_start": at(db, "start"),
+        "answered": rnd(answered - t0, 2),
+    }
+
+
+def timeline(variant: str, rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, Any]:
+    """min / median / max of each mark per kind, and the Postgres start-to-answer spans."""
+    out: dict[str, Any] = {}
+    for kind in ("postgres", "redis"):
+        of_kind = [m for k, m in rows if k == kind]
+        if not of_kind:
+            continue
+        summary: dict[str, Any] = {}
+        for mark in MARKS:
+            values = sorted(v for m in of_kind if (v := m[mark]) is not None)
+            if values:
+                summary[mark] = [values[0], values[len(values) // 2], values[-1]]
+        spans = sorted(
+            m["answered"] - m["db_start"]
+            for m in of_kind
+            if m["db_start"] is not None and m["answered"] is not None
+        )
+        if spans:
+            summary["start_to_answer"] = [rnd(spans[0], 2), rnd(spans[-1], 2)]
+        out[kind] = summary
+        log(f"{variant} {kind} (min / median / max s): " + ", ".join(
+            f"{k} {'/'.join(str(x) for x in v)}" for k, v in summary.items()))  # fmt: skip
+    return out
 
 
 async def remaining(b: Bench, label: str, values: set[str]) -> set[tuple[str, str]]:
@@ -199,26 +250,33 @@ async def pool_full(b: Bench) -> None:
     log(f"pool full after {time.monotonic() - t0:.1f}s")
 
 
-async def ours(b: Bench, pid: str, kinds: list[str], cpu: dict[str, Any]) -> tuple[float, float]:
+async def ours(
+    b: Bench, pid: str, kinds: list[str], cpu: dict[str, Any], timelines: dict[str, Any]
+) -> tuple[float, float]:
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
     cpu0 = await cpu_s(b)
-    t0 = time.monotonic()
-    created = await asyncio.gather(
-        *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
-    )
-    env = await b.env(pid)
-    await all_answer(b, [credentials(env, n) for n in names])
-    create_s = time.monotonic() - t0
+    async with EventLog(b) as events:
+        t0 = time.monotonic()
+        created = await asyncio.gather(
+            *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
+        )
+        env = await b.env(pid)
+        answered = await all_answer(b, [credentials(env, n) for n in names])
+        create_s = time.monotonic() - t0
     log(f"orkestr: {len(kinds)} add-ons answering after {create_s:.1f}s")
     cpu["orkestr_create"] = await spent(b, cpu0, "orkestr create")
+    timelines["orkestr"] = timeline("orkestr", [
+        (k, marks(events, t0, model.holder_name(a["id"]), model.db_name(a["id"]), t))
+        for k, a, t in zip(kinds, created, answered, strict=True)
+    ])  # fmt: skip
     ids = {a["id"] for a in created}
     cpu0 = await cpu_s(b)
-    async with destroyed_events(b) as events:
+    async with destroyed_events(b) as destroyed:
         t0 = time.monotonic()
         await asyncio.gather(
             *(b.api("DELETE", f"/v1/projects/{pid}/addons/{i}", want=202) for i in ids)
         )
-        await gone(b, model.LABEL_ADDON, ids, events)
+        await gone(b, model.LABEL_ADDON, ids, destroyed)
         delete_s = time.monotonic() - t0
     log(f"orkestr: all deleted after {delete_s:.1f}s")
     cpu["orkestr_delete"] = await spent(b, cpu0, "orkestr delete")
@@ -235,18 +293,23 @@ async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
 
 
 async def baseline(
-    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any]
+    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any], timelines: dict[str, Any]
 ) -> tuple[float, float]:
     res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
     plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
     try:
         cpu0 = await cpu_s(b)
-        t0 = time.monotonic()
-        await asyncio.gather(*(p.run_api() for p in plains))
-        await all_answer(b, [p.target() for p in plains])
-        create_s = time.monotonic() - t0
+        async with EventLog(b) as events:
+            t0 = time.monotonic()
+            await asyncio.gather(*(p.run_api() for p in plains))
+            answered = await all_answer(b, [p.target() for p in plains])
+            create_s = time.monotonic() - t0
         log(f"asyncio: {len(kinds)} databases answering after {create_s:.1f}s")
         cpu.setdefault("asyncio_create", []).append(await spent(b, cpu0, "asyncio create"))
+        timelines.setdefault("asyncio", []).append(timeline("asyncio", [
+            (p.kind, marks(events, t0, p.holder_name, p.db_name, t))
+            for p, t in zip(plains, answered, strict=True)
+        ]))  # fmt: skip
         cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
@@ -274,6 +337,8 @@ async def main(quick: bool) -> dict[str, Any]:
     async with Bench(plans, intervals=(15.0, 10.0) if deployed else None) as b:
         cpu: dict[str, Any] = {}
         results["cpu"] = cpu
+        timelines: dict[str, Any] = {}
+        results["timeline"] = timelines
         results["code"] = b.code
         pid = (await b.project("team"))["id"]
         # A first add-on makes the agent create the project network, which the client joins.
@@ -283,11 +348,11 @@ async def main(quick: bool) -> dict[str, Any]:
         results["activity_before"] = activity(b.host)
         # Alternating order, so neither variant always runs on a warmer daemon.
         await pool_full(b)
-        base_first = await baseline(b, model.network_name(pid), kinds, cpu)
+        base_first = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
         await pool_full(b)
-        ours_c, ours_d = await ours(b, pid, kinds, cpu)
+        ours_c, ours_d = await ours(b, pid, kinds, cpu, timelines)
         await pool_full(b)
-        base_second = await baseline(b, model.network_name(pid), kinds, cpu)
+        base_second = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
         results["activity_after"] = activity(b.host)
     base_c = (base_first[0] + base_second[0]) / 2
     base_d = (base_first[1] + base_second[1]) / 2
