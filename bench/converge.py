@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import itertools
 import json
 import os
 import time
@@ -75,6 +76,43 @@ async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> list[float]:
             raise RuntimeError(f"{target['host']}: no successful query: {r}")
         answered.append(float(r["t1"]))
     return answered
+
+
+def proc_stat() -> tuple[float, float, float]:
+    """The machine's CPU seconds so far: busy, idle, iowait (every core, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return sum(v[0:3] + v[5:8]) / tick, v[3] / tick, v[4] / tick
+
+
+@contextlib.asynccontextmanager
+async def machine_cpu(into: dict[str, Any], every_s: float = 1.0) -> AsyncIterator[None]:
+    """The whole machine's CPU during the block: busy, idle and iowait core-seconds, and
+    the busy cores of each `every_s` (is the machine saturated, and when?)."""
+    series: list[tuple[float, float, float, float]] = []
+
+    async def sample() -> None:
+        while True:
+            series.append((time.monotonic(), *proc_stat()))
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        series.append((time.monotonic(), *proc_stat()))
+        first, last = series[0], series[-1]
+        into["busy_core_s"] = rnd(last[1] - first[1], 1)
+        into["idle_core_s"] = rnd(last[2] - first[2], 1)
+        into["iowait_core_s"] = rnd(last[3] - first[3], 1)
+        into["busy_cores"] = [
+            rnd((b[1] - a[1]) / (b[0] - a[0]), 2) for a, b in itertools.pairwise(series)
+        ]
 
 
 # Per add-on marks of a create, in seconds after its t0: Docker's events for both variants
@@ -255,7 +293,8 @@ async def ours(
 ) -> tuple[float, float]:
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
     cpu0 = await cpu_s(b)
-    async with EventLog(b) as events:
+    machine: dict[str, Any] = {}
+    async with EventLog(b) as events, machine_cpu(machine):
         t0 = time.monotonic()
         created = await asyncio.gather(
             *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
@@ -269,6 +308,8 @@ async def ours(
         (k, marks(events, t0, model.holder_name(a["id"]), model.db_name(a["id"]), t))
         for k, a, t in zip(kinds, created, answered, strict=True)
     ])  # fmt: skip
+    timelines["orkestr"]["machine"] = machine
+    log(f"orkestr machine: {machine}")
     ids = {a["id"] for a in created}
     cpu0 = await cpu_s(b)
     async with destroyed_events(b) as destroyed:
@@ -299,7 +340,8 @@ async def baseline(
     plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
     try:
         cpu0 = await cpu_s(b)
-        async with EventLog(b) as events:
+        machine: dict[str, Any] = {}
+        async with EventLog(b) as events, machine_cpu(machine):
             t0 = time.monotonic()
             await asyncio.gather(*(p.run_api() for p in plains))
             answered = await all_answer(b, [p.target() for p in plains])
@@ -310,6 +352,8 @@ async def baseline(
             (p.kind, marks(events, t0, p.holder_name, p.db_name, t))
             for p, t in zip(plains, answered, strict=True)
         ]))  # fmt: skip
+        timelines["asyncio"][-1]["machine"] = machine
+        log(f"asyncio machine: {machine}")
         cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
