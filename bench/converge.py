@@ -39,6 +39,7 @@ from _harness import (
     EventLog,
     Plain,
     activity,
+    container_cpu_ns,
     cpu_ms,
     credentials,
     log,
@@ -113,6 +114,29 @@ async def machine_cpu(into: dict[str, Any], every_s: float = 1.0) -> AsyncIterat
         into["busy_cores"] = [
             rnd((b[1] - a[1]) / (b[0] - a[0]), 2) for a, b in itertools.pairwise(series)
         ]
+
+
+async def containers_cpu(b: Bench, names: dict[str, str], into: dict[str, Any]) -> None:
+    """CPU seconds so far of these containers (name -> kind; their cgroups) per kind, and
+    of their containerd shims (with the runc runs they reaped): the work of the run's own
+    containers, apart from whatever else the machine ran meanwhile."""
+    filters = json.dumps({"label": [f"orkestr.host={b.host}"]})
+    listed = await b.docker._query_json("containers/json", params={"all": "1", "filters": filters})
+    ids = {
+        c["Id"]: names[n] for c in listed for n in (x.lstrip("/") for x in c["Names"]) if n in names
+    }
+    for kind in ("postgres", "redis"):
+        ns = sum(container_cpu_ns(i) or 0 for i, k in ids.items() if k == kind)
+        into[f"{kind}_containers_cpu_s"] = rnd(ns / 1e9, 2)
+    shims = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+                if len(argv) > 4 and argv[0].endswith(b"containerd-shim-runc-v2"):
+                    if argv[4].decode() in ids:
+                        shims.append(int(entry.name))
+    into["shims_cpu_s"] = rnd(cpu_ms(shims) / 1000, 2)
 
 
 # Per add-on marks of a create, in seconds after its t0: Docker's events for both variants
@@ -302,6 +326,10 @@ async def ours(
         env = await b.env(pid)
         answered = await all_answer(b, [credentials(env, n) for n in names])
         create_s = time.monotonic() - t0
+        await containers_cpu(b, {
+            n: k for a, k in zip(created, kinds, strict=True)
+            for n in (model.holder_name(a["id"]), model.db_name(a["id"]))
+        }, machine)  # fmt: skip
     log(f"orkestr: {len(kinds)} add-ons answering after {create_s:.1f}s")
     cpu["orkestr_create"] = await spent(b, cpu0, "orkestr create")
     timelines["orkestr"] = timeline("orkestr", [
@@ -309,7 +337,7 @@ async def ours(
         for k, a, t in zip(kinds, created, answered, strict=True)
     ])  # fmt: skip
     timelines["orkestr"]["machine"] = machine
-    log(f"orkestr machine: {machine}")
+    log(f"orkestr machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
     ids = {a["id"] for a in created}
     cpu0 = await cpu_s(b)
     async with destroyed_events(b) as destroyed:
@@ -346,6 +374,9 @@ async def baseline(
             await asyncio.gather(*(p.run_api() for p in plains))
             answered = await all_answer(b, [p.target() for p in plains])
             create_s = time.monotonic() - t0
+            await containers_cpu(
+                b, {n: p.kind for p in plains for n in (p.holder_name, p.db_name)}, machine
+            )
         log(f"asyncio: {len(kinds)} databases answering after {create_s:.1f}s")
         cpu.setdefault("asyncio_create", []).append(await spent(b, cpu0, "asyncio create"))
         timelines.setdefault("asyncio", []).append(timeline("asyncio", [
@@ -353,7 +384,7 @@ async def baseline(
             for p, t in zip(plains, answered, strict=True)
         ]))  # fmt: skip
         timelines["asyncio"][-1]["machine"] = machine
-        log(f"asyncio machine: {machine}")
+        log(f"asyncio machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
         cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
