@@ -78,9 +78,8 @@ log = logging.getLogger("orkestr.agent")
 
 HOST = "_host"  # owner key of host-level conditions
 _EPOCH = datetime.fromtimestamp(0, UTC)
-# While chains run, a pass starts this long after the previous one ended, unless a new
-# desired state came (a quiet host's pass runs at once).
-PASS_GAP_S = 1.0
+# While chains run, passes start at most this often (a quiet host's pass runs at once).
+PASS_SPACING_S = 0.25
 # A kept re-probe connection serves this many rounds, then a fresh one is opened.
 KEEP_ROUNDS = 8
 
@@ -96,21 +95,6 @@ def _capacity() -> Capacity:
     except OSError:
         pass
     return Capacity(cpus=float(os.cpu_count() or 1), memory_mb=memory_kb // 1024)
-
-
-def pass_wait(chains_run: bool, desired_changed: bool, ended: float, now: float) -> float:
-    """Seconds until the next pass may start, the last one having ended at `ended`.
-
-    While chains run, each completion and each Docker event asks for a pass. A pass lists
-    every container of the host (~60 ms of dockerd's CPU at 125), and back to back they
-    took a share of a saturated machine from the databases being made, while the chains
-    need no pass to go on: the next waits PASS_GAP_S after the last. A new desired state is
-    planned at once (a burst's Postgres come in its later generations), as is any pass on
-    a host with no chain running.
-    """
-    if not chains_run or desired_changed:
-        return 0.0
-    return max(0.0, ended + PASS_GAP_S - now)
 
 
 class Agent:
@@ -263,7 +247,6 @@ class Agent:
         self._published = b""  # the last status published, with _EPOCH for its time
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
-        self._desired_changed = False  # since the last pass began (see reconcile_loop)
         self._ready_notified = False
         self.last_pass_ok: float = 0.0
         now = datetime.now(UTC)
@@ -352,20 +335,22 @@ class Agent:
         log.info(
             "desired.accepted generation=%s projects=%s", state.generation, len(state.projects)
         )
-        self._desired_changed = True
         self.trigger()
 
     # --- loops --------------------------------------------------------------------------
     async def reconcile_loop(self) -> None:
         backoff = 0.5
-        ended = 0.0
+        started = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._trigger.wait(), self.config.agent.resync_interval_s)
             except TimeoutError:
                 pass
-            await self._wait_gap(ended)
-            self._desired_changed = False
+            if self.workers.in_flight():
+                # Chains run: each completion and each Docker event asks for a pass, and a
+                # pass per event observed the whole host many times a second while sixty
+                # add-ons converged. Meanwhile the asks coalesce into one pass per spacing.
+                await asyncio.sleep(started + PASS_SPACING_S - time.monotonic())
             self._trigger.clear()
             started = time.monotonic()
             try:
@@ -383,8 +368,7 @@ class Agent:
                 self.trigger()
                 continue
             finally:
-                ended = time.monotonic()
-                RECONCILE_DURATION.observe(ended - started)
+                RECONCILE_DURATION.observe(time.monotonic() - started)
                 self.watchdog.beat("reconcile")
             backoff = 0.5
             # A clean pass: nothing left to do, nothing in flight, no key retrying.
@@ -397,17 +381,6 @@ class Agent:
             if not self._ready_notified:
                 notify("READY=1")
                 self._ready_notified = True
-
-    async def _wait_gap(self, ended: float) -> None:
-        """Until the next pass may start (`pass_wait`); the asks meanwhile coalesce into it."""
-        while (
-            left := pass_wait(
-                self.workers.in_flight() > 0, self._desired_changed, ended, time.monotonic()
-            )
-        ) > 0:
-            self._trigger.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), left)
 
     async def events_loop(self) -> None:
         while True:
