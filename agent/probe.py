@@ -46,12 +46,33 @@ async def postgres(
         return False, "NotAccepting", f"postgres at {ip}: {exc}"
     except Exception as exc:  # asyncpg raises a few non-Postgres errors mid-startup
         return False, "NotAccepting", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
+    return await select_one(conn, ip, timeout_s)
+
+
+# A connection the server ends between login and query (a deletion stopping the database
+# as a re-probe logs in) raises one of asyncpg's client-side errors, not a PostgresError:
+# InternalClientError ("another operation is in progress") while it reads the server's
+# FATAL, InterfaceError ("connection is closed") after.
+QUERY_ERRORS = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+async def select_one(conn: asyncpg.Connection, ip: str, timeout_s: float) -> tuple[bool, str, str]:
+    """SELECT 1 on a logged-in connection, then close it; a failure is QueryFailed."""
     try:
         value = await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout_s)
-    except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
-        return False, "QueryFailed", f"postgres at {ip}: {exc}"
-    finally:
+    except QUERY_ERRORS as exc:
+        conn.terminate()
+        return False, "QueryFailed", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
+    try:
         await conn.close(timeout=timeout_s)
+    except QUERY_ERRORS:
+        conn.terminate()  # it answered: a close the server cut short changes nothing
     if value != 1:
         return False, "QueryFailed", f"postgres at {ip} answered {value!r} to SELECT 1"
     return (

@@ -686,6 +686,7 @@ class Agent:
         for target, (ok, reason, message) in zip(due, results, strict=True):
             probes[target.addon.id] = status.Probe(ok, reason, message)
             if ok:
+                log.info("addon.answered addon=%s by=pass", target.addon.id)
                 self._last_probe[target.addon.id] = (target.db_id, now_m, probes[target.addon.id])
             if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
@@ -894,6 +895,7 @@ class Agent:
                     result = status.Probe(*await self._probe(addon, ip, 1.0))
                     self._polled[addon.id] = (db_id, result)
                     if result.ok:
+                        log.info("addon.answered addon=%s by=poll", addon.id)
                         self._last_probe[addon.id] = (db_id, time.monotonic(), result)
                         if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
                             sleeper.ready = True

@@ -385,6 +385,8 @@ class Upkeep:
             TimeoutError,
             asyncpg.PostgresError,
             asyncpg.InterfaceError,
+            # A deletion's stop ending the connection mid-round (see probe.QUERY_ERRORS).
+            asyncpg.InternalClientError,
             resp.RespError,
         ) as exc:
             log.warning("upkeep.failed addon=%s error=%s", addon.id, exc)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import itertools
 import json
 import os
 import time
@@ -35,8 +36,10 @@ from typing import Any
 import aiodocker
 from _harness import (
     Bench,
+    EventLog,
     Plain,
     activity,
+    container_cpu_ns,
     cpu_ms,
     credentials,
     log,
@@ -62,14 +65,124 @@ TARGET_RATIO = 1.10
 POLL = {"interval_ms": 20, "attempt_timeout_s": 1.0, "deadline_s": 300, "max_outstanding": 4}
 
 
-async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> None:
-    """Until each target has answered one real query (they are polled one after another)."""
+async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> list[float]:
+    """Until each target has answered one real query (they are polled one after another);
+    when each first answered (monotonic; no earlier than its poll began)."""
     client = b.clients[0]
+    answered = []
     for target in targets:
         await client.poll_start(target, **POLL)
         r = await client.poll_result(timeout=330)
         if not r["ok"]:
             raise RuntimeError(f"{target['host']}: no successful query: {r}")
+        answered.append(float(r["t1"]))
+    return answered
+
+
+def proc_stat() -> tuple[float, float, float]:
+    """The machine's CPU seconds so far: busy, idle, iowait (every core, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return sum(v[0:3] + v[5:8]) / tick, v[3] / tick, v[4] / tick
+
+
+@contextlib.asynccontextmanager
+async def machine_cpu(into: dict[str, Any], every_s: float = 1.0) -> AsyncIterator[None]:
+    """The whole machine's CPU during the block: busy, idle and iowait core-seconds, and
+    the busy cores of each `every_s` (is the machine saturated, and when?)."""
+    series: list[tuple[float, float, float, float]] = []
+
+    async def sample() -> None:
+        while True:
+            series.append((time.monotonic(), *proc_stat()))
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        series.append((time.monotonic(), *proc_stat()))
+        first, last = series[0], series[-1]
+        into["busy_core_s"] = rnd(last[1] - first[1], 1)
+        into["idle_core_s"] = rnd(last[2] - first[2], 1)
+        into["iowait_core_s"] = rnd(last[3] - first[3], 1)
+        into["busy_cores"] = [
+            rnd((b[1] - a[1]) / (b[0] - a[0]), 2) for a, b in itertools.pairwise(series)
+        ]
+
+
+async def containers_cpu(b: Bench, names: dict[str, str], into: dict[str, Any]) -> None:
+    """CPU seconds so far of these containers (name -> kind; their cgroups) per kind, and
+    of their containerd shims (with the runc runs they reaped): the work of the run's own
+    containers, apart from whatever else the machine ran meanwhile."""
+    filters = json.dumps({"label": [f"orkestr.host={b.host}"]})
+    listed = await b.docker._query_json("containers/json", params={"all": "1", "filters": filters})
+    ids = {
+        c["Id"]: names[n] for c in listed for n in (x.lstrip("/") for x in c["Names"]) if n in names
+    }
+    for kind in ("postgres", "redis"):
+        ns = sum(container_cpu_ns(i) or 0 for i, k in ids.items() if k == kind)
+        into[f"{kind}_containers_cpu_s"] = rnd(ns / 1e9, 2)
+    shims = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+                if len(argv) > 4 and argv[0].endswith(b"containerd-shim-runc-v2"):
+                    if argv[4].decode() in ids:
+                        shims.append(int(entry.name))
+    into["shims_cpu_s"] = rnd(cpu_ms(shims) / 1000, 2)
+
+
+# Per add-on marks of a create, in seconds after its t0: Docker's events for both variants
+# (a claimed parked holder's "start" is its rename), and the bench's first answer.
+MARKS = ("holder_start", "db_create", "db_start", "answered")
+
+
+def marks(
+    events: EventLog, t0: float, holder: str, db: str, answered: float
+) -> dict[str, float | None]:
+    def at(name: str, *actions: str) -> float | None:
+        times = [m for m, t, a, n in events.events
+                 if t == "container" and a in actions and n == name and m >= t0]  # fmt: skip
+        return rnd(min(times) - t0, 2) if times else None
+
+    return {
+        "holder_start": at(holder, "start", "rename"),
+        "db_create": at(db, "create"),
+        "db_start": at(db, "start"),
+        "answered": rnd(answered - t0, 2),
+    }
+
+
+def timeline(variant: str, rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, Any]:
+    """min / median / max of each mark per kind, and the Postgres start-to-answer spans."""
+    out: dict[str, Any] = {}
+    for kind in ("postgres", "redis"):
+        of_kind = [m for k, m in rows if k == kind]
+        if not of_kind:
+            continue
+        summary: dict[str, Any] = {}
+        for mark in MARKS:
+            values = sorted(v for m in of_kind if (v := m[mark]) is not None)
+            if values:
+                summary[mark] = [values[0], values[len(values) // 2], values[-1]]
+        spans = sorted(
+            m["answered"] - m["db_start"]
+            for m in of_kind
+            if m["db_start"] is not None and m["answered"] is not None
+        )
+        if spans:
+            summary["start_to_answer"] = [rnd(spans[0], 2), rnd(spans[-1], 2)]
+        out[kind] = summary
+        log(f"{variant} {kind} (min / median / max s): " + ", ".join(
+            f"{k} {'/'.join(str(x) for x in v)}" for k, v in summary.items()))  # fmt: skip
+    return out
 
 
 async def remaining(b: Bench, label: str, values: set[str]) -> set[tuple[str, str]]:
@@ -199,26 +312,40 @@ async def pool_full(b: Bench) -> None:
     log(f"pool full after {time.monotonic() - t0:.1f}s")
 
 
-async def ours(b: Bench, pid: str, kinds: list[str], cpu: dict[str, Any]) -> tuple[float, float]:
+async def ours(
+    b: Bench, pid: str, kinds: list[str], cpu: dict[str, Any], timelines: dict[str, Any]
+) -> tuple[float, float]:
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
     cpu0 = await cpu_s(b)
-    t0 = time.monotonic()
-    created = await asyncio.gather(
-        *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
-    )
-    env = await b.env(pid)
-    await all_answer(b, [credentials(env, n) for n in names])
-    create_s = time.monotonic() - t0
+    machine: dict[str, Any] = {}
+    async with EventLog(b) as events, machine_cpu(machine):
+        t0 = time.monotonic()
+        created = await asyncio.gather(
+            *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
+        )
+        env = await b.env(pid)
+        answered = await all_answer(b, [credentials(env, n) for n in names])
+        create_s = time.monotonic() - t0
+        await containers_cpu(b, {
+            n: k for a, k in zip(created, kinds, strict=True)
+            for n in (model.holder_name(a["id"]), model.db_name(a["id"]))
+        }, machine)  # fmt: skip
     log(f"orkestr: {len(kinds)} add-ons answering after {create_s:.1f}s")
     cpu["orkestr_create"] = await spent(b, cpu0, "orkestr create")
+    timelines["orkestr"] = timeline("orkestr", [
+        (k, marks(events, t0, model.holder_name(a["id"]), model.db_name(a["id"]), t))
+        for k, a, t in zip(kinds, created, answered, strict=True)
+    ])  # fmt: skip
+    timelines["orkestr"]["machine"] = machine
+    log(f"orkestr machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
     ids = {a["id"] for a in created}
     cpu0 = await cpu_s(b)
-    async with destroyed_events(b) as events:
+    async with destroyed_events(b) as destroyed:
         t0 = time.monotonic()
         await asyncio.gather(
             *(b.api("DELETE", f"/v1/projects/{pid}/addons/{i}", want=202) for i in ids)
         )
-        await gone(b, model.LABEL_ADDON, ids, events)
+        await gone(b, model.LABEL_ADDON, ids, destroyed)
         delete_s = time.monotonic() - t0
     log(f"orkestr: all deleted after {delete_s:.1f}s")
     cpu["orkestr_delete"] = await spent(b, cpu0, "orkestr delete")
@@ -235,18 +362,29 @@ async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
 
 
 async def baseline(
-    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any]
+    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any], timelines: dict[str, Any]
 ) -> tuple[float, float]:
     res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
     plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
     try:
         cpu0 = await cpu_s(b)
-        t0 = time.monotonic()
-        await asyncio.gather(*(p.run_api() for p in plains))
-        await all_answer(b, [p.target() for p in plains])
-        create_s = time.monotonic() - t0
+        machine: dict[str, Any] = {}
+        async with EventLog(b) as events, machine_cpu(machine):
+            t0 = time.monotonic()
+            await asyncio.gather(*(p.run_api() for p in plains))
+            answered = await all_answer(b, [p.target() for p in plains])
+            create_s = time.monotonic() - t0
+            await containers_cpu(
+                b, {n: p.kind for p in plains for n in (p.holder_name, p.db_name)}, machine
+            )
         log(f"asyncio: {len(kinds)} databases answering after {create_s:.1f}s")
         cpu.setdefault("asyncio_create", []).append(await spent(b, cpu0, "asyncio create"))
+        timelines.setdefault("asyncio", []).append(timeline("asyncio", [
+            (p.kind, marks(events, t0, p.holder_name, p.db_name, t))
+            for p, t in zip(plains, answered, strict=True)
+        ]))  # fmt: skip
+        timelines["asyncio"][-1]["machine"] = machine
+        log(f"asyncio machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
         cpu0 = await cpu_s(b)
         t0 = time.monotonic()
         await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
@@ -274,6 +412,8 @@ async def main(quick: bool) -> dict[str, Any]:
     async with Bench(plans, intervals=(15.0, 10.0) if deployed else None) as b:
         cpu: dict[str, Any] = {}
         results["cpu"] = cpu
+        timelines: dict[str, Any] = {}
+        results["timeline"] = timelines
         results["code"] = b.code
         pid = (await b.project("team"))["id"]
         # A first add-on makes the agent create the project network, which the client joins.
@@ -283,11 +423,11 @@ async def main(quick: bool) -> dict[str, Any]:
         results["activity_before"] = activity(b.host)
         # Alternating order, so neither variant always runs on a warmer daemon.
         await pool_full(b)
-        base_first = await baseline(b, model.network_name(pid), kinds, cpu)
+        base_first = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
         await pool_full(b)
-        ours_c, ours_d = await ours(b, pid, kinds, cpu)
+        ours_c, ours_d = await ours(b, pid, kinds, cpu, timelines)
         await pool_full(b)
-        base_second = await baseline(b, model.network_name(pid), kinds, cpu)
+        base_second = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
         results["activity_after"] = activity(b.host)
     base_c = (base_first[0] + base_second[0]) / 2
     base_d = (base_first[1] + base_second[1]) / 2
