@@ -122,6 +122,11 @@ REDIS_QUIET = """
 set -e
 export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
 s=$(date +%s.%N)
+# What the server was doing when asked first (its child's kind, the last save's outcome).
+redis-cli --no-auth-warning -h "$H" --user orkestr_admin INFO persistence | tr -d '\\r' \\
+  | grep -E '^(rdb_bgsave_in_progress|rdb_last_bgsave_status|rdb_changes_since_last_save|aof_rewrite_in_progress|aof_rewrite_scheduled):' \\
+  | tr '\\n' ' '
+echo
 for _ in $(seq 1200); do
   redis-cli --no-auth-warning -h "$H" --user orkestr_admin INFO persistence | tr -d '\\r' | awk -F: '
     /^(aof_rewrite_in_progress|aof_rewrite_scheduled|rdb_bgsave_in_progress):/ {n += $2}
@@ -216,6 +221,20 @@ class Run:
         )  # fmt: skip
         start, end = (float(x) for x in out.split()[-2:])
         return end - start
+
+    def settle(self, addon: dict[str, Any]) -> tuple[float, str]:
+        """Wait until the add-on's Redis has no child at work (REDIS_QUIET): (seconds
+        waited, what INFO persistence said first)."""
+        assert self.b.agent is not None
+        secrets = self.b.agent.state_dir / "secrets" / addon["id"]
+        out = docker_cli(
+            "run", "--rm", "--network", model.network_name(self.p),
+            "--label", f"orkestr.host={self.b.host}", "-v", f"{secrets}:/run/orkestr:ro",
+            "-e", f"H={addon['name']}", "--entrypoint", "bash", TOOLBOX, "-c", REDIS_QUIET,
+        )  # fmt: skip
+        lines = out.splitlines()
+        start, end = (float(x) for x in lines[-1].split())
+        return end - start, lines[0].strip() if len(lines) > 1 else ""
 
     def raw_redis_restore(self, addon: dict[str, Any], script: str) -> float:
         """The baseline load with the add-on's image, CPU and memory limits, into a
@@ -354,10 +373,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     # (no child at work) and the page cache's dirty pages are written
                     # out, so neither side pays for what the other left behind.
                     settled: list[float] = []
+                    states: list[str] = []
                     raw_b, ours = 0.0, {}
                     for side in ("raw", "ours") if i % 2 == 0 else ("ours", "raw"):
                         if kind == "redis":
-                            settled.append(run.raw(addon, REDIS_QUIET))
+                            waited, state = run.settle(addon)
+                            settled.append(waited)
+                            states.append(state)
                         os.sync()
                         if side == "raw":
                             raw_b = run.raw(addon, raw_backup)
@@ -368,6 +390,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         "first": "raw" if i % 2 == 0 else "ours", "raw": rnd(raw_b),
                         "ours": rnd(ours["seconds"]), "ratio": rnd(raw_b / ours["seconds"]),
                         "settle_waits": [rnd(x) for x in settled],
+                        "settle_found": states,
                     })  # fmt: skip
                     if args.backups_only:  # no restore figures: more backup pairs a minute
                         raw_r = ours_r = float("nan")
