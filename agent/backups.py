@@ -133,7 +133,7 @@ def _transfer(growing: GrowingHash | None, phases: Phases) -> str:
 FOLLOW_NICE = 19
 
 
-def start_follower(growing: GrowingHash) -> asyncio.Future[None]:
+def _follow(growing: GrowingHash) -> asyncio.Future[None]:
     """Run `growing.follow` niced, in a thread of its own (a nice value cannot be lowered
     again without privilege, so it is never one of the loop's pooled threads)."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-hash")
@@ -361,7 +361,7 @@ class BackupRunner:
         # Redis: hashed while redis-cli writes it (the dump's time holds it; pg_dump's
         # custom format seeks back at the end, so a Postgres dump is read once written).
         growing = GrowingHash(tmp) if addon.kind == "redis" else None
-        follower = start_follower(growing) if growing else None
+        follower = _follow(growing) if growing else None
         dumped = False
         try:
             phases.mark("prep")

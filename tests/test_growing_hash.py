@@ -7,7 +7,6 @@ another; or shrunk below what was hashed. The digest and size are always the fin
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import threading
@@ -19,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.backup_store import GrowingHash
-from agent.backups import FOLLOW_NICE, start_follower
 
 
 def write_slowly(path: Path, parts: list[int], cut: int, pause: float) -> None:
@@ -83,32 +81,3 @@ def test_a_file_never_written_is_read_at_the_end(tmp_path: Path) -> None:
     g.follow()
     path.write_bytes(b"x" * 10)
     assert g.result() == expected(path)
-
-
-def test_the_follower_hashes_niced_in_a_thread_of_its_own(tmp_path: Path) -> None:
-    """The agent's hash of a growing dump must not take CPU from the transfer it follows
-    (agent/backups.py FOLLOW_NICE); and the niced thread is not one the loop reuses."""
-    path = tmp_path / "dump.tmp"
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-
-    def nice_of(prefix: str) -> int:
-        (t,) = [t for t in threading.enumerate() if t.name.startswith(prefix)]
-        assert t.native_id is not None
-        return os.getpriority(os.PRIO_PROCESS, t.native_id)
-
-    async def run() -> tuple[int, int, tuple[str, int]]:
-        g = GrowingHash(path, lag=0)
-        follower = start_follower(g)
-        try:
-            write_slowly(path, [1 << 20, 1 << 20], 0, 0.05)
-            niced = nice_of("dump-hash")
-        finally:
-            g.stop.set()  # a failed look must not leave the thread following
-            await follower
-        pooled = await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, 0)
-        return niced, pooled, g.result()
-
-    niced, pooled, got = asyncio.run(run())
-    assert niced > base and niced == min(base + FOLLOW_NICE, 19)
-    assert pooled == base
-    assert got == expected(path)
