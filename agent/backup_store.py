@@ -79,11 +79,7 @@ class GrowingHash:
         self.last_growth: float | None = None
         self._seen = 0
 
-    def follow(self, nice: int = 0) -> None:
-        """Hash until `stop` is set. `nice`: raise the calling thread's nice value by this
-        much first (Linux: per thread), for a thread of its own that ends with this call."""
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    def follow(self) -> None:
         while not self.stop.is_set():
             if self._file is None:
                 with contextlib.suppress(FileNotFoundError):

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -123,23 +122,6 @@ def _transfer(growing: GrowingHash | None, phases: Phases) -> str:
         return ""
     last = growing.last_growth or growing.first_byte
     return f" first_byte=+{growing.first_byte - start:.3f} last_byte=+{last - start:.3f}"
-
-
-# The hash follower's nice value: the agent runs outside Docker's cgroup, where a thread at
-# the default nice weighs as much as every container together; hashing at full weight
-# took CPU from the transfer it follows (Redis's fork child and redis-cli, on two cores).
-# Niced, it hashes in the CPU the transfer leaves idle, and `result` (at the default
-# nice) hashes whatever it did not reach.
-FOLLOW_NICE = 19
-
-
-def _follow(growing: GrowingHash) -> asyncio.Future[None]:
-    """Run `growing.follow` niced, in a thread of its own (a nice value cannot be lowered
-    again without privilege, so it is never one of the loop's pooled threads)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-hash")
-    future = asyncio.get_running_loop().run_in_executor(pool, growing.follow, FOLLOW_NICE)
-    pool.shutdown(wait=False)  # the thread ends with `follow`
-    return future
 
 
 def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
@@ -361,7 +343,7 @@ class BackupRunner:
         # Redis: hashed while redis-cli writes it (the dump's time holds it; pg_dump's
         # custom format seeks back at the end, so a Postgres dump is read once written).
         growing = GrowingHash(tmp) if addon.kind == "redis" else None
-        follower = _follow(growing) if growing else None
+        follower = asyncio.create_task(asyncio.to_thread(growing.follow)) if growing else None
         dumped = False
         try:
             phases.mark("prep")
