@@ -9,6 +9,10 @@ values). Then, alternating, N runs (default 1) of:
   orkestr       POST .../backups, until the backup is listed; time = finished_at -
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
+                The two backups go raw first in odd runs, ours first in even ones; before
+                each, untimed, a Redis is waited on until it has no child at work (an AOF
+                rewrite, a save rule's BGSAVE) and the page cache is flushed. Each run's
+                pair is reported (`backup_pairs`), and the agent's phases of ours.
   raw restore   Postgres: createdb + pg_restore into a new database of the same server;
                 Redis: the RDB copied from the same host directory into a scratch Docker
                 volume (the add-on's data volume is one of the same driver) and loaded by
