@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,6 +73,11 @@ class GrowingHash:
         self._digest = hashlib.sha256()
         self._hashed = 0
         self._file: BinaryIO | None = None
+        # When (time.monotonic) the file was first seen holding bytes, and last seen growing:
+        # the transfer's first byte and its end, to within one wake-up.
+        self.first_byte: float | None = None
+        self.last_growth: float | None = None
+        self._seen = 0
 
     def follow(self) -> None:
         while not self.stop.is_set():
@@ -80,6 +86,10 @@ class GrowingHash:
                     self._file = open(self.path, "rb")  # closed by result/close
             if self._file is not None:
                 size = os.fstat(self._file.fileno()).st_size
+                if size > self._seen:
+                    self.last_growth = time.monotonic()
+                    self.first_byte = self.first_byte or self.last_growth
+                    self._seen = size
                 while self._hashed + CHUNK <= size - self.lag and not self.stop.is_set():
                     self._digest.update(self._file.read(CHUNK))
                     self._hashed += CHUNK
@@ -141,8 +151,16 @@ class BackupStore:
 
     def finish(self, tmp: Path, final: Path, sidecar: Sidecar) -> None:
         """Make a complete dump visible: fsync, sidecar, then the rename."""
+        self.sync(tmp)
+        self.publish(tmp, final, sidecar)
+
+    @staticmethod
+    def sync(tmp: Path) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+
+    def publish(self, tmp: Path, final: Path, sidecar: Sidecar) -> None:
+        """The sidecar, then the rename of a dump already synced (`sync`)."""
         side = final.with_suffix(".json")
         side_tmp = self.tmp(side)
         side_tmp.write_bytes(msgspec.json.encode(sidecar))

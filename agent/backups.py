@@ -71,11 +71,12 @@ class Phases:
     def __init__(self) -> None:
         self.t = time.monotonic()
         self.spent: list[tuple[str, float]] = []
+        self.at: dict[str, float] = {}  # name -> when (time.monotonic) its phase ended
 
     def mark(self, name: str) -> None:
         now = time.monotonic()
         self.spent.append((name, now - self.t))
-        self.t = now
+        self.t = self.at[name] = now
 
     def __str__(self) -> str:
         return " ".join(f"{n}={s:.3f}" for n, s in self.spent)
@@ -111,6 +112,16 @@ class _RedisRestore:
         self.state_file = state_file
         self.env = {**env, "STATE": state_file.name}
         self.db = model.db_name(addon.id)
+
+
+def _transfer(growing: GrowingHash | None, phases: Phases) -> str:
+    """When the dump's first byte and its last were seen, in seconds after the one-shot
+    container's start returned (a wake-up's precision)."""
+    start = phases.at.get("start")
+    if growing is None or start is None or growing.first_byte is None:
+        return ""
+    last = growing.last_growth or growing.first_byte
+    return f" first_byte=+{growing.first_byte - start:.3f} last_byte=+{last - start:.3f}"
 
 
 def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
@@ -319,6 +330,7 @@ class BackupRunner:
     async def _backup(
         self, project_id: str, addon: AddonSpec, spec: BackupSpec, result: BackupResult
     ) -> BackupResult:
+        phases = Phases()
         self.store.clean_addon(project_id, addon.id)
         final = self.store.dump(project_id, addon.id, spec.backup_id)
         if final.exists():  # already made (the result was lost): verify it again
@@ -334,8 +346,10 @@ class BackupRunner:
         follower = asyncio.create_task(asyncio.to_thread(growing.follow)) if growing else None
         dumped = False
         try:
+            phases.mark("prep")
             async with self._hold(addon.id):
-                await self._dump_step(spec, project_id, addon, script, tmp, counts_file)
+                phases.mark("hold")
+                await self._dump_step(spec, project_id, addon, script, tmp, counts_file, phases)
             dumped = True
         finally:
             if growing is not None and follower is not None:
@@ -351,6 +365,7 @@ class BackupRunner:
             digest, size = await asyncio.to_thread(growing.result)
         else:
             digest, size = await asyncio.to_thread(sha256_of, tmp)
+        phases.mark("hash")
         if size == 0:
             raise StepFailed("the dump is empty")
         sidecar = Sidecar(
@@ -362,7 +377,17 @@ class BackupRunner:
             created_at=datetime.now(UTC).isoformat(),
             data_bytes=data_bytes,
         )
-        self.store.finish(tmp, final, sidecar)
+        await asyncio.to_thread(self.store.sync, tmp)
+        phases.mark("fsync")
+        await asyncio.to_thread(self.store.publish, tmp, final, sidecar)
+        phases.mark("publish")
+        log.info(
+            "backup.backup_phases op=%s started=%s %s%s",
+            op_key(spec),
+            result.started_at.isoformat(),
+            phases,
+            _transfer(growing, phases),
+        )
         result = msgspec.structs.replace(
             result,
             ok=True,
@@ -381,6 +406,7 @@ class BackupRunner:
         script: str,
         tmp: Path,
         counts_file: Path,
+        phases: Phases | None = None,
     ) -> None:
         user, password_file = backup_credentials(addon)
         await self._step(
@@ -400,6 +426,7 @@ class BackupRunner:
             },
             network=model.network_name(project_id),
             secrets=True,
+            phases=phases,
         )
 
     async def _verify_op(
@@ -832,6 +859,7 @@ class BackupRunner:
         secrets: bool = False,
         volume: bool = False,
         watch: Callable[[], None] | None = None,
+        phases: Phases | None = None,
     ) -> None:
         """Run one script in a one-shot container; raise StepFailed with its output.
 
@@ -839,25 +867,32 @@ class BackupRunner:
         RoomExhausted it may raise kills the container and is raised again."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
+        mark = phases.mark if phases is not None else lambda _name: None
         if "ADDON_HOST" in env:
             env = {**env, "ADDON_HOST": await self._address(project_id, addon)}
         container = self._container(
             spec, step, project_id, addon, script, env, network, secrets, volume
         )
         await self.docker.remove(name)  # left by an interrupted run of this operation
+        mark("address")
         t0 = time.monotonic()
         try:
-            await self.docker.run(container)
+            await self.docker.run(container, start=False)
+            mark("create")
+            await self.docker.start(name)
+            mark("start")
             try:
                 code = await self._exit_code(name, watch)
             except TimeoutError:
                 raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
+            mark("run")
             if code != 0:
                 raise StepFailed(f"{step} failed (exit {code}): {await self._output(name)}")
             log.info("backup.step op=%s step=%s seconds=%.3f", key, step, time.monotonic() - t0)
         finally:
             with contextlib.suppress(AgentError):
                 await self.docker.remove(name)
+            mark("remove")
 
     async def _address(self, project_id: str, addon: AddonSpec) -> str:
         """The add-on's address on its project network, never its name: the tenant's apps

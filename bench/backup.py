@@ -9,6 +9,10 @@ values). Then, alternating, N runs (default 1) of:
   orkestr       POST .../backups, until the backup is listed; time = finished_at -
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
+                The two backups go raw first in odd runs, ours first in even ones; before
+                each, untimed, a Redis is waited on until it has no child at work (an AOF
+                rewrite, a save rule's BGSAVE) and the page cache is flushed. Each run's
+                pair is reported (`backup_pairs`), and the agent's phases of ours.
   raw restore   Postgres: createdb + pg_restore into a new database of the same server;
                 Redis: the RDB copied from the same host directory into a scratch Docker
                 volume (the add-on's data volume is one of the same driver) and loaded by
@@ -36,7 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from datetime import datetime
@@ -77,7 +83,7 @@ sleep = {{ enabled = false }}
 PG_FILL = (
     'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qc "create table bench(id bigint primary key, '
     "a text, b text, n double precision); insert into bench select g, md5(g::text), "
-    "md5((g * 7)::text) || md5((g * 13)::text), random() from generate_series(1, {rows}) g\""
+    'md5((g * 7)::text) || md5((g * 13)::text), random() from generate_series(1, {rows}) g"'
     ' -c "vacuum analyze bench"'
 )
 # 64 random 1 KiB blobs (LZF does not shrink them), SET key:i to one of them.
@@ -112,6 +118,26 @@ RAW_REDIS_BACKUP = """
 set -e
 export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
 s=$(date +%s.%N); redis-cli -h "$H" --user orkestr_admin --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
+echo "$s $e"
+"""
+# Before each timed Redis backup, either side: until the add-on's Redis has no child (the
+# AOF rewrite of the fill, a replica transfer's fork) it would share the CPU with it.
+REDIS_QUIET = """
+set -e
+export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
+s=$(date +%s.%N)
+# What the server was doing when asked first (its child's kind, the last save's outcome).
+redis-cli --no-auth-warning -h "$H" --user orkestr_admin INFO persistence | tr -d '\\r' \\
+  | grep -E '^(rdb_bgsave_in_progress|rdb_last_bgsave_status|rdb_changes_since_last_save|aof_rewrite_in_progress|aof_rewrite_scheduled):' \\
+  | tr '\\n' ' '
+echo
+for _ in $(seq 1200); do
+  redis-cli --no-auth-warning -h "$H" --user orkestr_admin INFO persistence | tr -d '\\r' | awk -F: '
+    /^(aof_rewrite_in_progress|aof_rewrite_scheduled|rdb_bgsave_in_progress):/ {n += $2}
+    END {exit n != 0}' && break
+  sleep 0.1
+done
+e=$(date +%s.%N)
 echo "$s $e"
 """
 # The add-on's own image and limits (raw_redis_restore), loading from a Docker volume of
@@ -200,6 +226,20 @@ class Run:
         start, end = (float(x) for x in out.split()[-2:])
         return end - start
 
+    def settle(self, addon: dict[str, Any]) -> tuple[float, str]:
+        """Wait until the add-on's Redis has no child at work (REDIS_QUIET): (seconds
+        waited, what INFO persistence said first)."""
+        assert self.b.agent is not None
+        secrets = self.b.agent.state_dir / "secrets" / addon["id"]
+        out = docker_cli(
+            "run", "--rm", "--network", model.network_name(self.p),
+            "--label", f"orkestr.host={self.b.host}", "-v", f"{secrets}:/run/orkestr:ro",
+            "-e", f"H={addon['name']}", "--entrypoint", "bash", TOOLBOX, "-c", REDIS_QUIET,
+        )  # fmt: skip
+        lines = out.splitlines()
+        start, end = (float(x) for x in lines[-1].split())
+        return end - start, lines[0].strip() if len(lines) > 1 else ""
+
     def raw_redis_restore(self, addon: dict[str, Any], script: str) -> float:
         """The baseline load with the add-on's image, CPU and memory limits, into a
         scratch Docker volume (the add-on's data volume is one too)."""
@@ -267,6 +307,7 @@ class Run:
         total = _seconds(got["created_at"], got["finished_at"])
         return {
             "id": got["id"],
+            "created_at": got["created_at"],
             "seconds": total - got["verify_seconds"],
             "verify_seconds": got["verify_seconds"],
             "size_bytes": got["size_bytes"],
@@ -326,19 +367,45 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 if kind not in args.kinds:
                     continue
                 samples: dict[str, list[float]] = {k: [] for k in ("raw_b", "ours_b", "raw_r", "ours_r", "verify")}  # fmt: skip
-                if kind == "redis":
+                if kind == "redis" and not args.backups_only:
                     samples["hand_r"] = []
                 size_bytes = 0
+                pairs: list[dict[str, Any]] = []
+                created: dict[str, str] = {}
                 for i in range(args.runs):
-                    raw_b = run.raw(addon, raw_backup)
-                    ours = await run.ours_backup(addon)
-                    raw_r = (
-                        run.raw(addon, raw_restore)
-                        if kind == "postgres"
-                        else run.raw_redis_restore(addon, raw_restore)
-                    )
-                    ours_r = await run.ours_restore(addon, ours["id"])
-                    if kind == "redis":
+                    # Alternate which side goes first; before each, the server settles
+                    # (no child at work) and the page cache's dirty pages are written
+                    # out, so neither side pays for what the other left behind.
+                    settled: list[float] = []
+                    states: list[str] = []
+                    raw_b, ours = 0.0, {}
+                    for side in ("raw", "ours") if i % 2 == 0 else ("ours", "raw"):
+                        if kind == "redis":
+                            waited, state = run.settle(addon)
+                            settled.append(waited)
+                            states.append(state)
+                        os.sync()
+                        if side == "raw":
+                            raw_b = run.raw(addon, raw_backup)
+                        else:
+                            ours = await run.ours_backup(addon)
+                    created[ours["id"]] = ours["created_at"]
+                    pairs.append({
+                        "first": "raw" if i % 2 == 0 else "ours", "raw": rnd(raw_b),
+                        "ours": rnd(ours["seconds"]), "ratio": rnd(raw_b / ours["seconds"]),
+                        "settle_waits": [rnd(x) for x in settled],
+                        "settle_found": states,
+                    })  # fmt: skip
+                    if args.backups_only:  # no restore figures: more backup pairs a minute
+                        raw_r = ours_r = float("nan")
+                    else:
+                        raw_r = (
+                            run.raw(addon, raw_restore)
+                            if kind == "postgres"
+                            else run.raw_redis_restore(addon, raw_restore)
+                        )
+                        ours_r = await run.ours_restore(addon, ours["id"])
+                    if kind == "redis" and not args.backups_only:
                         samples["hand_r"].append(await run.by_hand_redis_restore(out / "raw.rdb"))
                     for k, v in (("raw_b", raw_b), ("ours_b", ours["seconds"]), ("raw_r", raw_r),
                                  ("ours_r", ours_r), ("verify", ours["verify_seconds"])):  # fmt: skip
@@ -364,22 +431,43 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         "ours": rnd(data / best["ours_r"] / 1e6, 1),
                     },
                     "backup_ratio": rnd(best["raw_b"] / best["ours_b"]),
+                    # Each run's own pair (raw and ours back to back), and their median.
+                    "backup_pairs": pairs,
+                    "backup_pair_ratio_median": rnd(statistics.median(x["ratio"] for x in pairs)),
                     "restore_ratio": rnd(best["raw_r"] / best["ours_r"]),
                     "verify_seconds": rnd(best["verify"]),
                 }
                 if "hand_r" in best:
                     results[kind]["restore_mb_s"]["by_hand"] = rnd(data / best["hand_r"] / 1e6, 1)
                     results[kind]["restore_by_hand_ratio"] = rnd(best["hand_r"] / best["ours_r"])
+                results[kind]["dispatch_s"] = dispatch(b, created)
             results["activity_after"] = activity(b.host)
             assert b.agent is not None  # where the agent's time went, step by step
             results["agent_phases"] = [
                 line.split(" backup.", 1)[1]
                 for line in b.agent.log_path.read_text(errors="replace").splitlines()
-                if " backup.step " in line or " backup.restore_phases " in line
+                if " backup.step " in line
+                or " backup.restore_phases " in line
+                or " backup.backup_phases " in line
             ]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return results
+
+
+def dispatch(b: Bench, created: dict[str, str]) -> list[float]:
+    """From the API's created_at to the agent's start of each backup of ours: the
+    controller's publish and the agent's pass that picks it up."""
+    assert b.agent is not None
+    out = []
+    for line in b.agent.log_path.read_text(errors="replace").splitlines():
+        if " backup.backup_phases op=backup-" not in line:
+            continue
+        op = line.split(" op=backup-", 1)[1].split()[0]
+        started = line.split(" started=", 1)[1].split()[0]
+        if op in created:
+            out.append(rnd(_seconds(created[op], started)))
+    return out
 
 
 def report(results: dict[str, Any]) -> None:
@@ -389,6 +477,8 @@ def report(results: dict[str, Any]) -> None:
         r = results[kind]
         for what in ("backup", "restore"):
             ratio = r[f"{what}_ratio"]
+            if ratio != ratio:  # NaN: --backups-only
+                continue
             rows.append([
                 kind, what, rnd(results[f"{kind}_bytes"] / 1e6, 1), r[f"{what}_mb_s"]["raw"],
                 r[f"{what}_mb_s"]["ours"], ratio, "PASS" if ratio >= TARGET_RATIO else "FAIL",
@@ -403,6 +493,11 @@ def report(results: dict[str, Any]) -> None:
     print()
     print(table(["kind", "op", "data MB", "raw MB/s", "ours MB/s", "ours/raw", f">= {TARGET_RATIO}"],
                 rows, "Backup and restore throughput (best of the runs)"))  # fmt: skip
+    print()
+    print(table(["kind", "run", "first", "raw s", "ours s", "raw/ours"],
+                [[k, n + 1, x["first"], x["raw"], x["ours"], x["ratio"]]
+                 for k in kinds for n, x in enumerate(results[k]["backup_pairs"])],
+                "Backup, each run's pair"))  # fmt: skip
     print()
     print(table(["kind", "dump MB", "verification s"],
                 [[k, rnd(results[k]["dump_bytes"] / 1e6, 1), results[k]["verify_seconds"]]
@@ -420,6 +515,9 @@ if __name__ == "__main__":
         "--kinds", type=lambda v: v.split(","), default=["postgres", "redis"],
         help="comma-separated: postgres,redis",
     )  # fmt: skip
+    parser.add_argument(
+        "--backups-only", action="store_true", help="time the backups only, no restores"
+    )
     parser.add_argument("--quick", action="store_true", help="50 MB and 25 MB, one run")
     ns = parser.parse_args()
     if ns.quick:

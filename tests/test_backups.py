@@ -1245,5 +1245,16 @@ async def test_a_redis_backup_does_not_wait_for_more_replicas(
     ]
     # The dump step includes its container's start; the wait alone would be 4.7-5 s.
     assert dump and dump[-1] < 4.0, dump
+    # Where the backup's time went (bench/backup.py reports it): every phase in order,
+    # and the transfer's first and last byte as the hash follower saw them.
+    (phases,) = [
+        line.split(" backup.backup_phases ", 1)[1]
+        for line in agent.log_path.read_text().splitlines()
+        if " backup.backup_phases " in line and backup["id"] in line
+    ]
+    fields = dict(f.split("=", 1) for f in phases.split()[2:])
+    names = "prep hold address create start run remove hash fsync publish first_byte last_byte"
+    assert list(fields) == names.split(), phases
+    assert 0 <= float(fields["first_byte"]) <= float(fields["last_byte"]) <= float(fields["run"])
     got = admin_redis_cli(agent, p, addon, "CONFIG GET repl-diskless-sync-delay")
     assert got.split() == ["repl-diskless-sync-delay", "0"], got
