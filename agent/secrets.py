@@ -58,6 +58,11 @@ def redis_conf(
         "port 6379\n"
         "dir /data\n"
         "appendonly yes\n"
+        # The AOF is the add-on's persistence. Redis's default RDB save points would also
+        # fork the whole data set a minute after a burst of writes (twice the memory under
+        # the container's limit while pages are copied) and at every stop (a deep sleep),
+        # to write a dump.rdb that nothing reads back.
+        'save ""\n'
         # The platform's backups are the only replica-style transfers (`redis-cli --rdb`;
         # REPLICAOF is admin-only): the default 5 s wait for more replicas only delays each.
         "repl-diskless-sync-delay 0\n"

@@ -901,11 +901,14 @@ class Upkeep:
         # Read once per connection and quota: only the platform's role may change the
         # setting, and a restarted server is a new connection (a kept one breaks).
         if self._redis_config.get(addon.id) != (conn.serial, quota):
-            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*"))
+            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*", "save"))
             if config.get("maxmemory") != str(quota):
                 await conn.call("CONFIG", "SET", "maxmemory", quota)
             if config.get("maxmemory-policy") != "noeviction":
                 await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            if config.get("save", ""):
+                # A redis.conf from before `save ""` (the AOF alone persists).
+                await conn.call("CONFIG", "SET", "save", "")
             # redis.conf, for the next start, is the planner's (LimitRedisConf).
             self._redis_config[addon.id] = (conn.serial, quota)
         if info is None:

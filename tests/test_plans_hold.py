@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError
 
 from agent.secrets import SecretStore
+from agent.specs import ADMIN_USER
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
@@ -343,6 +344,29 @@ async def test_redis_over_quota_refuses_writes_keeps_reads_then_reinstates(
 
     await wait_for(upgraded, 90, "the upgrade's quota in the status")
     assert secrets.redis_maxmemory(rd["id"]) == 64 * MIB
+
+    # A redis.conf written before `save ""` (the AOF alone persists): a restarted server
+    # has Redis's default RDB save points until the upkeep turns them off.
+    conf = agent.state_dir / "secrets" / rd["id"] / "redis.conf"
+    conf.write_text(conf.read_text().replace('save ""\n', ""))
+    docker("restart", "-t", "1", f"orkestr-{rd['id']}-db")
+    admin = aioredis.Redis(
+        host=holder_ip(rd["id"]),
+        username=ADMIN_USER,
+        password=secrets.admin_password(rd["id"]),
+        socket_timeout=10,
+    )
+
+    async def no_save_points() -> bool:
+        try:
+            return bool(await admin.config_get("save") == {"save": ""})
+        except RedisError:
+            return False  # still starting
+
+    try:
+        await wait_for(no_save_points, 60, "the upkeep's CONFIG SET save")
+    finally:
+        await admin.aclose()
 
 
 async def test_a_downgrade_whose_memory_a_redis_would_not_fit_is_refused(

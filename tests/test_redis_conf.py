@@ -38,6 +38,11 @@ def test_a_started_redis_enforces_the_quota_in_its_conf(tmp_path: Path) -> None:
         # A value past the quota fills the query buffer past it: refused before it is set.
         f" && head -c {QUOTA + (1 << 20)} /dev/zero"
         " | redis-cli -s /tmp/s -a tenant-pw --no-auth-warning -x SET big"
+        # The AOF alone persists: a stop (a deep sleep is one) writes no dump.rdb.
+        " && redis-cli -s /tmp/s -a tenant-pw --no-auth-warning SET small v >/dev/null"
+        f" && REDISCLI_AUTH=$(cat {SECRET_MOUNT}/admin_password)"
+        f" redis-cli --user {ADMIN_USER} -s /tmp/s SHUTDOWN"
+        " ; while [ -S /tmp/s ]; do sleep 0.02; done; echo files: $(ls /data)"
     )
     name = f"orkestr-test-{uuid.uuid4().hex[:12]}"
     out = subprocess.run(
@@ -54,3 +59,5 @@ def test_a_started_redis_enforces_the_quota_in_its_conf(tmp_path: Path) -> None:
     assert got.get("maxmemory") == str(QUOTA), out.stdout
     assert got.get("maxmemory-policy") == "noeviction", out.stdout
     assert refused.startswith(" command not allowed when used memory"), out.stdout
+    files = out.stdout.rsplit("files:", 1)[1].split()
+    assert files == ["appendonlydir"], out.stdout
