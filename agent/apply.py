@@ -451,10 +451,16 @@ class Applier:
 
     async def _collect(self, job_id: str, project_id: str, name: str) -> None:
         info = await self.docker.inspect(name)
-        if job_id not in self._watchers:
+        watcher = self._watchers.get(job_id)
+        if watcher is None:
             # It ended while no process of ours watched it: send what the stream missed.
             stream = asyncio.create_task(self.outputs.stream(job_id, project_id, name))
             await self._finish_stream(job_id, stream)
+        elif not watcher.done():
+            # Its watcher is still sending the rest of the log (a flood of short lines
+            # takes Docker seconds to stream): removing the container now cut the stream
+            # short of the output's end. Its flush is bounded; so is this wait.
+            await asyncio.wait([watcher], timeout=STREAM_FLUSH_S + 1)
         state = info["State"]
         output = await self.docker.logs(name, self.job_output_bytes)
         timed_out = job_id in self._timed_out

@@ -6,6 +6,10 @@ names (one Prometheus's group can read), or, when none is configured, one the ag
 makes for itself in its state dir (`metrics_token`, 0600 root), so no configuration
 leaves the endpoint open (the security note: it used to be open, with a warning). The
 file is re-read when it changes: a rotation needs no restart.
+
+A request aiohttp cannot parse (a header line over 8 KiB, a bad request line) is a 400
+and one WARNING line, `metrics.bad_request`: aiohttp's own handling logged an ERROR with a
+traceback for it, which anyone who can reach the port could repeat at will.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import secrets
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("orkestr.agent.metrics")
@@ -99,6 +105,38 @@ def app(token: ScrapeToken) -> web.Application:
     return application
 
 
+class _Handler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 400:
+            return super().handle_error(request, status, exc, message)
+        # aiohttp's message quotes the offending bytes over several lines: the first says why.
+        reason = (message or str(exc) or "malformed request").strip().splitlines()[0].rstrip(":")
+        log.warning("metrics.bad_request remote=%s reason=%s", request.remote, reason[:200])
+        response = web.json_response(
+            {"error": "bad_request", "message": f"malformed HTTP request: {reason}"}, status=400
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # same state, the handler above
+        return server
+
+
 async def serve(listen: str, token_file: str, state_dir: str) -> web.AppRunner:
     path = token_path(token_file, state_dir)
     if not token_file:
@@ -109,7 +147,7 @@ async def serve(listen: str, token_file: str, state_dir: str) -> web.AppRunner:
             path,
         )
     token = ScrapeToken(str(path))
-    runner = web.AppRunner(app(token), access_log=None)
+    runner: web.AppRunner = _Runner(app(token), access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()

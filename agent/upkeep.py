@@ -618,8 +618,15 @@ class Upkeep:
                 except AgentError as exc:
                     # EPERM: the agent lacks CAP_SYS_RESOURCE; the quota still grew, so the
                     # tenant can write up to what the filesystem's headroom allows.
+                    before = self.book.get(addon.id, "Filesystem")
                     self.book.set(addon.id, "Filesystem", "False", "GrowFailed", str(exc), now)
-                    log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
+                    # Retried every round; logged once per new error (the condition has it):
+                    # a host without the capability logged it every few seconds per add-on.
+                    if before is None or (before.reason, before.message) != (
+                        "GrowFailed",
+                        str(exc),
+                    ):
+                        log.warning("upkeep.grow_failed addon=%s error=%s", addon.id, exc)
                     return  # the rest of the upkeep (the quota above all) goes on
                 have = want
             sizes.append(have)

@@ -827,20 +827,30 @@ def run(project: str, image: str, timeout: float, as_json: bool, command: tuple[
 
 def _note_release_variables(c: Client, p: dict[str, Any]) -> None:
     """A job that reads a variable its release lacks fails with a puzzling empty URL:
-    say before it runs which ones come only with the next deploy."""
+    say before it runs which ones come only with the next deploy (and which ones, gone
+    from the project since, it still gets)."""
     releases = c.get(f"/v1/projects/{p['id']}/releases?limit=1")["releases"]
     if not releases:
         return  # no release: jobs get the current variables
+    released = set(releases[0]["variables"])
+    current = set(c.get(f"/v1/projects/{p['id']}/env")["env"])
     apps = c.get(f"/v1/projects/{p['id']}/apps")["apps"]
     if apps:
         pending = apps[0]["pending_variables"]  # values compared too (a rotation)
     else:  # a release without apps shows its variables' names only
-        current = c.get(f"/v1/projects/{p['id']}/env")["env"]
-        pending = sorted(set(current) ^ set(releases[0]["variables"]))
-    if pending:
+        pending = sorted(current ^ released)
+    gone = [n for n in pending if n not in current]
+    coming = [n for n in pending if n in current]
+    said = []
+    if coming:
+        said.append(f"{', '.join(coming)} come(s) with the next `orkestr deploy`")
+    if gone:
+        names = ", ".join(gone)
+        said.append(f"{names}, removed since, stay(s) set until the next `orkestr deploy`")
+    if said:
         render.err.print(
             f"note: jobs run with release v{releases[0]['number']}'s variables; "
-            f"{', '.join(pending)} come(s) with the next `orkestr deploy`"
+            + "; ".join(said)
         )
 
 

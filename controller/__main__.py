@@ -30,6 +30,7 @@ from controller.plans import load_plans
 
 logger = logging.getLogger("controller")
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TOKEN_ID = re.compile(r"^[0-9a-f]{32}$")  # as list-tokens prints them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 def _hosts_command(config: Config, args: argparse.Namespace) -> int:
     if not HOST_NAME.match(args.host):
         print(f"orkestr-controller: {args.host!r} is not a host name", file=sys.stderr)
+        return 2
+    if args.action == "revoke-token" and not TOKEN_ID.match(args.token_id):
+        # uuid's own complaint was "badly formed hexadecimal UUID string".
+        print(
+            f"orkestr-controller: {args.token_id!r} is not a token id (32 hex digits,"
+            f" as `hosts list-tokens {args.host}` shows)",
+            file=sys.stderr,
+        )
         return 2
 
     async def act() -> None:

@@ -332,7 +332,7 @@ class Api:
         r.add_get("/v1/projects/{project_id}/tokens", self.list_project_tokens)
         r.add_delete("/v1/projects/{project_id}/tokens/{token_id}", self.revoke_project_token)
         BackupsApi(
-            self._pool, self._plans, self._dirty, self._metrics, _path_id, read_body
+            self._pool, self._plans, self._dirty, self._metrics, _path_id, read_body, page_of
         ).register(r)
         from controller.groups_api import GroupsApi  # it uses this module's helpers
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "/v1/projects/{project_id}/addons/{addon_id}"
 B = TypeVar("B", bound=msgspec.Struct)
 PathId = Callable[[web.Request, str], str]
+PageOf = Callable[[web.Request], tuple[int, int]]  # (limit, offset), checked
 ReadBody = Callable[[web.Request, type[B]], Awaitable[B]]
 
 
@@ -77,6 +78,7 @@ class PlanBackups(Struct, frozen=True):
 class BackupList(Struct, frozen=True):
     backups: tuple[BackupView, ...]
     plan: PlanBackups
+    next_offset: int | None  # paginated like every list (null: the last page)
 
 
 class RestoreView(Struct, frozen=True):
@@ -154,6 +156,7 @@ class BackupsApi:
         metrics: Metrics,
         path_id: PathId,
         read_body: Callable[[web.Request, type[ScheduleBody]], Awaitable[ScheduleBody]],
+        page_of: PageOf,
     ) -> None:
         self._pool = pool
         self._plans = plans
@@ -161,6 +164,7 @@ class BackupsApi:
         self._metrics = metrics
         self._path_id = path_id
         self._read_body = read_body
+        self._page_of = page_of
 
     def register(self, r: web.UrlDispatcher) -> None:
         r.add_post(f"{PREFIX}/backups", self.create)
@@ -190,11 +194,14 @@ class BackupsApi:
 
     async def list(self, request: web.Request) -> web.Response:
         project_id, addon_id = self._ids(request)
+        limit, offset = self._page_of(request)
         plan_name, rows = await q.list_backups(self._pool, project_id, addon_id)
         plan = self._plans[plan_name]
+        end = offset + limit
         return _json(
             BackupList(
-                backups=tuple(backup_view(b, self._plans) for b in rows),
+                backups=tuple(backup_view(b, self._plans) for b in rows[offset:end]),
+                next_offset=end if end < len(rows) else None,
                 plan=PlanBackups(
                     name=plan_name,
                     manual_backups_per_day=plan.manual_backups_per_day,

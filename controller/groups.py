@@ -28,6 +28,7 @@ from controller.errors import Conflict, NotFound
 from controller.sealing import Sealer
 from controller.store_rows import hex_of, new_id, uuid_of
 from controller.variables import Named
+from schemas.credentials import login_role
 from schemas.messages import GroupSpec, SharedAddon
 
 
@@ -307,7 +308,7 @@ async def shared_with(pool: Pool, sealer: Sealer, project_id: str) -> list[tuple
     async with transaction(pool) as conn:
         rows = await conn.fetch(
             """SELECT DISTINCT s.env_name, a.id, a.name, a.kind, a.database, a."user",
-                a.password_sealed, a.created_at
+                a.secret_version, a.password_sealed, a.created_at
             FROM group_members m
             JOIN group_shares s ON s.group_id = m.group_id AND s.project_id <> m.project_id
             JOIN addons a ON a.id = s.addon_id AND a.deleted_at IS NULL
@@ -322,7 +323,9 @@ async def shared_with(pool: Pool, sealer: Sealer, project_id: str) -> list[tuple
                 name=r["name"],
                 kind=r["kind"],
                 database=r["database"],
-                user=r["user"],
+                # The role the current password belongs to, as for the owner's own URL:
+                # after a rotation `app` with the new password fails to log in.
+                user=login_role(r["user"], r["secret_version"]),
                 password=sealer.open(r["password_sealed"], hex_of(r["id"]).encode()),
                 created_at=r["created_at"],
             ),

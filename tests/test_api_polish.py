@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from multidict import CIMultiDictProxy
 
@@ -128,11 +129,33 @@ async def test_lists_are_paginated_by_limit_and_offset(
     assert pid in projects and len(projects) == len(set(projects))
     hosts = await walk("/v1/hosts", "hosts", 1)
     assert fake_agent.host in hosts
+    # An add-on's backups too (they took no limit and answered no next_offset).
+    # These plans take no backups: three failed ones, as a host would have reported them.
+    addon_id = everything["addons"][0]["id"]
+    conn = await asyncpg.connect(controller.database_url)
+    try:
+        for _ in range(3):
+            await conn.execute(
+                """INSERT INTO backups (id, addon_id, project_id, kind, state, error)
+                VALUES ($1, $2, $3, 'manual', 'failed', 'test')""",
+                uuid.uuid4(),
+                uuid.UUID(addon_id),
+                uuid.UUID(pid),
+            )
+    finally:
+        await conn.close()
+    backups = f"/v1/projects/{pid}/addons/{addon_id}/backups"
+    status, whole = await controller.api("GET", backups)
+    assert status == 200 and len(whole["backups"]) == 3 and whole["next_offset"] is None, whole
+    assert await walk(backups, "backups", 2) == [b["id"] for b in whole["backups"]]
+    status, page = await controller.api("GET", f"{backups}?offset=3")
+    assert status == 200 and page["backups"] == [] and page["next_offset"] is None, page
 
     for query in ("limit=0", "limit=501", "limit=x", "offset=-1", "limit=1&limit=2", "limit=1.5"):
-        status, body = await controller.api("GET", f"/v1/projects/{pid}/addons?{query}")
-        assert status == 400 and body["error"] == "bad_request", (query, body)
-        assert ("limit" in body["message"]) or ("offset" in body["message"])
+        for path in (f"/v1/projects/{pid}/addons", backups):
+            status, body = await controller.api("GET", f"{path}?{query}")
+            assert status == 400 and body["error"] == "bad_request", (path, query, body)
+            assert ("limit" in body["message"]) or ("offset" in body["message"])
 
 
 async def test_a_body_sent_to_a_route_without_one_is_refused_not_ignored(

@@ -166,6 +166,13 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
     code, out, err = await cli("run", "-p", name, "--", "sh", "-c", 'echo "[$LATER]"')
     assert code == 0 and out.strip() == "[]", (out, err)
     assert "note: jobs run with release v1's variables; LATER" in err, err
+    # One removed since the release stays set for jobs until the next deploy: said so
+    # (it was "LATER come(s) with the next deploy").
+    await cli.ok("deploy", "-p", name)
+    await cli.ok("env", "unset", "-p", name, "LATER")
+    code, out, err = await cli("run", "-p", name, "--", "sh", "-c", 'echo "[$LATER]"')
+    assert code == 0 and out.strip() == "[1]", (out, err)
+    assert "v2's variables; LATER, removed since, stay(s) set until the next" in err, err
 
     # sleep status: a job holding a connection shows up as a client, by source.
     status, held = await c.api(

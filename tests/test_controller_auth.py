@@ -468,6 +468,10 @@ async def test_agent_tokens_from_the_command_line(
         controller_cli, controller, "hosts", "revoke-token", big_host.host, token_id
     )
     assert again.returncode == 1 and "does not exist" in again.stderr
+    typo = await asyncio.to_thread(
+        controller_cli, controller, "hosts", "revoke-token", big_host.host, token_id[:8]
+    )
+    assert typo.returncode == 2 and f"{token_id[:8]!r} is not a token id" in typo.stderr, typo
     lonely = f"h-{unique()[:8]}"
     none = await asyncio.to_thread(controller_cli, controller, "hosts", "list-tokens", lonely)
     assert none.returncode == 0 and none.stdout == "", none

@@ -287,3 +287,34 @@ async def test_a_share_cannot_name_a_variable_that_changes_how_the_other_members
     assert job["state"] == "succeeded" and "path=/" in job["output"], job
     status, body = await c.api("PUT", share, {"env_name": "ORDERS_URL"})
     assert status == 200, body
+
+
+async def test_a_shared_addon_rotated_by_its_owner_still_lets_the_other_member_in(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # After a rotation a Postgres add-on's password belongs to `app_rot`; the share's URL
+    # kept the user `app` with the new password, so the other member's logins failed.
+    c = stack.controller
+    assert c is not None
+    a, b = [(await create_project(c, "team"))["id"] for _ in range(2)]
+    orders = await create_addon(c, a, "orders", "postgres")
+    await wait_phase(c, a, orders["id"], "ready")
+    group_id = await group_of(c, a, b)
+    share = f"/v1/projects/{a}/groups/{group_id}/shares/{orders['id']}"
+    status, body = await c.api("PUT", share, {"env_name": "ORDERS_URL"})
+    assert status == 200, body
+    status, body = await c.api("POST", f"/v1/projects/{a}/addons/{orders['id']}/rotate-credentials")
+    assert status == 202, body
+    own = (await c.api("GET", f"/v1/projects/{a}/env"))[1]["env"]["ORDERS_URL"]
+    shared = (await c.api("GET", f"/v1/projects/{b}/env"))[1]["env"]["ORDERS_URL"]
+    # The same user and password; only the host name differs (the group network's).
+    assert shared.split("@")[0] == own.split("@")[0], (own, shared)
+    check = 'psql "$ORDERS_URL" -v ON_ERROR_STOP=1 -tAc "select 40 + 2"'
+
+    async def owner_in() -> bool:  # the host has applied the new password
+        return (await job_output(c, a, check)).strip() == "42"
+
+    await wait_for(owner_in, 60, "the owner's new credentials work", interval=1)
+    assert (await job_output(c, b, check)).strip() == "42"
+    status, _ = await c.api("DELETE", f"/v1/groups/{group_id}")
+    assert status == 204

@@ -238,6 +238,27 @@ async def test_a_flood_is_bounded_and_says_what_it_lost(stack: Stack, agent: Age
     assert dropped is not None and dropped > 0
 
 
+async def test_the_end_of_a_flood_of_short_lines_arrives(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # 1.5 MB of short lines takes Docker seconds to stream after the container exited;
+    # the job was collected (its container removed) meanwhile, which cut the stream: the
+    # follower never got the last lines, often the ones that say what failed. (Up to the
+    # stream's bounded flush, STREAM_FLUSH_S: a flood Docker streams slower still loses
+    # its end; the job's own `output` keeps it.)
+    c = stack.controller
+    assert c is not None
+    project = (await create_project(c, "team"))["id"]
+    size = 1_500_000
+    script = f"yes abcdefghijklmnopqrstuvwxyz | head -c {size}; echo; echo END"
+    job_id = await start_job(c, project, script)
+    pages = await asyncio.wait_for(follow(c, project, job_id), 90)
+    text = "".join(p["output"] for _, p in pages)
+    lost = sum(p["lost"] for _, p in pages)
+    assert text.endswith("\nEND\n"), text[-50:]
+    assert len(text) + lost == size + 5, (len(text), lost)
+
+
 # --- the wire, with a protocol-level agent -------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.metrics_http import authorized
+from agent.metrics_http import authorized, serve
 from tests.agent_fixtures import AgentProcess, Stack, metrics, running_agent, wait_for
 from tests.services import free_port
 
@@ -41,6 +42,34 @@ def test_only_the_exact_bearer_token_is_authorized() -> None:
     for header in (None, "", "Bearer", "Bearer ", "Bearer s3cre", "Bearer s3cret2", "Basic s3cret"):
         assert not authorized(header, "s3cret"), header
     assert not authorized("Bearer ", "")  # an empty token opens nothing
+
+
+async def test_a_request_the_metrics_server_cannot_parse_is_a_400_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anyone who reaches the port could send these; each logged an ERROR with a traceback.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    port = free_port()
+    runner = await serve(f"127.0.0.1:{port}", str(token), str(tmp_path))
+    try:
+        for raw in (
+            b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400", answer
+            assert json.loads(body)["error"] == "bad_request", answer
+        status, _ = await get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer s3cret"})
+        assert status == 200  # still serving
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert caplog.text.count("metrics.bad_request") == 2, caplog.text
 
 
 async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:

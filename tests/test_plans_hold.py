@@ -697,3 +697,32 @@ async def test_volume_filesystem_holds_a_filler_postgres_survives_and_grows_onli
         c, project["id"], f'{PSQL} "drop table if exists filler; insert into kept values (1)"'
     )
     assert job["exit_code"] == 0, job
+
+
+@pytest.mark.skipif(
+    has_capability("CAP_SYS_RESOURCE"), reason="the filesystem grows here: nothing fails"
+)
+async def test_a_filesystem_it_cannot_grow_is_logged_once_not_every_round(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # Without CAP_SYS_RESOURCE every upkeep round (seconds apart) retried the grow and
+    # logged upkeep.grow_failed again, for every add-on of a plan upgraded on that host.
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "small")
+    pg = await create_addon(c, project["id"], "grow-db", "postgres")
+    await wait_phase(c, project["id"], pg["id"], "ready")
+    status, body = await c.api("PATCH", f"/v1/projects/{project['id']}", {"plan": "big"})
+    assert status == 200, body
+    await wait_condition(c, project["id"], pg["id"], "Filesystem", "GrowFailed")
+    await more_passes(agent, 8)  # rounds that retry the grow
+    view = await addon(c, project["id"], pg["id"])
+    assert (condition(view, "Filesystem") or {}).get("reason") == "GrowFailed", view
+    lines = [
+        line
+        for line in agent.log_path.read_text().splitlines()
+        if "upkeep.grow_failed" in line and pg["id"] in line
+    ]
+    assert len(lines) == 1, lines
+    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}")
+    assert status == 202
