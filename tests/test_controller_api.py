@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import secrets
+import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -493,6 +494,11 @@ async def test_metrics_show_process_and_5xx_series(controller: ControllerProcess
         'orkestr_controller_http_requests_total{method="POST",route="/v1/projects",status="500"}'
         in answer
     )
+    # The dashboard's increase() misses a series' first sample: each plan's refusals exist
+    # at zero before the first one (plans come from the plans file, so only a real start shows it).
+    assert controller.plans_file
+    for plan in tomllib.loads(controller.plans_file.read_text()):
+        assert f'orkestr_controller_plan_limit_rejections_total{{plan="{plan}"}}' in answer, plan
 
 
 MALFORMED = [
