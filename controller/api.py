@@ -759,7 +759,12 @@ class Api:
 
     async def list_agent_tokens(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
-        found = await principals.list_agent_tokens(self._pool, self._path_host(request))
+        host = self._path_host(request)
+        found = await principals.list_agent_tokens(self._pool, host)
+        if not found and not await self._host_known(host):
+            raise NotFound(
+                f"host {host} is unknown: it never reported, and has no agent token or ceiling"
+            )
         rows, next_offset = paged(found, limit, offset)
         return json_response(
             TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
@@ -809,6 +814,12 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"ok": True})
+
+    async def _host_known(self, host: str) -> bool:
+        bootstrap = self._config.http.agent_tokens  # up.sh's hosts, before they report
+        return (bootstrap is not None and host in bootstrap.hosts()) or await store.host_known(
+            self._pool, host
+        )
 
     def _path_host(self, request: web.Request) -> str:
         host = request.match_info["host"]
