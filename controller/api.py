@@ -42,7 +42,8 @@ from controller import (
     variables,
 )
 from controller.backups_api import BackupsApi
-from controller.config import Config, describe
+from controller.body_errors import describe_body
+from controller.config import Config
 from controller.db import Pool
 from controller.dirty_hosts import DirtyHosts
 from controller.env import compose_env, names_of, primaries
@@ -243,7 +244,8 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidBody(f"invalid {kind.__name__} body: {describe(exc)}") from None
+        where = describe_body(exc, data, kind)  # the mapping key at fault named, too
+        raise InvalidBody(f"invalid {kind.__name__} body: {where}") from None
 
 
 class NoBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

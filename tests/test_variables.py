@@ -119,6 +119,25 @@ async def test_at_most_100_variables_of_its_own(
     assert status == 200
 
 
+async def test_a_refused_variable_is_named_in_the_422(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    """msgspec says only `set[...]` or "a key": the message names the key at fault."""
+    pid = await project(controller)
+    url = f"/v1/projects/{pid}/env"
+    cases = [
+        ({"OK": "1", "bad-name": "x"}, 'set: key "bad-name" is invalid: Expected `str` matching'),
+        ({"OK": "1", "LONG": "x" * 8193}, 'set["LONG"]: Expected `str` of length <= 8192'),
+        ({"NUMBER": 5, "OK": "1"}, 'set["NUMBER"]: Expected `str`, got `int`'),
+        ({"OK": "1", "NUL": "a\x00b"}, 'set["NUL"]: Expected `str` matching'),
+    ]
+    for changes, expected in cases:
+        status, body = await controller.api("PATCH", url, {"set": changes})
+        assert status == 422 and body["error"] == "invalid_body", body
+        assert body["message"].startswith(f"invalid EnvUpdate body: {expected}"), body
+    assert "OK" not in await env(controller, pid)  # nothing of a refused body is kept
+
+
 async def test_custom_names_and_promotion(
     controller: ControllerProcess, fake_agent: FakeAgent
 ) -> None:
