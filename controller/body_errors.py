@@ -71,4 +71,4 @@ def _offender(mapping: Any, data: Any, kind: type, text: str) -> str | None:
 
 def _shown(key: str) -> str:
     quoted = msgspec.json.encode(key[:_KEY_SHOWN]).decode()
-    return quoted if len(key) <= _KEY_SHOWN else f"{quoted[:-1]}...\""
+    return quoted if len(key) <= _KEY_SHOWN else f'{quoted[:-1]}..."'

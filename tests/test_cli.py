@@ -321,7 +321,10 @@ async def test_every_api_refusal_ends_with_a_hint(stack: Stack, cli: Cli) -> Non
                 "`orkestr projects create --help`",
             ),
             ("projects", "plan", name, "starter"): ("plan_change_refused", "choose a plan"),
-            ("env", "set", "-p", name, "lower=1"): ("set, a key", "`orkestr env set --help`"),
+            ("env", "set", "-p", name, "lower=1"): (
+                'key "lower" is invalid',
+                "`orkestr env set --help`",
+            ),
             ("env", "set", "-p", name, "DATABASE_URL=x"): ("409 conflict", "another name"),
             ("rollback", "v9", "-p", name): ("404 not_found", "`orkestr releases`"),
             ("addons", "delete", "db", "--yes", "-p", name): (
