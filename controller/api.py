@@ -42,7 +42,7 @@ from controller import (
     variables,
 )
 from controller.backups_api import BackupsApi
-from controller.body_errors import describe_body
+from controller.body_errors import describe_body, duplicate_key, shown_key
 from controller.config import Config
 from controller.db import Pool
 from controller.dirty_hosts import DirtyHosts
@@ -241,6 +241,9 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
     # msgspec raises RecursionError (not DecodeError) for deeply nested input.
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidJson(f"request body is not valid JSON: {exc}") from None
+    twice = duplicate_key(raw)
+    if twice is not None:  # msgspec would keep the last value; the sender meant one of them
+        raise InvalidJson(f"request body gives the key {shown_key(twice)} twice in one object")
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Name the mapping key a request body's validation error is about.
+"""Name the mapping key a request body's validation error is about; find a key given twice.
 
 msgspec says where an error is, but not which key of a mapping: a bad value is "at
 `$.set[...]`" and a bad key "at `key` in `$.set`". Run only on a refused body: each entry
@@ -7,6 +7,7 @@ of that mapping alone is converted again, and the one that gives the same error 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -44,8 +45,8 @@ def describe_body(exc: msgspec.ValidationError, data: Any, kind: type) -> str:
             if key is None:
                 return describe(exc)
             if unknown == "key":
-                return f"{where or 'top level'}: key {_shown(key)} is invalid: {message}"
-            where, node = f"{where}[{_shown(key)}]", node[key]
+                return f"{where or 'top level'}: key {shown_key(key)} is invalid: {message}"
+            where, node = f"{where}[{shown_key(key)}]", node[key]
     return f"{where or 'top level'}: {message}"
 
 
@@ -69,6 +70,42 @@ def _offender(mapping: Any, data: Any, kind: type, text: str) -> str | None:
         mapping.update(entries)
 
 
-def _shown(key: str) -> str:
+def shown_key(key: str) -> str:
     quoted = msgspec.json.encode(key[:_KEY_SHOWN]).decode()
     return quoted if len(key) <= _KEY_SHOWN else f'{quoted[:-1]}..."'
+
+
+class _Twice(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Twice(key)
+            seen.add(key)
+    return found
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """The first key given twice in one object of `raw` (valid JSON), or None.
+
+    msgspec keeps the last of them silently. A body with fewer than two `:` has fewer than
+    two keys, so only one with more is parsed again (by the stdlib's C scanner: ~8 us for a
+    small body, ~2-6 ms at the 1 MiB limit).
+    """
+    if raw.count(b":") < 2:
+        return None
+    try:
+        json.loads(raw, object_pairs_hook=_pairs)
+    except _Twice as twice:
+        return twice.key
+    # What msgspec took and the stdlib does not (an integer of over 4300 digits; nesting
+    # deeper than this stack allows): no struct of ours takes such a body anyway.
+    except (ValueError, RecursionError):
+        return None
+    return None

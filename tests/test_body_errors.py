@@ -9,7 +9,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.body_errors import describe_body
+from controller.body_errors import describe_body, duplicate_key
 from controller.releases import ReleaseCreate
 from controller.request_bodies import EnvUpdate
 
@@ -56,3 +56,27 @@ def test_nested_mappings_and_what_is_not_about_a_key() -> None:
     assert message({"unset": ["a-b"]}, EnvUpdate).startswith("unset[0]: Expected")
     long = "K" * 100 + "-"
     assert message({"set": {long: "x"}}, EnvUpdate).startswith(f'set: key "{"K" * 64}..." is')
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), JSON, max_size=6))
+def test_an_object_without_a_repeated_key_passes(body: dict[str, Any]) -> None:
+    assert duplicate_key(msgspec.json.encode(body)) is None
+
+
+@given(st.dictionaries(st.text(), JSON, min_size=1, max_size=6), st.data())
+def test_a_repeated_key_is_found_at_any_depth(body: dict[str, Any], data: st.DataObject) -> None:
+    key = data.draw(st.sampled_from(sorted(body)))
+    text = msgspec.json.encode(body).decode()
+    twice = msgspec.json.encode(key).decode() + ':"again",'
+    nested = data.draw(st.booleans())
+    encoded = (
+        '{"outer":' + "{" + twice + text[1:] + "}" if nested else "{" + twice + text[1:]
+    ).encode()
+    assert duplicate_key(encoded) == key

@@ -763,6 +763,40 @@ async def test_non_json_bodies_are_refused(
         assert answer["error"] in {"invalid_json", "invalid_body"}
 
 
+async def test_a_key_given_twice_is_refused_naming_it(
+    controller: ControllerProcess, hypothesis_project: dict[str, Any]
+) -> None:
+    """msgspec would keep the last value silently: a body that says two things is a 400."""
+    pid = hypothesis_project["id"]
+    before = await _counts(controller, hypothesis_project)
+    bodies = {
+        f"/v1/projects/{pid}/addons": b'{"name": "twice", "kind": "redis", "name": "again"}',
+        f"/v1/projects/{pid}/jobs": b'{"image": "debian:12", "timeout_s": 5, "timeout_s": 9}',
+    }
+    for route, body in bodies.items():
+        status, answer = await controller.api(
+            "POST", route, data=body, headers={"Content-Type": "application/json"}
+        )
+        assert_error(status, answer, 400, "invalid_json")
+        assert "twice" in answer["message"], answer
+    status, answer = await controller.api(
+        "PATCH",
+        f"/v1/projects/{pid}/env",
+        data=b'{"set": {"TWICE": "1", "OTHER": "x", "TWICE": "2"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(status, answer, 400, "invalid_json")
+    assert answer["message"] == 'request body gives the key "TWICE" twice in one object', answer
+    status, env = await controller.api("GET", f"/v1/projects/{pid}/env")
+    assert status == 200 and "OTHER" not in env["env"], env
+    assert await _counts(controller, hypothesis_project) == before
+    # Colons in values (the check's slow path) and no repeat: accepted.
+    status, answer = await controller.api(
+        "PATCH", f"/v1/projects/{pid}/env", {"set": {"TWICE_OK": "a:b:c"}, "unset": ["TWICE"]}
+    )
+    assert status == 200 and answer["env"]["TWICE_OK"] == "a:b:c", answer
+
+
 async def test_huge_and_deep_bodies(
     controller: ControllerProcess, hypothesis_project: dict[str, Any]
 ) -> None:
