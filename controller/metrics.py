@@ -29,7 +29,8 @@ P = "orkestr_controller"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Known label values, created at zero (see `start_at_zero`).
-MESSAGE_KINDS = ("status", "presence", "job_result", "job_output", "unknown")
+# controller.ingest.Kind, and "unknown" for a topic that is none of them.
+MESSAGE_KINDS = ("status", "presence", "job_result", "job_output", "backup_result", "unknown")
 MESSAGE_RESULTS = ("accepted", "stale", "rejected", "error")
 PUBLISH_RESULTS = ("published", "failed", "too_large")
 ADDON_KINDS = ("postgres", "redis")
