@@ -75,10 +75,7 @@ def _hint(status: int, code: str, message: str = "") -> str:
     if code == "plan_change_refused":
         return "free or delete what the message names, then retry; or choose a plan it fits"
     if code == "deletion_protected":
-        return (
-            'clear the protection first: PATCH the add-on with {"deletion_protection": false} '
-            "(docs/api.md, Add-ons)"
-        )
+        return "clear the protection first: `orkestr addons protect NAME --off`"
     if code == "too_many_pending_jobs":
         return "wait for the project's pending jobs to finish (or cancel some), then retry"
     if code == "payload_too_large":

@@ -416,6 +416,7 @@ def addons_info(name: str, project: str, as_json: bool) -> None:
             ("address", f"{a['hostname']}:{a['port']}"),
             ("variables", ", ".join(a.get("variables") or [a["env_var"]])),
             ("primary", "yes" if a.get("primary") else "no"),
+            ("protected", "yes" if a.get("deletion_protection") else "no"),
             ("resources", f"{a['resources']['cpus']} CPU, {a['resources']['memory_mb']} MB"),
             ("created", a["created_at"]),
             ("deleted", a["deleted_at"]),
@@ -469,6 +470,28 @@ def addons_env_name(
         render.emit_json(a)
         return
     render.out.print(f"{a['name']} gives {', '.join(a['variables'])}.")
+
+
+@addons.command("protect")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Clear the protection (deleting works again).")
+@project_option
+@json_option
+def addons_protect(name: str, off: bool, project: str, as_json: bool) -> None:
+    """Protect an add-on from deletion: deleting it or its project is refused until
+    `--off` clears it."""
+    c = client()
+    p = resolve_project(c, project)
+    a = resolve_addon(c, p, name)
+    a = c.request(
+        "PATCH", f"/v1/projects/{p['id']}/addons/{a['id']}", {"deletion_protection": not off}
+    )
+    if as_json:
+        render.emit_json(a)
+    elif a["deletion_protection"]:
+        render.out.print(f"{a['name']} is protected: deleting it or its project is refused.")
+    else:
+        render.out.print(f"{a['name']} is no longer protected from deletion.")
 
 
 @addons.command("rotate")
@@ -849,8 +872,7 @@ def _note_release_variables(c: Client, p: dict[str, Any]) -> None:
         said.append(f"{names}, removed since, stay(s) set until the next `orkestr deploy`")
     if said:
         render.err.print(
-            f"note: jobs run with release v{releases[0]['number']}'s variables; "
-            + "; ".join(said)
+            f"note: jobs run with release v{releases[0]['number']}'s variables; " + "; ".join(said)
         )
 
 

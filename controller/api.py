@@ -42,7 +42,8 @@ from controller import (
     variables,
 )
 from controller.backups_api import BackupsApi
-from controller.config import Config, describe
+from controller.body_errors import describe_body, duplicate_key, shown_key
+from controller.config import Config
 from controller.db import Pool
 from controller.dirty_hosts import DirtyHosts
 from controller.env import compose_env, names_of, primaries
@@ -240,10 +241,14 @@ async def read_body(request: web.Request, kind: type[B], optional: bool = False)
     # msgspec raises RecursionError (not DecodeError) for deeply nested input.
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidJson(f"request body is not valid JSON: {exc}") from None
+    twice = duplicate_key(raw)
+    if twice is not None:  # msgspec would keep the last value; the sender meant one of them
+        raise InvalidJson(f"request body gives the key {shown_key(twice)} twice in one object")
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidBody(f"invalid {kind.__name__} body: {describe(exc)}") from None
+        where = describe_body(exc, data, kind)  # the mapping key at fault named, too
+        raise InvalidBody(f"invalid {kind.__name__} body: {where}") from None
 
 
 class NoBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -759,7 +764,12 @@ class Api:
 
     async def list_agent_tokens(self, request: web.Request) -> web.Response:
         limit, offset = page_of(request)
-        found = await principals.list_agent_tokens(self._pool, self._path_host(request))
+        host = self._path_host(request)
+        found = await principals.list_agent_tokens(self._pool, host)
+        if not found and not await self._host_known(host):
+            raise NotFound(
+                f"host {host} is unknown: it never reported, and has no agent token or ceiling"
+            )
         rows, next_offset = paged(found, limit, offset)
         return json_response(
             TokenList(tokens=tuple(token_view(r) for r in rows), next_offset=next_offset)
@@ -809,6 +819,12 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"ok": True})
+
+    async def _host_known(self, host: str) -> bool:
+        bootstrap = self._config.http.agent_tokens  # up.sh's hosts, before they report
+        return (bootstrap is not None and host in bootstrap.hosts()) or await store.host_known(
+            self._pool, host
+        )
 
     def _path_host(self, request: web.Request) -> str:
         host = request.match_info["host"]

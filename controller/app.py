@@ -37,6 +37,7 @@ async def run(config: Config, plans: Plans) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
+    metrics.start_plans(plans)
     async with AsyncExitStack() as stack:
         pool = await stack.enter_async_context(
             db.open_pool(

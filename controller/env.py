@@ -72,6 +72,30 @@ def clashes_with_default(addon_name: str) -> bool:
     return variable_name(addon_name) in DEFAULT_VARIABLES.values()
 
 
+KIND_TITLES: dict[AddonKind, str] = {"postgres": "Postgres", "redis": "Redis"}
+
+
+def default_name_refusal(env_name: str, kind: AddonKind) -> str | None:
+    """Why an add-on of `kind` may not take `env_name` as its own name (None: no default's).
+
+    The defaults go to each kind's primary: the own kind's by promoting, another's never.
+    """
+    for owner, default in DEFAULT_VARIABLES.items():
+        if env_name != default:
+            continue
+        if owner == kind:
+            return (
+                f"env_name: {env_name} goes to the primary {KIND_TITLES[kind]} add-on; "
+                "promote this add-on instead (POST .../addons/{id}/promote)"
+            )
+        return (
+            f"env_name: {env_name} is the primary {KIND_TITLES[owner]} add-on's variable, "
+            f"which a {KIND_TITLES[kind]} add-on cannot take; pick a name of its own "
+            f"(its kind's default, {DEFAULT_VARIABLES[kind]}, comes by promoting it)"
+        )
+    return None
+
+
 def shared_host(addon_id: str) -> str:
     """A shared add-on's DNS name on a group network: unique, whatever members call theirs."""
     return f"addon-{addon_id}"

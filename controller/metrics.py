@@ -7,6 +7,7 @@ a `_total` counter per outcome, a duration histogram per HTTP route.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,15 +22,23 @@ from prometheus_client import (
     generate_latest,
 )
 
+from schemas.messages import BackupOp
+
 P = "orkestr_controller"
 # The *_created gauges double the output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Known label values, created at zero (see `start_at_zero`).
-MESSAGE_KINDS = ("status", "presence", "job_result", "job_output", "unknown")
+# controller.ingest.Kind, and "unknown" for a topic that is none of them.
+MESSAGE_KINDS = ("status", "presence", "job_result", "job_output", "backup_result", "unknown")
 MESSAGE_RESULTS = ("accepted", "stale", "rejected", "error")
 PUBLISH_RESULTS = ("published", "failed", "too_large")
 ADDON_KINDS = ("postgres", "redis")
+BACKUP_OPS = get_args(BackupOp)
+BACKUP_RESULTS = ("ok", "failed")
+BACKUP_VERIFICATIONS = ("", "verified", "failed")
+BACKUP_REQUESTS = (("manual", "accepted"), ("manual", "refused"), ("restore", "accepted"))
+SCHEDULER_RESULTS = ("ok", "error")
 
 
 class Metrics:
@@ -136,6 +145,19 @@ class Metrics:
             self.desired_published.labels(result)
         for kind in ADDON_KINDS:
             self.addons_created.labels(kind)
+        for op in BACKUP_OPS:
+            for result in BACKUP_RESULTS:
+                for verification in BACKUP_VERIFICATIONS:
+                    self.backup_results.labels(op, result, verification)
+        for kind, outcome in BACKUP_REQUESTS:
+            self.backup_requests.labels(kind, outcome)
+        for result in SCHEDULER_RESULTS:
+            self.backup_scheduler_runs.labels(result)
+
+    def start_plans(self, plans: Iterable[str]) -> None:
+        """Plan-limit refusals at 0 for each plan of the plans file (known only at start)."""
+        for plan in plans:
+            self.plan_limit_rejections.labels(plan)
 
     def start_routes(self, routes: Iterable[tuple[str, str]], statuses: Iterable[str]) -> None:
         """HTTP request counters at 0 for each (method, route) and the statuses alerted on."""

@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from controller.env import DEFAULT_VARIABLES, VARIABLE_NAME, clashes_with_default, variable_name
+from controller.env import VARIABLE_NAME, clashes_with_default, variable_name
 from controller.errors import InvalidBody, PayloadTooLarge
 from controller.plans import Plan
 from schemas.images import ImageRefused, check_reference
@@ -104,11 +104,7 @@ class AddonUpdate(Struct, frozen=True, forbid_unknown_fields=True):
 def check_addon_update(body: AddonUpdate) -> None:
     if body.env_name is UNSET and body.deletion_protection is UNSET:
         raise InvalidBody("expected at least one of env_name, deletion_protection")
-    if body.env_name in DEFAULT_VARIABLES.values():
-        raise InvalidBody(
-            f"env_name: {body.env_name} goes to the primary add-on of its kind; "
-            "promote the add-on instead (POST .../addons/{id}/promote)"
-        )
+    # A default variable's name: refused by kind in variables.set_env_name.
 
 
 def check_project(body: ProjectCreate | ProjectUpdate, plans: Mapping[str, Plan]) -> None:

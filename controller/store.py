@@ -801,6 +801,20 @@ async def get_host_ceiling(pool: Pool, host: str) -> tuple[float | None, int | N
     return (None, None) if row is None else (row["cpus"], row["memory_mb"])
 
 
+async def host_known(pool: Pool, host: str) -> bool:
+    """Whether the controller has heard of `host`: it reported, or has a ceiling or an
+    agent token in the database (both may come before its first report)."""
+    async with transaction(pool) as conn:
+        return bool(
+            await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM hosts WHERE name = $1)
+                OR EXISTS (SELECT 1 FROM host_ceilings WHERE name = $1)
+                OR EXISTS (SELECT 1 FROM agent_tokens WHERE host = $1)""",
+                host,
+            )
+        )
+
+
 async def host_names(pool: Pool) -> list[str]:
     async with transaction(pool) as conn:
         return [r["name"] for r in await conn.fetch("SELECT name FROM hosts ORDER BY name")]

@@ -112,6 +112,10 @@ class AgentTokensFile:
                 raise ConfigError(f"http.agent_tokens_file: {self._path}: {exc}") from None
             log(logger, "agent_tokens_reload_failed", logging.WARNING, reason=exc)
 
+    def hosts(self) -> set[str]:
+        self._load(strict=False)
+        return set(self._hosts.values())
+
     def host_of(self, token_digest: bytes) -> str | None:
         self._load(strict=False)
         for known, host in self._hosts.items():

@@ -14,8 +14,8 @@ from typing import Any
 from msgspec import Struct
 
 from controller.db import Connection, Pool, transaction
-from controller.env import assign
-from controller.errors import Conflict, NotFound
+from controller.env import assign, default_name_refusal
+from controller.errors import Conflict, InvalidBody, NotFound
 from controller.sealing import Sealer
 from controller.store_rows import uuid_of
 from schemas.messages import AddonKind
@@ -163,6 +163,9 @@ async def set_env_name(pool: Pool, project_id: str, addon_id: str, env_name: str
     async with transaction(pool) as conn:
         await _lock(conn, project_id)
         addon = await _live_addon(conn, project_id, addon_id)
+        refusal = None if env_name is None else default_name_refusal(env_name, addon.kind)
+        if refusal is not None:
+            raise InvalidBody(refusal)
         if env_name is not None and env_name != addon.env_name:
             others = [a for a in await _live(conn, project_id) if a.id != addon.id]
             taken = assign(others)

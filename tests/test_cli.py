@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -308,12 +309,13 @@ async def test_every_api_refusal_ends_with_a_hint(stack: Stack, cli: Cli) -> Non
         created = await cli.json("projects", "create", name, "--plan", "pro")
         db = await cli.json("addons", "create", "db", "-p", name)
         await cli.ok("addons", "create", "cache", "--kind", "redis", "-p", name)
-        status, _ = await c.api(
-            "PATCH",
-            f"/v1/projects/{created['id']}/addons/{db['id']}",
-            {"deletion_protection": True},
+        out = await cli.ok("addons", "protect", "db", "-p", name)
+        assert out.strip() == "db is protected: deleting it or its project is refused.", out
+        assert re.search(
+            r"^protected\s+yes\s*$", await cli.ok("addons", "info", "db", "-p", name), re.M
         )
-        assert status == 200
+        db_url = f"/v1/projects/{created['id']}/addons/{db['id']}"
+        assert (await c.api("GET", db_url))[1]["deletion_protection"] is True
         refusals = {
             ("projects", "create", name, "--plan", "pro"): ("409 conflict", "another name"),
             ("projects", "create", "other", "--plan", "gold"): (
@@ -321,23 +323,25 @@ async def test_every_api_refusal_ends_with_a_hint(stack: Stack, cli: Cli) -> Non
                 "`orkestr projects create --help`",
             ),
             ("projects", "plan", name, "starter"): ("plan_change_refused", "choose a plan"),
-            ("env", "set", "-p", name, "lower=1"): ("set, a key", "`orkestr env set --help`"),
+            ("env", "set", "-p", name, "lower=1"): (
+                'key "lower" is invalid',
+                "`orkestr env set --help`",
+            ),
             ("env", "set", "-p", name, "DATABASE_URL=x"): ("409 conflict", "another name"),
             ("rollback", "v9", "-p", name): ("404 not_found", "`orkestr releases`"),
             ("addons", "delete", "db", "--yes", "-p", name): (
                 "deletion_protected",
-                "deletion_protection",
+                "`orkestr addons protect NAME --off`",
             ),
         }
         for args, (error, hint) in refusals.items():
             code, _, err = await cli(*args)
             assert code == 1 and error in err, (args, err)
             assert "\n  hint: " in err and hint in err.split("\n  hint: ", 1)[1], (args, err)
-        await c.api(
-            "PATCH",
-            f"/v1/projects/{created['id']}/addons/{db['id']}",
-            {"deletion_protection": False},
-        )
+        protection = await cli.json("addons", "protect", "db", "--off", "-p", name)
+        assert protection["deletion_protection"] is False, protection
+        assert (await c.api("GET", db_url))[1]["deletion_protection"] is False
+        await cli.ok("addons", "delete", "db", "--yes", "-p", name)
 
 
 async def test_plan_rotation_and_project_deletion_through_the_cli(stack: Stack, cli: Cli) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import secrets
+import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -493,6 +494,11 @@ async def test_metrics_show_process_and_5xx_series(controller: ControllerProcess
         'orkestr_controller_http_requests_total{method="POST",route="/v1/projects",status="500"}'
         in answer
     )
+    # The dashboard's increase() misses a series' first sample: each plan's refusals exist
+    # at zero before the first one (plans come from the plans file, so only a real start shows it).
+    assert controller.plans_file
+    for plan in tomllib.loads(controller.plans_file.read_text()):
+        assert f'orkestr_controller_plan_limit_rejections_total{{plan="{plan}"}}' in answer, plan
 
 
 MALFORMED = [
@@ -755,6 +761,40 @@ async def test_non_json_bodies_are_refused(
         )
         assert_error_shape(status, answer)
         assert answer["error"] in {"invalid_json", "invalid_body"}
+
+
+async def test_a_key_given_twice_is_refused_naming_it(
+    controller: ControllerProcess, hypothesis_project: dict[str, Any]
+) -> None:
+    """msgspec would keep the last value silently: a body that says two things is a 400."""
+    pid = hypothesis_project["id"]
+    before = await _counts(controller, hypothesis_project)
+    bodies = {
+        f"/v1/projects/{pid}/addons": b'{"name": "twice", "kind": "redis", "name": "again"}',
+        f"/v1/projects/{pid}/jobs": b'{"image": "debian:12", "timeout_s": 5, "timeout_s": 9}',
+    }
+    for route, body in bodies.items():
+        status, answer = await controller.api(
+            "POST", route, data=body, headers={"Content-Type": "application/json"}
+        )
+        assert_error(status, answer, 400, "invalid_json")
+        assert "twice" in answer["message"], answer
+    status, answer = await controller.api(
+        "PATCH",
+        f"/v1/projects/{pid}/env",
+        data=b'{"set": {"TWICE": "1", "OTHER": "x", "TWICE": "2"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(status, answer, 400, "invalid_json")
+    assert answer["message"] == 'request body gives the key "TWICE" twice in one object', answer
+    status, env = await controller.api("GET", f"/v1/projects/{pid}/env")
+    assert status == 200 and "OTHER" not in env["env"], env
+    assert await _counts(controller, hypothesis_project) == before
+    # Colons in values (the check's slow path) and no repeat: accepted.
+    status, answer = await controller.api(
+        "PATCH", f"/v1/projects/{pid}/env", {"set": {"TWICE_OK": "a:b:c"}, "unset": ["TWICE"]}
+    )
+    assert status == 200 and answer["env"]["TWICE_OK"] == "a:b:c", answer
 
 
 async def test_huge_and_deep_bodies(

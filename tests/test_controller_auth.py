@@ -312,6 +312,15 @@ async def test_token_files_are_reread_without_a_restart(
         process.operator_token_file.write_text("")
         status, _ = await process.api("GET", "/v1/hosts", token=new_operator)
         assert status == 200
+        # A host named in the bootstrap file is known before it reports: its tokens list.
+        booted = f"boot-{secrets.token_hex(4)}"
+        url = f"/v1/hosts/{booted}/agent-tokens"
+        status, _ = await process.api("GET", url, token=new_operator)
+        assert status == 404
+        with process.agent_tokens_file.open("a") as f:
+            f.write(f"{booted} {secrets.token_hex(32)}\n")
+        status, body = await process.api("GET", url, token=new_operator)
+        assert status == 200 and body["tokens"] == [], body
         # The bootstrap list of agent tokens: a line added is a host admitted.
         async with FakeAgent(f"boot-{secrets.token_hex(4)}", mosquitto) as agent:
             agent_token = "oka_" + secrets.token_urlsafe(32)
@@ -526,3 +535,25 @@ async def test_two_real_agents_with_their_own_tokens_converge_over_tls(tmp_path:
         await process.close()
         await drop_database(dsn)
         await mosquitto.close()
+
+
+async def test_agent_tokens_of_an_unknown_host_are_a_404_naming_it(
+    controller: ControllerProcess, mosquitto: Mosquitto
+) -> None:
+    host = f"nohost-{secrets.token_hex(4)}"
+    url = f"/v1/hosts/{host}/agent-tokens"
+    status, body = await controller.api("GET", url)
+    assert_error(status, body, 404, "not_found")
+    assert host in body["message"], body
+    # Known before its first report: a ceiling (or a line in the bootstrap file: test_token_files_are_reread_*)...
+    status, _ = await controller.api("PUT", f"/v1/hosts/{host}/ceiling", {"cpus": 2})
+    assert status == 200
+    status, body = await controller.api("GET", url)
+    assert (status, body["tokens"]) == (200, []), body
+    # ...or a host that reported, with no token in the database.
+    async with FakeAgent(f"seen-{secrets.token_hex(4)}", mosquitto) as agent:
+        await controller.wait_host_online(agent.host)
+        status, body = await controller.api("GET", f"/v1/hosts/{agent.host}/agent-tokens")
+        assert (status, body["tokens"]) == (200, []), body
+    status, _ = await controller.api("DELETE", f"/v1/hosts/{host}/ceiling")
+    assert status == 204

@@ -372,6 +372,38 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
     ]
 
 
+RATED = re.compile(r"(?:increase|rate)\((orkestr_\w+_total)")
+
+
+def test_every_message_kind_the_ingest_counts_starts_at_zero() -> None:
+    """The alert on rejected agent messages sums by kind: each kind's first one counts."""
+    from typing import get_args
+
+    from controller.ingest import Kind
+    from controller.metrics import MESSAGE_KINDS, MESSAGE_RESULTS
+
+    kinds = {s["kind"] for s in started_samples()["orkestr_controller_mqtt_messages_total"]}
+    assert kinds >= {*get_args(Kind), "unknown"}
+    assert {"rejected", "error"} <= set(MESSAGE_RESULTS) and set(MESSAGE_KINDS) == kinds
+
+
+def test_counters_the_dashboard_rates_start_at_zero() -> None:
+    """A labelled counter graphed with increase() or rate() shows its first event only if it
+    was served before it, so each one has series from the start (plans: see test_metrics_*)."""
+    from controller.plans import load_plans
+
+    started = Metrics()
+    started.start_plans(load_plans(None))
+    samples = started_samples()
+    for family in started.registry.collect():
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(dict(sample.labels))
+    rated = {name for _, expr, _ in dashboard_queries() for name in RATED.findall(expr)}
+    assert "orkestr_controller_plan_limit_rejections_total" in rated
+    missing = sorted(name for name in rated if not samples.get(name))
+    assert not missing, f"no series at start: {missing}"
+
+
 def test_dashboard_structure() -> None:
     data = dashboard()
     assert data["uid"] and data["title"]

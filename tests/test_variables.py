@@ -70,7 +70,9 @@ async def test_user_variables_set_unset_and_never_overwrite_an_addon(
         assert status == 422 and body["error"] == "invalid_body", (bad, body)
     # A bad name is named as one: the field and that its key is wrong, not "top level".
     status, body = await c.api("PATCH", url, {"set": {"lower": "x"}})
-    assert body["message"].startswith("invalid EnvUpdate body: set, a key: Expected"), body
+    assert body["message"].startswith(
+        'invalid EnvUpdate body: set: key "lower" is invalid: Expected'
+    ), body
 
     status, body = await c.api("PATCH", url, {"unset": ["DEBUG", "NEVER_SET"]})
     assert status == 200 and "DEBUG" not in body["env"] and "SECRET_KEY" in body["env"]
@@ -119,6 +121,25 @@ async def test_at_most_100_variables_of_its_own(
     assert status == 200
 
 
+async def test_a_refused_variable_is_named_in_the_422(
+    controller: ControllerProcess, fake_agent: FakeAgent
+) -> None:
+    """msgspec says only `set[...]` or "a key": the message names the key at fault."""
+    pid = await project(controller)
+    url = f"/v1/projects/{pid}/env"
+    cases = [
+        ({"OK": "1", "bad-name": "x"}, 'set: key "bad-name" is invalid: Expected `str` matching'),
+        ({"OK": "1", "LONG": "x" * 8193}, 'set["LONG"]: Expected `str` of length <= 8192'),
+        ({"NUMBER": 5, "OK": "1"}, 'set["NUMBER"]: Expected `str`, got `int`'),
+        ({"OK": "1", "NUL": "a\x00b"}, 'set["NUL"]: Expected `str` matching'),
+    ]
+    for changes, expected in cases:
+        status, body = await controller.api("PATCH", url, {"set": changes})
+        assert status == 422 and body["error"] == "invalid_body", body
+        assert body["message"].startswith(f"invalid EnvUpdate body: {expected}"), body
+    assert "OK" not in await env(controller, pid)  # nothing of a refused body is kept
+
+
 async def test_custom_names_and_promotion(
     controller: ControllerProcess, fake_agent: FakeAgent
 ) -> None:
@@ -152,7 +173,21 @@ async def test_custom_names_and_promotion(
     status, body = await c.api("PATCH", path, {"env_name": "NEW_DB_URL"})
     assert status == 409 and "new-db" in body["message"]
     status, body = await c.api("PATCH", path, {"env_name": "DATABASE_URL"})
-    assert status == 422 and "promote" in body["message"]
+    assert status == 422 and "promote this add-on" in body["message"], body
+    # Another kind's default: promoting cannot give it, so the advice says what can.
+    cache = await addon(c, pid, "cache", "redis")
+    cache_path = f"/v1/projects/{pid}/addons/{cache['id']}"
+    status, body = await c.api(
+        "PATCH", cache_path, {"env_name": "DATABASE_URL", "deletion_protection": True}
+    )
+    assert status == 422 and body["error"] == "invalid_body", body
+    assert "primary Postgres add-on's variable" in body["message"], body
+    assert "which a Redis add-on cannot take" in body["message"], body
+    assert "promote this add-on instead" not in body["message"], body
+    status, body = await c.api("GET", cache_path)
+    assert body["env_name"] is None and body["deletion_protection"] is False, body
+    status, body = await c.api("PATCH", cache_path, {"env_name": "REDIS_URL"})
+    assert status == 422 and "primary Redis add-on; promote" in body["message"], body
     await c.api("PATCH", f"/v1/projects/{pid}/env", {"set": {"MINE": "1"}})
     status, body = await c.api("PATCH", path, {"env_name": "MINE"})
     assert status == 409 and "unset it first" in body["message"]
