@@ -253,6 +253,8 @@ class Applier:
             case p.RunContainer():
                 await self._create(action)
                 await self._start(action)
+            case p.StartContainer(key, name) if name == model.job_container_name(key):
+                await self._start_job(name)  # one left `created` by an interrupted agent
             case p.StartContainer(key, name):
                 await self._on_addon_started(key)
                 if name.endswith("-db"):
@@ -299,7 +301,8 @@ class Applier:
                 for network in groups:
                     await self.docker.connect(network, spec.name, ())
                 try:
-                    await self.docker.start(spec.name)
+                    # Once: the container may exist from a start an agent killed -9 sent.
+                    await self._start_job(spec.name)
                 except (NotFound, PermanentError) as exc:
                     self._fail_job(key, project_id, str(exc))
                     return
@@ -448,6 +451,11 @@ class Applier:
         elif not stream.cancelled() and (exc := stream.exception()) is not None:
             # A failed stream (a full disk, say) must not lose the job's result.
             log.error("job.output_failed job=%s error=%r", job_id, exc)
+
+    async def _start_job(self, name: str) -> None:
+        if not await self.docker.start_once(name):
+            # Started by an agent killed before it watched it: WatchJob or CollectJob next.
+            log.info("job.started_before container=%s", name)
 
     async def _collect(self, job_id: str, project_id: str, name: str) -> None:
         info = await self.docker.inspect(name)

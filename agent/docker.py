@@ -263,6 +263,19 @@ class Docker:
     async def start(self, name: str) -> None:
         await self._call(f"start {name}", lambda: self.client.containers.container(name).start())
 
+    async def start_once(self, name: str) -> bool:
+        """Start a container that never ran (a job's: it must run once); False if it ever
+        started. A listing says `created` while dockerd still carries out a start, e.g.
+        one an agent killed -9 right after had sent, and a start that reaches a job
+        already exited runs it again. An inspect waits for a start in progress (both take
+        the container's lock), so it tells."""
+        info = await self.inspect(name)
+        started = str((info.get("State") or {}).get("StartedAt") or "")
+        if started and not started.startswith("0001-"):
+            return False
+        await self.start(name)
+        return True
+
     async def pause(self, name: str) -> None:
         try:
             await self._call(
