@@ -194,6 +194,17 @@ class Docker:
                 raise
 
     async def remove_network(self, name: str) -> None:
+        """Remove a network no container is on, running or not; NetworkRefused otherwise.
+
+        Docker's own refusal is not enough: it counts the endpoints of running containers
+        only, so a stopped container on the network (an operator's) could never start
+        again ("network not found"); and Docker up to 28.0 reads that count from a
+        persisted counter, not the endpoints, which concurrent attaches and detaches can
+        leave wrong (too high: moby#42119). The network filter lists containers by their
+        own configuration, which that counter does not touch."""
+        users = await self._users(name)
+        if users:
+            raise NetworkRefused(f"remove network {name}: {len(users)} container(s) on it", users)
         try:
             await self._call(
                 f"remove network {name}",
@@ -207,6 +218,15 @@ class Docker:
             # Docker refuses (403) while anything is attached, and also when only its
             # endpoint count says so (moby#42119): which one, the inspection tells.
             raise NetworkRefused(str(exc), await self._attached(name)) from None
+
+    async def _users(self, name: str) -> tuple[str, ...]:
+        """Every container configured on a network, in any state (the `network` filter)."""
+        params = {"all": "1", "filters": json.dumps({"network": [name]})}
+        listed = await self._call(
+            f"list containers on {name}",
+            lambda: self.client._query_json("containers/json", params=params),
+        )
+        return tuple(sorted(str((c.get("Names") or [c["Id"]])[0]).lstrip("/") for c in listed))
 
     async def _attached(self, name: str) -> tuple[str, ...]:
         """The containers Docker lists on a network (its inspection's `Containers`)."""

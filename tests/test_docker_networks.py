@@ -84,3 +84,33 @@ async def test_remove_network_refuses_while_a_container_is_attached() -> None:
             docker("rm", "-f", "-v", box, check=False)
             docker("network", "rm", name, check=False)
         assert (await d.snapshot()).networks == ()
+
+
+async def test_remove_network_refuses_while_a_stopped_container_is_on_it() -> None:
+    """Docker removes a network that only stopped containers are on (it counts running
+    endpoints), and such a container can never start again. The agent leaves it, and says
+    which container holds it; once that container is gone the network goes."""
+    host = host_name("n")
+    project = uuid.uuid4().hex
+    name = model.network_name(project)
+    box = f"orkestr-test-{uuid.uuid4().hex[:10]}"
+    async with Docker(host) as d:
+        await d.create_network(name, project)
+        try:
+            # An operator's container (not managed: no orkestr.managed label), exited.
+            docker(
+                "create", "--name", box, "--network", name, "--label", f"orkestr.host={host}",
+                "orkestr-local/toolbox:bookworm", "true",
+            )  # fmt: skip
+            docker("start", "-a", box)
+            with pytest.raises(NetworkRefused) as refused:
+                await d.remove_network(name)
+            assert refused.value.attached == (box,)
+            assert [n.name for n in (await d.snapshot()).networks] == [name]
+            docker("start", "-a", box)  # still starts: its network is there
+            docker("rm", "-f", "-v", box)
+            await d.remove_network(name)
+        finally:
+            docker("rm", "-f", "-v", box, check=False)
+            docker("network", "rm", name, check=False)
+        assert (await d.snapshot()).networks == ()
