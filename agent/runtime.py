@@ -995,10 +995,17 @@ class Agent:
     async def _drop_kept(self, targets: tuple[status.Target, ...] | None = None) -> None:
         """Close kept connections of add-ons that left, changed or may now sleep."""
         valid = {t.addon.id: (t.db_id, t.ip) for t in targets or ()}
-        for aid, (db_id, ip, conn, _rounds) in list(self._kept.items()):
-            if valid.get(aid) != (db_id, ip) or aid in self.sleep.sleepers or conn.closed:
-                del self._kept[aid]
-                await conn.close()
+        # All taken out before the first close yields: a re-probe's round takes its add-on's
+        # connection (`_take_kept`) meanwhile, and deleting from a list made before that
+        # raised KeyError out of the pass (reconcile.crashed, twice in one 60-add-on
+        # delete) after closing the connection under the round that had it.
+        drop = [
+            aid
+            for aid, (db_id, ip, conn, _rounds) in self._kept.items()
+            if valid.get(aid) != (db_id, ip) or aid in self.sleep.sleepers or conn.closed
+        ]
+        for conn in [self._kept.pop(aid)[2] for aid in drop]:
+            await conn.close()
 
     async def _tend(
         self,

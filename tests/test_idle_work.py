@@ -206,3 +206,33 @@ def test_condition_flips_see_a_status_or_reason_change_not_a_message() -> None:
     book.set(AID, "MemoryLimit", "False", "OOMKilled", "killed", now)
     assert book.flips(AID) != before
     assert book.flips("nobody") == {}
+
+
+async def test_dropping_kept_connections_leaves_one_a_round_took_meanwhile() -> None:
+    """A pass drops kept Redis connections (agent/runtime.py `_drop_kept`) while re-probe
+    rounds take theirs (`_take_kept`): each close yields, and a round may take another
+    add-on's connection then. The pass must neither fail on it (KeyError, as once in a
+    60-add-on delete) nor close it under the round."""
+    from types import SimpleNamespace
+
+    from agent.runtime import Agent
+
+    got: list[bytes] = []
+    server, port = await serve([], got)
+    async with server:
+        conns = [resp.Connection(*await asyncio.open_connection("127.0.0.1", port))
+                 for _ in range(3)]  # fmt: skip
+        agent = SimpleNamespace(sleep=SimpleNamespace(sleepers={}), _kept={
+            aid: (f"db-{aid}", "10.0.0.2", conn, 0) for aid, conn in zip("abc", conns, strict=True)
+        })  # fmt: skip
+
+        async def round_of_c() -> resp.Connection | None:
+            taken, _rounds = await Agent._take_kept(agent, "c", "db-c", "10.0.0.2")  # type: ignore[arg-type]
+            return taken
+
+        # No targets: every add-on left, so the pass drops all three.
+        _, taken = await asyncio.gather(Agent._drop_kept(agent, ()), round_of_c())  # type: ignore[arg-type]
+        assert agent._kept == {}
+        assert taken is None or not taken.closed
+        for conn in conns:
+            await conn.close()
