@@ -1,6 +1,9 @@
 """Convergence at scale: 50 Redis and 10 Postgres add-ons, absent -> ready, then deleted.
 
-Both variants run in the same run, on the same project network, with the same client:
+Both variants run in the same run, each on its own network with its own client (a
+toolbox container, bench/_client.py), made alike: ours on the project network the agent
+made, the script's on a bridge made with the same options; the script's network is not
+the project's, which our agent removes once the project has nothing left on it.
 
   orkestr   t0 = just before the 60 create calls (sent at once); done when the client
             (bench/_client.py, in a toolbox container on the project network) has had a
@@ -10,7 +13,7 @@ Both variants run in the same run, on the same project network, with the same cl
   asyncio   a plain asyncio script creating the same containers through the Docker
             Engine API (aiodocker), all at once: per add-on a holder on the network and
             the database in its namespace (`Plain`, the agent's own container specs),
-            volumes included; done by the same client's queries. Deletion as the agent
+            volumes included; done by its client's queries, polled alike. Deletion as the agent
             does it: a graceful stop, then the containers with their anonymous volumes,
             then the named volume.
 
@@ -35,7 +38,10 @@ from typing import Any
 
 import aiodocker
 from _harness import (
+    LABEL_BENCH,
+    LABEL_HOST,
     Bench,
+    Client,
     EventLog,
     Plain,
     activity,
@@ -65,10 +71,9 @@ TARGET_RATIO = 1.10
 POLL = {"interval_ms": 20, "attempt_timeout_s": 1.0, "deadline_s": 300, "max_outstanding": 4}
 
 
-async def all_answer(b: Bench, targets: list[dict[str, Any]]) -> list[float]:
+async def all_answer(client: Client, targets: list[dict[str, Any]]) -> list[float]:
     """Until each target has answered one real query (they are polled one after another);
     when each first answered (monotonic; no earlier than its poll began)."""
-    client = b.clients[0]
     answered = []
     for target in targets:
         await client.poll_start(target, **POLL)
@@ -324,7 +329,7 @@ async def ours(
             *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
         )
         env = await b.env(pid)
-        answered = await all_answer(b, [credentials(env, n) for n in names])
+        answered = await all_answer(b.clients[0], [credentials(env, n) for n in names])
         create_s = time.monotonic() - t0
         await containers_cpu(b, {
             n: k for a, k in zip(created, kinds, strict=True)
@@ -361,8 +366,72 @@ async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
     await aiodocker.volumes.DockerVolume(d, p.volume).delete()  # type: ignore[no-untyped-call]
 
 
+@contextlib.asynccontextmanager
+async def network_watch(b: Bench, network: str, client: Client) -> AsyncIterator[dict[str, Any]]:
+    """What happened to the project network and our client during the block: Docker's
+    events of the network (connects, disconnects with the container's id, its destroy)
+    and of the client container, as [seconds after the block began, type, action,
+    container]; and at the end whether the network is there and the client still on it.
+    (The agent must never remove a network the client is on: agent/docker.py
+    `remove_network`.)"""
+    found: dict[str, Any] = {"events": []}
+    t0 = time.time()
+    client_id = (await b.docker.containers.container(client.name).show())["Id"]
+
+    async def follow(filters: dict[str, list[str]]) -> None:
+        params = {"filters": json.dumps(filters)}
+        async with b.docker._query("events", params=params, timeout=None) as response:
+            async for line in response.content:
+                if line.strip():
+                    e = json.loads(line)
+                    who = (e.get("Actor") or {}).get("Attributes", {}).get("container", "")
+                    if e.get("Type") == "container":
+                        who = (e.get("Actor") or {}).get("ID", "")
+                    if e.get("Type") == "network" and who and who != client_id:
+                        continue  # the add-ons' own holders: hundreds, not wanted
+                    found["events"].append([rnd(e["timeNano"] / 1e9 - t0, 2), e.get("Type"),
+                                            e.get("Action"), "client" if who else ""])  # fmt: skip
+
+    tasks = [asyncio.create_task(follow({"network": [network]})),
+             asyncio.create_task(follow({"container": [client_id]}))]  # fmt: skip
+    try:
+        yield found
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        nets = await b.docker._query_json("networks", params={
+            "filters": json.dumps({"name": [network]})})  # fmt: skip
+        info = await b.docker.containers.container(client.name).show()
+        found["network_left"] = any(n["Name"] == network for n in nets)
+        found["client_state"] = info["State"]["Status"]
+        found["client_on_network"] = network in (info["NetworkSettings"]["Networks"] or {})
+        log(f"project network after our run: {found}")
+
+
+async def baseline_network(b: Bench) -> tuple[str, Client]:
+    """The script's own network, made as the agent makes a project network (an IPv4-only
+    bridge, agent/docker.py `_bridge`), and a client on it like ours.
+
+    Not the project network: our agent removes that once the project has nothing left on
+    it, by design, and a run of the script after our delete found it gone (Docker's 404)."""
+    name = f"bench-base-{uuid.uuid4().hex[:10]}"
+    config = {"Name": name, "CheckDuplicate": True, "Driver": "bridge", "EnableIPv6": False,
+              "Labels": {LABEL_HOST: b.host, LABEL_BENCH: "baseline"}}  # fmt: skip
+    await b.docker.networks.create(config)
+    client = Client(b, name)
+    await client.start()
+    b.clients.append(client)  # closed with the bench's, the network removed by its clean-up
+    return name, client
+
+
 async def baseline(
-    b: Bench, network: str, kinds: list[str], cpu: dict[str, Any], timelines: dict[str, Any]
+    b: Bench,
+    network: str,
+    client: Client,
+    kinds: list[str],
+    cpu: dict[str, Any],
+    timelines: dict[str, Any],
 ) -> tuple[float, float]:
     res = Resources(cpus=CPUS, memory_mb=MEMORY_MB)
     plains = [b.plain(k, network, res, shared_netns=True) for k in kinds]
@@ -372,7 +441,7 @@ async def baseline(
         async with EventLog(b) as events, machine_cpu(machine):
             t0 = time.monotonic()
             await asyncio.gather(*(p.run_api() for p in plains))
-            answered = await all_answer(b, [p.target() for p in plains])
+            answered = await all_answer(client, [p.target() for p in plains])
             create_s = time.monotonic() - t0
             await containers_cpu(
                 b, {n: p.kind for p in plains for n in (p.holder_name, p.db_name)}, machine
@@ -420,14 +489,17 @@ async def main(quick: bool) -> dict[str, Any]:
         warm = await b.ready_addon(pid, "warm", "redis")
         await b.client(pid)
         await b.delete_addon(pid, warm["id"])
+        net, base_client = await baseline_network(b)
         results["activity_before"] = activity(b.host)
         # Alternating order, so neither variant always runs on a warmer daemon.
         await pool_full(b)
-        base_first = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
+        base_first = await baseline(b, net, base_client, kinds, cpu, timelines)
         await pool_full(b)
-        ours_c, ours_d = await ours(b, pid, kinds, cpu, timelines)
-        await pool_full(b)
-        base_second = await baseline(b, model.network_name(pid), kinds, cpu, timelines)
+        async with network_watch(b, model.network_name(pid), b.clients[0]) as watched:
+            ours_c, ours_d = await ours(b, pid, kinds, cpu, timelines)
+            await pool_full(b)
+        results["project_network"] = watched
+        base_second = await baseline(b, net, base_client, kinds, cpu, timelines)
         results["activity_after"] = activity(b.host)
     base_c = (base_first[0] + base_second[0]) / 2
     base_d = (base_first[1] + base_second[1]) / 2
