@@ -166,8 +166,9 @@ def marks(
 
 
 def timeline(variant: str, rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, Any]:
-    """min / median / max of each mark per kind, and the Postgres start-to-answer spans."""
-    out: dict[str, Any] = {}
+    """min / median / max of each mark per kind, and the Postgres start-to-answer spans;
+    under "addons" every add-on's marks ([kind, *MARKS]), to follow one run's order."""
+    out: dict[str, Any] = {"addons": [[k, *(m[x] for x in MARKS)] for k, m in rows]}
     for kind in ("postgres", "redis"):
         of_kind = [m for k, m in rows if k == kind]
         if not of_kind:
