@@ -1,9 +1,10 @@
 """A project network Docker will not remove, against the real dockerd (agent/netremoval.py).
 
 Docker's endpoint-count leak (moby#42119) cannot be provoked at will, so the refusal here
-is Docker's own "has active endpoints" for a container attached that the platform does
-not manage: the same error from the same call. What differs (whether Docker lists a
-container on the network) is classified by the pure code, tested in test_netremoval.py.
+is for a container attached that the platform does not manage (the agent's own check,
+before Docker's "has active endpoints": agent/docker.py `remove_network`), recorded and
+scheduled the same way. What differs (whether a container is listed on the network) is
+classified by the pure code, tested in test_netremoval.py.
 """
 
 from __future__ import annotations
