@@ -410,6 +410,27 @@ async def network_watch(b: Bench, network: str, client: Client) -> AsyncIterator
         log(f"project network after our run: {found}")
 
 
+async def docker_would_remove(b: Bench, network: str, client: Client) -> dict[str, Any]:
+    """At the end of the run, with our client still running on the project network: does
+    Docker itself refuse to remove that network? (Docker 20.10 decides by a persisted
+    endpoint count; a removal it accepts here means the count no longer counts the client.
+    Our agent no longer asks Docker while a container is on it: agent/docker.py.)"""
+    info = await b.docker.containers.container(client.name).show()
+    found: dict[str, Any] = {
+        "client_running": info["State"]["Status"] == "running",
+        "client_on_network": network in (info["NetworkSettings"]["Networks"] or {}),
+    }
+    try:
+        await b.docker._query_json(f"networks/{network}", method="DELETE")
+        found["docker"] = "removed"
+    except aiodocker.DockerError as exc:
+        found["docker"] = f"refused: [{exc.status}] {exc.message}"[:160]
+    except Exception as exc:  # a diagnosis: never the run's end
+        found["docker"] = f"not known: {exc!r}"[:160]
+    log(f"project network, asked of Docker at the end: {found}")
+    return found
+
+
 async def baseline_network(b: Bench) -> tuple[str, Client]:
     """The script's own network, made as the agent makes a project network (an IPv4-only
     bridge, agent/docker.py `_bridge`), and a client on it like ours.
@@ -501,6 +522,9 @@ async def main(quick: bool) -> dict[str, Any]:
             await pool_full(b)
         results["project_network"] = watched
         base_second = await baseline(b, net, base_client, kinds, cpu, timelines)
+        results["project_network"]["at_end"] = await docker_would_remove(
+            b, model.network_name(pid), b.clients[0]
+        )
         results["activity_after"] = activity(b.host)
     base_c = (base_first[0] + base_second[0]) / 2
     base_d = (base_first[1] + base_second[1]) / 2
