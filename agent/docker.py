@@ -199,11 +199,10 @@ class Docker:
         Docker's own refusal is not enough: it counts the endpoints of running containers
         only, so a stopped container on the network (an operator's) could never start
         again ("network not found"); and Docker up to 28.0 reads that count from a
-        persisted counter, not the endpoints, which goes wrong either way (too high:
-        moby#42119): renaming an attached container (the pool's claim) rewrites it from
-        the endpoint's older copy when other endpoints changed meanwhile. The network
-        filter lists containers by their own configuration, which that counter does not
-        touch."""
+        persisted counter, not the endpoints, which concurrent endpoint changes leave
+        wrong (too high: moby#42119, seen here after sixty containers left a network at
+        once). The network filter lists containers by their own configuration, which that
+        counter does not touch."""
         users = await self._users(name)
         if users:
             raise NetworkRefused(f"remove network {name}: {len(users)} container(s) on it", users)
