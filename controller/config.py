@@ -108,6 +108,10 @@ class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
     # Finished jobs (and their output) are deleted this long after they finish.
     retention_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 7 * 86400.0
     prune_interval_s: Annotated[float, Meta(ge=0.1, le=86400)] = 300.0
+    # Finished jobs kept per project (the newest), whatever their age: one project token
+    # running short jobs back to back otherwise filled the controller's database with
+    # rows and outputs (~100 kB a job, a job a second) for the whole retention.
+    keep_per_project: Annotated[int, Meta(ge=1, le=1_000_000)] = 500
     # Live output kept per job (the newest characters), as agents stream it.
     output_retain_chars: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65536
 

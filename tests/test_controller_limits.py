@@ -300,6 +300,58 @@ async def test_finished_jobs_are_pruned_after_the_retention(
         await drop_database(dsn)
 
 
+async def test_a_project_keeps_only_its_newest_finished_jobs(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    """Finished jobs stayed for the whole retention however many there were: one project
+    token running short jobs back to back (a job a second, ~100 kB of rows and output
+    each) filled the controller's database for a week. Past `keep_per_project` a
+    project's oldest go; another project's and pending jobs are untouched."""
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(
+        database_url=dsn,
+        broker=mosquitto,
+        plans_file=plans_file,
+        jobs_config="keep_per_project = 3\nprune_interval_s = 0.2\n",
+    )
+    try:
+        await process.start()
+        async with FakeAgent(f"keep-{secrets.token_hex(4)}", mosquitto) as host:
+            await process.wait_host_online(host.host)
+            busy, quiet = await new_project(process), await new_project(process)
+
+            async def finished_job(project: dict[str, Any]) -> str:
+                url = f"/v1/projects/{project['id']}/jobs"
+                status, job = await process.api("POST", url, {"image": TOOLBOX})
+                assert status == 201, job
+                await host.job_result(job["id"], project["id"], 0, "x" * 1000)
+
+                async def done() -> bool:
+                    _, view = await process.api("GET", f"{url}/{job['id']}")
+                    return bool(view["state"] == "succeeded")
+
+                await eventually(done, "the job finished")
+                return str(job["id"])
+
+            old = await finished_job(quiet)
+            made = [await finished_job(busy) for _ in range(6)]
+            url = f"/v1/projects/{busy['id']}/jobs"
+            status, pending = await process.api("POST", url, {"image": TOOLBOX})
+            assert status == 201, pending
+
+            async def only_newest() -> bool:
+                _, listed = await process.api("GET", url)
+                return {j["id"] for j in listed["jobs"]} == {*made[-3:], pending["id"]}
+
+            await eventually(only_newest, "the busy project's oldest jobs pruned", wait_s=15)
+            status, _ = await process.api("GET", f"/v1/projects/{quiet['id']}/jobs/{old}")
+            assert status == 200
+            await process.api("DELETE", f"{url}/{pending['id']}")
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
 # --- secrets at rest ------------------------------------------------------------------
 
 
