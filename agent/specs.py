@@ -294,6 +294,8 @@ class JobLimits(Struct, frozen=True, forbid_unknown_fields=True):
     memory_mb: int = 512
     cpus: float = 1.0
     pids: int = 256
+    # Jobs of one project running at once (agent.jobs_per_project; plan.plan).
+    per_project: int = 2
 
 
 # A job's or app's writable directories on its read-only root. Their writable layer was
