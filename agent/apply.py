@@ -289,9 +289,9 @@ class Applier:
             case p.StartJob(key, project_id, job, groups):
                 spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:
-                    await self._check_job_image(job.image)
+                    scratch = await self._check_job_image(job.image)
                     env = await self.controller.env(project_id)
-                    await self.docker.run(spec, env=env, start=False)
+                    await self.docker.run(spec, env=env, start=False, scratch=scratch)
                 except (NotFound, PermanentError, ImageRefused) as exc:
                     # No such image, or a spec Docker refuses: retrying will not help.
                     self._fail_job(key, project_id, str(exc))
@@ -318,11 +318,11 @@ class Applier:
                 # allowed image with its release's variables, nothing more.
                 spec = specs.app_spec(project_id, app, self.settings.jobs)
                 try:
-                    await self._check_job_image(app.image)
+                    scratch = await self._check_job_image(app.image)
                 except ImageRefused as exc:
                     raise PermanentError(f"app {app.name}: {exc}") from None
                 env = await self.controller.release_env(project_id, app.release)
-                await self.docker.run(spec, env=env, start=False)
+                await self.docker.run(spec, env=env, start=False, scratch=scratch)
                 for network in groups:
                     await self.docker.connect(network, spec.name, ())
                 await self.docker.start(spec.name)
@@ -362,12 +362,16 @@ class Applier:
             if device is not None and device.startswith("/dev/loop"):
                 await self.loopfs.ensure_attached(volume, device)
 
-    async def _check_job_image(self, ref: str) -> None:
+    async def _check_job_image(self, ref: str) -> tuple[str, ...]:
+        """Refuses an image jobs and apps may not run; returns the paths that get a
+        tmpfs, its VOLUMEs (specs.image_scratch)."""
         check_reference(ref, self.settings.images.jobs)
         # Docker falls back to an image-id prefix for a name it does not know: accept only
         # an image that carries exactly this name.
-        if tagged(ref) not in await self.docker.image_names(ref):
+        names, volumes = await self.docker.image_names(ref)
+        if tagged(ref) not in names:
             raise ImageRefused(f"image: no local image is named {ref!r}")
+        return specs.image_scratch(volumes)
 
     def _fail_job(self, job_id: str, project_id: str, error: str) -> None:
         now = datetime.now(UTC)

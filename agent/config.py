@@ -31,6 +31,9 @@ class AgentSection(Struct, frozen=True, forbid_unknown_fields=True):
     job_memory_mb: Annotated[int, Meta(ge=32)] = 512
     job_cpus: Annotated[float, Meta(gt=0, le=256)] = 1.0
     job_pids: Annotated[int, Meta(ge=16)] = 256
+    # Jobs of one project running at once (the rest wait, in order): each has the plan's
+    # CPU and memory, and a project may have 8 pending.
+    jobs_per_project: Annotated[int, Meta(ge=1, le=64)] = 2
     job_output_bytes: Annotated[int, Meta(ge=1024)] = 65536
     # Live output of a running job (agent/joboutput.py): at most one chunk of at most
     # this many characters per interval, per job.

@@ -260,9 +260,13 @@ class Docker:
         )
 
     async def run(
-        self, spec: specs.ContainerSpec, env: dict[str, str] | None = None, start: bool = True
+        self,
+        spec: specs.ContainerSpec,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        scratch: tuple[str, ...] = (),
     ) -> None:
-        body = specs.create_body(spec, self.host, env)
+        body = specs.create_body(spec, self.host, env, scratch)
         try:
             await self._call(
                 f"create container {spec.name}",
@@ -273,13 +277,17 @@ class Docker:
         if start:
             await self.start(spec.name)
 
-    async def image_names(self, ref: str) -> set[str]:
-        """The tags and digests of the image that `ref` resolves to; NotFound if none."""
+    async def image_names(self, ref: str) -> tuple[set[str], tuple[str, ...]]:
+        """The tags and digests of the image that `ref` resolves to, and the paths it
+        declares a VOLUME; NotFound if none."""
         info: dict[str, Any] = await self._call(
             f"inspect image {ref}",
             lambda: self.client.images.inspect(ref),
         )
-        return {*(info.get("RepoTags") or ()), *(info.get("RepoDigests") or ())}
+        volumes = (info.get("Config") or {}).get("Volumes") or {}
+        return {*(info.get("RepoTags") or ()), *(info.get("RepoDigests") or ())}, tuple(
+            sorted(volumes)
+        )
 
     async def start(self, name: str) -> None:
         await self._call(f"start {name}", lambda: self.client.containers.container(name).start())

@@ -319,9 +319,20 @@ def plan(
                 continue  # next pass, once the old holder is gone
             actions += _converge_addon(project.id, addon, observed, local, settings)
         nets = member_of.get(project.id, ())
+        # Each job has the plan's CPU and memory, and a project may have 8 pending: at
+        # most `per_project` of them run at once, the others start in order as they end
+        # (their timeout counts from their start).
+        slots = settings.jobs.per_project - sum(
+            1 for job in project.jobs if _job_occupies(observed, job.id)
+        )
         for job in project.jobs:
             wanted_jobs.add(job.id)
-            actions += _converge_job(project.id, job, observed, local, nets)
+            job_actions = _converge_job(project.id, job, observed, local, nets)
+            if any(isinstance(a, StartJob) for a in job_actions):
+                if slots <= 0:
+                    continue
+                slots -= 1
+            actions += job_actions
         actions += _converge_backups(project, observed, local)
         for app in project.apps:
             wanted_apps.add(app.id)
@@ -622,6 +633,12 @@ def next_sleep_deadline(
 
 def _why(have: ObservedContainer, want: specs.ContainerSpec) -> str:
     return "SpecChanged" if want.drifted(have.spec_hash, have.shape_hash) else "NotRunning"
+
+
+def _job_occupies(observed: Observed, job_id: str) -> bool:
+    """A job container that exists and has not ended holds one of its project's slots."""
+    container = observed.container(model.job_container_name(job_id))
+    return container is not None and container.state not in ("exited", "dead")
 
 
 def _converge_job(

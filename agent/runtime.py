@@ -122,6 +122,7 @@ class Agent:
                 memory_mb=config.agent.job_memory_mb,
                 cpus=config.agent.job_cpus,
                 pids=config.agent.job_pids,
+                per_project=config.agent.jobs_per_project,
             ),
             wal_volumes=config.agent.volume_filesystems and config.agent.wal_filesystems,
         )

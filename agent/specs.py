@@ -294,6 +294,8 @@ class JobLimits(Struct, frozen=True, forbid_unknown_fields=True):
     memory_mb: int = 512
     cpus: float = 1.0
     pids: int = 256
+    # Jobs of one project running at once (agent.jobs_per_project; plan.plan).
+    per_project: int = 2
 
 
 # A job's or app's writable directories on its read-only root. Their writable layer was
@@ -305,6 +307,13 @@ SCRATCH_TMPFS = (
     ("/tmp", "rw,nosuid,nodev,size=1024m"),
     ("/var/tmp", "rw,nosuid,nodev,size=1024m"),
 )
+
+
+def image_scratch(volumes: tuple[str, ...]) -> tuple[str, ...]:
+    """The paths of a job's or app's image that get a tmpfs: each VOLUME it declares.
+    Docker would make an anonymous volume there, on the host's disk, whatever the read-only
+    root (the postgres image's data directory is mode 1777: writable as nobody)."""
+    return tuple(v for v in volumes if v.startswith("/"))
 
 
 def job_spec(project_id: str, job: JobSpec, limits: JobLimits) -> ContainerSpec:
@@ -353,9 +362,15 @@ def app_spec(project_id: str, app: AppSpec, limits: JobLimits) -> ContainerSpec:
 
 
 def create_body(
-    spec: ContainerSpec, host: str, env: dict[str, str] | None = None
+    spec: ContainerSpec,
+    host: str,
+    env: dict[str, str] | None = None,
+    scratch: tuple[str, ...] = (),
 ) -> dict[str, object]:
-    """The Docker Engine API body for `POST /containers/create`. No port is ever published."""
+    """The Docker Engine API body for `POST /containers/create`. No port is ever published.
+
+    `scratch`: more paths given a tmpfs as `spec.tmpfs`'s first (the VOLUMEs a job's or
+    app's image declares, see `image_scratch`); not part of the spec, so not of its hash."""
     host_config: dict[str, object] = {
         "RestartPolicy": {"Name": spec.restart},
         "Mounts": [_mount(m) for m in spec.mounts],
@@ -372,8 +387,12 @@ def create_body(
     }
     if spec.pids_limit is not None:
         host_config["PidsLimit"] = spec.pids_limit
-    if spec.tmpfs:
-        host_config["Tmpfs"] = dict(spec.tmpfs)
+    if spec.tmpfs or scratch:
+        tmpfs = dict(spec.tmpfs)
+        options = spec.tmpfs[0][1] if spec.tmpfs else SCRATCH_TMPFS[0][1]
+        for path in scratch:
+            tmpfs.setdefault(path, options)
+        host_config["Tmpfs"] = tmpfs
     if spec.cpus is not None and spec.role in ("holder", "parked"):
         # The same tenth of a CPU over a longer period: its start (runc's init in the
         # container's cgroup, ~25 ms of CPU) fits one period's quota, where Docker's

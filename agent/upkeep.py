@@ -185,7 +185,9 @@ LARGE_OBJECT_WRITERS = (
 _LO_FUNCTIONS = ", ".join(f"pg_catalog.{f}" for f in LARGE_OBJECT_WRITERS)
 
 # Statement triggers refuse INSERT/UPDATE/COPY; the event trigger refuses DDL but DROP
-# (and our own statements: the platform role is exempt).
+# (and our own statements: the platform role is exempt). DROP TRIGGER is DDL too: the
+# tenant owns its tables, so it could drop ours and write on (DROP TABLE, which frees
+# space, takes the table's triggers with it under its own tag).
 # The tenant owns its database, so it could make a schema `orkestr` first, with functions
 # of these names that then stay its own (CREATE OR REPLACE keeps the owner) or clash (a
 # different return type fails every round: no refusal ever). One not ours is renamed
@@ -208,7 +210,8 @@ END $f$;
 CREATE OR REPLACE FUNCTION orkestr.quota_refuse_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $f$
 BEGIN
-  IF session_user <> {admin_literal} AND tg_tag NOT LIKE 'DROP %' THEN
+  IF session_user <> {admin_literal}
+     AND (tg_tag NOT LIKE 'DROP %' OR tg_tag = 'DROP TRIGGER') THEN
     RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = {message};
   END IF;
 END $f$;

@@ -20,6 +20,7 @@ the rest.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import ssl
@@ -60,6 +61,7 @@ from controller.errors import (
     PayloadTooLarge,
     PlanLimitReached,
     ServiceUnavailable,
+    TooManyWrites,
     Unauthorized,
 )
 from controller.httpserver import JsonErrorsRunner
@@ -89,6 +91,7 @@ from controller.responses import (
     token_view,
 )
 from controller.store_rows import AddonRow, new_id
+from controller.write_budget import WriteBudget
 from schemas import agent_api
 from schemas.images import ImageRefused, check_reference
 from schemas.messages import MAX_COUNT
@@ -100,6 +103,8 @@ AGENT_PREFIX = "/v1/agent/"
 ID = re.compile(r"^[0-9a-f]{32}$")
 HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PUBLIC_ROUTES = frozenset({"/healthz"})
+# The methods a project token's write budget counts (controller/write_budget.py).
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UNMATCHED = "unmatched"
 # Routes without a {project_id} that a project token may use.
 PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
@@ -159,6 +164,8 @@ def error_response(exc: ApiError) -> web.Response:
     response = json_response(ErrorView(error=exc.code, message=exc.message), exc.status)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, TooManyWrites):
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
 
 
@@ -302,6 +309,9 @@ class Api:
         self._dirty = dirty
         self._metrics = metrics
         self._sealer = config.sealer
+        self._writes = WriteBudget(
+            config.http.project_writes_per_s, config.http.project_write_burst
+        )
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
@@ -370,6 +380,15 @@ class Api:
             principal = await principals.resolve(self._pool, self._config.http, token.strip())
         request["principal"] = principal
         admit(principal, request, route)
+        if principal is not None and principal.kind == "project" and request.method in WRITES:
+            assert principal.project_id is not None
+            wait = self._writes.take(principal.project_id, time.monotonic())
+            if wait > 0:
+                raise TooManyWrites(
+                    f"this project's tokens may make {self._writes.burst} writes at once, "
+                    f"then {self._writes.per_s:g} a second; retry in {wait:.1f} s",
+                    retry_after_s=wait,
+                )
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -46,6 +46,10 @@ class HttpSection(Struct, frozen=True, forbid_unknown_fields=True):
     # client has the proxy's address), and seconds an idle one is kept.
     max_connections_per_client: Annotated[int, Meta(ge=0)] = 128
     idle_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 75.0
+    # Writes (POST, PUT, PATCH, DELETE) one project's tokens may make: `burst` at once,
+    # then `project_writes_per_s` (0: no budget). The operator's are not counted.
+    project_writes_per_s: Annotated[float, Meta(ge=0, le=10000)] = 5.0
+    project_write_burst: Annotated[int, Meta(ge=1, le=100000)] = 30
 
 
 class DatabaseSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,6 +112,10 @@ class JobsSection(Struct, frozen=True, forbid_unknown_fields=True):
     # Finished jobs (and their output) are deleted this long after they finish.
     retention_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 7 * 86400.0
     prune_interval_s: Annotated[float, Meta(ge=0.1, le=86400)] = 300.0
+    # Finished jobs kept per project (the newest), whatever their age: one project token
+    # running short jobs back to back otherwise filled the controller's database with
+    # rows and outputs (~100 kB a job, a job a second) for the whole retention.
+    keep_per_project: Annotated[int, Meta(ge=1, le=1_000_000)] = 500
     # Live output kept per job (the newest characters), as agents stream it.
     output_retain_chars: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65536
 
@@ -139,6 +147,8 @@ class HttpConfig:
         tls: tuple[Path, Path] | None,
         max_connections_per_client: int = 128,
         idle_timeout_s: float = 75.0,
+        project_writes_per_s: float = 5.0,
+        project_write_burst: int = 30,
     ) -> None:
         self.host = host
         self.port = port
@@ -148,6 +158,8 @@ class HttpConfig:
         self.tls = tls  # (certificate chain file, private key file)
         self.max_connections_per_client = max_connections_per_client
         self.idle_timeout_s = idle_timeout_s
+        self.project_writes_per_s = project_writes_per_s
+        self.project_write_burst = project_write_burst
 
 
 class MqttConfig(Struct, frozen=True):
@@ -258,6 +270,8 @@ def resolve(file: _File, base: Path) -> Config:
             tls,
             http.max_connections_per_client,
             http.idle_timeout_s,
+            http.project_writes_per_s,
+            http.project_write_burst,
         ),
         database=file.database,
         mqtt=_mqtt(file.mqtt, base),

@@ -17,6 +17,7 @@
         ├── TooManyPendingJobs   409 too_many_pending_jobs
         ├── PayloadTooLarge      413 payload_too_large
         ├── InvalidBody          422 invalid_body
+        ├── TooManyWrites        429 too_many_writes
         ├── NoHostAvailable      503 no_host_available
         └── ServiceUnavailable   503 database_unavailable
 
@@ -122,6 +123,17 @@ class PayloadTooLarge(ApiError):
 class InvalidBody(ApiError):
     status = 422
     code = "invalid_body"
+
+
+class TooManyWrites(ApiError):
+    """A project token past its write budget (controller/write_budget.py)."""
+
+    status = 429
+    code = "too_many_writes"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NoHostAvailable(ApiError):

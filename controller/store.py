@@ -723,15 +723,26 @@ async def cancel_job(pool: Pool, project_id: str, job_id: str) -> tuple[JobRow, 
     return job, host, bool(changed)
 
 
-async def prune_jobs(pool: Pool, retention_s: float) -> int:
-    """Delete finished jobs (with their output) older than the retention; returns how many."""
+async def prune_jobs(pool: Pool, retention_s: float, keep_per_project: int) -> int:
+    """Delete finished jobs (with their output) older than the retention, and those past
+    the newest `keep_per_project` of their project; returns how many."""
     async with transaction(pool) as conn:
         deleted = await conn.fetch(
             """DELETE FROM jobs WHERE state <> 'pending'
               AND finished_at < now() - make_interval(secs => $1) RETURNING id""",
             retention_s,
         )
-    return len(deleted)
+        over = await conn.fetch(
+            """DELETE FROM jobs WHERE id IN (
+                 SELECT id FROM (
+                   SELECT id, row_number() OVER (
+                            PARTITION BY project_id ORDER BY finished_at DESC, id) AS n
+                   FROM jobs WHERE state <> 'pending') ranked
+                 WHERE n > $1)
+               RETURNING id""",
+            keep_per_project,
+        )
+    return len(deleted) + len(over)
 
 
 async def get_job(pool: Pool, project_id: str, job_id: str) -> JobRow:

@@ -41,6 +41,15 @@ class ImageRefused(ValueError):
     """The reference is not an image name the operator allows; the message says why."""
 
 
+def _matches(ref: str, pattern: str) -> bool:
+    """fnmatch, except that a tag pattern's `*` does not reach across a `/`: `postgres:*`
+    would take `postgres:15/x`, which Docker reads as the image `x` of a registry at
+    host `postgres`, port 15."""
+    if ":" in pattern.rsplit("/", 1)[-1] and ref.count("/") != pattern.count("/"):
+        return False
+    return fnmatch.fnmatchcase(ref, pattern)
+
+
 def check_reference(ref: str, allowed: Iterable[str]) -> None:
     """Raise ImageRefused unless `ref` is a well-formed name matching an allowlist pattern.
 
@@ -59,6 +68,6 @@ def check_reference(ref: str, allowed: Iterable[str]) -> None:
             "(lower-case [registry/]name[:tag][@sha256:digest])"
         )
     patterns = tuple(allowed)
-    if not any(fnmatch.fnmatchcase(ref, p) for p in patterns):
+    if not any(_matches(ref, p) for p in patterns):
         offered = ", ".join(patterns) or "none (the operator allows no job images)"
         raise ImageRefused(f"image: {ref!r} is not allowed on this platform; allowed: {offered}")

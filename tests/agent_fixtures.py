@@ -186,6 +186,7 @@ class AgentProcess:
         public_key_file: Path,
         tls: bool = False,
         own_metrics_token: bool = False,
+        job_images: tuple[str, ...] = (),
     ) -> None:
         self.host = host
         self.broker = broker
@@ -205,6 +206,8 @@ class AgentProcess:
         self.mqtt_password_file = self.dir / "mqtt.password"
         mqtt_port = broker.tls_port if tls else broker.port
         ca_line = f'ca_file = "{broker.ca_file}"' if tls else ""
+        # The images jobs and apps may run on this host (the agent's default without it).
+        jobs_line = f"jobs = {json.dumps(list(job_images))}" if job_images else ""
         self.config_path.write_text(
             f"""
 [agent]
@@ -234,6 +237,7 @@ keepalive_s = 5
 [images]
 postgres = "{IMAGES["postgres"]}"
 redis = "{IMAGES["redis"]}"
+{jobs_line}
 
 [log]
 format = "{log_format}"
@@ -400,7 +404,11 @@ async def stack(plans_text: str) -> AsyncIterator[Stack]:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    stack: Stack, agent_extra: str = "", extra_config: str = "", own_metrics_token: bool = False
+    stack: Stack,
+    agent_extra: str = "",
+    extra_config: str = "",
+    own_metrics_token: bool = False,
+    job_images: tuple[str, ...] = (),
 ) -> AsyncIterator[AgentProcess]:
     """A fresh host agent registered with the stack's controller; removed with all it made."""
     assert stack.controller is not None
@@ -416,6 +424,7 @@ async def running_agent(
         agent_extra=agent_extra,
         extra_config=extra_config,
         own_metrics_token=own_metrics_token,
+        job_images=job_images,
     )
     try:
         await proc.start()

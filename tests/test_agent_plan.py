@@ -395,6 +395,42 @@ def test_a_running_job_is_watched_once() -> None:
     assert p.plan(d, exited, watched, SETTINGS) == (p.CollectJob(JID, PID, spec.name),)
 
 
+def test_a_projects_jobs_run_at_most_per_project_at_once_in_order() -> None:
+    """Each job has the plan's CPU and memory and a project may have 8 pending: all 8 at
+    once were 8 times the plan (a Team project 16 GB of jobs on a 24 GB host). The rest
+    wait, in order, and start as slots free; another project's jobs are not held back."""
+    jobs = tuple(JobSpec(id=f"{n:032x}", image="toolbox", command=("true",)) for n in range(5))
+    d = desired(jobs=jobs)
+    net = (ObservedNetwork("n1", model.network_name(PID), PID),)
+    two = replace(SETTINGS, jobs=specs.JobLimits(per_project=2))
+
+    def started(observed: Observed) -> list[str]:
+        return [a.key for a in p.plan(d, observed, p.Local(), two) if isinstance(a, p.StartJob)]
+
+    assert started(Observed(networks=net)) == [jobs[0].id, jobs[1].id]
+    spec = [specs.job_spec(PID, j, specs.JobLimits()) for j in jobs]
+    one_running = Observed(containers=(running(spec[0], "j0"),), networks=net)
+    assert started(one_running) == [jobs[1].id]
+    # A created one (an agent killed between create and start) holds its slot too.
+    busy = Observed(
+        containers=(running(spec[0], "j0"), running(spec[1], "j1", state="created")),
+        networks=net,
+    )
+    assert started(busy) == []
+    # Ended ones free their slots at once (collected in the same pass).
+    ended = Observed(
+        containers=(
+            running(spec[0], "j0", state="exited"),
+            running(spec[1], "j1", state="dead"),
+        ),
+        networks=net,
+    )
+    assert started(ended) == [jobs[2].id, jobs[3].id]
+    finished = p.Local(finished_jobs=frozenset({jobs[0].id, jobs[1].id}))
+    planned = p.plan(d, Observed(networks=net), finished, two)
+    assert [a.key for a in planned if isinstance(a, p.StartJob)] == [jobs[2].id, jobs[3].id]
+
+
 NET = ObservedNetwork("n1", model.network_name(PID), PID)
 
 

@@ -370,6 +370,23 @@ def test_create_body(spec: specs.ContainerSpec, expected: dict[str, Any]) -> Non
     assert body["Env"][-1] == "EXTRA=1"  # type: ignore[index]
 
 
+def test_an_images_volumes_are_scratch_outside_the_spec() -> None:
+    """The VOLUMEs a job's or app's image declares get a tmpfs like /tmp's (Docker would
+    put an anonymous volume on the host's disk there); the spec, and so its hash, is the
+    same with or without them."""
+    spec = specs.job_spec(PID, JOB, specs.JobLimits(memory_mb=64))
+    scratch = specs.image_scratch(("/var/lib/postgresql/data", "/tmp", "relative"))
+    assert scratch == ("/var/lib/postgresql/data", "/tmp")
+    body = specs.create_body(spec, "h1", None, scratch)
+    plain = specs.create_body(spec, "h1")
+    hc: dict[str, Any] = body["HostConfig"]  # type: ignore[assignment]
+    assert hc["Tmpfs"] == {
+        **dict(specs.SCRATCH_TMPFS),
+        "/var/lib/postgresql/data": specs.SCRATCH_TMPFS[0][1],
+    }
+    assert body["Labels"] == plain["Labels"]
+
+
 def test_spec_hash_moves_with_the_spec_and_only_then() -> None:
     a = specs.db_spec(PID, addon(), IMAGES, "/s/a")
     assert a.spec_hash == specs.db_spec(PID, addon(), IMAGES, "/s/a").spec_hash

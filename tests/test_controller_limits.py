@@ -4,6 +4,7 @@ controller process, PostgreSQL, pg_dump and mosquitto; hosts are FakeAgents."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import urllib.parse
@@ -295,6 +296,100 @@ async def test_finished_jobs_are_pruned_after_the_retention(
             status, job = await process.api("GET", f"{url}/{pending}")
             assert status == 200 and job["state"] == "pending"
             assert "jobs_pruned" in process.log_text()
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
+async def test_a_project_keeps_only_its_newest_finished_jobs(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    """Finished jobs stayed for the whole retention however many there were: one project
+    token running short jobs back to back (a job a second, ~100 kB of rows and output
+    each) filled the controller's database for a week. Past `keep_per_project` a
+    project's oldest go; another project's and pending jobs are untouched."""
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(
+        database_url=dsn,
+        broker=mosquitto,
+        plans_file=plans_file,
+        jobs_config="keep_per_project = 3\nprune_interval_s = 0.2\n",
+    )
+    try:
+        await process.start()
+        async with FakeAgent(f"keep-{secrets.token_hex(4)}", mosquitto) as host:
+            await process.wait_host_online(host.host)
+            busy, quiet = await new_project(process), await new_project(process)
+
+            async def finished_job(project: dict[str, Any]) -> str:
+                url = f"/v1/projects/{project['id']}/jobs"
+                status, job = await process.api("POST", url, {"image": TOOLBOX})
+                assert status == 201, job
+                await host.job_result(job["id"], project["id"], 0, "x" * 1000)
+
+                async def done() -> bool:
+                    _, view = await process.api("GET", f"{url}/{job['id']}")
+                    return bool(view["state"] == "succeeded")
+
+                await eventually(done, "the job finished")
+                return str(job["id"])
+
+            old = await finished_job(quiet)
+            made = [await finished_job(busy) for _ in range(6)]
+            url = f"/v1/projects/{busy['id']}/jobs"
+            status, pending = await process.api("POST", url, {"image": TOOLBOX})
+            assert status == 201, pending
+
+            async def only_newest() -> bool:
+                _, listed = await process.api("GET", url)
+                return {j["id"] for j in listed["jobs"]} == {*made[-3:], pending["id"]}
+
+            await eventually(only_newest, "the busy project's oldest jobs pruned", wait_s=15)
+            status, _ = await process.api("GET", f"/v1/projects/{quiet['id']}/jobs/{old}")
+            assert status == 200
+            await process.api("DELETE", f"{url}/{pending['id']}")
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
+async def test_a_project_tokens_writes_are_budgeted_and_nobody_elses_are(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    """A loop of writes from one project token (rotate-credentials: ~45 a second) made as
+    many host generations, each a full signed snapshot of every project on the host and
+    a reconcile pass of its agent: past its burst a project's token waits (429 with
+    Retry-After); the operator and other projects are not held back."""
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(database_url=dsn, broker=mosquitto, plans_file=plans_file)
+    process.http_extra = "project_write_burst = 5\nproject_writes_per_s = 2\n"
+    try:
+        await process.start()
+        async with FakeAgent(f"budget-{secrets.token_hex(4)}", mosquitto) as host:
+            await process.wait_host_online(host.host)
+            busy, quiet = await new_project(process), await new_project(process)
+            busy_token = await new_project_token(process, busy)
+            quiet_token = await new_project_token(process, quiet)
+            env = f"/v1/projects/{busy['id']}/env"
+            statuses = [
+                (await process.api("PATCH", env, {"set": {"N": str(n)}}, token=busy_token))[0]
+                for n in range(8)
+            ]
+            assert statuses[:5] == [200] * 5 and 429 in statuses[5:], statuses
+            status, body = await process.api("PATCH", env, {"set": {"N": "x"}}, token=busy_token)
+            assert_error(status, body, 429, "too_many_writes")
+            assert "5 writes at once, then 2 a second" in body["message"], body
+            # Reads go on; the operator and another project's token are not held back.
+            assert (await process.api("GET", env, token=busy_token))[0] == 200
+            assert (await process.api("PATCH", env, {"set": {"N": "op"}}))[0] == 200
+            quiet_env = f"/v1/projects/{quiet['id']}/env"
+            for n in range(5):
+                patch = {"set": {"N": str(n)}}
+                assert (await process.api("PATCH", quiet_env, patch, token=quiet_token))[0] == 200
+            # A foreign project's route is a 404 and spends nothing.
+            assert (await process.api("PATCH", quiet_env, {"set": {}}, token=busy_token))[0] == 404
+            await asyncio.sleep(0.6)
+            assert (await process.api("PATCH", env, {"set": {"N": "later"}}, token=busy_token))[0] == 200
     finally:
         await process.close()
         await drop_database(dsn)

@@ -39,6 +39,9 @@ def test_allowed_names_pass(ref: str) -> None:
         ("postgres", "not allowed"),
         ("orkestr-local/toolbox", "not allowed"),
         ("evil/orkestr-local/toolbox:x", "not allowed"),
+        # A tag pattern's `*` stops at `/`: these name registries `postgres:15`, `redis:6379`.
+        ("postgres:15/x", "not allowed"),
+        ("orkestr-local/toolbox:1/x", "not a valid"),
         ("", "1-255"),
         ("a" * 300, "1-255"),
     ],
@@ -46,6 +49,14 @@ def test_allowed_names_pass(ref: str) -> None:
 def test_refused_with_the_reason(ref: str, why: str) -> None:
     with pytest.raises(ImageRefused, match=why):
         check_reference(ref, ALLOW)
+
+
+def test_a_tag_pattern_does_not_reach_another_registry() -> None:
+    for ref in ("postgres:15/x", "postgres:15/library/x:1", "redis:6379/evil"):
+        with pytest.raises(ImageRefused, match="not allowed"):
+            check_reference(ref, DEFAULT_JOB_IMAGES)
+    for ref in ("postgres:15", "redis:7-alpine", "postgres:15@sha256:" + "a" * 64):
+        check_reference(ref, DEFAULT_JOB_IMAGES)
 
 
 def test_empty_allowlist_refuses_everything() -> None:

@@ -315,3 +315,34 @@ async def test_a_trigger_the_tenant_named_like_the_platforms_does_not_exempt_its
     # The tenant's trigger was renamed aside, not dropped.
     renamed = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'orkestr_quota_renamed_%'"
     assert await psql(db, user, password, renamed) == (0, "1")
+
+
+async def test_the_tenant_cannot_drop_the_platforms_trigger_past_the_quota(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The tenant owns its tables, and the event trigger let every DROP through (DROP
+    TABLE frees space): `DROP TRIGGER orkestr_quota ON t` in the transaction of its
+    INSERT wrote past the quota until the next round put the trigger back."""
+    c = stack.controller
+    assert c is not None
+    project, pg, db, user, password = await tiny_postgres(c)
+    await seed(db, user, password)
+    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+    for _ in range(5):
+        await psql(db, user, password, fill)
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
+    )
+    code, out = await psql(
+        db, user, password,
+        "BEGIN; DROP TRIGGER orkestr_quota ON kept; "
+        "INSERT INTO kept VALUES (5000, 'late'); COMMIT",
+    )  # fmt: skip
+    assert code != 0 and "storage quota exceeded" in out, out
+    assert await psql(db, user, password, "SELECT count(*) FROM kept WHERE id = 5000") == (0, "0")
+    # Freeing space stays the tenant's to do: DROP TABLE, TRUNCATE.
+    assert (await psql(db, user, password, "DROP TABLE fill"))[0] == 0
+    await wait_for(
+        lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 60, "writes back"
+    )
+    assert (await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')"))[0] == 0
