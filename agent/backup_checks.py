@@ -10,16 +10,26 @@ from __future__ import annotations
 
 
 def parse_counts(text: str) -> dict[str, int]:
-    """`name|number` lines; a line that is not one is a script failure, not data."""
+    """`name|number` lines; a line that is not one is a script failure, not data. A name
+    the script could not put on one line comes as `hex:` and its UTF-8 in hex."""
     counts: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a name may hold \x1c, \x85, ...
         if not line.strip():
             continue
         name, sep, number = line.rpartition("|")
         if not sep or not number.strip().isdigit():
             raise ValueError(f"unexpected count line {line[:200]!r}")
-        counts[name] = int(number)
+        counts[_unhex(name)] = int(number)
     return counts
+
+
+def _unhex(name: str) -> str:
+    if not name.startswith("hex:"):
+        return name
+    try:
+        return bytes.fromhex(name[4:]).decode()
+    except ValueError:
+        raise ValueError(f"unexpected count name {name[:200]!r}") from None
 
 
 # The dump scripts report the data's size as one more count line under this name: no

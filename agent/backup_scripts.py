@@ -45,11 +45,17 @@ toc() {
 """
 
 # Row counts of every user table, as `schema.table|rows`, for a psql session in which
-# `\gexec` runs one count per table.
+# `\gexec` runs one count per table. A name with a line break in it (the tenant's to
+# choose), or one that starts `hex:`, goes as `hex:` and its UTF-8 in hex
+# (backup_checks.parse_counts): one line a table.
 _PG_COUNTS_SQL = r"""
 SELECT format('SELECT %L || ''|'' || count(*) FROM %I.%I',
-              n.nspname || '.' || c.relname, n.nspname, c.relname)
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              CASE WHEN t.name ~ '[\n\r]' OR t.name LIKE 'hex:%'
+                   THEN 'hex:' || encode(convert_to(t.name, 'UTF8'), 'hex')
+                   ELSE t.name END,
+              n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+     LATERAL (SELECT n.nspname || '.' || c.relname AS name) t
 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
 ORDER BY 1

@@ -181,6 +181,25 @@ def test_parse_counts_rejects_noise() -> None:
         backup_checks.parse_counts("psql: error: connection refused")
 
 
+@given(st.text(min_size=1))
+def test_a_name_in_hex_comes_back_as_it_was(name: str) -> None:
+    # The count script's spelling of a name it cannot put on one line (_PG_COUNTS_SQL).
+    line = f"hex:{name.encode('utf-8', 'surrogatepass').hex()}|7\n"
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # not a name Postgres can hold
+        with pytest.raises(ValueError):
+            backup_checks.parse_counts(line)
+        return
+    assert backup_checks.parse_counts(line + "public.a|1\n") == {name: 7, "public.a": 1}
+
+
+def test_a_name_with_a_line_break_or_a_bad_hex_is_not_two_lines() -> None:
+    assert backup_checks.parse_counts("public.a\x1cb|2\n") == {"public.a\x1cb": 2}
+    with pytest.raises(ValueError, match="unexpected count name"):
+        backup_checks.parse_counts("hex:zz|2\n")
+
+
 def test_the_data_size_is_split_from_the_counts_and_the_last_line_wins() -> None:
     # The script writes the real figure after the tables' counts: a line a table's name
     # smuggled in earlier (a newline in a name) is overwritten, and no count is lost.

@@ -274,6 +274,15 @@ CREATE TABLE public.trapped (x int);
 INSERT INTO public.trapped SELECT generate_series(1, 3);
 CREATE INDEX trapped_idx ON public.trapped (public.trap(x));
 """
+# Names the tenant may choose that a line-per-table count must survive.
+_ODD_NAMES = """
+CREATE TABLE public."odd
+name|x" (x int);
+INSERT INTO public."odd
+name|x" VALUES (1), (2);
+CREATE SCHEMA "hex:61";
+CREATE TABLE "hex:61".t (x int);
+"""
 
 
 async def test_a_dumps_code_runs_as_the_tenant_when_verified_and_restored(
@@ -283,7 +292,8 @@ async def test_a_dumps_code_runs_as_the_tenant_when_verified_and_restored(
     p = (await create_project(c, "team"))["id"]
     a = (await create_addon(c, p, "trap-db", "postgres"))["id"]
     await wait_phase(c, p, a, "ready")
-    script = f"psql \"$DATABASE_URL\" -X -v ON_ERROR_STOP=1 <<'SQL'\n{_DUMP_TRAP}\nSQL\n"
+    sql_text = _DUMP_TRAP + _ODD_NAMES
+    script = f"psql \"$DATABASE_URL\" -X -v ON_ERROR_STOP=1 <<'SQL'\n{sql_text}\nSQL\n"
     job = await run_job(c, p, script)
     assert job["state"] == "succeeded", job["output"]
     backup = await backup_now(c, p, a)
@@ -291,10 +301,11 @@ async def test_a_dumps_code_runs_as_the_tenant_when_verified_and_restored(
     # The test restore ran the index as a role like the tenant's, not as the superuser.
     assert "as superuser" not in (backup["verify_error"] or ""), backup["verify_error"]
     assert backup["verified"] is True, backup["verify_error"]
-    assert backup["counts"] == {"public.trapped": 3}, backup
+    assert backup["counts"] == {"public.trapped": 3, "public.odd\nname|x": 2, "hex:61.t": 0}
     done = await restore(c, p, a, backup["id"])
     assert done["state"] == "succeeded", done
     assert await sql(c, p, "select count(*) from trapped where trap(x) > 0") == "3"
+    assert await sql(c, p, 'select count(*) from \\"hex:61\\".t') == "0"
 
 
 async def test_postgres_restore_with_the_wal_on_its_own_filesystem(
