@@ -8,7 +8,8 @@ leaves the endpoint open (the security note: it used to be open, with a warning)
 file is re-read when it changes: a rotation needs no restart.
 
 A request aiohttp cannot parse (a header line over 8 KiB, a bad request line) is a 400
-and one WARNING line, `metrics.bad_request`: aiohttp's own handling logged an ERROR with a
+and one WARNING line, `metrics.bad_request` (httpcommon/bad_request.py, as the controller's
+API does): aiohttp's own handling logged an ERROR with a
 traceback for it, which anyone who can reach the port could repeat at will.
 """
 
@@ -24,6 +25,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from httpcommon.bad_request import JsonBadRequestHandler
 
 log = logging.getLogger("orkestr.agent.metrics")
 
@@ -105,24 +108,9 @@ def app(token: ScrapeToken) -> web.Application:
     return application
 
 
-class _Handler(RequestHandler):
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status != 400:
-            return super().handle_error(request, status, exc, message)
-        # aiohttp's message quotes the offending bytes over several lines: the first says why.
-        reason = (message or str(exc) or "malformed request").strip().splitlines()[0].rstrip(":")
+class _Handler(JsonBadRequestHandler):
+    def log_bad_request(self, request: BaseRequest, reason: str) -> None:
         log.warning("metrics.bad_request remote=%s reason=%s", request.remote, reason[:200])
-        response = web.json_response(
-            {"error": "bad_request", "message": f"malformed HTTP request: {reason}"}, status=400
-        )
-        response.force_close()
-        return response
 
 
 class _Server(web.Server):

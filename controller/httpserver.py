@@ -1,9 +1,8 @@
 """aiohttp's server with JSON errors for requests it cannot parse, and bounded connections.
 
-aiohttp answers a malformed request line or header (a bad Content-Length, a control byte
-in a header, a bad method) itself, before any middleware runs: text/plain, and an ERROR
-with a traceback in the log for what is only a bad client. Here that is a 400 with the
-API's `{"error", "message"}` body and one WARNING line.
+A request aiohttp cannot parse (a bad Content-Length, a control byte in a header, a bad
+method) is a 400 with the API's `{"error", "message"}` body and one WARNING line,
+`http_bad_request` (httpcommon/bad_request.py, shared with the agent's /metrics).
 
 aiohttp also keeps every connection a client opens, idle for up to an hour: one tenant
 holding thousands would use up the controller's file descriptors for everyone. Here a
@@ -25,8 +24,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from controller.errors import BadRequest
 from controller.logs import log
+from httpcommon.bad_request import JsonBadRequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ _TOO_MANY = (
 )
 
 
-class _Handler(RequestHandler):
+class _Handler(JsonBadRequestHandler):
     _peer: str | None = None  # the address counted against its cap, once counted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,26 +72,8 @@ class _Handler(RequestHandler):
             self._peer = None
         super().connection_lost(exc)
 
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status != 400:
-            return super().handle_error(request, status, exc, message)
-        # aiohttp's message quotes the offending bytes over several lines: the first says why.
-        reason = (message or str(exc) or "malformed request").strip().splitlines()[0].rstrip(":")
+    def log_bad_request(self, request: BaseRequest, reason: str) -> None:
         log(logger, "http_bad_request", logging.WARNING, remote=request.remote, reason=reason)
-        error = BadRequest(f"malformed HTTP request: {reason}")
-        response = web.Response(
-            body=msgspec.json.encode({"error": error.code, "message": error.message}),
-            status=error.status,
-            content_type="application/json",
-        )
-        response.force_close()
-        return response
 
 
 class _Server(web.Server):

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/services.sh
-.venv/bin/ruff check schemas controller agent cli tests bench
+.venv/bin/ruff check schemas httpcommon controller agent cli tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
 # Native tracebacks: formatting a failure never re-parses source (CPython 3.11.7 can fail

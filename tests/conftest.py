@@ -134,21 +134,26 @@ def pytest_runtest_makereport(
 # Two workers overlap those waits on 2 cores. A test file runs whole on one worker, in
 # order, with its module's controller, as it does alone.
 # The files that time the agent (an add-on asleep on time, a wake beside a slow one, probes
-# with a 2 s timeout) and the ones that load the machine most (250 networks, schemathesis,
-# kill -9 rounds, 1000 generations, the hogs) form one unit, run in this order on one
-# worker, so that none of them runs beside another; the other worker takes the remaining
-# files meanwhile, the longest first.
+# with a 2 s timeout, a neighbour's latency beside hogs) form one unit, run in this order on
+# one worker, so that none of them runs beside another; the other worker takes the
+# remaining files meanwhile, the longest first.
 ONE_WORKER = (
     "test_sleep.py",
     "test_wake_relay.py",
     "test_wake_queue.py",
     "test_slow_addon.py",
     "test_egress.py",
+    "test_neighbours.py",
+)
+# The files that load the machine most and time nothing (250 networks, schemathesis, kill
+# -9 rounds, 1000 generations) never run beside that unit either: the scheduler hands them
+# out last, each to the unit's own worker or, once the unit is done, to any worker, so two
+# of them may run side by side at the end (they were the unit's tail, one after another).
+AFTER_THE_UNIT = (
     "test_docker_networks.py",
+    "test_wire_security.py",
     "test_openapi_fuzz.py",
     "test_crash_anywhere.py",
-    "test_wire_security.py",
-    "test_neighbours.py",
 )
 LONGEST_FIRST = (
     *ONE_WORKER,
@@ -164,6 +169,7 @@ LONGEST_FIRST = (
     "test_tenant_fence.py",
     "test_controller_auth.py",
 )
+UNIT = "ONE_WORKER"  # the unit's scope name in the scheduler
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -172,6 +178,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     def rank(item: pytest.Item) -> int:
         name = Path(str(item.fspath)).name
+        if name in AFTER_THE_UNIT:
+            return len(LONGEST_FIRST) + 1 + AFTER_THE_UNIT.index(name)
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
@@ -184,7 +192,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadFileScheduling
 
     class ByFile(LoadFileScheduling):  # type: ignore[misc]  # xdist ships no type hints
-        """`--dist loadfile`, with the ONE_WORKER files as one unit, in collection order."""
+        """`--dist loadfile`, with the ONE_WORKER files as one unit, in collection order,
+        and the AFTER_THE_UNIT files never on another worker while the unit runs."""
 
         def __init__(self, config: pytest.Config, log: Any = None) -> None:
             super().__init__(config, log)
@@ -192,6 +201,39 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "ONE_WORKER" if Path(path).name in ONE_WORKER else path
+            return UNIT if Path(path).name in ONE_WORKER else path
+
+        def _unit_running_elsewhere(self, node: Any) -> bool:
+            if UNIT in self.workqueue:
+                return True  # not handed out yet
+            for other, work in self.assigned_work.items():
+                if UNIT in work:
+                    return other is not node and not all(work[UNIT].values())
+            return False  # no unit in this run
+
+        def _assign_work_unit(self, node: Any) -> None:
+            head = next(iter(self.workqueue))
+            if Path(head).name in AFTER_THE_UNIT and self._unit_running_elsewhere(node):
+                return  # held back: the unit's last test hands it out (below)
+            super()._assign_work_unit(node)
+
+        def _pending(self, node: Any) -> int:
+            return int(self._pending_of(self.assigned_work.get(node, {})))
+
+        def _reschedule(self, node: Any) -> None:
+            # xdist's, until the worker holds two tests: it runs one only once it has the
+            # next (or is told no more come), so a file of one test would wait for the next.
+            while True:
+                left = len(self.workqueue)
+                super()._reschedule(node)
+                if len(self.workqueue) == left or self._pending(node) > 1:
+                    return
+
+        def mark_test_complete(self, node: Any, item_index: int, duration: float = 0) -> None:
+            nodeid = self.registered_collections[node][item_index]
+            self.assigned_work[node][self._split_scope(nodeid)][nodeid] = True
+            # Every worker, the idlest first: one held back above may go now.
+            for each in sorted(self.nodes, key=self._pending):
+                self._reschedule(each)
 
     return ByFile(config, log)
