@@ -262,49 +262,6 @@ lkeys() { keys redis-cli -s "$1/s"; }
 """
 )
 
-# `redis-cli --rdb`'s transfer in 1 MiB reads instead of its 4 KiB read and write per
-# chunk: the transfer is CPU-bound (the server's fork serialises, ~10 CPU-s for a 531 MB
-# RDB with redis-cli on two cores), and this takes ~1 CPU-s less of the client, left to
-# the server (docs/benchmarks.md, branch redis9). The same protocol (AUTH as the backup
-# user, REPLCONF rdb-only, SYNC) and the same file: the RDB without the diskless
-# transfer's 40-byte end mark (held back, never written), fsynced before exit.
-# perl - HOST USER PASSWORD_FILE OUT
-_RDB_CLIENT = r"""
-use strict; use warnings; use IO::Socket::INET;
-my ($host, $user, $pwfile, $out) = @ARGV;
-open(my $pw, '<', $pwfile) or die "password: $!\n"; my $pass = <$pw>; close($pw);
-$pass =~ s/\r?\n\z// if defined $pass; die "empty password\n" unless length($pass // '');
-my $s = IO::Socket::INET->new(PeerAddr => $host, PeerPort => 6379, Timeout => 10)
-  or die "connect $host: $@\n";
-sub cmd { my $r = '*' . @_ . "\r\n"; $r .= '$' . length($_) . "\r\n$_\r\n" for @_;
-  defined syswrite($s, $r) or die "send: $!\n" }
-sub line { my $l = ''; while (1) { my $n = sysread($s, my $c, 1);
-  die "the server closed the connection\n" unless $n; $l .= $c; return $l if $c eq "\n" } }
-cmd('AUTH', $user, $pass); my $r = line(); die "AUTH: $r" unless $r =~ /^\+OK/;
-cmd('REPLCONF', 'rdb-only', '1'); $r = line(); die "REPLCONF: $r" unless $r =~ /^\+OK/;
-cmd('SYNC');
-do { $r = line() } while ($r eq "\n");  # the server's keep-alives while it forks
-die "SYNC: $r" unless $r =~ /^\$(?:EOF:([0-9a-zA-Z]{40})|(\d+))\r\n\z/;
-my ($mark, $left) = ($1, $2);
-open(my $f, '>', $out) or die "$out: $!\n";
-sub put { my $n = syswrite($f, $_[0]); die "write: $!\n" unless defined $n && $n == length($_[0]) }
-my $held = '';
-while (1) {
-  my $n = sysread($s, my $buf, 1 << 20);
-  die "read: $!\n" unless defined $n;
-  die "the transfer ended early\n" unless $n;
-  if (defined $left) {
-    $buf = substr($buf, 0, $left) if $n > $left; put($buf); $left -= length($buf);
-    last unless $left; next;
-  }
-  $buf = $held . $buf;
-  if (length($buf) >= 40 && substr($buf, -40) eq $mark) { put(substr($buf, 0, -40)); last }
-  my $keep = length($buf) < 40 ? length($buf) : 40;
-  put(substr($buf, 0, length($buf) - $keep)); $held = substr($buf, length($buf) - $keep);
-}
-close($s); IO::Handle::sync($f) or die "fsync: $!\n"; close($f) or die "close: $!\n";
-"""
-
 REDIS_BACKUP = (
     _PRELUDE
     + _KEYS
@@ -314,10 +271,7 @@ REDIS_BACKUP = (
 # would hold every transfer 5 s waiting for more replicas.
 rcli CONFIG SET repl-diskless-sync-delay 0 >/dev/null
 before=$(keys rcli)
-perl - "$ADDON_HOST" "$BACKUP_USER" "/run/orkestr/$PASSWORD_FILE" "/backup/$OUT" <<'PERL'
-"""
-    + _RDB_CLIENT
-    + r"""PERL
+rcli --rdb "/backup/$OUT" >/dev/null
 after=$(keys rcli)
 used=$(rcli INFO memory | awk -F: '/^used_memory:/ {print $2 + 0}')
 printf 'keys_before|%s\nkeys_after|%s\n:data_bytes|%s\n' "$before" "$after" "$used" \

@@ -1258,27 +1258,3 @@ async def test_a_redis_backup_does_not_wait_for_more_replicas(
     assert 0 <= float(fields["first_byte"]) <= float(fields["last_byte"]) <= float(fields["run"])
     got = admin_redis_cli(agent, p, addon, "CONFIG GET repl-diskless-sync-delay")
     assert got.split() == ["repl-diskless-sync-delay", "0"], got
-
-
-async def test_a_redis_backup_reads_a_disk_based_transfer_too(
-    stack: Stack, agent: AgentProcess
-) -> None:
-    """The backup's own transfer client (backup_scripts._RDB_CLIENT) reads both of a
-    replica transfer's forms: the diskless one that ends in a 40-byte mark (never written to
-    the file: the round trip above) and, from a server set to `repl-diskless-sync no`, a
-    length-prefixed RDB, written whole and no further."""
-    c = _c(stack)
-    p = (await create_project(c, "team"))["id"]
-    addon = await create_addon(c, p, "cache", "redis")
-    a = addon["id"]
-    await wait_phase(c, p, a, "ready")
-    job = await run_job(c, p, redis_cli("SET k v"))
-    assert job["state"] == "succeeded", job
-    assert admin_redis_cli(agent, p, addon, "CONFIG SET repl-diskless-sync no") == "OK"
-    backup = await backup_now(c, p, a)
-    assert backup["state"] == "succeeded" and backup["verified"] is True, backup
-    assert backup["counts"] == {"keys": 1}
-    dumped = dump_path(agent, p, a, backup["id"]).read_bytes()
-    assert dumped[:5] == b"REDIS" and hashlib.sha256(dumped).hexdigest() == backup["sha256"]
-    # The RDB ends with its EOF opcode (0xff) and an 8-byte checksum: nothing after it.
-    assert dumped[-9] == 0xFF, dumped[-60:]
