@@ -11,9 +11,9 @@ differ in one factor at a time from the bench's raw baseline:
   +sec     its pids limit, CapDrop ALL + its CapAdd, no-new-privileges
   +follow  the agent's sha256 follower (agent/backup_store.GrowingHash) reading the file
            from the host as it grows, in a thread, as the agent runs it
-  +perl    a Perl client of the same protocol reading 1 MiB at a time (the file given
-           by --perl-client; the one measured is in commit d911708, reverted) instead
-           of `redis-cli --rdb`
+  +perl    a client of the replica protocol in Perl (the file given by --perl-client,
+           run as `perl - HOST USER PASSWORD_FILE OUT`; commit d911708 has one, reverted,
+           which lacks `REPLCONF capa eof`: docs/benchmarks.md) instead of `redis-cli --rdb`
   +reuse   the file written over in place: the file of this variant's previous run, still
            in the page cache (redis-cli opens O_WRONLY|O_CREAT, no O_TRUNC), as
            bench/backup.py's raw side does with /out/raw.rdb from its second run on
