@@ -218,6 +218,8 @@ def run_one(
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="orkestr-bench-xfer-") as scratch:
+        check_against_agent(args.memory_mb, Path(scratch))
     host = f"bench-xfer-{secrets.token_hex(4)}"
     network, redis = f"{host}-net", f"{host}-redis"
     base = Path(tempfile.mkdtemp(prefix="orkestr-bench-xfer-"))
@@ -227,9 +229,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     password, admin = secrets.token_hex(16), secrets.token_hex(16)
     (base / "secret" / "redis.conf").write_text(redis_conf(password, admin))
     (base / "secret" / "admin_password").write_text(admin)
-    if args.perl_client:
-        shutil.copyfile(args.perl_client, base / "tool" / "rdb.pl")
-    check_against_agent(args.memory_mb, base)
     variants: list[tuple[str, ...]] = [
         tuple(v.split("+")) if v != "raw" else () for v in args.variants
     ]
@@ -242,6 +241,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
     }
     try:
+        if args.perl_client:
+            shutil.copyfile(args.perl_client, base / "tool" / "rdb.pl")
         docker_cli("network", "create", "--label", f"orkestr.host={host}", network)
         redis_id = docker_cli(
             "run", "-d", "--name", redis, "--network", network, "--label", f"orkestr.host={host}",
