@@ -5,7 +5,8 @@ of ~130-byte rows, --pg-mb of table data; Redis: --redis-mb of incompressible 1 
 values). Then, alternating, N runs (default 1) of:
 
   raw backup    pg_dump -Fc / redis-cli --rdb from a toolbox container on the project
-                network into a directory on the same disk; timed inside the container.
+                network into a new file (the last run's removed, untimed) in a directory
+                on the same disk; timed inside the container.
   orkestr       POST .../backups, until the backup is listed; time = finished_at -
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
@@ -114,9 +115,13 @@ e=$(date +%s.%N)
 dropdb rawrestore
 echo "$s $e"
 """
+# A new file each run, as ours writes: redis-cli 7.0 opens --rdb's file without O_TRUNC,
+# so from run 2 on it wrote over the last run's 531 MB still in the page cache (0.3-0.8
+# CPU-s less for the client, branch redis9 in docs/benchmarks.md). pg_dump truncates.
 RAW_REDIS_BACKUP = """
 set -e
 export REDISCLI_AUTH="$(cat /run/orkestr/admin_password)"
+rm -f /out/raw.rdb
 s=$(date +%s.%N); redis-cli -h "$H" --user orkestr_admin --rdb /out/raw.rdb >/dev/null; e=$(date +%s.%N)
 echo "$s $e"
 """
