@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 results["runs"].append(row)
                 log(json.dumps(row))
     finally:
-        docker_cli("rm", "-f", redis, check=False)
+        docker_cli("rm", "-f", "-v", redis, check=False)  # -v: the image's VOLUME /data
         docker_cli("network", "rm", network, check=False)
         shutil.rmtree(base, ignore_errors=True)
     results["load_end"] = rnd(os.getloadavg()[0], 2)
