@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -234,6 +235,7 @@ async def sealed_agent(stack: Stack) -> AsyncIterator[AgentProcess]:
         remove_host_objects(host)
         if os.environ.get("ORKESTR_TEST_VERBOSE"):
             print(proc.log_tail(200))
+        shutil.rmtree(proc.dir, ignore_errors=True)  # it holds the agent's credentials
 
 
 async def test_operator_can_deny_jobs_the_internet(
