@@ -41,8 +41,6 @@ from schemas.images import ImageRefused, check_reference, tagged
 from schemas.messages import SCHEMA_VERSION, JobResult, SleepState
 
 log = logging.getLogger("orkestr.agent.apply")
-# How long a finished job's result waits for its live output's last chunks.
-STREAM_FLUSH_S = 5.0
 
 
 async def _no_sleep(addon_id: str, stage: SleepState) -> None:
@@ -435,26 +433,8 @@ class Applier:
             raise
         finally:
             if not stream.cancelled():
-                await self._finish_stream(job_id, stream)
+                await self.outputs.finish(job_id, stream)
             self._on_job_exit()
-
-    async def _finish_stream(self, job_id: str, stream: asyncio.Task[None]) -> None:
-        """Let the stream send the rest of the log (it ends with the container), briefly:
-        the result must not wait on a broker that is away."""
-        if not stream.done():
-            try:
-                await asyncio.wait([stream], timeout=STREAM_FLUSH_S)
-            except asyncio.CancelledError:
-                stream.cancel()
-                raise
-        if not stream.done():
-            log.warning("job.output_flush_timed_out job=%s", job_id)
-            stream.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await stream
-        elif not stream.cancelled() and (exc := stream.exception()) is not None:
-            # A failed stream (a full disk, say) must not lose the job's result.
-            log.error("job.output_failed job=%s error=%r", job_id, exc)
 
     async def _start_job(self, name: str) -> None:
         if not await self.docker.start_once(name):
@@ -467,12 +447,14 @@ class Applier:
         if watcher is None:
             # It ended while no process of ours watched it: send what the stream missed.
             stream = asyncio.create_task(self.outputs.stream(job_id, project_id, name))
-            await self._finish_stream(job_id, stream)
+            await self.outputs.finish(job_id, stream)
         elif not watcher.done():
             # Its watcher is still sending the rest of the log (a flood of short lines
             # takes Docker seconds to stream): removing the container now cut the stream
             # short of the output's end. Its flush is bounded; so is this wait.
-            await asyncio.wait([watcher], timeout=STREAM_FLUSH_S + 1)
+            await asyncio.wait(
+                [watcher], timeout=self.outputs.flush_max_s + self.outputs.flush_quiet_s + 1
+            )
         state = info["State"]
         output = await self.docker.logs(name, self.job_output_bytes)
         timed_out = job_id in self._timed_out

@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 import aiodocker
 import aiohttp
 import msgspec
+from aiodocker.multiplexed import multiplexed_result_stream
 
 from agent import model, observe, specs
 from agent.errors import Conflict, NetworkRefused, NotFound, PermanentError, TransientError
+from agent.logmark import LogMark
 from agent.model import Observed
 from agent.slots import PrioritySlots
 
@@ -423,19 +425,46 @@ class Docker:
 
     async def follow_logs(self, name: str) -> AsyncIterator[str]:
         """The container's output from its start, as it comes, until it stops. No slot:
-        it lasts as long as the job does."""
+        it lasts as long as the job does. A follow that Docker ends early (at a rotated
+        file's end: agent/logmark.py) is taken up again from where it got to: followed
+        while the container runs, read to the end once it has stopped."""
+        mark = LogMark()
+        follow = True
         try:
-            stream = self.client.containers.container(name).log(
-                stdout=True, stderr=True, follow=True
-            )
-            async for text in stream:
-                yield text
+            while True:
+                params = {"timestamps": "1", "since": mark.reread()}
+                if follow:
+                    params["follow"] = "1"
+                new = 0
+                async for frame in self._log_frames(name, params):
+                    if (text := mark.admit(frame)) is not None:
+                        new += 1
+                        yield text
+                if not follow:
+                    return
+                info = await self.client.containers.container(name).show()
+                follow = bool(info["State"].get("Running"))
+                if follow and not new:
+                    await asyncio.sleep(0.1)  # ended at once while it runs: do not spin
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 raise NotFound(f"logs {name}: {exc.message}") from None
             raise TransientError(f"logs {name}: [{exc.status}] {exc.message}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientError(f"logs {name}: docker unreachable: {exc!r}") from None
+
+    async def _log_frames(self, name: str, params: dict[str, str]) -> AsyncIterator[str]:
+        """The log's messages as they stream (a read without follow too: not a list of a
+        whole log in memory). A job's container is never a TTY: frames are multiplexed."""
+        query = self.client._query(
+            f"containers/{name}/logs",
+            params={"stdout": "1", "stderr": "1", **params},
+            timeout=None,
+        )
+        async with query as response:
+            frames = multiplexed_result_stream(response, is_tty=False)  # type: ignore[no-untyped-call]
+            async for frame in frames:
+                yield frame
 
     @asynccontextmanager
     async def events(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:

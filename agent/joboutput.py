@@ -11,6 +11,10 @@ The chunker is pure (tests/test_job_output.py); the stream is the thin I/O aroun
 progress (next `seq` and `offset`) is written to the state directory after each publish,
 so an agent that restarts mid-job resumes the numbering, re-reads the log and skips what
 it had sent. A chunk that cannot be published (broker away) is retried, never renumbered.
+
+After the job exits, `finish` lets the stream send the rest of the log for as long as it
+still makes progress: Docker streams a flood of short lines for seconds after the exit,
+and a fixed flush cut such a stream short of its end (the lines that say what failed).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from schemas.codec import encode
 from schemas.messages import MAX_OUTPUT_CHUNK_CHARS, SCHEMA_VERSION, JobOutput
 
 log = logging.getLogger("orkestr.agent.joboutput")
+# After the job's exit, its stream may go this long without progress (log text read,
+# the log's end) before it is cut: the result must not wait on a broker that is away.
+FLUSH_QUIET_S = 5.0
+# ... and this long in all, whatever it still reads.
+FLUSH_MAX_S = 60.0
 
 
 class Progress(msgspec.Struct, frozen=True):
@@ -140,6 +149,8 @@ class JobOutputs:
         interval_s: float,
         chunk_chars: int,
         buffer_chunks: int = 4,
+        flush_quiet_s: float = FLUSH_QUIET_S,
+        flush_max_s: float = FLUSH_MAX_S,
     ) -> None:
         self.host = host
         self.state = state
@@ -148,6 +159,10 @@ class JobOutputs:
         self.interval_s = interval_s
         self.chunk_chars = chunk_chars
         self.buffer_chars = chunk_chars * buffer_chunks
+        self.flush_quiet_s = flush_quiet_s
+        self.flush_max_s = flush_max_s
+        # Per streamed job: when its reader last made progress (monotonic).
+        self._progress_at: dict[str, float] = {}
 
     def sent(self, job_id: str) -> int:
         """How many chunks of the job were published (its result's `output_chunks`)."""
@@ -176,12 +191,16 @@ class JobOutputs:
             try:
                 async for text in self._follow_log(container):
                     chunker.feed(text)
+                    self._progress_at[job_id] = time.monotonic()
                     arrived.set()
             except Exception as exc:  # the container went, the daemon hung up: the log ends
                 log.info("job.output_follow_ended job=%s reason=%r", job_id, exc)
             finally:
+                self._progress_at[job_id] = time.monotonic()
                 ended.set()
                 arrived.set()
+
+        self._progress_at[job_id] = time.monotonic()
 
         reader = asyncio.create_task(read(), name=f"job-output-{job_id}")
         piece: Piece | None = None
@@ -209,6 +228,30 @@ class JobOutputs:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            self._progress_at.pop(job_id, None)
+
+    async def finish(self, job_id: str, stream: asyncio.Task[None]) -> None:
+        """Let the stream of an exited job send the rest of its log (it ends with the
+        container) while it makes progress; then cut it (its progress is saved)."""
+        limit = time.monotonic() + self.flush_max_s
+        while not stream.done():
+            last = self._progress_at.get(job_id, time.monotonic())
+            wait = min(last + self.flush_quiet_s, limit) - time.monotonic()
+            if wait <= 0:
+                break
+            try:
+                await asyncio.wait([stream], timeout=wait)
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+        if not stream.done():
+            log.warning("job.output_flush_timed_out job=%s", job_id)
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream
+        elif not stream.cancelled() and (exc := stream.exception()) is not None:
+            # A failed stream (a full disk, say) must not lose the job's result.
+            log.error("job.output_failed job=%s error=%r", job_id, exc)
 
     async def _send(self, job_id: str, project_id: str, piece: Piece) -> bool:
         message = JobOutput(
