@@ -49,6 +49,9 @@ class ObservedContainer(Struct, frozen=True):
     ip: str | None = None
     # (name, address) of each group network it is attached to.
     groups: tuple[tuple[str, str], ...] = ()
+    # An app made before its image's VOLUMEs became tmpfs: an anonymous volume on the
+    # host's disk that its tenant can fill (agent/specs.py image_scratch).
+    disk_volume: bool = False
 
     def on(self, network: str) -> bool:
         return any(name == network for name, _ in self.groups)

@@ -63,6 +63,8 @@ def container(raw: Mapping[str, Any]) -> ObservedContainer | None:
         network_mode=(raw.get("HostConfig") or {}).get("NetworkMode", ""),
         ip=ip,
         groups=groups,
+        disk_volume=role == "app"
+        and any(m.get("Type") == "volume" for m in raw.get("Mounts") or ()),
     )
 
 

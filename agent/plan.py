@@ -703,6 +703,11 @@ def _converge_app(
             RemoveContainer(app.id, have.name, "ReleaseChanged"),
             RunApp(app.id, project_id, app, groups),
         ]
+    if have.disk_volume:  # made before image VOLUMEs were tmpfs: the host's disk is open
+        return [
+            RemoveContainer(app.id, have.name, "ImageVolumeOnDisk"),
+            RunApp(app.id, project_id, app, groups),
+        ]
     if have.state == "created":  # the agent stopped between create and start
         return [
             *(ConnectNetwork(app.id, n, have.name) for n in groups if not have.on(n)),

@@ -54,6 +54,15 @@ def raw_container(**over: Any) -> dict[str, Any]:
     return raw
 
 
+def test_an_app_with_an_anonymous_volume_is_seen_as_on_the_hosts_disk() -> None:
+    labels = {model.LABEL_ROLE: "app", model.LABEL_PROJECT: PID, model.LABEL_APP: AID}
+    tmpfs_only = raw_container(Labels=labels, Mounts=[])
+    on_disk = raw_container(Labels=labels, Mounts=[{"Type": "volume", "Name": "3f9a"}])
+    holder = raw_container(Mounts=[{"Type": "volume", "Name": "3f9a"}])  # not an app
+    seen = [observe.container(r) for r in (tmpfs_only, on_disk, holder)]
+    assert [c.disk_volume if c else None for c in seen] == [False, True, False]
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -96,3 +96,13 @@ def test_the_app_spec_is_hardened_and_restarts_on_failure() -> None:
     host_config = body["HostConfig"]
     assert isinstance(host_config, dict) and host_config["CapDrop"] == ["ALL"]
     assert "A=1" in body["Env"]  # type: ignore[operator]
+
+
+def test_an_app_with_its_images_volume_on_the_hosts_disk_is_made_again() -> None:
+    # Made before image VOLUMEs became tmpfs: the same release, but its tenant can fill
+    # the host's disk through the anonymous volume, so the container is replaced once.
+    old = msgspec.structs.replace(container(APP), disk_volume=True)
+    assert plan(desired(APP), old) == (
+        p.RemoveContainer(APP.id, model.app_container_name(APP.id), "ImageVolumeOnDisk"),
+        p.RunApp(APP.id, PID, APP),
+    )

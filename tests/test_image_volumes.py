@@ -112,3 +112,47 @@ async def test_an_images_volume_is_scratch_in_memory_not_the_hosts_disk(
     status, body = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": {}})
     assert status == 201, body
     await wait_for(lambda: inspect(name) is None, 60, "the app container removed")
+
+
+async def test_an_app_made_with_an_anonymous_volume_is_made_again_without_it(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    # An app container made before the fix (an anonymous volume at the image's VOLUME)
+    # kept it until its next release: the tenant could fill the host's disk meanwhile.
+    c = stack.controller
+    assert c is not None
+    pid = (await create_project(c, "team"))["id"]
+    name = f"orkestr-app-{app_id(pid, 'web')}"
+    apps = {"web": {"image": POSTGRES, "command": ["sh", "-c", "exec sleep infinity"]}}
+    status, body = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": apps})
+    assert status == 201, body
+    made = await wait_for(lambda: inspect(name), 120, f"{name} made")
+
+    # The agent stops; its container is made again as an agent before the fix made it:
+    # the same name, labels (release, spec hash), image, command and network.
+    await agent.stop()
+    docker("rm", "-f", name)
+    labels = [f"--label={k}={v}" for k, v in made["Config"]["Labels"].items()]
+    network = made["HostConfig"]["NetworkMode"]
+    docker("create", "--name", name, *labels, f"--network={network}", "--user=nobody",
+           POSTGRES, *made["Config"]["Cmd"])  # fmt: skip
+    docker("start", name)
+    old = inspect(name)
+    assert old is not None
+    (volume,) = [m["Name"] for m in old["Mounts"] if m["Type"] == "volume"]
+
+    await agent.start()
+
+    def replaced() -> dict[str, Any] | None:
+        info = inspect(name)
+        fresh = info and info["Id"] != old["Id"] and info["State"]["Running"]
+        return info if fresh else None
+
+    info = await wait_for(replaced, 60, f"{name} made again")
+    assert [m for m in info["Mounts"] if m["Type"] == "volume"] == [], info["Mounts"]
+    assert DATA in info["HostConfig"]["Tmpfs"], info["HostConfig"]
+    # The anonymous volume went with the old container.
+    assert docker("volume", "ls", "-q", "--filter", f"name={volume}", check=False) == ""
+    status, body = await c.api("POST", f"/v1/projects/{pid}/releases", {"apps": {}})
+    assert status == 201, body
+    await wait_for(lambda: inspect(name) is None, 60, "the app container removed")
