@@ -680,13 +680,6 @@ def test_rule_tests_fire_every_alert() -> None:
     assert fired == {r["alert"] for r in alert_rules()}
 
 
-@needs_promtool
-def test_promtool_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
-    shutil.copy(ALERTS, tmp_path / "alerts.yml")
-    (tmp_path / "tests.yml").write_text(RULE_TESTS)
-    promtool("test", "rules", "tests.yml", cwd=tmp_path)
-
-
 # The backup alerts, on their own series. Minute steps. Instance a: a verification fails
 # at minute 10; b: a backup fails at 20; add-on x's newest verified backup is 30 hours old
 # from the start, y's is fresh.
@@ -728,13 +721,6 @@ tests:
 """
 
 
-@needs_promtool
-def test_promtool_backup_alerts_fire(tmp_path: Path) -> None:
-    shutil.copy(ALERTS, tmp_path / "alerts.yml")
-    (tmp_path / "tests.yml").write_text(BACKUP_RULE_TESTS)
-    promtool("test", "rules", "tests.yml", cwd=tmp_path)
-
-
 # A network Docker refuses to remove (agent/netremoval.py): instance a's from minute 10
 # on; b's for 20 minutes only (the dockerd restart cleared it).
 NETWORK_RULE_TESTS = """\
@@ -761,7 +747,12 @@ tests:
 
 
 @needs_promtool
-def test_promtool_network_alert_fires(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "rule_tests",
+    [RULE_TESTS, BACKUP_RULE_TESTS, NETWORK_RULE_TESTS],
+    ids=["on-synthetic-series", "backups", "network"],
+)
+def test_promtool_alerts_fire(tmp_path: Path, rule_tests: str) -> None:
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
-    (tmp_path / "tests.yml").write_text(NETWORK_RULE_TESTS)
+    (tmp_path / "tests.yml").write_text(rule_tests)
     promtool("test", "rules", "tests.yml", cwd=tmp_path)
