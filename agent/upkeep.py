@@ -249,16 +249,28 @@ END $d$;
 
 # The tenant's writing statements already running when writes are refused (the triggers
 # only see statements that start after them): those with a transaction id or a table's
-# write lock. Reads are never cancelled. $2: spare those holding a table's exclusive lock
-# (TRUNCATE, DROP, VACUUM FULL: how the tenant frees space), when a full data filesystem
-# cannot reach the WAL (its own filesystem) and is only an error for the statement.
+# write lock. Reads are never cancelled, but ($3) while the filesystem is short of its
+# reserve: then those with temporary files too (`pgsql_tmp<pid>.<n>`, a parallel query's
+# `....fileset` named after its leader; a worker's own files stop with its leader), as
+# `temp_file_limit` is per process and many sessions or workers add up. $2: spare those
+# holding a table's exclusive lock (TRUNCATE, DROP, VACUUM FULL: how the tenant frees
+# space), when a full data filesystem cannot reach the WAL (its own filesystem) and is
+# only an error for the statement.
 _CANCEL_SQL = """
+WITH tmp AS (
+  SELECT substring(f FROM '^pgsql_tmp([0-9]+)[.]')::int AS pid
+  FROM pg_ls_dir('base/pgsql_tmp', true, false) f WHERE $3
+), spilling AS (
+  SELECT pid FROM tmp
+  UNION SELECT w.leader_pid FROM pg_stat_activity w JOIN tmp ON tmp.pid = w.pid
+)
 SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid)) FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
   AND a.backend_type = 'client backend' AND a.usename <> $1 AND a.state = 'active'
   AND (a.backend_xid IS NOT NULL OR EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
-          AND l.mode = 'RowExclusiveLock' AND l.granted))
+          AND l.mode = 'RowExclusiveLock' AND l.granted)
+       OR a.pid IN (SELECT pid FROM spilling))
   AND NOT ($2 AND EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
           AND l.mode = 'AccessExclusiveLock' AND l.granted))
@@ -877,7 +889,7 @@ class Upkeep:
             spare = addon.id in self._wal_fs
             try:
                 cancelled = await self._restrict(
-                    conn, sql, cancel=not restricted or low, spare_freeing=spare
+                    conn, sql, cancel=not restricted or low, spare_freeing=spare, low=low
                 )
             except asyncpg.DiskFullError:
                 # The data filesystem is full to its last block (filled while the agent
@@ -885,7 +897,9 @@ class Upkeep:
                 # gives back. Without one, the round fails and the next tries again.
                 if not self._release_ballast(addon.id):
                     raise
-                cancelled = await self._restrict(conn, sql, cancel=True, spare_freeing=spare)
+                cancelled = await self._restrict(
+                    conn, sql, cancel=True, spare_freeing=spare, low=low
+                )
             if not restricted or low:
                 log.warning(
                     "upkeep.writes_refused addon=%s usage=%s quota=%s free=%s cancelled=%s",
@@ -901,7 +915,13 @@ class Upkeep:
         self._quota_condition(addon, state, usage, quota, free)
 
     async def _restrict(
-        self, conn: asyncpg.Connection, sql: str, *, cancel: bool, spare_freeing: bool = False
+        self,
+        conn: asyncpg.Connection,
+        sql: str,
+        *,
+        cancel: bool,
+        spare_freeing: bool = False,
+        low: bool = False,
     ) -> int:
         """Install the refusal; how many of the tenant's statements were cancelled for it.
 
@@ -913,7 +933,7 @@ class Upkeep:
         cancelled = 0
         for _ in range(RESTRICT_ATTEMPTS):
             if cancel:
-                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing)
+                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing, low)
                 cancelled += int(found or 0)
             try:
                 async with conn.transaction():

@@ -10,13 +10,14 @@ own error while the server and the tenant's other sessions go on.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 
 import pytest
 
 from agent.specs import temp_file_limit_mb
 from tests.agent_fixtures import AgentProcess, Stack, wait_for
-from tests.test_quota_guard import inspect, psql, tiny_postgres
+from tests.test_quota_guard import container_logs, inspect, psql, tiny_postgres
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -105,3 +106,42 @@ async def test_a_tenants_temporary_files_are_bounded_by_the_plan(
     code, out = await psql(db, login, secret, f'ALTER ROLE "{login}" RESET temp_file_limit')
     assert code != 0 and "permission denied" in out, out
     assert inspect(db)["State"]["StartedAt"] == started
+
+
+# One session's temporary files, about 31 MB (within the tiny plan's 32 MB), held for
+# about 12 s: the sorted rows are read slowly.
+HELD_SORT = (
+    "SELECT count(*) FROM (SELECT g FROM generate_series(1, 1200000) g ORDER BY g DESC) s "
+    "WHERE CASE WHEN g % 100000 = 0 THEN pg_sleep(1)::text = '' ELSE true END"
+)
+
+
+async def test_many_sessions_within_the_limit_are_stopped_before_the_filesystem_is_full(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """`temp_file_limit` is per process: eight sessions each within it (250 MB together,
+    the tiny plan's filesystem is 152 MB) filled the filesystem; the guard cancels the
+    sessions that hold temporary files once it is short of its reserve."""
+    c = stack.controller
+    assert c is not None
+    _, _, db, user, password = await tiny_postgres(c)
+
+    async def limit_set() -> bool:
+        return (await psql(db, user, password, "SHOW temp_file_limit")) == (0, "32MB")
+
+    await wait_for(limit_set, 60, "temp_file_limit set")
+    code, out = await psql(db, user, password, "CREATE TABLE kept AS SELECT 1 AS one")
+    assert code == 0, out
+    started = inspect(db)["State"]["StartedAt"]
+
+    results = await asyncio.gather(*(psql(db, user, password, HELD_SORT) for _ in range(8)))
+    await asyncio.sleep(2)  # a crash shows within a restart
+    logs = container_logs(db)
+    for sign in ("PANIC", "No space left on device", "terminated by signal"):
+        assert sign not in logs, [line for line in logs.splitlines() if sign in line][:8]
+    for code, out in results:
+        assert code == 0 or "canceling statement due to user request" in out, results
+    assert any(code != 0 for code, _ in results), results
+    info = inspect(db)
+    assert info["State"]["Running"] and info["State"]["StartedAt"] == started, info["State"]
+    assert await psql(db, user, password, "SELECT one FROM kept") == (0, "1")
