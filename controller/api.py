@@ -61,6 +61,8 @@ from controller.errors import (
     PayloadTooLarge,
     PlanLimitReached,
     ServiceUnavailable,
+    Throttled,
+    TooManyReads,
     TooManyWrites,
     Unauthorized,
 )
@@ -103,7 +105,8 @@ AGENT_PREFIX = "/v1/agent/"
 ID = re.compile(r"^[0-9a-f]{32}$")
 HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PUBLIC_ROUTES = frozenset({"/healthz"})
-# The methods a project token's write budget counts (controller/write_budget.py).
+# The methods a project token's write budget counts (controller/write_budget.py); every
+# other method (GET, HEAD) its read budget.
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UNMATCHED = "unmatched"
 # Routes without a {project_id} that a project token may use.
@@ -164,7 +167,7 @@ def error_response(exc: ApiError) -> web.Response:
     response = json_response(ErrorView(error=exc.code, message=exc.message), exc.status)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, TooManyWrites):
+    if isinstance(exc, Throttled):
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
 
@@ -312,6 +315,7 @@ class Api:
         self._writes = WriteBudget(
             config.http.project_writes_per_s, config.http.project_write_burst
         )
+        self._reads = WriteBudget(config.http.project_reads_per_s, config.http.project_read_burst)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
@@ -380,13 +384,16 @@ class Api:
             principal = await principals.resolve(self._pool, self._config.http, token.strip())
         request["principal"] = principal
         admit(principal, request, route)
-        if principal is not None and principal.kind == "project" and request.method in WRITES:
+        if principal is not None and principal.kind == "project":
             assert principal.project_id is not None
-            wait = self._writes.take(principal.project_id, time.monotonic())
+            write = request.method in WRITES
+            budget = self._writes if write else self._reads
+            wait = budget.take(principal.project_id, time.monotonic())
             if wait > 0:
-                raise TooManyWrites(
-                    f"this project's tokens may make {self._writes.burst} writes at once, "
-                    f"then {self._writes.per_s:g} a second; retry in {wait:.1f} s",
+                kind, error = ("writes", TooManyWrites) if write else ("reads", TooManyReads)
+                raise error(
+                    f"this project's tokens may make {budget.burst} {kind} at once, "
+                    f"then {budget.per_s:g} a second; retry in {wait:.1f} s",
                     retry_after_s=wait,
                 )
 

@@ -1,10 +1,12 @@
-"""A budget for a project token's writes: a token bucket per project.
+"""A budget for a project token's writes, and one for its reads: a token bucket per project.
 
 Each write a tenant makes may republish its host's whole desired state (every project
 placed there, signed) and cost that host's agent a reconcile pass: a loop of
 `rotate-credentials` from one project token made about 45 generations a second, each a
 pass over every add-on of the host, for every other tenant there. The operator's
-requests are not counted. Pure: the caller passes the clock.
+requests are not counted. Reads (controller/api.py keeps a second budget, larger) keep
+the controller's one process busy for everyone, agents' fetches included. Pure: the
+caller passes the clock.
 """
 
 from __future__ import annotations
