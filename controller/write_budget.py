@@ -19,6 +19,14 @@ class WriteBudget:
         # project id -> (tokens left, when they were counted)
         self._buckets: dict[str, tuple[float, float]] = {}
 
+    def wait(self, project_id: str, now: float) -> float:
+        """The seconds until the project may spend again (0.0: now); nothing spent."""
+        if self.per_s <= 0 or project_id not in self._buckets:
+            return 0.0
+        tokens, then = self._buckets[project_id]
+        tokens = min(float(self.burst), tokens + (now - then) * self.per_s)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.per_s
+
     def take(self, project_id: str, now: float) -> float:
         """Spend one write of the project's budget: 0.0 if it may go on, else the seconds
         until it may write again (nothing spent)."""

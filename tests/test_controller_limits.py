@@ -436,6 +436,20 @@ async def test_a_project_tokens_reads_are_budgeted_apart_from_its_writes(
                 assert (await process.api("GET", quiet_env, token=quiet_token))[0] == 200
             await asyncio.sleep(0.6)
             assert (await process.api("GET", env, token=busy_token))[0] == 200
+
+            # Past the budget a token is refused before its lookup (no query per refusal
+            # from a client that ignores Retry-After): revoked meanwhile, it is a 429 until
+            # the budget refills, then 401 (admission always looks it up afresh).
+            while (await process.api("GET", env, token=busy_token))[0] != 429:
+                pass
+            listed = await process.api("GET", f"/v1/projects/{busy['id']}/tokens")
+            token_id = listed[1]["tokens"][0]["id"]
+            revoke = f"/v1/projects/{busy['id']}/tokens/{token_id}"
+            assert (await process.api("DELETE", revoke))[0] == 204
+            assert (await process.api("GET", env, token=busy_token))[0] == 429
+            await asyncio.sleep(0.6)
+            status, body = await process.api("GET", env, token=busy_token)
+            assert_error(status, body, 401, "unauthorized")
     finally:
         await process.close()
         await drop_database(dsn)
