@@ -406,7 +406,11 @@ class Api:
             if token.startswith(tokens.PROJECT_PREFIX):
                 known = tokens.digest(token)
                 project_id = self._token_projects.get(known)
-                if project_id is not None:
+                # Its own project's routes only: another project's stays a 404 (admit).
+                if (
+                    project_id is not None
+                    and request.match_info.get("project_id", project_id) == project_id
+                ):
                     _throttle(budget, write, budget.wait(project_id, time.monotonic()))
             principal = await principals.resolve(self._pool, self._config.http, token)
             if known is not None:
