@@ -76,6 +76,16 @@ def max_wal_size_mb(storage_mb: int) -> int:
     return max(32, min(1024, storage_mb // 8))
 
 
+def temp_file_limit_mb(storage_mb: int) -> int:
+    """Postgres's `temp_file_limit` for a tenant's session under a quota: the WAL ceiling
+    (an eighth of the quota, 32 MB to 1 GB). Temporary files (sorts, hashes, index builds)
+    are on the data filesystem but outside `pg_database_size`; `fs_size_mb` keeps two WAL
+    ceilings beyond the quota, so one session at this limit fits beside a database at its
+    quota and a WAL at its ceiling. It is per process: several sessions together are
+    stopped by the filesystem guard (agent/upkeep.py)."""
+    return max_wal_size_mb(storage_mb)
+
+
 def fs_size_mb(storage_mb: int) -> int:
     """The filesystem for a quota: the quota, twice the WAL ceiling (WAL may pass it
     during a checkpoint) and 64 MB for ext4's own metadata and what is written between

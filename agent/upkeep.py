@@ -29,6 +29,9 @@ fails is simply done again after the next probe.
   `wal_init_zero = off` lets crash recovery start even on a full filesystem. An add-on
   whose WAL has a filesystem of its own (specs.wal_fs_size_mb) has both looked at: the
   reserve counts on each, and a plan change grows both.
+- Temporary files: `temp_file_limit` from the plan on the tenant's login roles
+  (`_pg_temp_files`); they are outside `pg_database_size`, so the quota alone let one
+  sort fill the filesystem.
 """
 
 from __future__ import annotations
@@ -57,10 +60,11 @@ from agent.specs import (
     WAL_DIR,
     fs_size_mb,
     max_wal_size_mb,
+    temp_file_limit_mb,
     wal_fs_size_mb,
 )
 from schemas import storage
-from schemas.credentials import login_role
+from schemas.credentials import ROTATION_SUFFIX, login_role
 from schemas.messages import PORTS, AddonSpec
 
 log = logging.getLogger("orkestr.agent.upkeep")
@@ -245,16 +249,28 @@ END $d$;
 
 # The tenant's writing statements already running when writes are refused (the triggers
 # only see statements that start after them): those with a transaction id or a table's
-# write lock. Reads are never cancelled. $2: spare those holding a table's exclusive lock
-# (TRUNCATE, DROP, VACUUM FULL: how the tenant frees space), when a full data filesystem
-# cannot reach the WAL (its own filesystem) and is only an error for the statement.
+# write lock. Reads are never cancelled, but ($3) while the filesystem is short of its
+# reserve: then those with temporary files too (`pgsql_tmp<pid>.<n>`, a parallel query's
+# `....fileset` named after its leader; a worker's own files stop with its leader), as
+# `temp_file_limit` is per process and many sessions or workers add up. $2: spare those
+# holding a table's exclusive lock (TRUNCATE, DROP, VACUUM FULL: how the tenant frees
+# space), when a full data filesystem cannot reach the WAL (its own filesystem) and is
+# only an error for the statement.
 _CANCEL_SQL = """
+WITH tmp AS (
+  SELECT substring(f FROM '^pgsql_tmp([0-9]+)[.]')::int AS pid
+  FROM pg_ls_dir('base/pgsql_tmp', true, false) f WHERE $3
+), spilling AS (
+  SELECT pid FROM tmp
+  UNION SELECT w.leader_pid FROM pg_stat_activity w JOIN tmp ON tmp.pid = w.pid
+)
 SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid)) FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
   AND a.backend_type = 'client backend' AND a.usename <> $1 AND a.state = 'active'
   AND (a.backend_xid IS NOT NULL OR EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
-          AND l.mode = 'RowExclusiveLock' AND l.granted))
+          AND l.mode = 'RowExclusiveLock' AND l.granted)
+       OR a.pid IN (SELECT pid FROM spilling))
   AND NOT ($2 AND EXISTS (
         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
           AND l.mode = 'AccessExclusiveLock' AND l.granted))
@@ -267,6 +283,13 @@ SELECT d.datconnlimit AS connlimit, d.datallowconn AS allowconn, d.datistemplate
        CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
             THEN has_database_privilege($1, d.oid, 'CONNECT') END AS connect
 FROM pg_database d WHERE d.datname = current_database()
+"""
+# The tenant's login roles that exist, with their own `temp_file_limit` (NULL: none).
+_TEMP_LIMIT_SQL = """
+SELECT r.rolname, (SELECT substr(c, length('temp_file_limit=') + 1) FROM unnest(s.setconfig) c
+                   WHERE c LIKE 'temp_file_limit=%') AS value
+FROM pg_roles r LEFT JOIN pg_db_role_setting s ON s.setrole = r.oid AND s.setdatabase = 0
+WHERE r.rolname = ANY($1::text[])
 """
 # The platform sets no per-database connection limit: max_connections bounds them all.
 DATABASE_CONNECTION_LIMIT = -1
@@ -676,6 +699,7 @@ class Upkeep:
                 await self._pg_database(conn, addon)
                 await self._pg_credentials(conn, addon)
                 await self._pg_wal(conn, addon)
+                await self._pg_temp_files(conn, addon)
             await self._pg_quota(conn, addon, free)
         finally:
             await conn.close(timeout=timeout_s)
@@ -809,6 +833,31 @@ class Upkeep:
                 "upkeep.wal_bounded addon=%s max_wal_size_mb=%s wal_init_zero=off", addon.id, want
             )
 
+    async def _pg_temp_files(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
+        """Bound the temporary files of the tenant's sessions by the plan (specs.
+        temp_file_limit_mb): `ALTER ROLE ... SET` on both its login roles (a role's settings
+        are the login role's, not those of the role it switches to). `temp_file_limit` is
+        superuser-only, so the tenant can neither set it in a session nor reset it on its
+        role; the platform's own sessions (restores build indexes) are not bounded. New
+        sessions get it, and a plan change updates it; no restart."""
+        want = f"{temp_file_limit_mb(addon.storage_mb)}MB" if addon.storage_mb else None
+        roles = [addon.user, addon.user + ROTATION_SUFFIX]
+        rows = await conn.fetch(_TEMP_LIMIT_SQL, roles)
+        for row in rows:
+            if row["value"] == want:
+                continue
+            role = _ident(row["rolname"])
+            sql = (
+                f"ALTER ROLE {role} SET temp_file_limit = {_literal(want)}"
+                if want
+                else f"ALTER ROLE {role} RESET temp_file_limit"
+            )
+            await conn.execute(sql)
+            log.info(
+                "upkeep.temp_files_bounded addon=%s role=%s temp_file_limit=%s was=%s",
+                addon.id, row["rolname"], want, row["value"],
+            )  # fmt: skip
+
     async def _pg_quota(self, conn: asyncpg.Connection, addon: AddonSpec, free: int | None) -> None:
         usage = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
         self.usage[addon.id] = usage
@@ -840,7 +889,7 @@ class Upkeep:
             spare = addon.id in self._wal_fs
             try:
                 cancelled = await self._restrict(
-                    conn, sql, cancel=not restricted or low, spare_freeing=spare
+                    conn, sql, cancel=not restricted or low, spare_freeing=spare, low=low
                 )
             except asyncpg.DiskFullError:
                 # The data filesystem is full to its last block (filled while the agent
@@ -848,7 +897,9 @@ class Upkeep:
                 # gives back. Without one, the round fails and the next tries again.
                 if not self._release_ballast(addon.id):
                     raise
-                cancelled = await self._restrict(conn, sql, cancel=True, spare_freeing=spare)
+                cancelled = await self._restrict(
+                    conn, sql, cancel=True, spare_freeing=spare, low=low
+                )
             if not restricted or low:
                 log.warning(
                     "upkeep.writes_refused addon=%s usage=%s quota=%s free=%s cancelled=%s",
@@ -864,7 +915,13 @@ class Upkeep:
         self._quota_condition(addon, state, usage, quota, free)
 
     async def _restrict(
-        self, conn: asyncpg.Connection, sql: str, *, cancel: bool, spare_freeing: bool = False
+        self,
+        conn: asyncpg.Connection,
+        sql: str,
+        *,
+        cancel: bool,
+        spare_freeing: bool = False,
+        low: bool = False,
     ) -> int:
         """Install the refusal; how many of the tenant's statements were cancelled for it.
 
@@ -876,7 +933,7 @@ class Upkeep:
         cancelled = 0
         for _ in range(RESTRICT_ATTEMPTS):
             if cancel:
-                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing)
+                found = await conn.fetchval(_CANCEL_SQL, ADMIN_USER, spare_freeing, low)
                 cancelled += int(found or 0)
             try:
                 async with conn.transaction():

@@ -80,6 +80,8 @@ def _hint(status: int, code: str, message: str = "") -> str:
         return "wait for the project's pending jobs to finish (or cancel some), then retry"
     if code == "too_many_writes":
         return "wait the seconds the message names, then retry; a script should pace its writes"
+    if code == "too_many_reads":
+        return "wait the seconds the message names, then retry; a script should poll less often"
     if code == "payload_too_large":
         return "send less: shorter values, or a shorter command"
     if code == "no_host_available":

@@ -40,6 +40,7 @@ from controller import (
     reports,
     request_bodies,
     store,
+    tokens,
     variables,
 )
 from controller.backups_api import BackupsApi
@@ -61,6 +62,8 @@ from controller.errors import (
     PayloadTooLarge,
     PlanLimitReached,
     ServiceUnavailable,
+    Throttled,
+    TooManyReads,
     TooManyWrites,
     Unauthorized,
 )
@@ -103,9 +106,12 @@ AGENT_PREFIX = "/v1/agent/"
 ID = re.compile(r"^[0-9a-f]{32}$")
 HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PUBLIC_ROUTES = frozenset({"/healthz"})
-# The methods a project token's write budget counts (controller/write_budget.py).
+# The methods a project token's write budget counts (controller/write_budget.py); every
+# other method (GET, HEAD) its read budget.
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UNMATCHED = "unmatched"
+# Project tokens remembered for refusing before their lookup (forgotten all at once past it).
+MAX_KNOWN_TOKENS = 100_000
 # Routes without a {project_id} that a project token may use.
 PROJECT_TOKEN_ROUTES = frozenset({("GET", "/v1/projects")})
 # Lists are paginated by `limit` (1-500, default 100) and `offset` (0-1,000,000); each
@@ -160,11 +166,22 @@ def paged(items: list[T], limit: int, offset: int) -> tuple[list[T], int | None]
     return items[offset:end], (end if end < len(items) else None)
 
 
+def _throttle(budget: WriteBudget, write: bool, wait: float) -> None:
+    """Refuse a project token's request past its budget (`wait`: seconds until it may)."""
+    if wait > 0:
+        kind, error = ("writes", TooManyWrites) if write else ("reads", TooManyReads)
+        raise error(
+            f"this project's tokens may make {budget.burst} {kind} at once, "
+            f"then {budget.per_s:g} a second; retry in {wait:.1f} s",
+            retry_after_s=wait,
+        )
+
+
 def error_response(exc: ApiError) -> web.Response:
     response = json_response(ErrorView(error=exc.code, message=exc.message), exc.status)
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, TooManyWrites):
+    if isinstance(exc, Throttled):
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
 
@@ -312,6 +329,11 @@ class Api:
         self._writes = WriteBudget(
             config.http.project_writes_per_s, config.http.project_write_burst
         )
+        self._reads = WriteBudget(config.http.project_reads_per_s, config.http.project_read_burst)
+        # Project token digest -> its project, as last resolved: a token whose project is
+        # out of budget is refused before the lookup, so a client ignoring Retry-After
+        # costs no query. Only for refusing: admission always resolves the token afresh.
+        self._token_projects: dict[bytes, str] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
@@ -375,20 +397,34 @@ class Api:
             # Tokens are ASCII; anything else cannot match (and cannot be encoded to hash).
             raise BadRequest("the Authorization header must be ASCII")
         scheme, _, token = header.partition(" ")
+        token = token.strip()
         principal = None
+        write = request.method in WRITES
+        budget = self._writes if write else self._reads
         if scheme.lower() == "bearer":
-            principal = await principals.resolve(self._pool, self._config.http, token.strip())
+            known = None
+            if token.startswith(tokens.PROJECT_PREFIX):
+                known = tokens.digest(token)
+                project_id = self._token_projects.get(known)
+                # Its own project's routes only: another project's stays a 404 (admit).
+                if (
+                    project_id is not None
+                    and request.match_info.get("project_id", project_id) == project_id
+                ):
+                    _throttle(budget, write, budget.wait(project_id, time.monotonic()))
+            principal = await principals.resolve(self._pool, self._config.http, token)
+            if known is not None:
+                if principal is not None and principal.project_id is not None:
+                    if len(self._token_projects) >= MAX_KNOWN_TOKENS:
+                        self._token_projects.clear()
+                    self._token_projects[known] = principal.project_id
+                else:
+                    self._token_projects.pop(known, None)
         request["principal"] = principal
         admit(principal, request, route)
-        if principal is not None and principal.kind == "project" and request.method in WRITES:
+        if principal is not None and principal.kind == "project":
             assert principal.project_id is not None
-            wait = self._writes.take(principal.project_id, time.monotonic())
-            if wait > 0:
-                raise TooManyWrites(
-                    f"this project's tokens may make {self._writes.burst} writes at once, "
-                    f"then {self._writes.per_s:g} a second; retry in {wait:.1f} s",
-                    retry_after_s=wait,
-                )
+            _throttle(budget, write, budget.take(principal.project_id, time.monotonic()))
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

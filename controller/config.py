@@ -50,6 +50,10 @@ class HttpSection(Struct, frozen=True, forbid_unknown_fields=True):
     # then `project_writes_per_s` (0: no budget). The operator's are not counted.
     project_writes_per_s: Annotated[float, Meta(ge=0, le=10000)] = 5.0
     project_write_burst: Annotated[int, Meta(ge=1, le=100000)] = 30
+    # Reads (GET, HEAD) one project's tokens may make, alike: each keeps the controller's
+    # one process busy for everyone, agents' fetches included. Not the operator's.
+    project_reads_per_s: Annotated[float, Meta(ge=0, le=100000)] = 20.0
+    project_read_burst: Annotated[int, Meta(ge=1, le=100000)] = 100
 
 
 class DatabaseSection(Struct, frozen=True, forbid_unknown_fields=True):
@@ -149,6 +153,8 @@ class HttpConfig:
         idle_timeout_s: float = 75.0,
         project_writes_per_s: float = 5.0,
         project_write_burst: int = 30,
+        project_reads_per_s: float = 20.0,
+        project_read_burst: int = 100,
     ) -> None:
         self.host = host
         self.port = port
@@ -160,6 +166,8 @@ class HttpConfig:
         self.idle_timeout_s = idle_timeout_s
         self.project_writes_per_s = project_writes_per_s
         self.project_write_burst = project_write_burst
+        self.project_reads_per_s = project_reads_per_s
+        self.project_read_burst = project_read_burst
 
 
 class MqttConfig(Struct, frozen=True):
@@ -272,6 +280,8 @@ def resolve(file: _File, base: Path) -> Config:
             http.idle_timeout_s,
             http.project_writes_per_s,
             http.project_write_burst,
+            http.project_reads_per_s,
+            http.project_read_burst,
         ),
         database=file.database,
         mqtt=_mqtt(file.mqtt, base),

@@ -17,7 +17,9 @@
         ├── TooManyPendingJobs   409 too_many_pending_jobs
         ├── PayloadTooLarge      413 payload_too_large
         ├── InvalidBody          422 invalid_body
-        ├── TooManyWrites        429 too_many_writes
+        ├── Throttled            429, with Retry-After
+        │   ├── TooManyWrites    429 too_many_writes
+        │   └── TooManyReads     429 too_many_reads
         ├── NoHostAvailable      503 no_host_available
         └── ServiceUnavailable   503 database_unavailable
 
@@ -125,15 +127,22 @@ class InvalidBody(ApiError):
     code = "invalid_body"
 
 
-class TooManyWrites(ApiError):
-    """A project token past its write budget (controller/write_budget.py)."""
+class Throttled(ApiError):
+    """A project token past one of its budgets (controller/write_budget.py)."""
 
     status = 429
-    code = "too_many_writes"
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyWrites(Throttled):
+    code = "too_many_writes"
+
+
+class TooManyReads(Throttled):
+    code = "too_many_reads"
 
 
 class NoHostAvailable(ApiError):

@@ -141,3 +141,10 @@ def test_a_deploy_command_with_an_open_quote_is_refused_before_any_request(
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # no traceback
     assert "cannot be split into words: No closing quotation" in result.output, result.output
     assert "hint: close the quotes" in result.output
+
+
+def test_a_budget_refusal_says_to_wait_and_pace() -> None:
+    # 429 from the project's write or read budget (controller/write_budget.py).
+    assert "pace its writes" in _hint(429, "too_many_writes")
+    reads = _hint(429, "too_many_reads")
+    assert reads.startswith("wait the seconds the message names") and "poll less often" in reads

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -390,6 +391,82 @@ async def test_a_project_tokens_writes_are_budgeted_and_nobody_elses_are(
             assert (await process.api("PATCH", quiet_env, {"set": {}}, token=busy_token))[0] == 404
             await asyncio.sleep(0.6)
             assert (await process.api("PATCH", env, {"set": {"N": "later"}}, token=busy_token))[0] == 200
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
+async def test_a_project_tokens_reads_are_budgeted_apart_from_its_writes(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    """A loop of GETs from one project token kept the controller's one process busy for
+    everyone (agents' fetches included): past its read burst it waits (429 too_many_reads
+    with Retry-After); its writes have their own budget; the operator and other projects
+    are not held back."""
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(database_url=dsn, broker=mosquitto, plans_file=plans_file)
+    process.http_extra = "project_read_burst = 5\nproject_reads_per_s = 2\n"
+    try:
+        await process.start()
+        async with FakeAgent(f"reads-{secrets.token_hex(4)}", mosquitto) as host:
+            await process.wait_host_online(host.host)
+            busy, quiet = await new_project(process), await new_project(process)
+            busy_token = await new_project_token(process, busy)
+            quiet_token = await new_project_token(process, quiet)
+            env = f"/v1/projects/{busy['id']}/env"
+            statuses = [(await process.api("GET", env, token=busy_token))[0] for _ in range(8)]
+            assert statuses[:5] == [200] * 5 and 429 in statuses[5:], statuses
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    process.url + env, headers={"Authorization": f"Bearer {busy_token}"}
+                ) as response,
+            ):
+                assert response.status == 429
+                assert int(response.headers["Retry-After"]) >= 1
+                body = await response.json()
+            assert_error(response.status, body, 429, "too_many_reads")
+            assert "5 reads at once, then 2 a second" in body["message"], body
+            # Writes have their own budget; the operator and another project read on.
+            assert (await process.api("PATCH", env, {"set": {"N": "1"}}, token=busy_token))[0] == 200
+            for _ in range(10):
+                assert (await process.api("GET", env))[0] == 200
+            quiet_env = f"/v1/projects/{quiet['id']}/env"
+            for _ in range(5):
+                assert (await process.api("GET", quiet_env, token=quiet_token))[0] == 200
+            await asyncio.sleep(0.6)
+            assert (await process.api("GET", env, token=busy_token))[0] == 200
+    finally:
+        await process.close()
+        await drop_database(dsn)
+
+
+async def test_a_throttled_token_is_refused_before_its_lookup(
+    mosquitto: Mosquitto, plans_file: Path
+) -> None:
+    """A client that ignores Retry-After costs no query per refusal: past its budget a
+    token is refused before it is looked up. Seen from outside: revoked meanwhile, it
+    answers 429 until the budget refills, then 401 (admission looks it up afresh)."""
+    dsn = await create_database("orkestr_test")
+    process = ControllerProcess(database_url=dsn, broker=mosquitto, plans_file=plans_file)
+    # One read back every 10 s: the revocation below takes far less, even on a busy machine.
+    process.http_extra = "project_read_burst = 2\nproject_reads_per_s = 0.1\n"
+    try:
+        await process.start()
+        async with FakeAgent(f"lookup-{secrets.token_hex(4)}", mosquitto) as host:
+            await process.wait_host_online(host.host)
+            busy = await new_project(process)
+            token = await new_project_token(process, busy)
+            env = f"/v1/projects/{busy['id']}/env"
+            statuses = [(await process.api("GET", env, token=token))[0] for _ in range(3)]
+            assert statuses == [200, 200, 429], statuses
+            listed = await process.api("GET", f"/v1/projects/{busy['id']}/tokens")
+            revoke = f"/v1/projects/{busy['id']}/tokens/{listed[1]['tokens'][0]['id']}"
+            assert (await process.api("DELETE", revoke))[0] == 204
+            assert (await process.api("GET", env, token=token))[0] == 429
+            await asyncio.sleep(10.5)
+            status, body = await process.api("GET", env, token=token)
+            assert_error(status, body, 401, "unauthorized")
     finally:
         await process.close()
         await drop_database(dsn)

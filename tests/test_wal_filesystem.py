@@ -114,7 +114,8 @@ async def test_a_full_data_filesystem_fails_statements_and_never_crashes_postgre
     code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
     assert code != 0 and "storage quota exceeded" in out, out
     # Freed space brings writes back.
-    assert (await psql(db, user, password, "TRUNCATE fill"))[0] == 0
+    truncated = await psql(db, user, password, "TRUNCATE fill")
+    assert truncated[0] == 0, truncated
     await wait_for(
         lambda: quota_condition(c, project["id"], pg["id"], "WithinQuota"), 90, "within quota"
     )

@@ -49,3 +49,23 @@ def test_writes_allowed_never_exceed_burst_plus_rate_times_time(
 def test_a_refusal_says_when_to_retry() -> None:
     response = error_response(TooManyWrites("slow down", retry_after_s=0.2))
     assert response.status == 429 and response.headers["Retry-After"] == "1"
+
+
+@given(
+    per_s=st.floats(0.1, 100.0),
+    burst=st.integers(1, 50),
+    gaps=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=100),
+)
+def test_wait_tells_what_take_would_and_spends_nothing(
+    per_s: float, burst: int, gaps: list[float]
+) -> None:
+    # The controller asks `wait` before a token's lookup, then `take` after it.
+    budget, now = WriteBudget(per_s, burst), 0.0
+    for gap in gaps:
+        now += gap
+        waited = budget.wait("p", now)
+        assert budget.wait("p", now) == waited  # asking spends nothing
+        taken = budget.take("p", now)
+        assert (waited == 0.0) == (taken == 0.0)
+        if taken:
+            assert abs(taken - waited) < 1e-9
