@@ -879,15 +879,17 @@ class Agent:
             return
 
         async def poll() -> None:
-            deadline = time.monotonic() + 120
-            # Quick at first (Redis answers within ~100 ms), then every 250 ms: a Postgres
-            # forks a backend for each attempt during its initdb, and sixty add-ons being
-            # created at once polled 20 times a second each took the CPU they start on.
-            delay = 0.05
+            began = time.monotonic()
+            deadline = began + 120
+            # Quick at first, then every 250 ms, then backing off with the time waited
+            # (status.next_poll_delay): a Postgres forks a backend for each attempt once
+            # it listens, and sixty add-ons being created at once polled 20 times a second
+            # each took the CPU they start on.
+            delay = status.POLL_FIRST_S
             try:
                 while time.monotonic() < deadline:
                     await asyncio.sleep(delay)
-                    delay = min(delay * 1.5, 0.25)
+                    delay = status.next_poll_delay(delay, time.monotonic() - began)
                     # Deleted before it answered (a client that deletes right after its
                     # first query): polling it on for two minutes would count it as still
                     # starting (the pool's refill and home-core moves wait for those).
