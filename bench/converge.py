@@ -31,6 +31,8 @@ import glob
 import itertools
 import json
 import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -119,6 +121,32 @@ async def machine_cpu(into: dict[str, Any], every_s: float = 1.0) -> AsyncIterat
         into["busy_cores"] = [
             rnd((b[1] - a[1]) / (b[0] - a[0]), 2) for a, b in itertools.pairwise(series)
         ]
+
+
+@contextlib.asynccontextmanager
+async def profiled(b: Bench, what: str) -> AsyncIterator[None]:
+    """ORKESTR_BENCH_PYSPY=<prefix>: py-spy samples the agent and the controller during the
+    block (collapsed stacks in <prefix>-<what>-<process>.txt). A profiling aid: the
+    sampling costs CPU of its own, so runs with it are not figures."""
+    prefix = os.environ.get("ORKESTR_BENCH_PYSPY", "")
+    procs = []
+    if prefix:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        targets = {"agent": b.agent and b.agent.proc and b.agent.proc.pid,
+                   "controller": b.c.pid}  # fmt: skip
+        for name, target in targets.items():
+            if target:
+                procs.append(await asyncio.create_subprocess_exec(
+                    spy, "record", "--format", "raw", "--rate", "50", "--nonblocking",
+                    "-o", f"{prefix}-{what}-{name}.txt", "-p", str(target),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                ))  # fmt: skip
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            await proc.wait()
 
 
 async def containers_cpu(b: Bench, names: dict[str, str], into: dict[str, Any]) -> None:
@@ -324,7 +352,7 @@ async def ours(
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
     cpu0 = await cpu_s(b)
     machine: dict[str, Any] = {}
-    async with EventLog(b) as events, machine_cpu(machine):
+    async with EventLog(b) as events, machine_cpu(machine), profiled(b, "create"):
         t0 = time.monotonic()
         created = await asyncio.gather(
             *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))
