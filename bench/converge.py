@@ -301,21 +301,35 @@ def postgres_pids() -> list[int]:
     return out
 
 
-async def cpu_s(b: Bench) -> tuple[float, float, float, float, float]:
+Counts = tuple[float, float, float, float, float, float, float]
+
+
+async def controller_counts(b: Bench) -> tuple[float, float]:
+    """Host statuses the controller took in, desired-state snapshots it published."""
+    status, text = await b.c.api("GET", "/metrics")
+    series = dict(
+        line.rsplit(" ", 1) for line in str(text).splitlines() if line and line[0] != "#"
+    ) if status == 200 else {}  # fmt: skip
+    return (
+        float(series.get('orkestr_controller_mqtt_messages_total{kind="status",result="accepted"}', 0)),
+        float(series.get('orkestr_controller_desired_published_total{result="published"}', 0)),
+    )  # fmt: skip
+
+
+async def cpu_s(b: Bench) -> Counts:
     """CPU seconds so far of the agent (with its keeper), the controller, dockerd +
-    containerd, the controller's PostgreSQL; the agent's passes so far."""
+    containerd, the controller's PostgreSQL; the agent's passes, the statuses the
+    controller took in and the snapshots it published so far."""
     assert b.agent is not None and b.controller is not None
     series = await metrics(b.agent.metrics_port, b.agent.metrics_token)
     passes = series.get("orkestr_agent_reconcile_duration_seconds_count", 0.0)
     agent = [p.pid for p in (b.agent.proc, b.agent.keeper) if p]
     controller = [b.controller.pid] if b.controller.pid is not None else []
     return (cpu_ms(agent) / 1000, cpu_ms(controller) / 1000, cpu_ms(dockerd_pids()) / 1000,
-            cpu_ms(postgres_pids()) / 1000, passes)  # fmt: skip
+            cpu_ms(postgres_pids()) / 1000, passes, *await controller_counts(b))  # fmt: skip
 
 
-async def spent(
-    b: Bench, before: tuple[float, float, float, float, float], what: str
-) -> dict[str, float]:
+async def spent(b: Bench, before: Counts, what: str) -> dict[str, float]:
     now = await cpu_s(b)
     out = {
         "agent_cpu_s": rnd(now[0] - before[0], 2),
@@ -323,11 +337,14 @@ async def spent(
         "dockerd_cpu_s": rnd(now[2] - before[2], 2),
         "postgresql_cpu_s": rnd(now[3] - before[3], 2),
         "agent_passes": now[4] - before[4],
+        "statuses": now[5] - before[5],
+        "snapshots": now[6] - before[6],
         "loadavg_1m": rnd(os.getloadavg()[0], 1),
     }
     log(f"{what}: CPU agent {out['agent_cpu_s']} s, controller {out['controller_cpu_s']} s, "
         f"dockerd {out['dockerd_cpu_s']} s, controller's PostgreSQL {out['postgresql_cpu_s']} s, "
-        f"passes {out['agent_passes']:.0f}, load {out['loadavg_1m']}")  # fmt: skip
+        f"passes {out['agent_passes']:.0f}, statuses {out['statuses']:.0f}, "
+        f"snapshots {out['snapshots']:.0f}, load {out['loadavg_1m']}")  # fmt: skip
     return out
 
 
