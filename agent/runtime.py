@@ -246,6 +246,7 @@ class Agent:
         self._app_oom: set[str] = set()
         self.removed: tuple[str, ...] = ()
         self._published = b""  # the last status published, with _EPOCH for its time
+        self._status_sent = 0.0  # loop time of the last status sent, a pass's or a heartbeat's
         self._trigger = asyncio.Event()
         self._trigger.set()  # the first pass runs at once, broker or not
         self._ready_notified = False
@@ -495,8 +496,16 @@ class Agent:
             log.exception("upkeep.guard_round_crashed addon=%s", addon.id)
 
     async def heartbeat_loop(self) -> None:
+        """A status at least every `heartbeat_s`. One a pass sent counts: while a host
+        converges its passes send a status every few hundred ms (each a row per add-on
+        for the controller to compare), and a heartbeat between them said nothing new."""
+        loop = asyncio.get_running_loop()
+        every = self.config.agent.heartbeat_s
         while True:
-            await asyncio.sleep(self.config.agent.heartbeat_s)
+            wait = self._status_sent + every - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             MQTT_CONNECTED.set(1 if self.broker.connected else 0)
             await self.publish_status()
             await self.publish_job_results()
@@ -879,15 +888,17 @@ class Agent:
             return
 
         async def poll() -> None:
-            deadline = time.monotonic() + 120
-            # Quick at first (Redis answers within ~100 ms), then every 250 ms: a Postgres
-            # forks a backend for each attempt during its initdb, and sixty add-ons being
-            # created at once polled 20 times a second each took the CPU they start on.
-            delay = 0.05
+            began = time.monotonic()
+            deadline = began + 120
+            # Quick at first, then every 250 ms, then backing off with the time waited
+            # (status.next_poll_delay): a Postgres forks a backend for each attempt once
+            # it listens, and sixty add-ons being created at once polled 20 times a second
+            # each took the CPU they start on.
+            delay = status.POLL_FIRST_S
             try:
                 while time.monotonic() < deadline:
                     await asyncio.sleep(delay)
-                    delay = min(delay * 1.5, 0.25)
+                    delay = status.next_poll_delay(delay, time.monotonic() - began)
                     # Deleted before it answered (a client that deletes right after its
                     # first query): polling it on for two minutes would count it as still
                     # starting (the pool's refill and home-core moves wait for those).
@@ -1106,6 +1117,7 @@ class Agent:
         if if_changed and body == self._published:
             return
         sent = msgspec.structs.replace(status, sent_at=datetime.now(UTC))
+        self._status_sent = asyncio.get_running_loop().time()
         if await self.broker.publish(topics.status(self.host), encode(sent), retain=True):
             self._published = body
 

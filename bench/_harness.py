@@ -465,6 +465,11 @@ class Bench:
         left = await asyncio.to_thread(remove_host_objects, self.host)
         if self.controller is not None:
             with contextlib.suppress(Exception):
+                await self.controller.stop()
+            keep = os.environ.get("ORKESTR_BENCH_CONTROLLER_LOG", "")
+            if keep.endswith(".log") and self.controller.log_path.exists():
+                shutil.copyfile(self.controller.log_path, keep)
+            with contextlib.suppress(Exception):
                 await self.controller.close()
         with contextlib.suppress(Exception):
             await self.mosquitto.close()

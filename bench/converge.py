@@ -31,6 +31,8 @@ import glob
 import itertools
 import json
 import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -119,6 +121,32 @@ async def machine_cpu(into: dict[str, Any], every_s: float = 1.0) -> AsyncIterat
         into["busy_cores"] = [
             rnd((b[1] - a[1]) / (b[0] - a[0]), 2) for a, b in itertools.pairwise(series)
         ]
+
+
+@contextlib.asynccontextmanager
+async def profiled(b: Bench, what: str) -> AsyncIterator[None]:
+    """ORKESTR_BENCH_PYSPY=<prefix>: py-spy samples the agent and the controller during the
+    block (collapsed stacks in <prefix>-<what>-<process>.txt). A profiling aid: the
+    sampling costs CPU of its own, so runs with it are not figures."""
+    prefix = os.environ.get("ORKESTR_BENCH_PYSPY", "")
+    procs = []
+    if prefix:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        targets = {"agent": b.agent and b.agent.proc and b.agent.proc.pid,
+                   "controller": b.c.pid}  # fmt: skip
+        for name, target in targets.items():
+            if target:
+                procs.append(await asyncio.create_subprocess_exec(
+                    spy, "record", "--format", "raw", "--rate", "50", "--nonblocking",
+                    "-o", f"{prefix}-{what}-{name}.txt", "-p", str(target),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                ))  # fmt: skip
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            await proc.wait()
 
 
 async def containers_cpu(b: Bench, names: dict[str, str], into: dict[str, Any]) -> None:
@@ -273,21 +301,35 @@ def postgres_pids() -> list[int]:
     return out
 
 
-async def cpu_s(b: Bench) -> tuple[float, float, float, float, float]:
+Counts = tuple[float, float, float, float, float, float, float]
+
+
+async def controller_counts(b: Bench) -> tuple[float, float]:
+    """Host statuses the controller took in, desired-state snapshots it published."""
+    status, text = await b.c.api("GET", "/metrics")
+    series = dict(
+        line.rsplit(" ", 1) for line in str(text).splitlines() if line and line[0] != "#"
+    ) if status == 200 else {}  # fmt: skip
+    return (
+        float(series.get('orkestr_controller_mqtt_messages_total{kind="status",result="accepted"}', 0)),
+        float(series.get('orkestr_controller_desired_published_total{result="published"}', 0)),
+    )  # fmt: skip
+
+
+async def cpu_s(b: Bench) -> Counts:
     """CPU seconds so far of the agent (with its keeper), the controller, dockerd +
-    containerd, the controller's PostgreSQL; the agent's passes so far."""
+    containerd, the controller's PostgreSQL; the agent's passes, the statuses the
+    controller took in and the snapshots it published so far."""
     assert b.agent is not None and b.controller is not None
     series = await metrics(b.agent.metrics_port, b.agent.metrics_token)
     passes = series.get("orkestr_agent_reconcile_duration_seconds_count", 0.0)
     agent = [p.pid for p in (b.agent.proc, b.agent.keeper) if p]
     controller = [b.controller.pid] if b.controller.pid is not None else []
     return (cpu_ms(agent) / 1000, cpu_ms(controller) / 1000, cpu_ms(dockerd_pids()) / 1000,
-            cpu_ms(postgres_pids()) / 1000, passes)  # fmt: skip
+            cpu_ms(postgres_pids()) / 1000, passes, *await controller_counts(b))  # fmt: skip
 
 
-async def spent(
-    b: Bench, before: tuple[float, float, float, float, float], what: str
-) -> dict[str, float]:
+async def spent(b: Bench, before: Counts, what: str) -> dict[str, float]:
     now = await cpu_s(b)
     out = {
         "agent_cpu_s": rnd(now[0] - before[0], 2),
@@ -295,11 +337,14 @@ async def spent(
         "dockerd_cpu_s": rnd(now[2] - before[2], 2),
         "postgresql_cpu_s": rnd(now[3] - before[3], 2),
         "agent_passes": now[4] - before[4],
+        "statuses": now[5] - before[5],
+        "snapshots": now[6] - before[6],
         "loadavg_1m": rnd(os.getloadavg()[0], 1),
     }
     log(f"{what}: CPU agent {out['agent_cpu_s']} s, controller {out['controller_cpu_s']} s, "
         f"dockerd {out['dockerd_cpu_s']} s, controller's PostgreSQL {out['postgresql_cpu_s']} s, "
-        f"passes {out['agent_passes']:.0f}, load {out['loadavg_1m']}")  # fmt: skip
+        f"passes {out['agent_passes']:.0f}, statuses {out['statuses']:.0f}, "
+        f"snapshots {out['snapshots']:.0f}, load {out['loadavg_1m']}")  # fmt: skip
     return out
 
 
@@ -324,7 +369,7 @@ async def ours(
     names = [f"{k[:2]}{i}-{uuid.uuid4().hex[:4]}" for i, k in enumerate(kinds)]
     cpu0 = await cpu_s(b)
     machine: dict[str, Any] = {}
-    async with EventLog(b) as events, machine_cpu(machine):
+    async with EventLog(b) as events, machine_cpu(machine), profiled(b, "create"):
         t0 = time.monotonic()
         created = await asyncio.gather(
             *(b.create_addon(pid, n, k) for n, k in zip(names, kinds, strict=True))

@@ -96,3 +96,45 @@ async def test_a_readiness_poll_ends_when_its_addon_is_deleted(
         iptables("-D", *rule)
     await wait_for(lambda: container_state(db) == {}, 90, "the database removed at last")
     assert container_state(model.db_name(keep))["Running"]
+
+
+async def test_a_readiness_poll_backs_off_while_its_database_refuses(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """A Postgres refuses connections through its initdb (its first server listens on a
+    socket file only): the poll backs off with the time waited, to one attempt a second,
+    and still sees the answer once it comes. Here the refusal is a host rule that resets
+    the agent's SYNs to the database (and counts them), for as long as the test wants."""
+    c = stack.controller
+    assert c is not None
+    project = (await create_project(c, "team"))["id"]
+    pg = (await create_addon(c, project, "refusing", "postgres"))["id"]
+    holder = model.holder_name(pg)
+
+    def holder_ip() -> str:
+        found = json.loads(docker("inspect", holder, check=False) or "[]")
+        networks = found[0]["NetworkSettings"]["Networks"] if found else {}
+        return str((networks.get(model.network_name(project)) or {}).get("IPAddress") or "")
+
+    # In place before the database starts (the holder runs first), so no attempt gets in.
+    ip = await wait_for(holder_ip, 60, "the holder's address", interval=0.02)
+    comment = f"orkestr-test-{uuid.uuid4().hex[:10]}"
+    rule = ("OUTPUT", "-d", ip, "-p", "tcp", "--dport", "5432", "--syn",
+            "-m", "comment", "--comment", comment,
+            "-j", "REJECT", "--reject-with", "tcp-reset")  # fmt: skip
+    iptables("-I", *rule)
+    try:
+        await wait_for(
+            lambda: container_state(model.db_name(pg)).get("Running"), 60, "the database started"
+        )
+        await wait_for(lambda: syns_counted(comment) > 0, 30, "the first attempt")
+        await asyncio.sleep(12)  # the poll has waited 10 s or more: an attempt a second
+        before = syns_counted(comment)
+        await asyncio.sleep(8)
+        tried = syns_counted(comment) - before
+        # Every 250 ms, as before, would be ~32 here.
+        assert 3 <= tried <= 12, f"{tried} attempts in 8 s"
+        assert (await addon(c, project, pg))["phase"] != "ready"
+    finally:
+        iptables("-D", *rule)
+    await wait_phase(c, project, pg, "ready", 60)

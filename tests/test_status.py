@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import model
 from agent import status as s
@@ -204,3 +207,27 @@ def test_condition_book_moves_transition_time_only_on_a_flip() -> None:
     assert [c.type for c in book.of(AID)] == ["Provisioned", "Ready"]
     book.forget(AID)
     assert book.of(AID) == () and book.get("other", "Ready") is not None
+
+
+def poll_attempts(until: float) -> list[float]:
+    """When a readiness poll's attempts go out (from its start; attempts take no time)."""
+    t, delay, out = s.POLL_FIRST_S, s.POLL_FIRST_S, []
+    while t <= until:
+        out.append(t)
+        delay = s.next_poll_delay(delay, t)
+        t += delay
+    return out
+
+
+@given(st.floats(min_value=0.0, max_value=115.0))
+def test_a_readiness_poll_sees_an_answer_at_most_a_tenth_later(answer_at: float) -> None:
+    """Against an attempt every 250 ms: later by at most a tenth of the wait, and 1 s."""
+    first = next(t for t in poll_attempts(answer_at + 2) if t >= answer_at)
+    assert first - answer_at <= max(s.POLL_STEADY_S, min(s.POLL_MAX_S, s.POLL_SHARE * answer_at))
+
+
+def test_a_readiness_poll_tries_less_the_longer_it_waits() -> None:
+    attempts = poll_attempts(40.0)  # a Postgres initdb on a busy host
+    assert attempts[:4] == pytest.approx([0.05, 0.125, 0.2375, 0.4063], abs=1e-3)
+    assert len(attempts) <= 60  # an attempt every 250 ms: 160
+    assert max(b - a for a, b in itertools.pairwise(attempts)) == s.POLL_MAX_S
