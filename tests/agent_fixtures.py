@@ -472,11 +472,20 @@ class SharedAgent:
             await delete_projects(self.stack, proc.host)
 
     async def close(self) -> None:
-        """Stopped and removed with all it made. Its clean shutdown tells the controller it
-        is offline at once: a test's own agent, then the only one online, gets its projects."""
-        running, self._running, self.proc = self._running, None, None
-        if running is not None:
-            await running.__aexit__(None, None, None)
+        """Stopped and removed with all it made, and offline for the controller (at once
+        after a clean shutdown; a stop that had to kill it takes `offline_after_s`): a test's
+        own agent, then the only host online, gets the test's projects. With its projects
+        deleted this host would otherwise tie with a new one for placement."""
+        running, self._running, proc = self._running, None, self.proc
+        self.proc = None
+        if running is None or proc is None:
+            return
+        await running.__aexit__(None, None, None)
+        c = self.stack.controller
+        assert c is not None
+        await wait_for(
+            lambda: _offline(c, proc.host), 60, f"host {proc.host} offline", interval=0.1
+        )
 
 
 @pytest.fixture(scope="module")
@@ -587,6 +596,10 @@ async def wait_status_after(
         return seen is not None and datetime.fromisoformat(seen) > when
 
     await wait_for(newer, timeout, f"a status from {host} sent after {when}")
+
+
+async def _offline(controller: ControllerProcess, host: str) -> bool:
+    return not await host_online(controller, host)
 
 
 async def host_online(controller: ControllerProcess, host: str) -> bool:
