@@ -446,6 +446,84 @@ async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
         yield proc
 
 
+class SharedAgent:
+    """One agent for a module's tests that never stop, kill or reconfigure it: starting and
+    removing an agent per test was a large share of those modules' set-up. Each test
+    leases it; at the lease's end its projects are deleted and gone from Docker, so the next
+    test starts with the agent holding nothing but its holder pool."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self._running: contextlib.AbstractAsyncContextManager[AgentProcess] | None = None
+        self.proc: AgentProcess | None = None
+
+    async def get(self) -> AgentProcess:
+        if self.proc is None:
+            self._running = running_agent(self.stack)
+            self.proc = await self._running.__aenter__()
+        return self.proc
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[AgentProcess]:
+        proc = await self.get()
+        try:
+            yield proc
+        finally:
+            await delete_projects(self.stack, proc.host)
+
+    async def close(self) -> None:
+        """Stopped and removed with all it made, and offline for the controller (at once
+        after a clean shutdown; a stop that had to kill it takes `offline_after_s`): a test's
+        own agent, then the only host online, gets the test's projects. With its projects
+        deleted this host would otherwise tie with a new one for placement."""
+        running, self._running, proc = self._running, None, self.proc
+        self.proc = None
+        if running is None or proc is None:
+            return
+        await running.__aexit__(None, None, None)
+        c = self.stack.controller
+        assert c is not None
+        await wait_for(
+            lambda: _offline(c, proc.host), 60, f"host {proc.host} offline", interval=0.1
+        )
+
+
+@pytest.fixture(scope="module")
+async def shared_agent(stack: Stack) -> AsyncIterator[SharedAgent]:
+    """A module opts in with an `agent` fixture of its own that leases this one."""
+    shared = SharedAgent(stack)
+    try:
+        yield shared
+    finally:
+        await shared.close()
+
+
+async def delete_projects(stack: Stack, host: str) -> None:
+    """Delete the projects placed on `host`; wait until the controller has purged them (the
+    agent confirmed every add-on gone) and Docker holds nothing labelled with them."""
+    c = stack.controller
+    assert c is not None
+    status, body = await c.api("GET", "/v1/projects?limit=500")
+    assert status == 200, body
+    ids = [p["id"] for p in body["projects"] if p["host"] == host]
+    for pid in ids:
+        status, body = await c.api("DELETE", f"/v1/projects/{pid}")
+        assert status in (202, 404), (pid, status, body)
+
+    async def gone() -> bool:
+        for pid in ids:
+            status, _ = await c.api("GET", f"/v1/projects/{pid}")
+            if status != 404:
+                return False
+        return not any(
+            docker(*kind, "-q", "--filter", f"label=orkestr.project={pid}", check=False)
+            for pid in ids
+            for kind in (("ps", "-a"), ("volume", "ls"), ("network", "ls"))
+        )
+
+    await wait_for(gone, 60, f"projects {ids} deleted", interval=0.1)
+
+
 async def wait_for(check: Any, timeout: float, what: str, interval: float = 0.25) -> Any:
     """Poll `check` (sync or async) until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -518,6 +596,10 @@ async def wait_status_after(
         return seen is not None and datetime.fromisoformat(seen) > when
 
     await wait_for(newer, timeout, f"a status from {host} sent after {when}")
+
+
+async def _offline(controller: ControllerProcess, host: str) -> bool:
+    return not await host_online(controller, host)
 
 
 async def host_online(controller: ControllerProcess, host: str) -> bool:

@@ -7,7 +7,9 @@ Docker's defaults give about 31 bridge networks, so the first test fails without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -51,7 +53,11 @@ async def test_host_holds_250_project_networks() -> None:
     assert docker("network", "ls", "-q", "--filter", f"label=orkestr.host={host}") == ""
 
 
-async def test_remove_network_refuses_while_a_container_is_attached() -> None:
+@contextlib.asynccontextmanager
+async def one_network() -> AsyncIterator[tuple[Docker, str, str, str]]:
+    """A project network of a host of its own, and the name of a container the test may put
+    on it: (client, host, network, container). Both are removed at the end, and the host
+    must then hold no network."""
     host = host_name("n")
     project = uuid.uuid4().hex
     name = model.network_name(project)
@@ -59,58 +65,42 @@ async def test_remove_network_refuses_while_a_container_is_attached() -> None:
     async with Docker(host) as d:
         await d.create_network(name, project)
         try:
-            docker(
-                "run",
-                "-d",
-                "--name",
-                box,
-                "--network",
-                name,
-                "--label",
-                f"orkestr.host={host}",
-                "--label",
-                "orkestr.managed=1",
-                "orkestr-local/toolbox:bookworm",
-                "sleep",
-                "600",
-            )
-            with pytest.raises(NetworkRefused) as refused:
-                await d.remove_network(name)
-            assert refused.value.attached == (box,)  # what the operator is told to detach
-            docker("rm", "-f", "-v", box)
-            await d.remove_network(name)
-            await d.remove_network(name)  # already gone: fine
+            yield d, host, name, box
         finally:
             docker("rm", "-f", "-v", box, check=False)
             docker("network", "rm", name, check=False)
         assert (await d.snapshot()).networks == ()
+
+
+async def test_remove_network_refuses_while_a_container_is_attached() -> None:
+    async with one_network() as (d, host, name, box):
+        docker(
+            "run", "-d", "--name", box, "--network", name, "--label", f"orkestr.host={host}",
+            "--label", "orkestr.managed=1", "orkestr-local/toolbox:bookworm", "sleep", "600",
+        )  # fmt: skip
+        with pytest.raises(NetworkRefused) as refused:
+            await d.remove_network(name)
+        assert refused.value.attached == (box,)  # what the operator is told to detach
+        docker("rm", "-f", "-v", box)
+        await d.remove_network(name)
+        await d.remove_network(name)  # already gone: fine
 
 
 async def test_remove_network_refuses_while_a_stopped_container_is_on_it() -> None:
     """Docker removes a network that only stopped containers are on (it counts running
     endpoints), and such a container can never start again. The agent leaves it, and says
     which container holds it; once that container is gone the network goes."""
-    host = host_name("n")
-    project = uuid.uuid4().hex
-    name = model.network_name(project)
-    box = f"orkestr-test-{uuid.uuid4().hex[:10]}"
-    async with Docker(host) as d:
-        await d.create_network(name, project)
-        try:
-            # An operator's container (not managed: no orkestr.managed label), exited.
-            docker(
-                "create", "--name", box, "--network", name, "--label", f"orkestr.host={host}",
-                "orkestr-local/toolbox:bookworm", "true",
-            )  # fmt: skip
-            docker("start", "-a", box)
-            with pytest.raises(NetworkRefused) as refused:
-                await d.remove_network(name)
-            assert refused.value.attached == (box,)
-            assert [n.name for n in (await d.snapshot()).networks] == [name]
-            docker("start", "-a", box)  # still starts: its network is there
-            docker("rm", "-f", "-v", box)
+    async with one_network() as (d, host, name, box):
+        # An operator's container (not managed: no orkestr.managed label), exited.
+        docker(
+            "create", "--name", box, "--network", name, "--label", f"orkestr.host={host}",
+            "orkestr-local/toolbox:bookworm", "true",
+        )  # fmt: skip
+        docker("start", "-a", box)
+        with pytest.raises(NetworkRefused) as refused:
             await d.remove_network(name)
-        finally:
-            docker("rm", "-f", "-v", box, check=False)
-            docker("network", "rm", name, check=False)
-        assert (await d.snapshot()).networks == ()
+        assert refused.value.attached == (box,)
+        assert [n.name for n in (await d.snapshot()).networks] == [name]
+        docker("start", "-a", box)  # still starts: its network is there
+        docker("rm", "-f", "-v", box)
+        await d.remove_network(name)

@@ -24,6 +24,7 @@ from agent.specs import ADMIN_USER
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
+    SharedAgent,
     Stack,
     addon,
     create_addon,
@@ -90,6 +91,14 @@ async def stack() -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def agent(shared_agent: SharedAgent) -> AsyncIterator[AgentProcess]:
+    """One agent for the module (no test stops or reconfigures it); each test's projects
+    are deleted, and gone from Docker, at its end."""
+    async with shared_agent.lease() as proc:
+        yield proc
 
 
 def inspect(name: str) -> dict[str, Any]:

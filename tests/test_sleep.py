@@ -27,6 +27,7 @@ from schemas.storage import quota_bytes
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
+    SharedAgent,
     Stack,
     addon,
     container_state,
@@ -125,6 +126,21 @@ def db_state(addon_id: str) -> str:
 
 async def wait_db(addon_id: str, status: str, timeout: float = 30) -> None:
     await wait_for(lambda: db_state(addon_id) == status, timeout, f"db {status}", interval=0.1)
+
+
+@pytest.fixture
+async def agent(
+    request: pytest.FixtureRequest, stack: Stack, shared_agent: SharedAgent
+) -> AsyncIterator[AgentProcess]:
+    """The module's agent; a fresh one of the test's own for a test marked `own_agent`
+    (it stops, kills or restarts it)."""
+    if request.node.get_closest_marker("own_agent"):
+        await shared_agent.close()
+        async with running_agent(stack) as proc:
+            yield proc
+        return
+    async with shared_agent.lease() as proc:
+        yield proc
 
 
 @pytest.fixture
@@ -314,19 +330,22 @@ async def test_a_plan_that_stops_allowing_sleep_wakes_it_through_its_worker(
     assert any(x["type"] == "Sleeping" and x["reason"] == "Disabled" for x in view["conditions"])
 
 
-async def test_waking_works_with_broker_and_controller_down(stack: Stack, pg: Any) -> None:
-    c = stack.controller
-    assert c is not None
+async def test_wake_listener_answers_only_what_the_redirect_sends_it(pg: Any) -> None:
+    """Dialled directly (awake or asleep) the listener's port is dropped: no relay, no wake."""
     _project, a, client = pg
-    await stack.mosquitto.stop()
-    await c.stop()
-    try:
-        await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
-        r = await client.sh('psql "$DATABASE_URL" -tAc "select 7 * 6"')
-        assert r.returncode == 0 and r.stdout.strip() == "42", r
-    finally:
-        await stack.mosquitto.start()
-        await c.start()
+    direct = (
+        f'if timeout 2 bash -c "echo > /dev/tcp/{a["name"]}/15432" 2>/dev/null; '
+        "then echo REACHED; else echo BLOCKED; fi"
+    )
+    assert (await client.sh('psql "$DATABASE_URL" -tAc "select 1"')).returncode == 0
+    r = await client.sh(direct)
+    assert r.stdout.strip() == "BLOCKED", ("awake", r.stdout)
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    r = await client.sh(direct)
+    assert r.stdout.strip() == "BLOCKED", ("paused", r.stdout)
+    assert db_state(a["id"]) == "paused"  # and the attempt did not wake it
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select 40 + 2"')
+    assert r.stdout.strip() == "42", r
 
 
 async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
@@ -372,6 +391,23 @@ async def test_other_project_cannot_reach_addon_or_wake_listener_in_any_state(
         outsider.remove()
 
 
+@pytest.mark.own_agent
+async def test_waking_works_with_broker_and_controller_down(stack: Stack, pg: Any) -> None:
+    c = stack.controller
+    assert c is not None
+    _project, a, client = pg
+    await stack.mosquitto.stop()
+    await c.stop()
+    try:
+        await wait_db(a["id"], "exited", timeout=DEEP_S + 8)
+        r = await client.sh('psql "$DATABASE_URL" -tAc "select 7 * 6"')
+        assert r.returncode == 0 and r.stdout.strip() == "42", r
+    finally:
+        await stack.mosquitto.start()
+        await c.start()
+
+
+@pytest.mark.own_agent
 @pytest.mark.parametrize("how", ["sigterm", "kill9", "keeper_restarted_first", "light_kill9"])
 async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_returns(
     agent: AgentProcess, pg: Any, how: str
@@ -392,6 +428,7 @@ async def test_clients_connecting_while_the_agent_is_down_are_served_when_it_ret
     assert r.returncode == 0 and r.stdout.strip() == "42", r
 
 
+@pytest.mark.own_agent
 async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(
     agent: AgentProcess, pg: Any
 ) -> None:
@@ -406,6 +443,7 @@ async def test_restarted_agent_keeps_sleeping_addon_asleep_and_wakes_it(
     assert db_state(a["id"]) == "running"
 
 
+@pytest.mark.own_agent
 async def test_a_wake_cut_short_by_a_crash_is_resolved_by_the_restarted_agent(
     stack: Stack, agent: AgentProcess, pg: Any
 ) -> None:
@@ -421,24 +459,6 @@ async def test_a_wake_cut_short_by_a_crash_is_resolved_by_the_restarted_agent(
     await wait_db(a["id"], "exited", timeout=DEEP_S + 20)
     r = await client.sh('psql "$DATABASE_URL" -tAc "select 6 * 7"')
     assert r.returncode == 0 and r.stdout.strip() == "42", r
-
-
-async def test_wake_listener_answers_only_what_the_redirect_sends_it(pg: Any) -> None:
-    """Dialled directly (awake or asleep) the listener's port is dropped: no relay, no wake."""
-    _project, a, client = pg
-    direct = (
-        f'if timeout 2 bash -c "echo > /dev/tcp/{a["name"]}/15432" 2>/dev/null; '
-        "then echo REACHED; else echo BLOCKED; fi"
-    )
-    assert (await client.sh('psql "$DATABASE_URL" -tAc "select 1"')).returncode == 0
-    r = await client.sh(direct)
-    assert r.stdout.strip() == "BLOCKED", ("awake", r.stdout)
-    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
-    r = await client.sh(direct)
-    assert r.stdout.strip() == "BLOCKED", ("paused", r.stdout)
-    assert db_state(a["id"]) == "paused"  # and the attempt did not wake it
-    r = await client.sh('psql "$DATABASE_URL" -tAc "select 40 + 2"')
-    assert r.stdout.strip() == "42", r
 
 
 def _agent_metric(agent: AgentProcess, name: str) -> float:
@@ -458,12 +478,13 @@ def _agent_metric(agent: AgentProcess, name: str) -> float:
 
 
 async def test_a_flood_at_one_wake_listener_leaves_the_agent_serving_other_wakes(
-    stack: Stack,
+    stack: Stack, shared_agent: SharedAgent
 ) -> None:
     # A small per-add-on cap, so the connections that reach the listener while the add-on
     # starts (its deep wake takes ~100 ms) always exceed it, however loaded the machine is.
     cap = 8
     extra = f'wake_relays_per_addon = {cap}\ndeep_wake = "relay"'  # the relay's own caps
+    await shared_agent.close()  # the only agent online: the projects are placed on this one
     async with running_agent(stack, agent_extra=extra) as agent:
         await _flood(stack, agent, cap)
 
