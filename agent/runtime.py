@@ -155,6 +155,7 @@ class Agent:
             on_done=self.trigger,
             keep_deleted_days=config.backups.deleted_addon_days,
             keep_deleted_projects=config.backups.keep_deleted_projects,
+            prepare=self._backup_roles,
         )
         self.firewall = Firewall(self.host, config.network, docker)
         self.outputs = JobOutputs(
@@ -1040,6 +1041,13 @@ class Agent:
             tenant = (addon.user, self.secrets.password(addon.id))
             return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
         return await probe.redis(ip, admin, timeout_s)
+
+    async def _backup_roles(self, addon: AddonSpec, ip: str) -> None:
+        """The least roles made right on the live server before a backup step logs in."""
+        try:
+            await self.upkeep.platform_roles(addon, ip, self.config.agent.probe_timeout_s)
+        except (*probe.QUERY_ERRORS, resp.RespError) as exc:
+            raise AgentError(f"{exc.__class__.__name__}: {exc}") from None
 
     def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.sleep.hold(addon_id)

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, pg_passwords, placement, resp, smallfiles
+from agent import model, pg_passwords, placement, platform_roles, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -52,6 +52,7 @@ from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
 from agent.secrets import SecretStore
 from agent.specs import (
     ADMIN_USER,
+    BACKUP_USER,
     DATA_DIRS,
     PLATFORM_PG_SETTINGS,
     WAL_DIR,
@@ -321,6 +322,8 @@ class Upkeep:
         self._wal_fs: dict[str, tuple[str, int]] = {}
         # add-on id -> (login role, its verifier) last found to hold the platform's password
         self._password_checked: dict[str, tuple[str, str | None]] = {}
+        # add-on id -> what its least roles were last made right for (agent/platform_roles.py)
+        self._roles_made: dict[str, tuple[object, ...]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -408,6 +411,7 @@ class Upkeep:
         self._redis_config.pop(addon_id, None)
         self._wal_fs.pop(addon_id, None)
         self._password_checked.pop(addon_id, None)
+        self._roles_made.pop(addon_id, None)
         self._move_waits.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
@@ -654,7 +658,19 @@ class Upkeep:
         free: int | None,
         quota_only: bool = False,
     ) -> None:
-        conn = await asyncpg.connect(
+        conn = await self._pg_connect(addon, ip, timeout_s)
+        try:
+            if not quota_only:
+                await self._pg_database(conn, addon)
+                await self._pg_credentials(conn, addon)
+                await self._pg_roles(conn, addon)
+                await self._pg_wal(conn, addon)
+            await self._pg_quota(conn, addon, free)
+        finally:
+            await conn.close(timeout=timeout_s)
+
+    async def _pg_connect(self, addon: AddonSpec, ip: str, timeout_s: float) -> asyncpg.Connection:
+        return await asyncpg.connect(
             host=ip,
             port=PORTS["postgres"],
             user=ADMIN_USER,
@@ -671,14 +687,64 @@ class Upkeep:
                 "lock_timeout": str(max(1, int(timeout_s * 1000))),
             },
         )
+
+    # --- the least roles (agent/platform_roles.py) ------------------------------------
+    async def platform_roles(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+        """Make the backup (and restore) roles right on the live server now, whatever an
+        earlier round found, and let the backup role read every large object: run before
+        each backup or restore, so one asked for right after an upgrade, or after the
+        tenant revoked what the roles need, works. Waits for a running round."""
+        async with self._rounds.setdefault(addon.id, asyncio.Lock()):
+            if addon.kind == "postgres":
+                conn = await self._pg_connect(addon, ip, timeout_s)
+                try:
+                    await self._pg_roles(conn, addon, force=True)
+                finally:
+                    await conn.close(timeout=timeout_s)
+            else:
+                async with await resp.Connection.open(
+                    ip,
+                    PORTS["redis"],
+                    ADMIN_USER,
+                    self.secrets.admin_password(addon.id),
+                    timeout_s,
+                    "orkestr-upkeep",
+                ) as conn:
+                    await self._redis_roles(addon, conn)
+
+    async def _pg_roles(
+        self, conn: asyncpg.Connection, addon: AddonSpec, force: bool = False
+    ) -> None:
+        """Once per agent and passwords in the rounds; every time when `force`d."""
+        users = platform_roles.PG_USERS
+        passwords = {u: self.secrets.platform_password(addon.id, u) for u in users}
+        made = (addon.user, addon.database, *passwords.values())
+        if not force and self._roles_made.get(addon.id) == made:
+            return
         try:
-            if not quota_only:
-                await self._pg_database(conn, addon)
-                await self._pg_credentials(conn, addon)
-                await self._pg_wal(conn, addon)
-            await self._pg_quota(conn, addon, free)
-        finally:
-            await conn.close(timeout=timeout_s)
+            fixes = await platform_roles.ensure_postgres(
+                conn, addon.user, addon.database, passwords, large_objects=force
+            )
+        except asyncpg.PostgresError as exc:
+            if force:
+                raise
+            # The rest of the round (the quota above all) must not wait on it.
+            log.warning("upkeep.platform_roles_failed addon=%s error=%s", addon.id, exc)
+            return
+        if fixes:
+            log.info("upkeep.platform_roles addon=%s fixes=%r", addon.id, fixes)
+        self._roles_made[addon.id] = made
+
+    async def _redis_roles(self, addon: AddonSpec, conn: resp.Connection) -> None:
+        """Once per connection (a restarted server is a new one) and password."""
+        password = self.secrets.platform_password(addon.id, BACKUP_USER)
+        made = (conn.serial, password)
+        if self._roles_made.get(addon.id) == made:
+            return
+        if not self.secrets.redis_conf_has_backup_user(addon.id):
+            self.secrets.write_redis_conf(addon.id)  # for the next start of a conf made before
+        await platform_roles.ensure_redis(conn, password)
+        self._roles_made[addon.id] = made
 
     async def _pg_database(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         """Undo what the tenant, as its database's owner, can set to shut itself out.
@@ -893,6 +959,7 @@ class Upkeep:
         self, addon: AddonSpec, conn: resp.Connection, info: resp.Reply = None
     ) -> None:
         """`info`: the reply to `INFO memory` read with the probe (None: asked here, last)."""
+        await self._redis_roles(addon, conn)
         version = self._secret_version(addon.id)
         if version and self.secrets.applied(addon.id) != version:
             # Adds the new password; the old one stays until the grace ends.
