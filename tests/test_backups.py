@@ -527,13 +527,15 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
 
 def abandon_at(agent: AgentProcess, p: str, a: str, out: Path, host: str) -> bool:
     """Run the agent's PG_RESTORE_ABANDON as the agent does, in a toolbox container on the
-    project network with the add-on's secrets; whether it found the swap committed."""
+    project network with the restore role's password; whether it found the swap committed."""
     room = "room.tmp"
+    secret = agent.state_dir / "secrets" / a / specs.RESTORE_USER
     docker("run", "--rm", "--label", f"orkestr.host={agent.host}",
            "--network", model.network_name(p),
-           "-v", f"{out}:/backup", "-v", f"{agent.state_dir / 'secrets' / a}:/run/orkestr:ro",
-           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app", "-e", "BACKUP_USER=orkestr_admin",
-           "-e", "PASSWORD_FILE=admin_password", "-e", f"ROOM={room}",
+           "-v", f"{out}:/backup", "-v", f"{secret}:/run/orkestr:ro",
+           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app",
+           "-e", f"BACKUP_USER={specs.RESTORE_USER}", "-e", "PASSWORD_FILE=password",
+           "-e", f"ROOM={room}",
            "--entrypoint", "bash", TOOLBOX, "-c", backup_scripts.PG_RESTORE_ABANDON)  # fmt: skip
     found = (out / room).exists()
     (out / room).unlink(missing_ok=True)
@@ -1237,7 +1239,8 @@ async def test_a_redis_backup_does_not_wait_for_more_replicas(
     """`redis-cli --rdb` is a replica-style transfer, and Redis 7 holds a diskless one
     `repl-diskless-sync-delay` seconds (5 by default) for more replicas to join: half of a
     500 MB add-on's backup time (docs/benchmarks.md). New add-ons are configured without
-    the wait; an add-on configured before gets it switched off by the backup itself."""
+    the wait; an add-on configured before gets it switched off by the agent before the
+    dump (the backup user may not: agent/platform_roles.py)."""
     c = _c(stack)
     p = (await create_project(c, "team"))["id"]
     addon = await create_addon(c, p, "cache", "redis")
