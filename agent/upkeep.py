@@ -959,7 +959,6 @@ class Upkeep:
         self, addon: AddonSpec, conn: resp.Connection, info: resp.Reply = None
     ) -> None:
         """`info`: the reply to `INFO memory` read with the probe (None: asked here, last)."""
-        await self._redis_roles(addon, conn)
         version = self._secret_version(addon.id)
         if version and self.secrets.applied(addon.id) != version:
             # Adds the new password; the old one stays until the grace ends.
@@ -1001,6 +1000,7 @@ class Upkeep:
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
+        await self._redis_roles(addon, conn)  # last: the quota must not wait on it
 
     async def memory_check(self, addon: AddonSpec, db: model.ObservedContainer) -> None:
         """The MemoryLimit condition of a database that does not answer. The rounds reach

@@ -207,10 +207,10 @@ async def test_a_postgres_backup_container_can_read_and_nothing_more(
     assert backup["verified"] is True, backup["verify_error"]
     # Every row, past the forced policy the tenant itself is under.
     assert backup["counts"] == {"public.orders": 300}, backup["counts"]
-    no_admin_password(agent, a, seen)
     got = outcomes(as_dump_container(agent, p, seen, attempts(_PG_TRY, PG_ATTEMPTS)))
     assert got.pop("can read") == "300"
     assert got == dict.fromkeys(PG_ATTEMPTS, "refused"), got
+    no_admin_password(agent, a, seen)
 
     # The round trip: rows, policy and large object back after a change.
     await sql(c, p, "delete from orders where visible; select lo_unlink(4242)")
@@ -246,10 +246,10 @@ async def test_a_redis_backup_container_can_read_and_nothing_more(
         backup, seen = await backup_seen(c, p, a)
         assert backup["state"] == "succeeded", backup
         assert backup["verified"] is True, backup["verify_error"]
-        no_admin_password(agent, a, seen)
         got = outcomes(as_dump_container(agent, p, seen, attempts(_REDIS_TRY, REDIS_ATTEMPTS)))
         assert got.pop("can read") == "PONG"
         assert got == dict.fromkeys(REDIS_ATTEMPTS, "refused"), got
+        no_admin_password(agent, a, seen)
         assert await r.get("k1") == b"v1" and await r.get("forged") is None
         await r.flushall()
         done = await restore(c, p, a, backup["id"])
