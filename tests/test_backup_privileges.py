@@ -153,7 +153,7 @@ psql -X -At -d "$ADDON_DB" -c "SELECT 'can read|' || count(*) FROM orders"
 """
 
 REDIS_ATTEMPTS = {
-    "config set": "CONFIG SET dir /tmp",
+    "config set": "CONFIG SET maxmemory-policy allkeys-random",
     "acl setuser": "ACL SETUSER intruder on >x +@all ~*",
     "set": "SET forged 1",
     "get": "GET k1",
