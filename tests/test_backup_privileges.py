@@ -173,7 +173,7 @@ echo "can read|$(redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_US
 """
 
 
-def attempts(script: str, tries: dict[str, str]) -> dict[str, str]:
+def attempts(script: str, tries: dict[str, str]) -> str:
     body = "".join(f"try {json.dumps(name)} {json.dumps(cmd)}\n" for name, cmd in tries.items())
     return script + body
 
@@ -249,6 +249,13 @@ async def test_a_redis_backup_container_can_read_and_nothing_more(
         got = outcomes(as_dump_container(agent, p, seen, attempts(_REDIS_TRY, REDIS_ATTEMPTS)))
         assert got.pop("can read") == "PONG"
         assert got == dict.fromkeys(REDIS_ATTEMPTS, "refused"), got
+        # Refused by the user's ACL itself, not only by the server's settings (MODULE and
+        # DEBUG are off for everyone): Redis 7 says what the ACL would do with each.
+        for command in REDIS_ATTEMPTS.values():
+            verdict = await r.execute_command(
+                "ACL", "DRYRUN", seen.env["BACKUP_USER"], *command.split()
+            )
+            assert b"no permissions" in verdict, (command, verdict)
         no_admin_password(agent, a, seen)
         assert await r.get("k1") == b"v1" and await r.get("forged") is None
         await r.flushall()
