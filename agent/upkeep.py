@@ -14,6 +14,9 @@ fails is simply done again after the next probe.
   cleared (`PASSWORD NULL` / `ACL SETUSER default <old`). Neither cuts open connections.
   A password the tenant set on its own Postgres role (any role may) is put back each full
   round, and the retired login role's cleared again (agent/pg_passwords.py).
+- The least roles the backup containers log in as (agent/platform_roles.py): made right
+  once per agent and password (Redis: per connection), and again, forced, before each
+  backup or restore step (`platform_roles`).
 - Quota: usage is measured in bytes; at WARNING_RATIO a condition says so; at the quota
   Postgres refuses INSERT, UPDATE and DDL with a message naming the plan (statement
   triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
