@@ -75,6 +75,9 @@ from schemas.messages import (
 from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
+# Making the least roles right before a backup step (_backup_roles): per attempt, attempts.
+BACKUP_ROLES_TIMEOUT_S = 15.0
+BACKUP_ROLES_ATTEMPTS = 3
 
 HOST = "_host"  # owner key of host-level conditions
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -1043,11 +1046,22 @@ class Agent:
         return await probe.redis(ip, admin, timeout_s)
 
     async def _backup_roles(self, addon: AddonSpec, ip: str) -> None:
-        """The least roles made right on the live server before a backup step logs in."""
-        try:
-            await self.upkeep.platform_roles(addon, ip, self.config.agent.probe_timeout_s)
-        except (*probe.QUERY_ERRORS, resp.RespError) as exc:
-            raise AgentError(f"{exc.__class__.__name__}: {exc}") from None
+        """The least roles made right on the live server before a backup step logs in.
+
+        A backup may run for hours: a busy host's slow login (a probe's few seconds ran
+        out at load 40) is waited for longer, and tried again, before the step fails."""
+        timeout_s = max(BACKUP_ROLES_TIMEOUT_S, self.config.agent.probe_timeout_s)
+        for attempt in range(1, BACKUP_ROLES_ATTEMPTS + 1):
+            try:
+                await self.upkeep.platform_roles(addon, ip, timeout_s)
+                return
+            except (*probe.QUERY_ERRORS, resp.RespError) as exc:
+                if attempt == BACKUP_ROLES_ATTEMPTS:
+                    raise AgentError(f"{exc.__class__.__name__}: {exc}") from None
+                log.warning(
+                    "backup.roles_retry addon=%s attempt=%s error=%r", addon.id, attempt, exc
+                )
+                await asyncio.sleep(attempt)
 
     def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.sleep.hold(addon_id)

@@ -585,8 +585,9 @@ async def test_a_restore_stopped_anywhere_is_settled(
     # Killed while the copy grew, the live database closed for a swap not yet made, the
     # copy's connection still open.
     await sql(c, p, "create table keep(v text); insert into keep values ('live')")
-    tenant_sql(a, "create database app_orkestr_restore")
-    session = await tenant_session(a, "app_orkestr_restore")
+    # The copy is the tenant's and its session the restore role's, as the restore makes them.
+    tenant_sql(a, f'create database app_orkestr_restore owner "{owner}"')
+    session = await tenant_session(a, "app_orkestr_restore", specs.RESTORE_USER)
     try:
         tenant_sql(a, "alter database app with allow_connections false")
         assert run() is False
@@ -620,9 +621,9 @@ async def test_a_restore_resumed_after_the_agent_was_killed_mid_pg_restore(
     exists = f"select count(*) from pg_database where datname = '{copy}'"
     await wait_for(lambda: tenant_sql(a, exists) == "1", 60, "the restore's copy", 0.05)
     await agent.kill9()
-    # The killed run's backend, deterministically: a session on the copy that outlives
-    # the agent's removal of that run's container.
-    lingering = await tenant_session(a, copy)
+    # The killed run's backend, deterministically: a session of the restore role on the
+    # copy that outlives the agent's removal of that run's container.
+    lingering = await tenant_session(a, copy, specs.RESTORE_USER)
     try:
         await agent.start()
 
@@ -1042,10 +1043,13 @@ def tenant_sql(addon_id: str, statement: str, database: str = "postgres") -> str
     return docker("exec", db, "psql", "-U", "orkestr_admin", "-d", database, "-XAtc", statement)
 
 
-async def tenant_session(addon_id: str, database: str) -> asyncio.subprocess.Process:
-    """A psql session into the add-on's server, fed on stdin."""
+async def tenant_session(
+    addon_id: str, database: str, user: str = specs.ADMIN_USER
+) -> asyncio.subprocess.Process:
+    """A psql session into the add-on's server, fed on stdin (`user`: over the server's
+    own socket, which trusts it)."""
     return await asyncio.create_subprocess_exec(
-        *("docker", "exec", "-i", f"orkestr-{addon_id}-db", "psql", "-U", "orkestr_admin"),
+        *("docker", "exec", "-i", f"orkestr-{addon_id}-db", "psql", "-U", user),
         *("-d", database, "-XAtq"),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
