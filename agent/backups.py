@@ -137,10 +137,10 @@ def backup_credentials(addon: AddonSpec, op: str = "backup") -> tuple[str, str]:
     return user, "password"
 
 
-Prepare = Callable[[AddonSpec, str], Awaitable[None]]
+Prepare = Callable[[AddonSpec, str, str], Awaitable[None]]
 
 
-async def no_prepare(_addon: AddonSpec, _ip: str) -> None:
+async def no_prepare(_addon: AddonSpec, _ip: str, _role: str) -> None:
     return None
 
 
@@ -162,8 +162,8 @@ class BackupRunner:
         keep_deleted_projects: bool = False,
         prepare: Prepare = no_prepare,
     ) -> None:
-        """`prepare(addon, address)`: make the least roles right on the live server
-        (Upkeep.platform_roles), awaited before each step that logs in to it."""
+        """`prepare(addon, address, role)`: make the least roles right on the live server
+        (Upkeep.platform_roles), awaited before each step that logs in to it as `role`."""
         self.host = host
         self._prepare = prepare
         self.keep_deleted_days = keep_deleted_days
@@ -886,7 +886,7 @@ class BackupRunner:
         if "ADDON_HOST" in env:
             env = {**env, "ADDON_HOST": await self._address(project_id, addon)}
             if secrets:
-                await self._prepare_roles(addon, env["ADDON_HOST"])
+                await self._prepare_roles(addon, env["ADDON_HOST"], secrets)
         if secrets and not (self.secrets_root / addon.id / secrets / "password").is_file():
             raise StepFailed(f"no password for the {secrets} role on this host")
         container = self._container(
@@ -913,9 +913,9 @@ class BackupRunner:
                 await self.docker.remove(name)
             mark("remove")
 
-    async def _prepare_roles(self, addon: AddonSpec, ip: str) -> None:
+    async def _prepare_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
         try:
-            await self._prepare(addon, ip)
+            await self._prepare(addon, ip, role)
         except AgentError as exc:
             raise StepFailed(f"the backup role could not be made ready: {exc}") from None
 

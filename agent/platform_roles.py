@@ -56,7 +56,7 @@ class Wanted(Struct, frozen=True):
     createdb: bool
     bypassrls: bool
     member_of: frozenset[str]
-    connect_to: str  # "" for the tenant's database (the one the round is connected to)
+    connect_to: str  # "" for the tenant's database
 
 
 def wanted(tenant: str) -> dict[str, Wanted]:
@@ -92,7 +92,10 @@ SELECT a.rolname AS name, a.rolpassword AS verifier, a.rolsuper AS superuser,
              WHERE m.member = a.oid ORDER BY 1) AS member_of,
        ARRAY(SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.member
              WHERE m.roleid = a.oid ORDER BY 1) AS members,
-       has_database_privilege(a.oid, current_database(), 'CONNECT') AS connect_here,
+       -- The tenant's database by name: the connection may be to `postgres`, and the
+       -- tenant's may be renamed away mid-restore (then nothing to grant on it now).
+       CASE WHEN EXISTS (SELECT 1 FROM pg_database WHERE datname = $2::text)
+            THEN has_database_privilege(a.oid, $2::text, 'CONNECT') ELSE true END AS connect_here,
        has_database_privilege(a.oid, 'postgres', 'CONNECT') AS connect_postgres
 FROM pg_authid a WHERE a.rolname = ANY($1::text[])
 """
@@ -183,10 +186,11 @@ async def ensure_postgres(
     passwords: Mapping[str, str],
     large_objects: bool = False,
 ) -> list[str]:
-    """Make the roles what they should be, on a superuser's connection to the tenant's
-    database; `large_objects`: grant the backup role SELECT on each (before a dump).
+    """Make the roles what they should be, on a superuser's connection (to the tenant's
+    database or to `postgres`); `large_objects`: grant the backup role SELECT on each of
+    the connected database's (before a dump, connected to the tenant's).
     Returns the statements run, passwords left out (for the log)."""
-    rows = await conn.fetch(PG_ROLES_SQL, list(PG_USERS))
+    rows = await conn.fetch(PG_ROLES_SQL, list(PG_USERS), database)
     found = {r["name"]: msgspec.convert(dict(r.items()), Found) for r in rows}
     fixes = pg_fixes(found, tenant, database, passwords)
     for sql in fixes:

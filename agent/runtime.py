@@ -1045,7 +1045,7 @@ class Agent:
             return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
         return await probe.redis(ip, admin, timeout_s)
 
-    async def _backup_roles(self, addon: AddonSpec, ip: str) -> None:
+    async def _backup_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
         """The least roles made right on the live server before a backup step logs in.
 
         A backup may run for hours: a busy host's slow login (a probe's few seconds ran
@@ -1053,7 +1053,7 @@ class Agent:
         timeout_s = max(BACKUP_ROLES_TIMEOUT_S, self.config.agent.probe_timeout_s)
         for attempt in range(1, BACKUP_ROLES_ATTEMPTS + 1):
             try:
-                await self.upkeep.platform_roles(addon, ip, timeout_s)
+                await self.upkeep.platform_roles(addon, ip, timeout_s, role)
                 return
             except (*probe.QUERY_ERRORS, resp.RespError) as exc:
                 if attempt == BACKUP_ROLES_ATTEMPTS:

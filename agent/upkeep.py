@@ -672,12 +672,14 @@ class Upkeep:
         finally:
             await conn.close(timeout=timeout_s)
 
-    async def _pg_connect(self, addon: AddonSpec, ip: str, timeout_s: float) -> asyncpg.Connection:
+    async def _pg_connect(
+        self, addon: AddonSpec, ip: str, timeout_s: float, database: str = ""
+    ) -> asyncpg.Connection:
         return await asyncpg.connect(
             host=ip,
             port=PORTS["postgres"],
             user=ADMIN_USER,
-            database=addon.database,
+            database=database or addon.database,
             password=self.secrets.admin_password(addon.id),
             timeout=timeout_s,
             # Every statement bounded, and never queued for long behind a tenant's locks:
@@ -692,16 +694,24 @@ class Upkeep:
         )
 
     # --- the least roles (agent/platform_roles.py) ------------------------------------
-    async def platform_roles(self, addon: AddonSpec, ip: str, timeout_s: float) -> None:
+    async def platform_roles(
+        self, addon: AddonSpec, ip: str, timeout_s: float, role: str = BACKUP_USER
+    ) -> None:
         """Make the backup (and restore) roles right on the live server now, whatever an
-        earlier round found, and let the backup role read every large object: run before
-        each backup or restore, so one asked for right after an upgrade, or after the
-        tenant revoked what the roles need, works. Waits for a running round."""
+        earlier round found: run before each step of a backup or restore that logs in as
+        `role`, so one asked for right after an upgrade, or after the tenant revoked what
+        the roles need, works. Waits for a running round.
+
+        Postgres: before a dump (`BACKUP_USER`), in the tenant's database, where the
+        backup role is also granted every large object; before a restore's steps, in
+        `postgres`: the tenant's database may be closed, or renamed, by a restore an
+        agent killed mid-swap (the restore's script opens it again)."""
+        dump = role == BACKUP_USER
         async with self._rounds.setdefault(addon.id, asyncio.Lock()):
             if addon.kind == "postgres":
-                conn = await self._pg_connect(addon, ip, timeout_s)
+                conn = await self._pg_connect(addon, ip, timeout_s, "" if dump else "postgres")
                 try:
-                    await self._pg_roles(conn, addon, force=True)
+                    await self._pg_roles(conn, addon, force=True, large_objects=dump)
                 finally:
                     await conn.close(timeout=timeout_s)
             else:
@@ -716,7 +726,11 @@ class Upkeep:
                     await self._redis_roles(addon, conn)
 
     async def _pg_roles(
-        self, conn: asyncpg.Connection, addon: AddonSpec, force: bool = False
+        self,
+        conn: asyncpg.Connection,
+        addon: AddonSpec,
+        force: bool = False,
+        large_objects: bool = False,
     ) -> None:
         """Once per agent and passwords in the rounds; every time when `force`d."""
         users = platform_roles.PG_USERS
@@ -726,7 +740,7 @@ class Upkeep:
             return
         try:
             fixes = await platform_roles.ensure_postgres(
-                conn, addon.user, addon.database, passwords, large_objects=force
+                conn, addon.user, addon.database, passwords, large_objects=large_objects
             )
         except asyncpg.PostgresError as exc:
             if force:

@@ -324,3 +324,25 @@ async def test_an_addon_from_before_the_roles_gets_them_at_its_next_backup(
             assert backup["counts"] == counts
         assert json.loads(docker("inspect", model.db_name(addon_id)))[0]["Id"] == before[addon_id]
     assert "user orkestr_backup " in conf.read_text()  # for the next start too
+
+
+async def test_a_restore_after_one_killed_mid_swap_runs_with_the_database_closed(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """An agent killed between closing the live database and the swap leaves it closed;
+    the restore's script opens it again first. The roles' step before the script must not
+    need it open (it connects to `postgres`): it did, and the restore failed ('database
+    "app" is not currently accepting connections')."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "closed-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    await sql(c, p, "create table t(x int); insert into t select generate_series(1, 7)")
+    backup = await backup_now(c, p, a)
+    assert backup["verified"] is True, backup
+    await sql(c, p, "insert into t values (8)")
+    docker("exec", model.db_name(a), "psql", "-U", specs.ADMIN_USER, "-d", "postgres", "-XAtc",
+           "ALTER DATABASE app WITH ALLOW_CONNECTIONS false")  # fmt: skip
+    done = await restore(c, p, a, backup["id"])
+    assert done["state"] == "succeeded", done
+    assert await sql(c, p, "select count(*) from t") == "7"
