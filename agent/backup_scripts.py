@@ -13,7 +13,7 @@ from __future__ import annotations
 from agent.specs import PLATFORM_PG_SETTINGS
 
 # libpq's PGOPTIONS: every psql and pg_dump session pins what a tenant's database-level
-# settings could otherwise change under the platform's superuser (agent/specs.py).
+# settings could otherwise change under the platform's role (agent/specs.py).
 PG_OPTIONS = " ".join(f"-c {name}={value}" for name, value in PLATFORM_PG_SETTINGS)
 
 _PRELUDE = (
@@ -133,7 +133,10 @@ as_pg pg_ctl -D "$scratch/data" -m immediate stop >/dev/null
 )
 
 # Restored beside the live database, then swapped in by two renames in one transaction;
-# until the swap the live database is untouched, and a failure leaves it as it was.
+# until the swap the live database is untouched, and a failure leaves it as it was. As the
+# restore role (agent/platform_roles.py), no superuser: the swap ends the sessions it may
+# end (the tenant's; the agent's own superuser sessions are brief, and the rename waits
+# for them), and the autovacuum workers are ended by the rename itself.
 PG_RESTORE = (
     _PRELUDE
     + _PG_CONNECT
@@ -173,8 +176,9 @@ sql -c "ALTER DATABASE \"$ADDON_DB\" WITH ALLOW_CONNECTIONS false"
 swapped=0
 for attempt in 1 2 3 4 5; do
   if sql <<SQL
-SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-WHERE datname = '$ADDON_DB' AND pid <> pg_backend_pid();
+SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a
+WHERE a.datname = '$ADDON_DB' AND a.pid <> pg_backend_pid()
+  AND NOT COALESCE((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = a.usesysid), true);
 SELECT pg_sleep(0.05);
 BEGIN;
 ALTER DATABASE "$ADDON_DB" RENAME TO "$old";
@@ -273,9 +277,8 @@ REDIS_BACKUP = (
     + _KEYS
     + _REDIS_CONNECT
     + r"""
-# An add-on whose redis.conf predates `repl-diskless-sync-delay 0` (agent/secrets.py)
-# would hold every transfer 5 s waiting for more replicas.
-rcli CONFIG SET repl-diskless-sync-delay 0 >/dev/null
+# The backup user may PING, INFO and SYNC, nothing else (agent/platform_roles.py); the
+# agent set `repl-diskless-sync-delay 0` on a server whose redis.conf lacks it.
 before=$(keys rcli)
 rcli --rdb "/backup/$OUT" >/dev/null
 after=$(keys rcli)

@@ -124,13 +124,24 @@ def _transfer(growing: GrowingHash | None, phases: Phases) -> str:
     return f" first_byte=+{growing.first_byte - start:.3f} last_byte=+{last - start:.3f}"
 
 
-def backup_credentials(addon: AddonSpec) -> tuple[str, str]:
-    """(role, secret file name) a backup or restore connects with: the platform's own.
+def backup_credentials(addon: AddonSpec, op: str = "backup") -> tuple[str, str]:
+    """(role, secret file name) a dump or a restore connects to the live server with: one
+    of the least roles (agent/platform_roles.py), never the platform's superuser. Its
+    password is alone in the directory the container mounts (`SecretStore.platform_dir`).
 
-    Postgres: the superuser the image creates (the tenant's role is not one); Redis: the
-    ACL user with the admin commands a replica-style RDB transfer needs.
+    Postgres: the backup role reads (pg_read_all_data, BYPASSRLS); the restore role builds
+    the tenant's copy and swaps it in. Redis: the backup user may only PING, INFO and take
+    a replica's RDB (SYNC); a Redis restore works on the volume and connects to nothing.
     """
-    return specs.ADMIN_USER, "admin_password"
+    user = specs.RESTORE_USER if op == "restore" and addon.kind == "postgres" else specs.BACKUP_USER
+    return user, "password"
+
+
+Prepare = Callable[[AddonSpec, str, str], Awaitable[None]]
+
+
+async def no_prepare(_addon: AddonSpec, _ip: str, _role: str) -> None:
+    return None
 
 
 class BackupRunner:
@@ -149,8 +160,12 @@ class BackupRunner:
         on_done: Callable[[], None],
         keep_deleted_days: float = 7.0,
         keep_deleted_projects: bool = False,
+        prepare: Prepare = no_prepare,
     ) -> None:
+        """`prepare(addon, address, role)`: make the least roles right on the live server
+        (Upkeep.platform_roles), awaited before each step that logs in to it as `role`."""
         self.host = host
+        self._prepare = prepare
         self.keep_deleted_days = keep_deleted_days
         self.keep_projects = keep_deleted_projects
         self.docker = docker
@@ -425,7 +440,7 @@ class BackupRunner:
                 "PASSWORD_FILE": password_file,
             },
             network=model.network_name(project_id),
-            secrets=True,
+            secrets=user,
             phases=phases,
         )
 
@@ -507,7 +522,7 @@ class BackupRunner:
         if spec.sha256 is None:
             raise StepFailed("a restore needs the backup's sha256")
         phases = Phases()
-        user, password_file = backup_credentials(addon)
+        user, password_file = backup_credentials(addon, "restore")
         env = {
             "IN": final.name,
             "COUNTS": f"{spec.id}.restore.tmp",
@@ -584,7 +599,7 @@ class BackupRunner:
                 backup_scripts.PG_RESTORE,
                 env,
                 network=model.network_name(project_id),
-                secrets=True,
+                secrets=env["BACKUP_USER"],
                 watch=watch,
             )
         except RoomExhausted as exc:
@@ -598,7 +613,7 @@ class BackupRunner:
                 backup_scripts.PG_RESTORE_ABANDON,
                 env,
                 network=model.network_name(project_id),
-                secrets=True,
+                secrets=env["BACKUP_USER"],
             )
             swapped = (final.parent / room).exists()
             log.warning("backup.restore_stopped op=%s swapped=%s", op_key(spec), swapped)
@@ -678,7 +693,7 @@ class BackupRunner:
                     backup_scripts.PG_RESTORE_CLEANUP,
                     env,
                     network=model.network_name(project_id),
-                    secrets=True,
+                    secrets=env["BACKUP_USER"],
                 )
             else:
                 await self._step(
@@ -856,7 +871,7 @@ class BackupRunner:
         script: str,
         env: dict[str, str],
         network: str,
-        secrets: bool = False,
+        secrets: str = "",
         volume: bool = False,
         watch: Callable[[], None] | None = None,
         phases: Phases | None = None,
@@ -870,6 +885,10 @@ class BackupRunner:
         mark = phases.mark if phases is not None else lambda _name: None
         if "ADDON_HOST" in env:
             env = {**env, "ADDON_HOST": await self._address(project_id, addon)}
+            if secrets:
+                await self._prepare_roles(addon, env["ADDON_HOST"], secrets)
+        if secrets and not (self.secrets_root / addon.id / secrets / "password").is_file():
+            raise StepFailed(f"no password for the {secrets} role on this host")
         container = self._container(
             spec, step, project_id, addon, script, env, network, secrets, volume
         )
@@ -893,6 +912,12 @@ class BackupRunner:
             with contextlib.suppress(AgentError):
                 await self.docker.remove(name)
             mark("remove")
+
+    async def _prepare_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
+        try:
+            await self._prepare(addon, ip, role)
+        except AgentError as exc:
+            raise StepFailed(f"the backup role could not be made ready: {exc}") from None
 
     async def _address(self, project_id: str, addon: AddonSpec) -> str:
         """The add-on's address on its project network, never its name: the tenant's apps
@@ -940,17 +965,17 @@ class BackupRunner:
         script: str,
         env: dict[str, str],
         network: str,
-        secrets: bool = False,
+        secrets: str = "",
         volume: bool = False,
     ) -> specs.ContainerSpec:
+        """`secrets`: the least role whose password directory (that alone) is mounted."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
         addon_dir = self.store.addon_dir(project_id, addon.id)
         mounts = [specs.Mount("bind", str(addon_dir), "/backup")]
         if secrets:
-            mounts.append(
-                specs.Mount("bind", str(self.secrets_root / addon.id), specs.SECRET_MOUNT, True)
-            )
+            source = self.secrets_root / addon.id / secrets
+            mounts.append(specs.Mount("bind", str(source), specs.SECRET_MOUNT, True))
         if volume:
             mounts.append(
                 specs.Mount("volume", model.volume_name(addon.id), specs.DATA_DIRS[addon.kind])

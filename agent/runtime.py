@@ -75,6 +75,9 @@ from schemas.messages import (
 from schemas.signed import Verifier
 
 log = logging.getLogger("orkestr.agent")
+# Making the least roles right before a backup step (_backup_roles): per attempt, attempts.
+BACKUP_ROLES_TIMEOUT_S = 15.0
+BACKUP_ROLES_ATTEMPTS = 3
 
 HOST = "_host"  # owner key of host-level conditions
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -155,6 +158,7 @@ class Agent:
             on_done=self.trigger,
             keep_deleted_days=config.backups.deleted_addon_days,
             keep_deleted_projects=config.backups.keep_deleted_projects,
+            prepare=self._backup_roles,
         )
         self.firewall = Firewall(self.host, config.network, docker)
         self.outputs = JobOutputs(
@@ -1051,6 +1055,24 @@ class Agent:
             tenant = (addon.user, self.secrets.password(addon.id))
             return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
         return await probe.redis(ip, admin, timeout_s)
+
+    async def _backup_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
+        """The least roles made right on the live server before a backup step logs in.
+
+        A backup may run for hours: a busy host's slow login (a probe's few seconds ran
+        out at load 40) is waited for longer, and tried again, before the step fails."""
+        timeout_s = max(BACKUP_ROLES_TIMEOUT_S, self.config.agent.probe_timeout_s)
+        for attempt in range(1, BACKUP_ROLES_ATTEMPTS + 1):
+            try:
+                await self.upkeep.platform_roles(addon, ip, timeout_s, role)
+                return
+            except (*probe.QUERY_ERRORS, resp.RespError) as exc:
+                if attempt == BACKUP_ROLES_ATTEMPTS:
+                    raise AgentError(f"{exc.__class__.__name__}: {exc}") from None
+                log.warning(
+                    "backup.roles_retry addon=%s attempt=%s error=%r", addon.id, attempt, exc
+                )
+                await asyncio.sleep(attempt)
 
     def _hold_awake(self, addon_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.sleep.hold(addon_id)

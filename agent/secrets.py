@@ -1,10 +1,14 @@
 """Add-on secrets on the host's disk, mounted read-only into the add-on's container.
 
-Two credentials per add-on:
+Credentials per add-on:
 - the tenant's password (from the controller), which the app's connection variables carry;
 - the platform's own (`admin_password`, made here and never leaving this host), for the
-  agent's probes, backups and rotation. Tenants never see it: their Postgres role is not a
+  agent's probes, upkeep and rotation. Tenants never see it: their Postgres role is not a
   superuser and their Redis user has no admin commands, so neither can read server files.
+- the least roles' (agent/platform_roles.py), made here too, each alone in a directory of
+  its own (`<add-on>/<role>/password`, 0700 and 0400 root): that directory is all a backup
+  container mounts, so the admin password never reaches one. Made again at each rotation
+  of the tenant's password; made on first use for an add-on from before these roles.
 
 Passwords reach the database as files (POSTGRES_PASSWORD_FILE, an init script that reads
 the file, or a redis.conf), never as environment variables or process arguments, both of
@@ -21,7 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent import smallfiles
-from agent.specs import ADMIN_USER, SECRET_MOUNT
+from agent.platform_roles import redis_acl_line
+from agent.specs import ADMIN_USER, BACKUP_USER, RESTORE_USER, SECRET_MOUNT
+
+PLATFORM_USERS = {"postgres": (BACKUP_USER, RESTORE_USER), "redis": (BACKUP_USER,)}
 
 # Sourced by the postgres image's entrypoint (the official one and ours) on the first
 # start of an empty volume, connected as the platform's superuser. psql reads the password
@@ -45,7 +52,11 @@ REDIS_TENANT_EXTRA = (
 
 
 def redis_conf(
-    password: str, admin_password: str, previous: str | None = None, maxmemory: int | None = None
+    password: str,
+    admin_password: str,
+    previous: str | None = None,
+    maxmemory: int | None = None,
+    backup_password: str | None = None,
 ) -> str:
     # The tenant is the `default` user, so `redis://:password@host` and a bare AUTH keep
     # working; it loses CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, REPLICAOF and the like.
@@ -69,6 +80,7 @@ def redis_conf(
         f"user default reset on >{password} ~* &* +@all -@admin -@dangerous"
         f" {REDIS_TENANT_EXTRA}\n"
         f"user {ADMIN_USER} reset on >{admin_password} ~* &* +@all\n"
+        + (redis_acl_line(backup_password) if backup_password else "")
         # The memory quota from the first command after every start (a deep wake is a
         # start), not from the upkeep's first CONFIG SET a moment later.
         + (f"maxmemory {maxmemory}\nmaxmemory-policy noeviction\n" if maxmemory else "")
@@ -151,6 +163,38 @@ class SecretStore:
     def admin_password(self, addon_id: str) -> str:
         return smallfiles.read_text(self._file(addon_id, "admin_password"))
 
+    def platform_dir(self, addon_id: str, user: str) -> Path:
+        """The directory a backup container mounts for `user`: its password alone."""
+        return self.dir(addon_id) / user
+
+    def platform_password(self, addon_id: str, user: str) -> str:
+        """The password of one of the least roles, made now if missing (an add-on from
+        before them, or a rotation that made it anew)."""
+        try:
+            return smallfiles.read_text(self._file(addon_id, f"{user}/password"))
+        except OSError:
+            return self._new_platform_password(addon_id, user)
+
+    def _new_platform_password(self, addon_id: str, user: str) -> str:
+        d = self.platform_dir(addon_id, user)
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        password = secrets.token_urlsafe(32)
+        _write(d / "password", password, 0o400)
+        return password
+
+    def redis_conf_has_backup_user(self, addon_id: str) -> bool:
+        try:
+            conf = smallfiles.read_text(self._file(addon_id, "redis.conf"))
+        except OSError:
+            return False
+        return f"\nuser {BACKUP_USER} " in conf
+
+    def write_redis_conf(self, addon_id: str) -> None:
+        """redis.conf again, as it is now plus the backup user (a conf made before it)."""
+        prev = self.previous(addon_id)
+        self._write_redis_conf(addon_id, self.redis_maxmemory(addon_id), prev[0] if prev else None)
+
     def previous(self, addon_id: str) -> tuple[str, float] | None:
         """The password before the last rotation and when it stops working (epoch s)."""
         try:
@@ -192,11 +236,14 @@ class SecretStore:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)
         old = d / "password"
-        if old.is_file() and previous_valid_until is not None:
-            # A rotation: the password in use so far keeps working until the grace ends.
-            before = old.read_text()
-            if before != password:
-                _write(d / "previous_password", before, 0o400)
+        if old.is_file() and old.read_text() != password:
+            # A rotation: the least roles' passwords are made anew with the tenant's (the
+            # upkeep sets them on the server); no grace: only the agent's containers use them.
+            for user in PLATFORM_USERS.get(kind, ()):
+                self._new_platform_password(addon_id, user)
+            if previous_valid_until is not None:
+                # The password in use so far keeps working until the grace ends.
+                _write(d / "previous_password", old.read_text(), 0o400)
                 _write(d / "retire_at", repr(previous_valid_until), 0o400)
         _write(d / "password", password, 0o444)
         # Made once and kept across tenant rotations: the data volume already knows it.
@@ -244,7 +291,11 @@ class SecretStore:
 
     def _write_redis_conf(self, addon_id: str, maxmemory: int | None, previous: str | None) -> None:
         conf = redis_conf(
-            self.password(addon_id), self.admin_password(addon_id), previous, maxmemory
+            self.password(addon_id),
+            self.admin_password(addon_id),
+            previous,
+            maxmemory,
+            self.platform_password(addon_id, BACKUP_USER),
         )
         _write(self.dir(addon_id) / "redis.conf", conf, 0o444)
         self._conf_quota[addon_id] = maxmemory or 0

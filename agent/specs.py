@@ -31,6 +31,12 @@ WAL_DIR = "/var/lib/postgresql/wal"
 # The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
 # Tenants never see its password; their own role is neither superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
+# The least roles the backup containers log in as (agent/platform_roles.py): a dump reads
+# (Postgres and Redis), a Postgres restore builds a database beside the live one for the
+# tenant and swaps it in. Neither is a superuser; their passwords are the only secret
+# a backup container gets.
+BACKUP_USER = "orkestr_backup"
+RESTORE_USER = "orkestr_restore"
 # What every platform session into a tenant's database sets when it connects. The tenant
 # owns its database, so `ALTER DATABASE ... SET` is its to use, and those settings apply
 # to every session, the platform's superuser included: a `search_path` with its own schema

@@ -14,6 +14,9 @@ fails is simply done again after the next probe.
   cleared (`PASSWORD NULL` / `ACL SETUSER default <old`). Neither cuts open connections.
   A password the tenant set on its own Postgres role (any role may) is put back each full
   round, and the retired login role's cleared again (agent/pg_passwords.py).
+- The least roles the backup containers log in as (agent/platform_roles.py): made right
+  once per agent and password (Redis: per connection), and again, forced, before each
+  backup or restore step (`platform_roles`).
 - Quota: usage is measured in bytes; at WARNING_RATIO a condition says so; at the quota
   Postgres refuses INSERT, UPDATE and DDL with a message naming the plan (statement
   triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
@@ -46,7 +49,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, pg_passwords, placement, resp, smallfiles
+from agent import model, pg_passwords, placement, platform_roles, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -55,6 +58,7 @@ from agent.metrics import ADDON_QUOTA_BYTES, ADDON_USAGE_BYTES
 from agent.secrets import SecretStore
 from agent.specs import (
     ADMIN_USER,
+    BACKUP_USER,
     DATA_DIRS,
     PLATFORM_PG_SETTINGS,
     WAL_DIR,
@@ -344,6 +348,8 @@ class Upkeep:
         self._wal_fs: dict[str, tuple[str, int]] = {}
         # add-on id -> (login role, its verifier) last found to hold the platform's password
         self._password_checked: dict[str, tuple[str, str | None]] = {}
+        # add-on id -> what its least roles were last made right for (agent/platform_roles.py)
+        self._roles_made: dict[str, tuple[object, ...]] = {}
 
     def busy(self, addon_id: str) -> bool:
         lock = self._rounds.get(addon_id)
@@ -431,6 +437,7 @@ class Upkeep:
         self._redis_config.pop(addon_id, None)
         self._wal_fs.pop(addon_id, None)
         self._password_checked.pop(addon_id, None)
+        self._roles_made.pop(addon_id, None)
         self._move_waits.pop(addon_id, None)
         lock = self._rounds.get(addon_id)
         if lock is not None and not lock.locked():
@@ -677,11 +684,26 @@ class Upkeep:
         free: int | None,
         quota_only: bool = False,
     ) -> None:
-        conn = await asyncpg.connect(
+        conn = await self._pg_connect(addon, ip, timeout_s)
+        try:
+            if not quota_only:
+                await self._pg_database(conn, addon)
+                await self._pg_credentials(conn, addon)
+                await self._pg_roles(conn, addon)
+                await self._pg_wal(conn, addon)
+                await self._pg_temp_files(conn, addon)
+            await self._pg_quota(conn, addon, free)
+        finally:
+            await conn.close(timeout=timeout_s)
+
+    async def _pg_connect(
+        self, addon: AddonSpec, ip: str, timeout_s: float, database: str = ""
+    ) -> asyncpg.Connection:
+        return await asyncpg.connect(
             host=ip,
             port=PORTS["postgres"],
             user=ADMIN_USER,
-            database=addon.database,
+            database=database or addon.database,
             password=self.secrets.admin_password(addon.id),
             timeout=timeout_s,
             # Every statement bounded, and never queued for long behind a tenant's locks:
@@ -694,15 +716,76 @@ class Upkeep:
                 "lock_timeout": str(max(1, int(timeout_s * 1000))),
             },
         )
+
+    # --- the least roles (agent/platform_roles.py) ------------------------------------
+    async def platform_roles(
+        self, addon: AddonSpec, ip: str, timeout_s: float, role: str = BACKUP_USER
+    ) -> None:
+        """Make the backup (and restore) roles right on the live server now, whatever an
+        earlier round found: run before each step of a backup or restore that logs in as
+        `role`, so one asked for right after an upgrade, or after the tenant revoked what
+        the roles need, works. Waits for a running round.
+
+        Postgres: before a dump (`BACKUP_USER`), in the tenant's database, where the
+        backup role is also granted every large object; before a restore's steps, in
+        `postgres`: the tenant's database may be closed, or renamed, by a restore an
+        agent killed mid-swap (the restore's script opens it again)."""
+        dump = role == BACKUP_USER
+        async with self._rounds.setdefault(addon.id, asyncio.Lock()):
+            if addon.kind == "postgres":
+                conn = await self._pg_connect(addon, ip, timeout_s, "" if dump else "postgres")
+                try:
+                    await self._pg_roles(conn, addon, force=True, large_objects=dump)
+                finally:
+                    await conn.close(timeout=timeout_s)
+            else:
+                async with await resp.Connection.open(
+                    ip,
+                    PORTS["redis"],
+                    ADMIN_USER,
+                    self.secrets.admin_password(addon.id),
+                    timeout_s,
+                    "orkestr-upkeep",
+                ) as conn:
+                    await self._redis_roles(addon, conn)
+
+    async def _pg_roles(
+        self,
+        conn: asyncpg.Connection,
+        addon: AddonSpec,
+        force: bool = False,
+        large_objects: bool = False,
+    ) -> None:
+        """Once per agent and passwords in the rounds; every time when `force`d."""
+        users = platform_roles.PG_USERS
+        passwords = {u: self.secrets.platform_password(addon.id, u) for u in users}
+        made = (addon.user, addon.database, *passwords.values())
+        if not force and self._roles_made.get(addon.id) == made:
+            return
         try:
-            if not quota_only:
-                await self._pg_database(conn, addon)
-                await self._pg_credentials(conn, addon)
-                await self._pg_wal(conn, addon)
-                await self._pg_temp_files(conn, addon)
-            await self._pg_quota(conn, addon, free)
-        finally:
-            await conn.close(timeout=timeout_s)
+            fixes = await platform_roles.ensure_postgres(
+                conn, addon.user, addon.database, passwords, large_objects=large_objects
+            )
+        except asyncpg.PostgresError as exc:
+            if force:
+                raise
+            # The rest of the round (the quota above all) must not wait on it.
+            log.warning("upkeep.platform_roles_failed addon=%s error=%s", addon.id, exc)
+            return
+        if fixes:
+            log.info("upkeep.platform_roles addon=%s fixes=%r", addon.id, fixes)
+        self._roles_made[addon.id] = made
+
+    async def _redis_roles(self, addon: AddonSpec, conn: resp.Connection) -> None:
+        """Once per connection (a restarted server is a new one) and password."""
+        password = self.secrets.platform_password(addon.id, BACKUP_USER)
+        made = (conn.serial, password)
+        if self._roles_made.get(addon.id) == made:
+            return
+        if not self.secrets.redis_conf_has_backup_user(addon.id):
+            self.secrets.write_redis_conf(addon.id)  # for the next start of a conf made before
+        await platform_roles.ensure_redis(conn, password)
+        self._roles_made[addon.id] = made
 
     async def _pg_database(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         """Undo what the tenant, as its database's owner, can set to shut itself out.
@@ -991,6 +1074,7 @@ class Upkeep:
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
+        await self._redis_roles(addon, conn)  # last: the quota must not wait on it
 
     async def memory_check(self, addon: AddonSpec, db: model.ObservedContainer) -> None:
         """The MemoryLimit condition of a database that does not answer. The rounds reach

@@ -132,7 +132,7 @@ def check_against_agent(memory_mb: int, state: Path) -> None:
     )
     spec = BackupSpec(id="b" * 32, op="backup", addon_id=addon.id, backup_id="b" * 32)
     hc: Any = specs.create_body(
-        runner._container(spec, "dump", "c" * 32, addon, "true", {}, "net", True), "h"
+        runner._container(spec, "dump", "c" * 32, addon, "true", {}, "net", "orkestr_backup"), "h"
     )["HostConfig"]
     assert hc["Memory"] == hc["MemorySwap"] == memory_mb << 20, hc
     assert hc["PidsLimit"] == 256 and hc["CapDrop"] == ["ALL"], hc

@@ -527,13 +527,15 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
 
 def abandon_at(agent: AgentProcess, p: str, a: str, out: Path, host: str) -> bool:
     """Run the agent's PG_RESTORE_ABANDON as the agent does, in a toolbox container on the
-    project network with the add-on's secrets; whether it found the swap committed."""
+    project network with the restore role's password; whether it found the swap committed."""
     room = "room.tmp"
+    secret = agent.state_dir / "secrets" / a / specs.RESTORE_USER
     docker("run", "--rm", "--label", f"orkestr.host={agent.host}",
            "--network", model.network_name(p),
-           "-v", f"{out}:/backup", "-v", f"{agent.state_dir / 'secrets' / a}:/run/orkestr:ro",
-           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app", "-e", "BACKUP_USER=orkestr_admin",
-           "-e", "PASSWORD_FILE=admin_password", "-e", f"ROOM={room}",
+           "-v", f"{out}:/backup", "-v", f"{secret}:/run/orkestr:ro",
+           "-e", f"ADDON_HOST={host}", "-e", "ADDON_DB=app",
+           "-e", f"BACKUP_USER={specs.RESTORE_USER}", "-e", "PASSWORD_FILE=password",
+           "-e", f"ROOM={room}",
            "--entrypoint", "bash", TOOLBOX, "-c", backup_scripts.PG_RESTORE_ABANDON)  # fmt: skip
     found = (out / room).exists()
     (out / room).unlink(missing_ok=True)
@@ -583,8 +585,9 @@ async def test_a_restore_stopped_anywhere_is_settled(
     # Killed while the copy grew, the live database closed for a swap not yet made, the
     # copy's connection still open.
     await sql(c, p, "create table keep(v text); insert into keep values ('live')")
-    tenant_sql(a, "create database app_orkestr_restore")
-    session = await tenant_session(a, "app_orkestr_restore")
+    # The copy is the tenant's and its session the restore role's, as the restore makes them.
+    tenant_sql(a, f'create database app_orkestr_restore owner "{owner}"')
+    session = await tenant_session(a, "app_orkestr_restore", specs.RESTORE_USER)
     try:
         tenant_sql(a, "alter database app with allow_connections false")
         assert run() is False
@@ -618,9 +621,9 @@ async def test_a_restore_resumed_after_the_agent_was_killed_mid_pg_restore(
     exists = f"select count(*) from pg_database where datname = '{copy}'"
     await wait_for(lambda: tenant_sql(a, exists) == "1", 60, "the restore's copy", 0.05)
     await agent.kill9()
-    # The killed run's backend, deterministically: a session on the copy that outlives
-    # the agent's removal of that run's container.
-    lingering = await tenant_session(a, copy)
+    # The killed run's backend, deterministically: a session of the restore role on the
+    # copy that outlives the agent's removal of that run's container.
+    lingering = await tenant_session(a, copy, specs.RESTORE_USER)
     try:
         await agent.start()
 
@@ -1040,10 +1043,13 @@ def tenant_sql(addon_id: str, statement: str, database: str = "postgres") -> str
     return docker("exec", db, "psql", "-U", "orkestr_admin", "-d", database, "-XAtc", statement)
 
 
-async def tenant_session(addon_id: str, database: str) -> asyncio.subprocess.Process:
-    """A psql session into the add-on's server, fed on stdin."""
+async def tenant_session(
+    addon_id: str, database: str, user: str = specs.ADMIN_USER
+) -> asyncio.subprocess.Process:
+    """A psql session into the add-on's server, fed on stdin (`user`: over the server's
+    own socket, which trusts it)."""
     return await asyncio.create_subprocess_exec(
-        *("docker", "exec", "-i", f"orkestr-{addon_id}-db", "psql", "-U", "orkestr_admin"),
+        *("docker", "exec", "-i", f"orkestr-{addon_id}-db", "psql", "-U", user),
         *("-d", database, "-XAtq"),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -1237,7 +1243,8 @@ async def test_a_redis_backup_does_not_wait_for_more_replicas(
     """`redis-cli --rdb` is a replica-style transfer, and Redis 7 holds a diskless one
     `repl-diskless-sync-delay` seconds (5 by default) for more replicas to join: half of a
     500 MB add-on's backup time (docs/benchmarks.md). New add-ons are configured without
-    the wait; an add-on configured before gets it switched off by the backup itself."""
+    the wait; an add-on configured before gets it switched off by the agent before the
+    dump (the backup user may not: agent/platform_roles.py)."""
     c = _c(stack)
     p = (await create_project(c, "team"))["id"]
     addon = await create_addon(c, p, "cache", "redis")
