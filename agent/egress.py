@@ -197,9 +197,7 @@ class Firewall:
         """After a network was created: its bridge is fenced before anything runs on it."""
         await self.sync(await self.docker.snapshot())
 
-    async def fence_holder(
-        self, name: str, network: str, container_id: str | None = None
-    ) -> None:
+    async def fence_holder(self, name: str, network: str, container_id: str | None = None) -> None:
         """Fence the holder's namespace to its project network's subnet, unless this run of
         it is fenced already (the inspection then only confirms it).
 

@@ -43,7 +43,20 @@ from tests.agent_fixtures import metrics
 
 TARGETS = {"rss_mib": 80.0, "pass_p99_ms": 200.0, "idle_cpu_pct": 1.0}
 HIST = "orkestr_agent_reconcile_duration_seconds"
-BUCKETS = ("0.01", "0.025", "0.05", "0.1", "0.2", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0")
+BUCKETS = (
+    "0.01",
+    "0.025",
+    "0.05",
+    "0.1",
+    "0.2",
+    "0.25",
+    "0.5",
+    "1.0",
+    "2.5",
+    "5.0",
+    "10.0",
+    "30.0",
+)
 
 
 def rss_mib(pid: int) -> float:

@@ -303,9 +303,13 @@ def takes_no_body(request: web.Request, route: str) -> bool:
     if (request.method, route) in NO_BODY_ROUTES:
         return True
     principal: Principal | None = request.get("principal")
-    return principal is not None and principal.kind == "operator" and (
-        request.method == "DELETE"
-        or (request.method, route) == ("PUT", "/v1/groups/{group_id}/members/{project_id}")
+    return (
+        principal is not None
+        and principal.kind == "operator"
+        and (
+            request.method == "DELETE"
+            or (request.method, route) == ("PUT", "/v1/groups/{group_id}/members/{project_id}")
+        )
     )
 
 

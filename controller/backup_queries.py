@@ -181,9 +181,7 @@ async def create_manual(
     return _backup(row), addon["host"]
 
 
-async def list_backups(
-    pool: Pool, project_id: str, addon_id: str
-) -> tuple[str, list[BackupRow]]:
+async def list_backups(pool: Pool, project_id: str, addon_id: str) -> tuple[str, list[BackupRow]]:
     """The project's plan and the add-on's backups, newest first."""
     async with transaction(pool) as conn:
         plan = await conn.fetchval(

@@ -104,8 +104,7 @@ def test_retention_properties(
     rows: list[tuple[float, str, bool | None, int | None]], days: int
 ) -> None:
     items = [
-        facts(i, age, state, verified, kept)
-        for i, (age, state, verified, kept) in enumerate(rows)
+        facts(i, age, state, verified, kept) for i, (age, state, verified, kept) in enumerate(rows)
     ]
     gone = to_prune(items, NOW, days)
     by_id = {b.id: b for b in items}

@@ -497,9 +497,9 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     assert status == 202, body
     done = await finished_restore(c, p, a, body["id"])
     assert done["state"] == "failed", done["error"]
-    assert "stopped: the restored copy outgrew the room beside the live database" in done[
-        "error"
-    ], done
+    assert (
+        "stopped: the restored copy outgrew the room beside the live database" in done["error"]
+    ), done
     untouched()
     # Writes work: the guard never had to refuse them, nothing filled a filesystem.
     await sql(c, p, "insert into notes values ('still writable')")
@@ -1015,6 +1015,7 @@ async def test_a_move_to_starter_keeps_the_backups_for_the_window_they_were_take
     # Restorable on Starter, though Starter takes none.
     done = await restore(c, p, a, older["id"])
     assert done["state"] == "succeeded", done
+
     # Starter sleeps an idle add-on within seconds here: the client's connection wakes it.
     async def serving() -> bool:
         _, view = await c.api("GET", f"/v1/projects/{p}/addons/{a}")

@@ -390,7 +390,9 @@ async def test_a_project_tokens_writes_are_budgeted_and_nobody_elses_are(
             # A foreign project's route is a 404 and spends nothing.
             assert (await process.api("PATCH", quiet_env, {"set": {}}, token=busy_token))[0] == 404
             await asyncio.sleep(0.6)
-            assert (await process.api("PATCH", env, {"set": {"N": "later"}}, token=busy_token))[0] == 200
+            assert (await process.api("PATCH", env, {"set": {"N": "later"}}, token=busy_token))[
+                0
+            ] == 200
     finally:
         await process.close()
         await drop_database(dsn)
@@ -428,7 +430,9 @@ async def test_a_project_tokens_reads_are_budgeted_apart_from_its_writes(
             assert_error(response.status, body, 429, "too_many_reads")
             assert "5 reads at once, then 2 a second" in body["message"], body
             # Writes have their own budget; the operator and another project read on.
-            assert (await process.api("PATCH", env, {"set": {"N": "1"}}, token=busy_token))[0] == 200
+            assert (await process.api("PATCH", env, {"set": {"N": "1"}}, token=busy_token))[
+                0
+            ] == 200
             for _ in range(10):
                 assert (await process.api("GET", env))[0] == 200
             quiet_env = f"/v1/projects/{quiet['id']}/env"

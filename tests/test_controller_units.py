@@ -479,9 +479,7 @@ def test_which_retained_topics_the_controller_clears() -> None:
     # A job's result (stored, redelivered or refused) clears itself, not the job's output
     # (its last chunk may still be on its way).
     for outcome in ("accepted", "stale", "rejected", "error"):
-        assert topics_to_clear("job_result", h, job, outcome, False) == [
-            topics.job_result(h, job)
-        ]
+        assert topics_to_clear("job_result", h, job, outcome, False) == [topics.job_result(h, job)]
         assert topics_to_clear("backup_result", h, f"backup-{job}", outcome, False) == [
             topics.backup_result(h, f"backup-{job}")
         ]

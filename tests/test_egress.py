@@ -386,7 +386,9 @@ def test_ruleset_is_per_bridge_and_replaces_only_its_own_chains() -> None:
 
 @given(st.integers(min_value=0, max_value=300))
 def test_ruleset_grows_with_the_bridges_not_their_square(n: int) -> None:
-    bridges = [firewall.Bridge(f"br-{k:04x}", f"10.{200 + k // 256}.{k % 256}.0/24") for k in range(n)]
+    bridges = [
+        firewall.Bridge(f"br-{k:04x}", f"10.{200 + k // 256}.{k % 256}.0/24") for k in range(n)
+    ]
     policy = firewall.Policy()
     lines = firewall.host_ruleset("h1", bridges, policy).count("\n")
     assert lines == 5 + 5 * n + len(policy.deny) + n

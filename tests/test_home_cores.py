@@ -25,9 +25,7 @@ async def test_upkeep_sets_home_cores_in_place_and_survives_a_refused_cpuset(
     tmp_path: Path,
 ) -> None:
     host = f"homecores-{uuid.uuid4().hex[:8]}"
-    addon = AddonSpec(
-        id=uuid.uuid4().hex, name="db", kind="postgres", resources=Resources(0.5, 64)
-    )
+    addon = AddonSpec(id=uuid.uuid4().hex, name="db", kind="postgres", resources=Resources(0.5, 64))
     name = model.db_name(addon.id)
     docker(
         "run", "-d", "--name", name, "--label", f"{model.LABEL_HOST}={host}",
@@ -57,9 +55,7 @@ async def test_a_move_waits_while_other_addons_start_but_not_for_ever(
 ) -> None:
     """A burst's first answers used to move (`docker update`) while the rest started."""
     host = f"homecores-{uuid.uuid4().hex[:8]}"
-    addon = AddonSpec(
-        id=uuid.uuid4().hex, name="db", kind="postgres", resources=Resources(0.5, 64)
-    )
+    addon = AddonSpec(id=uuid.uuid4().hex, name="db", kind="postgres", resources=Resources(0.5, 64))
     name = model.db_name(addon.id)
     docker(
         "run", "-d", "--name", name, "--label", f"{model.LABEL_HOST}={host}",

@@ -64,7 +64,9 @@ async def test_a_request_the_metrics_server_cannot_parse_is_a_400_without_a_trac
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.split(b" ")[1] == b"400", answer
             assert json.loads(body)["error"] == "bad_request", answer
-        status, _ = await get(f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer s3cret"})
+        status, _ = await get(
+            f"http://127.0.0.1:{port}/metrics", {"Authorization": "Bearer s3cret"}
+        )
         assert status == 200  # still serving
     finally:
         await runner.cleanup()

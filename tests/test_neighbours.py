@@ -230,4 +230,3 @@ async def _condition(
     view = await addon(c, project_id, addon_id)
     found = next((x for x in view["conditions"] if x["type"] == type_), None)
     return view if found is not None and found["reason"] == reason else None
-

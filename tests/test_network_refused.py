@@ -70,7 +70,9 @@ async def test_a_network_docker_refuses_to_remove_is_bounded_visible_and_harmles
         # The add-on's deletion completes: the network's refusal holds nothing up.
         await wait_for(gone, 60, "the deleted add-on gone")
         await wait_for(
-            lambda: f"network.removal_stuck network={network} attached={box}" in agent.log_tail(400),
+            lambda: (
+                f"network.removal_stuck network={network} attached={box}" in agent.log_tail(400)
+            ),
             60,
             "the stuck removal logged",
         )

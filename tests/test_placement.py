@@ -16,7 +16,11 @@ MIB = 1024 * 1024
 
 def addon(n: int, cpus: float, deleted: bool = False) -> AddonSpec:
     return AddonSpec(
-        id=f"{n:032x}", name=f"a{n}", kind="postgres", resources=Resources(cpus, 256), deleted=deleted
+        id=f"{n:032x}",
+        name=f"a{n}",
+        kind="postgres",
+        resources=Resources(cpus, 256),
+        deleted=deleted,
     )
 
 

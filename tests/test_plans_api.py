@@ -135,7 +135,9 @@ async def test_deleting_a_project_stops_its_apps_and_fails_its_backups_not_start
     pid = project["id"]
     a = await new_addon(controller, project, "main-db")
     app = {"image": "debian:12", "command": ["sleep", "infinity"]}
-    status, body = await controller.api("POST", f"/v1/projects/{pid}/releases", {"apps": {"web": app}})
+    status, body = await controller.api(
+        "POST", f"/v1/projects/{pid}/releases", {"apps": {"web": app}}
+    )
     assert status == 201, body
     plans = load_plans(controller.plans_file)
     backup_id = uuid.uuid4()

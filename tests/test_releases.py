@@ -186,7 +186,10 @@ async def test_a_plan_change_resizes_a_running_app_in_place(
     def resized() -> dict[str, Any] | None:
         info = inspect(container)
         host_config = (info or {}).get("HostConfig") or {}
-        if host_config.get("NanoCpus") == 500_000_000 and host_config.get("Memory") == 256 * 1024 * 1024:
+        if (
+            host_config.get("NanoCpus") == 500_000_000
+            and host_config.get("Memory") == 256 * 1024 * 1024
+        ):
             return info
         return None
 

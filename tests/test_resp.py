@@ -21,7 +21,10 @@ def test_commands_are_arrays_of_bulk_strings() -> None:
         b"*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$9\r\nmaxmemory\r\n$4\r\n1024\r\n"
     )
     # Binary-safe: a password with CR LF and non-ASCII goes as its exact bytes.
-    assert resp.encode("AUTH", "u", "p\r\nä") == b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$5\r\np\r\n\xc3\xa4\r\n"
+    assert (
+        resp.encode("AUTH", "u", "p\r\nä")
+        == b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$5\r\np\r\n\xc3\xa4\r\n"
+    )
 
 
 async def read(data: bytes) -> resp.Reply:

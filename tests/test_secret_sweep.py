@@ -121,4 +121,3 @@ async def test_no_credential_appears_in_the_clear(stack: Stack, agent: AgentProc
         if any(v in text for v in _variants(str(secret)))
     ]
     assert not found, found
-

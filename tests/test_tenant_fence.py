@@ -112,7 +112,7 @@ def denied(label: str, command: str) -> str:
     """A shell step that prints `label=refused` when the server refused it by permission,
     else `label=allowed: <output>` (any other error, e.g. a timeout, is not a refusal)."""
     return (
-        f'out=$({command} 2>&1); '
+        f"out=$({command} 2>&1); "
         f'if printf %s "$out" | grep -qiE "NOPERM|permission denied|must be superuser|must have admin option|no permissions|not allowed|only superusers"; '
         f'then echo "{label}=refused"; else printf "%s\\n" "{label}=allowed: $(printf %s "$out" | tr "\\n" " ")"; fi; '
     )
@@ -298,7 +298,9 @@ async def test_a_tenant_that_shuts_itself_out_of_its_database_is_let_back_in(
     assert seen.get("after") == "refused", job["output"]
 
     async def back_in() -> dict[str, str] | None:
-        found = outcomes((await run_job(c, project["id"], f'{psql} -c "{_DATABASE_STATE}"'))["output"])
+        found = outcomes(
+            (await run_job(c, project["id"], f'{psql} -c "{_DATABASE_STATE}"'))["output"]
+        )
         return found if found.get("state") else None
 
     # Upkeep rounds run with the passes; the next ones put the platform's settings back.
@@ -363,9 +365,7 @@ async def test_a_password_the_tenant_sets_on_its_role_is_put_back(
     # the rotation's grace to run out.
     admin_sql(pg["id"], "CREATE ROLE app_rot LOGIN PASSWORD 'kept-open-2' IN ROLE app")
 
-    tenant_url = env["env"]["DATABASE_URL"].replace(
-        f":{url.password}@", ":tenant-chosen-1@", 1
-    )
+    tenant_url = env["env"]["DATABASE_URL"].replace(f":{url.password}@", ":tenant-chosen-1@", 1)
 
     async def put_back() -> dict[str, str] | None:
         job = await run_job(

@@ -49,7 +49,9 @@ async def stack() -> AsyncIterator[Stack]:
 
 def rejected_count(agent: AgentProcess, reason: str) -> float:
     url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {agent.metrics_token}"})
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {agent.metrics_token}"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:  # loopback only
         text = response.read().decode()
     prefix = f'orkestr_agent_desired_rejected_total{{reason="{reason}"}} '
