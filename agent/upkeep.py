@@ -402,14 +402,7 @@ class Upkeep:
                 elif redis is not None:
                     await self._redis(addon, redis, redis_info)
                 else:
-                    async with await resp.Connection.open(
-                        ip,
-                        PORTS["redis"],
-                        ADMIN_USER,
-                        self.secrets.admin_password(addon.id),
-                        timeout_s,
-                        "orkestr-upkeep",
-                    ) as conn:
+                    async with await self._redis_connect(addon, ip, timeout_s) as conn:
                         await self._redis(addon, conn)
         except (
             AgentError,
@@ -717,6 +710,16 @@ class Upkeep:
             },
         )
 
+    async def _redis_connect(self, addon: AddonSpec, ip: str, timeout_s: float) -> resp.Connection:
+        return await resp.Connection.open(
+            ip,
+            PORTS["redis"],
+            ADMIN_USER,
+            self.secrets.admin_password(addon.id),
+            timeout_s,
+            "orkestr-upkeep",
+        )
+
     # --- the least roles (agent/platform_roles.py) ------------------------------------
     async def platform_roles(
         self, addon: AddonSpec, ip: str, timeout_s: float, role: str = BACKUP_USER
@@ -739,14 +742,7 @@ class Upkeep:
                 finally:
                     await conn.close(timeout=timeout_s)
             else:
-                async with await resp.Connection.open(
-                    ip,
-                    PORTS["redis"],
-                    ADMIN_USER,
-                    self.secrets.admin_password(addon.id),
-                    timeout_s,
-                    "orkestr-upkeep",
-                ) as conn:
+                async with await self._redis_connect(addon, ip, timeout_s) as conn:
                     await self._redis_roles(addon, conn)
 
     async def _pg_roles(
