@@ -182,7 +182,8 @@ async def _until_loaded(socket_path: Path, timeout: float = 600) -> None:
             body = b""
         finally:
             writer.close()
-        if b"loading:0" in body:
+        # The field itself: "async_loading:0" (Redis 7) holds "loading:0" all along.
+        if b"\r\nloading:0\r\n" in body:
             return
         await asyncio.sleep(0.01)
     raise TimeoutError(f"redis at {socket_path} not loaded after {timeout}s")
