@@ -39,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 
 from _harness import docker_cli, log
+from backup import info_loaded
 
 from agent.secrets import redis_conf
 from agent.specs import ADMIN_USER
@@ -133,8 +134,7 @@ async def _until_loaded(sock: Path, auth: bytes = b"", timeout: float = 300) -> 
             body = b""
         finally:
             writer.close()
-        # The field itself: "async_loading:0" (Redis 7) holds "loading:0" all along.
-        if b"\r\nloading:0\r\n" in body:
+        if info_loaded(body):
             return
         await asyncio.sleep(0.01)
     raise TimeoutError(sock)
