@@ -439,13 +439,6 @@ async def running_agent(
         shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords
 
 
-@pytest.fixture
-async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
-    """A fresh host agent registered with the module's controller; removed with all it made."""
-    async with running_agent(stack) as proc:
-        yield proc
-
-
 class SharedAgent:
     """One agent for a module's tests that never stop, kill or reconfigure it: starting and
     removing an agent per test was a large share of those modules' set-up. Each test
@@ -496,6 +489,28 @@ async def shared_agent(stack: Stack) -> AsyncIterator[SharedAgent]:
         yield shared
     finally:
         await shared.close()
+
+
+@pytest.fixture
+async def agent(
+    request: pytest.FixtureRequest, stack: Stack, shared_agent: SharedAgent
+) -> AsyncIterator[AgentProcess]:
+    """A host agent registered with the module's controller; removed with all it made.
+
+    A fresh one per test; in a module marked `shared_agent` (its `pytestmark`), the module's
+    one agent, leased by each test (`SharedAgent`), but for a test marked `own_agent` (it
+    stops, kills or restarts its agent, or counts on a fresh one): that one gets a fresh
+    agent, with the shared one stopped and offline first so that the controller places the
+    test's projects on the fresh one. Such tests run after the module's others
+    (tests/conftest.py), so the shared agent starts and stops once."""
+    node = request.node
+    if node.get_closest_marker("shared_agent") and not node.get_closest_marker("own_agent"):
+        async with shared_agent.lease() as proc:
+            yield proc
+        return
+    await shared_agent.close()  # nothing to do unless the module's agent ran
+    async with running_agent(stack) as proc:
+        yield proc
 
 
 async def delete_projects(stack: Stack, host: str) -> None:

@@ -173,6 +173,17 @@ UNIT = "ONE_WORKER"  # the unit's scope name in the scheduler
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # In a module on one shared agent (tests/agent_fixtures.py), the tests that need a fresh
+    # one run last: the shared agent then starts once and stops once.
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(str(item.fspath), len(files))
+
+    def own_agent_last(item: pytest.Item) -> tuple[int, bool]:
+        own = item.get_closest_marker("shared_agent") and item.get_closest_marker("own_agent")
+        return files[str(item.fspath)], bool(own)
+
+    items.sort(key=own_agent_last)  # stable: each file's two groups keep its order
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return  # alone: the files' own order
 
