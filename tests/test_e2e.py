@@ -153,8 +153,7 @@ async def test_other_project_cannot_reach_addon_by_name_or_ip(
         'if timeout 3 bash -c "echo > /dev/tcp/$target/5432" 2>/dev/null; '
         "then echo REACHED-$target; else echo BLOCKED-$target; fi; done"
     )
-    same = await run_job(c, a["id"], probe)
-    other = await run_job(c, b["id"], probe)
+    same, other = await asyncio.gather(run_job(c, a["id"], probe), run_job(c, b["id"], probe))
     assert "REACHED-shared-db" in same["output"] and f"REACHED-{ip}" in same["output"], same
     assert "BLOCKED-shared-db" in other["output"], other
     assert f"BLOCKED-{ip}" in other["output"], other
