@@ -20,8 +20,6 @@ import signal
 import subprocess
 import uuid
 
-import pytest
-
 from agent import model
 from tests.agent_fixtures import (
     AgentProcess,
@@ -36,8 +34,6 @@ from tests.agent_fixtures import (
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
-# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
-pytestmark = pytest.mark.shared_agent
 
 
 def iptables(*args: str) -> str:
