@@ -439,13 +439,6 @@ async def running_agent(
         shutil.rmtree(proc.dir, ignore_errors=True)  # it holds add-on passwords
 
 
-@pytest.fixture
-async def agent(stack: Stack) -> AsyncIterator[AgentProcess]:
-    """A fresh host agent registered with the module's controller; removed with all it made."""
-    async with running_agent(stack) as proc:
-        yield proc
-
-
 class SharedAgent:
     """One agent for a module's tests that never stop, kill or reconfigure it: starting and
     removing an agent per test was a large share of those modules' set-up. Each test
@@ -496,6 +489,28 @@ async def shared_agent(stack: Stack) -> AsyncIterator[SharedAgent]:
         yield shared
     finally:
         await shared.close()
+
+
+@pytest.fixture
+async def agent(
+    request: pytest.FixtureRequest, stack: Stack, shared_agent: SharedAgent
+) -> AsyncIterator[AgentProcess]:
+    """A host agent registered with the module's controller; removed with all it made.
+
+    A fresh one per test; in a module marked `shared_agent` (its `pytestmark`), the module's
+    one agent, leased by each test (`SharedAgent`), but for a test marked `own_agent` (it
+    stops, kills or restarts its agent, or counts on a fresh one): that one gets a fresh
+    agent, with the shared one stopped and offline first so that the controller places the
+    test's projects on the fresh one. Such tests run after the module's others
+    (tests/conftest.py), so the shared agent starts and stops once."""
+    node = request.node
+    if node.get_closest_marker("shared_agent") and not node.get_closest_marker("own_agent"):
+        async with shared_agent.lease() as proc:
+            yield proc
+        return
+    await shared_agent.close()  # nothing to do unless the module's agent ran
+    async with running_agent(stack) as proc:
+        yield proc
 
 
 async def delete_projects(stack: Stack, host: str) -> None:
@@ -615,6 +630,10 @@ def container_state(name: str) -> dict[str, Any]:
 
 # --- API helpers for end-to-end tests ------------------------------------------------------
 
+# How often the waits below ask the controller (a GET is a few ms of its time): an add-on's
+# phase or a job's end is seen 0.05 s after it, on average, rather than 0.125 s.
+API_POLL_S = 0.1
+
 
 async def create_project(c: ControllerProcess, plan: str, name: str = "") -> dict[str, Any]:
     status, body = await c.api(
@@ -647,7 +666,7 @@ async def wait_phase(
         view = await addon(c, project_id, addon_id)
         return view if view["phase"] == phase else None
 
-    return await wait_for(check, timeout, f"add-on {addon_id} {phase}")  # type: ignore[no-any-return]
+    return await wait_for(check, timeout, f"add-on {addon_id} {phase}", API_POLL_S)  # type: ignore[no-any-return]
 
 
 async def run_job(
@@ -667,4 +686,4 @@ async def run_job(
         assert s == 200, job
         return job if job["state"] in ("succeeded", "failed") else None
 
-    return await wait_for(finished, timeout + 30, f"job {job_id}")  # type: ignore[no-any-return]
+    return await wait_for(finished, timeout + 30, f"job {job_id}", API_POLL_S)  # type: ignore[no-any-return]

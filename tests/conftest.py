@@ -155,6 +155,18 @@ AFTER_THE_UNIT = (
     "test_openapi_fuzz.py",
     "test_crash_anywhere.py",
 )
+# Fast files of pure logic, handed out last. A worker runs a test only once it holds the
+# next one (or is told none will come), so a worker left with the one test of a heavy file
+# used to take the next heavy file as its next test, and ran both while the other worker
+# went idle (openapi_fuzz then crash_anywhere on one worker, the other idle 285 s at the end
+# of a run at b805b8c). Such a worker now gets one of these instead, and the next heavy
+# file goes to whichever worker is free first.
+CARRIERS = (
+    "test_workqueue.py",
+    "test_wire_units.py",
+    "test_plans_logic.py",
+    "test_write_budget.py",
+)
 LONGEST_FIRST = (
     *ONE_WORKER,
     "test_backups.py",
@@ -173,6 +185,17 @@ UNIT = "ONE_WORKER"  # the unit's scope name in the scheduler
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # In a module on one shared agent (tests/agent_fixtures.py), the tests that need a fresh
+    # one run last: the shared agent then starts once and stops once.
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(str(item.fspath), len(files))
+
+    def own_agent_last(item: pytest.Item) -> tuple[int, bool]:
+        own = item.get_closest_marker("shared_agent") and item.get_closest_marker("own_agent")
+        return files[str(item.fspath)], bool(own)
+
+    items.sort(key=own_agent_last)  # stable: each file's two groups keep its order
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return  # alone: the files' own order
 
@@ -180,6 +203,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = Path(str(item.fspath)).name
         if name in AFTER_THE_UNIT:
             return len(LONGEST_FIRST) + 1 + AFTER_THE_UNIT.index(name)
+        if name in CARRIERS:
+            return len(LONGEST_FIRST) + 1 + len(AFTER_THE_UNIT)
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
@@ -213,8 +238,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         def _assign_work_unit(self, node: Any) -> None:
             head = next(iter(self.workqueue))
-            if Path(head).name in AFTER_THE_UNIT and self._unit_running_elsewhere(node):
-                return  # held back: the unit's last test hands it out (below)
+            if Path(head).name in AFTER_THE_UNIT:
+                if self._unit_running_elsewhere(node):
+                    return  # held back: the unit's last test hands it out (below)
+                carrier = next((s for s in self.workqueue if Path(s).name in CARRIERS), None)
+                if carrier is not None and self._pending(node) == 1:
+                    self.workqueue.move_to_end(carrier, last=False)  # its next test
             super()._assign_work_unit(node)
 
         def _pending(self, node: Any) -> int:

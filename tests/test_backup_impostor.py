@@ -28,6 +28,7 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
+from tests.backup_api import backup_now
 from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
@@ -66,19 +67,6 @@ def plans_text() -> str:
 
 def logs(container: str) -> str:
     return docker("logs", container, check=False)
-
-
-async def backup(c: ControllerProcess, p: str, a: str) -> dict[str, Any]:
-    path = f"/v1/projects/{p}/addons/{a}/backups"
-    status, body = await c.api("POST", path)
-    assert status == 202, body
-
-    async def done() -> dict[str, Any] | None:
-        s, b = await c.api("GET", f"{path}/{body['id']}")
-        assert s == 200, b
-        return b if b["state"] != "pending" and not b["verifying"] else None
-
-    return await wait_for(done, 180, f"backup {body['id']}", 0.5)  # type: ignore[no-any-return]
 
 
 async def test_an_app_named_like_the_addon_never_gets_the_platforms_login(
@@ -123,7 +111,7 @@ async def backups_never_reach(
     # one of them at least reached an impostor in nearly every run.
     results = []
     for _ in range(3):
-        results += await asyncio.gather(*(backup(c, p, a["id"]) for a in addons.values()))
+        results += await asyncio.gather(*(backup_now(c, p, a["id"]) for a in addons.values()))
     got = {
         alias: [line for line in logs(name).splitlines() if "GOT" in line]
         for alias, name in impostors.items()

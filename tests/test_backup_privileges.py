@@ -33,8 +33,8 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
+from tests.backup_api import backup_now, restore, sql, wait_backup
 from tests.services import ControllerProcess
-from tests.test_backups import backup_now, restore, sql, wait_backup
 
 pytest_plugins = ["tests.agent_fixtures"]
 
@@ -50,13 +50,8 @@ sleep = { enabled = false }
 
 
 @pytest.fixture(scope="module")
-async def stack() -> AsyncIterator[Stack]:
-    s = Stack(PLANS)
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.close()
+def plans_text() -> str:
+    return PLANS
 
 
 @pytest.fixture(scope="module")

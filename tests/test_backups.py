@@ -35,6 +35,7 @@ from tests.agent_fixtures import (
     wait_for,
     wait_phase,
 )
+from tests.backup_api import backup_now, base, restore, sql, wait_backup, wait_restore
 from tests.services import ControllerProcess
 from tests.test_cli import Cli  # the CLI tests' runner: the installed console script
 
@@ -144,52 +145,12 @@ def _c(stack: Stack) -> ControllerProcess:
     return stack.controller
 
 
-def base(project_id: str, addon_id: str) -> str:
-    return f"/v1/projects/{project_id}/addons/{addon_id}"
-
-
-async def backup_now(c: ControllerProcess, p: str, a: str, wait: bool = True) -> dict[str, Any]:
-    status, body = await c.api("POST", f"{base(p, a)}/backups")
-    assert status == 202, body
-    assert body["state"] == "pending" and body["kind"] == "manual"
-    return await wait_backup(c, p, a, body["id"]) if wait else body
-
-
-async def wait_backup(
-    c: ControllerProcess, p: str, a: str, backup_id: str, timeout: float = 180
-) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        status, body = await c.api("GET", f"{base(p, a)}/backups/{backup_id}")
-        assert status == 200, body
-        return body if body["state"] != "pending" and not body["verifying"] else None
-
-    return await wait_for(done, timeout, f"backup {backup_id}", 0.5)  # type: ignore[no-any-return]
-
-
-async def restore(c: ControllerProcess, p: str, a: str, backup_id: str) -> dict[str, Any]:
-    status, body = await c.api("POST", f"{base(p, a)}/backups/{backup_id}/restore")
-    assert status == 202, body
-
-    async def done() -> dict[str, Any] | None:
-        s, r = await c.api("GET", f"{base(p, a)}/restores/{body['id']}")
-        assert s == 200, r
-        return r if r["state"] != "pending" else None
-
-    return await wait_for(done, 60, f"restore {body['id']}", 0.5)  # type: ignore[no-any-return]
-
-
 def dump_path(agent: AgentProcess, p: str, a: str, backup_id: str) -> Path:
     return agent.state_dir / "backups" / p / a / f"{backup_id}.dump"
 
 
 def no_temp_files(agent: AgentProcess) -> bool:
     return not list((agent.state_dir / "backups").glob("*/*/*.tmp"))
-
-
-async def sql(c: ControllerProcess, p: str, statement: str) -> str:
-    job = await run_job(c, p, f'psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -qtAc "{statement}"')
-    assert job["state"] == "succeeded", job
-    return str(job["output"]).strip()
 
 
 async def test_postgres_round_trip_and_corruption(stack: Stack, agent: AgentProcess) -> None:
@@ -420,15 +381,6 @@ async def set_data_bytes(c: ControllerProcess, backup_id: str, value: int) -> No
         await conn.close()
 
 
-async def finished_restore(c: ControllerProcess, p: str, a: str, restore_id: str) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        s, r = await c.api("GET", f"{base(p, a)}/restores/{restore_id}")
-        assert s == 200, r
-        return r if r["state"] != "pending" else None
-
-    return await wait_for(done, 180, f"restore {restore_id}", 0.5)  # type: ignore[no-any-return]
-
-
 @pytest.mark.timeout(900)
 async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     stack: Stack, agent: AgentProcess
@@ -484,7 +436,7 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     await set_data_bytes(c, taken["id"], 2**20)
     status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
     assert status == 202, body
-    done = await finished_restore(c, p, a, body["id"])
+    done = await wait_restore(c, p, a, body["id"], 180)
     assert done["state"] == "failed", done["error"]
     assert f"refused: restoring backup {taken['id']} needs room for two copies" in done["error"]
     untouched()
@@ -495,7 +447,7 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     side.write_bytes(json.dumps({**json.loads(truth), "data_bytes": 2**20}).encode())
     status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
     assert status == 202, body
-    done = await finished_restore(c, p, a, body["id"])
+    done = await wait_restore(c, p, a, body["id"], 180)
     assert done["state"] == "failed", done["error"]
     assert (
         "stopped: the restored copy outgrew the room beside the live database" in done["error"]
@@ -520,7 +472,7 @@ async def test_a_restore_that_fits_the_plan_but_not_beside_the_live_database(
     await wait_for(freed, 60, "the freed usage reported", 0.5)
     status, body = await c.api("POST", f"{base(p, a)}/backups/{taken['id']}/restore")
     assert status == 202, body
-    done = await finished_restore(c, p, a, body["id"])
+    done = await wait_restore(c, p, a, body["id"], 180)
     assert done["state"] == "succeeded", done["error"]
     assert await sql(c, p, "select count(*) from big") == str(rows)
 

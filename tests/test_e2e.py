@@ -10,6 +10,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +34,8 @@ from tests.agent_fixtures import (
 from tests.services import unsigned
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 
 def inspect(name: str) -> dict:  # type: ignore[type-arg]
@@ -150,13 +153,13 @@ async def test_other_project_cannot_reach_addon_by_name_or_ip(
         'if timeout 3 bash -c "echo > /dev/tcp/$target/5432" 2>/dev/null; '
         "then echo REACHED-$target; else echo BLOCKED-$target; fi; done"
     )
-    same = await run_job(c, a["id"], probe)
-    other = await run_job(c, b["id"], probe)
+    same, other = await asyncio.gather(run_job(c, a["id"], probe), run_job(c, b["id"], probe))
     assert "REACHED-shared-db" in same["output"] and f"REACHED-{ip}" in same["output"], same
     assert "BLOCKED-shared-db" in other["output"], other
     assert f"BLOCKED-{ip}" in other["output"], other
 
 
+@pytest.mark.own_agent
 async def test_agent_kill9_adopts_and_hand_removed_container_is_recreated(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -188,6 +191,7 @@ async def test_agent_kill9_adopts_and_hand_removed_container_is_recreated(
     assert "kept" in job["output"], job
 
 
+@pytest.mark.own_agent
 async def test_broker_outage_keeps_addons_running_and_converges(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -223,6 +227,7 @@ junk = st.one_of(
 )
 
 
+@pytest.mark.own_agent
 async def test_bad_desired_state_is_rejected_and_changes_nothing(
     stack: Stack, agent: AgentProcess
 ) -> None:

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import pytest
 
 from controller.releases import app_id
 from tests.agent_fixtures import (
@@ -29,6 +30,8 @@ from tests.agent_fixtures import (
 from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 # A TCP service in the sharing project's app: what another member must not reach.
 LISTENER = (
@@ -59,6 +62,11 @@ def reach(ip: str, port: int) -> str:
         f"if timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}'; "
         f"then echo open {ip}:{port}; else echo closed {ip}:{port}; fi"
     )
+
+
+def at_once(*lines: str) -> str:
+    """A job script running each line in the background, done when all are."""
+    return " ".join(f"( {line} ) &" for line in lines) + " wait"
 
 
 async def job_output(c: ControllerProcess, project_id: str, script: str) -> str:
@@ -126,15 +134,15 @@ async def test_a_shared_addon_is_reachable_from_the_other_member_and_nothing_els
     a_net = f"orkestr-{a}"
     cache_ip = addresses(f"orkestr-{cache['id']}-net")[a_net]
     web_ips = addresses(web)
-    script = "; ".join(
-        [
-            'psql "$ORDERS_URL" -tAc "select 40 + 2"',
-            reach(addresses(holder)[net], 5432),
-            reach(addresses(holder)[net], 22),
-            reach(cache_ip, 6379),
-            reach(web_ips[net], 8080),
-            reach(web_ips[a_net], 8080),
-        ]
+    # At once: a closed address costs its 3 s timeout (the lines are short, so they
+    # reach the output whole).
+    script = at_once(
+        'psql "$ORDERS_URL" -tAc "select 40 + 2"',
+        reach(addresses(holder)[net], 5432),
+        reach(addresses(holder)[net], 22),
+        reach(cache_ip, 6379),
+        reach(web_ips[net], 8080),
+        reach(web_ips[a_net], 8080),
     )
     out = await job_output(c, b, script)
     assert "42" in out.split(), out
@@ -190,6 +198,8 @@ async def test_a_shared_addon_is_reachable_from_the_other_member_and_nothing_els
     await wait_phase(c, a, orders["id"], "ready")
 
 
+# It moves a project off its host, and its add-ons are still starting at its end.
+@pytest.mark.own_agent
 async def test_members_must_share_a_host_and_names_must_not_clash(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -267,6 +277,9 @@ async def test_a_shared_addon_asleep_wakes_for_another_members_job(
     assert status == 204
 
 
+# Its add-on is still starting at its end: deleting it through the agent waits for its
+# start (35-40 s), removing a test agent's containers does not.
+@pytest.mark.own_agent
 async def test_a_share_cannot_name_a_variable_that_changes_how_the_other_members_run(
     stack: Stack, agent: AgentProcess
 ) -> None:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import msgspec
+import pytest
 
 from schemas import topics
 from schemas.codec import encode
@@ -32,6 +33,8 @@ from tests.services import ControllerProcess, FakeAgent
 from tests.test_controller_api import eventually, metric, new_project, speaking_for
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 SCRIPT = "echo first; sleep 3; echo second; exit 3"
 
@@ -192,6 +195,7 @@ async def test_orkestr_run_streams_and_exits_with_the_code(
     assert code == 3, err
 
 
+@pytest.mark.own_agent
 async def test_a_restarted_agent_resumes_the_stream_without_repeating(
     stack: Stack, agent: AgentProcess
 ) -> None:

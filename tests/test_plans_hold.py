@@ -24,7 +24,6 @@ from agent.specs import ADMIN_USER
 from tests.agent_fixtures import (
     TOOLBOX,
     AgentProcess,
-    SharedAgent,
     Stack,
     addon,
     create_addon,
@@ -39,6 +38,9 @@ from tests.agent_fixtures import (
 from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module (no test stops or reconfigures it); each test's projects are
+# deleted, and gone from Docker, at its end (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 GRACE_S = 8.0
 MIB = 1024 * 1024
@@ -91,14 +93,6 @@ async def stack() -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
-
-
-@pytest.fixture
-async def agent(shared_agent: SharedAgent) -> AsyncIterator[AgentProcess]:
-    """One agent for the module (no test stops or reconfigures it); each test's projects
-    are deleted, and gone from Docker, at its end."""
-    async with shared_agent.lease() as proc:
-        yield proc
 
 
 def inspect(name: str) -> dict[str, Any]:

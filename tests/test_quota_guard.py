@@ -33,6 +33,8 @@ from tests.agent_fixtures import (
 from tests.services import ControllerProcess
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 MIB = 1024 * 1024
 PLANS = """
@@ -67,6 +69,16 @@ def container_logs(name: str) -> str:
     """Postgres logs to stderr, which `docker logs` passes on as its own."""
     out = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=60)
     return out.stdout + out.stderr
+
+
+# What Postgres logs when one of its processes dies or the server restarts.
+CRASH_SIGNS = ("PANIC", "terminated by signal", "all server processes terminated", "crash of")
+
+
+def no_signs_in_logs(db: str, signs: tuple[str, ...]) -> None:
+    logs = container_logs(db)
+    for sign in signs:
+        assert sign not in logs, [line for line in logs.splitlines() if sign in line][:8]
 
 
 def inspect(name: str) -> dict[str, Any]:
@@ -105,6 +117,23 @@ async def seed(db: str, user: str, password: str) -> None:
     assert code == 0, out
 
 
+# About 7.6 MB a statement (1.9 kB a row that does not compress): five are up to 40 MB,
+# past the tiny plan's 24 MB quota and inside its filesystem (the guard may cancel or
+# refuse the last ones).
+FILL_8MB = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
+
+
+async def fill_past_the_quota(
+    c: ControllerProcess, project_id: str, addon_id: str, db: str, user: str, password: str
+) -> None:
+    """The tenant fills its table `fill` past the quota; the controller then says so."""
+    for _ in range(5):
+        await psql(db, user, password, FILL_8MB)
+    await wait_for(
+        lambda: quota_condition(c, project_id, addon_id, "Exceeded"), 60, "quota exceeded"
+    )
+
+
 async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_crashes(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -123,9 +152,7 @@ async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_c
     # Postgres never crashed: no restart of the container or of its processes, no write
     # that found the disk full.
     await asyncio.sleep(2)  # a crash loop shows within a restart or two
-    logs = container_logs(db)
-    for sign in ("PANIC", "No space left on device", "terminated by signal", "crash of"):
-        assert sign not in logs, [line for line in logs.splitlines() if sign in line][:8]
+    no_signs_in_logs(db, ("No space left on device", *CRASH_SIGNS))
     info = inspect(db)
     assert info["State"]["Running"] and info["State"]["StartedAt"] == started, info["State"]
     assert info["RestartCount"] == 0
@@ -157,6 +184,7 @@ async def test_a_fast_filler_is_stopped_inside_the_headroom_and_postgres_never_c
     assert code == 0 and out.endswith("1001"), out
 
 
+@pytest.mark.own_agent
 async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgres(
     stack: Stack, agent: AgentProcess
 ) -> None:
@@ -176,9 +204,8 @@ async def test_a_disk_filled_while_the_agent_is_away_does_not_crash_loop_postgre
     await agent.stop()
 
     # Small statements until the filesystem refuses one (or Postgres goes down).
-    small = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
     for _ in range(200):
-        code, out = await psql(db, user, password, small)
+        code, out = await psql(db, user, password, FILL_8MB)
         if code != 0:
             break
     assert code != 0 and ("No space left" in out or "server" in out), out
@@ -229,14 +256,7 @@ async def test_a_schema_the_tenant_made_in_the_platforms_name_does_not_disarm_th
     )
     assert (await psql(db, user, password, squat))[0] == 0
     await seed(db, user, password)
-    # About 8 MB a statement, up to 40 MB: past the 24 MB quota, inside the filesystem
-    # (the guard may cancel or refuse the last ones).
-    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
-    for _ in range(5):
-        await psql(db, user, password, fill)
-    await wait_for(
-        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
-    )
+    await fill_past_the_quota(c, project["id"], pg["id"], db, user, password)
     code, out = await psql(db, user, password, "INSERT INTO kept VALUES (5000, 'late')")
     assert code != 0 and "storage quota exceeded" in out, out
     owner = "SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'orkestr'"
@@ -258,12 +278,7 @@ async def test_large_objects_are_refused_past_the_quota_and_come_back_with_write
     await seed(db, user, password)
     code, out = await psql(db, user, password, "SELECT lo_from_bytea(4242, 'kept')")
     assert code == 0, out
-    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
-    for _ in range(5):
-        await psql(db, user, password, fill)
-    await wait_for(
-        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
-    )
+    await fill_past_the_quota(c, project["id"], pg["id"], db, user, password)
     page = "convert_to(repeat(md5(random()::text), 4096), 'UTF8')"
     writes = [
         f"SELECT lo_from_bytea(0, {page})",
@@ -304,12 +319,7 @@ async def test_a_trigger_the_tenant_named_like_the_platforms_does_not_exempt_its
     )
     code, out = await psql(db, user, password, squat)
     assert code == 0, out
-    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
-    for _ in range(5):
-        await psql(db, user, password, fill)
-    await wait_for(
-        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
-    )
+    await fill_past_the_quota(c, project["id"], pg["id"], db, user, password)
     code, out = await psql(db, user, password, "INSERT INTO fill VALUES ('late')")
     assert code != 0 and "storage quota exceeded" in out, out
     # The tenant's trigger was renamed aside, not dropped.
@@ -327,12 +337,7 @@ async def test_the_tenant_cannot_drop_the_platforms_trigger_past_the_quota(
     assert c is not None
     project, pg, db, user, password = await tiny_postgres(c)
     await seed(db, user, password)
-    fill = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
-    for _ in range(5):
-        await psql(db, user, password, fill)
-    await wait_for(
-        lambda: quota_condition(c, project["id"], pg["id"], "Exceeded"), 60, "quota exceeded"
-    )
+    await fill_past_the_quota(c, project["id"], pg["id"], db, user, password)
     code, out = await psql(
         db, user, password,
         "BEGIN; DROP TRIGGER orkestr_quota ON kept; "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from controller.releases import app_id
 from tests.agent_fixtures import (
     TOOLBOX,
@@ -24,6 +26,8 @@ from tests.agent_fixtures import (
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 APP = {"image": TOOLBOX, "command": ["sh", "-c", "exec sleep infinity"]}
 APPS = {"web": APP}

@@ -44,6 +44,8 @@ from tests.agent_fixtures import (
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 LIGHT_S, DEEP_S = 2.0, 5.0
 # The 20-cycle test's plan: most of its time is spent waiting for the timeouts, and the
@@ -126,21 +128,6 @@ def db_state(addon_id: str) -> str:
 
 async def wait_db(addon_id: str, status: str, timeout: float = 30) -> None:
     await wait_for(lambda: db_state(addon_id) == status, timeout, f"db {status}", interval=0.1)
-
-
-@pytest.fixture
-async def agent(
-    request: pytest.FixtureRequest, stack: Stack, shared_agent: SharedAgent
-) -> AsyncIterator[AgentProcess]:
-    """The module's agent; a fresh one of the test's own for a test marked `own_agent`
-    (it stops, kills or restarts it)."""
-    if request.node.get_closest_marker("own_agent"):
-        await shared_agent.close()
-        async with running_agent(stack) as proc:
-            yield proc
-        return
-    async with shared_agent.lease() as proc:
-        yield proc
 
 
 @pytest.fixture
@@ -477,6 +464,7 @@ def _agent_metric(agent: AgentProcess, name: str) -> float:
     )
 
 
+@pytest.mark.own_agent  # one with other settings: runs with the module's own-agent tests
 async def test_a_flood_at_one_wake_listener_leaves_the_agent_serving_other_wakes(
     stack: Stack, shared_agent: SharedAgent
 ) -> None:

@@ -13,6 +13,7 @@ import urllib.parse
 from typing import Any
 
 import asyncpg
+import pytest
 
 from agent import pg_passwords
 from tests.agent_fixtures import (
@@ -28,6 +29,8 @@ from tests.agent_fixtures import (
 )
 
 pytest_plugins = ["tests.agent_fixtures"]
+# One agent for the module; a fresh one for a test marked `own_agent` (tests/agent_fixtures.py).
+pytestmark = pytest.mark.shared_agent
 
 
 def inspect(name: str) -> dict[str, Any]:
@@ -225,35 +228,42 @@ async def test_the_tenants_database_settings_do_not_reach_the_platforms_sessions
 ) -> None:
     c = stack.controller
     assert c is not None
-    project = await create_project(c, "team")
-    pg = await create_addon(c, project["id"], "trap-db", "postgres")
-    await wait_phase(c, project["id"], pg["id"], "ready")
+    # Each trap in an add-on of its own (a search path that would run the tenant's function
+    # as the platform's superuser; settings that would run its session as the tenant or stop
+    # its statements), set at once: the same upkeep rounds run against both.
+    traps = {"search_path": _SEARCH_PATH_TRAP, "settings": _SETTINGS_TRAP}
+    projects = {k: (await create_project(c, "team"))["id"] for k in traps}
+    pgs = {k: (await create_addon(c, projects[k], "trap-db", "postgres"))["id"] for k in traps}
+    for k in traps:
+        await wait_phase(c, projects[k], pgs[k], "ready")
     psql = 'psql "$DATABASE_URL" -X -v ON_ERROR_STOP=1 -tA'
 
-    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SEARCH_PATH_TRAP}\nSQL\n")
-    assert job["state"] == "succeeded", job["output"]
-    # Upkeep rounds run with the passes: several of them against the trap.
+    mark = len(agent.log_path.read_text(errors="replace"))
+    jobs = await asyncio.gather(
+        *(run_job(c, projects[k], f"{psql} <<'SQL'\n{trap}\nSQL\n") for k, trap in traps.items())
+    )
+    for job in jobs:
+        assert job["state"] == "succeeded", job["output"]
+    # Upkeep rounds run with the passes: several of them against each trap.
     await more_passes(agent, 6, timeout=60)
+
     check = (
         f"{psql} -c \"select 'super=' || rolsuper from pg_roles where rolname = current_user\"; "
         f"{psql} -c \"select 'calls=' || count(*) filter (where is_super) from trap_calls\""
     )
-    seen = outcomes((await run_job(c, project["id"], check))["output"])
+    seen = outcomes((await run_job(c, projects["search_path"], check))["output"])
     assert seen.get("super") == "false", seen
     assert seen.get("calls") == "0", seen  # the platform never called the tenant's function
 
-    mark = len(agent.log_path.read_text(errors="replace"))
-    job = await run_job(c, project["id"], f"{psql} <<'SQL'\n{_SETTINGS_TRAP}\nSQL\n")
-    assert job["state"] == "succeeded", job["output"]
-    await more_passes(agent, 6, timeout=60)
+    pg = pgs["settings"]
     failed = [
         line
         for line in agent.log_path.read_text(errors="replace")[mark:].splitlines()
-        if "upkeep.failed" in line and pg["id"] in line
+        if "upkeep.failed" in line and pg in line
     ]
     assert not failed, failed[:3]
     # The platform's session still sees the real size, as its own role.
-    view = await wait_phase(c, project["id"], pg["id"], "ready")
+    view = await wait_phase(c, projects["settings"], pg, "ready")
     assert (view.get("usage_bytes") or 0) > 1_000_000, view
 
 
@@ -274,6 +284,7 @@ _DATABASE_STATE = (
 )
 
 
+@pytest.mark.own_agent
 async def test_a_tenant_that_shuts_itself_out_of_its_database_is_let_back_in(
     stack: Stack, agent: AgentProcess
 ) -> None:

@@ -22,8 +22,10 @@ import pytest
 
 from tests.agent_fixtures import AgentProcess, Stack, docker, wait_for
 from tests.test_quota_guard import (
-    container_logs,
+    CRASH_SIGNS,
+    FILL_8MB,
     inspect,
+    no_signs_in_logs,
     psql,
     quota_condition,
     seed,
@@ -40,12 +42,9 @@ memory_mb = 256
 storage_mb = 24
 sleep = { enabled = false }
 """
-# About 7.6 MB of rows a statement (1.9 kB a row that does not compress).
-FILL = "INSERT INTO fill SELECT repeat(md5(g::text), 60) FROM generate_series(1, 4000) g"
 # WAL without a new data block: every row's header changes in place, and each page's
 # first change after a checkpoint writes its full image to the WAL (8 kB).
 CHURN = "BEGIN; DELETE FROM fill WHERE ctid < '(1500,0)'::tid; ROLLBACK"
-CRASH_SIGNS = ("PANIC", "terminated by signal", "all server processes terminated", "crash of")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ async def test_a_full_data_filesystem_fails_statements_and_never_crashes_postgre
 
     # The tenant fills the disk: statements until one is refused.
     for _ in range(60):
-        code, out = await psql(db, user, password, FILL)
+        code, out = await psql(db, user, password, FILL_8MB)
         if code != 0:
             break
     assert code != 0, "the filesystem never filled"
@@ -86,7 +85,7 @@ async def test_a_full_data_filesystem_fails_statements_and_never_crashes_postgre
     for _ in range(8):
         code, out = await psql(db, user, password, CHURN)
         assert code == 0, out
-        code, out = await psql(db, user, password, FILL)
+        code, out = await psql(db, user, password, FILL_8MB)
         assert code != 0 and "ERROR:  could not extend file" in out, out
     await asyncio.sleep(2)  # a crash shows in the logs within a restart
 
@@ -99,9 +98,7 @@ async def test_a_full_data_filesystem_fails_statements_and_never_crashes_postgre
         before["Pid"],
         before["StartedAt"],
     )
-    logs = container_logs(db)
-    for sign in CRASH_SIGNS:
-        assert sign not in logs, [line for line in logs.splitlines() if sign in line][:8]
+    no_signs_in_logs(db, CRASH_SIGNS)
     check = docker("exec", db, "pg_amcheck", "-U", "orkestr_admin", "-d", "app",
                    "--heapallindexed", check=False)  # fmt: skip
     assert "error" not in check.lower() and "corrupt" not in check.lower(), check
