@@ -1288,8 +1288,8 @@ async def test_a_holder_restarted_mid_dump_fails_the_backup_at_once(
     meanwhile leaves the dump's container (and the database, which the agent then
     recreates) in a namespace that is no longer the add-on's: the dump is stopped at once
     with a clear error, nothing is listed as good, no file is left, and the next backup
-    works. (On the project network, the dump's connection to the holder's old address
-    hung until the step's timeout.)"""
+    works. The server's first answer is held back (`CLIENT PAUSE`) so the restart lands
+    while the dump waits for it."""
     c = _c(stack)
     p = (await create_project(c, "team"))["id"]
     a = (await create_addon(c, p, "cache", "redis"))["id"]
