@@ -224,10 +224,12 @@ psql -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"${ADDON_DB}_orkestr_
 """
 )
 
+# The Redis dump runs in the add-on's holder's network namespace (agent/backups.py,
+# IN_HOLDER): the server is on loopback there, where nothing else can answer for it.
 _REDIS_CONNECT = r"""
 REDISCLI_AUTH="$(cat "/run/orkestr/$PASSWORD_FILE")"
 export REDISCLI_AUTH
-rcli() { redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_USER" "$@"; }
+rcli() { redis-cli --no-auth-warning -h 127.0.0.1 --user "$BACKUP_USER" "$@"; }
 """
 
 _KEYS = r"""
@@ -281,8 +283,12 @@ REDIS_BACKUP = (
 # agent set `repl-diskless-sync-delay 0` on a server whose redis.conf lacks it.
 before=$(keys rcli)
 rcli --rdb "/backup/$OUT" >/dev/null
-after=$(keys rcli)
-used=$(rcli INFO memory | awk -F: '/^used_memory:/ {print $2 + 0}')
+# Both sections in one call (Redis 7 takes several): one connection less after the
+# transfer, inside the backup's time. `keys saved` reads this answer, not the server.
+after_info=$(rcli INFO keyspace memory)
+saved() { printf '%s\n' "$after_info"; }
+after=$(keys saved)
+used=$(saved | awk -F: '/^used_memory:/ {print $2 + 0}')
 printf 'keys_before|%s\nkeys_after|%s\n:data_bytes|%s\n' "$before" "$after" "$used" \
   >"/backup/$COUNTS"
 """

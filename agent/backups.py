@@ -20,10 +20,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
-from agent import backup_checks, backup_scripts, deleted_backups, model, specs
+from agent import backup_checks, backup_scripts, deleted_backups, model, netns, specs
 from agent.backup_store import BackupStore, GrowingHash, Sidecar, sha256_of
 from agent.control_pipe import ControlPipe, PipeClosed
 from agent.docker import Docker
@@ -55,6 +56,10 @@ class RoomExhausted(AgentError):
     """A restore's copy came too close to filling the add-on's filesystem."""
 
 
+class HolderChanged(StepFailed):
+    """The holder whose namespace a step joined was restarted or removed meanwhile."""
+
+
 # While a Postgres restore builds its copy, the data filesystem's free space is looked at
 # this often, and the copy is stopped under this floor: the quota guard's reserve and
 # what a copy growing up to 100 MB/s writes between two looks, so it is stopped before
@@ -63,6 +68,21 @@ class RoomExhausted(AgentError):
 WATCH_INTERVAL_S = 0.2
 MIB = 1024 * 1024
 ROOM_FLOOR = RESERVE_BYTES + 24 * MIB
+
+# The `network` of a step whose container joins the add-on's holder's network namespace
+# (`container:<holder id>`) and talks to the server on loopback: a Redis dump
+# (docs/architecture.md, "Backups"). No new endpoint on the project network, no address
+# an app named like the add-on could answer for.
+IN_HOLDER = "holder"
+
+
+class Holder(NamedTuple):
+    """The add-on's holder as inspected before a step that joins it."""
+
+    id: str
+    ip: str  # its address on the project network
+    pid: int
+    netns: int | None  # that namespace's inode (None: not visible from here)
 
 
 class Phases:
@@ -424,24 +444,22 @@ class BackupRunner:
         phases: Phases | None = None,
     ) -> None:
         user, password_file = backup_credentials(addon)
+        env = {
+            "OUT": tmp.name,
+            "COUNTS": counts_file.name,
+            "BACKUP_USER": user,
+            "PASSWORD_FILE": password_file,
+        }
+        if addon.kind == "postgres":
+            # On the project network, at the holder's address: the postgres image trusts
+            # loopback for every role (pg_hba.conf), so in the holder's namespace a
+            # container could log in as any role, the superuser too, with no password.
+            env |= {"ADDON_HOST": addon.name, "ADDON_DB": addon.database, "ADDON_USER": addon.user}
+            network = model.network_name(project_id)
+        else:
+            network = IN_HOLDER  # Redis asks every connection's password, loopback's too
         await self._step(
-            spec,
-            "dump",
-            project_id,
-            addon,
-            script,
-            {
-                "OUT": tmp.name,
-                "COUNTS": counts_file.name,
-                "ADDON_HOST": addon.name,
-                "ADDON_DB": addon.database,
-                "ADDON_USER": addon.user,
-                "BACKUP_USER": user,
-                "PASSWORD_FILE": password_file,
-            },
-            network=model.network_name(project_id),
-            secrets=user,
-            phases=phases,
+            spec, "dump", project_id, addon, script, env, network, secrets=user, phases=phases
         )
 
     async def _verify_op(
@@ -878,15 +896,24 @@ class BackupRunner:
     ) -> None:
         """Run one script in a one-shot container; raise StepFailed with its output.
 
-        `watch`, if given, is called every WATCH_INTERVAL_S while the script runs; the
-        RoomExhausted it may raise kills the container and is raised again."""
+        `network`: a Docker network, "none", or IN_HOLDER. `ADDON_HOST` in `env` is
+        replaced by the holder's address on the project network. `watch`, if given, is
+        called every WATCH_INTERVAL_S while the script runs; the RoomExhausted (or, joined
+        to the holder, HolderChanged) it may raise kills the container and is raised
+        again."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
         mark = phases.mark if phases is not None else lambda _name: None
-        if "ADDON_HOST" in env:
-            env = {**env, "ADDON_HOST": await self._address(project_id, addon)}
+        holder: Holder | None = None
+        if network == IN_HOLDER or "ADDON_HOST" in env:
+            holder = await self._holder(project_id, addon)
+            if "ADDON_HOST" in env:
+                env = {**env, "ADDON_HOST": holder.ip}
             if secrets:
-                await self._prepare_roles(addon, env["ADDON_HOST"], secrets)
+                await self._prepare_roles(addon, holder.ip, secrets)
+        if network == IN_HOLDER and holder is not None:
+            network = f"container:{holder.id}"
+            watch = _holder_watch(holder, watch)
         if secrets and not (self.secrets_root / addon.id / secrets / "password").is_file():
             raise StepFailed(f"no password for the {secrets} role on this host")
         container = self._container(
@@ -898,7 +925,13 @@ class BackupRunner:
         try:
             await self.docker.run(container, start=False)
             mark("create")
-            await self.docker.start(name)
+            try:
+                await self.docker.start(name)
+            except AgentError as exc:
+                if not network.startswith("container:"):
+                    raise
+                # Docker's "cannot join network of a non running container", or it is gone.
+                raise StepFailed(f"{step} could not join the add-on's holder: {exc}") from None
             mark("start")
             try:
                 code = await self._exit_code(name, watch)
@@ -919,20 +952,28 @@ class BackupRunner:
         except AgentError as exc:
             raise StepFailed(f"the backup role could not be made ready: {exc}") from None
 
-    async def _address(self, project_id: str, addon: AddonSpec) -> str:
-        """The add-on's address on its project network, never its name: the tenant's apps
-        are on that network under names of their choosing, and an app named like the
-        add-on answered the platform's login (its admin password: Redis AUTH in clear,
-        Postgres asked for it in clear)."""
+    async def _holder(self, project_id: str, addon: AddonSpec) -> Holder:
+        """The add-on's holder, running: the namespace a step joins, or the address on
+        the project network a step connects to, never the add-on's name. The tenant's
+        apps are on that network under names of their choosing, and an app named like
+        the add-on answered the platform's login (its admin password: Redis AUTH in
+        clear, Postgres asked for it in clear)."""
         try:
             info = await self.docker.inspect(model.holder_name(addon.id))
         except NotFound:
             raise StepFailed("the add-on's holder container is missing") from None
+        state = info.get("State") or {}
+        if not state.get("Running"):
+            raise StepFailed("the add-on's holder container is not running")
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         ip = (networks.get(model.network_name(project_id)) or {}).get("IPAddress")
         if not ip:
             raise StepFailed("the add-on has no address on its project network yet")
-        return str(ip)
+        pid, inode = int(state.get("Pid") or 0), None
+        if pid:
+            with contextlib.suppress(OSError):
+                inode = netns.netns_inode(pid)
+        return Holder(str(info["Id"]), str(ip), pid, inode)
 
     async def _exit_code(self, name: str, watch: Callable[[], None] | None) -> int:
         exited = asyncio.create_task(self.docker.wait(name, self.timeout_s + 5))
@@ -949,7 +990,7 @@ class BackupRunner:
                 if watch is not None:
                     try:
                         watch()
-                    except RoomExhausted:
+                    except (RoomExhausted, HolderChanged):
                         with contextlib.suppress(NotFound, Conflict):
                             await self.docker.kill(name)
                         raise
@@ -968,9 +1009,11 @@ class BackupRunner:
         secrets: str = "",
         volume: bool = False,
     ) -> specs.ContainerSpec:
-        """`secrets`: the least role whose password directory (that alone) is mounted."""
+        """`secrets`: the least role whose password directory (that alone) is mounted.
+        `network`: a Docker network, "none", or `container:<id>` (that one's namespace)."""
         key = op_key(spec)
         name = model.backup_container_name(key, step)
+        joined = network.removeprefix("container:") if network.startswith("container:") else ""
         addon_dir = self.store.addon_dir(project_id, addon.id)
         mounts = [specs.Mount("bind", str(addon_dir), "/backup")]
         if secrets:
@@ -990,7 +1033,8 @@ class BackupRunner:
             cmd=(script,),
             env=tuple(sorted(env.items())),
             mounts=tuple(mounts),
-            network=network,
+            network=None if joined else network,
+            netns_of=joined or None,
             memory_mb=self.memory_mb,
             pids_limit=256,
             # The Postgres scratch server runs as postgres (setpriv, chown); Redis restores
@@ -998,6 +1042,28 @@ class BackupRunner:
             cap_add=specs.DB_CAPABILITIES,
             extra_labels=((model.LABEL_BACKUP_OP, key),),
         )
+
+
+def _holder_watch(holder: Holder, then: Callable[[], None] | None) -> Callable[[], None]:
+    """A check that the holder still runs in the namespace the step joined. Restarted or
+    removed, it leaves the step's container (and the database, which the agent then
+    recreates: `_repair_split_namespace` in agent/runtime.py) in a namespace without the
+    add-on's address, where the step's connection can only hang until the step's
+    timeout: it is killed at once instead, and the step fails. A step that exited 0
+    before this noticed had its whole answer (a dump is complete, and verified after)."""
+
+    def check() -> None:
+        if holder.netns is not None:
+            try:
+                same = netns.netns_inode(holder.pid) == holder.netns
+            except OSError:
+                same = False  # its process is gone
+            if not same:
+                raise HolderChanged("the add-on's holder was restarted or removed during the step")
+        if then is not None:
+            then()
+
+    return check
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,12 +7,15 @@ well as the add-on's, and the platform's backup role logged in to the tenant's o
 Redis sends AUTH in clear; a Postgres impostor asks for a cleartext password and libpq
 sends it. With that password (the platform's admin role: Redis without ACL limits, a
 Postgres superuser) the tenant was out of every fence. The containers now connect to the
-add-on's address on the network, which only the add-on's holder has.
+add-on's address on the network, which only the add-on's holder has; a Redis dump joins
+the holder's network namespace and talks to the server on loopback, with no endpoint of
+its own on the project network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -98,10 +101,47 @@ async def test_an_app_named_like_the_addon_never_gets_the_platforms_login(
             60,
             "both impostors listen",
         )
-        await backups_never_reach(c, p, addons, impostors)
+        joined = await endpoints_of_dumps(p, backups_never_reach(c, p, addons, impostors))
+        # The Postgres dumps got an endpoint on the project network (the watch sees them);
+        # the Redis dumps got none: they were in the holder's namespace.
+        assert joined[addons["db"]["id"]], joined
+        assert joined[addons["cache"]["id"]] == [False] * 3, joined
     finally:
         for name in impostors.values():
             docker("rm", "-f", name, check=False)
+
+
+async def endpoints_of_dumps(p: str, backups: Any) -> dict[str, list[bool]]:
+    """Run `backups`; per add-on, whether each of its dump containers was connected to
+    the project network (Docker's network events)."""
+
+    async def events(*filters: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            "docker", "events", "--format", "{{json .}}", *filters,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    created = await events("--filter", "type=container", "--filter", "event=create",
+                           "--filter", "label=orkestr.role=backup")  # fmt: skip
+    connected = await events("--filter", "type=network", "--filter", "event=connect",
+                             "--filter", f"network=orkestr-{p}")  # fmt: skip
+    try:
+        await asyncio.sleep(0.3)  # the event streams are listening
+        await backups
+        await asyncio.sleep(1)  # the last events are out
+    finally:
+        outs = []
+        for proc in (created, connected):
+            proc.terminate()
+            outs.append((await proc.communicate())[0].decode().splitlines())
+    on_network = {json.loads(e)["Actor"]["Attributes"]["container"] for e in outs[1]}
+    joined: dict[str, list[bool]] = {}
+    for line in outs[0]:
+        actor = json.loads(line)["Actor"]
+        if actor["Attributes"]["name"].endswith("-dump"):
+            addon = actor["Attributes"]["orkestr.addon"]
+            joined.setdefault(addon, []).append(actor["ID"] in on_network)
+    return joined
 
 
 async def backups_never_reach(

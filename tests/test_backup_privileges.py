@@ -71,10 +71,11 @@ def holder_ip(project_id: str, addon_id: str) -> str:
 
 
 class DumpContainer:
-    """The secret mount and environment of the agent's dump container for one backup."""
+    """The secret mount, environment and network of the agent's dump container for one
+    backup."""
 
-    def __init__(self, secret_source: str, env: dict[str, str]) -> None:
-        self.secret_source, self.env = secret_source, env
+    def __init__(self, secret_source: str, env: dict[str, str], network_mode: str) -> None:
+        self.secret_source, self.env, self.network_mode = secret_source, env, network_mode
 
 
 async def backup_seen(c: ControllerProcess, p: str, a: str) -> tuple[dict[str, Any], DumpContainer]:
@@ -98,20 +99,22 @@ async def backup_seen(c: ControllerProcess, p: str, a: str) -> tuple[dict[str, A
                 continue
             mounts = {m["Destination"]: m for m in info["Mounts"]}
             env = dict(e.split("=", 1) for e in info["Config"]["Env"])
-            seen = DumpContainer(mounts[specs.SECRET_MOUNT]["Source"], env)
+            network_mode = info["HostConfig"]["NetworkMode"]
+            seen = DumpContainer(mounts[specs.SECRET_MOUNT]["Source"], env, network_mode)
     finally:
         events.terminate()
         await events.wait()
     return await wait_backup(c, p, a, body["id"]), seen
 
 
-def as_dump_container(agent: AgentProcess, p: str, seen: DumpContainer, script: str) -> str:
-    """Run `script` in a toolbox container with the dump container's credential."""
+def as_dump_container(agent: AgentProcess, seen: DumpContainer, script: str) -> str:
+    """Run `script` in a toolbox container with the dump container's credential, on its
+    network (a Redis dump's: the holder's namespace)."""
     env = [x for k in ("ADDON_HOST", "ADDON_DB", "ADDON_USER", "BACKUP_USER", "PASSWORD_FILE")
-           for x in ("-e", f"{k}={seen.env[k]}")]  # fmt: skip
+           if k in seen.env for x in ("-e", f"{k}={seen.env[k]}")]  # fmt: skip
     return docker(
         "run", "--rm", "--name", f"orkestr-test-{uuid.uuid4().hex[:12]}",
-        "--label", f"orkestr.host={agent.host}", "--network", model.network_name(p),
+        "--label", f"orkestr.host={agent.host}", "--network", seen.network_mode,
         "-v", f"{seen.secret_source}:{specs.SECRET_MOUNT}:ro", *env,
         "--entrypoint", "bash", TOOLBOX, "-c", script,
     )  # fmt: skip
@@ -157,14 +160,17 @@ REDIS_ATTEMPTS = {
     "replicaof": "REPLICAOF 127.0.0.1 1",
     "shutdown": "SHUTDOWN NOSAVE",
 }
+# In the holder's namespace, on loopback, as the dump: loopback earns no trust either.
 _REDIS_TRY = r"""
 export REDISCLI_AUTH="$(cat /run/orkestr/$PASSWORD_FILE)"
 try() {
-  out=$(redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_USER" $2 2>&1)
+  out=$(redis-cli --no-auth-warning -h 127.0.0.1 --user "$BACKUP_USER" $2 2>&1)
   if [[ $out == *NOPERM* || $out == *"not allowed"* ]]; then echo "$1|refused"
   else echo "$1|ALLOWED: $out"; fi
 }
-echo "can read|$(redis-cli --no-auth-warning -h "$ADDON_HOST" --user "$BACKUP_USER" PING)"
+echo "can read|$(redis-cli --no-auth-warning -h 127.0.0.1 --user "$BACKUP_USER" PING)"
+echo "no password|$(env -u REDISCLI_AUTH redis-cli -h 127.0.0.1 PING 2>&1)"
+echo "none as admin|$(REDISCLI_AUTH= redis-cli -h 127.0.0.1 --user orkestr_admin PING 2>&1)"
 """
 
 
@@ -202,7 +208,10 @@ async def test_a_postgres_backup_container_can_read_and_nothing_more(
     assert backup["verified"] is True, backup["verify_error"]
     # Every row, past the forced policy the tenant itself is under.
     assert backup["counts"] == {"public.orders": 300}, backup["counts"]
-    got = outcomes(as_dump_container(agent, p, seen, attempts(_PG_TRY, PG_ATTEMPTS)))
+    # On the project network, not in the holder's namespace, where the postgres image
+    # trusts loopback for every role without a password (agent/backups.py, _dump_step).
+    assert seen.network_mode == model.network_name(p), seen.network_mode
+    got = outcomes(as_dump_container(agent, seen, attempts(_PG_TRY, PG_ATTEMPTS)))
     assert got.pop("can read") == "300"
     assert got == dict.fromkeys(PG_ATTEMPTS, "refused"), got
     no_admin_password(agent, a, seen)
@@ -241,8 +250,13 @@ async def test_a_redis_backup_container_can_read_and_nothing_more(
         backup, seen = await backup_seen(c, p, a)
         assert backup["state"] == "succeeded", backup
         assert backup["verified"] is True, backup["verify_error"]
-        got = outcomes(as_dump_container(agent, p, seen, attempts(_REDIS_TRY, REDIS_ATTEMPTS)))
+        holder = json.loads(docker("inspect", model.holder_name(a)))[0]["Id"]
+        assert seen.network_mode == f"container:{holder}", seen.network_mode
+        assert "ADDON_HOST" not in seen.env  # loopback: no address to be answered for
+        got = outcomes(as_dump_container(agent, seen, attempts(_REDIS_TRY, REDIS_ATTEMPTS)))
         assert got.pop("can read") == "PONG"
+        assert "NOAUTH" in got.pop("no password"), got
+        assert "WRONGPASS" in got.pop("none as admin"), got
         assert got == dict.fromkeys(REDIS_ATTEMPTS, "refused"), got
         # Refused by the user's ACL itself, not only by the server's settings (MODULE and
         # DEBUG are off for everyone): Redis 7 says what the ACL would do with each.

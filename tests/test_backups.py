@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from agent import backup_scripts, model, specs
 from tests.agent_fixtures import (
@@ -1230,3 +1231,103 @@ async def test_a_redis_backup_does_not_wait_for_more_replicas(
     assert 0 <= float(fields["first_byte"]) <= float(fields["last_byte"]) <= float(fields["run"])
     got = admin_redis_cli(agent, p, addon, "CONFIG GET repl-diskless-sync-delay")
     assert got.split() == ["repl-diskless-sync-delay", "0"], got
+
+
+async def test_a_holder_restarted_mid_dump_fails_the_backup_at_once(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """A Redis dump runs in the add-on's holder's network namespace. A holder restarted
+    meanwhile leaves the dump's container (and the database, which the agent then
+    recreates) in a namespace that is no longer the add-on's: the dump is stopped at once
+    with a clear error, nothing is listed as good, no file is left, and the next backup
+    works. The server's first answer is held back (`CLIENT PAUSE`) so the restart lands
+    while the dump waits for it."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "cache", "redis"))["id"]
+    await wait_phase(c, p, a, "ready")
+    holder, db = model.holder_name(a), model.db_name(a)
+    ip = json.loads(docker("inspect", holder))[0]["NetworkSettings"]["Networks"][
+        model.network_name(p)
+    ]["IPAddress"]
+    admin = aioredis.Redis(
+        host=ip, username=specs.ADMIN_USER,
+        password=(agent.state_dir / "secrets" / a / "admin_password").read_text(),
+    )  # fmt: skip
+    events = await asyncio.create_subprocess_exec(
+        "docker", "events", "--format", "{{.Actor.Attributes.name}}",
+        "--filter", "event=create", "--filter", f"label={model.LABEL_ADDON}={a}",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await admin.set("kept", "1")
+        await asyncio.sleep(0.3)  # the event stream is listening
+        pending = await backup_now(c, p, a, wait=False)
+        assert events.stdout is not None
+        created = b""
+        while not created.endswith(b"-dump"):
+            created = (await asyncio.wait_for(events.stdout.readline(), 120)).strip()
+        # Created: its script's first command waits, whatever it is (the container's
+        # start alone takes longer than this call).
+        await admin.execute_command("CLIENT", "PAUSE", "60000", "ALL")
+        dump = model.backup_container_name(f"backup-{pending['id']}", "dump")
+        await wait_for(
+            lambda: docker("inspect", "-f", "{{.State.Running}}", dump, check=False) == "true",
+            60,
+            "the dump container running",
+            0.05,
+        )
+        db_before = json.loads(docker("inspect", db))[0]["Id"]
+        docker("restart", "-t", "0", holder)
+        failed = await wait_backup(c, p, a, pending["id"], timeout=60)
+    finally:
+        events.terminate()
+        await events.wait()
+        await admin.aclose()
+    assert failed["state"] == "failed", failed
+    assert "holder was restarted or removed during the step" in failed["error"], failed
+    assert failed["verified"] is None and failed["sha256"] is None, failed
+    assert not dump_path(agent, p, a, pending["id"]).exists()
+    assert no_temp_files(agent)
+    assert docker("ps", "-aq", "--filter", f"name={dump}") == ""
+
+    # The agent puts the database back into the holder's new namespace; then a backup works.
+    def db_id() -> str:
+        return docker("inspect", "-f", "{{.Id}}", db, check=False)
+
+    await wait_for(lambda: db_id() not in ("", db_before), 120, "the database recreated")
+    await wait_phase(c, p, a, "ready")
+    again = await backup_now(c, p, a)
+    assert again["state"] == "succeeded" and again["verified"] is True, again
+    assert again["counts"] == {"keys": 1}, again
+
+
+async def test_a_sleeping_redis_is_backed_up_from_light_and_deep_sleep(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The dump joins the holder's namespace: the hold wakes the add-on first (a paused
+    server's socket is there but answers nothing; a stopped one has none), and the dump
+    reaches it on loopback there. Asleep again after each."""
+    c = _c(stack)
+    p = (await create_project(c, "pro"))["id"]
+    a = (await create_addon(c, p, "cache", "redis"))["id"]
+    await wait_phase(c, p, a, "ready")
+    job = await run_job(c, p, redis_cli("set a 1", "set b 2", "set c 3"))
+    assert job["state"] == "succeeded", job
+    db = model.db_name(a)
+
+    def state() -> str:
+        return docker("inspect", "-f", "{{.State.Status}}", db, check=False)
+
+    for stage, docker_state in (("light", "paused"), ("deep", "exited")):
+        await wait_for(lambda s=docker_state: state() == s, 60, f"{stage} sleep", 0.05)
+        backup = await backup_now(c, p, a)
+        assert backup["state"] == "succeeded" and backup["verified"] is True, backup
+        assert backup["counts"] == {"keys": 3}, backup
+        woken = [
+            line
+            for line in agent.log_tail(3000).splitlines()
+            if f"addon.wake addon={a} " in line and "reason=held by a platform operation" in line
+        ]
+        assert woken and f"stage={stage} " in woken[-1], woken
+    await wait_for(lambda: state() in ("paused", "exited"), 60, "asleep again")
