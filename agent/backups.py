@@ -136,12 +136,13 @@ class _RedisRestore:
 
 def _transfer(growing: GrowingHash | None, phases: Phases) -> str:
     """When the dump's first byte and its last were seen, in seconds after the one-shot
-    container's start returned (a wake-up's precision)."""
+    container's start returned (a wake-up's precision). The first byte may come before
+    that return: the container runs before Docker's answer reaches the agent."""
     start = phases.at.get("start")
     if growing is None or start is None or growing.first_byte is None:
         return ""
     last = growing.last_growth or growing.first_byte
-    return f" first_byte=+{growing.first_byte - start:.3f} last_byte=+{last - start:.3f}"
+    return f" first_byte={growing.first_byte - start:+.3f} last_byte={last - start:+.3f}"
 
 
 def backup_credentials(addon: AddonSpec, op: str = "backup") -> tuple[str, str]:
