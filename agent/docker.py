@@ -52,9 +52,9 @@ class Docker:
         self._url = url
         self._client: aiodocker.Docker | None = None
         # Keys work in parallel; the daemon gets at most this many calls at once, the
-        # oldest chain's first (agent/slots.py). Waits on jobs, stops, removals and the
-        # event stream hold no slot: they last as long as a job, a database's shutdown or
-        # the daemon's own queue of removals does (remove, remove_volume).
+        # oldest chain's first (agent/slots.py). Waits on jobs, stops, volume removals and
+        # the event stream hold no slot: they last as long as a job, a database's shutdown
+        # or the daemon's own queue of volume removals does.
         self._slots = PrioritySlots(max_in_flight)
 
     async def __aenter__(self) -> Docker:
@@ -342,12 +342,9 @@ class Docker:
         await self._call(f"kill {name}", lambda: self.client.containers.container(name).kill())
 
     async def remove(self, name: str) -> None:
-        # v=True: the anonymous volumes of the image's VOLUME go with the container. No
-        # slot, as its stop: in sixty deletions at once a stopped database's removal (a
-        # quarter of a second in the daemon) waited seconds for a slot behind the other
-        # chains' holder removals (a network's teardown each); one per key at a time.
+        # v=True: the anonymous volumes of the image's VOLUME go with the container.
         try:
-            await _call(
+            await self._call(
                 f"remove {name}",
                 lambda: self.client.containers.container(name).delete(force=True, v=True),
             )
