@@ -52,9 +52,8 @@ class Docker:
         self._url = url
         self._client: aiodocker.Docker | None = None
         # Keys work in parallel; the daemon gets at most this many calls at once, the
-        # oldest chain's first (agent/slots.py). Waits on jobs, stops, volume removals and
-        # the event stream hold no slot: they last as long as a job, a database's shutdown
-        # or the daemon's own queue of volume removals does.
+        # oldest chain's first (agent/slots.py). Waits on jobs, stops and the event stream
+        # hold no slot: they last as long as a job or a database's shutdown does.
         self._slots = PrioritySlots(max_in_flight)
 
     async def __aenter__(self) -> Docker:
@@ -352,12 +351,8 @@ class Docker:
             pass
 
     async def remove_volume(self, name: str) -> None:
-        # No slot, as a stop: Docker's local driver removes one volume at a time (its root
-        # lock, held over the data's deletion), so the removals of a burst wait inside the
-        # daemon. Holding slots while they did, 10-14 of the 16 were volume removals queued
-        # there, and other keys' quick container removals waited seconds behind them.
         try:
-            await _call(
+            await self._call(
                 f"remove volume {name}",
                 lambda: aiodocker.volumes.DockerVolume(self.client, name).delete(),  # type: ignore[no-untyped-call]
             )
