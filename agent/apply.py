@@ -283,7 +283,7 @@ class Applier:
                 if self.loopfs is not None:
                     await self.loopfs.remove(name)
             case p.RemoveSecret(key):
-                self.secrets.remove(key)
+                await self.secrets.discard(key)
             case p.StartJob(key, project_id, job, groups):
                 spec = specs.job_spec(project_id, job, self.settings.jobs)
                 try:

@@ -18,6 +18,7 @@ root can reach the files; inside the container the add-on's own user must read t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -302,4 +303,11 @@ class SecretStore:
 
     def remove(self, addon_id: str) -> None:
         shutil.rmtree(self.dir(addon_id), ignore_errors=True)
+        self._conf_quota.pop(addon_id, None)
+
+    async def discard(self, addon_id: str) -> None:
+        """`remove`, with the files' deletion in a thread: sixty at once, beside the
+        daemon deleting their volumes, held the event loop ~20 ms each (a quarter of the
+        agent's samples in a burst of deletes) while every other chain waited."""
+        await asyncio.to_thread(shutil.rmtree, self.dir(addon_id), ignore_errors=True)
         self._conf_quota.pop(addon_id, None)

@@ -444,6 +444,10 @@ class Bench:
             text = text.replace("resync_interval_s = 2\n", f"resync_interval_s = {resync}\n")
             text = text.replace("heartbeat_s = 1\n", f"heartbeat_s = {heartbeat}\n")
             self.agent.config_path.write_text(text)
+        if docker_url := os.environ.get("ORKESTR_BENCH_AGENT_DOCKER", ""):
+            # A profiling aid (e.g. a proxy that logs the agent's Docker calls): not figures.
+            with self.agent.config_path.open("a") as f:
+                f.write(f'\n[docker]\nurl = "{docker_url}"\n')
         await self.agent.start()
         await self.controller.wait_host_online(self.host, 30)
 
@@ -596,8 +600,11 @@ class EventLog:
     (same machine) with an offset taken when the log starts.
     """
 
-    def __init__(self, bench: Bench) -> None:
+    def __init__(self, bench: Bench, volumes: bool = False) -> None:
+        """volumes: volume events too (Docker matches a label filter against an event's
+        attributes, and a volume's carry no labels): all of the daemon's, picked by name."""
         self.bench = bench
+        self.volumes = volumes
         self.events: list[tuple[float, str, str, str]] = []  # (mono, type, action, name)
         self.offset = time.monotonic() - time.time()
         self._task: asyncio.Task[None] | None = None
@@ -614,7 +621,10 @@ class EventLog:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _pump(self) -> None:
-        params = {"filters": json.dumps({"label": [f"{LABEL_HOST}={self.bench.host}"]})}
+        filters = {"label": [f"{LABEL_HOST}={self.bench.host}"]}
+        if self.volumes:
+            filters = {"type": ["container", "volume"]}
+        params = {"filters": json.dumps(filters)}
         async with self.bench.docker._query("events", params=params, timeout=None) as response:
             self._ready.set()
             async for line in response.content:

@@ -219,6 +219,40 @@ def timeline(variant: str, rows: list[tuple[str, dict[str, float | None]]]) -> d
     return out
 
 
+# Per add-on marks of a delete, in seconds after its t0, from Docker's events: the
+# database's stop (`die`), and the destroy of the database, the holder and the volume.
+DELETE_MARKS = ("db_die", "db_destroy", "holder_destroy", "volume_destroy")
+
+
+def delete_timeline(
+    variant: str, events: EventLog, t0: float, addons: list[tuple[str, str, str, str]]
+) -> dict[str, Any]:
+    """min / median / max of each delete mark per kind, and per add-on under "addons"
+    ([kind, *DELETE_MARKS]): when each step of the deletion ended, on both sides alike."""
+
+    def at(type_: str, action: str, name: str) -> float | None:
+        t = events.first(type_, action, name, t0)
+        return rnd(t - t0, 2) if t is not None else None
+
+    rows = [(kind, {
+        "db_die": at("container", "die", db),
+        "db_destroy": at("container", "destroy", db),
+        "holder_destroy": at("container", "destroy", holder),
+        "volume_destroy": at("volume", "destroy", volume),
+    }) for kind, holder, db, volume in addons]  # fmt: skip
+    out: dict[str, Any] = {"addons": [[k, *(m[x] for x in DELETE_MARKS)] for k, m in rows]}
+    for kind in ("postgres", "redis"):
+        summary: dict[str, Any] = {}
+        for mark in DELETE_MARKS:
+            values = sorted(v for k, m in rows if k == kind and (v := m[mark]) is not None)
+            if values:
+                summary[mark] = [values[0], values[len(values) // 2], values[-1]]
+        out[kind] = summary
+        log(f"{variant} {kind} (min / median / max s): " + ", ".join(
+            f"{k} {'/'.join(str(x) for x in v)}" for k, v in summary.items()))  # fmt: skip
+    return out
+
+
 async def remaining(b: Bench, label: str, values: set[str]) -> set[tuple[str, str]]:
     """("container", id) and ("volume", name) of what is left whose `label` is in `values`."""
     filters = json.dumps({"label": [f"orkestr.host={b.host}"]})
@@ -391,7 +425,9 @@ async def ours(
     log(f"orkestr machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
     ids = {a["id"] for a in created}
     cpu0 = await cpu_s(b)
-    async with destroyed_events(b) as destroyed:
+    machine = {}
+    async with EventLog(b, volumes=True) as events, machine_cpu(machine), profiled(b, "delete"), \
+            destroyed_events(b) as destroyed:  # fmt: skip
         t0 = time.monotonic()
         await asyncio.gather(
             *(b.api("DELETE", f"/v1/projects/{pid}/addons/{i}", want=202) for i in ids)
@@ -400,6 +436,12 @@ async def ours(
         delete_s = time.monotonic() - t0
     log(f"orkestr: all deleted after {delete_s:.1f}s")
     cpu["orkestr_delete"] = await spent(b, cpu0, "orkestr delete")
+    timelines["orkestr_delete"] = delete_timeline("orkestr delete", events, t0, [
+        (k, model.holder_name(a["id"]), model.db_name(a["id"]), model.volume_name(a["id"]))
+        for k, a in zip(kinds, created, strict=True)
+    ])  # fmt: skip
+    timelines["orkestr_delete"]["machine"] = machine
+    log(f"orkestr delete machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
     return create_s, delete_s
 
 
@@ -522,11 +564,19 @@ async def baseline(
         timelines["asyncio"][-1]["machine"] = machine
         log(f"asyncio machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
         cpu0 = await cpu_s(b)
-        t0 = time.monotonic()
-        await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
-        delete_s = time.monotonic() - t0
+        machine = {}
+        async with EventLog(b, volumes=True) as events, machine_cpu(machine):
+            t0 = time.monotonic()
+            await asyncio.gather(*(plain_remove(b.docker, p) for p in plains))
+            delete_s = time.monotonic() - t0
         log(f"asyncio: all deleted after {delete_s:.1f}s")
         cpu.setdefault("asyncio_delete", []).append(await spent(b, cpu0, "asyncio delete"))
+        timelines.setdefault("asyncio_delete", []).append(delete_timeline(
+            "asyncio delete", events, t0,
+            [(p.kind, p.holder_name, p.db_name, p.volume) for p in plains],
+        ))  # fmt: skip
+        timelines["asyncio_delete"][-1]["machine"] = machine
+        log(f"asyncio delete machine: { {k: v for k, v in machine.items() if k != 'busy_cores'} }")
         return create_s, delete_s
     finally:
         for p in plains:  # only what an error left behind

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +30,7 @@ from controller.metrics import Metrics
 from controller.plans import load_plans
 from controller.responses import phase
 from controller.sealing import Sealer, SealError
+from controller.store_rows import AddonRow
 from controller.tokens import digest, parse_agent_tokens
 from schemas import topics
 from schemas.messages import AddonStatus, Condition, ConditionStatus, SleepState
@@ -491,3 +493,24 @@ def test_which_retained_topics_the_controller_clears() -> None:
     # The host's current state stays retained.
     assert topics_to_clear("status", h, None, "accepted", True) == []
     assert topics_to_clear("presence", h, None, "accepted", True) == []
+
+
+async def test_a_deleted_addons_answer_reads_no_listing_of_its_project(tmp_path: Path) -> None:
+    """A DELETE answers with the add-on alone: deleted, it gives no names among its
+    project's add-ons, and listing all of them per DELETE was half the controller's time
+    in a burst of sixty (docs/benchmarks.md, branch delete7). No database here: a listing
+    would fail."""
+    config = parse_config(GOOD, key_dir(tmp_path))
+    api = Api(config, None, load_plans(None), _NoHosts(), Metrics())
+    now = datetime.now(UTC)
+    row = AddonRow(
+        id="a" * 32, project_id="p" * 32, plan="starter", host="h1", name="cache",
+        kind="redis", secret_version=1, created_at=now - timedelta(hours=1), deleted_at=now,
+        status=None, observed_generation=None,
+    )  # fmt: skip
+    view = await api._addon_view(row)
+    assert (view.phase, view.variables, view.primary) == ("deleting", (), False)
+    assert view.deleted_at == now
+    live = msgspec.structs.replace(row, deleted_at=None)
+    with pytest.raises(AttributeError):  # a live add-on's names do need the listing
+        await api._addon_view(live)
