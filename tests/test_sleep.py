@@ -605,20 +605,8 @@ async def test_a_syn_flood_in_light_sleep_is_rate_limited_and_a_neighbour_still_
         neighbour.remove()
 
 
-def db_events(addon_id: str, since: str) -> list[str]:
-    """The database container's Docker events since `since`: "status exitCode" each."""
-    until = str(int(datetime.now(UTC).timestamp()) + 1)
-    out = docker(
-        "events", "--since", since, "--until", until,
-        "--filter", f"container=orkestr-{addon_id}-db",
-        "--format", "{{.Status}} {{index .Actor.Attributes \"exitCode\"}}",
-    )  # fmt: skip
-    return [e.strip() for e in out.split("\n") if e.strip()]
-
-
-async def test_a_paused_addon_is_deleted_without_a_shutdown(stack: Stack, pg: Any) -> None:
-    """A deleted add-on's data goes with its volume: the paused database is killed and
-    removed, with no clean shutdown to wait for."""
+async def test_a_paused_addon_is_deleted_with_a_clean_shutdown(stack: Stack, pg: Any) -> None:
+    """Docker refuses to stop a paused container: the agent unpauses it, then stops it."""
     c = stack.controller
     assert c is not None
     project, a, client = pg
@@ -627,9 +615,16 @@ async def test_a_paused_addon_is_deleted_without_a_shutdown(stack: Stack, pg: An
     status, body = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{a['id']}")
     assert status == 202, body
     await wait_db(a["id"], "missing", timeout=60)
-    events = db_events(a["id"], since)
-    assert any(e.startswith("destroy") for e in events), events
-    assert "die 0" not in events, events  # killed, not shut down
+    until = str(int(datetime.now(UTC).timestamp()) + 1)
+    events = docker(
+        "events", "--since", since, "--until", until,
+        "--filter", f"container=orkestr-{a['id']}-db",
+        "--format", "{{.Status}} {{index .Actor.Attributes \"exitCode\"}}",
+    ).split("\n")  # fmt: skip
+    statuses = [e.split()[0] for e in events if e.strip()]
+    assert "unpause" in statuses and "destroy" in statuses, events
+    assert statuses.index("unpause") < statuses.index("die"), events
+    assert "die 0" in events, events  # shut down by its own stop signal, not killed
     client.remove()
 
 
