@@ -267,12 +267,9 @@ class Applier:
                 await self.wake_addon(key)
             case p.RemoveContainer(_key, name, reason):
                 log.info("container.remove name=%s reason=%s", name, reason)
-                if name.endswith("-db") and reason != "AddonDeleted":
+                if name.endswith("-db"):
                     # A clean shutdown first: no crash recovery, no lost Redis writes. Docker
                     # refuses to stop a paused container (409): unpaused first only then.
-                    # A deleted add-on's data goes with its volume in this same plan, so
-                    # it is killed: a shutdown save, a checkpoint or a database still in
-                    # initdb (whose shell ignores SIGTERM: the full 30 s) serve nothing.
                     with contextlib.suppress(NotFound, Conflict):
                         try:
                             await self.docker.stop(name, grace_s=30)

@@ -14,9 +14,8 @@ the project's, which our agent removes once the project has nothing left on it.
             Engine API (aiodocker), all at once: per add-on a holder on the network and
             the database in its namespace (`Plain`, the agent's own container specs),
             volumes included; done by its client's queries, polled alike. Deletion as the agent
-            does it: the database killed with its anonymous volumes (a deleted
-            add-on's data goes, so no clean shutdown), then the holder, then the
-            named volume.
+            does it: a graceful stop, then the containers with their anonymous volumes,
+            then the named volume.
 
 Team plan (never sleeps), one project. Prints a table and ends with one JSON line.
 ORKESTR_BENCH_INTERVALS=deployed runs the agent with its deployed resync and status
@@ -447,7 +446,9 @@ async def ours(
 
 
 async def plain_remove(d: aiodocker.Docker, p: Plain) -> None:
-    await d.containers.container(p.db_name).delete(force=True, v=True)
+    c = d.containers.container(p.db_name)
+    await c.stop(t=30)
+    await c.delete(force=True, v=True)
     assert p.holder_body is not None
     await d.containers.container(p.holder_name).delete(force=True, v=True)
     await aiodocker.volumes.DockerVolume(d, p.volume).delete()  # type: ignore[no-untyped-call]
