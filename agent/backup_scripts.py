@@ -282,10 +282,14 @@ REDIS_BACKUP = (
 # The backup user may PING, INFO and SYNC, nothing else (agent/platform_roles.py); the
 # agent set `repl-diskless-sync-delay 0` on a server whose redis.conf lacks it.
 before=$(keys rcli)
-rcli --rdb "/backup/$OUT" >/dev/null
-# Both sections in one call (Redis 7 takes several): one connection less after the
-# transfer, inside the backup's time. `keys saved` reads this answer, not the server.
+rcli --rdb "/backup/$OUT" >/dev/null &
+dump=$!
+# The counts' upper bound is read once the first byte is in: every byte comes from the
+# server's fork, so the snapshot is taken by then, and the call runs beside the transfer
+# instead of after it, where it was inside the backup's time. Both sections in one call.
+until [[ -s /backup/$OUT ]] || ! kill -0 "$dump" 2>/dev/null; do sleep 0.01; done
 after_info=$(rcli INFO keyspace memory)
+wait "$dump"
 saved() { printf '%s\n' "$after_info"; }
 after=$(keys saved)
 used=$(saved | awk -F: '/^used_memory:/ {print $2 + 0}')
