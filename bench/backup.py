@@ -171,8 +171,9 @@ def info_loaded(body: bytes) -> bool:
     return b"\nloading:0\r" in body or body.startswith(b"loading:0\r")
 
 
-async def _until_loaded(socket_path: Path, timeout: float = 600) -> None:
-    """Poll a Redis on its unix socket every 10 ms until it answers with its data loaded."""
+async def until_loaded(socket_path: Path, auth: bytes = b"", timeout: float = 600) -> None:
+    """Poll a Redis on its unix socket every 10 ms until it answers with its data loaded.
+    `auth`: an AUTH command sent first (its answer skipped), for a server that asks."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -181,8 +182,10 @@ async def _until_loaded(socket_path: Path, timeout: float = 600) -> None:
             await asyncio.sleep(0.01)
             continue
         try:
-            writer.write(b"INFO persistence\r\n")
+            writer.write(auth + b"INFO persistence\r\n")
             await writer.drain()
+            if auth:
+                await reader.readline()
             header = await reader.readline()
             body = await reader.readexactly(int(header[1:]) + 2) if header[:1] == b"$" else b""
         except (OSError, ValueError, asyncio.IncompleteReadError):
@@ -295,13 +298,13 @@ class Run:
             container = await docker.containers.create(config, name=name)
             shutil.copyfile(rdb, mountpoint / "dump.rdb")
             await container.start()
-            await _until_loaded(mountpoint / "s")  # the live server, holding the data
+            await until_loaded(mountpoint / "s")  # the live server, holding the data
             start = time.monotonic()
             await container.kill()
             await container.wait()
             shutil.copyfile(rdb, mountpoint / "dump.rdb")
             await container.start()
-            await _until_loaded(mountpoint / "s")
+            await until_loaded(mountpoint / "s")
             return time.monotonic() - start
         finally:
             docker_cli("rm", "-f", name, check=False)

@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 
 from _harness import docker_cli, log
-from backup import info_loaded
+from backup import until_loaded
 
 from agent.secrets import redis_conf
 from agent.specs import ADMIN_USER
@@ -115,31 +115,6 @@ def parse_log(text: str) -> dict[str, float]:
     return out
 
 
-async def _until_loaded(sock: Path, auth: bytes = b"", timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(sock))
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        try:
-            writer.write(auth + b"INFO persistence\r\n")
-            await writer.drain()
-            if auth:
-                await reader.readline()
-            header = await reader.readline()
-            body = await reader.readexactly(int(header[1:]) + 2) if header[:1] == b"$" else b""
-        except (OSError, ValueError, asyncio.IncompleteReadError):
-            body = b""
-        finally:
-            writer.close()
-        if info_loaded(body):
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError(sock)
-
-
 class Way:
     def __init__(self, rdb: Path, label: str) -> None:
         self.rdb, self.label = rdb, label
@@ -199,7 +174,7 @@ class Way:
             )  # fmt: skip
             t0 = time.monotonic()
             docker_cli("start", name)
-            await _until_loaded(
+            await until_loaded(
                 mp / "s", b"" if by_hand else f"AUTH {ADMIN_USER} {'a' * 32}\r\n".encode()
             )
             wall = time.monotonic() - t0
