@@ -397,7 +397,8 @@ rm -rf .orkestr-previous .orkestr-restore
 #      volume) or in this container's exit (loop volume, unmounted then); see
 #      docs/benchmarks.md, "Redis restore: where the time goes". -> `staged`
 #   2. `swap` (the checksum matched and the agent has stopped Redis): the swap script
-#      below, in this running container, so the add-on's downtime holds no container start.
+#      below, in this running container, so the add-on's downtime holds no container start
+#      (nor its exit: the agent starts Redis on `swapped`, the outcome in $STATE).
 # An agent killed anywhere leaves this container to be removed; a resumed restore runs
 # the swap script on its own. DATA and BACKUP default to the mounts, as in the swap.
 REDIS_RESTORE = (
@@ -427,5 +428,6 @@ if [[ $cmd != swap ]]; then rm -rf "$stage"; echo "restore aborted ($cmd)" >&2; 
     + REDIS_RESTORE_SWAP
     + r"""
 )
+echo swapped >&4
 """
 )
