@@ -455,6 +455,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 if "hand_r" in best:
                     results[kind]["restore_mb_s"]["by_hand"] = rnd(data / best["hand_r"] / 1e6, 1)
                     results[kind]["restore_by_hand_ratio"] = rnd(best["hand_r"] / best["ours_r"])
+                    # Each run's by-hand restore and ours, back to back, and their median:
+                    # the pairs say more than bests on a machine whose load moves.
+                    hand_pairs = [
+                        rnd(h / o)
+                        for h, o in zip(samples["hand_r"], samples["ours_r"], strict=True)
+                    ]
+                    results[kind]["restore_by_hand_pairs"] = hand_pairs
+                    results[kind]["restore_by_hand_pair_median"] = rnd(
+                        statistics.median(hand_pairs)
+                    )
                 results[kind]["dispatch_s"] = dispatch(b, created)
             results["activity_after"] = activity(b.host)
             assert b.agent is not None  # where the agent's time went, step by step
@@ -486,28 +496,39 @@ def dispatch(b: Bench, created: dict[str, str]) -> list[float]:
 
 
 def report(results: dict[str, Any]) -> None:
-    rows = []
+    rows, medians = [], []
     kinds = [k for k in ("postgres", "redis") if k in results]
     for kind in kinds:
         r = results[kind]
+        mb = rnd(results[f"{kind}_bytes"] / 1e6, 1)
         for what in ("backup", "restore"):
             ratio = r[f"{what}_ratio"]
             if ratio != ratio:  # NaN: --backups-only
                 continue
+            # A Redis "raw restore" is the load-only floor: it never stops a live server.
+            op = "restore (load-only floor)" if (kind, what) == ("redis", "restore") else what
             rows.append([
-                kind, what, rnd(results[f"{kind}_bytes"] / 1e6, 1), r[f"{what}_mb_s"]["raw"],
-                r[f"{what}_mb_s"]["ours"], ratio, "PASS" if ratio >= TARGET_RATIO else "FAIL",
-            ])  # fmt: skip
-        if "restore_by_hand_ratio" in r:
-            ratio = r["restore_by_hand_ratio"]
-            rows.append([
-                kind, "restore (vs by hand)", rnd(results[f"{kind}_bytes"] / 1e6, 1),
-                r["restore_mb_s"]["by_hand"], r["restore_mb_s"]["ours"], ratio,
+                kind, op, mb, r[f"{what}_mb_s"]["raw"], r[f"{what}_mb_s"]["ours"], ratio,
                 "PASS" if ratio >= TARGET_RATIO else "FAIL",
             ])  # fmt: skip
+        median = r["backup_pair_ratio_median"]
+        medians.append([kind, "backup", "raw", len(r["backup_pairs"]), median,
+                        "PASS" if median >= TARGET_RATIO else "FAIL"])  # fmt: skip
+        if "restore_by_hand_ratio" in r:
+            rows.append([
+                kind, "restore (vs by hand)", mb, r["restore_mb_s"]["by_hand"],
+                r["restore_mb_s"]["ours"], r["restore_by_hand_ratio"],
+                "PASS" if r["restore_by_hand_ratio"] >= TARGET_RATIO else "FAIL",
+            ])  # fmt: skip
+            median = r["restore_by_hand_pair_median"]
+            medians.append([kind, "restore", "by hand", len(r["restore_by_hand_pairs"]), median,
+                            "PASS" if median >= TARGET_RATIO else "FAIL"])  # fmt: skip
     print()
     print(table(["kind", "op", "data MB", "raw MB/s", "ours MB/s", "ours/raw", f">= {TARGET_RATIO}"],
                 rows, "Backup and restore throughput (best of the runs)"))  # fmt: skip
+    print()
+    print(table(["kind", "op", "against", "runs", "median of raw/ours", f">= {TARGET_RATIO}"],
+                medians, "Each run's pair (measured back to back), median"))  # fmt: skip
     print()
     print(table(["kind", "run", "first", "raw s", "ours s", "raw/ours"],
                 [[k, n + 1, x["first"], x["raw"], x["ours"], x["ratio"]]
