@@ -24,6 +24,9 @@ values). Then, alternating, N runs (default 1) of:
                 A server of the add-on's image and limits holding the data set is
                 killed, the RDB copied into its volume, the server started and polled
                 (every 10 ms) until loaded; timed from the host through the Docker API.
+                The raw counterpart of a Redis restore (the data of a live server
+                replaced), so the target is judged against it; the floor is reported
+                as a lower bound that no restore of a running add-on can reach.
   orkestr       POST .../restore, until it succeeded; finished_at - created_at (checksum,
   restore       restore beside the live data, swap; Redis: the copy staged (and flushed) in the volume
                 while the checksum runs, then Redis killed, the files swapped, Redis
@@ -31,7 +34,8 @@ values). Then, alternating, N runs (default 1) of:
                 the JSON (`agent_phases`).
 
 Throughput = database size (pg_database_size / used_memory_dataset) / time; the ratio
-is ours / raw (target >= 0.90). Sizes are modest by default so a run takes a few
+is ours / raw (target >= 0.90), reported as the best of the runs and as the median of
+each run's pair (raw and ours back to back), which a moving load disturbs less. Sizes are modest by default so a run takes a few
 minutes; --pg-mb 1024 --redis-mb 500 is the full-size run (give Redis memory: the plan
 here allows 2 GiB per add-on).
 """
