@@ -265,9 +265,9 @@ class Applier:
                 await self.sleep_addon(key, stage)
             case p.WakeAddon(key, _name):
                 await self.wake_addon(key)
-            case p.RemoveContainer(_key, name, reason):
-                log.info("container.remove name=%s reason=%s", name, reason)
-                if name.endswith("-db"):
+            case p.RemoveContainer(_key, name, reason, kill):
+                log.info("container.remove name=%s reason=%s%s", name, reason, " kill=yes" * kill)
+                if name.endswith("-db") and not kill:
                     # A clean shutdown first: no crash recovery, no lost Redis writes. Docker
                     # refuses to stop a paused container (409): unpaused first only then.
                     with contextlib.suppress(NotFound, Conflict):
