@@ -250,7 +250,8 @@ class Applier:
                     log.info("apply.redis_conf_quota addon=%s maxmemory=%d", key, maxmemory)
             case p.RunContainer():
                 await self._create(action)
-                await self._start(action)
+                if action.start:
+                    await self._start(action)
             case p.StartContainer(key, name) if name == model.job_container_name(key):
                 await self._start_job(name)  # one left `created` by an interrupted agent
             case p.StartContainer(key, name):
@@ -265,9 +266,9 @@ class Applier:
                 await self.sleep_addon(key, stage)
             case p.WakeAddon(key, _name):
                 await self.wake_addon(key)
-            case p.RemoveContainer(_key, name, reason):
-                log.info("container.remove name=%s reason=%s", name, reason)
-                if name.endswith("-db"):
+            case p.RemoveContainer(_key, name, reason, kill):
+                log.info("container.remove name=%s reason=%s%s", name, reason, " kill=yes" * kill)
+                if name.endswith("-db") and not kill:
                     # A clean shutdown first: no crash recovery, no lost Redis writes. Docker
                     # refuses to stop a paused container (409): unpaused first only then.
                     with contextlib.suppress(NotFound, Conflict):
@@ -533,10 +534,11 @@ def stages(
             out.append(
                 [
                     (holder, functools.partial(start, holder), True),
-                    (db, functools.partial(create, db), False),
+                    (db, functools.partial(create, db), not db.start),
                 ]
             )
-            out.append([(db, functools.partial(start, db), True)])
+            if db.start:  # else left created (a sleeping add-on's, agent/plan.py)
+                out.append([(db, functools.partial(start, db), True)])
             i += 2
         else:
             out.append([(a, functools.partial(whole, a), True) for a in step])

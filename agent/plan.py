@@ -95,6 +95,9 @@ class LimitRedisConf(Struct, frozen=True, tag=True):
 class RunContainer(Struct, frozen=True, tag=True):
     key: str
     spec: specs.ContainerSpec
+    # False: created only. A sleeping add-on's database made again with a new holder stays
+    # stopped (deep sleep): its next client wakes it through the wake path.
+    start: bool = True
 
 
 class StartContainer(Struct, frozen=True, tag=True):
@@ -131,6 +134,9 @@ class RemoveContainer(Struct, frozen=True, tag=True):
     key: str
     name: str
     reason: str
+    # A database is stopped cleanly first, unless this says to kill it: a deleted add-on's
+    # database that never answered (still in initdb, whose shell ignores SIGTERM).
+    kill: bool = False
 
 
 class RemoveVolume(Struct, frozen=True, tag=True):
@@ -262,6 +268,9 @@ class Local(Struct, frozen=True):
     resized_apps: Mapping[str, str] = {}
     # network name -> Docker's last refusals to remove it (agent/netremoval.py)
     refused_networks: Mapping[str, netremoval.Refusal] = {}
+    # add-on id -> the id of its database container that has answered a probe (tombstones
+    # included, until they are gone): one that never did is still starting
+    answered: Mapping[str, str] = {}
 
 
 class Settings(Struct, frozen=True):
@@ -469,9 +478,16 @@ def _remove_networks(observed: Observed, wanted: set[str]) -> list[RemoveNetwork
 
 def _remove_addon(addon: AddonSpec, observed: Observed, local: Local) -> list[Action]:
     actions: list[Action] = []
-    for name in (model.db_name(addon.id), model.holder_name(addon.id)):
-        if observed.container(name) is not None:
-            actions.append(RemoveContainer(addon.id, name, "AddonDeleted"))
+    db = observed.container(model.db_name(addon.id))
+    if db is not None:
+        # Its volume goes below: a clean shutdown only spares a database that has run
+        # (and asleep, it has). One that never answered is still in initdb, where the
+        # Postgres entrypoint's shell ignores SIGTERM and a stop takes its full timeout.
+        unanswered = local.answered.get(addon.id) != db.id
+        awake = local.sleep.get(addon.id, _AWAKE).state == "awake"
+        actions.append(RemoveContainer(addon.id, db.name, "AddonDeleted", unanswered and awake))
+    if observed.container(model.holder_name(addon.id)) is not None:
+        actions.append(RemoveContainer(addon.id, model.holder_name(addon.id), "AddonDeleted"))
     for volume in (model.volume_name(addon.id), model.wal_volume_name(addon.id)):
         if observed.volume(volume) is not None:
             actions.append(RemoveVolume(addon.id, volume))
@@ -525,7 +541,11 @@ def _converge_addon(
         if holder is not None:
             actions.append(RemoveContainer(addon.id, holder.name, _why(holder, want_holder)))
         actions.append(RunContainer(addon.id, want_holder))
-        actions.append(RunContainer(addon.id, want_db))
+        # Asleep, it sleeps on (deep: stopped) behind the new holder's wake listener, which
+        # the sleep manager sets up once both exist. Started here, it came up as awake, with
+        # no wake path: a client connecting meanwhile was refused by the starting database.
+        asleep = local.sleep.get(addon.id, _AWAKE).state != "awake"
+        actions.append(RunContainer(addon.id, want_db, start=not asleep))
         return actions
 
     assert holder is not None

@@ -207,6 +207,9 @@ class Agent:
         self._split_checked: dict[str, tuple[str, tuple[str, str, int] | None]] = {}
         # add-on id -> (database container id, when, result) of its last successful probe
         self._last_probe: dict[str, tuple[str, float, status.Probe]] = {}
+        # add-on id -> the database container that has answered a probe; kept for a
+        # tombstone until it is gone: the planner kills one that never did (p.Local.answered)
+        self._answered: dict[str, str] = {}
         self._reprobe_s = config.agent.resync_interval_s
         # Re-probes of ready add-ons, off the pass (see _refresh_status).
         self._reprobing: asyncio.Task[None] | None = None
@@ -540,6 +543,7 @@ class Agent:
             watched_jobs=self.applier.watched_jobs(),
             resized_apps=self.applier.resized_apps(),
             refused_networks=self._refused_networks(observed),
+            answered=dict(self._answered),
         )
         actions = p.plan(self.desired, observed, local, self.settings)
         self.firewall.shared = p.shared_ports(self.desired)
@@ -702,6 +706,7 @@ class Agent:
             if ok:
                 log.info("addon.answered addon=%s by=pass", target.addon.id)
                 self._last_probe[target.addon.id] = (target.db_id, now_m, probes[target.addon.id])
+                self._answered[target.addon.id] = target.db_id
             if (sleeper := self.sleep.sleepers.get(target.addon.id)) is not None:
                 sleeper.ready = ok
             if not ok:
@@ -719,6 +724,10 @@ class Agent:
                 for a, db in self._unanswered(desired, observed, derived, views)
             )
         )
+        present = {a.id for pr in desired.projects for a in pr.addons}
+        self._answered = {
+            a: db for a, db in self._answered.items() if a in present and a not in derived.removed
+        }
         for aid in derived.removed:
             self.book.forget(aid)
             self._split_checked.pop(aid, None)
@@ -850,6 +859,7 @@ class Agent:
                     time.monotonic(),
                     status.Probe(ok, reason, message),
                 )
+                self._answered[t.addon.id] = t.db_id
             else:
                 del self._last_probe[t.addon.id]
             changed = changed or not ok or self.book.flips(t.addon.id) != before
@@ -913,6 +923,7 @@ class Agent:
                     if result.ok:
                         log.info("addon.answered addon=%s by=poll", addon.id)
                         self._last_probe[addon.id] = (db_id, time.monotonic(), result)
+                        self._answered[addon.id] = db_id
                         if (sleeper := self.sleep.sleepers.get(addon.id)) is not None:
                             sleeper.ready = True
                         self.trigger()

@@ -123,9 +123,57 @@ def test_addon_missing_from_desired_state_is_left_alone() -> None:
 
 def test_tombstone_removes_containers_then_volume_then_secret() -> None:
     a = addon(deleted=True)
-    actions = p.plan(desired(a), converged_world(addon()), LOCAL, SETTINGS)
+    local = replace(LOCAL, answered={AID: f"db-{AID}"})
+    actions = p.plan(desired(a), converged_world(addon()), local, SETTINGS)
     assert kinds(actions) == ["RemoveContainer", "RemoveContainer", "RemoveVolume", "RemoveSecret"]
     assert actions[0] == p.RemoveContainer(AID, model.db_name(AID), "AddonDeleted")
+    assert actions[1] == p.RemoveContainer(AID, model.holder_name(AID), "AddonDeleted")
+
+
+@pytest.mark.parametrize(
+    ("answered", "stage", "kill"),
+    [
+        ({}, "awake", True),  # never answered: still in initdb
+        ({AID: f"db-{AID}"}, "awake", False),  # has run: a clean shutdown
+        ({AID: "db-before"}, "awake", True),  # a database made again, not answered yet
+        ({}, "light", False),  # asleep: it answered before (a restarted agent forgot)
+        ({}, "deep", False),
+    ],
+)
+def test_a_tombstone_kills_only_a_database_that_never_answered(
+    answered: dict[str, str], stage: str, kill: bool
+) -> None:
+    """Its volume goes in the same plan, but a database that has run still gets its clean
+    shutdown; one still in initdb (whose shell ignores SIGTERM) would hold the deletion for
+    the whole stop timeout."""
+    local = replace(
+        LOCAL,
+        answered=answered,
+        sleep={AID: p.SleepFacts(state=stage, listening=True)},  # type: ignore[arg-type]
+    )
+    actions = p.plan(desired(addon(deleted=True)), converged_world(addon()), local, SETTINGS)
+    assert actions[0] == p.RemoveContainer(AID, model.db_name(AID), "AddonDeleted", kill)
+    # The holder holds nothing to shut down: removed alike either way.
+    assert actions[1] == p.RemoveContainer(AID, model.holder_name(AID), "AddonDeleted")
+
+
+@pytest.mark.parametrize(("stage", "start"), [("awake", True), ("light", False), ("deep", False)])
+def test_a_sleeping_addons_database_made_again_with_a_new_holder_is_not_started(
+    stage: str, start: bool
+) -> None:
+    """Asleep, it sleeps on behind the new holder's wake listener: started at once it came
+    up as awake, and a client connecting while it started was refused."""
+    world = converged_world(addon())
+    world = Observed(
+        containers=tuple(c for c in world.containers if c.role != "holder"),
+        networks=world.networks,
+        volumes=world.volumes,
+    )
+    local = replace(LOCAL, sleep={AID: p.SleepFacts(state=stage, listening=True)})  # type: ignore[arg-type]
+    actions = p.plan(desired(addon()), world, local, SETTINGS)
+    assert kinds(actions) == ["RemoveContainer", "RunContainer", "RunContainer"]
+    db = actions[2]
+    assert isinstance(db, p.RunContainer) and db.spec.role == "db" and db.start is start
 
 
 def test_db_removed_by_hand_is_recreated_on_the_same_volume() -> None:

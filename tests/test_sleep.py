@@ -693,3 +693,58 @@ async def test_a_plan_change_reaches_a_deep_sleeping_redis_before_its_wake(
         assert config == {"maxmemory": str(want)}, config
     finally:
         client.remove()
+
+
+async def test_a_paused_addon_whose_holder_was_removed_by_hand_sleeps_on_and_wakes(
+    stack: Stack, agent: AgentProcess, pg: Any
+) -> None:
+    """`docker rm -f` of a light-sleeping add-on's holder: the agent makes a new holder and
+    database (same volume) but leaves the database stopped, in deep sleep, so the next
+    client's connection wakes it through the wake path. Started at once (as awake), a client
+    that connected while it started up was refused (`Connection refused`, `the database
+    system is starting up`)."""
+    c = stack.controller
+    assert c is not None
+    project, a, client = pg
+    r = await client.sh(
+        'psql "$DATABASE_URL" -qc "create table kept(n int); insert into kept values (7)"'
+    )
+    assert r.returncode == 0, r.stderr
+    await wait_db(a["id"], "paused", timeout=LIGHT_S + 6)
+    holder = f"orkestr-{a['id']}-net"
+    old = docker("inspect", "-f", "{{.Id}}", holder).strip()
+    since = str(int(datetime.now(UTC).timestamp()) - 1)
+    docker("rm", "-f", holder)
+
+    def new_holder() -> str:
+        found = json.loads(docker("inspect", holder, check=False) or "[]")
+        if found and found[0]["State"]["Running"] and found[0]["Id"] != old:
+            return str(found[0]["Id"])
+        return ""
+
+    new = await wait_for(new_holder, 60, "a new holder")
+    db = f"orkestr-{a['id']}-db"
+
+    def in_new_namespace() -> str:
+        found = json.loads(docker("inspect", db, check=False) or "[]")
+        if found and found[0]["HostConfig"]["NetworkMode"] == f"container:{new}":
+            return str(found[0]["Id"])
+        return ""
+
+    db_id = await wait_for(in_new_namespace, 60, "a database made in the new holder's namespace")
+
+    async def deep() -> bool:
+        return bool((await addon(c, project["id"], a["id"]))["sleep_state"] == "deep")
+
+    await wait_for(deep, 30, "reported in deep sleep")
+    until = str(int(datetime.now(UTC).timestamp()) + 1)
+    events = docker(
+        "events", "--since", since, "--until", until,
+        "--filter", f"container={db_id}", "--format", "{{.Status}}",
+    ).split()  # fmt: skip
+    assert "create" in events and "start" not in events, events  # no client yet: not started
+    # The client's first command succeeds: its connection waits for the wake.
+    r = await client.sh('psql "$DATABASE_URL" -tAc "select n from kept"', timeout=90)
+    assert r.returncode == 0 and r.stdout.strip() == "7", r
+    assert db_state(a["id"]) == "running"
+    assert f"addon.wake addon={a['id']} stage=deep reason=connection" in agent.log_tail(400)

@@ -2,7 +2,9 @@
 
 Real controller, agent, dockerd and mosquitto. The slow removal is a Postgres whose server
 process is stopped (SIGSTOP from the host), so it ignores the SIGTERM of `docker stop` and
-its removal takes the agent's full stop timeout before Docker kills it. The long wake is a
+its removal takes the agent's full stop timeout before Docker kills it: a database that
+has answered gets its clean shutdown even when its add-on is deleted. One that never did
+(held in initdb) is killed. The long wake is a
 deep-sleeping Postgres that, once started, refuses connections for as long as the test
 says (a REJECT rule in its holder's namespace): from the agent's side, a slow start.
 """
@@ -82,6 +84,65 @@ async def test_a_database_that_ignores_sigterm_blocks_only_its_own_removal(
     )
     assert time.monotonic() - removal_started >= STOP_GRACE_S - 2
     assert container_state(db(busy_id))["Running"]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (a container's entrypoint), read from the host's /proc."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+async def test_a_deleted_postgres_still_in_initdb_goes_without_the_stop_timeout(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """Its volume goes with it, and it never answered: the agent kills it. Stopped, the
+    entrypoint's shell (PID 1, no handler) ignores the stop signal for the whole timeout."""
+    c = stack.controller
+    assert c is not None
+    project = await create_project(c, "team")
+    a = await create_addon(c, project["id"], "initdb", "postgres")
+    name = db(a["id"])
+    pid = await wait_for(
+        lambda: (s := container_state(name)).get("Running") and descendants(s["Pid"]) and s["Pid"],
+        60,
+        "the entrypoint running initdb",
+        interval=0.05,
+    )
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() != "postgres", "initdb was over before the test could hold it"
+    # Held in initdb, as a slow disk would hold it: everything under the entrypoint stopped.
+    for _ in range(3):
+        for child in descendants(pid):
+            os.kill(child, signal.SIGSTOP)
+        await asyncio.sleep(0.1)
+    started = time.monotonic()
+    status, _ = await c.api("DELETE", f"/v1/projects/{project['id']}/addons/{a['id']}")
+    assert status == 202
+    await wait_for(
+        lambda: container_state(name) == {} and container_state(model.holder_name(a["id"])) == {},
+        STOP_GRACE_S - 10,
+        "the deleted add-on's containers gone before the stop timeout",
+    )
+    took = time.monotonic() - started
+    log = agent.log_tail(2000)
+    assert f"addon.answered addon={a['id']}" not in log  # it never did: still in initdb
+    assert f"container.remove name={name} reason=AddonDeleted kill=yes" in log
+    print(f"deleted mid-initdb in {took:.1f}s")
 
 
 def holder_pid(addon_id: str) -> int:
