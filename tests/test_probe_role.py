@@ -116,6 +116,7 @@ async def test_the_postgres_probe_role_may_only_ask_whether_it_answers(
     cond = await ready(c, p, a)
     assert cond["reason"] == "ClientConnected", cond
     assert f"as {specs.PROBE_USER} and ran SELECT 1" in cond["message"], cond
+    assert mended(agent, a) == 0  # made with the volume: the first probe logged in as it
     await sql(c, p, "create table orders(x int); insert into orders values (1)")
     ip = holder_ip(p, a)
     password = secret(agent, a, f"{specs.PROBE_USER}/password")
@@ -234,6 +235,7 @@ async def test_the_redis_probe_user_may_only_ask_whether_it_answers(
     await wait_phase(c, p, a, "ready")
     cond = await ready(c, p, a)
     assert f"as {specs.PROBE_USER} and got PONG" in cond["message"], cond
+    assert mended(agent, a) == 0  # in redis.conf from the first start
     ip = holder_ip(p, a)
     password = secret(agent, a, f"{specs.PROBE_USER}/password")
     admin = aioredis.Redis(
@@ -282,6 +284,8 @@ async def test_a_redis_addon_sends_no_admin_password_on_a_quiet_round(
     admin = aioredis.Redis(host=ip, username=specs.ADMIN_USER, password=real)
     try:
         await admin.execute_command("ACL", "SETUSER", specs.ADMIN_USER, "resetpass", ">elsewhere")
+        # Every connection but this one ends: each round from now on logs in afresh.
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         mark = len(agent.log_path.read_text(errors="replace"))
         await more_passes(agent, 4)
         log = agent.log_path.read_text(errors="replace")[mark:]
