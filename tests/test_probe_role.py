@@ -86,6 +86,14 @@ def mended(agent: AgentProcess, addon_id: str) -> int:
     return agent.log_path.read_text(errors="replace").count(f"probe.role_mended addon={addon_id} ")
 
 
+def put_back(agent: AgentProcess, addon_id: str) -> int:
+    """Mendings, and the upkeep's own repairs of the database's settings: a round already
+    past its probe when the tenant changed them puts them back first."""
+    return mended(agent, addon_id) + agent.log_path.read_text(errors="replace").count(
+        f"upkeep.database_setting_restored addon={addon_id} "
+    )
+
+
 # Each is refused by the server to the probe's role (asyncpg raises its error).
 PG_REFUSED = {
     "read a tenant table": "SELECT count(*) FROM orders",
@@ -164,7 +172,8 @@ async def test_a_postgres_addon_from_before_the_probe_role_gets_it_without_a_res
     stack: Stack, agent: AgentProcess
 ) -> None:
     """Its server without the role and its host without the password, as an upgrade finds
-    it; then a tenant that revokes the role's CONNECT on its database. Each time the next
+    it; then a tenant that revokes the role's CONNECT on its database, then one that sets
+    its database's CONNECTION LIMIT 0. Each time the next
     probe's refused login is mended as the admin, said in the log, and the add-on answers
     on the same database container."""
     c = _c(stack)
@@ -192,14 +201,25 @@ async def test_a_postgres_addon_from_before_the_probe_role_gets_it_without_a_res
 
     # The tenant owns its database: it may revoke the role's CONNECT (and PUBLIC's, which
     # every role has too).
+    count = put_back(agent, a)
     await sql(c, p, f"revoke connect on database app from public, {specs.PROBE_USER}")
 
     async def mended_again() -> bool:
-        return mended(agent, a) >= 2
+        return put_back(agent, a) > count
 
     await wait_for(mended_again, 30, "the revoked CONNECT mended")
     conn = await pg_as(ip, specs.PROBE_USER, (probe_dir / "password").read_text())
     await conn.close()
+
+    # CONNECTION LIMIT 0 stops every role but a superuser: the probe's too.
+    count = put_back(agent, a)
+    await sql(c, p, "alter database app connection limit 0")
+
+    async def limit_mended() -> bool:
+        return put_back(agent, a) > count
+
+    await wait_for(limit_mended, 30, "the connection limit mended")
+    assert await sql(c, p, "select datconnlimit from pg_database where datname = 'app'") == "-1"
     await more_passes(agent, 2)
     assert (await ready(c, p, a))["status"] == "True"
     assert (await addon(c, p, a))["phase"] == "ready"
