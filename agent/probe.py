@@ -57,6 +57,10 @@ async def postgres(
     except (TimeoutError, OSError) as exc:
         return False, "Unreachable", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
     except _PG_ROLE_ERRORS as exc:
+        if str(exc).startswith("sorry, too many clients"):
+            # The server's max_connections, every client's limit: nothing to mend (the
+            # admin, in the superusers' reserved slots, answered here before).
+            return False, "NotAccepting", f"postgres at {ip}: {exc}"
         return False, ROLE_REFUSED, f"postgres at {ip} refused {PROBE_USER}: {exc}"
     except asyncpg.PostgresError as exc:
         return False, "NotAccepting", f"postgres at {ip}: {exc}"
