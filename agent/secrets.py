@@ -48,7 +48,6 @@ EOSQL
 """
 
 
-
 def postgres_probe_init(verifier: str) -> str:
     """The init script that makes the probe's role on a new volume (agent/platform_roles.py
     says what it may do), so a new add-on's first probe logs in as it. Its password comes
