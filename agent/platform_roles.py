@@ -1,4 +1,5 @@
-"""The least roles the backup containers log in as, made and kept on each add-on's server.
+"""The least roles the backup containers and the readiness probe log in as, made and kept
+on each add-on's server.
 
 A backup container runs pg_dump or `redis-cli --rdb` against the tenant's data on the
 tenant's project network; a Postgres restore runs pg_restore of the tenant's dump there.
@@ -16,6 +17,14 @@ Were one compromised, the credential it holds is all it has: not the platform's 
   tenant's sessions; DROP ... WITH (FORCE) the autovacuum workers), CONNECT on `postgres`.
 - Redis `BACKUP_USER`: PING, INFO, SYNC and REPLCONF (what `redis-cli --rdb` and the
   script's key counts send), no key, no channel, no other command.
+- Postgres `PROBE_USER` (the agent's readiness probe, agent/probe.py): LOGIN and CONNECT
+  on the tenant's database, the one a client's connection must reach; no attribute, no
+  membership, no table right: `SELECT 1` reads nothing. It has what PUBLIC has there (TEMP,
+  and whatever the tenant, the database's owner, grants PUBLIC), like any login role.
+- Redis `PROBE_USER`: PING, INFO (the upkeep's `used_memory`, `maxmemory`, `run_id` ride
+  with the probe's PING) and CLIENT SETNAME (the connection's name), no key, no channel.
+  INFO whole: a first-argument rule (`+info|memory`) would not hold, `INFO memory all`
+  passes it. INFO shows counts and settings, no key's name or value.
 
 None is a superuser, none has CREATEROLE, REPLICATION, pg_write_*, pg_execute_server_program
 or pg_read_server_files. Each round the agent compares what the server has with this
@@ -33,23 +42,32 @@ import msgspec
 from msgspec import Struct
 
 from agent import pg_passwords, resp
-from agent.specs import BACKUP_USER, RESTORE_USER
+from agent.specs import BACKUP_USER, PROBE_USER, RESTORE_USER
 
-PG_USERS = (BACKUP_USER, RESTORE_USER)
+PG_USERS = (BACKUP_USER, RESTORE_USER, PROBE_USER)
+REDIS_USERS = (BACKUP_USER, PROBE_USER)
 # What `redis-cli --rdb` sends (REPLCONF capa eof, REPLCONF rdb-only 1, SYNC), and PING
 # and INFO keyspace / INFO memory for the backup script's counts.
 REDIS_BACKUP_COMMANDS = ("+ping", "+info", "+sync", "+replconf")
+# What the probe's connection sends (agent/resp.py: AUTH, CLIENT SETNAME; agent/probe.py:
+# PING, INFO memory or INFO server memory). AUTH needs no right.
+REDIS_PROBE_COMMANDS = ("+ping", "+info", "+client|setname")
+REDIS_COMMANDS = {BACKUP_USER: REDIS_BACKUP_COMMANDS, PROBE_USER: REDIS_PROBE_COMMANDS}
+
+
+def redis_rules(user: str, password: str) -> tuple[str, ...]:
+    """The ACL rules of one of the Redis least users: `reset` drops any key, channel,
+    command and password it had (made by anyone), then only what its client needs."""
+    return ("reset", "on", f">{password}", *REDIS_COMMANDS[user])
 
 
 def redis_backup_rules(password: str) -> tuple[str, ...]:
-    """The ACL rules of the Redis backup user: `reset` drops any key, channel, command
-    and password it had (made by anyone), then only what a dump needs."""
-    return ("reset", "on", f">{password}", *REDIS_BACKUP_COMMANDS)
+    return redis_rules(BACKUP_USER, password)
 
 
-def redis_acl_line(password: str) -> str:
-    """The redis.conf line for the backup user (agent/secrets.py)."""
-    return f"user {BACKUP_USER} {' '.join(redis_backup_rules(password))}\n"
+def redis_acl_line(password: str, user: str = BACKUP_USER) -> str:
+    """The redis.conf line for one of the least users (agent/secrets.py)."""
+    return f"user {user} {' '.join(redis_rules(user, password))}\n"
 
 
 class Wanted(Struct, frozen=True):
@@ -63,6 +81,7 @@ def wanted(tenant: str) -> dict[str, Wanted]:
     return {
         BACKUP_USER: Wanted(False, True, frozenset({"pg_read_all_data"}), ""),
         RESTORE_USER: Wanted(True, False, frozenset({tenant, "pg_signal_backend"}), "postgres"),
+        PROBE_USER: Wanted(False, False, frozenset(), ""),
     }
 
 
@@ -205,12 +224,12 @@ def redact(sql: str) -> str:
     return head + (" PASSWORD ***" if found else "")
 
 
-async def ensure_redis(conn: resp.Connection, password: str) -> None:
-    """The backup user, as the admin (idempotent: `reset` first). Also the diskless sync
+async def ensure_redis(conn: resp.Connection, passwords: Mapping[str, str]) -> None:
+    """The least users, as the admin (idempotent: `reset` first). Also the diskless sync
     delay, which a redis.conf made before `repl-diskless-sync-delay 0` lacks and which the
     backup user may not set: every transfer would wait 5 s for more replicas."""
     replies = await conn.pipeline(
-        ("ACL", "SETUSER", BACKUP_USER, *redis_backup_rules(password)),
+        *(("ACL", "SETUSER", user, *redis_rules(user, passwords[user])) for user in REDIS_USERS),
         ("CONFIG", "SET", "repl-diskless-sync-delay", "0"),
     )
     for reply in replies:

@@ -1,8 +1,15 @@
 """Readiness: an add-on is ready only when a real client connects and gets an answer.
 
-Probes run from the host to the holder's address on the project network, as the
-platform's own role (`specs.ADMIN_USER`). Their source is the network's gateway address,
+Probes run from the host to the holder's address on the project network, as the probe's
+least role (`specs.PROBE_USER`, agent/platform_roles.py): a login and SELECT 1 or PING,
+no data, no setting. Whatever answers at that address (the add-on's server, or something
+impersonating it) learns only that role's password; Redis's AUTH sends it in clear, and a
+Postgres impostor can ask for it in clear. Their source is the network's gateway address,
 which the activity tracker ignores, so probes never keep an add-on awake.
+
+A login the server refuses to the probe's role (`ROLE_REFUSED`: a server from before the
+role, a tenant's REVOKE CONNECT or CONNECTION LIMIT 0, a rotated password) is the caller's
+to mend as the admin (`admin_login`, Upkeep.probe_role) and probe again.
 """
 
 from __future__ import annotations
@@ -13,10 +20,21 @@ import logging
 import asyncpg
 
 from agent import resp
-from agent.specs import ADMIN_USER, PLATFORM_PG_SETTINGS
+from agent.specs import ADMIN_USER, PLATFORM_PG_SETTINGS, PROBE_USER
 from schemas.messages import PORTS
 
 log = logging.getLogger("orkestr.agent.probe")
+
+ROLE_REFUSED = "ProbeRoleRefused"
+# What a server says when the probe's role itself is what it refuses: no such role or a
+# wrong password (28000, 28P01), no CONNECT on the database (42501), a connection limit of
+# the database or the role (53300: the admin, a superuser, is exempt from the first).
+_PG_ROLE_ERRORS = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.TooManyConnectionsError,
+)
+_REDIS_ROLE_ERRORS = ("WRONGPASS", "NOPERM")
 
 # A volume initialised before platform roles existed: the tenant is its superuser and the
 # platform role is missing. The first probe moves it to the current layout.
@@ -32,21 +50,23 @@ ALTER ROLE {tenant} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRL
 
 
 async def postgres(
-    ip: str,
-    database: str,
-    admin_password: str,
-    timeout_s: float,
-    tenant: tuple[str, str] | None = None,
+    ip: str, database: str, probe_password: str, timeout_s: float
 ) -> tuple[bool, str, str]:
     try:
-        conn = await _login(ip, database, admin_password, timeout_s, tenant)
+        conn = await _connect(ip, PROBE_USER, database, probe_password, timeout_s)
     except (TimeoutError, OSError) as exc:
         return False, "Unreachable", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
+    except _PG_ROLE_ERRORS as exc:
+        if str(exc).startswith("sorry, too many clients"):
+            # The server's max_connections, every client's limit: nothing to mend (the
+            # admin, in the superusers' reserved slots, answered here before).
+            return False, "NotAccepting", f"postgres at {ip}: {exc}"
+        return False, ROLE_REFUSED, f"postgres at {ip} refused {PROBE_USER}: {exc}"
     except asyncpg.PostgresError as exc:
         return False, "NotAccepting", f"postgres at {ip}: {exc}"
     except Exception as exc:  # asyncpg raises a few non-Postgres errors mid-startup
         return False, "NotAccepting", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
-    return await select_one(conn, ip, timeout_s)
+    return await select_one(conn, ip, timeout_s, PROBE_USER)
 
 
 # A connection the server ends between login and query (a deletion stopping the database
@@ -62,8 +82,11 @@ QUERY_ERRORS = (
 )
 
 
-async def select_one(conn: asyncpg.Connection, ip: str, timeout_s: float) -> tuple[bool, str, str]:
-    """SELECT 1 on a logged-in connection, then close it; a failure is QueryFailed."""
+async def select_one(
+    conn: asyncpg.Connection, ip: str, timeout_s: float, user: str
+) -> tuple[bool, str, str]:
+    """SELECT 1 on a connection logged in as `user`, then close it; a failure is
+    QueryFailed."""
     try:
         value = await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout_s)
     except QUERY_ERRORS as exc:
@@ -78,13 +101,15 @@ async def select_one(conn: asyncpg.Connection, ip: str, timeout_s: float) -> tup
     return (
         True,
         "ClientConnected",
-        f"asyncpg connected to {ip}:{PORTS['postgres']} and ran SELECT 1",
+        f"asyncpg connected to {ip}:{PORTS['postgres']} as {user} and ran SELECT 1",
     )
 
 
-async def _login(
+async def admin_login(
     ip: str, database: str, admin_password: str, timeout_s: float, tenant: tuple[str, str] | None
 ) -> asyncpg.Connection:
+    """The admin's connection that mends the probe's role (Upkeep.probe_role); a volume
+    from before the platform roles is adopted first with the tenant's login."""
     try:
         return await _connect(ip, ADMIN_USER, database, admin_password, timeout_s)
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
@@ -103,8 +128,12 @@ async def _connect(
         database=database,
         password=password,
         timeout=timeout_s,
+        command_timeout=timeout_s,  # the admin's mending statements (Upkeep.probe_role)
         ssl=False,
-        server_settings={**dict(PLATFORM_PG_SETTINGS), "application_name": "orkestr-probe"},
+        server_settings={
+            **dict(PLATFORM_PG_SETTINGS),
+            "application_name": "orkestr-probe" if user == PROBE_USER else "orkestr-admin",
+        },
     )
 
 
@@ -126,8 +155,8 @@ async def _adopt(
     return await _connect(ip, ADMIN_USER, database, admin_password, timeout_s)
 
 
-async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, str, str]:
-    conn, result = await redis_connect(ip, admin_password, timeout_s)
+async def redis(ip: str, probe_password: str, timeout_s: float) -> tuple[bool, str, str]:
+    conn, result = await redis_connect(ip, probe_password, timeout_s)
     if conn is None:
         return result
     async with conn:
@@ -135,12 +164,13 @@ async def redis(ip: str, admin_password: str, timeout_s: float) -> tuple[bool, s
 
 
 async def redis_connect(
-    ip: str, admin_password: str, timeout_s: float
+    ip: str, probe_password: str, timeout_s: float
 ) -> tuple[resp.Connection | None, tuple[bool, str, str]]:
-    """A connection for `redis_ping` (and the upkeep after it), or why there is none."""
+    """A connection for `redis_ping` (and the upkeep after it), or why there is none.
+    AUTH is sent with the first command: a refused login is `redis_ping_info`'s answer."""
     try:
         conn = await resp.Connection.open(
-            ip, PORTS["redis"], ADMIN_USER, admin_password, timeout_s, "orkestr-probe"
+            ip, PORTS["redis"], PROBE_USER, probe_password, timeout_s, "orkestr-probe"
         )
     except (TimeoutError, OSError) as exc:
         return None, (False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}")
@@ -156,16 +186,28 @@ async def redis_ping_info(
     conn: resp.Connection, ip: str, info: bool = True
 ) -> tuple[tuple[bool, str, str], resp.Reply]:
     """`redis_ping`, with `INFO memory` in the same write for the upkeep round after it
-    (None without `info`, or when PING failed): a round is then one round trip."""
-    commands: list[tuple[str, ...]] = [("PING",), ("INFO", "memory")] if info else [("PING",)]
+    (None without `info`, or when PING failed): a round is then one round trip. On a
+    connection whose server is not known yet, `INFO server memory`: its `run_id` tells the
+    upkeep a restarted server (Upkeep._redis)."""
+    sections = ("server", "memory") if conn.server is None else ("memory",)
+    commands: list[tuple[str, ...]] = [("PING",), ("INFO", *sections)] if info else [("PING",)]
     try:
         replies = await conn.pipeline(*commands)
-    except (TimeoutError, resp.RespError, OSError) as exc:
+    except resp.RespError as exc:
+        if str(exc).startswith(_REDIS_ROLE_ERRORS):  # the handshake's AUTH
+            return (False, ROLE_REFUSED, f"redis at {ip} refused {PROBE_USER}: {exc}"), None
+        return (False, "Unreachable", f"redis at {ip}: RespError: {exc}"), None
+    except (TimeoutError, OSError) as exc:
         return (False, "Unreachable", f"redis at {ip}: {exc.__class__.__name__}: {exc}"), None
     pong = replies[0]
     if isinstance(pong, resp.RespError):
+        if str(pong).startswith(_REDIS_ROLE_ERRORS):
+            return (False, ROLE_REFUSED, f"redis at {ip} refused {PROBE_USER}: {pong}"), None
         return (False, "Unreachable", f"redis at {ip}: RespError: {pong}"), None
     if pong != "PONG":
         return (False, "QueryFailed", f"redis at {ip} answered {pong!r} to PING"), None
-    ok = f"the agent connected to {ip}:{PORTS['redis']} and got PONG"
+    if info and isinstance(replies[1], resp.RespError) and str(replies[1]).startswith("NOPERM"):
+        # Answers, but the upkeep could not measure it: the role is mended like a refusal.
+        return (False, ROLE_REFUSED, f"redis at {ip} refused {PROBE_USER}: {replies[1]}"), None
+    ok = f"the agent connected to {ip}:{PORTS['redis']} as {PROBE_USER} and got PONG"
     return (True, "ClientConnected", ok), replies[1] if info else None

@@ -72,6 +72,7 @@ class Connection:
 
     `serial` tells connections apart for good (one server process per connection);
     `broken` is set by any failed call: its replies may be out of step, never reuse it.
+    `server`: the server's `run_id`, once a reply to `INFO server` told it (agent/upkeep.py).
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,6 +82,7 @@ class Connection:
         self.timeout_s = 5.0
         self.serial = next(_serials)
         self.broken = False
+        self.server: str | None = None
 
     @classmethod
     async def open(

@@ -992,11 +992,9 @@ class Agent:
                 conn = None
         if conn is None:
             rounds = 0
-            password = self.secrets.admin_password(addon.id)
-            conn, result = await probe.redis_connect(ip, password, timeout_s)
+            conn, result, info = await self._redis_fresh(addon, ip, timeout_s)
             if conn is None:
                 return result
-            result, info = await probe.redis_ping_info(conn, ip)
         try:
             if result[0]:
                 await self._tend(addon, ip, timeout_s, conn, info=info)
@@ -1006,6 +1004,39 @@ class Agent:
             else:
                 await conn.close()
         return result
+
+    async def _redis_fresh(
+        self, addon: AddonSpec, ip: str, timeout_s: float
+    ) -> tuple[resp.Connection | None, tuple[bool, str, str], resp.Reply]:
+        """A new connection as the probe's user, PING and INFO sent; a login refused to
+        the user is mended as the admin (Upkeep.probe_role) and tried once more."""
+        conn, result, info = await self._redis_login(addon, ip, timeout_s)
+        if conn is not None and result[1] == probe.ROLE_REFUSED:
+            await conn.close()
+            if not await self._mend_probe_role(addon, ip, timeout_s, result[2]):
+                return None, result, None
+            conn, result, info = await self._redis_login(addon, ip, timeout_s)
+        return conn, result, info
+
+    async def _redis_login(
+        self, addon: AddonSpec, ip: str, timeout_s: float
+    ) -> tuple[resp.Connection | None, tuple[bool, str, str], resp.Reply]:
+        password = self.secrets.platform_password(addon.id, specs.PROBE_USER)
+        conn, result = await probe.redis_connect(ip, password, timeout_s)
+        if conn is None:
+            return None, result, None
+        result, info = await probe.redis_ping_info(conn, ip)
+        return conn, result, info
+
+    async def _mend_probe_role(
+        self, addon: AddonSpec, ip: str, timeout_s: float, refusal: str
+    ) -> bool:
+        try:
+            await self.upkeep.probe_role(addon, ip, timeout_s, refusal)
+        except (*probe.QUERY_ERRORS, resp.RespError, AgentError) as exc:
+            log.warning("probe.role_mend_failed addon=%s error=%r", addon.id, exc)
+            return False
+        return True
 
     async def _take_kept(
         self, addon_id: str, db_id: str | None, ip: str
@@ -1060,12 +1091,22 @@ class Agent:
     async def _wake_probe(
         self, addon: AddonSpec, ip: str, timeout_s: float
     ) -> tuple[bool, str, str]:
-        """A real client's connection and first query, straight to the database."""
-        admin = self.secrets.admin_password(addon.id)
+        """A real client's connection and first query, straight to the database, as the
+        probe's least role; a login refused to it is mended as the admin, then tried again."""
+        result = await self._probe_as_role(addon, ip, timeout_s)
+        if result[1] == probe.ROLE_REFUSED and await self._mend_probe_role(
+            addon, ip, timeout_s, result[2]
+        ):
+            result = await self._probe_as_role(addon, ip, timeout_s)
+        return result
+
+    async def _probe_as_role(
+        self, addon: AddonSpec, ip: str, timeout_s: float
+    ) -> tuple[bool, str, str]:
+        password = self.secrets.platform_password(addon.id, specs.PROBE_USER)
         if addon.kind == "postgres":
-            tenant = (addon.user, self.secrets.password(addon.id))
-            return await probe.postgres(ip, addon.database, admin, timeout_s, tenant)
-        return await probe.redis(ip, admin, timeout_s)
+            return await probe.postgres(ip, addon.database, password, timeout_s)
+        return await probe.redis(ip, password, timeout_s)
 
     async def _backup_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
         """The least roles made right on the live server before a backup step logs in.

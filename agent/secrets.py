@@ -3,11 +3,13 @@
 Credentials per add-on:
 - the tenant's password (from the controller), which the app's connection variables carry;
 - the platform's own (`admin_password`, made here and never leaving this host), for the
-  agent's probes, upkeep and rotation. Tenants never see it: their Postgres role is not a
-  superuser and their Redis user has no admin commands, so neither can read server files.
-- the least roles' (agent/platform_roles.py), made here too, each alone in a directory of
-  its own (`<add-on>/<role>/password`, 0700 and 0400 root): that directory is all a backup
-  container mounts, so the admin password never reaches one. Made again at each rotation
+  agent's upkeep, rotation and the making of the least roles. Tenants never see it: their
+  Postgres role is not a superuser and their Redis user has no admin commands, so neither
+  can read server files.
+- the least roles' (agent/platform_roles.py: the backup containers' and the readiness
+  probe's), made here too, each alone in a directory of its own (`<add-on>/<role>/password`,
+  0700 and 0400 root): that directory is all a backup container mounts, so the admin
+  password never reaches one; the probe's is read by the agent only. Made again at each rotation
   of the tenant's password; made on first use for an add-on from before these roles.
 
 Passwords reach the database as files (POSTGRES_PASSWORD_FILE, an init script that reads
@@ -22,14 +24,14 @@ import asyncio
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from agent import smallfiles
-from agent.platform_roles import redis_acl_line
-from agent.specs import ADMIN_USER, BACKUP_USER, RESTORE_USER, SECRET_MOUNT
+from agent import pg_passwords, smallfiles
+from agent.platform_roles import PG_USERS, REDIS_USERS, redis_acl_line
+from agent.specs import ADMIN_USER, PROBE_USER, SECRET_MOUNT
 
-PLATFORM_USERS = {"postgres": (BACKUP_USER, RESTORE_USER), "redis": (BACKUP_USER,)}
+PLATFORM_USERS = {"postgres": PG_USERS, "redis": REDIS_USERS}
 
 # Sourced by the postgres image's entrypoint (the official one and ours) on the first
 # start of an empty volume, connected as the platform's superuser. psql reads the password
@@ -45,6 +47,22 @@ REVOKE ALL ON DATABASE postgres, template1 FROM PUBLIC;
 EOSQL
 """
 
+
+def postgres_probe_init(verifier: str) -> str:
+    """The init script that makes the probe's role on a new volume (agent/platform_roles.py
+    says what it may do), so a new add-on's first probe logs in as it. Its password comes
+    as a SCRAM verifier: the file is readable in the container, the password stays on the
+    host (and 32 random bytes behind 4096 PBKDF2 rounds are not guessed from it)."""
+    return f"""\
+# Written by the orkestr agent: the readiness probe's role, LOGIN and CONNECT only.
+docker_process_sql --set db="$POSTGRES_DB" <<'EOSQL'
+CREATE ROLE {PROBE_USER} LOGIN PASSWORD '{verifier}'
+  NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+GRANT CONNECT ON DATABASE :"db" TO {PROBE_USER};
+EOSQL
+"""
+
+
 # Commands of @admin/@dangerous that only touch the tenant's own data or connection.
 REDIS_TENANT_EXTRA = (
     "+flushall +flushdb +keys +sort +sort_ro +info +swapdb"
@@ -57,8 +75,9 @@ def redis_conf(
     admin_password: str,
     previous: str | None = None,
     maxmemory: int | None = None,
-    backup_password: str | None = None,
+    platform: Mapping[str, str] | None = None,
 ) -> str:
+    """`platform`: the least users' passwords (agent/platform_roles.py), by user."""
     # The tenant is the `default` user, so `redis://:password@host` and a bare AUTH keep
     # working; it loses CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, REPLICAOF and the like.
     # During a rotation's grace period the previous password is accepted too.
@@ -81,7 +100,7 @@ def redis_conf(
         f"user default reset on >{password} ~* &* +@all -@admin -@dangerous"
         f" {REDIS_TENANT_EXTRA}\n"
         f"user {ADMIN_USER} reset on >{admin_password} ~* &* +@all\n"
-        + (redis_acl_line(backup_password) if backup_password else "")
+        + "".join(redis_acl_line(pw, user) for user, pw in (platform or {}).items())
         # The memory quota from the first command after every start (a deep wake is a
         # start), not from the upkeep's first CONFIG SET a moment later.
         + (f"maxmemory {maxmemory}\nmaxmemory-policy noeviction\n" if maxmemory else "")
@@ -184,15 +203,15 @@ class SecretStore:
         _write(d / "password", password, 0o400)
         return password
 
-    def redis_conf_has_backup_user(self, addon_id: str) -> bool:
+    def redis_conf_has_platform_users(self, addon_id: str) -> bool:
         try:
             conf = smallfiles.read_text(self._file(addon_id, "redis.conf"))
         except OSError:
             return False
-        return f"\nuser {BACKUP_USER} " in conf
+        return all(f"\nuser {user} " in conf for user in REDIS_USERS)
 
     def write_redis_conf(self, addon_id: str) -> None:
-        """redis.conf again, as it is now plus the backup user (a conf made before it)."""
+        """redis.conf again, as it is now plus the least users (a conf made before them)."""
         prev = self.previous(addon_id)
         self._write_redis_conf(addon_id, self.redis_maxmemory(addon_id), prev[0] if prev else None)
 
@@ -255,6 +274,12 @@ class SecretStore:
             (d / "initdb").mkdir(exist_ok=True)
             os.chmod(d / "initdb", 0o755)
             _write(d / "initdb" / "10-orkestr-tenant.sh", POSTGRES_INIT, 0o444)
+            verifier = pg_passwords.scram_verifier(
+                self.platform_password(addon_id, PROBE_USER),
+                secrets.token_bytes(16),
+                pg_passwords.MAX_ITERATIONS,
+            )
+            _write(d / "initdb" / "20-orkestr-probe.sh", postgres_probe_init(verifier), 0o444)
         else:
             prev = self.previous(addon_id)
             self._write_redis_conf(addon_id, maxmemory, prev[0] if prev else None)
@@ -296,7 +321,7 @@ class SecretStore:
             self.admin_password(addon_id),
             previous,
             maxmemory,
-            self.platform_password(addon_id, BACKUP_USER),
+            {user: self.platform_password(addon_id, user) for user in REDIS_USERS},
         )
         _write(self.dir(addon_id) / "redis.conf", conf, 0o444)
         self._conf_quota[addon_id] = maxmemory or 0

@@ -28,9 +28,13 @@ DATA_DIRS = {"postgres": "/var/lib/postgresql/data", "redis": "/data"}
 # (`POSTGRES_INITDB_WALDIR`, the official image's variable). Outside PGDATA, which the
 # image declares a VOLUME of its own.
 WAL_DIR = "/var/lib/postgresql/wal"
-# The platform's own role (Postgres) and ACL user (Redis): probes, backups and rotation.
-# Tenants never see its password; their own role is neither superuser nor Redis admin.
+# The platform's own role (Postgres) and ACL user (Redis): upkeep, rotation and the making
+# of the least roles below. Tenants never see its password; their own role is neither
+# superuser nor Redis admin.
 ADMIN_USER = "orkestr_admin"
+# The readiness probe's least role (agent/platform_roles.py): it may log in and ask
+# whether the server answers (SELECT 1; PING and INFO), nothing more.
+PROBE_USER = "orkestr_probe"
 # The least roles the backup containers log in as (agent/platform_roles.py): a dump reads
 # (Postgres and Redis), a Postgres restore builds a database beside the live one for the
 # tenant and swaps it in. Neither is a superuser; their passwords are the only secret

@@ -1,7 +1,11 @@
 """Upkeep of a running add-on: plan sizing in place, password rotation, storage quota.
 
 Runs after each successful readiness probe, under the same guard (never against a
-sleeping database, never counted as a client's connection), as the platform role. Each
+sleeping database, never counted as a client's connection). Postgres: as the platform's
+admin role, each round (quota triggers, ALTER ROLE and ALTER DATABASE need a superuser).
+Redis: on the probe's connection (the probe's least user: INFO is all a quiet round
+sends), with a connection as the admin opened only for a step that changes something
+(`_AdminLink`: a rotation, a setting, the least users after a server start). Each
 step reads what Docker or the database says, compares it with the desired state and
 changes only the difference, so it is level-triggered like the reconcile: a step that
 fails is simply done again after the next probe.
@@ -14,9 +18,10 @@ fails is simply done again after the next probe.
   cleared (`PASSWORD NULL` / `ACL SETUSER default <old`). Neither cuts open connections.
   A password the tenant set on its own Postgres role (any role may) is put back each full
   round, and the retired login role's cleared again (agent/pg_passwords.py).
-- The least roles the backup containers log in as (agent/platform_roles.py): made right
-  once per agent and password (Redis: per connection), and again, forced, before each
-  backup or restore step (`platform_roles`).
+- The least roles the backup containers and the probe log in as (agent/platform_roles.py):
+  made right once per agent and password (Redis: per server start, its `run_id`), again,
+  forced, before each backup or restore step (`platform_roles`), and whenever the server
+  refuses the probe its login (`probe_role`).
 - Quota: usage is measured in bytes; at WARNING_RATIO a condition says so; at the quota
   Postgres refuses INSERT, UPDATE and DDL with a message naming the plan (statement
   triggers and an event trigger; DELETE, TRUNCATE and DROP still work, so a tenant can
@@ -43,13 +48,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
 
-from agent import model, pg_passwords, placement, platform_roles, resp, smallfiles
+from agent import model, pg_passwords, placement, platform_roles, probe, resp, smallfiles
 from agent.conditions import ConditionBook
 from agent.docker import Docker
 from agent.errors import AgentError
@@ -341,8 +346,8 @@ class Upkeep:
         # add-on id -> (database container id, its data directory through its root, the
         # directory's device, the filesystem's used bytes) as the last round saw them.
         self._fs: dict[str, tuple[str, str, int, int]] = {}
-        # add-on id -> (connection serial, quota) whose maxmemory settings were checked
-        self._redis_config: dict[str, tuple[int, int]] = {}
+        # add-on id -> (server, quota) whose settings were checked (a server: its run_id)
+        self._redis_config: dict[str, tuple[str, int]] = {}
         # add-on id -> (its WAL directory through its root, that directory's device), for
         # an add-on whose WAL has its own filesystem.
         self._wal_fs: dict[str, tuple[str, int]] = {}
@@ -400,10 +405,11 @@ class Upkeep:
                     free = self._measure_fs(addon, info)
                     await self._postgres(addon, ip, timeout_s, free)
                 elif redis is not None:
-                    await self._redis(addon, redis, redis_info)
+                    async with _AdminLink(lambda: self._redis_connect(addon, ip, timeout_s)) as a:
+                        await self._redis(addon, redis, a, redis_info)
                 else:
                     async with await self._redis_connect(addon, ip, timeout_s) as conn:
-                        await self._redis(addon, conn)
+                        await self._redis(addon, conn, _AdminLink(None, conn))
         except (
             AgentError,
             OSError,
@@ -743,7 +749,33 @@ class Upkeep:
                     await conn.close(timeout=timeout_s)
             else:
                 async with await self._redis_connect(addon, ip, timeout_s) as conn:
-                    await self._redis_roles(addon, conn)
+                    await self._redis_make_roles(addon, conn)
+
+    async def probe_role(self, addon: AddonSpec, ip: str, timeout_s: float, refusal: str) -> None:
+        """Mend what made the server refuse the probe's login (`refusal`, its message), as
+        the admin, and say so: a server from before the probe's role, a rotated password,
+        or a tenant's REVOKE CONNECT or CONNECTION LIMIT 0 on its database (which the
+        admin, a superuser, is exempt from: the rounds would mend it, but they run only
+        after a probe that answered). A volume from before the platform's admin role is
+        adopted first (probe.admin_login). Waits for a running round."""
+        async with self._rounds.setdefault(addon.id, asyncio.Lock()):
+            if addon.kind == "postgres":
+                conn = await probe.admin_login(
+                    ip,
+                    addon.database,
+                    self.secrets.admin_password(addon.id),
+                    timeout_s,
+                    (addon.user, self.secrets.password(addon.id)),
+                )
+                try:
+                    await self._pg_database(conn, addon)
+                    await self._pg_roles(conn, addon, force=True)
+                finally:
+                    await conn.close(timeout=timeout_s)
+            else:
+                async with await self._redis_connect(addon, ip, timeout_s) as conn:
+                    await self._redis_make_roles(addon, conn)
+        log.warning("probe.role_mended addon=%s refused=%r", addon.id, refusal)
 
     async def _pg_roles(
         self,
@@ -772,16 +804,22 @@ class Upkeep:
             log.info("upkeep.platform_roles addon=%s fixes=%r", addon.id, fixes)
         self._roles_made[addon.id] = made
 
-    async def _redis_roles(self, addon: AddonSpec, conn: resp.Connection) -> None:
-        """Once per connection (a restarted server is a new one) and password."""
-        password = self.secrets.platform_password(addon.id, BACKUP_USER)
-        made = (conn.serial, password)
+    async def _redis_roles(self, addon: AddonSpec, server: str, admin: _AdminLink) -> None:
+        """Once per server start and passwords: only the admin may change a Redis user."""
+        made = (server, *self._redis_passwords(addon).values())
         if self._roles_made.get(addon.id) == made:
             return
-        if not self.secrets.redis_conf_has_backup_user(addon.id):
-            self.secrets.write_redis_conf(addon.id)  # for the next start of a conf made before
-        await platform_roles.ensure_redis(conn, password)
+        await self._redis_make_roles(addon, await admin.get())
         self._roles_made[addon.id] = made
+
+    def _redis_passwords(self, addon: AddonSpec) -> dict[str, str]:
+        return {u: self.secrets.platform_password(addon.id, u) for u in platform_roles.REDIS_USERS}
+
+    async def _redis_make_roles(self, addon: AddonSpec, conn: resp.Connection) -> None:
+        """The least users on the live server (`conn`: the admin's), and in its redis.conf."""
+        if not self.secrets.redis_conf_has_platform_users(addon.id):
+            self.secrets.write_redis_conf(addon.id)  # for the next start of a conf made before
+        await platform_roles.ensure_redis(conn, self._redis_passwords(addon))
 
     async def _pg_database(self, conn: asyncpg.Connection, addon: AddonSpec) -> None:
         """Undo what the tenant, as its database's owner, can set to shut itself out.
@@ -1026,43 +1064,54 @@ class Upkeep:
 
     # --- Redis ----------------------------------------------------------------------
     async def _redis(
-        self, addon: AddonSpec, conn: resp.Connection, info: resp.Reply = None
+        self, addon: AddonSpec, conn: resp.Connection, admin: _AdminLink, info: resp.Reply = None
     ) -> None:
-        """`info`: the reply to `INFO memory` read with the probe (None: asked here, last)."""
+        """`conn`: the probe's connection (its least user), for INFO; `admin`: the admin's,
+        for what changes something. `info`: the reply to `INFO memory` (with `server` on a
+        connection whose server is not known yet) read with the probe (None: asked here)."""
         version = self._secret_version(addon.id)
         if version and self.secrets.applied(addon.id) != version:
             # Adds the new password; the old one stays until the grace ends.
-            await conn.call("ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id))
+            await (await admin.get()).call(
+                "ACL", "SETUSER", "default", ">" + self.secrets.password(addon.id)
+            )
             # In a thread: its fsync would hold the event loop (a burst applies sixty).
             await asyncio.to_thread(self.secrets.mark_applied, addon.id, version)
             log.info("upkeep.password_applied addon=%s version=%s", addon.id, version)
         previous = self.secrets.previous(addon.id)
         if previous is not None and previous[1] <= time.time():
             if previous[0] != self.secrets.password(addon.id):
-                await conn.call("ACL", "SETUSER", "default", "<" + previous[0])
+                await (await admin.get()).call("ACL", "SETUSER", "default", "<" + previous[0])
             self.secrets.forget_previous(addon.id, addon.kind)
             log.info("upkeep.password_retired addon=%s", addon.id)
         quota = quota_bytes(addon)
         assert quota is not None  # Redis always has its memory ceiling
-        # Read once per connection and quota: only the platform's role may change the
-        # setting, and a restarted server is a new connection (a kept one breaks).
-        if self._redis_config.get(addon.id) != (conn.serial, quota):
-            config = resp.pairs(await conn.call("CONFIG", "GET", "maxmemory*", "save"))
-            if config.get("maxmemory") != str(quota):
-                await conn.call("CONFIG", "SET", "maxmemory", quota)
-            if config.get("maxmemory-policy") != "noeviction":
-                await conn.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
-            if config.get("save", ""):
-                # A redis.conf from before `save ""` (the AOF alone persists).
-                await conn.call("CONFIG", "SET", "save", "")
-            # redis.conf, for the next start, is the planner's (LimitRedisConf).
-            self._redis_config[addon.id] = (conn.serial, quota)
         if info is None:
-            info = await conn.call("INFO", "memory")
+            info = await conn.call("INFO", *(("server",) if conn.server is None else ()), "memory")
         elif isinstance(info, resp.RespError):
             raise info
         if not isinstance(info, bytes):
             raise resp.RespError(f"INFO answered {info!r}")
+        if conn.server is None:
+            conn.server = resp.info_field(info, "run_id") or f"connection {conn.serial}"
+        # The memory settings are in INFO; `save` is not, and is read once per server start
+        # and quota (only the admin may change a setting; a new start reads redis.conf).
+        if (
+            resp.info_field(info, "maxmemory") != str(quota)
+            or resp.info_field(info, "maxmemory_policy") != "noeviction"
+            or self._redis_config.get(addon.id) != (conn.server, quota)
+        ):
+            a = await admin.get()
+            config = resp.pairs(await a.call("CONFIG", "GET", "maxmemory*", "save"))
+            if config.get("maxmemory") != str(quota):
+                await a.call("CONFIG", "SET", "maxmemory", quota)
+            if config.get("maxmemory-policy") != "noeviction":
+                await a.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            if config.get("save", ""):
+                # A redis.conf from before `save ""` (the AOF alone persists).
+                await a.call("CONFIG", "SET", "save", "")
+            # redis.conf, for the next start, is the planner's (LimitRedisConf).
+            self._redis_config[addon.id] = (conn.server, quota)
         used = resp.info_field(info, "used_memory") or ""
         if not used.isdigit():
             raise resp.RespError(f"INFO memory without used_memory: {info[:200]!r}")
@@ -1070,7 +1119,7 @@ class Upkeep:
         self.usage[addon.id] = usage
         self.quota[addon.id] = quota
         self._quota_condition(addon, quota_state(usage, quota, REDIS_FULL_RATIO), usage, quota)
-        await self._redis_roles(addon, conn)  # last: the quota must not wait on it
+        await self._redis_roles(addon, conn.server, admin)  # last: the quota must not wait on it
 
     async def memory_check(self, addon: AddonSpec, db: model.ObservedContainer) -> None:
         """The MemoryLimit condition of a database that does not answer. The rounds reach
@@ -1168,3 +1217,29 @@ def _usage(path: str) -> tuple[int, int]:
     """(used, free) bytes of the filesystem holding `path`, as the database sees them."""
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+class _AdminLink:
+    """The admin's Redis connection for one round, opened by the first step that changes
+    something (None: a quiet round never sends the admin's password to the server)."""
+
+    def __init__(
+        self,
+        opener: Callable[[], Awaitable[resp.Connection]] | None,
+        conn: resp.Connection | None = None,
+    ) -> None:
+        self._opener = opener
+        self._conn = conn
+
+    async def get(self) -> resp.Connection:
+        if self._conn is None:
+            assert self._opener is not None
+            self._conn = await self._opener()
+        return self._conn
+
+    async def __aenter__(self) -> _AdminLink:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._conn is not None and self._opener is not None:
+            await self._conn.close()

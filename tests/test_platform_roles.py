@@ -13,11 +13,22 @@ from pathlib import Path
 import pytest
 
 from agent import pg_passwords, platform_roles
-from agent.platform_roles import Found, pg_fixes, redis_acl_line, redis_backup_rules
+from agent.platform_roles import (
+    Found,
+    pg_fixes,
+    redis_acl_line,
+    redis_backup_rules,
+    redis_rules,
+)
 from agent.secrets import SecretStore, redis_conf
-from agent.specs import BACKUP_USER, RESTORE_USER
+from agent.specs import BACKUP_USER, PROBE_USER, RESTORE_USER
 
-PASSWORDS = {BACKUP_USER: "backup-pw", RESTORE_USER: "restore-pw"}
+PASSWORDS = {BACKUP_USER: "backup-pw", RESTORE_USER: "restore-pw", PROBE_USER: "probe-pw"}
+MEMBER_OF = {
+    BACKUP_USER: ("pg_read_all_data",),
+    RESTORE_USER: ("app_user", "pg_signal_backend"),
+    PROBE_USER: (),
+}
 SALT = b"0123456789abcdef"
 
 
@@ -29,15 +40,15 @@ def found(name: str, **changes: object) -> Found:
         "verifier": pg_passwords.scram_verifier(PASSWORDS[name], SALT, 4096),
         "superuser": False,
         "createrole": False,
-        "createdb": not backup,
+        "createdb": name == RESTORE_USER,
         "login": True,
         "replication": False,
         "bypassrls": backup,
         "inherit": True,
-        "member_of": ("pg_read_all_data",) if backup else ("app_user", "pg_signal_backend"),
+        "member_of": MEMBER_OF[name],
         "members": (),
         "connect_here": True,
-        "connect_postgres": not backup,
+        "connect_postgres": name == RESTORE_USER,
     }
     base.update(changes)
     return Found(**base)  # type: ignore[arg-type]
@@ -68,6 +79,10 @@ def test_missing_roles_are_made_with_only_what_they_need() -> None:
         'GRANT "app_user" TO "orkestr_restore"',
         'GRANT "pg_signal_backend" TO "orkestr_restore"',
         'GRANT CONNECT ON DATABASE "postgres" TO "orkestr_restore"',
+        # The probe's: a login and CONNECT on the tenant's database, nothing else.
+        'CREATE ROLE "orkestr_probe" LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION INHERIT'
+        " NOCREATEDB NOBYPASSRLS PASSWORD 'probe-pw'",
+        'GRANT CONNECT ON DATABASE "app" TO "orkestr_probe"',
     ]
 
 
@@ -127,8 +142,40 @@ def test_a_restore_role_that_drifted_is_put_back() -> None:
     assert fixes(**{RESTORE_USER: found(RESTORE_USER, connect_here=False)}) == []
 
 
+ALTER_PROBE = (
+    'ALTER ROLE "orkestr_probe" LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION INHERIT'
+    " NOCREATEDB NOBYPASSRLS"
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"superuser": True}, [ALTER_PROBE]),
+        ({"createdb": True}, [ALTER_PROBE]),
+        ({"bypassrls": True}, [ALTER_PROBE]),
+        ({"login": False}, [ALTER_PROBE]),
+        ({"verifier": None}, ["ALTER ROLE \"orkestr_probe\" PASSWORD 'probe-pw'"]),
+        (
+            {"member_of": ("app_user", "pg_read_all_data")},
+            [
+                'REVOKE "app_user" FROM "orkestr_probe"',
+                'REVOKE "pg_read_all_data" FROM "orkestr_probe"',
+            ],
+        ),
+        ({"members": ("app_user",)}, ['REVOKE "orkestr_probe" FROM "app_user"']),
+        # The tenant, its database's owner, revoked the probe's CONNECT.
+        ({"connect_here": False}, ['GRANT CONNECT ON DATABASE "app" TO "orkestr_probe"']),
+    ],
+)
+def test_a_probe_role_that_drifted_is_put_back(
+    changes: dict[str, object], expected: list[str]
+) -> None:
+    assert fixes(**{PROBE_USER: found(PROBE_USER, **changes)}) == expected
+
+
 def test_names_and_passwords_are_quoted() -> None:
-    out = pg_fixes({}, 'we"ird', 'd"b', {BACKUP_USER: "it's", RESTORE_USER: "x"})
+    out = pg_fixes({}, 'we"ird', 'd"b', {BACKUP_USER: "it's", RESTORE_USER: "x", PROBE_USER: "y"})
     assert "PASSWORD 'it''s'" in out[0]
     assert 'GRANT CONNECT ON DATABASE "d""b" TO "orkestr_backup"' in out
     assert 'GRANT "we""ird" TO "orkestr_restore"' in out
@@ -144,9 +191,16 @@ def test_the_redis_backup_user_may_only_take_a_replica_dump() -> None:
     assert redis_acl_line("pw") == "user orkestr_backup reset on >pw +ping +info +sync +replconf\n"
 
 
-def test_redis_conf_has_the_backup_user_only_when_given() -> None:
-    conf = redis_conf("tenant", "admin", backup_password="bk")
+def test_the_redis_probe_user_may_only_ask_whether_it_answers() -> None:
+    rules = redis_rules(PROBE_USER, "pw")
+    assert rules == ("reset", "on", ">pw", "+ping", "+info", "+client|setname")
+    assert not [r for r in rules if r[0] in "~&%" or "@" in r]
+
+
+def test_redis_conf_has_the_least_users_only_when_given() -> None:
+    conf = redis_conf("tenant", "admin", platform={BACKUP_USER: "bk", PROBE_USER: "pr"})
     assert redis_acl_line("bk") in conf
+    assert redis_acl_line("pr", PROBE_USER) in conf
     assert "orkestr_backup" not in redis_conf("tenant", "admin")
 
 

@@ -29,10 +29,10 @@ async def dsn() -> AsyncIterator[str]:
 
 async def test_a_live_connection_answers(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
-    assert await probe.select_one(conn, "127.0.0.1", 5.0) == (
+    assert await probe.select_one(conn, "127.0.0.1", 5.0, "someone") == (
         True,
         "ClientConnected",
-        "asyncpg connected to 127.0.0.1:5432 and ran SELECT 1",
+        "asyncpg connected to 127.0.0.1:5432 as someone and ran SELECT 1",
     )
     assert conn.is_closed()
 
@@ -47,7 +47,7 @@ async def test_a_backend_ended_before_the_query_is_a_failed_query(dsn: str, afte
     try:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
         await asyncio.sleep(after_s)
-        ok, reason, message = await probe.select_one(conn, "127.0.0.1", 5.0)
+        ok, reason, message = await probe.select_one(conn, "127.0.0.1", 5.0, "someone")
     finally:
         await admin.close()
     assert (ok, reason) == (False, "QueryFailed")
