@@ -49,6 +49,21 @@ ALTER ROLE {tenant} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRL
 """
 
 
+# Postgres's refusals (53300, like a role's or a database's own connection limit) when
+# clients hold every connection (max_connections): those a role without superuser may
+# take ("remaining connection slots are reserved for ..."; the wording after "for" changed
+# in 16), or all of them ("sorry, too many clients already").
+FULL = ("remaining connection slots are reserved", "sorry, too many clients")
+
+
+def server_full(result: tuple[bool, str, str]) -> bool:
+    """A Postgres probe refused because the tenant's clients hold every connection. It is
+    not ready (its clients are refused too), but its upkeep must go on: the admin logs in
+    through the superusers' reserved slots, so a tenant cannot switch off the quota guard
+    or the settings' repair by filling the server."""
+    return result[1] == "NotAccepting" and any(words in result[2] for words in FULL)
+
+
 async def postgres(
     ip: str, database: str, probe_password: str, timeout_s: float
 ) -> tuple[bool, str, str]:
@@ -57,9 +72,10 @@ async def postgres(
     except (TimeoutError, OSError) as exc:
         return False, "Unreachable", f"postgres at {ip}: {exc.__class__.__name__}: {exc}"
     except _PG_ROLE_ERRORS as exc:
-        if str(exc).startswith("sorry, too many clients"):
+        if str(exc).startswith(FULL):
             # The server's max_connections, every client's limit: nothing to mend (the
-            # admin, in the superusers' reserved slots, answered here before).
+            # admin, in the superusers' reserved slots, answered here before). Its upkeep
+            # still runs (server_full).
             return False, "NotAccepting", f"postgres at {ip}: {exc}"
         return False, ROLE_REFUSED, f"postgres at {ip} refused {PROBE_USER}: {exc}"
     except asyncpg.PostgresError as exc:

@@ -955,7 +955,7 @@ class Agent:
                 return await self._redis_round(addon, ip, timeout_s)
         if sleeper is None:
             result = await self._wake_probe(addon, ip, timeout_s)
-            if result[0]:
+            if result[0] or probe.server_full(result):
                 await self._tend(addon, ip, timeout_s)
             return result
         async with sleeper.platform_connection():
@@ -964,7 +964,7 @@ class Agent:
             if sleeper.state != "awake":
                 return False, "Sleeping", f"in {sleeper.state} sleep"
             result = await self._wake_probe(addon, ip, timeout_s)
-        if result[0]:
+        if result[0] or probe.server_full(result):
             # A guard of its own: each admits one platform connection, not a client's.
             async with sleeper.platform_connection():
                 if sleeper.state == "awake":

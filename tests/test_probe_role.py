@@ -226,6 +226,64 @@ async def test_a_postgres_addon_from_before_the_probe_role_gets_it_without_a_res
     assert db_id(a) == before
 
 
+async def test_a_tenant_holding_every_connection_does_not_stop_the_upkeep(
+    stack: Stack, agent: AgentProcess
+) -> None:
+    """The probe's role takes no superuser slot: once the tenant's clients hold every
+    connection it is refused as they would be, and the add-on is not Ready. The upkeep,
+    the admin's, goes on through the superusers' reserved slots: a tenant that fills its
+    server does not switch off the quota guard or the repair of its settings."""
+    c = _c(stack)
+    p = (await create_project(c, "team"))["id"]
+    a = (await create_addon(c, p, "full-db", "postgres"))["id"]
+    await wait_phase(c, p, a, "ready")
+    ip = holder_ip(p, a)
+    admin = await pg_as(ip, specs.ADMIN_USER, secret(agent, a, "admin_password"))
+    try:
+        tenant = await admin.fetchval(
+            "SELECT datdba::regrole::text FROM pg_database WHERE datname = 'app'"
+        )
+    finally:
+        await admin.close()
+    held: list[asyncpg.Connection] = []
+    try:
+        # Every slot a role without superuser may take: connected until the server refuses.
+        while True:
+            try:
+                held.append(await pg_as(ip, tenant, secret(agent, a, "password")))
+            except asyncpg.TooManyConnectionsError:
+                break
+            assert len(held) < 200, "no max_connections?"
+        mark = len(agent.log_path.read_text(errors="replace"))
+        await held[0].execute("ALTER DATABASE app IS_TEMPLATE true")
+
+        async def repaired() -> bool:
+            log = agent.log_path.read_text(errors="replace")[mark:]
+            return f"upkeep.database_setting_restored addon={a} found=is_template=true" in log
+
+        await wait_for(repaired, 60, "the upkeep's repair while the server is full")
+        assert await held[0].fetchval(
+            "SELECT datistemplate FROM pg_database WHERE datname = 'app'"
+        ) is False  # fmt: skip
+
+        async def refused() -> dict[str, Any] | None:
+            cond = await ready(c, p, a)
+            return cond if cond["status"] == "False" else None
+
+        cond = await wait_for(refused, 60, "Ready False while the server is full")
+        assert cond["reason"] == "NotAccepting" and "connection slots" in cond["message"], cond
+        log = agent.log_path.read_text(errors="replace")[mark:]
+        assert f"probe.role_mended addon={a} " not in log  # nothing to mend: it is full
+    finally:
+        for conn in held:
+            await conn.close()
+
+    async def answered() -> bool:
+        return bool((await ready(c, p, a))["status"] == "True")
+
+    await wait_for(answered, 60, "Ready again once the clients are gone")
+
+
 REDIS_REFUSED = (
     "GET k1",
     "SET forged 1",
