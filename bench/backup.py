@@ -10,10 +10,13 @@ values). Then, alternating, N runs (default 1) of:
   orkestr       POST .../backups, until the backup is listed; time = finished_at -
   backup        created_at (API to result, one-shot container start, dump, sha256, rename)
                 minus the verification, which is reported apart (verify_seconds).
-                The two backups go raw first in odd runs, ours first in even ones; before
-                each, untimed, a Redis is waited on until it has no child at work (an AOF
-                rewrite, a save rule's BGSAVE) and the page cache is flushed. Each run's
-                pair is reported (`backup_pairs`), and the agent's phases of ours.
+                The two backups go raw first in odd runs, ours first in even ones, and so
+                do the restores (Redis: ours and by hand, after the floor); before each,
+                untimed, a Redis is waited on until it has no child at work (an AOF
+                rewrite, a save rule's BGSAVE) and the page cache is flushed; a Postgres
+                gets a CHECKPOINT, a sync and the page cache dropped (every side reads
+                from disk). Each run's pair is reported (`backup_pairs`), and the agent's
+                phases of ours.
   raw restore   Postgres: createdb + pg_restore into a new database of the same server;
                 Redis: the RDB copied from the same host directory into a scratch Docker
                 volume (the add-on's data volume is one of the same driver) and loaded by
@@ -259,6 +262,20 @@ class Run:
         start, end = (float(x) for x in lines[-1].split())
         return end - start, lines[0].strip() if len(lines) > 1 else ""
 
+    def cold_postgres(self, addon: dict[str, Any]) -> None:
+        """Before each timed Postgres side: a checkpoint and a sync (the other side's writes
+        are not flushed inside this one's time), then the page cache dropped, so each side
+        reads the database and its input from disk. The add-on's memory limit holds the
+        page cache of its files too, and a 1.36 GB database beside a restore's copy does not
+        fit in it: whichever dump went second found the first one's reads cached (534c441:
+        raw first 91.0 s, ours second 79.1 s; then ours first 103.1 s, raw second 51.8 s)."""
+        docker_cli(
+            "exec", model.db_name(addon["id"]), "psql", "-U", "orkestr_admin", "-d", "postgres",
+            "-XAtqc", "CHECKPOINT",
+        )  # fmt: skip
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
     def raw_redis_restore(self, addon: dict[str, Any], script: str) -> float:
         """The baseline load with the add-on's image, CPU and memory limits, into a
         scratch Docker volume (the add-on's data volume is one too)."""
@@ -403,7 +420,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                             waited, state = run.settle(addon)
                             settled.append(waited)
                             states.append(state)
-                        os.sync()
+                            os.sync()
+                        else:
+                            run.cold_postgres(addon)
                         if side == "raw":
                             raw_b = run.raw(addon, raw_backup)
                         else:
@@ -415,17 +434,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         "settle_waits": [rnd(x) for x in settled],
                         "settle_found": states,
                     })  # fmt: skip
-                    if args.backups_only:  # no restore figures: more backup pairs a minute
-                        raw_r = ours_r = float("nan")
-                    else:
-                        raw_r = (
-                            run.raw(addon, raw_restore)
-                            if kind == "postgres"
-                            else run.raw_redis_restore(addon, raw_restore)
-                        )
-                        ours_r = await run.ours_restore(addon, ours["id"])
-                    if kind == "redis" and not args.backups_only:
-                        samples["hand_r"].append(await run.by_hand_redis_restore(out / "raw.rdb"))
+                    raw_r = ours_r = float("nan")  # --backups-only: more backup pairs a minute
+                    # The restores alternate too (Redis: ours and by hand, after the floor).
+                    sides = ["raw", "ours"] + (["hand"] if kind == "redis" else [])
+                    if i % 2:
+                        sides = sides[:-2] + sides[:-3:-1]
+                    for side in [] if args.backups_only else sides:
+                        if kind == "postgres":
+                            run.cold_postgres(addon)
+                        else:
+                            os.sync()
+                        if side == "raw" and kind == "postgres":
+                            raw_r = run.raw(addon, raw_restore)
+                        elif side == "raw":
+                            raw_r = run.raw_redis_restore(addon, raw_restore)
+                        elif side == "ours":
+                            ours_r = await run.ours_restore(addon, ours["id"])
+                        else:
+                            samples["hand_r"].append(
+                                await run.by_hand_redis_restore(out / "raw.rdb")
+                            )
                     for k, v in (("raw_b", raw_b), ("ours_b", ours["seconds"]), ("raw_r", raw_r),
                                  ("ours_r", ours_r), ("verify", ours["verify_seconds"])):  # fmt: skip
                         samples[k].append(v)
