@@ -175,14 +175,18 @@ async def test_the_user_story_through_the_cli(stack: Stack, agent: AgentProcess,
     assert code == 0 and out.strip() == "[1]", (out, err)
     assert "v2's variables; LATER, removed since, stay(s) set until the next" in err, err
 
-    # sleep status: a job holding a connection shows up as a client, by source.
+    # sleep status: a job holding a connection shows up as a client, by source. The
+    # session checks its client every 0.2 s, so the job's cancel below ends it at once (a
+    # backend in pg_sleep otherwise notices a closed client only when the sleep ends, and
+    # the add-on's idle timer waited out the rest of the 30 s).
+    hold = (
+        'psql "$DATABASE_URL" -c "set client_connection_check_interval = 200" '
+        '-c "select pg_sleep(30)"'
+    )
     status, held = await c.api(
         "POST",
         f"/v1/projects/{created['id']}/jobs",
-        {
-            "image": TOOLBOX,
-            "command": ["sh", "-c", 'psql "$DATABASE_URL" -c "select pg_sleep(30)"'],
-        },
+        {"image": TOOLBOX, "command": ["sh", "-c", hold]},
     )
     assert status == 201, held
 

@@ -148,10 +148,12 @@ async def test_other_project_cannot_reach_addon_by_name_or_ip(
     pg = await create_addon(c, a["id"], "shared-db", "postgres")
     await wait_phase(c, a["id"], pg["id"], "ready")
     ip = inspect(holder(pg["id"]))["NetworkSettings"]["Networks"][f"orkestr-{a['id']}"]["IPAddress"]
+    # Both targets at once: from b each costs its 3 s timeout (the lines are short, so
+    # they reach the output whole).
     probe = (
         f"for target in shared-db {ip}; do "
-        'if timeout 3 bash -c "echo > /dev/tcp/$target/5432" 2>/dev/null; '
-        "then echo REACHED-$target; else echo BLOCKED-$target; fi; done"
+        '(if timeout 3 bash -c "echo > /dev/tcp/$target/5432" 2>/dev/null; '
+        "then echo REACHED-$target; else echo BLOCKED-$target; fi) & done; wait"
     )
     same, other = await asyncio.gather(run_job(c, a["id"], probe), run_job(c, b["id"], probe))
     assert "REACHED-shared-db" in same["output"] and f"REACHED-{ip}" in same["output"], same
