@@ -137,8 +137,18 @@ as_pg pg_ctl -D "$scratch/data" -m immediate stop >/dev/null
 # restore role (agent/platform_roles.py), no superuser: the swap ends the sessions it may
 # end (the tenant's; the agent's own superuser sessions are brief, and the rename waits
 # for them), and the autovacuum workers are ended by the rename itself.
+# A step started beside the agent's check of the backup's sha256 (the container's start
+# off the restore's time): it does nothing until the agent says `go` on $CTL, a FIFO in
+# /backup (agent/control_pipe.py); anything else, the checksum failed.
+_GATE = r"""
+exec 3<>"${BACKUP:-/backup}/$CTL"
+read -r go <&3
+[[ $go == go ]] || { echo "not restored: $go" >&2; exit 9; }
+"""
+
 PG_RESTORE = (
     _PRELUDE
+    + _GATE
     + _PG_CONNECT
     + _PG_TOC
     + r"""

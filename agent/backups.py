@@ -556,11 +556,13 @@ class BackupRunner:
         resumed = self._resuming(addon.id, spec)
         async with self._hold(addon.id):
             if addon.kind == "postgres":
-                problem = await self._checksum_problem(final, spec.sha256)
-                if problem is not None:
-                    raise StepFailed(f"refusing to restore: {problem}")
-                phases.mark("checksum")
-                await self._restore_postgres(project_id, addon, spec, final, env)
+                # The checksum runs while the restore's container starts; the container
+                # waits for its result before it touches anything (`_GATE`).
+                checksum = asyncio.create_task(self._checksum_problem(final, spec.sha256))
+                try:
+                    await self._restore_postgres(project_id, addon, spec, final, env, checksum)
+                finally:
+                    checksum.cancel()
                 live = datetime.now(UTC)
                 phases.mark("restore")
                 await self._housekeeping(spec, "cleanup", project_id, addon, env, True)
@@ -594,8 +596,10 @@ class BackupRunner:
         spec: BackupSpec,
         final: Path,
         env: dict[str, str],
+        checksum: asyncio.Task[str | None],
     ) -> None:
-        """pg_restore beside the live database, then the swap (`PG_RESTORE`).
+        """pg_restore beside the live database, then the swap (`PG_RESTORE`), once
+        `checksum` has found the file good.
 
         Under a quota both copies must fit it: the script measures the live database and
         stops before creating the copy if they would not (exit 7), and the agent watches
@@ -620,6 +624,7 @@ class BackupRunner:
                 network=model.network_name(project_id),
                 secrets=env["BACKUP_USER"],
                 watch=watch,
+                gate=checksum,
             )
         except RoomExhausted as exc:
             # Killed wherever it was, perhaps in the swap: the abandon step settles which.
@@ -903,8 +908,13 @@ class BackupRunner:
         volume: bool = False,
         watch: Callable[[], None] | None = None,
         phases: Phases | None = None,
+        gate: asyncio.Future[str | None] | None = None,
     ) -> None:
         """Run one script in a one-shot container; raise StepFailed with its output.
+
+        `gate`: the script starts with `_GATE` and waits for `go`, sent once this gives
+        None; a problem it gives instead ends the step, refused, before the script did
+        anything.
 
         `network`: a Docker network, "none", or IN_HOLDER. `ADDON_HOST` in `env` is
         replaced by the holder's address on the project network. `watch`, if given, is
@@ -926,35 +936,50 @@ class BackupRunner:
             watch = _holder_watch(holder, watch)
         if secrets and not (self.secrets_root / addon.id / secrets / "password").is_file():
             raise StepFailed(f"no password for the {secrets} role on this host")
+        pipe: ControlPipe | None = None
+        if gate is not None:
+            folder = self.store.addon_dir(project_id, addon.id)
+            pipe = ControlPipe(folder / f"{key}.{step}.up.tmp", folder / f"{key}.{step}.ctl.tmp")
+            env = {**env, "CTL": pipe.ctl.name}
         container = self._container(
             spec, step, project_id, addon, script, env, network, secrets, volume
         )
         await self.docker.remove(name)  # left by an interrupted run of this operation
         mark("address")
         t0 = time.monotonic()
-        try:
-            await self.docker.run(container, start=False)
-            mark("create")
+        with pipe or contextlib.nullcontext():
             try:
-                await self.docker.start(name)
-            except AgentError as exc:
-                if not network.startswith("container:"):
-                    raise
-                # Docker's "cannot join network of a non running container", or it is gone.
-                raise StepFailed(f"{step} could not join the add-on's holder: {exc}") from None
-            mark("start")
-            try:
-                code = await self._exit_code(name, watch)
-            except TimeoutError:
-                raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
-            mark("run")
-            if code != 0:
-                raise StepFailed(f"{step} failed (exit {code}): {await self._output(name)}")
-            log.info("backup.step op=%s step=%s seconds=%.3f", key, step, time.monotonic() - t0)
-        finally:
-            with contextlib.suppress(AgentError):
-                await self.docker.remove(name)
-            mark("remove")
+                await self.docker.run(container, start=False)
+                mark("create")
+                try:
+                    await self.docker.start(name)
+                except AgentError as exc:
+                    if not network.startswith("container:"):
+                        raise
+                    # Docker's "cannot join network of a non running container", or it is gone.
+                    raise StepFailed(f"{step} could not join the add-on's holder: {exc}") from None
+                mark("start")
+                if gate is not None and pipe is not None:
+                    problem = await gate
+                    if problem is not None:
+                        pipe.send("abort")
+                        with contextlib.suppress(NotFound, Conflict):
+                            await self.docker.kill(name)
+                        raise StepFailed(f"refusing to restore: {problem}")
+                    pipe.send("go")
+                    mark("gate")
+                try:
+                    code = await self._exit_code(name, watch)
+                except TimeoutError:
+                    raise StepFailed(f"{step} did not finish within {self.timeout_s:g}s") from None
+                mark("run")
+                if code != 0:
+                    raise StepFailed(f"{step} failed (exit {code}): {await self._output(name)}")
+                log.info("backup.step op=%s step=%s seconds=%.3f", key, step, time.monotonic() - t0)
+            finally:
+                with contextlib.suppress(AgentError):
+                    await self.docker.remove(name)
+                mark("remove")
 
     async def _prepare_roles(self, addon: AddonSpec, ip: str, role: str) -> None:
         try:
