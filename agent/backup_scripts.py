@@ -419,14 +419,7 @@ exec 3<>"${BACKUP:-/backup}/$CTL" 4<>"${BACKUP:-/backup}/$UP"
 stage="${DATA:-/data}/.orkestr-restore"
 rm -rf "$stage"
 mkdir -p "$stage/appendonlydir"
-base="$stage/appendonlydir/appendonly.aof.1.base.rdb"
-cp "${BACKUP:-/backup}/$IN" "$base" &
-copying=$!
-# Written out while it is copied: the flush below then waits for the tail only. The copy
-# is far below the kernel's own dirty threshold, so nothing was written before that flush
-# (cp then sync: 0.9-1.5 s of 531 MB at load 6, with this 0.6-0.8 s).
-while kill -0 "$copying" 2>/dev/null; do sync --data "$base" 2>/dev/null || true; sleep 0.05; done
-wait "$copying"
+cp "${BACKUP:-/backup}/$IN" "$stage/appendonlydir/appendonly.aof.1.base.rdb"
 aof "$stage/appendonlydir"
 sync "$stage/appendonlydir"/* "$stage/appendonlydir"
 touch "$stage/.complete"
