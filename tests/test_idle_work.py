@@ -149,7 +149,8 @@ async def test_ping_and_info_go_in_one_write_and_each_reply_is_its_commands() ->
             resp.encode("AUTH", "u", "pw")
             + resp.encode("CLIENT", "SETNAME", "orkestr-probe")
             + resp.encode("PING")
-            + resp.encode("INFO", "memory")
+            # A connection whose server is not known yet asks for `run_id` too.
+            + resp.encode("INFO", "server", "memory")
         ]
         assert await probe.redis_ping(conn, "127.0.0.1") == result
         assert got[1] == resp.encode("PING")
@@ -174,7 +175,8 @@ async def test_a_refused_handshake_or_ping_fails_the_probe_without_an_info() -> 
     async with server:
         conn = await resp.Connection.open("127.0.0.1", port, "u", "bad", 2.0, "orkestr-probe")
         result, reply = await probe.redis_ping_info(conn, "127.0.0.1")
-        assert result[:2] == (False, "Unreachable") and "WRONGPASS" in result[2]
+        # The probe's role refused: mended as the admin (Upkeep.probe_role).
+        assert result[:2] == (False, probe.ROLE_REFUSED) and "WRONGPASS" in result[2]
         assert reply is None and conn.broken
         await conn.close()
     got = []

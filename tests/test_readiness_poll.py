@@ -89,8 +89,10 @@ async def test_a_readiness_poll_ends_when_its_addon_is_deleted(
             "-m", "comment", "--comment", comment)  # fmt: skip
     iptables("-I", *rule)
     try:
-        await asyncio.sleep(4)  # the poll tried every 0.25 s (+ a 1 s attempt timeout)
-        assert container_state(db) != {}, "removed before its stop timeout"
+        # The poll tried every 0.25 s (+ a 1 s attempt timeout). A database that never
+        # answered is killed at its delete (agent/plan.py), so it may be gone already:
+        # its address then answers nobody, and a poll still running still sends its SYNs.
+        await asyncio.sleep(4)
         assert syns_counted(comment) == 0, f"the agent still connects to {ip}:5432"
     finally:
         iptables("-D", *rule)
