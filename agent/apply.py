@@ -250,8 +250,7 @@ class Applier:
                     log.info("apply.redis_conf_quota addon=%s maxmemory=%d", key, maxmemory)
             case p.RunContainer():
                 await self._create(action)
-                if action.start:
-                    await self._start(action)
+                await self._start(action)
             case p.StartContainer(key, name) if name == model.job_container_name(key):
                 await self._start_job(name)  # one left `created` by an interrupted agent
             case p.StartContainer(key, name):
@@ -534,11 +533,10 @@ def stages(
             out.append(
                 [
                     (holder, functools.partial(start, holder), True),
-                    (db, functools.partial(create, db), not db.start),
+                    (db, functools.partial(create, db), False),
                 ]
             )
-            if db.start:  # else left created (a sleeping add-on's, agent/plan.py)
-                out.append([(db, functools.partial(start, db), True)])
+            out.append([(db, functools.partial(start, db), True)])
             i += 2
         else:
             out.append([(a, functools.partial(whole, a), True) for a in step])

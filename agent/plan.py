@@ -95,9 +95,6 @@ class LimitRedisConf(Struct, frozen=True, tag=True):
 class RunContainer(Struct, frozen=True, tag=True):
     key: str
     spec: specs.ContainerSpec
-    # False: created only. A sleeping add-on's database made again with a new holder stays
-    # stopped (deep sleep): its next client wakes it through the wake path.
-    start: bool = True
 
 
 class StartContainer(Struct, frozen=True, tag=True):
@@ -541,11 +538,7 @@ def _converge_addon(
         if holder is not None:
             actions.append(RemoveContainer(addon.id, holder.name, _why(holder, want_holder)))
         actions.append(RunContainer(addon.id, want_holder))
-        # Asleep, it sleeps on (deep: stopped) behind the new holder's wake listener, which
-        # the sleep manager sets up once both exist. Started here, it came up as awake, with
-        # no wake path: a client connecting meanwhile was refused by the starting database.
-        asleep = local.sleep.get(addon.id, _AWAKE).state != "awake"
-        actions.append(RunContainer(addon.id, want_db, start=not asleep))
+        actions.append(RunContainer(addon.id, want_db))
         return actions
 
     assert holder is not None

@@ -157,25 +157,6 @@ def test_a_tombstone_kills_only_a_database_that_never_answered(
     assert actions[1] == p.RemoveContainer(AID, model.holder_name(AID), "AddonDeleted")
 
 
-@pytest.mark.parametrize(("stage", "start"), [("awake", True), ("light", False), ("deep", False)])
-def test_a_sleeping_addons_database_made_again_with_a_new_holder_is_not_started(
-    stage: str, start: bool
-) -> None:
-    """Asleep, it sleeps on behind the new holder's wake listener: started at once it came
-    up as awake, and a client connecting while it started was refused."""
-    world = converged_world(addon())
-    world = Observed(
-        containers=tuple(c for c in world.containers if c.role != "holder"),
-        networks=world.networks,
-        volumes=world.volumes,
-    )
-    local = replace(LOCAL, sleep={AID: p.SleepFacts(state=stage, listening=True)})  # type: ignore[arg-type]
-    actions = p.plan(desired(addon()), world, local, SETTINGS)
-    assert kinds(actions) == ["RemoveContainer", "RunContainer", "RunContainer"]
-    db = actions[2]
-    assert isinstance(db, p.RunContainer) and db.spec.role == "db" and db.start is start
-
-
 def test_db_removed_by_hand_is_recreated_on_the_same_volume() -> None:
     world = converged_world(addon())
     world = Observed(

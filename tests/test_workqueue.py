@@ -384,11 +384,6 @@ def test_a_new_holder_starts_while_its_database_is_created() -> None:
         ["start", "create"],
         ["start"],
     ]
-    # A sleeping add-on's: the database only created, complete with its creation.
-    asleep = (*replaced[:-1], msgspec.structs.replace(replaced[-1], start=False))
-    assert shape(asleep)[-1] == [
-        ("RunContainer(holder)", "start", True), ("RunContainer(db)", "create", True)
-    ]  # fmt: skip
     # A database alone (its holder runs): one action, whole.
     assert shape(chain[3:]) == [[("RunContainer(db)", "whole", True)]]
 

@@ -231,11 +231,6 @@ class SleepManager:
             ):
                 continue
             saved = self.saved.get(aid)
-            if saved is not None and saved.state == "light" and db.state in ("created", "exited"):
-                # Paused, then made again with a new holder and left stopped (agent/plan.py):
-                # a stopped database sleeps deep, and its clients need deep sleep's path.
-                log.info("sleep.state_deepened addon=%s db=%s", aid, db.state)
-                saved.state = "deep"
             repaired = saved is not None and saved.state != "awake" and db.state == "running"
             if saved is not None and repaired:
                 # Recorded asleep, yet the database runs: a wake (or a sleep) was cut short
